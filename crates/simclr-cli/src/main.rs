@@ -1,0 +1,301 @@
+//! The `simclr` command: parses arguments, calls one library function, and
+//! reports the result or the error chain once.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use simclr::config::{DeviceChoice, Preset, RunConfig};
+use simclr::model::{Arch, HeadKind, Stem};
+use simclr::tch::Device;
+
+#[derive(Parser)]
+#[command(name = "simclr", version, about = "Contrastive self-supervised learning of visual representations (SimCLR)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pretrain an encoder with SimCLR on a folder of images (or the built-in synthetic data).
+    Train(TrainArgs),
+    /// Write the representation h of every image in a folder to a .npy file.
+    Embed(EmbedArgs),
+    /// Measure training-step and encoder-forward throughput on this device.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// A TOML run configuration (see configs/); its fields override the preset's.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Starting point: demo, cifar10 or imagenet. Without --config, --preset
+    /// and --data, the demo preset is used.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Training images: an ImageFolder, a flat folder or CIFAR binary batches.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics and the exported encoder.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu or cuda.
+    #[arg(long)]
+    device: Option<String>,
+    /// Any field as section.field=value, e.g. --set loss.temperature=0.5 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue the run in --output from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args)]
+struct EncoderArgs {
+    /// resnet18, resnet34, resnet50, resnet101 or resnet152.
+    #[arg(long, default_value = "resnet50")]
+    arch: String,
+    /// Width multiplier of the encoder.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// imagenet or cifar.
+    #[arg(long, default_value = "imagenet")]
+    stem: String,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors).
+    #[arg(long)]
+    weights: PathBuf,
+    #[command(flatten)]
+    encoder: EncoderArgs,
+    /// Folder of images (searched recursively).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where the [images, features] float32 matrix goes; paths go beside it (.paths.txt).
+    #[arg(long)]
+    output: PathBuf,
+    /// Images are resized (shorter side) and centre-cropped to this size.
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
+    /// Normalisation mean, three comma-separated values (ImageNet's by default).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mean: Option<Vec<f32>>,
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    std: Option<Vec<f32>>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    encoder: EncoderArgs,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 32)]
+    image_size: u32,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Use fp32 throughout, even on CUDA.
+    #[arg(long)]
+    no_mixed_precision: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_device(name: &str) -> Result<DeviceChoice> {
+    match name {
+        "auto" => Ok(DeviceChoice::Auto),
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda),
+        other => anyhow::bail!("unknown device '{other}': expected auto, cpu or cuda"),
+    }
+}
+
+fn encoder_device(args: &EncoderArgs) -> Result<(Arch, Stem, Device)> {
+    let arch: Arch = args.arch.parse()?;
+    let stem: Stem = args.stem.parse()?;
+    if !(simclr::config::is_positive_finite(args.width) && args.width <= 16.0) {
+        anyhow::bail!("--width {}: must be in (0, 16]", args.width);
+    }
+    let device = simclr::device::select(parse_device(&args.device)?)?;
+    Ok((arch, stem, device))
+}
+
+/// The run configuration: the checkpoint's (when resuming), else the preset
+/// with the file laid over it; then flags, then --set overrides; validated once.
+fn resolve_config(args: &TrainArgs) -> Result<simclr::config::ValidConfig> {
+    let mut config = if args.resume {
+        let dir = args.output.clone().context("--resume needs --output, the run folder to continue")?;
+        let path = dir.join(simclr::train::checkpoint::FILE_NAME);
+        simclr::train::checkpoint::Checkpoint::read(&path)?.config
+    } else {
+        let preset = match (&args.preset, &args.config, &args.data) {
+            (Some(name), _, _) => Some(name.parse::<Preset>()?),
+            (None, None, None) => {
+                tracing::info!("no --data, --config or --preset: using the demo preset on the synthetic dataset");
+                Some(Preset::Demo)
+            }
+            _ => None,
+        };
+        let config = preset.map(RunConfig::preset).unwrap_or_default();
+        match &args.config {
+            Some(path) => config.with_file(path)?,
+            None => config,
+        }
+    };
+    let mut flags = args.overrides.clone();
+    let quoted = |p: &PathBuf| format!("{:?}", p.display().to_string());
+    if let Some(data) = &args.data {
+        flags.insert(0, format!("data.path={}", quoted(data)));
+    }
+    if let Some(output) = &args.output {
+        flags.insert(0, format!("train.output_dir={}", quoted(output)));
+    }
+    for (key, value) in [
+        ("train.epochs", args.epochs.map(|v| v.to_string())),
+        ("train.batch_size", args.batch_size.map(|v| v.to_string())),
+        ("train.seed", args.seed.map(|v| v.to_string())),
+    ] {
+        if let Some(value) = value {
+            flags.insert(0, format!("{key}={value}"));
+        }
+    }
+    if let Some(device) = &args.device {
+        parse_device(device)?;
+        flags.insert(0, format!("train.device=\"{device}\""));
+    }
+    config = config.with_overrides(&flags)?;
+    Ok(config.validate()?)
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let config = resolve_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let options = simclr::train::TrainOptions {
+        resume: args.resume,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = simclr::train::train(config, options)?;
+    if let Some(last) = report.epochs.last() {
+        println!("trained {} epochs on {:?}: final loss {:.4}", last.epoch, report.device, last.loss);
+    }
+    match (report.initial_knn_top1, report.final_knn_top1()) {
+        (Some(before), Some(after)) => {
+            println!("kNN top-1: {:.2}% at random init -> {:.2}% after training", 100.0 * before, 100.0 * after)
+        }
+        (None, Some(after)) => println!("kNN top-1: {:.2}%", 100.0 * after),
+        _ => {}
+    }
+    println!("encoder: {}", report.encoder_path.display());
+    println!("checkpoint: {}", report.checkpoint_path.display());
+    Ok(())
+}
+
+fn embed(args: EmbedArgs) -> Result<()> {
+    let (arch, stem, device) = encoder_device(&args.encoder)?;
+    let mut options = simclr::embed::EmbedOptions::new(args.weights, args.input, args.output);
+    options.arch = arch;
+    options.stem = stem;
+    options.device = device;
+    options.width_multiplier = args.encoder.width;
+    options.image_size = args.image_size;
+    options.batch_size = args.batch_size;
+    if let Some(mean) = args.mean {
+        options.mean = [mean[0], mean[1], mean[2]];
+    }
+    if let Some(std) = args.std {
+        if !std.iter().all(|s| simclr::config::is_positive_finite(f64::from(*s))) {
+            anyhow::bail!("--std {std:?}: every entry must be > 0");
+        }
+        options.std = [std[0], std[1], std[2]];
+    }
+    let report = simclr::embed::embed(&options)?;
+    println!(
+        "embedded {} images ({} features each) into {}; paths in {}",
+        report.images,
+        report.feature_dim,
+        report.features_path.display(),
+        report.paths_path.display()
+    );
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let (arch, stem, device) = encoder_device(&args.encoder)?;
+    let model = simclr::model::ModelConfig { arch, stem, width_multiplier: args.encoder.width, ..Default::default() };
+    debug_assert_eq!(model.head.kind, HeadKind::Mlp);
+    let options = simclr::bench::BenchOptions {
+        model,
+        batch_size: args.batch_size,
+        image_size: args.image_size,
+        steps: args.steps,
+        warmup_steps: args.warmup,
+        device,
+        mixed_precision: !args.no_mixed_precision,
+    };
+    let report = simclr::bench::bench(&options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} ({}x, {:?} stem) on {}, batch {} at {}x{}, {} timed steps:",
+            report.arch,
+            args.encoder.width,
+            stem,
+            report.device,
+            report.batch_size,
+            report.image_size,
+            report.image_size,
+            report.steps
+        );
+        println!(
+            "  training: {:.1} images/s ({:.1} ms/step)",
+            report.train_images_per_second, report.train_ms_per_step
+        );
+        println!("  encoder forward: {:.1} images/s", report.forward_images_per_second);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Embed(args) => embed(args),
+        Command::Bench(args) => bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `simclr bench`: throughput of a training step and of the encoder's
+//! forward pass on random inputs, so data loading is left out and the
+//! numbers compare directly with a PyTorch script on the same device.
+use std::time::Instant;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::loss::LossConfig;
+use crate::model::ModelConfig;
+use crate::model::SimClr;
+use crate::optim::{OptimConfig, Optimizer};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: ModelConfig,
+    /// Images per step (2x views go through the network).
+    pub batch_size: usize,
+    pub image_size: u32,
+    pub steps: usize,
+    pub warmup_steps: usize,
+    pub device: Device,
+    pub mixed_precision: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub arch: String,
+    pub batch_size: usize,
+    pub image_size: u32,
+    pub steps: usize,
+    /// Training images per second (each image is two views through f, g,
+    /// NT-Xent, backward and a LARS step).
+    pub train_images_per_second: f64,
+    pub train_ms_per_step: f64,
+    /// Encoder forward images per second (eval mode, no gradients).
+    pub forward_images_per_second: f64,
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
+    if options.batch_size < 2 || options.steps == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "bench needs --batch-size >= 2 and --steps >= 1, got {} and {}",
+            options.batch_size, options.steps
+        )));
+    }
+    let device = options.device;
+    let store = nn::VarStore::new(device);
+    let model = SimClr::new(&store.root(), &options.model);
+    let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut optimizer = Optimizer::new(&OptimConfig::default(), named);
+    let loss_config = LossConfig::default();
+    let side = i64::from(options.image_size);
+    let views = Tensor::randn([2 * options.batch_size as i64, 3, side, side], (Kind::Float, device));
+
+    let mut train_step = || -> Result<()> {
+        let loss = crate::device::autocast(options.mixed_precision, device, || {
+            let (_, z) = model.forward_t(&views, true);
+            loss_config.compute(&z)
+        })?;
+        optimizer.zero_grad();
+        loss.backward();
+        optimizer.step(0.1);
+        Ok(())
+    };
+    for _ in 0..options.warmup_steps {
+        train_step()?;
+    }
+    synchronize(device);
+    let started = Instant::now();
+    for _ in 0..options.steps {
+        train_step()?;
+    }
+    synchronize(device);
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let images = views.narrow(0, 0, options.batch_size as i64);
+    let forward = || {
+        tch::no_grad(|| {
+            crate::device::autocast(options.mixed_precision, device, || model.encoder.forward_t(&images, false))
+        })
+    };
+    for _ in 0..options.warmup_steps {
+        let _ = forward();
+    }
+    synchronize(device);
+    let started = Instant::now();
+    for _ in 0..options.steps {
+        let _ = forward();
+    }
+    synchronize(device);
+    let forward_seconds = started.elapsed().as_secs_f64();
+
+    let images_done = (options.steps * options.batch_size) as f64;
+    Ok(BenchReport {
+        device: format!("{device:?}"),
+        arch: options.model.arch.name().to_owned(),
+        batch_size: options.batch_size,
+        image_size: options.image_size,
+        steps: options.steps,
+        train_images_per_second: images_done / train_seconds,
+        train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
+        forward_images_per_second: images_done / forward_seconds,
+    })
+}

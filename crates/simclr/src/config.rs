@@ -1,0 +1,412 @@
+//! Run configuration: a TOML file whose defaults are the paper's values,
+//! presets for common set-ups, and `section.field=value` overrides.
+//!
+//! [`RunConfig`] is what a user writes; [`RunConfig::validate`] checks every
+//! field once and returns a [`ValidConfig`] (or an error listing every bad
+//! field), which the rest of the library trusts.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::augment::AugmentConfig;
+use crate::loss::LossConfig;
+use crate::model::ModelConfig;
+use crate::optim::OptimConfig;
+use crate::{Error, Result};
+
+/// Where training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// Decided from what `path` holds: CIFAR binary batches, class
+    /// sub-folders (ImageFolder) or a flat folder of images.
+    Auto,
+    /// `path/<class>/*.jpg`; labels are used for evaluation only.
+    ImageFolder,
+    /// `path/*.jpg`, no labels.
+    Flat,
+    /// The CIFAR-10/100 binary batches (`data_batch_*.bin`, `train.bin`).
+    CifarBinary,
+    /// The built-in procedurally generated labelled dataset.
+    Synthetic,
+}
+
+/// The `[data]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training images; absent means the built-in synthetic dataset.
+    pub path: Option<PathBuf>,
+    pub format: DataFormat,
+    /// Side of the square views fed to the encoder (224 for ImageNet, 32 for CIFAR).
+    pub image_size: u32,
+    /// Use at most this many training images (a seeded, class-balanced-by-chance subset).
+    pub limit: Option<usize>,
+    /// Labelled images for the kNN monitor: the memory bank...
+    pub knn_train_path: Option<PathBuf>,
+    /// ...and the queries scored against it.
+    pub knn_test_path: Option<PathBuf>,
+    /// Use at most this many images of each kNN split.
+    pub knn_limit: Option<usize>,
+    /// Per-channel normalisation applied after augmentation (ImageNet's by default).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Images in the synthetic training set (and a fifth as many for its test split).
+    pub synthetic_images: usize,
+    pub synthetic_classes: usize,
+    /// Threads that decode and augment; 0 means one per core.
+    pub workers: usize,
+}
+
+/// ImageNet's channel means and standard deviations, torchvision's default.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            format: DataFormat::Auto,
+            image_size: 224,
+            limit: None,
+            knn_train_path: None,
+            knn_test_path: None,
+            knn_limit: None,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            synthetic_images: 2000,
+            synthetic_classes: 10,
+            workers: 0,
+        }
+    }
+}
+
+/// Which device trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The `[train]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Images per batch, N; each gives two views. The paper's default is 4096.
+    pub batch_size: usize,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    /// bf16 autocast on CUDA (fp32 master weights); ignored on the CPU.
+    pub mixed_precision: bool,
+    /// Where checkpoints, metrics and the exported encoder go.
+    pub output_dir: PathBuf,
+    /// Write a checkpoint every this many epochs (and always at the end).
+    pub checkpoint_every: usize,
+    /// Run the kNN monitor every this many epochs (and at the end); 0 = never.
+    pub knn_every: usize,
+    pub knn_k: usize,
+    pub knn_temperature: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 100,
+            batch_size: 4096,
+            seed: 0,
+            device: DeviceChoice::Auto,
+            mixed_precision: true,
+            output_dir: PathBuf::from("runs/simclr"),
+            checkpoint_every: 10,
+            knn_every: 10,
+            knn_k: 200,
+            knn_temperature: 0.1,
+        }
+    }
+}
+
+/// A whole run, as written in a TOML file. Defaults are the paper's
+/// ImageNet setting (ResNet-50, batch 4096, LARS at 0.3·B/256, τ = 0.1).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub data: DataConfig,
+    pub augment: AugmentConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+}
+
+/// Named starting points; a config file or overrides change them further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// CPU-sized: a narrow ResNet-18 on the synthetic data, a few minutes on 2 cores.
+    Demo,
+    /// The paper's CIFAR-10 setting (appendix B.9): ResNet-50 CIFAR stem,
+    /// 32x32, s = 0.5, τ = 0.5, batch 512.
+    Cifar10,
+    /// The paper's ImageNet setting: the defaults.
+    Imagenet,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "demo" => Ok(Preset::Demo),
+            "cifar10" => Ok(Preset::Cifar10),
+            "imagenet" => Ok(Preset::Imagenet),
+            other => {
+                Err(Error::InvalidArgument(format!("unknown preset '{other}': expected demo, cifar10 or imagenet")))
+            }
+        }
+    }
+}
+
+impl RunConfig {
+    /// The configuration a preset starts from.
+    pub fn preset(preset: Preset) -> Self {
+        let mut config = RunConfig::default();
+        match preset {
+            Preset::Imagenet => {}
+            Preset::Cifar10 => {
+                config.data.image_size = 32;
+                config.data.mean = [0.4914, 0.4822, 0.4465];
+                config.data.std = [0.2470, 0.2435, 0.2616];
+                config.model.stem = crate::model::Stem::Cifar;
+                config.augment = AugmentConfig::cifar();
+                config.loss.temperature = 0.5;
+                config.train.batch_size = 512;
+                config.train.epochs = 500;
+                config.optim.learning_rate = Some(1.0);
+                config.optim.weight_decay = 1e-4;
+            }
+            Preset::Demo => {
+                config.data.image_size = 32;
+                config.data.synthetic_images = 2000;
+                config.model.arch = crate::model::Arch::Resnet18;
+                config.model.stem = crate::model::Stem::Cifar;
+                config.model.width_multiplier = 0.25;
+                config.augment = AugmentConfig::cifar();
+                config.loss.temperature = 0.2;
+                config.optim.learning_rate = Some(1.0);
+                config.optim.warmup_epochs = 1.0;
+                config.optim.weight_decay = 1e-4;
+                config.train.batch_size = 128;
+                config.train.epochs = 15;
+                config.train.checkpoint_every = 5;
+                config.train.knn_every = 5;
+                config.train.knn_k = 20;
+                config.train.output_dir = PathBuf::from("runs/demo");
+            }
+        }
+        config
+    }
+
+    /// This config with the fields written in a TOML file laid over it;
+    /// unknown fields are errors naming the file.
+    pub fn with_file(&self, path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |e: &dyn std::fmt::Display| Error::Config(vec![format!("{}: {e}", path.display())]);
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(&e))?;
+        let mut tree = self.tree();
+        merge_into(&mut tree, toml::Value::Table(table));
+        tree.try_into().map_err(|e: toml::de::Error| bad(&e))
+    }
+
+    /// Applies `section.field=value` overrides; the value is read as a TOML
+    /// literal (`0.5`, `true`, `"x"`, `[1, 2]`) or, failing that, as a string.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
+        let mut tree = self.tree();
+        let mut problems = Vec::new();
+        for item in overrides {
+            let Some((key, raw)) = item.split_once('=') else {
+                problems.push(format!("override '{item}': expected section.field=value"));
+                continue;
+            };
+            let mut value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut table| table.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+            for part in key.trim().rsplit('.') {
+                value = toml::Value::Table(toml::Table::from_iter([(part.to_owned(), value)]));
+            }
+            merge_into(&mut tree, value);
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config(problems));
+        }
+        tree.try_into().map_err(|e: toml::de::Error| Error::Config(vec![format!("override: {e}")]))
+    }
+
+    fn tree(&self) -> toml::Value {
+        toml::Value::try_from(self).expect("every config field is representable in TOML")
+    }
+
+    /// The config as TOML, as saved beside each run's checkpoints.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("every config field is representable in TOML")
+    }
+
+    /// Checks every field; the error lists each bad one with its value.
+    pub fn validate(self) -> Result<ValidConfig> {
+        let mut problems = Vec::new();
+        let data = &self.data;
+        if data.image_size < 8 {
+            problems.push(format!("data.image_size = {}: must be at least 8", data.image_size));
+        }
+        for (field, value) in [("data.limit", data.limit), ("data.knn_limit", data.knn_limit)] {
+            if value == Some(0) {
+                problems.push(format!("{field} = 0: must be at least 1"));
+            }
+        }
+        if !data.std.iter().all(|s| is_positive_finite(f64::from(*s))) {
+            problems.push(format!("data.std = {:?}: every entry must be > 0", data.std));
+        }
+        if data.synthetic_classes < 2 {
+            problems.push(format!("data.synthetic_classes = {}: need at least 2", data.synthetic_classes));
+        }
+        if data.synthetic_images < data.synthetic_classes {
+            problems.push(format!("data.synthetic_images = {}: need at least one per class", data.synthetic_images));
+        }
+        let train = &self.train;
+        if train.batch_size < 2 {
+            problems.push(format!(
+                "train.batch_size = {}: NT-Xent needs at least 2 images per batch, since the \
+                 other images of the batch are the negatives",
+                train.batch_size
+            ));
+        }
+        if train.epochs == 0 {
+            problems.push("train.epochs = 0: must be at least 1".to_owned());
+        }
+        if train.checkpoint_every == 0 {
+            problems.push("train.checkpoint_every = 0: must be at least 1".to_owned());
+        }
+        if train.knn_k == 0 {
+            problems.push("train.knn_k = 0: must be at least 1".to_owned());
+        }
+        if !is_positive_finite(train.knn_temperature) {
+            problems.push(format!("train.knn_temperature = {}: must be > 0", train.knn_temperature));
+        }
+        self.augment.check(&mut problems);
+        self.model.check(&mut problems);
+        self.loss.check(&mut problems);
+        self.optim.check(&mut problems);
+        if problems.is_empty() {
+            Ok(ValidConfig(self))
+        } else {
+            Err(Error::Config(problems))
+        }
+    }
+}
+
+/// True for finite numbers above zero; false for NaN, which every `x > 0`
+/// check written as `!(x > 0.0)` would otherwise have to remember.
+pub fn is_positive_finite(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}
+
+/// Lays `over` onto `base`: tables merge key by key, anything else replaces.
+fn merge_into(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(base), toml::Value::Table(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(slot) if slot.is_table() && value.is_table() => merge_into(slot, value),
+                    _ => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+/// A configuration whose every field has been checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig(RunConfig);
+
+impl ValidConfig {
+    pub fn get(&self) -> &RunConfig {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = RunConfig;
+    fn deref(&self) -> &RunConfig {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for preset in [Preset::Demo, Preset::Cifar10, Preset::Imagenet] {
+            RunConfig::preset(preset).validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn toml_round_trip_keeps_every_field() {
+        let config = RunConfig::preset(Preset::Cifar10);
+        let back: RunConfig = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn overrides_parse_literals_and_strings() {
+        let config = RunConfig::default()
+            .with_overrides(&[
+                "train.batch_size=64".into(),
+                "loss.temperature=0.5".into(),
+                "data.path=/tmp/images".into(),
+                "model.arch=\"resnet34\"".into(),
+            ])
+            .unwrap();
+        assert_eq!(config.train.batch_size, 64);
+        assert_eq!(config.loss.temperature, 0.5);
+        assert_eq!(config.data.path, Some(PathBuf::from("/tmp/images")));
+        assert_eq!(config.model.arch, crate::model::Arch::Resnet34);
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "[train]\nepochs = 7\n[model.head]\nprojection_dim = 64\n").unwrap();
+        let config = RunConfig::preset(Preset::Cifar10).with_file(&path).unwrap();
+        assert_eq!(config.train.epochs, 7);
+        assert_eq!(config.model.head.projection_dim, 64);
+        assert_eq!(config.loss.temperature, 0.5, "the preset's value survives");
+        std::fs::write(&path, "[train]\nepoch = 7\n").unwrap();
+        let message = RunConfig::default().with_file(&path).unwrap_err().to_string();
+        assert!(message.contains("run.toml") && message.contains("epoch"), "{message}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let err = RunConfig::default().with_overrides(&["train.batch_sise=3".into()]).unwrap_err();
+        assert!(err.to_string().contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn validation_lists_every_bad_field() {
+        let mut config = RunConfig::default();
+        config.train.batch_size = 1;
+        config.loss.temperature = 0.0;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("train.batch_size = 1"), "{message}");
+        assert!(message.contains("loss.temperature = 0"), "{message}");
+    }
+}

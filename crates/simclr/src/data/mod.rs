@@ -1,0 +1,225 @@
+//! Image sources. A [`Dataset`] is a list of samples, each an image file or
+//! an image in memory, with a class label when the source has one (labels
+//! are only used for evaluation: SimCLR trains without them).
+pub mod cifar_binary;
+pub mod image_folder;
+pub mod loader;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{DataConfig, DataFormat};
+use crate::{Error, Result};
+
+pub use loader::ViewLoader;
+
+/// Images smaller than this on either side are rejected: a random crop of
+/// 8% of a smaller image has no detail left to learn from.
+pub const MIN_IMAGE_SIDE: u32 = 8;
+
+/// Where one sample's pixels are.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    File(PathBuf),
+    Memory(Arc<RgbImage>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub source: ImageSource,
+    pub label: Option<usize>,
+}
+
+impl Sample {
+    /// The decoded RGB image, checked for size.
+    pub fn image(&self) -> Result<Arc<RgbImage>> {
+        match &self.source {
+            ImageSource::Memory(image) => Ok(image.clone()),
+            ImageSource::File(path) => decode(path).map(Arc::new),
+        }
+    }
+
+    /// A name for messages and listings: the path, or `#index` in memory.
+    pub fn describe(&self, index: usize) -> String {
+        match &self.source {
+            ImageSource::File(path) => path.display().to_string(),
+            ImageSource::Memory(_) => format!("#{index}"),
+        }
+    }
+}
+
+/// Decodes an image file of any format the `image` crate reads (the format
+/// is sniffed from the bytes, not the extension) into 8-bit RGB.
+pub fn decode(path: &Path) -> Result<RgbImage> {
+    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    if reader.format().is_none() {
+        return Err(bad("not an image (unrecognised file contents)".to_owned()));
+    }
+    let image = reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
+    check_size(image.width(), image.height()).map_err(bad)?;
+    Ok(image)
+}
+
+fn check_size(width: u32, height: u32) -> std::result::Result<(), String> {
+    if width < MIN_IMAGE_SIDE || height < MIN_IMAGE_SIDE {
+        return Err(format!(
+            "image is {width}x{height} pixels; the smallest usable image is {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
+        ));
+    }
+    Ok(())
+}
+
+/// A list of samples and, for labelled sources, the class names.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// What the samples were read from, for messages.
+    pub origin: PathBuf,
+    pub samples: Vec<Sample>,
+    pub classes: Vec<String>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    pub fn is_labelled(&self) -> bool {
+        !self.classes.is_empty() && self.samples.iter().all(|s| s.label.is_some())
+    }
+
+    /// Opens `path` in the given format (`Auto` looks at what is there).
+    pub fn open(path: &Path, format: &DataFormat) -> Result<Self> {
+        let format = match format {
+            DataFormat::Auto => detect_format(path)?,
+            other => other.clone(),
+        };
+        let dataset = match format {
+            DataFormat::CifarBinary => cifar_binary::open(path)?,
+            DataFormat::ImageFolder => image_folder::open_labelled(path)?,
+            DataFormat::Flat => image_folder::open_flat(path)?,
+            DataFormat::Synthetic | DataFormat::Auto => {
+                return Err(Error::Dataset {
+                    path: path.to_path_buf(),
+                    message: "the synthetic dataset takes no path".to_owned(),
+                })
+            }
+        };
+        if dataset.is_empty() {
+            return Err(Error::Dataset {
+                path: path.to_path_buf(),
+                message: format!("no images found (looked for {})", image_folder::EXTENSIONS.join(", ")),
+            });
+        }
+        Ok(dataset)
+    }
+
+    /// At most `limit` samples, drawn without replacement with `seed`, in
+    /// their original order.
+    pub fn subset(mut self, limit: Option<usize>, seed: u64) -> Self {
+        let Some(limit) = limit.filter(|&l| l < self.samples.len()) else { return self };
+        let mut keep: Vec<usize> = (0..self.samples.len()).collect();
+        keep.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        keep.truncate(limit);
+        keep.sort_unstable();
+        self.samples = keep.into_iter().map(|i| self.samples[i].clone()).collect();
+        self
+    }
+}
+
+/// Decides the format of a path: CIFAR binary batches, class sub-folders, or
+/// a flat folder.
+pub fn detect_format(path: &Path) -> Result<DataFormat> {
+    if path.is_file() {
+        return if path.extension().is_some_and(|e| e == "bin") {
+            Ok(DataFormat::CifarBinary)
+        } else {
+            Err(Error::Dataset {
+                path: path.to_path_buf(),
+                message: "expected a folder of images or a CIFAR .bin batch".to_owned(),
+            })
+        };
+    }
+    let entries = image_folder::sorted_entries(path)?;
+    if entries.iter().any(|p| p.extension().is_some_and(|e| e == "bin")) {
+        Ok(DataFormat::CifarBinary)
+    } else if entries.iter().any(|p| p.is_dir()) {
+        Ok(DataFormat::ImageFolder)
+    } else {
+        Ok(DataFormat::Flat)
+    }
+}
+
+/// The training set and, when labels exist, the kNN monitor's two splits.
+pub struct Splits {
+    pub train: Dataset,
+    pub knn: Option<(Dataset, Dataset)>,
+}
+
+/// Opens what a run's `[data]` section names. Without a path this is the
+/// synthetic dataset, whose training set doubles as the kNN memory bank.
+pub fn open_splits(config: &DataConfig, seed: u64) -> Result<Splits> {
+    let Some(path) = &config.path else {
+        let train = synthetic::generate(config.synthetic_images, config.synthetic_classes, config.image_size, seed);
+        let test = synthetic::generate(
+            (config.synthetic_images / 5).max(config.synthetic_classes),
+            config.synthetic_classes,
+            config.image_size,
+            seed.wrapping_add(0x5EED),
+        );
+        return Ok(Splits { train: train.clone(), knn: Some((train, test)) });
+    };
+    let train = Dataset::open(path, &config.format)?.subset(config.limit, seed);
+    let knn = match (&config.knn_train_path, &config.knn_test_path) {
+        (Some(bank), Some(queries)) => {
+            let bank = Dataset::open(bank, &DataFormat::Auto)?.subset(config.knn_limit, seed);
+            let queries = Dataset::open(queries, &DataFormat::Auto)?.subset(config.knn_limit, seed);
+            for split in [&bank, &queries] {
+                if !split.is_labelled() {
+                    return Err(Error::Dataset {
+                        path: split.origin.clone(),
+                        message: "the kNN monitor needs labelled images (class sub-folders or CIFAR batches)"
+                            .to_owned(),
+                    });
+                }
+            }
+            Some((bank, queries))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(vec![
+                "data.knn_train_path and data.knn_test_path go together: give both or neither".to_owned(),
+            ]))
+        }
+    };
+    Ok(Splits { train, knn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_is_seeded_and_ordered() {
+        let dataset = synthetic::generate(50, 5, 16, 0);
+        let a = dataset.clone().subset(Some(10), 3);
+        let b = dataset.clone().subset(Some(10), 3);
+        let labels = |d: &Dataset| d.samples.iter().map(|s| s.label).collect::<Vec<_>>();
+        assert_eq!(a.len(), 10);
+        assert_eq!(labels(&a), labels(&b));
+        assert_eq!(dataset.subset(Some(100), 3).len(), 50);
+    }
+}

@@ -1,0 +1,114 @@
+//! `simclr embed`: h for every image under a folder, as a `.npy` matrix with
+//! the image paths listed beside it, in the same (sorted) order.
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device};
+
+use crate::config::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::data::image_folder::{image_files, sorted_entries};
+use crate::data::loader::{worker_pool, ViewFormat};
+use crate::data::{ImageSource, Sample};
+use crate::eval::extract_features;
+use crate::model::{Arch, ResNet, Stem};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    /// torchvision-named safetensors, with or without an `encoder.` prefix.
+    pub weights: PathBuf,
+    pub arch: Arch,
+    pub width_multiplier: f64,
+    pub stem: Stem,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub image_size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub batch_size: usize,
+    pub device: Device,
+}
+
+impl EmbedOptions {
+    pub fn new(weights: PathBuf, input: PathBuf, output: PathBuf) -> Self {
+        Self {
+            weights,
+            arch: Arch::Resnet50,
+            width_multiplier: 1.0,
+            stem: Stem::Imagenet,
+            input,
+            output,
+            image_size: 224,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            batch_size: 128,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbedReport {
+    pub images: usize,
+    pub feature_dim: i64,
+    pub features_path: PathBuf,
+    pub paths_path: PathBuf,
+}
+
+/// Every image file below `dir`, recursively, sorted by path.
+pub fn image_files_recursive(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = image_files(dir)?;
+    for entry in sorted_entries(dir)? {
+        if entry.is_dir() {
+            files.extend(image_files_recursive(&entry)?);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Where the path list goes: `feats.npy` gives `feats.paths.txt`.
+pub fn paths_file(output: &Path) -> PathBuf {
+    output.with_extension("paths.txt")
+}
+
+pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
+    if options.batch_size == 0 {
+        return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
+    }
+    if options.image_size < crate::data::MIN_IMAGE_SIDE {
+        return Err(Error::InvalidArgument(format!("--image-size {}: must be at least 8", options.image_size)));
+    }
+    let files = image_files_recursive(&options.input)?;
+    if files.is_empty() {
+        return Err(Error::Dataset {
+            path: options.input.clone(),
+            message: format!("no images found (looked for {})", crate::data::image_folder::EXTENSIONS.join(", ")),
+        });
+    }
+    let store = nn::VarStore::new(options.device);
+    let encoder = ResNet::new(&store.root(), options.arch, options.width_multiplier, options.stem);
+    crate::io::torchvision::load_encoder(&store.variables(), &options.weights)?;
+    let samples: Vec<Sample> =
+        files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
+    let format = ViewFormat { size: options.image_size, mean: options.mean, std: options.std };
+    let pool = worker_pool(0)?;
+    let features =
+        extract_features(&encoder, &samples, format, options.batch_size, options.device, &pool)?.to_device(Device::Cpu);
+
+    // Write beside the target, then rename, so a failure leaves no partial file.
+    let temporary = options.output.with_extension("npy.partial");
+    if let Some(dir) = options.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    features.write_npy(&temporary)?;
+    std::fs::rename(&temporary, &options.output).map_err(|e| Error::io(&options.output, e))?;
+    let paths_path = paths_file(&options.output);
+    let listing: String = files.iter().map(|p| format!("{}\n", p.display())).collect();
+    crate::io::write_atomic(&paths_path, listing.as_bytes())?;
+    Ok(EmbedReport {
+        images: files.len(),
+        feature_dim: encoder.feature_dim(),
+        features_path: options.output.clone(),
+        paths_path,
+    })
+}

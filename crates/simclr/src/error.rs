@@ -1,0 +1,45 @@
+//! The library's one error type. Messages are lowercase and name the value
+//! or the file at fault, so the binary can print them as they are.
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image could not be decoded or is unusable.
+    #[error("image {}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+    /// A dataset (folder or file) is malformed or empty.
+    #[error("dataset {}: {message}", path.display())]
+    Dataset { path: PathBuf, message: String },
+    /// One or more configuration fields are invalid; each entry names its field.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// A weights file does not match the model it is loaded into.
+    #[error("weights {}: {message}", path.display())]
+    Weights { path: PathBuf, message: String },
+    /// A checkpoint is unreadable or does not match the run.
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    /// An argument outside its valid range, named with its value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed inside libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

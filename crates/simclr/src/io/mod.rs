@@ -1,0 +1,120 @@
+//! Tensors on disk: safetensors files, written atomically, and the encoder
+//! in torchvision's state-dict names ([`torchvision`]).
+pub mod torchvision;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Writes `path` so that it is either the old file or the whole new one:
+/// the bytes go to a temporary file beside it, are flushed to disk, and the
+/// temporary file is renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    let temporary = dir.join(name);
+    let result = (|| {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        // Make the rename itself durable.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        Error::io(path, e)
+    })
+}
+
+/// Saves named tensors (moved to the CPU, made contiguous) with string metadata.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let tensor = tensor.detach().to_device(Device::Cpu).contiguous();
+        let dtype = dtype_of(tensor.kind()).ok_or_else(|| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!("tensor '{name}' has unsupported type {:?}", tensor.kind()),
+        })?;
+        let numel = tensor.numel();
+        let mut bytes = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
+        tensor.f_copy_data_u8(&mut bytes, numel)?;
+        let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype, shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let view =
+                TensorView::new(*dtype, shape.clone(), bytes).expect("shape and byte count come from the same tensor");
+            (name.clone(), view)
+        })
+        .collect::<Vec<_>>();
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("cannot serialise: {e}") })?;
+    write_atomic(path, &bytes)
+}
+
+/// A safetensors file read into memory: named CPU tensors and metadata.
+pub struct Loaded {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a safetensors file; malformed headers, unknown dtypes and
+/// out-of-range offsets are errors naming the file.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let metadata = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?
+        .1
+        .metadata()
+        .clone()
+        .unwrap_or_default();
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| bad(format!("tensor '{name}' has unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
+    }
+    Ok(Loaded { path: path.to_path_buf(), tensors, metadata })
+}

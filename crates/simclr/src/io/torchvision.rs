@@ -1,0 +1,75 @@
+//! The encoder as torchvision names it, so `resnet50().load_state_dict(...)`
+//! (with `strict=False` for the absent `fc`) takes our weights and we take
+//! theirs. Files may also carry an `encoder.` prefix (a SimCLR store) and
+//! `fc.*` or `num_batches_tracked` entries, which are ignored on load.
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{nn, Kind, Tensor};
+
+use crate::model::simclr::ENCODER_PREFIX;
+use crate::{Error, Result};
+
+const COUNTER: &str = "num_batches_tracked";
+
+/// The encoder's tensors from a SimCLR store, prefix removed, with a
+/// `num_batches_tracked` beside every BatchNorm as torchvision expects.
+pub fn encoder_tensors(store: &nn::VarStore, batches_tracked: i64) -> Vec<(String, Tensor)> {
+    let prefix = format!("{ENCODER_PREFIX}.");
+    let mut tensors: Vec<(String, Tensor)> = store
+        .variables()
+        .into_iter()
+        .filter_map(|(name, tensor)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), tensor)))
+        .collect();
+    let counters: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter_map(|(name, _)| name.strip_suffix("running_mean"))
+        .map(|bn| (format!("{bn}{COUNTER}"), Tensor::from(batches_tracked)))
+        .collect();
+    tensors.extend(counters);
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// Writes the encoder of a SimCLR store as torchvision-named safetensors.
+pub fn export_encoder(store: &nn::VarStore, batches_tracked: i64, path: &Path) -> Result<()> {
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    super::save(path, &encoder_tensors(store, batches_tracked), Some(metadata))
+}
+
+/// Copies weights from `path` into `variables` (torchvision names), checking
+/// that every variable is present with its shape.
+pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let loaded = super::load(path)?;
+    let prefix = format!("{ENCODER_PREFIX}.");
+    let file: HashMap<&str, &Tensor> =
+        loaded.tensors.iter().map(|(name, tensor)| (name.strip_prefix(&prefix).unwrap_or(name), tensor)).collect();
+    let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    let missing: Vec<&str> = names.iter().filter(|n| !file.contains_key(n.as_str())).map(|n| n.as_str()).collect();
+    if !missing.is_empty() {
+        let shown = missing.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        return Err(bad(format!(
+            "{} tensor(s) missing, e.g. {shown} (is --arch/--width/--stem that of the weights?)",
+            missing.len()
+        )));
+    }
+    for name in names {
+        let source = file[name.as_str()];
+        let target = &variables[name];
+        if source.size() != target.size() {
+            return Err(bad(format!(
+                "tensor '{name}' has shape {:?}, the model expects {:?} (is --arch/--width/--stem that of the weights?)",
+                source.size(),
+                target.size()
+            )));
+        }
+        if !source.is_floating_point() {
+            return Err(bad(format!("tensor '{name}' has type {:?}, expected a float type", source.kind())));
+        }
+        let mut target = target.shallow_clone();
+        tch::no_grad(|| target.copy_(&source.to_kind(Kind::Float).to_device(target.device())));
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! NT-Xent, eq. (1): for anchor i with positive p(i),
+//! ℓ_i = -log exp(sim(z_i, z_p)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ),
+//! averaged over all 2N anchors (both orders of every pair, as the paper's
+//! L = 1/2N Σ_k [ℓ(2k-1, 2k) + ℓ(2k, 2k-1)]).
+use tch::Tensor;
+
+use super::similarity::{pair_count, positive_index, self_mask, similarity_matrix, Similarity};
+use crate::Result;
+
+pub fn nt_xent(z: &Tensor, temperature: f64, similarity: Similarity) -> Result<Tensor> {
+    let pairs = pair_count(z)?;
+    let logits = similarity_matrix(z, similarity) / temperature;
+    // exp(-inf) = 0 removes k = i from the denominator.
+    let logits = logits.masked_fill(&self_mask(pairs, z.device()), f64::NEG_INFINITY);
+    // Cross entropy written out: tch's `cross_entropy_for_logits` computes
+    // the log-softmax in fp32 even for fp64 inputs.
+    let log_probabilities = logits.log_softmax(1, logits.kind());
+    let positives = positive_index(pairs, z.device()).unsqueeze(1);
+    Ok(log_probabilities.gather(1, &positives, false).mean(logits.kind()).neg())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Direct evaluation of eq. (1) with loops, in f64.
+    fn reference(z: &[Vec<f64>], tau: f64) -> f64 {
+        let n2 = z.len();
+        let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let sim =
+            |a: usize, b: usize| z[a].iter().zip(&z[b]).map(|(x, y)| x * y).sum::<f64>() / (norm(&z[a]) * norm(&z[b]));
+        (0..n2)
+            .map(|i| {
+                let p = (i + n2 / 2) % n2;
+                let denominator: f64 = (0..n2).filter(|&k| k != i).map(|k| (sim(i, k) / tau).exp()).sum();
+                -((sim(i, p) / tau).exp() / denominator).ln()
+            })
+            .sum::<f64>()
+            / n2 as f64
+    }
+
+    #[test]
+    fn matches_equation_one() {
+        let z = Tensor::randn([6, 5], (Kind::Double, Device::Cpu));
+        let rows: Vec<Vec<f64>> = (0..6).map(|i| Vec::<f64>::try_from(z.get(i)).unwrap()).collect();
+        let loss = nt_xent(&z, 0.3, Similarity::Cosine).unwrap().double_value(&[]);
+        let expected = reference(&rows, 0.3);
+        assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+    }
+
+    #[test]
+    fn identical_pairs_far_from_others_give_low_loss() {
+        let base = Tensor::eye(4, (Kind::Float, Device::Cpu));
+        let z = Tensor::cat(&[&base, &base], 0);
+        let low = nt_xent(&z, 0.1, Similarity::Cosine).unwrap().double_value(&[]);
+        let shuffled = Tensor::cat(&[&base, &base.flip([0])], 0);
+        let high = nt_xent(&shuffled, 0.1, Similarity::Cosine).unwrap().double_value(&[]);
+        assert!(low < 0.01 && high > 5.0, "{low} {high}");
+    }
+}

@@ -1,0 +1,42 @@
+//! The base encoder f(·) and the projection head g(·) (section 2.1).
+pub mod projection_head;
+pub mod resnet;
+pub mod simclr;
+
+use serde::{Deserialize, Serialize};
+
+pub use projection_head::{HeadConfig, HeadKind, ProjectionHead};
+pub use resnet::{Arch, ResNet, Stem};
+pub use simclr::SimClr;
+
+/// The `[model]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Multiplies every layer's channels, stem included, as in the paper's
+    /// ResNet-50 (2x) and (4x). Fractions give narrow networks for CPU runs.
+    pub width_multiplier: f64,
+    pub stem: Stem,
+    pub head: HeadConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { arch: Arch::Resnet50, width_multiplier: 1.0, stem: Stem::Imagenet, head: HeadConfig::default() }
+    }
+}
+
+impl ModelConfig {
+    pub(crate) fn check(&self, problems: &mut Vec<String>) {
+        if !(crate::config::is_positive_finite(self.width_multiplier) && self.width_multiplier <= 16.0)
+            || (64.0 * self.width_multiplier) < 1.0
+        {
+            problems.push(format!(
+                "model.width_multiplier = {}: must be in (0, 16] and leave the stem at least one channel",
+                self.width_multiplier
+            ));
+        }
+        self.head.check(problems);
+    }
+}

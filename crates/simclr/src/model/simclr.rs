@@ -1,0 +1,31 @@
+//! The SimCLR network: encoder f(·) then projection head g(·), in one
+//! variable store under the prefixes `encoder.` and `projection_head.`.
+use tch::nn;
+use tch::Tensor;
+
+use super::{ModelConfig, ProjectionHead, ResNet};
+
+/// Prefix of the encoder's variables in a SimCLR store.
+pub const ENCODER_PREFIX: &str = "encoder";
+pub const HEAD_PREFIX: &str = "projection_head";
+
+#[derive(Debug)]
+pub struct SimClr {
+    pub encoder: ResNet,
+    pub head: ProjectionHead,
+}
+
+impl SimClr {
+    pub fn new(root: &nn::Path, config: &ModelConfig) -> Self {
+        let encoder = ResNet::new(&(root / ENCODER_PREFIX), config.arch, config.width_multiplier, config.stem);
+        let head = ProjectionHead::new(&(root / HEAD_PREFIX), &config.head, encoder.feature_dim());
+        Self { encoder, head }
+    }
+
+    /// Returns (h, z) for a batch of views.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let h = self.encoder.forward_t(x, train);
+        let z = self.head.forward_t(&h, train);
+        (h, z)
+    }
+}

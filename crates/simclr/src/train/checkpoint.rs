@@ -1,0 +1,100 @@
+//! Checkpoints: model variables, optimiser state, the position in the
+//! schedule and the resolved config, in one safetensors file written
+//! atomically (see [`crate::io::write_atomic`]), so a crash or a bad input
+//! never leaves a half-written or missing checkpoint behind.
+//!
+//! The data order and every augmentation are pure functions of (seed,
+//! epoch, image, view), so the seed and the epoch are the whole RNG state.
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{nn, Tensor};
+
+use crate::config::RunConfig;
+use crate::optim::Optimizer;
+use crate::{Error, Result};
+
+pub const FILE_NAME: &str = "checkpoint.safetensors";
+const FORMAT: &str = "simclr-checkpoint-1";
+
+/// Where a run stands: epochs finished and optimiser steps taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub epoch: usize,
+    pub step: usize,
+}
+
+pub fn save(
+    path: &Path,
+    store: &nn::VarStore,
+    optimizer: &Optimizer,
+    position: Position,
+    config: &RunConfig,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> =
+        store.variables().into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect();
+    tensors.extend(optimizer.state_tensors().into_iter().map(|(name, tensor)| (format!("optim.{name}"), tensor)));
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let metadata = HashMap::from([
+        ("format".to_owned(), FORMAT.to_owned()),
+        ("epoch".to_owned(), position.epoch.to_string()),
+        ("step".to_owned(), position.step.to_string()),
+        ("config".to_owned(), config.to_toml()),
+    ]);
+    crate::io::save(path, &tensors, Some(metadata))
+}
+
+/// A checkpoint read back: its config first, so the model can be rebuilt.
+pub struct Checkpoint {
+    pub config: RunConfig,
+    pub position: Position,
+    tensors: HashMap<String, Tensor>,
+    path: std::path::PathBuf,
+}
+
+impl Checkpoint {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bad = |message: String| Error::Checkpoint { path: path.to_path_buf(), message };
+        let loaded = crate::io::load(path)?;
+        if loaded.metadata.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!("not a simclr checkpoint (expected format {FORMAT})")));
+        }
+        let number = |key: &str| -> Result<usize> {
+            loaded
+                .metadata
+                .get(key)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("metadata '{key}' missing")))
+        };
+        let position = Position { epoch: number("epoch")?, step: number("step")? };
+        let config_text = loaded.metadata.get("config").ok_or_else(|| bad("metadata 'config' missing".to_owned()))?;
+        let config = toml::from_str(config_text).map_err(|e| bad(format!("stored config: {e}")))?;
+        Ok(Self { config, position, tensors: loaded.tensors, path: path.to_path_buf() })
+    }
+
+    /// Copies the saved variables and optimiser state into a freshly built run.
+    pub fn restore(mut self, store: &nn::VarStore, optimizer: &mut Optimizer) -> Result<Position> {
+        let bad = |message: String| Error::Checkpoint { path: self.path.clone(), message };
+        for (name, mut variable) in store.variables() {
+            let saved = self
+                .tensors
+                .remove(&format!("model.{name}"))
+                .ok_or_else(|| bad(format!("variable '{name}' missing")))?;
+            if saved.size() != variable.size() {
+                return Err(bad(format!(
+                    "variable '{name}' has shape {:?}, expected {:?}",
+                    saved.size(),
+                    variable.size()
+                )));
+            }
+            tch::no_grad(|| variable.copy_(&saved));
+        }
+        let optim_state = self
+            .tensors
+            .drain()
+            .filter_map(|(name, tensor)| name.strip_prefix("optim.").map(|n| (n.to_owned(), tensor)))
+            .collect();
+        optimizer.load_state(optim_state).map_err(|e| bad(e.to_string()))?;
+        Ok(self.position)
+    }
+}

@@ -1,0 +1,6 @@
+//! Pretraining: the loop, its checkpoints and its metrics log.
+pub mod checkpoint;
+pub mod metrics;
+pub mod trainer;
+
+pub use trainer::{train, TrainOptions, TrainReport};

@@ -1,0 +1,228 @@
+//! The pretraining loop (Algorithm 1): for each batch of N images, two
+//! augmented views each, z = g(f(x̃)) for all 2N, the contrastive loss,
+//! one optimiser step; the learning rate follows the schedule per step.
+//!
+//! Both views go through the network as one batch of 2N, so BatchNorm
+//! statistics are computed over all 2N views, as the paper's global BN does
+//! across devices (section 2.2).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::checkpoint::{self, Checkpoint, Position};
+use super::metrics::{EpochMetrics, MetricsLog};
+use crate::augment::Pipeline;
+use crate::config::ValidConfig;
+use crate::data::loader::{worker_pool, ViewFormat, ViewLoader};
+use crate::data::{open_splits, Dataset};
+use crate::eval::features::{extract_features, labels};
+use crate::eval::{knn_accuracy, KnnConfig};
+use crate::model::SimClr;
+use crate::optim::{Optimizer, Schedule};
+use crate::{Error, Result};
+
+/// File names inside the run folder.
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const ENCODER_FILE: &str = "encoder.safetensors";
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the run folder's checkpoint.
+    pub resume: bool,
+    /// Draw a progress bar on the terminal.
+    pub progress: bool,
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub output_dir: PathBuf,
+    pub encoder_path: PathBuf,
+    pub checkpoint_path: PathBuf,
+    pub epochs: Vec<EpochMetrics>,
+    /// kNN top-1 of the encoder before training, when a monitor split exists
+    /// (fresh runs only): the random-init baseline.
+    pub initial_knn_top1: Option<f64>,
+    pub device: Device,
+}
+
+impl TrainReport {
+    pub fn final_knn_top1(&self) -> Option<f64> {
+        self.epochs.iter().rev().find_map(|m| m.knn_top1)
+    }
+}
+
+/// The kNN monitor: a labelled bank and labelled queries.
+struct Monitor {
+    bank: Dataset,
+    queries: Dataset,
+    classes: i64,
+    config: KnnConfig,
+}
+
+impl Monitor {
+    fn top1(&self, model: &SimClr, format: ViewFormat, device: Device, pool: &rayon::ThreadPool) -> Result<f64> {
+        let batch = 256;
+        let bank = extract_features(&model.encoder, &self.bank.samples, format, batch, device, pool)?;
+        let queries = extract_features(&model.encoder, &self.queries.samples, format, batch, device, pool)?;
+        Ok(knn_accuracy(
+            &bank,
+            &labels(&self.bank.samples, device),
+            &queries,
+            &labels(&self.queries.samples, device),
+            self.classes,
+            self.config,
+        ))
+    }
+}
+
+/// Trains a SimCLR model as `config` says, writing checkpoints, metrics and
+/// the exported encoder into `config.train.output_dir`.
+pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> {
+    let device = crate::device::select(config.train.device)?;
+    let output_dir = config.train.output_dir.clone();
+    let checkpoint_path = output_dir.join(checkpoint::FILE_NAME);
+    let seed = config.train.seed;
+    tch::manual_seed(seed as i64);
+
+    let splits = open_splits(&config.data, seed)?;
+    let train_set = Arc::new(splits.train);
+    let pool = worker_pool(config.data.workers)?;
+    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+    let pipeline = Pipeline::new(config.augment.clone(), config.data.image_size);
+    let batch_size = config.train.batch_size;
+    let loader = ViewLoader::new(train_set.clone(), pipeline, format, batch_size, seed, pool.clone())?;
+    let monitor = splits.knn.map(|(bank, queries)| Monitor {
+        classes: bank.classes.len().max(queries.classes.len()) as i64,
+        bank,
+        queries,
+        config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
+    });
+
+    let store = nn::VarStore::new(device);
+    let model = SimClr::new(&store.root(), &config.model);
+    let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
+    let mut optimizer = Optimizer::new(&config.optim, trainable);
+
+    let steps_per_epoch = loader.batches_per_epoch();
+    let schedule = Schedule {
+        peak: config.optim.peak_learning_rate(batch_size),
+        warmup_steps: (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize,
+        total_steps: config.train.epochs * steps_per_epoch,
+    };
+
+    let mut position = Position::default();
+    let mut initial_knn_top1 = None;
+    if options.resume {
+        let saved = Checkpoint::read(&checkpoint_path)?;
+        position = saved.restore(&store, &mut optimizer)?;
+        tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
+    } else {
+        std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+        if let Some(monitor) = &monitor {
+            initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
+        }
+    }
+    crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+    let log = MetricsLog::new(&output_dir.join(METRICS_FILE));
+    tracing::info!(
+        device = ?device,
+        images = train_set.len(),
+        steps_per_epoch,
+        peak_learning_rate = schedule.peak,
+        "training {} ({}x, {:?} stem)",
+        config.model.arch.name(),
+        config.model.width_multiplier,
+        config.model.stem
+    );
+
+    let mixed_precision = config.train.mixed_precision;
+    let mut epochs = Vec::new();
+    for epoch in position.epoch..config.train.epochs {
+        let started = Instant::now();
+        let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        let mut learning_rate = 0.0;
+        for batch in loader.epoch(epoch as u64, 0) {
+            let views = batch?.to_device(device);
+            learning_rate = schedule.learning_rate(position.step);
+            let loss = crate::device::autocast(mixed_precision, device, || {
+                let (_, z) = model.forward_t(&views, true);
+                config.loss.compute(&z)
+            })?;
+            optimizer.zero_grad();
+            loss.backward();
+            optimizer.step(learning_rate);
+            position.step += 1;
+            loss_sum += loss.detach().to_kind(Kind::Double);
+            if let Some(bar) = &bar {
+                bar.set_message(format!("loss {:.4} lr {learning_rate:.4}", loss.double_value(&[])));
+                bar.inc(1);
+            }
+        }
+        position.epoch = epoch + 1;
+        let seconds = started.elapsed().as_secs_f64();
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let loss = loss_sum.double_value(&[]) / steps_per_epoch as f64;
+        if !loss.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "epoch {}: the loss is {loss}; lower optim.learning_rate or raise loss.temperature \
+                 (the last checkpoint is unchanged)",
+                epoch + 1
+            )));
+        }
+        let last = position.epoch == config.train.epochs;
+        let knn_due = config.train.knn_every > 0 && (position.epoch % config.train.knn_every == 0 || last);
+        let knn_top1 = match (&monitor, knn_due) {
+            (Some(monitor), true) => Some(monitor.top1(&model, format, device, &pool)?),
+            _ => None,
+        };
+        let metrics = EpochMetrics {
+            epoch: position.epoch,
+            step: position.step,
+            loss,
+            learning_rate,
+            images_per_second: (steps_per_epoch * batch_size) as f64 / seconds,
+            seconds,
+            knn_top1,
+        };
+        tracing::info!(
+            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s{}",
+            metrics.epoch,
+            config.train.epochs,
+            metrics.loss,
+            metrics.learning_rate,
+            metrics.images_per_second,
+            knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
+        );
+        log.append(&metrics)?;
+        epochs.push(metrics);
+        if position.epoch % config.train.checkpoint_every == 0 || last {
+            checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
+        }
+    }
+
+    let encoder_path = output_dir.join(ENCODER_FILE);
+    let batches_tracked = (position.step) as i64;
+    crate::io::torchvision::export_encoder(&store, batches_tracked, &encoder_path)?;
+    Ok(TrainReport { output_dir, encoder_path, checkpoint_path, epochs, initial_knn_top1, device })
+}
+
+fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let bar = ProgressBar::new(steps as u64);
+    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+        .expect("the template is valid")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    Some(bar)
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The project's one entry point on a fresh machine: installs libtorch once
+# (cached outside the checkout, see scripts/libtorch.sh), builds, and runs.
+#
+#   ./x.sh simclr ARGS...   build the `simclr` binary and run it
+#   ./x.sh test [ARGS...]   build and run every test (cargo test ARGS)
+#   ./x.sh build            build the binary
+#   ./x.sh build-cuda       build the CUDA-capable binary (feature `cuda`)
+#
+# Everything builds in one profile (dev, optimised; see Cargo.toml), so the
+# tests and the binary share one build.
+set -euo pipefail
+cd "$(dirname "$0")"
+eval "$(scripts/libtorch.sh)"
+
+case "${1:-}" in
+    simclr)
+        shift
+        cargo build --quiet -p simclr-cli
+        exec target/debug/simclr "$@"
+        ;;
+    test)
+        shift
+        exec cargo test --workspace "$@"
+        ;;
+    build)
+        exec cargo build -p simclr-cli
+        ;;
+    build-cuda)
+        exec cargo build -p simclr-cli --features cuda --target-dir target/cuda
+        ;;
+    *)
+        echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda" >&2
+        exit 2
+        ;;
+esac
