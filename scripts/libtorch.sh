@@ -33,12 +33,17 @@ if [ ! -f "$PREFIX/.complete" ]; then
             --platform manylinux_2_28_x86_64 -d "$WHEELS" "$CUDA_RUNTIME" "$CUDA_CUPTI" >&2
     fi
     rm -rf "$PREFIX.partial"
-    mkdir -p "$PREFIX.partial"
-    unzip -q -o "$WHEELS"/torch-$TORCH_VERSION-*.whl \
-        'torch/lib/*' 'torch/include/*' 'torch/share/*' -d "$PREFIX.partial"
-    for wheel in "$WHEELS"/nvidia_cuda_runtime-*.whl "$WHEELS"/nvidia_cuda_cupti-*.whl; do
-        unzip -q -o "$wheel" 'nvidia/cu13/lib/*' -d "$PREFIX.partial"
-    done
+    # Only the members tch needs: torch/{lib,include,share} and the two CUDA
+    # runtime libraries (zipfile, so no `unzip` is needed).
+    "$PYTHON" - "$PREFIX.partial" "$WHEELS"/torch-$TORCH_VERSION-*.whl \
+        "$WHEELS"/nvidia_cuda_runtime-*.whl "$WHEELS"/nvidia_cuda_cupti-*.whl <<'PY'
+import sys, zipfile
+target, wheels = sys.argv[1], sys.argv[2:]
+keep = ("torch/lib/", "torch/include/", "torch/share/", "nvidia/cu13/lib/")
+for wheel in wheels:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target, [m for m in archive.namelist() if m.startswith(keep)])
+PY
     # tch checks this file against the version it was written for.
     echo "$TORCH_VERSION" > "$PREFIX.partial/torch/build-version"
     rm -rf "$PREFIX"

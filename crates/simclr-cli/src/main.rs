@@ -10,7 +10,12 @@ use simclr::model::{Arch, HeadKind, Stem};
 use simclr::tch::Device;
 
 #[derive(Parser)]
-#[command(name = "simclr", version, about = "Contrastive self-supervised learning of visual representations (SimCLR)")]
+#[command(
+    name = "simclr",
+    version,
+    args_override_self = true,
+    about = "Contrastive self-supervised learning of visual representations (SimCLR)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

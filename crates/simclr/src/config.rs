@@ -358,6 +358,20 @@ mod tests {
     }
 
     #[test]
+    fn example_configs_load_and_match_their_presets() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        for (file, preset) in
+            [("demo.toml", Preset::Demo), ("cifar10.toml", Preset::Cifar10), ("imagenet.toml", Preset::Imagenet)]
+        {
+            let config = RunConfig::default().with_file(&dir.join(file)).unwrap();
+            config.clone().validate().unwrap();
+            let mut expected = RunConfig::preset(preset);
+            expected.train.output_dir = config.train.output_dir.clone();
+            assert_eq!(config, expected, "{file} differs from its preset");
+        }
+    }
+
+    #[test]
     fn toml_round_trip_keeps_every_field() {
         let config = RunConfig::preset(Preset::Cifar10);
         let back: RunConfig = toml::from_str(&config.to_toml()).unwrap();

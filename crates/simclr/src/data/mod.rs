@@ -58,14 +58,13 @@ impl Sample {
 /// is sniffed from the bytes, not the extension) into 8-bit RGB.
 pub fn decode(path: &Path) -> Result<RgbImage> {
     let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
-        return Err(bad("not an image (unrecognised file contents)".to_owned()));
-    }
-    let image = reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Sniff the contents, so a text file named .jpg is called what it is
+    // rather than a JPEG with bad markers.
+    let format =
+        image::guess_format(&bytes).map_err(|_| bad("not an image (unrecognised file contents)".to_owned()))?;
+    let image =
+        image::load_from_memory_with_format(&bytes, format).map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
     check_size(image.width(), image.height()).map_err(bad)?;
     Ok(image)
 }

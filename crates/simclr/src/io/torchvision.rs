@@ -73,3 +73,42 @@ pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, ModelConfig, ResNet, SimClr, Stem};
+    use tch::Device;
+
+    #[test]
+    fn export_then_load_with_and_without_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            ModelConfig { arch: Arch::Resnet18, width_multiplier: 0.125, stem: Stem::Cifar, ..Default::default() };
+        let trained = nn::VarStore::new(Device::Cpu);
+        SimClr::new(&trained.root(), &config);
+        let plain = dir.path().join("encoder.safetensors");
+        export_encoder(&trained, 7, &plain).unwrap();
+
+        let written = crate::io::load(&plain).unwrap();
+        assert_eq!(written.tensors["layer1.0.bn1.num_batches_tracked"].int64_value(&[]), 7);
+        assert!(!written.tensors.keys().any(|k| k.starts_with("encoder.") || k.starts_with("projection_head")));
+
+        // The same tensors under an `encoder.` prefix, plus torchvision's fc.
+        let mut prefixed: Vec<(String, Tensor)> =
+            written.tensors.iter().map(|(k, v)| (format!("encoder.{k}"), v.shallow_clone())).collect();
+        prefixed.push(("fc.weight".to_owned(), Tensor::zeros([10, 64], (Kind::Float, Device::Cpu))));
+        let with_prefix = dir.path().join("prefixed.safetensors");
+        crate::io::save(&with_prefix, &prefixed, None).unwrap();
+
+        for path in [&plain, &with_prefix] {
+            let fresh = nn::VarStore::new(Device::Cpu);
+            ResNet::new(&fresh.root(), Arch::Resnet18, 0.125, Stem::Cifar);
+            load_encoder(&fresh.variables(), path).unwrap();
+            let expected = trained.variables();
+            for (name, tensor) in fresh.variables() {
+                assert!(tensor.equal(&expected[&format!("encoder.{name}")]), "{name} differs after loading {path:?}");
+            }
+        }
+    }
+}

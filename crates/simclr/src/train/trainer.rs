@@ -28,6 +28,7 @@ use crate::{Error, Result};
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const ENCODER_FILE: &str = "encoder.safetensors";
+pub const SUMMARY_FILE: &str = "summary.json";
 
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
@@ -122,6 +123,12 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         position = saved.restore(&store, &mut optimizer)?;
         tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
     } else {
+        if checkpoint_path.exists() {
+            return Err(Error::Checkpoint {
+                path: checkpoint_path,
+                message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
+            });
+        }
         std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
         if let Some(monitor) = &monitor {
             initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
@@ -211,7 +218,18 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let encoder_path = output_dir.join(ENCODER_FILE);
     let batches_tracked = (position.step) as i64;
     crate::io::torchvision::export_encoder(&store, batches_tracked, &encoder_path)?;
-    Ok(TrainReport { output_dir, encoder_path, checkpoint_path, epochs, initial_knn_top1, device })
+    let report = TrainReport { output_dir, encoder_path, checkpoint_path, epochs, initial_knn_top1, device };
+    let summary = serde_json::json!({
+        "epochs": position.epoch,
+        "steps": position.step,
+        "final_loss": report.epochs.last().map(|m| m.loss),
+        "initial_knn_top1": report.initial_knn_top1,
+        "final_knn_top1": report.final_knn_top1(),
+        "device": format!("{device:?}"),
+    });
+    let summary_path = report.output_dir.join(SUMMARY_FILE);
+    crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
+    Ok(report)
 }
 
 fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {

@@ -1,0 +1,312 @@
+//! Drives the real `simclr` binary on small generated fixtures: a whole
+//! train -> resume -> embed round, and every kind of bad input, each of
+//! which must give one clear error naming the file or value, a non-zero
+//! exit, and leave an earlier checkpoint as it was.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{Rgb, RgbImage};
+
+fn simclr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_simclr")).args(args).env("RUST_LOG", "warn").output().expect("runs the binary")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Fails with the command's output unless it failed and its error says each of `needles`.
+fn assert_fails_with(output: &Output, needles: &[&str]) {
+    let message = stderr(output);
+    assert!(!output.status.success(), "expected failure, got success:\n{message}");
+    for needle in needles {
+        assert!(message.contains(needle), "error should mention '{needle}':\n{message}");
+    }
+    assert!(!message.contains("panicked"), "a panic is not a clear error:\n{message}");
+}
+
+fn assert_succeeds(output: &Output) {
+    assert!(output.status.success(), "command failed:\n{}", stderr(output));
+}
+
+/// An ImageFolder of `per_class` images in each of two visibly different classes.
+fn image_folder(root: &Path, per_class: usize, size: u32) {
+    for (class, name) in ["bars", "blocks"].iter().enumerate() {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let image = RgbImage::from_fn(size, size, |x, y| {
+                let on = if class == 0 { (x / 2) % 2 == 0 } else { (x / 4 + y / 4) % 2 == 0 };
+                let shade = (i * 20 % 120) as u8;
+                if on {
+                    Rgb([200 - shade, 180, 60 + shade])
+                } else {
+                    Rgb([20 + shade, 40, 90])
+                }
+            });
+            image.save(dir.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+}
+
+/// Flags for a run that takes a second or two on the CPU.
+fn tiny_run(data: &Path, output: &Path) -> Vec<String> {
+    let data = data.display().to_string();
+    [
+        "train",
+        "--data",
+        &data,
+        "--output",
+        &output.display().to_string(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "model.arch=resnet18",
+        "--set",
+        "model.stem=cifar",
+        "--set",
+        "model.width_multiplier=0.125",
+        "--set",
+        "optim.warmup_epochs=0",
+        "--set",
+        "train.knn_k=3",
+        "--set",
+        "train.knn_every=1",
+        "--set",
+        &format!("data.knn_train_path={data:?}"),
+        "--set",
+        &format!("data.knn_test_path={data:?}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String]) -> Output {
+    simclr(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The shape in a .npy file's header.
+fn npy_shape(path: &Path) -> Vec<usize> {
+    let bytes = std::fs::read(path).unwrap();
+    let header = String::from_utf8_lossy(&bytes[10..bytes.len().min(128)]).into_owned();
+    let start = header.find("'shape': (").expect("npy header has a shape") + 10;
+    let shape = &header[start..start + header[start..].find(')').unwrap()];
+    shape.split(',').map(str::trim).filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect()
+}
+
+#[test]
+fn train_resume_and_embed_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("run");
+    image_folder(&data, 6, 16);
+
+    assert_succeeds(&run(&tiny_run(&data, &out)));
+    for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"], 1);
+    assert!(summary["final_knn_top1"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+
+    // A second fresh run must not overwrite the first.
+    assert_fails_with(&run(&tiny_run(&data, &out)), &["--resume", "checkpoint.safetensors"]);
+
+    // Resuming continues from epoch 1 to epoch 2, with the saved config.
+    let out_arg = out.display().to_string();
+    assert_succeeds(&simclr(&["train", "--resume", "--output", &out_arg, "--epochs", "2"]));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let epochs: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![1, 2]);
+
+    let features = dir.path().join("features.npy");
+    let embed = simclr(&[
+        "embed",
+        "--weights",
+        &out.join("encoder.safetensors").display().to_string(),
+        "--arch",
+        "resnet18",
+        "--width",
+        "0.125",
+        "--stem",
+        "cifar",
+        "--input",
+        &data.display().to_string(),
+        "--output",
+        &features.display().to_string(),
+        "--image-size",
+        "16",
+        "--device",
+        "cpu",
+    ]);
+    assert_succeeds(&embed);
+    // 12 images, h of 512 x 0.125 = 64 features.
+    assert_eq!(npy_shape(&features), vec![12, 64]);
+    let paths = std::fs::read_to_string(dir.path().join("features.paths.txt")).unwrap();
+    let listed: Vec<&str> = paths.lines().collect();
+    assert_eq!(listed.len(), 12);
+    assert!(listed.windows(2).all(|w| w[0] < w[1]), "paths are sorted");
+    assert!(listed[0].ends_with("bars/000.png"));
+}
+
+#[test]
+fn trains_on_cifar_binary_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    let records: Vec<u8> = (0..8u8)
+        .flat_map(|i| std::iter::once(i % 2).chain((0..3072).map(move |p| ((p as u32 * (i as u32 + 3)) % 251) as u8)))
+        .collect();
+    std::fs::write(data.join("data_batch_1.bin"), records).unwrap();
+    let mut args = tiny_run(&data, &dir.path().join("run"));
+    // No kNN monitor: drop its two path overrides (the last four arguments).
+    args.truncate(args.len() - 4);
+    let output = run(&with(args, &["--set", "data.image_size=32"]));
+    assert_succeeds(&output);
+}
+
+/// A first run's checkpoint, to check that later failures leave it alone.
+fn trained_run(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let data = dir.join("data");
+    let out = dir.join("run");
+    image_folder(&data, 4, 16);
+    assert_succeeds(&run(&tiny_run(&data, &out)));
+    let checkpoint = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    (data, out, checkpoint)
+}
+
+#[test]
+fn bad_images_are_named_and_leave_the_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out, checkpoint) = trained_run(dir.path());
+    let out_arg = out.display().to_string();
+    // 8 good images and 1 bad in batches of 3: no batch is dropped, so the
+    // bad image is always read.
+    let resume = ["train", "--resume", "--output", &out_arg, "--epochs", "2", "--batch-size", "3"];
+
+    let mut png = Vec::new();
+    RgbImage::new(16, 16).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Jpeg).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("truncated.jpg", png[..png.len() / 2].to_vec(), "cannot decode"),
+        ("notes.jpg", b"these are notes, not pixels".to_vec(), "not an image"),
+        (
+            "tiny.png",
+            {
+                let mut bytes = Vec::new();
+                RgbImage::new(1, 1).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+                bytes
+            },
+            "1x1",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = data.join("bars").join(name);
+        std::fs::write(&path, bytes).unwrap();
+        assert_fails_with(&simclr(&resume), &[name, expected]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
+            checkpoint,
+            "{name}: checkpoint changed"
+        );
+    }
+}
+
+#[test]
+fn bad_values_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let base = tiny_run(&data, &dir.path().join("run"));
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--set", "train.batch_size=1"], &["train.batch_size = 1", "negatives"]),
+        (&["--set", "loss.temperature=0"], &["loss.temperature = 0"]),
+        (&["--set", "loss.temperature=-0.5"], &["loss.temperature = -0.5"]),
+        (&["--set", "model.arch=resnet19"], &["resnet19"]),
+        (&["--set", "augment.grayscale.probability=1.5"], &["augment.grayscale.probability = 1.5"]),
+    ];
+    for (extra, needles) in cases {
+        assert_fails_with(&run(&with(base.clone(), extra)), needles);
+    }
+    assert!(!dir.path().join("run").exists(), "a rejected config must not create the run folder");
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails_with(&run(&tiny_run(&empty, &dir.path().join("run2"))), &["empty", "no images found"]);
+    assert_fails_with(
+        &simclr(&["bench", "--arch", "resnet19", "--device", "cpu"]),
+        &["unknown architecture 'resnet19'"],
+    );
+}
+
+#[test]
+fn mismatched_weights_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out, _) = trained_run(dir.path());
+    let weights = out.join("encoder.safetensors");
+    let embed = |weights: &Path, width: &str| {
+        simclr(&[
+            "embed",
+            "--weights",
+            &weights.display().to_string(),
+            "--arch",
+            "resnet18",
+            "--width",
+            width,
+            "--stem",
+            "cifar",
+            "--input",
+            &data.display().to_string(),
+            "--output",
+            &dir.path().join("f.npy").display().to_string(),
+            "--image-size",
+            "16",
+            "--device",
+            "cpu",
+        ])
+    };
+    // Mis-shaped: the weights are 0.125x, the model asked for is 0.25x.
+    assert_fails_with(
+        &embed(&weights, "0.25"),
+        &["encoder.safetensors", "bn1.bias", "has shape [8], the model expects [16]"],
+    );
+    // Missing tensors: a ResNet-34 needs blocks a ResNet-18 file lacks.
+    let output = simclr(&[
+        "embed",
+        "--weights",
+        &weights.display().to_string(),
+        "--arch",
+        "resnet34",
+        "--width",
+        "0.125",
+        "--stem",
+        "cifar",
+        "--input",
+        &data.display().to_string(),
+        "--output",
+        &dir.path().join("f.npy").display().to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert_fails_with(&output, &["encoder.safetensors", "missing", "layer1.2"]);
+    // Not a safetensors file at all.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    assert_fails_with(&embed(&junk, "0.125"), &["junk.safetensors", "not a valid safetensors"]);
+    assert!(!dir.path().join("f.npy").exists(), "no partial output on failure");
+}
