@@ -4,7 +4,7 @@
 Run by hand, never in CI:
 
     python3 -m venv ~/.cache/simclr/venv
-    ~/.cache/simclr/venv/bin/pip install torch==2.11.0 torchvision==0.26.0 safetensors numpy
+    ~/.cache/simclr/venv/bin/pip install torch==2.11.0 torchvision==0.26.0 safetensors numpy scikit-learn
     ~/.cache/simclr/venv/bin/python tools/make_fixtures.py
 
 Output: crates/simclr/tests/fixtures/*.safetensors (small: inputs, outputs,
@@ -158,12 +158,60 @@ def optimizer_fixtures():
     save_file({k: v.contiguous() for k, v in tensors.items()}, OUT / "optimizers.safetensors")
 
 
+def knn_votes(bank, bank_labels, queries, classes, k=200, temperature=0.1):
+    """The weighted kNN monitor of Wu et al. 2018 (arXiv 1805.01978), as
+    solo-learn and most SSL code bases compute it."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    similarity, index = (queries @ bank.T).topk(k, dim=1)
+    weights = (similarity / temperature).exp()
+    one_hot = F.one_hot(bank_labels[index], classes).to(weights.dtype)
+    return (one_hot * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def eval_fixtures():
+    """A small labelled feature set with overlapping classes, and the
+    accuracies that references reach on it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    torch.manual_seed(3)
+    classes, dim = 10, 32
+    centres = torch.randn(classes, dim) * 1.2
+    train_labels = torch.arange(2000) % classes
+    test_labels = torch.arange(1000) % classes
+    # A non-isotropic scale per dimension, so standardisation matters.
+    scale = torch.linspace(0.1, 10.0, dim)
+    train = (centres[train_labels] + torch.randn(2000, dim) * 3.0) * scale
+    test = (centres[test_labels] + torch.randn(1000, dim) * 3.0) * scale
+    votes = knn_votes(train, train_labels, test, classes)
+    knn_top1 = (votes.argmax(1) == test_labels).double().mean()
+    knn_top5 = (votes.topk(5, dim=1).indices == test_labels[:, None]).any(1).double().mean()
+
+    scaler = StandardScaler().fit(train.numpy())
+    regression = LogisticRegression(C=1e4, max_iter=10000).fit(scaler.transform(train.numpy()), train_labels.numpy())
+    linear_top1 = regression.score(scaler.transform(test.numpy()), test_labels.numpy())
+    save_file(
+        {
+            "train": train,
+            "train_labels": train_labels,
+            "test": test,
+            "test_labels": test_labels,
+            "knn_top1": knn_top1.reshape(1),
+            "knn_top5": knn_top5.reshape(1),
+            "linear_top1": torch.tensor([linear_top1], dtype=torch.float64),
+        },
+        OUT / "eval.safetensors",
+    )
+    print(f"reference kNN top-1 {knn_top1:.4f} top-5 {knn_top5:.4f}, logistic regression top-1 {linear_top1:.4f}")
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     resnet_fixtures()
     loss_fixtures()
     optimizer_fixtures()
+    eval_fixtures()
     for path in sorted(OUT.glob("*.safetensors")):
         print(f"{path.relative_to(OUT.parent.parent.parent.parent)}: {path.stat().st_size} bytes")
 

@@ -27,8 +27,93 @@ enum Command {
     Train(TrainArgs),
     /// Write the representation h of every image in a folder to a .npy file.
     Embed(EmbedArgs),
+    /// Evaluate an encoder on labelled images: kNN or linear classification on frozen features.
+    Eval(EvalArgs),
+    /// Find the images of a folder most similar to query images, by cosine similarity of h.
+    Neighbors(NeighborsArgs),
     /// Measure training-step and encoder-forward throughput on this device.
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum EvalProtocol {
+    /// Weighted kNN on cosine similarity (k=200, T=0.1 by default).
+    Knn {
+        #[arg(long, default_value_t = 200)]
+        k: usize,
+        #[arg(long, default_value_t = 0.1)]
+        temperature: f64,
+    },
+    /// A linear classifier on frozen features (SGD, Nesterov, cosine schedule).
+    Linear {
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0.1)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+    },
+    /// Fine-tune the whole encoder and a linear layer on a class-balanced fraction of the labels.
+    Finetune {
+        /// Fraction of each class's labelled images: 0.01, 0.1, 1.0 in the paper.
+        #[arg(long, default_value_t = 0.1)]
+        fraction: f64,
+        #[arg(long, default_value_t = 30)]
+        epochs: usize,
+        /// Base rate, scaled by batch/256.
+        #[arg(long, default_value_t = 0.05)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// List the labelled images used here, one per line.
+        #[arg(long)]
+        subset_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(subcommand)]
+    protocol: EvalProtocol,
+    #[command(flatten)]
+    common: EvalCommon,
+}
+
+#[derive(Args)]
+struct EvalCommon {
+    /// torchvision-named safetensors.
+    #[arg(long, global = true, conflicts_with_all = ["checkpoint", "random_init"])]
+    weights: Option<PathBuf>,
+    /// A run's checkpoint; architecture, image size and normalisation come from its config.
+    #[arg(long, global = true, conflicts_with = "random_init")]
+    checkpoint: Option<PathBuf>,
+    /// Evaluate an untrained encoder (the baseline), drawn with --seed.
+    #[arg(long, global = true)]
+    random_init: bool,
+    #[arg(long, global = true, default_value = "resnet50")]
+    arch: String,
+    #[arg(long, global = true, default_value_t = 1.0)]
+    width: f64,
+    #[arg(long, global = true, default_value = "imagenet")]
+    stem: String,
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    /// Labelled training images (ImageFolder or CIFAR batches).
+    #[arg(long, global = true)]
+    train: Option<PathBuf>,
+    /// Labelled test images.
+    #[arg(long, global = true)]
+    test: Option<PathBuf>,
+    /// Use at most this many images of each split.
+    #[arg(long, global = true)]
+    limit: Option<usize>,
+    #[arg(long, global = true)]
+    image_size: Option<u32>,
+    #[arg(long, global = true, default_value_t = 0)]
+    seed: u64,
+    /// Also write the result as JSON here.
+    #[arg(long, global = true)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -84,27 +169,37 @@ struct EncoderArgs {
 
 #[derive(Args)]
 struct EmbedArgs {
-    /// torchvision-named safetensors (e.g. a run's encoder.safetensors).
-    #[arg(long)]
-    weights: PathBuf,
     #[command(flatten)]
-    encoder: EncoderArgs,
+    spec: EncoderSpecArgs,
     /// Folder of images (searched recursively).
     #[arg(long)]
     input: PathBuf,
     /// Where the [images, features] float32 matrix goes; paths go beside it (.paths.txt).
     #[arg(long)]
     output: PathBuf,
-    /// Images are resized (shorter side) and centre-cropped to this size.
-    #[arg(long, default_value_t = 224)]
-    image_size: u32,
-    /// Normalisation mean, three comma-separated values (ImageNet's by default).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    mean: Option<Vec<f32>>,
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    std: Option<Vec<f32>>,
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
+}
+
+#[derive(Args)]
+struct NeighborsArgs {
+    #[command(flatten)]
+    spec: EncoderSpecArgs,
+    /// Folder of images to search (recursively).
+    #[arg(long)]
+    index: PathBuf,
+    /// A query image, or a folder of them.
+    #[arg(long)]
+    query: PathBuf,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    /// exact, hnsw, or auto (exact up to 50,000 images).
+    #[arg(long, default_value = "auto")]
+    index_kind: String,
+    /// Write a PNG gallery here: one row per query, its neighbours beside it.
+    #[arg(long)]
+    gallery: Option<PathBuf>,
+    #[arg(long, default_value_t = 96)]
+    thumbnail: u32,
 }
 
 #[derive(Args)]
@@ -219,24 +314,47 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn embed(args: EmbedArgs) -> Result<()> {
-    let (arch, stem, device) = encoder_device(&args.encoder)?;
-    let mut options = simclr::embed::EmbedOptions::new(args.weights, args.input, args.output);
-    options.arch = arch;
-    options.stem = stem;
-    options.device = device;
-    options.width_multiplier = args.encoder.width;
-    options.image_size = args.image_size;
-    options.batch_size = args.batch_size;
-    if let Some(mean) = args.mean {
-        options.mean = [mean[0], mean[1], mean[2]];
-    }
-    if let Some(std) = args.std {
-        if !std.iter().all(|s| simclr::config::is_positive_finite(f64::from(*s))) {
-            anyhow::bail!("--std {std:?}: every entry must be > 0");
+/// The encoder and image preparation that `embed` and `neighbors` share.
+#[derive(Args)]
+struct EncoderSpecArgs {
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors).
+    #[arg(long)]
+    weights: PathBuf,
+    #[command(flatten)]
+    encoder: EncoderArgs,
+    /// Images are resized (shorter side) and centre-cropped to this size.
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
+    /// Normalisation mean, three comma-separated values (ImageNet's by default).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mean: Option<Vec<f32>>,
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    std: Option<Vec<f32>>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+}
+
+impl EncoderSpecArgs {
+    fn spec(self) -> Result<simclr::embed::EncoderSpec> {
+        let (arch, stem, device) = encoder_device(&self.encoder)?;
+        let mut spec = simclr::embed::EncoderSpec::new(self.weights);
+        (spec.arch, spec.stem, spec.device, spec.width_multiplier) = (arch, stem, device, self.encoder.width);
+        (spec.image_size, spec.batch_size) = (self.image_size, self.batch_size);
+        if let Some(mean) = self.mean {
+            spec.mean = [mean[0], mean[1], mean[2]];
         }
-        options.std = [std[0], std[1], std[2]];
+        if let Some(std) = self.std {
+            if !std.iter().all(|s| simclr::config::is_positive_finite(f64::from(*s))) {
+                anyhow::bail!("--std {std:?}: every entry must be > 0");
+            }
+            spec.std = [std[0], std[1], std[2]];
+        }
+        Ok(spec)
     }
+}
+
+fn embed(args: EmbedArgs) -> Result<()> {
+    let options = simclr::embed::EmbedOptions { encoder: args.spec.spec()?, input: args.input, output: args.output };
     let report = simclr::embed::embed(&options)?;
     println!(
         "embedded {} images ({} features each) into {}; paths in {}",
@@ -245,6 +363,113 @@ fn embed(args: EmbedArgs) -> Result<()> {
         report.features_path.display(),
         report.paths_path.display()
     );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use simclr::eval::{EncoderSource, EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
+    let common = args.common;
+    let (train, test) = match (common.train, common.test) {
+        (Some(train), Some(test)) => (train, test),
+        _ => anyhow::bail!("eval needs --train and --test, two labelled image folders"),
+    };
+    let device = simclr::device::select(parse_device(&common.device)?)?;
+    let mut options = match (&common.weights, &common.checkpoint, common.random_init) {
+        (Some(weights), None, false) => EvalOptions::new(EncoderSource::Weights(weights.clone()), train, test),
+        (None, Some(checkpoint), false) => {
+            let run = simclr::train::checkpoint::Checkpoint::read(checkpoint)?.config;
+            let mut options = EvalOptions::new(EncoderSource::Weights(checkpoint.clone()), train, test);
+            (options.arch, options.width_multiplier, options.stem) =
+                (run.model.arch, run.model.width_multiplier, run.model.stem);
+            (options.image_size, options.mean, options.std) = (run.data.image_size, run.data.mean, run.data.std);
+            options
+        }
+        (None, None, true) => EvalOptions::new(EncoderSource::RandomInit(common.seed), train, test),
+        _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
+    };
+    if common.checkpoint.is_none() {
+        let (arch, stem, _) = encoder_device(&EncoderArgs {
+            arch: common.arch,
+            width: common.width,
+            stem: common.stem,
+            device: common.device,
+        })?;
+        (options.arch, options.stem, options.width_multiplier) = (arch, stem, common.width);
+    }
+    if let Some(size) = common.image_size {
+        options.image_size = size;
+    }
+    options.limit = common.limit;
+    options.device = device;
+    options.seed = common.seed;
+    let protocol = match args.protocol {
+        EvalProtocol::Knn { k, temperature } => {
+            if k == 0 || !simclr::config::is_positive_finite(temperature) {
+                anyhow::bail!("knn needs --k >= 1 and --temperature > 0, got {k} and {temperature}");
+            }
+            Protocol::Knn(KnnConfig { k, temperature })
+        }
+        EvalProtocol::Linear { epochs, learning_rate, weight_decay } => Protocol::Linear(LinearConfig {
+            epochs,
+            learning_rate,
+            weight_decay,
+            seed: common.seed,
+            ..Default::default()
+        }),
+        EvalProtocol::Finetune { fraction, epochs, learning_rate, batch_size, subset_file } => {
+            Protocol::Finetune(FinetuneConfig {
+                fraction,
+                epochs,
+                learning_rate,
+                batch_size,
+                subset_file,
+                seed: common.seed,
+                ..Default::default()
+            })
+        }
+    };
+    let report = simclr::eval::evaluate(&options, &protocol)?;
+    println!(
+        "{} | {} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
+        report.protocol,
+        report.encoder,
+        report.labelled_images,
+        report.train_images,
+        report.test_images,
+        report.classes,
+        100.0 * report.top1,
+        100.0 * report.top5
+    );
+    if let Some(path) = common.output {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn neighbors(args: NeighborsArgs) -> Result<()> {
+    if args.thumbnail < 8 {
+        anyhow::bail!("--thumbnail {}: must be at least 8 pixels", args.thumbnail);
+    }
+    let options = simclr::retrieval::NeighborsOptions {
+        encoder: args.spec.spec()?,
+        index: args.index,
+        queries: args.query,
+        k: args.k,
+        kind: args.index_kind.parse()?,
+        gallery: args.gallery,
+        thumbnail: args.thumbnail,
+    };
+    let report = simclr::retrieval::neighbors(&options)?;
+    println!("query\trank\tsimilarity\tpath");
+    for (query, hits) in report.queries.iter().zip(&report.hits) {
+        for (rank, hit) in hits.iter().enumerate() {
+            println!("{}\t{}\t{:.4}\t{}", query.display(), rank + 1, hit.similarity, report.items[hit.index].display());
+        }
+    }
+    if let Some(gallery) = &options.gallery {
+        eprintln!("gallery: {}", gallery.display());
+    }
     Ok(())
 }
 
@@ -294,6 +519,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
+        Command::Eval(args) => eval(args),
+        Command::Neighbors(args) => neighbors(args),
         Command::Bench(args) => bench(args),
     };
     match result {

@@ -1,7 +1,9 @@
 //! SimCLR on real CIFAR-10 (the JPEG ImageFolder copy), sized for CI's two
 //! cores: a 0.25x ResNet-18 trained for 4 epochs on 5,000 training images
 //! must lift kNN top-1 (bank: 2,000 training images; queries: 2,000 test
-//! images) clearly above the same encoder at random init.
+//! images) clearly above the same encoder at random init, in the training
+//! run's monitor and through `simclr eval knn`. (Linear evaluation at this
+//! budget gained only 31.00% -> 32.15%: not asserted here; see issue 4.)
 //!
 //! Runs only when `SIMCLR_CIFAR10_DIR` names a folder with `train/` and
 //! `test/` (`.ci/run` sets it); elsewhere it says it was skipped.
@@ -51,10 +53,36 @@ fn short_pretraining_beats_random_init_on_cifar10() {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let before = summary["initial_knn_top1"].as_f64().expect("random-init kNN was measured");
     let after = summary["final_knn_top1"].as_f64().expect("final kNN was measured");
-    eprintln!("CIFAR-10 kNN top-1: random init {:.2}% -> trained {:.2}%", 100.0 * before, 100.0 * after);
+    assert_gain("training monitor kNN", before, after);
+
+    // The same comparison through `simclr eval knn`.
+    let evaluate = |protocol: &str, encoder: &[&str]| -> f64 {
+        let report = output.path().join(format!("{protocol}-{}.json", encoder[0].trim_start_matches('-')));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_simclr"));
+        command.args(["eval", protocol]).args(encoder);
+        command.args(["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--image-size", "32"]);
+        command.args(["--limit", "2000", "--device", "cpu"]).arg("--train").arg(&train).arg("--test").arg(&test);
+        command.arg("--output").arg(&report);
+        command.args(["--k", "20"]);
+        let result = command.output().expect("runs the binary");
+        assert!(result.status.success(), "eval failed:\n{}", String::from_utf8_lossy(&result.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+        report["top1"].as_f64().unwrap()
+    };
+    // The checkpoint's config carries the CIFAR-10 normalisation; --weights
+    // with the flags above uses ImageNet's, the same for both encoders.
+    let encoder = run.join("encoder.safetensors");
+    let encoder = encoder.to_str().unwrap();
+    let random = evaluate("knn", &["--random-init"]);
+    let trained = evaluate("knn", &["--weights", encoder]);
+    assert_gain("simclr eval knn", random, trained);
+}
+
+fn assert_gain(what: &str, before: f64, after: f64) {
+    eprintln!("{what}: random init {:.2}% -> trained {:.2}%", 100.0 * before, 100.0 * after);
     assert!(
         after >= before + REQUIRED_GAIN,
-        "kNN top-1 {:.2}% after training is not {:.0} points above random init's {:.2}%",
+        "{what}: top-1 {:.2}% after training is not {:.0} points above random init's {:.2}%",
         100.0 * after,
         100.0 * REQUIRED_GAIN,
         100.0 * before

@@ -134,6 +134,59 @@ fn train_resume_and_embed_round_trip() {
         .collect();
     assert_eq!(epochs, vec![1, 2]);
 
+    // Evaluation through the run's checkpoint (architecture from its config)
+    // and through the exported weights, kNN and linear, with a JSON report.
+    let data_arg = data.display().to_string();
+    let report_path = dir.path().join("knn.json");
+    let checkpoint = out.join("checkpoint.safetensors").display().to_string();
+    let knn = simclr(&[
+        "eval",
+        "knn",
+        "--k",
+        "3",
+        "--checkpoint",
+        &checkpoint,
+        "--train",
+        &data_arg,
+        "--test",
+        &data_arg,
+        "--device",
+        "cpu",
+        "--output",
+        &report_path.display().to_string(),
+    ]);
+    assert_succeeds(&knn);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!((report["protocol"].as_str(), report["test_images"].as_u64()), (Some("knn"), Some(12)));
+    assert!(report["top1"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+    let encoder = out.join("encoder.safetensors").display().to_string();
+    for source in [["--weights", encoder.as_str()], ["--random-init", "--seed=3"]] {
+        let linear = simclr(&[
+            "eval",
+            "linear",
+            "--epochs",
+            "5",
+            source[0],
+            source[1],
+            "--arch",
+            "resnet18",
+            "--width",
+            "0.125",
+            "--stem",
+            "cifar",
+            "--image-size",
+            "16",
+            "--train",
+            &data_arg,
+            "--test",
+            &data_arg,
+            "--device",
+            "cpu",
+        ]);
+        assert_succeeds(&linear);
+        assert!(String::from_utf8_lossy(&linear.stdout).contains("top-1"));
+    }
+
     let features = dir.path().join("features.npy");
     let embed = simclr(&[
         "embed",
@@ -309,4 +362,84 @@ fn mismatched_weights_are_named() {
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
     assert_fails_with(&embed(&junk, "0.125"), &["junk.safetensors", "not a valid safetensors"]);
     assert!(!dir.path().join("f.npy").exists(), "no partial output on failure");
+    // Evaluation takes the same checks, and needs labelled splits and one encoder.
+    let data_arg = data.display().to_string();
+    assert_fails_with(
+        &simclr(&[
+            "eval",
+            "knn",
+            "--weights",
+            &junk.display().to_string(),
+            "--arch",
+            "resnet18",
+            "--stem",
+            "cifar",
+            "--train",
+            &data_arg,
+            "--test",
+            &data_arg,
+            "--device",
+            "cpu",
+        ]),
+        &["junk.safetensors"],
+    );
+    assert_fails_with(&simclr(&["eval", "knn", "--random-init", "--train", &data_arg]), &["--test"]);
+    assert_fails_with(&simclr(&["eval", "linear", "--train", &data_arg, "--test", &data_arg]), &["--random-init"]);
+}
+
+#[test]
+fn neighbors_finds_the_query_and_its_near_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run_dir, _) = trained_run(dir.path());
+    let index = dir.path().join("index");
+    std::fs::create_dir_all(&index).unwrap();
+    let shapes = simclr::data::synthetic::generate(30, 10, 32, 5);
+    for (i, sample) in shapes.samples.iter().enumerate() {
+        sample.image().unwrap().save(index.join(format!("shape{i:02}.png"))).unwrap();
+    }
+    let original = shapes.samples[0].image().unwrap();
+    image::imageops::flip_horizontal(&*original).save(index.join("copy_flipped.png")).unwrap();
+    let cropped = image::imageops::crop_imm(&*original, 2, 1, 29, 29).to_image();
+    image::imageops::resize(&cropped, 32, 32, image::imageops::FilterType::Triangle)
+        .save(index.join("copy_cropped.png"))
+        .unwrap();
+
+    let query = index.join("shape00.png");
+    let gallery = dir.path().join("gallery.png");
+    for kind in ["exact", "hnsw"] {
+        let output = simclr(&[
+            "neighbors",
+            "--weights",
+            &run_dir.join("encoder.safetensors").display().to_string(),
+            "--arch",
+            "resnet18",
+            "--width",
+            "0.125",
+            "--stem",
+            "cifar",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+            "--index",
+            &index.display().to_string(),
+            "--query",
+            &query.display().to_string(),
+            "--index-kind",
+            kind,
+            "--gallery",
+            &gallery.display().to_string(),
+        ]);
+        assert_succeeds(&output);
+        let table = String::from_utf8_lossy(&output.stdout).into_owned();
+        let hits: Vec<&str> = table.lines().skip(1).map(|l| l.rsplit('\t').next().unwrap()).collect();
+        assert_eq!(hits.len(), 5, "{table}");
+        assert!(hits[0].ends_with("shape00.png"), "{kind}: the query itself comes first:\n{table}");
+        for copy in ["copy_flipped.png", "copy_cropped.png"] {
+            assert!(hits.iter().any(|h| h.ends_with(copy)), "{kind}: {copy} not in the top 5:\n{table}");
+        }
+    }
+    // One row (the query and five neighbours) of 96-pixel thumbnails.
+    let sheet = image::open(&gallery).unwrap();
+    assert_eq!((sheet.width(), sheet.height()), (6 + 6 * 102 + 6, 6 + 102));
 }

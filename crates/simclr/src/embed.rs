@@ -12,15 +12,14 @@ use crate::eval::extract_features;
 use crate::model::{Arch, ResNet, Stem};
 use crate::{Error, Result};
 
+/// Which encoder, with which weights, and how images are prepared for it.
 #[derive(Debug, Clone)]
-pub struct EmbedOptions {
+pub struct EncoderSpec {
     /// torchvision-named safetensors, with or without an `encoder.` prefix.
     pub weights: PathBuf,
     pub arch: Arch,
     pub width_multiplier: f64,
     pub stem: Stem,
-    pub input: PathBuf,
-    pub output: PathBuf,
     pub image_size: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -28,15 +27,13 @@ pub struct EmbedOptions {
     pub device: Device,
 }
 
-impl EmbedOptions {
-    pub fn new(weights: PathBuf, input: PathBuf, output: PathBuf) -> Self {
+impl EncoderSpec {
+    pub fn new(weights: PathBuf) -> Self {
         Self {
             weights,
             arch: Arch::Resnet50,
             width_multiplier: 1.0,
             stem: Stem::Imagenet,
-            input,
-            output,
             image_size: 224,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
@@ -44,6 +41,48 @@ impl EmbedOptions {
             device: Device::Cpu,
         }
     }
+
+    /// Builds the encoder and loads its weights, checking every tensor.
+    pub fn load(&self) -> Result<LoadedEncoder> {
+        if self.batch_size == 0 {
+            return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
+        }
+        if self.image_size < crate::data::MIN_IMAGE_SIDE {
+            return Err(Error::InvalidArgument(format!("--image-size {}: must be at least 8", self.image_size)));
+        }
+        let store = nn::VarStore::new(self.device);
+        let encoder = ResNet::new(&store.root(), self.arch, self.width_multiplier, self.stem);
+        crate::io::torchvision::load_encoder(&store.variables(), &self.weights)?;
+        Ok(LoadedEncoder { _store: store, encoder, spec: self.clone(), pool: worker_pool(0)? })
+    }
+}
+
+/// An encoder ready to embed images.
+pub struct LoadedEncoder {
+    /// Owns the variables `encoder` computes with.
+    _store: nn::VarStore,
+    pub encoder: ResNet,
+    spec: EncoderSpec,
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
+
+impl LoadedEncoder {
+    /// h for each file, in order, as a `[files, feature_dim]` CPU tensor.
+    pub fn embed_files(&self, files: &[PathBuf]) -> Result<tch::Tensor> {
+        let samples: Vec<Sample> =
+            files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
+        let spec = &self.spec;
+        let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
+        Ok(extract_features(&self.encoder, &samples, format, spec.batch_size, spec.device, &self.pool)?
+            .to_device(Device::Cpu))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    pub encoder: EncoderSpec,
+    pub input: PathBuf,
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -71,29 +110,22 @@ pub fn paths_file(output: &Path) -> PathBuf {
     output.with_extension("paths.txt")
 }
 
-pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
-    if options.batch_size == 0 {
-        return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
-    }
-    if options.image_size < crate::data::MIN_IMAGE_SIDE {
-        return Err(Error::InvalidArgument(format!("--image-size {}: must be at least 8", options.image_size)));
-    }
-    let files = image_files_recursive(&options.input)?;
+/// The image files below `dir`; none is an error naming the folder.
+pub fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let files = image_files_recursive(dir)?;
     if files.is_empty() {
         return Err(Error::Dataset {
-            path: options.input.clone(),
+            path: dir.to_path_buf(),
             message: format!("no images found (looked for {})", crate::data::image_folder::EXTENSIONS.join(", ")),
         });
     }
-    let store = nn::VarStore::new(options.device);
-    let encoder = ResNet::new(&store.root(), options.arch, options.width_multiplier, options.stem);
-    crate::io::torchvision::load_encoder(&store.variables(), &options.weights)?;
-    let samples: Vec<Sample> =
-        files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
-    let format = ViewFormat { size: options.image_size, mean: options.mean, std: options.std };
-    let pool = worker_pool(0)?;
-    let features =
-        extract_features(&encoder, &samples, format, options.batch_size, options.device, &pool)?.to_device(Device::Cpu);
+    Ok(files)
+}
+
+pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
+    let files = images_below(&options.input)?;
+    let loaded = options.encoder.load()?;
+    let features = loaded.embed_files(&files)?;
 
     // Write beside the target, then rename, so a failure leaves no partial file.
     let temporary = options.output.with_extension("npy.partial");
@@ -107,7 +139,7 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
     crate::io::write_atomic(&paths_path, listing.as_bytes())?;
     Ok(EmbedReport {
         images: files.len(),
-        feature_dim: encoder.feature_dim(),
+        feature_dim: loaded.encoder.feature_dim(),
         features_path: options.output.clone(),
         paths_path,
     })

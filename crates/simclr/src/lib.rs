@@ -20,7 +20,8 @@
 //! The modules follow the paper: [`data`] reads images, [`augment`] makes the
 //! views, [`model`] holds f and g, [`loss`] the objectives, [`optim`] LARS and
 //! the schedule, [`train`] the loop and checkpoints, [`eval`] the kNN monitor,
-//! [`io`] weights in torchvision's names, [`embed`] and [`bench`] the uses.
+//! [`io`] weights in torchvision's names, [`embed`], [`retrieval`] and
+//! [`bench`] the uses.
 pub mod augment;
 pub mod bench;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod io;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod retrieval;
 pub mod train;
 
 pub use error::{Error, Result};

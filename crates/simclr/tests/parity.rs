@@ -3,10 +3,12 @@
 //!
 //! Tolerances: relative error ‖ours − ref‖∞ / ‖ref‖∞ below 1e-5 for NT-Xent
 //! values and gradients (fp64 and fp32), 1e-4 for encoder features and
-//! BatchNorm statistics, 1e-6 for one optimiser update.
+//! BatchNorm statistics, 1e-6 for one optimiser update; for evaluation on
+//! the same features, accuracy within 0.5 point of the reference's.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use simclr::eval::{knn_accuracy, linear_eval, KnnConfig, LinearConfig};
 use simclr::loss::{nt_xent::nt_xent, Similarity};
 use simclr::model::{Arch, ResNet, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
@@ -138,4 +140,21 @@ fn optimiser_updates_match_references() {
             }
         }
     }
+}
+
+#[test]
+fn knn_and_linear_evaluation_match_references_on_the_same_features() {
+    let reference = fixture("eval.safetensors");
+    let scalar = |name: &str| reference[name].double_value(&[0]);
+    let (train, test) = (&reference["train"], &reference["test"]);
+    let (train_labels, test_labels) = (&reference["train_labels"], &reference["test_labels"]);
+
+    let knn = knn_accuracy(train, train_labels, test, test_labels, 10, KnnConfig::default());
+    assert!((knn.top1 - scalar("knn_top1")).abs() <= 0.005, "kNN top-1 {} vs {}", knn.top1, scalar("knn_top1"));
+    assert!((knn.top5 - scalar("knn_top5")).abs() <= 0.005, "kNN top-5 {} vs {}", knn.top5, scalar("knn_top5"));
+
+    // scikit-learn's L-BFGS logistic regression reaches the optimum; SGD must get as close in accuracy.
+    let linear = linear_eval(train, train_labels, test, test_labels, 10, &LinearConfig::default()).unwrap();
+    let expected = scalar("linear_top1");
+    assert!((linear.top1 - expected).abs() <= 0.005, "linear top-1 {} vs scikit-learn's {expected}", linear.top1);
 }

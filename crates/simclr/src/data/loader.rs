@@ -163,17 +163,30 @@ impl Iterator for Batches {
     }
 }
 
-/// Centre views of `samples` (see [`center_view`]), as one tensor.
-pub fn center_batch(samples: &[Sample], format: ViewFormat, pool: &rayon::ThreadPool) -> Result<Tensor> {
+/// One view per sample, made by `view(image, position in samples)` on the
+/// pool, as one `[len, 3, size, size]` tensor.
+pub fn map_batch(
+    samples: &[Sample],
+    format: ViewFormat,
+    pool: &rayon::ThreadPool,
+    view: impl Fn(&image::RgbImage, usize) -> crate::augment::FloatImage + Sync,
+) -> Result<Tensor> {
     let per_image = format.floats();
     let mut data = vec![0f32; samples.len() * per_image];
     pool.install(|| {
-        data.par_chunks_mut(per_image).zip(samples.par_iter()).try_for_each(|(out, sample)| -> Result<()> {
-            center_view(&*sample.image()?, format.size).write_chw_normalized(format.mean, format.std, out);
-            Ok(())
-        })
+        data.par_chunks_mut(per_image).zip(samples.par_iter()).enumerate().try_for_each(
+            |(position, (out, sample))| -> Result<()> {
+                view(&*sample.image()?, position).write_chw_normalized(format.mean, format.std, out);
+                Ok(())
+            },
+        )
     })?;
     Ok(format.tensor(&data, samples.len()).to_kind(Kind::Float))
+}
+
+/// Centre views of `samples` (see [`center_view`]), as one tensor.
+pub fn center_batch(samples: &[Sample], format: ViewFormat, pool: &rayon::ThreadPool) -> Result<Tensor> {
+    map_batch(samples, format, pool, |image, _| center_view(image, format.size))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! memory on the CPU as on a GPU.
 use tch::{Kind, Tensor};
 
+use super::{accuracy, Accuracy};
 use crate::loss::similarity::l2_normalize as normalize;
 
 /// Rows of similarity computed at once: chunk x bank floats in memory.
@@ -24,8 +25,8 @@ impl Default for KnnConfig {
     }
 }
 
-/// Predicted class of each query, `[Q]` int64.
-pub fn knn_predict(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes: i64, config: KnnConfig) -> Tensor {
+/// Each query's weighted votes per class, `[Q, classes]`.
+pub fn knn_votes(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes: i64, config: KnnConfig) -> Tensor {
     let bank = normalize(bank);
     let queries = normalize(queries);
     let k = (config.k as i64).min(bank.size()[0]);
@@ -43,13 +44,18 @@ pub fn knn_predict(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classe
             &neighbour_labels,
             &weights,
         );
-        predictions.push(votes.argmax(1, false));
+        predictions.push(votes);
         start += QUERY_CHUNK;
     }
     Tensor::cat(&predictions, 0)
 }
 
-/// Top-1 accuracy in [0, 1] of the kNN classifier.
+/// Predicted class of each query, `[Q]` int64.
+pub fn knn_predict(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes: i64, config: KnnConfig) -> Tensor {
+    knn_votes(bank, bank_labels, queries, classes, config).argmax(1, false)
+}
+
+/// Top-1 and top-5 accuracy of the kNN classifier.
 pub fn knn_accuracy(
     bank: &Tensor,
     bank_labels: &Tensor,
@@ -57,9 +63,8 @@ pub fn knn_accuracy(
     query_labels: &Tensor,
     classes: i64,
     config: KnnConfig,
-) -> f64 {
-    let predicted = knn_predict(bank, bank_labels, queries, classes, config);
-    predicted.eq_tensor(query_labels).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+) -> Accuracy {
+    accuracy(&knn_votes(bank, bank_labels, queries, classes, config), query_labels)
 }
 
 #[cfg(test)]
@@ -76,7 +81,7 @@ mod tests {
         let query_labels = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat([300]);
         let queries = centres.index_select(0, &query_labels) + Tensor::randn([900, 3], options) * 0.5;
         let accuracy = knn_accuracy(&bank, &bank_labels, &queries, &query_labels, 3, KnnConfig::default());
-        assert!(accuracy > 0.95, "{accuracy}");
+        assert!(accuracy.top1 > 0.95, "{accuracy:?}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The encoder as torchvision names it, so `resnet50().load_state_dict(...)`
 //! (with `strict=False` for the absent `fc`) takes our weights and we take
-//! theirs. Files may also carry an `encoder.` prefix (a SimCLR store) and
-//! `fc.*` or `num_batches_tracked` entries, which are ignored on load.
+//! theirs. Files may also carry an `encoder.` prefix (a SimCLR store) or
+//! `model.encoder.` (a run's checkpoint), and `fc.*`, `num_batches_tracked`
+//! or head entries, which are ignored on load.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -42,8 +43,12 @@ pub fn export_encoder(store: &nn::VarStore, batches_tracked: i64, path: &Path) -
 pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let loaded = super::load(path)?;
     let prefix = format!("{ENCODER_PREFIX}.");
-    let file: HashMap<&str, &Tensor> =
-        loaded.tensors.iter().map(|(name, tensor)| (name.strip_prefix(&prefix).unwrap_or(name), tensor)).collect();
+    let checkpoint_prefix = format!("model.{ENCODER_PREFIX}.");
+    let bare = |name: &'_ str| -> String {
+        let stripped = name.strip_prefix(&checkpoint_prefix).or_else(|| name.strip_prefix(&prefix));
+        stripped.unwrap_or(name).to_owned()
+    };
+    let file: HashMap<String, &Tensor> = loaded.tensors.iter().map(|(name, tensor)| (bare(name), tensor)).collect();
     let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
     let mut names: Vec<&String> = variables.keys().collect();
     names.sort();
@@ -56,7 +61,7 @@ pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<
         )));
     }
     for name in names {
-        let source = file[name.as_str()];
+        let source = file[name];
         let target = &variables[name];
         if source.size() != target.size() {
             return Err(bad(format!(

@@ -77,7 +77,8 @@ impl Monitor {
             &labels(&self.queries.samples, device),
             self.classes,
             self.config,
-        ))
+        )
+        .top1)
     }
 }
 

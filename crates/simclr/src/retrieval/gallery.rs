@@ -1,0 +1,52 @@
+//! A PNG contact sheet of search results: one row per query, the query in
+//! the first column behind a coloured frame, then its neighbours, best first.
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+
+use super::Neighbor;
+use crate::augment::center_view;
+use crate::data::decode;
+use crate::{Error, Result};
+
+const GAP: u32 = 6;
+const FRAME: Rgb<u8> = Rgb([220, 40, 40]);
+const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
+
+fn thumbnail(path: &Path, side: u32) -> Result<RgbImage> {
+    let view = center_view(&decode(path)?, side);
+    let pixels = view.data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+    Ok(RgbImage::from_raw(side, side, pixels).expect("a centre view has side x side x 3 values"))
+}
+
+/// Writes the gallery for `queries` (paths) and their `hits` into `items` (paths).
+pub fn write_gallery(
+    output: &Path,
+    queries: &[std::path::PathBuf],
+    hits: &[Vec<Neighbor>],
+    items: &[std::path::PathBuf],
+    side: u32,
+) -> Result<()> {
+    let columns = 1 + hits.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let cell = side + GAP;
+    let mut sheet = RgbImage::from_pixel(GAP + columns * cell + GAP, GAP + queries.len() as u32 * cell, BACKGROUND);
+    for (row, (query, neighbours)) in queries.iter().zip(hits).enumerate() {
+        let y = GAP + row as u32 * cell;
+        for x in 0..side + 4 {
+            for dy in [0, side + 3] {
+                sheet.put_pixel(GAP - 2 + x, y - 2 + dy, FRAME);
+                sheet.put_pixel(GAP - 2 + dy, y - 2 + x, FRAME);
+            }
+        }
+        image::imageops::replace(&mut sheet, &thumbnail(query, side)?, i64::from(GAP), i64::from(y));
+        for (column, hit) in neighbours.iter().enumerate() {
+            let x = GAP + (column as u32 + 1) * cell + GAP;
+            image::imageops::replace(&mut sheet, &thumbnail(&items[hit.index], side)?, i64::from(x), i64::from(y));
+        }
+    }
+    let mut bytes = Vec::new();
+    sheet
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| Error::Image { path: output.to_path_buf(), message: format!("cannot encode PNG: {e}") })?;
+    crate::io::write_atomic(output, &bytes)
+}

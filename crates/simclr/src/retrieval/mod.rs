@@ -1,0 +1,199 @@
+//! Nearest-neighbour search over representations h: the use data-curation
+//! work makes of SSL features (find near-duplicates, similar images, or
+//! outliers in a folder).
+//!
+//! Similarity is cosine on h. Small indexes are searched exactly with one
+//! matrix product per batch of queries; large ones through HNSW (Malkov and
+//! Yashunin 2018, arXiv 1603.09320) from the `instant-distance` crate.
+pub mod gallery;
+
+use instant_distance::{Builder, HnswMap, Search};
+use tch::{Kind, Tensor};
+
+use crate::loss::similarity::l2_normalize;
+use crate::{Error, Result};
+
+/// Indexes up to this many images are searched exactly under `Auto`: a
+/// product of queries with 50k x 2048 floats is fast on a CPU.
+pub const EXACT_LIMIT: usize = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKind {
+    Exact,
+    Hnsw,
+    /// Exact up to [`EXACT_LIMIT`] images, HNSW beyond.
+    Auto,
+}
+
+impl std::str::FromStr for IndexKind {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "exact" => Ok(IndexKind::Exact),
+            "hnsw" => Ok(IndexKind::Hnsw),
+            "auto" => Ok(IndexKind::Auto),
+            other => Err(Error::InvalidArgument(format!("unknown index '{other}': expected exact, hnsw or auto"))),
+        }
+    }
+}
+
+/// A unit-length feature vector; distance 1 − cosine similarity.
+#[derive(Debug, Clone)]
+struct UnitVector(Vec<f32>);
+
+impl instant_distance::Point for UnitVector {
+    fn distance(&self, other: &Self) -> f32 {
+        1.0 - self.0.iter().zip(&other.0).map(|(a, b)| a * b).sum::<f32>()
+    }
+}
+
+/// One hit: the position of an indexed item and its cosine similarity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Neighbor {
+    pub index: usize,
+    pub similarity: f32,
+}
+
+enum Backend {
+    Exact(Tensor),
+    Hnsw(HnswMap<UnitVector, usize>),
+}
+
+/// Features of the indexed items, searchable by cosine similarity.
+pub struct Index {
+    backend: Backend,
+    len: usize,
+}
+
+fn rows(features: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let normalized = l2_normalize(features).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+    Ok(Vec::<Vec<f32>>::try_from(&normalized)?)
+}
+
+impl Index {
+    /// Indexes `features` (`[M, d]`); `seed` makes HNSW construction reproducible.
+    pub fn build(features: &Tensor, kind: IndexKind, seed: u64) -> Result<Self> {
+        let len = features.size()[0] as usize;
+        if len == 0 {
+            return Err(Error::InvalidArgument("cannot index zero images".to_owned()));
+        }
+        let use_hnsw = match kind {
+            IndexKind::Exact => false,
+            IndexKind::Hnsw => true,
+            IndexKind::Auto => len > EXACT_LIMIT,
+        };
+        let backend = if use_hnsw {
+            let points = rows(features)?.into_iter().map(UnitVector).collect();
+            Backend::Hnsw(Builder::default().seed(seed).build(points, (0..len).collect()))
+        } else {
+            Backend::Exact(l2_normalize(features))
+        };
+        Ok(Self { backend, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `k` most similar indexed items for each row of `queries`, best first.
+    pub fn search(&self, queries: &Tensor, k: usize) -> Result<Vec<Vec<Neighbor>>> {
+        let k = k.min(self.len);
+        match &self.backend {
+            Backend::Exact(bank) => {
+                let similarity = l2_normalize(queries).to_device(bank.device()).matmul(&bank.transpose(0, 1));
+                let (values, indices) = similarity.topk(k as i64, 1, true, true);
+                let values = Vec::<Vec<f32>>::try_from(&values.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+                let indices = Vec::<Vec<i64>>::try_from(&indices.to_device(tch::Device::Cpu))?;
+                Ok(values
+                    .into_iter()
+                    .zip(indices)
+                    .map(|(v, i)| {
+                        v.into_iter()
+                            .zip(i)
+                            .map(|(similarity, index)| Neighbor { index: index as usize, similarity })
+                            .collect()
+                    })
+                    .collect())
+            }
+            Backend::Hnsw(map) => Ok(rows(queries)?
+                .into_iter()
+                .map(|query| {
+                    let mut search = Search::default();
+                    map.search(&UnitVector(query), &mut search)
+                        .take(k)
+                        .map(|item| Neighbor { index: *item.value, similarity: 1.0 - item.distance })
+                        .collect()
+                })
+                .collect()),
+        }
+    }
+}
+
+/// What `simclr neighbors` does.
+#[derive(Debug, Clone)]
+pub struct NeighborsOptions {
+    pub encoder: crate::embed::EncoderSpec,
+    /// Folder of images to search (recursively).
+    pub index: std::path::PathBuf,
+    /// One image, or a folder of them.
+    pub queries: std::path::PathBuf,
+    pub k: usize,
+    pub kind: IndexKind,
+    /// Where to write the PNG gallery, if anywhere.
+    pub gallery: Option<std::path::PathBuf>,
+    /// Side of each gallery thumbnail in pixels.
+    pub thumbnail: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NeighborsReport {
+    pub items: Vec<std::path::PathBuf>,
+    pub queries: Vec<std::path::PathBuf>,
+    /// For each query, its neighbours among `items`, best first.
+    pub hits: Vec<Vec<Neighbor>>,
+}
+
+/// Embeds the index folder and the queries, and finds each query's neighbours.
+pub fn neighbors(options: &NeighborsOptions) -> Result<NeighborsReport> {
+    if options.k == 0 {
+        return Err(Error::InvalidArgument("--k 0: must be at least 1".to_owned()));
+    }
+    let items = crate::embed::images_below(&options.index)?;
+    let queries = if options.queries.is_dir() {
+        crate::embed::images_below(&options.queries)?
+    } else {
+        vec![options.queries.clone()]
+    };
+    let loaded = options.encoder.load()?;
+    let index = Index::build(&loaded.embed_files(&items)?, options.kind, 0)?;
+    let hits = index.search(&loaded.embed_files(&queries)?, options.k)?;
+    if let Some(path) = &options.gallery {
+        gallery::write_gallery(path, &queries, &hits, &items, options.thumbnail)?;
+    }
+    Ok(NeighborsReport { items, queries, hits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn exact_and_hnsw_agree_on_clear_neighbours() {
+        let features = Tensor::randn([300, 16], (Kind::Float, Device::Cpu));
+        let queries = features.narrow(0, 0, 20) + Tensor::randn([20, 16], (Kind::Float, Device::Cpu)) * 0.01;
+        for kind in [IndexKind::Exact, IndexKind::Hnsw] {
+            let index = Index::build(&features, kind, 0).unwrap();
+            let hits = index.search(&queries, 3).unwrap();
+            for (query, neighbours) in hits.iter().enumerate() {
+                assert_eq!(neighbours.len(), 3);
+                assert_eq!(neighbours[0].index, query, "{kind:?}");
+                assert!(neighbours[0].similarity > 0.99 && neighbours[0].similarity >= neighbours[1].similarity);
+            }
+        }
+    }
+}
