@@ -29,6 +29,11 @@ enum Command {
     Embed(EmbedArgs),
     /// Evaluate an encoder on labelled images: kNN or linear classification on frozen features.
     Eval(EvalArgs),
+    /// Draw a run's figures (training curves, embedding by class, confusion matrix) into its folder.
+    Report {
+        /// The run folder (holding metrics.jsonl and checkpoint.safetensors).
+        run: PathBuf,
+    },
     /// Find the images of a folder most similar to query images, by cosine similarity of h.
     Neighbors(NeighborsArgs),
     /// Measure training-step and encoder-forward throughput on this device.
@@ -447,6 +452,13 @@ fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+fn report(run: &std::path::Path) -> Result<()> {
+    for path in simclr::report::write_report(run)? {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
 fn neighbors(args: NeighborsArgs) -> Result<()> {
     if args.thumbnail < 8 {
         anyhow::bail!("--thumbnail {}: must be at least 8 pixels", args.thumbnail);
@@ -521,6 +533,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed(args),
         Command::Eval(args) => eval(args),
         Command::Neighbors(args) => neighbors(args),
+        Command::Report { run } => report(&run),
         Command::Bench(args) => bench(args),
     };
     match result {

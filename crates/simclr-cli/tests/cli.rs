@@ -88,6 +88,22 @@ fn tiny_run(data: &Path, output: &Path) -> Vec<String> {
     .collect()
 }
 
+/// `--weights` and the flags of the tiny runs' encoder (CIFAR stem, on the CPU).
+fn encoder_flags(weights: &Path, arch: &str, width: &str) -> Vec<String> {
+    let weights = weights.display().to_string();
+    ["--weights", &weights, "--arch", arch, "--width", width, "--stem", "cifar", "--device", "cpu"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Runs `simclr WORDS FLAGS EXTRA`.
+fn simclr_with(words: &[&str], flags: Vec<String>, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = words.iter().map(|s| s.to_string()).collect();
+    args.extend(flags);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(&args)
+}
+
 fn run(args: &[String]) -> Output {
     simclr(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -188,25 +204,11 @@ fn train_resume_and_embed_round_trip() {
     }
 
     let features = dir.path().join("features.npy");
-    let embed = simclr(&[
-        "embed",
-        "--weights",
-        &out.join("encoder.safetensors").display().to_string(),
-        "--arch",
-        "resnet18",
-        "--width",
-        "0.125",
-        "--stem",
-        "cifar",
-        "--input",
-        &data.display().to_string(),
-        "--output",
-        &features.display().to_string(),
-        "--image-size",
-        "16",
-        "--device",
-        "cpu",
-    ]);
+    let embed = simclr_with(
+        &["embed"],
+        encoder_flags(&out.join("encoder.safetensors"), "resnet18", "0.125"),
+        &["--input", &data_arg, "--output", &features.display().to_string(), "--image-size", "16"],
+    );
     assert_succeeds(&embed);
     // 12 images, h of 512 x 0.125 = 64 features.
     assert_eq!(npy_shape(&features), vec![12, 64]);
@@ -312,77 +314,31 @@ fn mismatched_weights_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let (data, out, _) = trained_run(dir.path());
     let weights = out.join("encoder.safetensors");
-    let embed = |weights: &Path, width: &str| {
-        simclr(&[
-            "embed",
-            "--weights",
-            &weights.display().to_string(),
-            "--arch",
-            "resnet18",
-            "--width",
-            width,
-            "--stem",
-            "cifar",
-            "--input",
-            &data.display().to_string(),
-            "--output",
-            &dir.path().join("f.npy").display().to_string(),
-            "--image-size",
-            "16",
-            "--device",
-            "cpu",
-        ])
+    let (data_arg, output_arg) = (data.display().to_string(), dir.path().join("f.npy").display().to_string());
+    let embed = |weights: &Path, arch: &str, width: &str| {
+        simclr_with(
+            &["embed"],
+            encoder_flags(weights, arch, width),
+            &["--input", &data_arg, "--output", &output_arg, "--image-size", "16"],
+        )
     };
     // Mis-shaped: the weights are 0.125x, the model asked for is 0.25x.
     assert_fails_with(
-        &embed(&weights, "0.25"),
+        &embed(&weights, "resnet18", "0.25"),
         &["encoder.safetensors", "bn1.bias", "has shape [8], the model expects [16]"],
     );
     // Missing tensors: a ResNet-34 needs blocks a ResNet-18 file lacks.
-    let output = simclr(&[
-        "embed",
-        "--weights",
-        &weights.display().to_string(),
-        "--arch",
-        "resnet34",
-        "--width",
-        "0.125",
-        "--stem",
-        "cifar",
-        "--input",
-        &data.display().to_string(),
-        "--output",
-        &dir.path().join("f.npy").display().to_string(),
-        "--device",
-        "cpu",
-    ]);
+    let output = embed(&weights, "resnet34", "0.125");
     assert_fails_with(&output, &["encoder.safetensors", "missing", "layer1.2"]);
     // Not a safetensors file at all.
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
-    assert_fails_with(&embed(&junk, "0.125"), &["junk.safetensors", "not a valid safetensors"]);
+    assert_fails_with(&embed(&junk, "resnet18", "0.125"), &["junk.safetensors", "not a valid safetensors"]);
     assert!(!dir.path().join("f.npy").exists(), "no partial output on failure");
     // Evaluation takes the same checks, and needs labelled splits and one encoder.
-    let data_arg = data.display().to_string();
-    assert_fails_with(
-        &simclr(&[
-            "eval",
-            "knn",
-            "--weights",
-            &junk.display().to_string(),
-            "--arch",
-            "resnet18",
-            "--stem",
-            "cifar",
-            "--train",
-            &data_arg,
-            "--test",
-            &data_arg,
-            "--device",
-            "cpu",
-        ]),
-        &["junk.safetensors"],
-    );
+    let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
+    let eval = simclr_with(&["eval", "knn"], encoder_flags(&junk, "resnet18", "0.125"), &splits);
+    assert_fails_with(&eval, &["junk.safetensors"]);
     assert_fails_with(&simclr(&["eval", "knn", "--random-init", "--train", &data_arg]), &["--test"]);
     assert_fails_with(&simclr(&["eval", "linear", "--train", &data_arg, "--test", &data_arg]), &["--random-init"]);
 }
@@ -407,29 +363,22 @@ fn neighbors_finds_the_query_and_its_near_duplicates() {
     let query = index.join("shape00.png");
     let gallery = dir.path().join("gallery.png");
     for kind in ["exact", "hnsw"] {
-        let output = simclr(&[
-            "neighbors",
-            "--weights",
-            &run_dir.join("encoder.safetensors").display().to_string(),
-            "--arch",
-            "resnet18",
-            "--width",
-            "0.125",
-            "--stem",
-            "cifar",
-            "--image-size",
-            "32",
-            "--device",
-            "cpu",
-            "--index",
-            &index.display().to_string(),
-            "--query",
-            &query.display().to_string(),
-            "--index-kind",
-            kind,
-            "--gallery",
-            &gallery.display().to_string(),
-        ]);
+        let output = simclr_with(
+            &["neighbors"],
+            encoder_flags(&run_dir.join("encoder.safetensors"), "resnet18", "0.125"),
+            &[
+                "--image-size",
+                "32",
+                "--index",
+                &index.display().to_string(),
+                "--query",
+                &query.display().to_string(),
+                "--index-kind",
+                kind,
+                "--gallery",
+                &gallery.display().to_string(),
+            ],
+        );
         assert_succeeds(&output);
         let table = String::from_utf8_lossy(&output.stdout).into_owned();
         let hits: Vec<&str> = table.lines().skip(1).map(|l| l.rsplit('\t').next().unwrap()).collect();

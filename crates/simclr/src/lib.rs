@@ -21,7 +21,7 @@
 //! views, [`model`] holds f and g, [`loss`] the objectives, [`optim`] LARS and
 //! the schedule, [`train`] the loop and checkpoints, [`eval`] the kNN monitor,
 //! [`io`] weights in torchvision's names, [`embed`], [`retrieval`] and
-//! [`bench`] the uses.
+//! [`bench`] the uses, [`report`] the figures.
 pub mod augment;
 pub mod bench;
 pub mod config;
@@ -34,6 +34,7 @@ pub mod io;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod report;
 pub mod retrieval;
 pub mod train;
 

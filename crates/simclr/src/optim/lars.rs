@@ -11,12 +11,8 @@ use tch::{Kind, Tensor};
 use super::{Hyper, Param};
 
 pub fn update(param: &mut Param, grad: &Tensor, velocity: &mut Tensor, lr: f64, hyper: Hyper) {
+    let grad = super::decayed_gradient(param, grad, hyper.weight_decay);
     let w = &mut param.tensor;
-    let grad = if param.decay_and_adapt && hyper.weight_decay != 0.0 {
-        grad + hyper.weight_decay * &*w
-    } else {
-        grad.shallow_clone()
-    };
     let step = if param.decay_and_adapt {
         // Kept on the device (no .item()): the ratio is a 0-d tensor.
         let w_norm = w.norm().to_kind(Kind::Float);

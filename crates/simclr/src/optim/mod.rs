@@ -115,6 +115,15 @@ pub struct Param {
     pub decay_and_adapt: bool,
 }
 
+/// ∇w + λw for parameters under weight decay; ∇w as it is for the others.
+fn decayed_gradient(param: &Param, grad: &Tensor, weight_decay: f64) -> Tensor {
+    if param.decay_and_adapt && weight_decay != 0.0 {
+        grad + weight_decay * &param.tensor
+    } else {
+        grad.shallow_clone()
+    }
+}
+
 /// The hyper-parameters every update needs, besides the learning rate.
 #[derive(Debug, Clone, Copy)]
 pub struct Hyper {

@@ -5,12 +5,8 @@ use tch::Tensor;
 use super::{Hyper, Param};
 
 pub fn update(param: &mut Param, grad: &Tensor, buffer: &mut Tensor, lr: f64, hyper: Hyper) {
+    let grad = super::decayed_gradient(param, grad, hyper.weight_decay);
     let w = &mut param.tensor;
-    let grad = if param.decay_and_adapt && hyper.weight_decay != 0.0 {
-        grad + hyper.weight_decay * &*w
-    } else {
-        grad.shallow_clone()
-    };
     let _ = buffer.g_mul_scalar_(hyper.momentum).g_add_(&grad);
     let _ = w.g_sub_(&(&*buffer * lr));
 }

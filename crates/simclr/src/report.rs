@@ -1,0 +1,243 @@
+//! `simclr report`: PNG figures of a run, written into its folder.
+//!
+//! - `curves.png`: loss, learning rate and kNN top-1 over epochs, from
+//!   `metrics.jsonl`;
+//! - `embedding.png`: the test split's h projected on its first two principal
+//!   components, coloured by class;
+//! - `confusion.png`: the kNN classifier's confusion matrix on the test split.
+//!
+//! The labelled splits are the run's kNN monitor splits (for the synthetic
+//! data, regenerated from the run's seed).
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::config::RunConfig;
+use crate::data::loader::{worker_pool, ViewFormat};
+use crate::data::open_splits;
+use crate::eval::features::{extract_features, labels};
+use crate::eval::knn::knn_predict;
+use crate::eval::KnnConfig;
+use crate::model::ResNet;
+use crate::train::checkpoint::{self, Checkpoint};
+use crate::train::metrics::{EpochMetrics, MetricsLog};
+use crate::train::trainer::METRICS_FILE;
+use crate::{Error, Result};
+
+const WIDTH: u32 = 1200;
+
+fn drawing_error(path: &Path, error: impl std::fmt::Display) -> Error {
+    Error::Image { path: path.to_path_buf(), message: format!("cannot draw: {error}") }
+}
+
+/// Loss, learning rate and kNN top-1 against epoch, side by side.
+pub fn training_curves(metrics: &[EpochMetrics], path: &Path) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+    let root = BitMapBackend::new(path, (WIDTH, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let panels = root.split_evenly((1, 3));
+    let last_epoch = metrics.iter().map(|m| m.epoch).max().unwrap_or(1) as f64;
+    let series: [(&str, Vec<(f64, f64)>); 3] = [
+        ("training loss", metrics.iter().map(|m| (m.epoch as f64, m.loss)).collect()),
+        ("learning rate (last step of epoch)", metrics.iter().map(|m| (m.epoch as f64, m.learning_rate)).collect()),
+        ("kNN top-1 (%)", metrics.iter().filter_map(|m| m.knn_top1.map(|a| (m.epoch as f64, 100.0 * a))).collect()),
+    ];
+    for (panel, (title, points)) in panels.iter().zip(series) {
+        let low = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let high = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        let (low, high) = if points.is_empty() { (0.0, 1.0) } else { (low, high) };
+        let margin = ((high - low) * 0.1).max(1e-6);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..last_epoch.max(1.0), (low - margin)..(high + margin))
+            .map_err(|e| fail(&e))?;
+        chart.configure_mesh().x_desc("epoch").draw().map_err(|e| fail(&e))?;
+        chart.draw_series(LineSeries::new(points.clone(), &BLUE)).map_err(|e| fail(&e))?;
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled()))).map_err(|e| fail(&e))?;
+    }
+    root.present().map_err(|e| fail(&e))
+}
+
+/// `features` projected on their first two principal components, `[M, 2]`.
+pub fn principal_components(features: &Tensor) -> Tensor {
+    let x = features.to_kind(Kind::Double);
+    let centred = &x - x.mean_dim([0i64].as_slice(), true, Kind::Double);
+    // torch.svd's V (not Vᴴ): its first columns are the principal axes.
+    let (_, _, v) = centred.svd(true, true);
+    centred.matmul(&v.narrow(1, 0, 2))
+}
+
+/// A scatter plot of 2-D points coloured by class, with a legend.
+pub fn embedding_scatter(points: &Tensor, classes: &[usize], names: &[String], path: &Path) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+    let xy = Vec::<Vec<f64>>::try_from(&points.to_kind(Kind::Double).to_device(Device::Cpu))?;
+    let range = |axis: usize| {
+        let values = xy.iter().map(|p| p[axis]);
+        let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
+        let margin = ((high - low) * 0.05).max(1e-6);
+        (low - margin)..(high + margin)
+    };
+    let root = BitMapBackend::new(path, (900, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("test-split representations h: first two principal components", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(55)
+        .build_cartesian_2d(range(0), range(1))
+        .map_err(|e| fail(&e))?;
+    chart.configure_mesh().x_desc("PC 1").y_desc("PC 2").draw().map_err(|e| fail(&e))?;
+    for (class, name) in names.iter().enumerate() {
+        let color = Palette99::pick(class).to_rgba();
+        let members = xy.iter().zip(classes).filter(|(_, &c)| c == class).map(|(p, _)| (p[0], p[1]));
+        chart
+            .draw_series(members.map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| fail(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| Circle::new((x, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
+
+/// Row-normalised confusion matrix: rows are true classes, columns predictions.
+pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String], path: &Path) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+    let n = names.len().max(1);
+    let mut counts = vec![vec![0usize; n]; n];
+    for (&p, &a) in predicted.iter().zip(actual) {
+        counts[a][p] += 1;
+    }
+    let root = BitMapBackend::new(path, (900, 850)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("kNN confusion matrix on the test split (row-normalised)", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(60)
+        .y_label_area_size(110)
+        // A segmented 0..k has k + 1 cells.
+        .build_cartesian_2d((0..n - 1).into_segmented(), (0..n - 1).into_segmented())
+        .map_err(|e| fail(&e))?;
+    // Segmented axes put each label at the centre of its cell.
+    let label = |v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(n)
+        .y_labels(n)
+        .x_label_formatter(&label)
+        .y_label_formatter(&label)
+        .x_desc("predicted")
+        .y_desc("true")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    let cells = counts.iter().enumerate().flat_map(|(actual, row)| {
+        let total = row.iter().sum::<usize>().max(1) as f64;
+        row.iter().enumerate().map(move |(predicted, &count)| (actual, predicted, count as f64 / total))
+    });
+    chart
+        .draw_series(cells.map(|(actual, predicted, share)| {
+            let shade = (255.0 * (1.0 - share)) as u8;
+            let corner = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
+            Rectangle::new(
+                [corner(predicted, actual), corner(predicted + 1, actual + 1)],
+                RGBColor(shade, shade, 255).filled(),
+            )
+        }))
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
+
+/// Writes every figure of the run in `run_dir` there; returns their paths.
+pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let metrics = MetricsLog::new(&run_dir.join(METRICS_FILE)).read()?;
+    let mut written = Vec::new();
+    let curves = run_dir.join("curves.png");
+    training_curves(&metrics, &curves)?;
+    written.push(curves);
+
+    let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
+    let config: RunConfig = Checkpoint::read(&checkpoint_path)?.config;
+    let Some((bank, queries)) = open_splits(&config.data, config.train.seed)?.knn else {
+        tracing::warn!("the run has no labelled monitor splits: only the curves are drawn");
+        return Ok(written);
+    };
+    let store = nn::VarStore::new(Device::Cpu);
+    let encoder = ResNet::new(&store.root(), config.model.arch, config.model.width_multiplier, config.model.stem);
+    crate::io::torchvision::load_encoder(&store.variables(), &checkpoint_path)?;
+    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+    let pool = worker_pool(config.data.workers)?;
+    let bank_features = extract_features(&encoder, &bank.samples, format, 256, Device::Cpu, &pool)?;
+    let query_features = extract_features(&encoder, &queries.samples, format, 256, Device::Cpu, &pool)?;
+    let names = if queries.classes.len() >= bank.classes.len() { &queries.classes } else { &bank.classes };
+    let knn = KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature };
+    let predicted =
+        knn_predict(&bank_features, &labels(&bank.samples, Device::Cpu), &query_features, names.len() as i64, knn);
+    let predicted: Vec<usize> = Vec::<i64>::try_from(&predicted)?.into_iter().map(|p| p as usize).collect();
+    let actual: Vec<usize> = queries.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
+
+    let embedding = run_dir.join("embedding.png");
+    embedding_scatter(&principal_components(&query_features), &actual, names, &embedding)?;
+    written.push(embedding);
+    let confusion = run_dir.join("confusion.png");
+    confusion_matrix(&predicted, &actual, names, &confusion)?;
+    written.push(confusion);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_components_find_the_widest_direction() {
+        // Points spread along (1, 1, 0) much more than along anything else.
+        let t = Tensor::linspace(-5.0, 5.0, 50, (Kind::Double, Device::Cpu)).unsqueeze(1);
+        let noise = Tensor::randn([50, 3], (Kind::Double, Device::Cpu)) * 0.01;
+        let points = t.matmul(&Tensor::from_slice2(&[[1.0f64, 1.0, 0.0]])) + noise;
+        let projected = principal_components(&points);
+        assert_eq!(projected.size(), vec![50, 2]);
+        let first = projected.select(1, 0).abs().max().double_value(&[]);
+        let second = projected.select(1, 1).abs().max().double_value(&[]);
+        assert!(first > 7.0 && second < 0.1, "{first} {second}");
+    }
+
+    #[test]
+    fn figures_are_written_as_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics: Vec<EpochMetrics> = (1..=3)
+            .map(|epoch| EpochMetrics {
+                epoch,
+                step: epoch * 10,
+                loss: 5.0 - epoch as f64,
+                learning_rate: 0.1,
+                images_per_second: 100.0,
+                seconds: 1.0,
+                knn_top1: (epoch != 2).then_some(0.2 * epoch as f64),
+            })
+            .collect();
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let curves = dir.path().join("curves.png");
+        training_curves(&metrics, &curves).unwrap();
+        let scatter = dir.path().join("scatter.png");
+        embedding_scatter(&Tensor::randn([30, 2], (Kind::Float, Device::Cpu)), &[0, 1, 2].repeat(10), &names, &scatter)
+            .unwrap();
+        let confusion = dir.path().join("confusion.png");
+        confusion_matrix(&[0, 1, 1, 2], &[0, 1, 2, 2], &names, &confusion).unwrap();
+        for (path, size) in [(curves, (WIDTH, 400)), (scatter, (900, 800)), (confusion, (900, 850))] {
+            assert_eq!(image::image_dimensions(&path).unwrap(), size, "{}", path.display());
+        }
+    }
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""The PyTorch reference for `simclr bench`: the same model (torchvision
+ResNet, the chosen stem, `fc` removed, MLP head to 128), NT-Xent at tau 0.1,
+one LARS step per batch of 2N random views, and the encoder's forward pass
+in eval mode, timed the same way. Prints one JSON line like `simclr bench
+--json`.
+
+    ~/.cache/simclr/venv/bin/python tools/bench_pytorch.py --arch resnet18 --stem cifar \
+        --batch-size 64 --image-size 32 --steps 5 --threads 2
+
+Run `simclr bench` with the same arguments in the same session (see
+tools/bench_cpu.sh) and compare the two.
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+
+def nt_xent(z, tau):
+    n = z.shape[0] // 2
+    z = F.normalize(z, dim=1)
+    logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def lars_step(params, velocities, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
+    """The paper's LARS (tf2/lars_optimizer.py), as simclr implements it."""
+    for w, v in zip(params, velocities):
+        g = w.grad
+        if w.dim() > 1:
+            g = g + weight_decay * w
+            w_norm, g_norm = w.norm(), g.norm()
+            usable = (w_norm > 0) & (g_norm > 0)
+            trust = torch.where(usable, eta * w_norm / g_norm, torch.ones_like(w_norm))
+            step = g * (trust * lr)
+        else:
+            step = g * lr
+        v.mul_(momentum).add_(step)
+        w.sub_(v)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    encoder = getattr(torchvision.models, args.arch)()
+    features = encoder.fc.in_features
+    encoder.fc = torch.nn.Identity()
+    if args.stem == "cifar":
+        encoder.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        encoder.maxpool = torch.nn.Identity()
+    head = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, 128))
+    model = torch.nn.Sequential(encoder, head)
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocities = [torch.zeros_like(p) for p in params]
+    views = torch.randn(2 * args.batch_size, 3, args.image_size, args.image_size)
+
+    def train_step():
+        model.train()
+        loss = nt_xent(model(views), 0.1)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lars_step(params, velocities, 0.1)
+
+    images = views[: args.batch_size]
+
+    @torch.no_grad()
+    def forward():
+        encoder.eval()
+        return encoder(images)
+
+    def timed(step):
+        for _ in range(args.warmup):
+            step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        return time.perf_counter() - started
+
+    train_seconds = timed(train_step)
+    forward_seconds = timed(forward)
+    done = args.steps * args.batch_size
+    print(json.dumps({
+        "implementation": f"pytorch {torch.__version__}",
+        "threads": torch.get_num_threads(),
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "train_images_per_second": done / train_seconds,
+        "train_ms_per_step": 1000 * train_seconds / args.steps,
+        "forward_images_per_second": done / forward_seconds,
+    }))
+
+
+if __name__ == "__main__":
+    main()
