@@ -227,6 +227,15 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Three comma-separated numbers, as `0.485,0.456,0.406`.
+fn parse_triple(text: &str) -> std::result::Result<[f32; 3], String> {
+    let values: Vec<f32> = text
+        .split(',')
+        .map(|v| v.trim().parse::<f32>().map_err(|e| format!("'{v}': {e}")))
+        .collect::<std::result::Result<_, _>>()?;
+    <[f32; 3]>::try_from(values).map_err(|v| format!("expected three comma-separated numbers, got {}", v.len()))
+}
+
 fn parse_device(name: &str) -> Result<DeviceChoice> {
     match name {
         "auto" => Ok(DeviceChoice::Auto),
@@ -330,11 +339,12 @@ struct EncoderSpecArgs {
     /// Images are resized (shorter side) and centre-cropped to this size.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
-    /// Normalisation mean, three comma-separated values (ImageNet's by default).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    mean: Option<Vec<f32>>,
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    std: Option<Vec<f32>>,
+    /// Normalisation mean per channel, as R,G,B (ImageNet's by default).
+    #[arg(long, value_parser = parse_triple)]
+    mean: Option<[f32; 3]>,
+    /// Normalisation standard deviation per channel, as R,G,B.
+    #[arg(long, value_parser = parse_triple)]
+    std: Option<[f32; 3]>,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
 }
@@ -346,13 +356,13 @@ impl EncoderSpecArgs {
         (spec.arch, spec.stem, spec.device, spec.width_multiplier) = (arch, stem, device, self.encoder.width);
         (spec.image_size, spec.batch_size) = (self.image_size, self.batch_size);
         if let Some(mean) = self.mean {
-            spec.mean = [mean[0], mean[1], mean[2]];
+            spec.mean = mean;
         }
         if let Some(std) = self.std {
             if !std.iter().all(|s| simclr::config::is_positive_finite(f64::from(*s))) {
                 anyhow::bail!("--std {std:?}: every entry must be > 0");
             }
-            spec.std = [std[0], std[1], std[2]];
+            spec.std = std;
         }
         Ok(spec)
     }

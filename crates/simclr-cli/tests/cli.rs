@@ -203,6 +203,14 @@ fn train_resume_and_embed_round_trip() {
         assert!(String::from_utf8_lossy(&linear.stdout).contains("top-1"));
     }
 
+    // The run's figures, drawn into its folder.
+    let report = simclr(&["report", &out.display().to_string()]);
+    assert_succeeds(&report);
+    for figure in ["curves.png", "embedding.png", "confusion.png"] {
+        let (width, height) = image::image_dimensions(out.join(figure)).unwrap();
+        assert!(width >= 800 && height >= 400, "{figure}: {width}x{height}");
+    }
+
     let features = dir.path().join("features.npy");
     let embed = simclr_with(
         &["embed"],

@@ -168,7 +168,12 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
             position.step += 1;
             loss_sum += loss.detach().to_kind(Kind::Double);
             if let Some(bar) = &bar {
-                bar.set_message(format!("loss {:.4} lr {learning_rate:.4}", loss.double_value(&[])));
+                // Reading the loss waits for the device; the bar is for terminals only.
+                let images_per_second = (bar.position() + 1) as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "loss {:.4} lr {learning_rate:.4} {images_per_second:.0} images/s",
+                    loss.double_value(&[])
+                ));
                 bar.inc(1);
             }
         }
@@ -238,7 +243,7 @@ fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Opt
         return None;
     }
     let bar = ProgressBar::new(steps as u64);
-    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}")
+    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
         .expect("the template is valid")
         .progress_chars("=> ");
     bar.set_style(style);
