@@ -2,6 +2,8 @@
 //! reports the result or the error chain once.
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -302,17 +304,55 @@ fn resolve_config(args: &TrainArgs) -> Result<simclr::config::ValidConfig> {
     Ok(config.validate()?)
 }
 
+/// A run stopped by a signal; it exits with 130 after saying how to resume.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Step numbers from a test hook's variable, comma-separated (tests only).
+fn test_hook(name: &str) -> Result<Vec<usize>> {
+    let Ok(value) = std::env::var(name) else { return Ok(Vec::new()) };
+    value.split(',').map(|v| v.trim().parse().with_context(|| format!("{name}={value}"))).collect()
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     let config = resolve_config(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    // SIGINT and SIGTERM ask the run to finish its step and checkpoint.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
+    }
     let options = simclr::train::TrainOptions {
         resume: args.resume,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        stop: Some(stop),
+        stop_after_steps: test_hook("SIMCLR_TEST_STOP_AFTER_STEPS")?.into_iter().next(),
+        poison_steps: test_hook("SIMCLR_TEST_POISON_STEPS")?,
     };
+    let output_dir = config.train.output_dir.clone();
     let report = simclr::train::train(config, options)?;
+    if let Some(position) = report.interrupted_at {
+        eprintln!(
+            "interrupted after step {} (epoch {}, batch {}); checkpoint written to {}\ncontinue with: simclr train --resume --output {}",
+            position.step,
+            position.epoch + 1,
+            position.batch,
+            report.checkpoint_path.display(),
+            output_dir.display()
+        );
+        return Err(Interrupted.into());
+    }
     if let Some(last) = report.epochs.last() {
         println!("trained {} epochs on {:?}: final loss {:.4}", last.epoch, report.device, last.loss);
     }
@@ -323,7 +363,12 @@ fn train(args: TrainArgs) -> Result<()> {
         (None, Some(after)) => println!("kNN top-1: {:.2}%", 100.0 * after),
         _ => {}
     }
-    println!("encoder: {}", report.encoder_path.display());
+    if report.skipped_steps > 0 {
+        println!("skipped {} steps with a non-finite loss or gradient", report.skipped_steps);
+    }
+    if let Some(encoder) = &report.encoder_path {
+        println!("encoder: {}", encoder.display());
+    }
     println!("checkpoint: {}", report.checkpoint_path.display());
     Ok(())
 }
@@ -548,6 +593,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<Interrupted>() => ExitCode::from(130),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

@@ -400,3 +400,100 @@ fn neighbors_finds_the_query_and_its_near_duplicates() {
     let sheet = image::open(&gallery).unwrap();
     assert_eq!((sheet.width(), sheet.height()), (6 + 6 * 102 + 6, 6 + 102));
 }
+
+/// Per-epoch losses of a run, from its metrics log.
+fn epoch_losses(run: &Path) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+}
+
+/// A 3-epoch run of 6 steps an epoch, checkpointing every epoch.
+fn three_epochs(data: &Path, out: &Path) -> Vec<String> {
+    with(tiny_run(data, out), &["--epochs", "3", "--set", "train.checkpoint_every=1"])
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let straight = dir.path().join("straight");
+    assert_succeeds(&run(&three_epochs(&data, &straight)));
+
+    // Stopped after step 8, in the middle of epoch 2, as SIGINT/SIGTERM would.
+    let stopped = dir.path().join("stopped");
+    let args = three_epochs(&data, &stopped);
+    let first = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .env("SIMCLR_TEST_STOP_AFTER_STEPS", "8")
+        .output()
+        .unwrap();
+    assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
+    assert!(stderr(&first).contains("simclr train --resume --output"), "{}", stderr(&first));
+    assert!(!stopped.join("encoder.safetensors").exists());
+    assert_succeeds(&simclr(&["train", "--resume", "--output", &stopped.display().to_string()]));
+
+    let (expected, resumed) = (epoch_losses(&straight), epoch_losses(&stopped));
+    assert_eq!(expected.len(), 3);
+    assert_eq!(resumed, expected, "losses differ after resuming mid-epoch");
+    let encoder = |run: &Path| std::fs::read(run.join("encoder.safetensors")).unwrap();
+    assert!(encoder(&stopped) == encoder(&straight), "the resumed run's weights differ");
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_a_run_of_them_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let poisoned = |out: &Path, steps: &str| {
+        Command::new(env!("CARGO_BIN_EXE_simclr"))
+            .args(three_epochs(&data, out))
+            .env("RUST_LOG", "warn")
+            .env("SIMCLR_TEST_POISON_STEPS", steps)
+            .output()
+            .unwrap()
+    };
+    let one = dir.path().join("one");
+    let output = poisoned(&one, "2");
+    assert_succeeds(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("skipped 1 steps"));
+    assert!(stderr(&output).contains("non-finite"), "the skip is reported:\n{}", stderr(&output));
+    assert!(epoch_losses(&one).iter().all(|l| l.is_finite()));
+
+    // Five in a row (the default limit) in epoch 2: the run stops, and the
+    // checkpoint of epoch 1 is intact and resumable.
+    let many = dir.path().join("many");
+    let output = poisoned(&many, "7,8,9,10,11");
+    assert_fails_with(&output, &["5 steps in a row", "learning rate", "checkpoint.safetensors"]);
+    assert_eq!(epoch_losses(&many).len(), 1);
+    assert_succeeds(&simclr(&["train", "--resume", "--output", &many.display().to_string()]));
+    assert_eq!(epoch_losses(&many).len(), 3);
+}
+
+#[test]
+fn sigterm_checkpoints_and_says_how_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let out = dir.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(with(tiny_run(&data, &out), &["--epochs", "200"]))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the first epoch is logged).
+    let started = std::time::Instant::now();
+    while !out.join("metrics.jsonl").exists() {
+        assert!(started.elapsed().as_secs() < 60, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--resume"), "{}", stderr(&output));
+    // The checkpoint it wrote is whole: the run continues from it.
+    assert_succeeds(&simclr(&["train", "--resume", "--output", &out.display().to_string(), "--epochs", "2"]));
+}

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     pub knn_every: usize,
     pub knn_k: usize,
     pub knn_temperature: f64,
+    /// Steps with a non-finite loss or gradient are skipped; this many in a
+    /// row stop the run (its last checkpoint predates the fault).
+    pub max_nonfinite_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -125,6 +128,7 @@ impl Default for TrainConfig {
             knn_every: 10,
             knn_k: 200,
             knn_temperature: 0.1,
+            max_nonfinite_steps: 5,
         }
     }
 }
@@ -287,6 +291,9 @@ impl RunConfig {
         }
         if train.checkpoint_every == 0 {
             problems.push("train.checkpoint_every = 0: must be at least 1".to_owned());
+        }
+        if train.max_nonfinite_steps == 0 {
+            problems.push("train.max_nonfinite_steps = 0: must be at least 1".to_owned());
         }
         if train.knn_k == 0 {
             problems.push("train.knn_k = 0: must be at least 1".to_owned());

@@ -27,6 +27,9 @@ pub enum Error {
     /// A checkpoint is unreadable or does not match the run.
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    /// Training met too many non-finite losses or gradients in a row.
+    #[error("training stopped: {0}")]
+    NonFinite(String),
     /// An argument outside its valid range, named with its value.
     #[error("{0}")]
     InvalidArgument(String),

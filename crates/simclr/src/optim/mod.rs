@@ -168,6 +168,18 @@ impl Optimizer {
         }
     }
 
+    /// Whether every gradient is finite: one reduction over all of them.
+    pub fn gradients_finite(&self) -> bool {
+        let norms: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.tensor.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.norm().to_kind(tch::Kind::Float))
+            .collect();
+        norms.is_empty() || Tensor::stack(&norms, 0).sum(tch::Kind::Float).isfinite().int64_value(&[]) != 0
+    }
+
     /// Applies one update with learning rate `lr` from the current gradients.
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;

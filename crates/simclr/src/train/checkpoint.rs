@@ -17,11 +17,16 @@ use crate::{Error, Result};
 pub const FILE_NAME: &str = "checkpoint.safetensors";
 const FORMAT: &str = "simclr-checkpoint-1";
 
-/// Where a run stands: epochs finished and optimiser steps taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where a run stands: epochs finished, optimiser steps taken, and, in the
+/// epoch under way, batches done and their summed loss (so the epoch's mean
+/// comes out the same after a resume).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Position {
     pub epoch: usize,
     pub step: usize,
+    pub batch: usize,
+    pub epoch_loss_sum: f64,
+    pub epoch_loss_count: usize,
 }
 
 pub fn save(
@@ -39,6 +44,10 @@ pub fn save(
         ("format".to_owned(), FORMAT.to_owned()),
         ("epoch".to_owned(), position.epoch.to_string()),
         ("step".to_owned(), position.step.to_string()),
+        ("batch".to_owned(), position.batch.to_string()),
+        // Rust's shortest round-trip formatting: parsing gives the same f64 back.
+        ("epoch_loss_sum".to_owned(), position.epoch_loss_sum.to_string()),
+        ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
         ("config".to_owned(), config.to_toml()),
     ]);
     crate::io::save(path, &tensors, Some(metadata))
@@ -59,14 +68,18 @@ impl Checkpoint {
         if loaded.metadata.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(format!("not a simclr checkpoint (expected format {FORMAT})")));
         }
-        let number = |key: &str| -> Result<usize> {
-            loaded
-                .metadata
-                .get(key)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| bad(format!("metadata '{key}' missing")))
+        fn field<T: std::str::FromStr>(metadata: &HashMap<String, String>, key: &str) -> Option<T> {
+            metadata.get(key).and_then(|v| v.parse().ok())
+        }
+        let missing = |key: &str| bad(format!("metadata '{key}' missing or malformed"));
+        let metadata = &loaded.metadata;
+        let position = Position {
+            epoch: field(metadata, "epoch").ok_or_else(|| missing("epoch"))?,
+            step: field(metadata, "step").ok_or_else(|| missing("step"))?,
+            batch: field(metadata, "batch").ok_or_else(|| missing("batch"))?,
+            epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
+            epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
         };
-        let position = Position { epoch: number("epoch")?, step: number("step")? };
         let config_text = loaded.metadata.get("config").ok_or_else(|| bad("metadata 'config' missing".to_owned()))?;
         let config = toml::from_str(config_text).map_err(|e| bad(format!("stored config: {e}")))?;
         Ok(Self { config, position, tensors: loaded.tensors, path: path.to_path_buf() })

@@ -6,11 +6,12 @@
 //! statistics are computed over all 2N views, as the paper's global BN does
 //! across devices (section 2.2).
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device};
 
 use super::checkpoint::{self, Checkpoint, Position};
 use super::metrics::{EpochMetrics, MetricsLog};
@@ -36,19 +37,31 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Draw a progress bar on the terminal.
     pub progress: bool,
+    /// When set (by a signal handler, say), the run finishes its current
+    /// step, writes a checkpoint and returns with `interrupted_at`.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Test hook: stop as above once this many steps are done.
+    pub stop_after_steps: Option<usize>,
+    /// Test hook: make the loss of these (0-based) steps NaN.
+    pub poison_steps: Vec<usize>,
 }
 
 /// What a finished run produced.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
     pub output_dir: PathBuf,
-    pub encoder_path: PathBuf,
+    /// The exported encoder; absent when the run was interrupted.
+    pub encoder_path: Option<PathBuf>,
     pub checkpoint_path: PathBuf,
     pub epochs: Vec<EpochMetrics>,
     /// kNN top-1 of the encoder before training, when a monitor split exists
     /// (fresh runs only): the random-init baseline.
     pub initial_knn_top1: Option<f64>,
     pub device: Device,
+    /// Where an interrupted run stopped; `--resume` continues from there.
+    pub interrupted_at: Option<Position>,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped_steps: usize,
 }
 
 impl TrainReport {
@@ -150,31 +163,69 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
 
     let mixed_precision = config.train.mixed_precision;
     let mut epochs = Vec::new();
+    let mut nonfinite_in_row = 0;
+    let mut skipped_steps = 0;
     for epoch in position.epoch..config.train.epochs {
         let started = Instant::now();
         let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         let mut learning_rate = 0.0;
-        for batch in loader.epoch(epoch as u64, 0) {
+        for batch in loader.epoch(epoch as u64, position.batch) {
             let views = batch?.to_device(device);
             learning_rate = schedule.learning_rate(position.step);
-            let loss = crate::device::autocast(mixed_precision, device, || {
+            let mut loss = crate::device::autocast(mixed_precision, device, || {
                 let (_, z) = model.forward_t(&views, true);
                 config.loss.compute(&z)
             })?;
+            if options.poison_steps.contains(&position.step) {
+                loss *= f64::NAN;
+            }
             optimizer.zero_grad();
             loss.backward();
-            optimizer.step(learning_rate);
+            // One read of the loss and one of the gradients' norm per step: the
+            // price of catching a fault before it reaches the weights.
+            let value = loss.double_value(&[]);
+            if value.is_finite() && optimizer.gradients_finite() {
+                optimizer.step(learning_rate);
+                nonfinite_in_row = 0;
+                position.epoch_loss_sum += value;
+                position.epoch_loss_count += 1;
+            } else {
+                nonfinite_in_row += 1;
+                skipped_steps += 1;
+                tracing::warn!(step = position.step, "non-finite loss or gradient ({value}): step skipped");
+                if nonfinite_in_row >= config.train.max_nonfinite_steps {
+                    return Err(Error::NonFinite(format!(
+                        "{nonfinite_in_row} steps in a row (up to step {}) gave a non-finite loss or gradient; \
+                         likely causes: a learning rate too high (optim.learning_rate), a temperature too low \
+                         (loss.temperature), or reduced precision (train.mixed_precision). The last checkpoint, \
+                         from before the fault, is {}",
+                        position.step,
+                        checkpoint_path.display()
+                    )));
+                }
+            }
             position.step += 1;
-            loss_sum += loss.detach().to_kind(Kind::Double);
+            position.batch += 1;
             if let Some(bar) = &bar {
-                // Reading the loss waits for the device; the bar is for terminals only.
-                let images_per_second = (bar.position() + 1) as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "loss {:.4} lr {learning_rate:.4} {images_per_second:.0} images/s",
-                    loss.double_value(&[])
-                ));
+                let images_per_second =
+                    (bar.position() + 1) as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
+                bar.set_message(format!("loss {value:.4} lr {learning_rate:.4} {images_per_second:.0} images/s"));
                 bar.inc(1);
+            }
+            let stop_requested = options.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
+                || options.stop_after_steps.is_some_and(|steps| position.step >= steps);
+            if stop_requested && position.batch < steps_per_epoch {
+                checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
+                return Ok(TrainReport {
+                    output_dir,
+                    encoder_path: None,
+                    checkpoint_path,
+                    epochs,
+                    initial_knn_top1,
+                    device,
+                    interrupted_at: Some(position),
+                    skipped_steps,
+                });
             }
         }
         position.epoch = epoch + 1;
@@ -182,14 +233,10 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        let loss = loss_sum.double_value(&[]) / steps_per_epoch as f64;
-        if !loss.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "epoch {}: the loss is {loss}; lower optim.learning_rate or raise loss.temperature \
-                 (the last checkpoint is unchanged)",
-                epoch + 1
-            )));
-        }
+        let loss = position.epoch_loss_sum / position.epoch_loss_count.max(1) as f64;
+        position.batch = 0;
+        position.epoch_loss_sum = 0.0;
+        position.epoch_loss_count = 0;
         let last = position.epoch == config.train.epochs;
         let knn_due = config.train.knn_every > 0 && (position.epoch % config.train.knn_every == 0 || last);
         let knn_top1 = match (&monitor, knn_due) {
@@ -216,21 +263,45 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         );
         log.append(&metrics)?;
         epochs.push(metrics);
-        if position.epoch % config.train.checkpoint_every == 0 || last {
+        let stop_requested = options.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
+            || options.stop_after_steps.is_some_and(|steps| position.step >= steps);
+        if position.epoch % config.train.checkpoint_every == 0 || last || stop_requested {
             checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
+        }
+        if stop_requested && !last {
+            return Ok(TrainReport {
+                output_dir,
+                encoder_path: None,
+                checkpoint_path,
+                epochs,
+                initial_knn_top1,
+                device,
+                interrupted_at: Some(position),
+                skipped_steps,
+            });
         }
     }
 
     let encoder_path = output_dir.join(ENCODER_FILE);
     let batches_tracked = (position.step) as i64;
     crate::io::torchvision::export_encoder(&store, batches_tracked, &encoder_path)?;
-    let report = TrainReport { output_dir, encoder_path, checkpoint_path, epochs, initial_knn_top1, device };
+    let report = TrainReport {
+        output_dir,
+        encoder_path: Some(encoder_path),
+        checkpoint_path,
+        epochs,
+        initial_knn_top1,
+        device,
+        interrupted_at: None,
+        skipped_steps,
+    };
     let summary = serde_json::json!({
         "epochs": position.epoch,
         "steps": position.step,
         "final_loss": report.epochs.last().map(|m| m.loss),
         "initial_knn_top1": report.initial_knn_top1,
         "final_knn_top1": report.final_knn_top1(),
+        "skipped_steps": skipped_steps,
         "device": format!("{device:?}"),
     });
     let summary_path = report.output_dir.join(SUMMARY_FILE);
