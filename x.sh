@@ -5,7 +5,7 @@
 #   ./x.sh simclr ARGS...   build the `simclr` binary and run it
 #   ./x.sh test [ARGS...]   build and run every test (cargo test ARGS)
 #   ./x.sh build            build the binary
-#   ./x.sh build-cuda       build the CUDA-capable binary (feature `cuda`)
+#   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr
 #
 # Everything builds in one profile (dev, optimised; see Cargo.toml), so the
 # tests and the binary share one build.
@@ -27,7 +27,12 @@ case "${1:-}" in
         exec cargo build -p simclr-cli
         ;;
     build-cuda)
-        exec cargo build -p simclr-cli --features cuda --target-dir target/cuda
+        # The feature changes only the binary's link line, so this shares the
+        # build and relinks; the result is copied out of cargo's way.
+        cargo build -p simclr-cli --features cuda
+        mkdir -p target/cuda
+        cp target/debug/simclr target/cuda/simclr
+        echo "target/cuda/simclr (run where CUDA and PyTorch 2.11's libraries are on LD_LIBRARY_PATH)"
         ;;
     *)
         echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda" >&2

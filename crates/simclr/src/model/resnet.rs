@@ -131,19 +131,21 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        // ReLU and the residual sum in place, as torchvision does: on the CPU
+        // the saved allocations and memory traffic are a few percent of a step.
         let mut y = x.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             y = y.apply(conv).apply_t(bn, train);
             if i != last {
-                y = y.relu();
+                y = y.relu_();
             }
         }
-        let shortcut = match &self.downsample {
-            Some((conv, bn)) => x.apply(conv).apply_t(bn, train),
-            None => x.shallow_clone(),
-        };
-        (y + shortcut).relu()
+        match &self.downsample {
+            Some((conv, bn)) => y += x.apply(conv).apply_t(bn, train),
+            None => y += x,
+        }
+        y.relu_()
     }
 }
 
@@ -193,7 +195,7 @@ impl ResNet {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu_();
         if self.stem == Stem::Imagenet {
             y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }
