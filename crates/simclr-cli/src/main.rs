@@ -263,7 +263,7 @@ fn resolve_config(args: &TrainArgs) -> Result<simclr::config::ValidConfig> {
     let mut config = if args.resume {
         let dir = args.output.clone().context("--resume needs --output, the run folder to continue")?;
         let path = dir.join(simclr::train::checkpoint::FILE_NAME);
-        simclr::train::checkpoint::Checkpoint::read(&path)?.config
+        simclr::train::checkpoint::Checkpoint::read_latest(&path)?.config
     } else {
         let preset = match (&args.preset, &args.config, &args.data) {
             (Some(name), _, _) => Some(name.parse::<Preset>()?),

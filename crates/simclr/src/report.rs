@@ -169,7 +169,7 @@ pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
     written.push(curves);
 
     let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
-    let config: RunConfig = Checkpoint::read(&checkpoint_path)?.config;
+    let config: RunConfig = Checkpoint::read_latest(&checkpoint_path)?.config;
     let Some((bank, queries)) = open_splits(&config.data, config.train.seed)?.knn else {
         tracing::warn!("the run has no labelled monitor splits: only the curves are drawn");
         return Ok(written);

@@ -77,6 +77,12 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<
         let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
         buffers.push((name.clone(), dtype, shape, bytes));
     }
+    // A checksum of every tensor's name and bytes, so a damaged file is
+    // recognised on load (safetensors itself checks only the header's shape).
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    let checksum = checksum(buffers.iter().map(|(name, _, _, bytes)| (name.as_str(), bytes.as_slice())));
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(CHECKSUM_KEY.to_owned(), checksum);
     let views = buffers
         .iter()
         .map(|(name, dtype, shape, bytes)| {
@@ -85,9 +91,21 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<
             (name.clone(), view)
         })
         .collect::<Vec<_>>();
-    let bytes = safetensors::serialize(views, metadata)
+    let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("cannot serialise: {e}") })?;
     write_atomic(path, &bytes)
+}
+
+const CHECKSUM_KEY: &str = "simclr_crc32";
+
+/// CRC-32 of (name, bytes) pairs in the order given, as hex.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut hasher = crc32fast::Hasher::new();
+    for (name, bytes) in tensors {
+        hasher.update(name.as_bytes());
+        hasher.update(bytes);
+    }
+    format!("{:08x}", hasher.finalize())
 }
 
 /// A safetensors file read into memory: named CPU tensors and metadata.
@@ -109,6 +127,14 @@ pub fn load(path: &Path) -> Result<Loaded> {
         .metadata()
         .clone()
         .unwrap_or_default();
+    if let Some(expected) = metadata.get(CHECKSUM_KEY) {
+        let mut views = file.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        let actual = checksum(views.iter().map(|(name, view)| (name.as_str(), view.data())));
+        if &actual != expected {
+            return Err(bad(format!("checksum mismatch (stored {expected}, computed {actual}): the file is damaged")));
+        }
+    }
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
         let kind = kind_of(view.dtype())
@@ -117,4 +143,30 @@ pub fn load(path: &Path) -> Result<Loaded> {
         tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
     }
     Ok(Loaded { path: path.to_path_buf(), tensors, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_tensors_and_a_flipped_byte_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let weights = Tensor::from_slice(&[1.0f32, -2.0, 3.5]);
+        let metadata = HashMap::from([("note".to_owned(), "kept".to_owned())]);
+        save(&path, &[("w".to_owned(), weights.shallow_clone()), ("n".to_owned(), Tensor::from(7i64))], Some(metadata))
+            .unwrap();
+        let loaded = load(&path).unwrap();
+        assert!(loaded.tensors["w"].equal(&weights));
+        assert_eq!(loaded.tensors["n"].int64_value(&[]), 7);
+        assert_eq!(loaded.metadata["note"], "kept");
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let message = load(&path).err().expect("damage is detected").to_string();
+        assert!(message.contains("t.safetensors") && message.contains("checksum mismatch"), "{message}");
+    }
 }

@@ -15,6 +15,17 @@ use crate::optim::Optimizer;
 use crate::{Error, Result};
 
 pub const FILE_NAME: &str = "checkpoint.safetensors";
+/// The checkpoint before the latest, kept until a newer one is complete.
+pub const PREVIOUS_FILE_NAME: &str = "checkpoint.prev.safetensors";
+
+fn previous(path: &Path) -> std::path::PathBuf {
+    path.with_file_name(PREVIOUS_FILE_NAME)
+}
+
+/// Whether a run folder holds a checkpoint (latest or previous).
+pub fn exists(path: &Path) -> bool {
+    path.exists() || previous(path).exists()
+}
 const FORMAT: &str = "simclr-checkpoint-1";
 
 /// Where a run stands: epochs finished, optimiser steps taken, and, in the
@@ -50,7 +61,14 @@ pub fn save(
         ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
         ("config".to_owned(), config.to_toml()),
     ]);
-    crate::io::save(path, &tensors, Some(metadata))
+    // The new checkpoint is complete and on disk before the old one moves
+    // aside: a crash at any point leaves the latest or the previous one whole.
+    let fresh = path.with_extension("safetensors.new");
+    crate::io::save(&fresh, &tensors, Some(metadata))?;
+    if path.exists() {
+        std::fs::rename(path, previous(path)).map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::rename(&fresh, path).map_err(|e| Error::io(path, e))
 }
 
 /// A checkpoint read back: its config first, so the model can be rebuilt.
@@ -62,6 +80,29 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The latest checkpoint at `path`, or, when it is missing or damaged,
+    /// the previous one beside it, with a warning.
+    pub fn read_latest(path: &Path) -> Result<Self> {
+        let latest = match Self::read(path) {
+            Ok(checkpoint) => return Ok(checkpoint),
+            Err(error) => error,
+        };
+        let previous = previous(path);
+        if !previous.exists() {
+            return Err(latest);
+        }
+        match Self::read(&previous) {
+            Ok(checkpoint) => {
+                tracing::warn!("{latest}; continuing from the previous checkpoint {}", previous.display());
+                Ok(checkpoint)
+            }
+            Err(other) => Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("unusable ({latest}), and so is the previous one ({other})"),
+            }),
+        }
+    }
+
     pub fn read(path: &Path) -> Result<Self> {
         let bad = |message: String| Error::Checkpoint { path: path.to_path_buf(), message };
         let loaded = crate::io::load(path)?;

@@ -45,6 +45,20 @@ impl MetricsLog {
         writeln!(file, "{line}").map_err(|e| Error::io(&self.path, e))
     }
 
+    /// Drops entries of epochs after `epoch` (a resumed run redoes them).
+    pub fn truncate_after(&self, epoch: usize) -> Result<()> {
+        if !self.path.exists() {
+            return Ok(());
+        }
+        let kept: String = self
+            .read()?
+            .iter()
+            .filter(|m| m.epoch <= epoch)
+            .map(|m| serde_json::to_string(m).expect("metrics are plain numbers") + "\n")
+            .collect();
+        crate::io::write_atomic(&self.path, kept.as_bytes())
+    }
+
     /// Every entry logged so far.
     pub fn read(&self) -> Result<Vec<EpochMetrics>> {
         let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;

@@ -133,11 +133,13 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let mut position = Position::default();
     let mut initial_knn_top1 = None;
     if options.resume {
-        let saved = Checkpoint::read(&checkpoint_path)?;
+        let saved = Checkpoint::read_latest(&checkpoint_path)?;
         position = saved.restore(&store, &mut optimizer)?;
         tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
+        // Epochs logged after the checkpoint (before a crash) are done again.
+        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
     } else {
-        if checkpoint_path.exists() {
+        if checkpoint::exists(&checkpoint_path) {
             return Err(Error::Checkpoint {
                 path: checkpoint_path,
                 message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
