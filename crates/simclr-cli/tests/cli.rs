@@ -203,6 +203,35 @@ fn train_resume_and_embed_round_trip() {
         assert!(String::from_utf8_lossy(&linear.stdout).contains("top-1"));
     }
 
+    // Fine-tuning on half the labels: 3 of each class's 6, listed in the subset file.
+    let subset = dir.path().join("subset.txt");
+    let finetune = simclr(&[
+        "eval",
+        "finetune",
+        "--fraction",
+        "0.5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--checkpoint",
+        &checkpoint,
+        "--train",
+        &data_arg,
+        "--test",
+        &data_arg,
+        "--device",
+        "cpu",
+        "--subset-file",
+        &subset.display().to_string(),
+    ]);
+    assert_succeeds(&finetune);
+    assert!(String::from_utf8_lossy(&finetune.stdout).contains("6 labelled of 12"));
+    let chosen = std::fs::read_to_string(&subset).unwrap();
+    for class in ["bars", "blocks"] {
+        assert_eq!(chosen.lines().filter(|l| l.contains(&format!("/{class}/"))).count(), 3, "{chosen}");
+    }
+
     // The run's figures, drawn into its folder.
     let report = simclr(&["report", &out.display().to_string()]);
     assert_succeeds(&report);

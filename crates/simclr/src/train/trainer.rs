@@ -46,6 +46,14 @@ pub struct TrainOptions {
     pub poison_steps: Vec<usize>,
 }
 
+impl TrainOptions {
+    /// Whether the run should stop once step `step` is done.
+    fn stop_requested(&self, step: usize) -> bool {
+        self.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
+            || self.stop_after_steps.is_some_and(|steps| step >= steps)
+    }
+}
+
 /// What a finished run produced.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -167,7 +175,8 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let mut epochs = Vec::new();
     let mut nonfinite_in_row = 0;
     let mut skipped_steps = 0;
-    for epoch in position.epoch..config.train.epochs {
+    let mut interrupted_at = None;
+    'epochs: for epoch in position.epoch..config.train.epochs {
         let started = Instant::now();
         let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
         let mut learning_rate = 0.0;
@@ -214,20 +223,10 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
                 bar.set_message(format!("loss {value:.4} lr {learning_rate:.4} {images_per_second:.0} images/s"));
                 bar.inc(1);
             }
-            let stop_requested = options.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
-                || options.stop_after_steps.is_some_and(|steps| position.step >= steps);
-            if stop_requested && position.batch < steps_per_epoch {
+            if options.stop_requested(position.step) && position.batch < steps_per_epoch {
                 checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
-                return Ok(TrainReport {
-                    output_dir,
-                    encoder_path: None,
-                    checkpoint_path,
-                    epochs,
-                    initial_knn_top1,
-                    device,
-                    interrupted_at: Some(position),
-                    skipped_steps,
-                });
+                interrupted_at = Some(position);
+                break 'epochs;
             }
         }
         position.epoch = epoch + 1;
@@ -265,38 +264,32 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         );
         log.append(&metrics)?;
         epochs.push(metrics);
-        let stop_requested = options.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
-            || options.stop_after_steps.is_some_and(|steps| position.step >= steps);
+        let stop_requested = options.stop_requested(position.step);
         if position.epoch % config.train.checkpoint_every == 0 || last || stop_requested {
             checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
         }
         if stop_requested && !last {
-            return Ok(TrainReport {
-                output_dir,
-                encoder_path: None,
-                checkpoint_path,
-                epochs,
-                initial_knn_top1,
-                device,
-                interrupted_at: Some(position),
-                skipped_steps,
-            });
+            interrupted_at = Some(position);
+            break;
         }
     }
 
-    let encoder_path = output_dir.join(ENCODER_FILE);
-    let batches_tracked = (position.step) as i64;
-    crate::io::torchvision::export_encoder(&store, batches_tracked, &encoder_path)?;
-    let report = TrainReport {
+    let mut report = TrainReport {
         output_dir,
-        encoder_path: Some(encoder_path),
+        encoder_path: None,
         checkpoint_path,
         epochs,
         initial_knn_top1,
         device,
-        interrupted_at: None,
+        interrupted_at,
         skipped_steps,
     };
+    if interrupted_at.is_some() {
+        return Ok(report);
+    }
+    let encoder_path = report.output_dir.join(ENCODER_FILE);
+    crate::io::torchvision::export_encoder(&store, position.step as i64, &encoder_path)?;
+    report.encoder_path = Some(encoder_path);
     let summary = serde_json::json!({
         "epochs": position.epoch,
         "steps": position.step,
