@@ -363,6 +363,12 @@ fn train(args: TrainArgs) -> Result<()> {
         (None, Some(after)) => println!("kNN top-1: {:.2}%", 100.0 * after),
         _ => {}
     }
+    if !report.skipped_images.is_empty() {
+        println!("skipped {} unreadable images:", report.skipped_images.len());
+        for skipped in &report.skipped_images {
+            println!("  {skipped}");
+        }
+    }
     if report.skipped_steps > 0 {
         println!("skipped {} steps with a non-finite loss or gradient", report.skipped_steps);
     }

@@ -561,3 +561,23 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
     assert_succeeds(&simclr(&["train", "--resume", "--output", &out_arg, "--epochs", "4"]));
     assert_eq!(epoch_losses(&out).len(), 4);
 }
+
+#[test]
+fn the_skip_policy_trains_on_and_lists_unreadable_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let mut jpeg = Vec::new();
+    RgbImage::new(16, 16).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    std::fs::write(data.join("bars").join("broken.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let out = dir.path().join("run");
+    let output = run(&with(tiny_run(&data, &out), &["--set", "data.on_bad_image=skip"]));
+    assert_succeeds(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(stdout.contains("skipped 1 unreadable images") && stdout.contains("broken.jpg"), "{stdout}");
+    assert!(stderr(&output).contains("skipping unreadable image"), "reported when met:\n{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let listed = summary["skipped_images"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].as_str().unwrap().contains("broken.jpg"));
+}

@@ -31,6 +31,16 @@ pub enum DataFormat {
     Synthetic,
 }
 
+/// What to do with an image that cannot be read during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadImagePolicy {
+    /// Stop with an error naming the file (the last checkpoint stays).
+    Stop,
+    /// Report it, use another image in its place, and list it at the end.
+    Skip,
+}
+
 /// The `[data]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -56,6 +66,7 @@ pub struct DataConfig {
     pub synthetic_classes: usize,
     /// Threads that decode and augment; 0 means one per core.
     pub workers: usize,
+    pub on_bad_image: BadImagePolicy,
 }
 
 /// ImageNet's channel means and standard deviations, torchvision's default.
@@ -77,6 +88,7 @@ impl Default for DataConfig {
             synthetic_images: 2000,
             synthetic_classes: 10,
             workers: 0,
+            on_bad_image: BadImagePolicy::Stop,
         }
     }
 }

@@ -83,7 +83,7 @@ pub fn open(path: &Path) -> Result<Dataset> {
         }
     }
     let classes = (0..=max_label).map(|c| c.to_string()).collect();
-    Ok(Dataset { origin: path.to_path_buf(), samples, classes })
+    Ok(Dataset::new(path, samples, classes))
 }
 
 #[cfg(test)]

@@ -44,13 +44,13 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
         classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         samples.extend(files.into_iter().map(|path| Sample { source: ImageSource::File(path), label: Some(label) }));
     }
-    Ok(Dataset { origin: root.to_path_buf(), samples, classes })
+    Ok(Dataset::new(root, samples, classes))
 }
 
 pub fn open_flat(root: &Path) -> Result<Dataset> {
     let samples =
         image_files(root)?.into_iter().map(|path| Sample { source: ImageSource::File(path), label: None }).collect();
-    Ok(Dataset { origin: root.to_path_buf(), samples, classes: Vec::new() })
+    Ok(Dataset::new(root, samples, Vec::new()))
 }
 
 #[cfg(test)]

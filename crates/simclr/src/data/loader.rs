@@ -126,7 +126,7 @@ fn two_views(
     let (first, second) = data.split_at_mut(indices.len() * per_view);
     first.par_chunks_mut(per_view).zip(second.par_chunks_mut(per_view)).zip(indices.par_iter()).try_for_each(
         |((out_a, out_b), &index)| -> Result<()> {
-            let image = dataset.samples[index].image()?;
+            let image = dataset.training_image(index)?;
             for (view, out) in [(0, out_a), (1, out_b)] {
                 let mut rng = view_rng(seed, epoch, index as u64, view);
                 pipeline.view(&image, &mut rng).write_chw_normalized(format.mean, format.std, out);

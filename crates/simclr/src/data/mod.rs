@@ -6,15 +6,16 @@ pub mod image_folder;
 pub mod loader;
 pub mod synthetic;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{DataConfig, DataFormat};
+use crate::config::{BadImagePolicy, DataConfig, DataFormat};
 use crate::{Error, Result};
 
 pub use loader::ViewLoader;
@@ -85,9 +86,77 @@ pub struct Dataset {
     pub origin: PathBuf,
     pub samples: Vec<Sample>,
     pub classes: Vec<String>,
+    on_bad_image: BadImagePolicy,
+    /// Unreadable images met under the skip policy: path to reason.
+    skipped: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Dataset {
+    pub fn new(origin: &Path, samples: Vec<Sample>, classes: Vec<String>) -> Self {
+        Self {
+            origin: origin.to_path_buf(),
+            samples,
+            classes,
+            on_bad_image: BadImagePolicy::Stop,
+            skipped: Default::default(),
+        }
+    }
+
+    pub fn with_policy(mut self, policy: BadImagePolicy) -> Self {
+        self.on_bad_image = policy;
+        self
+    }
+
+    fn record_skip(&self, index: usize, error: &Error) {
+        let mut skipped = self.skipped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let name = self.samples[index].describe(index);
+        if let std::collections::btree_map::Entry::Vacant(entry) = skipped.entry(name) {
+            tracing::warn!("skipping unreadable image: {error}");
+            entry.insert(error.to_string());
+        }
+    }
+
+    /// The image of sample `index` for training. Under the skip policy an
+    /// unreadable one is recorded and the next readable sample stands in
+    /// (its views still drawn for `index`, so runs stay reproducible).
+    pub fn training_image(&self, index: usize) -> Result<Arc<RgbImage>> {
+        let error = match self.samples[index].image() {
+            Ok(image) => return Ok(image),
+            Err(error) if self.on_bad_image == BadImagePolicy::Skip => error,
+            Err(error) => return Err(error),
+        };
+        self.record_skip(index, &error);
+        (1..self.samples.len())
+            .map(|offset| (index + offset) % self.samples.len())
+            .find_map(|other| self.samples[other].image().ok())
+            .ok_or_else(|| Error::Dataset { path: self.origin.clone(), message: "no readable image left".to_owned() })
+    }
+
+    /// Under the skip policy, reads every image once and drops (and records)
+    /// the unreadable ones; under the stop policy, returns the set unchanged.
+    pub fn without_unreadable(mut self, pool: &rayon::ThreadPool) -> Self {
+        if self.on_bad_image == BadImagePolicy::Stop {
+            return self;
+        }
+        use rayon::prelude::*;
+        let readable: Vec<bool> = pool.install(|| {
+            self.samples
+                .par_iter()
+                .enumerate()
+                .map(|(index, sample)| sample.image().map_err(|error| self.record_skip(index, &error)).is_ok())
+                .collect()
+        });
+        let mut keep = readable.into_iter();
+        self.samples.retain(|_| keep.next().unwrap_or(false));
+        self
+    }
+
+    /// Every unreadable image skipped so far, as "path: reason".
+    pub fn skipped(&self) -> Vec<String> {
+        let skipped = self.skipped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        skipped.values().cloned().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }
@@ -210,6 +279,106 @@ pub fn open_splits(config: &DataConfig, seed: u64) -> Result<Splits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encoded(image: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image.write_to(&mut std::io::Cursor::new(&mut bytes), format).unwrap();
+        bytes
+    }
+
+    /// A PNG whose header claims `width` x `height` pixels, with no data.
+    fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+        bytes.extend(13u32.to_be_bytes());
+        bytes.extend(&ihdr);
+        bytes.extend(crc32fast::hash(&ihdr).to_be_bytes());
+        bytes
+    }
+
+    /// Every kind of bad or unusual input with its expected outcome:
+    /// `Ok(())` decodes to RGB, `Err(words)` is an error naming the file and
+    /// saying `words`.
+    #[test]
+    fn bad_input_corpus_has_an_expected_outcome_for_each_case() {
+        use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
+        let rgb = DynamicImage::ImageRgb8(ImageBuffer::from_fn(16, 12, |x, y| Rgb([x as u8 * 9, y as u8 * 9, 77])));
+        let jpeg = encoded(rgb.clone(), ImageFormat::Jpeg);
+        let png = encoded(rgb.clone(), ImageFormat::Png);
+        let mut bad_crc = png.clone();
+        bad_crc[29] ^= 0xff; // inside IHDR's checksum
+        let cases: Vec<(&str, Vec<u8>, std::result::Result<(), &str>)> = vec![
+            ("good.jpg", jpeg.clone(), Ok(())),
+            ("good.png", png.clone(), Ok(())),
+            ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec(), Err("cannot decode")),
+            ("empty.jpg", Vec::new(), Err("not an image")),
+            ("notes.jpg", b"plain text, not pixels".to_vec(), Err("not an image")),
+            ("bad_crc.png", bad_crc, Err("cannot decode")),
+            ("tiny.png", encoded(DynamicImage::new_rgb8(1, 1), ImageFormat::Png), Err("1x1 pixels")),
+            ("huge_header.png", png_header_only(1 << 20, 1 << 20), Err("cannot decode")),
+            (
+                "sixteen_bit.png",
+                encoded(
+                    DynamicImage::ImageRgb16(ImageBuffer::from_fn(9, 9, |x, _| Rgb([x as u16 * 7000, 0, 65535]))),
+                    ImageFormat::Png,
+                ),
+                Ok(()),
+            ),
+            (
+                "gray.png",
+                encoded(
+                    DynamicImage::ImageLuma8(ImageBuffer::from_fn(9, 9, |x, _| Luma([x as u8 * 20]))),
+                    ImageFormat::Png,
+                ),
+                Ok(()),
+            ),
+            (
+                "gray_alpha.png",
+                encoded(
+                    DynamicImage::ImageLumaA8(ImageBuffer::from_fn(9, 9, |x, _| LumaA([x as u8, 128]))),
+                    ImageFormat::Png,
+                ),
+                Ok(()),
+            ),
+            (
+                "rgba.png",
+                encoded(
+                    DynamicImage::ImageRgba8(ImageBuffer::from_fn(9, 9, |_, _| Rgba([1, 2, 3, 4]))),
+                    ImageFormat::Png,
+                ),
+                Ok(()),
+            ),
+            (
+                "gray.jpg",
+                encoded(
+                    DynamicImage::ImageLuma8(ImageBuffer::from_fn(9, 9, |x, _| Luma([x as u8]))),
+                    ImageFormat::Jpeg,
+                ),
+                Ok(()),
+            ),
+            ("picture.bmp", encoded(rgb.clone(), ImageFormat::Bmp), Ok(())),
+            ("named_png_but_jpeg.png", jpeg, Ok(())),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes, expected) in &cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            match (decode(&path), expected) {
+                (Ok(image), Ok(())) => assert!(image.width() >= MIN_IMAGE_SIDE, "{name}"),
+                (Err(error), Err(words)) => {
+                    let message = error.to_string();
+                    assert!(message.contains(name) && message.contains(words), "{name}: {message}");
+                }
+                (outcome, expected) => {
+                    panic!("{name}: expected {expected:?}, got {:?}", outcome.map(|i| i.dimensions()))
+                }
+            }
+        }
+        assert_eq!(cases.len(), 15);
+    }
 
     #[test]
     fn subset_is_seeded_and_ordered() {

@@ -28,7 +28,7 @@ pub fn generate(count: usize, classes: usize, size: u32, seed: u64) -> Dataset {
         })
         .collect();
     let class_names = (0..classes).map(|c| format!("{}-{}", SHAPES[c % SHAPES.len()], c / SHAPES.len())).collect();
-    Dataset { origin: "synthetic".into(), samples, classes: class_names }
+    Dataset::new(std::path::Path::new("synthetic"), samples, class_names)
 }
 
 fn random_color(rng: &mut ChaCha8Rng) -> [f32; 3] {

@@ -70,6 +70,8 @@ pub struct TrainReport {
     pub interrupted_at: Option<Position>,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped_steps: usize,
+    /// Unreadable images skipped under `data.on_bad_image = "skip"`, as "path: reason".
+    pub skipped_images: Vec<String>,
 }
 
 impl TrainReport {
@@ -113,7 +115,8 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     tch::manual_seed(seed as i64);
 
     let splits = open_splits(&config.data, seed)?;
-    let train_set = Arc::new(splits.train);
+    let policy = config.data.on_bad_image;
+    let train_set = Arc::new(splits.train.with_policy(policy));
     let pool = worker_pool(config.data.workers)?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
     let pipeline = Pipeline::new(config.augment.clone(), config.data.image_size);
@@ -121,8 +124,8 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let loader = ViewLoader::new(train_set.clone(), pipeline, format, batch_size, seed, pool.clone())?;
     let monitor = splits.knn.map(|(bank, queries)| Monitor {
         classes: bank.classes.len().max(queries.classes.len()) as i64,
-        bank,
-        queries,
+        bank: bank.with_policy(policy).without_unreadable(&pool),
+        queries: queries.with_policy(policy).without_unreadable(&pool),
         config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
     });
 
@@ -283,6 +286,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         device,
         interrupted_at,
         skipped_steps,
+        skipped_images: skipped_images(&train_set, monitor.as_ref()),
     };
     if interrupted_at.is_some() {
         return Ok(report);
@@ -297,11 +301,24 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         "initial_knn_top1": report.initial_knn_top1,
         "final_knn_top1": report.final_knn_top1(),
         "skipped_steps": skipped_steps,
+        "skipped_images": report.skipped_images,
         "device": format!("{device:?}"),
     });
     let summary_path = report.output_dir.join(SUMMARY_FILE);
     crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
     Ok(report)
+}
+
+/// The unreadable images of the training set and the monitor splits, once each.
+fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
+    let mut all: Vec<String> = train.skipped();
+    if let Some(monitor) = monitor {
+        all.extend(monitor.bank.skipped());
+        all.extend(monitor.queries.skipped());
+    }
+    all.sort();
+    all.dedup();
+    all
 }
 
 fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
