@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use simclr::config::{DeviceChoice, Preset, RunConfig};
-use simclr::model::{Arch, HeadKind, Stem};
+use simclr::model::{Arch, Stem};
 use simclr::tch::Device;
 
 #[derive(Parser)]
@@ -549,7 +549,6 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let (arch, stem, device) = encoder_device(&args.encoder)?;
     let model = simclr::model::ModelConfig { arch, stem, width_multiplier: args.encoder.width, ..Default::default() };
-    debug_assert_eq!(model.head.kind, HeadKind::Mlp);
     let options = simclr::bench::BenchOptions {
         model,
         batch_size: args.batch_size,
