@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::config::RunConfig;
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::open_splits;
-use crate::eval::features::{extract_features, labels};
+use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::knn::knn_predict;
 use crate::eval::KnnConfig;
 use crate::model::ResNet;
@@ -179,17 +179,15 @@ pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
     crate::io::torchvision::load_encoder(&store.variables(), &checkpoint_path)?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
     let pool = worker_pool(config.data.workers)?;
-    let bank_features = extract_features(&encoder, &bank.samples, format, 256, Device::Cpu, &pool)?;
-    let query_features = extract_features(&encoder, &queries.samples, format, 256, Device::Cpu, &pool)?;
+    let f = Frozen::compute(&encoder, &bank.samples, &queries.samples, format, FEATURE_BATCH, Device::Cpu, &pool)?;
     let names = if queries.classes.len() >= bank.classes.len() { &queries.classes } else { &bank.classes };
     let knn = KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature };
-    let predicted =
-        knn_predict(&bank_features, &labels(&bank.samples, Device::Cpu), &query_features, names.len() as i64, knn);
+    let predicted = knn_predict(&f.train, &f.train_labels, &f.test, names.len() as i64, knn);
     let predicted: Vec<usize> = Vec::<i64>::try_from(&predicted)?.into_iter().map(|p| p as usize).collect();
     let actual: Vec<usize> = queries.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
 
     let embedding = run_dir.join("embedding.png");
-    embedding_scatter(&principal_components(&query_features), &actual, names, &embedding)?;
+    embedding_scatter(&principal_components(&f.test), &actual, names, &embedding)?;
     written.push(embedding);
     let confusion = run_dir.join("confusion.png");
     confusion_matrix(&predicted, &actual, names, &confusion)?;

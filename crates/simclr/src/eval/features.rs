@@ -30,3 +30,34 @@ pub fn labels(samples: &[Sample], device: Device) -> Tensor {
     let labels: Vec<i64> = samples.iter().map(|s| s.label.map_or(-1, |l| l as i64)).collect();
     Tensor::from_slice(&labels).to_device(device)
 }
+
+/// Rows of images per forward pass when features are extracted for evaluation.
+pub const FEATURE_BATCH: usize = 256;
+
+/// Features and labels of a labelled bank (training) split and a query
+/// (test) split, computed once with the encoder frozen.
+pub struct Frozen {
+    pub train: Tensor,
+    pub train_labels: Tensor,
+    pub test: Tensor,
+    pub test_labels: Tensor,
+}
+
+impl Frozen {
+    pub fn compute(
+        encoder: &ResNet,
+        train: &[Sample],
+        test: &[Sample],
+        format: ViewFormat,
+        batch: usize,
+        device: Device,
+        pool: &rayon::ThreadPool,
+    ) -> Result<Self> {
+        Ok(Self {
+            train: extract_features(encoder, train, format, batch, device, pool)?,
+            train_labels: labels(train, device),
+            test: extract_features(encoder, test, format, batch, device, pool)?,
+            test_labels: labels(test, device),
+        })
+    }
+}

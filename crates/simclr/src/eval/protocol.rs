@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 
-use super::features::{extract_features, labels};
+use super::features::Frozen;
 use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
 use crate::config::{DataFormat, IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::loader::{worker_pool, ViewFormat};
@@ -74,7 +74,7 @@ impl EvalOptions {
             image_size: 224,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
-            batch_size: 256,
+            batch_size: super::features::FEATURE_BATCH,
             device: Device::Cpu,
             seed: 0,
         }
@@ -95,25 +95,6 @@ pub struct EvalReport {
     pub classes: usize,
     pub feature_dim: i64,
     pub seconds: f64,
-}
-
-/// Features of both splits, computed once (the encoder stays frozen).
-struct Frozen {
-    train: Tensor,
-    train_labels: Tensor,
-    test: Tensor,
-    test_labels: Tensor,
-}
-
-impl Frozen {
-    fn compute(encoder: &ResNet, task: &Task, batch: usize, device: Device, pool: &rayon::ThreadPool) -> Result<Self> {
-        Ok(Self {
-            train: extract_features(encoder, &task.train.samples, task.format, batch, device, pool)?,
-            train_labels: labels(&task.train.samples, device),
-            test: extract_features(encoder, &task.test.samples, task.format, batch, device, pool)?,
-            test_labels: labels(&task.test.samples, device),
-        })
-    }
 }
 
 fn labelled(path: &std::path::Path, limit: Option<usize>, seed: u64) -> Result<Dataset> {
@@ -148,7 +129,9 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
     let pool = worker_pool(0)?;
     let device = options.device;
     let task = Task { train, test, classes: classes as i64, format };
-    let frozen = || Frozen::compute(&encoder, &task, options.batch_size, device, &pool);
+    let frozen = || {
+        Frozen::compute(&encoder, &task.train.samples, &task.test.samples, format, options.batch_size, device, &pool)
+    };
     let (Accuracy { top1, top5 }, labelled_images) = match protocol {
         Protocol::Finetune(config) => finetune(&store, &encoder, &task, config, &pool)?,
         Protocol::Knn(config) => {

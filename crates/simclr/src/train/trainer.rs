@@ -19,7 +19,7 @@ use crate::augment::Pipeline;
 use crate::config::ValidConfig;
 use crate::data::loader::{worker_pool, ViewFormat, ViewLoader};
 use crate::data::{open_splits, Dataset};
-use crate::eval::features::{extract_features, labels};
+use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
 use crate::model::SimClr;
 use crate::optim::{Optimizer, Schedule};
@@ -90,18 +90,9 @@ struct Monitor {
 
 impl Monitor {
     fn top1(&self, model: &SimClr, format: ViewFormat, device: Device, pool: &rayon::ThreadPool) -> Result<f64> {
-        let batch = 256;
-        let bank = extract_features(&model.encoder, &self.bank.samples, format, batch, device, pool)?;
-        let queries = extract_features(&model.encoder, &self.queries.samples, format, batch, device, pool)?;
-        Ok(knn_accuracy(
-            &bank,
-            &labels(&self.bank.samples, device),
-            &queries,
-            &labels(&self.queries.samples, device),
-            self.classes,
-            self.config,
-        )
-        .top1)
+        let (bank, queries) = (&self.bank.samples, &self.queries.samples);
+        let f = Frozen::compute(&model.encoder, bank, queries, format, FEATURE_BATCH, device, pool)?;
+        Ok(knn_accuracy(&f.train, &f.train_labels, &f.test, &f.test_labels, self.classes, self.config).top1)
     }
 }
 
