@@ -38,8 +38,16 @@ enum Command {
     },
     /// Find the images of a folder most similar to query images, by cosine similarity of h.
     Neighbors(NeighborsArgs),
-    /// Measure training-step and encoder-forward throughput on this device.
+    /// Measure training-step and encoder-forward throughput on this device
+    /// (or, with `bench augment`, the augmentation pipeline's).
     Bench(BenchArgs),
+    /// Write a PNG of images and pairs of their augmented views, for a run configuration.
+    AugmentPreview(PreviewArgs),
+    /// Ablation experiments from the paper.
+    Ablate {
+        #[command(subcommand)]
+        kind: AblateKind,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,8 +131,9 @@ struct EvalCommon {
     output: Option<PathBuf>,
 }
 
+/// Where a run configuration starts: a preset, a file over it, overrides over both.
 #[derive(Args)]
-struct TrainArgs {
+struct ConfigArgs {
     /// A TOML run configuration (see configs/); its fields override the preset's.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -132,6 +141,15 @@ struct TrainArgs {
     /// and --data, the demo preset is used.
     #[arg(long)]
     preset: Option<String>,
+    /// Any field as section.field=value, e.g. --set loss.temperature=0.5 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    base: ConfigArgs,
     /// Training images: an ImageFolder, a flat folder or CIFAR binary batches.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -147,15 +165,63 @@ struct TrainArgs {
     /// auto, cpu or cuda.
     #[arg(long)]
     device: Option<String>,
-    /// Any field as section.field=value, e.g. --set loss.temperature=0.5 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
     /// Continue the run in --output from its checkpoint.
     #[arg(long)]
     resume: bool,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    #[command(flatten)]
+    base: ConfigArgs,
+    /// Images to preview: an ImageFolder, a flat folder or CIFAR binary batches.
+    #[arg(long)]
+    data: PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// How many images (drawn with --seed), one row each.
+    #[arg(long, default_value_t = 8)]
+    images: usize,
+    /// Pairs of views per image.
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// Enlargement of each view; by default views are shown about 96 px wide.
+    #[arg(long)]
+    scale: Option<u32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or tensor: which implementation renders the views.
+    #[arg(long, default_value = "cpu")]
+    renderer: String,
+    /// Also write every view's drawn parameters here, one JSON object per line.
+    #[arg(long)]
+    params: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AblateKind {
+    /// The paper's Figure 5: train once per pair of ops applied to one view, score by kNN, draw the heatmap.
+    Augment(AblateAugmentArgs),
+}
+
+#[derive(Args)]
+struct AblateAugmentArgs {
+    /// The base run (its --output is the folder of the whole ablation).
+    #[command(flatten)]
+    run: RunArgs,
+    /// Comma-separated ops (names as in [[augment.ops]]).
+    #[arg(long, default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation")]
+    ops: String,
 }
 
 #[derive(Args)]
@@ -210,7 +276,10 @@ struct NeighborsArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
     #[command(flatten)]
     encoder: EncoderArgs,
     #[arg(long, default_value_t = 256)]
@@ -227,6 +296,71 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Views per second of an augmentation pipeline on decoded images (decoding not timed).
+    Augment(BenchAugmentArgs),
+}
+
+#[derive(Args)]
+struct BenchAugmentArgs {
+    /// Images to augment (an ImageFolder, a flat folder or CIFAR batches).
+    #[arg(long)]
+    data: PathBuf,
+    /// simclr-imagenet or simclr-cifar.
+    #[arg(long, default_value = "simclr-imagenet")]
+    pipeline: String,
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
+    /// Use at most this many images.
+    #[arg(long, default_value_t = 256)]
+    limit: usize,
+    /// CPU threads (rayon workers, and libtorch's for the tensor path).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench_augment(args: BenchAugmentArgs) -> Result<()> {
+    use simclr::augment::{AugmentConfig, AugmentPreset, Pipeline};
+    let preset: AugmentPreset = args.pipeline.parse()?;
+    let config = AugmentConfig { preset, ..Default::default() };
+    if args.threads == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let dataset =
+        simclr::data::Dataset::open(&args.data, &simclr::config::DataFormat::Auto)?.subset(Some(args.limit), 0);
+    let images =
+        dataset.samples.iter().map(|s| s.image().map(|image| (*image).clone())).collect::<simclr::Result<Vec<_>>>()?;
+    simclr::tch::set_num_threads(args.threads as i32);
+    let options = simclr::bench::AugmentBenchOptions {
+        pipeline: Pipeline::new(&config, args.image_size),
+        threads: args.threads,
+        rounds: args.rounds,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    let report = simclr::bench::bench_augment(&images, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} at {}x{} on {} images, {} thread(s): CPU path {:.1} views/s{}",
+            args.pipeline,
+            report.image_size,
+            report.image_size,
+            report.images,
+            report.threads,
+            report.cpu_views_per_second,
+            report.tensor_views_per_second.map(|v| format!(", tensor path (CPU) {v:.1} views/s")).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// Three comma-separated numbers, as `0.485,0.456,0.406`.
@@ -257,29 +391,34 @@ fn encoder_device(args: &EncoderArgs) -> Result<(Arch, Stem, Device)> {
     Ok((arch, stem, device))
 }
 
+/// The preset (the demo one when nothing else is named) with the file laid over it.
+fn base_config(args: &ConfigArgs, has_data: bool) -> Result<RunConfig> {
+    let preset = match (&args.preset, &args.config, has_data) {
+        (Some(name), _, _) => Some(name.parse::<Preset>()?),
+        (None, None, false) => {
+            tracing::info!("no --data, --config or --preset: using the demo preset on the synthetic dataset");
+            Some(Preset::Demo)
+        }
+        _ => None,
+    };
+    let config = preset.map(RunConfig::preset).unwrap_or_default();
+    Ok(match &args.config {
+        Some(path) => config.with_file(path)?,
+        None => config,
+    })
+}
+
 /// The run configuration: the checkpoint's (when resuming), else the preset
 /// with the file laid over it; then flags, then --set overrides; validated once.
-fn resolve_config(args: &TrainArgs) -> Result<simclr::config::ValidConfig> {
-    let mut config = if args.resume {
+fn resolve_config(args: &RunArgs, resume: bool) -> Result<simclr::config::ValidConfig> {
+    let mut config = if resume {
         let dir = args.output.clone().context("--resume needs --output, the run folder to continue")?;
         let path = dir.join(simclr::train::checkpoint::FILE_NAME);
         simclr::train::checkpoint::Checkpoint::read_latest(&path)?.config
     } else {
-        let preset = match (&args.preset, &args.config, &args.data) {
-            (Some(name), _, _) => Some(name.parse::<Preset>()?),
-            (None, None, None) => {
-                tracing::info!("no --data, --config or --preset: using the demo preset on the synthetic dataset");
-                Some(Preset::Demo)
-            }
-            _ => None,
-        };
-        let config = preset.map(RunConfig::preset).unwrap_or_default();
-        match &args.config {
-            Some(path) => config.with_file(path)?,
-            None => config,
-        }
+        base_config(&args.base, args.data.is_some())?
     };
-    let mut flags = args.overrides.clone();
+    let mut flags = args.base.overrides.clone();
     let quoted = |p: &PathBuf| format!("{:?}", p.display().to_string());
     if let Some(data) = &args.data {
         flags.insert(0, format!("data.path={}", quoted(data)));
@@ -323,7 +462,7 @@ fn test_hook(name: &str) -> Result<Vec<usize>> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let config = resolve_config(&args)?;
+    let config = resolve_config(&args.run, args.resume)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
@@ -547,6 +686,9 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(BenchWhat::Augment(augment)) = args.what {
+        return bench_augment(augment);
+    }
     let (arch, stem, device) = encoder_device(&args.encoder)?;
     let model = simclr::model::ModelConfig { arch, stem, width_multiplier: args.encoder.width, ..Default::default() };
     let options = simclr::bench::BenchOptions {
@@ -582,6 +724,87 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn augment_preview(args: PreviewArgs) -> Result<()> {
+    use simclr::augment::preview::{preview, Renderer};
+    let config = base_config(&args.base, true)?.with_overrides(&args.base.overrides)?.validate()?;
+    let renderer = match args.renderer.as_str() {
+        "cpu" => Renderer::Cpu,
+        "tensor" => Renderer::Tensor,
+        other => anyhow::bail!("unknown --renderer '{other}': expected cpu or tensor"),
+    };
+    if args.images == 0 || args.pairs == 0 {
+        anyhow::bail!("--images and --pairs must be at least 1");
+    }
+    let dataset = simclr::data::Dataset::open(&args.data, &simclr::config::DataFormat::Auto)?
+        .subset(Some(args.images), args.seed);
+    let images = dataset
+        .samples
+        .iter()
+        .map(|sample| sample.image().map(|image| (*image).clone()))
+        .collect::<simclr::Result<Vec<_>>>()?;
+    let size = config.data.image_size;
+    let pipeline = simclr::augment::Pipeline::new(&config.augment, size);
+    let scale = args.scale.unwrap_or((96 / size).max(1));
+    let (sheet, log) = preview(&images, &pipeline, args.seed, args.pairs, scale, renderer);
+    simclr::io::write_png(&args.output, &sheet)?;
+    for (view, ops) in pipeline_ops(&pipeline).iter().enumerate() {
+        eprintln!("view {}: {}", view + 1, ops);
+    }
+    println!("preview: {}", args.output.display());
+    if let Some(path) = &args.params {
+        let lines: String =
+            log.iter().map(|entry| serde_json::to_string(entry).map(|line| line + "\n")).collect::<Result<_, _>>()?;
+        simclr::io::write_atomic(path, lines.as_bytes())?;
+        println!("parameters: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Each view's op names, as "a -> b -> c".
+fn pipeline_ops(pipeline: &simclr::augment::Pipeline) -> [String; 2] {
+    let names = |view| {
+        let ops: Vec<&str> = pipeline.ops(view).iter().map(|op| op.name()).collect();
+        if ops.is_empty() {
+            "resize only".to_owned()
+        } else {
+            ops.join(" -> ")
+        }
+    };
+    [names(0), names(1)]
+}
+
+fn ablate(kind: AblateKind) -> Result<()> {
+    let AblateKind::Augment(args) = kind;
+    let base = resolve_config(&args.run, false)?;
+    let ops = args
+        .ops
+        .split(',')
+        .map(|name| {
+            simclr::augment::OpConfig::from_name(name.trim()).with_context(|| {
+                let known: Vec<&str> = simclr::augment::OpConfig::all().iter().map(|op| op.name()).collect();
+                format!("unknown op '{}' in --ops: expected one of {}", name.trim(), known.join(", "))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let output_dir = base.train.output_dir.clone();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, progress)?;
+    print!("{:>22}", "1st \\ 2nd");
+    for name in &result.names {
+        print!(" {name:>20}");
+    }
+    println!();
+    for (name, row) in result.names.iter().zip(&result.top1) {
+        print!("{name:>22}");
+        for score in row {
+            print!(" {:>19.2}%", 100.0 * score);
+        }
+        println!();
+    }
+    println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -595,6 +818,8 @@ fn main() -> ExitCode {
         Command::Neighbors(args) => neighbors(args),
         Command::Report { run } => report(&run),
         Command::Bench(args) => bench(args),
+        Command::AugmentPreview(args) => augment_preview(args),
+        Command::Ablate { kind } => ablate(kind),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,3 +88,28 @@ fn assert_gain(what: &str, before: f64, after: f64) {
         100.0 * before
     );
 }
+
+#[test]
+fn augment_preview_shows_cifar10_test_pairs() {
+    let Some(root) = std::env::var_os("SIMCLR_CIFAR10_DIR").map(PathBuf::from) else {
+        eprintln!("skipped: SIMCLR_CIFAR10_DIR is not set");
+        return;
+    };
+    let output = tempfile::tempdir().unwrap();
+    let png = output.path().join("preview.png");
+    let result = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(["augment-preview", "--preset", "cifar10", "--images", "6", "--pairs", "4", "--data"])
+        .arg(root.join("test"))
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    // 6 rows; each row the original and 4 pairs of 32 px views shown at 3x.
+    let sheet = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(sheet.dimensions(), (4 + 96 + 14 + 4 * (2 * 96 + 4 + 14), 4 + 6 * (96 + 4)));
+    // Real photographs, not blank cells: the views' pixels vary.
+    let first_view = image::imageops::crop_imm(&sheet, 4 + 96 + 14, 4, 96, 96).to_image();
+    let values: Vec<u8> = first_view.pixels().map(|p| p[1]).collect();
+    assert!(values.iter().max().unwrap() - values.iter().min().unwrap() > 30);
+}

@@ -330,7 +330,7 @@ fn bad_values_are_named() {
         (&["--set", "loss.temperature=0"], &["loss.temperature = 0"]),
         (&["--set", "loss.temperature=-0.5"], &["loss.temperature = -0.5"]),
         (&["--set", "model.arch=resnet19"], &["resnet19"]),
-        (&["--set", "augment.grayscale.probability=1.5"], &["augment.grayscale.probability = 1.5"]),
+        (&["--set", "augment.preset=simclr-tiny"], &["unknown variant `simclr-tiny`"]),
     ];
     for (extra, needles) in cases {
         assert_fails_with(&run(&with(base.clone(), extra)), needles);
@@ -343,6 +343,110 @@ fn bad_values_are_named() {
     assert_fails_with(
         &simclr(&["bench", "--arch", "resnet19", "--device", "cpu"]),
         &["unknown architecture 'resnet19'"],
+    );
+}
+
+#[test]
+fn bad_augmentation_configs_are_named_at_load_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let base = tiny_run(&data, &dir.path().join("run"));
+    let ops = |list: &str| format!("augment.ops=[{list}]");
+    let cases = [
+        (ops(r#"{op = "grayscale", probability = 1.5}"#), vec!["augment.ops[0] (grayscale): probability = 1.5"]),
+        (
+            ops(r#"{op = "color-jitter", probability = -0.1}"#),
+            vec!["augment.ops[0] (color-jitter): probability = -0.1"],
+        ),
+        (
+            ops(r#"{op = "random-resized-crop", min_scale = 0.9, max_scale = 0.5}"#),
+            vec!["augment.ops[0] (random-resized-crop): min_scale = 0.9, max_scale = 0.5"],
+        ),
+        (
+            ops(r#"{op = "gaussian-blur", kernel_size = 4}"#),
+            vec!["augment.ops[0] (gaussian-blur): kernel_size = 4: must be odd"],
+        ),
+        (
+            ops(r#"{op = "gaussian-blur", kernel_size = 17}"#),
+            vec!["augment.ops[0] (gaussian-blur): kernel_size = 17: larger than the 16 px view"],
+        ),
+        (ops(r#"{op = "blurr"}"#), vec!["unknown variant `blurr`", "gaussian-blur", "augment.ops"]),
+        (ops(r#"{op = "cutout", size = 0.5}"#), vec!["unknown field `size`", "augment.ops"]),
+        (
+            ops(r#"{op = "horizontal-flip"}, {op = "random-crop"}"#),
+            vec!["augment.ops[1] (random-crop): a sizing op may only be the first op of a view"],
+        ),
+    ];
+    for (value, needles) in &cases {
+        assert_fails_with(&run(&with(base.clone(), &["--set", value])), needles);
+    }
+    // Every problem of one config is listed at once.
+    let all =
+        cases[..5].iter().map(|(v, _)| v.trim_start_matches("augment.ops=[").trim_end_matches(']')).collect::<Vec<_>>();
+    let message = stderr(&run(&with(base.clone(), &["--set", &ops(&all.join(", "))])));
+    for index in 0..5 {
+        assert!(message.contains(&format!("augment.ops[{index}]")), "{message}");
+    }
+    assert!(!dir.path().join("run").exists(), "a rejected config must not create the run folder");
+}
+
+#[test]
+fn augment_preview_and_ablation_write_their_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let data_arg = data.display().to_string();
+    let (png, params) = (dir.path().join("preview.png"), dir.path().join("params.jsonl"));
+    let (png_arg, params_arg) = (png.display().to_string(), params.display().to_string());
+    let preview = [
+        "augment-preview",
+        "--data",
+        &data_arg,
+        "--output",
+        &png_arg,
+        "--params",
+        &params_arg,
+        "--images",
+        "4",
+        "--pairs",
+        "2",
+        "--set",
+        "data.image_size=16",
+        "--config",
+    ];
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/asymmetric.toml").display().to_string();
+    let output = simclr(&[&preview[..], &[config.as_str()]].concat());
+    assert_succeeds(&output);
+    let sheet = image::open(&png).unwrap();
+    // 4 rows of 6x-enlarged 16 px views: the original and 2 pairs per row.
+    assert_eq!(sheet.height(), 4 + 4 * (96 + 4));
+    let logged = std::fs::read_to_string(&params).unwrap();
+    assert_eq!(logged.lines().count(), 4 * 2 * 2);
+    assert!(logged.contains("random-resized-crop"));
+    assert!(stderr(&output)
+        .contains("view 2: random-resized-crop -> horizontal-flip -> color-jitter -> grayscale -> solarize"));
+
+    let out = dir.path().join("ablation");
+    let mut args = vec!["ablate".to_owned(), "augment".to_owned()];
+    args.extend(tiny_run(&data, &out).into_iter().skip(1));
+    args.extend(["--ops".to_owned(), "random-resized-crop,color-jitter".to_owned()]);
+    let output = simclr(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_succeeds(&output);
+    let csv = std::fs::read_to_string(out.join("ablation.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    for row in &rows {
+        let score: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{row}");
+    }
+    // (crop, jitter) and (jitter, crop) are one experiment: three runs in all.
+    let runs = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
+    assert_eq!(runs, 3);
+    assert!(image::open(out.join("ablation.png")).unwrap().width() > 100);
+    assert_fails_with(
+        &simclr(&["ablate", "augment", "--ops", "crop,blur", "--output", &out.display().to_string()]),
+        &["unknown op 'crop'", "random-resized-crop"],
     );
 }
 

@@ -110,3 +110,88 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         forward_images_per_second: images_done / forward_seconds,
     })
 }
+
+/// What `simclr bench augment` measures.
+#[derive(Debug, Clone)]
+pub struct AugmentBenchOptions {
+    pub pipeline: crate::augment::Pipeline,
+    /// Worker threads of the CPU path.
+    pub threads: usize,
+    /// Passes over the images, after one untimed pass.
+    pub rounds: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AugmentBenchReport {
+    pub images: usize,
+    pub image_size: u32,
+    pub threads: usize,
+    /// Views per second of the CPU path (sample, render, normalise into CHW),
+    /// decoding excluded.
+    pub cpu_views_per_second: f64,
+    /// The same on the tensor path on CPU tensors, in batches of all
+    /// images; absent when the images differ in size.
+    pub tensor_views_per_second: Option<f64>,
+}
+
+/// Times the augmentation pipeline alone on decoded `images`, as the data
+/// workers run it (one view per image per round, written as normalised CHW
+/// floats, ready to batch).
+pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) -> Result<AugmentBenchReport> {
+    use rayon::prelude::*;
+    if images.is_empty() || options.rounds == 0 {
+        return Err(Error::InvalidArgument("bench augment needs at least one image and one round".to_owned()));
+    }
+    let pool = crate::data::loader::worker_pool(options.threads)?;
+    let pipeline = &options.pipeline;
+    let side = pipeline.size() as usize;
+    let mut out = vec![0f32; images.len() * 3 * side * side];
+    let pass = |round: usize, out: &mut [f32]| {
+        pool.install(|| {
+            out.par_chunks_mut(3 * side * side).zip(images.par_iter()).enumerate().for_each(|(index, (out, image))| {
+                let mut rng = crate::augment::view_rng(0, round as u64, index as u64, 0);
+                pipeline.view(0, image, &mut rng).write_chw_normalized(options.mean, options.std, out);
+            })
+        })
+    };
+    pass(usize::MAX, &mut out);
+    let started = Instant::now();
+    for round in 0..options.rounds {
+        pass(round, &mut out);
+    }
+    let cpu_seconds = started.elapsed().as_secs_f64();
+
+    let uniform = images.iter().all(|image| image.dimensions() == images[0].dimensions());
+    let tensor_views_per_second = uniform.then(|| {
+        let (width, height) = images[0].dimensions();
+        let pixels: Vec<u8> = images.iter().flat_map(|image| image.as_raw().iter().copied()).collect();
+        let batch = Tensor::from_slice(&pixels)
+            .view([images.len() as i64, i64::from(height), i64::from(width), 3])
+            .permute([0, 3, 1, 2])
+            .contiguous();
+        let run = |round: usize| {
+            let params: Vec<_> = (0..images.len())
+                .map(|index| {
+                    let mut rng = crate::augment::view_rng(0, round as u64, index as u64, 0);
+                    pipeline.sample(0, width, height, &mut rng)
+                })
+                .collect();
+            pipeline.render_batch(&batch, &params)
+        };
+        let _ = run(usize::MAX);
+        let started = Instant::now();
+        for round in 0..options.rounds {
+            let _ = run(round);
+        }
+        (options.rounds * images.len()) as f64 / started.elapsed().as_secs_f64()
+    });
+    Ok(AugmentBenchReport {
+        images: images.len(),
+        image_size: pipeline.size(),
+        threads: options.threads,
+        cpu_views_per_second: (options.rounds * images.len()) as f64 / cpu_seconds,
+        tensor_views_per_second,
+    })
+}

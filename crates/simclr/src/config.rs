@@ -313,7 +313,7 @@ impl RunConfig {
         if !is_positive_finite(train.knn_temperature) {
             problems.push(format!("train.knn_temperature = {}: must be > 0", train.knn_temperature));
         }
-        self.augment.check(&mut problems);
+        self.augment.check(self.data.image_size, &mut problems);
         self.model.check(&mut problems);
         self.loss.check(&mut problems);
         self.optim.check(&mut problems);
@@ -368,12 +368,22 @@ impl std::ops::Deref for ValidConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::augment::OpConfig;
 
     #[test]
     fn presets_are_valid() {
         for preset in [Preset::Demo, Preset::Cifar10, Preset::Imagenet] {
             RunConfig::preset(preset).validate().unwrap();
         }
+    }
+
+    #[test]
+    fn asymmetric_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/asymmetric.toml");
+        let config = RunConfig::preset(Preset::Cifar10).with_file(&path).unwrap().validate().unwrap();
+        let [first, second] = config.augment.view_ops();
+        assert_ne!(first, second);
+        assert_eq!(second.last().map(OpConfig::name), Some("solarize"));
     }
 
     #[test]
@@ -386,6 +396,9 @@ mod tests {
             config.clone().validate().unwrap();
             let mut expected = RunConfig::preset(preset);
             expected.train.output_dir = config.train.output_dir.clone();
+            // A file may write the preset's ops out instead of naming it.
+            assert_eq!(config.augment.view_ops(), expected.augment.view_ops(), "{file}: augmentation ops");
+            expected.augment = config.augment.clone();
             assert_eq!(config, expected, "{file} differs from its preset");
         }
     }

@@ -22,6 +22,7 @@
 //! the schedule, [`train`] the loop and checkpoints, [`eval`] the kNN monitor,
 //! [`io`] weights in torchvision's names, [`embed`], [`retrieval`] and
 //! [`bench`] the uses, [`report`] the figures.
+pub mod ablation;
 pub mod augment;
 pub mod bench;
 pub mod config;

@@ -111,53 +111,101 @@ pub fn embedding_scatter(points: &Tensor, classes: &[usize], names: &[String], p
 
 /// Row-normalised confusion matrix: rows are true classes, columns predictions.
 pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String], path: &Path) -> Result<()> {
-    let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
     let n = names.len().max(1);
     let mut counts = vec![vec![0usize; n]; n];
     for (&p, &a) in predicted.iter().zip(actual) {
         counts[a][p] += 1;
     }
-    let root = BitMapBackend::new(path, (900, 850)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("kNN confusion matrix on the test split (row-normalised)", ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(60)
-        .y_label_area_size(110)
-        // A segmented 0..k has k + 1 cells.
-        .build_cartesian_2d((0..n - 1).into_segmented(), (0..n - 1).into_segmented())
-        .map_err(|e| fail(&e))?;
-    // Segmented axes put each label at the centre of its cell.
-    let label = |v: &SegmentValue<usize>| match v {
-        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-        _ => String::new(),
+    let shares: Vec<Vec<Option<f64>>> = counts
+        .iter()
+        .map(|row| {
+            let total = row.iter().sum::<usize>().max(1) as f64;
+            row.iter().map(|&count| Some(count as f64 / total)).collect()
+        })
+        .collect();
+    let heatmap = Heatmap {
+        caption: "kNN confusion matrix on the test split (row-normalised)",
+        rows: names,
+        columns: names,
+        x_desc: "predicted",
+        y_desc: "true",
+        annotate: false,
     };
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(n)
-        .y_labels(n)
-        .x_label_formatter(&label)
-        .y_label_formatter(&label)
-        .x_desc("predicted")
-        .y_desc("true")
-        .draw()
-        .map_err(|e| fail(&e))?;
-    let cells = counts.iter().enumerate().flat_map(|(actual, row)| {
-        let total = row.iter().sum::<usize>().max(1) as f64;
-        row.iter().enumerate().map(move |(predicted, &count)| (actual, predicted, count as f64 / total))
-    });
-    chart
-        .draw_series(cells.map(|(actual, predicted, share)| {
-            let shade = (255.0 * (1.0 - share)) as u8;
-            let corner = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
-            Rectangle::new(
-                [corner(predicted, actual), corner(predicted + 1, actual + 1)],
-                RGBColor(shade, shade, 255).filled(),
-            )
-        }))
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))
+    heatmap.draw(&shares, path)
+}
+
+/// A grid of shaded cells, darker for larger values; `None` cells stay blank.
+pub struct Heatmap<'a> {
+    pub caption: &'a str,
+    pub rows: &'a [String],
+    pub columns: &'a [String],
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    /// Write each value (as a percentage) in its cell.
+    pub annotate: bool,
+}
+
+impl Heatmap<'_> {
+    /// `values[row][column]`, shaded from the smallest value to the largest.
+    pub fn draw(&self, values: &[Vec<Option<f64>>], path: &Path) -> Result<()> {
+        let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+        let (rows, columns) = (self.rows.len().max(1), self.columns.len().max(1));
+        let known = || values.iter().flatten().flatten().copied();
+        let (low, high) = (known().fold(f64::INFINITY, f64::min), known().fold(f64::NEG_INFINITY, f64::max));
+        let span = if high > low { high - low } else { 1.0 };
+        let root = BitMapBackend::new(path, (900, 850)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(self.caption, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(60)
+            .y_label_area_size(110)
+            // A segmented 0..k has k + 1 cells.
+            .build_cartesian_2d((0..columns - 1).into_segmented(), (0..rows - 1).into_segmented())
+            .map_err(|e| fail(&e))?;
+        // Segmented axes put each label at the centre of its cell.
+        let label = |names: &[String], v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(columns)
+            .y_labels(rows)
+            .x_label_formatter(&|v| label(self.columns, v))
+            .y_label_formatter(&|v| label(self.rows, v))
+            .x_desc(self.x_desc)
+            .y_desc(self.y_desc)
+            .draw()
+            .map_err(|e| fail(&e))?;
+        let cells: Vec<(usize, usize, f64)> = values
+            .iter()
+            .enumerate()
+            .flat_map(|(row, line)| line.iter().enumerate().filter_map(move |(column, v)| v.map(|v| (row, column, v))))
+            .collect();
+        let corner = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
+        chart
+            .draw_series(cells.iter().map(|&(row, column, value)| {
+                let shade = (255.0 * (1.0 - (value - low) / span)) as u8;
+                Rectangle::new([corner(column, row), corner(column + 1, row + 1)], RGBColor(shade, shade, 255).filled())
+            }))
+            .map_err(|e| fail(&e))?;
+        if self.annotate {
+            chart
+                .draw_series(cells.iter().map(|&(row, column, value)| {
+                    let dark = (value - low) / span > 0.6;
+                    let colour = if dark { WHITE } else { BLACK };
+                    Text::new(
+                        format!("{:.1}", 100.0 * value),
+                        (SegmentValue::CenterOf(column), SegmentValue::CenterOf(row)),
+                        ("sans-serif", 20).into_font().color(&colour),
+                    )
+                }))
+                .map_err(|e| fail(&e))?;
+        }
+        root.present().map_err(|e| fail(&e))
+    }
 }
 
 /// Writes every figure of the run in `run_dir` there; returns their paths.

@@ -4,8 +4,9 @@
 //! torchvision's functional ops so that results carry over.
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
-use super::grayscale::luma;
+use super::grayscale::{luma, luma_batch};
 use super::FloatImage;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,20 +24,33 @@ impl Default for ColorJitterConfig {
     }
 }
 
+/// The drawn factors of one colour distortion and the order of its four parts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct JitterParams {
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+    /// 0 brightness, 1 contrast, 2 saturation, 3 hue, in the order applied.
+    pub order: [u8; 4],
+}
+
 impl ColorJitterConfig {
-    pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        super::check_probability("augment.color_jitter.probability", self.probability, problems);
+    pub(crate) fn check(&self, field: &str, problems: &mut Vec<String>) {
+        super::check_probability(field, self.probability, problems);
         if !(0.0..=1.25).contains(&self.strength) {
             problems.push(format!(
-                "augment.color_jitter.strength = {}: must be in [0, 1.25] (hue jitter 0.2s may not exceed 0.25)",
+                "{field}: strength = {}: must be in [0, 1.25] (hue jitter 0.2s may not exceed 0.25)",
                 self.strength
             ));
         }
     }
 
-    pub fn apply(&self, image: &mut FloatImage, rng: &mut impl rand::Rng) {
-        if rng.random::<f64>() >= self.probability {
-            return;
+    /// torchvision's `ColorJitter.get_params`: each factor uniform in
+    /// [max(0, 1 - spread), 1 + spread], the hue shift in [-0.2s, 0.2s].
+    pub fn sample<R: rand::Rng + ?Sized>(&self, rng: &mut R) -> Option<JitterParams> {
+        if !super::applies(self.probability, rng) {
+            return None;
         }
         let s = self.strength as f32;
         let mut factor = |spread: f32| rng.random_range((1.0 - spread).max(0.0)..=1.0 + spread);
@@ -46,15 +60,85 @@ impl ColorJitterConfig {
         let hue = rng.random_range(-0.2 * s..=0.2 * s);
         let mut order = [0, 1, 2, 3];
         order.shuffle(rng);
-        for op in order {
-            match op {
-                0 => adjust_brightness(image, brightness),
-                1 => adjust_contrast(image, contrast),
-                2 => adjust_saturation(image, saturation),
-                _ => adjust_hue(image, hue),
-            }
+        Some(JitterParams { brightness, contrast, saturation, hue, order })
+    }
+}
+
+pub fn apply(image: &mut FloatImage, params: &JitterParams) {
+    for part in params.order {
+        match part {
+            0 => adjust_brightness(image, params.brightness),
+            1 => adjust_contrast(image, params.contrast),
+            2 => adjust_saturation(image, params.saturation),
+            _ => adjust_hue(image, params.hue),
         }
     }
+}
+
+/// The tensor path: at each of the four positions, each part runs once on
+/// the images that put it there.
+pub fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
+    let mut images = images;
+    for position in 0..4 {
+        for part in 0..4u8 {
+            let chosen: Vec<(usize, f32)> = params
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.order[position] == part)
+                .map(|(i, p)| (i, [p.brightness, p.contrast, p.saturation, p.hue][part as usize]))
+                .collect();
+            images = super::on_subset(images, &chosen, |x, factors| {
+                let factor = super::per_image(factors, &x);
+                match part {
+                    0 => blend_batch(&x, &x.zeros_like(), &factor),
+                    1 => {
+                        let mean = luma_batch(&x).mean_dim(&[1i64, 2, 3][..], true, x.kind());
+                        blend_batch(&x, &mean, &factor)
+                    }
+                    2 => blend_batch(&x, &luma_batch(&x), &factor),
+                    _ => adjust_hue_batch(&x, &factor),
+                }
+            });
+        }
+    }
+    images
+}
+
+fn blend_batch(images: &Tensor, other: &Tensor, factor: &Tensor) -> Tensor {
+    let blended: Tensor = images * factor + other * (1.0 - factor);
+    blended.clamp(0.0, 1.0)
+}
+
+/// torchvision's `_rgb2hsv`, hue shift and `_hsv2rgb` on a batch.
+fn adjust_hue_batch(images: &Tensor, shift: &Tensor) -> Tensor {
+    let channels = images.unbind(1);
+    let (r, g, b) = (&channels[0], &channels[1], &channels[2]);
+    let max = images.amax([1], false);
+    let min = images.amin([1], false);
+    let flat = max.eq_tensor(&min);
+    let chroma = &max - &min;
+    let ones = max.ones_like();
+    let saturation = &chroma / max.where_self(&flat.logical_not(), &ones);
+    let divisor = chroma.where_self(&flat.logical_not(), &ones);
+    let (rc, gc, bc) = ((&max - r) / &divisor, (&max - g) / &divisor, (&max - b) / &divisor);
+    let is_r = max.eq_tensor(r);
+    let is_g = max.eq_tensor(g).logical_and(&is_r.logical_not());
+    let is_b = is_r.logical_or(&is_g).logical_not();
+    let hue = is_r.to_kind(images.kind()) * (&bc - &gc)
+        + is_g.to_kind(images.kind()) * (&rc - &bc + 2.0)
+        + is_b.to_kind(images.kind()) * (&gc - &rc + 4.0);
+    let hue = (hue / 6.0 + 1.0).fmod(1.0);
+    let hue = (hue + shift.view([-1, 1, 1])).remainder(1.0);
+
+    let sector = (&hue * 6.0).floor();
+    let f = &hue * 6.0 - &sector;
+    let sector = sector.to_kind(tch::Kind::Int64).remainder(6).unsqueeze(1);
+    let v = &max;
+    let p = (v * (-&saturation + 1.0)).clamp(0.0, 1.0);
+    let q = (v * (-(&saturation * &f) + 1.0)).clamp(0.0, 1.0);
+    let t = (v * (-(&saturation * (-&f + 1.0)) + 1.0)).clamp(0.0, 1.0);
+    let pick = |order: [&Tensor; 6]| Tensor::stack(&order, 1).gather(1, &sector, false);
+    Tensor::cat(&[pick([v, &q, &p, &p, &t, v]), pick([&t, v, v, &q, &p, &p]), pick([&p, &p, &t, v, v, &q])], 1)
 }
 
 fn blend(value: f32, other: f32, factor: f32) -> f32 {
@@ -68,8 +152,9 @@ pub fn adjust_brightness(image: &mut FloatImage, factor: f32) {
 
 /// Blends with the mean luma of the whole image.
 pub fn adjust_contrast(image: &mut FloatImage, factor: f32) {
-    let pixels = (image.width * image.height).max(1) as f32;
-    let mean = image.data.chunks_exact(3).map(luma).sum::<f32>() / pixels;
+    // Summed in f64: an f32 running sum over a 224x224 image drifts by 1e-4.
+    let pixels = (image.width * image.height).max(1) as f64;
+    let mean = (image.data.chunks_exact(3).map(|rgb| f64::from(luma(rgb))).sum::<f64>() / pixels) as f32;
     image.data.iter_mut().for_each(|v| *v = blend(*v, mean, factor));
 }
 
@@ -161,7 +246,7 @@ mod tests {
     fn saturation_zero_is_grayscale_and_brightness_clamps() {
         let mut image = pixel([0.2, 0.6, 1.0]);
         adjust_saturation(&mut image, 0.0);
-        let gray = 0.299 * 0.2 + 0.587 * 0.6 + 0.114;
+        let gray = 0.2989 * 0.2 + 0.587 * 0.6 + 0.114;
         assert!(image.data.iter().all(|v| (v - gray).abs() < 1e-6));
         adjust_brightness(&mut image, 10.0);
         assert_eq!(image.data, vec![1.0; 3]);
@@ -169,8 +254,10 @@ mod tests {
 
     #[test]
     fn contrast_blends_with_mean_luma() {
-        let mut image = FloatImage { width: 2, height: 1, data: vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0] };
+        // Gray pixels 0 and 0.5: mean luma 0.25 (less 1e-4 of it: the weights sum to 0.9999).
+        let mut image = FloatImage { width: 2, height: 1, data: vec![0.0, 0.0, 0.0, 0.5, 0.5, 0.5] };
         adjust_contrast(&mut image, 0.5);
-        assert_eq!(image.data, vec![0.25, 0.25, 0.25, 0.75, 0.75, 0.75]);
+        let expected = [0.125, 0.125, 0.125, 0.375, 0.375, 0.375];
+        assert!(image.data.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-4), "{:?}", image.data);
     }
 }

@@ -16,18 +16,6 @@ impl Default for FlipConfig {
     }
 }
 
-impl FlipConfig {
-    pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        super::check_probability("augment.flip.probability", self.probability, problems);
-    }
-
-    pub fn apply(&self, image: &mut FloatImage, rng: &mut impl rand::Rng) {
-        if rng.random::<f64>() < self.probability {
-            flip_horizontal(image);
-        }
-    }
-}
-
 pub fn flip_horizontal(image: &mut FloatImage) {
     let width = image.width;
     for row in image.data.chunks_exact_mut(width * 3) {

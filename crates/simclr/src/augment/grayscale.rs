@@ -1,11 +1,13 @@
 //! Random conversion to grayscale (appendix A: p = 0.2), with the ITU-R
 //! 601 luma weights torchvision uses, replicated to three channels.
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 use super::FloatImage;
 
-/// torchvision's `rgb_to_grayscale` weights.
-pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+/// torchvision's `rgb_to_grayscale` weights (ITU-R 601 with red written
+/// 0.2989, as in torchvision's code; PIL's `convert("L")` uses 0.299).
+pub const LUMA: [f32; 3] = [0.2989, 0.587, 0.114];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,18 +22,6 @@ impl Default for GrayscaleConfig {
     }
 }
 
-impl GrayscaleConfig {
-    pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        super::check_probability("augment.grayscale.probability", self.probability, problems);
-    }
-
-    pub fn apply(&self, image: &mut FloatImage, rng: &mut impl rand::Rng) {
-        if rng.random::<f64>() < self.probability {
-            to_grayscale(image);
-        }
-    }
-}
-
 pub fn luma(rgb: &[f32]) -> f32 {
     LUMA[0] * rgb[0] + LUMA[1] * rgb[1] + LUMA[2] * rgb[2]
 }
@@ -43,6 +33,16 @@ pub fn to_grayscale(image: &mut FloatImage) {
     }
 }
 
+/// The luma of a `[n, 3, h, w]` batch, as `[n, 1, h, w]`.
+pub fn luma_batch(images: &Tensor) -> Tensor {
+    let weights = Tensor::from_slice(&LUMA).to_device(images.device()).view([1, 3, 1, 1]);
+    (images * weights).sum_dim_intlist(&[1i64][..], true, images.kind())
+}
+
+pub fn to_grayscale_batch(images: &Tensor) -> Tensor {
+    luma_batch(images).expand([-1, 3, -1, -1], false).contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +51,6 @@ mod tests {
     fn uses_luma_weights() {
         let mut image = FloatImage { width: 1, height: 1, data: vec![1.0, 0.0, 0.0] };
         to_grayscale(&mut image);
-        assert_eq!(image.data, vec![0.299; 3]);
+        assert_eq!(image.data, vec![0.2989; 3]);
     }
 }

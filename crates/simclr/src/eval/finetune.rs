@@ -16,7 +16,7 @@ use tch::Tensor;
 
 use super::features::labels;
 use super::{accuracy, Accuracy, Task};
-use crate::augment::{view_rng, AugmentConfig, ColorJitterConfig, GrayscaleConfig, Pipeline};
+use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
 use crate::data::loader::{center_batch, map_batch};
 use crate::data::{Dataset, Sample};
 use crate::model::ResNet;
@@ -101,12 +101,11 @@ pub fn finetune(
     let mut optimizer =
         nn::Sgd { momentum: config.momentum, nesterov: true, wd: 0.0, dampening: 0.0 }.build(store, 0.0)?;
     // Crop and flip only (appendix B.5).
-    let augment = AugmentConfig {
-        color_jitter: ColorJitterConfig { probability: 0.0, ..Default::default() },
-        grayscale: GrayscaleConfig { probability: 0.0 },
-        ..Default::default()
-    };
-    let pipeline = Pipeline::new(augment, format.size);
+    let augment = AugmentConfig::with_ops(vec![
+        OpConfig::RandomResizedCrop(Default::default()),
+        OpConfig::HorizontalFlip(Default::default()),
+    ]);
+    let pipeline = Pipeline::new(&augment, format.size);
 
     let batch = config.batch_size.min(subset.len());
     let steps_per_epoch = subset.len().div_ceil(batch);
@@ -122,7 +121,7 @@ pub fn finetune(
             let samples: Vec<Sample> = indices.iter().map(|&i| train.samples[i].clone()).collect();
             let images = map_batch(&samples, format, pool, |image, position| {
                 let mut rng = view_rng(config.seed, epoch as u64, indices[position] as u64, 2);
-                pipeline.view(image, &mut rng)
+                pipeline.view(0, image, &mut rng)
             })?
             .to_device(device);
             let logits = encoder.forward_t(&images, true).apply(&classifier);

@@ -39,6 +39,15 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+/// Encodes `image` as PNG and writes it atomically.
+pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), message: format!("cannot encode PNG: {e}") })?;
+    write_atomic(path, &bytes)
+}
+
 /// Writes `path` so that it is either the old file or the whole new one:
 /// the bytes go to a temporary file beside it, are flushed to disk, and the
 /// temporary file is renamed over `path`.

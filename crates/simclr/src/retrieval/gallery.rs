@@ -7,16 +7,14 @@ use image::{Rgb, RgbImage};
 use super::Neighbor;
 use crate::augment::center_view;
 use crate::data::decode;
-use crate::{Error, Result};
+use crate::Result;
 
 const GAP: u32 = 6;
 const FRAME: Rgb<u8> = Rgb([220, 40, 40]);
 const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 
 fn thumbnail(path: &Path, side: u32) -> Result<RgbImage> {
-    let view = center_view(&decode(path)?, side);
-    let pixels = view.data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-    Ok(RgbImage::from_raw(side, side, pixels).expect("a centre view has side x side x 3 values"))
+    Ok(center_view(&decode(path)?, side).to_rgb())
 }
 
 /// Writes the gallery for `queries` (paths) and their `hits` into `items` (paths).
@@ -44,9 +42,5 @@ pub fn write_gallery(
             image::imageops::replace(&mut sheet, &thumbnail(&items[hit.index], side)?, i64::from(x), i64::from(y));
         }
     }
-    let mut bytes = Vec::new();
-    sheet
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Image { path: output.to_path_buf(), message: format!("cannot encode PNG: {e}") })?;
-    crate::io::write_atomic(output, &bytes)
+    crate::io::write_png(output, &sheet)
 }

@@ -16,8 +16,9 @@ use tch::{nn, Device};
 use super::checkpoint::{self, Checkpoint, Position};
 use super::metrics::{EpochMetrics, MetricsLog};
 use crate::augment::Pipeline;
+use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::ValidConfig;
-use crate::data::loader::{worker_pool, ViewFormat, ViewLoader};
+use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::{open_splits, Dataset};
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
@@ -110,9 +111,9 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let train_set = Arc::new(splits.train.with_policy(policy));
     let pool = worker_pool(config.data.workers)?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
-    let pipeline = Pipeline::new(config.augment.clone(), config.data.image_size);
+    let pipeline = Pipeline::new(&config.augment, config.data.image_size);
     let batch_size = config.train.batch_size;
-    let loader = ViewLoader::new(train_set.clone(), pipeline, format, batch_size, seed, pool.clone())?;
+    let loader = views(&config, train_set.clone(), pipeline, format, device, &pool)?;
     let monitor = splits.knn.map(|(bank, queries)| Monitor {
         classes: bank.classes.len().max(queries.classes.len()) as i64,
         bank: bank.with_policy(policy).without_unreadable(&pool),
@@ -157,6 +158,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     tracing::info!(
         device = ?device,
         images = train_set.len(),
+        augment = loader.name(),
         steps_per_epoch,
         peak_learning_rate = schedule.peak,
         "training {} ({}x, {:?} stem)",
@@ -298,6 +300,35 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let summary_path = report.output_dir.join(SUMMARY_FILE);
     crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
     Ok(report)
+}
+
+/// The view source `augment.backend` asks for: `auto` uses the tensor path
+/// on CUDA when the decoded images fit there as one tensor.
+fn views(
+    config: &ValidConfig,
+    train_set: Arc<Dataset>,
+    pipeline: Pipeline,
+    format: ViewFormat,
+    device: Device,
+    pool: &Arc<rayon::ThreadPool>,
+) -> Result<Views> {
+    let batch_size = config.train.batch_size;
+    let seed = config.train.seed;
+    let backend = config.augment.backend;
+    if backend == Backend::Device || (backend == Backend::Auto && device.is_cuda()) {
+        let limit = if backend == Backend::Device { usize::MAX } else { DEVICE_DATA_LIMIT };
+        match DeviceViewLoader::load(&train_set, pipeline.clone(), format, batch_size, seed, device, pool, limit)? {
+            DeviceData::Ready(loader) => return Ok(Views::Device(loader)),
+            DeviceData::Unsuitable(reason) if backend == Backend::Device => {
+                return Err(Error::InvalidArgument(format!(
+                    "augment.backend = \"device\" keeps the decoded images on the device as one tensor, \
+                     but {reason}; use backend \"cpu\" or \"auto\""
+                )))
+            }
+            DeviceData::Unsuitable(reason) => tracing::info!("augmenting on the CPU: {reason}"),
+        }
+    }
+    Ok(Views::Host(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone())?))
 }
 
 /// The unreadable images of the training set and the monitor splits, once each.

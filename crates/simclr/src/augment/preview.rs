@@ -1,0 +1,93 @@
+//! `simclr augment-preview`: a PNG contact sheet of what a pipeline does,
+//! so a user sees the views before training on them. One row per image:
+//! the evaluation view (centre crop), then several pairs of training views
+//! (view 1 above the line of its pair, view 2 beside it), enlarged.
+use image::{imageops, Rgb, RgbImage};
+use tch::Tensor;
+
+use super::{center_view, view_rng, FloatImage, Pipeline, ViewParams};
+
+const GAP: u32 = 4;
+const PAIR_GAP: u32 = 14;
+const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
+
+/// Which implementation renders the preview's views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renderer {
+    Cpu,
+    /// The tensor path, on CPU tensors.
+    Tensor,
+}
+
+/// The drawn parameters of every view in a preview, for logging.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PreviewViews {
+    pub image: usize,
+    pub pair: usize,
+    pub view: usize,
+    pub params: ViewParams,
+}
+
+/// Draws `pairs` pairs of views of each image (seeded like training views
+/// of epoch `pair`), each view shown `scale` times its size.
+pub fn preview(
+    images: &[RgbImage],
+    pipeline: &Pipeline,
+    seed: u64,
+    pairs: usize,
+    scale: u32,
+    renderer: Renderer,
+) -> (RgbImage, Vec<PreviewViews>) {
+    let side = pipeline.size() * scale;
+    let width = GAP + side + PAIR_GAP + pairs as u32 * (2 * side + GAP + PAIR_GAP);
+    let height = GAP + images.len() as u32 * (side + GAP);
+    let mut sheet = RgbImage::from_pixel(width, height, BACKGROUND);
+    let mut log = Vec::new();
+    let enlarge = |view: &FloatImage| imageops::resize(&view.to_rgb(), side, side, imageops::FilterType::Nearest);
+    for (row, image) in images.iter().enumerate() {
+        let y = i64::from(GAP + row as u32 * (side + GAP));
+        imageops::replace(&mut sheet, &enlarge(&center_view(image, pipeline.size())), i64::from(GAP), y);
+        for pair in 0..pairs {
+            let x = GAP + side + PAIR_GAP + pair as u32 * (2 * side + GAP + PAIR_GAP);
+            for view in 0..2 {
+                let mut rng = view_rng(seed, pair as u64, row as u64, view as u64);
+                let params = pipeline.sample(view, image.width(), image.height(), &mut rng);
+                let rendered = match renderer {
+                    Renderer::Cpu => pipeline.render(image, &params),
+                    Renderer::Tensor => {
+                        let batch = Tensor::from_slice(image.as_raw())
+                            .view([1, i64::from(image.height()), i64::from(image.width()), 3])
+                            .permute([0, 3, 1, 2]);
+                        FloatImage::from_tensor(&pipeline.render_batch(&batch, std::slice::from_ref(&params)).get(0))
+                    }
+                };
+                let left = x + view as u32 * (side + GAP);
+                imageops::replace(&mut sheet, &enlarge(&rendered), i64::from(left), y);
+                log.push(PreviewViews { image: row, pair, view, params });
+            }
+        }
+    }
+    (sheet, log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::augment::AugmentConfig;
+
+    #[test]
+    fn the_sheet_holds_every_view_and_logs_its_parameters() {
+        let images: Vec<RgbImage> =
+            (0..3).map(|i| RgbImage::from_fn(40, 30, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, i * 80]))).collect();
+        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
+        for renderer in [Renderer::Cpu, Renderer::Tensor] {
+            let (sheet, log) = preview(&images, &pipeline, 0, 2, 3, renderer);
+            assert_eq!(sheet.dimensions(), (GAP + 48 + PAIR_GAP + 2 * (96 + GAP + PAIR_GAP), GAP + 3 * (48 + GAP)));
+            assert_eq!(log.len(), 3 * 2 * 2);
+            // The two views of a pair differ.
+            let crop = |x| imageops::crop_imm(&sheet, x, GAP, 48, 48).to_image();
+            let first = GAP + 48 + PAIR_GAP;
+            assert_ne!(crop(first), crop(first + 48 + GAP));
+        }
+    }
+}

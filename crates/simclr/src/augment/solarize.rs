@@ -1,0 +1,53 @@
+//! Solarisation (SimCLR v2, arXiv 2006.10029, following BYOL): pixels at or
+//! above the threshold are inverted, as torchvision's `solarize`. BYOL and
+//! SimCLR v2 apply it with p = 0.2 to one view only (see
+//! `augment.second_view`).
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::FloatImage;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SolarizeConfig {
+    /// BYOL's 0.2 (on the second view).
+    pub probability: f64,
+    /// Pixels >= threshold become 1 - x; 0.5 as in BYOL.
+    pub threshold: f64,
+}
+
+impl Default for SolarizeConfig {
+    fn default() -> Self {
+        Self { probability: 0.2, threshold: 0.5 }
+    }
+}
+
+impl SolarizeConfig {
+    pub(crate) fn check(&self, field: &str, problems: &mut Vec<String>) {
+        super::check_probability(field, self.probability, problems);
+        if !(0.0..=1.0).contains(&self.threshold) {
+            problems.push(format!("{field}: threshold = {}: must be in [0, 1]", self.threshold));
+        }
+    }
+}
+
+pub fn apply(image: &mut FloatImage, threshold: f32) {
+    image.data.iter_mut().filter(|v| **v >= threshold).for_each(|v| *v = 1.0 - *v);
+}
+
+pub fn apply_batch(images: &Tensor, threshold: f64) -> Tensor {
+    let inverted: Tensor = 1.0 - images;
+    inverted.where_self(&images.ge(threshold), images)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inverts_from_the_threshold_up() {
+        let mut image = FloatImage { width: 1, height: 1, data: vec![0.25, 0.5, 0.75] };
+        apply(&mut image, 0.5);
+        assert_eq!(image.data, vec![0.25, 0.5, 0.25]);
+    }
+}

@@ -1,0 +1,156 @@
+//! Each augmentation op against torchvision 0.26 for given parameters, on
+//! fixtures written by `tools/make_augment_fixtures.py` (run by hand), for
+//! both implementations: the CPU path and the tensor path (run here on CPU
+//! tensors; on a GPU it runs the same ops).
+//!
+//! Tolerances (largest absolute difference on [0, 1] pixels):
+//! - pixel ops on float images (flip, jitter parts, grayscale, blur,
+//!   rotation, solarize, Sobel, cutout, crop with padding): 1e-5;
+//! - resized crops on the CPU, the `image` crate's filters against PIL's on
+//!   8-bit pixels: mean below 1/255, largest 4/255 (enlarging) and 8/255
+//!   (shrinking, where the antialiasing filters' supports differ by a pixel);
+//! - the tensor path's crop (bilinear `grid_sample`) against PIL when
+//!   enlarging: mean below 1/255, largest 2/255 bilinear (PIL rounds to 8
+//!   bits) and 6/255 bicubic (`grid_sample`'s cubic is Keys' a = -0.75, PIL's
+//!   a = -0.5).
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use simclr::augment::{
+    blur, color_jitter, crop, cutout, flip, grayscale, pad_crop, rotation, sobel, solarize, BlurParams, CropBox,
+    FloatImage, Interpolation, JitterParams, PadOffset, RotationParams,
+};
+use simclr::tch::{Kind, Tensor};
+
+fn fixtures() -> HashMap<String, Tensor> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/augment.safetensors");
+    Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+}
+
+fn input(f: &HashMap<String, Tensor>) -> image::RgbImage {
+    let hwc = &f["input"];
+    let (height, width, _) = hwc.size3().unwrap();
+    image::RgbImage::from_raw(width as u32, height as u32, Vec::<u8>::try_from(&hwc.flatten(0, -1)).unwrap()).unwrap()
+}
+
+/// Largest and mean absolute difference between two CHW images.
+fn difference(ours: &Tensor, reference: &Tensor) -> (f64, f64) {
+    assert_eq!(ours.size(), reference.size());
+    let diff = (ours.to_kind(Kind::Double) - reference.to_kind(Kind::Double)).abs();
+    (diff.max().double_value(&[]), diff.mean(Kind::Double).double_value(&[]))
+}
+
+fn assert_close(case: &str, ours: &Tensor, reference: &Tensor, worst: f64, mean: f64) {
+    let (largest, average) = difference(ours, reference);
+    assert!(
+        largest <= worst && average <= mean,
+        "{case}: largest {largest:.2e} (limit {worst:.1e}), mean {average:.2e} (limit {mean:.1e})"
+    );
+}
+
+/// Runs a CPU op on the float image of `source` and a tensor op on the same
+/// pixels as a batch of one, and checks both against the fixture `case`.
+fn check_pixel_op(
+    f: &HashMap<String, Tensor>,
+    case: &str,
+    source: &Tensor,
+    cpu: impl Fn(&mut FloatImage),
+    batch: impl Fn(Tensor) -> Tensor,
+) {
+    let mut image = FloatImage::from_tensor(source);
+    cpu(&mut image);
+    assert_close(&format!("{case} (cpu)"), &image.to_tensor(), &f[case], 1e-5, 1e-5);
+    let tensor = batch(source.unsqueeze(0)).squeeze_dim(0);
+    assert_close(&format!("{case} (tensor)"), &tensor, &f[case], 1e-5, 1e-5);
+}
+
+fn jitter(part: u8, factor: f32) -> JitterParams {
+    let mut params = JitterParams { brightness: 1.0, contrast: 1.0, saturation: 1.0, hue: 0.0, order: [0, 1, 2, 3] };
+    params.order.swap(0, part as usize);
+    match part {
+        0 => params.brightness = factor,
+        1 => params.contrast = factor,
+        2 => params.saturation = factor,
+        _ => params.hue = factor,
+    }
+    params
+}
+
+#[test]
+fn pixel_ops_match_torchvision() {
+    let f = fixtures();
+    let whole = FloatImage::from_rgb(&input(&f)).to_tensor();
+    let square = f["square"].shallow_clone();
+    assert_close("square", &square, &whole.narrow(1, 0, 40).narrow(2, 4, 40), 0.0, 0.0);
+
+    check_pixel_op(&f, "flip", &whole, flip::flip_horizontal, |x| x.flip([3]));
+    for (case, part, factor) in [
+        ("brightness", 0, 1.3),
+        ("contrast", 1, 0.6),
+        ("saturation", 2, 1.7),
+        ("hue", 3, 0.17),
+        ("hue_negative", 3, -0.31),
+    ] {
+        let params = jitter(part, factor);
+        check_pixel_op(
+            &f,
+            case,
+            &whole,
+            |image| color_jitter::apply(image, &params),
+            |x| color_jitter::apply_batch(x, &[params]),
+        );
+    }
+    check_pixel_op(&f, "grayscale", &whole, grayscale::to_grayscale, |x| grayscale::to_grayscale_batch(&x));
+    for (case, sigma, kernel_size) in [("blur", 1.3, 5), ("blur_wide", 0.4, 9)] {
+        let params = BlurParams { sigma, kernel_size };
+        check_pixel_op(&f, case, &whole, |image| blur::apply(image, &params), |x| blur::apply_batch(x, &[params]));
+    }
+    check_pixel_op(&f, "solarize", &whole, |image| solarize::apply(image, 0.5), |x| solarize::apply_batch(&x, 0.5));
+    for turns in 1..=3u8 {
+        let params = RotationParams { quarter_turns: turns };
+        check_pixel_op(
+            &f,
+            &format!("rotate_{turns}"),
+            &square,
+            |image| rotation::apply(image, params),
+            |x| rotation::apply_batch(x, &[params]),
+        );
+    }
+    let offset = PadOffset { down: 3, right: -2 };
+    check_pixel_op(
+        &f,
+        "pad_crop",
+        &square,
+        |image| *image = pad_crop::apply(image, offset),
+        |x| pad_crop::apply_batch(x, &[offset]),
+    );
+    let cut = CropBox { top: 10, left: 25, height: 16, width: 15 };
+    check_pixel_op(&f, "cutout", &square, |image| cutout::apply(image, cut), |x| cutout::apply_batch(x, &[cut]));
+    check_pixel_op(&f, "sobel", &square, sobel::apply, |x| sobel::apply_batch(&x));
+}
+
+#[test]
+fn resized_crops_match_torchvision() {
+    let f = fixtures();
+    let image = input(&f);
+    let enlarge = CropBox { top: 5, left: 9, height: 16, width: 20 };
+    let shrink = CropBox { top: 0, left: 4, height: 40, width: 40 };
+    let cases = [
+        ("crop_enlarge_bilinear", enlarge, 32, Interpolation::Bilinear, 4.0),
+        ("crop_shrink_bilinear", shrink, 24, Interpolation::Bilinear, 8.0),
+        ("crop_enlarge_bicubic", enlarge, 32, Interpolation::Bicubic, 4.0),
+    ];
+    for (case, crop_box, size, interpolation, worst) in cases {
+        let ours = crop::crop_resize(&image, crop_box, size, size, interpolation).to_tensor();
+        assert_close(&format!("{case} (cpu)"), &ours, &f[case], worst / 255.0, 1.0 / 255.0);
+    }
+    // The tensor path does not antialias, so only enlarging crops are compared.
+    let batch =
+        Tensor::from_slice(image.as_raw()).view([1, 40, 48, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+    for (case, interpolation, worst) in
+        [("crop_enlarge_bilinear", Interpolation::Bilinear, 2.0), ("crop_enlarge_bicubic", Interpolation::Bicubic, 6.0)]
+    {
+        let ours = crop::crop_resize_batch(&batch, &[(enlarge, interpolation)], 32).squeeze_dim(0);
+        assert_close(&format!("{case} (tensor)"), &ours, &f[case], worst / 255.0, 1.0 / 255.0);
+    }
+}

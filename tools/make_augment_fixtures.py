@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Writes torchvision reference outputs for each augmentation op, for given
+parameters, that crates/simclr/tests/augment_parity.rs compares against.
+
+Run by hand, never in CI (same venv as tools/make_fixtures.py):
+
+    ~/.cache/simclr/venv/bin/python tools/make_augment_fixtures.py
+
+Output: crates/simclr/tests/fixtures/augment.safetensors: the input image
+(uint8, HWC) and one float CHW output per case; the case names carry no
+parameters, the parameters are written out again in the Rust test.
+"""
+import pathlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from safetensors.torch import save_file
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "crates" / "simclr" / "tests" / "fixtures"
+
+
+def test_image() -> np.ndarray:
+    """40 rows x 48 columns: smooth colour ramps plus a seeded speckle, so
+    every op has structure and colour to act on."""
+    y, x = np.mgrid[0:40, 0:48]
+    rng = np.random.default_rng(7)
+    speckle = rng.integers(0, 40, size=(40, 48, 3))
+    r = 40 + 4 * x + speckle[..., 0]
+    g = 30 + 5 * y + speckle[..., 1]
+    b = 200 - 2 * x - 2 * y + speckle[..., 2]
+    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
+
+
+def chw(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def main() -> None:
+    image = test_image()
+    pil = Image.fromarray(image)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    out = {"input": torch.from_numpy(image).contiguous()}
+
+    # Resized crops on the PIL image, as torchvision v2 does for PIL input
+    # (antialiased); quantised to 8 bits like the PIL output.
+    def pil_crop(top, left, height, width, size, mode):
+        cropped = TF.resized_crop(pil, top, left, height, width, [size, size], interpolation=mode, antialias=True)
+        return chw(torch.from_numpy(np.asarray(cropped)).permute(2, 0, 1) / 255.0)
+
+    bilinear, bicubic = TF.InterpolationMode.BILINEAR, TF.InterpolationMode.BICUBIC
+    out["crop_enlarge_bilinear"] = pil_crop(5, 9, 16, 20, 32, bilinear)
+    out["crop_shrink_bilinear"] = pil_crop(0, 4, 40, 40, 24, bilinear)
+    out["crop_enlarge_bicubic"] = pil_crop(5, 9, 16, 20, 32, bicubic)
+
+    out["flip"] = chw(TF.horizontal_flip(tensor))
+    out["brightness"] = chw(TF.adjust_brightness(tensor, 1.3))
+    out["contrast"] = chw(TF.adjust_contrast(tensor, 0.6))
+    out["saturation"] = chw(TF.adjust_saturation(tensor, 1.7))
+    out["hue"] = chw(TF.adjust_hue(tensor, 0.17))
+    out["hue_negative"] = chw(TF.adjust_hue(tensor, -0.31))
+    out["grayscale"] = chw(TF.rgb_to_grayscale(tensor, num_output_channels=3))
+    out["blur"] = chw(TF.gaussian_blur(tensor, [5, 5], [1.3, 1.3]))
+    out["blur_wide"] = chw(TF.gaussian_blur(tensor, [9, 9], [0.4, 0.4]))
+    out["solarize"] = chw(TF.solarize(tensor, 0.5))
+
+    square = tensor[:, :40, 4:44]
+    out["square"] = chw(square)
+    for turns in (1, 2, 3):
+        out[f"rotate_{turns}"] = chw(TF.rotate(square, 90 * turns))
+
+    # Random crop with padding 4: offset (down 3, right -2) is window (7, 2) of the padded image.
+    padded = TF.pad(square, [4, 4, 4, 4], fill=0)
+    out["pad_crop"] = chw(TF.crop(padded, 4 + 3, 4 - 2, 40, 40))
+    out["cutout"] = chw(TF.erase(square, 10, 25, 16, 15, torch.tensor(0.0)))
+
+    # Sobel: our definition (src/augment/sobel.rs) written with conv2d.
+    gray = TF.rgb_to_grayscale(square.unsqueeze(0))
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+    padded_gray = F.pad(gray, [1, 1, 1, 1], mode="replicate")
+    gx = F.conv2d(padded_gray, kx)
+    gy = F.conv2d(padded_gray, kx.transpose(2, 3))
+    out["sobel"] = chw((torch.sqrt(gx**2 + gy**2) / 4.0).clamp(max=1.0).expand(1, 3, 40, 40)[0])
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    save_file(out, OUT / "augment.safetensors")
+    print(f"wrote {len(out)} tensors to {OUT / 'augment.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()
