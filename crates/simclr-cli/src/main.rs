@@ -810,6 +810,20 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // An allocation failure inside a training step surfaces as a panic in
+    // tch; the library turns it into an error naming the batch size, so
+    // the panic message itself is not printed.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if !message.is_some_and(simclr::device::is_out_of_memory) {
+            default_hook(info);
+        }
+    }));
+    if let Ok(pause) = std::env::var("SIMCLR_TEST_WRITE_PAUSE_MS") {
+        simclr::io::set_write_pause_for_tests(pause.parse().unwrap_or(0));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),

@@ -685,3 +685,176 @@ fn the_skip_policy_trains_on_and_lists_unreadable_images() {
     assert_eq!(listed.len(), 1);
     assert!(listed[0].as_str().unwrap().contains("broken.jpg"));
 }
+
+/// A file in `dir` whose name starts with `prefix`, if any.
+fn file_starting(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+}
+
+/// Whatever checkpoint a killed run left must load: the latest whenever it
+/// exists, and through the fallback in any case.
+fn assert_checkpoint_usable(run: &Path) {
+    use simclr::train::checkpoint::{self, Checkpoint};
+    let latest = run.join(checkpoint::FILE_NAME);
+    if latest.exists() {
+        if let Err(error) = Checkpoint::read(&latest) {
+            panic!("the latest checkpoint is unreadable after a kill: {error}");
+        }
+    }
+    if checkpoint::exists(&latest) {
+        Checkpoint::read_latest(&latest).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_at_random_points_never_loses_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let runs = |out: &Path| with(tiny_run(&data, out), &["--epochs", "8", "--set", "train.checkpoint_every=1"]);
+    let straight = dir.path().join("straight");
+    assert_succeeds(&run(&runs(&straight)));
+
+    let killed = dir.path().join("killed");
+    let start = |pause_ms: u64| {
+        let args = if simclr::train::checkpoint::exists(&killed.join("checkpoint.safetensors")) {
+            vec!["train".to_owned(), "--resume".to_owned(), "--output".to_owned(), killed.display().to_string()]
+        } else {
+            runs(&killed)
+        };
+        Command::new(env!("CARGO_BIN_EXE_simclr"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("SIMCLR_TEST_WRITE_PAUSE_MS", pause_ms.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Kill points: seeded times in [0.2 s, 2.2 s) after start (during steps,
+    // the kNN monitor or a write), alternating with kills in the middle of a
+    // checkpoint write: the write pauses halfway for 3 s and the test kills
+    // the process as soon as the half-written file appears.
+    let mut state = 0x5EED_u64;
+    let mut next_delay = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        200 + (state >> 33) % 2000
+    };
+    let (mut timed_kills, mut write_kills) = (0, 0);
+    for round in 0..8 {
+        let mid_write = round % 2 == 1;
+        let mut child = start(if mid_write { 3000 } else { 0 });
+        if mid_write {
+            let before = std::fs::read(killed.join("checkpoint.safetensors")).ok();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while file_starting(&killed, "checkpoint.safetensors.new.tmp").is_none() {
+                assert!(std::time::Instant::now() < deadline, "no checkpoint write began");
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                write_kills += 1;
+                // The interrupted write touched nothing but its temporary file.
+                assert_eq!(std::fs::read(killed.join("checkpoint.safetensors")).ok(), before);
+            }
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(next_delay()));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                timed_kills += 1;
+            }
+        }
+        child.wait().unwrap();
+        assert_checkpoint_usable(&killed);
+    }
+    assert!(timed_kills >= 2 && write_kills >= 2, "{timed_kills} timed kills, {write_kills} mid-write kills");
+    // Finish the run: the same losses, epoch by epoch, and the same weights.
+    let finish = start(0).wait_with_output().unwrap();
+    assert!(finish.status.success() || killed.join("encoder.safetensors").exists());
+    if !killed.join("encoder.safetensors").exists() {
+        let finish = start(0).wait_with_output().unwrap();
+        assert!(finish.status.success());
+    }
+    assert_eq!(
+        epoch_losses(&killed),
+        epoch_losses(&straight),
+        "losses differ after {timed_kills} + {write_kills} kills"
+    );
+    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
+    let (resumed, expected) = (encoder(&killed), encoder(&straight));
+    assert_eq!(resumed.len(), expected.len());
+    for (name, tensor) in &expected {
+        assert!(resumed[name].equal(tensor), "{name} differs after the kills");
+    }
+}
+
+/// Runs the binary under bash with `limits` (ulimit flags) applied first.
+fn simclr_limited(limits: &str, args: &[String]) -> Output {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
+    // SIGXFSZ ignored, so an over-limit write fails with EFBIG as a full disk would.
+    let script = format!("trap '' XFSZ; {limits}; exec '{}' {}", env!("CARGO_BIN_EXE_simclr"), quoted.join(" "));
+    Command::new("bash").args(["-c", &script]).env("RUST_LOG", "warn").output().unwrap()
+}
+
+#[test]
+fn a_full_disk_keeps_the_previous_checkpoint_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let out = dir.path().join("run");
+    assert_succeeds(&run(&tiny_run(&data, &out)));
+    let checkpoint = out.join("checkpoint.safetensors");
+    let before = std::fs::read(&checkpoint).unwrap();
+    // Files may grow to half a checkpoint: the next one cannot be written.
+    let limit_kib = before.len() / 2 / 1024;
+    let args = ["train", "--resume", "--epochs", "2", "--output", &out.display().to_string()].map(String::from);
+    let output = simclr_limited(&format!("ulimit -f {limit_kib}"), &args);
+    assert_fails_with(
+        &output,
+        &["checkpoint.safetensors", "cannot write a new checkpoint", "disk is full", "previous checkpoint"],
+    );
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before, "the previous checkpoint changed");
+    assert!(file_starting(&out, "checkpoint.safetensors.new").is_none(), "a partial file was left behind");
+    // With room again, the run continues from it.
+    assert_succeeds(&simclr(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(epoch_losses(&out).len(), 2);
+}
+
+#[test]
+fn out_of_memory_names_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // A full-width ResNet-18 on 128 views of 160 px needs several GB of
+    // activations; the address space is capped at 3 GB.
+    let args = [
+        "train",
+        "--preset",
+        "demo",
+        "--output",
+        &out.display().to_string(),
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--set",
+        "data.image_size=160",
+        "--set",
+        "data.synthetic_images=64",
+        "--set",
+        "model.width_multiplier=1.0",
+        "--set",
+        "train.knn_every=0",
+    ]
+    .map(String::from);
+    let output = simclr_limited("ulimit -v 3000000", &args);
+    assert_fails_with(&output, &["out of memory", "batch of 64 images (128 views)", "train.batch_size"]);
+}

@@ -228,8 +228,13 @@ impl RunConfig {
     /// unknown fields are errors naming the file.
     pub fn with_file(&self, path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        self.with_toml(&text, path)
+    }
+
+    /// [`RunConfig::with_file`] on text already read; `path` is only named in errors.
+    pub fn with_toml(&self, text: &str, path: &Path) -> Result<Self> {
         let bad = |e: &dyn std::fmt::Display| Error::Config(vec![format!("{}: {e}", path.display())]);
-        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(&e))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad(&e))?;
         let mut tree = self.tree();
         merge_into(&mut tree, toml::Value::Table(table));
         tree.try_into().map_err(|e: toml::de::Error| bad(&e))

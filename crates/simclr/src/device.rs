@@ -18,6 +18,12 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// Whether a libtorch error message reports a failed allocation: the CPU
+/// allocator's "can't allocate memory" or CUDA's "out of memory".
+pub fn is_out_of_memory(message: &str) -> bool {
+    message.contains("can't allocate memory") || message.contains("out of memory")
+}
+
 /// Runs `f` under bf16 autocast when `enabled` and `device` is CUDA; master
 /// weights, BatchNorm statistics and the loss stay fp32 (autocast keeps
 /// batch_norm and the loss's softmax in fp32).

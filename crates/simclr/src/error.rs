@@ -30,6 +30,12 @@ pub enum Error {
     /// Training met too many non-finite losses or gradients in a row.
     #[error("training stopped: {0}")]
     NonFinite(String),
+    /// An allocation failed on the device (or in host memory for the CPU).
+    #[error(
+        "out of memory on {device} with a batch of {batch_size} images ({views} views): lower train.batch_size \
+         (--batch-size) or data.image_size, or use a smaller model; libtorch said: {message}"
+    )]
+    OutOfMemory { device: String, batch_size: usize, views: usize, message: String },
     /// An argument outside its valid range, named with its value.
     #[error("{0}")]
     InvalidArgument(String),

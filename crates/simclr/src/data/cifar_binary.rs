@@ -41,6 +41,17 @@ pub fn parse_batch(bytes: &[u8], label_bytes: usize) -> std::result::Result<Vec<
             bytes.len()
         ));
     }
+    // CIFAR-10 has 10 classes, CIFAR-100 100 fine ones: a larger label is damage.
+    let classes = if label_bytes == 1 { 10 } else { 100 };
+    if let Some((index, chunk)) =
+        bytes.chunks_exact(record).enumerate().find(|(_, chunk)| usize::from(chunk[label_bytes - 1]) >= classes)
+    {
+        return Err(format!(
+            "record {index}: label {} is out of range (the format has {classes} classes, 0 to {})",
+            chunk[label_bytes - 1],
+            classes - 1
+        ));
+    }
     Ok(bytes
         .chunks_exact(record)
         .map(|chunk| {

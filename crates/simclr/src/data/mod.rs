@@ -58,14 +58,18 @@ impl Sample {
 /// Decodes an image file of any format the `image` crate reads (the format
 /// is sniffed from the bytes, not the extension) into 8-bit RGB.
 pub fn decode(path: &Path) -> Result<RgbImage> {
-    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_bytes(&bytes, path)
+}
+
+/// [`decode`] on bytes already read; `path` is only named in errors.
+pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
     // Sniff the contents, so a text file named .jpg is called what it is
     // rather than a JPEG with bad markers.
-    let format =
-        image::guess_format(&bytes).map_err(|_| bad("not an image (unrecognised file contents)".to_owned()))?;
+    let format = image::guess_format(bytes).map_err(|_| bad("not an image (unrecognised file contents)".to_owned()))?;
     let image =
-        image::load_from_memory_with_format(&bytes, format).map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
+        image::load_from_memory_with_format(bytes, format).map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
     check_size(image.width(), image.height()).map_err(bad)?;
     Ok(image)
 }

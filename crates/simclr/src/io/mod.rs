@@ -5,6 +5,7 @@ pub mod torchvision;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Device, Kind, Tensor};
@@ -51,6 +52,15 @@ pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
 /// Writes `path` so that it is either the old file or the whole new one:
 /// the bytes go to a temporary file beside it, are flushed to disk, and the
 /// temporary file is renamed over `path`.
+/// Test hook: milliseconds to pause halfway through writing each file's
+/// bytes (0: none), so a test can kill the process in the middle of a
+/// checkpoint write. The binary sets it from `SIMCLR_TEST_WRITE_PAUSE_MS`.
+static WRITE_PAUSE_MS: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_write_pause_for_tests(milliseconds: u64) {
+    WRITE_PAUSE_MS.store(milliseconds, Ordering::Relaxed);
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -59,7 +69,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let temporary = dir.join(name);
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
+        let pause = WRITE_PAUSE_MS.load(Ordering::Relaxed);
+        if pause > 0 {
+            let (first, second) = bytes.split_at(bytes.len() / 2);
+            file.write_all(first)?;
+            file.sync_data()?;
+            std::thread::sleep(std::time::Duration::from_millis(pause));
+            file.write_all(second)?;
+        } else {
+            file.write_all(bytes)?;
+        }
         file.sync_all()?;
         std::fs::rename(&temporary, path)?;
         // Make the rename itself durable.
@@ -128,9 +147,14 @@ pub struct Loaded {
 /// out-of-range offsets are errors naming the file.
 pub fn load(path: &Path) -> Result<Loaded> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_bytes(&bytes, path)
+}
+
+/// [`load`] on bytes already read; `path` is only named in errors.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Loaded> {
     let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let metadata = SafeTensors::read_metadata(&bytes)
+    let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let metadata = SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?
         .1
         .metadata()

@@ -149,6 +149,9 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
             });
         }
         std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+        // A run killed before its first checkpoint may have logged epochs:
+        // a fresh start begins a fresh log.
+        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
         if let Some(monitor) = &monitor {
             initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
         }
@@ -179,19 +182,23 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         for batch in loader.epoch(epoch as u64, position.batch) {
             let views = batch?.to_device(device);
             learning_rate = schedule.learning_rate(position.step);
-            let mut loss = crate::device::autocast(mixed_precision, device, || {
-                let (_, z) = model.forward_t(&views, true);
-                config.loss.compute(&z)
-            })?;
-            if options.poison_steps.contains(&position.step) {
-                loss *= f64::NAN;
-            }
-            optimizer.zero_grad();
-            loss.backward();
-            // One read of the loss and one of the gradients' norm per step: the
-            // price of catching a fault before it reaches the weights.
-            let value = loss.double_value(&[]);
-            if value.is_finite() && optimizer.gradients_finite() {
+            let poisoned = options.poison_steps.contains(&position.step);
+            let step = || -> Result<(f64, bool)> {
+                let mut loss = crate::device::autocast(mixed_precision, device, || {
+                    let (_, z) = model.forward_t(&views, true);
+                    config.loss.compute(&z)
+                })?;
+                if poisoned {
+                    loss *= f64::NAN;
+                }
+                optimizer.zero_grad();
+                loss.backward();
+                // One read of the loss and one of the gradients' norm per step: the
+                // price of catching a fault before it reaches the weights.
+                Ok((loss.double_value(&[]), optimizer.gradients_finite()))
+            };
+            let (value, gradients_finite) = out_of_memory_as_error(step, device, batch_size)?;
+            if value.is_finite() && gradients_finite {
                 optimizer.step(learning_rate);
                 nonfinite_in_row = 0;
                 position.epoch_loss_sum += value;
@@ -302,6 +309,42 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     Ok(report)
 }
 
+/// Runs a training step; libtorch's out-of-memory failures (raised as
+/// panics by tch's infallible ops) become [`Error::OutOfMemory`] naming the
+/// batch size, and any other panic carries on.
+fn out_of_memory_as_error<T>(step: impl FnOnce() -> Result<T>, device: Device, batch_size: usize) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if !crate::device::is_out_of_memory(&message) {
+                std::panic::resume_unwind(payload);
+            }
+            Err(Error::OutOfMemory {
+                device: format!("{device:?}"),
+                batch_size,
+                views: 2 * batch_size,
+                message: allocation_failure(&message).to_owned(),
+            })
+        }
+    }
+}
+
+/// The sentence of a libtorch error that says what failed to allocate,
+/// without tch's wrapping or the C++ stack trace.
+fn allocation_failure(message: &str) -> &str {
+    let line = message.split('\n').flat_map(|l| l.split("\\n")).find(|l| crate::device::is_out_of_memory(l));
+    let line = line.unwrap_or(message);
+    ["DefaultCPUAllocator", "CUDA out of memory", "CUDA error: out of memory"]
+        .iter()
+        .find_map(|start| line.find(start))
+        .map_or(line, |at| &line[at..])
+}
+
 /// The view source `augment.backend` asks for: `auto` uses the tensor path
 /// on CUDA when the decoded images fit there as one tensor.
 fn views(
@@ -354,4 +397,31 @@ fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Opt
     bar.set_style(style);
     bar.set_prefix(format!("{epoch}/{epochs}"));
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_failures_are_cut_to_their_sentence() {
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:127] err == 0. \
+                   DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes.\\nframe #0: c10::x\")";
+        assert_eq!(
+            allocation_failure(cpu),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes."
+        );
+        let cuda = "Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB.\\nframe #0\")";
+        assert_eq!(allocation_failure(cuda), "CUDA out of memory. Tried to allocate 2.00 GiB.");
+    }
+
+    #[test]
+    fn other_panics_are_not_swallowed() {
+        let caught = std::panic::catch_unwind(|| {
+            out_of_memory_as_error(|| -> Result<()> { panic!("shape mismatch") }, Device::Cpu, 4)
+        });
+        assert!(caught.is_err());
+        let oom = out_of_memory_as_error(|| -> Result<()> { panic!("CUDA out of memory. Tried") }, Device::Cpu, 4);
+        assert!(matches!(oom, Err(Error::OutOfMemory { batch_size: 4, views: 8, .. })));
+    }
 }
