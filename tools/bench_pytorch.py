@@ -54,9 +54,14 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--hidden-dim", type=int, default=0, help="head hidden width; 0 = the size of h")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last (CUDA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
 
     encoder = getattr(torchvision.models, args.arch)()
     features = encoder.fc.in_features
@@ -64,15 +69,22 @@ def main():
     if args.stem == "cifar":
         encoder.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         encoder.maxpool = torch.nn.Identity()
-    head = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, 128))
-    model = torch.nn.Sequential(encoder, head)
+    hidden = args.hidden_dim or features
+    head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 128))
+    model = torch.nn.Sequential(encoder, head).to(device)
+    views = torch.randn(2 * args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.bf16:
+        model = model.to(memory_format=torch.channels_last)
+        views = views.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     velocities = [torch.zeros_like(p) for p in params]
-    views = torch.randn(2 * args.batch_size, 3, args.image_size, args.image_size)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def train_step():
         model.train()
-        loss = nt_xent(model(views), 0.1)
+        with autocast():
+            z = model(views)
+        loss = nt_xent(z.float(), 0.1)
         for p in params:
             p.grad = None
         loss.backward()
@@ -83,21 +95,29 @@ def main():
     @torch.no_grad()
     def forward():
         encoder.eval()
-        return encoder(images)
+        with autocast():
+            return encoder(images)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def timed(step):
         for _ in range(args.warmup):
             step()
+        sync()
         started = time.perf_counter()
         for _ in range(args.steps):
             step()
+        sync()
         return time.perf_counter() - started
 
     train_seconds = timed(train_step)
     forward_seconds = timed(forward)
     done = args.steps * args.batch_size
     print(json.dumps({
-        "implementation": f"pytorch {torch.__version__}",
+        "implementation": f"pytorch {torch.__version__}" + (" bf16+channels_last" if args.bf16 else ""),
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "arch": args.arch,
         "batch_size": args.batch_size,

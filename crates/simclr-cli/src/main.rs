@@ -290,12 +290,85 @@ struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Width of the projection head's hidden layer (default: the size of h).
+    #[arg(long)]
+    hidden_dim: Option<usize>,
     /// Use fp32 throughout, even on CUDA.
     #[arg(long)]
     no_mixed_precision: bool,
+    /// Also run this PyTorch reference script (tools/bench_pytorch.py) with
+    /// the same model and settings, and print both with their ratio.
+    #[arg(long, value_name = "SCRIPT")]
+    compare: Option<PathBuf>,
+    /// The Python that runs --compare's script.
+    #[arg(long, default_value = "python3")]
+    python: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Runs the PyTorch reference with `args`' settings and prints both reports with their ratios.
+fn compare_with_pytorch(
+    args: &BenchArgs,
+    ours: &simclr::bench::BenchReport,
+    script: &std::path::Path,
+    device: Device,
+) -> Result<()> {
+    let mut command = std::process::Command::new(&args.python);
+    command.arg(script).args([
+        "--arch",
+        &args.encoder.arch,
+        "--stem",
+        &args.encoder.stem,
+        "--batch-size",
+        &args.batch_size.to_string(),
+        "--image-size",
+        &args.image_size.to_string(),
+        "--steps",
+        &args.steps.to_string(),
+        "--warmup",
+        &args.warmup.to_string(),
+        "--device",
+        if device.is_cuda() { "cuda" } else { "cpu" },
+        "--threads",
+        &simclr::tch::get_num_threads().to_string(),
+    ]);
+    if let Some(hidden) = args.hidden_dim {
+        command.args(["--hidden-dim", &hidden.to_string()]);
+    }
+    if device.is_cuda() && !args.no_mixed_precision {
+        command.arg("--bf16");
+    }
+    let output = command.output().with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !output.status.success() {
+        anyhow::bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    let reference: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("{} printed no JSON report", script.display()))?;
+    let number = |key: &str| reference[key].as_f64().with_context(|| format!("the reference report lacks {key}"));
+    let (train, forward) = (number("train_images_per_second")?, number("forward_images_per_second")?);
+    let name = reference["implementation"].as_str().unwrap_or("pytorch");
+    if args.json {
+        let both = serde_json::json!({
+            "simclr": ours, "reference": reference,
+            "train_ratio": ours.train_images_per_second / train,
+            "forward_ratio": ours.forward_images_per_second / forward,
+        });
+        println!("{both}");
+        return Ok(());
+    }
+    println!(
+        "{} on {}, batch {} at {}px, {} timed steps:",
+        ours.arch, ours.device, ours.batch_size, ours.image_size, ours.steps
+    );
+    for (what, mine, theirs) in [
+        ("training images/s", ours.train_images_per_second, train),
+        ("encoder forward images/s", ours.forward_images_per_second, forward),
+    ] {
+        println!("  {what:26} simclr {mine:10.1}   {name} {theirs:10.1}   ratio {:.2}x", mine / theirs);
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -690,7 +763,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         return bench_augment(augment);
     }
     let (arch, stem, device) = encoder_device(&args.encoder)?;
-    let model = simclr::model::ModelConfig { arch, stem, width_multiplier: args.encoder.width, ..Default::default() };
+    let mut model =
+        simclr::model::ModelConfig { arch, stem, width_multiplier: args.encoder.width, ..Default::default() };
+    model.head.hidden_dim = args.hidden_dim;
     let options = simclr::bench::BenchOptions {
         model,
         batch_size: args.batch_size,
@@ -701,6 +776,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         mixed_precision: !args.no_mixed_precision,
     };
     let report = simclr::bench::bench(&options)?;
+    if let Some(script) = &args.compare {
+        return compare_with_pytorch(&args, &report, script, device);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -858,3 +858,23 @@ fn out_of_memory_names_the_batch_size() {
     let output = simclr_limited("ulimit -v 3000000", &args);
     assert_fails_with(&output, &["out of memory", "batch of 64 images (128 views)", "train.batch_size"]);
 }
+
+#[test]
+fn a_time_budget_sizes_the_run_after_its_first_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let out = dir.path().join("run");
+    // One epoch takes far longer than 1 ms: the budget fits only the first.
+    let args = with(tiny_run(&data, &out), &["--epochs", "5", "--set", "train.time_budget_seconds=0.001"]);
+    let output = run(&args);
+    assert_succeeds(&output);
+    assert_eq!(epoch_losses(&out).len(), 1);
+    // The plan is saved with the run, so a resume keeps it.
+    let saved = simclr::train::checkpoint::Checkpoint::read(&out.join("checkpoint.safetensors")).unwrap().config;
+    assert_eq!((saved.train.epochs, saved.train.time_budget_seconds), (1, None));
+    assert_fails_with(
+        &run(&with(tiny_run(&data, &dir.path().join("bad")), &["--set", "train.time_budget_seconds=-1"])),
+        &["train.time_budget_seconds = -1"],
+    );
+}

@@ -125,6 +125,13 @@ pub struct TrainConfig {
     /// Steps with a non-finite loss or gradient are skipped; this many in a
     /// row stop the run (its last checkpoint predates the fault).
     pub max_nonfinite_steps: usize,
+    /// Train for about this many seconds instead of `epochs`: the first
+    /// epoch is timed, and the run (and its cosine schedule) is then sized
+    /// to as many whole epochs as fit, at least one. The first epoch should
+    /// be warm-up (`optim.warmup_epochs >= 1`), which the sizing leaves
+    /// unchanged. The planned epochs are saved, so a resume keeps them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_budget_seconds: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -141,6 +148,7 @@ impl Default for TrainConfig {
             knn_k: 200,
             knn_temperature: 0.1,
             max_nonfinite_steps: 5,
+            time_budget_seconds: None,
         }
     }
 }
@@ -312,6 +320,11 @@ impl RunConfig {
         if train.max_nonfinite_steps == 0 {
             problems.push("train.max_nonfinite_steps = 0: must be at least 1".to_owned());
         }
+        if let Some(budget) = train.time_budget_seconds {
+            if !is_positive_finite(budget) {
+                problems.push(format!("train.time_budget_seconds = {budget}: must be > 0"));
+            }
+        }
         if train.knn_k == 0 {
             problems.push("train.knn_k = 0: must be at least 1".to_owned());
         }
@@ -360,6 +373,14 @@ pub struct ValidConfig(RunConfig);
 impl ValidConfig {
     pub fn get(&self) -> &RunConfig {
         &self.0
+    }
+
+    /// The same run with `epochs` planned and no time budget left to plan.
+    pub fn with_planned_epochs(&self, epochs: usize) -> ValidConfig {
+        let mut config = self.0.clone();
+        config.train.epochs = epochs.max(1);
+        config.train.time_budget_seconds = None;
+        ValidConfig(config)
     }
 }
 

@@ -127,7 +127,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let mut optimizer = Optimizer::new(&config.optim, trainable);
 
     let steps_per_epoch = loader.batches_per_epoch();
-    let schedule = Schedule {
+    let mut schedule = Schedule {
         peak: config.optim.peak_learning_rate(batch_size),
         warmup_steps: (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize,
         total_steps: config.train.epochs * steps_per_epoch,
@@ -175,7 +175,9 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let mut nonfinite_in_row = 0;
     let mut skipped_steps = 0;
     let mut interrupted_at = None;
-    'epochs: for epoch in position.epoch..config.train.epochs {
+    let mut config = config;
+    let mut epoch = position.epoch;
+    'epochs: while epoch < config.train.epochs {
         let started = Instant::now();
         let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
         let mut learning_rate = 0.0;
@@ -237,6 +239,15 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
+        if let (Some(budget), 1) = (config.train.time_budget_seconds, position.epoch) {
+            let planned = (budget / seconds).floor() as usize;
+            config = config.with_planned_epochs(planned);
+            schedule.total_steps = config.train.epochs * steps_per_epoch;
+            tracing::info!(
+                "time budget {budget:.0} s at {seconds:.1} s per epoch: training {} epochs",
+                config.train.epochs
+            );
+        }
         let loss = position.epoch_loss_sum / position.epoch_loss_count.max(1) as f64;
         position.batch = 0;
         position.epoch_loss_sum = 0.0;
@@ -275,6 +286,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
             interrupted_at = Some(position);
             break;
         }
+        epoch += 1;
     }
 
     let mut report = TrainReport {

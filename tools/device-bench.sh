@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU comparison of issue 5, ours against PyTorch on the same card.
+#
+# Here (with the Rust toolchain), once:   tools/device-bench.sh prepare
+#   builds the CUDA binary, strips and compresses it, and packs CIFAR-10
+#   into device/ (ignored by git; about 60 MB, under the 64 MiB a device
+#   call carries).
+# On the device (run with carry=["device"]), one stage per call, each under
+# the 600 s a call may run:
+#   tools/device-bench.sh bench     step throughput, fp32 and bf16, both implementations
+#   tools/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/train_pytorch.py)
+#   tools/device-bench.sh simclr    180 s of simclr training + kNN, same settings
+#   tools/device-bench.sh table     the table from the stages' JSON in $OUT
+# Environment: BUDGET (s, default 180), DEVICE (cuda), BATCH (512), LIMIT (images per
+# split, for a quick check on the CPU), PYTHON (python3), OUT (results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${BUDGET:-180}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/device-bench}
+DATA=${DATA:-/tmp/cifar10}
+LIMIT=${LIMIT:-}
+mkdir -p "$OUT"
+
+binary() {
+    if [ -n "${SIMCLR_BIN:-}" ]; then echo "$SIMCLR_BIN"; return; fi
+    if [ -f device/simclr.xz ]; then
+        [ -x /tmp/simclr-cuda ] || { xz -dc device/simclr.xz > /tmp/simclr-cuda && chmod +x /tmp/simclr-cuda; }
+        echo /tmp/simclr-cuda
+    else
+        echo target/cuda/simclr
+    fi
+}
+
+data() {
+    [ -d "$DATA/train" ] || "$PYTHON" tools/pack_images.py unpack device/cifar10 "$DATA" >&2
+}
+
+if [ "${1:-}" != prepare ]; then
+    TORCH_LIB=$("$PYTHON" -c "import torch, os; print(os.path.dirname(torch.__file__))")/lib
+    export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+case "${1:-}" in
+prepare)
+    ./x.sh build-cuda
+    mkdir -p device
+    strip -o device/simclr target/cuda/simclr
+    xz -f -6 device/simclr
+    python3 tools/pack_images.py pack ../shared/data/cifar10 device/cifar10
+    du -cb device/* | tail -1
+    ;;
+bench)
+    BIN=$(binary)
+    common=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
+            --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" --compare tools/bench_pytorch.py --python "$PYTHON" --json)
+    "$BIN" bench "${common[@]}" > "$OUT/bench_bf16.json"
+    "$BIN" bench "${common[@]}" --no-mixed-precision > "$OUT/bench_fp32.json"
+    cat "$OUT"/bench_*.json
+    ;;
+pytorch)
+    data
+    "$PYTHON" tools/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
+        | tee "$OUT/train_pytorch.json"
+    ;;
+simclr)
+    data
+    BIN=$(binary)
+    rm -rf /tmp/simclr-run
+    "$BIN" train --preset cifar10 --data "$DATA/train" --output /tmp/simclr-run --device "$DEVICE" \
+        --epochs 100000 --batch-size "${BATCH:-512}" \
+        --set 'model.arch="resnet18"' --set model.head.hidden_dim=2048 \
+        --set 'optim.optimizer="sgd"' --set optim.learning_rate=0.5 --set optim.weight_decay=5e-4 \
+        --set optim.momentum=0.9 --set optim.warmup_epochs=1 --set loss.temperature=0.2 \
+        --set train.time_budget_seconds="$BUDGET" --set train.knn_every=100000 --set train.checkpoint_every=100000 \
+        --set train.knn_k=200 --set train.knn_temperature=0.1 --set 'augment.backend="auto"' \
+        --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" \
+        ${LIMIT:+--set data.limit=$LIMIT --set data.knn_limit=$LIMIT} >&2
+    "$PYTHON" - /tmp/simclr-run "$OUT/train_simclr.json" <<'PY'
+import json, sys, pathlib
+run = pathlib.Path(sys.argv[1])
+metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+summary = json.loads((run / "summary.json").read_text())
+report = {"implementation": "simclr", "device": summary["device"], "epochs": len(metrics),
+          "train_seconds": sum(m["seconds"] for m in metrics),
+          "images_per_second": sum(m["images_per_second"] * m["seconds"] for m in metrics) / sum(m["seconds"] for m in metrics),
+          "knn_top1": summary["final_knn_top1"]}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(report))
+print(json.dumps(report))
+PY
+    ;;
+table)
+    "$PYTHON" - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+load = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
+for name in ("bench_fp32.json", "bench_bf16.json"):
+    b = load(name)
+    if b:
+        ours, ref = b["simclr"], b["reference"]
+        print(f"{name[6:-5]:5} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
+              f"({ours['train_images_per_second']:.0f} img/s), {ref['implementation']} {ref['train_ms_per_step']:.1f} ms "
+              f"({ref['train_images_per_second']:.0f} img/s): {b['train_ratio']:.2f}x")
+for name in ("train_simclr.json", "train_pytorch.json"):
+    t = load(name)
+    if t:
+        print(f"{t['implementation']:24} {t['epochs']:4d} epochs in {t['train_seconds']:6.1f} s "
+              f"({t['images_per_second']:.0f} img/s): kNN top-1 {100 * t['knn_top1']:.2f}%")
+PY
+    ;;
+*)
+    sed -n '2,16p' "$0"
+    exit 2
+    ;;
+esac
