@@ -487,41 +487,24 @@ impl Pipeline {
             // Every image of a batch runs the same op list, so the drawn
             // parameters at one position are all of one kind.
             let Some((_, first)) = drawn.first() else { continue };
+            // The drawn parameters of one op variant, with their image positions.
+            macro_rules! drawn_as {
+                ($variant:path) => {
+                    unwrap(&drawn, |p| match p {
+                        $variant(value) => Some(*value),
+                        _ => None,
+                    })
+                };
+            }
             views = match first {
                 OpParams::HorizontalFlip => on_subset(views, &drawn, |x, _| x.flip([3])),
-                OpParams::ColorJitter(_) => on_subset(
-                    views,
-                    &unwrap(&drawn, |p| match p {
-                        OpParams::ColorJitter(j) => Some(*j),
-                        _ => None,
-                    }),
-                    color_jitter::apply_batch,
-                ),
+                OpParams::ColorJitter(_) => {
+                    on_subset(views, &drawn_as!(OpParams::ColorJitter), color_jitter::apply_batch)
+                }
                 OpParams::Grayscale => on_subset(views, &drawn, |x, _| grayscale::to_grayscale_batch(&x)),
-                OpParams::GaussianBlur(_) => on_subset(
-                    views,
-                    &unwrap(&drawn, |p| match p {
-                        OpParams::GaussianBlur(b) => Some(*b),
-                        _ => None,
-                    }),
-                    blur::apply_batch,
-                ),
-                OpParams::Rotation(_) => on_subset(
-                    views,
-                    &unwrap(&drawn, |p| match p {
-                        OpParams::Rotation(r) => Some(*r),
-                        _ => None,
-                    }),
-                    rotation::apply_batch,
-                ),
-                OpParams::Cutout(_) => on_subset(
-                    views,
-                    &unwrap(&drawn, |p| match p {
-                        OpParams::Cutout(b) => Some(*b),
-                        _ => None,
-                    }),
-                    cutout::apply_batch,
-                ),
+                OpParams::GaussianBlur(_) => on_subset(views, &drawn_as!(OpParams::GaussianBlur), blur::apply_batch),
+                OpParams::Rotation(_) => on_subset(views, &drawn_as!(OpParams::Rotation), rotation::apply_batch),
+                OpParams::Cutout(_) => on_subset(views, &drawn_as!(OpParams::Cutout), cutout::apply_batch),
                 OpParams::Sobel => on_subset(views, &drawn, |x, _| sobel::apply_batch(&x)),
                 OpParams::Solarize { threshold } => {
                     let threshold = f64::from(*threshold);
