@@ -159,13 +159,19 @@ impl Heatmap<'_> {
             .caption(self.caption, ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(60)
-            .y_label_area_size(110)
+            .y_label_area_size(170)
             // A segmented 0..k has k + 1 cells.
             .build_cartesian_2d((0..columns - 1).into_segmented(), (0..rows - 1).into_segmented())
             .map_err(|e| fail(&e))?;
-        // Segmented axes put each label at the centre of its cell.
+        // Segmented axes put each label at the centre of its cell. Row 0 is
+        // drawn at the top, as matrices are read, so rows count down the axis.
+        let top = rows - 1;
         let label = |names: &[String], v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        let row_label = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) if *i <= top => label(self.rows, &SegmentValue::CenterOf(top - i)),
             _ => String::new(),
         };
         chart
@@ -174,7 +180,8 @@ impl Heatmap<'_> {
             .x_labels(columns)
             .y_labels(rows)
             .x_label_formatter(&|v| label(self.columns, v))
-            .y_label_formatter(&|v| label(self.rows, v))
+            .y_label_formatter(&row_label)
+            .label_style(("sans-serif", 15))
             .x_desc(self.x_desc)
             .y_desc(self.y_desc)
             .draw()
@@ -188,7 +195,8 @@ impl Heatmap<'_> {
         chart
             .draw_series(cells.iter().map(|&(row, column, value)| {
                 let shade = (255.0 * (1.0 - (value - low) / span)) as u8;
-                Rectangle::new([corner(column, row), corner(column + 1, row + 1)], RGBColor(shade, shade, 255).filled())
+                let y = top - row;
+                Rectangle::new([corner(column, y), corner(column + 1, y + 1)], RGBColor(shade, shade, 255).filled())
             }))
             .map_err(|e| fail(&e))?;
         if self.annotate {
@@ -198,7 +206,7 @@ impl Heatmap<'_> {
                     let colour = if dark { WHITE } else { BLACK };
                     Text::new(
                         format!("{:.1}", 100.0 * value),
-                        (SegmentValue::CenterOf(column), SegmentValue::CenterOf(row)),
+                        (SegmentValue::CenterOf(column), SegmentValue::CenterOf(top - row)),
                         ("sans-serif", 20).into_font().color(&colour),
                     )
                 }))
