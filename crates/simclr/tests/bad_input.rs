@@ -6,7 +6,7 @@
 //! JPEGs, which `tools/make_image_fixtures.py` writes with PIL.
 use std::path::{Path, PathBuf};
 
-use image::{ImageBuffer, Luma, Rgb, Rgba};
+use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
 use simclr::config::RunConfig;
 use simclr::data::{cifar_binary, decode};
 
@@ -76,14 +76,23 @@ fn images() {
     let bad_crc = write(dir, "bad_crc.png", &bad_crc);
     assert_error(decode(&bad_crc), &bad_crc, &["cannot decode"]);
     let tiny = write(dir, "tiny.png", &encoded(image::RgbImage::new(1, 1), image::ImageFormat::Png));
-    assert_error(decode(&tiny), &tiny, &["1x1", "smallest usable"]);
-    // 100,000 x 100,000 pixels (30 GB decoded) declared in a header: refused
-    // by the decoder's memory limit before anything is allocated.
-    let huge = write(dir, "huge.png", &png_header(100_000, 100_000));
-    let started = std::time::Instant::now();
-    assert_error(decode(&huge), &huge, &["cannot decode"]);
-    assert!(started.elapsed().as_secs() < 5);
-    handled += 8;
+    assert_error(decode(&tiny), &tiny, &["1x1 pixels", "smallest usable"]);
+    // 100,000 x 100,000 and 2^20 x 2^20 pixels (30 GB and 3 TB decoded)
+    // declared in a header: refused by the decoder's memory limit before
+    // anything is allocated.
+    for (name, side) in [("huge.png", 100_000), ("huger.png", 1 << 20)] {
+        let huge = write(dir, name, &png_header(side, side));
+        let started = std::time::Instant::now();
+        assert_error(decode(&huge), &huge, &["cannot decode"]);
+        assert!(started.elapsed().as_secs() < 5);
+    }
+    handled += 9;
+
+    // Plain images decode as they are.
+    for (name, bytes) in [("good.jpg", &jpeg), ("good.png", &png)] {
+        assert_eq!(decode(&write(dir, name, bytes)).unwrap().dimensions(), (24, 16), "{name}");
+    }
+    handled += 2;
 
     // Images that work, converted to 8-bit RGB.
     let wide = image::ImageBuffer::<Rgb<u16>, Vec<u16>>::from_fn(24, 16, |x, _| Rgb([x as u16 * 2000, 0, 65535]));
@@ -101,6 +110,9 @@ fn images() {
         let rgb = decode(&write(dir, &name, &encoded(gray.clone(), format))).unwrap();
         assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "{name}: gray stays gray");
     }
+    let gray_alpha = ImageBuffer::<LumaA<u8>, Vec<u8>>::from_fn(9, 9, |x, _| LumaA([x as u8 * 20, 128]));
+    let rgb = decode(&write(dir, "gray_alpha.png", &encoded(gray_alpha, image::ImageFormat::Png))).unwrap();
+    assert_eq!(rgb.get_pixel(2, 0), &Rgb([40; 3]));
     let rgba = ImageBuffer::<Rgba<u8>, Vec<u8>>::from_pixel(16, 16, Rgba([10, 20, 30, 0]));
     assert_eq!(
         decode(&write(dir, "alpha.png", &encoded(rgba, image::ImageFormat::Png))).unwrap().get_pixel(0, 0),
@@ -115,9 +127,11 @@ fn images() {
         let name = format!("picture.{}", format.extensions_str()[0]);
         assert_eq!(decode(&write(dir, &name, &encoded(gradient(), format))).unwrap().dimensions(), (24, 16), "{name}");
     }
-    // The format is sniffed from the bytes: a PNG named .jpg works.
+    // The format is sniffed from the bytes: a PNG named .jpg and a JPEG
+    // named .png both work.
     assert_eq!(decode(&write(dir, "misnamed.jpg", &png)).unwrap(), gradient());
-    handled += 12;
+    assert_eq!(decode(&write(dir, "misnamed.png", &jpeg)).unwrap().dimensions(), (24, 16));
+    handled += 14;
     eprintln!("images: {handled} cases");
 }
 
