@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use simclr::config::{DeviceChoice, Preset, RunConfig};
+use simclr::config::{DataFormat, DeviceChoice, Preset, RunConfig};
 use simclr::model::{Arch, Stem};
 use simclr::tch::Device;
 
@@ -406,17 +406,15 @@ fn bench_augment(args: BenchAugmentArgs) -> Result<()> {
     if args.threads == 0 {
         anyhow::bail!("--threads must be at least 1");
     }
-    let dataset =
-        simclr::data::Dataset::open(&args.data, &simclr::config::DataFormat::Auto)?.subset(Some(args.limit), 0);
     let images =
-        dataset.samples.iter().map(|s| s.image().map(|image| (*image).clone())).collect::<simclr::Result<Vec<_>>>()?;
+        simclr::data::Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.limit), 0).decode_all()?;
     simclr::tch::set_num_threads(args.threads as i32);
     let options = simclr::bench::AugmentBenchOptions {
         pipeline: Pipeline::new(&config, args.image_size),
         threads: args.threads,
         rounds: args.rounds,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
+        mean: simclr::config::IMAGENET_MEAN,
+        std: simclr::config::IMAGENET_STD,
     };
     let report = simclr::bench::bench_augment(&images, &options)?;
     if args.json {
@@ -813,13 +811,9 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
     if args.images == 0 || args.pairs == 0 {
         anyhow::bail!("--images and --pairs must be at least 1");
     }
-    let dataset = simclr::data::Dataset::open(&args.data, &simclr::config::DataFormat::Auto)?
-        .subset(Some(args.images), args.seed);
-    let images = dataset
-        .samples
-        .iter()
-        .map(|sample| sample.image().map(|image| (*image).clone()))
-        .collect::<simclr::Result<Vec<_>>>()?;
+    let images = simclr::data::Dataset::open(&args.data, &DataFormat::Auto)?
+        .subset(Some(args.images), args.seed)
+        .decode_all()?;
     let size = config.data.image_size;
     let pipeline = simclr::augment::Pipeline::new(&config.augment, size);
     let scale = args.scale.unwrap_or((96 / size).max(1));

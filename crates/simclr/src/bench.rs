@@ -167,10 +167,7 @@ pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) 
     let tensor_views_per_second = uniform.then(|| {
         let (width, height) = images[0].dimensions();
         let pixels: Vec<u8> = images.iter().flat_map(|image| image.as_raw().iter().copied()).collect();
-        let batch = Tensor::from_slice(&pixels)
-            .view([images.len() as i64, i64::from(height), i64::from(width), 3])
-            .permute([0, 3, 1, 2])
-            .contiguous();
+        let batch = crate::augment::uint8_batch(&pixels, images.len(), width, height);
         let run = |round: usize| {
             let params: Vec<_> = (0..images.len())
                 .map(|index| {

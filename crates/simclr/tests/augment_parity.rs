@@ -145,8 +145,7 @@ fn resized_crops_match_torchvision() {
         assert_close(&format!("{case} (cpu)"), &ours, &f[case], worst / 255.0, 1.0 / 255.0);
     }
     // The tensor path does not antialias, so only enlarging crops are compared.
-    let batch =
-        Tensor::from_slice(image.as_raw()).view([1, 40, 48, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+    let batch = simclr::augment::uint8_batch(image.as_raw(), 1, 48, 40).to_kind(Kind::Float) / 255.0;
     for (case, interpolation, worst) in
         [("crop_enlarge_bilinear", Interpolation::Bilinear, 2.0), ("crop_enlarge_bicubic", Interpolation::Bicubic, 6.0)]
     {

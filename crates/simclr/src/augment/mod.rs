@@ -92,6 +92,16 @@ impl FloatImage {
     }
 }
 
+/// `count` same-sized 8-bit RGB images stored back to back as `RgbImage`
+/// stores one (rows of interleaved RGB), as the `[count, 3, height, width]`
+/// uint8 batch that [`Pipeline::render_batch`] takes.
+pub fn uint8_batch(pixels: &[u8], count: usize, width: u32, height: u32) -> Tensor {
+    Tensor::from_slice(pixels)
+        .view([count as i64, i64::from(height), i64::from(width), 3])
+        .permute([0, 3, 1, 2])
+        .contiguous()
+}
+
 /// Where views are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -612,7 +622,7 @@ mod tests {
         let pipeline = Pipeline::new(&AugmentConfig::with_ops(ops), 32);
         let mut rng = view_rng(5, 0, 0, 0);
         let params: Vec<ViewParams> = (0..24).map(|_| pipeline.sample(0, 32, 32, &mut rng)).collect();
-        let batch = Tensor::from_slice(image.as_raw()).view([1, 32, 32, 3]).permute([0, 3, 1, 2]).repeat([24, 1, 1, 1]);
+        let batch = uint8_batch(image.as_raw(), 1, 32, 32).repeat([24, 1, 1, 1]);
         let rendered = pipeline.render_batch(&batch, &params);
         for (i, p) in params.iter().enumerate() {
             let cpu = pipeline.render(&image, p);
@@ -645,7 +655,7 @@ mod tests {
         let image =
             RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, (((x * y) % 32) * 8) as u8]));
         let plain = center_view(&image, 32);
-        let batch = Tensor::from_slice(image.as_raw()).view([1, 32, 32, 3]).permute([0, 3, 1, 2]);
+        let batch = uint8_batch(image.as_raw(), 1, 32, 32);
         let views = 400;
         for op in OpConfig::all() {
             let name = op.name();

@@ -3,9 +3,8 @@
 //! the evaluation view (centre crop), then several pairs of training views
 //! (view 1 above the line of its pair, view 2 beside it), enlarged.
 use image::{imageops, Rgb, RgbImage};
-use tch::Tensor;
 
-use super::{center_view, view_rng, FloatImage, Pipeline, ViewParams};
+use super::{center_view, uint8_batch, view_rng, FloatImage, Pipeline, ViewParams};
 
 const GAP: u32 = 4;
 const PAIR_GAP: u32 = 14;
@@ -55,9 +54,7 @@ pub fn preview(
                 let rendered = match renderer {
                     Renderer::Cpu => pipeline.render(image, &params),
                     Renderer::Tensor => {
-                        let batch = Tensor::from_slice(image.as_raw())
-                            .view([1, i64::from(image.height()), i64::from(image.width()), 3])
-                            .permute([0, 3, 1, 2]);
+                        let batch = uint8_batch(image.as_raw(), 1, image.width(), image.height());
                         FloatImage::from_tensor(&pipeline.render_batch(&batch, std::slice::from_ref(&params)).get(0))
                     }
                 };

@@ -177,11 +177,7 @@ impl DeviceViewLoader {
         if let Err(reason) = decoded? {
             return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}")));
         }
-        let images = Tensor::from_slice(&pixels)
-            .view([dataset.len() as i64, i64::from(height), i64::from(width), 3])
-            .permute([0, 3, 1, 2])
-            .contiguous()
-            .to_device(device);
+        let images = crate::augment::uint8_batch(&pixels, dataset.len(), width, height).to_device(device);
         Ok(DeviceData::Ready(Self { images, width, height, len: dataset.len(), pipeline, format, batch_size, seed }))
     }
 

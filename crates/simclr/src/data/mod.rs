@@ -161,6 +161,11 @@ impl Dataset {
         skipped.values().cloned().collect()
     }
 
+    /// Every image, decoded (for previews and benchmarks of a few images).
+    pub fn decode_all(&self) -> Result<Vec<RgbImage>> {
+        self.samples.iter().map(|sample| sample.image().map(|image| (*image).clone())).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }
