@@ -152,29 +152,27 @@ impl DeviceViewLoader {
         }
         let plane = (width * height * 3) as usize;
         let mut pixels = vec![0u8; bytes];
-        let decoded: Result<std::result::Result<(), String>> = pool.install(|| {
+        // Each image is copied into place, or named when its size differs.
+        let mismatches: Vec<Option<String>> = pool.install(|| {
             pixels
                 .par_chunks_mut(plane)
                 .enumerate()
-                .try_fold(
-                    || Ok(()),
-                    |found, (index, out)| {
-                        let image = dataset.training_image(index)?;
-                        if image.dimensions() != (width, height) {
-                            let (w, h) = image.dimensions();
-                            return Ok(Err(format!(
-                                "{} is {w}x{h}, {} is {width}x{height}",
-                                dataset.samples[index].describe(index),
-                                dataset.samples[0].describe(0)
-                            )));
-                        }
-                        out.copy_from_slice(image.as_raw());
-                        Ok(found)
-                    },
-                )
-                .try_reduce(|| Ok(()), |a, b| Ok(a.and(b)))
-        });
-        if let Err(reason) = decoded? {
+                .map(|(index, out)| {
+                    let image = dataset.training_image(index)?;
+                    if image.dimensions() != (width, height) {
+                        let (w, h) = image.dimensions();
+                        return Ok(Some(format!(
+                            "{} is {w}x{h}, {} is {width}x{height}",
+                            dataset.samples[index].describe(index),
+                            dataset.samples[0].describe(0)
+                        )));
+                    }
+                    out.copy_from_slice(image.as_raw());
+                    Ok(None)
+                })
+                .collect::<Result<_>>()
+        })?;
+        if let Some(reason) = mismatches.into_iter().flatten().next() {
             return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}")));
         }
         let images = crate::augment::uint8_batch(&pixels, dataset.len(), width, height).to_device(device);
@@ -395,6 +393,20 @@ mod tests {
             // On normalised values (std 0.25): mean difference under 0.1, i.e. 0.025 in pixel terms.
             let mean = (a - b).abs().mean(Kind::Float).double_value(&[]);
             assert!(mean < 0.1, "mean difference {mean}");
+        }
+    }
+
+    #[test]
+    fn images_of_different_sizes_stay_on_the_host() {
+        let image = |side| super::super::ImageSource::Memory(Arc::new(image::RgbImage::new(side, side)));
+        let samples = [16, 16, 20].map(|side| Sample { source: image(side), label: None }).to_vec();
+        let dataset = Dataset::new(std::path::Path::new("mixed"), samples, Vec::new());
+        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
+        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
+        let pool = worker_pool(1).unwrap();
+        match DeviceViewLoader::load(&dataset, pipeline, format, 2, 0, tch::Device::Cpu, &pool, usize::MAX).unwrap() {
+            DeviceData::Unsuitable(reason) => assert!(reason.contains("20x20") && reason.contains("16x16"), "{reason}"),
+            DeviceData::Ready(_) => panic!("mixed sizes cannot share one tensor"),
         }
     }
 
