@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # `simclr bench` against the PyTorch reference (tools/bench_pytorch.py) on
-# this machine's CPU, same model, batch and steps, one after the other in
-# one run; prints both and the ratio. Needs the fixture venv (see
+# this machine's CPU, same model, batch and steps. The two alternate for
+# ROUNDS rounds (a shared 2-core machine drifts by 15% between runs); the
+# medians and their ratio are printed. Needs the fixture venv (see
 # tools/make_fixtures.py) or PYTHON pointing at a Python with torch 2.11.
 #
 #   tools/bench_cpu.sh                 # ResNet-18, CIFAR stem, batch 64, 32x32
-#   BATCH=128 STEPS=10 tools/bench_cpu.sh
+#   BATCH=128 STEPS=10 ROUNDS=5 tools/bench_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
@@ -13,12 +14,21 @@ args=(--arch "${ARCH:-resnet18}" --stem "${STEM:-cifar}" --batch-size "${BATCH:-
       --image-size "${SIZE:-32}" --steps "${STEPS:-5}" --warmup 2)
 eval "$(scripts/libtorch.sh)"
 cargo build --quiet -p simclr-cli
-ours=$(target/debug/simclr bench "${args[@]}" --device cpu --json 2>/dev/null)
-reference=$("$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads "$(nproc)")
-python3 - "$ours" "$reference" <<'PY'
-import json, sys
-ours, ref = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"{ours['arch']}, batch {ours['batch_size']} at {ours['image_size']}px, {ours['steps']} timed steps, CPU:")
+runs=()
+for _ in $(seq "${ROUNDS:-3}"); do
+    runs+=("$(target/debug/simclr bench "${args[@]}" --device cpu --json 2>/dev/null)")
+    runs+=("$("$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads "$(nproc)")")
+done
+python3 - "${runs[@]}" <<'PY'
+import json, statistics, sys
+runs = [json.loads(r) for r in sys.argv[1:]]
+ours, ref = runs[0::2], runs[1::2]
+first = ours[0]
+print(f"{first['arch']}, batch {first['batch_size']} at {first['image_size']}px, {first['steps']} timed steps, "
+      f"CPU, median of {len(ours)} alternating rounds:")
 for key, name in [("train_images_per_second", "training images/s"), ("forward_images_per_second", "encoder forward images/s")]:
-    print(f"  {name:26s} simclr {ours[key]:8.1f}   {ref['implementation']} {ref[key]:8.1f}   ratio {ours[key] / ref[key]:.2f}x")
+    a, b = statistics.median(r[key] for r in ours), statistics.median(r[key] for r in ref)
+    spread = lambda rs: "/".join(f"{r[key]:.1f}" for r in rs)
+    print(f"  {name:26s} simclr {a:8.1f} ({spread(ours)})   {ref[0]['implementation']} {b:8.1f} ({spread(ref)})"
+          f"   ratio {a / b:.2f}x")
 PY

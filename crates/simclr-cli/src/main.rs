@@ -31,7 +31,7 @@ enum Command {
     Embed(EmbedArgs),
     /// Evaluate an encoder on labelled images: kNN or linear classification on frozen features.
     Eval(EvalArgs),
-    /// Draw a run's figures (training curves, embedding by class, confusion matrix) into its folder.
+    /// Draw a run's figures (training curves, embedding by class in PCA and t-SNE, confusion matrix) into its folder.
     Report {
         /// The run folder (holding metrics.jsonl and checkpoint.safetensors).
         run: PathBuf,
@@ -73,8 +73,9 @@ enum EvalProtocol {
         /// Fraction of each class's labelled images: 0.01, 0.1, 1.0 in the paper.
         #[arg(long, default_value_t = 0.1)]
         fraction: f64,
-        #[arg(long, default_value_t = 30)]
-        epochs: usize,
+        /// Default: the paper's 60 for fractions up to 1%, 30 above.
+        #[arg(long)]
+        epochs: Option<usize>,
         /// Base rate, scaled by batch/256.
         #[arg(long, default_value_t = 0.05)]
         learning_rate: f64,
@@ -83,6 +84,10 @@ enum EvalProtocol {
         /// List the labelled images used here, one per line.
         #[arg(long)]
         subset_file: Option<PathBuf>,
+        /// How the new linear layer starts: `random` (the paper) or
+        /// `linear-probe` (fitted first on the frozen features of the subset).
+        #[arg(long, default_value = "random")]
+        head_init: simclr::eval::finetune::HeadInit,
     },
 }
 
@@ -692,13 +697,14 @@ fn eval(args: EvalArgs) -> Result<()> {
             seed: common.seed,
             ..Default::default()
         }),
-        EvalProtocol::Finetune { fraction, epochs, learning_rate, batch_size, subset_file } => {
+        EvalProtocol::Finetune { fraction, epochs, learning_rate, batch_size, subset_file, head_init } => {
             Protocol::Finetune(FinetuneConfig {
                 fraction,
-                epochs,
+                epochs: epochs.unwrap_or_else(|| FinetuneConfig::paper_epochs(fraction)),
                 learning_rate,
                 batch_size,
                 subset_file,
+                head_init,
                 seed: common.seed,
                 ..Default::default()
             })

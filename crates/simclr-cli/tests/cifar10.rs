@@ -1,30 +1,46 @@
 //! SimCLR on real CIFAR-10 (the JPEG ImageFolder copy), sized for CI's two
-//! cores: a 0.25x ResNet-18 trained for 4 epochs on 5,000 training images
-//! must lift kNN top-1 (bank: 2,000 training images; queries: 2,000 test
-//! images) clearly above the same encoder at random init, in the training
-//! run's monitor and through `simclr eval knn`. (Linear evaluation at this
-//! budget gained only 31.00% -> 32.15%: not asserted here; see issue 4.)
+//! cores. A 0.25x ResNet-18 trained for 4 epochs on 5,000 training images
+//! is compared with the same encoder at random init, through `simclr eval`,
+//! on 5,000 training and 5,000 test images:
+//! - kNN and linear evaluation on frozen features must gain clearly;
+//! - fine-tuning on 1% and 10% of the labels must beat training the same
+//!   architecture from scratch on the same labels (issue 4).
 //!
 //! Runs only when `SIMCLR_CIFAR10_DIR` names a folder with `train/` and
 //! `test/` (`.ci/run` sets it); elsewhere it says it was skipped.
-//! Measured on the project's 2-core machine: 2 min 37 s; random init
-//! 26.95% -> 33.80% top-1 (τ = 0.5 gave 26.95% -> 33.30%).
-use std::path::PathBuf;
+//!
+//! Measured on the project's 2-core machine (about 5 minutes in all), trained
+//! vs random init: training monitor kNN 26.95% -> 35.65%; kNN 38.28% on 5,000
+//! queries; linear 33.72% -> 41.78%. Fine-tuning, pretrained (linear-probe
+//! head) vs scratch (the paper's random head): 1% 24.08% vs 21.84%, 10%
+//! 37.88% vs 35.28%. The paper's random head on the pretrained encoder gave
+//! 23.58% and 36.30%: at this budget the encoder is weak, and a random head's
+//! first steps spend much of what it learnt.
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Points of kNN top-1 the trained encoder must gain over random init. The
-/// measured gain is about twice this; 2,000 queries put one standard error
-/// of each accuracy near one point.
-const REQUIRED_GAIN: f64 = 0.03;
+/// Points of top-1 the trained encoder must gain over random init, under
+/// kNN and under linear evaluation: about half the measured gains. 5,000
+/// queries put one standard error of each accuracy near 0.7 points.
+const REQUIRED_FROZEN_GAIN: f64 = 0.03;
+/// Points fine-tuning from the pretrained encoder must gain over training
+/// from scratch on the same labels: about half the measured gains.
+const REQUIRED_FINETUNE_GAIN: f64 = 0.01;
 
-#[test]
-fn short_pretraining_beats_random_init_on_cifar10() {
+/// Image folders of the shared copy, or `None` (with a message) when absent.
+fn cifar10() -> Option<(PathBuf, PathBuf)> {
     let Some(root) = std::env::var_os("SIMCLR_CIFAR10_DIR").map(PathBuf::from) else {
         eprintln!("skipped: SIMCLR_CIFAR10_DIR is not set");
-        return;
+        return None;
     };
     let (train, test) = (root.join("train"), root.join("test"));
     assert!(train.is_dir() && test.is_dir(), "{} must hold train/ and test/", root.display());
+    Some((train, test))
+}
+
+#[test]
+fn short_pretraining_beats_random_init_on_cifar10() {
+    let Some((train, test)) = cifar10() else { return };
     let output = tempfile::tempdir().unwrap();
     let run = output.path().join("run");
     let quoted = |p: &PathBuf| format!("{:?}", p.display().to_string());
@@ -35,6 +51,11 @@ fn short_pretraining_beats_random_init_on_cifar10() {
         "data.knn_limit=2000".to_owned(),
         "model.arch=\"resnet18\"".to_owned(),
         "model.width_multiplier=0.25".to_owned(),
+        // The paper's square-root scaling (appendix B.1), better for short
+        // runs: 0.075 × sqrt(128) = 0.85 here. Linear scaling's 0.5 gave
+        // linear evaluation 38.00% instead of 41.78%.
+        "optim.lr_scaling=\"sqrt\"".to_owned(),
+        "optim.learning_rate=0.075".to_owned(),
         "optim.warmup_epochs=0.5".to_owned(),
         "loss.temperature=0.2".to_owned(),
         "train.knn_k=20".to_owned(),
@@ -53,53 +74,84 @@ fn short_pretraining_beats_random_init_on_cifar10() {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let before = summary["initial_knn_top1"].as_f64().expect("random-init kNN was measured");
     let after = summary["final_knn_top1"].as_f64().expect("final kNN was measured");
-    assert_gain("training monitor kNN", before, after);
+    assert_gain("training monitor kNN", before, after, REQUIRED_FROZEN_GAIN);
 
-    // The same comparison through `simclr eval knn`.
-    let evaluate = |protocol: &str, encoder: &[&str]| -> f64 {
-        let report = output.path().join(format!("{protocol}-{}.json", encoder[0].trim_start_matches('-')));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_simclr"));
-        command.args(["eval", protocol]).args(encoder);
-        command.args(["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--image-size", "32"]);
-        command.args(["--limit", "2000", "--device", "cpu"]).arg("--train").arg(&train).arg("--test").arg(&test);
-        command.arg("--output").arg(&report);
-        command.args(["--k", "20"]);
-        let result = command.output().expect("runs the binary");
-        assert!(result.status.success(), "eval failed:\n{}", String::from_utf8_lossy(&result.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
-        report["top1"].as_f64().unwrap()
-    };
-    // The checkpoint's config carries the CIFAR-10 normalisation; --weights
-    // with the flags above uses ImageNet's, the same for both encoders.
+    // The same comparisons through `simclr eval`. The checkpoint's config
+    // carries the CIFAR-10 normalisation; --weights with the flags below
+    // uses ImageNet's, the same for both encoders.
     let encoder = run.join("encoder.safetensors");
-    let encoder = encoder.to_str().unwrap();
-    let random = evaluate("knn", &["--random-init"]);
-    let trained = evaluate("knn", &["--weights", encoder]);
-    assert_gain("simclr eval knn", random, trained);
+    let trained = ["--weights", encoder.to_str().unwrap()];
+    let random = ["--random-init"];
+    let evaluate = |name: &str, encoder: &[&str], protocol: &[&str]| -> f64 {
+        eval_top1(output.path(), name, encoder, protocol, (&train, &test))
+    };
+    for (protocol, args) in [("knn", vec!["knn", "--k", "20"]), ("linear", vec!["linear"])] {
+        let baseline = evaluate(&format!("{protocol}-random"), &random, &args);
+        let result = evaluate(&format!("{protocol}-trained"), &trained, &args);
+        assert_gain(&format!("simclr eval {protocol}"), baseline, result, REQUIRED_FROZEN_GAIN);
+    }
+
+    // Fine-tuning on a fraction of the labels. Batches smaller than the
+    // paper's suit 50 and 500 labelled images; the subsets are the same for
+    // both encoders (same seed), which the subset files confirm.
+    for (fraction, batch) in [("0.01", "32"), ("0.1", "64")] {
+        let args = |init: &str, subset: &str| -> Vec<String> {
+            let subset = output.path().join(subset).display().to_string();
+            ["finetune", "--fraction", fraction, "--batch-size", batch, "--head-init", init, "--subset-file", &subset]
+                .map(String::from)
+                .to_vec()
+        };
+        let (scratch_args, pretrained_args) = (args("random", "scratch.txt"), args("linear-probe", "pretrained.txt"));
+        fn as_str(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let scratch = evaluate(&format!("finetune-{fraction}-scratch"), &random, &as_str(&scratch_args));
+        let pretrained = evaluate(&format!("finetune-{fraction}-pretrained"), &trained, &as_str(&pretrained_args));
+        let listed = |name: &str| std::fs::read_to_string(output.path().join(name)).unwrap();
+        assert_eq!(listed("scratch.txt"), listed("pretrained.txt"), "fine-tuning {fraction}: the subsets differ");
+        assert_gain(
+            &format!("simclr eval finetune --fraction {fraction}"),
+            scratch,
+            pretrained,
+            REQUIRED_FINETUNE_GAIN,
+        );
+    }
 }
 
-fn assert_gain(what: &str, before: f64, after: f64) {
-    eprintln!("{what}: random init {:.2}% -> trained {:.2}%", 100.0 * before, 100.0 * after);
+/// Runs `simclr eval` (0.25x ResNet-18, CIFAR stem, 5,000 images of each
+/// split, on the CPU) and returns the top-1 it reports in its JSON.
+fn eval_top1(dir: &Path, name: &str, encoder: &[&str], protocol: &[&str], (train, test): (&Path, &Path)) -> f64 {
+    let report = dir.join(format!("{name}.json"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_simclr"));
+    command.arg("eval").args(protocol).args(encoder);
+    command.args(["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--image-size", "32"]);
+    command.args(["--limit", "5000", "--device", "cpu"]).arg("--train").arg(train).arg("--test").arg(test);
+    command.arg("--output").arg(&report);
+    let result = command.output().expect("runs the binary");
+    assert!(result.status.success(), "eval {name} failed:\n{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    report["top1"].as_f64().unwrap()
+}
+
+fn assert_gain(what: &str, before: f64, after: f64, required: f64) {
+    eprintln!("{what}: baseline {:.2}% -> {:.2}%", 100.0 * before, 100.0 * after);
     assert!(
-        after >= before + REQUIRED_GAIN,
-        "{what}: top-1 {:.2}% after training is not {:.0} points above random init's {:.2}%",
+        after >= before + required,
+        "{what}: top-1 {:.2}% is not {:.0} points above the baseline's {:.2}%",
         100.0 * after,
-        100.0 * REQUIRED_GAIN,
+        100.0 * required,
         100.0 * before
     );
 }
 
 #[test]
 fn augment_preview_shows_cifar10_test_pairs() {
-    let Some(root) = std::env::var_os("SIMCLR_CIFAR10_DIR").map(PathBuf::from) else {
-        eprintln!("skipped: SIMCLR_CIFAR10_DIR is not set");
-        return;
-    };
+    let Some((_, test)) = cifar10() else { return };
     let output = tempfile::tempdir().unwrap();
     let png = output.path().join("preview.png");
     let result = Command::new(env!("CARGO_BIN_EXE_simclr"))
         .args(["augment-preview", "--preset", "cifar10", "--images", "6", "--pairs", "4", "--data"])
-        .arg(root.join("test"))
+        .arg(&test)
         .arg("--output")
         .arg(&png)
         .output()

@@ -235,7 +235,7 @@ fn train_resume_and_embed_round_trip() {
     // The run's figures, drawn into its folder.
     let report = simclr(&["report", &out.display().to_string()]);
     assert_succeeds(&report);
-    for figure in ["curves.png", "embedding.png", "confusion.png"] {
+    for figure in ["curves.png", "embedding.png", "tsne.png", "confusion.png"] {
         let (width, height) = image::image_dimensions(out.join(figure)).unwrap();
         assert!(width >= 800 && height >= 400, "{figure}: {width}x{height}");
     }

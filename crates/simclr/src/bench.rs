@@ -65,8 +65,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             let (_, z) = model.forward_t(&views, true);
             loss_config.compute(&z)
         })?;
-        optimizer.zero_grad();
-        loss.backward();
+        optimizer.backward(&loss)?;
         optimizer.step(0.1);
         Ok(())
     };

@@ -5,17 +5,28 @@ use crate::config::DeviceChoice;
 use crate::{Error, Result};
 
 /// The device a run asks for, checked against what this build can reach.
+///
+/// On CUDA this also turns on cuDNN's benchmark mode, as the PyTorch
+/// references in `tools/` do (`torch.backends.cudnn.benchmark = True`):
+/// SimCLR's batches all have one shape, so the convolution algorithms timed
+/// on the first steps serve the whole run.
 pub fn select(choice: DeviceChoice) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(Error::InvalidArgument(
-            "train.device = \"cuda\" but no CUDA device is available (is this a CUDA build, \
-             `--features cuda`, on a machine with a GPU?)"
-                .to_owned(),
-        )),
+    let device = match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Auto => Device::cuda_if_available(),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceChoice::Cuda => {
+            return Err(Error::InvalidArgument(
+                "train.device = \"cuda\" but no CUDA device is available (is this a CUDA build, \
+                 `--features cuda`, on a machine with a GPU?)"
+                    .to_owned(),
+            ))
+        }
+    };
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
     }
+    Ok(device)
 }
 
 /// Whether a libtorch error message reports a failed allocation: the CPU

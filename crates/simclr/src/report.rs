@@ -4,6 +4,7 @@
 //!   `metrics.jsonl`;
 //! - `embedding.png`: the test split's h projected on its first two principal
 //!   components, coloured by class;
+//! - `tsne.png`: the same points embedded by t-SNE (at most [`TSNE_POINTS`]);
 //! - `confusion.png`: the kNN classifier's confusion matrix on the test split.
 //!
 //! The labelled splits are the run's kNN monitor splits (for the synthetic
@@ -71,8 +72,75 @@ pub fn principal_components(features: &Tensor) -> Tensor {
     centred.matmul(&v.narrow(1, 0, 2))
 }
 
+/// Points the t-SNE figure shows at most: Barnes–Hut t-SNE costs
+/// O(N log N) per iteration, about 10 s for 2,000 points on 2 cores.
+pub const TSNE_POINTS: usize = 2000;
+
+/// `features` (`[M, D]`, M >= 4) embedded in 2-D by Barnes–Hut t-SNE (van der
+/// Maaten 2014, the `bhtsne` crate), `[M, 2]`.
+///
+/// Rows are L2-normalised first, so Euclidean distance orders pairs as cosine
+/// similarity does, the geometry NT-Xent trains. Perplexity 30 (less for
+/// small M), θ = 0.5, 1,000 iterations. The start is the PCA projection
+/// scaled to a deviation of 1e-4, as openTSNE does: global structure is kept
+/// better than from a random start, and the result does not depend on a
+/// random generator.
+pub fn tsne(features: &Tensor) -> Result<Tensor> {
+    let rows = features.size()[0];
+    if rows < 4 {
+        return Err(Error::InvalidArgument(format!("t-SNE needs at least 4 points, got {rows}")));
+    }
+    let x = features.to_kind(Kind::Float).to_device(Device::Cpu);
+    let x = &x / x.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
+    let start = principal_components(&x);
+    let start = (&start / start.select(1, 0).std(true).clamp_min(1e-12) * 1e-4).to_kind(Kind::Float);
+    let start = Vec::<f32>::try_from(&start.reshape([-1]))?;
+    let dim = x.size()[1] as usize;
+    let flat = Vec::<f32>::try_from(&x.reshape([-1]))?;
+    let points: Vec<&[f32]> = flat.chunks(dim).collect();
+    // bhtsne requires 3 × perplexity < M.
+    let perplexity = 30f32.min((rows - 2) as f32 / 3.0);
+    let distance = |a: &&[f32], b: &&[f32]| a.iter().zip(*b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>().sqrt();
+    let embedding = bhtsne::tSNE::<f32, &[f32], 2>::new(&points)
+        .perplexity(perplexity)
+        .epochs(1000)
+        .initial_embedding(start)
+        .barnes_hut(0.5, distance)
+        .embedding();
+    Ok(Tensor::from_slice(&embedding).reshape([rows, 2]))
+}
+
+/// How 2-D points of a scatter plot were made, for its title and axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    Pca,
+    Tsne,
+}
+
+impl Projection {
+    fn caption(self) -> &'static str {
+        match self {
+            Projection::Pca => "test-split representations h: first two principal components",
+            Projection::Tsne => "test-split representations h: t-SNE (cosine, perplexity 30)",
+        }
+    }
+
+    fn axes(self) -> [&'static str; 2] {
+        match self {
+            Projection::Pca => ["PC 1", "PC 2"],
+            Projection::Tsne => ["t-SNE 1", "t-SNE 2"],
+        }
+    }
+}
+
 /// A scatter plot of 2-D points coloured by class, with a legend.
-pub fn embedding_scatter(points: &Tensor, classes: &[usize], names: &[String], path: &Path) -> Result<()> {
+pub fn embedding_scatter(
+    points: &Tensor,
+    projection: Projection,
+    classes: &[usize],
+    names: &[String],
+    path: &Path,
+) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
     let xy = Vec::<Vec<f64>>::try_from(&points.to_kind(Kind::Double).to_device(Device::Cpu))?;
     let range = |axis: usize| {
@@ -84,13 +152,14 @@ pub fn embedding_scatter(points: &Tensor, classes: &[usize], names: &[String], p
     let root = BitMapBackend::new(path, (900, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("test-split representations h: first two principal components", ("sans-serif", 22))
+        .caption(projection.caption(), ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(55)
         .build_cartesian_2d(range(0), range(1))
         .map_err(|e| fail(&e))?;
-    chart.configure_mesh().x_desc("PC 1").y_desc("PC 2").draw().map_err(|e| fail(&e))?;
+    let [x_desc, y_desc] = projection.axes();
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw().map_err(|e| fail(&e))?;
     for (class, name) in names.iter().enumerate() {
         let color = Palette99::pick(class).to_rgba();
         let members = xy.iter().zip(classes).filter(|(_, &c)| c == class).map(|(p, _)| (p[0], p[1]));
@@ -243,8 +312,17 @@ pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let actual: Vec<usize> = queries.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
 
     let embedding = run_dir.join("embedding.png");
-    embedding_scatter(&principal_components(&f.test), &actual, names, &embedding)?;
+    embedding_scatter(&principal_components(&f.test), Projection::Pca, &actual, names, &embedding)?;
     written.push(embedding);
+    // The first TSNE_POINTS queries: the monitor's test split is drawn at
+    // random already, so these are a random sample too.
+    let shown = f.test.size()[0].min(TSNE_POINTS as i64);
+    if shown >= 4 {
+        let tsne_path = run_dir.join("tsne.png");
+        let points = tsne(&f.test.narrow(0, 0, shown))?;
+        embedding_scatter(&points, Projection::Tsne, &actual[..shown as usize], names, &tsne_path)?;
+        written.push(tsne_path);
+    }
     let confusion = run_dir.join("confusion.png");
     confusion_matrix(&predicted, &actual, names, &confusion)?;
     written.push(confusion);
@@ -269,6 +347,23 @@ mod tests {
     }
 
     #[test]
+    fn tsne_keeps_clusters_apart() {
+        // Three tight clusters in 16-D, along different directions: in the
+        // 2-D embedding, every point's nearest neighbour is in its own cluster.
+        let options = (Kind::Float, Device::Cpu);
+        let classes = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat([40]);
+        let centres = Tensor::eye(16, options).narrow(0, 0, 3) * 4.0;
+        let points = centres.index_select(0, &classes) + Tensor::randn([120, 16], options) * 0.3;
+        let embedded = tsne(&points).unwrap();
+        assert_eq!(embedded.size(), vec![120, 2]);
+        let distances = Tensor::cdist(&embedded, &embedded, 2.0, None::<i64>) + Tensor::eye(120, options) * 1e9;
+        let nearest = distances.argmin(1, false);
+        let same = classes.index_select(0, &nearest).eq_tensor(&classes).to_kind(Kind::Float).mean(Kind::Float);
+        assert!(same.double_value(&[]) > 0.97, "{same}");
+        assert!(tsne(&points.narrow(0, 0, 3)).is_err());
+    }
+
+    #[test]
     fn figures_are_written_as_png() {
         let dir = tempfile::tempdir().unwrap();
         let metrics: Vec<EpochMetrics> = (1..=3)
@@ -286,8 +381,8 @@ mod tests {
         let curves = dir.path().join("curves.png");
         training_curves(&metrics, &curves).unwrap();
         let scatter = dir.path().join("scatter.png");
-        embedding_scatter(&Tensor::randn([30, 2], (Kind::Float, Device::Cpu)), &[0, 1, 2].repeat(10), &names, &scatter)
-            .unwrap();
+        let points = Tensor::randn([30, 2], (Kind::Float, Device::Cpu));
+        embedding_scatter(&points, Projection::Tsne, &[0, 1, 2].repeat(10), &names, &scatter).unwrap();
         let confusion = dir.path().join("confusion.png");
         confusion_matrix(&[0, 1, 1, 2], &[0, 1, 2, 2], &names, &confusion).unwrap();
         for (path, size) in [(curves, (WIDTH, 400)), (scatter, (900, 800)), (confusion, (900, 850))] {

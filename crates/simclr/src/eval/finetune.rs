@@ -14,7 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
 use tch::Tensor;
 
-use super::features::labels;
+use super::features::{extract_features, labels, FEATURE_BATCH};
+use super::linear::{fit_linear, LinearConfig};
 use super::{accuracy, Accuracy, Task};
 use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
 use crate::data::loader::{center_batch, map_batch};
@@ -35,6 +36,32 @@ pub struct FinetuneConfig {
     pub seed: u64,
     /// Where the chosen subset is listed (one image per line), if anywhere.
     pub subset_file: Option<PathBuf>,
+    pub head_init: HeadInit,
+}
+
+/// How the new linear layer on top of the encoder starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadInit {
+    /// PyTorch's default initialisation, as in the paper.
+    #[default]
+    Random,
+    /// A linear classifier first fitted on the frozen encoder's features of
+    /// the labelled subset (linear probing then fine-tuning, "LP-FT", Kumar
+    /// et al. 2022): the first steps then no longer push a random head's
+    /// gradients into pretrained features.
+    LinearProbe,
+}
+
+impl std::str::FromStr for HeadInit {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "random" => Ok(HeadInit::Random),
+            "linear-probe" => Ok(HeadInit::LinearProbe),
+            other => Err(Error::InvalidArgument(format!("head init '{other}': expected random or linear-probe"))),
+        }
+    }
 }
 
 impl Default for FinetuneConfig {
@@ -47,6 +74,19 @@ impl Default for FinetuneConfig {
             momentum: 0.9,
             seed: 0,
             subset_file: None,
+            head_init: HeadInit::Random,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// Appendix B.5's fine-tuning length: 60 epochs on 1% of the labels
+    /// (or fewer), 30 on 10% and above.
+    pub fn paper_epochs(fraction: f64) -> usize {
+        if fraction <= 0.01 {
+            60
+        } else {
+            30
         }
     }
 }
@@ -98,6 +138,17 @@ pub fn finetune(
     }
     let device = store.device();
     let classifier = nn::linear(store.root() / "fc", encoder.feature_dim(), task.classes, Default::default());
+    if config.head_init == HeadInit::LinearProbe {
+        let chosen: Vec<Sample> = subset.iter().map(|&i| train.samples[i].clone()).collect();
+        let features = extract_features(encoder, &chosen, format, FEATURE_BATCH, device, pool)?;
+        let probe = LinearConfig { seed: config.seed, ..Default::default() };
+        let probe = fit_linear(&features, &labels(&chosen, device), task.classes, &probe)?;
+        let bias = classifier.bs.as_ref().expect("nn::linear has a bias");
+        tch::no_grad(|| {
+            classifier.ws.shallow_clone().copy_(&probe.weight);
+            bias.shallow_clone().copy_(&probe.bias);
+        });
+    }
     let mut optimizer =
         nn::Sgd { momentum: config.momentum, nesterov: true, wd: 0.0, dampening: 0.0 }.build(store, 0.0)?;
     // Crop and flip only (appendix B.5).

@@ -43,22 +43,53 @@ pub fn linear_eval(
     classes: i64,
     config: &LinearConfig,
 ) -> Result<Accuracy> {
+    if test.size()[0] == 0 {
+        return Err(Error::InvalidArgument("linear evaluation needs test features, got 0 rows".to_owned()));
+    }
+    let classifier = fit_linear(train, train_labels, classes, config)?;
+    let logits = tch::no_grad(|| classifier.logits(test));
+    Ok(accuracy(&logits, test_labels))
+}
+
+/// A linear classifier on raw features h: `logits = h Wᵀ + b`, with the
+/// standardisation it was trained behind folded into W and b.
+#[derive(Debug)]
+pub struct LinearClassifier {
+    /// `[classes, features]`.
+    pub weight: Tensor,
+    /// `[classes]`.
+    pub bias: Tensor,
+}
+
+impl LinearClassifier {
+    pub fn logits(&self, features: &Tensor) -> Tensor {
+        features.to_kind(Kind::Float).linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// Fits a linear classifier on standardised features by SGD (Nesterov,
+/// cosine schedule), then folds the standardisation into its weights.
+pub fn fit_linear(
+    train: &Tensor,
+    train_labels: &Tensor,
+    classes: i64,
+    config: &LinearConfig,
+) -> Result<LinearClassifier> {
     let rows = train.size()[0];
-    if rows == 0 || test.size()[0] == 0 || config.batch_size == 0 || config.epochs == 0 {
+    if rows == 0 || config.batch_size == 0 || config.epochs == 0 {
         return Err(Error::InvalidArgument(format!(
-            "linear evaluation needs training and test features, batch size and epochs >= 1 \
-             (got {rows} training rows, {} test rows, batch {}, {} epochs)",
-            test.size()[0],
-            config.batch_size,
-            config.epochs
+            "a linear classifier needs training features, batch size and epochs >= 1 \
+             (got {rows} training rows, batch {}, {} epochs)",
+            config.batch_size, config.epochs
         )));
     }
     let device = train.device();
     let train = train.to_kind(Kind::Float);
     let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
-    let deviation = train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
-    let standardise = |x: &Tensor| (x.to_kind(Kind::Float) - &mean) / &deviation;
-    let (train, test) = (standardise(&train), standardise(test));
+    // A single row has no spread: the deviation is then taken as 1.
+    let deviation =
+        if rows > 1 { train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6) } else { mean.ones_like() };
+    let train = (&train - &mean) / &deviation;
 
     tch::manual_seed(config.seed as i64);
     let store = nn::VarStore::new(device);
@@ -86,8 +117,11 @@ pub fn linear_eval(
             step += 1;
         }
     }
-    let logits = tch::no_grad(|| test.apply(&classifier));
-    Ok(accuracy(&logits, test_labels))
+    // ((h - μ) / σ) Wᵀ + b = h (W / σ)ᵀ + (b - (W / σ) μ)
+    let weight = tch::no_grad(|| &classifier.ws / &deviation);
+    let bias =
+        tch::no_grad(|| classifier.bs.as_ref().expect("nn::linear has a bias") - weight.matmul(&mean.squeeze_dim(0)));
+    Ok(LinearClassifier { weight, bias })
 }
 
 #[cfg(test)]
@@ -107,5 +141,25 @@ mod tests {
         let accuracy = linear_eval(&(train * 1000.0), &labels, &(test * 1000.0), &labels, 4, &config).unwrap();
         assert!(accuracy.top1 > 0.9, "{accuracy:?}");
         assert!(accuracy.top5 == 1.0);
+    }
+
+    #[test]
+    fn folded_standardisation_gives_the_same_logits() {
+        let options = (Kind::Float, Device::Cpu);
+        let labels = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat([20]);
+        let train = Tensor::randn([60, 5], options) * 7.0 + 3.0;
+        let config = LinearConfig { epochs: 3, batch_size: 16, ..Default::default() };
+        let classifier = fit_linear(&train, &labels, 3, &config).unwrap();
+        assert_eq!(classifier.weight.size(), vec![3, 5]);
+        // The same fit, applied behind the standardisation by hand.
+        let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
+        let deviation = train.std_dim([0i64].as_slice(), false, true);
+        let standardised = (&train - &mean) / &deviation;
+        let by_hand = standardised.linear(
+            &(&classifier.weight * &deviation),
+            Some(&(&classifier.bias + classifier.weight.matmul(&mean.squeeze_dim(0)))),
+        );
+        let difference = (classifier.logits(&train) - by_hand).abs().max().double_value(&[]);
+        assert!(difference < 1e-4, "{difference}");
     }
 }

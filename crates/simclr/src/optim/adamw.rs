@@ -2,16 +2,23 @@
 //! weight decay w ← w(1 − lr·λ), then the bias-corrected Adam step.
 use tch::Tensor;
 
-use super::{Hyper, Param};
+use super::{Hyper, Layout};
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPSILON: f64 = 1e-8;
 
-pub fn update(param: &mut Param, grad: &Tensor, moments: &mut [Tensor], lr: f64, hyper: Hyper, step: i64) {
-    let w = &mut param.tensor;
-    if param.decay_and_adapt && hyper.weight_decay != 0.0 {
-        let _ = w.g_mul_scalar_(1.0 - lr * hyper.weight_decay);
+pub fn update(
+    w: &mut Tensor,
+    grad: &Tensor,
+    moments: &mut [Tensor],
+    layout: &Layout,
+    lr: f64,
+    hyper: Hyper,
+    step: i64,
+) {
+    if hyper.weight_decay != 0.0 {
+        let _ = w.g_sub_(&(&*w * &layout.decayed * (lr * hyper.weight_decay)));
     }
     let [first, second] = moments else { unreachable!("AdamW keeps exactly two moments") };
     let _ = first.g_mul_scalar_(BETA1).g_add_(&(grad * (1.0 - BETA1)));

@@ -6,23 +6,19 @@
 //! w ← w − v
 //!
 //! Note the momentum accumulates the already-scaled step, unlike PyTorch's SGD.
+//! Norms are per parameter tensor, taken over the flat buffers by segment.
 use tch::{Kind, Tensor};
 
-use super::{Hyper, Param};
+use super::{Hyper, Layout};
 
-pub fn update(param: &mut Param, grad: &Tensor, velocity: &mut Tensor, lr: f64, hyper: Hyper) {
-    let grad = super::decayed_gradient(param, grad, hyper.weight_decay);
-    let w = &mut param.tensor;
-    let step = if param.decay_and_adapt {
-        // Kept on the device (no .item()): the ratio is a 0-d tensor.
-        let w_norm = w.norm().to_kind(Kind::Float);
-        let g_norm = grad.norm().to_kind(Kind::Float);
-        let usable = w_norm.gt(0.0).logical_and(&g_norm.gt(0.0));
-        let trust = (hyper.trust_coefficient * &w_norm / &g_norm).where_self(&usable, &w_norm.ones_like());
-        grad * (trust * lr)
-    } else {
-        grad * lr
-    };
+pub fn update(weights: &mut Tensor, grad: &Tensor, velocity: &mut Tensor, layout: &Layout, lr: f64, hyper: Hyper) {
+    let grad = super::decayed_gradient(weights, grad, layout, hyper.weight_decay);
+    // Kept on the device (no .item()): the ratios are a `[P]` tensor.
+    let w_norm = layout.norms(weights).to_kind(Kind::Float);
+    let g_norm = layout.norms(&grad).to_kind(Kind::Float);
+    let usable = w_norm.gt(0.0).logical_and(&g_norm.gt(0.0)).logical_and(&layout.adapted);
+    let trust = (hyper.trust_coefficient * &w_norm / &g_norm).where_self(&usable, &w_norm.ones_like()) * lr;
+    let step = grad * layout.spread(&trust, weights.numel() as i64);
     let _ = velocity.g_mul_scalar_(hyper.momentum).g_add_(&step);
-    let _ = w.g_sub_(velocity);
+    let _ = weights.g_sub_(velocity);
 }

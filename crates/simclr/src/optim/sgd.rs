@@ -2,11 +2,10 @@
 //! b ← μb + (∇w + λw); w ← w − lr·b. Weight decay skips BatchNorm and biases.
 use tch::Tensor;
 
-use super::{Hyper, Param};
+use super::{Hyper, Layout};
 
-pub fn update(param: &mut Param, grad: &Tensor, buffer: &mut Tensor, lr: f64, hyper: Hyper) {
-    let grad = super::decayed_gradient(param, grad, hyper.weight_decay);
-    let w = &mut param.tensor;
+pub fn update(weights: &mut Tensor, grad: &Tensor, buffer: &mut Tensor, layout: &Layout, lr: f64, hyper: Hyper) {
+    let grad = super::decayed_gradient(weights, grad, layout, hyper.weight_decay);
     let _ = buffer.g_mul_scalar_(hyper.momentum).g_add_(&grad);
-    let _ = w.g_sub_(&(&*buffer * lr));
+    let _ = weights.g_sub_(&(&*buffer * lr));
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::{nn, Device};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint, Position};
 use super::metrics::{EpochMetrics, MetricsLog};
@@ -172,8 +172,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
 
     let mixed_precision = config.train.mixed_precision;
     let mut epochs = Vec::new();
-    let mut nonfinite_in_row = 0;
-    let mut skipped_steps = 0;
+    let mut ledger = Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone());
     let mut interrupted_at = None;
     let mut config = config;
     let mut epoch = position.epoch;
@@ -185,7 +184,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
             let views = batch?.to_device(device);
             learning_rate = schedule.learning_rate(position.step);
             let poisoned = options.poison_steps.contains(&position.step);
-            let step = || -> Result<(f64, bool)> {
+            let step = || -> Result<(Tensor, Tensor)> {
                 let mut loss = crate::device::autocast(mixed_precision, device, || {
                     let (_, z) = model.forward_t(&views, true);
                     config.loss.compute(&z)
@@ -193,47 +192,34 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
                 if poisoned {
                     loss *= f64::NAN;
                 }
-                optimizer.zero_grad();
-                loss.backward();
-                // One read of the loss and one of the gradients' norm per step: the
-                // price of catching a fault before it reaches the weights.
-                Ok((loss.double_value(&[]), optimizer.gradients_finite()))
+                optimizer.backward(&loss)?;
+                // A non-finite loss or gradient is caught on the device: the
+                // step is undone there, and the ledger reads the verdict later.
+                let finite = optimizer.step_if_finite(learning_rate, &loss);
+                Ok((loss.detach(), finite))
             };
-            let (value, gradients_finite) = out_of_memory_as_error(step, device, batch_size)?;
-            if value.is_finite() && gradients_finite {
-                optimizer.step(learning_rate);
-                nonfinite_in_row = 0;
-                position.epoch_loss_sum += value;
-                position.epoch_loss_count += 1;
-            } else {
-                nonfinite_in_row += 1;
-                skipped_steps += 1;
-                tracing::warn!(step = position.step, "non-finite loss or gradient ({value}): step skipped");
-                if nonfinite_in_row >= config.train.max_nonfinite_steps {
-                    return Err(Error::NonFinite(format!(
-                        "{nonfinite_in_row} steps in a row (up to step {}) gave a non-finite loss or gradient; \
-                         likely causes: a learning rate too high (optim.learning_rate), a temperature too low \
-                         (loss.temperature), or reduced precision (train.mixed_precision). The last checkpoint, \
-                         from before the fault, is {}",
-                        position.step,
-                        checkpoint_path.display()
-                    )));
-                }
-            }
+            let (loss, finite) = out_of_memory_as_error(step, device, batch_size)?;
+            ledger.push(position.step, loss, finite);
             position.step += 1;
             position.batch += 1;
+            let stop = options.stop_requested(position.step) && position.batch < steps_per_epoch;
+            if ledger.due() || stop || position.batch == steps_per_epoch {
+                let last_loss = ledger.settle(&mut position)?;
+                if let (Some(bar), Some(loss)) = (&bar, last_loss) {
+                    let images_per_second = position.batch as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
+                    bar.set_message(format!("loss {loss:.4} lr {learning_rate:.4} {images_per_second:.0} images/s"));
+                }
+            }
             if let Some(bar) = &bar {
-                let images_per_second =
-                    (bar.position() + 1) as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
-                bar.set_message(format!("loss {value:.4} lr {learning_rate:.4} {images_per_second:.0} images/s"));
                 bar.inc(1);
             }
-            if options.stop_requested(position.step) && position.batch < steps_per_epoch {
+            if stop {
                 checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
                 interrupted_at = Some(position);
                 break 'epochs;
             }
         }
+        ledger.settle(&mut position)?;
         position.epoch = epoch + 1;
         let seconds = started.elapsed().as_secs_f64();
         if let Some(bar) = bar {
@@ -297,7 +283,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         initial_knn_top1,
         device,
         interrupted_at,
-        skipped_steps,
+        skipped_steps: ledger.skipped_steps,
         skipped_images: skipped_images(&train_set, monitor.as_ref()),
     };
     if interrupted_at.is_some() {
@@ -312,7 +298,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         "final_loss": report.epochs.last().map(|m| m.loss),
         "initial_knn_top1": report.initial_knn_top1,
         "final_knn_top1": report.final_knn_top1(),
-        "skipped_steps": skipped_steps,
+        "skipped_steps": report.skipped_steps,
         "skipped_images": report.skipped_images,
         "device": format!("{device:?}"),
     });
@@ -321,12 +307,87 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     Ok(report)
 }
 
+/// Steps whose loss and verdict (finite or not) are still on the device.
+/// They are read in one go every [`Ledger::READ_EVERY`] steps, at the end of
+/// an epoch and before a checkpoint: one host-device synchronisation per
+/// batch of steps, so a GPU is never left idle waiting for the host.
+struct Ledger {
+    pending: Vec<(usize, Tensor, Tensor)>,
+    nonfinite_in_row: usize,
+    max_nonfinite_in_row: usize,
+    skipped_steps: usize,
+    checkpoint_path: PathBuf,
+}
+
+impl Ledger {
+    /// Steps between reads: a non-finite run is stopped at most this many
+    /// steps late (the steps themselves were undone on the device).
+    const READ_EVERY: usize = 16;
+
+    fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf) -> Self {
+        Self { pending: Vec::new(), nonfinite_in_row: 0, max_nonfinite_in_row, skipped_steps: 0, checkpoint_path }
+    }
+
+    fn push(&mut self, step: usize, loss: Tensor, finite: Tensor) {
+        self.pending.push((step, loss, finite));
+    }
+
+    fn due(&self) -> bool {
+        self.pending.len() >= Self::READ_EVERY
+    }
+
+    /// Reads the pending steps, adds the finite ones to the epoch's loss, and
+    /// fails once too many in a row were not; returns the last loss read.
+    fn settle(&mut self, position: &mut Position) -> Result<Option<f64>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let (steps, values): (Vec<usize>, Vec<Tensor>) = self
+            .pending
+            .drain(..)
+            .map(|(step, loss, finite)| {
+                let pair = Tensor::stack(&[loss.to_kind(Kind::Double), finite.to_kind(Kind::Double)], 0);
+                (step, pair)
+            })
+            .unzip();
+        let read = Vec::<f64>::try_from(&Tensor::stack(&values, 0).reshape([-1]).to_device(Device::Cpu))?;
+        let mut last = None;
+        for (&step, pair) in steps.iter().zip(read.chunks(2)) {
+            let (value, finite) = (pair[0], pair[1] != 0.0);
+            last = Some(value);
+            if finite {
+                self.nonfinite_in_row = 0;
+                position.epoch_loss_sum += value;
+                position.epoch_loss_count += 1;
+                continue;
+            }
+            self.nonfinite_in_row += 1;
+            self.skipped_steps += 1;
+            tracing::warn!(step, "non-finite loss or gradient ({value}): step skipped");
+            if self.nonfinite_in_row >= self.max_nonfinite_in_row {
+                return Err(Error::NonFinite(format!(
+                    "{} steps in a row (up to step {step}) gave a non-finite loss or gradient; \
+                     likely causes: a learning rate too high (optim.learning_rate), a temperature too low \
+                     (loss.temperature), or reduced precision (train.mixed_precision). The last checkpoint, \
+                     from before the fault, is {}",
+                    self.nonfinite_in_row,
+                    self.checkpoint_path.display()
+                )));
+            }
+        }
+        Ok(last)
+    }
+}
+
 /// Runs a training step; libtorch's out-of-memory failures (raised as
 /// panics by tch's infallible ops) become [`Error::OutOfMemory`] naming the
 /// batch size, and any other panic carries on.
 fn out_of_memory_as_error<T>(step: impl FnOnce() -> Result<T>, device: Device, batch_size: usize) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
-        Ok(result) => result,
+    let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        // Fallible calls (the backward pass) report it as an error...
+        Ok(Err(Error::Torch(error))) if crate::device::is_out_of_memory(&error.to_string()) => error.to_string(),
+        Ok(result) => return result,
+        // ...the others, through tch, as a panic.
         Err(payload) => {
             let message = payload
                 .downcast_ref::<String>()
@@ -336,14 +397,15 @@ fn out_of_memory_as_error<T>(step: impl FnOnce() -> Result<T>, device: Device, b
             if !crate::device::is_out_of_memory(&message) {
                 std::panic::resume_unwind(payload);
             }
-            Err(Error::OutOfMemory {
-                device: format!("{device:?}"),
-                batch_size,
-                views: 2 * batch_size,
-                message: allocation_failure(&message).to_owned(),
-            })
+            message
         }
-    }
+    };
+    Err(Error::OutOfMemory {
+        device: format!("{device:?}"),
+        batch_size,
+        views: 2 * batch_size,
+        message: allocation_failure(&message).to_owned(),
+    })
 }
 
 /// The sentence of a libtorch error that says what failed to allocate,
