@@ -48,7 +48,8 @@ pub fn training_curves(metrics: &[EpochMetrics], path: &Path) -> Result<()> {
         let low = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let high = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let (low, high) = if points.is_empty() { (0.0, 1.0) } else { (low, high) };
-        let margin = ((high - low) * 0.1).max(1e-6);
+        // One point, or a flat series, still gets a readable axis around it.
+        let margin = if high - low > 1e-9 { (high - low) * 0.1 } else { high.abs().max(1.0) * 0.05 };
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 20))
             .margin(12)
