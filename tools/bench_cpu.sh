@@ -7,6 +7,7 @@
 #
 #   tools/bench_cpu.sh                 # ResNet-18, CIFAR stem, batch 64, 32x32
 #   BATCH=128 STEPS=10 ROUNDS=5 tools/bench_cpu.sh
+#   REF_ARGS=--channels-last tools/bench_cpu.sh   # PyTorch in simclr's memory format
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
@@ -17,7 +18,8 @@ cargo build --quiet -p simclr-cli
 runs=()
 for _ in $(seq "${ROUNDS:-3}"); do
     runs+=("$(target/debug/simclr bench "${args[@]}" --device cpu --json 2>/dev/null)")
-    runs+=("$("$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads "$(nproc)")")
+    # shellcheck disable=SC2086
+    runs+=("$("$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads "$(nproc)" ${REF_ARGS:-})")
 done
 python3 - "${runs[@]}" <<'PY'
 import json, statistics, sys

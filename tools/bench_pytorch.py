@@ -57,6 +57,7 @@ def main():
     parser.add_argument("--hidden-dim", type=int, default=0, help="head hidden width; 0 = the size of h")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last (CUDA)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last without bf16 (as simclr does)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main():
     head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 128))
     model = torch.nn.Sequential(encoder, head).to(device)
     views = torch.randn(2 * args.batch_size, 3, args.image_size, args.image_size, device=device)
-    if args.bf16:
+    if args.bf16 or args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         views = views.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,7 +117,8 @@ def main():
     forward_seconds = timed(forward)
     done = args.steps * args.batch_size
     print(json.dumps({
-        "implementation": f"pytorch {torch.__version__}" + (" bf16+channels_last" if args.bf16 else ""),
+        "implementation": f"pytorch {torch.__version__}"
+        + (" bf16+channels_last" if args.bf16 else " channels_last" if args.channels_last else ""),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "arch": args.arch,

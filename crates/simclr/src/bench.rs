@@ -54,6 +54,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let device = options.device;
     let store = nn::VarStore::new(device);
     let model = SimClr::new(&store.root(), &options.model);
+    crate::device::use_channels_last(&store);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig::default(), named);
     let loss_config = LossConfig::default();

@@ -52,6 +52,7 @@ impl EncoderSpec {
         }
         let store = nn::VarStore::new(self.device);
         let encoder = ResNet::new(&store.root(), self.arch, self.width_multiplier, self.stem);
+        crate::device::use_channels_last(&store);
         crate::io::torchvision::load_encoder(&store.variables(), &self.weights)?;
         Ok(LoadedEncoder { _store: store, encoder, spec: self.clone(), pool: worker_pool(0)? })
     }

@@ -117,6 +117,7 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
     tch::manual_seed(options.seed as i64);
     let store = nn::VarStore::new(options.device);
     let encoder = ResNet::new(&store.root(), options.arch, options.width_multiplier, options.stem);
+    crate::device::use_channels_last(&store);
     let encoder_name = match &options.encoder {
         EncoderSource::Weights(path) => {
             crate::io::torchvision::load_encoder(&store.variables(), path)?;

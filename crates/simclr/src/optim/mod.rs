@@ -152,6 +152,23 @@ impl Layout {
     }
 }
 
+/// The dimensions of a dense tensor from its outermost to its innermost in
+/// memory: `[0, 1, 2, 3]` for NCHW, `[0, 2, 3, 1]` for channels-last. A
+/// parameter's part of a flat buffer follows this order, so it keeps its
+/// memory layout (see `device::use_channels_last`).
+fn memory_order(tensor: &Tensor) -> Vec<i64> {
+    let (size, stride) = (tensor.size(), tensor.stride());
+    let mut order: Vec<i64> = (0..size.len() as i64).collect();
+    // Dimensions of size 1 can carry any stride: they keep their place.
+    order.sort_by_key(|&d| std::cmp::Reverse(if size[d as usize] == 1 { i64::MAX } else { stride[d as usize] }));
+    order
+}
+
+/// `tensor`'s elements in `order`, flat (a view when that is its layout).
+fn flatten_in(tensor: &Tensor, order: &[i64]) -> Tensor {
+    tensor.permute(order).reshape([-1])
+}
+
 /// ∇w + λw on decayed elements, ∇w elsewhere, for flat buffers.
 fn decayed_gradient(weights: &Tensor, grad: &Tensor, layout: &Layout, weight_decay: f64) -> Tensor {
     if weight_decay != 0.0 {
@@ -182,6 +199,8 @@ pub struct Optimizer {
     names: Vec<String>,
     /// The parameters, in name order: views of `weights` after `new`.
     params: Vec<Tensor>,
+    /// Each parameter's [`memory_order`].
+    orders: Vec<Vec<i64>>,
     weights: Tensor,
     layout: Layout,
     /// The last backward pass's gradients, flat; `None` before the first.
@@ -203,24 +222,34 @@ impl Optimizer {
             params.iter().all(|p| (p.kind(), p.device()) == options),
             "the optimiser's parameters must share one dtype and device"
         );
-        let flat: Vec<Tensor> = params.iter().map(|p| p.detach().reshape([-1])).collect();
+        let orders: Vec<Vec<i64>> = params.iter().map(memory_order).collect();
+        let flat: Vec<Tensor> = params.iter().zip(&orders).map(|(p, order)| flatten_in(&p.detach(), order)).collect();
         let weights =
             if flat.is_empty() { Tensor::zeros([0], options) } else { tch::no_grad(|| Tensor::cat(&flat, 0)) };
         let layout = Layout::new(&params.iter().collect::<Vec<_>>());
-        let mut offset = 0;
-        for (param, &numel) in params.iter().zip(&layout.numels) {
-            let view = weights.narrow(0, offset, numel).view(param.size().as_slice());
+        let mut optimizer = Self {
+            kind,
+            hyper: Hyper { weight_decay: 0.0, momentum: 0.0, trust_coefficient: 0.0 },
+            names,
+            params,
+            orders,
+            weights,
+            layout,
+            gradient: None,
+            state: Vec::new(),
+            steps: 0,
+        };
+        for (param, view) in optimizer.params.iter().zip(optimizer.views(&optimizer.weights).map(|(_, v)| v)) {
             tch::no_grad(|| param.shallow_clone().set_data(&view));
-            offset += numel;
         }
         let slots = if kind == OptimizerKind::Adamw { 2 } else { 1 };
-        let state = (0..slots).map(|_| weights.zeros_like()).collect();
-        let hyper = Hyper {
+        optimizer.state = (0..slots).map(|_| optimizer.weights.zeros_like()).collect();
+        optimizer.hyper = Hyper {
             weight_decay: config.weight_decay,
             momentum: config.momentum,
             trust_coefficient: config.trust_coefficient,
         };
-        Self { kind, hyper, names, params, weights, layout, gradient: None, state, steps: 0 }
+        optimizer
     }
 
     /// Back-propagates `loss` to the parameters, keeping their gradients
@@ -230,7 +259,16 @@ impl Optimizer {
         let flat: Vec<Tensor> = grads
             .iter()
             .zip(&self.params)
-            .map(|(g, p)| if g.defined() { g.reshape([-1]) } else { p.detach().reshape([-1]).zeros_like() })
+            .zip(&self.orders)
+            .map(
+                |((g, p), order)| {
+                    if g.defined() {
+                        flatten_in(g, order)
+                    } else {
+                        p.detach().reshape([-1]).zeros_like()
+                    }
+                },
+            )
             .collect();
         self.gradient = Some(if flat.is_empty() { self.weights.zeros_like() } else { Tensor::cat(&flat, 0) });
         Ok(())
@@ -276,11 +314,19 @@ impl Optimizer {
         finite
     }
 
-    /// Per parameter, in name order: its name and its part of `flat`, shaped like it.
+    /// Per parameter, in name order: its name and its part of `flat`, shaped
+    /// (and laid out in memory) like it.
     fn views<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = (&'a str, Tensor)> + 'a {
         let mut offset = 0;
-        self.names.iter().zip(&self.params).zip(&self.layout.numels).map(move |((name, param), &numel)| {
-            let view = flat.narrow(0, offset, numel).view(param.size().as_slice());
+        let parts = self.names.iter().zip(&self.params).zip(&self.orders).zip(&self.layout.numels);
+        parts.map(move |(((name, param), order), &numel)| {
+            let size = param.size();
+            let permuted: Vec<i64> = order.iter().map(|&d| size[d as usize]).collect();
+            let mut inverse = vec![0i64; order.len()];
+            for (position, &d) in order.iter().enumerate() {
+                inverse[d as usize] = position as i64;
+            }
+            let view = flat.narrow(0, offset, numel).view(permuted.as_slice()).permute(&inverse);
             offset += numel;
             (name.as_str(), view)
         })
@@ -373,6 +419,33 @@ mod tests {
         assert_eq!(state.len(), 1 + params.len());
         let velocity = &state.iter().find(|(n, _)| n == "0.fc").unwrap().1;
         assert!(velocity.allclose(&expected[2].1, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn channels_last_parameters_keep_their_layout_and_their_updates() {
+        // The same SGD steps on a convolution kernel stored NCHW and one
+        // stored channels-last give the same values.
+        let options = (Kind::Float, Device::Cpu);
+        let start = Tensor::randn([4, 3, 3, 3], options);
+        let gradient = Tensor::randn([4, 3, 3, 3], options);
+        let config = OptimConfig { optimizer: OptimizerKind::Sgd, ..Default::default() };
+        let results: Vec<Tensor> = [false, true]
+            .into_iter()
+            .map(|last| {
+                let w = if last { crate::device::channels_last(&start) } else { start.copy() }.set_requires_grad(true);
+                let mut optimizer = Optimizer::new(&config, vec![("w".to_owned(), w.shallow_clone())]);
+                assert_eq!(w.stride(), if last { vec![27, 1, 9, 3] } else { vec![27, 9, 3, 1] });
+                for _ in 0..2 {
+                    optimizer.backward(&(&w * &gradient).sum(Kind::Float)).unwrap();
+                    optimizer.step(0.1);
+                }
+                let state = optimizer.state_tensors().pop().unwrap().1;
+                assert!(state.allclose(&(&gradient * 1.9), 1e-5, 1e-5, false), "momentum, read back per tensor");
+                w.detach().copy()
+            })
+            .collect();
+        assert!(results[0].allclose(&results[1], 1e-6, 1e-6, false));
+        assert!(results[0].allclose(&(&start - &gradient * 0.29), 1e-5, 1e-5, false));
     }
 
     #[test]

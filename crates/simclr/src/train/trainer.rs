@@ -123,6 +123,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
 
     let store = nn::VarStore::new(device);
     let model = SimClr::new(&store.root(), &config.model);
+    crate::device::use_channels_last(&store);
     let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
     let mut optimizer = Optimizer::new(&config.optim, trainable);
 
