@@ -50,7 +50,7 @@ pub fn use_channels_last(store: &tch::nn::VarStore) {
 pub fn channels_last(x: &Tensor) -> Tensor {
     let size = x.size();
     let [_, c, h, w] = size[..] else { panic!("channels_last needs a 4-D tensor, got {size:?}") };
-    let mut copy = Tensor::empty_strided(&size, &[c * h * w, 1, w * c, c], (x.kind(), x.device()));
+    let mut copy = Tensor::empty_strided(&size, [c * h * w, 1, w * c, c], (x.kind(), x.device()));
     tch::no_grad(|| copy.copy_(x));
     copy
 }
