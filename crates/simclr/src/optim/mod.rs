@@ -120,6 +120,8 @@ pub struct Layout {
     lengths: Tensor,
     /// The same, on the host.
     numels: Vec<i64>,
+    /// Elements in all, N.
+    total: i64,
     /// Per element: 1 where weight decay and LARS adaptation apply (tensors
     /// of two or more dimensions), 0 for BatchNorm and biases. `[N]`.
     decayed: Tensor,
@@ -134,10 +136,11 @@ impl Layout {
         let adapt: Vec<bool> = tensors.iter().map(|t| t.dim() > 1).collect();
         let lengths = Tensor::from_slice(&numels).to_device(device);
         let adapted = Tensor::from_slice(&adapt).to_device(device);
-        let per_tensor = adapted.to_kind(tch::Kind::Float);
         let total = numels.iter().sum::<i64>();
-        let decayed = per_tensor.repeat_interleave_self_tensor(&lengths, 0, total);
-        Self { lengths, numels, decayed, adapted }
+        let mut layout =
+            Self { lengths, numels, total, decayed: Tensor::zeros([0], (tch::Kind::Float, device)), adapted };
+        layout.decayed = layout.spread(&layout.adapted.to_kind(tch::Kind::Float));
+        layout
     }
 
     /// The Euclidean norm of each tensor's part of `flat`, `[P]`.
@@ -147,8 +150,8 @@ impl Layout {
     }
 
     /// A per-tensor value `[P]` spread over that tensor's elements, `[N]`.
-    fn spread(&self, per_tensor: &Tensor, total: i64) -> Tensor {
-        per_tensor.repeat_interleave_self_tensor(&self.lengths, 0, total)
+    fn spread(&self, per_tensor: &Tensor) -> Tensor {
+        per_tensor.repeat_interleave_self_tensor(&self.lengths, 0, self.total)
     }
 }
 
@@ -227,28 +230,17 @@ impl Optimizer {
         let weights =
             if flat.is_empty() { Tensor::zeros([0], options) } else { tch::no_grad(|| Tensor::cat(&flat, 0)) };
         let layout = Layout::new(&params.iter().collect::<Vec<_>>());
-        let mut optimizer = Self {
-            kind,
-            hyper: Hyper { weight_decay: 0.0, momentum: 0.0, trust_coefficient: 0.0 },
-            names,
-            params,
-            orders,
-            weights,
-            layout,
-            gradient: None,
-            state: Vec::new(),
-            steps: 0,
-        };
-        for (param, view) in optimizer.params.iter().zip(optimizer.views(&optimizer.weights).map(|(_, v)| v)) {
-            tch::no_grad(|| param.shallow_clone().set_data(&view));
-        }
         let slots = if kind == OptimizerKind::Adamw { 2 } else { 1 };
-        optimizer.state = (0..slots).map(|_| optimizer.weights.zeros_like()).collect();
-        optimizer.hyper = Hyper {
+        let state = (0..slots).map(|_| weights.zeros_like()).collect();
+        let hyper = Hyper {
             weight_decay: config.weight_decay,
             momentum: config.momentum,
             trust_coefficient: config.trust_coefficient,
         };
+        let optimizer = Self { kind, hyper, names, params, orders, weights, layout, gradient: None, state, steps: 0 };
+        for (param, (_, view)) in optimizer.params.iter().zip(optimizer.views(&optimizer.weights)) {
+            tch::no_grad(|| param.shallow_clone().set_data(&view));
+        }
         optimizer
     }
 
@@ -272,12 +264,6 @@ impl Optimizer {
             .collect();
         self.gradient = Some(if flat.is_empty() { self.weights.zeros_like() } else { Tensor::cat(&flat, 0) });
         Ok(())
-    }
-
-    /// Whether every gradient of the last backward pass is finite: one
-    /// reduction, one read.
-    pub fn gradients_finite(&self) -> bool {
-        self.gradient.as_ref().is_none_or(|g| g.isfinite().all().int64_value(&[]) != 0)
     }
 
     /// Applies one update with learning rate `lr` from the last backward
@@ -461,9 +447,9 @@ mod tests {
         }
         // Only `fc` takes part: the others get no update, however often.
         for _ in 0..2 {
-            optimizer.backward(&params[2].1.sum(Kind::Float)).unwrap();
-            assert!(optimizer.gradients_finite());
-            optimizer.step(0.1);
+            let loss = params[2].1.sum(Kind::Float);
+            optimizer.backward(&loss).unwrap();
+            assert!(bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap());
         }
         for ((name, t), value) in params.iter().zip(&before) {
             let moved = !t.equal(value);
@@ -471,8 +457,9 @@ mod tests {
         }
         // SGD with momentum 0.9: w - 0.1·1 - 0.1·1.9.
         assert!(params[2].1.allclose(&(&before[2] - 0.29), 1e-5, 1e-5, false));
+        let loss = params[2].1.sum(Kind::Float);
         optimizer.backward(&(&params[0].1.sum(Kind::Float) * f64::NAN)).unwrap();
-        assert!(!optimizer.gradients_finite());
+        assert!(!bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap(), "a NaN gradient with a finite loss");
     }
 
     #[test]
