@@ -638,11 +638,13 @@ fn embed(args: EmbedArgs) -> Result<()> {
     let options = simclr::embed::EmbedOptions { encoder: args.spec.spec()?, input: args.input, output: args.output };
     let report = simclr::embed::embed(&options)?;
     println!(
-        "embedded {} images ({} features each) into {}; paths in {}",
+        "embedded {} images ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
         report.images,
         report.feature_dim,
         report.features_path.display(),
-        report.paths_path.display()
+        report.paths_path.display(),
+        report.embed_seconds,
+        report.images as f64 / report.embed_seconds.max(1e-9),
     );
     Ok(())
 }
@@ -883,7 +885,35 @@ fn ablate(kind: AblateKind) -> Result<()> {
     Ok(())
 }
 
+/// Tunes glibc's malloc, which serves libtorch's CPU tensors, to keep freed
+/// memory for reuse. By default it unmaps blocks over its (dynamic, at most
+/// 32 MiB) mmap threshold and trims the heap top beyond twice that, so
+/// every training step faults in and zeroes again the activations and
+/// gradients the step before freed. Measured on ResNet-18 at batch 64 on
+/// 2 cores (`/usr/bin/time simclr bench ... --device cpu`): 2.0-2.6M page
+/// faults and 4-5 s of system time per run; with these settings 0.7M and
+/// 1.5 s, peak memory 8% higher. A process-wide choice, so the binary makes
+/// it, not the library; a user's own `GLIBC_TUNABLES` or `MALLOC_*_`
+/// settings win.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let user_set = ["GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some());
+        if !user_set {
+            // SAFETY: mallopt only sets allocator parameters; it is called
+            // before any other thread exists.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

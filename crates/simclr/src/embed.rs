@@ -92,6 +92,9 @@ pub struct EmbedReport {
     pub feature_dim: i64,
     pub features_path: PathBuf,
     pub paths_path: PathBuf,
+    /// Wall time of decoding and the forward passes (listing, loading the
+    /// weights and writing the output excluded).
+    pub embed_seconds: f64,
 }
 
 /// Every image file below `dir`, recursively, sorted by path.
@@ -126,7 +129,9 @@ pub fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
     let files = images_below(&options.input)?;
     let loaded = options.encoder.load()?;
+    let started = std::time::Instant::now();
     let features = loaded.embed_files(&files)?;
+    let embed_seconds = started.elapsed().as_secs_f64();
 
     // Write beside the target, then rename, so a failure leaves no partial file.
     let temporary = options.output.with_extension("npy.partial");
@@ -143,5 +148,6 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
         feature_dim: loaded.encoder.feature_dim(),
         features_path: options.output.clone(),
         paths_path,
+        embed_seconds,
     })
 }

@@ -8,6 +8,14 @@ use crate::model::ResNet;
 use crate::Result;
 
 /// Features `[M, feature_dim]` (fp32, on `device`) of `samples`, in order.
+///
+/// On a GPU the next batch is decoded on `pool` while the encoder runs this
+/// one, as a PyTorch DataLoader's workers do, so the device does not wait
+/// for the CPU. On the CPU the two would share the same cores, and the
+/// encoder's OpenMP threads slow down when others hold them: 3,000 CIFAR-10
+/// JPEGs through ResNet-18 on 2 cores took 21.1/19.6/20.1 s decoded in
+/// turn and 21.2/24.2/19.9 s prefetched, alternating; so batches are
+/// decoded in turn there.
 pub fn extract_features(
     encoder: &ResNet,
     samples: &[Sample],
@@ -16,12 +24,41 @@ pub fn extract_features(
     device: Device,
     pool: &rayon::ThreadPool,
 ) -> Result<Tensor> {
-    let mut chunks = Vec::with_capacity(samples.len().div_ceil(batch_size));
-    for batch in samples.chunks(batch_size.max(1)) {
-        let images = center_batch(batch, format, pool)?.to_device(device);
-        let h = tch::no_grad(|| encoder.forward_t(&images, false));
-        chunks.push(h.to_kind(Kind::Float));
-    }
+    extract(encoder, samples, format, batch_size, device, pool, device.is_cuda())
+}
+
+fn extract(
+    encoder: &ResNet,
+    samples: &[Sample],
+    format: ViewFormat,
+    batch_size: usize,
+    device: Device,
+    pool: &rayon::ThreadPool,
+    prefetch: bool,
+) -> Result<Tensor> {
+    let batches = samples.chunks(batch_size.max(1));
+    let forward = |images: Tensor| {
+        let images = images.to_device(device);
+        tch::no_grad(|| encoder.forward_t(&images, false)).to_kind(Kind::Float)
+    };
+    let chunks: Vec<Tensor> = if prefetch {
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for batch in batches {
+                    let images = center_batch(batch, format, pool);
+                    let failed = images.is_err();
+                    // A closed channel means the consumer stopped on an error.
+                    if sender.send(images).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            receiver.into_iter().map(|images| images.map(forward)).collect::<Result<_>>()
+        })?
+    } else {
+        batches.map(|batch| center_batch(batch, format, pool).map(forward)).collect::<Result<_>>()?
+    };
     Ok(Tensor::cat(&chunks, 0))
 }
 
@@ -59,5 +96,31 @@ impl Frozen {
             test: extract_features(encoder, test, format, batch, device, pool)?,
             test_labels: labels(test, device),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ImageSource;
+    use crate::model::{Arch, Stem};
+
+    #[test]
+    fn prefetched_and_serial_extraction_agree_and_report_a_bad_file() {
+        let store = tch::nn::VarStore::new(Device::Cpu);
+        let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
+        let mut samples = crate::data::synthetic::generate(10, 2, 16, 0).samples;
+        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
+        let pool = crate::data::loader::worker_pool(2).unwrap();
+        let run = |samples: &[Sample], prefetch| extract(&encoder, samples, format, 3, Device::Cpu, &pool, prefetch);
+        let (serial, prefetched) = (run(&samples, false).unwrap(), run(&samples, true).unwrap());
+        assert_eq!(serial.size(), vec![10, encoder.feature_dim()]);
+        assert!(serial.equal(&prefetched));
+        // A missing file in the third batch: both report it by name.
+        samples[7].source = ImageSource::File("no/such/image.jpg".into());
+        for prefetch in [false, true] {
+            let error = run(&samples, prefetch).unwrap_err().to_string();
+            assert!(error.contains("no/such/image.jpg"), "{error}");
+        }
     }
 }

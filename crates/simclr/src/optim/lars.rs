@@ -18,7 +18,6 @@ pub fn update(weights: &mut Tensor, grad: &Tensor, velocity: &mut Tensor, layout
     let g_norm = layout.norms(&grad).to_kind(Kind::Float);
     let usable = w_norm.gt(0.0).logical_and(&g_norm.gt(0.0)).logical_and(&layout.adapted);
     let trust = (hyper.trust_coefficient * &w_norm / &g_norm).where_self(&usable, &w_norm.ones_like()) * lr;
-    let step = grad * layout.spread(&trust);
-    let _ = velocity.g_mul_scalar_(hyper.momentum).g_add_(&step);
+    let _ = velocity.g_mul_scalar_(hyper.momentum).addcmul_(&grad, &layout.spread(&trust));
     let _ = weights.g_sub_(velocity);
 }
