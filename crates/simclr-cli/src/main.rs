@@ -891,8 +891,8 @@ fn ablate(kind: AblateKind) -> Result<()> {
 /// every training step faults in and zeroes again the activations and
 /// gradients the step before freed. Measured on ResNet-18 at batch 64 on
 /// 2 cores (`/usr/bin/time simclr bench ... --device cpu`): 2.0-2.6M page
-/// faults and 4-5 s of system time per run; with these settings 0.7M and
-/// 1.5 s, peak memory 8% higher. A process-wide choice, so the binary makes
+/// faults and 4-5 s of system time per run; with these settings 0.7-0.9M
+/// and 1.5-2 s, peak memory 8-14% higher. A process-wide choice, so the binary makes
 /// it, not the library; a user's own `GLIBC_TUNABLES` or `MALLOC_*_`
 /// settings win.
 fn keep_freed_memory() {

@@ -4,7 +4,7 @@
 //! augmented views per image) and hands it over a channel two batches deep,
 //! so decoding and augmentation overlap the training step. A view depends
 //! only on (seed, epoch, image index, view), never on thread timing.
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -255,17 +255,25 @@ impl ViewLoader {
         let (format, batch_size, seed) = (self.format, self.batch_size, self.seed);
         let batches = self.batches_per_epoch();
         let producer = std::thread::spawn(move || {
-            for batch in first..batches {
+            let views = (first..batches).map(|batch| {
                 let indices = &order[batch * batch_size..(batch + 1) * batch_size];
-                let views = pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch));
-                let failed = views.is_err();
-                // A closed channel means the consumer stopped early: nothing to do.
-                if sender.send(views).is_err() || failed {
-                    return;
-                }
-            }
+                pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch))
+            });
+            send_until_error(&sender, views);
         });
         Batches { receiver, producer: Some(producer), format, images: batch_size }
+    }
+}
+
+/// A producer thread's loop: sends `items` in turn, and stops after the
+/// first error, or when the channel is closed (the consumer stopped early:
+/// nothing more to do).
+pub(crate) fn send_until_error<T>(sender: &SyncSender<Result<T>>, items: impl Iterator<Item = Result<T>>) {
+    for item in items {
+        let failed = item.is_err();
+        if sender.send(item).is_err() || failed {
+            return;
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! (BatchNorm running statistics), no gradients, in batches.
 use tch::{Device, Kind, Tensor};
 
-use crate::data::loader::{center_batch, ViewFormat};
+use crate::data::loader::{center_batch, send_until_error, ViewFormat};
 use crate::data::Sample;
 use crate::model::ResNet;
 use crate::Result;
@@ -11,8 +11,8 @@ use crate::Result;
 ///
 /// On a GPU the next batch is decoded on `pool` while the encoder runs this
 /// one, as a PyTorch DataLoader's workers do, so the device does not wait
-/// for the CPU. On the CPU the two would share the same cores, and the
-/// encoder's OpenMP threads slow down when others hold them: 3,000 CIFAR-10
+/// for the CPU. On the CPU the two would share the same cores, where the
+/// encoder's OpenMP threads can stall while others hold them: 3,000 CIFAR-10
 /// JPEGs through ResNet-18 on 2 cores took 21.1/19.6/20.1 s decoded in
 /// turn and 21.2/24.2/19.9 s prefetched, alternating; so batches are
 /// decoded in turn there.
@@ -44,16 +44,7 @@ fn extract(
     let chunks: Vec<Tensor> = if prefetch {
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-            scope.spawn(move || {
-                for batch in batches {
-                    let images = center_batch(batch, format, pool);
-                    let failed = images.is_err();
-                    // A closed channel means the consumer stopped on an error.
-                    if sender.send(images).is_err() || failed {
-                        return;
-                    }
-                }
-            });
+            scope.spawn(move || send_until_error(&sender, batches.map(|batch| center_batch(batch, format, pool))));
             receiver.into_iter().map(|images| images.map(forward)).collect::<Result<_>>()
         })?
     } else {

@@ -123,8 +123,6 @@ pub struct Layout {
     lengths: Tensor,
     /// Elements in all, N.
     total: i64,
-    /// Tensors, P.
-    count: usize,
     /// Per element: 1 where weight decay and LARS adaptation apply (tensors
     /// of two or more dimensions), 0 for BatchNorm and biases. `[N]`, or
     /// `[1]` for a single tensor (see [`Layout::spread`]).
@@ -142,14 +140,19 @@ impl Layout {
         let adapted = Tensor::from_slice(&adapt).to_device(device);
         let total = numels.iter().sum::<i64>();
         let decayed = Tensor::zeros([0], (tch::Kind::Float, device));
-        let mut layout = Self { lengths, total, count: tensors.len(), decayed, adapted };
+        let mut layout = Self { lengths, total, decayed, adapted };
         layout.decayed = layout.spread(&layout.adapted.to_kind(tch::Kind::Float));
         layout
     }
 
+    /// Whether the layout holds one tensor (P = 1).
+    fn is_single(&self) -> bool {
+        self.lengths.numel() == 1
+    }
+
     /// The Euclidean norm of each tensor's part of `flat`, `[P]`.
     fn norms(&self, flat: &Tensor) -> Tensor {
-        if self.count == 1 {
+        if self.is_single() {
             // On the CPU, 8x faster than the segmented sum (0.5 vs 4 ms on
             // 2.4M floats).
             return flat.norm().reshape([1]);
@@ -163,7 +166,7 @@ impl Layout {
     /// (`repeat_interleave` took 8 ms to write 2.4M floats on the CPU, where
     /// a multiplication takes 0.9 ms).
     fn spread(&self, per_tensor: &Tensor) -> Tensor {
-        if self.count == 1 {
+        if self.is_single() {
             return per_tensor.shallow_clone();
         }
         per_tensor.repeat_interleave_self_tensor(&self.lengths, 0, self.total)
@@ -202,10 +205,11 @@ impl Execution {
     /// chunk's dozen passes find weights, gradient and state in the
     /// 1.25 MiB per-core L2 cache of this project's machines; tensors larger
     /// than that form a chunk of their own, small ones (BatchNorm, biases)
-    /// share. Measured on ResNet-18 with 2 threads (`tools/bench_cpu.sh`
-    /// beside PyTorch's 40 ms): a whole-buffer LARS step took 190-210 ms,
-    /// the chunked one 28-36 ms. And CPU kernels run synchronously, so a
-    /// host read of the verdict waits for nothing.
+    /// share. Measured on ResNet-18 with 2 threads, each phase of a step
+    /// timed in a scratch program beside the same loop in PyTorch (whose
+    /// LARS step took 40 ms): a whole-buffer LARS step took 190-210 ms, the
+    /// chunked one 28-50 ms. And CPU kernels run synchronously, so a host
+    /// read of the verdict waits for nothing.
     fn for_device(device: tch::Device) -> Self {
         match device {
             tch::Device::Cpu => Self { chunk_elements: Some(1 << 16), host_verdict: true },
@@ -294,8 +298,6 @@ pub struct Optimizer {
     /// Each parameter's [`memory_order`].
     orders: Vec<Vec<i64>>,
     weights: Tensor,
-    /// Elements of each parameter.
-    numels: Vec<i64>,
     /// The parts of the buffers the update functions take one at a time.
     chunks: Vec<Chunk>,
     /// See [`Execution::host_verdict`].
@@ -328,7 +330,6 @@ impl Optimizer {
         let flat: Vec<Tensor> = params.iter().zip(&orders).map(|(p, order)| flatten_in(&p.detach(), order)).collect();
         let weights =
             if flat.is_empty() { Tensor::zeros([0], options) } else { tch::no_grad(|| Tensor::cat(&flat, 0)) };
-        let numels = params.iter().map(|p| p.numel() as i64).collect();
         let chunks = chunks(&params, execution.chunk_elements);
         let slots = if kind == OptimizerKind::Adamw { 2 } else { 1 };
         let state = (0..slots).map(|_| weights.zeros_like()).collect();
@@ -344,7 +345,6 @@ impl Optimizer {
             params,
             orders,
             weights,
-            numels,
             chunks,
             host_verdict: execution.host_verdict,
             gradient: None,
@@ -440,9 +440,8 @@ impl Optimizer {
     /// (and laid out in memory) like it.
     fn views<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = (&'a str, Tensor)> + 'a {
         let mut offset = 0;
-        let parts = self.names.iter().zip(&self.params).zip(&self.orders).zip(&self.numels);
-        parts.map(move |(((name, param), order), &numel)| {
-            let size = param.size();
+        self.names.iter().zip(&self.params).zip(&self.orders).map(move |((name, param), order)| {
+            let (size, numel) = (param.size(), param.numel() as i64);
             let permuted: Vec<i64> = order.iter().map(|&d| size[d as usize]).collect();
             let mut inverse = vec![0i64; order.len()];
             for (position, &d) in order.iter().enumerate() {
