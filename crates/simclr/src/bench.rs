@@ -34,7 +34,7 @@ pub struct BenchReport {
     /// NT-Xent, backward and a LARS step).
     pub train_images_per_second: f64,
     pub train_ms_per_step: f64,
-    /// Encoder forward images per second (eval mode, no gradients).
+    /// Encoder forward images per second (eval mode, BatchNorm folded, no gradients).
     pub forward_images_per_second: f64,
 }
 
@@ -81,12 +81,11 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     synchronize(device);
     let train_seconds = started.elapsed().as_secs_f64();
 
+    // The encoder as `simclr embed` and the evaluations run it.
     let images = views.narrow(0, 0, options.batch_size as i64);
-    let forward = || {
-        tch::no_grad(|| {
-            crate::device::autocast(options.mixed_precision, device, || model.encoder.forward_t(&images, false))
-        })
-    };
+    let encoder = model.encoder.fold();
+    let forward =
+        || tch::no_grad(|| crate::device::autocast(options.mixed_precision, device, || encoder.forward(&images)));
     for _ in 0..options.warmup_steps {
         let _ = forward();
     }

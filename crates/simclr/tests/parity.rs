@@ -2,9 +2,10 @@
 //! `tools/make_fixtures.py` (run by hand; see its docstring).
 //!
 //! Tolerances: relative error ‖ours − ref‖∞ / ‖ref‖∞ below 1e-5 for NT-Xent
-//! values and gradients (fp64 and fp32), 1e-4 for encoder features and
-//! BatchNorm statistics, 1e-6 for one optimiser update; for evaluation on
-//! the same features, accuracy within 0.5 point of the reference's.
+//! values and gradients (fp64 and fp32), 1e-4 for encoder features (also
+//! with BatchNorm folded into the convolutions) and BatchNorm statistics,
+//! 1e-6 for one optimiser update; for evaluation on the same features,
+//! accuracy within 0.5 point of the reference's.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -66,6 +67,10 @@ fn resnet_features_match_torchvision() {
             let h = simclr::tch::no_grad(|| encoder.forward_t(&reference["x"], false));
             let error = relative_error(&h, &reference["h"]);
             assert!(error < 1e-4, "{arch_name} {stem_name}: relative error {error:e}");
+            // The folded encoder that embedding and evaluation run.
+            let h = simclr::tch::no_grad(|| encoder.fold().forward(&reference["x"]));
+            let error = relative_error(&h, &reference["h"]);
+            assert!(error < 1e-4, "{arch_name} {stem_name} folded: relative error {error:e}");
         }
     }
 }

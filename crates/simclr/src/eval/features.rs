@@ -1,5 +1,6 @@
 //! h for every image of a dataset: centre views, encoder in eval mode
-//! (BatchNorm running statistics), no gradients, in batches.
+//! (BatchNorm running statistics, folded into the convolutions), no
+//! gradients, in batches.
 use tch::{Device, Kind, Tensor};
 
 use crate::data::loader::{center_batch, send_until_error, ViewFormat};
@@ -37,9 +38,10 @@ fn extract(
     prefetch: bool,
 ) -> Result<Tensor> {
     let batches = samples.chunks(batch_size.max(1));
+    let encoder = encoder.fold();
     let forward = |images: Tensor| {
         let images = images.to_device(device);
-        tch::no_grad(|| encoder.forward_t(&images, false)).to_kind(Kind::Float)
+        tch::no_grad(|| encoder.forward(&images)).to_kind(Kind::Float)
     };
     let chunks: Vec<Tensor> = if prefetch {
         std::thread::scope(|scope| {

@@ -12,13 +12,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
-use tch::Tensor;
 
 use super::features::{extract_features, labels, FEATURE_BATCH};
 use super::linear::{fit_linear, LinearConfig};
 use super::{accuracy, Accuracy, Task};
 use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
-use crate::data::loader::{center_batch, map_batch};
+use crate::data::loader::map_batch;
 use crate::data::{Dataset, Sample};
 use crate::model::ResNet;
 use crate::{Error, Result};
@@ -183,12 +182,8 @@ pub fn finetune(
         }
     }
 
-    let mut logits = Vec::new();
-    for samples in test.samples.chunks(256) {
-        let images = center_batch(samples, format, pool)?.to_device(device);
-        logits.push(tch::no_grad(|| encoder.forward_t(&images, false).apply(&classifier)));
-    }
-    let logits = Tensor::cat(&logits, 0);
+    let features = extract_features(encoder, &test.samples, format, FEATURE_BATCH, device, pool)?;
+    let logits = tch::no_grad(|| features.apply(&classifier));
     Ok((accuracy(&logits, &labels(&test.samples, device)), subset.len()))
 }
 

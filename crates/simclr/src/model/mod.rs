@@ -6,7 +6,7 @@ pub mod simclr;
 use serde::{Deserialize, Serialize};
 
 pub use projection_head::{HeadConfig, HeadKind, ProjectionHead};
-pub use resnet::{Arch, ResNet, Stem};
+pub use resnet::{Arch, FoldedResNet, ResNet, Stem};
 pub use simclr::SimClr;
 
 /// The `[model]` section.
