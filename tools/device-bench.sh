@@ -5,12 +5,14 @@
 #   builds the CUDA binary, strips and compresses it, and packs CIFAR-10
 #   into device/ (ignored by git; about 60 MB, under the 64 MiB a device
 #   call carries).
-# On the device (run with carry=["device"]), one stage per call, each under
-# the 600 s a call may run:
+# On the device (run with carry=["device"]), stages in the order given, as
+# many per call as fit the 600 s a call may run (bench about 90 s, pytorch
+# and simclr BUDGET + about 50 s each), e.g. `bench simclr`, then `pytorch`:
 #   tools/device-bench.sh bench     step throughput, fp32 and bf16, both implementations
 #   tools/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/train_pytorch.py)
 #   tools/device-bench.sh simclr    180 s of simclr training + kNN, same settings
-#   tools/device-bench.sh table     the table from the stages' JSON in $OUT
+#   tools/device-bench.sh table     the table from the stages' JSON in $OUT (runs
+#                                   anywhere: point OUT at the JSON fetched from each call)
 # Environment: BUDGET (s, default 180), DEVICE (cuda), BATCH (512), LIMIT (images per
 # split, for a quick check on the CPU), PYTHON (python3), OUT (results).
 set -euo pipefail
@@ -26,7 +28,7 @@ mkdir -p "$OUT"
 binary() {
     if [ -n "${SIMCLR_BIN:-}" ]; then echo "$SIMCLR_BIN"; return; fi
     if [ -f device/simclr.xz ]; then
-        [ -x /tmp/simclr-cuda ] || { xz -dc device/simclr.xz > /tmp/simclr-cuda && chmod +x /tmp/simclr-cuda; }
+        [ /tmp/simclr-cuda -nt device/simclr.xz ] || { xz -dc device/simclr.xz > /tmp/simclr-cuda && chmod +x /tmp/simclr-cuda; }
         echo /tmp/simclr-cuda
     else
         echo target/cuda/simclr
@@ -37,12 +39,15 @@ data() {
     [ -d "$DATA/train" ] || "$PYTHON" tools/pack_images.py unpack device/cifar10 "$DATA" >&2
 }
 
-if [ "${1:-}" != prepare ]; then
+# The CUDA binary links PyTorch's libraries; the device has them, not this repo.
+torch_libraries() {
+    [ -n "${TORCH_LIB:-}" ] && return
     TORCH_LIB=$("$PYTHON" -c "import torch, os; print(os.path.dirname(torch.__file__))")/lib
     export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+}
 
-case "${1:-}" in
+stage() {
+case "$1" in
 prepare)
     ./x.sh build-cuda
     mkdir -p device
@@ -52,6 +57,7 @@ prepare)
     du -cb device/* | tail -1
     ;;
 bench)
+    torch_libraries
     BIN=$(binary)
     common=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
             --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" --compare tools/bench_pytorch.py --python "$PYTHON" --json)
@@ -65,6 +71,7 @@ pytorch)
         | tee "$OUT/train_pytorch.json"
     ;;
 simclr)
+    torch_libraries
     data
     BIN=$(binary)
     rm -rf /tmp/simclr-run
@@ -110,7 +117,14 @@ for name in ("train_simclr.json", "train_pytorch.json"):
 PY
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac
+}
+
+[ $# -gt 0 ] || set -- help
+for name in "$@"; do
+    echo "== $name" >&2
+    stage "$name"
+done
