@@ -125,11 +125,14 @@ pub struct TrainConfig {
     /// Steps with a non-finite loss or gradient are skipped; this many in a
     /// row stop the run (its last checkpoint predates the fault).
     pub max_nonfinite_steps: usize,
-    /// Train for about this many seconds instead of `epochs`: the first
-    /// epoch is timed, and the run (and its cosine schedule) is then sized
-    /// to as many whole epochs as fit, at least one. The first epoch should
-    /// be warm-up (`optim.warmup_epochs >= 1`), which the sizing leaves
-    /// unchanged. The planned epochs are saved, so a resume keeps them.
+    /// Train for about this many seconds instead of `epochs`: the run (and
+    /// its cosine schedule) is sized to as many whole epochs as fit, at
+    /// least one, provisionally at the pace of the first epoch (which pays
+    /// one-off costs such as kernel autotuning) and finally at the pace of
+    /// the second. The first epoch should be warm-up
+    /// (`optim.warmup_epochs >= 1`), which the sizing leaves unchanged. The
+    /// planned epochs are saved, so a resume keeps them (a run resumed
+    /// before the end of its second epoch keeps the provisional plan).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_budget_seconds: Option<f64>,
 }
