@@ -61,6 +61,40 @@ pub fn is_out_of_memory(message: &str) -> bool {
     message.contains("can't allocate memory") || message.contains("out of memory")
 }
 
+/// `host` moved to `device` without waiting for the device.
+///
+/// A plain copy from ordinary (pageable) host memory to a GPU makes libtorch
+/// wait for every kernel queued before it (`cudaStreamSynchronize` after
+/// the copy), so one such copy inside a training step leaves the host idle
+/// until the previous step is done, and the GPU idle while the host then
+/// queues the next kernels. The device augmentation uploads each batch's
+/// drawn parameters (crop boxes, jitter factors, the rows an op applies to),
+/// a dozen small copies per step. From page-locked memory the copy is queued
+/// like a kernel (`non_blocking`), and libtorch's caching host allocator
+/// keeps the page-locked block until the copy is done, so `host` may be
+/// dropped at once. Elsewhere this is `to_device`.
+pub fn upload(host: &Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => pinned(host.shallow_clone(), device).to_device_(device, host.kind(), true, false),
+        _ => host.to_device(device),
+    }
+}
+
+/// [`upload`] of a slice of values, as a 1-D tensor.
+pub fn upload_slice<T: tch::kind::Element>(values: &[T], device: Device) -> Tensor {
+    upload(&Tensor::from_slice(values), device)
+}
+
+/// `host` in page-locked memory when it is bound for a GPU (already there:
+/// itself), so that [`upload`] needs no copy on the thread that calls it;
+/// otherwise `host` itself. Loaders call it on their producer threads.
+pub fn pinned(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) if !host.is_pinned(device) => host.pin_memory(device),
+        _ => host,
+    }
+}
+
 /// Runs `f` under bf16 autocast when `enabled` and `device` is CUDA; master
 /// weights, BatchNorm statistics and the loss stay fp32 (autocast keeps
 /// batch_norm and the loss's softmax in fp32).
@@ -93,6 +127,17 @@ fn use_bf16_on_cuda() {
 mod tests {
     use super::*;
     use tch::Kind;
+
+    #[test]
+    fn uploads_to_the_cpu_are_plain_copies() {
+        // The page-locked, non-blocking path needs a GPU; on the CPU both
+        // helpers must leave values, kind and shape alone.
+        let host = Tensor::from_slice(&[1.5f32, -2.0, 3.25]).view([3, 1]);
+        let uploaded = upload(&host, Device::Cpu);
+        assert!(uploaded.equal(&host) && uploaded.kind() == Kind::Float);
+        assert!(upload_slice(&[4i64, 5], Device::Cpu).equal(&Tensor::from_slice(&[4i64, 5])));
+        assert!(pinned(host.shallow_clone(), Device::Cpu).equal(&host));
+    }
 
     #[test]
     fn channels_last_keeps_values_and_changes_strides() {

@@ -125,7 +125,7 @@ pub fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
     let (count, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
     let size = i64::from(params[0].kernel_size);
     let weights: Vec<f32> = params.iter().flat_map(|p| (0..channels).flat_map(move |_| kernel(p))).collect();
-    let weights = Tensor::from_slice(&weights).to_device(images.device()).to_kind(images.kind());
+    let weights = crate::device::upload_slice(&weights, images.device()).to_kind(images.kind());
     let groups = count * channels;
     let folded = images.reshape([1, groups, height, width]);
     let radius = size / 2;

@@ -171,7 +171,7 @@ pub fn crop_resize_batch(images: &Tensor, boxes: &[(CropBox, Interpolation)], si
             [bw / w, 0.0, (2.0 * b.left as f32 + bw) / w - 1.0, 0.0, bh / h, (2.0 * b.top as f32 + bh) / h - 1.0]
         })
         .collect();
-    let theta = Tensor::from_slice(&theta).view([count, 2, 3]).to_device(images.device());
+    let theta = crate::device::upload_slice(&theta, images.device()).view([count, 2, 3]);
     let grid = Tensor::affine_grid_generator(&theta, [count, 3, size, size], false);
     // Filters read only pixels inside the crop (PIL crops, then resizes):
     // clamp the sampling points to the box's outermost pixel centres.
@@ -183,7 +183,7 @@ pub fn crop_resize_batch(images: &Tensor, boxes: &[(CropBox, Interpolation)], si
                 ((2 * start + 1) as f32 / extent - 1.0, (2 * (start + len) - 1) as f32 / extent - 1.0)
             })
             .unzip();
-        let column = |v: Vec<f32>| Tensor::from_slice(&v).to_device(images.device()).view([count, 1, 1]);
+        let column = |v: Vec<f32>| crate::device::upload_slice(&v, images.device()).view([count, 1, 1]);
         (column(low), column(high))
     };
     let (x_low, x_high) = limits(&|b| (b.left, b.width), w);
@@ -198,7 +198,7 @@ pub fn crop_resize_batch(images: &Tensor, boxes: &[(CropBox, Interpolation)], si
     if bicubic.is_empty() {
         return out;
     }
-    let index = Tensor::from_slice(&bicubic).to_device(images.device());
+    let index = crate::device::upload_slice(&bicubic, images.device());
     let cubic = sample(&images.index_select(0, &index), &grid.index_select(0, &index), 2).clamp(0.0, 1.0);
     out.index_copy(0, &index, &cubic.to_kind(Kind::Float))
 }

@@ -54,7 +54,7 @@ pub fn apply(image: &mut FloatImage, cut: CropBox) {
 pub fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
     let (_, _, height, width) = images.size4().expect("a [n, 3, h, w] batch");
     let device = images.device();
-    let column = |values: Vec<i64>| Tensor::from_slice(&values).to_device(device).view([-1, 1, 1, 1]);
+    let column = |values: Vec<i64>| crate::device::upload_slice(&values, device).view([-1, 1, 1, 1]);
     let top = column(boxes.iter().map(|b| i64::from(b.top)).collect());
     let bottom = column(boxes.iter().map(|b| i64::from(b.top + b.height)).collect());
     let left = column(boxes.iter().map(|b| i64::from(b.left)).collect());

@@ -35,7 +35,7 @@ pub fn to_grayscale(image: &mut FloatImage) {
 
 /// The luma of a `[n, 3, h, w]` batch, as `[n, 1, h, w]`.
 pub fn luma_batch(images: &Tensor) -> Tensor {
-    let weights = Tensor::from_slice(&LUMA).to_device(images.device()).view([1, 3, 1, 1]);
+    let weights = crate::device::upload_slice(&LUMA, images.device()).view([1, 3, 1, 1]);
     (images * weights).sum_dim_intlist(&[1i64][..], true, images.kind())
 }
 

@@ -547,14 +547,14 @@ pub(crate) fn on_subset<P: Copy>(
         return op(images, &params);
     }
     let index: Vec<i64> = drawn.iter().map(|(i, _)| *i as i64).collect();
-    let index = Tensor::from_slice(&index).to_device(images.device());
+    let index = crate::device::upload_slice(&index, images.device());
     let changed = op(images.index_select(0, &index), &params);
     images.index_copy(0, &index, &changed)
 }
 
 /// A per-image scalar as a `[n, 1, 1, 1]` tensor on `like`'s device.
 pub(crate) fn per_image(values: &[f32], like: &Tensor) -> Tensor {
-    Tensor::from_slice(values).to_device(like.device()).view([values.len() as i64, 1, 1, 1])
+    crate::device::upload_slice(values, like.device()).view([values.len() as i64, 1, 1, 1])
 }
 
 /// The evaluation view: shorter side resized to `size`, then centre-cropped.

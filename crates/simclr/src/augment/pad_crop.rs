@@ -72,7 +72,7 @@ pub fn apply_batch(images: Tensor, offsets: &[PadOffset]) -> Tensor {
         .iter()
         .flat_map(|o| [1.0, 0.0, 2.0 * o.right as f32 / width as f32, 0.0, 1.0, 2.0 * o.down as f32 / height as f32])
         .collect();
-    let theta = Tensor::from_slice(&theta).view([count, 2, 3]).to_device(images.device());
+    let theta = crate::device::upload_slice(&theta, images.device()).view([count, 2, 3]);
     let grid = Tensor::affine_grid_generator(&theta, [count, channels, height, width], false);
     images.grid_sampler(&grid, 1, 0, false)
 }

@@ -49,7 +49,7 @@ pub fn apply(image: &mut FloatImage) {
 
 pub fn apply_batch(images: &Tensor) -> Tensor {
     let gray = luma_batch(images).pad([1, 1, 1, 1], "replicate", None);
-    let horizontal = Tensor::from_slice(KERNEL.as_flattened()).to_device(images.device()).view([1, 1, 3, 3]);
+    let horizontal = crate::device::upload_slice(KERNEL.as_flattened(), images.device()).view([1, 1, 3, 3]);
     let vertical = horizontal.transpose(2, 3);
     let gx = gray.conv2d(&horizontal, None::<Tensor>, [1], [0], [1], 1);
     let gy = gray.conv2d(&vertical, None::<Tensor>, [1], [0], [1], 1);

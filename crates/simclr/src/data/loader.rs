@@ -39,7 +39,7 @@ impl ViewFormat {
 
     /// (x - mean) / std per channel of a `[n, 3, h, w]` batch in [0, 1].
     pub fn normalize(&self, images: &Tensor) -> Tensor {
-        let column = |values: [f32; 3]| Tensor::from_slice(&values).to_device(images.device()).view([1, 3, 1, 1]);
+        let column = |values: [f32; 3]| crate::device::upload_slice(&values, images.device()).view([1, 3, 1, 1]);
         (images - column(self.mean)) / column(self.std)
     }
 }
@@ -186,7 +186,7 @@ impl DeviceViewLoader {
     /// Rows 0..N the first view of each image, N..2N the second, normalised.
     fn two_views(&self, indices: &[usize], epoch: u64) -> Tensor {
         let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let images = self.images.index_select(0, &Tensor::from_slice(&index).to_device(self.images.device()));
+        let images = self.images.index_select(0, &crate::device::upload_slice(&index, self.images.device()));
         let views: Vec<Tensor> = (0..2)
             .map(|view| {
                 let params: Vec<_> = indices
@@ -222,9 +222,12 @@ pub struct ViewLoader {
     batch_size: usize,
     seed: u64,
     pool: Arc<rayon::ThreadPool>,
+    device: tch::Device,
 }
 
 impl ViewLoader {
+    /// Batches bound for `device`: for a GPU they are made in page-locked
+    /// memory, so the trainer's upload does not wait (see [`crate::device::upload`]).
     pub fn new(
         dataset: Arc<Dataset>,
         pipeline: Pipeline,
@@ -232,9 +235,10 @@ impl ViewLoader {
         batch_size: usize,
         seed: u64,
         pool: Arc<rayon::ThreadPool>,
+        device: tch::Device,
     ) -> Result<Self> {
         check_batch_size(&dataset, batch_size)?;
-        Ok(Self { dataset, pipeline: Arc::new(pipeline), format, batch_size, seed, pool })
+        Ok(Self { dataset, pipeline: Arc::new(pipeline), format, batch_size, seed, pool, device })
     }
 
     /// Full batches per epoch; the remainder is dropped, as in the paper's code.
@@ -252,16 +256,17 @@ impl ViewLoader {
         let order = self.order(epoch);
         let (sender, receiver) = sync_channel(2);
         let (dataset, pipeline, pool) = (self.dataset.clone(), self.pipeline.clone(), self.pool.clone());
-        let (format, batch_size, seed) = (self.format, self.batch_size, self.seed);
+        let (format, batch_size, seed, device) = (self.format, self.batch_size, self.seed, self.device);
         let batches = self.batches_per_epoch();
         let producer = std::thread::spawn(move || {
             let views = (first..batches).map(|batch| {
                 let indices = &order[batch * batch_size..(batch + 1) * batch_size];
-                pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch))
+                let data = pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch))?;
+                Ok(crate::device::pinned(format.tensor(&data, 2 * batch_size), device))
             });
             send_until_error(&sender, views);
         });
-        Batches { receiver, producer: Some(producer), format, images: batch_size }
+        Batches { receiver, producer: Some(producer) }
     }
 }
 
@@ -303,10 +308,8 @@ fn two_views(
 
 /// The batches of one epoch, as `[2N, 3, size, size]` float tensors on the CPU.
 pub struct Batches {
-    receiver: Receiver<Result<Vec<f32>>>,
+    receiver: Receiver<Result<Tensor>>,
     producer: Option<JoinHandle<()>>,
-    format: ViewFormat,
-    images: usize,
 }
 
 impl Iterator for Batches {
@@ -314,7 +317,7 @@ impl Iterator for Batches {
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.receiver.recv() {
-            Ok(batch) => Some(batch.map(|data| self.format.tensor(&data, 2 * self.images))),
+            Ok(batch) => Some(batch),
             Err(_) => {
                 if let Some(producer) = self.producer.take() {
                     if producer.join().is_err() {
@@ -362,7 +365,7 @@ mod tests {
         let dataset = Arc::new(super::super::synthetic::generate(12, 3, 16, 0));
         let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
         let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
-        ViewLoader::new(dataset, pipeline, format, 4, 9, worker_pool(workers).unwrap()).unwrap()
+        ViewLoader::new(dataset, pipeline, format, 4, 9, worker_pool(workers).unwrap(), tch::Device::Cpu).unwrap()
     }
 
     #[test]

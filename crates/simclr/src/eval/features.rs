@@ -40,13 +40,14 @@ fn extract(
     let batches = samples.chunks(batch_size.max(1));
     let encoder = encoder.fold();
     let forward = |images: Tensor| {
-        let images = images.to_device(device);
+        let images = crate::device::upload(&images, device);
         tch::no_grad(|| encoder.forward(&images)).to_kind(Kind::Float)
     };
     let chunks: Vec<Tensor> = if prefetch {
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-            scope.spawn(move || send_until_error(&sender, batches.map(|batch| center_batch(batch, format, pool))));
+            let pinned = |batch| center_batch(batch, format, pool).map(|images| crate::device::pinned(images, device));
+            scope.spawn(move || send_until_error(&sender, batches.map(pinned)));
             receiver.into_iter().map(|images| images.map(forward)).collect::<Result<_>>()
         })?
     } else {

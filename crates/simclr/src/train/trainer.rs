@@ -184,7 +184,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
         let mut learning_rate = 0.0;
         for batch in loader.epoch(epoch as u64, position.batch) {
-            let views = batch?.to_device(device);
+            let views = crate::device::upload(&batch?, device);
             learning_rate = schedule.learning_rate(position.step);
             let poisoned = options.poison_steps.contains(&position.step);
             let step = || -> Result<(Tensor, Tensor)> {
@@ -485,7 +485,7 @@ fn views(
             DeviceData::Unsuitable(reason) => tracing::info!("augmenting on the CPU: {reason}"),
         }
     }
-    Ok(Views::Host(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone())?))
+    Ok(Views::Host(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?))
 }
 
 /// The unreadable images of the training set and the monitor splits, once each.
