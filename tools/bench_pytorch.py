@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The PyTorch reference for `simclr bench`: the same model (torchvision
 ResNet, the chosen stem, `fc` removed, MLP head to 128), NT-Xent at tau 0.1,
-one LARS step per batch of 2N random views, and the encoder's forward pass
-in eval mode, timed the same way. Prints one JSON line like `simclr bench
+one optimiser step (LARS unless --optimizer says sgd or adamw) per batch
+of 2N random views, and the encoder's forward pass in eval mode, timed the
+same way. Prints one JSON line like `simclr bench
 --json`.
 
     ~/.cache/simclr/venv/bin/python tools/bench_pytorch.py --arch resnet18 --stem cifar \
@@ -58,6 +59,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last without bf16 (as simclr does)")
+    parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"],
+                        help="lars: the loop above, per tensor, as PyTorch SimCLR code writes it; "
+                             "sgd and adamw: torch.optim's (multi-tensor foreach kernels on CUDA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +83,15 @@ def main():
         views = views.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     velocities = [torch.zeros_like(p) for p in params]
+    # Weight decay 1e-6 on weights, none on BatchNorm and biases, as simclr's defaults.
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 1e-6},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        update = torch.optim.SGD(groups, lr=0.1, momentum=0.9).step
+    elif args.optimizer == "adamw":
+        update = torch.optim.AdamW(groups, lr=1e-3).step
+    else:
+        update = lambda: lars_step(params, velocities, 0.1)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def train_step():
@@ -89,7 +102,7 @@ def main():
         for p in params:
             p.grad = None
         loss.backward()
-        lars_step(params, velocities, 0.1)
+        update()
 
     images = views[: args.batch_size]
 
@@ -125,6 +138,7 @@ def main():
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "steps": args.steps,
+        "optimizer": args.optimizer,
         "train_images_per_second": done / train_seconds,
         "train_ms_per_step": 1000 * train_seconds / args.steps,
         "forward_images_per_second": done / forward_seconds,

@@ -8,7 +8,7 @@
 # On the device (run with carry=["device"]), stages in the order given, as
 # many per call as fit the 600 s a call may run (bench about 90 s, pytorch
 # and simclr BUDGET + about 50 s each), e.g. `bench simclr`, then `pytorch`:
-#   tools/device-bench.sh bench     step throughput, fp32 and bf16, both implementations
+#   tools/device-bench.sh bench     step throughput (bf16 SGD and LARS, fp32 SGD), both implementations
 #   tools/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/train_pytorch.py)
 #   tools/device-bench.sh simclr    180 s of simclr training + kNN, same settings
 #   tools/device-bench.sh table     the table from the stages' JSON in $OUT (runs
@@ -61,8 +61,11 @@ bench)
     BIN=$(binary)
     common=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
             --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" --compare tools/bench_pytorch.py --python "$PYTHON" --json)
-    "$BIN" bench "${common[@]}" > "$OUT/bench_bf16.json"
-    "$BIN" bench "${common[@]}" --no-mixed-precision > "$OUT/bench_fp32.json"
+    # The issue's yardstick steps with SGD (torch.optim's foreach kernels on
+    # the PyTorch side); LARS is the paper's (a per-tensor loop there).
+    "$BIN" bench "${common[@]}" --optimizer sgd > "$OUT/bench_bf16_sgd.json"
+    "$BIN" bench "${common[@]}" --optimizer lars > "$OUT/bench_bf16_lars.json"
+    "$BIN" bench "${common[@]}" --optimizer sgd --no-mixed-precision > "$OUT/bench_fp32_sgd.json"
     cat "$OUT"/bench_*.json
     ;;
 pytorch)
@@ -102,11 +105,11 @@ table)
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
-for name in ("bench_fp32.json", "bench_bf16.json"):
+for name in ("bench_fp32_sgd.json", "bench_bf16_sgd.json", "bench_bf16_lars.json"):
     b = load(name)
     if b:
         ours, ref = b["simclr"], b["reference"]
-        print(f"{name[6:-5]:5} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
+        print(f"{name[6:-5]:9} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
               f"({ours['train_images_per_second']:.0f} img/s), {ref['implementation']} {ref['train_ms_per_step']:.1f} ms "
               f"({ref['train_images_per_second']:.0f} img/s): {b['train_ratio']:.2f}x")
 for name in ("train_simclr.json", "train_pytorch.json"):

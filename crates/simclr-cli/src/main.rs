@@ -301,6 +301,9 @@ struct BenchArgs {
     /// Use fp32 throughout, even on CUDA.
     #[arg(long)]
     no_mixed_precision: bool,
+    /// The training step's update: lars, sgd or adamw.
+    #[arg(long, default_value = "lars")]
+    optimizer: String,
     /// Also run this PyTorch reference script (tools/bench_pytorch.py) with
     /// the same model and settings, and print both with their ratio.
     #[arg(long, value_name = "SCRIPT")]
@@ -338,12 +341,18 @@ fn compare_with_pytorch(
         if device.is_cuda() { "cuda" } else { "cpu" },
         "--threads",
         &simclr::tch::get_num_threads().to_string(),
+        "--optimizer",
+        ours.optimizer,
     ]);
     if let Some(hidden) = args.hidden_dim {
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
+    // The reference runs in simclr's memory format, channels-last, on every
+    // device (--bf16 implies it).
     if device.is_cuda() && !args.no_mixed_precision {
         command.arg("--bf16");
+    } else {
+        command.arg("--channels-last");
     }
     let output = command.output().with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !output.status.success() {
@@ -364,8 +373,8 @@ fn compare_with_pytorch(
         return Ok(());
     }
     println!(
-        "{} on {}, batch {} at {}px, {} timed steps:",
-        ours.arch, ours.device, ours.batch_size, ours.image_size, ours.steps
+        "{} on {}, batch {} at {}px, {}, {} timed steps:",
+        ours.arch, ours.device, ours.batch_size, ours.image_size, ours.optimizer, ours.steps
     );
     for (what, mine, theirs) in [
         ("training images/s", ours.train_images_per_second, train),
@@ -780,6 +789,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         warmup_steps: args.warmup,
         device,
         mixed_precision: !args.no_mixed_precision,
+        optimizer: args.optimizer.parse()?,
     };
     let report = simclr::bench::bench(&options)?;
     if let Some(script) = &args.compare {
@@ -800,8 +810,8 @@ fn bench(args: BenchArgs) -> Result<()> {
             report.steps
         );
         println!(
-            "  training: {:.1} images/s ({:.1} ms/step)",
-            report.train_images_per_second, report.train_ms_per_step
+            "  training ({}): {:.1} images/s ({:.1} ms/step)",
+            report.optimizer, report.train_images_per_second, report.train_ms_per_step
         );
         println!("  encoder forward: {:.1} images/s", report.forward_images_per_second);
     }

@@ -344,6 +344,26 @@ fn bad_values_are_named() {
         &simclr(&["bench", "--arch", "resnet19", "--device", "cpu"]),
         &["unknown architecture 'resnet19'"],
     );
+    assert_fails_with(
+        &simclr(&["bench", "--optimizer", "adam", "--device", "cpu"]),
+        &["unknown optimizer 'adam'", "lars, sgd, adamw"],
+    );
+}
+
+#[test]
+fn bench_reports_the_step_it_timed() {
+    let args = ["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--batch-size", "4", "--image-size", "16"];
+    let args = [&["bench"][..], &args, &["--steps", "1", "--warmup", "0", "--device", "cpu", "--json"]].concat();
+    for optimizer in ["lars", "sgd", "adamw"] {
+        let output = simclr(&[&args[..], &["--optimizer", optimizer]].concat());
+        assert_succeeds(&output);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["optimizer"], optimizer);
+        assert_eq!(report["batch_size"], 4);
+        for key in ["train_images_per_second", "forward_images_per_second"] {
+            assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
+        }
+    }
 }
 
 #[test]

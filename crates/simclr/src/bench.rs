@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::loss::LossConfig;
 use crate::model::ModelConfig;
 use crate::model::SimClr;
-use crate::optim::{OptimConfig, Optimizer};
+use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub warmup_steps: usize,
     pub device: Device,
     pub mixed_precision: bool,
+    /// The update of each training step (LARS by default, as the paper's).
+    pub optimizer: OptimizerKind,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -30,8 +32,9 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub image_size: u32,
     pub steps: usize,
+    pub optimizer: &'static str,
     /// Training images per second (each image is two views through f, g,
-    /// NT-Xent, backward and a LARS step).
+    /// NT-Xent, backward and an optimiser step).
     pub train_images_per_second: f64,
     pub train_ms_per_step: f64,
     /// Encoder forward images per second (eval mode, BatchNorm folded, no gradients).
@@ -56,7 +59,9 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let model = SimClr::new(&store.root(), &options.model);
     crate::device::use_channels_last(&store);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    let mut optimizer = Optimizer::new(&OptimConfig::default(), named);
+    let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
+    // tools/bench_pytorch.py steps at the same rates.
+    let learning_rate = if options.optimizer == OptimizerKind::Adamw { 1e-3 } else { 0.1 };
     let loss_config = LossConfig::default();
     let side = i64::from(options.image_size);
     let views = Tensor::randn([2 * options.batch_size as i64, 3, side, side], (Kind::Float, device));
@@ -67,7 +72,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             loss_config.compute(&z)
         })?;
         optimizer.backward(&loss)?;
-        optimizer.step(0.1);
+        optimizer.step(learning_rate);
         Ok(())
     };
     for _ in 0..options.warmup_steps {
@@ -104,6 +109,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         batch_size: options.batch_size,
         image_size: options.image_size,
         steps: options.steps,
+        optimizer: options.optimizer.name(),
         train_images_per_second: images_done / train_seconds,
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
         forward_images_per_second: images_done / forward_seconds,

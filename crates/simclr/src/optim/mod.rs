@@ -32,6 +32,31 @@ pub enum OptimizerKind {
     Adamw,
 }
 
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 3] = [OptimizerKind::Lars, OptimizerKind::Sgd, OptimizerKind::Adamw];
+
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Lars => "lars",
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adamw => "adamw",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        OptimizerKind::ALL.into_iter().find(|kind| kind.name() == name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown optimizer '{name}': expected one of {}",
+                OptimizerKind::ALL.map(OptimizerKind::name).join(", ")
+            ))
+        })
+    }
+}
+
 /// How the peak learning rate follows the batch size N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
