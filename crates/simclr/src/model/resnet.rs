@@ -157,6 +157,8 @@ impl Unit for ConvBn {
 }
 
 impl Unit for FoldedConv {
+    /// Eval mode only: the running statistics are in the weights, and
+    /// [`FoldedResNet`] never asks for train mode.
     fn forward_t(&self, x: &Tensor, _train: bool) -> Tensor {
         let (stride, padding) = ([self.stride; 2], [self.padding; 2]);
         x.conv2d(&self.weight, Some(&self.bias), stride, padding, [1, 1], 1)

@@ -230,15 +230,17 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         }
         // An epoch resumed part-way was timed over its remaining batches.
         let whole_epoch_seconds = seconds * steps_per_epoch as f64 / (steps_per_epoch - first_batch).max(1) as f64;
-        if let Some(planned) = budget.as_mut().and_then(|b| b.plan(position.epoch, seconds, whole_epoch_seconds)) {
-            config = config.with_planned_epochs(planned);
-            schedule.total_steps = config.train.epochs * steps_per_epoch;
-            tracing::info!(
-                "time budget {:.0} s at {whole_epoch_seconds:.1} s for epoch {}: training {} epochs",
-                budget.as_ref().map_or(0.0, |b| b.seconds),
-                position.epoch,
-                config.train.epochs
-            );
+        if let Some(budget) = &mut budget {
+            if let Some(planned) = budget.plan(position.epoch, seconds, whole_epoch_seconds) {
+                config = config.with_planned_epochs(planned);
+                schedule.total_steps = config.train.epochs * steps_per_epoch;
+                tracing::info!(
+                    "time budget {:.0} s at {whole_epoch_seconds:.1} s for epoch {}: training {} epochs",
+                    budget.seconds,
+                    position.epoch,
+                    config.train.epochs
+                );
+            }
         }
         let loss = position.epoch_loss_sum / position.epoch_loss_count.max(1) as f64;
         position.batch = 0;
