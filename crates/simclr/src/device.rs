@@ -61,7 +61,7 @@ pub fn is_out_of_memory(message: &str) -> bool {
     message.contains("can't allocate memory") || message.contains("out of memory")
 }
 
-/// `host` moved to `device` without waiting for the device.
+/// A host tensor made ready to go to `device` without waiting for it.
 ///
 /// A plain copy from ordinary (pageable) host memory to a GPU makes libtorch
 /// wait for every kernel queued before it (`cudaStreamSynchronize` after
@@ -71,28 +71,43 @@ pub fn is_out_of_memory(message: &str) -> bool {
 /// drawn parameters (crop boxes, jitter factors, the rows an op applies to),
 /// a dozen small copies per step. From page-locked memory the copy is queued
 /// like a kernel (`non_blocking`), and libtorch's caching host allocator
-/// keeps the page-locked block until the copy is done, so `host` may be
-/// dropped at once. Elsewhere this is `to_device`.
-pub fn upload(host: &Tensor, device: Device) -> Tensor {
-    match device {
-        Device::Cuda(_) => pinned(host.shallow_clone(), device).to_device_(device, host.kind(), true, false),
-        _ => host.to_device(device),
+/// keeps the page-locked block until the copy is done, so the host tensor
+/// may be dropped at once.
+///
+/// Loaders make it on their producer threads, so the copy into page-locked
+/// memory is off the training thread; [`Pinned::upload`] runs where the
+/// tensor is used. The type is the proof of pinning: libtorch's
+/// `is_pinned`/`pin_memory` with a device warn on every call (deprecated
+/// argument), and tch has no form without one, so nothing asks.
+pub struct Pinned {
+    host: Tensor,
+    device: Device,
+}
+
+impl Pinned {
+    /// `host` copied into page-locked memory when bound for a GPU; for any
+    /// other device, `host` as it is.
+    pub fn new(host: Tensor, device: Device) -> Self {
+        let host = match device {
+            // `_pin_memory` is `pin_memory` without the deprecated-argument warning.
+            Device::Cuda(_) => host.internal_pin_memory(device),
+            _ => host,
+        };
+        Self { host, device }
+    }
+
+    /// The tensor on its device; on a GPU the copy is queued, not waited for.
+    pub fn upload(self) -> Tensor {
+        match self.device {
+            Device::Cuda(_) => self.host.to_device_(self.device, self.host.kind(), true, false),
+            device => self.host.to_device(device),
+        }
     }
 }
 
-/// [`upload`] of a slice of values, as a 1-D tensor.
+/// A slice of values as a 1-D tensor on `device`, through [`Pinned`].
 pub fn upload_slice<T: tch::kind::Element>(values: &[T], device: Device) -> Tensor {
-    upload(&Tensor::from_slice(values), device)
-}
-
-/// `host` in page-locked memory when it is bound for a GPU (already there:
-/// itself), so that [`upload`] needs no copy on the thread that calls it;
-/// otherwise `host` itself. Loaders call it on their producer threads.
-pub fn pinned(host: Tensor, device: Device) -> Tensor {
-    match device {
-        Device::Cuda(_) if !host.is_pinned(device) => host.pin_memory(device),
-        _ => host,
-    }
+    Pinned::new(Tensor::from_slice(values), device).upload()
 }
 
 /// Runs `f` under bf16 autocast when `enabled` and `device` is CUDA; master
@@ -133,10 +148,9 @@ mod tests {
         // The page-locked, non-blocking path needs a GPU; on the CPU both
         // helpers must leave values, kind and shape alone.
         let host = Tensor::from_slice(&[1.5f32, -2.0, 3.25]).view([3, 1]);
-        let uploaded = upload(&host, Device::Cpu);
-        assert!(uploaded.equal(&host) && uploaded.kind() == Kind::Float);
+        let uploaded = Pinned::new(host.shallow_clone(), Device::Cpu).upload();
+        assert!(uploaded.equal(&host) && uploaded.kind() == Kind::Float && uploaded.size() == [3, 1]);
         assert!(upload_slice(&[4i64, 5], Device::Cpu).equal(&Tensor::from_slice(&[4i64, 5])));
-        assert!(pinned(host.shallow_clone(), Device::Cpu).equal(&host));
     }
 
     #[test]

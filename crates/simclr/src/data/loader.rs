@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 
 use super::{Dataset, Sample};
 use crate::augment::{center_view, view_rng, Pipeline};
+use crate::device::Pinned;
 use crate::{Error, Result};
 
 /// How a batch of views is laid out and normalised.
@@ -78,7 +79,7 @@ impl Views {
         }
     }
 
-    /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on.
+    /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on, on the training device.
     pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
         match self {
             Views::Host(loader) => Box::new(loader.epoch(epoch, first)),
@@ -226,8 +227,8 @@ pub struct ViewLoader {
 }
 
 impl ViewLoader {
-    /// Batches bound for `device`: for a GPU they are made in page-locked
-    /// memory, so the trainer's upload does not wait (see [`crate::device::upload`]).
+    /// Batches for `device`: for a GPU they are made in page-locked memory
+    /// and sent without waiting for it (see [`crate::device::Pinned`]).
     pub fn new(
         dataset: Arc<Dataset>,
         pipeline: Pipeline,
@@ -262,7 +263,7 @@ impl ViewLoader {
             let views = (first..batches).map(|batch| {
                 let indices = &order[batch * batch_size..(batch + 1) * batch_size];
                 let data = pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch))?;
-                Ok(crate::device::pinned(format.tensor(&data, 2 * batch_size), device))
+                Ok(Pinned::new(format.tensor(&data, 2 * batch_size), device))
             });
             send_until_error(&sender, views);
         });
@@ -306,9 +307,10 @@ fn two_views(
     Ok(data)
 }
 
-/// The batches of one epoch, as `[2N, 3, size, size]` float tensors on the CPU.
+/// The batches of one epoch, as `[2N, 3, size, size]` float tensors on the
+/// loader's device.
 pub struct Batches {
-    receiver: Receiver<Result<Tensor>>,
+    receiver: Receiver<Result<Pinned>>,
     producer: Option<JoinHandle<()>>,
 }
 
@@ -317,7 +319,7 @@ impl Iterator for Batches {
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.receiver.recv() {
-            Ok(batch) => Some(batch),
+            Ok(batch) => Some(batch.map(Pinned::upload)),
             Err(_) => {
                 if let Some(producer) = self.producer.take() {
                     if producer.join().is_err() {

@@ -5,6 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::loader::{center_batch, send_until_error, ViewFormat};
 use crate::data::Sample;
+use crate::device::Pinned;
 use crate::model::ResNet;
 use crate::Result;
 
@@ -39,19 +40,19 @@ fn extract(
 ) -> Result<Tensor> {
     let batches = samples.chunks(batch_size.max(1));
     let encoder = encoder.fold();
-    let forward = |images: Tensor| {
-        let images = crate::device::upload(&images, device);
+    let forward = |images: Pinned| {
+        let images = images.upload();
         tch::no_grad(|| encoder.forward(&images)).to_kind(Kind::Float)
     };
+    let ready = |batch| center_batch(batch, format, pool).map(|images| Pinned::new(images, device));
     let chunks: Vec<Tensor> = if prefetch {
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-            let pinned = |batch| center_batch(batch, format, pool).map(|images| crate::device::pinned(images, device));
-            scope.spawn(move || send_until_error(&sender, batches.map(pinned)));
+            scope.spawn(move || send_until_error(&sender, batches.map(ready)));
             receiver.into_iter().map(|images| images.map(forward)).collect::<Result<_>>()
         })?
     } else {
-        batches.map(|batch| center_batch(batch, format, pool).map(forward)).collect::<Result<_>>()?
+        batches.map(|batch| ready(batch).map(forward)).collect::<Result<_>>()?
     };
     Ok(Tensor::cat(&chunks, 0))
 }

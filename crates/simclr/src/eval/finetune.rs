@@ -173,7 +173,7 @@ pub fn finetune(
                 let mut rng = view_rng(config.seed, epoch as u64, indices[position] as u64, 2);
                 pipeline.view(0, image, &mut rng)
             })?;
-            let images = crate::device::upload(&images, device);
+            let images = crate::device::Pinned::new(images, device).upload();
             let logits = encoder.forward_t(&images, true).apply(&classifier);
             let loss = logits.cross_entropy_for_logits(&labels(&samples, device));
             optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));

@@ -184,7 +184,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
         let mut learning_rate = 0.0;
         for batch in loader.epoch(epoch as u64, position.batch) {
-            let views = crate::device::upload(&batch?, device);
+            let views = batch?;
             learning_rate = schedule.learning_rate(position.step);
             let poisoned = options.poison_steps.contains(&position.step);
             let step = || -> Result<(Tensor, Tensor)> {
