@@ -37,11 +37,23 @@ impl ViewFormat {
         let side = i64::from(self.size);
         Tensor::from_slice(data).view([count as i64, 3, side, side])
     }
+}
 
-    /// (x - mean) / std per channel of a `[n, 3, h, w]` batch in [0, 1].
-    pub fn normalize(&self, images: &Tensor) -> Tensor {
-        let column = |values: [f32; 3]| crate::device::upload_slice(&values, images.device()).view([1, 3, 1, 1]);
-        (images - column(self.mean)) / column(self.std)
+/// (x - mean) / std per channel of `[n, 3, h, w]` batches in [0, 1], with
+/// mean and std put on the batches' device once, not with every batch.
+struct Normalization {
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Normalization {
+    fn new(format: ViewFormat, device: tch::Device) -> Self {
+        let column = |values: [f32; 3]| Tensor::from_slice(&values).to_device(device).view([1, 3, 1, 1]);
+        Self { mean: column(format.mean), std: column(format.std) }
+    }
+
+    fn apply(&self, images: &Tensor) -> Tensor {
+        (images - &self.mean) / &self.std
     }
 }
 
@@ -112,7 +124,7 @@ pub struct DeviceViewLoader {
     height: u32,
     len: usize,
     pipeline: Pipeline,
-    format: ViewFormat,
+    normalization: Normalization,
     batch_size: usize,
     seed: u64,
 }
@@ -177,7 +189,9 @@ impl DeviceViewLoader {
             return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}")));
         }
         let images = crate::augment::uint8_batch(&pixels, dataset.len(), width, height).to_device(device);
-        Ok(DeviceData::Ready(Self { images, width, height, len: dataset.len(), pipeline, format, batch_size, seed }))
+        let normalization = Normalization::new(format, device);
+        let len = dataset.len();
+        Ok(DeviceData::Ready(Self { images, width, height, len, pipeline, normalization, batch_size, seed }))
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -200,7 +214,7 @@ impl DeviceViewLoader {
                 self.pipeline.render_batch(&images, &params)
             })
             .collect();
-        self.format.normalize(&Tensor::cat(&views, 0))
+        self.normalization.apply(&Tensor::cat(&views, 0))
     }
 }
 
