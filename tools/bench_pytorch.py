@@ -14,6 +14,7 @@ tools/bench_cpu.sh) and compare the two.
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -46,6 +47,19 @@ def lars_step(params, velocities, lr, weight_decay=1e-6, momentum=0.9, eta=0.001
         w.sub_(v)
 
 
+def profile(step, device, steps):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="resnet18")
@@ -59,6 +73,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last without bf16 (as simclr does)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many training steps with torch.profiler and print, to stderr, the "
+                             "kernels by device time (the same kernels simclr calls: where a step's time goes)")
     parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"],
                         help="lars: the loop above, per tensor, as PyTorch SimCLR code writes it; "
                              "sgd and adamw: torch.optim's (multi-tensor foreach kernels on CUDA)")
@@ -127,6 +144,17 @@ def main():
         return time.perf_counter() - started
 
     train_seconds = timed(train_step)
+    # The host's time to issue one step from an idle device (simclr bench's
+    # train_issue_ms): near the step time when launching kernels is the bound.
+    issue = []
+    for _ in range(5):
+        started = time.perf_counter()
+        train_step()
+        issue.append(time.perf_counter() - started)
+        sync()
+    issue_ms = 1000 * sorted(issue)[len(issue) // 2]
+    if args.profile:
+        profile(train_step, device, args.profile)
     forward_seconds = timed(forward)
     done = args.steps * args.batch_size
     print(json.dumps({
@@ -141,6 +169,7 @@ def main():
         "optimizer": args.optimizer,
         "train_images_per_second": done / train_seconds,
         "train_ms_per_step": 1000 * train_seconds / args.steps,
+        "train_issue_ms": issue_ms,
         "forward_images_per_second": done / forward_seconds,
     }))
 

@@ -6,8 +6,11 @@
 #   into device/ (ignored by git; about 60 MB, under the 64 MiB a device
 #   call carries).
 # On the device (run with carry=["device"]), stages in the order given, as
-# many per call as fit the 600 s a call may run (bench about 90 s, pytorch
-# and simclr BUDGET + about 50 s each), e.g. `bench simclr`, then `pytorch`:
+# many per call as fit the 600 s a call may run (smoke about 40 s, bench about
+# 90 s, pytorch and simclr BUDGET + about 50 s each), e.g. `smoke bench simclr`,
+# then `pytorch`. A stage that fails is reported and the next one still runs:
+#   tools/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
+#                                   (device augmentation, bf16), resume, kNN, linear, fine-tune, embed
 #   tools/device-bench.sh bench     step throughput (bf16 SGD and LARS, fp32 SGD), both implementations
 #   tools/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/train_pytorch.py)
 #   tools/device-bench.sh simclr    180 s of simclr training + kNN, same settings
@@ -67,6 +70,35 @@ bench)
     "$BIN" bench "${common[@]}" --optimizer lars > "$OUT/bench_bf16_lars.json"
     "$BIN" bench "${common[@]}" --optimizer sgd --no-mixed-precision > "$OUT/bench_fp32_sgd.json"
     cat "$OUT"/bench_*.json
+    # Where the reference's bf16 step spends its device time, kernel by
+    # kernel: the kernels are the ones simclr calls too.
+    "$PYTHON" tools/bench_pytorch.py --device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" \
+        --hidden-dim 2048 --steps 2 --warmup 5 --bf16 --optimizer sgd --profile 5 2> "$OUT/profile_pytorch_bf16_sgd.txt" >/dev/null
+    head -40 "$OUT/profile_pytorch_bf16_sgd.txt"
+    ;;
+smoke)
+    # The cheapest way to learn that a CUDA path is broken: each command
+    # touches code that only runs on a GPU (pinned uploads, the device
+    # augmentation, autocast, the on-device finite check, checkpoint state
+    # copied onto the device), and a failure names the command that made it.
+    torch_libraries
+    data
+    BIN=$(binary)
+    run=/tmp/simclr-smoke
+    rm -rf "$run"
+    loud() { echo "+ $*" >&2; "$@"; }
+    loud "$BIN" train --preset cifar10 --data "$DATA/train" --output "$run" --device "$DEVICE" --epochs 1 --batch-size 256 \
+        --set 'model.arch="resnet18"' --set data.limit=2048 --set data.knn_limit=2048 --set 'augment.backend="auto"' \
+        --set train.knn_every=1 \
+        --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" >&2
+    loud "$BIN" train --resume --output "$run" --epochs 2 >&2
+    loud "$BIN" eval knn --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 --device "$DEVICE"
+    loud "$BIN" eval linear --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 \
+        --epochs 2 --device "$DEVICE"
+    loud "$BIN" eval finetune --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 \
+        --fraction 0.1 --epochs 1 --batch-size 64 --device "$DEVICE"
+    loud "$BIN" embed --weights "$run/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32 --input "$DATA/test" \
+        --output "$run/test.npy" --batch-size 512 --device "$DEVICE"
     ;;
 pytorch)
     data
@@ -112,6 +144,8 @@ for name in ("bench_fp32_sgd.json", "bench_bf16_sgd.json", "bench_bf16_lars.json
         print(f"{name[6:-5]:9} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
               f"({ours['train_images_per_second']:.0f} img/s), {ref['implementation']} {ref['train_ms_per_step']:.1f} ms "
               f"({ref['train_images_per_second']:.0f} img/s): {b['train_ratio']:.2f}x")
+        # Near the step time: bound by launching kernels; far below: by running them.
+        print(f"{'':9} host time to issue a step: simclr {ours['train_issue_ms']:.1f} ms, reference {ref['train_issue_ms']:.1f} ms")
 for name in ("train_simclr.json", "train_pytorch.json"):
     t = load(name)
     if t:
@@ -120,14 +154,21 @@ for name in ("train_simclr.json", "train_pytorch.json"):
 PY
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
     exit 2
     ;;
 esac
 }
 
 [ $# -gt 0 ] || set -- help
+# Device time is scarce: a stage that fails must not cost the others their
+# numbers, so each runs in its own subshell and the failures are summed up.
+failed=()
 for name in "$@"; do
     echo "== $name" >&2
-    stage "$name"
+    ( stage "$name" ) || failed+=("$name")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== failed: ${failed[*]}" >&2
+    exit 1
+fi

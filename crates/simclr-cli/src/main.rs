@@ -382,6 +382,15 @@ fn compare_with_pytorch(
     ] {
         println!("  {what:26} simclr {mine:10.1}   {name} {theirs:10.1}   ratio {:.2}x", mine / theirs);
     }
+    if device.is_cuda() {
+        // Which side of the step bounds it: see BenchReport::train_issue_ms.
+        let issue = number("train_issue_ms")?;
+        let step = number("train_ms_per_step")?;
+        println!(
+            "  {:26} simclr {:4.1} of {:4.1} ms   {name} {issue:4.1} of {step:4.1} ms",
+            "host time to issue a step", ours.train_issue_ms, ours.train_ms_per_step
+        );
+    }
     Ok(())
 }
 
@@ -810,8 +819,8 @@ fn bench(args: BenchArgs) -> Result<()> {
             report.steps
         );
         println!(
-            "  training ({}): {:.1} images/s ({:.1} ms/step)",
-            report.optimizer, report.train_images_per_second, report.train_ms_per_step
+            "  training ({}): {:.1} images/s ({:.1} ms/step, {:.1} ms of it to issue)",
+            report.optimizer, report.train_images_per_second, report.train_ms_per_step, report.train_issue_ms
         );
         println!("  encoder forward: {:.1} images/s", report.forward_images_per_second);
     }

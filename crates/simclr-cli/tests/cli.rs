@@ -360,7 +360,7 @@ fn bench_reports_the_step_it_timed() {
         let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(report["optimizer"], optimizer);
         assert_eq!(report["batch_size"], 4);
-        for key in ["train_images_per_second", "forward_images_per_second"] {
+        for key in ["train_images_per_second", "forward_images_per_second", "train_issue_ms"] {
             assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
         }
     }

@@ -37,8 +37,24 @@ pub struct BenchReport {
     /// NT-Xent, backward and an optimiser step).
     pub train_images_per_second: f64,
     pub train_ms_per_step: f64,
+    /// Median time the host takes to issue one training step, from an idle
+    /// device until the step's last kernel is queued. On a GPU, a value
+    /// close to `train_ms_per_step` means the step is bound by launching
+    /// kernels (the host), a much smaller one that it is bound by running
+    /// them (the device). On the CPU the step runs as it is issued, so the
+    /// two agree.
+    pub train_issue_ms: f64,
     /// Encoder forward images per second (eval mode, BatchNorm folded, no gradients).
     pub forward_images_per_second: f64,
+}
+
+/// Steps issued one at a time, each from an idle device, for
+/// [`BenchReport::train_issue_ms`] (tools/bench_pytorch.py takes as many).
+const ISSUE_PROBES: usize = 5;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn synchronize(device: Device) {
@@ -85,6 +101,13 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     }
     synchronize(device);
     let train_seconds = started.elapsed().as_secs_f64();
+    let mut issue_seconds = Vec::with_capacity(ISSUE_PROBES);
+    for _ in 0..ISSUE_PROBES {
+        let started = Instant::now();
+        train_step()?;
+        issue_seconds.push(started.elapsed().as_secs_f64());
+        synchronize(device);
+    }
 
     // The encoder as `simclr embed` and the evaluations run it.
     let images = views.narrow(0, 0, options.batch_size as i64);
@@ -112,6 +135,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         optimizer: options.optimizer.name(),
         train_images_per_second: images_done / train_seconds,
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
+        train_issue_ms: 1000.0 * median(&mut issue_seconds),
         forward_images_per_second: images_done / forward_seconds,
     })
 }
