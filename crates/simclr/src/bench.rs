@@ -71,6 +71,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         )));
     }
     let device = options.device;
+    let precision = crate::device::Precision::on(device, options.mixed_precision);
     let store = nn::VarStore::new(device);
     let model = SimClr::new(&store.root(), &options.model);
     crate::device::use_channels_last(&store);
@@ -83,10 +84,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let views = Tensor::randn([2 * options.batch_size as i64, 3, side, side], (Kind::Float, device));
 
     let mut train_step = || -> Result<()> {
-        let loss = crate::device::autocast(options.mixed_precision, device, || {
-            let (_, z) = model.forward_t(&views, true);
-            loss_config.compute(&z)
-        })?;
+        let loss = crate::train::trainer::contrastive_loss(&model, &views, &loss_config, precision)?;
         optimizer.backward(&loss)?;
         optimizer.step(learning_rate);
         Ok(())
@@ -112,8 +110,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     // The encoder as `simclr embed` and the evaluations run it.
     let images = views.narrow(0, 0, options.batch_size as i64);
     let encoder = model.encoder.fold();
-    let forward =
-        || tch::no_grad(|| crate::device::autocast(options.mixed_precision, device, || encoder.forward(&images)));
+    let forward = || tch::no_grad(|| precision.run(device, || encoder.forward(&images)));
     for _ in 0..options.warmup_steps {
         let _ = forward();
     }

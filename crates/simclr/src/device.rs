@@ -110,32 +110,112 @@ pub fn upload_slice<T: tch::kind::Element>(values: &[T], device: Device) -> Tens
     Pinned::new(Tensor::from_slice(values), device).upload()
 }
 
-/// Runs `f` under bf16 autocast when `enabled` and `device` is CUDA; master
-/// weights, BatchNorm statistics and the loss stay fp32 (autocast keeps
-/// batch_norm and the loss's softmax in fp32).
-pub fn autocast<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
-    if !(enabled && device.is_cuda()) {
-        return f();
-    }
-    use_bf16_on_cuda();
-    tch::autocast(true, f)
+/// The arithmetic of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast: convolutions and matrix products in bf16, from fp32
+    /// master weights; BatchNorm statistics stay fp32. bf16 has fp32's
+    /// range, so no loss scaling is needed, unlike fp16.
+    Bf16,
 }
 
-/// tch's `autocast` enables CUDA autocast at libtorch's default dtype, fp16,
-/// which would need loss scaling; bf16 has fp32's range and needs none.
-/// tch 0.24 has no binding for the dtype, so this calls libtorch's own
-/// `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)` by
-/// its symbol. Both enums are `int8_t`-backed; CUDA = 1, BFloat16 = 15
-/// (c10/core/DeviceType.h, c10/core/ScalarType.h in libtorch 2.11).
-fn use_bf16_on_cuda() {
-    extern "C" {
-        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-        fn set_autocast_dtype(device_type: i8, dtype: i8);
+impl Precision {
+    /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA,
+    /// fp32 on the CPU (where bf16 convolutions are slower on CPUs without
+    /// AMX, such as this project's).
+    pub fn on(device: Device, mixed_precision: bool) -> Self {
+        if mixed_precision && device.is_cuda() {
+            Self::Bf16
+        } else {
+            Self::Fp32
+        }
     }
-    const CUDA: i8 = 1;
-    const BFLOAT16: i8 = 15;
-    // SAFETY: a plain setter of a thread-local value taking two int8 enums.
-    unsafe { set_autocast_dtype(CUDA, BFLOAT16) }
+
+    /// Runs `f` in this precision, with autocast for `device`'s type.
+    pub fn run<T>(self, device: Device, f: impl FnOnce() -> T) -> T {
+        match self {
+            Self::Fp32 => f(),
+            Self::Bf16 => {
+                let _autocast = Autocast::bf16(device);
+                f()
+            }
+        }
+    }
+}
+
+/// libtorch's autocast state for one device type, switched to bf16 while
+/// this lives and restored when it drops (even in unwinding), as Python's
+/// `torch.autocast` context does.
+///
+/// Not `tch::autocast`: it calls libtorch's deprecated CUDA-only
+/// `at::autocast::is_enabled`/`set_enabled`, which print a deprecation
+/// warning on every call (three lines per region, checked with a C++
+/// program against libtorch 2.11's headers), and it enables fp16, not bf16. tch 0.24 binds none of
+/// the per-device functions, so they are called here by their symbols in
+/// libtorch_cpu. `c10::DeviceType` and `c10::ScalarType` are both
+/// `int8_t`-backed (c10/core/DeviceType.h, c10/core/ScalarType.h).
+struct Autocast {
+    device_type: i8,
+    was_enabled: bool,
+    was_dtype: i8,
+}
+
+mod autocast_ffi {
+    extern "C" {
+        #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+        pub fn is_autocast_enabled(device_type: i8) -> bool;
+        #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+        pub fn set_autocast_enabled(device_type: i8, enabled: bool);
+        #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+        pub fn get_autocast_dtype(device_type: i8) -> i8;
+        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+        pub fn set_autocast_dtype(device_type: i8, dtype: i8);
+        #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+        pub fn increment_nesting() -> i32;
+        #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+        pub fn decrement_nesting() -> i32;
+        #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+        pub fn clear_cache();
+    }
+    pub const CPU: i8 = 0;
+    pub const CUDA: i8 = 1;
+    pub const BFLOAT16: i8 = 15;
+}
+
+impl Autocast {
+    fn bf16(device: Device) -> Self {
+        use autocast_ffi::*;
+        let device_type = if device.is_cuda() { CUDA } else { CPU };
+        // SAFETY: plain getters and setters of libtorch's thread-local
+        // autocast state, taking and returning int8 enums, bools and ints.
+        unsafe {
+            let state = Self {
+                device_type,
+                was_enabled: is_autocast_enabled(device_type),
+                was_dtype: get_autocast_dtype(device_type),
+            };
+            set_autocast_enabled(device_type, true);
+            set_autocast_dtype(device_type, BFLOAT16);
+            increment_nesting();
+            state
+        }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        use autocast_ffi::*;
+        // SAFETY: as in `Autocast::bf16`.
+        unsafe {
+            // The outermost region frees the bf16 copies of the weights it cached.
+            if decrement_nesting() == 0 {
+                clear_cache();
+            }
+            set_autocast_enabled(self.device_type, self.was_enabled);
+            set_autocast_dtype(self.device_type, self.was_dtype);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +231,40 @@ mod tests {
         let uploaded = Pinned::new(host.shallow_clone(), Device::Cpu).upload();
         assert!(uploaded.equal(&host) && uploaded.kind() == Kind::Float && uploaded.size() == [3, 1]);
         assert!(upload_slice(&[4i64, 5], Device::Cpu).equal(&Tensor::from_slice(&[4i64, 5])));
+    }
+
+    fn autocast_state(device_type: i8) -> (bool, i8) {
+        // SAFETY: as in `Autocast::bf16`.
+        unsafe { (autocast_ffi::is_autocast_enabled(device_type), autocast_ffi::get_autocast_dtype(device_type)) }
+    }
+
+    #[test]
+    fn bf16_casts_products_and_restores_the_state_it_found() {
+        // The CPU's autocast runs the same dispatch as CUDA's, so the casts
+        // are checked here; CUDA's state is a thread-local switch like it.
+        let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        for device in [Device::Cpu, Device::Cuda(0)] {
+            let device_type = if device.is_cuda() { autocast_ffi::CUDA } else { autocast_ffi::CPU };
+            let before = autocast_state(device_type);
+            assert!(!before.0);
+            let (outer, inner, after_inner) = Precision::Bf16.run(device, || {
+                let outer = x.linear(&w, None::<Tensor>).kind();
+                let inner = Precision::Bf16.run(device, || autocast_state(device_type));
+                (outer, inner, autocast_state(device_type))
+            });
+            assert_eq!(inner, (true, autocast_ffi::BFLOAT16));
+            // A nested region leaves the outer one on.
+            assert_eq!(after_inner, (true, autocast_ffi::BFLOAT16));
+            assert_eq!(autocast_state(device_type), before);
+            // CUDA's autocast leaves CPU tensors alone.
+            let expected = if device.is_cuda() { Kind::Float } else { Kind::BFloat16 };
+            assert_eq!(outer, expected, "{device:?}");
+        }
+        assert_eq!(Precision::Fp32.run(Device::Cpu, || x.linear(&w, None::<Tensor>).kind()), Kind::Float);
+        assert_eq!(Precision::on(Device::Cpu, true), Precision::Fp32);
+        assert_eq!(Precision::on(Device::Cuda(0), true), Precision::Bf16);
+        assert_eq!(Precision::on(Device::Cuda(0), false), Precision::Fp32);
     }
 
     #[test]

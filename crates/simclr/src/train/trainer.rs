@@ -20,8 +20,10 @@ use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::ValidConfig;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::{open_splits, Dataset};
+use crate::device::Precision;
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
+use crate::loss::LossConfig;
 use crate::model::SimClr;
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
@@ -171,7 +173,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         config.model.stem
     );
 
-    let mixed_precision = config.train.mixed_precision;
+    let precision = Precision::on(device, config.train.mixed_precision);
     let mut epochs = Vec::new();
     let mut ledger = Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone());
     let mut interrupted_at = None;
@@ -188,10 +190,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
             learning_rate = schedule.learning_rate(position.step);
             let poisoned = options.poison_steps.contains(&position.step);
             let step = || -> Result<(Tensor, Tensor)> {
-                let mut loss = crate::device::autocast(mixed_precision, device, || {
-                    let (_, z) = model.forward_t(&views, true);
-                    config.loss.compute(&z)
-                })?;
+                let mut loss = contrastive_loss(&model, &views, &config.loss, precision)?;
                 if poisoned {
                     loss *= f64::NAN;
                 }
@@ -313,6 +312,23 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
     let summary_path = report.output_dir.join(SUMMARY_FILE);
     crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
     Ok(report)
+}
+
+/// The loss of one training batch of 2N views (Algorithm 1's forward
+/// half): z = g(f(x)) in `precision`, then the loss in fp32 outside it.
+///
+/// Under autocast the similarity matrix z zᵀ would be a bf16 product, whose
+/// 8-bit mantissa blurs cosine similarities by about 0.004, 0.02 in the
+/// logits at τ = 0.2; the PyTorch references likewise take the loss of
+/// `z.float()` outside autocast.
+pub(crate) fn contrastive_loss(
+    model: &SimClr,
+    views: &Tensor,
+    loss: &LossConfig,
+    precision: Precision,
+) -> Result<Tensor> {
+    let (_, z) = precision.run(views.device(), || model.forward_t(views, true));
+    loss.compute(&z)
 }
 
 /// Sizes a run to `train.time_budget_seconds` of training (epoch time; the
@@ -518,6 +534,35 @@ fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loss_is_taken_in_fp32_outside_autocast() {
+        // bf16 autocast on the CPU stands in for CUDA's: the same casts.
+        let store = nn::VarStore::new(Device::Cpu);
+        let config = crate::model::ModelConfig {
+            arch: crate::model::Arch::Resnet18,
+            stem: crate::model::Stem::Cifar,
+            width_multiplier: 0.125,
+            ..Default::default()
+        };
+        let model = SimClr::new(&store.root(), &config);
+        let views = Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let loss_config = LossConfig::default();
+        let loss = contrastive_loss(&model, &views, &loss_config, Precision::Bf16).unwrap();
+        assert_eq!(loss.kind(), Kind::Float);
+        loss.backward();
+        let (_, z) = Precision::Bf16.run(Device::Cpu, || model.forward_t(&views, true));
+        assert_eq!(z.kind(), Kind::BFloat16, "the forward ran in bf16");
+        let fp32 = loss_config.compute(&z).unwrap();
+        assert_eq!(loss.double_value(&[]), fp32.double_value(&[]));
+        // Master weights and their gradients stay fp32.
+        for (name, weight) in store.variables() {
+            assert_eq!(weight.kind(), Kind::Float, "{name}");
+            if weight.requires_grad() {
+                assert_eq!(weight.grad().kind(), Kind::Float, "{name}");
+            }
+        }
+    }
 
     #[test]
     fn a_budget_is_planned_from_the_first_epoch_then_from_the_first_warm_one() {
