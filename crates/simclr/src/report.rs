@@ -28,6 +28,27 @@ use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;
 
+/// DejaVu Sans, cut to Latin, Greek, Cyrillic, punctuation, arrows and
+/// mathematical operators (tools: fontTools' pyftsubset; licence beside it
+/// in assets/). Built in, so that figures need no system fonts: with
+/// plotters' `ttf` feature the binary linked fontconfig and FreeType, and
+/// would not even start on a machine without them.
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+
+/// A white PNG canvas at `path`, with the built-in font registered as the
+/// "sans-serif" every figure uses.
+fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let registered =
+        *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if !registered {
+        return Err(drawing_error(path, "the built-in font could not be read"));
+    }
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| drawing_error(path, e))?;
+    Ok(root)
+}
+
 fn drawing_error(path: &Path, error: impl std::fmt::Display) -> Error {
     Error::Image { path: path.to_path_buf(), message: format!("cannot draw: {error}") }
 }
@@ -35,8 +56,7 @@ fn drawing_error(path: &Path, error: impl std::fmt::Display) -> Error {
 /// Loss, learning rate and kNN top-1 against epoch, side by side.
 pub fn training_curves(metrics: &[EpochMetrics], path: &Path) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
-    let root = BitMapBackend::new(path, (WIDTH, 400)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let root = canvas(path, (WIDTH, 400))?;
     let panels = root.split_evenly((1, 3));
     let last_epoch = metrics.iter().map(|m| m.epoch).max().unwrap_or(1) as f64;
     let series: [(&str, Vec<(f64, f64)>); 3] = [
@@ -150,8 +170,7 @@ pub fn embedding_scatter(
         let margin = ((high - low) * 0.05).max(1e-6);
         (low - margin)..(high + margin)
     };
-    let root = BitMapBackend::new(path, (900, 800)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let root = canvas(path, (900, 800))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(projection.caption(), ("sans-serif", 22))
         .margin(15)
@@ -223,8 +242,7 @@ impl Heatmap<'_> {
         let known = || values.iter().flatten().flatten().copied();
         let (low, high) = (known().fold(f64::INFINITY, f64::min), known().fold(f64::NEG_INFINITY, f64::max));
         let span = if high > low { high - low } else { 1.0 };
-        let root = BitMapBackend::new(path, (900, 850)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        let root = canvas(path, (900, 850))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(self.caption, ("sans-serif", 22))
             .margin(15)
