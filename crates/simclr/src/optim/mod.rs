@@ -183,7 +183,12 @@ impl Layout {
             return flat.norm().reshape([1]);
         }
         let squares = flat * flat;
-        Tensor::segment_reduce(&squares, "sum", Some(&self.lengths), None, None, 0, false, 0.0).sqrt()
+        // `unsafe = true` skips libtorch's check of the lengths, which reads
+        // their minimum and sum back to the host (two `.item()` calls, each
+        // waiting for the GPU to finish everything queued, twice per LARS
+        // step). The lengths are the tensors' element counts, made in
+        // `Layout::new`: none negative, and they sum to the buffer's length.
+        Tensor::segment_reduce(&squares, "sum", Some(&self.lengths), None, None, 0, true, 0.0).sqrt()
     }
 
     /// A per-tensor value `[P]` spread over that tensor's elements, `[N]`;
