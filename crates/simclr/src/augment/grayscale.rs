@@ -35,7 +35,16 @@ pub fn to_grayscale(image: &mut FloatImage) {
 
 /// The luma of a `[n, 3, h, w]` batch, as `[n, 1, h, w]`.
 pub fn luma_batch(images: &Tensor) -> Tensor {
-    let weights = crate::device::upload_slice(&LUMA, images.device()).view([1, 3, 1, 1]);
+    luma_with(images, &luma_weights(images.device()))
+}
+
+/// The luma weights as a `[1, 3, 1, 1]` tensor on `device`, for [`luma_with`].
+pub fn luma_weights(device: tch::Device) -> Tensor {
+    crate::device::upload_slice(&LUMA, device).view([1, 3, 1, 1])
+}
+
+/// [`luma_batch`] with the weights already on the device.
+pub fn luma_with(images: &Tensor, weights: &Tensor) -> Tensor {
     (images * weights).sum_dim_intlist(&[1i64][..], true, images.kind())
 }
 
