@@ -57,10 +57,11 @@ fn extract(
     Ok(Tensor::cat(&chunks, 0))
 }
 
-/// The labels of `samples` as an `[M]` int64 tensor (unlabelled samples are -1).
+/// The labels of `samples` as an `[M]` int64 tensor (unlabelled samples are
+/// -1), sent without waiting for the device: fine-tuning makes one per step.
 pub fn labels(samples: &[Sample], device: Device) -> Tensor {
     let labels: Vec<i64> = samples.iter().map(|s| s.label.map_or(-1, |l| l as i64)).collect();
-    Tensor::from_slice(&labels).to_device(device)
+    crate::device::upload_slice(&labels, device)
 }
 
 /// Rows of images per forward pass when features are extracted for evaluation.

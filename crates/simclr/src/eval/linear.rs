@@ -107,7 +107,7 @@ pub fn fit_linear(
     let mut step = 0usize;
     for _ in 0..config.epochs {
         order.shuffle(&mut rng);
-        let permutation = Tensor::from_slice(&order).to_device(device);
+        let permutation = crate::device::upload_slice(&order, device);
         for start in (0..rows).step_by(batch as usize) {
             let index = permutation.narrow(0, start, batch.min(rows - start));
             let logits = train.index_select(0, &index).apply(&classifier);
