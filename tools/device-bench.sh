@@ -151,6 +151,15 @@ for name in ("train_simclr.json", "train_pytorch.json"):
     if t:
         print(f"{t['implementation']:24} {t['epochs']:4d} epochs in {t['train_seconds']:6.1f} s "
               f"({t['images_per_second']:.0f} img/s): kNN top-1 {100 * t['knn_top1']:.2f}%")
+# Issue 5's acceptance 1 and 2, as far as the JSON here shows them.
+step, ours, theirs = load("bench_bf16_sgd.json"), load("train_simclr.json"), load("train_pytorch.json")
+if step:
+    verdict = "met" if step["train_ratio"] >= 1.2 else "not met"
+    print(f"acceptance 1 (bf16 step >= 1.2x PyTorch): {step['train_ratio']:.2f}x, {verdict}")
+if ours and theirs:
+    verdict = "met" if ours["knn_top1"] > theirs["knn_top1"] else "not met"
+    print(f"acceptance 2 (higher kNN in the same budget): {100 * ours['knn_top1']:.2f}% vs "
+          f"{100 * theirs['knn_top1']:.2f}%, {verdict}")
 PY
     ;;
 *)
