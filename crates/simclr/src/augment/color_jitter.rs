@@ -86,7 +86,7 @@ pub fn apply(image: &mut FloatImage, params: &JitterParams) {
 ///   clamp(f·x + (1 − f)·o, 0, 1), whose other image o is 0, the mean luma
 ///   or the luma. One pass per position runs all three, on the whole batch:
 ///   the images running hue there get f = 1 and o = 0, exactly x again;
-/// - hue runs on its own images, in the closed form of [`adjust_hue_batch`];
+/// - hue runs on its own images, in the closed form of `adjust_hue_batch`;
 /// - the drawn values of all positions go to the device in one copy.
 pub fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
     let count = params.len() as i64;

@@ -2,10 +2,18 @@
 //! b ← μb + (∇w + λw); w ← w − lr·b. Weight decay skips BatchNorm and biases.
 use tch::Tensor;
 
-use super::{Hyper, Layout};
+use super::{Amounts, Hyper, Layout};
 
-pub fn update(weights: &mut Tensor, grad: &Tensor, buffer: &mut Tensor, layout: &Layout, lr: f64, hyper: Hyper) {
-    let grad = super::decayed_gradient(weights, grad, layout, hyper.weight_decay);
-    let _ = buffer.g_mul_scalar_(hyper.momentum).g_add_(&grad);
-    let _ = weights.g_sub_(&(&*buffer * lr));
+pub(super) fn update(
+    weights: &mut Tensor,
+    grad: &Tensor,
+    buffer: &mut Tensor,
+    layout: &Layout,
+    lr: f64,
+    hyper: Hyper,
+    amounts: &Amounts,
+) {
+    let grad = amounts.gradient(super::decayed_gradient(weights, grad, layout, hyper.weight_decay));
+    let _ = buffer.g_mul_(&amounts.rate(hyper.momentum)).g_add_(&grad);
+    let _ = weights.g_sub_(&(&*buffer * amounts.step(lr)));
 }

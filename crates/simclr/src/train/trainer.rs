@@ -196,7 +196,7 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
                 }
                 optimizer.backward(&loss)?;
                 // A non-finite loss or gradient is caught on the device: the
-                // step is undone there, and the ledger reads the verdict later.
+                // update is shut there, and the ledger reads the verdict later.
                 let finite = optimizer.step_if_finite(learning_rate, &loss);
                 Ok((loss.detach(), finite))
             };
@@ -379,7 +379,7 @@ struct Ledger {
 
 impl Ledger {
     /// Steps between reads: a non-finite run is stopped at most this many
-    /// steps late (the steps themselves were undone on the device).
+    /// steps late (the steps themselves were shut on the device).
     const READ_EVERY: usize = 16;
 
     fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf) -> Self {
