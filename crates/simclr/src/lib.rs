@@ -21,7 +21,7 @@
 //! views, [`model`] holds f and g, [`loss`] the objectives, [`optim`] LARS and
 //! the schedule, [`train`] the loop and checkpoints, [`eval`] the kNN monitor,
 //! [`io`] weights in torchvision's names, [`embed`], [`retrieval`] and
-//! [`bench`] the uses, [`report`] the figures.
+//! [`bench`](mod@bench) the uses, [`report`] the figures.
 pub mod ablation;
 pub mod augment;
 pub mod bench;

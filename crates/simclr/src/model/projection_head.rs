@@ -4,7 +4,7 @@
 //! (arXiv 2006.10029).
 //!
 //! Variables are named as an `nn.Sequential` called `layers` holding Linear,
-//! [BatchNorm1d,] ReLU, ..., so `layers.0.weight` is the first Linear's.
+//! (BatchNorm1d,) ReLU, ..., so `layers.0.weight` is the first Linear's.
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::Tensor;

@@ -140,7 +140,7 @@ impl OptimConfig {
 /// optimisers buy PyTorch, which tch does not expose: on a GPU an eager step
 /// is largely bound by the time spent launching kernels.
 ///
-/// A `Layout` describes one [`Chunk`] of the buffers: all of them on a GPU,
+/// A `Layout` describes one `Chunk` of the buffers: all of them on a GPU,
 /// a cache-sized run of tensors on the CPU.
 #[derive(Debug)]
 pub struct Layout {
