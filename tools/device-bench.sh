@@ -92,11 +92,10 @@ smoke)
         --set train.knn_every=1 \
         --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" >&2
     loud "$BIN" train --resume --output "$run" --epochs 2 >&2
-    loud "$BIN" eval knn --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 --device "$DEVICE"
-    loud "$BIN" eval linear --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 \
-        --epochs 2 --device "$DEVICE"
-    loud "$BIN" eval finetune --checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 \
-        --fraction 0.1 --epochs 1 --batch-size 64 --device "$DEVICE"
+    labelled=(--checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 --device "$DEVICE")
+    loud "$BIN" eval knn "${labelled[@]}"
+    loud "$BIN" eval linear "${labelled[@]}" --epochs 2
+    loud "$BIN" eval finetune "${labelled[@]}" --fraction 0.1 --epochs 1 --batch-size 64
     loud "$BIN" embed --weights "$run/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32 --input "$DATA/test" \
         --output "$run/test.npy" --batch-size 512 --device "$DEVICE"
     ;;

@@ -151,10 +151,11 @@ impl Precision {
 /// Not `tch::autocast`: it calls libtorch's deprecated CUDA-only
 /// `at::autocast::is_enabled`/`set_enabled`, which print a deprecation
 /// warning on every call (three lines per region, checked with a C++
-/// program against libtorch 2.11's headers), and it enables fp16, not bf16. tch 0.24 binds none of
-/// the per-device functions, so they are called here by their symbols in
-/// libtorch_cpu. `c10::DeviceType` and `c10::ScalarType` are both
-/// `int8_t`-backed (c10/core/DeviceType.h, c10/core/ScalarType.h).
+/// program against libtorch 2.11's headers), and it enables fp16, not
+/// bf16. tch 0.24 binds none of the per-device functions, so they are
+/// called here by their symbols in libtorch_cpu. `c10::DeviceType` and
+/// `c10::ScalarType` are both `int8_t`-backed (c10/core/DeviceType.h,
+/// c10/core/ScalarType.h).
 struct Autocast {
     device_type: i8,
     was_enabled: bool,
@@ -181,12 +182,21 @@ mod autocast_ffi {
     pub const CPU: i8 = 0;
     pub const CUDA: i8 = 1;
     pub const BFLOAT16: i8 = 15;
+
+    /// The `c10::DeviceType` whose autocast state governs `device`.
+    pub fn device_type(device: tch::Device) -> i8 {
+        if device.is_cuda() {
+            CUDA
+        } else {
+            CPU
+        }
+    }
 }
 
 impl Autocast {
     fn bf16(device: Device) -> Self {
         use autocast_ffi::*;
-        let device_type = if device.is_cuda() { CUDA } else { CPU };
+        let device_type = device_type(device);
         // SAFETY: plain getters and setters of libtorch's thread-local
         // autocast state, taking and returning int8 enums, bools and ints.
         unsafe {
@@ -245,7 +255,7 @@ mod tests {
         let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
         let w = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
         for device in [Device::Cpu, Device::Cuda(0)] {
-            let device_type = if device.is_cuda() { autocast_ffi::CUDA } else { autocast_ffi::CPU };
+            let device_type = autocast_ffi::device_type(device);
             let before = autocast_state(device_type);
             assert!(!before.0);
             let (outer, inner, after_inner) = Precision::Bf16.run(device, || {

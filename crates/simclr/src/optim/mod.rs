@@ -332,17 +332,19 @@ struct Amounts {
 impl Amounts {
     /// `x`, or 0 where shut: a learning rate, a step's factor.
     fn step(&self, x: f64) -> Tensor {
-        match &self.open {
-            Some(open) => Tensor::where_scalar(open, x, 0.0),
-            None => Tensor::full([], x, (tch::Kind::Float, self.device)),
-        }
+        self.value(x, 0.0)
     }
 
     /// `rate`, or 1 where shut: how much of a state buffer is kept.
     fn rate(&self, rate: f64) -> Tensor {
+        self.value(rate, 1.0)
+    }
+
+    /// `open_value` as a 0-d tensor, or `shut_value` where the verdict is false.
+    fn value(&self, open_value: f64, shut_value: f64) -> Tensor {
         match &self.open {
-            Some(open) => Tensor::where_scalar(open, rate, 1.0),
-            None => Tensor::full([], rate, (tch::Kind::Float, self.device)),
+            Some(open) => Tensor::where_scalar(open, open_value, shut_value),
+            None => Tensor::full([], open_value, (tch::Kind::Float, self.device)),
         }
     }
 
@@ -686,7 +688,7 @@ mod tests {
 
     #[test]
     fn every_execution_gives_the_same_updates() {
-        for kind in [OptimizerKind::Lars, OptimizerKind::Sgd, OptimizerKind::Adamw] {
+        for kind in OptimizerKind::ALL {
             let config = OptimConfig { optimizer: kind, weight_decay: 1e-2, ..Default::default() };
             let start = parameters();
             let gradients: Vec<Vec<Tensor>> =
@@ -726,7 +728,7 @@ mod tests {
     #[test]
     fn a_step_with_a_non_finite_loss_or_gradient_changes_nothing() {
         let params = parameters();
-        for kind in [OptimizerKind::Lars, OptimizerKind::Sgd, OptimizerKind::Adamw] {
+        for kind in OptimizerKind::ALL {
             let config = OptimConfig { optimizer: kind, weight_decay: 0.1, ..Default::default() };
             for execution in EXECUTIONS {
                 let params: Vec<(String, Tensor)> =
