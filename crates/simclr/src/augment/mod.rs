@@ -397,6 +397,13 @@ impl Pipeline {
         &self.views[view]
     }
 
+    /// Whether both views draw from the same ops (the paper's symmetric
+    /// augmentation), so that [`Pipeline::render_batch`] can take both
+    /// views' parameters in one batch.
+    pub fn is_symmetric(&self) -> bool {
+        self.views[0] == self.views[1]
+    }
+
     /// Draws the parameters of `view` of an image `width` x `height`.
     pub fn sample<R: Rng + ?Sized>(&self, view: usize, width: u32, height: u32, rng: &mut R) -> ViewParams {
         let ops = &self.views[view];
