@@ -8,11 +8,13 @@
 #   tools/bench_cpu.sh                 # ResNet-18, CIFAR stem, batch 64, 32x32
 #   BATCH=128 STEPS=10 ROUNDS=5 tools/bench_cpu.sh
 #   REF_ARGS=--channels-last tools/bench_cpu.sh   # PyTorch in simclr's memory format
+#   WIDTH=0.0625 BATCH=2 SIZE=8 STEPS=200 OPTIMIZER=sgd REF_ARGS=--channels-last tools/bench_cpu.sh
+#       # a model so small that dispatching ops is most of a step, as on a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
-args=(--arch "${ARCH:-resnet18}" --stem "${STEM:-cifar}" --batch-size "${BATCH:-64}"
-      --image-size "${SIZE:-32}" --steps "${STEPS:-5}" --warmup 2)
+args=(--arch "${ARCH:-resnet18}" --width "${WIDTH:-1}" --stem "${STEM:-cifar}" --batch-size "${BATCH:-64}"
+      --image-size "${SIZE:-32}" --steps "${STEPS:-5}" --warmup 2 --optimizer "${OPTIMIZER:-lars}")
 eval "$(scripts/libtorch.sh)"
 cargo build --quiet -p simclr-cli
 runs=()

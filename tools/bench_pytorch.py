@@ -14,6 +14,7 @@ tools/bench_cpu.sh) and compare the two.
 """
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -64,6 +65,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier, as simclr's")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
@@ -86,10 +88,24 @@ def main():
     torch.backends.cudnn.benchmark = True
 
     encoder = getattr(torchvision.models, args.arch)()
+    stem_width = 64
+    if args.width != 1:
+        # simclr's width multiplier: every stage's planes scaled, rounded
+        # half away from zero, as Rust rounds.
+        block = type(encoder.layer1[0])
+        planes = [max(1, math.floor(64 * 2**stage * args.width + 0.5)) for stage in range(4)]
+        stem_width = encoder.inplanes = planes[0]
+        encoder.conv1 = torch.nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
+        encoder.bn1 = torch.nn.BatchNorm2d(stem_width)
+        for stage in range(4):
+            depth = len(getattr(encoder, f"layer{stage + 1}"))
+            layer = encoder._make_layer(block, planes[stage], depth, stride=1 if stage == 0 else 2)
+            setattr(encoder, f"layer{stage + 1}", layer)
+        encoder.fc = torch.nn.Linear(planes[3] * block.expansion, 1000)
     features = encoder.fc.in_features
     encoder.fc = torch.nn.Identity()
     if args.stem == "cifar":
-        encoder.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        encoder.conv1 = torch.nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
         encoder.maxpool = torch.nn.Identity()
     hidden = args.hidden_dim or features
     head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 128))

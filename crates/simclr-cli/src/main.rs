@@ -327,6 +327,8 @@ fn compare_with_pytorch(
     command.arg(script).args([
         "--arch",
         &args.encoder.arch,
+        "--width",
+        &args.encoder.width.to_string(),
         "--stem",
         &args.encoder.stem,
         "--batch-size",
