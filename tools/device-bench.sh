@@ -10,7 +10,9 @@
 # not two calls:
 #   tools/device-bench.sh all       step, simclr, pytorch, smoke, bench in that order (issue 5's
 #                                   acceptance first), each only if its estimate still fits before
-#                                   DEADLINE (default 585 s), then table; call with timeout_s=600
+#                                   DEADLINE (default 585 s), then table; as the device tool's
+#                                   command `set -o pipefail; tools/device-bench.sh all 2>&1 | tee $OUT/all.log`
+#                                   with carry ["device"] and timeout_s 600 (7 files come back)
 # or stages one by one, in the order given; a stage that fails is reported
 # and the next one still runs:
 #   tools/device-bench.sh step      bf16 SGD step throughput, both implementations (acceptance 1)
