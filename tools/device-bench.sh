@@ -41,7 +41,11 @@ mkdir -p "$OUT"
 binary() {
     if [ -n "${SIMCLR_BIN:-}" ]; then echo "$SIMCLR_BIN"; return; fi
     if [ -f device/simclr.xz ]; then
-        [ /tmp/simclr-cuda -nt device/simclr.xz ] || { xz -dc device/simclr.xz > /tmp/simclr-cuda && chmod +x /tmp/simclr-cuda; }
+        # Python's lzma where the machine has no xz (its image is not ours).
+        [ /tmp/simclr-cuda -nt device/simclr.xz ] || {
+            "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+                device/simclr.xz /tmp/simclr-cuda.part && mv /tmp/simclr-cuda.part /tmp/simclr-cuda && chmod +x /tmp/simclr-cuda
+        }
         echo /tmp/simclr-cuda
     else
         echo target/cuda/simclr
