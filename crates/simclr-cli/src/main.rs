@@ -304,6 +304,11 @@ struct BenchArgs {
     /// The training step's update: lars, sgd or adamw.
     #[arg(long, default_value = "lars")]
     optimizer: String,
+    /// Also time the training step captured as a CUDA graph and replayed,
+    /// through this library (tools/cuda_graph.cpp, which `tools/device-bench.sh
+    /// prepare` builds): the step without launch overhead. CUDA only.
+    #[arg(long, value_name = "LIBRARY")]
+    cuda_graph: Option<PathBuf>,
     /// Also run this PyTorch reference script (tools/bench_pytorch.py) with
     /// the same model and settings, and print both with their ratio.
     #[arg(long, value_name = "SCRIPT")]
@@ -383,6 +388,14 @@ fn compare_with_pytorch(
         ("encoder forward images/s", ours.forward_images_per_second, forward),
     ] {
         println!("  {what:26} simclr {mine:10.1}   {name} {theirs:10.1}   ratio {:.2}x", mine / theirs);
+    }
+    if let Some(graph) = ours.graph_ms_per_step {
+        let step = number("train_ms_per_step")?;
+        println!(
+            "  {:26} simclr {graph:4.1} ms   {name} eager {step:4.1} ms   ratio {:.2}x",
+            "step as a CUDA graph",
+            step / graph
+        );
     }
     if device.is_cuda() {
         // Which side of the step bounds it: see BenchReport::train_issue_ms.
@@ -801,6 +814,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         device,
         mixed_precision: !args.no_mixed_precision,
         optimizer: args.optimizer.parse()?,
+        cuda_graph: args.cuda_graph.clone(),
     };
     let report = simclr::bench::bench(&options)?;
     if let Some(script) = &args.compare {
@@ -824,6 +838,9 @@ fn bench(args: BenchArgs) -> Result<()> {
             "  training ({}): {:.1} images/s ({:.1} ms/step, {:.1} ms of it to issue)",
             report.optimizer, report.train_images_per_second, report.train_ms_per_step, report.train_issue_ms
         );
+        if let Some(graph) = report.graph_ms_per_step {
+            println!("  training step as a CUDA graph: {graph:.1} ms/step");
+        }
         println!("  encoder forward: {:.1} images/s", report.forward_images_per_second);
     }
     Ok(())

@@ -363,7 +363,11 @@ fn bench_reports_the_step_it_timed() {
         for key in ["train_images_per_second", "forward_images_per_second", "train_issue_ms"] {
             assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
         }
+        assert!(report.get("graph_ms_per_step").is_none(), "no CUDA graph was asked for: {report}");
     }
+    // A CUDA graph is refused off CUDA before anything is timed.
+    let output = simclr(&[&args[..], &["--cuda-graph", "device/libsimclr_graph.so"]].concat());
+    assert_fails_with(&output, &["--cuda-graph needs a CUDA device, not Cpu"]);
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub struct BenchOptions {
     pub mixed_precision: bool,
     /// The update of each training step (LARS by default, as the paper's).
     pub optimizer: OptimizerKind,
+    /// Also time the training step captured as a CUDA graph and replayed,
+    /// through the shim library at this path (see [`crate::cuda_graph`]).
+    pub cuda_graph: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -46,6 +49,11 @@ pub struct BenchReport {
     pub train_issue_ms: f64,
     /// Encoder forward images per second (eval mode, BatchNorm folded, no gradients).
     pub forward_images_per_second: f64,
+    /// The training step captured as a CUDA graph and replayed, where asked
+    /// for: the same kernels with no launch overhead, so the floor under
+    /// `train_ms_per_step`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_ms_per_step: Option<f64>,
 }
 
 /// Steps issued one at a time, each from an idle device, for
@@ -71,6 +79,9 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         )));
     }
     let device = options.device;
+    if options.cuda_graph.is_some() && !device.is_cuda() {
+        return Err(Error::InvalidArgument(format!("--cuda-graph needs a CUDA device, not {device:?}")));
+    }
     let precision = crate::device::Precision::on(device, options.mixed_precision);
     let store = nn::VarStore::new(device);
     let model = SimClr::new(&store.root(), &options.model);
@@ -107,6 +118,23 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         synchronize(device);
     }
 
+    let graph_seconds = match &options.cuda_graph {
+        Some(library) => {
+            // The same step from here on, replayed: every replay reads the
+            // same views and updates the same weights, as the eager steps did.
+            let graph = crate::cuda_graph::CudaGraph::capture(library, device, 3, &mut train_step)?;
+            graph.replay()?;
+            synchronize(device);
+            let started = Instant::now();
+            for _ in 0..options.steps {
+                graph.replay()?;
+            }
+            synchronize(device);
+            Some(started.elapsed().as_secs_f64())
+        }
+        None => None,
+    };
+
     // The encoder as `simclr embed` and the evaluations run it.
     let images = views.narrow(0, 0, options.batch_size as i64);
     let encoder = model.encoder.fold();
@@ -134,6 +162,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
         train_issue_ms: 1000.0 * median(&mut issue_seconds),
         forward_images_per_second: images_done / forward_seconds,
+        graph_ms_per_step: graph_seconds.map(|seconds| 1000.0 * seconds / options.steps as f64),
     })
 }
 

@@ -26,6 +26,7 @@ pub mod ablation;
 pub mod augment;
 pub mod bench;
 pub mod config;
+pub mod cuda_graph;
 pub mod data;
 pub mod device;
 pub mod embed;
