@@ -19,9 +19,10 @@
 //! moved fine-tuning from 22.60% and 37.28%; LARS's norms taken per tensor
 //! instead of by segmented sum moved the trained numbers by 1-3 points
 //! (from 37.60%, 38.92%, 41.06%, 23.70% and 38.14%), as channels-last
-//! convolutions had before them (35.65%, 38.28%, 41.78%, 24.08%, 37.88%). The paper's random head on the pretrained
-//! encoder gave 23.58% and 36.30%: at this budget the encoder is weak, and
-//! a random head's first steps spend much of what it learnt.
+//! convolutions had before them (35.65%, 38.28%, 41.78%, 24.08%, 37.88%).
+//! The paper's random head on the pretrained encoder gave 23.58% and
+//! 36.30%: at this budget the encoder is weak, and a random head's first
+//! steps spend much of what it learnt.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
