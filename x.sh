@@ -11,7 +11,8 @@
 # tests and the binary share one build.
 set -euo pipefail
 cd "$(dirname "$0")"
-eval "$(scripts/libtorch.sh)"
+env=$(scripts/libtorch.sh)
+eval "$env"
 
 case "${1:-}" in
     simclr)

@@ -1,54 +1,134 @@
 #!/usr/bin/env bash
 # Installs libtorch 2.11.0 (the CPU+CUDA 13.0 build shipped in the registry's
 # `torch==2.11.0` wheel) into a cache outside the checkout, once, and prints
-# the environment that points tch at it. Idempotent: a finished install is
-# marked by `.complete` and reused by every clone and by CI on this machine.
+# the environment that points tch at it:
 #
-#   eval "$(scripts/libtorch.sh)"
+#   env=$(scripts/libtorch.sh) && eval "$env"
+#
+# (not `eval "$(scripts/libtorch.sh)"`: eval of a failed substitution
+# succeeds, and the build would then fail later with a vaguer message).
 #
 # Only torch/{lib,include,share} are unpacked, plus the two CUDA runtime
-# libraries that libtorch_cpu.so itself links (libcudart, libcupti); the
-# rest of the CUDA stack is needed only on a GPU machine, which already has
-# PyTorch installed.
+# libraries that libtorch_cpu.so itself links (libcudart, libcupti); the rest
+# of the CUDA stack is needed only on a GPU machine, which has PyTorch.
+#
+# Safe to run from several terminals at once: the install is serialised by a
+# lock on the cache, each wheel is pinned by version and sha256 (so pip can
+# neither pick a placeholder such as nvidia-cuda-runtime 0.0.0a0 nor keep a
+# truncated download), the unpacked files are checked against the wheels'
+# listings, and the install appears under its final name, `.complete`
+# included, by one rename. An interrupted install leaves only a temporary
+# folder that the next run removes. Failures print one line naming the
+# package and pip's reason, and exit non-zero.
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
-CUDA_RUNTIME=nvidia-cuda-runtime==13.0.96
-CUDA_CUPTI=nvidia-cuda-cupti==13.0.85
+# Every file the install needs, as pip would name it: the wheel's exact
+# version and sha256. The platform tags below cover each wheel's own tag
+# (torch: manylinux_2_28; cuda-runtime: manylinux2014 = manylinux_2_17;
+# cupti: manylinux_2_25): `pip download --platform` accepts only the tags it
+# is given, not the older ones a machine would also accept.
+WHEELS_PINNED=(
+    "torch==$TORCH_VERSION sha256:7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a"
+    "nvidia-cuda-runtime==13.0.96 sha256:7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548"
+    "nvidia-cuda-cupti==13.0.85 sha256:4eb01c08e859bf924d222250d2e8f8b8ff6d3db4721288cf35d14252a4d933c8"
+)
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64
+    manylinux_2_25_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
 CACHE_ROOT=${SIMCLR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simclr}
 PREFIX=$CACHE_ROOT/libtorch-$TORCH_VERSION
 
-if [ ! -f "$PREFIX/.complete" ]; then
-    echo "installing libtorch $TORCH_VERSION into $PREFIX (once)" >&2
-    PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-    WHEELS=$CACHE_ROOT/wheels
-    mkdir -p "$WHEELS"
-    if ! ls "$WHEELS"/torch-$TORCH_VERSION-*.whl >/dev/null 2>&1; then
-        "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
-            --python-version 3.11 --platform manylinux_2_28_x86_64 \
-            -d "$WHEELS" "torch==$TORCH_VERSION" >&2
-    fi
-    if ! ls "$WHEELS"/nvidia_cuda_runtime-*.whl "$WHEELS"/nvidia_cuda_cupti-*.whl >/dev/null 2>&1; then
-        "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
-            --platform manylinux_2_28_x86_64 -d "$WHEELS" "$CUDA_RUNTIME" "$CUDA_CUPTI" >&2
-    fi
-    rm -rf "$PREFIX.partial"
-    # Only the members tch needs: torch/{lib,include,share} and the two CUDA
-    # runtime libraries (zipfile, so no `unzip` is needed).
-    "$PYTHON" - "$PREFIX.partial" "$WHEELS"/torch-$TORCH_VERSION-*.whl \
-        "$WHEELS"/nvidia_cuda_runtime-*.whl "$WHEELS"/nvidia_cuda_cupti-*.whl <<'PY'
-import sys, zipfile
-target, wheels = sys.argv[1], sys.argv[2:]
-keep = ("torch/lib/", "torch/include/", "torch/share/", "nvidia/cu13/lib/")
-for wheel in wheels:
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(target, [m for m in archive.namelist() if m.startswith(keep)])
+fail() {
+    echo "scripts/libtorch.sh: $*" >&2
+    exit 1
+}
+
+install() {
+    local python wheels staging requirement spec hash log
+    python=${PYTHON:-$(command -v python3 || command -v python || true)}
+    [ -n "$python" ] || fail "no python3 on PATH (it runs pip to fetch the torch wheel)"
+    wheels=$CACHE_ROOT/wheels
+    mkdir -p "$wheels"
+    log=$(mktemp)
+    for requirement in "${WHEELS_PINNED[@]}"; do
+        spec=${requirement% *}
+        hash=${requirement#* }
+        # pip checks the hash of a wheel it downloads; one already in the
+        # cache is checked here, and fetched again when it does not match.
+        if ! "$python" - "$wheels" "$spec" "$hash" <<'PY'; then
+import hashlib, pathlib, sys
+folder, spec, expected = sys.argv[1], sys.argv[2], sys.argv[3].split(":", 1)[1]
+name, version = spec.split("==")
+for wheel in pathlib.Path(folder).glob(f"{name.replace('-', '_')}-{version}-*.whl"):
+    digest = hashlib.sha256()
+    with wheel.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() == expected:
+        sys.exit(0)
+    wheel.unlink()
+sys.exit(1)
 PY
-    # tch checks this file against the version it was written for.
-    echo "$TORCH_VERSION" > "$PREFIX.partial/torch/build-version"
+            echo "fetching $spec" >&2
+            printf '%s --hash=%s\n' "$spec" "$hash" >"$log.req"
+            if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: \
+                --require-hashes --python-version 3.11 --implementation cp --abi cp311 \
+                "${PLATFORMS[@]/#/--platform=}" -d "$wheels" -r "$log.req" >"$log" 2>&1; then
+                fail "downloading $spec failed: $(grep -m1 -E 'ERROR|Error|error' "$log" || tail -n1 "$log")"
+            fi
+        fi
+    done
+    rm -f "$log" "$log.req"
+
+    staging=$(mktemp -d "$CACHE_ROOT/.libtorch-$TORCH_VERSION.partial.XXXXXX")
+    chmod 755 "$staging"
+    # Only the members tch needs, by zipfile (no `unzip` on every machine);
+    # zipfile checks each member's CRC as it reads it, and the sizes on disk
+    # are compared with the listing afterwards.
+    "$python" - "$staging" "$wheels" "$TORCH_VERSION" "${WHEELS_PINNED[@]}" <<'PY' ||
+import pathlib, sys, zipfile
+target, folder, torch_version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+keep = ("torch/lib/", "torch/include/", "torch/share/", "nvidia/cu13/lib/")
+expected = 0
+for requirement in sys.argv[4:]:
+    name, version = requirement.split(" ")[0].split("==")
+    (wheel,) = folder.glob(f"{name.replace('-', '_')}-{version}-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.infolist() if m.filename.startswith(keep) and not m.is_dir()]
+        if not members:
+            sys.exit(f"{wheel.name} holds none of {keep}")
+        archive.extractall(target, members)
+        for member in members:
+            size = (target / member.filename).stat().st_size
+            if size != member.file_size:
+                sys.exit(f"{member.filename}: unpacked {size} bytes, the wheel lists {member.file_size}")
+        expected += len(members)
+found = sum(1 for path in target.rglob("*") if path.is_file())
+if found != expected:
+    sys.exit(f"unpacked {found} files, the wheels list {expected}")
+# tch checks this file against the version it was written for.
+(target / "torch" / "build-version").write_text(torch_version + "\n")
+(target / ".complete").write_text(f"{expected} files from {len(sys.argv) - 4} wheels\n")
+PY
+        { rm -rf "$staging"; fail "unpacking libtorch into $staging failed (see the line above)"; }
     rm -rf "$PREFIX"
-    mv "$PREFIX.partial" "$PREFIX"
-    touch "$PREFIX/.complete"
+    mv "$staging" "$PREFIX"
+}
+
+if [ ! -f "$PREFIX/.complete" ]; then
+    mkdir -p "$CACHE_ROOT"
+    exec 9>"$CACHE_ROOT/.libtorch.lock"
+    if ! flock -n 9; then
+        echo "waiting for another install of libtorch into $CACHE_ROOT" >&2
+        flock 9
+    fi
+    # Another process may have finished the install while this one waited.
+    if [ ! -f "$PREFIX/.complete" ]; then
+        echo "installing libtorch $TORCH_VERSION into $PREFIX (once, about 1 GB)" >&2
+        rm -rf "$CACHE_ROOT"/.libtorch-"$TORCH_VERSION".partial.*
+        install
+    fi
+    exec 9>&-
 fi
 
 echo "export LIBTORCH='$PREFIX/torch'"

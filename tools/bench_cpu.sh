@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
 args=(--arch "${ARCH:-resnet18}" --width "${WIDTH:-1}" --stem "${STEM:-cifar}" --batch-size "${BATCH:-64}"
       --image-size "${SIZE:-32}" --steps "${STEPS:-5}" --warmup 2 --optimizer "${OPTIMIZER:-lars}")
-eval "$(scripts/libtorch.sh)"
+libtorch_env=$(scripts/libtorch.sh)
+eval "$libtorch_env"
 cargo build --quiet -p simclr-cli
 runs=()
 for _ in $(seq "${ROUNDS:-3}"); do

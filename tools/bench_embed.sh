@@ -28,7 +28,8 @@ for class in "$DATA"/*/; do
 done
 "$PYTHON" tools/embed_pytorch.py --make-weights "$work/encoder.safetensors" --arch resnet18 --stem cifar
 
-eval "$(scripts/libtorch.sh)"
+libtorch_env=$(scripts/libtorch.sh)
+eval "$libtorch_env"
 cargo build --quiet -p simclr-cli
 args=(--weights "$work/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32
       --batch-size "${BATCH:-128}" --device cpu --input "$work/images")

@@ -24,7 +24,8 @@ PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
 DATA=${DATA:-../shared/data/cifar10/test}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-eval "$(scripts/libtorch.sh)"
+libtorch_env=$(scripts/libtorch.sh)
+eval "$libtorch_env"
 cargo build --quiet -p simclr-cli
 g++ -std=c++17 -O2 -shared -fPIC -I"$LIBTORCH/include" -I"$LIBTORCH/include/torch/csrc/api/include" \
     tools/opcount.cpp -L"$LIBTORCH/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$LIBTORCH/lib" -o "$work/opcount.so"

@@ -75,7 +75,8 @@ prepare)
     # The CUDA graph shim (tools/cuda_graph.cpp) needs CUDA's runtime headers,
     # which the libtorch install lacks; the fixture venv's Triton carries them.
     cuda_include=${CUDA_INCLUDE:-$(ls -d "$HOME"/.cache/simclr/venv/lib/python3*/site-packages/triton/backends/nvidia/include 2>/dev/null | head -1)}
-    eval "$(scripts/libtorch.sh)"
+    libtorch_env=$(scripts/libtorch.sh)
+    eval "$libtorch_env"
     if [ -f "${cuda_include:-/nonexistent}/cuda_runtime_api.h" ]; then
         g++ -std=c++17 -O2 -shared -fPIC -Wall -I"$LIBTORCH/include" -I"$LIBTORCH/include/torch/csrc/api/include" \
             -I"$cuda_include" tools/cuda_graph.cpp -L"$LIBTORCH/lib" -L"$LIBTORCH/../nvidia/cu13/lib" \
