@@ -55,6 +55,18 @@ pub fn channels_last(x: &Tensor) -> Tensor {
     copy
 }
 
+/// An NCHW copy of a 4-D tensor `[N, C, H, W]`, through which gradients
+/// flow. `contiguous()` is not enough for a channels-last 1x1 kernel: its
+/// strides count as contiguous (the 1-sized dimensions are skipped), so it
+/// comes back as it is, and libtorch still reads it as channels-last.
+pub fn nchw(x: &Tensor) -> Tensor {
+    let size = x.size();
+    let [_, c, h, w] = size[..] else { panic!("nchw needs a 4-D tensor, got {size:?}") };
+    let mut copy = Tensor::empty_strided(&size, [c * h * w, h * w, w, 1], (x.kind(), x.device()));
+    copy.copy_(x);
+    copy
+}
+
 /// Whether a libtorch error message reports a failed allocation: the CPU
 /// allocator's "can't allocate memory" or CUDA's "out of memory".
 pub fn is_out_of_memory(message: &str) -> bool {

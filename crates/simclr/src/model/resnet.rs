@@ -91,6 +91,9 @@ struct ConvBn {
     bn: nn::BatchNorm,
     stride: i64,
     padding: i64,
+    /// Whether this convolution runs in NCHW on the CPU whatever the
+    /// model's memory format; see [`ConvBn::hits_onednn_6035`].
+    nchw_on_cpu: bool,
 }
 
 impl ConvBn {
@@ -109,7 +112,21 @@ impl ConvBn {
             ..Default::default()
         };
         let conv = nn::conv2d(conv_path, inputs, outputs, kernel, config);
-        Self { conv, bn: batch_norm(bn_path, outputs), stride, padding }
+        let nchw_on_cpu = Self::hits_onednn_6035(inputs, kernel, stride);
+        Self { conv, bn: batch_norm(bn_path, outputs), stride, padding, nchw_on_cpu }
+    }
+
+    /// oneDNN's issue #6035 (open in the oneDNN of libtorch 2.11): the
+    /// weight-gradient kernel of a strided 1x1 convolution in channels-last
+    /// memory with fewer input channels than its channel block (16 with
+    /// AVX-512) writes past its workspace. PyTorch 2.11 itself dies of it
+    /// ("free(): invalid next size") at 64 px and more, and other CPUs get
+    /// wrong weight gradients without a word. In a ResNet it is the first
+    /// downsample at width 1/8 or less. Such convolutions run in NCHW on
+    /// the CPU, which takes another kernel; they are a few, and small.
+    /// Remove when libtorch ships a oneDNN with the fix.
+    fn hits_onednn_6035(inputs: i64, kernel: i64, stride: i64) -> bool {
+        kernel == 1 && stride > 1 && inputs < 16
     }
 
     /// The eval-mode unit as one convolution with a bias: BatchNorm with
@@ -152,7 +169,15 @@ trait Unit {
 
 impl Unit for ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.conv).apply_t(&self.bn, train)
+        let y = if self.nchw_on_cpu && x.device() == tch::Device::Cpu {
+            // Both operands NCHW: libtorch runs channels-last when either is.
+            let (stride, padding) = ([self.stride; 2], [self.padding; 2]);
+            let weight = crate::device::nchw(&self.conv.ws);
+            crate::device::nchw(x).conv2d(&weight, None::<Tensor>, stride, padding, [1, 1], 1)
+        } else {
+            x.apply(&self.conv)
+        };
+        y.apply_t(&self.bn, train)
     }
 }
 
@@ -420,6 +445,76 @@ mod tests {
         assert_eq!(folded.layers.stages[0][0].units[0].weight.stride(), original.stride());
         assert!(!folded.layers.stages[0][0].units[0].weight.requires_grad());
         assert!(original.equal(&before), "folding changed the trained weights");
+    }
+
+    /// Largest |a - b| over the largest |b|.
+    fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
+    }
+
+    #[test]
+    fn a_narrow_downsample_gets_the_nchw_gradients_in_a_channels_last_model() {
+        // The convolution that crashed libtorch's CPU backward (oneDNN
+        // #6035): 1x1, stride 2, 4 input channels, 64 px, channels-last.
+        tch::manual_seed(6035);
+        let store = nn::VarStore::new(Device::Cpu);
+        let unit = ConvBn::new(store.root() / "conv", store.root() / "bn", 4, 8, 1, 2);
+        assert!(unit.nchw_on_cpu);
+        crate::device::use_channels_last(&store);
+        let x = Tensor::randn([2, 4, 64, 64], (Kind::Float, Device::Cpu));
+        let input = crate::device::channels_last(&x).set_requires_grad(true);
+        let y = unit.forward_t(&input, true);
+        (&y * &y).sum(Kind::Float).backward();
+        // The same unit by hand, all NCHW.
+        let weight = crate::device::nchw(&unit.conv.ws).detach().set_requires_grad(true);
+        let reference_input = x.set_requires_grad(true);
+        let y = reference_input.conv2d(&weight, None::<Tensor>, [2, 2], [0, 0], [1, 1], 1).batch_norm(
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            true,
+            0.1,
+            BATCH_NORM_EPS,
+            false,
+        );
+        (&y * &y).sum(Kind::Float).backward();
+        // Float summation order only: 2e-7 measured for both.
+        for (what, grad, expected) in
+            [("weight", unit.conv.ws.grad(), weight.grad()), ("input", input.grad(), reference_input.grad())]
+        {
+            let error = relative_error(&grad, &expected);
+            assert!(error < 1e-5, "gradient of the {what}: relative error {error:e}");
+        }
+    }
+
+    #[test]
+    fn narrow_resnets_train_channels_last_on_the_cpu() {
+        // The commands that died of oneDNN #6035: ResNet-18 at width 1/16
+        // on 64 px (CIFAR stem) and at width 1/8 on 224 px (ImageNet stem).
+        tch::manual_seed(6035);
+        for (width, stem, size) in [(0.0625, Stem::Cifar, 64), (0.125, Stem::Imagenet, 224)] {
+            let (channels_last, mut nchw) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+            let net = ResNet::new(&channels_last.root(), Arch::Resnet18, width, stem);
+            let reference = ResNet::new(&nchw.root(), Arch::Resnet18, width, stem);
+            nchw.copy(&channels_last).unwrap();
+            crate::device::use_channels_last(&channels_last);
+            let x = Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu));
+            for (model, x) in [(&net, crate::device::channels_last(&x)), (&reference, x)] {
+                let h = model.forward_t(&x, true);
+                (&h * &h).sum(Kind::Float).backward();
+            }
+            // The convolutions' weight gradients, which the bug corrupts:
+            // 3.7e-5 at most over repeated runs. (BatchNorm's parameter
+            // gradients are sums with heavy cancellation, where the two
+            // layouts' summation orders alone part by up to 2e-2.)
+            let expected = nchw.variables();
+            for (name, variable) in channels_last.variables().into_iter().filter(|(_, v)| v.dim() == 4) {
+                let (grad, expected) = (variable.grad(), expected[&name].grad());
+                let error = (&grad - &expected).norm().double_value(&[]) / expected.norm().double_value(&[]);
+                assert!(error < 2e-4, "width {width} {stem:?} {name}: relative error {error:e} (2-norm)");
+            }
+        }
     }
 
     #[test]
