@@ -734,14 +734,33 @@ fn assert_checkpoint_usable(run: &Path) {
     }
 }
 
+/// Which checkpoint file a run folder holds now: a new one replaces the
+/// old by a rename, so its inode changes with every checkpoint written.
+fn checkpoint_identity(run: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(run.join("checkpoint.safetensors")).ok().map(|m| m.ino())
+}
+
 #[test]
 fn sigkill_at_random_points_never_loses_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
-    let runs = |out: &Path| with(tiny_run(&data, out), &["--epochs", "8", "--set", "train.checkpoint_every=1"]);
+    // 12 epochs of 6 steps, a checkpoint after each: each round below
+    // advances the run by at most two epochs, so every round finds it
+    // running and kills it.
+    let runs = |out: &Path| with(tiny_run(&data, out), &["--epochs", "12", "--set", "train.checkpoint_every=1"]);
     let straight = dir.path().join("straight");
     assert_succeeds(&run(&runs(&straight)));
+    // The machine's pace, read from the run itself: its mean training time
+    // per epoch. Kill points are set in epochs, so that the test kills at
+    // the same places on a fast machine, a slow one and a busy one.
+    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let seconds: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seconds"].as_f64().unwrap())
+        .collect();
+    let epoch = std::time::Duration::from_secs_f64(seconds.iter().sum::<f64>() / seconds.len() as f64);
 
     let killed = dir.path().join("killed");
     let start = |pause_ms: u64| {
@@ -759,46 +778,47 @@ fn sigkill_at_random_points_never_loses_the_run() {
             .spawn()
             .unwrap()
     };
-    // Kill points: seeded times in [0.2 s, 2.2 s) after start (during steps,
-    // the kNN monitor or a write), alternating with kills in the middle of a
-    // checkpoint write: the write pauses halfway for 3 s and the test kills
-    // the process as soon as the half-written file appears.
-    let mut state = 0x5EED_u64;
-    let mut next_delay = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        200 + (state >> 33) % 2000
+    // Waits until `ready` holds, polling; fails if the run ends first.
+    let wait_for = |child: &mut std::process::Child, what: &str, ready: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !ready() {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before {what}");
+            assert!(std::time::Instant::now() < deadline, "no {what} within 120 s");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     };
-    let (mut timed_kills, mut write_kills) = (0, 0);
+    // Kill points, alternating: a seeded fraction in [0, 1) of an epoch
+    // after the run writes its next checkpoint (so in the next epoch's
+    // steps, its kNN monitor or its checkpoint write), and the middle of a
+    // checkpoint write (the write pauses halfway for 3 s, and the test
+    // kills the process as soon as the half-written file appears).
+    let mut state = 0x5EED_u64;
+    let mut next_fraction = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) % 1000) as f64 / 1000.0
+    };
     for round in 0..8 {
         let mid_write = round % 2 == 1;
         let mut child = start(if mid_write { 3000 } else { 0 });
         if mid_write {
             let before = std::fs::read(killed.join("checkpoint.safetensors")).ok();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while file_starting(&killed, "checkpoint.safetensors.new.tmp").is_none() {
-                assert!(std::time::Instant::now() < deadline, "no checkpoint write began");
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            if child.try_wait().unwrap().is_none() {
-                child.kill().unwrap();
-                write_kills += 1;
-                // The interrupted write touched nothing but its temporary file.
-                assert_eq!(std::fs::read(killed.join("checkpoint.safetensors")).ok(), before);
-            }
+            wait_for(&mut child, "a checkpoint write began", &|| {
+                file_starting(&killed, "checkpoint.safetensors.new.tmp").is_some()
+            });
+            child.kill().unwrap();
+            child.wait().unwrap();
+            // The interrupted write touched nothing but its temporary file.
+            assert_eq!(std::fs::read(killed.join("checkpoint.safetensors")).ok(), before);
         } else {
-            std::thread::sleep(std::time::Duration::from_millis(next_delay()));
-            if child.try_wait().unwrap().is_none() {
-                child.kill().unwrap();
-                timed_kills += 1;
-            }
+            let before = checkpoint_identity(&killed);
+            wait_for(&mut child, "its next checkpoint", &|| checkpoint_identity(&killed) != before);
+            std::thread::sleep(epoch.mul_f64(next_fraction()));
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before its kill point");
+            child.kill().unwrap();
+            child.wait().unwrap();
         }
-        child.wait().unwrap();
         assert_checkpoint_usable(&killed);
     }
-    assert!(timed_kills >= 2 && write_kills >= 2, "{timed_kills} timed kills, {write_kills} mid-write kills");
     // Finish the run: the same losses, epoch by epoch, and the same weights.
     let finish = start(0).wait_with_output().unwrap();
     assert!(finish.status.success() || killed.join("encoder.safetensors").exists());
@@ -806,11 +826,7 @@ fn sigkill_at_random_points_never_loses_the_run() {
         let finish = start(0).wait_with_output().unwrap();
         assert!(finish.status.success());
     }
-    assert_eq!(
-        epoch_losses(&killed),
-        epoch_losses(&straight),
-        "losses differ after {timed_kills} + {write_kills} kills"
-    );
+    assert_eq!(epoch_losses(&killed), epoch_losses(&straight), "losses differ after 4 timed and 4 mid-write kills");
     let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
     let (resumed, expected) = (encoder(&killed), encoder(&straight));
     assert_eq!(resumed.len(), expected.len());
