@@ -91,10 +91,9 @@ pub fn fit_linear(
         if rows > 1 { train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6) } else { mean.ones_like() };
     let train = (&train - &mean) / &deviation;
 
-    tch::manual_seed(config.seed as i64);
     let store = nn::VarStore::new(device);
     let features = train.size()[1];
-    let classifier = nn::linear(store.root() / "fc", features, classes, Default::default());
+    let classifier = super::seeded_linear(store.root() / "fc", features, classes, config.seed);
     let mut optimizer = nn::Sgd { momentum: config.momentum, nesterov: true, wd: config.weight_decay, dampening: 0.0 }
         .build(&store, 0.0)?;
 
@@ -134,8 +133,9 @@ mod tests {
         let options = (Kind::Float, Device::Cpu);
         let labels = Tensor::arange(4, (Kind::Int64, Device::Cpu)).repeat([50]);
         let centres = Tensor::eye(4, options).repeat([1, 2]) * 3.0;
-        let train = centres.index_select(0, &labels) + Tensor::randn([200, 8], options);
-        let test = centres.index_select(0, &labels) + Tensor::randn([200, 8], options);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let train = centres.index_select(0, &labels) + crate::eval::seeded_uniform(&[200, 8], 1.73, &mut rng);
+        let test = centres.index_select(0, &labels) + crate::eval::seeded_uniform(&[200, 8], 1.73, &mut rng);
         let config = LinearConfig { epochs: 20, batch_size: 32, ..Default::default() };
         // Features of scale 1000: standardisation keeps SGD stable.
         let accuracy = linear_eval(&(train * 1000.0), &labels, &(test * 1000.0), &labels, 4, &config).unwrap();
@@ -145,9 +145,8 @@ mod tests {
 
     #[test]
     fn folded_standardisation_gives_the_same_logits() {
-        let options = (Kind::Float, Device::Cpu);
         let labels = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat([20]);
-        let train = Tensor::randn([60, 5], options) * 7.0 + 3.0;
+        let train = crate::eval::seeded_uniform(&[60, 5], 1.73, &mut ChaCha8Rng::seed_from_u64(3)) * 7.0 + 3.0;
         let config = LinearConfig { epochs: 3, batch_size: 16, ..Default::default() };
         let classifier = fit_linear(&train, &labels, 3, &config).unwrap();
         assert_eq!(classifier.weight.size(), vec![3, 5]);

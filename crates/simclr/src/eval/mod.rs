@@ -7,7 +7,9 @@ pub mod knn;
 pub mod linear;
 pub mod protocol;
 
-use tch::{Kind, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
 pub use finetune::{finetune, FinetuneConfig};
@@ -43,6 +45,32 @@ pub fn accuracy(scores: &Tensor, labels: &Tensor) -> Accuracy {
     Accuracy { top1: top_k_accuracy(scores, labels, 1), top5: top_k_accuracy(scores, labels, 5) }
 }
 
+/// Values drawn uniformly from [-bound, bound] by `rng`, as a float tensor
+/// of `shape` on the CPU.
+pub(crate) fn seeded_uniform(shape: &[i64], bound: f64, rng: &mut ChaCha8Rng) -> Tensor {
+    let count = shape.iter().product::<i64>() as usize;
+    let values: Vec<f32> = (0..count).map(|_| rng.random_range(-bound..=bound) as f32).collect();
+    Tensor::from_slice(&values).view(shape)
+}
+
+/// A linear layer at `path`, initialised as PyTorch's `nn.Linear` (weight
+/// and bias uniform in ±1/√inputs) from `seed` alone. libtorch's global
+/// generator would make a seeded evaluation depend on whatever else drew
+/// from it in between (an earlier model, another thread).
+pub(crate) fn seeded_linear(path: nn::Path, inputs: i64, outputs: i64, seed: u64) -> nn::Linear {
+    let zero = nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true };
+    let device = path.device();
+    let layer = nn::linear(path, inputs, outputs, zero);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let bound = 1.0 / (inputs as f64).sqrt();
+    let bias = layer.bs.as_ref().expect("the layer was made with a bias");
+    tch::no_grad(|| {
+        layer.ws.shallow_clone().copy_(&seeded_uniform(&[outputs, inputs], bound, &mut rng).to_device(device));
+        bias.shallow_clone().copy_(&seeded_uniform(&[outputs], bound, &mut rng).to_device(device));
+    });
+    layer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +82,22 @@ mod tests {
         assert_eq!(top_k_accuracy(&scores, &labels, 1), 0.5);
         assert_eq!(top_k_accuracy(&scores, &labels, 2), 1.0);
         assert_eq!(top_k_accuracy(&scores, &labels, 9), 1.0);
+    }
+
+    #[test]
+    fn seeded_linear_layers_depend_on_the_seed_alone() {
+        let layer = |seed| {
+            let store = nn::VarStore::new(tch::Device::Cpu);
+            let layer = seeded_linear(store.root() / "fc", 64, 10, seed);
+            // Draws from the global generator in between change nothing.
+            let _ = Tensor::randn([100], (Kind::Float, tch::Device::Cpu));
+            (layer.ws.copy(), layer.bs.unwrap().copy())
+        };
+        let ((w1, b1), (w2, b2), (w3, _)) = (layer(4), layer(4), layer(5));
+        assert!(w1.equal(&w2) && b1.equal(&b2));
+        assert!(!w1.equal(&w3));
+        // nn.Linear's bound, 1/√64, nearly reached by 640 draws.
+        let largest = w1.abs().max().double_value(&[]);
+        assert!((0.12..=0.125).contains(&largest), "largest |w| {largest}");
     }
 }
