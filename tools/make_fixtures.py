@@ -5,7 +5,7 @@ Run by hand, never in CI:
 
     python3 -m venv ~/.cache/simclr/venv
     ~/.cache/simclr/venv/bin/pip install torch==2.11.0 torchvision==0.26.0 safetensors numpy scikit-learn
-    ~/.cache/simclr/venv/bin/python tools/make_fixtures.py
+    ~/.cache/simclr/venv/bin/python tools/make_fixtures.py [resnet|loss|optimizer|eval ...]
 
 Output: crates/simclr/tests/fixtures/*.safetensors (small: inputs, outputs,
 gradients). Model weights are not stored: every tensor is filled by
@@ -196,6 +196,7 @@ def eval_fixtures():
             "train_labels": train_labels,
             "test": test,
             "test_labels": test_labels,
+            "knn_votes": votes,
             "knn_top1": knn_top1.reshape(1),
             "knn_top5": knn_top5.reshape(1),
             "linear_top1": torch.tensor([linear_top1], dtype=torch.float64),
@@ -206,12 +207,14 @@ def eval_fixtures():
 
 
 def main():
+    """All fixtures, or those named: python3 tools/make_fixtures.py eval."""
+    import sys
+
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    resnet_fixtures()
-    loss_fixtures()
-    optimizer_fixtures()
-    eval_fixtures()
+    makers = {"resnet": resnet_fixtures, "loss": loss_fixtures, "optimizer": optimizer_fixtures, "eval": eval_fixtures}
+    for name in sys.argv[1:] or makers:
+        makers[name]()
     for path in sorted(OUT.glob("*.safetensors")):
         print(f"{path.relative_to(OUT.parent.parent.parent.parent)}: {path.stat().st_size} bytes")
 
