@@ -9,6 +9,9 @@ Run by hand, never in CI (same venv as tools/make_fixtures.py):
 Output: crates/simclr/tests/fixtures/augment.safetensors: the input image
 (uint8, HWC) and one float CHW output per case; the case names carry no
 parameters, the parameters are written out again in the Rust test.
+crates/simclr/tests/fixtures/crop_boxes.safetensors: boxes drawn by
+torchvision's RandomResizedCrop.get_params, whose distribution the Rust
+sampler must match (the generators differ, so the boxes themselves cannot).
 """
 import pathlib
 
@@ -87,6 +90,28 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(out, OUT / "augment.safetensors")
     print(f"wrote {len(out)} tensors to {OUT / 'augment.safetensors'}")
+    crop_boxes()
+
+
+CROP_BOXES = 4000
+# Width x height: wide, square, CIFAR's, and one so thin that ten tries
+# rarely fit and the centre-crop fallback shows.
+CROP_IMAGES = [(200, 100), (100, 100), (32, 32), (500, 60)]
+
+
+def crop_boxes() -> None:
+    """CROP_BOXES boxes (top, left, height, width) per image size from the
+    paper's setting: scale (0.08, 1), ratio (3/4, 4/3)."""
+    import torchvision.transforms as T
+
+    torch.manual_seed(0)
+    boxes = {}
+    for width, height in CROP_IMAGES:
+        image = torch.empty(3, height, width)
+        drawn = [T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(CROP_BOXES)]
+        boxes[f"{width}x{height}"] = torch.tensor(drawn, dtype=torch.int16)
+    save_file(boxes, OUT / "crop_boxes.safetensors")
+    print(f"wrote {len(boxes)} sets of {CROP_BOXES} boxes to {OUT / 'crop_boxes.safetensors'}")
 
 
 if __name__ == "__main__":

@@ -620,7 +620,9 @@ mod tests {
     fn the_tensor_path_renders_what_the_cpu_path_renders() {
         // Same parameters, same image: the two paths agree pixel for pixel up
         // to float rounding and the CPU path's 8-bit resize (1/255), for
-        // crops that enlarge (no antialiasing difference).
+        // crops that enlarge (no antialiasing difference). Measured over
+        // these 24 views: mean at most 0.0037; worst 0.0047, except 0.0176
+        // in a view with Sobel, whose kernels amplify the resize's rounding.
         let image = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, ((x + y) * 4) as u8]));
         let ops = vec![OpConfig::RandomResizedCrop(CropConfig { min_scale: 0.3, ..Default::default() })]
             .into_iter()
@@ -636,7 +638,7 @@ mod tests {
             let tensor = FloatImage::from_tensor(&rendered.get(i as i64));
             let worst = cpu.data.iter().zip(&tensor.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             let mean = cpu.data.iter().zip(&tensor.data).map(|(a, b)| (a - b).abs()).sum::<f32>() / 3072.0;
-            assert!(mean < 0.01 && worst < 0.2, "view {i}: mean {mean}, worst {worst}, {p:?}");
+            assert!(mean < 0.005 && worst < 0.025, "view {i}: mean {mean}, worst {worst}, {p:?}");
         }
     }
 

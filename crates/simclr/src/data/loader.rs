@@ -436,9 +436,12 @@ mod tests {
         for (a, b) in host.epoch(2, 0).zip(device.epoch(2, 0)) {
             let (a, b) = (a.unwrap(), b.unwrap());
             assert_eq!(a.size(), b.size());
-            // On normalised values (std 0.25): mean difference under 0.1, i.e. 0.025 in pixel terms.
-            let mean = (a - b).abs().mean(Kind::Float).double_value(&[]);
-            assert!(mean < 0.1, "mean difference {mean}");
+            // On normalised values (std 0.25), measured over the 3 batches:
+            // mean difference at most 0.0033, worst 0.057 (0.014 in pixels).
+            let difference = (a - b).abs();
+            let mean = difference.mean(Kind::Float).double_value(&[]);
+            let worst = difference.max().double_value(&[]);
+            assert!(mean < 0.006 && worst < 0.08, "mean difference {mean}, worst {worst}");
         }
     }
 
