@@ -6,6 +6,7 @@
 #   ./x.sh test [ARGS...]   build and run every test (cargo test ARGS)
 #   ./x.sh build            build the binary
 #   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr
+#   ./x.sh fuzz-check       compile the fuzz targets (fuzz/, a crate of its own)
 #
 # Everything builds in one profile (dev, optimised; see Cargo.toml), so the
 # tests and the binary share one build.
@@ -35,8 +36,11 @@ case "${1:-}" in
         cp target/debug/simclr target/cuda/simclr
         echo "target/cuda/simclr (run where CUDA and PyTorch 2.11's libraries are on LD_LIBRARY_PATH)"
         ;;
+    fuzz-check)
+        exec cargo check --quiet --locked --manifest-path fuzz/Cargo.toml --bins
+        ;;
     *)
-        echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda" >&2
+        echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda | fuzz-check" >&2
         exit 2
         ;;
 esac

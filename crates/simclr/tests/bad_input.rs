@@ -60,79 +60,81 @@ fn images() {
     let dir = dir.path();
     let jpeg = encoded(gradient(), image::ImageFormat::Jpeg);
     let png = encoded(gradient(), image::ImageFormat::Png);
-    let mut handled = 0;
+    // Every case writes one file: the count is the number of files written.
+    let mut cases = Vec::new();
+    let mut write = |name: &str, bytes: &[u8]| {
+        cases.push(name.to_owned());
+        write(dir, name, bytes)
+    };
 
     // Errors, each naming the file.
-    let truncated = write(dir, "truncated.jpg", &jpeg[..jpeg.len() / 2]);
-    assert_error(decode(&truncated), &truncated, &["cannot decode"]);
-    let only_marker = write(dir, "marker.jpg", &jpeg[..4]);
-    assert_error(decode(&only_marker), &only_marker, &["cannot decode"]);
-    let empty = write(dir, "empty.jpg", b"");
-    assert_error(decode(&empty), &empty, &["not an image"]);
-    let text = write(dir, "notes.jpg", b"these are not pixels\n");
-    assert_error(decode(&text), &text, &["not an image"]);
     let mut bad_crc = png.clone();
     bad_crc[29] ^= 0xFF; // the IHDR chunk's CRC
-    let bad_crc = write(dir, "bad_crc.png", &bad_crc);
-    assert_error(decode(&bad_crc), &bad_crc, &["cannot decode"]);
-    let tiny = write(dir, "tiny.png", &encoded(image::RgbImage::new(1, 1), image::ImageFormat::Png));
-    assert_error(decode(&tiny), &tiny, &["1x1 pixels", "smallest usable"]);
-    // 100,000 x 100,000 and 2^20 x 2^20 pixels (30 GB and 3 TB decoded)
-    // declared in a header: refused by the decoder's memory limit before
-    // anything is allocated.
-    for (name, side) in [("huge.png", 100_000), ("huger.png", 1 << 20)] {
-        let huge = write(dir, name, &png_header(side, side));
+    let errors: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec(), &["cannot decode"]),
+        ("marker.jpg", jpeg[..4].to_vec(), &["cannot decode"]),
+        ("empty.jpg", Vec::new(), &["not an image"]),
+        ("notes.jpg", b"these are not pixels\n".to_vec(), &["not an image"]),
+        ("bad_crc.png", bad_crc, &["cannot decode"]),
+        ("tiny.png", encoded(image::RgbImage::new(1, 1), image::ImageFormat::Png), &["1x1 pixels", "smallest usable"]),
+        // 100,000 x 100,000 and 2^20 x 2^20 pixels (30 GB and 3 TB decoded)
+        // declared in a header: refused by the decoder's memory limit
+        // before anything is allocated.
+        ("huge.png", png_header(100_000, 100_000), &["cannot decode"]),
+        ("huger.png", png_header(1 << 20, 1 << 20), &["cannot decode"]),
+    ];
+    for (name, bytes, needles) in &errors {
+        let path = write(name, bytes);
         let started = std::time::Instant::now();
-        assert_error(decode(&huge), &huge, &["cannot decode"]);
-        assert!(started.elapsed().as_secs() < 5);
+        assert_error(decode(&path), &path, needles);
+        assert!(started.elapsed().as_secs() < 5, "{name}: refused only after {:?}", started.elapsed());
     }
-    handled += 9;
 
     // Plain images decode as they are.
     for (name, bytes) in [("good.jpg", &jpeg), ("good.png", &png)] {
-        assert_eq!(decode(&write(dir, name, bytes)).unwrap().dimensions(), (24, 16), "{name}");
+        assert_eq!(decode(&write(name, bytes)).unwrap().dimensions(), (24, 16), "{name}");
     }
-    handled += 2;
 
     // Images that work, converted to 8-bit RGB.
     let wide = image::ImageBuffer::<Rgb<u16>, Vec<u16>>::from_fn(24, 16, |x, _| Rgb([x as u16 * 2000, 0, 65535]));
-    let decoded = decode(&write(dir, "deep.png", &encoded(wide, image::ImageFormat::Png))).unwrap();
+    let decoded = decode(&write("deep.png", &encoded(wide, image::ImageFormat::Png))).unwrap();
     // 16 bits to 8 by rounding v / 257.
     assert_eq!(decoded.get_pixel(10, 0), &Rgb([(20000.0f64 / 257.0).round() as u8, 0, 255]));
     let gray16 = ImageBuffer::<Luma<u16>, Vec<u16>>::from_pixel(16, 16, Luma([32768]));
     assert_eq!(
-        decode(&write(dir, "gray16.png", &encoded(gray16, image::ImageFormat::Png))).unwrap().get_pixel(3, 3),
+        decode(&write("gray16.png", &encoded(gray16, image::ImageFormat::Png))).unwrap().get_pixel(3, 3),
         &Rgb([128; 3])
     );
     let gray = ImageBuffer::<Luma<u8>, Vec<u8>>::from_fn(16, 16, |x, _| Luma([x as u8 * 16]));
     for format in [image::ImageFormat::Png, image::ImageFormat::Jpeg] {
         let name = format!("gray.{}", format.extensions_str()[0]);
-        let rgb = decode(&write(dir, &name, &encoded(gray.clone(), format))).unwrap();
+        let rgb = decode(&write(&name, &encoded(gray.clone(), format))).unwrap();
         assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "{name}: gray stays gray");
     }
     let gray_alpha = ImageBuffer::<LumaA<u8>, Vec<u8>>::from_fn(9, 9, |x, _| LumaA([x as u8 * 20, 128]));
-    let rgb = decode(&write(dir, "gray_alpha.png", &encoded(gray_alpha, image::ImageFormat::Png))).unwrap();
+    let rgb = decode(&write("gray_alpha.png", &encoded(gray_alpha, image::ImageFormat::Png))).unwrap();
     assert_eq!(rgb.get_pixel(2, 0), &Rgb([40; 3]));
     let rgba = ImageBuffer::<Rgba<u8>, Vec<u8>>::from_pixel(16, 16, Rgba([10, 20, 30, 0]));
     assert_eq!(
-        decode(&write(dir, "alpha.png", &encoded(rgba, image::ImageFormat::Png))).unwrap().get_pixel(0, 0),
+        decode(&write("alpha.png", &encoded(rgba, image::ImageFormat::Png))).unwrap().get_pixel(0, 0),
         &Rgb([10, 20, 30])
     );
-    let cmyk = decode(&fixture("cmyk.jpg")).unwrap();
+    let cmyk = decode(&write("cmyk.jpg", &std::fs::read(fixture("cmyk.jpg")).unwrap())).unwrap();
     let (red, blue) = (cmyk.get_pixel(3, 8), cmyk.get_pixel(20, 8));
     assert!(red[0] > 150 && red[2] < 90 && blue[2] > 150 && blue[0] < 90, "CMYK colours: {red:?} {blue:?}");
-    let progressive = decode(&fixture("progressive.jpg")).unwrap();
+    let progressive = decode(&write("progressive.jpg", &std::fs::read(fixture("progressive.jpg")).unwrap())).unwrap();
     assert_eq!(progressive.dimensions(), (24, 16));
     for format in [image::ImageFormat::Bmp, image::ImageFormat::Gif, image::ImageFormat::Tiff] {
         let name = format!("picture.{}", format.extensions_str()[0]);
-        assert_eq!(decode(&write(dir, &name, &encoded(gradient(), format))).unwrap().dimensions(), (24, 16), "{name}");
+        assert_eq!(decode(&write(&name, &encoded(gradient(), format))).unwrap().dimensions(), (24, 16), "{name}");
     }
     // The format is sniffed from the bytes: a PNG named .jpg and a JPEG
     // named .png both work.
-    assert_eq!(decode(&write(dir, "misnamed.jpg", &png)).unwrap(), gradient());
-    assert_eq!(decode(&write(dir, "misnamed.png", &jpeg)).unwrap().dimensions(), (24, 16));
-    handled += 14;
-    eprintln!("images: {handled} cases");
+    assert_eq!(decode(&write("misnamed.jpg", &png)).unwrap(), gradient());
+    assert_eq!(decode(&write("misnamed.png", &jpeg)).unwrap().dimensions(), (24, 16));
+    let distinct: std::collections::BTreeSet<&String> = cases.iter().collect();
+    assert_eq!(distinct.len(), cases.len(), "a case was written twice: {cases:?}");
+    eprintln!("images: {} cases", cases.len());
 }
 
 #[test]
@@ -150,18 +152,19 @@ fn cifar_batches() {
     assert_eq!(images.len(), 2);
     assert_eq!((images[0].1, images[0].0.get_pixel(5, 5)), (3, &Rgb([200, 0, 55])));
 
-    let short = write(dir.path(), "data_batch_2.bin", &good[..1000]);
-    assert_error(cifar_binary::read_batch(&short), &short, &["expected a multiple of 3073 bytes", "got 1000"]);
-    let long = write(dir.path(), "data_batch_3.bin", &[good.clone(), vec![0; 7]].concat());
-    assert_error(cifar_binary::read_batch(&long), &long, &["got 6153"]);
-    let empty = write(dir.path(), "data_batch_4.bin", b"");
-    assert_error(cifar_binary::read_batch(&empty), &empty, &["got 0"]);
-    let bad_label = write(dir.path(), "data_batch_5.bin", &[record(1, 0), record(200, 0)].concat());
-    assert_error(cifar_binary::read_batch(&bad_label), &bad_label, &["record 1", "label 200 is out of range"]);
-    // CIFAR-100 records (two label bytes) read as CIFAR-10 do not divide evenly.
-    let hundred = write(dir.path(), "test.bin", &good);
-    assert_error(cifar_binary::read_batch(&hundred), &hundred, &["3074"]);
-    eprintln!("cifar: 6 cases");
+    let errors: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        ("data_batch_2.bin", good[..1000].to_vec(), &["expected a multiple of 3073 bytes", "got 1000"]),
+        ("data_batch_3.bin", [good.clone(), vec![0; 7]].concat(), &["got 6153"]),
+        ("data_batch_4.bin", Vec::new(), &["got 0"]),
+        ("data_batch_5.bin", [record(1, 0), record(200, 0)].concat(), &["record 1", "label 200 is out of range"]),
+        // CIFAR-100 records (two label bytes) read as CIFAR-10 do not divide evenly.
+        ("test.bin", good.clone(), &["3074"]),
+    ];
+    for (name, bytes, needles) in &errors {
+        let path = write(dir.path(), name, bytes);
+        assert_error(cifar_binary::read_batch(&path), &path, needles);
+    }
+    eprintln!("cifar: {} cases", errors.len() + 1);
 }
 
 /// A safetensors file from a header (JSON) and a data section.
@@ -297,4 +300,36 @@ fn config_files() {
     }
     let _ = path;
     eprintln!("configs: {} cases", malformed.len() + 1);
+}
+
+/// The fuzz targets' committed seeds (`fuzz/make_seeds.py`) are good
+/// inputs, so that fuzzing starts from files that reach past the first
+/// check of each parser.
+#[test]
+fn fuzz_seeds_are_valid_inputs() {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    let files = |target: &str| -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(seeds.join(target)).unwrap().map(|entry| entry.unwrap().path()).collect();
+        files.sort();
+        assert!(!files.is_empty(), "no seeds for {target}");
+        files
+    };
+    for path in files("image_decode") {
+        decode(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    for path in files("safetensors_load") {
+        simclr::io::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    for path in files("cifar_batch") {
+        let bytes = std::fs::read(&path).unwrap();
+        let label_bytes = if path.file_name().unwrap() == "cifar100.bin" { 2 } else { 1 };
+        let records = cifar_binary::parse_batch(&bytes, label_bytes).unwrap();
+        assert_eq!(records.len(), 2, "{}", path.display());
+    }
+    for path in files("run_config") {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = RunConfig::default().with_toml(&text, &path).unwrap();
+        config.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
 }
