@@ -752,17 +752,10 @@ fn sigkill_at_random_points_never_loses_the_run() {
     let runs = |out: &Path| with(tiny_run(&data, out), &["--epochs", "12", "--set", "train.checkpoint_every=1"]);
     let straight = dir.path().join("straight");
     assert_succeeds(&run(&runs(&straight)));
-    // The machine's pace, read from the run itself: its mean training time
-    // per epoch. Kill points are set in epochs, so that the test kills at
-    // the same places on a fast machine, a slow one and a busy one.
-    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
-    let seconds: Vec<f64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seconds"].as_f64().unwrap())
-        .collect();
-    let epoch = std::time::Duration::from_secs_f64(seconds.iter().sum::<f64>() / seconds.len() as f64);
-
     let killed = dir.path().join("killed");
+    // What every round's run printed, for the message of a failure.
+    let log = dir.path().join("rounds.log");
+    let history = || std::fs::read_to_string(&log).unwrap_or_default();
     let start = |pause_ms: u64| {
         let args = if simclr::train::checkpoint::exists(&killed.join("checkpoint.safetensors")) {
             vec!["train".to_owned(), "--resume".to_owned(), "--output".to_owned(), killed.display().to_string()]
@@ -771,27 +764,35 @@ fn sigkill_at_random_points_never_loses_the_run() {
         };
         Command::new(env!("CARGO_BIN_EXE_simclr"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .env("SIMCLR_TEST_WRITE_PAUSE_MS", pause_ms.to_string())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
             .spawn()
             .unwrap()
+    };
+    let assert_running = |child: &mut std::process::Child, before: &str| {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before {before}; the rounds printed:\n{}", history());
+        }
     };
     // Waits until `ready` holds, polling; fails if the run ends first.
     let wait_for = |child: &mut std::process::Child, what: &str, ready: &dyn Fn() -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while !ready() {
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before {what}");
+            assert_running(child, what);
             assert!(std::time::Instant::now() < deadline, "no {what} within 120 s");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     };
-    // Kill points, alternating: a seeded fraction in [0, 1) of an epoch
-    // after the run writes its next checkpoint (so in the next epoch's
-    // steps, its kNN monitor or its checkpoint write), and the middle of a
-    // checkpoint write (the write pauses halfway for 3 s, and the test
-    // kills the process as soon as the half-written file appears).
+    // Kill points, alternating, set by the run's progress rather than by
+    // the clock, so that they fall at the same places on a fast machine, a
+    // slow one and a busy one: a seeded fraction in [0, 1) of an epoch after
+    // the run writes its next checkpoint (in the next epoch's steps, its kNN
+    // monitor or its checkpoint write), the epoch timed by the run itself
+    // just before; and the middle of a checkpoint write (the write pauses
+    // halfway for 3 s, and the test kills the process as soon as the
+    // half-written file appears).
     let mut state = 0x5EED_u64;
     let mut next_fraction = || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -799,9 +800,10 @@ fn sigkill_at_random_points_never_loses_the_run() {
     };
     for round in 0..8 {
         let mid_write = round % 2 == 1;
+        let (before, identity) =
+            (std::fs::read(killed.join("checkpoint.safetensors")).ok(), checkpoint_identity(&killed));
         let mut child = start(if mid_write { 3000 } else { 0 });
         if mid_write {
-            let before = std::fs::read(killed.join("checkpoint.safetensors")).ok();
             wait_for(&mut child, "a checkpoint write began", &|| {
                 file_starting(&killed, "checkpoint.safetensors.new.tmp").is_some()
             });
@@ -810,10 +812,19 @@ fn sigkill_at_random_points_never_loses_the_run() {
             // The interrupted write touched nothing but its temporary file.
             assert_eq!(std::fs::read(killed.join("checkpoint.safetensors")).ok(), before);
         } else {
-            let before = checkpoint_identity(&killed);
-            wait_for(&mut child, "its next checkpoint", &|| checkpoint_identity(&killed) != before);
-            std::thread::sleep(epoch.mul_f64(next_fraction()));
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before its kill point");
+            wait_for(&mut child, "its next checkpoint", &|| checkpoint_identity(&killed) != identity);
+            let written = checkpoint_identity(&killed);
+            let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+            let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
+            let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
+            // If the next checkpoint comes first (the machine sped up), the
+            // kill comes then: a round advances the run two epochs at most.
+            let kill_at = std::time::Instant::now() + epoch.mul_f64(next_fraction());
+            while std::time::Instant::now() < kill_at && checkpoint_identity(&killed) == written {
+                assert_running(&mut child, "its kill point");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_running(&mut child, "its kill point");
             child.kill().unwrap();
             child.wait().unwrap();
         }
