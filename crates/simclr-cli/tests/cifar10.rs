@@ -51,7 +51,8 @@ fn cifar10(test: &str) -> Option<(PathBuf, PathBuf)> {
         );
         // libtest hides what a passing test prints through eprintln!; a write
         // to the stderr handle itself reaches the terminal.
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: SIMCLR_CIFAR10_DIR is not set");
+        let line = format!("\nSKIPPED {test}: SIMCLR_CIFAR10_DIR is not set\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return None;
     };
     let (train, test) = (root.join("train"), root.join("test"));

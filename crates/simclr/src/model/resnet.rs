@@ -120,11 +120,12 @@ impl ConvBn {
     /// weight-gradient kernel of a strided 1x1 convolution in channels-last
     /// memory with fewer input channels than its channel block (16 with
     /// AVX-512) writes past its workspace. PyTorch 2.11 itself dies of it
-    /// ("free(): invalid next size") at 64 px and more, and other CPUs get
-    /// wrong weight gradients without a word. In a ResNet it is the first
-    /// downsample at width 1/8 or less. Such convolutions run in NCHW on
-    /// the CPU, which takes another kernel; they are a few, and small.
-    /// Remove when libtorch ships a oneDNN with the fix.
+    /// ("free(): invalid next size"; probed on this project's machine: 2 to
+    /// 15 input channels from 48 px up), and other CPUs get wrong weight
+    /// gradients without a word. In a ResNet it is the first downsample at
+    /// width 1/8 or less. Such convolutions run in NCHW on the CPU, which
+    /// takes another kernel; they are a few, and small. Remove when
+    /// libtorch ships a oneDNN with the fix.
     fn hits_onednn_6035(inputs: i64, kernel: i64, stride: i64) -> bool {
         kernel == 1 && stride > 1 && inputs < 16
     }
