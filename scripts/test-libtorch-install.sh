@@ -32,7 +32,7 @@ complete_install() {
     local prefix=$1/libtorch-2.11.0
     check "[ -f '$prefix/.complete' ]" "$prefix/.complete is missing"
     check "[ -f '$prefix/torch/lib/libtorch_cpu.so' ] && [ -f '$prefix/torch/include/torch/script.h' ]" \
-        "$prefix lacks libtorch_cpu.so or torch.h"
+        "$prefix lacks libtorch_cpu.so or torch/script.h"
     check "[ -f '$prefix/nvidia/cu13/lib/libcudart.so.13' ]" "$prefix lacks the CUDA runtime"
     # The installer's own count, checked again here from the files on disk.
     local listed found
