@@ -23,7 +23,7 @@ case "${1:-}" in
         ;;
     test)
         shift
-        exec cargo test --workspace "$@"
+        exec cargo test --workspace --features simclr-cli/fault-injection "$@"
         ;;
     build)
         exec cargo build -p simclr-cli

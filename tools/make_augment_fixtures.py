@@ -2,9 +2,10 @@
 """Writes torchvision reference outputs for each augmentation op, for given
 parameters, that crates/simclr/tests/augment_parity.rs compares against.
 
-Run by hand, never in CI (same venv as tools/make_fixtures.py):
+Run by hand, never in CI (same venv as tools/make_fixtures.py), naming the
+files to write (all of them by default):
 
-    ~/.cache/simclr/venv/bin/python tools/make_augment_fixtures.py
+    ~/.cache/simclr/venv/bin/python tools/make_augment_fixtures.py [augment] [crop_boxes] [vertical_flip]
 
 Output: crates/simclr/tests/fixtures/augment.safetensors: the input image
 (uint8, HWC) and one float CHW output per case; the case names carry no
@@ -12,8 +13,12 @@ parameters, the parameters are written out again in the Rust test.
 crates/simclr/tests/fixtures/crop_boxes.safetensors: boxes drawn by
 torchvision's RandomResizedCrop.get_params, whose distribution the Rust
 sampler must match (the generators differ, so the boxes themselves cannot).
+crates/simclr/tests/fixtures/augment_<op>.safetensors: ops added after the
+first set, one file each (the input and the op's output), so that adding an
+op never rewrites the fixtures of the others.
 """
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -41,7 +46,7 @@ def chw(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def main() -> None:
+def augment() -> None:
     image = test_image()
     pil = Image.fromarray(image)
     tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
@@ -90,7 +95,6 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(out, OUT / "augment.safetensors")
     print(f"wrote {len(out)} tensors to {OUT / 'augment.safetensors'}")
-    crop_boxes()
 
 
 CROP_BOXES = 4000
@@ -112,6 +116,33 @@ def crop_boxes() -> None:
         boxes[f"{width}x{height}"] = torch.tensor(drawn, dtype=torch.int16)
     save_file(boxes, OUT / "crop_boxes.safetensors")
     print(f"wrote {len(boxes)} sets of {CROP_BOXES} boxes to {OUT / 'crop_boxes.safetensors'}")
+
+
+# Ops added after augment.safetensors: op name -> torchvision on the float CHW image.
+NEW_OPS = {
+    "vertical_flip": TF.vertical_flip,
+}
+
+
+def new_op(name: str) -> None:
+    image = test_image()
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    out = {"input": torch.from_numpy(image).contiguous(), name: chw(NEW_OPS[name](tensor))}
+    path = OUT / f"augment_{name}.safetensors"
+    save_file(out, path)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    writers = {"augment": augment, "crop_boxes": crop_boxes}
+    writers.update({name: (lambda name=name: new_op(name)) for name in NEW_OPS})
+    names = sys.argv[1:] or list(writers)
+    unknown = [name for name in names if name not in writers]
+    if unknown:
+        sys.exit(f"unknown fixture {unknown}: expected some of {list(writers)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        writers[name]()
 
 
 if __name__ == "__main__":

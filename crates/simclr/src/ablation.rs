@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::augment::{AugmentConfig, OpConfig};
 use crate::config::RunConfig;
 use crate::report::Heatmap;
-use crate::train::{train, TrainOptions};
+use crate::train::{train, Observer};
 use crate::{Error, Result};
 
 /// The heatmap of an ablation: kNN top-1 of each (first, second) pair.
@@ -27,6 +27,25 @@ pub struct AugmentAblation {
     pub png_path: PathBuf,
 }
 
+/// The table of top-1 accuracies, first op down, second op across.
+impl std::fmt::Display for AugmentAblation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:>22}", "1st \\ 2nd")?;
+        for name in &self.names {
+            write!(f, " {name:>20}")?;
+        }
+        writeln!(f)?;
+        for (name, row) in self.names.iter().zip(&self.top1) {
+            write!(f, "{name:>22}")?;
+            for score in row {
+                write!(f, " {:>19.2}%", 100.0 * score)?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
 /// The ops of view 2 for the pair (first, second): each applied always,
 /// a sizing op moved to the front.
 fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
@@ -37,7 +56,12 @@ fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
 }
 
 /// Trains one run per distinct pair under `output_dir`, then writes the table and the heatmap.
-pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], output_dir: &Path, progress: bool) -> Result<AugmentAblation> {
+pub fn augment_pairs(
+    base: &RunConfig,
+    ops: &[OpConfig],
+    output_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<AugmentAblation> {
     if ops.is_empty() {
         return Err(Error::InvalidArgument("ablate augment needs at least one op".to_owned()));
     }
@@ -58,7 +82,10 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], output_dir: &Path, prog
                 AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
             config.train.output_dir = output_dir.join(&key);
             tracing::info!("ablation: training with view 2 = {key}");
-            let report = train(config.validate()?, TrainOptions { progress, ..Default::default() })?;
+            let report = train(config.validate()?, false, observer)?;
+            if report.interrupted_at.is_some() {
+                return Err(Error::Interrupted(format!("ablation run {key}")));
+            }
             let score = report.final_knn_top1().ok_or_else(|| {
                 Error::InvalidArgument(
                     "ablate augment scores each run with the kNN monitor: give labelled splits \

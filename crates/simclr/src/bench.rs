@@ -186,9 +186,21 @@ pub struct AugmentBenchReport {
     /// Views per second of the CPU path (sample, render, normalise into CHW),
     /// decoding excluded.
     pub cpu_views_per_second: f64,
-    /// The same on the tensor path on CPU tensors, in batches of all
+    /// The same on the device path on CPU tensors, in batches of all
     /// images; absent when the images differ in size.
     pub tensor_views_per_second: Option<f64>,
+}
+
+impl std::fmt::Display for AugmentBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = self.image_size;
+        write!(f, "{size}x{size} on {} images, {} thread(s): ", self.images, self.threads)?;
+        write!(f, "CPU path {:.1} views/s", self.cpu_views_per_second)?;
+        if let Some(views) = self.tensor_views_per_second {
+            write!(f, ", device path (on the CPU) {views:.1} views/s")?;
+        }
+        Ok(())
+    }
 }
 
 /// Times the augmentation pipeline alone on decoded `images`, as the data
@@ -198,6 +210,9 @@ pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) 
     use rayon::prelude::*;
     if images.is_empty() || options.rounds == 0 {
         return Err(Error::InvalidArgument("bench augment needs at least one image and one round".to_owned()));
+    }
+    if options.threads == 0 {
+        return Err(Error::InvalidArgument("--threads 0: must be at least 1".to_owned()));
     }
     let pool = crate::data::loader::worker_pool(options.threads)?;
     let pipeline = &options.pipeline;
@@ -246,4 +261,134 @@ pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) 
         cpu_views_per_second: (options.rounds * images.len()) as f64 / cpu_seconds,
         tensor_views_per_second,
     })
+}
+
+/// Our report beside the PyTorch reference's, run with the same settings.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub ours: BenchReport,
+    /// The reference's JSON report, as it printed it.
+    pub reference: serde_json::Value,
+}
+
+/// Runs the PyTorch reference script (`tools/reference/bench_pytorch.py`)
+/// with `python`, on `options`' model and settings, in simclr's memory
+/// format (channels-last; bf16 autocast where we use it).
+pub fn compare_with_pytorch(
+    options: &BenchOptions,
+    ours: BenchReport,
+    script: &std::path::Path,
+    python: &str,
+) -> Result<Comparison> {
+    let model = &options.model;
+    let mut command = std::process::Command::new(python);
+    command.arg(script).args([
+        "--arch",
+        model.arch.name(),
+        "--width",
+        &model.width_multiplier.to_string(),
+        "--stem",
+        model.stem.name(),
+        "--batch-size",
+        &options.batch_size.to_string(),
+        "--image-size",
+        &options.image_size.to_string(),
+        "--steps",
+        &options.steps.to_string(),
+        "--warmup",
+        &options.warmup_steps.to_string(),
+        "--device",
+        if options.device.is_cuda() { "cuda" } else { "cpu" },
+        "--threads",
+        &tch::get_num_threads().to_string(),
+        "--optimizer",
+        ours.optimizer,
+    ]);
+    if let Some(hidden) = model.head.hidden_dim {
+        command.args(["--hidden-dim", &hidden.to_string()]);
+    }
+    command.arg(if options.device.is_cuda() && options.mixed_precision { "--bf16" } else { "--channels-last" });
+    let failed = |message: String| Error::InvalidArgument(format!("{python} {}: {message}", script.display()));
+    let output = command.output().map_err(|e| failed(e.to_string()))?;
+    if !output.status.success() {
+        return Err(failed(format!("failed:\n{}", String::from_utf8_lossy(&output.stderr))));
+    }
+    let reference: serde_json::Value =
+        serde_json::from_slice(&output.stdout).map_err(|e| failed(format!("printed no JSON report: {e}")))?;
+    let comparison = Comparison { ours, reference };
+    for key in ["train_images_per_second", "forward_images_per_second", "train_ms_per_step", "train_issue_ms"] {
+        if comparison.number(key).is_none() {
+            return Err(failed(format!("its report lacks {key}")));
+        }
+    }
+    Ok(comparison)
+}
+
+impl Comparison {
+    fn number(&self, key: &str) -> Option<f64> {
+        self.reference[key].as_f64()
+    }
+
+    /// Both reports and the two ratios, as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ratio = |ours: f64, key| ours / self.number(key).unwrap_or(f64::NAN);
+        serde_json::json!({
+            "simclr": self.ours, "reference": self.reference,
+            "train_ratio": ratio(self.ours.train_images_per_second, "train_images_per_second"),
+            "forward_ratio": ratio(self.ours.forward_images_per_second, "forward_images_per_second"),
+        })
+    }
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ours, name) = (&self.ours, self.reference["implementation"].as_str().unwrap_or("pytorch"));
+        let number = |key| self.number(key).unwrap_or(f64::NAN);
+        writeln!(
+            f,
+            "{} on {}, batch {} at {}px, {}, {} timed steps:",
+            ours.arch, ours.device, ours.batch_size, ours.image_size, ours.optimizer, ours.steps
+        )?;
+        for (what, mine, key) in [
+            ("training images/s", ours.train_images_per_second, "train_images_per_second"),
+            ("encoder forward images/s", ours.forward_images_per_second, "forward_images_per_second"),
+        ] {
+            let theirs = number(key);
+            writeln!(f, "  {what:26} simclr {mine:10.1}   {name} {theirs:10.1}   ratio {:.2}x", mine / theirs)?;
+        }
+        let step = number("train_ms_per_step");
+        if let Some(graph) = ours.graph_ms_per_step {
+            let what = "step as a CUDA graph";
+            writeln!(f, "  {what:26} simclr {graph:4.1} ms   {name} eager {step:4.1} ms   ratio {:.2}x", step / graph)?;
+        }
+        if ours.device.starts_with("Cuda") {
+            // Which side of the step bounds it: see BenchReport::train_issue_ms.
+            let (issue, what) = (number("train_issue_ms"), "host time to issue a step");
+            writeln!(
+                f,
+                "  {what:26} simclr {:4.1} of {:4.1} ms   {name} {issue:4.1} of {step:4.1} ms",
+                ours.train_issue_ms, ours.train_ms_per_step
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} on {}, batch {} at {}x{}, {} timed steps:",
+            self.arch, self.device, self.batch_size, self.image_size, self.image_size, self.steps
+        )?;
+        writeln!(
+            f,
+            "  training ({}): {:.1} images/s ({:.1} ms/step, {:.1} ms of it to issue)",
+            self.optimizer, self.train_images_per_second, self.train_ms_per_step, self.train_issue_ms
+        )?;
+        if let Some(graph) = self.graph_ms_per_step {
+            writeln!(f, "  training step as a CUDA graph: {graph:.1} ms/step")?;
+        }
+        writeln!(f, "  encoder forward: {:.1} images/s", self.forward_images_per_second)
+    }
 }

@@ -9,99 +9,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
+use crate::checks::is_positive_finite;
+use crate::data::config::DataConfig;
+use crate::device::DeviceChoice;
+use crate::eval::KnnConfig;
 use crate::loss::LossConfig;
-use crate::model::ModelConfig;
+use crate::model::{EncoderSpec, ModelConfig};
 use crate::optim::OptimConfig;
 use crate::{Error, Result};
-
-/// Where training images come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataFormat {
-    /// Decided from what `path` holds: CIFAR binary batches, class
-    /// sub-folders (ImageFolder) or a flat folder of images.
-    Auto,
-    /// `path/<class>/*.jpg`; labels are used for evaluation only.
-    ImageFolder,
-    /// `path/*.jpg`, no labels.
-    Flat,
-    /// The CIFAR-10/100 binary batches (`data_batch_*.bin`, `train.bin`).
-    CifarBinary,
-    /// The built-in procedurally generated labelled dataset.
-    Synthetic,
-}
-
-/// What to do with an image that cannot be read during training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BadImagePolicy {
-    /// Stop with an error naming the file (the last checkpoint stays).
-    Stop,
-    /// Report it, use another image in its place, and list it at the end.
-    Skip,
-}
-
-/// The `[data]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    /// Training images; absent means the built-in synthetic dataset.
-    pub path: Option<PathBuf>,
-    pub format: DataFormat,
-    /// Side of the square views fed to the encoder (224 for ImageNet, 32 for CIFAR).
-    pub image_size: u32,
-    /// Use at most this many training images (a seeded, class-balanced-by-chance subset).
-    pub limit: Option<usize>,
-    /// Labelled images for the kNN monitor: the memory bank...
-    pub knn_train_path: Option<PathBuf>,
-    /// ...and the queries scored against it.
-    pub knn_test_path: Option<PathBuf>,
-    /// Use at most this many images of each kNN split.
-    pub knn_limit: Option<usize>,
-    /// Per-channel normalisation applied after augmentation (ImageNet's by default).
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-    /// Images in the synthetic training set (and a fifth as many for its test split).
-    pub synthetic_images: usize,
-    pub synthetic_classes: usize,
-    /// Threads that decode and augment; 0 means one per core.
-    pub workers: usize,
-    pub on_bad_image: BadImagePolicy,
-}
-
-/// ImageNet's channel means and standard deviations, torchvision's default.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            path: None,
-            format: DataFormat::Auto,
-            image_size: 224,
-            limit: None,
-            knn_train_path: None,
-            knn_test_path: None,
-            knn_limit: None,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-            synthetic_images: 2000,
-            synthetic_classes: 10,
-            workers: 0,
-            on_bad_image: BadImagePolicy::Stop,
-        }
-    }
-}
-
-/// Which device trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceChoice {
-    /// CUDA when available, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
 
 /// The `[train]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +195,19 @@ impl RunConfig {
         toml::Value::try_from(self).expect("every config field is representable in TOML")
     }
 
+    /// The encoder this run trains, as its `encoder.safetensors` records it.
+    pub fn encoder_spec(&self) -> EncoderSpec {
+        EncoderSpec {
+            arch: self.model.arch,
+            width_multiplier: self.model.width_multiplier,
+            stem: self.model.stem,
+            image_size: self.data.image_size,
+            mean: self.data.mean,
+            std: self.data.std,
+            head: Some(self.model.head.clone()),
+        }
+    }
+
     /// The config as TOML, as saved beside each run's checkpoints.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("every config field is representable in TOML")
@@ -288,24 +216,7 @@ impl RunConfig {
     /// Checks every field; the error lists each bad one with its value.
     pub fn validate(self) -> Result<ValidConfig> {
         let mut problems = Vec::new();
-        let data = &self.data;
-        if data.image_size < 8 {
-            problems.push(format!("data.image_size = {}: must be at least 8", data.image_size));
-        }
-        for (field, value) in [("data.limit", data.limit), ("data.knn_limit", data.knn_limit)] {
-            if value == Some(0) {
-                problems.push(format!("{field} = 0: must be at least 1"));
-            }
-        }
-        if !data.std.iter().all(|s| is_positive_finite(f64::from(*s))) {
-            problems.push(format!("data.std = {:?}: every entry must be > 0", data.std));
-        }
-        if data.synthetic_classes < 2 {
-            problems.push(format!("data.synthetic_classes = {}: need at least 2", data.synthetic_classes));
-        }
-        if data.synthetic_images < data.synthetic_classes {
-            problems.push(format!("data.synthetic_images = {}: need at least one per class", data.synthetic_images));
-        }
+        self.data.check(&mut problems);
         let train = &self.train;
         if train.batch_size < 2 {
             problems.push(format!(
@@ -328,12 +239,7 @@ impl RunConfig {
                 problems.push(format!("train.time_budget_seconds = {budget}: must be > 0"));
             }
         }
-        if train.knn_k == 0 {
-            problems.push("train.knn_k = 0: must be at least 1".to_owned());
-        }
-        if !is_positive_finite(train.knn_temperature) {
-            problems.push(format!("train.knn_temperature = {}: must be > 0", train.knn_temperature));
-        }
+        KnnConfig { k: train.knn_k, temperature: train.knn_temperature }.check("train.knn_", &mut problems);
         self.augment.check(self.data.image_size, &mut problems);
         self.model.check(&mut problems);
         self.loss.check(&mut problems);
@@ -346,10 +252,58 @@ impl RunConfig {
     }
 }
 
-/// True for finite numbers above zero; false for NaN, which every `x > 0`
-/// check written as `!(x > 0.0)` would otherwise have to remember.
-pub fn is_positive_finite(x: f64) -> bool {
-    x > 0.0 && x.is_finite()
+/// What a command line says about a run, in the order the layers apply:
+/// preset < file < flags < `--set` overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RunLayers {
+    /// Without a preset, a file or data, the demo preset is used.
+    pub preset: Option<Preset>,
+    pub file: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub seed: Option<u64>,
+    pub device: Option<DeviceChoice>,
+    /// `section.field=value`, applied last.
+    pub overrides: Vec<String>,
+}
+
+impl RunLayers {
+    /// The preset (the demo one when nothing else is named) with the file laid over it.
+    pub fn base(&self) -> Result<RunConfig> {
+        let preset = match (self.preset, &self.file, &self.data) {
+            (Some(preset), _, _) => Some(preset),
+            (None, None, None) => {
+                tracing::info!("no --data, --config or --preset: using the demo preset on the synthetic dataset");
+                Some(Preset::Demo)
+            }
+            _ => None,
+        };
+        let config = preset.map(RunConfig::preset).unwrap_or_default();
+        match &self.file {
+            Some(path) => config.with_file(path),
+            None => Ok(config),
+        }
+    }
+
+    /// `base` (the preset and file, or a checkpoint's config when resuming)
+    /// with the flags, then the overrides, laid over it; validated once.
+    pub fn resolve(&self, base: RunConfig) -> Result<ValidConfig> {
+        let mut config = base;
+        if let Some(data) = &self.data {
+            config.data.path = Some(data.clone());
+        }
+        if let Some(output) = &self.output {
+            config.train.output_dir = output.clone();
+        }
+        let train = &mut config.train;
+        train.epochs = self.epochs.unwrap_or(train.epochs);
+        train.batch_size = self.batch_size.unwrap_or(train.batch_size);
+        train.seed = self.seed.unwrap_or(train.seed);
+        train.device = self.device.unwrap_or(train.device);
+        config.with_overrides(&self.overrides)?.validate()
+    }
 }
 
 /// Lays `over` onto `base`: tables merge key by key, anything else replaces.

@@ -1,8 +1,31 @@
 //! Device choice and mixed precision.
 use tch::{Device, Tensor};
 
-use crate::config::DeviceChoice;
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
+
+/// Which device trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda),
+            other => Err(Error::InvalidArgument(format!("unknown device '{other}': expected auto, cpu or cuda"))),
+        }
+    }
+}
 
 /// The device a run asks for, checked against what this build can reach.
 ///

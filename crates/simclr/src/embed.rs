@@ -4,57 +4,42 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device};
 
-use crate::config::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::image_folder::{image_files, sorted_entries};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{ImageSource, Sample};
 use crate::eval::extract_features;
-use crate::model::{Arch, ResNet, Stem};
+use crate::model::{EncoderSpec, ResNet, SpecOverrides};
 use crate::{Error, Result};
 
 /// Which encoder, with which weights, and how images are prepared for it.
 #[derive(Debug, Clone)]
-pub struct EncoderSpec {
+pub struct EncoderOptions {
     /// torchvision-named safetensors, with or without an `encoder.` prefix.
     pub weights: PathBuf,
-    pub arch: Arch,
-    pub width_multiplier: f64,
-    pub stem: Stem,
-    pub image_size: u32,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    pub spec: EncoderSpec,
     pub batch_size: usize,
     pub device: Device,
 }
 
-impl EncoderSpec {
-    pub fn new(weights: PathBuf) -> Self {
-        Self {
-            weights,
-            arch: Arch::Resnet50,
-            width_multiplier: 1.0,
-            stem: Stem::Imagenet,
-            image_size: 224,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-            batch_size: 128,
-            device: Device::Cpu,
+impl EncoderOptions {
+    /// The encoder in `weights` as its file records it (see
+    /// [`crate::io::torchvision::resolve_spec`]), with `overrides` laid over.
+    pub fn new(weights: PathBuf, overrides: &SpecOverrides, batch_size: usize, device: Device) -> Result<Self> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
         }
+        let spec = crate::io::torchvision::resolve_spec(&weights, overrides)?;
+        Ok(Self { weights, spec, batch_size, device })
     }
 
     /// Builds the encoder and loads its weights, checking every tensor.
     pub fn load(&self) -> Result<LoadedEncoder> {
-        if self.batch_size == 0 {
-            return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
-        }
-        if self.image_size < crate::data::MIN_IMAGE_SIDE {
-            return Err(Error::InvalidArgument(format!("--image-size {}: must be at least 8", self.image_size)));
-        }
+        let spec = &self.spec;
         let store = nn::VarStore::new(self.device);
-        let encoder = ResNet::new(&store.root(), self.arch, self.width_multiplier, self.stem);
+        let encoder = ResNet::new(&store.root(), spec.arch, spec.width_multiplier, spec.stem);
         crate::device::use_channels_last(&store);
         crate::io::torchvision::load_encoder(&store.variables(), &self.weights)?;
-        Ok(LoadedEncoder { _store: store, encoder, spec: self.clone(), pool: worker_pool(0)? })
+        Ok(LoadedEncoder { _store: store, encoder, options: self.clone(), pool: worker_pool(0)? })
     }
 }
 
@@ -63,7 +48,7 @@ pub struct LoadedEncoder {
     /// Owns the variables `encoder` computes with.
     _store: nn::VarStore,
     pub encoder: ResNet,
-    spec: EncoderSpec,
+    options: EncoderOptions,
     pool: std::sync::Arc<rayon::ThreadPool>,
 }
 
@@ -72,16 +57,16 @@ impl LoadedEncoder {
     pub fn embed_files(&self, files: &[PathBuf]) -> Result<tch::Tensor> {
         let samples: Vec<Sample> =
             files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
-        let spec = &self.spec;
+        let (spec, options) = (&self.options.spec, &self.options);
         let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
-        Ok(extract_features(&self.encoder, &samples, format, spec.batch_size, spec.device, &self.pool)?
+        Ok(extract_features(&self.encoder, &samples, format, options.batch_size, options.device, &self.pool)?
             .to_device(Device::Cpu))
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct EmbedOptions {
-    pub encoder: EncoderSpec,
+    pub encoder: EncoderOptions,
     pub input: PathBuf,
     pub output: PathBuf,
 }

@@ -36,6 +36,10 @@ pub enum Error {
          (--batch-size) or data.image_size, or use a smaller model; libtorch said: {message}"
     )]
     OutOfMemory { device: String, batch_size: usize, views: usize, message: String },
+    /// A run was stopped (by a signal, say) before its end; its checkpoint
+    /// is written.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// An argument outside its valid range, named with its value.
     #[error("{0}")]
     InvalidArgument(String),

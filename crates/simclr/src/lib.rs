@@ -25,6 +25,7 @@
 pub mod ablation;
 pub mod augment;
 pub mod bench;
+pub mod checks;
 pub mod config;
 pub mod cuda_graph;
 pub mod data;

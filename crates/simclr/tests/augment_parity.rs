@@ -1,6 +1,6 @@
 //! Each augmentation op against torchvision 0.26 for given parameters, on
 //! fixtures written by `tools/make_augment_fixtures.py` (run by hand), for
-//! both implementations: the CPU path and the tensor path (run here on CPU
+//! both implementations: the CPU path and the device path (run here on CPU
 //! tensors; on a GPU it runs the same ops).
 //!
 //! Tolerances (largest absolute difference on [0, 1] pixels):
@@ -9,7 +9,7 @@
 //! - resized crops on the CPU, the `image` crate's filters against PIL's on
 //!   8-bit pixels: mean below 1/255, largest 4/255 (enlarging) and 8/255
 //!   (shrinking, where the antialiasing filters' supports differ by a pixel);
-//! - the tensor path's crop (bilinear `grid_sample`) against PIL when
+//! - the device path's crop (bilinear `grid_sample`) against PIL when
 //!   enlarging: mean below 1/255, largest 2/255 bilinear (PIL rounds to 8
 //!   bits) and 6/255 bicubic (`grid_sample`'s cubic is Keys' a = -0.75, PIL's
 //!   a = -0.5).
@@ -17,13 +17,18 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use simclr::augment::{
-    blur, color_jitter, crop, cutout, flip, grayscale, pad_crop, rotation, sobel, solarize, BlurParams, CropBox,
-    FloatImage, Interpolation, JitterParams, PadOffset, RotationParams,
+    crop, pad_crop, Augmentation, BlurConfig, BlurParams, ColorJitterConfig, CropBox, CutoutConfig, FlipConfig,
+    FloatImage, GrayscaleConfig, Interpolation, JitterParams, PadOffset, RotationConfig, RotationParams, SobelConfig,
+    SolarizeConfig, SolarizeParams, VerticalFlipConfig,
 };
 use simclr::tch::{Kind, Tensor};
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/augment.safetensors");
+    fixture_file("augment")
+}
+
+fn fixture_file(name: &str) -> HashMap<String, Tensor> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.safetensors"));
     Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
 }
 
@@ -83,7 +88,7 @@ fn pixel_ops_match_torchvision() {
     let square = f["square"].shallow_clone();
     assert_close("square", &square, &whole.narrow(1, 0, 40).narrow(2, 4, 40), 0.0, 0.0);
 
-    check_pixel_op(&f, "flip", &whole, flip::flip_horizontal, |x| x.flip([3]));
+    check_op::<FlipConfig>(&f, "flip", &whole, &());
     for (case, part, factor) in [
         ("brightness", 0, 1.3),
         ("contrast", 1, 0.6),
@@ -91,30 +96,15 @@ fn pixel_ops_match_torchvision() {
         ("hue", 3, 0.17),
         ("hue_negative", 3, -0.31),
     ] {
-        let params = jitter(part, factor);
-        check_pixel_op(
-            &f,
-            case,
-            &whole,
-            |image| color_jitter::apply(image, &params),
-            |x| color_jitter::apply_batch(x, &[params]),
-        );
+        check_op::<ColorJitterConfig>(&f, case, &whole, &jitter(part, factor));
     }
-    check_pixel_op(&f, "grayscale", &whole, grayscale::to_grayscale, |x| grayscale::to_grayscale_batch(&x));
+    check_op::<GrayscaleConfig>(&f, "grayscale", &whole, &());
     for (case, sigma, kernel_size) in [("blur", 1.3, 5), ("blur_wide", 0.4, 9)] {
-        let params = BlurParams { sigma, kernel_size };
-        check_pixel_op(&f, case, &whole, |image| blur::apply(image, &params), |x| blur::apply_batch(x, &[params]));
+        check_op::<BlurConfig>(&f, case, &whole, &BlurParams { sigma, kernel_size });
     }
-    check_pixel_op(&f, "solarize", &whole, |image| solarize::apply(image, 0.5), |x| solarize::apply_batch(&x, 0.5));
+    check_op::<SolarizeConfig>(&f, "solarize", &whole, &SolarizeParams { threshold: 0.5 });
     for turns in 1..=3u8 {
-        let params = RotationParams { quarter_turns: turns };
-        check_pixel_op(
-            &f,
-            &format!("rotate_{turns}"),
-            &square,
-            |image| rotation::apply(image, params),
-            |x| rotation::apply_batch(x, &[params]),
-        );
+        check_op::<RotationConfig>(&f, &format!("rotate_{turns}"), &square, &RotationParams { quarter_turns: turns });
     }
     let offset = PadOffset { down: 3, right: -2 };
     check_pixel_op(
@@ -125,8 +115,31 @@ fn pixel_ops_match_torchvision() {
         |x| pad_crop::apply_batch(x, &[offset]),
     );
     let cut = CropBox { top: 10, left: 25, height: 16, width: 15 };
-    check_pixel_op(&f, "cutout", &square, |image| cutout::apply(image, cut), |x| cutout::apply_batch(x, &[cut]));
-    check_pixel_op(&f, "sobel", &square, sobel::apply, |x| sobel::apply_batch(&x));
+    check_op::<CutoutConfig>(&f, "cutout", &square, &cut);
+    check_op::<SobelConfig>(&f, "sobel", &square, &());
+}
+
+/// [`check_pixel_op`] for an op's [`Augmentation`] implementation.
+fn check_op<A: Augmentation>(f: &HashMap<String, Tensor>, case: &str, source: &Tensor, params: &A::Params) {
+    check_pixel_op(
+        f,
+        case,
+        source,
+        |image| A::apply(image, params),
+        |x| A::apply_batch(x, std::slice::from_ref(params)),
+    );
+}
+
+#[test]
+fn vertical_flip_matches_torchvision() {
+    let f = fixture_file("augment_vertical_flip");
+    let whole = FloatImage::from_rgb(&input(&f)).to_tensor();
+    check_op::<VerticalFlipConfig>(&f, "vertical_flip", &whole, &());
+    // Negative control: the other flip is far from this fixture.
+    let mut mirrored = FloatImage::from_tensor(&whole);
+    FlipConfig::apply(&mut mirrored, &());
+    let (largest, _) = difference(&mirrored.to_tensor(), &f["vertical_flip"]);
+    assert!(largest > 0.1, "a horizontal flip matched the vertical-flip fixture: {largest}");
 }
 
 #[test]
@@ -144,7 +157,7 @@ fn resized_crops_match_torchvision() {
         let ours = crop::crop_resize(&image, crop_box, size, size, interpolation).to_tensor();
         assert_close(&format!("{case} (cpu)"), &ours, &f[case], worst / 255.0, 1.0 / 255.0);
     }
-    // The tensor path does not antialias, so only enlarging crops are compared.
+    // The device path does not antialias, so only enlarging crops are compared.
     let batch = simclr::augment::uint8_batch(image.as_raw(), 1, 48, 40).to_kind(Kind::Float) / 255.0;
     for (case, interpolation, worst) in
         [("crop_enlarge_bilinear", Interpolation::Bilinear, 2.0), ("crop_enlarge_bicubic", Interpolation::Bicubic, 6.0)]

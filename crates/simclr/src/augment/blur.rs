@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::FloatImage;
+use super::{Augmentation, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,9 +38,10 @@ pub fn default_kernel_size(side: usize) -> u32 {
     2 * (side as u32 / 10 / 2) + 1
 }
 
-impl BlurConfig {
-    pub(crate) fn check(&self, field: &str, image_size: u32, problems: &mut Vec<String>) {
-        super::check_probability(field, self.probability, problems);
+impl Augmentation for BlurConfig {
+    type Params = BlurParams;
+
+    fn check(&self, field: &str, image_size: u32, problems: &mut Vec<String>) {
         if !(self.min_sigma > 0.0 && self.min_sigma <= self.max_sigma && self.max_sigma.is_finite()) {
             problems.push(format!(
                 "{field}: min_sigma = {}, max_sigma = {}: need 0 < min_sigma <= max_sigma",
@@ -58,41 +59,20 @@ impl BlurConfig {
         }
     }
 
-    pub fn sample<R: rand::Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<BlurParams> {
+    fn sample<R: rand::Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<BlurParams> {
         if !super::applies(self.probability, rng) {
             return None;
         }
         let sigma = rng.random_range(self.min_sigma..=self.max_sigma) as f32;
         Some(BlurParams { sigma, kernel_size: self.kernel_size.unwrap_or_else(|| default_kernel_size(side)) })
     }
-}
 
-/// torchvision's `_get_gaussian_kernel1d`: exp(-x² / 2σ²) at integer offsets
-/// from the centre, normalised to sum 1.
-pub fn kernel(params: &BlurParams) -> Vec<f32> {
-    let half = (params.kernel_size as f32 - 1.0) / 2.0;
-    let weights: Vec<f32> =
-        (0..params.kernel_size).map(|i| (-0.5 * ((i as f32 - half) / params.sigma).powi(2)).exp()).collect();
-    let total: f32 = weights.iter().sum();
-    weights.into_iter().map(|w| w / total).collect()
-}
-
-/// Mirror index without repeating the edge (`reflect` padding): -1 -> 1.
-fn reflect(index: isize, len: usize) -> usize {
-    let last = len as isize - 1;
-    if last == 0 {
-        return 0;
-    }
-    let period = 2 * last;
-    let folded = index.rem_euclid(period);
-    (if folded > last { period - folded } else { folded }) as usize
-}
 
 /// Two 1-D passes over contiguous rows: each output row is a weighted sum
 /// of whole input rows (vertical) or of a row shifted by whole pixels
 /// (horizontal, over a reflect-padded copy), loops the compiler vectorises.
 /// Looking up the reflected index per tap instead was 4x slower.
-pub fn apply(image: &mut FloatImage, params: &BlurParams) {
+fn apply(image: &mut FloatImage, params: &BlurParams) {
     let weights = kernel(params);
     let radius = weights.len() / 2;
     let (width, height) = (image.width, image.height);
@@ -116,12 +96,15 @@ pub fn apply(image: &mut FloatImage, params: &BlurParams) {
         for (k, &w) in weights.iter().enumerate() {
             out.iter_mut().zip(&padded[k * 3..k * 3 + stride]).for_each(|(o, &v)| *o += w * v);
         }
+        // The weights sum to 1 only up to rounding: a white area can come
+        // out at 1.0000002, outside the range every later op assumes.
+        out.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     }
 }
 
-/// The tensor path: each image its own kernel, as one grouped convolution
+/// The device path: each image its own kernel, as one grouped convolution
 /// per direction over the batch folded into channels.
-pub fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
+fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
     let (count, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
     let size = i64::from(params[0].kernel_size);
     let weights: Vec<f32> = params.iter().flat_map(|p| (0..channels).flat_map(move |_| kernel(p))).collect();
@@ -132,7 +115,30 @@ pub fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
     let padded = folded.pad([radius, radius, radius, radius], "reflect", None);
     let across = padded.conv2d(&weights.view([groups, 1, 1, size]), None::<Tensor>, [1], [0], [1], groups);
     let down = across.conv2d(&weights.view([groups, 1, size, 1]), None::<Tensor>, [1], [0], [1], groups);
-    down.reshape([count, channels, height, width])
+    down.reshape([count, channels, height, width]).clamp(0.0, 1.0)
+}
+}
+
+
+/// torchvision's `_get_gaussian_kernel1d`: exp(-x² / 2σ²) at integer offsets
+/// from the centre, normalised to sum 1.
+pub fn kernel(params: &BlurParams) -> Vec<f32> {
+    let half = (params.kernel_size as f32 - 1.0) / 2.0;
+    let weights: Vec<f32> =
+        (0..params.kernel_size).map(|i| (-0.5 * ((i as f32 - half) / params.sigma).powi(2)).exp()).collect();
+    let total: f32 = weights.iter().sum();
+    weights.into_iter().map(|w| w / total).collect()
+}
+
+/// Mirror index without repeating the edge (`reflect` padding): -1 -> 1.
+fn reflect(index: isize, len: usize) -> usize {
+    let last = len as isize - 1;
+    if last == 0 {
+        return 0;
+    }
+    let period = 2 * last;
+    let folded = index.rem_euclid(period);
+    (if folded > last { period - folded } else { folded }) as usize
 }
 
 #[cfg(test)]
@@ -162,7 +168,7 @@ mod tests {
     #[test]
     fn a_constant_image_stays_constant() {
         let mut image = FloatImage { width: 5, height: 4, data: vec![0.25; 60] };
-        apply(&mut image, &BlurParams { sigma: 2.0, kernel_size: 5 });
+        BlurConfig::apply(&mut image, &BlurParams { sigma: 2.0, kernel_size: 5 });
         assert!(image.data.iter().all(|v| (v - 0.25).abs() < 1e-6));
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::grayscale::luma;
-use super::FloatImage;
+use super::{Augmentation, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,9 +35,10 @@ pub struct JitterParams {
     pub order: [u8; 4],
 }
 
-impl ColorJitterConfig {
-    pub(crate) fn check(&self, field: &str, problems: &mut Vec<String>) {
-        super::check_probability(field, self.probability, problems);
+impl Augmentation for ColorJitterConfig {
+    type Params = JitterParams;
+
+    fn check(&self, field: &str, _image_size: u32, problems: &mut Vec<String>) {
         if !(0.0..=1.25).contains(&self.strength) {
             problems.push(format!(
                 "{field}: strength = {}: must be in [0, 1.25] (hue jitter 0.2s may not exceed 0.25)",
@@ -48,7 +49,7 @@ impl ColorJitterConfig {
 
     /// torchvision's `ColorJitter.get_params`: each factor uniform in
     /// [max(0, 1 - spread), 1 + spread], the hue shift in [-0.2s, 0.2s].
-    pub fn sample<R: rand::Rng + ?Sized>(&self, rng: &mut R) -> Option<JitterParams> {
+    fn sample<R: rand::Rng + ?Sized>(&self, _side: usize, rng: &mut R) -> Option<JitterParams> {
         if !super::applies(self.probability, rng) {
             return None;
         }
@@ -62,9 +63,8 @@ impl ColorJitterConfig {
         order.shuffle(rng);
         Some(JitterParams { brightness, contrast, saturation, hue, order })
     }
-}
 
-pub fn apply(image: &mut FloatImage, params: &JitterParams) {
+    fn apply(image: &mut FloatImage, params: &JitterParams) {
     for part in params.order {
         match part {
             0 => adjust_brightness(image, params.brightness),
@@ -75,7 +75,7 @@ pub fn apply(image: &mut FloatImage, params: &JitterParams) {
     }
 }
 
-/// The tensor path. Each image runs its four parts in its own order, so
+/// The device path. Each image runs its four parts in its own order, so
 /// the batch goes through the four positions in turn; at each, every image
 /// runs the part its order puts there.
 ///
@@ -88,7 +88,7 @@ pub fn apply(image: &mut FloatImage, params: &JitterParams) {
 ///   the images running hue there get f = 1 and o = 0, exactly x again;
 /// - hue runs on its own images, in the closed form of `adjust_hue_batch`;
 /// - the drawn values of all positions go to the device in one copy.
-pub fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
+    fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
     let count = params.len() as i64;
     // Per position, four rows of one value per image: f, 1 − f (in f32, as
     // the pixel path computes it) and the weights of the mean luma and of
@@ -126,6 +126,7 @@ pub fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
         images = super::on_subset(images, &shifts, |x, shifts| adjust_hue_batch(&x, &super::per_image(shifts, &x)));
     }
     images
+}
 }
 
 /// torchvision's `adjust_hue` (`_rgb2hsv`, the shift, `_hsv2rgb`) on a
@@ -267,7 +268,7 @@ mod tests {
             .collect();
         let params: Vec<JitterParams> = (0..count)
             .map(|i| {
-                let mut p = config.sample(&mut rng).unwrap();
+                let mut p = config.sample(32, &mut rng).unwrap();
                 if i % 7 == 0 {
                     p.hue = 0.0;
                 }
@@ -275,10 +276,10 @@ mod tests {
             })
             .collect();
         let batch = Tensor::cat(&images.iter().map(|image| image.to_tensor().unsqueeze(0)).collect::<Vec<_>>(), 0);
-        let rendered = apply_batch(batch, &params);
+        let rendered = ColorJitterConfig::apply_batch(batch, &params);
         for (i, (image, p)) in images.iter().zip(&params).enumerate() {
             let mut expected = image.clone();
-            apply(&mut expected, p);
+            ColorJitterConfig::apply(&mut expected, p);
             let got = FloatImage::from_tensor(&rendered.get(i as i64));
             let worst = expected.data.iter().zip(&got.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(worst < 2e-5, "image {i}: {worst}, {p:?}");

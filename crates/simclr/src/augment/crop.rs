@@ -5,7 +5,7 @@
 //!
 //! The CPU path resizes 8-bit pixels with a bilinear or Catmull-Rom
 //! (bicubic, PIL's a = -0.5) convolution that antialiases when shrinking,
-//! as PIL and torchvision v2 do. The tensor path
+//! as PIL and torchvision v2 do. The device path
 //! samples the crop with `grid_sample` (no antialiasing): identical for
 //! crops that enlarge, which is nearly every crop at CIFAR's 32 px, up to
 //! 8-bit rounding (bicubic differs more: `grid_sample`'s cubic is Keys'
@@ -151,7 +151,7 @@ pub fn resize_shorter_center_crop(image: &RgbImage, size: u32) -> FloatImage {
     crop_resize(image, center_square(width, height), size, size, Interpolation::Bilinear)
 }
 
-/// The tensor path: crops `boxes[i]` out of image `i` of the `[n, 3, h, w]`
+/// The device path: crops `boxes[i]` out of image `i` of the `[n, 3, h, w]`
 /// float batch and resizes it to `size` x `size` with `grid_sample`
 /// (pixel centres at half-integers, as `align_corners = false`; edges
 /// clamped to the box, as PIL's and the CPU filters do).

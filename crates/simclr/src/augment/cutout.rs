@@ -1,10 +1,11 @@
 //! Cutout (DeVries and Taylor 2017; one of the ablation ops of section 3,
 //! Figure 4(e)): a square of side `size_fraction` of the view, centred at a
 //! uniformly drawn pixel and clipped at the borders, set to black.
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{CropBox, FloatImage};
+use super::{Augmentation, CropBox, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -22,16 +23,17 @@ impl Default for CutoutConfig {
     }
 }
 
-impl CutoutConfig {
-    pub(crate) fn check(&self, field: &str, problems: &mut Vec<String>) {
-        super::check_probability(field, self.probability, problems);
+impl Augmentation for CutoutConfig {
+    type Params = CropBox;
+
+    fn check(&self, field: &str, _image_size: u32, problems: &mut Vec<String>) {
         if !(self.size_fraction > 0.0 && self.size_fraction <= 1.0) {
             problems.push(format!("{field}: size_fraction = {}: must be in (0, 1]", self.size_fraction));
         }
     }
 
     /// The box, clipped to the view.
-    pub fn sample<R: rand::Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<CropBox> {
+    fn sample<R: Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<CropBox> {
         if !super::applies(self.probability, rng) {
             return None;
         }
@@ -42,16 +44,15 @@ impl CutoutConfig {
         let (bottom, right) = (clip(cy - mask / 2 + mask), clip(cx - mask / 2 + mask));
         Some(CropBox { top, left, height: bottom - top, width: right - left })
     }
-}
 
-pub fn apply(image: &mut FloatImage, cut: CropBox) {
+    fn apply(image: &mut FloatImage, cut: &CropBox) {
     for y in cut.top..cut.top + cut.height {
         let start = (y as usize * image.width + cut.left as usize) * 3;
         image.data[start..start + cut.width as usize * 3].fill(0.0);
     }
 }
 
-pub fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
+    fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
     let (_, _, height, width) = images.size4().expect("a [n, 3, h, w] batch");
     let device = images.device();
     let column = |values: Vec<i64>| crate::device::upload_slice(&values, device).view([-1, 1, 1, 1]);
@@ -64,6 +65,7 @@ pub fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
     let inside = rows.ge_tensor(&top).logical_and(&rows.lt_tensor(&bottom));
     let inside = inside.logical_and(&columns.ge_tensor(&left)).logical_and(&columns.lt_tensor(&right));
     images.masked_fill(&inside, 0.0)
+}
 }
 
 #[cfg(test)]

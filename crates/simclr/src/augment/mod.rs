@@ -10,22 +10,15 @@
 //! Every op is split in two: `sample` draws its random parameters from an
 //! explicit RNG, `apply` applies given parameters. That split is what makes
 //! the two implementations one semantics: the CPU path ([`Pipeline::render`],
-//! Rust over interleaved f32 pixels) and the batched tensor path
+//! Rust over interleaved f32 pixels) and the batched device path
 //! ([`Pipeline::render_batch`], the whole batch at once on the training
 //! device) apply the very same parameters, drawn from [`view_rng`], a pure
 //! function of (seed, epoch, image, view). The parameters of any view can be
 //! logged ([`ViewParams`] serialises to JSON).
-pub mod blur;
-pub mod color_jitter;
+mod augmentation;
 pub mod crop;
-pub mod cutout;
-pub mod flip;
-pub mod grayscale;
 pub mod pad_crop;
 pub mod preview;
-pub mod rotation;
-pub mod sobel;
-pub mod solarize;
 
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
@@ -33,16 +26,132 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-pub use blur::{BlurConfig, BlurParams};
-pub use color_jitter::{ColorJitterConfig, JitterParams};
+pub use augmentation::Augmentation;
+pub use blur::BlurParams;
+pub use color_jitter::JitterParams;
 pub use crop::{CropBox, CropConfig, Interpolation};
-pub use cutout::CutoutConfig;
-pub use flip::FlipConfig;
-pub use grayscale::GrayscaleConfig;
 pub use pad_crop::{PadCropConfig, PadOffset};
-pub use rotation::{RotationConfig, RotationParams};
-pub use sobel::SobelConfig;
-pub use solarize::SolarizeConfig;
+pub use rotation::RotationParams;
+pub use solarize::SolarizeParams;
+
+/// Every pixel op, one line each: its name in configs, its variant of
+/// [`OpConfig`] and [`OpParams`], and its module and config type (which
+/// implements [`Augmentation`]). Adding an op is its own file and one line
+/// in the list below; the sizing ops (crops) are written out, as they
+/// decide the view's size and are always first.
+macro_rules! register {
+    ($($name:literal => $variant:ident($module:ident::$config:ident),)*) => {
+        $(pub mod $module;)*
+        $(pub use $module::$config;)*
+
+        /// One op of a pipeline, as written in `[[augment.ops]]` with `op = "..."`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "op")]
+        pub enum OpConfig {
+            #[serde(rename = "random-resized-crop")]
+            RandomResizedCrop(CropConfig),
+            #[serde(rename = "random-crop")]
+            RandomCrop(PadCropConfig),
+            $(#[serde(rename = $name)] $variant($config),)*
+        }
+
+        /// The drawn parameters of one pixel op; `None` in [`ViewParams::ops`]
+        /// means the op was not applied to this view.
+        #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+        #[serde(tag = "op")]
+        pub enum OpParams {
+            $(#[serde(rename = $name)] $variant(<$config as Augmentation>::Params),)*
+        }
+
+        impl OpConfig {
+            /// The name written in configs.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    OpConfig::RandomResizedCrop(_) => "random-resized-crop",
+                    OpConfig::RandomCrop(_) => "random-crop",
+                    $(OpConfig::$variant(_) => $name,)*
+                }
+            }
+
+            /// Every op with its defaults, for listings and the ablation.
+            pub fn all() -> Vec<OpConfig> {
+                vec![
+                    OpConfig::RandomResizedCrop(Default::default()),
+                    OpConfig::RandomCrop(Default::default()),
+                    $(OpConfig::$variant(Default::default()),)*
+                ]
+            }
+
+            /// The op with its probability set to `probability` (sizing ops have none).
+            pub fn with_probability(mut self, probability: f64) -> Self {
+                match &mut self {
+                    OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_) => {}
+                    $(OpConfig::$variant(c) => c.probability = probability,)*
+                }
+                self
+            }
+
+            fn check(&self, field: &str, image_size: u32, problems: &mut Vec<String>) {
+                match self {
+                    OpConfig::RandomResizedCrop(c) => c.check(field, problems),
+                    OpConfig::RandomCrop(c) => c.check(field, image_size, problems),
+                    $(OpConfig::$variant(c) => {
+                        check_probability(field, c.probability, problems);
+                        c.check(field, image_size, problems);
+                    })*
+                }
+            }
+
+            /// A pixel op's parameters for a `side` x `side` view.
+            fn sample_pixel<R: Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<OpParams> {
+                match self {
+                    OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_) => {
+                        unreachable!("validation keeps sizing ops first")
+                    }
+                    $(OpConfig::$variant(c) => c.sample(side, rng).map(OpParams::$variant),)*
+                }
+            }
+        }
+
+        impl OpParams {
+            /// The CPU path of this op.
+            fn apply(&self, image: &mut FloatImage) {
+                match self {
+                    $(OpParams::$variant(params) => $config::apply(image, params),)*
+                }
+            }
+
+            /// The device path of this op, on the images at the positions of
+            /// `drawn`, whose parameters are all of this op.
+            fn apply_batch(&self, images: Tensor, drawn: &[(usize, OpParams)]) -> Tensor {
+                match self {
+                    $(OpParams::$variant(_) => {
+                        let typed: Vec<(usize, <$config as Augmentation>::Params)> = drawn
+                            .iter()
+                            .filter_map(|(i, p)| match p {
+                                OpParams::$variant(params) => Some((*i, *params)),
+                                _ => None,
+                            })
+                            .collect();
+                        on_subset(images, &typed, $config::apply_batch)
+                    })*
+                }
+            }
+        }
+    };
+}
+
+register! {
+    "horizontal-flip" => HorizontalFlip(flip::FlipConfig),
+    "color-jitter" => ColorJitter(color_jitter::ColorJitterConfig),
+    "grayscale" => Grayscale(grayscale::GrayscaleConfig),
+    "gaussian-blur" => GaussianBlur(blur::BlurConfig),
+    "rotation" => Rotation(rotation::RotationConfig),
+    "cutout" => Cutout(cutout::CutoutConfig),
+    "sobel" => Sobel(sobel::SobelConfig),
+    "solarize" => Solarize(solarize::SolarizeConfig),
+    "vertical-flip" => VerticalFlip(vertical_flip::VerticalFlipConfig),
+}
 
 /// An RGB image with interleaved f32 channels in [0, 1].
 #[derive(Debug, Clone, PartialEq)]
@@ -106,7 +215,7 @@ pub fn uint8_batch(pixels: &[u8], count: usize, width: u32, height: u32) -> Tens
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The tensor path on a CUDA device when the decoded images fit there
+    /// The device path on a CUDA device when the decoded images fit there
     /// (all of one size, at most [`DEVICE_DATA_LIMIT`] bytes); the CPU path otherwise.
     #[default]
     Auto,
@@ -160,93 +269,20 @@ impl AugmentPreset {
     }
 }
 
-/// One op of a pipeline, as written in `[[augment.ops]]` with `op = "..."`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum OpConfig {
-    RandomResizedCrop(CropConfig),
-    RandomCrop(PadCropConfig),
-    HorizontalFlip(FlipConfig),
-    ColorJitter(ColorJitterConfig),
-    Grayscale(GrayscaleConfig),
-    GaussianBlur(BlurConfig),
-    Rotation(RotationConfig),
-    Cutout(CutoutConfig),
-    Sobel(SobelConfig),
-    Solarize(SolarizeConfig),
-}
-
 impl OpConfig {
-    /// The name written in configs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            OpConfig::RandomResizedCrop(_) => "random-resized-crop",
-            OpConfig::RandomCrop(_) => "random-crop",
-            OpConfig::HorizontalFlip(_) => "horizontal-flip",
-            OpConfig::ColorJitter(_) => "color-jitter",
-            OpConfig::Grayscale(_) => "grayscale",
-            OpConfig::GaussianBlur(_) => "gaussian-blur",
-            OpConfig::Rotation(_) => "rotation",
-            OpConfig::Cutout(_) => "cutout",
-            OpConfig::Sobel(_) => "sobel",
-            OpConfig::Solarize(_) => "solarize",
-        }
-    }
-
-    /// Every op with its defaults, for listings and the ablation.
-    pub fn all() -> Vec<OpConfig> {
-        vec![
-            OpConfig::RandomResizedCrop(Default::default()),
-            OpConfig::RandomCrop(Default::default()),
-            OpConfig::HorizontalFlip(Default::default()),
-            OpConfig::ColorJitter(Default::default()),
-            OpConfig::Grayscale(Default::default()),
-            OpConfig::GaussianBlur(Default::default()),
-            OpConfig::Rotation(Default::default()),
-            OpConfig::Cutout(Default::default()),
-            OpConfig::Sobel(Default::default()),
-            OpConfig::Solarize(Default::default()),
-        ]
-    }
-
-    /// The op called `name`, with its defaults.
-    pub fn from_name(name: &str) -> Option<OpConfig> {
-        OpConfig::all().into_iter().find(|op| op.name() == name)
-    }
-
-    /// The op with its probability set to `probability` (sizing ops have none).
-    pub fn with_probability(mut self, probability: f64) -> Self {
-        match &mut self {
-            OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_) => {}
-            OpConfig::HorizontalFlip(c) => c.probability = probability,
-            OpConfig::ColorJitter(c) => c.probability = probability,
-            OpConfig::Grayscale(c) => c.probability = probability,
-            OpConfig::GaussianBlur(c) => c.probability = probability,
-            OpConfig::Rotation(c) => c.probability = probability,
-            OpConfig::Cutout(c) => c.probability = probability,
-            OpConfig::Sobel(c) => c.probability = probability,
-            OpConfig::Solarize(c) => c.probability = probability,
-        }
-        self
-    }
-
     pub fn is_sizing(&self) -> bool {
         matches!(self, OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_))
     }
+}
 
-    fn check(&self, field: &str, image_size: u32, problems: &mut Vec<String>) {
-        match self {
-            OpConfig::RandomResizedCrop(c) => c.check(field, problems),
-            OpConfig::RandomCrop(c) => c.check(field, image_size, problems),
-            OpConfig::HorizontalFlip(c) => check_probability(field, c.probability, problems),
-            OpConfig::ColorJitter(c) => c.check(field, problems),
-            OpConfig::Grayscale(c) => check_probability(field, c.probability, problems),
-            OpConfig::GaussianBlur(c) => c.check(field, image_size, problems),
-            OpConfig::Rotation(c) => check_probability(field, c.probability, problems),
-            OpConfig::Cutout(c) => c.check(field, problems),
-            OpConfig::Sobel(c) => check_probability(field, c.probability, problems),
-            OpConfig::Solarize(c) => c.check(field, problems),
-        }
+/// The op called `name`, with its defaults.
+impl std::str::FromStr for OpConfig {
+    type Err = crate::Error;
+    fn from_str(name: &str) -> crate::Result<Self> {
+        OpConfig::all().into_iter().find(|op| op.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = OpConfig::all().iter().map(OpConfig::name).collect();
+            crate::Error::InvalidArgument(format!("unknown op '{name}': expected one of {}", known.join(", ")))
+        })
     }
 }
 
@@ -354,21 +390,6 @@ pub enum Sizing {
     },
 }
 
-/// The drawn parameters of one pixel op; `None` in [`ViewParams::ops`]
-/// means the op was not applied to this view.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum OpParams {
-    HorizontalFlip,
-    ColorJitter(JitterParams),
-    Grayscale,
-    GaussianBlur(BlurParams),
-    Rotation(RotationParams),
-    Cutout(CropBox),
-    Sobel,
-    Solarize { threshold: f32 },
-}
-
 /// Everything random about one view.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ViewParams {
@@ -397,6 +418,16 @@ impl Pipeline {
         &self.views[view]
     }
 
+    /// The ops of `view` as "a -> b -> c", for listings.
+    pub fn describe(&self, view: usize) -> String {
+        let ops: Vec<&str> = self.views[view].iter().map(OpConfig::name).collect();
+        if ops.is_empty() {
+            "resize only".to_owned()
+        } else {
+            ops.join(" -> ")
+        }
+    }
+
     /// Whether both views draw from the same ops (the paper's symmetric
     /// augmentation), so that [`Pipeline::render_batch`] can take both
     /// views' parameters in one batch.
@@ -416,24 +447,7 @@ impl Pipeline {
             _ => (Sizing::CenterResize, &ops[..]),
         };
         let side = self.size as usize;
-        let ops = pixel_ops
-            .iter()
-            .map(|op| match op {
-                OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_) => {
-                    unreachable!("validation keeps sizing ops first")
-                }
-                OpConfig::HorizontalFlip(c) => applies(c.probability, rng).then_some(OpParams::HorizontalFlip),
-                OpConfig::ColorJitter(c) => c.sample(rng).map(OpParams::ColorJitter),
-                OpConfig::Grayscale(c) => applies(c.probability, rng).then_some(OpParams::Grayscale),
-                OpConfig::GaussianBlur(c) => c.sample(side, rng).map(OpParams::GaussianBlur),
-                OpConfig::Rotation(c) => c.sample(rng).map(OpParams::Rotation),
-                OpConfig::Cutout(c) => c.sample(side, rng).map(OpParams::Cutout),
-                OpConfig::Sobel(c) => applies(c.probability, rng).then_some(OpParams::Sobel),
-                OpConfig::Solarize(c) => {
-                    applies(c.probability, rng).then_some(OpParams::Solarize { threshold: c.threshold as f32 })
-                }
-            })
-            .collect();
+        let ops = pixel_ops.iter().map(|op| op.sample_pixel(side, rng)).collect();
         ViewParams { sizing, ops }
     }
 
@@ -447,16 +461,7 @@ impl Pipeline {
             Sizing::RandomCrop { offset } => pad_crop::apply(&center_view(image, self.size), offset),
         };
         for op in params.ops.iter().flatten() {
-            match op {
-                OpParams::HorizontalFlip => flip::flip_horizontal(&mut view),
-                OpParams::ColorJitter(p) => color_jitter::apply(&mut view, p),
-                OpParams::Grayscale => grayscale::to_grayscale(&mut view),
-                OpParams::GaussianBlur(p) => blur::apply(&mut view, p),
-                OpParams::Rotation(p) => rotation::apply(&mut view, *p),
-                OpParams::Cutout(b) => cutout::apply(&mut view, *b),
-                OpParams::Sobel => sobel::apply(&mut view),
-                OpParams::Solarize { threshold } => solarize::apply(&mut view, *threshold),
-            }
+            op.apply(&mut view);
         }
         view
     }
@@ -467,7 +472,7 @@ impl Pipeline {
         self.render(image, &params)
     }
 
-    /// The tensor path: applies `params[i]` to image `i` of `images`, a
+    /// The device path: applies `params[i]` to image `i` of `images`, a
     /// `[n, 3, height, width]` uint8 batch of same-sized images on any
     /// device, and returns `[n, 3, size, size]` floats in [0, 1] on that device.
     ///
@@ -504,39 +509,11 @@ impl Pipeline {
             // Every image of a batch runs the same op list, so the drawn
             // parameters at one position are all of one kind.
             let Some((_, first)) = drawn.first() else { continue };
-            // The drawn parameters of one op variant, with their image positions.
-            macro_rules! drawn_as {
-                ($variant:path) => {
-                    unwrap(&drawn, |p| match p {
-                        $variant(value) => Some(*value),
-                        _ => None,
-                    })
-                };
-            }
-            views = match first {
-                OpParams::HorizontalFlip => on_subset(views, &drawn, |x, _| x.flip([3])),
-                OpParams::ColorJitter(_) => {
-                    on_subset(views, &drawn_as!(OpParams::ColorJitter), color_jitter::apply_batch)
-                }
-                OpParams::Grayscale => on_subset(views, &drawn, |x, _| grayscale::to_grayscale_batch(&x)),
-                OpParams::GaussianBlur(_) => on_subset(views, &drawn_as!(OpParams::GaussianBlur), blur::apply_batch),
-                OpParams::Rotation(_) => on_subset(views, &drawn_as!(OpParams::Rotation), rotation::apply_batch),
-                OpParams::Cutout(_) => on_subset(views, &drawn_as!(OpParams::Cutout), cutout::apply_batch),
-                OpParams::Sobel => on_subset(views, &drawn, |x, _| sobel::apply_batch(&x)),
-                OpParams::Solarize { threshold } => {
-                    let threshold = f64::from(*threshold);
-                    on_subset(views, &drawn, |x, _| solarize::apply_batch(&x, threshold))
-                }
-            };
+            views = first.apply_batch(views, &drawn);
         }
         debug_assert_eq!(views.device(), device);
         views
     }
-}
-
-/// Keeps the parameters of one kind of op, with their image positions.
-fn unwrap<P>(drawn: &[(usize, OpParams)], pick: impl Fn(&OpParams) -> Option<P>) -> Vec<(usize, P)> {
-    drawn.iter().filter_map(|(i, p)| pick(p).map(|p| (*i, p))).collect()
 }
 
 /// Runs `op` on the images at the given positions only and writes the

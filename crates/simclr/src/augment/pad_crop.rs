@@ -64,7 +64,7 @@ pub fn apply(image: &FloatImage, offset: PadOffset) -> FloatImage {
     FloatImage { width: image.width, height: image.height, data }
 }
 
-/// The tensor path: a whole-pixel translation through `grid_sample`
+/// The device path: a whole-pixel translation through `grid_sample`
 /// (nearest, zeros outside), which moves pixels exactly.
 pub fn apply_batch(images: Tensor, offsets: &[PadOffset]) -> Tensor {
     let (count, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");

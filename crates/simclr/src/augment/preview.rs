@@ -13,9 +13,21 @@ const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 /// Which implementation renders the preview's views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renderer {
+    /// The CPU path.
     Cpu,
-    /// The tensor path, on CPU tensors.
-    Tensor,
+    /// The device path, on CPU tensors.
+    Device,
+}
+
+impl std::str::FromStr for Renderer {
+    type Err = crate::Error;
+    fn from_str(name: &str) -> crate::Result<Self> {
+        match name {
+            "cpu" => Ok(Renderer::Cpu),
+            "device" => Ok(Renderer::Device),
+            other => Err(crate::Error::InvalidArgument(format!("unknown renderer '{other}': expected cpu or device"))),
+        }
+    }
 }
 
 /// The drawn parameters of every view in a preview, for logging.
@@ -36,7 +48,10 @@ pub fn preview(
     pairs: usize,
     scale: u32,
     renderer: Renderer,
-) -> (RgbImage, Vec<PreviewViews>) {
+) -> crate::Result<(RgbImage, Vec<PreviewViews>)> {
+    if images.is_empty() || pairs == 0 {
+        return Err(crate::Error::InvalidArgument("--images and --pairs must be at least 1".to_owned()));
+    }
     let side = pipeline.size() * scale;
     let width = GAP + side + PAIR_GAP + pairs as u32 * (2 * side + GAP + PAIR_GAP);
     let height = GAP + images.len() as u32 * (side + GAP);
@@ -53,7 +68,7 @@ pub fn preview(
                 let params = pipeline.sample(view, image.width(), image.height(), &mut rng);
                 let rendered = match renderer {
                     Renderer::Cpu => pipeline.render(image, &params),
-                    Renderer::Tensor => {
+                    Renderer::Device => {
                         let batch = uint8_batch(image.as_raw(), 1, image.width(), image.height());
                         FloatImage::from_tensor(&pipeline.render_batch(&batch, std::slice::from_ref(&params)).get(0))
                     }
@@ -64,7 +79,7 @@ pub fn preview(
             }
         }
     }
-    (sheet, log)
+    Ok((sheet, log))
 }
 
 #[cfg(test)]
@@ -77,8 +92,8 @@ mod tests {
         let images: Vec<RgbImage> =
             (0..3).map(|i| RgbImage::from_fn(40, 30, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, i * 80]))).collect();
         let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
-        for renderer in [Renderer::Cpu, Renderer::Tensor] {
-            let (sheet, log) = preview(&images, &pipeline, 0, 2, 3, renderer);
+        for renderer in [Renderer::Cpu, Renderer::Device] {
+            let (sheet, log) = preview(&images, &pipeline, 0, 2, 3, renderer).unwrap();
             assert_eq!(sheet.dimensions(), (GAP + 48 + PAIR_GAP + 2 * (96 + GAP + PAIR_GAP), GAP + 3 * (48 + GAP)));
             assert_eq!(log.len(), 3 * 2 * 2);
             // The two views of a pair differ.

@@ -1,10 +1,11 @@
 //! Random rotation by a multiple of 90 degrees (one of the ablation ops of
 //! section 3, Figure 4(f)): 90, 180 or 270 degrees counter-clockwise, each
 //! equally likely, as torchvision's `rotate(img, 90 * k)` on square views.
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::FloatImage;
+use super::{Augmentation, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,14 +26,15 @@ pub struct RotationParams {
     pub quarter_turns: u8,
 }
 
-impl RotationConfig {
-    pub fn sample<R: rand::Rng + ?Sized>(&self, rng: &mut R) -> Option<RotationParams> {
+impl Augmentation for RotationConfig {
+    type Params = RotationParams;
+
+    fn sample<R: Rng + ?Sized>(&self, _side: usize, rng: &mut R) -> Option<RotationParams> {
         super::applies(self.probability, rng).then(|| RotationParams { quarter_turns: rng.random_range(1..=3) })
     }
-}
 
-/// Rotates a square image in place.
-pub fn apply(image: &mut FloatImage, params: RotationParams) {
+    /// Rotates a square image in place.
+    fn apply(image: &mut FloatImage, params: &RotationParams) {
     let side = image.width;
     assert_eq!(side, image.height, "views are square");
     let source = image.data.clone();
@@ -49,7 +51,7 @@ pub fn apply(image: &mut FloatImage, params: RotationParams) {
     }
 }
 
-pub fn apply_batch(images: Tensor, params: &[RotationParams]) -> Tensor {
+    fn apply_batch(images: Tensor, params: &[RotationParams]) -> Tensor {
     let mut images = images;
     for turns in 1..=3u8 {
         let chosen: Vec<(usize, ())> =
@@ -57,6 +59,7 @@ pub fn apply_batch(images: Tensor, params: &[RotationParams]) -> Tensor {
         images = super::on_subset(images, &chosen, |x, _| x.rot90(i64::from(turns), [2, 3]));
     }
     images
+}
 }
 
 #[cfg(test)]
@@ -69,9 +72,9 @@ mod tests {
         let gray =
             |values: [f32; 4]| FloatImage { width: 2, height: 2, data: values.iter().flat_map(|v| [*v; 3]).collect() };
         let mut image = gray([1.0, 2.0, 3.0, 4.0]);
-        apply(&mut image, RotationParams { quarter_turns: 1 });
+        RotationConfig::apply(&mut image, &RotationParams { quarter_turns: 1 });
         assert_eq!(image, gray([2.0, 4.0, 1.0, 3.0]));
-        apply(&mut image, RotationParams { quarter_turns: 3 });
+        RotationConfig::apply(&mut image, &RotationParams { quarter_turns: 3 });
         assert_eq!(image, gray([1.0, 2.0, 3.0, 4.0]));
     }
 }

@@ -2,10 +2,11 @@
 //! above the threshold are inverted, as torchvision's `solarize`. BYOL and
 //! SimCLR v2 apply it with p = 0.2 to one view only (see
 //! `augment.second_view`).
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::FloatImage;
+use super::{Augmentation, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -22,22 +23,36 @@ impl Default for SolarizeConfig {
     }
 }
 
-impl SolarizeConfig {
-    pub(crate) fn check(&self, field: &str, problems: &mut Vec<String>) {
-        super::check_probability(field, self.probability, problems);
+/// The threshold of one solarised view.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SolarizeParams {
+    pub threshold: f32,
+}
+
+impl Augmentation for SolarizeConfig {
+    type Params = SolarizeParams;
+
+    fn check(&self, field: &str, _image_size: u32, problems: &mut Vec<String>) {
         if !(0.0..=1.0).contains(&self.threshold) {
             problems.push(format!("{field}: threshold = {}: must be in [0, 1]", self.threshold));
         }
     }
-}
 
-pub fn apply(image: &mut FloatImage, threshold: f32) {
-    image.data.iter_mut().filter(|v| **v >= threshold).for_each(|v| *v = 1.0 - *v);
-}
+    fn sample<R: Rng + ?Sized>(&self, _side: usize, rng: &mut R) -> Option<SolarizeParams> {
+        super::applies(self.probability, rng).then_some(SolarizeParams { threshold: self.threshold as f32 })
+    }
 
-pub fn apply_batch(images: &Tensor, threshold: f64) -> Tensor {
-    let inverted: Tensor = 1.0 - images;
-    inverted.where_self(&images.ge(threshold), images)
+    fn apply(image: &mut FloatImage, params: &SolarizeParams) {
+        let threshold = params.threshold;
+        image.data.iter_mut().filter(|v| **v >= threshold).for_each(|v| *v = 1.0 - *v);
+    }
+
+    /// Every image of a batch runs one config, so the first threshold is all of them.
+    fn apply_batch(images: Tensor, params: &[SolarizeParams]) -> Tensor {
+        let threshold = f64::from(params[0].threshold);
+        let inverted: Tensor = 1.0 - &images;
+        inverted.where_self(&images.ge(threshold), &images)
+    }
 }
 
 #[cfg(test)]
@@ -47,7 +62,7 @@ mod tests {
     #[test]
     fn inverts_from_the_threshold_up() {
         let mut image = FloatImage { width: 1, height: 1, data: vec![0.25, 0.5, 0.75] };
-        apply(&mut image, 0.5);
+        SolarizeConfig::apply(&mut image, &SolarizeParams { threshold: 0.5 });
         assert_eq!(image.data, vec![0.25, 0.5, 0.25]);
     }
 }

@@ -78,7 +78,7 @@ fn check_batch_size(dataset: &Dataset, batch_size: usize) -> Result<()> {
 
 /// Where the trainer's views are made (`augment.backend`).
 pub enum Views {
-    Host(ViewLoader),
+    Cpu(ViewLoader),
     Device(DeviceViewLoader),
 }
 
@@ -86,7 +86,7 @@ impl Views {
     /// Full batches per epoch; the remainder is dropped, as in the paper's code.
     pub fn batches_per_epoch(&self) -> usize {
         match self {
-            Views::Host(loader) => loader.batches_per_epoch(),
+            Views::Cpu(loader) => loader.batches_per_epoch(),
             Views::Device(loader) => loader.batches_per_epoch(),
         }
     }
@@ -94,7 +94,7 @@ impl Views {
     /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on, on the training device.
     pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
         match self {
-            Views::Host(loader) => Box::new(loader.epoch(epoch, first)),
+            Views::Cpu(loader) => Box::new(loader.epoch(epoch, first)),
             Views::Device(loader) => {
                 let order = epoch_order(loader.len, loader.seed, epoch);
                 Box::new((first..loader.batches_per_epoch()).map(move |batch| {
@@ -107,13 +107,13 @@ impl Views {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Views::Host(_) => "cpu",
+            Views::Cpu(_) => "cpu",
             Views::Device(_) => "device",
         }
     }
 }
 
-/// The tensor path: every decoded image kept on the training device as one
+/// The device path: every decoded image kept on the training device as one
 /// `[len, 3, h, w]` uint8 tensor (CIFAR-10's 50,000 images are 154 MB), each
 /// batch augmented there with [`Pipeline::render_batch`]. Parameters are
 /// drawn on the host from the same [`view_rng`] as the CPU path, so both

@@ -2,6 +2,7 @@
 //! an image in memory, with a class label when the source has one (labels
 //! are only used for evaluation: SimCLR trains without them).
 pub mod cifar_binary;
+pub mod config;
 pub mod image_folder;
 pub mod loader;
 pub mod synthetic;
@@ -15,8 +16,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{BadImagePolicy, DataConfig, DataFormat};
 use crate::{Error, Result};
+use config::{BadImagePolicy, DataConfig, DataFormat};
 
 pub use loader::ViewLoader;
 

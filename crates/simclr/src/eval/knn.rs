@@ -25,6 +25,19 @@ impl Default for KnnConfig {
     }
 }
 
+impl KnnConfig {
+    /// Pushes a line per bad field, named `{prefix}k` and `{prefix}temperature`
+    /// (`train.knn_` in a run's config, `--` on the command line).
+    pub fn check(&self, prefix: &str, problems: &mut Vec<String>) {
+        if self.k == 0 {
+            problems.push(format!("{prefix}k = 0: must be at least 1"));
+        }
+        if !crate::checks::is_positive_finite(self.temperature) {
+            problems.push(format!("{prefix}temperature = {}: must be > 0", self.temperature));
+        }
+    }
+}
+
 /// Each query's weighted votes per class, `[Q, classes]`.
 pub fn knn_votes(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes: i64, config: KnnConfig) -> Tensor {
     let bank = normalize(bank);

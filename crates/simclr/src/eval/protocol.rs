@@ -9,10 +9,10 @@ use tch::{nn, Device};
 
 use super::features::Frozen;
 use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
-use crate::config::{DataFormat, IMAGENET_MEAN, IMAGENET_STD};
+use crate::data::config::DataFormat;
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
-use crate::model::{Arch, ResNet, Stem};
+use crate::model::{EncoderSpec, ResNet};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,35 +45,26 @@ pub enum EncoderSource {
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub encoder: EncoderSource,
-    pub arch: Arch,
-    pub width_multiplier: f64,
-    pub stem: Stem,
+    /// The network and how images are prepared for it.
+    pub spec: EncoderSpec,
     /// Labelled images: ImageFolder or CIFAR batches.
     pub train: PathBuf,
     pub test: PathBuf,
     /// Use at most this many images of each split (a seeded subset).
     pub limit: Option<usize>,
-    pub image_size: u32,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
     pub batch_size: usize,
     pub device: Device,
     pub seed: u64,
 }
 
 impl EvalOptions {
-    pub fn new(encoder: EncoderSource, train: PathBuf, test: PathBuf) -> Self {
+    pub fn new(encoder: EncoderSource, spec: EncoderSpec, train: PathBuf, test: PathBuf) -> Self {
         Self {
             encoder,
-            arch: Arch::Resnet50,
-            width_multiplier: 1.0,
-            stem: Stem::Imagenet,
+            spec,
             train,
             test,
             limit: None,
-            image_size: 224,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
             batch_size: super::features::FEATURE_BATCH,
             device: Device::Cpu,
             seed: 0,
@@ -97,6 +88,23 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} | {} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
+            self.protocol,
+            self.encoder,
+            self.labelled_images,
+            self.train_images,
+            self.test_images,
+            self.classes,
+            100.0 * self.top1,
+            100.0 * self.top5
+        )
+    }
+}
+
 fn labelled(path: &std::path::Path, limit: Option<usize>, seed: u64) -> Result<Dataset> {
     let dataset = Dataset::open(path, &DataFormat::Auto)?.subset(limit, seed);
     if !dataset.is_labelled() {
@@ -116,7 +124,8 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
 
     tch::manual_seed(options.seed as i64);
     let store = nn::VarStore::new(options.device);
-    let encoder = ResNet::new(&store.root(), options.arch, options.width_multiplier, options.stem);
+    let spec = &options.spec;
+    let encoder = ResNet::new(&store.root(), spec.arch, spec.width_multiplier, spec.stem);
     crate::device::use_channels_last(&store);
     let encoder_name = match &options.encoder {
         EncoderSource::Weights(path) => {
@@ -126,7 +135,7 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
         EncoderSource::RandomInit(seed) => format!("random init (seed {seed})"),
     };
 
-    let format = ViewFormat { size: options.image_size, mean: options.mean, std: options.std };
+    let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
     let pool = worker_pool(0)?;
     let device = options.device;
     let task = Task { train, test, classes: classes as i64, format };
@@ -148,7 +157,7 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
     Ok(EvalReport {
         protocol: protocol.name().to_owned(),
         encoder: encoder_name,
-        arch: options.arch.name().to_owned(),
+        arch: spec.arch.name().to_owned(),
         top1,
         top5,
         train_images: task.train.len(),

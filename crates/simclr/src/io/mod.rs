@@ -5,7 +5,6 @@ pub mod torchvision;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Device, Kind, Tensor};
@@ -49,18 +48,20 @@ pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Fault injection: milliseconds to pause halfway through writing each
+/// file's bytes (0: none), so a test can kill the process in the middle of
+/// a checkpoint write.
+#[cfg(feature = "fault-injection")]
+static WRITE_PAUSE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(feature = "fault-injection")]
+pub fn set_write_pause(milliseconds: u64) {
+    WRITE_PAUSE_MS.store(milliseconds, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes `path` so that it is either the old file or the whole new one:
 /// the bytes go to a temporary file beside it, are flushed to disk, and the
 /// temporary file is renamed over `path`.
-/// Test hook: milliseconds to pause halfway through writing each file's
-/// bytes (0: none), so a test can kill the process in the middle of a
-/// checkpoint write. The binary sets it from `SIMCLR_TEST_WRITE_PAUSE_MS`.
-static WRITE_PAUSE_MS: AtomicU64 = AtomicU64::new(0);
-
-pub fn set_write_pause_for_tests(milliseconds: u64) {
-    WRITE_PAUSE_MS.store(milliseconds, Ordering::Relaxed);
-}
-
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -69,7 +70,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let temporary = dir.join(name);
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
-        let pause = WRITE_PAUSE_MS.load(Ordering::Relaxed);
+        #[cfg(feature = "fault-injection")]
+        let pause = WRITE_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(feature = "fault-injection"))]
+        let pause = 0;
         if pause > 0 {
             let (first, second) = bytes.split_at(bytes.len() / 2);
             file.write_all(first)?;
@@ -176,6 +180,30 @@ pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Loaded> {
         tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
     }
     Ok(Loaded { path: path.to_path_buf(), tensors, metadata })
+}
+
+/// The string metadata of a safetensors file, reading its header only.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    // safetensors' own limit on a header.
+    let length = u64::from_le_bytes(length);
+    if length > 100_000_000 {
+        return Err(bad(format!("not a valid safetensors file: a header of {length} bytes")));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let header: Header =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    Ok(header.metadata)
 }
 
 #[cfg(test)]

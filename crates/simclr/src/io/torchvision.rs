@@ -3,12 +3,17 @@
 //! theirs. Files may also carry an `encoder.` prefix (a SimCLR store) or
 //! `model.encoder.` (a run's checkpoint), and `fc.*`, `num_batches_tracked`
 //! or head entries, which are ignored on load.
+//!
+//! An exported encoder records its [`EncoderSpec`] as JSON in the file's
+//! metadata (key `simclr_encoder`), which torchvision's loader ignores, so
+//! using it takes no architecture flags.
 use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{nn, Kind, Tensor};
 
 use crate::model::simclr::ENCODER_PREFIX;
+use crate::model::{EncoderSpec, SpecOverrides};
 use crate::{Error, Result};
 
 const COUNTER: &str = "num_batches_tracked";
@@ -32,15 +37,43 @@ pub fn encoder_tensors(store: &nn::VarStore, batches_tracked: i64) -> Vec<(Strin
     tensors
 }
 
-/// Writes the encoder of a SimCLR store as torchvision-named safetensors.
-pub fn export_encoder(store: &nn::VarStore, batches_tracked: i64, path: &Path) -> Result<()> {
-    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+const SPEC_KEY: &str = "simclr_encoder";
+
+/// Writes the encoder of a SimCLR store as torchvision-named safetensors,
+/// with `spec` in its metadata.
+pub fn export_encoder(store: &nn::VarStore, batches_tracked: i64, spec: &EncoderSpec, path: &Path) -> Result<()> {
+    let spec = serde_json::to_string(spec).expect("an encoder spec is representable in JSON");
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned()), (SPEC_KEY.to_owned(), spec)]);
     super::save(path, &encoder_tensors(store, batches_tracked), Some(metadata))
+}
+
+/// The spec an encoder file records, if it records one (torchvision's files
+/// and those of older runs do not). Reads the header only.
+pub fn recorded_spec(path: &Path) -> Result<Option<EncoderSpec>> {
+    let bad = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    let header = super::read_metadata(path)?;
+    let Some(json) = header.get(SPEC_KEY) else { return Ok(None) };
+    serde_json::from_str(json).map(Some).map_err(|e| bad(format!("metadata {SPEC_KEY} is unreadable: {e}")))
+}
+
+/// The spec to build for `path`: the one it records (else torchvision's
+/// ResNet-50 defaults) with the user's overrides laid over it.
+pub fn resolve_spec(path: &Path, overrides: &SpecOverrides) -> Result<EncoderSpec> {
+    recorded_spec(path)?.unwrap_or_default().with(overrides)
 }
 
 /// Copies weights from `path` into `variables` (torchvision names), checking
 /// that every variable is present with its shape.
 pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    copy_weights(variables, path).map_err(|error| match (error, recorded_spec(path)) {
+        (Error::Weights { path, message }, Ok(Some(spec))) => {
+            Error::Weights { path, message: format!("{message}; the file records {}", spec.describe()) }
+        }
+        (error, _) => error,
+    })
+}
+
+fn copy_weights(variables: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let loaded = super::load(path)?;
     let prefix = format!("{ENCODER_PREFIX}.");
     let checkpoint_prefix = format!("model.{ENCODER_PREFIX}.");
@@ -93,7 +126,10 @@ mod tests {
         let trained = nn::VarStore::new(Device::Cpu);
         SimClr::new(&trained.root(), &config);
         let plain = dir.path().join("encoder.safetensors");
-        export_encoder(&trained, 7, &plain).unwrap();
+        let spec =
+            EncoderSpec { arch: Arch::Resnet18, width_multiplier: 0.125, stem: Stem::Cifar, ..Default::default() };
+        export_encoder(&trained, 7, &spec, &plain).unwrap();
+        assert_eq!(recorded_spec(&plain).unwrap(), Some(spec));
 
         let written = crate::io::load(&plain).unwrap();
         assert_eq!(written.tensors["layer1.0.bn1.num_batches_tracked"].int64_value(&[]), 7);
@@ -105,6 +141,7 @@ mod tests {
         prefixed.push(("fc.weight".to_owned(), Tensor::zeros([10, 64], (Kind::Float, Device::Cpu))));
         let with_prefix = dir.path().join("prefixed.safetensors");
         crate::io::save(&with_prefix, &prefixed, None).unwrap();
+        assert_eq!(recorded_spec(&with_prefix).unwrap(), None, "a file from elsewhere records nothing");
 
         for path in [&plain, &with_prefix] {
             let fresh = nn::VarStore::new(Device::Cpu);

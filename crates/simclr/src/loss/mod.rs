@@ -44,7 +44,7 @@ impl Default for LossConfig {
 
 impl LossConfig {
     pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        if !crate::config::is_positive_finite(self.temperature) {
+        if !crate::checks::is_positive_finite(self.temperature) {
             problems.push(format!("loss.temperature = {}: must be a finite number > 0", self.temperature));
         }
         if !(self.margin >= 0.0 && self.margin.is_finite()) {

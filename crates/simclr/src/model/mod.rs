@@ -2,12 +2,14 @@
 pub mod projection_head;
 pub mod resnet;
 pub mod simclr;
+pub mod spec;
 
 use serde::{Deserialize, Serialize};
 
 pub use projection_head::{HeadConfig, HeadKind, ProjectionHead};
 pub use resnet::{Arch, FoldedResNet, ResNet, Stem};
 pub use simclr::SimClr;
+pub use spec::{EncoderSpec, SpecOverrides};
 
 /// The `[model]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,14 +31,21 @@ impl Default for ModelConfig {
 
 impl ModelConfig {
     pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        if !(crate::config::is_positive_finite(self.width_multiplier) && self.width_multiplier <= 16.0)
-            || (64.0 * self.width_multiplier) < 1.0
-        {
-            problems.push(format!(
-                "model.width_multiplier = {}: must be in (0, 16] and leave the stem at least one channel",
-                self.width_multiplier
-            ));
+        if let Err(problem) = check_width(self.width_multiplier) {
+            problems.push(format!("model.width_multiplier = {problem}"));
         }
         self.head.check(problems);
+    }
+}
+
+/// A width multiplier in (0, 16] that leaves the 64-channel stem at least
+/// one channel. The error is the value with the rule, for the caller to
+/// prefix with its field or flag.
+pub fn check_width(width_multiplier: f64) -> Result<(), String> {
+    if crate::checks::is_positive_finite(width_multiplier) && width_multiplier <= 16.0 && 64.0 * width_multiplier >= 1.0
+    {
+        Ok(())
+    } else {
+        Err(format!("{width_multiplier}: must be in (0, 16] and leave the stem at least one channel"))
     }
 }

@@ -69,6 +69,16 @@ pub enum Stem {
     Cifar,
 }
 
+impl Stem {
+    /// The name written in configs and flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stem::Imagenet => "imagenet",
+            Stem::Cifar => "cifar",
+        }
+    }
+}
+
 impl std::str::FromStr for Stem {
     type Err = Error;
     fn from_str(name: &str) -> Result<Self, Error> {

@@ -103,7 +103,7 @@ impl Default for OptimConfig {
 impl OptimConfig {
     pub(crate) fn check(&self, problems: &mut Vec<String>) {
         if let Some(rate) = self.learning_rate {
-            if !crate::config::is_positive_finite(rate) {
+            if !crate::checks::is_positive_finite(rate) {
                 problems.push(format!("optim.learning_rate = {rate}: must be a finite number > 0"));
             }
         }
@@ -115,7 +115,7 @@ impl OptimConfig {
         if !(0.0..1.0).contains(&self.momentum) {
             problems.push(format!("optim.momentum = {}: must be in [0, 1)", self.momentum));
         }
-        if !crate::config::is_positive_finite(self.trust_coefficient) {
+        if !crate::checks::is_positive_finite(self.trust_coefficient) {
             problems.push(format!("optim.trust_coefficient = {}: must be > 0", self.trust_coefficient));
         }
     }

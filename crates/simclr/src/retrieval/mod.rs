@@ -136,7 +136,7 @@ impl Index {
 /// What `simclr neighbors` does.
 #[derive(Debug, Clone)]
 pub struct NeighborsOptions {
-    pub encoder: crate::embed::EncoderSpec,
+    pub encoder: crate::embed::EncoderOptions,
     /// Folder of images to search (recursively).
     pub index: std::path::PathBuf,
     /// One image, or a folder of them.
@@ -161,6 +161,9 @@ pub struct NeighborsReport {
 pub fn neighbors(options: &NeighborsOptions) -> Result<NeighborsReport> {
     if options.k == 0 {
         return Err(Error::InvalidArgument("--k 0: must be at least 1".to_owned()));
+    }
+    if options.thumbnail < 8 {
+        return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
     let items = crate::embed::images_below(&options.index)?;
     let queries = if options.queries.is_dir() {

@@ -23,6 +23,17 @@ fn previous(path: &Path) -> std::path::PathBuf {
 }
 
 /// Whether a run folder holds a checkpoint (latest or previous).
+/// The configuration of the run in `run_dir`, from its latest checkpoint:
+/// what `--resume` continues.
+pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
+    Ok(Checkpoint::read_latest(&run_dir.join(FILE_NAME))?.config)
+}
+
+/// The encoder a run's checkpoint holds, as its config describes it.
+pub fn encoder_spec(checkpoint: &Path) -> Result<crate::model::EncoderSpec> {
+    Ok(Checkpoint::read(checkpoint)?.config.encoder_spec())
+}
+
 pub fn exists(path: &Path) -> bool {
     path.exists() || previous(path).exists()
 }

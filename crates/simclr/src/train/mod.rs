@@ -3,4 +3,4 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod trainer;
 
-pub use trainer::{train, TrainOptions, TrainReport};
+pub use trainer::{train, Control, Observer, Progress, TrainReport, Trainer};

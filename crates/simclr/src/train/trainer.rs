@@ -6,11 +6,9 @@
 //! statistics are computed over all 2N views, as the paper's global BN does
 //! across devices (section 2.2).
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint, Position};
@@ -34,28 +32,53 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const ENCODER_FILE: &str = "encoder.safetensors";
 pub const SUMMARY_FILE: &str = "summary.json";
 
-#[derive(Debug, Clone, Default)]
-pub struct TrainOptions {
-    /// Continue from the run folder's checkpoint.
-    pub resume: bool,
-    /// Draw a progress bar on the terminal.
-    pub progress: bool,
-    /// When set (by a signal handler, say), the run finishes its current
-    /// step, writes a checkpoint and returns with `interrupted_at`.
-    pub stop: Option<Arc<AtomicBool>>,
-    /// Test hook: stop as above once this many steps are done.
-    pub stop_after_steps: Option<usize>,
-    /// Test hook: make the loss of these (0-based) steps NaN.
-    pub poison_steps: Vec<usize>,
+/// What an [`Observer`] asks of the loop after each step or epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Finish here: write a checkpoint and return with `interrupted_at`
+    /// (unless the run has just finished anyway).
+    Stop,
 }
 
-impl TrainOptions {
-    /// Whether the run should stop once step `step` is done.
-    fn stop_requested(&self, step: usize) -> bool {
-        self.stop.as_ref().is_some_and(|flag| flag.load(Ordering::SeqCst))
-            || self.stop_after_steps.is_some_and(|steps| step >= steps)
+/// Where a run is, as the loop reports it after each step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub position: Position,
+    pub steps_per_epoch: usize,
+    /// The planned epochs (a time budget may change them after epoch 1 and 2).
+    pub epochs: usize,
+    pub learning_rate: f64,
+    /// The latest loss read from the device: losses are read every few
+    /// steps, so this lags the step (see `Ledger`).
+    pub loss: Option<f64>,
+    /// Training images per second in this epoch so far.
+    pub images_per_second: f64,
+}
+
+/// What varies around the loop: signals, a progress bar, logging, and in
+/// tests, injected faults. Every method has a default that does nothing.
+pub trait Observer {
+    /// After each optimiser step.
+    fn on_step(&mut self, _progress: &Progress) -> Control {
+        Control::Continue
+    }
+
+    /// After each epoch, its metrics logged and before its checkpoint.
+    fn on_epoch_end(&mut self, _metrics: &EpochMetrics) -> Control {
+        Control::Continue
+    }
+
+    /// Fault injection: whether the loss of (0-based) step `step` is made
+    /// NaN, as a diverging run's would be.
+    #[cfg(feature = "fault-injection")]
+    fn poison(&mut self, _step: usize) -> bool {
+        false
     }
 }
+
+/// An observer that lets the run go to its end.
+impl Observer for () {}
 
 /// What a finished run produced.
 #[derive(Debug, Clone)]
@@ -99,145 +122,270 @@ impl Monitor {
     }
 }
 
-/// Trains a SimCLR model as `config` says, writing checkpoints, metrics and
-/// the exported encoder into `config.train.output_dir`.
-pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> {
-    let device = crate::device::select(config.train.device)?;
-    let output_dir = config.train.output_dir.clone();
-    let checkpoint_path = output_dir.join(checkpoint::FILE_NAME);
-    let seed = config.train.seed;
-    tch::manual_seed(seed as i64);
-
-    let splits = open_splits(&config.data, seed)?;
-    let policy = config.data.on_bad_image;
-    let train_set = Arc::new(splits.train.with_policy(policy));
-    let pool = worker_pool(config.data.workers)?;
-    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
-    let pipeline = Pipeline::new(&config.augment, config.data.image_size);
-    let batch_size = config.train.batch_size;
-    let loader = views(&config, train_set.clone(), pipeline, format, device, &pool)?;
-    let monitor = splits.knn.map(|(bank, queries)| Monitor {
-        classes: bank.classes.len().max(queries.classes.len()) as i64,
-        bank: bank.with_policy(policy).without_unreadable(&pool),
-        queries: queries.with_policy(policy).without_unreadable(&pool),
-        config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
-    });
-
-    let store = nn::VarStore::new(device);
-    let model = SimClr::new(&store.root(), &config.model);
-    crate::device::use_channels_last(&store);
-    let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
-    let mut optimizer = Optimizer::new(&config.optim, trainable);
-
-    let steps_per_epoch = loader.batches_per_epoch();
-    let mut schedule = Schedule {
-        peak: config.optim.peak_learning_rate(batch_size),
-        warmup_steps: (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize,
-        total_steps: config.train.epochs * steps_per_epoch,
-    };
-
-    let mut position = Position::default();
-    let mut initial_knn_top1 = None;
-    if options.resume {
-        let saved = Checkpoint::read_latest(&checkpoint_path)?;
-        position = saved.restore(&store, &mut optimizer)?;
-        tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
-        // Epochs logged after the checkpoint (before a crash) are done again.
-        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
-    } else {
-        if checkpoint::exists(&checkpoint_path) {
-            return Err(Error::Checkpoint {
-                path: checkpoint_path,
-                message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
-            });
+/// Trains a SimCLR model as `config` says (continuing the run in
+/// `config.train.output_dir` when `resume`), writing checkpoints, metrics
+/// and the exported encoder there; `observer` sees every step and epoch.
+pub fn train(config: ValidConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
+    let (mut trainer, views) = Trainer::new(config, resume)?;
+    while !trainer.is_done() {
+        let position = trainer.begin_epoch();
+        for batch in views.epoch(position.epoch as u64, position.batch) {
+            #[cfg(feature = "fault-injection")]
+            if observer.poison(trainer.position.step) {
+                trainer.poison_next_step();
+            }
+            let progress = trainer.step(&batch?)?;
+            let mid_epoch = progress.position.batch < progress.steps_per_epoch;
+            if observer.on_step(&progress) == Control::Stop && mid_epoch {
+                return trainer.interrupt();
+            }
         }
-        std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
-        // A run killed before its first checkpoint may have logged epochs:
-        // a fresh start begins a fresh log.
-        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
-        if let Some(monitor) = &monitor {
-            initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
+        let metrics = trainer.end_epoch()?;
+        let stop = observer.on_epoch_end(&metrics) == Control::Stop;
+        trainer.checkpoint_epoch(stop)?;
+        if stop && !trainer.is_done() {
+            return trainer.interrupt();
         }
     }
-    crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
-    let log = MetricsLog::new(&output_dir.join(METRICS_FILE));
-    tracing::info!(
-        device = ?device,
-        images = train_set.len(),
-        augment = loader.name(),
-        steps_per_epoch,
-        peak_learning_rate = schedule.peak,
-        "training {} ({}x, {:?} stem)",
-        config.model.arch.name(),
-        config.model.width_multiplier,
-        config.model.stem
-    );
+    trainer.finish()
+}
 
-    let precision = Precision::on(device, config.train.mixed_precision);
-    let mut epochs = Vec::new();
-    let mut ledger = Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone());
-    let mut interrupted_at = None;
-    let mut config = config;
-    let mut epoch = position.epoch;
-    let mut budget = config.train.time_budget_seconds.map(Budget::new);
-    'epochs: while epoch < config.train.epochs {
-        let started = Instant::now();
-        let first_batch = position.batch;
-        let bar = progress_bar(options.progress, steps_per_epoch, epoch + 1, config.train.epochs);
-        let mut learning_rate = 0.0;
-        for batch in loader.epoch(epoch as u64, position.batch) {
-            let views = batch?;
-            learning_rate = schedule.learning_rate(position.step);
-            let poisoned = options.poison_steps.contains(&position.step);
-            let step = || -> Result<(Tensor, Tensor)> {
-                let mut loss = contrastive_loss(&model, &views, &config.loss, precision)?;
-                if poisoned {
-                    loss *= f64::NAN;
-                }
-                optimizer.backward(&loss)?;
-                // A non-finite loss or gradient is caught on the device: the
-                // update is shut there, and the ledger reads the verdict later.
-                let finite = optimizer.step_if_finite(learning_rate, &loss);
-                Ok((loss.detach(), finite))
-            };
-            let (loss, finite) = out_of_memory_as_error(step, device, batch_size)?;
-            ledger.push(position.step, loss, finite);
-            position.step += 1;
-            position.batch += 1;
-            let stop = options.stop_requested(position.step) && position.batch < steps_per_epoch;
-            if ledger.due() || stop || position.batch == steps_per_epoch {
-                let last_loss = ledger.settle(&mut position)?;
-                if let (Some(bar), Some(loss)) = (&bar, last_loss) {
-                    let images_per_second = position.batch as f64 * batch_size as f64 / started.elapsed().as_secs_f64();
-                    bar.set_message(format!("loss {loss:.4} lr {learning_rate:.4} {images_per_second:.0} images/s"));
-                }
+/// The state of a run between steps: the model, its optimiser and schedule,
+/// where the run is, and what it has logged. [`train`] drives it.
+pub struct Trainer {
+    config: ValidConfig,
+    device: Device,
+    store: nn::VarStore,
+    model: SimClr,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    precision: Precision,
+    position: Position,
+    steps_per_epoch: usize,
+    ledger: Ledger,
+    log: MetricsLog,
+    epochs: Vec<EpochMetrics>,
+    budget: Option<Budget>,
+    monitor: Option<Monitor>,
+    initial_knn_top1: Option<f64>,
+    train_set: Arc<Dataset>,
+    format: ViewFormat,
+    pool: Arc<rayon::ThreadPool>,
+    checkpoint_path: PathBuf,
+    /// When the current epoch started, and at which batch (a resumed epoch
+    /// starts part-way).
+    epoch_started: Instant,
+    epoch_first_batch: usize,
+    learning_rate: f64,
+    last_loss: Option<f64>,
+    #[cfg(feature = "fault-injection")]
+    poison_next: bool,
+}
+
+impl Trainer {
+    /// Sets a run up: data, model, optimiser, and either the checkpoint
+    /// (`resume`) or a fresh run folder. Returns the trainer and the views
+    /// it trains on.
+    pub fn new(config: ValidConfig, resume: bool) -> Result<(Trainer, Views)> {
+        let device = crate::device::select(config.train.device)?;
+        let output_dir = config.train.output_dir.clone();
+        let checkpoint_path = output_dir.join(checkpoint::FILE_NAME);
+        let seed = config.train.seed;
+        tch::manual_seed(seed as i64);
+
+        let splits = open_splits(&config.data, seed)?;
+        let policy = config.data.on_bad_image;
+        let train_set = Arc::new(splits.train.with_policy(policy));
+        let pool = worker_pool(config.data.workers)?;
+        let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+        let pipeline = Pipeline::new(&config.augment, config.data.image_size);
+        let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?;
+        let monitor = splits.knn.map(|(bank, queries)| Monitor {
+            classes: bank.classes.len().max(queries.classes.len()) as i64,
+            bank: bank.with_policy(policy).without_unreadable(&pool),
+            queries: queries.with_policy(policy).without_unreadable(&pool),
+            config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
+        });
+
+        let store = nn::VarStore::new(device);
+        let model = SimClr::new(&store.root(), &config.model);
+        crate::device::use_channels_last(&store);
+        let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
+        let mut optimizer = Optimizer::new(&config.optim, trainable);
+
+        let steps_per_epoch = views.batches_per_epoch();
+        let warmup_steps = (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize;
+        let total_steps = config.train.epochs * steps_per_epoch;
+        if warmup_steps > total_steps && config.train.time_budget_seconds.is_none() {
+            tracing::warn!(
+                "optim.warmup_epochs = {} is longer than the run's {} epochs: the learning rate never reaches \
+                 its peak of {:.4}; lower optim.warmup_epochs (the paper warms up for 10 of 100 or more epochs)",
+                config.optim.warmup_epochs,
+                config.train.epochs,
+                config.optim.peak_learning_rate(config.train.batch_size)
+            );
+        }
+        let schedule =
+            Schedule { peak: config.optim.peak_learning_rate(config.train.batch_size), warmup_steps, total_steps };
+
+        let mut position = Position::default();
+        let mut initial_knn_top1 = None;
+        if resume {
+            let saved = Checkpoint::read_latest(&checkpoint_path)?;
+            position = saved.restore(&store, &mut optimizer)?;
+            tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
+            // Epochs logged after the checkpoint (before a crash) are done again.
+            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
+        } else {
+            if checkpoint::exists(&checkpoint_path) {
+                return Err(Error::Checkpoint {
+                    path: checkpoint_path,
+                    message: "a run already exists here: continue it with --resume, or choose another --output"
+                        .to_owned(),
+                });
             }
-            if let Some(bar) = &bar {
-                bar.inc(1);
-            }
-            if stop {
-                checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
-                interrupted_at = Some(position);
-                break 'epochs;
+            std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+            // A run killed before its first checkpoint may have logged epochs:
+            // a fresh start begins a fresh log.
+            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
+            if let Some(monitor) = &monitor {
+                initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
             }
         }
-        ledger.settle(&mut position)?;
-        position.epoch = epoch + 1;
-        let seconds = started.elapsed().as_secs_f64();
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
+        crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+        tracing::info!(
+            device = ?device,
+            images = train_set.len(),
+            augment = views.name(),
+            steps_per_epoch,
+            peak_learning_rate = schedule.peak,
+            "training {} ({}x, {:?} stem)",
+            config.model.arch.name(),
+            config.model.width_multiplier,
+            config.model.stem
+        );
+        let trainer = Trainer {
+            device,
+            precision: Precision::on(device, config.train.mixed_precision),
+            ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone()),
+            log: MetricsLog::new(&output_dir.join(METRICS_FILE)),
+            budget: config.train.time_budget_seconds.map(Budget::new),
+            epoch_first_batch: position.batch,
+            config,
+            store,
+            model,
+            optimizer,
+            schedule,
+            position,
+            steps_per_epoch,
+            epochs: Vec::new(),
+            monitor,
+            initial_knn_top1,
+            train_set,
+            format,
+            pool,
+            checkpoint_path,
+            epoch_started: Instant::now(),
+            learning_rate: 0.0,
+            last_loss: None,
+            #[cfg(feature = "fault-injection")]
+            poison_next: false,
+        };
+        Ok((trainer, views))
+    }
+
+    /// Whether every planned epoch is done.
+    pub fn is_done(&self) -> bool {
+        self.position.epoch >= self.config.train.epochs
+    }
+
+    /// Starts timing an epoch (or what is left of it, when resumed part-way);
+    /// returns where it starts.
+    pub fn begin_epoch(&mut self) -> Position {
+        self.epoch_started = Instant::now();
+        self.epoch_first_batch = self.position.batch;
+        self.position
+    }
+
+    /// Makes the next step's loss NaN (fault injection).
+    #[cfg(feature = "fault-injection")]
+    pub fn poison_next_step(&mut self) {
+        self.poison_next = true;
+    }
+
+    /// One optimiser step on a batch of 2N views (Algorithm 1's loop body):
+    /// the loss, its gradient, and the update unless either is non-finite.
+    pub fn step(&mut self, views: &Tensor) -> Result<Progress> {
+        let learning_rate = self.schedule.learning_rate(self.position.step);
+        #[cfg(feature = "fault-injection")]
+        let poisoned = std::mem::take(&mut self.poison_next);
+        #[cfg(not(feature = "fault-injection"))]
+        let poisoned = false;
+        let (model, optimizer, loss_config, precision) =
+            (&self.model, &mut self.optimizer, &self.config.loss, self.precision);
+        let step = || -> Result<(Tensor, Tensor)> {
+            let mut loss = contrastive_loss(model, views, loss_config, precision)?;
+            if poisoned {
+                loss *= f64::NAN;
+            }
+            optimizer.backward(&loss)?;
+            // A non-finite loss or gradient is caught on the device: the
+            // update is shut there, and the ledger reads the verdict later.
+            let finite = optimizer.step_if_finite(learning_rate, &loss);
+            Ok((loss.detach(), finite))
+        };
+        let (loss, finite) = out_of_memory_as_error(step, self.device, self.config.train.batch_size)?;
+        self.ledger.push(self.position.step, loss, finite);
+        self.position.step += 1;
+        self.position.batch += 1;
+        self.learning_rate = learning_rate;
+        if self.ledger.due() || self.position.batch == self.steps_per_epoch {
+            self.settle()?;
         }
+        Ok(self.progress())
+    }
+
+    /// Where the run is, for observers.
+    pub fn progress(&self) -> Progress {
+        let batches = (self.position.batch - self.epoch_first_batch) as f64;
+        Progress {
+            position: self.position,
+            steps_per_epoch: self.steps_per_epoch,
+            epochs: self.config.train.epochs,
+            learning_rate: self.learning_rate,
+            loss: self.last_loss,
+            images_per_second: batches * self.config.train.batch_size as f64
+                / self.epoch_started.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        if let Some(loss) = self.ledger.settle(&mut self.position)? {
+            self.last_loss = Some(loss);
+        }
+        Ok(())
+    }
+
+    /// Closes the epoch: its mean loss, the time budget's plan, the kNN
+    /// monitor when due, and a line in the metrics log.
+    pub fn end_epoch(&mut self) -> Result<EpochMetrics> {
+        self.settle()?;
+        let steps_per_epoch = self.steps_per_epoch;
+        let position = &mut self.position;
+        position.epoch += 1;
+        let seconds = self.epoch_started.elapsed().as_secs_f64();
         // An epoch resumed part-way was timed over its remaining batches.
-        let whole_epoch_seconds = seconds * steps_per_epoch as f64 / (steps_per_epoch - first_batch).max(1) as f64;
-        if let Some(budget) = &mut budget {
+        let remaining = (steps_per_epoch - self.epoch_first_batch).max(1);
+        let whole_epoch_seconds = seconds * steps_per_epoch as f64 / remaining as f64;
+        if let Some(budget) = &mut self.budget {
             if let Some(planned) = budget.plan(position.epoch, seconds, whole_epoch_seconds) {
-                config = config.with_planned_epochs(planned);
-                schedule.total_steps = config.train.epochs * steps_per_epoch;
+                self.config = self.config.with_planned_epochs(planned);
+                self.schedule.total_steps = self.config.train.epochs * steps_per_epoch;
                 tracing::info!(
                     "time budget {:.0} s at {whole_epoch_seconds:.1} s for epoch {}: training {} epochs",
                     budget.seconds,
                     position.epoch,
-                    config.train.epochs
+                    self.config.train.epochs
                 );
             }
         }
@@ -245,73 +393,96 @@ pub fn train(config: ValidConfig, options: TrainOptions) -> Result<TrainReport> 
         position.batch = 0;
         position.epoch_loss_sum = 0.0;
         position.epoch_loss_count = 0;
-        let last = position.epoch == config.train.epochs;
-        let knn_due = config.train.knn_every > 0 && (position.epoch % config.train.knn_every == 0 || last);
-        let knn_top1 = match (&monitor, knn_due) {
-            (Some(monitor), true) => Some(monitor.top1(&model, format, device, &pool)?),
+        let (epoch, step) = (position.epoch, position.step);
+        let train = &self.config.train;
+        let last = epoch == train.epochs;
+        let knn_due = train.knn_every > 0 && (epoch % train.knn_every == 0 || last);
+        let knn_top1 = match (&self.monitor, knn_due) {
+            (Some(monitor), true) => Some(monitor.top1(&self.model, self.format, self.device, &self.pool)?),
             _ => None,
         };
         let metrics = EpochMetrics {
-            epoch: position.epoch,
-            step: position.step,
+            epoch,
+            step,
             loss,
-            learning_rate,
-            images_per_second: (steps_per_epoch * batch_size) as f64 / seconds,
+            learning_rate: self.learning_rate,
+            images_per_second: (steps_per_epoch * train.batch_size) as f64 / seconds,
             seconds,
             knn_top1,
         };
         tracing::info!(
             "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s{}",
             metrics.epoch,
-            config.train.epochs,
+            train.epochs,
             metrics.loss,
             metrics.learning_rate,
             metrics.images_per_second,
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
         );
-        log.append(&metrics)?;
-        epochs.push(metrics);
-        let stop_requested = options.stop_requested(position.step);
-        if position.epoch % config.train.checkpoint_every == 0 || last || stop_requested {
-            checkpoint::save(&checkpoint_path, &store, &optimizer, position, &config)?;
-        }
-        if stop_requested && !last {
-            interrupted_at = Some(position);
-            break;
-        }
-        epoch += 1;
+        self.log.append(&metrics)?;
+        self.epochs.push(metrics.clone());
+        Ok(metrics)
     }
 
-    let mut report = TrainReport {
-        output_dir,
-        encoder_path: None,
-        checkpoint_path,
-        epochs,
-        initial_knn_top1,
-        device,
-        interrupted_at,
-        skipped_steps: ledger.skipped_steps,
-        skipped_images: skipped_images(&train_set, monitor.as_ref()),
-    };
-    if interrupted_at.is_some() {
-        return Ok(report);
+    /// Writes the checkpoint an epoch end calls for: every
+    /// `train.checkpoint_every` epochs, at the end, and when stopping.
+    pub fn checkpoint_epoch(&self, stopping: bool) -> Result<()> {
+        if self.position.epoch.is_multiple_of(self.config.train.checkpoint_every) || self.is_done() || stopping {
+            self.save_checkpoint()?;
+        }
+        Ok(())
     }
-    let encoder_path = report.output_dir.join(ENCODER_FILE);
-    crate::io::torchvision::export_encoder(&store, position.step as i64, &encoder_path)?;
-    report.encoder_path = Some(encoder_path);
-    let summary = serde_json::json!({
-        "epochs": position.epoch,
-        "steps": position.step,
-        "final_loss": report.epochs.last().map(|m| m.loss),
-        "initial_knn_top1": report.initial_knn_top1,
-        "final_knn_top1": report.final_knn_top1(),
-        "skipped_steps": report.skipped_steps,
-        "skipped_images": report.skipped_images,
-        "device": format!("{device:?}"),
-    });
-    let summary_path = report.output_dir.join(SUMMARY_FILE);
-    crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
-    Ok(report)
+
+    fn save_checkpoint(&self) -> Result<()> {
+        checkpoint::save(&self.checkpoint_path, &self.store, &self.optimizer, self.position, &self.config)
+    }
+
+    /// Stops here: the pending steps read, a checkpoint written (once per
+    /// position), and the report of an interrupted run.
+    pub fn interrupt(mut self) -> Result<TrainReport> {
+        if self.position.batch > 0 {
+            self.settle()?;
+            self.save_checkpoint()?;
+        }
+        let position = self.position;
+        Ok(TrainReport { interrupted_at: Some(position), ..self.report() })
+    }
+
+    fn report(&self) -> TrainReport {
+        TrainReport {
+            output_dir: self.config.train.output_dir.clone(),
+            encoder_path: None,
+            checkpoint_path: self.checkpoint_path.clone(),
+            epochs: self.epochs.clone(),
+            initial_knn_top1: self.initial_knn_top1,
+            device: self.device,
+            interrupted_at: None,
+            skipped_steps: self.ledger.skipped_steps,
+            skipped_images: skipped_images(&self.train_set, self.monitor.as_ref()),
+        }
+    }
+
+    /// Ends a completed run: exports the encoder and writes the summary.
+    pub fn finish(self) -> Result<TrainReport> {
+        let mut report = self.report();
+        let encoder_path = report.output_dir.join(ENCODER_FILE);
+        let spec = self.config.encoder_spec();
+        crate::io::torchvision::export_encoder(&self.store, self.position.step as i64, &spec, &encoder_path)?;
+        report.encoder_path = Some(encoder_path);
+        let summary = serde_json::json!({
+            "epochs": self.position.epoch,
+            "steps": self.position.step,
+            "final_loss": report.epochs.last().map(|m| m.loss),
+            "initial_knn_top1": report.initial_knn_top1,
+            "final_knn_top1": report.final_knn_top1(),
+            "skipped_steps": report.skipped_steps,
+            "skipped_images": report.skipped_images,
+            "device": format!("{:?}", self.device),
+        });
+        let summary_path = report.output_dir.join(SUMMARY_FILE);
+        crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
+        Ok(report)
+    }
 }
 
 /// The loss of one training batch of 2N views (Algorithm 1's forward
@@ -477,7 +648,7 @@ fn allocation_failure(message: &str) -> &str {
         .map_or(line, |at| &line[at..])
 }
 
-/// The view source `augment.backend` asks for: `auto` uses the tensor path
+/// The view source `augment.backend` asks for: `auto` uses the device path
 /// on CUDA when the decoded images fit there as one tensor.
 fn views(
     config: &ValidConfig,
@@ -503,7 +674,7 @@ fn views(
             DeviceData::Unsuitable(reason) => tracing::info!("augmenting on the CPU: {reason}"),
         }
     }
-    Ok(Views::Host(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?))
+    Ok(Views::Cpu(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?))
 }
 
 /// The unreadable images of the training set and the monitor splits, once each.
@@ -516,19 +687,6 @@ fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
     all.sort();
     all.dedup();
     all
-}
-
-fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
-    if !enabled {
-        return None;
-    }
-    let bar = ProgressBar::new(steps as u64);
-    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-        .expect("the template is valid")
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(format!("{epoch}/{epochs}"));
-    Some(bar)
 }
 
 #[cfg(test)]

@@ -1,0 +1,43 @@
+//! Fault injection for the robustness tests, built only with the
+//! `fault-injection` feature (`./x.sh test` enables it; the shipped binary
+//! does not, so it never reads these variables):
+//! - `SIMCLR_TEST_STOP_AFTER_STEPS=N`: stop as a signal would, once N steps are done;
+//! - `SIMCLR_TEST_POISON_STEPS=a,b,...`: make the loss of these 0-based steps NaN;
+//! - `SIMCLR_TEST_WRITE_PAUSE_MS=N`: pause halfway through writing each file.
+use anyhow::{Context, Result};
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    stop_after_steps: Option<usize>,
+    poison_steps: Vec<usize>,
+}
+
+/// Step numbers from a variable, comma-separated; absent means none.
+fn steps(name: &str) -> Result<Vec<usize>> {
+    let Ok(value) = std::env::var(name) else { return Ok(Vec::new()) };
+    value.split(',').map(|v| v.trim().parse().with_context(|| format!("{name}={value}"))).collect()
+}
+
+impl Faults {
+    pub fn from_env() -> Result<Self> {
+        Ok(Self {
+            stop_after_steps: steps("SIMCLR_TEST_STOP_AFTER_STEPS")?.first().copied(),
+            poison_steps: steps("SIMCLR_TEST_POISON_STEPS")?,
+        })
+    }
+
+    pub fn stop_after(&self, step: usize) -> bool {
+        self.stop_after_steps.is_some_and(|steps| step >= steps)
+    }
+
+    pub fn poisoned(&self, step: usize) -> bool {
+        self.poison_steps.contains(&step)
+    }
+}
+
+/// Process-wide faults, set before anything runs.
+pub fn install() {
+    if let Ok(pause) = std::env::var("SIMCLR_TEST_WRITE_PAUSE_MS") {
+        simclr::io::set_write_pause(pause.parse().unwrap_or(0));
+    }
+}

@@ -1,0 +1,7 @@
+//! Checks that several config sections share.
+
+/// True for finite numbers above zero; false for NaN, which every `x > 0`
+/// check written as `!(x > 0.0)` would otherwise have to remember.
+pub fn is_positive_finite(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}

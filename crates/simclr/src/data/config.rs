@@ -1,0 +1,119 @@
+//! The `[data]` section: where training and monitor images come from and
+//! how views are normalised.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checks::is_positive_finite;
+
+/// Where training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// Decided from what `path` holds: CIFAR binary batches, class
+    /// sub-folders (ImageFolder) or a flat folder of images.
+    Auto,
+    /// `path/<class>/*.jpg`; labels are used for evaluation only.
+    ImageFolder,
+    /// `path/*.jpg`, no labels.
+    Flat,
+    /// The CIFAR-10/100 binary batches (`data_batch_*.bin`, `train.bin`).
+    CifarBinary,
+    /// The built-in procedurally generated labelled dataset.
+    Synthetic,
+}
+
+/// What to do with an image that cannot be read during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadImagePolicy {
+    /// Stop with an error naming the file (the last checkpoint stays).
+    Stop,
+    /// Report it, use another image in its place, and list it at the end.
+    Skip,
+}
+
+/// The `[data]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training images; absent means the built-in synthetic dataset.
+    pub path: Option<PathBuf>,
+    pub format: DataFormat,
+    /// Side of the square views fed to the encoder (224 for ImageNet, 32 for CIFAR).
+    pub image_size: u32,
+    /// Use at most this many training images (a seeded, class-balanced-by-chance subset).
+    pub limit: Option<usize>,
+    /// Labelled images for the kNN monitor: the memory bank...
+    pub knn_train_path: Option<PathBuf>,
+    /// ...and the queries scored against it.
+    pub knn_test_path: Option<PathBuf>,
+    /// Use at most this many images of each kNN split.
+    pub knn_limit: Option<usize>,
+    /// Per-channel normalisation applied after augmentation (ImageNet's by default).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Images in the synthetic training set (and a fifth as many for its test split).
+    pub synthetic_images: usize,
+    pub synthetic_classes: usize,
+    /// Threads that decode and augment; 0 means one per core.
+    pub workers: usize,
+    pub on_bad_image: BadImagePolicy,
+}
+
+/// ImageNet's channel means and standard deviations, torchvision's default.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            format: DataFormat::Auto,
+            image_size: 224,
+            limit: None,
+            knn_train_path: None,
+            knn_test_path: None,
+            knn_limit: None,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            synthetic_images: 2000,
+            synthetic_classes: 10,
+            workers: 0,
+            on_bad_image: BadImagePolicy::Stop,
+        }
+    }
+}
+
+impl DataConfig {
+    /// Pushes one line per bad field of the section.
+    pub(crate) fn check(&self, problems: &mut Vec<String>) {
+        if self.image_size < 8 {
+            problems.push(format!("data.image_size = {}: must be at least 8", self.image_size));
+        }
+        for (field, value) in [("data.limit", self.limit), ("data.knn_limit", self.knn_limit)] {
+            if value == Some(0) {
+                problems.push(format!("{field} = 0: must be at least 1"));
+            }
+        }
+        if let Err(problem) = check_std(&self.std) {
+            problems.push(format!("data.std = {problem}"));
+        }
+        if self.synthetic_classes < 2 {
+            problems.push(format!("data.synthetic_classes = {}: need at least 2", self.synthetic_classes));
+        }
+        if self.synthetic_images < self.synthetic_classes {
+            problems.push(format!("data.synthetic_images = {}: need at least one per class", self.synthetic_images));
+        }
+    }
+}
+
+/// A normalisation's standard deviations: every one finite and above zero.
+/// The error is the value with the rule, for the caller to prefix with its field.
+pub fn check_std(std: &[f32; 3]) -> Result<(), String> {
+    if std.iter().all(|s| is_positive_finite(f64::from(*s))) {
+        Ok(())
+    } else {
+        Err(format!("{std:?}: every entry must be > 0"))
+    }
+}
