@@ -6,11 +6,11 @@ of 2N random views, and the encoder's forward pass in eval mode, timed the
 same way. Prints one JSON line like `simclr bench
 --json`.
 
-    ~/.cache/simclr/venv/bin/python tools/bench_pytorch.py --arch resnet18 --stem cifar \
+    "$(tools/python.sh)" tools/reference/bench_pytorch.py --arch resnet18 --stem cifar \
         --batch-size 64 --image-size 32 --steps 5 --threads 2
 
 Run `simclr bench` with the same arguments in the same session (see
-tools/bench_cpu.sh) and compare the two.
+tools/bench/bench_cpu.sh) and compare the two.
 """
 import argparse
 import json

@@ -3,7 +3,7 @@
 # reference, counted on this machine's CPU. On a GPU every small kernel
 # costs a launch (a few microseconds of host and device time) whatever the
 # batch, so where no GPU is at hand these counts compare how much launching
-# each implementation does. tools/opcount.cpp, built here against the
+# each implementation does. tools/bench/opcount.cpp, built here against the
 # cached libtorch's headers and preloaded into both processes, counts every
 # op and, as "kernels", those that are not views or allocations and run no
 # other kernel op inside. Each figure is the difference between a run of
@@ -12,15 +12,15 @@
 # values becoming a tensor, a CPU optimiser's chunks), while on a GPU only
 # the upload of those values launches, and the optimiser runs whole buffers.
 #
-#   tools/count_ops.sh step      one training step (ResNet-18, CIFAR stem, SGD, tiny batch) and one
-#                                encoder forward, `simclr bench` against tools/bench_pytorch.py
-#   tools/count_ops.sh augment   one batch of 256 CIFAR views on the tensor path, `simclr bench augment`
-#                                against tools/train_pytorch.py's batched augmentation
+#   tools/bench/count_ops.sh step      one training step (ResNet-18, CIFAR stem, SGD, tiny batch) and one
+#                                encoder forward, `simclr bench` against tools/reference/bench_pytorch.py
+#   tools/bench/count_ops.sh augment   one batch of 256 CIFAR views on the tensor path, `simclr bench augment`
+#                                against tools/reference/train_pytorch.py's batched augmentation
 # Environment: PYTHON (the fixture venv's), DATA (an ImageFolder of 32x32 images, for augment;
 # default ../shared/data/cifar10/test), TOP (rows of the per-op table, 25).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
+cd "$(dirname "$0")/../.."
+PYTHON=$(tools/python.sh)
 DATA=${DATA:-../shared/data/cifar10/test}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -28,7 +28,7 @@ libtorch_env=$(scripts/libtorch.sh)
 eval "$libtorch_env"
 cargo build --quiet -p simclr-cli
 g++ -std=c++17 -O2 -shared -fPIC -I"$LIBTORCH/include" -I"$LIBTORCH/include/torch/csrc/api/include" \
-    tools/opcount.cpp -L"$LIBTORCH/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$LIBTORCH/lib" -o "$work/opcount.so"
+    tools/bench/opcount.cpp -L"$LIBTORCH/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$LIBTORCH/lib" -o "$work/opcount.so"
 count() { # name units command...
     local name=$1 units=$2
     shift 2
@@ -39,7 +39,7 @@ step)
     for units in 3 8; do
         args=(--arch resnet18 --stem cifar --batch-size 2 --image-size 8 --warmup 1 --steps "$units" --optimizer sgd)
         count simclr "$units" target/debug/simclr bench "${args[@]}" --device cpu --json
-        count pytorch "$units" "$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads 2 --channels-last
+        count pytorch "$units" "$PYTHON" tools/reference/bench_pytorch.py "${args[@]}" --threads 2 --channels-last
     done
     unit="training step and encoder forward (on the CPU: PyTorch's SGD loops over tensors there, foreach on CUDA)"
     ;;

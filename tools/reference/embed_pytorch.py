@@ -6,11 +6,11 @@ Images are decoded by PIL, resized (shorter side, bilinear with antialias)
 and centre-cropped, and normalised, as torchvision's transforms do and as
 `simclr embed` does. Prints one JSON line with the time taken.
 
-    ~/.cache/simclr/venv/bin/python tools/embed_pytorch.py --weights w.safetensors \
+    "$(tools/python.sh)" tools/reference/embed_pytorch.py --weights w.safetensors \
         --arch resnet18 --stem cifar --image-size 32 --input DIR --output feats.npy
 
 `--make-weights PATH` writes a randomly initialised encoder in torchvision's
-names (what `simclr embed --weights` reads) and exits. tools/bench_embed.sh
+names (what `simclr embed --weights` reads) and exits. tools/bench/bench_embed.sh
 times this script against `simclr embed` on the same images.
 """
 import time

@@ -2,11 +2,11 @@
 """The torchvision v2 reference for `simclr bench augment`: the same
 SimCLR pipelines on the same decoded images, one process, one thread.
 
-    python tools/bench_augment.py --data DIR --pipeline simclr-imagenet --image-size 224
+    python tools/reference/bench_augment.py --data DIR --pipeline simclr-imagenet --image-size 224
 
 Prints one JSON line: {"views_per_second": ...}. Decoding is not timed;
 each view ends as a normalised float CHW tensor, as ours does.
-tools/bench_augment.sh runs this beside the Rust benchmark.
+tools/bench/bench_augment.sh runs this beside the Rust benchmark.
 """
 import argparse
 import json

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# `simclr bench` against the PyTorch reference (tools/bench_pytorch.py) on
+# `simclr bench` against the PyTorch reference (tools/reference/bench_pytorch.py) on
 # this machine's CPU, same model, batch and steps. The two alternate for
 # ROUNDS rounds (a shared 2-core machine drifts by 15% between runs); the
 # medians and their ratio are printed. Needs the fixture venv (see
-# tools/make_fixtures.py) or PYTHON pointing at a Python with torch 2.11.
+# tools/fixtures/make_fixtures.py) or PYTHON pointing at a Python with torch 2.11.
 #
-#   tools/bench_cpu.sh                 # ResNet-18, CIFAR stem, batch 64, 32x32
-#   BATCH=128 STEPS=10 ROUNDS=5 tools/bench_cpu.sh
-#   REF_ARGS=--channels-last tools/bench_cpu.sh   # PyTorch in simclr's memory format
-#   WIDTH=0.0625 BATCH=2 SIZE=8 STEPS=200 OPTIMIZER=sgd REF_ARGS=--channels-last tools/bench_cpu.sh
+#   tools/bench/bench_cpu.sh                 # ResNet-18, CIFAR stem, batch 64, 32x32
+#   BATCH=128 STEPS=10 ROUNDS=5 tools/bench/bench_cpu.sh
+#   REF_ARGS=--channels-last tools/bench/bench_cpu.sh   # PyTorch in simclr's memory format
+#   WIDTH=0.0625 BATCH=2 SIZE=8 STEPS=200 OPTIMIZER=sgd REF_ARGS=--channels-last tools/bench/bench_cpu.sh
 #       # a model so small that dispatching ops is most of a step, as on a GPU
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
+cd "$(dirname "$0")/../.."
+PYTHON=$(tools/python.sh)
 args=(--arch "${ARCH:-resnet18}" --width "${WIDTH:-1}" --stem "${STEM:-cifar}" --batch-size "${BATCH:-64}"
       --image-size "${SIZE:-32}" --steps "${STEPS:-5}" --warmup 2 --optimizer "${OPTIMIZER:-lars}")
 libtorch_env=$(scripts/libtorch.sh)
@@ -22,7 +22,7 @@ runs=()
 for _ in $(seq "${ROUNDS:-3}"); do
     runs+=("$(target/debug/simclr bench "${args[@]}" --device cpu --json 2>/dev/null)")
     # shellcheck disable=SC2086
-    runs+=("$("$PYTHON" tools/bench_pytorch.py "${args[@]}" --threads "$(nproc)" ${REF_ARGS:-})")
+    runs+=("$("$PYTHON" tools/reference/bench_pytorch.py "${args[@]}" --threads "$(nproc)" ${REF_ARGS:-})")
 done
 python3 - "${runs[@]}" <<'PY'
 import json, statistics, sys

@@ -3,10 +3,10 @@
 many small files (CIFAR-10's 60,000 JPEGs: about 55 MB) travels to the GPU
 machine in one call, and unpacks it there. Standard library only.
 
-    python3 tools/pack_images.py pack ../shared/data/cifar10 device/cifar10
+    python3 tools/device/pack_images.py pack ../shared/data/cifar10 device/cifar10
         -> device/cifar10.bin (the files' bytes back to back)
            device/cifar10.tsv (relative path, offset, length per file)
-    python3 tools/pack_images.py unpack device/cifar10 /tmp/cifar10
+    python3 tools/device/pack_images.py unpack device/cifar10 /tmp/cifar10
         -> /tmp/cifar10/train/<class>/*.jpg, /tmp/cifar10/test/<class>/*.jpg
 """
 import pathlib

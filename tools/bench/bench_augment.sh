@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Augmentation throughput, ours against torchvision v2, on the same images
 # and the same single core (both one thread), then ours on 2 threads:
-#   tools/bench_augment.sh            (ROUNDS=5 LIMIT=256 by default)
-# Needs the fixture venv of tools/make_fixtures.py (torch, torchvision).
+#   tools/bench/bench_augment.sh            (ROUNDS=5 LIMIT=256 by default)
+# Needs the fixture venv of tools/fixtures/make_fixtures.py (torch, torchvision).
 # ImageNet-like inputs: 256 generated 500x375 JPEGs; CIFAR inputs: the first
 # LIMIT images of ../shared/data/cifar10/test when present, else generated 32x32.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
+cd "$(dirname "$0")/../.."
+PYTHON=$(tools/python.sh)
 ROUNDS=${ROUNDS:-5}
 LIMIT=${LIMIT:-256}
 WORK=$(mktemp -d)
@@ -36,7 +36,7 @@ for spec in "simclr-imagenet 224 $WORK/large" "simclr-cifar 32 $SMALL"; do
   set -- $spec
   ours=$($BIN bench augment --data "$3" --pipeline "$1" --image-size "$2" --limit "$LIMIT" --rounds "$ROUNDS" --threads 1 --json)
   ours2=$($BIN bench augment --data "$3" --pipeline "$1" --image-size "$2" --limit "$LIMIT" --rounds "$ROUNDS" --threads 2 --json)
-  theirs=$("$PYTHON" tools/bench_augment.py --data "$3" --pipeline "$1" --image-size "$2" --limit "$LIMIT" --rounds "$ROUNDS")
+  theirs=$("$PYTHON" tools/reference/bench_augment.py --data "$3" --pipeline "$1" --image-size "$2" --limit "$LIMIT" --rounds "$ROUNDS")
   "$PYTHON" - "$1" "$2" "$ours" "$theirs" "$ours2" <<'PY'
 import json, sys
 name, size, ours, theirs, ours2 = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:])

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The PyTorch reference for the time-to-accuracy comparison (issue 5):
-SimCLR on CIFAR-10 with the settings tools/device-bench.sh gives `simclr
+SimCLR on CIFAR-10 with the settings tools/device/device-bench.sh gives `simclr
 train`, trained for a wall-clock budget, then scored by the kNN monitor.
 
 Model: torchvision ResNet-18 with the CIFAR stem, `fc` removed, MLP head
@@ -17,7 +17,7 @@ autotuning and the allocator's growth).
 kNN: k = 200, T = 0.1, cosine, bank = every training image, queries = every
 test image, centre views. Prints one JSON line.
 
-    python tools/train_pytorch.py --data /tmp/cifar10 --budget 180 --device cuda
+    python tools/reference/train_pytorch.py --data /tmp/cifar10 --budget 180 --device cuda
 """
 import argparse
 import json

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# `simclr embed` against the PyTorch reference (tools/embed_pytorch.py) on this
+# `simclr embed` against the PyTorch reference (tools/reference/embed_pytorch.py) on this
 # machine's CPU: the same random ResNet-18 (CIFAR stem) weights, the same
 # JPEGs, batch 128 at 32 px. The two alternate for ROUNDS rounds (a shared
 # 2-core machine drifts by 15% between runs); medians of the embedding loop
 # (decode + forward) and of the whole command (start-up, listing and writing
 # included) are printed with their ratios, and the two feature matrices are
-# compared. Needs the fixture venv (see tools/make_fixtures.py) or PYTHON
+# compared. Needs the fixture venv (see tools/fixtures/make_fixtures.py) or PYTHON
 # pointing at a Python with torch 2.11 and torchvision.
 #
-#   tools/bench_embed.sh                        # 300 test images per CIFAR-10 class
-#   PER_CLASS=1000 ROUNDS=5 tools/bench_embed.sh
-#   WORKERS=0 tools/bench_embed.sh              # PyTorch decodes in its main process (2: in 2 workers, faster here)
+#   tools/bench/bench_embed.sh                        # 300 test images per CIFAR-10 class
+#   PER_CLASS=1000 ROUNDS=5 tools/bench/bench_embed.sh
+#   WORKERS=0 tools/bench/bench_embed.sh              # PyTorch decodes in its main process (2: in 2 workers, faster here)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$HOME/.cache/simclr/venv/bin/python}
+cd "$(dirname "$0")/../.."
+PYTHON=$(tools/python.sh)
 DATA=${DATA:-../shared/data/cifar10/test}
 [ -d "$DATA" ] || { echo "no image folder at $DATA (set DATA)" >&2; exit 1; }
 work=$(mktemp -d)
@@ -26,7 +26,7 @@ for class in "$DATA"/*/; do
     find "$(realpath "$class")" -maxdepth 1 -type f | sort | sed -n "1,${PER_CLASS:-300}p" |
         xargs -I{} ln -s {} "$work/images/$name/"
 done
-"$PYTHON" tools/embed_pytorch.py --make-weights "$work/encoder.safetensors" --arch resnet18 --stem cifar
+"$PYTHON" tools/reference/embed_pytorch.py --make-weights "$work/encoder.safetensors" --arch resnet18 --stem cifar
 
 libtorch_env=$(scripts/libtorch.sh)
 eval "$libtorch_env"
@@ -39,7 +39,7 @@ for round in $(seq "${ROUNDS:-3}"); do
     line=$(target/debug/simclr embed "${args[@]}" --output "$work/simclr.npy" 2>/dev/null)
     echo "simclr $round $(since "$started") $line" >>"$work/runs"
     started=$EPOCHREALTIME
-    line=$("$PYTHON" tools/embed_pytorch.py "${args[@]}" --threads "$(nproc)" --workers "${WORKERS:-2}" \
+    line=$("$PYTHON" tools/reference/embed_pytorch.py "${args[@]}" --threads "$(nproc)" --workers "${WORKERS:-2}" \
         --output "$work/pytorch.npy")
     echo "pytorch $round $(since "$started") $line" >>"$work/runs"
 done

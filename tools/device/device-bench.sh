@@ -1,29 +1,29 @@
 #!/usr/bin/env bash
 # The GPU comparison of issue 5, ours against PyTorch on the same card.
 #
-# Here (with the Rust toolchain), once:   tools/device-bench.sh prepare
+# Here (with the Rust toolchain), once:   tools/device/device-bench.sh prepare
 #   builds the CUDA binary, strips and compresses it, and packs CIFAR-10
 #   into device/ (ignored by git; about 60 MB, under the 64 MiB a device
 #   call carries).
 # On the device (run with carry=["device"]), in one call, since a session's
 # 15 minutes of device time hold one 600 s call and the machine's start but
 # not two calls:
-#   tools/device-bench.sh all       step, simclr, pytorch, smoke, bench in that order (issue 5's
+#   tools/device/device-bench.sh all       step, simclr, pytorch, smoke, bench in that order (issue 5's
 #                                   acceptance first), each only if its estimate still fits before
 #                                   DEADLINE (default 585 s), then table; as the device tool's
-#                                   command `set -o pipefail; tools/device-bench.sh all 2>&1 | tee $OUT/all.log`
+#                                   command `set -o pipefail; tools/device/device-bench.sh all 2>&1 | tee $OUT/all.log`
 #                                   with carry ["device"] and timeout_s 600 (7 files come back)
 # or stages one by one, in the order given; a stage that fails is reported
 # and the next one still runs:
-#   tools/device-bench.sh step      bf16 SGD step throughput, both implementations, median of ROUNDS
+#   tools/device/device-bench.sh step      bf16 SGD step throughput, both implementations, median of ROUNDS
 #                                   processes (acceptance 1)
-#   tools/device-bench.sh simclr    180 s of simclr training + kNN (acceptance 2)
-#   tools/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/train_pytorch.py), same settings
-#   tools/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
+#   tools/device/device-bench.sh simclr    180 s of simclr training + kNN (acceptance 2)
+#   tools/device/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/reference/train_pytorch.py), same settings
+#   tools/device/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
 #                                   (device augmentation, bf16), resume, kNN, linear, fine-tune, embed
-#   tools/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
+#   tools/device/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
 #                                   reference's bf16 kernel profile
-#   tools/device-bench.sh table     the table from the stages' JSON in $OUT (runs
+#   tools/device/device-bench.sh table     the table from the stages' JSON in $OUT (runs
 #                                   anywhere: point OUT at the JSON fetched from the call)
 # Environment: BUDGET (s, default 180), DEADLINE (s from the start, after
 # which no stage starts and a running one is stopped), DEVICE (cuda), BATCH
@@ -31,7 +31,7 @@
 # split, for a quick check on the CPU), PYTHON (python3), OUT (results).
 set -euo pipefail
 self=$(realpath "$0")
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BUDGET=${BUDGET:-180}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
@@ -55,7 +55,7 @@ binary() {
 }
 
 data() {
-    [ -d "$DATA/train" ] || "$PYTHON" tools/pack_images.py unpack device/cifar10 "$DATA" >&2
+    [ -d "$DATA/train" ] || "$PYTHON" tools/device/pack_images.py unpack device/cifar10 "$DATA" >&2
 }
 
 # The CUDA binary links PyTorch's libraries; the device has them, not this repo.
@@ -72,20 +72,20 @@ prepare)
     mkdir -p device
     strip -o device/simclr target/cuda/simclr
     xz -f -6 device/simclr
-    # The CUDA graph shim (tools/cuda_graph.cpp) needs CUDA's runtime headers,
+    # The CUDA graph shim (crates/simclr/src/cuda_graph.cpp) needs CUDA's runtime headers,
     # which the libtorch install lacks; the fixture venv's Triton carries them.
-    cuda_include=${CUDA_INCLUDE:-$(ls -d "$HOME"/.cache/simclr/venv/lib/python3*/site-packages/triton/backends/nvidia/include 2>/dev/null | head -1)}
+    cuda_include=${CUDA_INCLUDE:-$(ls -d "$(dirname "$(tools/python.sh)")"/../lib/python3*/site-packages/triton/backends/nvidia/include 2>/dev/null | head -1)}
     libtorch_env=$(scripts/libtorch.sh)
     eval "$libtorch_env"
     if [ -f "${cuda_include:-/nonexistent}/cuda_runtime_api.h" ]; then
         g++ -std=c++17 -O2 -shared -fPIC -Wall -I"$LIBTORCH/include" -I"$LIBTORCH/include/torch/csrc/api/include" \
-            -I"$cuda_include" tools/cuda_graph.cpp -L"$LIBTORCH/lib" -L"$LIBTORCH/../nvidia/cu13/lib" \
+            -I"$cuda_include" crates/simclr/src/cuda_graph.cpp -L"$LIBTORCH/lib" -L"$LIBTORCH/../nvidia/cu13/lib" \
             -ltorch_cuda -ltorch_cpu -lc10_cuda -lc10 -l:libcudart.so.13 -o device/libsimclr_graph.so
     else
         rm -f device/libsimclr_graph.so
         echo "no CUDA headers (set CUDA_INCLUDE): device/libsimclr_graph.so not built, so no CUDA graph timing" >&2
     fi
-    python3 tools/pack_images.py pack ../shared/data/cifar10 device/cifar10
+    python3 tools/device/pack_images.py pack ../shared/data/cifar10 device/cifar10
     du -cb device/* | tail -1
     ;;
 step|bench)
@@ -93,7 +93,7 @@ step|bench)
     BIN=$(binary)
     step=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
           --steps "${STEPS:-200}" --warmup "${WARMUP:-20}")
-    common=("${step[@]}" --compare tools/bench_pytorch.py --python "$PYTHON" --json)
+    common=("${step[@]}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json)
     if [ "$1" = step ]; then
         # The issue's yardstick steps with SGD (torch.optim's foreach
         # kernels on the PyTorch side). PyTorch's step is bound by its host
@@ -135,7 +135,7 @@ PY
     cat "$OUT/bench_bf16_lars.json" "$OUT/bench_fp32_sgd.json"
     # Where the reference's bf16 step spends its device time, kernel by
     # kernel: the kernels are the ones simclr calls too.
-    "$PYTHON" tools/bench_pytorch.py --device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" \
+    "$PYTHON" tools/reference/bench_pytorch.py --device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" \
         --hidden-dim 2048 --steps 2 --warmup 5 --bf16 --optimizer sgd --profile 5 2> "$OUT/profile_pytorch_bf16_sgd.txt" >/dev/null
     head -40 "$OUT/profile_pytorch_bf16_sgd.txt"
     ;;
@@ -164,7 +164,7 @@ smoke)
     ;;
 pytorch)
     data
-    "$PYTHON" tools/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
+    "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
         | tee "$OUT/train_pytorch.json"
     ;;
 simclr)

@@ -1,4 +1,4 @@
-// Counts the ATen ops a process dispatches, for tools/count_ops.sh: loaded
+// Counts the ATen ops a process dispatches, for tools/bench/count_ops.sh: loaded
 // with LD_PRELOAD into `simclr` or into Python with torch, it registers a
 // global RecordFunction observer and, at exit, writes one line per op name
 // to $OPCOUNT_OUT: the name, how often it ran, and how often it ran as a
