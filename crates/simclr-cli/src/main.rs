@@ -1,8 +1,6 @@
 //! The `simclr` command: parses arguments, calls one library function, and
 //! reports the result or the error chain once. Parsing of values (`FromStr`
 //! in the library), config layering and every check live in the library.
-#[cfg(feature = "fault-injection")]
-mod faults;
 mod observer;
 
 use std::path::PathBuf;
@@ -10,14 +8,16 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use simclr::augment::preview::Renderer;
+use simclr::augment::preview::{PreviewOptions, Renderer};
 use simclr::augment::{AugmentPreset, OpConfig};
 use simclr::config::{Preset, RunLayers};
-use simclr::data::config::{DataFormat, IMAGENET_MEAN, IMAGENET_STD};
+use simclr::data::config::DataFormat;
+use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
 use simclr::eval::finetune::HeadInit;
 use simclr::eval::{EncoderSource, EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
 use simclr::model::{Arch, EncoderSpec, SpecOverrides, Stem};
+use simclr::normalization::{parse_triple, IMAGENET_MEAN, IMAGENET_STD};
 use simclr::optim::OptimizerKind;
 use simclr::retrieval::IndexKind;
 use simclr::train::checkpoint;
@@ -100,19 +100,18 @@ struct RunArgs {
     device: Option<DeviceChoice>,
 }
 
+impl ConfigArgs {
+    fn layers(&self, data: Option<PathBuf>) -> RunLayers {
+        let (preset, file, overrides) = (self.preset, self.config.clone(), self.overrides.clone());
+        RunLayers { preset, file, data, overrides, ..Default::default() }
+    }
+}
+
 impl RunArgs {
     fn layers(&self) -> RunLayers {
-        RunLayers {
-            preset: self.base.preset,
-            file: self.base.config.clone(),
-            data: self.data.clone(),
-            output: self.output.clone(),
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            seed: self.seed,
-            device: self.device,
-            overrides: self.base.overrides.clone(),
-        }
+        let (output, epochs, batch_size, seed, device) =
+            (self.output.clone(), self.epochs, self.batch_size, self.seed, self.device);
+        RunLayers { output, epochs, batch_size, seed, device, ..self.base.layers(self.data.clone()) }
     }
 }
 
@@ -174,13 +173,6 @@ impl EncoderArgs {
         let device = simclr::device::select(self.device)?;
         Ok(simclr::embed::EncoderOptions::new(weights, &self.overrides(), batch_size, device)?)
     }
-}
-
-/// Three comma-separated numbers, as `0.485,0.456,0.406`.
-fn parse_triple(text: &str) -> Result<[f32; 3], String> {
-    let values: Vec<f32> =
-        text.split(',').map(|v| v.trim().parse().map_err(|e| format!("'{v}': {e}"))).collect::<Result<_, _>>()?;
-    <[f32; 3]>::try_from(values).map_err(|v| format!("expected three comma-separated numbers, got {}", v.len()))
 }
 
 #[derive(Args)]
@@ -414,41 +406,12 @@ fn train(args: TrainArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    let output_dir = config.train.output_dir.clone();
-    let report = simclr::train::train(config, args.resume, &mut observer::Console::new()?)?;
+    let report = simclr::train::train(config, args.resume, &mut observer::console()?)?;
     if let Some(position) = report.interrupted_at {
-        eprintln!(
-            "interrupted after step {} (epoch {}, batch {}); checkpoint written to {}\n\
-             continue with: simclr train --resume --output {}",
-            position.step,
-            position.epoch + 1,
-            position.batch,
-            report.checkpoint_path.display(),
-            output_dir.display()
-        );
+        eprint!("{report}");
         return Err(simclr::Error::Interrupted(format!("step {}", position.step)).into());
     }
-    if let Some(last) = report.epochs.last() {
-        println!("trained {} epochs on {:?}: final loss {:.4}", last.epoch, report.device, last.loss);
-    }
-    match (report.initial_knn_top1, report.final_knn_top1()) {
-        (Some(before), Some(after)) => {
-            println!("kNN top-1: {:.2}% at random init -> {:.2}% after training", 100.0 * before, 100.0 * after)
-        }
-        (None, Some(after)) => println!("kNN top-1: {:.2}%", 100.0 * after),
-        _ => {}
-    }
-    if !report.skipped_images.is_empty() {
-        println!("skipped {} unreadable images:", report.skipped_images.len());
-        report.skipped_images.iter().for_each(|skipped| println!("  {skipped}"));
-    }
-    if report.skipped_steps > 0 {
-        println!("skipped {} steps with a non-finite loss or gradient", report.skipped_steps);
-    }
-    if let Some(encoder) = &report.encoder_path {
-        println!("encoder: {}", encoder.display());
-    }
-    println!("checkpoint: {}", report.checkpoint_path.display());
+    print!("{report}");
     Ok(())
 }
 
@@ -458,16 +421,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         input: args.input,
         output: args.output,
     };
-    let report = simclr::embed::embed(&options)?;
-    println!(
-        "embedded {} images ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
-        report.images,
-        report.feature_dim,
-        report.features_path.display(),
-        report.paths_path.display(),
-        report.embed_seconds,
-        report.images as f64 / report.embed_seconds.max(1e-9),
-    );
+    println!("{}", simclr::embed::embed(&options)?);
     Ok(())
 }
 
@@ -529,13 +483,7 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
         gallery: args.gallery,
         thumbnail: args.thumbnail,
     };
-    let report = simclr::retrieval::neighbors(&options)?;
-    println!("query\trank\tsimilarity\tpath");
-    for (query, hits) in report.queries.iter().zip(&report.hits) {
-        for (rank, hit) in hits.iter().enumerate() {
-            println!("{}\t{}\t{:.4}\t{}", query.display(), rank + 1, hit.similarity, report.items[hit.index].display());
-        }
-    }
+    print!("{}", simclr::retrieval::neighbors(&options)?);
     if let Some(gallery) = &options.gallery {
         eprintln!("gallery: {}", gallery.display());
     }
@@ -544,7 +492,7 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     if let Some(BenchWhat::Augment { data, pipeline, image_size, limit, threads, rounds, json }) = args.what {
-        let images = simclr::data::Dataset::open(&data, &DataFormat::Auto)?.subset(Some(limit), 0).decode_all()?;
+        let images = Dataset::open(&data, &DataFormat::Auto)?.subset(Some(limit), 0).decode_all()?;
         simclr::tch::set_num_threads(threads as i32);
         let config = simclr::augment::AugmentConfig { preset: pipeline, ..Default::default() };
         let pipeline = simclr::augment::Pipeline::new(&config, image_size);
@@ -587,30 +535,15 @@ fn bench(args: BenchArgs) -> Result<()> {
 }
 
 fn augment_preview(args: PreviewArgs) -> Result<()> {
-    let layers = RunLayers {
-        preset: args.base.preset,
-        file: args.base.config.clone(),
-        data: Some(args.data.clone()),
-        overrides: args.base.overrides.clone(),
-        ..Default::default()
-    };
+    let layers = args.base.layers(Some(args.data.clone()));
     let config = layers.resolve(layers.base()?)?;
-    let images = simclr::data::Dataset::open(&args.data, &DataFormat::Auto)?
-        .subset(Some(args.images), args.seed)
-        .decode_all()?;
-    let size = config.data.image_size;
-    let pipeline = simclr::augment::Pipeline::new(&config.augment, size);
-    let scale = args.scale.unwrap_or((96 / size).max(1));
-    let (sheet, log) =
-        simclr::augment::preview::preview(&images, &pipeline, args.seed, args.pairs, scale, args.renderer)?;
-    simclr::io::write_png(&args.output, &sheet)?;
-    for view in 0..2 {
-        eprintln!("view {}: {}", view + 1, pipeline.describe(view));
-    }
+    let images = Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.seed).decode_all()?;
+    let pipeline = simclr::augment::Pipeline::new(&config.augment, config.data.image_size);
+    let options = PreviewOptions { seed: args.seed, pairs: args.pairs, scale: args.scale, renderer: args.renderer };
+    simclr::augment::preview::write_preview(&images, &pipeline, options, &args.output, args.params.as_deref())?;
+    (0..2).for_each(|view| eprintln!("view {}: {}", view + 1, pipeline.describe(view)));
     println!("preview: {}", args.output.display());
     if let Some(path) = &args.params {
-        let lines: Vec<String> = log.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
-        simclr::io::write_atomic(path, (lines.join("\n") + "\n").as_bytes())?;
         println!("parameters: {}", path.display());
     }
     Ok(())
@@ -622,16 +555,9 @@ fn ablate(kind: AblateKind) -> Result<()> {
     let base = layers.resolve(layers.base()?)?;
     let ops = args.ops.split(',').map(|name| name.trim().parse()).collect::<Result<Vec<OpConfig>, _>>()?;
     let output_dir = base.train.output_dir.clone();
-    let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::Console::new()?)?;
+    let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
     print!("{result}");
     println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
-    Ok(())
-}
-
-fn report(run: &std::path::Path) -> Result<()> {
-    for path in simclr::report::write_report(run)? {
-        println!("{}", path.display());
-    }
     Ok(())
 }
 
@@ -643,13 +569,15 @@ fn main() -> ExitCode {
         .init();
     observer::quiet_out_of_memory_panics();
     #[cfg(feature = "fault-injection")]
-    faults::install();
+    simclr::train::faults::install();
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
         Command::Eval { protocol } => eval(protocol),
         Command::Neighbors(args) => neighbors(args),
-        Command::Report { run } => report(&run),
+        Command::Report { run } => simclr::report::write_report(&run)
+            .map(|paths| paths.iter().for_each(|path| println!("{}", path.display())))
+            .map_err(Into::into),
         Command::Bench(args) => bench(args),
         Command::AugmentPreview(args) => augment_preview(args),
         Command::Ablate { kind } => ablate(kind),

@@ -1,81 +1,18 @@
-//! What the binary adds around the library: the training loop's observer
-//! (signals and the progress bar) and process-wide settings.
-use std::sync::atomic::{AtomicBool, Ordering};
+//! What the binary adds around the library: signal handling and
+//! process-wide settings.
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use simclr::train::metrics::EpochMetrics;
-use simclr::train::{Control, Observer, Progress};
+use simclr::train::Console;
 
-/// Stops the run at SIGINT or SIGTERM (after the step, with a checkpoint)
-/// and draws a progress bar when stderr is a terminal.
-pub struct Console {
-    stop: Arc<AtomicBool>,
-    bar: Option<ProgressBar>,
-    terminal: bool,
-    #[cfg(feature = "fault-injection")]
-    faults: crate::faults::Faults,
-}
-
-impl Console {
-    pub fn new() -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
-        }
-        Ok(Self {
-            stop,
-            bar: None,
-            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            #[cfg(feature = "fault-injection")]
-            faults: crate::faults::Faults::from_env()?,
-        })
+/// The library's terminal observer, stopped by SIGINT or SIGTERM.
+pub fn console() -> Result<Console> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
     }
-
-    fn control(&self, _step: usize) -> Control {
-        #[cfg(feature = "fault-injection")]
-        if self.faults.stop_after(_step) {
-            return Control::Stop;
-        }
-        match self.stop.load(Ordering::SeqCst) {
-            true => Control::Stop,
-            false => Control::Continue,
-        }
-    }
-}
-
-impl Observer for Console {
-    fn on_step(&mut self, progress: &Progress) -> Control {
-        if self.terminal {
-            let bar = self.bar.get_or_insert_with(|| {
-                let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-                    .expect("the template is valid")
-                    .progress_chars("=> ");
-                let bar = ProgressBar::new(progress.steps_per_epoch as u64).with_style(style);
-                bar.set_prefix(format!("{}/{}", progress.position.epoch + 1, progress.epochs));
-                bar
-            });
-            bar.set_position(progress.position.batch as u64);
-            if let Some(loss) = progress.loss {
-                let (rate, speed) = (progress.learning_rate, progress.images_per_second);
-                bar.set_message(format!("loss {loss:.4} lr {rate:.4} {speed:.0} images/s"));
-            }
-        }
-        self.control(progress.position.step)
-    }
-
-    fn on_epoch_end(&mut self, metrics: &EpochMetrics) -> Control {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-        self.control(metrics.step)
-    }
-
-    #[cfg(feature = "fault-injection")]
-    fn poison(&mut self, step: usize) -> bool {
-        self.faults.poisoned(step)
-    }
+    Ok(Console::new(stop)?)
 }
 
 /// Tunes glibc's malloc, which serves libtorch's CPU tensors, to keep freed

@@ -57,7 +57,7 @@ pub struct BenchReport {
 }
 
 /// Steps issued one at a time, each from an idle device, for
-/// [`BenchReport::train_issue_ms`] (tools/bench_pytorch.py takes as many).
+/// [`BenchReport::train_issue_ms`] (tools/reference/bench_pytorch.py takes as many).
 const ISSUE_PROBES: usize = 5;
 
 fn median(values: &mut [f64]) -> f64 {
@@ -88,7 +88,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     crate::device::use_channels_last(&store);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
-    // tools/bench_pytorch.py steps at the same rates.
+    // tools/reference/bench_pytorch.py steps at the same rates.
     let learning_rate = if options.optimizer == OptimizerKind::Adamw { 1e-3 } else { 0.1 };
     let loss_config = LossConfig::default();
     let side = i64::from(options.image_size);

@@ -4,8 +4,8 @@
 //! libtorch's `at::cuda::CUDAGraph` does the capture, with the caching
 //! allocator's private pool for the memory the work allocates. tch binds
 //! none of it, and its headers need CUDA's, which a CPU build does not
-//! have, so the calls go through a small C++ library, `tools/cuda_graph.cpp`
-//! (built beside the CUDA binary by `tools/device-bench.sh prepare`), loaded
+//! have, so the calls go through a small C++ library, `crates/simclr/src/cuda_graph.cpp`
+//! (built beside the CUDA binary by `tools/device/device-bench.sh prepare`), loaded
 //! at run time from a path the caller gives. Nothing else depends on it.
 //!
 //! `simclr bench --cuda-graph` uses it to time the training step replayed:
@@ -24,7 +24,7 @@ use crate::{Error, Result};
 /// A shim call on a capture handle: 0, or 1 with the reason in `last_error`.
 type Call = unsafe extern "C" fn(*mut c_void) -> c_int;
 
-/// The shim's entry points (see `tools/cuda_graph.cpp`).
+/// The shim's entry points (see `crates/simclr/src/cuda_graph.cpp`).
 struct Library {
     last_error: unsafe extern "C" fn() -> *const c_char,
     new: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
@@ -42,7 +42,7 @@ impl Library {
     fn open(path: &Path) -> Result<Self> {
         let unusable = |why: String| {
             Error::InvalidArgument(format!(
-                "{}: not a usable CUDA graph library ({why}); build it with tools/device-bench.sh prepare",
+                "{}: not a usable CUDA graph library ({why}); build it with tools/device/device-bench.sh prepare",
                 path.display()
             ))
         };
@@ -72,7 +72,7 @@ impl Library {
             }
         };
         // SAFETY: each symbol is the extern "C" function of that name in
-        // tools/cuda_graph.cpp, whose signature the target type repeats.
+        // crates/simclr/src/cuda_graph.cpp, whose signature the target type repeats.
         unsafe {
             use std::mem::transmute;
             Ok(Self {

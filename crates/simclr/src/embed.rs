@@ -82,6 +82,21 @@ pub struct EmbedReport {
     pub embed_seconds: f64,
 }
 
+impl std::fmt::Display for EmbedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "embedded {} images ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
+            self.images,
+            self.feature_dim,
+            self.features_path.display(),
+            self.paths_path.display(),
+            self.embed_seconds,
+            self.images as f64 / self.embed_seconds.max(1e-9),
+        )
+    }
+}
+
 /// Every image file below `dir`, recursively, sorted by path.
 pub fn image_files_recursive(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = image_files(dir)?;

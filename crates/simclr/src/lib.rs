@@ -36,6 +36,7 @@ pub mod eval;
 pub mod io;
 pub mod loss;
 pub mod model;
+pub mod normalization;
 pub mod optim;
 pub mod report;
 pub mod retrieval;

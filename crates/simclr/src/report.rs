@@ -28,20 +28,10 @@ use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;
 
-/// DejaVu Sans, cut to Latin, Greek, Cyrillic, punctuation, arrows and
-/// mathematical operators (tools: fontTools' pyftsubset; licence beside it
-/// in assets/). Built in, so that figures need no system fonts: with
-/// plotters' `ttf` feature the binary linked fontconfig and FreeType, and
-/// would not even start on a machine without them.
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
-
 /// A white PNG canvas at `path`, with the built-in font registered as the
 /// "sans-serif" every figure uses.
 fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>> {
-    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let registered =
-        *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
-    if !registered {
+    if !crate::io::caption::register_font() {
         return Err(drawing_error(path, "the built-in font could not be read"));
     }
     let root = BitMapBackend::new(path, size).into_drawing_area();

@@ -1,5 +1,5 @@
 //! Each augmentation op against torchvision 0.26 for given parameters, on
-//! fixtures written by `tools/make_augment_fixtures.py` (run by hand), for
+//! fixtures written by `tools/fixtures/make_augment_fixtures.py` (run by hand), for
 //! both implementations: the CPU path and the device path (run here on CPU
 //! tensors; on a GPU it runs the same ops).
 //!

@@ -3,7 +3,7 @@
 //! its expected outcome: it works, or it fails with an error naming the
 //! file and the fault. Nothing may panic or allocate without bound. The
 //! inputs are built here byte by byte, except the CMYK and progressive
-//! JPEGs, which `tools/make_image_fixtures.py` writes with PIL.
+//! JPEGs, which `tools/fixtures/make_image_fixtures.py` writes with PIL.
 use std::path::{Path, PathBuf};
 
 use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};

@@ -1,5 +1,5 @@
 //! Parity with PyTorch/torchvision 2.11 on fixtures written by
-//! `tools/make_fixtures.py` (run by hand; see its docstring).
+//! `tools/fixtures/make_fixtures.py` (run by hand; see its docstring).
 //!
 //! Tolerances: relative error ‖ours − ref‖∞ / ‖ref‖∞ below 1e-5 for NT-Xent
 //! values and gradients (fp64 and fp32), 1e-4 for encoder features (also
@@ -28,7 +28,7 @@ fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     (ours - reference).abs().max().double_value(&[]) / scale
 }
 
-/// The closed-form weights of `formula_fill` in tools/make_fixtures.py.
+/// The closed-form weights of `formula_fill` in tools/fixtures/make_fixtures.py.
 fn formula_fill(name: &str, index: usize, shape: &[i64]) -> Tensor {
     let n: i64 = shape.iter().product();
     let i = Tensor::arange(n, (Kind::Double, Device::Cpu));

@@ -1,8 +1,11 @@
 //! `simclr augment-preview`: a PNG contact sheet of what a pipeline does,
 //! so a user sees the views before training on them. One row per image:
 //! the evaluation view (centre crop), then several pairs of training views
-//! (view 1 above the line of its pair, view 2 beside it), enlarged.
+//! (view 1, then view 2 beside it), enlarged, each captioned ("original",
+//! "1a" and "1b" for the two views of pair 1).
 use image::{imageops, Rgb, RgbImage};
+
+use crate::io::caption::caption;
 
 use super::{center_view, uint8_batch, view_rng, FloatImage, Pipeline, ViewParams};
 
@@ -39,6 +42,37 @@ pub struct PreviewViews {
     pub params: ViewParams,
 }
 
+/// How a preview is drawn.
+#[derive(Debug, Clone, Copy)]
+pub struct PreviewOptions {
+    /// Seeds the views as training seeds them (pair `p` is epoch `p`).
+    pub seed: u64,
+    pub pairs: usize,
+    /// Enlargement of each view; by default views are shown about 96 px wide.
+    pub scale: Option<u32>,
+    pub renderer: Renderer,
+}
+
+/// [`preview`] written out: the sheet as a PNG at `png`, and every view's
+/// drawn parameters as JSON lines at `params`.
+pub fn write_preview(
+    images: &[RgbImage],
+    pipeline: &Pipeline,
+    options: PreviewOptions,
+    png: &std::path::Path,
+    params: Option<&std::path::Path>,
+) -> crate::Result<()> {
+    let scale = options.scale.unwrap_or((96 / pipeline.size()).max(1));
+    let (sheet, log) = preview(images, pipeline, options.seed, options.pairs, scale, options.renderer)?;
+    crate::io::write_png(png, &sheet)?;
+    if let Some(path) = params {
+        let lines: Vec<String> =
+            log.iter().map(|entry| serde_json::to_string(entry).expect("parameters serialise") + "\n").collect();
+        crate::io::write_atomic(path, lines.concat().as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Draws `pairs` pairs of views of each image (seeded like training views
 /// of epoch `pair`), each view shown `scale` times its size.
 pub fn preview(
@@ -61,6 +95,7 @@ pub fn preview(
     for (row, image) in images.iter().enumerate() {
         let y = i64::from(GAP + row as u32 * (side + GAP));
         imageops::replace(&mut sheet, &enlarge(&center_view(image, pipeline.size())), i64::from(GAP), y);
+        caption(&mut sheet, "original", GAP, y as u32, side, side);
         for pair in 0..pairs {
             let x = GAP + side + PAIR_GAP + pair as u32 * (2 * side + GAP + PAIR_GAP);
             for view in 0..2 {
@@ -75,6 +110,7 @@ pub fn preview(
                 };
                 let left = x + view as u32 * (side + GAP);
                 imageops::replace(&mut sheet, &enlarge(&rendered), i64::from(left), y);
+                caption(&mut sheet, &format!("{}{}", pair + 1, ["a", "b"][view]), left, y as u32, side, side);
                 log.push(PreviewViews { image: row, pair, view, params });
             }
         }
@@ -97,7 +133,8 @@ mod tests {
             assert_eq!(sheet.dimensions(), (GAP + 48 + PAIR_GAP + 2 * (96 + GAP + PAIR_GAP), GAP + 3 * (48 + GAP)));
             assert_eq!(log.len(), 3 * 2 * 2);
             // The two views of a pair differ.
-            let crop = |x| imageops::crop_imm(&sheet, x, GAP, 48, 48).to_image();
+            // (Above the captions, which differ anyway.)
+            let crop = |x| imageops::crop_imm(&sheet, x, GAP, 48, 48 - 14).to_image();
             let first = GAP + 48 + PAIR_GAP;
             assert_ne!(crop(first), crop(first + 48 + GAP));
         }

@@ -2,7 +2,7 @@
 //! the gradient magnitude of the luma, sqrt(gx² + gy²) / 4 clipped to
 //! [0, 1] (4 is the largest response to a unit step along one axis),
 //! replicated to three channels. Borders repeat the edge pixel.
-//! torchvision has no Sobel op; `tools/make_augment_fixtures.py` checks this
+//! torchvision has no Sobel op; `tools/fixtures/make_augment_fixtures.py` checks this
 //! definition against `torch.nn.functional.conv2d`.
 use rand::Rng;
 use serde::{Deserialize, Serialize};

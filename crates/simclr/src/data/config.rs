@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checks::is_positive_finite;
+use crate::checks::MIN_IMAGE_SIDE;
+use crate::normalization::{check_std, IMAGENET_MEAN, IMAGENET_STD};
 
 /// Where training images come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,10 +62,6 @@ pub struct DataConfig {
     pub on_bad_image: BadImagePolicy,
 }
 
-/// ImageNet's channel means and standard deviations, torchvision's default.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
@@ -88,8 +85,8 @@ impl Default for DataConfig {
 impl DataConfig {
     /// Pushes one line per bad field of the section.
     pub(crate) fn check(&self, problems: &mut Vec<String>) {
-        if self.image_size < 8 {
-            problems.push(format!("data.image_size = {}: must be at least 8", self.image_size));
+        if self.image_size < MIN_IMAGE_SIDE {
+            problems.push(format!("data.image_size = {}: must be at least {MIN_IMAGE_SIDE}", self.image_size));
         }
         for (field, value) in [("data.limit", self.limit), ("data.knn_limit", self.knn_limit)] {
             if value == Some(0) {
@@ -105,15 +102,5 @@ impl DataConfig {
         if self.synthetic_images < self.synthetic_classes {
             problems.push(format!("data.synthetic_images = {}: need at least one per class", self.synthetic_images));
         }
-    }
-}
-
-/// A normalisation's standard deviations: every one finite and above zero.
-/// The error is the value with the rule, for the caller to prefix with its field.
-pub fn check_std(std: &[f32; 3]) -> Result<(), String> {
-    if std.iter().all(|s| is_positive_finite(f64::from(*s))) {
-        Ok(())
-    } else {
-        Err(format!("{std:?}: every entry must be > 0"))
     }
 }

@@ -131,7 +131,7 @@ pub struct DeviceViewLoader {
     /// once per step rather than once per view: where the views draw from
     /// the same ops, on a GPU. There every small kernel costs a launch
     /// whatever the batch, and the CIFAR pipeline issues 783 ATen ops, 218
-    /// of them kernels, per batch (`tools/count_ops.sh augment`, 256 views
+    /// of them kernels, per batch (`tools/bench/count_ops.sh augment`, 256 views
     /// on the CPU; PyTorch's batched version 377 and 136). Timed on CPU tensors,
     /// one batch of 512 views took 0.85 times as long as two of 256 at 8x8
     /// pixels, where dispatch is most of the cost, as on a GPU; but 1.2

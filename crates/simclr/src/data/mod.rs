@@ -16,14 +16,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::checks::MIN_IMAGE_SIDE;
 use crate::{Error, Result};
 use config::{BadImagePolicy, DataConfig, DataFormat};
 
 pub use loader::ViewLoader;
-
-/// Images smaller than this on either side are rejected: a random crop of
-/// 8% of a smaller image has no detail left to learn from.
-pub const MIN_IMAGE_SIDE: u32 = 8;
 
 /// Where one sample's pixels are.
 #[derive(Debug, Clone)]

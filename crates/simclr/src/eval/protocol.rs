@@ -117,6 +117,13 @@ fn labelled(path: &std::path::Path, limit: Option<usize>, seed: u64) -> Result<D
 }
 
 pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
+    if let Protocol::Knn(config) = protocol {
+        let mut problems = Vec::new();
+        config.check("--", &mut problems);
+        if !problems.is_empty() {
+            return Err(Error::Config(problems));
+        }
+    }
     let started = Instant::now();
     let train = labelled(&options.train, options.limit, options.seed)?;
     let test = labelled(&options.test, options.limit, options.seed)?;

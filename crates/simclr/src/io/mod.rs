@@ -1,5 +1,6 @@
 //! Tensors on disk: safetensors files, written atomically, and the encoder
 //! in torchvision's state-dict names ([`torchvision`]).
+pub mod caption;
 pub mod torchvision;
 
 use std::collections::HashMap;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Arch, HeadConfig, Stem};
-use crate::data::config::{check_std, IMAGENET_MEAN, IMAGENET_STD};
+use crate::normalization::{check_std, IMAGENET_MEAN, IMAGENET_STD};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,11 +66,11 @@ impl EncoderSpec {
         if let Err(problem) = super::check_width(self.width_multiplier) {
             problems.push(format!("--width {problem}"));
         }
-        if self.image_size < crate::data::MIN_IMAGE_SIDE {
+        if self.image_size < crate::checks::MIN_IMAGE_SIDE {
             problems.push(format!(
                 "--image-size {}: must be at least {}",
                 self.image_size,
-                crate::data::MIN_IMAGE_SIDE
+                crate::checks::MIN_IMAGE_SIDE
             ));
         }
         if let Err(problem) = check_std(&self.std) {

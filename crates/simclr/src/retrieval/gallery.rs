@@ -1,5 +1,6 @@
 //! A PNG contact sheet of search results: one row per query, the query in
-//! the first column behind a coloured frame, then its neighbours, best first.
+//! the first column behind a coloured frame, then its neighbours, best
+//! first, each captioned with its rank and cosine similarity.
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
@@ -7,6 +8,7 @@ use image::{Rgb, RgbImage};
 use super::Neighbor;
 use crate::augment::center_view;
 use crate::data::decode;
+use crate::io::caption::caption;
 use crate::Result;
 
 const GAP: u32 = 6;
@@ -37,9 +39,11 @@ pub fn write_gallery(
             }
         }
         image::imageops::replace(&mut sheet, &thumbnail(query, side)?, i64::from(GAP), i64::from(y));
+        caption(&mut sheet, "query", GAP, y, side, side);
         for (column, hit) in neighbours.iter().enumerate() {
             let x = GAP + (column as u32 + 1) * cell + GAP;
             image::imageops::replace(&mut sheet, &thumbnail(&items[hit.index], side)?, i64::from(x), i64::from(y));
+            caption(&mut sheet, &format!("#{} {:.3}", column + 1, hit.similarity), x, y, side, side);
         }
     }
     crate::io::write_png(output, &sheet)

@@ -157,6 +157,20 @@ pub struct NeighborsReport {
     pub hits: Vec<Vec<Neighbor>>,
 }
 
+/// Tab-separated: a header, then one line per (query, neighbour), best first.
+impl std::fmt::Display for NeighborsReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "query\trank\tsimilarity\tpath")?;
+        for (query, hits) in self.queries.iter().zip(&self.hits) {
+            for (rank, hit) in hits.iter().enumerate() {
+                let item = self.items[hit.index].display();
+                writeln!(f, "{}\t{}\t{:.4}\t{item}", query.display(), rank + 1, hit.similarity)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Embeds the index folder and the queries, and finds each query's neighbours.
 pub fn neighbors(options: &NeighborsOptions) -> Result<NeighborsReport> {
     if options.k == 0 {

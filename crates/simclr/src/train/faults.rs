@@ -1,10 +1,11 @@
 //! Fault injection for the robustness tests, built only with the
-//! `fault-injection` feature (`./x.sh test` enables it; the shipped binary
-//! does not, so it never reads these variables):
+//! `fault-injection` feature (`./x.sh test` enables it through the binary's
+//! feature of that name; the shipped binary does not, so it never reads
+//! these variables):
 //! - `SIMCLR_TEST_STOP_AFTER_STEPS=N`: stop as a signal would, once N steps are done;
 //! - `SIMCLR_TEST_POISON_STEPS=a,b,...`: make the loss of these 0-based steps NaN;
 //! - `SIMCLR_TEST_WRITE_PAUSE_MS=N`: pause halfway through writing each file.
-use anyhow::{Context, Result};
+use crate::{Error, Result};
 
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -15,7 +16,8 @@ pub struct Faults {
 /// Step numbers from a variable, comma-separated; absent means none.
 fn steps(name: &str) -> Result<Vec<usize>> {
     let Ok(value) = std::env::var(name) else { return Ok(Vec::new()) };
-    value.split(',').map(|v| v.trim().parse().with_context(|| format!("{name}={value}"))).collect()
+    let bad = |e: std::num::ParseIntError| Error::InvalidArgument(format!("{name}={value}: {e}"));
+    value.split(',').map(|v| v.trim().parse().map_err(bad)).collect()
 }
 
 impl Faults {
@@ -38,6 +40,6 @@ impl Faults {
 /// Process-wide faults, set before anything runs.
 pub fn install() {
     if let Ok(pause) = std::env::var("SIMCLR_TEST_WRITE_PAUSE_MS") {
-        simclr::io::set_write_pause(pause.parse().unwrap_or(0));
+        crate::io::set_write_pause(pause.parse().unwrap_or(0));
     }
 }

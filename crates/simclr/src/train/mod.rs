@@ -1,6 +1,10 @@
 //! Pretraining: the loop, its checkpoints and its metrics log.
 pub mod checkpoint;
+mod console;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod metrics;
 pub mod trainer;
 
+pub use console::Console;
 pub use trainer::{train, Control, Observer, Progress, TrainReport, Trainer};

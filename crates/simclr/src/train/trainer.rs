@@ -106,6 +106,47 @@ impl TrainReport {
     }
 }
 
+/// What a finished run did, as `simclr train` prints it.
+impl std::fmt::Display for TrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(position) = self.interrupted_at {
+            return writeln!(
+                f,
+                "interrupted after step {} (epoch {}, batch {}); checkpoint written to {}\n\
+                 continue with: simclr train --resume --output {}",
+                position.step,
+                position.epoch + 1,
+                position.batch,
+                self.checkpoint_path.display(),
+                self.output_dir.display()
+            );
+        }
+        if let Some(last) = self.epochs.last() {
+            writeln!(f, "trained {} epochs on {:?}: final loss {:.4}", last.epoch, self.device, last.loss)?;
+        }
+        match (self.initial_knn_top1, self.final_knn_top1()) {
+            (Some(before), Some(after)) => {
+                writeln!(f, "kNN top-1: {:.2}% at random init -> {:.2}% after training", 100.0 * before, 100.0 * after)?
+            }
+            (None, Some(after)) => writeln!(f, "kNN top-1: {:.2}%", 100.0 * after)?,
+            _ => {}
+        }
+        if !self.skipped_images.is_empty() {
+            writeln!(f, "skipped {} unreadable images:", self.skipped_images.len())?;
+            for skipped in &self.skipped_images {
+                writeln!(f, "  {skipped}")?;
+            }
+        }
+        if self.skipped_steps > 0 {
+            writeln!(f, "skipped {} steps with a non-finite loss or gradient", self.skipped_steps)?;
+        }
+        if let Some(encoder) = &self.encoder_path {
+            writeln!(f, "encoder: {}", encoder.display())?;
+        }
+        writeln!(f, "checkpoint: {}", self.checkpoint_path.display())
+    }
+}
+
 /// The kNN monitor: a labelled bank and labelled queries.
 struct Monitor {
     bank: Dataset,
