@@ -3,12 +3,72 @@
 //! which must give one clear error naming the file or value, a non-zero
 //! exit, and leave an earlier checkpoint as it was.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 use image::{Rgb, RgbImage};
 
-fn simclr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_simclr")).args(args).env("RUST_LOG", "warn").output().expect("runs the binary")
+/// One invocation of the `simclr` binary, built up argument by argument:
+/// every test launches the binary through it.
+#[derive(Debug, Clone)]
+struct Simclr {
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    /// `ulimit` settings applied first (the run goes through bash).
+    limits: Option<String>,
+}
+
+/// `simclr` with these first arguments (a subcommand's words, usually).
+fn simclr<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Simclr {
+    Simclr { args: Vec::new(), env: vec![("RUST_LOG", "warn".to_owned())], limits: None }.args(args)
+}
+
+impl Simclr {
+    fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    fn env(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.env.retain(|(n, _)| *n != name);
+        self.env.push((name, value.to_string()));
+        self
+    }
+
+    fn limits(mut self, limits: &str) -> Self {
+        self.limits = Some(limits.to_owned());
+        self
+    }
+
+    fn command(&self) -> Command {
+        let binary = env!("CARGO_BIN_EXE_simclr");
+        let mut command = match &self.limits {
+            None => Command::new(binary),
+            Some(limits) => {
+                let quoted: Vec<String> = self.args.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
+                // SIGXFSZ ignored, so an over-limit write fails with EFBIG as a full disk would.
+                let script = format!("trap '' XFSZ; {limits}; exec '{binary}' {}", quoted.join(" "));
+                let mut bash = Command::new("bash");
+                bash.args(["-c", &script]);
+                bash
+            }
+        };
+        if self.limits.is_none() {
+            command.args(&self.args);
+        }
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
+        command
+    }
+
+    fn run(&self) -> Output {
+        self.command().output().expect("runs the binary")
+    }
+
+    /// Starts the run with its output sent as `configure` says.
+    fn spawn(&self, configure: impl FnOnce(&mut Command)) -> Child {
+        let mut command = self.command();
+        configure(&mut command);
+        command.spawn().expect("starts the binary")
+    }
 }
 
 fn stderr(output: &Output) -> String {
@@ -49,43 +109,40 @@ fn image_folder(root: &Path, per_class: usize, size: u32) {
     }
 }
 
-/// Flags for a run that takes a second or two on the CPU.
-fn tiny_run(data: &Path, output: &Path) -> Vec<String> {
-    let data = data.display().to_string();
-    [
-        "train",
-        "--data",
-        &data,
-        "--output",
-        &output.display().to_string(),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--set",
+/// A training run that takes a second or two on the CPU, without the kNN monitor.
+fn tiny_training(data: &Path, output: &Path) -> Simclr {
+    simclr(["train"]).args(tiny_flags(data, output))
+}
+
+/// The flags of [`tiny_training`] after its subcommand.
+fn tiny_flags(data: &Path, output: &Path) -> Vec<String> {
+    let (data, output) = (data.display().to_string(), output.display().to_string());
+    let flags = ["--data", &data, "--output", &output, "--epochs", "1", "--batch-size", "4", "--device", "cpu"];
+    let settings = [
         "data.image_size=16",
-        "--set",
         "model.arch=resnet18",
-        "--set",
         "model.stem=cifar",
-        "--set",
         "model.width_multiplier=0.125",
-        "--set",
         "optim.warmup_epochs=0",
-        "--set",
         "train.knn_k=3",
-        "--set",
         "train.knn_every=1",
-        "--set",
-        &format!("data.knn_train_path={data:?}"),
-        "--set",
-        &format!("data.knn_test_path={data:?}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    let mut all: Vec<String> = flags.map(String::from).to_vec();
+    all.extend(settings.iter().flat_map(|s| ["--set".to_owned(), s.to_string()]));
+    all
+}
+
+/// The kNN monitor on `data` itself.
+fn monitor_flags(data: &Path) -> Vec<String> {
+    let data = data.display().to_string();
+    ["--set", &format!("data.knn_train_path={data:?}"), "--set", &format!("data.knn_test_path={data:?}")]
+        .map(String::from)
+        .to_vec()
+}
+
+/// [`tiny_training`] with the kNN monitor.
+fn tiny_run(data: &Path, output: &Path) -> Simclr {
+    tiny_training(data, output).args(monitor_flags(data))
 }
 
 /// `--weights` and the flags of the tiny runs' encoder (CIFAR stem, on the CPU).
@@ -94,23 +151,6 @@ fn encoder_flags(weights: &Path, arch: &str, width: &str) -> Vec<String> {
     ["--weights", &weights, "--arch", arch, "--width", width, "--stem", "cifar", "--device", "cpu"]
         .map(String::from)
         .to_vec()
-}
-
-/// Runs `simclr WORDS FLAGS EXTRA`.
-fn simclr_with(words: &[&str], flags: Vec<String>, extra: &[&str]) -> Output {
-    let mut args: Vec<String> = words.iter().map(|s| s.to_string()).collect();
-    args.extend(flags);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    run(&args)
-}
-
-fn run(args: &[String]) -> Output {
-    simclr(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
 }
 
 /// The shape in a .npy file's header.
@@ -129,7 +169,7 @@ fn train_resume_and_embed_round_trip() {
     let out = dir.path().join("run");
     image_folder(&data, 6, 16);
 
-    assert_succeeds(&run(&tiny_run(&data, &out)));
+    assert_succeeds(&tiny_run(&data, &out).run());
     for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
@@ -138,11 +178,11 @@ fn train_resume_and_embed_round_trip() {
     assert!(summary["final_knn_top1"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
 
     // A second fresh run must not overwrite the first.
-    assert_fails_with(&run(&tiny_run(&data, &out)), &["--resume", "checkpoint.safetensors"]);
+    assert_fails_with(&tiny_run(&data, &out).run(), &["--resume", "checkpoint.safetensors"]);
 
     // Resuming continues from epoch 1 to epoch 2, with the saved config.
     let out_arg = out.display().to_string();
-    assert_succeeds(&simclr(&["train", "--resume", "--output", &out_arg, "--epochs", "2"]));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).run());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = metrics
         .lines()
@@ -155,7 +195,7 @@ fn train_resume_and_embed_round_trip() {
     let data_arg = data.display().to_string();
     let report_path = dir.path().join("knn.json");
     let checkpoint = out.join("checkpoint.safetensors").display().to_string();
-    let knn = simclr(&[
+    let knn = simclr([
         "eval",
         "knn",
         "--k",
@@ -170,14 +210,15 @@ fn train_resume_and_embed_round_trip() {
         "cpu",
         "--output",
         &report_path.display().to_string(),
-    ]);
+    ])
+    .run();
     assert_succeeds(&knn);
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     assert_eq!((report["protocol"].as_str(), report["test_images"].as_u64()), (Some("knn"), Some(12)));
     assert!(report["top1"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
     let encoder = out.join("encoder.safetensors").display().to_string();
     for source in [["--weights", encoder.as_str()], ["--random-init", "--seed=3"]] {
-        let linear = simclr(&[
+        let linear = simclr([
             "eval",
             "linear",
             "--epochs",
@@ -198,14 +239,15 @@ fn train_resume_and_embed_round_trip() {
             &data_arg,
             "--device",
             "cpu",
-        ]);
+        ])
+        .run();
         assert_succeeds(&linear);
         assert!(String::from_utf8_lossy(&linear.stdout).contains("top-1"));
     }
 
     // Fine-tuning on half the labels: 3 of each class's 6, listed in the subset file.
     let subset = dir.path().join("subset.txt");
-    let finetune = simclr(&[
+    let finetune = simclr([
         "eval",
         "finetune",
         "--fraction",
@@ -224,7 +266,8 @@ fn train_resume_and_embed_round_trip() {
         "cpu",
         "--subset-file",
         &subset.display().to_string(),
-    ]);
+    ])
+    .run();
     assert_succeeds(&finetune);
     assert!(String::from_utf8_lossy(&finetune.stdout).contains("6 labelled of 12"));
     let chosen = std::fs::read_to_string(&subset).unwrap();
@@ -233,7 +276,7 @@ fn train_resume_and_embed_round_trip() {
     }
 
     // The run's figures, drawn into its folder.
-    let report = simclr(&["report", &out.display().to_string()]);
+    let report = simclr(["report", &out.display().to_string()]).run();
     assert_succeeds(&report);
     for figure in ["curves.png", "embedding.png", "tsne.png", "confusion.png"] {
         let (width, height) = image::image_dimensions(out.join(figure)).unwrap();
@@ -241,11 +284,10 @@ fn train_resume_and_embed_round_trip() {
     }
 
     let features = dir.path().join("features.npy");
-    let embed = simclr_with(
-        &["embed"],
-        encoder_flags(&out.join("encoder.safetensors"), "resnet18", "0.125"),
-        &["--input", &data_arg, "--output", &features.display().to_string(), "--image-size", "16"],
-    );
+    let embed = simclr(["embed"])
+        .args(encoder_flags(&out.join("encoder.safetensors"), "resnet18", "0.125"))
+        .args(["--input", &data_arg, "--output", &features.display().to_string(), "--image-size", "16"])
+        .run();
     assert_succeeds(&embed);
     // 12 images, h of 512 x 0.125 = 64 features.
     assert_eq!(npy_shape(&features), vec![12, 64]);
@@ -265,10 +307,8 @@ fn trains_on_cifar_binary_batches() {
         .flat_map(|i| std::iter::once(i % 2).chain((0..3072).map(move |p| ((p as u32 * (i as u32 + 3)) % 251) as u8)))
         .collect();
     std::fs::write(data.join("data_batch_1.bin"), records).unwrap();
-    let mut args = tiny_run(&data, &dir.path().join("run"));
-    // No kNN monitor: drop its two path overrides (the last four arguments).
-    args.truncate(args.len() - 4);
-    let output = run(&with(args, &["--set", "data.image_size=32"]));
+    // No kNN monitor: CIFAR batches of two classes are the training data alone.
+    let output = tiny_training(&data, &dir.path().join("run")).args(["--set", "data.image_size=32"]).run();
     assert_succeeds(&output);
 }
 
@@ -277,9 +317,53 @@ fn trained_run(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     let data = dir.join("data");
     let out = dir.join("run");
     image_folder(&data, 4, 16);
-    assert_succeeds(&run(&tiny_run(&data, &out)));
+    assert_succeeds(&tiny_run(&data, &out).run());
     let checkpoint = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     (data, out, checkpoint)
+}
+
+#[test]
+fn a_runs_encoder_is_used_with_no_other_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out, _) = trained_run(dir.path());
+    let weights = out.join("encoder.safetensors");
+    let embed = |weights: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let (weights, input) = (weights.display().to_string(), data.display().to_string());
+        (simclr(["embed", "--weights", &weights, "--input", &input, "--output", &output.display().to_string()]), output)
+    };
+    // The file alone: it records resnet18 at 0.125x, the CIFAR stem, 16 px
+    // and the run's normalisation.
+    let (bare, bare_npy) = embed(&weights, "bare.npy");
+    assert_succeeds(&bare.run());
+    // The same features as with every flag spelled out.
+    let (flagged, flagged_npy) = embed(&weights, "flagged.npy");
+    assert_succeeds(
+        &flagged.args(["--arch", "resnet18", "--width", "0.125", "--stem", "cifar", "--image-size", "16"]).run(),
+    );
+    assert_eq!(std::fs::read(&bare_npy).unwrap(), std::fs::read(&flagged_npy).unwrap());
+    // Flags override the record; weights that cannot be that model say what the file records.
+    let (wider, _) = embed(&weights, "wider.npy");
+    assert_fails_with(
+        &wider.args(["--width", "0.25"]).run(),
+        &["encoder.safetensors", "the model expects", "the file records resnet18 at 0.125x with the cifar stem"],
+    );
+    // A file that records nothing (here a checkpoint, whose encoder is the
+    // same) is described by the flags, as torchvision's files are...
+    let checkpoint = out.join("checkpoint.safetensors");
+    let (described, described_npy) = embed(&checkpoint, "described.npy");
+    assert_succeeds(
+        &described.args(["--arch", "resnet18", "--width", "0.125", "--stem", "cifar", "--image-size", "16"]).run(),
+    );
+    assert_eq!(std::fs::read(&bare_npy).unwrap(), std::fs::read(&described_npy).unwrap());
+    // ...and without them is taken for torchvision's ResNet-50, which it is not.
+    let (undescribed, _) = embed(&checkpoint, "undescribed.npy");
+    assert_fails_with(&undescribed.run(), &["checkpoint.safetensors", "is --arch/--width/--stem that of the weights?"]);
+    // eval and neighbors read the record too.
+    let data_arg = data.display().to_string();
+    let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
+    let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights.display().to_string()]).args(splits).run();
+    assert_succeeds(&knn);
 }
 
 #[test]
@@ -309,7 +393,7 @@ fn bad_images_are_named_and_leave_the_checkpoint_intact() {
     for (name, bytes, expected) in cases {
         let path = data.join("bars").join(name);
         std::fs::write(&path, bytes).unwrap();
-        assert_fails_with(&simclr(&resume), &[name, expected]);
+        assert_fails_with(&simclr(resume).run(), &[name, expected]);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
             std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
@@ -333,19 +417,19 @@ fn bad_values_are_named() {
         (&["--set", "augment.preset=simclr-tiny"], &["unknown variant `simclr-tiny`"]),
     ];
     for (extra, needles) in cases {
-        assert_fails_with(&run(&with(base.clone(), extra)), needles);
+        assert_fails_with(&base.clone().args(extra).run(), needles);
     }
     assert!(!dir.path().join("run").exists(), "a rejected config must not create the run folder");
 
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    assert_fails_with(&run(&tiny_run(&empty, &dir.path().join("run2"))), &["empty", "no images found"]);
+    assert_fails_with(&tiny_run(&empty, &dir.path().join("run2")).run(), &["empty", "no images found"]);
     assert_fails_with(
-        &simclr(&["bench", "--arch", "resnet19", "--device", "cpu"]),
+        &simclr(["bench", "--arch", "resnet19", "--device", "cpu"]).run(),
         &["unknown architecture 'resnet19'"],
     );
     assert_fails_with(
-        &simclr(&["bench", "--optimizer", "adam", "--device", "cpu"]),
+        &simclr(["bench", "--optimizer", "adam", "--device", "cpu"]).run(),
         &["unknown optimizer 'adam'", "lars, sgd, adamw"],
     );
 }
@@ -355,7 +439,7 @@ fn bench_reports_the_step_it_timed() {
     let args = ["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--batch-size", "4", "--image-size", "16"];
     let args = [&["bench"][..], &args, &["--steps", "1", "--warmup", "0", "--device", "cpu", "--json"]].concat();
     for optimizer in ["lars", "sgd", "adamw"] {
-        let output = simclr(&[&args[..], &["--optimizer", optimizer]].concat());
+        let output = simclr([&args[..], &["--optimizer", optimizer]].concat()).run();
         assert_succeeds(&output);
         let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(report["optimizer"], optimizer);
@@ -366,7 +450,7 @@ fn bench_reports_the_step_it_timed() {
         assert!(report.get("graph_ms_per_step").is_none(), "no CUDA graph was asked for: {report}");
     }
     // A CUDA graph is refused off CUDA before anything is timed.
-    let output = simclr(&[&args[..], &["--cuda-graph", "device/libsimclr_graph.so"]].concat());
+    let output = simclr([&args[..], &["--cuda-graph", "device/libsimclr_graph.so"]].concat()).run();
     assert_fails_with(&output, &["--cuda-graph needs a CUDA device, not Cpu"]);
 }
 
@@ -403,12 +487,12 @@ fn bad_augmentation_configs_are_named_at_load_time() {
         ),
     ];
     for (value, needles) in &cases {
-        assert_fails_with(&run(&with(base.clone(), &["--set", value])), needles);
+        assert_fails_with(&base.clone().args(["--set", value]).run(), needles);
     }
     // Every problem of one config is listed at once.
     let all =
         cases[..5].iter().map(|(v, _)| v.trim_start_matches("augment.ops=[").trim_end_matches(']')).collect::<Vec<_>>();
-    let message = stderr(&run(&with(base.clone(), &["--set", &ops(&all.join(", "))])));
+    let message = stderr(&base.clone().args(["--set", &ops(&all.join(", "))]).run());
     for index in 0..5 {
         assert!(message.contains(&format!("augment.ops[{index}]")), "{message}");
     }
@@ -440,7 +524,7 @@ fn augment_preview_and_ablation_write_their_figures() {
         "--config",
     ];
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/asymmetric.toml").display().to_string();
-    let output = simclr(&[&preview[..], &[config.as_str()]].concat());
+    let output = simclr([&preview[..], &[config.as_str()]].concat()).run();
     assert_succeeds(&output);
     let sheet = image::open(&png).unwrap();
     // 4 rows of 6x-enlarged 16 px views: the original and 2 pairs per row.
@@ -452,10 +536,11 @@ fn augment_preview_and_ablation_write_their_figures() {
         .contains("view 2: random-resized-crop -> horizontal-flip -> color-jitter -> grayscale -> solarize"));
 
     let out = dir.path().join("ablation");
-    let mut args = vec!["ablate".to_owned(), "augment".to_owned()];
-    args.extend(tiny_run(&data, &out).into_iter().skip(1));
-    args.extend(["--ops".to_owned(), "random-resized-crop,color-jitter".to_owned()]);
-    let output = simclr(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let output = simclr(["ablate", "augment"])
+        .args(tiny_flags(&data, &out))
+        .args(monitor_flags(&data))
+        .args(["--ops", "random-resized-crop,color-jitter"])
+        .run();
     assert_succeeds(&output);
     let csv = std::fs::read_to_string(out.join("ablation.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
@@ -469,7 +554,7 @@ fn augment_preview_and_ablation_write_their_figures() {
     assert_eq!(runs, 3);
     assert!(image::open(out.join("ablation.png")).unwrap().width() > 100);
     assert_fails_with(
-        &simclr(&["ablate", "augment", "--ops", "crop,blur", "--output", &out.display().to_string()]),
+        &simclr(["ablate", "augment", "--ops", "crop,blur", "--output", &out.display().to_string()]).run(),
         &["unknown op 'crop'", "random-resized-crop"],
     );
 }
@@ -481,11 +566,10 @@ fn mismatched_weights_are_named() {
     let weights = out.join("encoder.safetensors");
     let (data_arg, output_arg) = (data.display().to_string(), dir.path().join("f.npy").display().to_string());
     let embed = |weights: &Path, arch: &str, width: &str| {
-        simclr_with(
-            &["embed"],
-            encoder_flags(weights, arch, width),
-            &["--input", &data_arg, "--output", &output_arg, "--image-size", "16"],
-        )
+        simclr(["embed"])
+            .args(encoder_flags(weights, arch, width))
+            .args(["--input", &data_arg, "--output", &output_arg, "--image-size", "16"])
+            .run()
     };
     // Mis-shaped: the weights are 0.125x, the model asked for is 0.25x.
     assert_fails_with(
@@ -502,10 +586,10 @@ fn mismatched_weights_are_named() {
     assert!(!dir.path().join("f.npy").exists(), "no partial output on failure");
     // Evaluation takes the same checks, and needs labelled splits and one encoder.
     let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
-    let eval = simclr_with(&["eval", "knn"], encoder_flags(&junk, "resnet18", "0.125"), &splits);
+    let eval = simclr(["eval", "knn"]).args(encoder_flags(&junk, "resnet18", "0.125")).args(splits).run();
     assert_fails_with(&eval, &["junk.safetensors"]);
-    assert_fails_with(&simclr(&["eval", "knn", "--random-init", "--train", &data_arg]), &["--test"]);
-    assert_fails_with(&simclr(&["eval", "linear", "--train", &data_arg, "--test", &data_arg]), &["--random-init"]);
+    assert_fails_with(&simclr(["eval", "knn", "--random-init", "--train", &data_arg]).run(), &["--test"]);
+    assert_fails_with(&simclr(["eval", "linear", "--train", &data_arg, "--test", &data_arg]).run(), &["--random-init"]);
 }
 
 #[test]
@@ -528,10 +612,9 @@ fn neighbors_finds_the_query_and_its_near_duplicates() {
     let query = index.join("shape00.png");
     let gallery = dir.path().join("gallery.png");
     for kind in ["exact", "hnsw"] {
-        let output = simclr_with(
-            &["neighbors"],
-            encoder_flags(&run_dir.join("encoder.safetensors"), "resnet18", "0.125"),
-            &[
+        let output = simclr(["neighbors"])
+            .args(encoder_flags(&run_dir.join("encoder.safetensors"), "resnet18", "0.125"))
+            .args([
                 "--image-size",
                 "32",
                 "--index",
@@ -542,8 +625,8 @@ fn neighbors_finds_the_query_and_its_near_duplicates() {
                 kind,
                 "--gallery",
                 &gallery.display().to_string(),
-            ],
-        );
+            ])
+            .run();
         assert_succeeds(&output);
         let table = String::from_utf8_lossy(&output.stdout).into_owned();
         let hits: Vec<&str> = table.lines().skip(1).map(|l| l.rsplit('\t').next().unwrap()).collect();
@@ -565,8 +648,8 @@ fn epoch_losses(run: &Path) -> Vec<f64> {
 }
 
 /// A 3-epoch run of 6 steps an epoch, checkpointing every epoch.
-fn three_epochs(data: &Path, out: &Path) -> Vec<String> {
-    with(tiny_run(data, out), &["--epochs", "3", "--set", "train.checkpoint_every=1"])
+fn three_epochs(data: &Path, out: &Path) -> Simclr {
+    tiny_run(data, out).args(["--epochs", "3", "--set", "train.checkpoint_every=1"])
 }
 
 #[test]
@@ -575,21 +658,15 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
     let straight = dir.path().join("straight");
-    assert_succeeds(&run(&three_epochs(&data, &straight)));
+    assert_succeeds(&three_epochs(&data, &straight).run());
 
     // Stopped after step 8, in the middle of epoch 2, as SIGINT/SIGTERM would.
     let stopped = dir.path().join("stopped");
-    let args = three_epochs(&data, &stopped);
-    let first = Command::new(env!("CARGO_BIN_EXE_simclr"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .env("SIMCLR_TEST_STOP_AFTER_STEPS", "8")
-        .output()
-        .unwrap();
+    let first = three_epochs(&data, &stopped).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8).run();
     assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
     assert!(stderr(&first).contains("simclr train --resume --output"), "{}", stderr(&first));
     assert!(!stopped.join("encoder.safetensors").exists());
-    assert_succeeds(&simclr(&["train", "--resume", "--output", &stopped.display().to_string()]));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
 
     let (expected, resumed) = (epoch_losses(&straight), epoch_losses(&stopped));
     assert_eq!(expected.len(), 3);
@@ -608,14 +685,7 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
-    let poisoned = |out: &Path, steps: &str| {
-        Command::new(env!("CARGO_BIN_EXE_simclr"))
-            .args(three_epochs(&data, out))
-            .env("RUST_LOG", "warn")
-            .env("SIMCLR_TEST_POISON_STEPS", steps)
-            .output()
-            .unwrap()
-    };
+    let poisoned = |out: &Path, steps: &str| three_epochs(&data, out).env("SIMCLR_TEST_POISON_STEPS", steps).run();
     let one = dir.path().join("one");
     let output = poisoned(&one, "2");
     assert_succeeds(&output);
@@ -629,7 +699,7 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops() {
     let output = poisoned(&many, "7,8,9,10,11");
     assert_fails_with(&output, &["5 steps in a row", "learning rate", "checkpoint.safetensors"]);
     assert_eq!(epoch_losses(&many).len(), 1);
-    assert_succeeds(&simclr(&["train", "--resume", "--output", &many.display().to_string()]));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &many.display().to_string()]).run());
     assert_eq!(epoch_losses(&many).len(), 3);
 }
 
@@ -639,12 +709,9 @@ fn sigterm_checkpoints_and_says_how_to_resume() {
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
     let out = dir.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_simclr"))
-        .args(with(tiny_run(&data, &out), &["--epochs", "200"]))
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = tiny_run(&data, &out).args(["--epochs", "200"]).spawn(|command| {
+        command.stderr(std::process::Stdio::piped());
+    });
     // Wait until training is under way (the first epoch is logged).
     let started = std::time::Instant::now();
     while !out.join("metrics.jsonl").exists() {
@@ -657,7 +724,7 @@ fn sigterm_checkpoints_and_says_how_to_resume() {
     assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
     assert!(stderr(&output).contains("--resume"), "{}", stderr(&output));
     // The checkpoint it wrote is whole: the run continues from it.
-    assert_succeeds(&simclr(&["train", "--resume", "--output", &out.display().to_string(), "--epochs", "2"]));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &out.display().to_string(), "--epochs", "2"]).run());
 }
 
 #[test]
@@ -666,7 +733,7 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
     let out = dir.path().join("run");
-    assert_succeeds(&run(&with(three_epochs(&data, &out), &["--epochs", "2"])));
+    assert_succeeds(&three_epochs(&data, &out).args(["--epochs", "2"]).run());
     let (latest, previous) = (out.join("checkpoint.safetensors"), out.join("checkpoint.prev.safetensors"));
     assert!(latest.is_file() && previous.is_file(), "the previous checkpoint is kept");
 
@@ -676,7 +743,7 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
     bytes[last] ^= 0x40;
     std::fs::write(&latest, bytes).unwrap();
     let out_arg = out.display().to_string();
-    let resumed = simclr(&["train", "--resume", "--output", &out_arg, "--epochs", "3"]);
+    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "3"]).run();
     assert_succeeds(&resumed);
     for needle in ["checksum mismatch", "previous checkpoint"] {
         assert!(stderr(&resumed).contains(needle), "warning should say '{needle}':\n{}", stderr(&resumed));
@@ -686,7 +753,7 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
 
     // A crash between moving the old checkpoint aside and renaming the new one.
     std::fs::remove_file(&latest).unwrap();
-    assert_succeeds(&simclr(&["train", "--resume", "--output", &out_arg, "--epochs", "4"]));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &out_arg, "--epochs", "4"]).run());
     assert_eq!(epoch_losses(&out).len(), 4);
 }
 
@@ -699,7 +766,7 @@ fn the_skip_policy_trains_on_and_lists_unreadable_images() {
     RgbImage::new(16, 16).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
     std::fs::write(data.join("bars").join("broken.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
     let out = dir.path().join("run");
-    let output = run(&with(tiny_run(&data, &out), &["--set", "data.on_bad_image=skip"]));
+    let output = tiny_run(&data, &out).args(["--set", "data.on_bad_image=skip"]).run();
     assert_succeeds(&output);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(stdout.contains("skipped 1 unreadable images") && stdout.contains("broken.jpg"), "{stdout}");
@@ -749,27 +816,23 @@ fn sigkill_at_random_points_never_loses_the_run() {
     // 12 epochs of 6 steps, a checkpoint after each: each round below
     // advances the run by at most two epochs, so every round finds it
     // running and kills it.
-    let runs = |out: &Path| with(tiny_run(&data, out), &["--epochs", "12", "--set", "train.checkpoint_every=1"]);
+    let runs = |out: &Path| tiny_run(&data, out).args(["--epochs", "12", "--set", "train.checkpoint_every=1"]);
     let straight = dir.path().join("straight");
-    assert_succeeds(&run(&runs(&straight)));
+    assert_succeeds(&runs(&straight).run());
     let killed = dir.path().join("killed");
     // What every round's run printed, for the message of a failure.
     let log = dir.path().join("rounds.log");
     let history = || std::fs::read_to_string(&log).unwrap_or_default();
     let start = |pause_ms: u64| {
-        let args = if simclr::train::checkpoint::exists(&killed.join("checkpoint.safetensors")) {
-            vec!["train".to_owned(), "--resume".to_owned(), "--output".to_owned(), killed.display().to_string()]
+        let run = if simclr::train::checkpoint::exists(&killed.join("checkpoint.safetensors")) {
+            simclr(["train", "--resume", "--output", &killed.display().to_string()])
         } else {
             runs(&killed)
         };
-        Command::new(env!("CARGO_BIN_EXE_simclr"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("SIMCLR_TEST_WRITE_PAUSE_MS", pause_ms.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
-            .spawn()
-            .unwrap()
+        run.env("RUST_LOG", "info").env("SIMCLR_TEST_WRITE_PAUSE_MS", pause_ms).spawn(|command| {
+            command.stdout(std::process::Stdio::null());
+            command.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        })
     };
     let assert_running = |child: &mut std::process::Child, before: &str| {
         if let Some(status) = child.try_wait().unwrap() {
@@ -846,27 +909,19 @@ fn sigkill_at_random_points_never_loses_the_run() {
     }
 }
 
-/// Runs the binary under bash with `limits` (ulimit flags) applied first.
-fn simclr_limited(limits: &str, args: &[String]) -> Output {
-    let quoted: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
-    // SIGXFSZ ignored, so an over-limit write fails with EFBIG as a full disk would.
-    let script = format!("trap '' XFSZ; {limits}; exec '{}' {}", env!("CARGO_BIN_EXE_simclr"), quoted.join(" "));
-    Command::new("bash").args(["-c", &script]).env("RUST_LOG", "warn").output().unwrap()
-}
-
 #[test]
 fn a_full_disk_keeps_the_previous_checkpoint_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 4, 16);
     let out = dir.path().join("run");
-    assert_succeeds(&run(&tiny_run(&data, &out)));
+    assert_succeeds(&tiny_run(&data, &out).run());
     let checkpoint = out.join("checkpoint.safetensors");
     let before = std::fs::read(&checkpoint).unwrap();
     // Files may grow to half a checkpoint: the next one cannot be written.
     let limit_kib = before.len() / 2 / 1024;
     let args = ["train", "--resume", "--epochs", "2", "--output", &out.display().to_string()].map(String::from);
-    let output = simclr_limited(&format!("ulimit -f {limit_kib}"), &args);
+    let output = simclr(&args).limits(&format!("ulimit -f {limit_kib}")).run();
     assert_fails_with(
         &output,
         &["checkpoint.safetensors", "cannot write a new checkpoint", "disk is full", "previous checkpoint"],
@@ -874,7 +929,7 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_says_so() {
     assert_eq!(std::fs::read(&checkpoint).unwrap(), before, "the previous checkpoint changed");
     assert!(file_starting(&out, "checkpoint.safetensors.new").is_none(), "a partial file was left behind");
     // With room again, the run continues from it.
-    assert_succeeds(&simclr(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_succeeds(&simclr(args.iter().map(String::as_str).collect::<Vec<_>>()).run());
     assert_eq!(epoch_losses(&out).len(), 2);
 }
 
@@ -906,7 +961,7 @@ fn out_of_memory_names_the_batch_size() {
         "train.knn_every=0",
     ]
     .map(String::from);
-    let output = simclr_limited("ulimit -v 3000000", &args);
+    let output = simclr(&args).limits("ulimit -v 3000000").run();
     assert_fails_with(&output, &["out of memory", "batch of 64 images (128 views)", "train.batch_size"]);
 }
 
@@ -917,15 +972,15 @@ fn a_time_budget_sizes_the_run_after_its_first_epoch() {
     image_folder(&data, 4, 16);
     let out = dir.path().join("run");
     // One epoch takes far longer than 1 ms: the budget fits only the first.
-    let args = with(tiny_run(&data, &out), &["--epochs", "5", "--set", "train.time_budget_seconds=0.001"]);
-    let output = run(&args);
+    let args = tiny_run(&data, &out).args(["--epochs", "5", "--set", "train.time_budget_seconds=0.001"]);
+    let output = args.run();
     assert_succeeds(&output);
     assert_eq!(epoch_losses(&out).len(), 1);
     // The plan is saved with the run, so a resume keeps it.
     let saved = simclr::train::checkpoint::Checkpoint::read(&out.join("checkpoint.safetensors")).unwrap().config;
     assert_eq!((saved.train.epochs, saved.train.time_budget_seconds), (1, None));
     assert_fails_with(
-        &run(&with(tiny_run(&data, &dir.path().join("bad")), &["--set", "train.time_budget_seconds=-1"])),
+        &tiny_run(&data, &dir.path().join("bad")).args(["--set", "train.time_budget_seconds=-1"]).run(),
         &["train.time_budget_seconds = -1"],
     );
 }
