@@ -80,7 +80,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     }
     let device = options.device;
     if options.cuda_graph.is_some() && !device.is_cuda() {
-        return Err(Error::InvalidArgument(format!("--cuda-graph needs a CUDA device, not {device:?}")));
+        return Err(Error::Device(format!("--cuda-graph needs a CUDA device, not {device:?}")));
     }
     let precision = crate::device::Precision::on(device, options.mixed_precision);
     let store = nn::VarStore::new(device);
@@ -308,7 +308,7 @@ pub fn compare_with_pytorch(
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
     command.arg(if options.device.is_cuda() && options.mixed_precision { "--bf16" } else { "--channels-last" });
-    let failed = |message: String| Error::InvalidArgument(format!("{python} {}: {message}", script.display()));
+    let failed = |message: String| Error::Reference(format!("{python} {}: {message}", script.display()));
     let output = command.output().map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {
         return Err(failed(format!("failed:\n{}", String::from_utf8_lossy(&output.stderr))));

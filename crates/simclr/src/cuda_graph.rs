@@ -41,7 +41,7 @@ impl Library {
     /// graphs made through it may outlive any one handle.
     fn open(path: &Path) -> Result<Self> {
         let unusable = |why: String| {
-            Error::InvalidArgument(format!(
+            Error::Device(format!(
                 "{}: not a usable CUDA graph library ({why}); build it with tools/device/device-bench.sh prepare",
                 path.display()
             ))
@@ -126,7 +126,7 @@ impl CudaGraph {
     ) -> Result<Self> {
         let library = Library::open(library)?;
         let Device::Cuda(index) = device else {
-            return Err(Error::InvalidArgument(format!("a CUDA graph needs a CUDA device, not {device:?}")));
+            return Err(Error::Device(format!("a CUDA graph needs a CUDA device, not {device:?}")));
         };
         let mut capture = std::ptr::null_mut();
         // SAFETY: `new` writes a fresh handle, freed in Drop.

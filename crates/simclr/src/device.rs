@@ -39,7 +39,7 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Auto => Device::cuda_if_available(),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
         DeviceChoice::Cuda => {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Device(
                 "train.device = \"cuda\" but no CUDA device is available (is this a CUDA build, \
                  `--features cuda`, on a machine with a GPU?)"
                     .to_owned(),

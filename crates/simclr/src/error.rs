@@ -5,6 +5,14 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A write found no room: the disk (or quota) is full, or the file size
+    /// limit is reached.
+    #[error("{}: {source}: the disk is full (or the file size limit reached)", path.display())]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -40,6 +48,18 @@ pub enum Error {
     /// is written.
     #[error("interrupted: {0}")]
     Interrupted(String),
+    /// The device asked for is missing, or cannot do what was asked of it.
+    #[error("{0}")]
+    Device(String),
+    /// The data worker threads failed (could not start, or one panicked).
+    #[error("data workers: {0}")]
+    Workers(String),
+    /// An external program (a PyTorch reference) failed or printed no report.
+    #[error("{0}")]
+    Reference(String),
+    /// A file of a run folder other than the checkpoint (the metrics log) is damaged.
+    #[error("run file {}: {message}", path.display())]
+    RunFile { path: PathBuf, message: String },
     /// An argument outside its valid range, named with its value.
     #[error("{0}")]
     InvalidArgument(String),
@@ -52,7 +72,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A failed read or write of `path`; no room to write is [`Error::DiskFull`].
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        let full = matches!(
+            source.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
+        );
+        match full {
+            true => Error::DiskFull { path: path.into(), source },
+            false => Error::Io { path: path.into(), source },
+        }
     }
 }

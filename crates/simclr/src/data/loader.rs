@@ -244,7 +244,7 @@ pub fn worker_pool(workers: usize) -> Result<Arc<rayon::ThreadPool>> {
         .thread_name(|i| format!("simclr-data-{i}"))
         .build()
         .map(Arc::new)
-        .map_err(|e| Error::InvalidArgument(format!("cannot start {workers} data workers: {e}")))
+        .map_err(|e| Error::Workers(format!("cannot start {workers} threads: {e}")))
 }
 
 /// Yields, for each epoch, shuffled batches of 2N views: rows 0..N are the
@@ -356,7 +356,7 @@ impl Iterator for Batches {
             Err(_) => {
                 if let Some(producer) = self.producer.take() {
                     if producer.join().is_err() {
-                        return Some(Err(Error::InvalidArgument("a data worker panicked".to_owned())));
+                        return Some(Err(Error::Workers("a worker thread panicked".to_owned())));
                     }
                 }
                 None

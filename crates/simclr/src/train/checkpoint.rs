@@ -75,28 +75,14 @@ pub fn save(
     // The new checkpoint is complete and on disk before the old one moves
     // aside: a crash at any point leaves the latest or the previous one whole.
     let fresh = path.with_extension("safetensors.new");
-    crate::io::save(&fresh, &tensors, Some(metadata)).map_err(|error| {
-        let full = matches!(&error, Error::Io { source, .. } if is_out_of_space(source));
-        Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!(
-                "cannot write a new checkpoint ({error}){}; the previous checkpoint, if any, is unchanged",
-                if full { ": the disk is full (or the file size limit reached)" } else { "" }
-            ),
-        }
+    crate::io::save(&fresh, &tensors, Some(metadata)).map_err(|error| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot write a new checkpoint ({error}); the previous checkpoint, if any, is unchanged"),
     })?;
     if path.exists() {
         std::fs::rename(path, previous(path)).map_err(|e| Error::io(path, e))?;
     }
     std::fs::rename(&fresh, path).map_err(|e| Error::io(path, e))
-}
-
-/// ENOSPC, EDQUOT or EFBIG: no room for the file.
-fn is_out_of_space(error: &std::io::Error) -> bool {
-    matches!(
-        error.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
-    )
 }
 
 /// A checkpoint read back: its config first, so the model can be rebuilt.

@@ -65,7 +65,7 @@ impl MetricsLog {
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
-                serde_json::from_str(l).map_err(|e| Error::InvalidArgument(format!("{}: {e}", self.path.display())))
+                serde_json::from_str(l).map_err(|e| Error::RunFile { path: self.path.clone(), message: e.to_string() })
             })
             .collect()
     }

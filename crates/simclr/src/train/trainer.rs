@@ -707,7 +707,7 @@ fn views(
         match DeviceViewLoader::load(&train_set, pipeline.clone(), format, batch_size, seed, device, pool, limit)? {
             DeviceData::Ready(loader) => return Ok(Views::Device(loader)),
             DeviceData::Unsuitable(reason) if backend == Backend::Device => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Device(format!(
                     "augment.backend = \"device\" keeps the decoded images on the device as one tensor, \
                      but {reason}; use backend \"cpu\" or \"auto\""
                 )))
