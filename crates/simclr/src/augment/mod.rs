@@ -17,20 +17,23 @@
 //! logged ([`ViewParams`] serialises to JSON).
 mod augmentation;
 pub mod crop;
+mod images;
 pub mod pad_crop;
+mod pipeline;
 pub mod preview;
 
-use image::RgbImage;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub use augmentation::Augmentation;
 pub use blur::BlurParams;
 pub use color_jitter::JitterParams;
 pub use crop::{CropBox, CropConfig, Interpolation};
+pub use images::{center_view, uint8_batch, FloatImage};
 pub use pad_crop::{PadCropConfig, PadOffset};
+pub(crate) use pipeline::{on_subset, per_image, splitmix64};
+pub use pipeline::{view_rng, Pipeline, Sizing, ViewParams};
 pub use rotation::RotationParams;
 pub use solarize::SolarizeParams;
 
@@ -151,64 +154,6 @@ register! {
     "sobel" => Sobel(sobel::SobelConfig),
     "solarize" => Solarize(solarize::SolarizeConfig),
     "vertical-flip" => VerticalFlip(vertical_flip::VerticalFlipConfig),
-}
-
-/// An RGB image with interleaved f32 channels in [0, 1].
-#[derive(Debug, Clone, PartialEq)]
-pub struct FloatImage {
-    pub width: usize,
-    pub height: usize,
-    /// `height * width * 3` values, row-major, RGB interleaved.
-    pub data: Vec<f32>,
-}
-
-impl FloatImage {
-    pub fn from_rgb(image: &RgbImage) -> Self {
-        Self {
-            width: image.width() as usize,
-            height: image.height() as usize,
-            data: image.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
-        }
-    }
-
-    /// Writes the image as a normalised CHW slice: (x - mean) / std per channel.
-    pub fn write_chw_normalized(&self, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
-        let plane = self.width * self.height;
-        assert_eq!(out.len(), plane * 3, "output slice must hold the whole image");
-        for (pixel, rgb) in self.data.chunks_exact(3).enumerate() {
-            for channel in 0..3 {
-                out[channel * plane + pixel] = (rgb[channel] - mean[channel]) / std[channel];
-            }
-        }
-    }
-
-    /// The image as 8-bit RGB (rounded), for previews.
-    pub fn to_rgb(&self) -> RgbImage {
-        let bytes = self.data.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-        RgbImage::from_raw(self.width as u32, self.height as u32, bytes).expect("data holds width * height * 3 values")
-    }
-
-    /// `[3, height, width]` float tensor (CHW, values in [0, 1]).
-    pub fn to_tensor(&self) -> Tensor {
-        Tensor::from_slice(&self.data).view([self.height as i64, self.width as i64, 3]).permute([2, 0, 1]).contiguous()
-    }
-
-    /// The inverse of [`FloatImage::to_tensor`].
-    pub fn from_tensor(tensor: &Tensor) -> Self {
-        let (_, height, width) = tensor.size3().expect("a [3, height, width] tensor");
-        let hwc = tensor.permute([1, 2, 0]).contiguous().to_kind(Kind::Float).flatten(0, -1);
-        Self { width: width as usize, height: height as usize, data: Vec::<f32>::try_from(&hwc).expect("float data") }
-    }
-}
-
-/// `count` same-sized 8-bit RGB images stored back to back as `RgbImage`
-/// stores one (rows of interleaved RGB), as the `[count, 3, height, width]`
-/// uint8 batch that [`Pipeline::render_batch`] takes.
-pub fn uint8_batch(pixels: &[u8], count: usize, width: u32, height: u32) -> Tensor {
-    Tensor::from_slice(pixels)
-        .view([count as i64, i64::from(height), i64::from(width), 3])
-        .permute([0, 3, 1, 2])
-        .contiguous()
 }
 
 /// Where views are made.
@@ -357,199 +302,10 @@ fn applies<R: Rng + ?Sized>(probability: f64, rng: &mut R) -> bool {
     rng.random::<f64>() < probability
 }
 
-/// The RNG for one view: a pure function of its coordinates, so that data
-/// order, resumption and worker count never change what a view looks like.
-pub fn view_rng(seed: u64, epoch: u64, index: u64, view: u64) -> ChaCha8Rng {
-    let mut state = seed;
-    for part in [epoch, index, view] {
-        state = splitmix64(state ^ splitmix64(part));
-    }
-    ChaCha8Rng::seed_from_u64(state)
-}
-
-/// SplitMix64's finaliser (Steele et al. 2014): a cheap, well-mixed hash.
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// How the decoded image becomes a `size` x `size` view, with its drawn parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Sizing {
-    /// Shorter side resized to the view size, centre cut: no randomness.
-    CenterResize,
-    RandomResizedCrop {
-        crop: CropBox,
-        interpolation: Interpolation,
-    },
-    RandomCrop {
-        offset: PadOffset,
-    },
-}
-
-/// Everything random about one view.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ViewParams {
-    pub sizing: Sizing,
-    pub ops: Vec<Option<OpParams>>,
-}
-
-/// The two-view pipeline for a validated [`AugmentConfig`] and view size.
-#[derive(Debug, Clone)]
-pub struct Pipeline {
-    views: [Vec<OpConfig>; 2],
-    size: u32,
-}
-
-impl Pipeline {
-    pub fn new(config: &AugmentConfig, size: u32) -> Self {
-        Self { views: config.view_ops(), size }
-    }
-
-    pub fn size(&self) -> u32 {
-        self.size
-    }
-
-    /// The ops of `view` (0 or 1).
-    pub fn ops(&self, view: usize) -> &[OpConfig] {
-        &self.views[view]
-    }
-
-    /// The ops of `view` as "a -> b -> c", for listings.
-    pub fn describe(&self, view: usize) -> String {
-        let ops: Vec<&str> = self.views[view].iter().map(OpConfig::name).collect();
-        if ops.is_empty() {
-            "resize only".to_owned()
-        } else {
-            ops.join(" -> ")
-        }
-    }
-
-    /// Whether both views draw from the same ops (the paper's symmetric
-    /// augmentation), so that [`Pipeline::render_batch`] can take both
-    /// views' parameters in one batch.
-    pub fn is_symmetric(&self) -> bool {
-        self.views[0] == self.views[1]
-    }
-
-    /// Draws the parameters of `view` of an image `width` x `height`.
-    pub fn sample<R: Rng + ?Sized>(&self, view: usize, width: u32, height: u32, rng: &mut R) -> ViewParams {
-        let ops = &self.views[view];
-        let (sizing, pixel_ops) = match ops.first() {
-            Some(OpConfig::RandomResizedCrop(c)) => (
-                Sizing::RandomResizedCrop { crop: c.sample_box(width, height, rng), interpolation: c.interpolation },
-                &ops[1..],
-            ),
-            Some(OpConfig::RandomCrop(c)) => (Sizing::RandomCrop { offset: c.sample(rng) }, &ops[1..]),
-            _ => (Sizing::CenterResize, &ops[..]),
-        };
-        let side = self.size as usize;
-        let ops = pixel_ops.iter().map(|op| op.sample_pixel(side, rng)).collect();
-        ViewParams { sizing, ops }
-    }
-
-    /// Applies `params` to `image` on the CPU.
-    pub fn render(&self, image: &RgbImage, params: &ViewParams) -> FloatImage {
-        let mut view = match params.sizing {
-            Sizing::CenterResize => center_view(image, self.size),
-            Sizing::RandomResizedCrop { crop, interpolation } => {
-                crop::crop_resize(image, crop, self.size, self.size, interpolation)
-            }
-            Sizing::RandomCrop { offset } => pad_crop::apply(&center_view(image, self.size), offset),
-        };
-        for op in params.ops.iter().flatten() {
-            op.apply(&mut view);
-        }
-        view
-    }
-
-    /// One random view of `image` (view 0 or 1), `size` x `size` pixels.
-    pub fn view<R: Rng + ?Sized>(&self, view: usize, image: &RgbImage, rng: &mut R) -> FloatImage {
-        let params = self.sample(view, image.width(), image.height(), rng);
-        self.render(image, &params)
-    }
-
-    /// The device path: applies `params[i]` to image `i` of `images`, a
-    /// `[n, 3, height, width]` uint8 batch of same-sized images on any
-    /// device, and returns `[n, 3, size, size]` floats in [0, 1] on that device.
-    ///
-    /// Each op runs once per batch on the images that drew it (selected with
-    /// indices known on the host, so no device synchronisation is needed).
-    pub fn render_batch(&self, images: &Tensor, params: &[ViewParams]) -> Tensor {
-        let device = images.device();
-        let (count, _, height, width) = images.size4().expect("a [n, 3, height, width] batch");
-        assert_eq!(count as usize, params.len(), "one parameter set per image");
-        let images = images.to_kind(Kind::Float) / 255.0;
-        let side = i64::from(self.size);
-        let centre = crop::center_square(width as u32, height as u32);
-        let boxes: Vec<(CropBox, Interpolation)> = params
-            .iter()
-            .map(|p| match p.sizing {
-                Sizing::RandomResizedCrop { crop, interpolation } => (crop, interpolation),
-                _ => (centre, Interpolation::Bilinear),
-            })
-            .collect();
-        let mut views = crop::crop_resize_batch(&images, &boxes, side);
-        let offsets: Vec<(usize, PadOffset)> = params
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| match p.sizing {
-                Sizing::RandomCrop { offset } => Some((i, offset)),
-                _ => None,
-            })
-            .collect();
-        views = on_subset(views, &offsets, pad_crop::apply_batch);
-        let positions = params.first().map_or(0, |p| p.ops.len());
-        for position in 0..positions {
-            let drawn: Vec<(usize, OpParams)> =
-                params.iter().enumerate().filter_map(|(i, p)| p.ops[position].map(|op| (i, op))).collect();
-            // Every image of a batch runs the same op list, so the drawn
-            // parameters at one position are all of one kind.
-            let Some((_, first)) = drawn.first() else { continue };
-            views = first.apply_batch(views, &drawn);
-        }
-        debug_assert_eq!(views.device(), device);
-        views
-    }
-}
-
-/// Runs `op` on the images at the given positions only and writes the
-/// results back in place of those images.
-pub(crate) fn on_subset<P: Copy>(
-    images: Tensor,
-    drawn: &[(usize, P)],
-    op: impl FnOnce(Tensor, &[P]) -> Tensor,
-) -> Tensor {
-    if drawn.is_empty() {
-        return images;
-    }
-    let params: Vec<P> = drawn.iter().map(|(_, p)| *p).collect();
-    if drawn.len() as i64 == images.size()[0] && drawn.iter().enumerate().all(|(k, (i, _))| k == *i) {
-        return op(images, &params);
-    }
-    let index: Vec<i64> = drawn.iter().map(|(i, _)| *i as i64).collect();
-    let index = crate::device::upload_slice(&index, images.device());
-    let changed = op(images.index_select(0, &index), &params);
-    images.index_copy(0, &index, &changed)
-}
-
-/// A per-image scalar as a `[n, 1, 1, 1]` tensor on `like`'s device.
-pub(crate) fn per_image(values: &[f32], like: &Tensor) -> Tensor {
-    crate::device::upload_slice(values, like.device()).view([values.len() as i64, 1, 1, 1])
-}
-
-/// The evaluation view: shorter side resized to `size`, then centre-cropped.
-/// An image already `size` x `size` is used as it is.
-pub fn center_view(image: &RgbImage, size: u32) -> FloatImage {
-    crop::resize_shorter_center_crop(image, size)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::RgbImage;
 
     #[test]
     fn view_rng_depends_on_every_coordinate() {
