@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(image) = simclr::data::decode_bytes(data, std::path::Path::new("fuzz.img")) {
-        assert!(image.width() >= simclr::data::MIN_IMAGE_SIDE && image.height() >= simclr::data::MIN_IMAGE_SIDE);
+        assert!(image.width() >= simclr::checks::MIN_IMAGE_SIDE && image.height() >= simclr::checks::MIN_IMAGE_SIDE);
     }
 });
