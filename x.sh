@@ -8,8 +8,10 @@
 #   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr
 #   ./x.sh fuzz-check       compile the fuzz targets (fuzz/, a crate of its own)
 #
-# Everything builds in one profile (dev, optimised; see Cargo.toml), so the
-# tests and the binary share one build.
+# Everything builds in one profile (dev, optimised; see Cargo.toml). The
+# tests build the two project crates once more with the fault-injection
+# feature (test hooks the shipped binary must not have); cargo keeps both
+# builds, so switching between `simclr` and `test` rebuilds nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
 env=$(scripts/libtorch.sh)
