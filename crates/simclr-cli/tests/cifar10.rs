@@ -98,9 +98,10 @@ fn short_pretraining_beats_random_init_on_cifar10() {
     let after = summary["final_knn_top1"].as_f64().expect("final kNN was measured");
     assert_gain("training monitor kNN", before, after, REQUIRED_FROZEN_GAIN);
 
-    // The same comparisons through `simclr eval`. The checkpoint's config
-    // carries the CIFAR-10 normalisation; --weights with the flags below
-    // uses ImageNet's, the same for both encoders.
+    // The same comparisons through `simclr eval`. The trained encoder's file
+    // records the CIFAR-10 normalisation it was trained with; the flags below
+    // override it with ImageNet's, the random-init baseline's, so that both
+    // encoders see the same pixels.
     let encoder = run.join("encoder.safetensors");
     let trained = ["--weights", encoder.to_str().unwrap()];
     let random = ["--random-init"];
@@ -147,6 +148,7 @@ fn eval_top1(dir: &Path, name: &str, encoder: &[&str], protocol: &[&str], (train
     let mut command = Command::new(env!("CARGO_BIN_EXE_simclr"));
     command.arg("eval").args(protocol).args(encoder);
     command.args(["--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--image-size", "32"]);
+    command.args(["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]);
     command.args(["--limit", "5000", "--device", "cpu"]).arg("--train").arg(train).arg("--test").arg(test);
     command.arg("--output").arg(&report);
     let result = command.output().expect("runs the binary");
