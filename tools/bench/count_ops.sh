@@ -14,7 +14,7 @@
 #
 #   tools/bench/count_ops.sh step      one training step (ResNet-18, CIFAR stem, SGD, tiny batch) and one
 #                                encoder forward, `simclr bench` against tools/reference/bench_pytorch.py
-#   tools/bench/count_ops.sh augment   one batch of 256 CIFAR views on the tensor path, `simclr bench augment`
+#   tools/bench/count_ops.sh augment   one batch of 256 CIFAR views on the device path, `simclr bench augment`
 #                                against tools/reference/train_pytorch.py's batched augmentation
 # Environment: PYTHON (the fixture venv's), DATA (an ImageFolder of 32x32 images, for augment;
 # default ../shared/data/cifar10/test), TOP (rows of the per-op table, 25).
