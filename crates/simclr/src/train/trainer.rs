@@ -257,17 +257,17 @@ impl Trainer {
         let steps_per_epoch = views.batches_per_epoch();
         let warmup_steps = (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize;
         let total_steps = config.train.epochs * steps_per_epoch;
+        let schedule =
+            Schedule { peak: config.optim.peak_learning_rate(config.train.batch_size), warmup_steps, total_steps };
         if warmup_steps > total_steps && config.train.time_budget_seconds.is_none() {
             tracing::warn!(
                 "optim.warmup_epochs = {} is longer than the run's {} epochs: the learning rate never reaches \
                  its peak of {:.4}; lower optim.warmup_epochs (the paper warms up for 10 of 100 or more epochs)",
                 config.optim.warmup_epochs,
                 config.train.epochs,
-                config.optim.peak_learning_rate(config.train.batch_size)
+                schedule.peak
             );
         }
-        let schedule =
-            Schedule { peak: config.optim.peak_learning_rate(config.train.batch_size), warmup_steps, total_steps };
 
         let mut position = Position::default();
         let mut initial_knn_top1 = None;
