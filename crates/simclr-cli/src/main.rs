@@ -8,18 +8,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use simclr::augment::preview::{PreviewOptions, Renderer};
-use simclr::augment::{AugmentPreset, OpConfig};
-use simclr::config::{Preset, RunLayers};
+use simclr::augment::preview::PreviewOptions;
+use simclr::augment::OpConfig;
+use simclr::config::{ConfigLayers, RunLayers};
 use simclr::data::config::DataFormat;
 use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
-use simclr::eval::finetune::HeadInit;
 use simclr::eval::{EncoderSource, EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
-use simclr::model::{Arch, EncoderSpec, SpecOverrides, Stem};
-use simclr::normalization::{parse_triple, IMAGENET_MEAN, IMAGENET_STD};
-use simclr::optim::OptimizerKind;
-use simclr::retrieval::IndexKind;
+use simclr::model::{EncoderSpec, SpecOverrides};
 use simclr::train::checkpoint;
 
 #[derive(Parser)]
@@ -65,60 +61,10 @@ enum AblateKind {
     Augment(AblateArgs),
 }
 
-/// Where a run configuration starts: a preset, a file over it, flags and overrides over both.
-#[derive(Args)]
-struct ConfigArgs {
-    /// A TOML run configuration (see configs/); its fields override the preset's.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Starting point: demo, cifar10 or imagenet. Without --config, --preset and --data, the demo preset.
-    #[arg(long)]
-    preset: Option<Preset>,
-    /// Any field as section.field=value, e.g. --set loss.temperature=0.5 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    #[command(flatten)]
-    base: ConfigArgs,
-    /// Training images: an ImageFolder, a flat folder or CIFAR binary batches.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run folder for checkpoints, metrics and the exported encoder.
-    #[arg(long)]
-    output: Option<PathBuf>,
-    #[arg(long)]
-    epochs: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// auto, cpu or cuda.
-    #[arg(long)]
-    device: Option<DeviceChoice>,
-}
-
-impl ConfigArgs {
-    fn layers(&self, data: Option<PathBuf>) -> RunLayers {
-        let (preset, file, overrides) = (self.preset, self.config.clone(), self.overrides.clone());
-        RunLayers { preset, file, data, overrides, ..Default::default() }
-    }
-}
-
-impl RunArgs {
-    fn layers(&self) -> RunLayers {
-        let (output, epochs, batch_size, seed, device) =
-            (self.output.clone(), self.epochs, self.batch_size, self.seed, self.device);
-        RunLayers { output, epochs, batch_size, seed, device, ..self.base.layers(self.data.clone()) }
-    }
-}
-
 #[derive(Args)]
 struct TrainArgs {
     #[command(flatten)]
-    run: RunArgs,
+    run: RunLayers,
     /// Continue the run in --output from its checkpoint.
     #[arg(long, requires = "output")]
     resume: bool,
@@ -134,44 +80,17 @@ struct EncoderArgs {
     /// torchvision-named safetensors (e.g. a run's encoder.safetensors).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// resnet18, resnet34, resnet50, resnet101 or resnet152 (default: the file's, else resnet50).
-    #[arg(long)]
-    arch: Option<Arch>,
-    /// Width multiplier (default: the file's, else 1).
-    #[arg(long)]
-    width: Option<f64>,
-    /// imagenet or cifar (default: the file's, else imagenet).
-    #[arg(long)]
-    stem: Option<Stem>,
-    /// Images are resized (shorter side) and centre-cropped to this size (default: the file's, else 224).
-    #[arg(long)]
-    image_size: Option<u32>,
-    /// Normalisation mean per channel, as R,G,B (default: the file's, else ImageNet's).
-    #[arg(long, value_parser = parse_triple)]
-    mean: Option<[f32; 3]>,
-    /// Normalisation standard deviation per channel, as R,G,B.
-    #[arg(long, value_parser = parse_triple)]
-    std: Option<[f32; 3]>,
+    #[command(flatten)]
+    spec: SpecOverrides,
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 }
 
 impl EncoderArgs {
-    fn overrides(&self) -> SpecOverrides {
-        SpecOverrides {
-            arch: self.arch,
-            width_multiplier: self.width,
-            stem: self.stem,
-            image_size: self.image_size,
-            mean: self.mean,
-            std: self.std,
-        }
-    }
-
     fn options(&self, batch_size: usize) -> Result<simclr::embed::EncoderOptions> {
         let weights = self.weights.clone().context("give the encoder with --weights")?;
         let device = simclr::device::select(self.device)?;
-        Ok(simclr::embed::EncoderOptions::new(weights, &self.overrides(), batch_size, device)?)
+        Ok(simclr::embed::EncoderOptions::new(weights, &self.spec, batch_size, device)?)
     }
 }
 
@@ -219,43 +138,22 @@ struct EvalArgs {
 enum EvalProtocol {
     /// Weighted kNN on cosine similarity (k=200, T=0.1 by default).
     Knn {
-        #[arg(long, default_value_t = 200)]
-        k: usize,
-        #[arg(long, default_value_t = 0.1)]
-        temperature: f64,
+        #[command(flatten)]
+        config: KnnConfig,
         #[command(flatten)]
         common: EvalArgs,
     },
     /// A linear classifier on frozen features (SGD, Nesterov, cosine schedule).
     Linear {
-        #[arg(long, default_value_t = 100)]
-        epochs: usize,
-        #[arg(long, default_value_t = 0.1)]
-        learning_rate: f64,
-        #[arg(long, default_value_t = 0.0)]
-        weight_decay: f64,
+        #[command(flatten)]
+        config: LinearConfig,
         #[command(flatten)]
         common: EvalArgs,
     },
     /// Fine-tune the whole encoder and a linear layer on a class-balanced fraction of the labels.
     Finetune {
-        /// Fraction of each class's labelled images: 0.01, 0.1, 1.0 in the paper.
-        #[arg(long, default_value_t = 0.1)]
-        fraction: f64,
-        /// Default: the paper's 60 for fractions up to 1%, 30 above.
-        #[arg(long)]
-        epochs: Option<usize>,
-        /// Base rate, scaled by batch/256.
-        #[arg(long, default_value_t = 0.05)]
-        learning_rate: f64,
-        #[arg(long, default_value_t = 256)]
-        batch_size: usize,
-        /// List the labelled images used here, one per line.
-        #[arg(long)]
-        subset_file: Option<PathBuf>,
-        /// `random` (the paper) or `linear-probe` (fitted first on the frozen features of the subset).
-        #[arg(long, default_value = "random")]
-        head_init: HeadInit,
+        #[command(flatten)]
+        config: FinetuneConfig,
         #[command(flatten)]
         common: EvalArgs,
     },
@@ -267,23 +165,8 @@ struct NeighborsArgs {
     encoder: EncoderArgs,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Folder of images to search (recursively).
-    #[arg(long)]
-    index: PathBuf,
-    /// A query image, or a folder of them.
-    #[arg(long)]
-    query: PathBuf,
-    /// Neighbours per query.
-    #[arg(long, default_value_t = 5)]
-    k: usize,
-    /// exact, hnsw, or auto (exact up to 50,000 images).
-    #[arg(long, default_value = "auto")]
-    index_kind: IndexKind,
-    /// Write a PNG gallery here: one row per query, its neighbours beside it.
-    #[arg(long)]
-    gallery: Option<PathBuf>,
-    #[arg(long, default_value_t = 96)]
-    thumbnail: u32,
+    #[command(flatten)]
+    options: simclr::retrieval::NeighborsOptions,
 }
 
 #[derive(Args)]
@@ -291,35 +174,8 @@ struct NeighborsArgs {
 struct BenchArgs {
     #[command(subcommand)]
     what: Option<BenchWhat>,
-    #[arg(long, default_value = "resnet50")]
-    arch: Arch,
-    #[arg(long, default_value_t = 1.0)]
-    width: f64,
-    #[arg(long, default_value = "imagenet")]
-    stem: Stem,
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 32)]
-    image_size: u32,
-    #[arg(long, default_value_t = 10)]
-    steps: usize,
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
-    /// Width of the projection head's hidden layer (default: the size of h).
-    #[arg(long)]
-    hidden_dim: Option<usize>,
-    /// Use fp32 throughout, even on CUDA.
-    #[arg(long)]
-    no_mixed_precision: bool,
-    /// The training step's update: lars, sgd or adamw.
-    #[arg(long, default_value = "lars")]
-    optimizer: OptimizerKind,
-    /// Also time the step captured as a CUDA graph and replayed, through this
-    /// library (crates/simclr/cuda_graph.cpp, built by `tools/device/device-bench.sh prepare`). CUDA only.
-    #[arg(long, value_name = "LIBRARY")]
-    cuda_graph: Option<PathBuf>,
+    #[command(flatten)]
+    options: simclr::bench::BenchOptions,
     /// Also run this PyTorch reference (tools/reference/bench_pytorch.py) with the same settings.
     #[arg(long, value_name = "SCRIPT")]
     compare: Option<PathBuf>,
@@ -335,22 +191,8 @@ struct BenchArgs {
 enum BenchWhat {
     /// Views per second of an augmentation pipeline on decoded images (decoding not timed).
     Augment {
-        /// Images to augment (an ImageFolder, a flat folder or CIFAR batches).
-        #[arg(long)]
-        data: PathBuf,
-        /// simclr-imagenet or simclr-cifar.
-        #[arg(long, default_value = "simclr-imagenet")]
-        pipeline: AugmentPreset,
-        #[arg(long, default_value_t = 224)]
-        image_size: u32,
-        /// Use at most this many images.
-        #[arg(long, default_value_t = 256)]
-        limit: usize,
-        /// CPU threads (rayon workers, and libtorch's for the device path).
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
+        #[command(flatten)]
+        options: simclr::bench::AugmentBenchOptions,
         #[arg(long)]
         json: bool,
     },
@@ -359,7 +201,7 @@ enum BenchWhat {
 #[derive(Args)]
 struct PreviewArgs {
     #[command(flatten)]
-    base: ConfigArgs,
+    config: ConfigLayers,
     /// Images to preview: an ImageFolder, a flat folder or CIFAR binary batches.
     #[arg(long)]
     data: PathBuf,
@@ -369,17 +211,8 @@ struct PreviewArgs {
     /// How many images (drawn with --seed), one row each.
     #[arg(long, default_value_t = 8)]
     images: usize,
-    /// Pairs of views per image.
-    #[arg(long, default_value_t = 4)]
-    pairs: usize,
-    /// Enlargement of each view; by default views are shown about 96 px wide.
-    #[arg(long)]
-    scale: Option<u32>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// cpu or device: which path renders the views (the device path on CPU tensors).
-    #[arg(long, default_value = "cpu")]
-    renderer: Renderer,
+    #[command(flatten)]
+    options: PreviewOptions,
     /// Also write every view's drawn parameters here, one JSON object per line.
     #[arg(long)]
     params: Option<PathBuf>,
@@ -389,19 +222,18 @@ struct PreviewArgs {
 struct AblateArgs {
     /// The base run (its --output is the folder of the whole ablation).
     #[command(flatten)]
-    run: RunArgs,
+    run: RunLayers,
     /// Comma-separated ops (names as in [[augment.ops]]).
     #[arg(long, default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation")]
     ops: String,
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let layers = args.run.layers();
     let base = match (&args.run.output, args.resume) {
         (Some(run), true) => checkpoint::saved_config(run)?,
-        _ => layers.base()?,
+        _ => args.run.base()?,
     };
-    let config = layers.resolve(base)?;
+    let config = args.run.resolve(base)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
@@ -429,15 +261,15 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let (EvalProtocol::Knn { common: args, .. }
     | EvalProtocol::Linear { common: args, .. }
     | EvalProtocol::Finetune { common: args, .. }) = &protocol;
-    let overrides = args.encoder.overrides();
+    let overrides = &args.encoder.spec;
     let (source, spec) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
         (Some(weights), None, false) => {
-            (EncoderSource::Weights(weights.clone()), simclr::io::torchvision::resolve_spec(weights, &overrides)?)
+            (EncoderSource::Weights(weights.clone()), simclr::io::torchvision::resolve_spec(weights, overrides)?)
         }
         (None, Some(checkpoint), false) => {
-            (EncoderSource::Weights(checkpoint.clone()), checkpoint::encoder_spec(checkpoint)?.with(&overrides)?)
+            (EncoderSource::Weights(checkpoint.clone()), checkpoint::encoder_spec(checkpoint)?.with(overrides)?)
         }
-        (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(&overrides)?),
+        (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
     let mut options = EvalOptions::new(source, spec, args.train.clone(), args.test.clone());
@@ -445,25 +277,9 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     options.device = simclr::device::select(args.encoder.device)?;
     let (output, seed) = (args.output.clone(), args.seed);
     let protocol = match protocol {
-        EvalProtocol::Knn { k, temperature, .. } => Protocol::Knn(KnnConfig { k, temperature }),
-        EvalProtocol::Linear { epochs, learning_rate, weight_decay, .. } => {
-            Protocol::Linear(LinearConfig { epochs, learning_rate, weight_decay, seed, ..Default::default() })
-        }
-        EvalProtocol::Finetune { fraction, epochs, learning_rate, batch_size, subset_file, head_init, .. } => {
-            let epochs = epochs.unwrap_or_else(|| FinetuneConfig::paper_epochs(fraction));
-            let defaults = FinetuneConfig::default();
-            let config = FinetuneConfig {
-                fraction,
-                epochs,
-                learning_rate,
-                batch_size,
-                subset_file,
-                head_init,
-                seed,
-                ..defaults
-            };
-            Protocol::Finetune(config)
-        }
+        EvalProtocol::Knn { config, .. } => Protocol::Knn(config),
+        EvalProtocol::Linear { config, .. } => Protocol::Linear(LinearConfig { seed, ..config }),
+        EvalProtocol::Finetune { config, .. } => Protocol::Finetune(FinetuneConfig { seed, ..config }),
     };
     let report = simclr::eval::evaluate(&options, &protocol)?;
     println!("{report}");
@@ -474,51 +290,24 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
 }
 
 fn neighbors(args: NeighborsArgs) -> Result<()> {
-    let options = simclr::retrieval::NeighborsOptions {
-        encoder: args.encoder.options(args.batch_size)?,
-        index: args.index,
-        queries: args.query,
-        k: args.k,
-        kind: args.index_kind,
-        gallery: args.gallery,
-        thumbnail: args.thumbnail,
-    };
-    print!("{}", simclr::retrieval::neighbors(&options)?);
-    if let Some(gallery) = &options.gallery {
+    let encoder = args.encoder.options(args.batch_size)?;
+    print!("{}", simclr::retrieval::neighbors(&encoder, &args.options)?);
+    if let Some(gallery) = &args.options.gallery {
         eprintln!("gallery: {}", gallery.display());
     }
     Ok(())
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    if let Some(BenchWhat::Augment { data, pipeline, image_size, limit, threads, rounds, json }) = args.what {
-        let images = Dataset::open(&data, &DataFormat::Auto)?.subset(Some(limit), 0).decode_all()?;
-        simclr::tch::set_num_threads(threads as i32);
-        let config = simclr::augment::AugmentConfig { preset: pipeline, ..Default::default() };
-        let pipeline = simclr::augment::Pipeline::new(&config, image_size);
-        let options =
-            simclr::bench::AugmentBenchOptions { pipeline, threads, rounds, mean: IMAGENET_MEAN, std: IMAGENET_STD };
-        let report = simclr::bench::bench_augment(&images, &options)?;
+    if let Some(BenchWhat::Augment { options, json }) = args.what {
+        let report = simclr::bench::bench_augment(&options)?;
         match json {
             true => println!("{}", serde_json::to_string(&report)?),
             false => println!("{report}"),
         }
         return Ok(());
     }
-    let mut model = simclr::model::ModelConfig { arch: args.arch, stem: args.stem, ..Default::default() };
-    model.width_multiplier = args.width;
-    model.head.hidden_dim = args.hidden_dim;
-    let options = simclr::bench::BenchOptions {
-        model,
-        batch_size: args.batch_size,
-        image_size: args.image_size,
-        steps: args.steps,
-        warmup_steps: args.warmup,
-        device: simclr::device::select(args.device)?,
-        mixed_precision: !args.no_mixed_precision,
-        optimizer: args.optimizer,
-        cuda_graph: args.cuda_graph,
-    };
+    let options = args.options;
     let report = simclr::bench::bench(&options)?;
     match (&args.compare, args.json) {
         (Some(script), json) => {
@@ -535,12 +324,12 @@ fn bench(args: BenchArgs) -> Result<()> {
 }
 
 fn augment_preview(args: PreviewArgs) -> Result<()> {
-    let layers = args.base.layers(Some(args.data.clone()));
+    let layers = RunLayers { config: args.config, data: Some(args.data.clone()), ..Default::default() };
     let config = layers.resolve(layers.base()?)?;
-    let images = Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.seed).decode_all()?;
+    let images =
+        Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.options.seed).decode_all()?;
     let pipeline = simclr::augment::Pipeline::new(&config.augment, config.data.image_size);
-    let options = PreviewOptions { seed: args.seed, pairs: args.pairs, scale: args.scale, renderer: args.renderer };
-    simclr::augment::preview::write_preview(&images, &pipeline, options, &args.output, args.params.as_deref())?;
+    simclr::augment::preview::write_preview(&images, &pipeline, args.options, &args.output, args.params.as_deref())?;
     (0..2).for_each(|view| eprintln!("view {}: {}", view + 1, pipeline.describe(view)));
     println!("preview: {}", args.output.display());
     if let Some(path) = &args.params {
@@ -551,8 +340,7 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
 
 fn ablate(kind: AblateKind) -> Result<()> {
     let AblateKind::Augment(args) = kind;
-    let layers = args.run.layers();
-    let base = layers.resolve(layers.base()?)?;
+    let base = args.run.resolve(args.run.base()?)?;
     let ops = args.ops.split(',').map(|name| name.trim().parse()).collect::<Result<Vec<OpConfig>, _>>()?;
     let output_dir = base.train.output_dir.clone();
     let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
@@ -567,7 +355,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    observer::quiet_out_of_memory_panics();
+    simclr::device::quiet_out_of_memory_panics();
     #[cfg(feature = "fault-injection")]
     simclr::train::faults::install();
     let result = match Cli::parse().command {

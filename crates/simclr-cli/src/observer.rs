@@ -40,17 +40,3 @@ pub fn keep_freed_memory() {
         }
     }
 }
-
-/// An allocation failure inside a training step surfaces as a panic in tch;
-/// the library turns it into an error naming the batch size, so the panic
-/// message itself is not printed.
-pub fn quiet_out_of_memory_panics() {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
-        if !message.is_some_and(simclr::device::is_out_of_memory) {
-            default_hook(info);
-        }
-    }));
-}

@@ -5,27 +5,60 @@ use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::augment::{AugmentConfig, AugmentPreset, Pipeline};
+use crate::data::config::DataFormat;
+use crate::data::Dataset;
+use crate::device::DeviceChoice;
 use crate::loss::LossConfig;
-use crate::model::ModelConfig;
 use crate::model::SimClr;
+use crate::model::{Arch, ModelConfig, Stem};
+use crate::normalization::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone)]
+/// What `simclr bench` times, and against which reference.
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    pub model: ModelConfig,
+    #[arg(long, default_value = "resnet50")]
+    pub arch: Arch,
+    #[arg(long = "width", default_value_t = 1.0)]
+    pub width_multiplier: f64,
+    #[arg(long, default_value = "imagenet")]
+    pub stem: Stem,
+    /// Width of the projection head's hidden layer (default: the size of h).
+    #[arg(long)]
+    pub hidden_dim: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
     /// Images per step (2x views go through the network).
+    #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    #[arg(long, default_value_t = 32)]
     pub image_size: u32,
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    #[arg(long = "warmup", default_value_t = 2)]
     pub warmup_steps: usize,
-    pub device: Device,
+    /// bf16 autocast on CUDA; `--no-mixed-precision` keeps fp32 throughout.
+    #[arg(long = "no-mixed-precision", action = clap::ArgAction::SetFalse)]
     pub mixed_precision: bool,
-    /// The update of each training step (LARS by default, as the paper's).
+    /// The update of each training step: lars (the paper's), sgd or adamw.
+    #[arg(long, default_value = "lars")]
     pub optimizer: OptimizerKind,
-    /// Also time the training step captured as a CUDA graph and replayed,
-    /// through the shim library at this path (see [`crate::cuda_graph`]).
+    /// Also time the step captured as a CUDA graph and replayed, through this
+    /// library (crates/simclr/src/cuda_graph.cpp, built by `tools/device/device-bench.sh prepare`). CUDA only.
+    #[arg(long, value_name = "LIBRARY")]
     pub cuda_graph: Option<std::path::PathBuf>,
+}
+
+impl BenchOptions {
+    /// The timed network: the chosen encoder with the default projection head.
+    pub fn model(&self) -> ModelConfig {
+        let mut model = ModelConfig { arch: self.arch, stem: self.stem, ..Default::default() };
+        model.width_multiplier = self.width_multiplier;
+        model.head.hidden_dim = self.hidden_dim;
+        model
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -78,13 +111,13 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             options.batch_size, options.steps
         )));
     }
-    let device = options.device;
+    let device = crate::device::select(options.device)?;
     if options.cuda_graph.is_some() && !device.is_cuda() {
         return Err(Error::Device(format!("--cuda-graph needs a CUDA device, not {device:?}")));
     }
     let precision = crate::device::Precision::on(device, options.mixed_precision);
     let store = nn::VarStore::new(device);
-    let model = SimClr::new(&store.root(), &options.model);
+    let model = SimClr::new(&store.root(), &options.model());
     crate::device::use_channels_last(&store);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
@@ -153,7 +186,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let images_done = (options.steps * options.batch_size) as f64;
     Ok(BenchReport {
         device: format!("{device:?}"),
-        arch: options.model.arch.name().to_owned(),
+        arch: options.arch.name().to_owned(),
         batch_size: options.batch_size,
         image_size: options.image_size,
         steps: options.steps,
@@ -167,15 +200,25 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
 }
 
 /// What `simclr bench augment` measures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AugmentBenchOptions {
-    pub pipeline: crate::augment::Pipeline,
-    /// Worker threads of the CPU path.
+    /// Images to augment (an ImageFolder, a flat folder or CIFAR batches).
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// simclr-imagenet or simclr-cifar.
+    #[arg(long, default_value = "simclr-imagenet")]
+    pub pipeline: AugmentPreset,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Use at most this many images.
+    #[arg(long, default_value_t = 256)]
+    pub limit: usize,
+    /// CPU threads (rayon workers, and libtorch's for the device path).
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Passes over the images, after one untimed pass.
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -203,11 +246,16 @@ impl std::fmt::Display for AugmentBenchReport {
     }
 }
 
-/// Times the augmentation pipeline alone on decoded `images`, as the data
-/// workers run it (one view per image per round, written as normalised CHW
-/// floats, ready to batch).
-pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) -> Result<AugmentBenchReport> {
+/// Times the augmentation pipeline alone on the decoded images of
+/// `options.data`, as the data workers run it (one view per image per
+/// round, written as CHW floats with ImageNet's normalisation, ready to batch).
+pub fn bench_augment(options: &AugmentBenchOptions) -> Result<AugmentBenchReport> {
     use rayon::prelude::*;
+    let images = Dataset::open(&options.data, &DataFormat::Auto)?.subset(Some(options.limit), 0).decode_all()?;
+    let images = &images[..];
+    tch::set_num_threads(options.threads as i32);
+    let config = AugmentConfig { preset: options.pipeline, ..Default::default() };
+    let pipeline = &Pipeline::new(&config, options.image_size);
     if images.is_empty() || options.rounds == 0 {
         return Err(Error::InvalidArgument("bench augment needs at least one image and one round".to_owned()));
     }
@@ -215,14 +263,13 @@ pub fn bench_augment(images: &[image::RgbImage], options: &AugmentBenchOptions) 
         return Err(Error::InvalidArgument("--threads 0: must be at least 1".to_owned()));
     }
     let pool = crate::data::loader::worker_pool(options.threads)?;
-    let pipeline = &options.pipeline;
     let side = pipeline.size() as usize;
     let mut out = vec![0f32; images.len() * 3 * side * side];
     let pass = |round: usize, out: &mut [f32]| {
         pool.install(|| {
             out.par_chunks_mut(3 * side * side).zip(images.par_iter()).enumerate().for_each(|(index, (out, image))| {
                 let mut rng = crate::augment::view_rng(0, round as u64, index as u64, 0);
-                pipeline.view(0, image, &mut rng).write_chw_normalized(options.mean, options.std, out);
+                pipeline.view(0, image, &mut rng).write_chw_normalized(IMAGENET_MEAN, IMAGENET_STD, out);
             })
         })
     };
@@ -280,7 +327,8 @@ pub fn compare_with_pytorch(
     script: &std::path::Path,
     python: &str,
 ) -> Result<Comparison> {
-    let model = &options.model;
+    let model = options.model();
+    let cuda = crate::device::select(options.device)?.is_cuda();
     let mut command = std::process::Command::new(python);
     command.arg(script).args([
         "--arch",
@@ -298,7 +346,7 @@ pub fn compare_with_pytorch(
         "--warmup",
         &options.warmup_steps.to_string(),
         "--device",
-        if options.device.is_cuda() { "cuda" } else { "cpu" },
+        if cuda { "cuda" } else { "cpu" },
         "--threads",
         &tch::get_num_threads().to_string(),
         "--optimizer",
@@ -307,7 +355,7 @@ pub fn compare_with_pytorch(
     if let Some(hidden) = model.head.hidden_dim {
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
-    command.arg(if options.device.is_cuda() && options.mixed_precision { "--bf16" } else { "--channels-last" });
+    command.arg(if cuda && options.mixed_precision { "--bf16" } else { "--channels-last" });
     let failed = |message: String| Error::Reference(format!("{python} {}: {message}", script.display()));
     let output = command.output().map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {

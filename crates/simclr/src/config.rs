@@ -252,27 +252,48 @@ impl RunConfig {
     }
 }
 
+/// Where a run configuration starts: a preset, a file over it, and
+/// `--set` overrides over everything.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigLayers {
+    /// Starting point: demo, cifar10 or imagenet. Without --config, --preset and --data, the demo preset.
+    #[arg(long)]
+    pub preset: Option<Preset>,
+    /// A TOML run configuration (see configs/); its fields override the preset's.
+    #[arg(long = "config")]
+    pub file: Option<PathBuf>,
+    /// Any field as section.field=value, e.g. --set loss.temperature=0.5 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
 /// What a command line says about a run, in the order the layers apply:
 /// preset < file < flags < `--set` overrides.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunLayers {
-    /// Without a preset, a file or data, the demo preset is used.
-    pub preset: Option<Preset>,
-    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigLayers,
+    /// Training images: an ImageFolder, a flat folder or CIFAR binary batches.
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics and the exported encoder.
+    #[arg(long)]
     pub output: Option<PathBuf>,
+    #[arg(long)]
     pub epochs: Option<usize>,
+    #[arg(long)]
     pub batch_size: Option<usize>,
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// auto, cpu or cuda.
+    #[arg(long)]
     pub device: Option<DeviceChoice>,
-    /// `section.field=value`, applied last.
-    pub overrides: Vec<String>,
 }
 
 impl RunLayers {
     /// The preset (the demo one when nothing else is named) with the file laid over it.
     pub fn base(&self) -> Result<RunConfig> {
-        let preset = match (self.preset, &self.file, &self.data) {
+        let preset = match (self.config.preset, &self.config.file, &self.data) {
             (Some(preset), _, _) => Some(preset),
             (None, None, None) => {
                 tracing::info!("no --data, --config or --preset: using the demo preset on the synthetic dataset");
@@ -281,7 +302,7 @@ impl RunLayers {
             _ => None,
         };
         let config = preset.map(RunConfig::preset).unwrap_or_default();
-        match &self.file {
+        match &self.config.file {
             Some(path) => config.with_file(path),
             None => Ok(config),
         }
@@ -302,7 +323,7 @@ impl RunLayers {
         train.batch_size = self.batch_size.unwrap_or(train.batch_size);
         train.seed = self.seed.unwrap_or(train.seed);
         train.device = self.device.unwrap_or(train.device);
-        config.with_overrides(&self.overrides)?.validate()
+        config.with_overrides(&self.config.overrides)?.validate()
     }
 }
 

@@ -43,13 +43,19 @@ pub struct PreviewViews {
 }
 
 /// How a preview is drawn.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct PreviewOptions {
-    /// Seeds the views as training seeds them (pair `p` is epoch `p`).
+    /// Draws the images shown, and seeds the views as training seeds them (pair `p` is epoch `p`).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Pairs of views per image.
+    #[arg(long, default_value_t = 4)]
     pub pairs: usize,
     /// Enlargement of each view; by default views are shown about 96 px wide.
+    #[arg(long)]
     pub scale: Option<u32>,
+    /// cpu or device: which path renders the views (the device path on CPU tensors).
+    #[arg(long, default_value = "cpu")]
     pub renderer: Renderer,
 }
 

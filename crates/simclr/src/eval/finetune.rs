@@ -22,19 +22,31 @@ use crate::data::{Dataset, Sample};
 use crate::model::ResNet;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq)]
+/// Fine-tuning the whole encoder and a new linear layer on a class-balanced
+/// fraction of the labels (Appendix B.5).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct FinetuneConfig {
-    /// Fraction of each class's labelled images used: 0.01, 0.1 or 1.0 in the paper.
+    /// Fraction of each class's labelled images: 0.01, 0.1 or 1.0 in the paper.
+    #[arg(long, default_value_t = FinetuneConfig::default().fraction)]
     pub fraction: f64,
-    /// The paper's 60 epochs for 1% and 30 for 10%.
-    pub epochs: usize,
+    /// Default: the paper's 60 for fractions up to 1%, 30 above ([`Self::epochs`]).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = FinetuneConfig::default().batch_size)]
     pub batch_size: usize,
     /// Base rate, scaled by batch/256: the paper's 0.05.
+    #[arg(long, default_value_t = FinetuneConfig::default().learning_rate)]
     pub learning_rate: f64,
+    #[arg(long, default_value_t = FinetuneConfig::default().momentum)]
     pub momentum: f64,
+    /// Set from the evaluation's `--seed`.
+    #[arg(skip)]
     pub seed: u64,
-    /// Where the chosen subset is listed (one image per line), if anywhere.
+    /// List the labelled images used here, one per line.
+    #[arg(long)]
     pub subset_file: Option<PathBuf>,
+    /// `random` (the paper) or `linear-probe` (fitted first on the frozen features of the subset).
+    #[arg(long, default_value = "random")]
     pub head_init: HeadInit,
 }
 
@@ -67,7 +79,7 @@ impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
             fraction: 0.1,
-            epochs: 30,
+            epochs: None,
             batch_size: 256,
             learning_rate: 0.05,
             momentum: 0.9,
@@ -87,6 +99,11 @@ impl FinetuneConfig {
         } else {
             30
         }
+    }
+
+    /// The epochs given, else [`Self::paper_epochs`] of the fraction.
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or_else(|| Self::paper_epochs(self.fraction))
     }
 }
 
@@ -124,10 +141,11 @@ pub fn finetune(
     pool: &rayon::ThreadPool,
 ) -> Result<(Accuracy, usize)> {
     let (train, test, format) = (&task.train, &task.test, task.format);
-    if config.epochs == 0 || config.batch_size < 2 {
+    if config.epochs() == 0 || config.batch_size < 2 {
         return Err(Error::InvalidArgument(format!(
             "fine-tuning needs epochs >= 1 and batch size >= 2, got {} and {}",
-            config.epochs, config.batch_size
+            config.epochs(),
+            config.batch_size
         )));
     }
     let subset = balanced_subset(train, config.fraction, config.seed)?;
@@ -159,12 +177,12 @@ pub fn finetune(
 
     let batch = config.batch_size.min(subset.len());
     let steps_per_epoch = subset.len().div_ceil(batch);
-    let total_steps = (steps_per_epoch * config.epochs) as f64;
+    let total_steps = (steps_per_epoch * config.epochs()) as f64;
     let peak = config.learning_rate * batch as f64 / 256.0;
     let mut order = subset.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xF1E7);
     let mut step = 0usize;
-    for epoch in 0..config.epochs {
+    for epoch in 0..config.epochs() {
         order.shuffle(&mut rng);
         // A last batch of one image cannot go through train-mode BatchNorm.
         for indices in order.chunks(batch).filter(|c| c.len() > 1) {
@@ -236,8 +254,13 @@ mod tests {
             let bound = (6.0_f64 / (size[0] * size[2] * size[3]) as f64).sqrt();
             tch::no_grad(|| variable.shallow_clone().copy_(&crate::eval::seeded_uniform(&size, bound, &mut rng)));
         }
-        let config =
-            FinetuneConfig { fraction: 1.0, epochs: 20, batch_size: 32, learning_rate: 0.2, ..Default::default() };
+        let config = FinetuneConfig {
+            fraction: 1.0,
+            epochs: Some(20),
+            batch_size: 32,
+            learning_rate: 0.2,
+            ..Default::default()
+        };
         let pool = crate::data::loader::worker_pool(2).unwrap();
         let (accuracy, used) = finetune(&store, &encoder, &task, &config, &pool).unwrap();
         assert_eq!(used, 160);

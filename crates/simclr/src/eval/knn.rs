@@ -11,11 +11,13 @@ use crate::loss::similarity::l2_normalize as normalize;
 /// Rows of similarity computed at once: chunk x bank floats in memory.
 const QUERY_CHUNK: i64 = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
 pub struct KnnConfig {
     /// Neighbours that vote: 200 is the common monitor setting.
+    #[arg(long, default_value_t = KnnConfig::default().k)]
     pub k: usize,
     /// T in exp(s/T): 0.1.
+    #[arg(long, default_value_t = KnnConfig::default().temperature)]
     pub temperature: f64,
 }
 

@@ -17,14 +17,23 @@ use tch::{nn, Kind, Tensor};
 use super::{accuracy, Accuracy};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq)]
+/// A linear classifier on frozen features, trained with SGD (Nesterov) on a
+/// cosine schedule.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct LinearConfig {
+    #[arg(long, default_value_t = LinearConfig::default().epochs)]
     pub epochs: usize,
+    #[arg(long, default_value_t = LinearConfig::default().batch_size)]
     pub batch_size: usize,
     /// Base rate, scaled by batch/256 (the paper's 0.1).
+    #[arg(long, default_value_t = LinearConfig::default().learning_rate)]
     pub learning_rate: f64,
+    #[arg(long, default_value_t = LinearConfig::default().momentum)]
     pub momentum: f64,
+    #[arg(long, default_value_t = LinearConfig::default().weight_decay)]
     pub weight_decay: f64,
+    /// Set from the evaluation's `--seed`.
+    #[arg(skip)]
     pub seed: u64,
 }
 

@@ -42,13 +42,25 @@ impl Default for EncoderSpec {
 
 /// The spec fields a user can give on the command line; `None` keeps the
 /// recorded (or default) value.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct SpecOverrides {
+    /// resnet18, resnet34, resnet50, resnet101 or resnet152 (default: the file's, else resnet50).
+    #[arg(long)]
     pub arch: Option<Arch>,
+    /// Width multiplier (default: the file's, else 1).
+    #[arg(long = "width")]
     pub width_multiplier: Option<f64>,
+    /// imagenet or cifar (default: the file's, else imagenet).
+    #[arg(long)]
     pub stem: Option<Stem>,
+    /// Images are resized (shorter side) and centre-cropped to this size (default: the file's, else 224).
+    #[arg(long)]
     pub image_size: Option<u32>,
+    /// Normalisation mean per channel, as R,G,B (default: the file's, else ImageNet's).
+    #[arg(long, value_parser = crate::normalization::parse_triple)]
     pub mean: Option<[f32; 3]>,
+    /// Normalisation standard deviation per channel, as R,G,B.
+    #[arg(long, value_parser = crate::normalization::parse_triple)]
     pub std: Option<[f32; 3]>,
 }
 

@@ -133,19 +133,26 @@ impl Index {
     }
 }
 
-/// What `simclr neighbors` does.
-#[derive(Debug, Clone)]
+/// What `simclr neighbors` searches, and how.
+#[derive(Debug, Clone, clap::Args)]
 pub struct NeighborsOptions {
-    pub encoder: crate::embed::EncoderOptions,
     /// Folder of images to search (recursively).
+    #[arg(long)]
     pub index: std::path::PathBuf,
-    /// One image, or a folder of them.
+    /// A query image, or a folder of them.
+    #[arg(long = "query")]
     pub queries: std::path::PathBuf,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 5)]
     pub k: usize,
+    /// exact, hnsw, or auto (exact up to 50,000 images).
+    #[arg(long = "index-kind", default_value = "auto")]
     pub kind: IndexKind,
-    /// Where to write the PNG gallery, if anywhere.
+    /// Write a PNG gallery here: one row per query, its neighbours beside it.
+    #[arg(long)]
     pub gallery: Option<std::path::PathBuf>,
     /// Side of each gallery thumbnail in pixels.
+    #[arg(long, default_value_t = 96)]
     pub thumbnail: u32,
 }
 
@@ -172,7 +179,7 @@ impl std::fmt::Display for NeighborsReport {
 }
 
 /// Embeds the index folder and the queries, and finds each query's neighbours.
-pub fn neighbors(options: &NeighborsOptions) -> Result<NeighborsReport> {
+pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOptions) -> Result<NeighborsReport> {
     if options.k == 0 {
         return Err(Error::InvalidArgument("--k 0: must be at least 1".to_owned()));
     }
@@ -185,7 +192,7 @@ pub fn neighbors(options: &NeighborsOptions) -> Result<NeighborsReport> {
     } else {
         vec![options.queries.clone()]
     };
-    let loaded = options.encoder.load()?;
+    let loaded = encoder.load()?;
     let index = Index::build(&loaded.embed_files(&items)?, options.kind, 0)?;
     let hits = index.search(&loaded.embed_files(&queries)?, options.k)?;
     if let Some(path) = &options.gallery {
