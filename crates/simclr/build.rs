@@ -1,8 +1,27 @@
-//! Embeds libtorch's library folder as an rpath in this crate's test and
-//! bench binaries, so they run without LD_LIBRARY_PATH.
+//! * Compiles the c10d shim (src/dist/c10d.cpp) against libtorch's headers,
+//!   as torch-sys compiles its own wrapper, and links it into the crate.
+//! * Embeds libtorch's library folder as an rpath in this crate's test and
+//!   bench binaries, so they run without LD_LIBRARY_PATH.
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(libtorch) = std::env::var("LIBTORCH") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{libtorch}/lib");
-    }
+    println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
+    println!("cargo:rerun-if-changed=src/dist/include");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        panic!("LIBTORCH is not set: build through ./x.sh, or set it as `scripts/libtorch.sh` prints");
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{libtorch}/lib");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/dist/c10d.cpp")
+        .include("src/dist/include")
+        .include(format!("{libtorch}/include"))
+        .include(format!("{libtorch}/include/torch/csrc/api/include"))
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        // libtorch's headers warn by the hundred; the shim's own code is small.
+        .warnings(false)
+        .extra_warnings(false);
+    build.compile("simclr_c10d");
 }

@@ -128,7 +128,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let views = Tensor::randn([2 * options.batch_size as i64, 3, side, side], (Kind::Float, device));
 
     let mut train_step = || -> Result<()> {
-        let loss = crate::train::trainer::contrastive_loss(&model, &views, &loss_config, precision)?;
+        let loss = crate::train::trainer::contrastive_loss(&model, &views, &loss_config, precision, None)?;
         optimizer.backward(&loss)?;
         optimizer.step(learning_rate);
         Ok(())

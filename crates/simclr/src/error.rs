@@ -35,6 +35,9 @@ pub enum Error {
     /// A checkpoint is unreadable or does not match the run.
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    /// A collective, the store, or a peer rank of a multi-process run failed.
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// Training met too many non-finite losses or gradients in a row.
     #[error("training stopped: {0}")]
     NonFinite(String),

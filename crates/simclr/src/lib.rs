@@ -30,6 +30,7 @@ pub mod config;
 pub mod cuda_graph;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod embed;
 pub mod error;
 pub mod eval;

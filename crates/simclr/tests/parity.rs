@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use simclr::eval::{knn_accuracy, linear_eval, KnnConfig, LinearConfig};
-use simclr::loss::{nt_xent::nt_xent, Similarity};
+use simclr::loss::{nt_xent::nt_xent, Layout, Similarity};
 use simclr::model::{Arch, ResNet, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
 use simclr::tch::{nn, Device, Kind, Tensor};
@@ -100,7 +100,8 @@ fn nt_xent_value_and_gradient_match_torch() {
     for suffix in ["f64", "f32"] {
         for (similarity, kind, tau) in [(Similarity::Cosine, "cosine", 0.2), (Similarity::Dot, "dot", 4.0)] {
             let z = reference[&format!("z_{suffix}")].copy().set_requires_grad(true);
-            let loss = nt_xent(&z, tau, similarity).unwrap();
+            let layout = Layout::of(&z, &z, 0).unwrap();
+            let loss = nt_xent(&z, &z, layout, tau, similarity).unwrap();
             loss.backward();
             let value_error = relative_error(&loss.reshape([1]), &reference[&format!("loss_{kind}_{suffix}")]);
             let grad_error = relative_error(&z.grad(), &reference[&format!("grad_{kind}_{suffix}")]);

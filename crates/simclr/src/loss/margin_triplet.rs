@@ -4,16 +4,22 @@
 //! negative of the batch, as the paper's comparison does.
 use tch::{Kind, Tensor};
 
-use super::similarity::{negative_mask, pair_count, positive_similarity, similarity_matrix, Similarity};
+use super::similarity::{similarity_matrix, Layout, Similarity};
 use crate::Result;
 
-pub fn margin_triplet(z: &Tensor, margin: f64, similarity: Similarity) -> Result<Tensor> {
-    let pairs = pair_count(z)?;
-    let similarities = similarity_matrix(z, similarity);
-    let positive = positive_similarity(&similarities, pairs).unsqueeze(1);
-    let mask = negative_mask(pairs, z.device()).to_kind(similarities.kind());
+/// As [`super::nt_xent::nt_xent`], for the margin triplet loss.
+pub fn margin_triplet(
+    z: &Tensor,
+    keys: &Tensor,
+    layout: Layout,
+    margin: f64,
+    similarity: Similarity,
+) -> Result<Tensor> {
+    let similarities = similarity_matrix(z, keys, similarity);
+    let positive = layout.positive_similarity(&similarities).unsqueeze(1);
+    let mask = layout.negative_mask(z.device()).to_kind(similarities.kind());
     let hinge = (similarities - positive + margin).clamp_min(0.0) * &mask;
-    let per_anchor = hinge.sum_dim_intlist([1i64].as_slice(), false, None) / (2 * pairs - 2) as f64;
+    let per_anchor = hinge.sum_dim_intlist([1i64].as_slice(), false, None) / (layout.keys - 2) as f64;
     Ok(per_anchor.mean(None::<Kind>))
 }
 
@@ -27,8 +33,8 @@ mod tests {
         let b = [0.0, 1.0];
         let z = Tensor::from_slice2(&[a, b, a, b]).to_kind(Kind::Double);
         // sim(pos) = 1, sim(neg) = 0: hinge max(0 - 1 + m, 0).
-        assert_eq!(margin_triplet(&z, 0.5, Similarity::Cosine).unwrap().double_value(&[]), 0.0);
-        let loss = margin_triplet(&z, 1.5, Similarity::Cosine).unwrap().double_value(&[]);
+        assert_eq!(margin_triplet(&z, &z, Layout::local(2), 0.5, Similarity::Cosine).unwrap().double_value(&[]), 0.0);
+        let loss = margin_triplet(&z, &z, Layout::local(2), 1.5, Similarity::Cosine).unwrap().double_value(&[]);
         assert!((loss - 0.5).abs() < 1e-9);
     }
 }

@@ -8,7 +8,7 @@ pub mod similarity;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-pub use similarity::Similarity;
+pub use similarity::{Layout, Similarity};
 
 use crate::Result;
 
@@ -53,11 +53,22 @@ impl LossConfig {
     }
 
     /// The configured loss of `z` (`[2N, d]`), a scalar averaged over the 2N anchors.
+    /// The loss of a batch's projections `z` ([2N, d], laid out [first
+    /// views; second views]) against each other.
     pub fn compute(&self, z: &Tensor) -> Result<Tensor> {
+        self.compute_against(z, z, 0)
+    }
+
+    /// The loss of this rank's projections `z` against `keys`, the
+    /// projections of every rank in which `z` sits at row `offset`: each
+    /// anchor meets the negatives of the global batch.
+    pub fn compute_against(&self, z: &Tensor, keys: &Tensor, offset: i64) -> Result<Tensor> {
+        let layout = Layout::of(z, keys, offset)?;
+        let (tau, similarity) = (self.temperature, self.similarity);
         match self.objective {
-            Objective::NtXent => nt_xent::nt_xent(z, self.temperature, self.similarity),
-            Objective::NtLogistic => nt_logistic::nt_logistic(z, self.temperature, self.similarity),
-            Objective::MarginTriplet => margin_triplet::margin_triplet(z, self.margin, self.similarity),
+            Objective::NtXent => nt_xent::nt_xent(z, keys, layout, tau, similarity),
+            Objective::NtLogistic => nt_logistic::nt_logistic(z, keys, layout, tau, similarity),
+            Objective::MarginTriplet => margin_triplet::margin_triplet(z, keys, layout, self.margin, similarity),
         }
     }
 }

@@ -2,14 +2,20 @@
 //! averaged over the 2N anchors.
 use tch::{Kind, Tensor};
 
-use super::similarity::{negative_mask, pair_count, positive_similarity, similarity_matrix, Similarity};
+use super::similarity::{similarity_matrix, Layout, Similarity};
 use crate::Result;
 
-pub fn nt_logistic(z: &Tensor, temperature: f64, similarity: Similarity) -> Result<Tensor> {
-    let pairs = pair_count(z)?;
-    let logits = similarity_matrix(z, similarity) / temperature;
-    let positive = positive_similarity(&logits, pairs).log_sigmoid().neg();
-    let negatives = (-&logits).log_sigmoid().neg() * negative_mask(pairs, z.device()).to_kind(logits.kind());
+/// As [`super::nt_xent::nt_xent`], for NT-Logistic.
+pub fn nt_logistic(
+    z: &Tensor,
+    keys: &Tensor,
+    layout: Layout,
+    temperature: f64,
+    similarity: Similarity,
+) -> Result<Tensor> {
+    let logits = similarity_matrix(z, keys, similarity) / temperature;
+    let positive = layout.positive_similarity(&logits).log_sigmoid().neg();
+    let negatives = (-&logits).log_sigmoid().neg() * layout.negative_mask(z.device()).to_kind(logits.kind());
     Ok((positive + negatives.sum_dim_intlist([1i64].as_slice(), false, None)).mean(None::<Kind>))
 }
 
@@ -27,7 +33,7 @@ mod tests {
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         // Positive similarity 1, the two negatives 0.
         let expected = -sig(1.0 / tau).ln() - 2.0 * sig(0.0).ln();
-        let loss = nt_logistic(&z, tau, Similarity::Cosine).unwrap().double_value(&[]);
+        let loss = nt_logistic(&z, &z, Layout::local(2), tau, Similarity::Cosine).unwrap().double_value(&[]);
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
     }
 }

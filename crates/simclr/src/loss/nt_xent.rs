@@ -4,18 +4,19 @@
 //! L = 1/2N Σ_k [ℓ(2k-1, 2k) + ℓ(2k, 2k-1)]).
 use tch::Tensor;
 
-use super::similarity::{pair_count, positive_index, self_mask, similarity_matrix, Similarity};
+use super::similarity::{similarity_matrix, Layout, Similarity};
 use crate::Result;
 
-pub fn nt_xent(z: &Tensor, temperature: f64, similarity: Similarity) -> Result<Tensor> {
-    let pairs = pair_count(z)?;
-    let logits = similarity_matrix(z, similarity) / temperature;
+/// The mean of ℓ_i over the anchors `z` ([2n, d]) against the `keys` ([2N, d])
+/// they sit in at `layout.offset` (the anchors themselves in one process).
+pub fn nt_xent(z: &Tensor, keys: &Tensor, layout: Layout, temperature: f64, similarity: Similarity) -> Result<Tensor> {
+    let logits = similarity_matrix(z, keys, similarity) / temperature;
     // exp(-inf) = 0 removes k = i from the denominator.
-    let logits = logits.masked_fill(&self_mask(pairs, z.device()), f64::NEG_INFINITY);
+    let logits = logits.masked_fill(&layout.self_mask(z.device()), f64::NEG_INFINITY);
     // Cross entropy written out: tch's `cross_entropy_for_logits` computes
     // the log-softmax in fp32 even for fp64 inputs.
     let log_probabilities = logits.log_softmax(1, logits.kind());
-    let positives = positive_index(pairs, z.device()).unsqueeze(1);
+    let positives = layout.positive_index(z.device()).unsqueeze(1);
     Ok(log_probabilities.gather(1, &positives, false).mean(logits.kind()).neg())
 }
 
@@ -44,7 +45,7 @@ mod tests {
     fn matches_equation_one() {
         let z = Tensor::randn([6, 5], (Kind::Double, Device::Cpu));
         let rows: Vec<Vec<f64>> = (0..6).map(|i| Vec::<f64>::try_from(z.get(i)).unwrap()).collect();
-        let loss = nt_xent(&z, 0.3, Similarity::Cosine).unwrap().double_value(&[]);
+        let loss = nt_xent(&z, &z, Layout::local(3), 0.3, Similarity::Cosine).unwrap().double_value(&[]);
         let expected = reference(&rows, 0.3);
         assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
     }
@@ -53,9 +54,9 @@ mod tests {
     fn identical_pairs_far_from_others_give_low_loss() {
         let base = Tensor::eye(4, (Kind::Float, Device::Cpu));
         let z = Tensor::cat(&[&base, &base], 0);
-        let low = nt_xent(&z, 0.1, Similarity::Cosine).unwrap().double_value(&[]);
+        let low = nt_xent(&z, &z, Layout::local(4), 0.1, Similarity::Cosine).unwrap().double_value(&[]);
         let shuffled = Tensor::cat(&[&base, &base.flip([0])], 0);
-        let high = nt_xent(&shuffled, 0.1, Similarity::Cosine).unwrap().double_value(&[]);
+        let high = nt_xent(&shuffled, &shuffled, Layout::local(4), 0.1, Similarity::Cosine).unwrap().double_value(&[]);
         assert!(low < 0.01 && high > 5.0, "{low} {high}");
     }
 }

@@ -39,38 +39,75 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 }
 
 /// The `[2N, 2N]` matrix of sim(z_i, z_j), computed in at least fp32.
-pub fn similarity_matrix(z: &Tensor, similarity: Similarity) -> Tensor {
-    let z = match similarity {
+/// Cosine or dot similarity of every anchor (row of `anchors`) with every
+/// row of `keys`, in fp32 (fp64 stays fp64).
+pub fn similarity_matrix(anchors: &Tensor, keys: &Tensor, similarity: Similarity) -> Tensor {
+    let prepare = |z: &Tensor| match similarity {
         Similarity::Cosine => l2_normalize(z),
         Similarity::Dot if z.kind() == Kind::Double => z.shallow_clone(),
         Similarity::Dot => z.to_kind(Kind::Float),
     };
-    z.matmul(&z.transpose(0, 1))
+    prepare(anchors).matmul(&prepare(keys).transpose(0, 1))
 }
 
-/// For anchor i, the row of its positive: i + N, or i - N for the second views.
-pub fn positive_index(pairs: i64, device: tch::Device) -> Tensor {
-    let first = Tensor::arange_start(pairs, 2 * pairs, (Kind::Int64, device));
-    let second = Tensor::arange(pairs, (Kind::Int64, device));
-    Tensor::cat(&[first, second], 0)
+/// Where a batch's anchors sit among the keys they are compared with. The
+/// anchors are 2n projections laid out [first views; second views] (anchor
+/// i's positive is i ± n); the keys are the projections of every rank, the
+/// anchors among them at rows `offset..offset + 2n`. In one process the
+/// keys are the anchors themselves, at offset 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub pairs: i64,
+    pub offset: i64,
+    pub keys: i64,
 }
 
-/// True on the diagonal: an anchor is never compared with itself.
-pub fn self_mask(pairs: i64, device: tch::Device) -> Tensor {
-    Tensor::eye(2 * pairs, (Kind::Bool, device))
-}
+impl Layout {
+    pub fn of(anchors: &Tensor, keys: &Tensor, offset: i64) -> Result<Self> {
+        let pairs = pair_count(anchors)?;
+        let (anchor_size, key_size) = (anchors.size(), keys.size());
+        if key_size.len() != 2 || key_size[1] != anchor_size[1] || offset < 0 || offset + 2 * pairs > key_size[0] {
+            return Err(Error::InvalidArgument(format!(
+                "anchors {anchor_size:?} at row {offset} of keys {key_size:?}: the keys must hold the anchors"
+            )));
+        }
+        Ok(Self { pairs, offset, keys: key_size[0] })
+    }
 
-/// True where j is a negative of anchor i: neither i itself nor its positive.
-pub fn negative_mask(pairs: i64, device: tch::Device) -> Tensor {
-    let positives = positive_index(pairs, device);
-    let positive_mask =
-        Tensor::zeros([2 * pairs, 2 * pairs], (Kind::Bool, device)).scatter_value(1, &positives.unsqueeze(1), 1.0);
-    self_mask(pairs, device).logical_or(&positive_mask).logical_not()
-}
+    /// One process: the keys are the anchors.
+    pub fn local(pairs: i64) -> Self {
+        Self { pairs, offset: 0, keys: 2 * pairs }
+    }
 
-/// Each anchor's similarity to its positive, `[2N]`.
-pub fn positive_similarity(similarities: &Tensor, pairs: i64) -> Tensor {
-    similarities.gather(1, &positive_index(pairs, similarities.device()).unsqueeze(1), false).squeeze_dim(1)
+    /// The key row of each anchor's positive.
+    pub fn positive_index(&self, device: tch::Device) -> Tensor {
+        let first = Tensor::arange_start(self.pairs, 2 * self.pairs, (Kind::Int64, device));
+        let second = Tensor::arange(self.pairs, (Kind::Int64, device));
+        Tensor::cat(&[first, second], 0) + self.offset
+    }
+
+    /// [2n, keys]: true at each anchor's own row.
+    pub fn self_mask(&self, device: tch::Device) -> Tensor {
+        let own = Tensor::arange(2 * self.pairs, (Kind::Int64, device)) + self.offset;
+        let mask = Tensor::zeros([2 * self.pairs, self.keys], (Kind::Bool, device));
+        mask.scatter_value(1, &own.unsqueeze(1), 1.0)
+    }
+
+    /// [2n, keys]: true at the negatives, every key but the anchor and its positive.
+    pub fn negative_mask(&self, device: tch::Device) -> Tensor {
+        let positives = self.positive_index(device);
+        let positive_mask = Tensor::zeros([2 * self.pairs, self.keys], (Kind::Bool, device)).scatter_value(
+            1,
+            &positives.unsqueeze(1),
+            1.0,
+        );
+        self.self_mask(device).logical_or(&positive_mask).logical_not()
+    }
+
+    /// The similarity of each anchor with its positive, from [2n, keys].
+    pub fn positive_similarity(&self, similarities: &Tensor) -> Tensor {
+        similarities.gather(1, &self.positive_index(similarities.device()).unsqueeze(1), false).squeeze_dim(1)
+    }
 }
 
 #[cfg(test)]
@@ -80,12 +117,12 @@ mod tests {
 
     #[test]
     fn masks_partition_each_row() {
-        let negatives = negative_mask(3, Device::Cpu);
+        let negatives = Layout::local(3).negative_mask(Device::Cpu);
         assert_eq!(negatives.sum(Kind::Int64).int64_value(&[]), 6 * 4);
         assert_eq!(negatives.int64_value(&[0, 3]), 0);
         assert_eq!(negatives.int64_value(&[0, 0]), 0);
         assert_eq!(negatives.int64_value(&[4, 2]), 1);
-        assert_eq!(Vec::<i64>::try_from(positive_index(2, Device::Cpu)).unwrap(), vec![2, 3, 0, 1]);
+        assert_eq!(Vec::<i64>::try_from(Layout::local(2).positive_index(Device::Cpu)).unwrap(), vec![2, 3, 0, 1]);
     }
 
     #[test]

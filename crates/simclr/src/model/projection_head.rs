@@ -111,7 +111,7 @@ impl ProjectionHead {
         for layer in &self.layers {
             z = z.apply(&layer.linear);
             if let Some(bn) = &layer.batch_norm {
-                z = z.apply_t(bn, train);
+                z = crate::dist::batch_norm(&z, bn, train);
             }
             if layer.relu {
                 z = z.relu();

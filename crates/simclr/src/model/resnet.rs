@@ -188,7 +188,7 @@ impl Unit for ConvBn {
         } else {
             x.apply(&self.conv)
         };
-        y.apply_t(&self.bn, train)
+        crate::dist::batch_norm(&y, &self.bn, train)
     }
 }
 

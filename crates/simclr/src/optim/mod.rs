@@ -25,6 +25,7 @@ pub use schedule::Schedule;
 use buffer::{chunks, decayed_gradient, flatten_in, memory_order, Chunk, Execution, Layout};
 use gate::Amounts;
 
+use crate::dist::{ProcessGroup, ReduceOp};
 use crate::{Error, Result};
 
 /// The hyper-parameters every update needs, besides the learning rate.
@@ -130,6 +131,32 @@ impl Optimizer {
             .collect();
         self.gradient = Some(if flat.is_empty() { self.weights.zeros_like() } else { Tensor::cat(&flat, 0) });
         Ok(())
+    }
+
+    /// Averages the last backward pass's gradients over `group`'s ranks
+    /// (a sum all-reduce of the flat buffer, then / W): with every rank's
+    /// loss back-propagated through the gathered projections, that is the
+    /// gradient of the global batch's loss (see [`crate::dist`]).
+    pub fn average_gradient(&mut self, group: &ProcessGroup) -> Result<()> {
+        let Some(gradient) = &mut self.gradient else { return Ok(()) };
+        if group.size() > 1 {
+            group.all_reduce(gradient, ReduceOp::Sum)?;
+            let _ = gradient.g_div_scalar_(group.size() as f64);
+        }
+        Ok(())
+    }
+
+    /// Makes every rank's weights (and optimiser state) rank `root`'s.
+    pub fn broadcast(&mut self, group: &ProcessGroup, root: usize) -> Result<()> {
+        tch::no_grad(|| {
+            group.broadcast(&mut self.weights, root)?;
+            self.state.iter_mut().try_for_each(|state| group.broadcast(state, root))
+        })
+    }
+
+    /// The parameters as one flat tensor (a view: read, do not keep).
+    pub fn flat_weights(&self) -> &Tensor {
+        &self.weights
     }
 
     /// Applies one update with learning rate `lr` from the last backward

@@ -19,6 +19,7 @@ use crate::config::ValidConfig;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
+use crate::dist::Parallel;
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
 use crate::loss::LossConfig;
@@ -365,7 +366,7 @@ impl Trainer {
         let (model, optimizer, loss_config, precision) =
             (&self.model, &mut self.optimizer, &self.config.loss, self.precision);
         let step = || -> Result<(Tensor, Tensor)> {
-            let mut loss = contrastive_loss(model, views, loss_config, precision)?;
+            let mut loss = contrastive_loss(model, views, loss_config, precision, None)?;
             if poisoned {
                 loss *= f64::NAN;
             }
@@ -533,14 +534,29 @@ impl Trainer {
 /// 8-bit mantissa blurs cosine similarities by about 0.004, 0.02 in the
 /// logits at τ = 0.2; the PyTorch references likewise take the loss of
 /// `z.float()` outside autocast.
-pub(crate) fn contrastive_loss(
+///
+/// With `parallel`, `views` are this rank's slice of the global batch: the
+/// anchors meet the projections of every rank, and (where asked) BatchNorm
+/// normalises over the global batch; see [`crate::dist`].
+pub fn contrastive_loss(
     model: &SimClr,
     views: &Tensor,
     loss: &LossConfig,
     precision: Precision,
+    parallel: Option<Parallel>,
 ) -> Result<Tensor> {
-    let (_, z) = precision.run(views.device(), || model.forward_t(views, true));
-    loss.compute(&z)
+    let forward = || model.forward_t(views, true);
+    let (_, z) = precision.run(views.device(), || match parallel {
+        Some(parallel) if parallel.global_batch_norm => crate::dist::with_global_batch_norm(parallel.group, forward),
+        _ => forward(),
+    });
+    match parallel {
+        Some(Parallel { group, .. }) if group.size() > 1 => {
+            let keys = group.all_gather_grad(&z)?;
+            loss.compute_against(&z, &keys, group.rank() as i64 * z.size()[0])
+        }
+        _ => loss.compute(&z),
+    }
 }
 
 /// Sizes a run to `train.time_budget_seconds` of training (epoch time; the
@@ -747,7 +763,7 @@ mod tests {
         let model = SimClr::new(&store.root(), &config);
         let views = Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu));
         let loss_config = LossConfig::default();
-        let loss = contrastive_loss(&model, &views, &loss_config, Precision::Bf16).unwrap();
+        let loss = contrastive_loss(&model, &views, &loss_config, Precision::Bf16, None).unwrap();
         assert_eq!(loss.kind(), Kind::Float);
         loss.backward();
         let (_, z) = Precision::Bf16.run(Device::Cpu, || model.forward_t(&views, true));

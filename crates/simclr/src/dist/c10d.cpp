@@ -1,0 +1,305 @@
+// A C ABI over libtorch's c10d: a process group (a TCPStore or FileStore,
+// Gloo for CPU tensors, NCCL for CUDA tensors in the `cuda` build), its
+// collectives, and two differentiable ones (all-reduce, all-gather) as
+// autograd functions. Compiled by build.rs against the torch wheel's headers;
+// see src/dist/mod.rs for the Rust side.
+//
+// Every exported function catches every C++ exception and returns non-zero;
+// the message is kept per thread for simclr_dist_last_error().
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef SIMCLR_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace {
+
+thread_local std::string last_error;
+
+template <class F>
+int guarded(F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return 1;
+}
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  // Each backend once, for shutdown.
+  std::vector<c10::intrusive_ptr<c10d::Backend>> backends;
+  std::chrono::milliseconds timeout;
+  int rank;
+  int size;
+
+  c10::intrusive_ptr<c10d::Backend> backend(const at::Tensor& tensor) const {
+    return group->getBackend(tensor.device().type());
+  }
+
+  void wait(const c10::intrusive_ptr<c10d::Work>& work) const {
+    work->wait(timeout);
+  }
+
+  void all_reduce(at::Tensor& tensor, c10d::ReduceOp::RedOpType op) const {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp(op);
+    options.timeout = timeout;
+    wait(backend(tensor)->allreduce(tensors, options));
+  }
+
+  void broadcast(at::Tensor& tensor, int root) const {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    options.timeout = timeout;
+    wait(backend(tensor)->broadcast(tensors, options));
+  }
+
+  // `output` holds the `size` inputs one after another along dim 0.
+  void all_gather(at::Tensor& output, at::Tensor& input) const {
+    c10d::AllgatherOptions options;
+    options.timeout = timeout;
+    wait(backend(input)->_allgather_base(output, input, options));
+  }
+
+  // `input` holds `size` blocks along dim 0; this rank gets the sum of
+  // every rank's block `rank`.
+  void reduce_scatter(at::Tensor& output, at::Tensor& input) const {
+    c10d::ReduceScatterOptions options;
+    options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    options.timeout = timeout;
+    wait(backend(input)->_reduce_scatter_base(output, input, options));
+  }
+};
+
+Group* group_of(const torch::autograd::AutogradContext* context) {
+  return reinterpret_cast<Group*>(context->saved_data.at("group").toInt());
+}
+
+// y = sum over ranks of x. Every rank's loss depends on y, so the gradient
+// reaching x is the sum over ranks of dL_r/dy: an all-reduce again.
+struct AllReduceSum : public torch::autograd::Function<AllReduceSum> {
+  static at::Tensor forward(torch::autograd::AutogradContext* context, const at::Tensor& input, int64_t group) {
+    context->saved_data["group"] = group;
+    at::Tensor output = input.contiguous().clone();
+    reinterpret_cast<Group*>(group)->all_reduce(output, c10d::ReduceOp::SUM);
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* context,
+      torch::autograd::variable_list grads) {
+    at::Tensor grad = grads[0].contiguous().clone();
+    group_of(context)->all_reduce(grad, c10d::ReduceOp::SUM);
+    return {grad, at::Tensor()};
+  }
+};
+
+// y = the inputs of every rank, one after another along dim 0. Rank r's
+// rows of y feed every rank's loss, so the gradient reaching x is the sum
+// over ranks of their gradient's block r: a sum reduce-scatter. Keeping only
+// this rank's own block is the known bug (solo-learn PR #232, lightly PR #1531).
+struct AllGather : public torch::autograd::Function<AllGather> {
+  static at::Tensor forward(torch::autograd::AutogradContext* context, const at::Tensor& input, int64_t group) {
+    context->saved_data["group"] = group;
+    Group* g = reinterpret_cast<Group*>(group);
+    at::Tensor local = input.contiguous();
+    std::vector<int64_t> shape = local.sizes().vec();
+    shape[0] *= g->size;
+    at::Tensor output = at::empty(shape, local.options());
+    g->all_gather(output, local);
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* context,
+      torch::autograd::variable_list grads) {
+    Group* g = group_of(context);
+    at::Tensor grad = grads[0].contiguous();
+    std::vector<int64_t> shape = grad.sizes().vec();
+    shape[0] /= g->size;
+    at::Tensor output = at::empty(shape, grad.options());
+    g->reduce_scatter(output, grad);
+    return {output, at::Tensor()};
+  }
+};
+
+c10::intrusive_ptr<c10d::Store> make_store(
+    const char* kind,
+    const char* address,
+    int port,
+    bool server,
+    int size,
+    std::chrono::milliseconds timeout) {
+  std::string which(kind);
+  if (which == "file") {
+    auto store = c10::make_intrusive<c10d::FileStore>(address, size);
+    store->setTimeout(timeout);
+    return store;
+  }
+  if (which == "tcp") {
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<std::uint16_t>(port);
+    options.isServer = server;
+    options.numWorkers = static_cast<std::size_t>(size);
+    options.waitWorkers = false;
+    options.timeout = timeout;
+    return c10::make_intrusive<c10d::TCPStore>(address, options);
+  }
+  throw std::invalid_argument("store kind '" + which + "': expected file or tcp");
+}
+
+} // namespace
+
+extern "C" {
+
+const char* simclr_dist_last_error() {
+  return last_error.c_str();
+}
+
+// A process group of `size` ranks meeting at a store: `kind` "file" (a path
+// in `address`) or "tcp" (`address`:`port`, served by this process when
+// `server`). `device_host` names the address Gloo's connections bind to
+// (empty: the host's own name, as torch does), `interface` a network
+// interface to use instead (empty: none). With `nccl`, CUDA tensors use NCCL
+// (the `cuda` build only); otherwise Gloo serves CPU and CUDA tensors.
+int simclr_dist_new_group(
+    const char* kind,
+    const char* address,
+    int port,
+    int server,
+    int rank,
+    int size,
+    int64_t timeout_ms,
+    const char* device_host,
+    const char* interface,
+    int nccl,
+    void** out) {
+  return guarded([&] {
+    std::chrono::milliseconds timeout(timeout_ms);
+    auto store = make_store(kind, address, port, server != 0, size, timeout);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("simclr", store);
+    auto options = c10d::ProcessGroupGloo::Options::create_default(timeout);
+    std::string host(device_host), iface(interface);
+    if (!iface.empty()) {
+      options->devices = {c10d::ProcessGroupGloo::createDeviceForInterface(iface)};
+    } else if (!host.empty()) {
+      options->devices = {c10d::ProcessGroupGloo::createDeviceForHostname(host)};
+    }
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+    gloo->setSequenceNumberForGroup();
+    auto group = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
+    using Type = c10d::ProcessGroup::BackendType;
+    group->setBackend(c10::DeviceType::CPU, Type::GLOO, gloo);
+    std::vector<c10::intrusive_ptr<c10d::Backend>> backends{gloo};
+    if (nccl != 0) {
+#ifdef SIMCLR_NCCL
+      auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+      nccl_options->timeout = timeout;
+      auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, nccl_options);
+      backend->setSequenceNumberForGroup();
+      group->setBackend(c10::DeviceType::CUDA, Type::NCCL, backend);
+      group->setDefaultBackend(Type::NCCL);
+      backends.push_back(backend);
+#else
+      throw std::invalid_argument("NCCL needs the cuda build (cargo --features cuda)");
+#endif
+    } else {
+      group->setBackend(c10::DeviceType::CUDA, Type::GLOO, gloo);
+      group->setDefaultBackend(Type::GLOO);
+    }
+    if (gloo->getRank() != rank || gloo->getSize() != size || gloo->getBackendName() != "gloo") {
+      throw std::runtime_error("the Gloo backend reads back a different rank, size or name");
+    }
+    *out = new Group{prefixed, group, backends, timeout, rank, size};
+  });
+}
+
+void simclr_dist_free(void* group) {
+  auto* g = static_cast<Group*>(group);
+  guarded([&] {
+    for (auto& backend : g->backends) {
+      backend->shutdown();
+    }
+  });
+  delete g;
+}
+
+// In place; `op` 0 sum, 1 max, 2 min.
+int simclr_dist_all_reduce(void* group, at::Tensor* tensor, int op) {
+  return guarded([&] {
+    static const c10d::ReduceOp::RedOpType ops[] = {
+        c10d::ReduceOp::SUM, c10d::ReduceOp::MAX, c10d::ReduceOp::MIN};
+    if (op < 0 || op > 2) {
+      throw std::invalid_argument("reduce op " + std::to_string(op));
+    }
+    static_cast<Group*>(group)->all_reduce(*tensor, ops[op]);
+  });
+}
+
+int simclr_dist_broadcast(void* group, at::Tensor* tensor, int root) {
+  return guarded([&] { static_cast<Group*>(group)->broadcast(*tensor, root); });
+}
+
+int simclr_dist_all_gather(void* group, at::Tensor* output, at::Tensor* input) {
+  return guarded([&] { static_cast<Group*>(group)->all_gather(*output, *input); });
+}
+
+int simclr_dist_reduce_scatter(void* group, at::Tensor* output, at::Tensor* input) {
+  return guarded([&] { static_cast<Group*>(group)->reduce_scatter(*output, *input); });
+}
+
+// The differentiable collectives: `*out` is a new tensor with a grad_fn.
+int simclr_dist_all_reduce_sum_grad(void* group, at::Tensor* input, at::Tensor** out) {
+  return guarded([&] {
+    *out = new at::Tensor(AllReduceSum::apply(*input, reinterpret_cast<int64_t>(group)));
+  });
+}
+
+int simclr_dist_all_gather_grad(void* group, at::Tensor* input, at::Tensor** out) {
+  return guarded([&] {
+    *out = new at::Tensor(AllGather::apply(*input, reinterpret_cast<int64_t>(group)));
+  });
+}
+
+// Store access for the launcher's checks (config hashes, errors to report).
+int simclr_dist_store_set(void* group, const char* key, const uint8_t* data, size_t length) {
+  return guarded([&] {
+    std::vector<uint8_t> value(data, data + length);
+    static_cast<Group*>(group)->store->set(key, value);
+  });
+}
+
+// Waits up to the group's timeout for `key`; `*out` is malloc'ed, freed by
+// the caller with simclr_dist_free_bytes.
+int simclr_dist_store_get(void* group, const char* key, uint8_t** out, size_t* length) {
+  return guarded([&] {
+    std::vector<uint8_t> value = static_cast<Group*>(group)->store->get(key);
+    *out = static_cast<uint8_t*>(std::malloc(value.size() + 1));
+    std::copy(value.begin(), value.end(), *out);
+    *length = value.size();
+  });
+}
+
+void simclr_dist_free_bytes(uint8_t* bytes) {
+  std::free(bytes);
+}
+
+} // extern "C"

@@ -1,0 +1,239 @@
+//! A c10d process group, through the shim in `c10d.cpp`: the same engine
+//! PyTorch's DDP uses (Gloo for CPU tensors, NCCL for CUDA ones).
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use tch::Tensor;
+
+use crate::{Error, Result};
+
+extern "C" {
+    fn simclr_dist_last_error() -> *const c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn simclr_dist_new_group(
+        kind: *const c_char,
+        address: *const c_char,
+        port: c_int,
+        server: c_int,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: i64,
+        device_host: *const c_char,
+        interface: *const c_char,
+        nccl: c_int,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn simclr_dist_free(group: *mut c_void);
+    fn simclr_dist_all_reduce(group: *mut c_void, tensor: *mut c_void, op: c_int) -> c_int;
+    fn simclr_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: c_int) -> c_int;
+    fn simclr_dist_all_gather(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> c_int;
+    fn simclr_dist_reduce_scatter(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> c_int;
+    fn simclr_dist_all_reduce_sum_grad(group: *mut c_void, input: *mut c_void, out: *mut *mut c_void) -> c_int;
+    fn simclr_dist_all_gather_grad(group: *mut c_void, input: *mut c_void, out: *mut *mut c_void) -> c_int;
+    fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
+    fn simclr_dist_store_get(group: *mut c_void, key: *const c_char, out: *mut *mut u8, length: *mut usize) -> c_int;
+    fn simclr_dist_free_bytes(bytes: *mut u8);
+}
+
+/// Where the ranks meet to exchange addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// A file every rank can reach (one machine, or a shared file system).
+    File(PathBuf),
+    /// A TCP store at `host:port`; the rank with `server` serves it.
+    Tcp { host: String, port: u16, server: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupOptions {
+    pub rendezvous: Rendezvous,
+    pub rank: usize,
+    pub size: usize,
+    /// How long any collective or store wait may take before every rank
+    /// gives up with an error.
+    pub timeout: Duration,
+    /// The address Gloo's connections bind to; `None`: the host's own
+    /// name, falling back to loopback, as torch does.
+    pub device_host: Option<String>,
+    /// A network interface for Gloo instead (torch's `GLOO_SOCKET_IFNAME`).
+    pub interface: Option<String>,
+    /// NCCL for CUDA tensors (the `cuda` build); otherwise Gloo serves both.
+    pub nccl: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum = 0,
+    Max = 1,
+    Min = 2,
+}
+
+/// One rank's membership of a group of `size` processes. Collectives must
+/// be called in the same order on every rank. Dropping it shuts the
+/// backends down.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    raw: NonNull<c_void>,
+    rank: usize,
+    size: usize,
+}
+
+// SAFETY: the group is a heap object of the shim, used by one thread at a
+// time (`&mut self` is not needed because c10d serialises the collectives
+// of a backend itself); moving it to another thread is fine.
+unsafe impl Send for ProcessGroup {}
+
+fn c_string(what: &str, value: &str) -> Result<CString> {
+    CString::new(value).map_err(|_| Error::Distributed(format!("{what} '{value}' holds a NUL byte")))
+}
+
+fn check(code: c_int, what: &str) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a NUL-terminated string owned by this thread.
+    let message = unsafe { CStr::from_ptr(simclr_dist_last_error()) }.to_string_lossy().into_owned();
+    Err(Error::Distributed(format!("{what}: {message}")))
+}
+
+/// A tensor's `at::Tensor*`, as the shim takes it.
+fn raw(tensor: &Tensor) -> *mut c_void {
+    tensor.as_ptr() as *mut c_void
+}
+
+impl ProcessGroup {
+    /// Joins the group: returns once all `size` ranks have met at the
+    /// rendezvous (or fails after the timeout, naming what it waited for).
+    pub fn new(options: &GroupOptions) -> Result<Self> {
+        let GroupOptions { rendezvous, rank, size, timeout, device_host, interface, nccl } = options;
+        if *size == 0 || rank >= size {
+            return Err(Error::Distributed(format!("rank {rank} of a group of {size}: expected 0 <= rank < size")));
+        }
+        let (kind, address, port, server) = match rendezvous {
+            Rendezvous::File(path) => ("file", path.to_string_lossy().into_owned(), 0, false),
+            Rendezvous::Tcp { host, port, server } => ("tcp", host.clone(), *port, *server),
+        };
+        let kind = c_string("store kind", kind)?;
+        let address = c_string("rendezvous address", &address)?;
+        let device_host = c_string("device host", device_host.as_deref().unwrap_or(""))?;
+        let interface = c_string("network interface", interface.as_deref().unwrap_or(""))?;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; `out` is written on success.
+        let code = unsafe {
+            simclr_dist_new_group(
+                kind.as_ptr(),
+                address.as_ptr(),
+                c_int::from(port),
+                c_int::from(server),
+                *rank as c_int,
+                *size as c_int,
+                timeout.as_millis() as i64,
+                device_host.as_ptr(),
+                interface.as_ptr(),
+                c_int::from(*nccl),
+                &mut out,
+            )
+        };
+        let place = match rendezvous {
+            Rendezvous::File(path) => format!("file store {}", path.display()),
+            Rendezvous::Tcp { host, port, .. } => format!("TCP store {host}:{port}"),
+        };
+        check(code, &format!("rank {rank} of {size} joining at the {place}"))?;
+        let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no group".to_owned()))?;
+        Ok(Self { raw, rank: *rank, size: *size })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Reduces `tensor` (contiguous) over the ranks, in place.
+    pub fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
+        // SAFETY: the group and tensor are live; the shim catches every exception.
+        check(unsafe { simclr_dist_all_reduce(self.raw.as_ptr(), raw(tensor), op as c_int) }, "all-reduce")
+    }
+
+    /// Copies rank `root`'s `tensor` into every rank's, in place.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        // SAFETY: as in all_reduce.
+        check(unsafe { simclr_dist_broadcast(self.raw.as_ptr(), raw(tensor), root as c_int) }, "broadcast")
+    }
+
+    /// Every rank's `input`, one after another along dim 0 (no gradient).
+    pub fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
+        let input = input.contiguous();
+        let mut shape = input.size();
+        shape[0] *= self.size as i64;
+        let output = Tensor::empty(shape, (input.kind(), input.device()));
+        // SAFETY: as in all_reduce; `output` has room for every rank's input.
+        check(unsafe { simclr_dist_all_gather(self.raw.as_ptr(), raw(&output), raw(&input)) }, "all-gather")?;
+        Ok(output)
+    }
+
+    /// This rank's block (dim 0 split in `size`) of the sum over ranks of `input`.
+    pub fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor> {
+        let input = input.contiguous();
+        let mut shape = input.size();
+        if shape.first().is_none_or(|rows| rows % self.size as i64 != 0) {
+            return Err(Error::Distributed(format!("reduce-scatter of {shape:?} over {} ranks", self.size)));
+        }
+        shape[0] /= self.size as i64;
+        let output = Tensor::empty(shape, (input.kind(), input.device()));
+        // SAFETY: as in all_gather.
+        check(unsafe { simclr_dist_reduce_scatter(self.raw.as_ptr(), raw(&output), raw(&input)) }, "reduce-scatter")?;
+        Ok(output)
+    }
+
+    /// The sum over ranks of `input`, differentiable: its backward sums
+    /// the gradients of every rank's loss (an all-reduce).
+    pub fn all_reduce_sum_grad(&self, input: &Tensor) -> Result<Tensor> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in all_reduce; on success `out` is a new at::Tensor the Tensor owns.
+        check(unsafe { simclr_dist_all_reduce_sum_grad(self.raw.as_ptr(), raw(input), &mut out) }, "all-reduce")?;
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+
+    /// Every rank's `input` along dim 0, differentiable: its backward is a
+    /// sum reduce-scatter, so each rank's rows get the gradient of every
+    /// rank's loss, not only its own.
+    pub fn all_gather_grad(&self, input: &Tensor) -> Result<Tensor> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in all_reduce_sum_grad.
+        check(unsafe { simclr_dist_all_gather_grad(self.raw.as_ptr(), raw(input), &mut out) }, "all-gather")?;
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+
+    /// Sets `key` in the group's store.
+    pub fn store_set(&self, key: &str, value: &[u8]) -> Result<()> {
+        let c_key = c_string("store key", key)?;
+        // SAFETY: key and value are valid for the call.
+        let code = unsafe { simclr_dist_store_set(self.raw.as_ptr(), c_key.as_ptr(), value.as_ptr(), value.len()) };
+        check(code, &format!("store set {key}"))
+    }
+
+    /// Waits (up to the timeout) for `key` in the group's store.
+    pub fn store_get(&self, key: &str) -> Result<Vec<u8>> {
+        let c_key = c_string("store key", key)?;
+        let (mut bytes, mut length) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: on success the shim hands over a malloc'ed buffer of `length` bytes.
+        let code = unsafe { simclr_dist_store_get(self.raw.as_ptr(), c_key.as_ptr(), &mut bytes, &mut length) };
+        check(code, &format!("store get {key}"))?;
+        // SAFETY: `bytes` holds `length` initialised bytes until freed below.
+        let value = unsafe { std::slice::from_raw_parts(bytes, length) }.to_vec();
+        unsafe { simclr_dist_free_bytes(bytes) };
+        Ok(value)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from simclr_dist_new_group and is freed once.
+        unsafe { simclr_dist_free(self.raw.as_ptr()) }
+    }
+}

@@ -1,0 +1,25 @@
+//! Data-parallel training across processes (the paper's section 2.2):
+//! each rank holds a contiguous slice of every global batch, the
+//! projections of all ranks are gathered so every anchor meets all
+//! 2(N-1) negatives, and BatchNorm normalises with statistics of the
+//! global batch. Built on c10d through the C++ shim `c10d.cpp`.
+//!
+//! The gradient is the one-process gradient of the global batch: the
+//! gather's backward is a sum reduce-scatter and the statistics' all-reduce
+//! is differentiable (all-reduce in backward), so with L = (1/W) Σ_r L_r
+//! the ranks' parameter gradients sum to W·∇L; averaging them over the W
+//! ranks gives ∇L exactly (see `../shared/notes/distributed.md`).
+mod batch_norm;
+mod group;
+
+pub use batch_norm::{batch_norm, with_global_batch_norm};
+pub use group::{GroupOptions, ProcessGroup, ReduceOp, Rendezvous};
+
+/// How a training step of one rank takes part in a multi-process run.
+#[derive(Debug, Clone, Copy)]
+pub struct Parallel<'a> {
+    pub group: &'a ProcessGroup,
+    /// BatchNorm over the global batch (the paper's Global BN); `false`
+    /// normalises each rank's slice alone, for comparison.
+    pub global_batch_norm: bool,
+}
