@@ -5,6 +5,7 @@ mod observer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +15,7 @@ use simclr::config::{ConfigLayers, RunLayers};
 use simclr::data::config::DataFormat;
 use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
+use simclr::dist::launch::{self, Outcome, World};
 use simclr::eval::{EncoderSource, EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
 use simclr::model::{EncoderSpec, SpecOverrides};
 use simclr::train::checkpoint;
@@ -71,6 +73,10 @@ struct TrainArgs {
     /// Print the resolved configuration and exit.
     #[arg(long)]
     print_config: bool,
+    /// Start this many processes on this machine, each training on its slice
+    /// of every batch (docs/distributed.md). Under torchrun or srun, leave it out.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
 }
 
 /// The encoder file and how to use it; a run's encoder.safetensors records
@@ -238,12 +244,33 @@ fn train(args: TrainArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    let report = simclr::train::train(config, args.resume, &mut observer::console()?)?;
+    let world = World::from_env()?;
+    if let (Some(processes), None) = (args.nproc_per_node, &world) {
+        launch::check_divides(config.train.batch_size, processes)?;
+        let (arguments, stop): (Vec<_>, _) = (std::env::args_os().skip(1).collect(), observer::stop_flag()?);
+        return match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10))? {
+            Outcome::Finished => Ok(()),
+            Outcome::Stopped => Err(simclr::Error::Interrupted("every process stopped".to_owned()).into()),
+            Outcome::Failed { rank, status } => {
+                anyhow::bail!("rank {rank} of {processes} failed ({status}), so the others were stopped")
+            }
+        };
+    }
+    let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
+    let group = world.as_ref().map(|world| world.join(timeout)).transpose()?;
+    let rank = world.as_ref().map_or(0, |world| world.rank);
+    let observer = observer::console()?;
+    let mut observer = if rank == 0 { observer } else { observer.without_bar() };
+    let report = simclr::train::train_in(config, args.resume, group, &mut observer)?;
     if let Some(position) = report.interrupted_at {
-        eprint!("{report}");
+        if rank == 0 {
+            eprint!("{report}");
+        }
         return Err(simclr::Error::Interrupted(format!("step {}", position.step)).into());
     }
-    print!("{report}");
+    if rank == 0 {
+        print!("{report}");
+    }
     Ok(())
 }
 
@@ -352,7 +379,11 @@ fn ablate(kind: AblateKind) -> Result<()> {
 fn main() -> ExitCode {
     observer::keep_freed_memory();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // In a multi-process run, rank 0 tells the story; the others only warn.
+            let quiet = std::env::var("RANK").is_ok_and(|rank| rank != "0");
+            (if quiet { "warn" } else { "info" }).into()
+        }))
         .with_writer(std::io::stderr)
         .init();
     simclr::device::quiet_out_of_memory_panics();

@@ -8,11 +8,16 @@ use simclr::train::Console;
 
 /// The library's terminal observer, stopped by SIGINT or SIGTERM.
 pub fn console() -> Result<Console> {
+    Ok(Console::new(stop_flag()?)?)
+}
+
+/// A flag raised by SIGINT or SIGTERM.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
     }
-    Ok(Console::new(stop)?)
+    Ok(stop)
 }
 
 /// Tunes glibc's malloc, which serves libtorch's CPU tensors, to keep freed

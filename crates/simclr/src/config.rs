@@ -50,6 +50,13 @@ pub struct TrainConfig {
     /// before the end of its second epoch keeps the provisional plan).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_budget_seconds: Option<f64>,
+    /// In a multi-process run, BatchNorm normalises over the global batch
+    /// (the paper's Global BN); `false` normalises each process's slice
+    /// alone, which lets a model cheat through the statistics (section 2.2).
+    pub sync_batch_norm: bool,
+    /// In a multi-process run, how long a process waits for the others (at
+    /// the rendezvous, in a collective) before every one stops with an error.
+    pub dist_timeout_seconds: f64,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +74,8 @@ impl Default for TrainConfig {
             knn_temperature: 0.1,
             max_nonfinite_steps: 5,
             time_budget_seconds: None,
+            sync_batch_norm: true,
+            dist_timeout_seconds: 1800.0,
         }
     }
 }
@@ -230,6 +239,9 @@ impl RunConfig {
         }
         if train.checkpoint_every == 0 {
             problems.push("train.checkpoint_every = 0: must be at least 1".to_owned());
+        }
+        if !crate::checks::is_positive_finite(train.dist_timeout_seconds) {
+            problems.push(format!("train.dist_timeout_seconds = {}: must be > 0", train.dist_timeout_seconds));
         }
         if train.max_nonfinite_steps == 0 {
             problems.push("train.max_nonfinite_steps = 0: must be at least 1".to_owned());

@@ -265,14 +265,17 @@ impl Drop for Autocast {
 
 /// An allocation failure inside a training step surfaces as a panic in tch;
 /// the library turns it into an error naming the batch size, so the panic
-/// message itself is not printed. A process-wide setting: the binary
+/// message itself is not printed; so does a failed collective in a
+/// multi-process run ([`crate::dist::CollectiveFailed`]). A process-wide setting: the binary
 /// calls it at start.
 pub fn quiet_out_of_memory_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
         let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
-        if !message.is_some_and(is_out_of_memory) {
+        // A collective that failed in a forward pass becomes an error too.
+        let collective = payload.is::<crate::dist::CollectiveFailed>();
+        if !message.is_some_and(is_out_of_memory) && !collective {
             default_hook(info);
         }
     }));

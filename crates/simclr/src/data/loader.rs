@@ -76,6 +76,30 @@ fn check_batch_size(dataset: &Dataset, batch_size: usize) -> Result<()> {
     Ok(())
 }
 
+/// Which part of every global batch this process makes: rank r of w takes
+/// images r·N/w..(r+1)·N/w of each batch of N, so w processes together make
+/// the one-process batches (the views of an image do not depend on who
+/// makes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// This rank's part of a global batch's image indices.
+    pub fn of<'a>(&self, batch: &'a [usize]) -> &'a [usize] {
+        let part = batch.len() / self.world;
+        &batch[self.rank * part..(self.rank + 1) * part]
+    }
+}
+
 /// Where the trainer's views are made (`augment.backend`).
 pub enum Views {
     Cpu(ViewLoader),
@@ -91,7 +115,17 @@ impl Views {
         }
     }
 
-    /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on, on the training device.
+    /// Makes only `shard`'s part of every batch.
+    pub fn sharded(mut self, shard: Shard) -> Self {
+        match &mut self {
+            Views::Cpu(loader) => loader.shard = shard,
+            Views::Device(loader) => loader.shard = shard,
+        }
+        self
+    }
+
+    /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on, on
+    /// the training device (with a shard of w, `[2N/w, ...]`: its part).
     pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
         match self {
             Views::Cpu(loader) => Box::new(loader.epoch(epoch, first)),
@@ -99,7 +133,7 @@ impl Views {
                 let order = epoch_order(loader.len, loader.seed, epoch);
                 Box::new((first..loader.batches_per_epoch()).map(move |batch| {
                     let indices = &order[batch * loader.batch_size..(batch + 1) * loader.batch_size];
-                    Ok(loader.two_views(indices, epoch))
+                    Ok(loader.two_views(loader.shard.of(indices), epoch))
                 }))
             }
         }
@@ -137,6 +171,7 @@ pub struct DeviceViewLoader {
     /// pixels, where dispatch is most of the cost, as on a GPU; but 1.2
     /// times as long at 32x32, where the larger batch leaves the CPU's cache.
     together: bool,
+    shard: Shard,
 }
 
 /// What [`DeviceViewLoader::load`] found.
@@ -202,7 +237,19 @@ impl DeviceViewLoader {
         let normalization = Normalization::new(format, device);
         let len = dataset.len();
         let together = pipeline.is_symmetric() && device.is_cuda();
-        Ok(DeviceData::Ready(Self { images, width, height, len, pipeline, normalization, batch_size, seed, together }))
+        let shard = Shard::default();
+        Ok(DeviceData::Ready(Self {
+            images,
+            width,
+            height,
+            len,
+            pipeline,
+            normalization,
+            batch_size,
+            seed,
+            together,
+            shard,
+        }))
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -257,6 +304,7 @@ pub struct ViewLoader {
     seed: u64,
     pool: Arc<rayon::ThreadPool>,
     device: tch::Device,
+    shard: Shard,
 }
 
 impl ViewLoader {
@@ -272,7 +320,16 @@ impl ViewLoader {
         device: tch::Device,
     ) -> Result<Self> {
         check_batch_size(&dataset, batch_size)?;
-        Ok(Self { dataset, pipeline: Arc::new(pipeline), format, batch_size, seed, pool, device })
+        Ok(Self {
+            dataset,
+            pipeline: Arc::new(pipeline),
+            format,
+            batch_size,
+            seed,
+            pool,
+            device,
+            shard: Shard::default(),
+        })
     }
 
     /// Full batches per epoch; the remainder is dropped, as in the paper's code.
@@ -290,13 +347,14 @@ impl ViewLoader {
         let order = self.order(epoch);
         let (sender, receiver) = sync_channel(2);
         let (dataset, pipeline, pool) = (self.dataset.clone(), self.pipeline.clone(), self.pool.clone());
-        let (format, batch_size, seed, device) = (self.format, self.batch_size, self.seed, self.device);
+        let (format, batch_size, seed, device, shard) =
+            (self.format, self.batch_size, self.seed, self.device, self.shard);
         let batches = self.batches_per_epoch();
         let producer = std::thread::spawn(move || {
             let views = (first..batches).map(|batch| {
-                let indices = &order[batch * batch_size..(batch + 1) * batch_size];
+                let indices = shard.of(&order[batch * batch_size..(batch + 1) * batch_size]);
                 let data = pool.install(|| two_views(&dataset, &pipeline, format, indices, seed, epoch))?;
-                Ok(Pinned::new(format.tensor(&data, 2 * batch_size), device))
+                Ok(Pinned::new(format.tensor(&data, 2 * indices.len()), device))
             });
             send_until_error(&sender, views);
         });

@@ -21,6 +21,11 @@ use super::ProcessGroup;
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
+/// The panic payload of a collective that failed inside a forward pass:
+/// the error, to be returned where the pass was started.
+#[derive(Debug)]
+pub struct CollectiveFailed(pub crate::Error);
+
 thread_local! {
     /// The group whose global batch BatchNorm normalises over, while
     /// [`with_global_batch_norm`] runs on this thread.
@@ -45,15 +50,15 @@ pub fn with_global_batch_norm<T>(group: &ProcessGroup, forward: impl FnOnce() ->
 /// [`with_global_batch_norm`] with more than one rank, over the global
 /// batch; otherwise as `nn::BatchNorm` does.
 ///
-/// A failed collective panics with its message (a forward pass returns no
-/// `Result`); the trainer turns the panic into an error.
+/// A failed collective panics with [`CollectiveFailed`] (a forward pass
+/// returns no `Result`); the trainer turns it back into the error.
 pub fn batch_norm(x: &Tensor, bn: &nn::BatchNorm, train: bool) -> Tensor {
     // SAFETY: the pointer is set only while `with_global_batch_norm`
     // borrows the group, on this thread.
     let group = GROUP.with(Cell::get).map(|group| unsafe { group.as_ref() });
     match group {
         Some(group) if train && group.size() > 1 => {
-            global_batch_norm(x, bn, group).unwrap_or_else(|error| panic!("global BatchNorm: {error}"))
+            global_batch_norm(x, bn, group).unwrap_or_else(|error| std::panic::panic_any(CollectiveFailed(error)))
         }
         _ => x.apply_t(bn, train),
     }

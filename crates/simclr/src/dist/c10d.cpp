@@ -6,6 +6,7 @@
 //
 // Every exported function catches every C++ exception and returns non-zero;
 // the message is kept per thread for simclr_dist_last_error().
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -31,6 +32,9 @@ int guarded(F&& body) {
   try {
     body();
     return 0;
+  } catch (const c10::Error& e) {
+    // Without the C++ stack, which names no file or value a user can act on.
+    last_error = e.what_without_backtrace();
   } catch (const std::exception& e) {
     last_error = e.what();
   } catch (...) {
@@ -141,6 +145,19 @@ struct AllGather : public torch::autograd::Function<AllGather> {
   }
 };
 
+// c10d logs each failed attempt to connect or wait with a C++ stack;
+// while a group forms, nothing short of fatal is logged: the failure comes
+// back to the caller as one error naming the address, the rank and the cause.
+struct QuietLogs {
+  int saved = FLAGS_caffe2_log_level;
+  QuietLogs() {
+    FLAGS_caffe2_log_level = std::max(saved, 3);
+  }
+  ~QuietLogs() {
+    FLAGS_caffe2_log_level = saved;
+  }
+};
+
 c10::intrusive_ptr<c10d::Store> make_store(
     const char* kind,
     const char* address,
@@ -194,6 +211,7 @@ int simclr_dist_new_group(
     void** out) {
   return guarded([&] {
     std::chrono::milliseconds timeout(timeout_ms);
+    QuietLogs quiet;
     auto store = make_store(kind, address, port, server != 0, size, timeout);
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("simclr", store);
     auto options = c10d::ProcessGroupGloo::Options::create_default(timeout);

@@ -78,6 +78,8 @@ pub struct ProcessGroup {
     raw: NonNull<c_void>,
     rank: usize,
     size: usize,
+    /// Calls of [`ProcessGroup::agree`] so far: keeps its store keys apart.
+    agreements: std::cell::Cell<u64>,
 }
 
 // SAFETY: the group is a heap object of the shim, used by one thread at a
@@ -140,9 +142,12 @@ impl ProcessGroup {
             Rendezvous::File(path) => format!("file store {}", path.display()),
             Rendezvous::Tcp { host, port, .. } => format!("TCP store {host}:{port}"),
         };
-        check(code, &format!("rank {rank} of {size} joining at the {place}"))?;
+        check(code, &format!("rank {rank} of {size} joining at the {place}")).map_err(|error| {
+            let hint = "every process must reach it, with the same address and port, within the timeout";
+            Error::Distributed(format!("{} ({hint})", error.to_string().trim_start_matches("distributed: ")))
+        })?;
         let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no group".to_owned()))?;
-        Ok(Self { raw, rank: *rank, size: *size })
+        Ok(Self { raw, rank: *rank, size: *size, agreements: std::cell::Cell::new(0) })
     }
 
     pub fn rank(&self) -> usize {
@@ -207,6 +212,57 @@ impl ProcessGroup {
         // SAFETY: as in all_reduce_sum_grad.
         check(unsafe { simclr_dist_all_gather_grad(self.raw.as_ptr(), raw(input), &mut out) }, "all-gather")?;
         Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+
+    /// Every rank calls it at the same point with its own outcome: all go
+    /// on, or all stop, each with an error naming the first rank that failed
+    /// and its message (so no rank waits for a peer that has given up).
+    pub fn agree<T>(&self, outcome: Result<T>) -> Result<T> {
+        let round = self.agreements.get();
+        self.agreements.set(round + 1);
+        if let Err(error) = &outcome {
+            self.store_set(&format!("error/{round}/{}", self.rank), error.to_string().as_bytes())?;
+        }
+        let mut failed = Tensor::zeros([self.size as i64], (tch::Kind::Int64, tch::Device::Cpu));
+        let _ = failed.get(self.rank as i64).fill_(i64::from(outcome.is_err()));
+        self.all_reduce(&mut failed, ReduceOp::Sum)?;
+        let first = (0..self.size).find(|&rank| failed.int64_value(&[rank as i64]) != 0);
+        match (first, outcome) {
+            (None, outcome) | (Some(_), outcome @ Err(_)) => outcome,
+            (Some(rank), Ok(_)) => {
+                let message = String::from_utf8_lossy(&self.store_get(&format!("error/{round}/{rank}"))?).into_owned();
+                Err(Error::Distributed(format!("rank {rank} failed: {message}")))
+            }
+        }
+    }
+
+    /// Whether `flag` is true on any rank.
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut value = Tensor::from_slice(&[i64::from(flag)]);
+        self.all_reduce(&mut value, ReduceOp::Max)?;
+        Ok(value.int64_value(&[0]) != 0)
+    }
+
+    /// Checks that every rank holds the same `value` (a resolved config, say);
+    /// the error names the ranks that differ from rank 0 and what differs.
+    pub fn check_same(&self, what: &str, value: &str) -> Result<()> {
+        let hash = i64::from(crc32fast::hash(value.as_bytes()));
+        let hashes = self.all_gather(&Tensor::from_slice(&[hash]))?;
+        let hashes = Vec::<i64>::try_from(&hashes).map_err(|e: tch::TchError| Error::Distributed(e.to_string()))?;
+        let differ: Vec<String> = (1..self.size)
+            .filter(|&rank| hashes[rank] != hashes[0])
+            .map(|rank| format!("rank {rank} ({:08x})", hashes[rank]))
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        let verb = if differ.len() == 1 { "differs" } else { "differ" };
+        Err(Error::Distributed(format!(
+            "the processes were started with different {what}: {} {verb} from rank 0 ({:08x}); \
+             start every process with the same command and files",
+            differ.join(", "),
+            hashes[0]
+        )))
     }
 
     /// Sets `key` in the group's store.

@@ -11,8 +11,9 @@
 //! ranks gives ∇L exactly (see `../shared/notes/distributed.md`).
 mod batch_norm;
 mod group;
+pub mod launch;
 
-pub use batch_norm::{batch_norm, with_global_batch_norm};
+pub use batch_norm::{batch_norm, with_global_batch_norm, CollectiveFailed};
 pub use group::{GroupOptions, ProcessGroup, ReduceOp, Rendezvous};
 
 /// How a training step of one rank takes part in a multi-process run.

@@ -31,6 +31,12 @@ impl Console {
         })
     }
 
+    /// The same, never drawing: for the processes of a multi-process run but rank 0.
+    pub fn without_bar(mut self) -> Self {
+        self.terminal = false;
+        self
+    }
+
     fn control(&self, _step: usize) -> Control {
         #[cfg(feature = "fault-injection")]
         if self.faults.stop_after(_step) {

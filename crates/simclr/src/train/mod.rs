@@ -7,4 +7,4 @@ pub mod metrics;
 pub mod trainer;
 
 pub use console::Console;
-pub use trainer::{train, Control, Observer, Progress, TrainReport, Trainer};
+pub use trainer::{train, train_in, Control, Observer, Progress, TrainReport, Trainer};

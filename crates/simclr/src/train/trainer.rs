@@ -16,10 +16,11 @@ use super::metrics::{EpochMetrics, MetricsLog};
 use crate::augment::Pipeline;
 use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::ValidConfig;
+use crate::data::loader::Shard;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
-use crate::dist::Parallel;
+use crate::dist::{Parallel, ProcessGroup, ReduceOp};
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
 use crate::loss::LossConfig;
@@ -168,7 +169,19 @@ impl Monitor {
 /// `config.train.output_dir` when `resume`), writing checkpoints, metrics
 /// and the exported encoder there; `observer` sees every step and epoch.
 pub fn train(config: ValidConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
-    let (mut trainer, views) = Trainer::new(config, resume)?;
+    train_in(config, resume, None, observer)
+}
+
+/// [`train`] as one rank of `group` (alone when `None`): this rank makes
+/// and trains on its slice of every global batch; rank 0 alone writes the
+/// run folder. Every rank calls it with the same configuration.
+pub fn train_in(
+    config: ValidConfig,
+    resume: bool,
+    group: Option<ProcessGroup>,
+    observer: &mut dyn Observer,
+) -> Result<TrainReport> {
+    let (mut trainer, views) = Trainer::new(config, resume, group)?;
     while !trainer.is_done() {
         let position = trainer.begin_epoch();
         for batch in views.epoch(position.epoch as u64, position.batch) {
@@ -178,12 +191,12 @@ pub fn train(config: ValidConfig, resume: bool, observer: &mut dyn Observer) -> 
             }
             let progress = trainer.step(&batch?)?;
             let mid_epoch = progress.position.batch < progress.steps_per_epoch;
-            if observer.on_step(&progress) == Control::Stop && mid_epoch {
+            if trainer.any_rank(observer.on_step(&progress) == Control::Stop)? && mid_epoch {
                 return trainer.interrupt();
             }
         }
         let metrics = trainer.end_epoch()?;
-        let stop = observer.on_epoch_end(&metrics) == Control::Stop;
+        let stop = trainer.any_rank(observer.on_epoch_end(&metrics) == Control::Stop)?;
         trainer.checkpoint_epoch(stop)?;
         if stop && !trainer.is_done() {
             return trainer.interrupt();
@@ -220,6 +233,8 @@ pub struct Trainer {
     epoch_first_batch: usize,
     learning_rate: f64,
     last_loss: Option<f64>,
+    /// The other processes of a multi-process run.
+    group: Option<ProcessGroup>,
     #[cfg(feature = "fault-injection")]
     poison_next: bool,
 }
@@ -228,12 +243,27 @@ impl Trainer {
     /// Sets a run up: data, model, optimiser, and either the checkpoint
     /// (`resume`) or a fresh run folder. Returns the trainer and the views
     /// it trains on.
-    pub fn new(config: ValidConfig, resume: bool) -> Result<(Trainer, Views)> {
-        let device = crate::device::select(config.train.device)?;
+    pub fn new(config: ValidConfig, resume: bool, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
+        let mut device = crate::device::select(config.train.device)?;
+        if let (Device::Cuda(_), Some(group)) = (device, &group) {
+            // torchrun numbers a machine's processes consecutively, so rank
+            // modulo the GPUs of a machine is the local rank (with fewer
+            // GPUs than processes, they share).
+            device = Device::Cuda(group.rank() % tch::Cuda::device_count().max(1) as usize);
+        }
         let output_dir = config.train.output_dir.clone();
         let checkpoint_path = output_dir.join(checkpoint::FILE_NAME);
         let seed = config.train.seed;
         tch::manual_seed(seed as i64);
+        let shard = match &group {
+            Some(group) => {
+                group.check_same("configurations", &config.to_toml())?;
+                crate::dist::launch::check_divides(config.train.batch_size, group.size())?;
+                Shard { rank: group.rank(), world: group.size() }
+            }
+            None => Shard::default(),
+        };
+        let writer = shard.rank == 0;
 
         let splits = open_splits(&config.data, seed)?;
         let policy = config.data.on_bad_image;
@@ -241,8 +271,9 @@ impl Trainer {
         let pool = worker_pool(config.data.workers)?;
         let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
-        let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?;
-        let monitor = splits.knn.map(|(bank, queries)| Monitor {
+        let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
+        // The kNN monitor runs on rank 0 alone; the others wait for it at the next step.
+        let monitor = splits.knn.filter(|_| writer).map(|(bank, queries)| Monitor {
             classes: bank.classes.len().max(queries.classes.len()) as i64,
             bank: bank.with_policy(policy).without_unreadable(&pool),
             queries: queries.with_policy(policy).without_unreadable(&pool),
@@ -270,31 +301,23 @@ impl Trainer {
             );
         }
 
-        let mut position = Position::default();
         let mut initial_knn_top1 = None;
-        if resume {
-            let saved = Checkpoint::read_latest(&checkpoint_path)?;
-            position = saved.restore(&store, &mut optimizer)?;
-            tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
-            // Epochs logged after the checkpoint (before a crash) are done again.
-            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
+        // Rank 0 alone reads and writes the run folder; the others take its
+        // state (a resumed run may have any number of processes).
+        let prepared = if writer {
+            prepare_run_folder(&config, resume, &store, &mut optimizer, &checkpoint_path)
         } else {
-            if checkpoint::exists(&checkpoint_path) {
-                return Err(Error::Checkpoint {
-                    path: checkpoint_path,
-                    message: "a run already exists here: continue it with --resume, or choose another --output"
-                        .to_owned(),
-                });
-            }
-            std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
-            // A run killed before its first checkpoint may have logged epochs:
-            // a fresh start begins a fresh log.
-            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
+            Ok(Position::default())
+        };
+        let mut position = agree(&group, prepared)?;
+        if let Some(group) = &group {
+            position = share_state(group, &store, &mut optimizer, position)?;
+        }
+        if !resume {
             if let Some(monitor) = &monitor {
                 initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
             }
         }
-        crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
         tracing::info!(
             device = ?device,
             images = train_set.len(),
@@ -330,6 +353,7 @@ impl Trainer {
             epoch_started: Instant::now(),
             learning_rate: 0.0,
             last_loss: None,
+            group,
             #[cfg(feature = "fault-injection")]
             poison_next: false,
         };
@@ -365,16 +389,25 @@ impl Trainer {
         let poisoned = false;
         let (model, optimizer, loss_config, precision) =
             (&self.model, &mut self.optimizer, &self.config.loss, self.precision);
+        let global_batch_norm = self.config.train.sync_batch_norm;
+        let parallel = self.group.as_ref().map(|group| Parallel { group, global_batch_norm });
         let step = || -> Result<(Tensor, Tensor)> {
-            let mut loss = contrastive_loss(model, views, loss_config, precision, None)?;
+            let mut loss = contrastive_loss(model, views, loss_config, precision, parallel)?;
             if poisoned {
                 loss *= f64::NAN;
             }
             optimizer.backward(&loss)?;
+            let mut loss = loss.detach();
+            if let Some(Parallel { group, .. }) = parallel {
+                // The global batch's gradient and loss, the same on every rank.
+                optimizer.average_gradient(group)?;
+                group.all_reduce(&mut loss, ReduceOp::Sum)?;
+                loss /= group.size() as f64;
+            }
             // A non-finite loss or gradient is caught on the device: the
             // update is shut there, and the ledger reads the verdict later.
             let finite = optimizer.step_if_finite(learning_rate, &loss);
-            Ok((loss.detach(), finite))
+            Ok((loss, finite))
         };
         let (loss, finite) = out_of_memory_as_error(step, self.device, self.config.train.batch_size)?;
         self.ledger.push(self.position.step, loss, finite);
@@ -385,6 +418,20 @@ impl Trainer {
             self.settle()?;
         }
         Ok(self.progress())
+    }
+
+    /// Whether any rank asks to stop (the one process: whether it does), so
+    /// that every rank stops at the same step.
+    pub fn any_rank(&self, stop: bool) -> Result<bool> {
+        match &self.group {
+            Some(group) => group.any(stop),
+            None => Ok(stop),
+        }
+    }
+
+    /// Whether this process writes the run folder: rank 0, or the one process.
+    fn writes(&self) -> bool {
+        self.group.as_ref().is_none_or(|group| group.rank() == 0)
     }
 
     /// Where the run is, for observers.
@@ -420,7 +467,14 @@ impl Trainer {
         let remaining = (steps_per_epoch - self.epoch_first_batch).max(1);
         let whole_epoch_seconds = seconds * steps_per_epoch as f64 / remaining as f64;
         if let Some(budget) = &mut self.budget {
-            if let Some(planned) = budget.plan(position.epoch, seconds, whole_epoch_seconds) {
+            let mut planned = budget.plan(position.epoch, seconds, whole_epoch_seconds);
+            if let Some(group) = &self.group {
+                // Rank 0's clock decides, for every rank.
+                let mut shared = Tensor::from_slice(&[planned.map_or(-1, |epochs| epochs as i64)]);
+                group.broadcast(&mut shared, 0)?;
+                planned = usize::try_from(shared.int64_value(&[0])).ok();
+            }
+            if let Some(planned) = planned {
                 self.config = self.config.with_planned_epochs(planned);
                 self.schedule.total_steps = self.config.train.epochs * steps_per_epoch;
                 tracing::info!(
@@ -461,7 +515,8 @@ impl Trainer {
             metrics.images_per_second,
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
         );
-        self.log.append(&metrics)?;
+        let logged = if self.writes() { self.log.append(&metrics) } else { Ok(()) };
+        agree(&self.group, logged)?;
         self.epochs.push(metrics.clone());
         Ok(metrics)
     }
@@ -476,7 +531,11 @@ impl Trainer {
     }
 
     fn save_checkpoint(&self) -> Result<()> {
-        checkpoint::save(&self.checkpoint_path, &self.store, &self.optimizer, self.position, &self.config)
+        let saved = match self.writes() {
+            true => checkpoint::save(&self.checkpoint_path, &self.store, &self.optimizer, self.position, &self.config),
+            false => Ok(()),
+        };
+        agree(&self.group, saved)
     }
 
     /// Stops here: the pending steps read, a checkpoint written (once per
@@ -506,6 +565,11 @@ impl Trainer {
 
     /// Ends a completed run: exports the encoder and writes the summary.
     pub fn finish(self) -> Result<TrainReport> {
+        let written = if self.writes() { self.write_results() } else { Ok(self.report()) };
+        agree(&self.group, written)
+    }
+
+    fn write_results(&self) -> Result<TrainReport> {
         let mut report = self.report();
         let encoder_path = report.output_dir.join(ENCODER_FILE);
         let spec = self.config.encoder_spec();
@@ -673,6 +737,11 @@ fn out_of_memory_as_error<T>(step: impl FnOnce() -> Result<T>, device: Device, b
         // Fallible calls (the backward pass) report it as an error...
         Ok(Err(Error::Torch(error))) if crate::device::is_out_of_memory(&error.to_string()) => error.to_string(),
         Ok(result) => return result,
+        // A failed collective inside the forward pass (global BatchNorm).
+        Err(payload) if payload.is::<crate::dist::CollectiveFailed>() => {
+            let failed = payload.downcast::<crate::dist::CollectiveFailed>().expect("checked just above");
+            return Err(failed.0);
+        }
         // ...the others, through tch, as a panic.
         Err(payload) => {
             let message = payload
@@ -732,6 +801,77 @@ fn views(
         }
     }
     Ok(Views::Cpu(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?))
+}
+
+/// Sets the run folder up on rank 0 (or the one process): a fresh run's
+/// folder, or the checkpoint's state restored into `store` and `optimizer`.
+fn prepare_run_folder(
+    config: &ValidConfig,
+    resume: bool,
+    store: &nn::VarStore,
+    optimizer: &mut Optimizer,
+    checkpoint_path: &std::path::Path,
+) -> Result<Position> {
+    let output_dir = &config.train.output_dir;
+    let mut position = Position::default();
+    if resume {
+        let saved = Checkpoint::read_latest(checkpoint_path)?;
+        position = saved.restore(store, optimizer)?;
+        tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
+        // Epochs logged after the checkpoint (before a crash) are done again.
+        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
+    } else {
+        if checkpoint::exists(checkpoint_path) {
+            return Err(Error::Checkpoint {
+                path: checkpoint_path.to_path_buf(),
+                message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
+            });
+        }
+        std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+        // A run killed before its first checkpoint may have logged epochs:
+        // a fresh start begins a fresh log.
+        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
+    }
+    crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+    Ok(position)
+}
+
+/// `outcome` on one process; in a group, the same verdict on every rank
+/// (see [`ProcessGroup::agree`]).
+fn agree<T>(group: &Option<ProcessGroup>, outcome: Result<T>) -> Result<T> {
+    match group {
+        Some(group) => group.agree(outcome),
+        None => outcome,
+    }
+}
+
+/// Makes every rank start from rank 0's weights, BatchNorm statistics,
+/// optimiser state and position.
+fn share_state(
+    group: &ProcessGroup,
+    store: &nn::VarStore,
+    optimizer: &mut Optimizer,
+    position: Position,
+) -> Result<Position> {
+    optimizer.broadcast(group, 0)?;
+    let mut buffers: Vec<(String, Tensor)> =
+        store.variables().into_iter().filter(|(_, tensor)| !tensor.requires_grad()).collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, buffer) in &mut buffers {
+        tch::no_grad(|| group.broadcast(buffer, 0))?;
+    }
+    let Position { epoch, step, batch, epoch_loss_sum, epoch_loss_count } = position;
+    let mut numbers =
+        Tensor::from_slice(&[epoch as f64, step as f64, batch as f64, epoch_loss_sum, epoch_loss_count as f64]);
+    group.broadcast(&mut numbers, 0)?;
+    let numbers = Vec::<f64>::try_from(&numbers).map_err(|e: tch::TchError| Error::Distributed(e.to_string()))?;
+    Ok(Position {
+        epoch: numbers[0] as usize,
+        step: numbers[1] as usize,
+        batch: numbers[2] as usize,
+        epoch_loss_sum: numbers[3],
+        epoch_loss_count: numbers[4] as usize,
+    })
 }
 
 /// The unreadable images of the training set and the monitor splits, once each.

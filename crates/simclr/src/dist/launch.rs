@@ -1,0 +1,219 @@
+//! Starting a multi-process run: the environment a process finds itself in
+//! (torchrun's or SLURM's variables), and the local launcher behind
+//! `simclr train --nproc-per-node N`, which starts N copies of the command
+//! with torchrun's variables set.
+use std::ffi::OsString;
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{GroupOptions, ProcessGroup, Rendezvous};
+use crate::{Error, Result};
+
+/// torchrun's port when none is given.
+const DEFAULT_PORT: u16 = 29500;
+
+/// This process's place in a multi-process run, from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    /// The process's index on its machine: which GPU it uses.
+    pub local_rank: usize,
+    pub host: String,
+    pub port: u16,
+    /// Whether this process serves the TCP store: rank 0, unless torchrun's
+    /// agent already does (`TORCHELASTIC_USE_AGENT_STORE`).
+    pub serves_store: bool,
+}
+
+fn variable(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+    value.parse().map_err(|_| Error::Distributed(format!("{name}={value}: expected a non-negative integer")))
+}
+
+fn required(name: &str, why: &str) -> Result<String> {
+    variable(name).ok_or_else(|| Error::Distributed(format!("{name} is not set ({why})")))
+}
+
+impl World {
+    /// torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+    /// `MASTER_ADDR`, `MASTER_PORT`), else SLURM's (`SLURM_PROCID`,
+    /// `SLURM_NTASKS`, `SLURM_LOCALID`, with `MASTER_ADDR` and optionally
+    /// `MASTER_PORT`); `None` when neither says there are several processes.
+    pub fn from_env() -> Result<Option<World>> {
+        let (rank, size, local_rank, port) = if let Some(rank) = variable("RANK") {
+            let size = required("WORLD_SIZE", "RANK is")?;
+            let port = required("MASTER_PORT", "RANK is")?;
+            let local = variable("LOCAL_RANK").unwrap_or_else(|| "0".to_owned());
+            (
+                number("RANK", &rank)?,
+                number("WORLD_SIZE", &size)?,
+                number("LOCAL_RANK", &local)?,
+                number("MASTER_PORT", &port)?,
+            )
+        } else if let (Some(rank), Some(size)) = (variable("SLURM_PROCID"), variable("SLURM_NTASKS")) {
+            let local = variable("SLURM_LOCALID").unwrap_or_else(|| "0".to_owned());
+            let port = variable("MASTER_PORT").map_or(Ok(DEFAULT_PORT), |port| number("MASTER_PORT", &port))?;
+            (number("SLURM_PROCID", &rank)?, number("SLURM_NTASKS", &size)?, number("SLURM_LOCALID", &local)?, port)
+        } else {
+            return Ok(None);
+        };
+        let size: usize = size;
+        if size <= 1 && variable("RANK").is_none() {
+            return Ok(None);
+        }
+        if size == 0 || rank >= size {
+            return Err(Error::Distributed(format!("rank {rank} of a world of {size}: expected 0 <= rank < size")));
+        }
+        let host = required("MASTER_ADDR", "the address of rank 0's machine, where the processes meet")?;
+        let agent_store =
+            variable("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|value| value.eq_ignore_ascii_case("true"));
+        Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store }))
+    }
+
+    /// Joins the other processes (waiting for them up to `timeout`).
+    pub fn join(&self, timeout: Duration) -> Result<ProcessGroup> {
+        let loopback = matches!(self.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+        let options = GroupOptions {
+            rendezvous: Rendezvous::Tcp { host: self.host.clone(), port: self.port, server: self.serves_store },
+            rank: self.rank,
+            size: self.size,
+            timeout,
+            // Processes of one machine talk over loopback; across machines,
+            // Gloo binds to the host's own address (or GLOO_SOCKET_IFNAME's).
+            device_host: loopback.then(|| "127.0.0.1".to_owned()),
+            interface: variable("GLOO_SOCKET_IFNAME"),
+            nccl: false,
+        };
+        ProcessGroup::new(&options)
+    }
+}
+
+/// A global batch splits into equal slices, one per process.
+pub fn check_divides(batch_size: usize, processes: usize) -> Result<()> {
+    if processes == 0 {
+        return Err(Error::Distributed("0 processes: at least 1 is needed".to_owned()));
+    }
+    if !batch_size.is_multiple_of(processes) || batch_size / processes < 2 {
+        return Err(Error::Config(vec![format!(
+            "train.batch_size = {batch_size} does not split into {processes} equal slices of at least 2 images \
+             (one per process); use a multiple of {processes}"
+        )]));
+    }
+    Ok(())
+}
+
+/// A free TCP port on loopback for the store (the OS picks it; it is
+/// released just before rank 0 binds it again).
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| Error::Distributed(format!("finding a free port on 127.0.0.1: {e}")))?;
+    let port = listener.local_addr().map_err(|e| Error::Distributed(e.to_string()))?.port();
+    Ok(port)
+}
+
+/// How the local processes of [`spawn_local`] ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every process exited with success.
+    Finished,
+    /// A stop was asked (a signal) and every process exited.
+    Stopped,
+    /// `rank` failed first with `status`; the others were stopped.
+    Failed { rank: usize, status: ExitStatus },
+}
+
+/// Runs `processes` copies of this executable with `args` on this machine,
+/// rank i with torchrun's variables for a world of `processes` meeting at
+/// a TCP store on 127.0.0.1. When one fails, the others are stopped (SIGTERM,
+/// then SIGKILL after `grace`); when `stop` is raised (the launcher got
+/// SIGINT or SIGTERM), every process is sent SIGTERM, so each writes its
+/// checkpoint and exits.
+pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace: Duration) -> Result<Outcome> {
+    if processes == 0 {
+        return Err(Error::Distributed("--nproc-per-node 0: must be at least 1".to_owned()));
+    }
+    let executable = std::env::current_exe().map_err(|e| Error::Distributed(format!("finding this program: {e}")))?;
+    let port = free_port()?.to_string();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / processes).max(1).to_string();
+    let mut children: Vec<Option<Child>> = Vec::new();
+    for rank in 0..processes {
+        let mut command = Command::new(&executable);
+        command
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", processes.to_string())
+            .env("LOCAL_WORLD_SIZE", processes.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+        // The cores are shared out, as torchrun does, unless the user chose.
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            command.env("OMP_NUM_THREADS", &threads);
+        }
+        match command.spawn() {
+            Ok(child) => children.push(Some(child)),
+            Err(error) => {
+                terminate(&mut children, grace);
+                return Err(Error::Distributed(format!("starting rank {rank} ({}): {error}", executable.display())));
+            }
+        }
+    }
+    let mut signalled = false;
+    loop {
+        if stop.load(Ordering::Relaxed) && !signalled {
+            signalled = true;
+            for child in children.iter().flatten() {
+                signal(child, libc::SIGTERM);
+            }
+        }
+        for rank in 0..processes {
+            let Some(child) = &mut children[rank] else { continue };
+            let status = child.try_wait().map_err(|e| Error::Distributed(format!("waiting for rank {rank}: {e}")))?;
+            match status {
+                Some(status) if status.success() || signalled => children[rank] = None,
+                Some(status) => {
+                    children[rank] = None;
+                    terminate(&mut children, grace);
+                    return Ok(Outcome::Failed { rank, status });
+                }
+                None => {}
+            }
+        }
+        if children.iter().all(Option::is_none) {
+            return Ok(if signalled { Outcome::Stopped } else { Outcome::Finished });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on a child this process started and has not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+/// SIGTERM to every running process, then SIGKILL to those still running after `grace`.
+fn terminate(children: &mut [Option<Child>], grace: Duration) {
+    for child in children.iter().flatten() {
+        signal(child, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    for slot in children.iter_mut() {
+        let Some(child) = slot else { continue };
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        *slot = None;
+    }
+}
