@@ -1126,3 +1126,35 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
         assert!(difference < PROCESSES_TOLERANCE, "resumed on {resumed_on}: differs by {difference:e}");
     }
 }
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_process_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let runs = |out: &Path| tiny_training(&data, out).args(["--epochs", "3", "--nproc-per-node", "2"]);
+    let straight = dir.path().join("straight");
+    assert_succeeds(&runs(&straight).run());
+    let stopped = dir.path().join("stopped");
+    // Each file write pauses 300 ms, so the run is still going when its first
+    // epoch's metrics appear.
+    let launcher = runs(&stopped).env("SIMCLR_TEST_WRITE_PAUSE_MS", 300).spawn(|command| {
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !stopped.join("metrics.jsonl").exists() || std::fs::read(stopped.join("metrics.jsonl")).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no epoch within 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let output = launcher.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(stderr(&output).contains("simclr train --resume --output"), "{}", stderr(&output));
+    assert!(!stopped.join("encoder.safetensors").exists());
+    let resume = simclr(["train", "--resume", "--output", &stopped.display().to_string(), "--nproc-per-node", "2"]);
+    assert_succeeds(&resume.run());
+    let difference = encoder_difference(&stopped, &straight);
+    eprintln!("stopped by SIGTERM and resumed: encoder differs from the straight run by {difference:e}");
+    assert!(difference < PROCESSES_TOLERANCE, "differs by {difference:e}");
+}
