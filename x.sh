@@ -31,8 +31,11 @@ case "${1:-}" in
         exec cargo build -p simclr-cli
         ;;
     build-cuda)
-        # The feature changes only the binary's link line, so this shares the
-        # build and relinks; the result is copied out of cargo's way.
+        # The feature keeps libtorch_cuda linked and compiles the c10d shim's
+        # NCCL backend, against headers installed once (scripts/cuda-headers.sh);
+        # the result is copied out of cargo's way.
+        cuda_env=$(scripts/cuda-headers.sh)
+        eval "$cuda_env"
         cargo build -p simclr-cli --features cuda
         mkdir -p target/cuda
         cp target/debug/simclr target/cuda/simclr

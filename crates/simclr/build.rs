@@ -1,9 +1,12 @@
 //! * Compiles the c10d shim (src/dist/c10d.cpp) against libtorch's headers,
-//!   as torch-sys compiles its own wrapper, and links it into the crate.
+//!   as torch-sys compiles its own wrapper, and links it into the crate;
+//!   with the `cuda` feature, with its NCCL backend too, against the CUDA and
+//!   NCCL headers `scripts/cuda-headers.sh` installs (SIMCLR_CUDA_INCLUDE).
 //! * Embeds libtorch's library folder as an rpath in this crate's test and
 //!   bench binaries, so they run without LD_LIBRARY_PATH.
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=SIMCLR_CUDA_INCLUDE");
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
     println!("cargo:rerun-if-changed=src/dist/include");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
@@ -23,5 +26,17 @@ fn main() {
         // libtorch's headers warn by the hundred; the shim's own code is small.
         .warnings(false)
         .extra_warnings(false);
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let Ok(include) = std::env::var("SIMCLR_CUDA_INCLUDE") else {
+            panic!(
+                "the cuda build compiles NCCL's process group against CUDA's and NCCL's headers: \
+                 build through `./x.sh build-cuda`, or set SIMCLR_CUDA_INCLUDE as `scripts/cuda-headers.sh` prints"
+            );
+        };
+        for folder in include.split(':').filter(|folder| !folder.is_empty()) {
+            build.include(folder);
+        }
+        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("SIMCLR_NCCL", None);
+    }
     build.compile("simclr_c10d");
 }

@@ -8,13 +8,15 @@
 # On the device (run with carry=["device"]), in one call, since a session's
 # 15 minutes of device time hold one 600 s call and the machine's start but
 # not two calls:
-#   tools/device/device-bench.sh all       step, simclr, pytorch, smoke, bench in that order (issue 5's
-#                                   acceptance first), each only if its estimate still fits before
+#   tools/device/device-bench.sh all       dist, step, simclr, pytorch, smoke, bench in that order (the
+#                                   open issue's numbers first), each only if its estimate still fits before
 #                                   DEADLINE (default 585 s), then table; as the device tool's
 #                                   command `set -o pipefail; tools/device/device-bench.sh all 2>&1 | tee $OUT/all.log`
 #                                   with carry ["device"] and timeout_s 600 (7 files come back)
 # or stages one by one, in the order given; a stage that fails is reported
 # and the next one still runs:
+#   tools/device/device-bench.sh dist      issue 18: the plain run, world size 1 over NCCL (overhead),
+#                                   2 processes on the one GPU over Gloo
 #   tools/device/device-bench.sh step      bf16 SGD step throughput, both implementations, median of ROUNDS
 #                                   processes (acceptance 1)
 #   tools/device/device-bench.sh simclr    180 s of simclr training + kNN (acceptance 2)
@@ -162,6 +164,36 @@ smoke)
     loud "$BIN" embed --weights "$run/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32 --input "$DATA/test" \
         --output "$run/test.npy" --batch-size 512 --device "$DEVICE"
     ;;
+dist)
+    # Issue 18 on the one GPU: the plain run, the distributed path at world
+    # size 1 with NCCL (its step-time overhead against the plain run; goal
+    # under 3%), and 2 processes on the one GPU through Gloo (NCCL refuses
+    # two ranks on one GPU). Epoch 1 (autotuning, allocator growth) is left
+    # out of the rates.
+    torch_libraries
+    data
+    BIN=$(binary)
+    common=(--preset cifar10 --data "$DATA/train" --device "$DEVICE" --epochs 4 --batch-size "${BATCH:-512}"
+            --set 'model.arch="resnet18"' --set data.limit=16384 --set train.knn_every=0 --set train.checkpoint_every=100)
+    rm -rf /tmp/dist-plain /tmp/dist-nccl1 /tmp/dist-gloo2
+    "$BIN" train "${common[@]}" --output /tmp/dist-plain >&2
+    RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+        "$BIN" train "${common[@]}" --output /tmp/dist-nccl1 --set 'train.dist_backend="nccl"' >&2
+    "$BIN" train "${common[@]}" --output /tmp/dist-gloo2 --nproc-per-node 2 --set 'train.dist_backend="gloo"' >&2
+    "$PYTHON" - "$OUT/dist.json" /tmp/dist-plain /tmp/dist-nccl1 /tmp/dist-gloo2 <<'PY'
+import json, pathlib, sys
+report = {}
+for run in sys.argv[2:]:
+    metrics = [json.loads(l) for l in (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = sum(m["seconds"] for m in metrics)
+    report[pathlib.Path(run).name] = {"images_per_second": sum(m["images_per_second"] * m["seconds"] for m in metrics) / seconds,
+                                      "final_loss": metrics[-1]["loss"]}
+plain, nccl = report["dist-plain"]["images_per_second"], report["dist-nccl1"]["images_per_second"]
+report["overhead_world_size_1"] = plain / nccl - 1
+pathlib.Path(sys.argv[1]).write_text(json.dumps(report))
+print(json.dumps(report, indent=1))
+PY
+    ;;
 pytorch)
     data
     "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
@@ -253,6 +285,7 @@ estimate() {
     step) echo $((10 + 25 * ${ROUNDS:-3})) ;;
     simclr | pytorch) echo $((BUDGET + 30)) ;;
     smoke) echo 45 ;;
+    dist) echo 120 ;;
     bench) echo 60 ;;
     *) echo 0 ;;
     esac
@@ -260,7 +293,7 @@ estimate() {
 
 [ $# -gt 0 ] || set -- help
 if [ "$1" = all ]; then
-    set -- step simclr pytorch smoke bench table
+    set -- dist step simclr pytorch smoke bench table
     DEADLINE=${DEADLINE:-585}
 fi
 # Device time is scarce: a stage that fails must not cost the others their

@@ -257,7 +257,13 @@ fn train(args: TrainArgs) -> Result<()> {
         };
     }
     let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
-    let group = world.as_ref().map(|world| world.join(timeout)).transpose()?;
+    let group = match &world {
+        Some(world) => {
+            let cuda = simclr::device::select(config.train.device)?.is_cuda();
+            Some(world.join(timeout, world.uses_nccl(config.train.dist_backend, cuda)?)?)
+        }
+        None => None,
+    };
     let rank = world.as_ref().map_or(0, |world| world.rank);
     let observer = observer::console()?;
     let mut observer = if rank == 0 { observer } else { observer.without_bar() };

@@ -57,6 +57,11 @@ pub struct TrainConfig {
     /// In a multi-process run, how long a process waits for the others (at
     /// the rendezvous, in a collective) before every one stops with an error.
     pub dist_timeout_seconds: f64,
+    /// In a multi-process run, what carries the CUDA tensors: `nccl` (the
+    /// `cuda` build), `gloo`, or `auto` (NCCL where it can serve: a cuda
+    /// build on CUDA with a GPU per process, since NCCL refuses two
+    /// processes on one GPU). CPU tensors always go through Gloo.
+    pub dist_backend: crate::dist::Backend,
 }
 
 impl Default for TrainConfig {
@@ -76,6 +81,7 @@ impl Default for TrainConfig {
             time_budget_seconds: None,
             sync_batch_norm: true,
             dist_timeout_seconds: 1800.0,
+            dist_backend: crate::dist::Backend::Auto,
         }
     }
 }

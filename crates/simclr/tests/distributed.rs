@@ -259,3 +259,39 @@ fn the_comparison_catches_an_own_slice_gather_and_per_device_batch_norm() {
         assert!(error > 1e3 * tolerance(case.kind), "{variant:?} went unnoticed: difference {error:e}");
     }
 }
+
+#[test]
+fn ranks_whose_weights_differ_are_named() {
+    let folder = tempfile::tempdir().unwrap();
+    let store = folder.path().join("store");
+    let outcomes: Vec<(simclr::Result<()>, simclr::Result<()>)> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let store = store.clone();
+                scope.spawn(move || {
+                    let options = GroupOptions {
+                        rendezvous: Rendezvous::File(store),
+                        rank,
+                        size: 2,
+                        timeout: Duration::from_secs(60),
+                        device_host: Some("127.0.0.1".to_owned()),
+                        interface: None,
+                        nccl: false,
+                    };
+                    let group = ProcessGroup::new(&options).unwrap();
+                    let weights = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
+                    let same = group.check_identical("the weights", &weights);
+                    // Rank 1's last weight one ulp off.
+                    let nudged = if rank == 1 { Tensor::from_slice(&[0.5f32, -1.25, 3.0000002]) } else { weights };
+                    (same, group.check_identical("the weights", &nudged))
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    });
+    for (same, nudged) in outcomes {
+        assert!(same.is_ok(), "{same:?}");
+        let message = nudged.unwrap_err().to_string();
+        assert!(message.contains("the weights differ") && message.contains("rank 1"), "{message}");
+    }
+}

@@ -265,6 +265,28 @@ impl ProcessGroup {
         )))
     }
 
+    /// Checks that every rank holds the same `tensor`, bit for bit as far as
+    /// two fp64 sums (of the values and their squares) can tell; the error
+    /// names `what` and the ranks that differ from rank 0.
+    pub fn check_identical(&self, what: &str, tensor: &Tensor) -> Result<()> {
+        let sums =
+            tch::no_grad(|| Tensor::stack(&[tensor.sum(tch::Kind::Double), tensor.square().sum(tch::Kind::Double)], 0));
+        let gathered = self.all_gather(&sums.to_device(tch::Device::Cpu))?;
+        let values = Vec::<f64>::try_from(&gathered).map_err(|e: tch::TchError| Error::Distributed(e.to_string()))?;
+        let differ: Vec<String> = (1..self.size)
+            .filter(|&rank| values[2 * rank..2 * rank + 2] != values[..2])
+            .map(|rank| format!("rank {rank} (sums {:?})", &values[2 * rank..2 * rank + 2]))
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Distributed(format!(
+            "{what} differ between the processes: {} against rank 0 (sums {:?}); they no longer train one model",
+            differ.join(", "),
+            &values[..2]
+        )))
+    }
+
     /// Sets `key` in the group's store.
     pub fn store_set(&self, key: &str, value: &[u8]) -> Result<()> {
         let c_key = c_string("store key", key)?;

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{GroupOptions, ProcessGroup, Rendezvous};
+use super::{Backend, GroupOptions, ProcessGroup, Rendezvous};
 use crate::{Error, Result};
 
 /// torchrun's port when none is given.
@@ -75,8 +75,26 @@ impl World {
         Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store }))
     }
 
-    /// Joins the other processes (waiting for them up to `timeout`).
-    pub fn join(&self, timeout: Duration) -> Result<ProcessGroup> {
+    /// Whether CUDA tensors go through NCCL: asked for, or (`auto`) in a
+    /// cuda build training on CUDA with at least one GPU per process of
+    /// this machine (NCCL refuses two processes on one GPU).
+    pub fn uses_nccl(&self, backend: Backend, cuda: bool) -> Result<bool> {
+        match backend {
+            Backend::Gloo => Ok(false),
+            Backend::Nccl if !cfg!(feature = "cuda") => Err(Error::Distributed(
+                "train.dist_backend = \"nccl\" needs the cuda build (./x.sh build-cuda)".to_owned(),
+            )),
+            Backend::Nccl => Ok(true),
+            Backend::Auto => {
+                let local = variable("LOCAL_WORLD_SIZE").and_then(|n| n.parse::<i64>().ok()).unwrap_or(1);
+                Ok(cfg!(feature = "cuda") && cuda && tch::Cuda::device_count() >= local)
+            }
+        }
+    }
+
+    /// Joins the other processes (waiting for them up to `timeout`), with
+    /// NCCL for CUDA tensors when `nccl`.
+    pub fn join(&self, timeout: Duration, nccl: bool) -> Result<ProcessGroup> {
         let loopback = matches!(self.host.as_str(), "127.0.0.1" | "localhost" | "::1");
         let options = GroupOptions {
             rendezvous: Rendezvous::Tcp { host: self.host.clone(), port: self.port, server: self.serves_store },
@@ -87,7 +105,7 @@ impl World {
             // Gloo binds to the host's own address (or GLOO_SOCKET_IFNAME's).
             device_host: loopback.then(|| "127.0.0.1".to_owned()),
             interface: variable("GLOO_SOCKET_IFNAME"),
-            nccl: false,
+            nccl,
         };
         ProcessGroup::new(&options)
     }

@@ -24,3 +24,13 @@ pub struct Parallel<'a> {
     /// normalises each rank's slice alone, for comparison.
     pub global_batch_norm: bool,
 }
+
+/// What carries a multi-process run's CUDA tensors (`train.dist_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}

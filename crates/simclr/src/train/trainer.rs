@@ -515,6 +515,13 @@ impl Trainer {
             metrics.images_per_second,
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
         );
+        if let Some(group) = &self.group {
+            // Every rank applies the same averaged gradient to the same
+            // weights, so they stay bitwise equal; a difference would mean a
+            // bug or a faulty device, and the ranks would train different
+            // models without a word. Checked once an epoch.
+            group.check_identical(&format!("the weights after epoch {epoch}"), self.optimizer.flat_weights())?;
+        }
         let logged = if self.writes() { self.log.append(&metrics) } else { Ok(()) };
         agree(&self.group, logged)?;
         self.epochs.push(metrics.clone());
