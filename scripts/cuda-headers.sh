@@ -13,6 +13,8 @@
 # wheels is downloaded (cuBLAS alone is 423 MB) for a few MB of headers;
 # only `./x.sh build-cuda` needs them, never the CPU build or the tests.
 set -euo pipefail
+# shellcheck source=scripts/pinned-wheels.sh
+source "$(dirname "$0")/pinned-wheels.sh"
 
 WHEELS_PINNED=(
     "nvidia-nccl-cu13==2.28.9 sha256:e4553a30f34195f3fa1da02a6da3d6337d28f2003943aa0a3d247bbc25fefc42"
@@ -33,39 +35,11 @@ fail() {
 }
 
 install() {
-    local python wheels staging requirement spec hash log
+    local python wheels staging
     python=${PYTHON:-$(command -v python3 || command -v python || true)}
     [ -n "$python" ] || fail "no python3 on PATH (it runs pip to fetch the wheels)"
     wheels=$CACHE_ROOT/wheels
-    mkdir -p "$wheels"
-    log=$(mktemp)
-    for requirement in "${WHEELS_PINNED[@]}"; do
-        spec=${requirement% *}
-        hash=${requirement#* }
-        if ! "$python" - "$wheels" "$spec" "$hash" <<'PY'; then
-import hashlib, pathlib, sys
-folder, spec, expected = sys.argv[1], sys.argv[2], sys.argv[3].split(":", 1)[1]
-name, version = spec.split("==")
-for wheel in pathlib.Path(folder).glob(f"{name.replace('-', '_')}-{version}-*.whl"):
-    digest = hashlib.sha256()
-    with wheel.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() == expected:
-        sys.exit(0)
-    wheel.unlink()
-sys.exit(1)
-PY
-            echo "fetching $spec" >&2
-            printf '%s --hash=%s\n' "$spec" "$hash" >"$log.req"
-            if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: \
-                --require-hashes --python-version 3.11 --implementation cp --abi cp311 \
-                "${PLATFORMS[@]/#/--platform=}" -d "$wheels" -r "$log.req" >"$log" 2>&1; then
-                fail "downloading $spec failed: $(grep -m1 -E 'ERROR|Error|error' "$log" || tail -n1 "$log")"
-            fi
-        fi
-    done
-    rm -f "$log" "$log.req"
+    fetch_pinned_wheels "$wheels"
     staging=$(mktemp -d "$CACHE_ROOT/.cuda-headers.partial.XXXXXX")
     chmod 755 "$staging"
     "$python" - "$staging" "$wheels" "${WHEELS_PINNED[@]}" <<'PY' ||

@@ -21,6 +21,8 @@
 # folder that the next run removes. Failures print one line naming the
 # package and pip's reason, and exit non-zero.
 set -euo pipefail
+# shellcheck source=scripts/pinned-wheels.sh
+source "$(dirname "$0")/pinned-wheels.sh"
 
 TORCH_VERSION=2.11.0
 # Every file the install needs, as pip would name it: the wheel's exact
@@ -44,41 +46,11 @@ fail() {
 }
 
 install() {
-    local python wheels staging requirement spec hash log
+    local python wheels staging
     python=${PYTHON:-$(command -v python3 || command -v python || true)}
     [ -n "$python" ] || fail "no python3 on PATH (it runs pip to fetch the torch wheel)"
     wheels=$CACHE_ROOT/wheels
-    mkdir -p "$wheels"
-    log=$(mktemp)
-    for requirement in "${WHEELS_PINNED[@]}"; do
-        spec=${requirement% *}
-        hash=${requirement#* }
-        # pip checks the hash of a wheel it downloads; one already in the
-        # cache is checked here, and fetched again when it does not match.
-        if ! "$python" - "$wheels" "$spec" "$hash" <<'PY'; then
-import hashlib, pathlib, sys
-folder, spec, expected = sys.argv[1], sys.argv[2], sys.argv[3].split(":", 1)[1]
-name, version = spec.split("==")
-for wheel in pathlib.Path(folder).glob(f"{name.replace('-', '_')}-{version}-*.whl"):
-    digest = hashlib.sha256()
-    with wheel.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() == expected:
-        sys.exit(0)
-    wheel.unlink()
-sys.exit(1)
-PY
-            echo "fetching $spec" >&2
-            printf '%s --hash=%s\n' "$spec" "$hash" >"$log.req"
-            if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: \
-                --require-hashes --python-version 3.11 --implementation cp --abi cp311 \
-                "${PLATFORMS[@]/#/--platform=}" -d "$wheels" -r "$log.req" >"$log" 2>&1; then
-                fail "downloading $spec failed: $(grep -m1 -E 'ERROR|Error|error' "$log" || tail -n1 "$log")"
-            fi
-        fi
-    done
-    rm -f "$log" "$log.req"
+    fetch_pinned_wheels "$wheels"
 
     staging=$(mktemp -d "$CACHE_ROOT/.libtorch-$TORCH_VERSION.partial.XXXXXX")
     chmod 755 "$staging"

@@ -1086,44 +1086,76 @@ fn children_of(parent: u32) -> Vec<u32> {
     listed.split_whitespace().map(|pid| pid.parse().unwrap()).collect()
 }
 
+/// `--resume` of `run` on 2 processes (through the launcher) or on 1 (a plain run).
+fn resumed(run: &Path, processes: &str) -> Simclr {
+    let resume = simclr(["train", "--resume", "--output", &run.display().to_string()]);
+    if processes == "1" {
+        resume
+    } else {
+        resume.args(["--nproc-per-node", processes])
+    }
+}
+
 #[test]
 fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
-    let runs = |out: &Path| {
-        tiny_training(&data, out).args(["--epochs", "3", "--set", "train.checkpoint_every=1", "--nproc-per-node", "2"])
+    let fresh = |out: &Path| {
+        tiny_training(&data, out).args(["--epochs", "8", "--set", "train.checkpoint_every=1", "--nproc-per-node", "2"])
     };
     let straight = dir.path().join("straight");
-    assert_succeeds(&runs(&straight).run());
-    for resumed_on in ["2", "1"] {
-        let killed = dir.path().join(format!("killed-{resumed_on}"));
-        // Each file write pauses 300 ms, so the run is still going when its
-        // first checkpoint appears; then one worker is killed outright.
-        let mut launcher = runs(&killed).env("SIMCLR_TEST_WRITE_PAUSE_MS", 300).spawn(|command| {
-            command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-        });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while !killed.join("checkpoint.safetensors").exists() {
-            assert!(launcher.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
-            assert!(std::time::Instant::now() < deadline, "no checkpoint within 120 s");
-            std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_succeeds(&fresh(&straight).run());
+    // Kill points set by the run's progress, not the clock: a seeded
+    // fraction of an epoch after the run writes its next checkpoint (each
+    // file write pauses 200 ms, so the run is still going then). Rounds
+    // alternate between 2 processes (one worker killed, the launcher stops
+    // the other) and 1 (the process killed); the run then finishes on 2 or 1.
+    let mut state = 0x5EED_u64;
+    let mut next_fraction = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) % 1000) as f64 / 1000.0
+    };
+    for finish_on in ["2", "1"] {
+        let killed = dir.path().join(format!("killed-{finish_on}"));
+        for round in 0..3 {
+            let processes = if round % 2 == 0 { "2" } else { "1" };
+            let run = if simclr::train::checkpoint::exists(&killed.join("checkpoint.safetensors")) {
+                resumed(&killed, processes)
+            } else {
+                fresh(&killed)
+            };
+            let identity = checkpoint_identity(&killed);
+            let mut launcher = run.env("SIMCLR_TEST_WRITE_PAUSE_MS", 200).spawn(|command| {
+                command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while checkpoint_identity(&killed) == identity {
+                assert!(launcher.try_wait().unwrap().is_none(), "round {round}: the run ended before a checkpoint");
+                assert!(std::time::Instant::now() < deadline, "round {round}: no checkpoint within 120 s");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+            let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
+            let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
+            std::thread::sleep(epoch.mul_f64(next_fraction()));
+            assert!(launcher.try_wait().unwrap().is_none(), "round {round}: the run ended before its kill point");
+            // One worker of two (alternately rank 0 and 1), or the one process.
+            let workers = children_of(launcher.id());
+            let victim = if processes == "2" { workers[round / 2 % workers.len()] } else { launcher.id() };
+            // SAFETY: kill(2) on a process this test (or its child) started.
+            unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+            let output = launcher.wait_with_output().unwrap();
+            assert!(!output.status.success(), "round {round}: the killed run reported success");
+            if processes == "2" {
+                assert!(stderr(&output).contains("of 2 failed"), "{}", stderr(&output));
+            }
+            assert_checkpoint_usable(&killed);
         }
-        let workers = children_of(launcher.id());
-        assert_eq!(workers.len(), 2, "the launcher runs two processes: {workers:?}");
-        // SAFETY: kill(2) on a process this test's child started.
-        unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
-        let output = launcher.wait_with_output().unwrap();
-        assert_fails_with(&output, &["rank 1 of 2 failed", "signal: 9"]);
-        assert!(!killed.join("encoder.safetensors").exists());
-        let mut resume = simclr(["train", "--resume", "--output", &killed.display().to_string()]);
-        if resumed_on == "2" {
-            resume = resume.args(["--nproc-per-node", "2"]);
-        }
-        assert_succeeds(&resume.run());
+        assert_succeeds(&resumed(&killed, finish_on).run());
         let difference = encoder_difference(&killed, &straight);
-        eprintln!("killed, resumed on {resumed_on}: encoder differs from the straight run by {difference:e}");
-        assert!(difference < PROCESSES_TOLERANCE, "resumed on {resumed_on}: differs by {difference:e}");
+        eprintln!("killed 3 times, finished on {finish_on}: encoder differs from the straight run by {difference:e}");
+        assert!(difference < PROCESSES_TOLERANCE, "finished on {finish_on}: differs by {difference:e}");
     }
 }
 
@@ -1152,8 +1184,7 @@ fn sigterm_to_the_launcher_stops_every_process_with_a_checkpoint() {
     assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
     assert!(stderr(&output).contains("simclr train --resume --output"), "{}", stderr(&output));
     assert!(!stopped.join("encoder.safetensors").exists());
-    let resume = simclr(["train", "--resume", "--output", &stopped.display().to_string(), "--nproc-per-node", "2"]);
-    assert_succeeds(&resume.run());
+    assert_succeeds(&resumed(&stopped, "2").run());
     let difference = encoder_difference(&stopped, &straight);
     eprintln!("stopped by SIGTERM and resumed: encoder differs from the straight run by {difference:e}");
     assert!(difference < PROCESSES_TOLERANCE, "differs by {difference:e}");

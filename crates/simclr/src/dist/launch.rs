@@ -27,6 +27,9 @@ pub struct World {
     pub serves_store: bool,
 }
 
+/// One environment variable, unset or empty meaning absent.
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 fn variable(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
 }
@@ -35,8 +38,8 @@ fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
     value.parse().map_err(|_| Error::Distributed(format!("{name}={value}: expected a non-negative integer")))
 }
 
-fn required(name: &str, why: &str) -> Result<String> {
-    variable(name).ok_or_else(|| Error::Distributed(format!("{name} is not set ({why})")))
+fn required(lookup: Lookup, name: &str, why: &str) -> Result<String> {
+    lookup(name).ok_or_else(|| Error::Distributed(format!("{name} is not set ({why})")))
 }
 
 impl World {
@@ -45,33 +48,38 @@ impl World {
     /// `SLURM_NTASKS`, `SLURM_LOCALID`, with `MASTER_ADDR` and optionally
     /// `MASTER_PORT`); `None` when neither says there are several processes.
     pub fn from_env() -> Result<Option<World>> {
-        let (rank, size, local_rank, port) = if let Some(rank) = variable("RANK") {
-            let size = required("WORLD_SIZE", "RANK is")?;
-            let port = required("MASTER_PORT", "RANK is")?;
-            let local = variable("LOCAL_RANK").unwrap_or_else(|| "0".to_owned());
+        Self::from_variables(&variable)
+    }
+
+    /// [`World::from_env`] over any source of variables.
+    pub fn from_variables(lookup: Lookup) -> Result<Option<World>> {
+        let (rank, size, local_rank, port) = if let Some(rank) = lookup("RANK") {
+            let size = required(lookup, "WORLD_SIZE", "RANK is")?;
+            let port = required(lookup, "MASTER_PORT", "RANK is")?;
+            let local = lookup("LOCAL_RANK").unwrap_or_else(|| "0".to_owned());
             (
                 number("RANK", &rank)?,
                 number("WORLD_SIZE", &size)?,
                 number("LOCAL_RANK", &local)?,
                 number("MASTER_PORT", &port)?,
             )
-        } else if let (Some(rank), Some(size)) = (variable("SLURM_PROCID"), variable("SLURM_NTASKS")) {
-            let local = variable("SLURM_LOCALID").unwrap_or_else(|| "0".to_owned());
-            let port = variable("MASTER_PORT").map_or(Ok(DEFAULT_PORT), |port| number("MASTER_PORT", &port))?;
+        } else if let (Some(rank), Some(size)) = (lookup("SLURM_PROCID"), lookup("SLURM_NTASKS")) {
+            let local = lookup("SLURM_LOCALID").unwrap_or_else(|| "0".to_owned());
+            let port = lookup("MASTER_PORT").map_or(Ok(DEFAULT_PORT), |port| number("MASTER_PORT", &port))?;
             (number("SLURM_PROCID", &rank)?, number("SLURM_NTASKS", &size)?, number("SLURM_LOCALID", &local)?, port)
         } else {
             return Ok(None);
         };
         let size: usize = size;
-        if size <= 1 && variable("RANK").is_none() {
+        if size <= 1 && lookup("RANK").is_none() {
             return Ok(None);
         }
         if size == 0 || rank >= size {
             return Err(Error::Distributed(format!("rank {rank} of a world of {size}: expected 0 <= rank < size")));
         }
-        let host = required("MASTER_ADDR", "the address of rank 0's machine, where the processes meet")?;
+        let host = required(lookup, "MASTER_ADDR", "the address of rank 0's machine, where the processes meet")?;
         let agent_store =
-            variable("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|value| value.eq_ignore_ascii_case("true"));
+            lookup("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|value| value.eq_ignore_ascii_case("true"));
         Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store }))
     }
 
@@ -233,5 +241,52 @@ fn terminate(children: &mut [Option<Child>], grace: Duration) {
         let _ = child.kill();
         let _ = child.wait();
         *slot = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world(pairs: &[(&str, &str)]) -> Result<Option<World>> {
+        let lookup = |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string());
+        World::from_variables(&lookup)
+    }
+
+    #[test]
+    fn torchrun_and_slurm_variables_give_the_world() {
+        assert_eq!(world(&[]).unwrap(), None);
+        let torchrun = [
+            ("RANK", "9"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29400"),
+        ];
+        let expected =
+            World { rank: 9, size: 16, local_rank: 1, host: "10.0.0.1".to_owned(), port: 29400, serves_store: false };
+        assert_eq!(world(&torchrun).unwrap(), Some(expected));
+        // Rank 0 serves the store, unless torchrun's agent already does.
+        let rank0 = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
+        assert!(world(&rank0).unwrap().unwrap().serves_store);
+        let agent = [rank0.as_slice(), &[("TORCHELASTIC_USE_AGENT_STORE", "True")]].concat();
+        assert!(!world(&agent).unwrap().unwrap().serves_store);
+        // SLURM, with torchrun's default port; one task is no multi-process run.
+        let slurm = [("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "3"), ("MASTER_ADDR", "n1")];
+        let world_of_slurm = world(&slurm).unwrap().unwrap();
+        assert_eq!((world_of_slurm.rank, world_of_slurm.size, world_of_slurm.port), (3, 8, DEFAULT_PORT));
+        assert_eq!(world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_variables_are_named() {
+        let message = |pairs: &[(&str, &str)]| world(pairs).unwrap_err().to_string();
+        assert!(message(&[("RANK", "0"), ("MASTER_PORT", "1")]).contains("WORLD_SIZE is not set"));
+        assert!(message(&[("RANK", "x"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK=x"));
+        assert!(message(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")])
+            .contains("rank 2 of a world of 2"));
+        assert!(message(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]).contains("MASTER_ADDR is not set"));
+        assert!(check_divides(4, 3).unwrap_err().to_string().contains("train.batch_size = 4"));
+        assert!(check_divides(4, 0).is_err() && check_divides(8, 4).is_ok() && check_divides(4, 4).is_err());
     }
 }
