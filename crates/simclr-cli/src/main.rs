@@ -50,6 +50,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write a PNG of images and pairs of their augmented views, for a run configuration.
     AugmentPreview(PreviewArgs),
+    /// Write images (a folder, CIFAR batches) as WebDataset tar shards, for `--data` to read.
+    Shard(simclr::data::shards::ShardOptions),
     /// Ablation experiments from the paper.
     Ablate {
         #[command(subcommand)]
@@ -202,6 +204,22 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Training images per second from files on disk to batches of views (decoding included), and per stage.
+    Input {
+        #[command(flatten)]
+        options: simclr::bench::InputBenchOptions,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A report as its text, or as one line of JSON.
+fn print(report: &(impl std::fmt::Display + serde::Serialize), json: bool) -> Result<()> {
+    match json {
+        true => println!("{}", serde_json::to_string(report)?),
+        false => println!("{report}"),
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -332,13 +350,10 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    if let Some(BenchWhat::Augment { options, json }) = args.what {
-        let report = simclr::bench::bench_augment(&options)?;
-        match json {
-            true => println!("{}", serde_json::to_string(&report)?),
-            false => println!("{report}"),
-        }
-        return Ok(());
+    match args.what {
+        Some(BenchWhat::Augment { options, json }) => return print(&simclr::bench::bench_augment(&options)?, json),
+        Some(BenchWhat::Input { options, json }) => return print(&simclr::bench::bench_input(&options)?, json),
+        None => {}
     }
     let options = args.options;
     let report = simclr::bench::bench(&options)?;
@@ -406,6 +421,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::AugmentPreview(args) => augment_preview(args),
         Command::Ablate { kind } => ablate(kind),
+        Command::Shard(options) => {
+            simclr::data::shards::shard(&options).map(|report| println!("{report}")).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1189,3 +1189,134 @@ fn sigterm_to_the_launcher_stops_every_process_with_a_checkpoint() {
     eprintln!("stopped by SIGTERM and resumed: encoder differs from the straight run by {difference:e}");
     assert!(difference < PROCESSES_TOLERANCE, "differs by {difference:e}");
 }
+
+/// `simclr shard` of `data` into `shards`, `per_shard` images each.
+fn write_shards(data: &Path, shards: &Path, per_shard: usize) {
+    let (data, shards) = (data.display().to_string(), shards.display().to_string());
+    assert_succeeds(
+        &simclr(["shard", "--input", &data, "--output", &shards, "--per-shard", &per_shard.to_string()]).run(),
+    );
+}
+
+#[test]
+fn shards_train_as_the_folder_they_were_written_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let shards = dir.path().join("shards");
+    write_shards(&data, &shards, 5);
+    let names: Vec<String> =
+        std::fs::read_dir(&shards).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.iter().filter(|n| n.ends_with(".tar")).count(), 5, "{names:?}");
+    let from_folder = dir.path().join("folder-run");
+    assert_succeeds(&three_epochs(&data, &from_folder).run());
+    // The shards also serve as the kNN monitor's labelled splits.
+    let from_shards = dir.path().join("shards-run");
+    assert_succeeds(
+        &tiny_run(&shards, &from_shards).args(["--epochs", "3", "--set", "train.checkpoint_every=1"]).run(),
+    );
+    let metrics = |run: &Path| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let knn = |run: &Path| -> Vec<f64> {
+        metrics(run)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["knn_top1"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(epoch_losses(&from_shards), epoch_losses(&from_folder));
+    assert_eq!(knn(&from_shards), knn(&from_folder));
+    assert_eq!(encoder_difference(&from_shards, &from_folder), 0.0, "the encoders differ");
+    // Negative control: the same shards with another seed train otherwise.
+    let reseeded = dir.path().join("reseeded");
+    assert_succeeds(&three_epochs(&shards, &reseeded).args(["--set", "train.seed=1"]).run());
+    assert_ne!(epoch_losses(&reseeded), epoch_losses(&from_folder));
+}
+
+#[test]
+fn a_cut_shard_or_a_member_that_is_not_an_image_is_named() {
+    // Twelve samples, so that every one is in the one epoch's 3 batches of 4.
+    let dir = tempfile::tempdir().unwrap();
+    let with_text = dir.path().join("with-text");
+    image_folder(&with_text, 6, 16);
+    std::fs::remove_file(with_text.join("bars").join("005.png")).unwrap();
+    std::fs::write(with_text.join("bars").join("000-notes.png"), "not an image").unwrap();
+    let shards = dir.path().join("shards");
+    write_shards(&with_text, &shards, 7);
+    // Member 0 of shard 0 is the text file (it sorts first in its class).
+    let output = tiny_training(&shards, &dir.path().join("text")).run();
+    assert_fails_with(&output, &["shard-000000.tar:000000000.png", "not an image"]);
+
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let cut = dir.path().join("cut");
+    write_shards(&data, &cut, 7);
+    // Shard 1 holds images 7..11; cut it 20 bytes into the data of image 9.
+    let last = cut.join("shard-000001.tar");
+    let bytes = std::fs::read(&last).unwrap();
+    let header = bytes.windows(13).position(|w| w == b"000000009.png").expect("member 9 is in shard 1");
+    std::fs::write(&last, &bytes[..header + 512 + 20]).unwrap();
+    let output = tiny_training(&cut, &dir.path().join("stopped")).run();
+    assert_fails_with(&output, &["shard-000001.tar:000000009.png", "truncated"]);
+    let skipped = dir.path().join("skipped");
+    let output = tiny_training(&cut, &skipped).args(["--set", "data.on_bad_image=skip"]).run();
+    assert_succeeds(&output);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(skipped.join("summary.json")).unwrap()).unwrap();
+    let listed: Vec<&str> = summary["skipped_images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].contains("shard-000001.tar:000000009.png"), "{listed:?}");
+
+    // Cut inside a member's header: the rest of the shard is one sample
+    // that cannot be read, named after the member before it.
+    std::fs::write(&last, &bytes[..header + 100]).unwrap();
+    let output = tiny_training(&cut, &dir.path().join("header")).run();
+    assert_fails_with(&output, &["shard-000001.tar:(after 000000008.cls)", "damaged shard"]);
+}
+
+#[test]
+fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let shards = dir.path().join("shards");
+    write_shards(&data, &shards, 5);
+    let streamed = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2"];
+        assert_succeeds(&three_epochs(&shards, &out).args(settings).args(extra).run());
+        out
+    };
+    let (first, second) = (streamed("first", &[]), streamed("second", &[]));
+    assert_eq!(epoch_losses(&first).len(), 3);
+    assert_eq!(epoch_losses(&first), epoch_losses(&second));
+    assert_eq!(encoder_difference(&first, &second), 0.0, "two streamed runs differ");
+    // Stopped mid-epoch 2 and resumed: the stream passes over the batches done.
+    let stopped = dir.path().join("stopped");
+    let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2"];
+    let output = three_epochs(&shards, &stopped).args(settings).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8).run();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
+    assert_eq!(epoch_losses(&stopped), epoch_losses(&first));
+    assert_eq!(encoder_difference(&stopped, &first), 0.0, "the resumed stream differs");
+    // Negative control: read by index, the same shards come in another order.
+    let by_index = dir.path().join("by-index");
+    assert_succeeds(&three_epochs(&shards, &by_index).run());
+    assert_ne!(epoch_losses(&by_index), epoch_losses(&first));
+    // Two processes each stream their own shards (0, 2, 4 and 1, 3) and
+    // stop together after the smaller share: 10 images, 5 steps of 2.
+    let two = streamed("two", &["--nproc-per-node", "2"]);
+    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [5, 10, 15]);
+}
+
+#[test]
+fn streaming_needs_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let output = tiny_training(&data, &dir.path().join("run")).args(["--set", "data.shuffle_buffer=4"]).run();
+    assert_fails_with(&output, &["data.shuffle_buffer = 4", "is not shards"]);
+}

@@ -383,6 +383,7 @@ mod tests {
                 learning_rate: 0.1,
                 images_per_second: 100.0,
                 seconds: 1.0,
+                data_wait_seconds: 0.1,
                 knn_top1: (epoch != 2).then_some(0.2 * epoch as f64),
             })
             .collect();

@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use simclr::augment::{
-    crop, pad_crop, Augmentation, BlurConfig, BlurParams, ColorJitterConfig, CropBox, CutoutConfig, FlipConfig,
-    FloatImage, GrayscaleConfig, Interpolation, JitterParams, PadOffset, RotationConfig, RotationParams, SobelConfig,
-    SolarizeConfig, SolarizeParams, VerticalFlipConfig,
+    crop, pad_crop, AugmentConfig, Augmentation, BlurConfig, BlurParams, ColorJitterConfig, CropBox, CutoutConfig,
+    FlipConfig, FloatImage, GrayscaleConfig, Interpolation, JitterParams, OpParams, PadOffset, Pipeline,
+    RotationConfig, RotationParams, Sizing, SobelConfig, SolarizeConfig, SolarizeParams, VerticalFlipConfig,
+    ViewParams,
 };
 use simclr::tch::{Kind, Tensor};
 
@@ -117,6 +118,70 @@ fn pixel_ops_match_torchvision() {
     let cut = CropBox { top: 10, left: 25, height: 16, width: 15 };
     check_op::<CutoutConfig>(&f, "cutout", &square, &cut);
     check_op::<SobelConfig>(&f, "sobel", &square, &());
+}
+
+/// The hybrid path's two stages on the fixtures: 8-bit geometry made on the
+/// CPU ([`Pipeline::geometry`]), then the padded crop's offset and the pixel
+/// ops on tensors ([`Pipeline::render_pixels`], which a GPU runs in a real
+/// hybrid run). The pixel-op fixtures start from the uncropped input, so
+/// their geometry is the input itself.
+#[test]
+fn the_hybrid_path_matches_torchvision() {
+    let f = fixtures();
+    let whole = input(&f);
+    let square = image::imageops::crop_imm(&whole, 4, 0, 40, 40).to_image();
+    // The pixel stage on an 8-bit image as the workers send it.
+    let render = |image: &image::RgbImage, sizing: Sizing, op: Option<OpParams>| {
+        let (width, height) = image.dimensions();
+        let pipeline = Pipeline::new(&AugmentConfig::default(), width.min(height));
+        let batch = Tensor::from_slice(image.as_raw()).view([1, i64::from(height), i64::from(width), 3]);
+        pipeline.render_pixels(&batch, &[ViewParams { sizing, ops: vec![op] }]).squeeze_dim(0)
+    };
+    // Both stages for a shrinking crop (tolerance as for the CPU path's crop).
+    let shrink = CropBox { top: 0, left: 4, height: 40, width: 40 };
+    let pipeline = Pipeline::new(&AugmentConfig::default(), 24);
+    let params = ViewParams {
+        sizing: Sizing::RandomResizedCrop { crop: shrink, interpolation: Interpolation::Bilinear },
+        ops: vec![],
+    };
+    let geometry = pipeline.geometry(&whole, &params, 48, 40);
+    let batch = Tensor::from_slice(geometry.as_raw()).view([1, 24, 24, 3]);
+    let view = pipeline.render_pixels(&batch, &[params]).squeeze_dim(0);
+    assert_close("crop_shrink_bilinear (hybrid)", &view, &f["crop_shrink_bilinear"], 8.0 / 255.0, 1.0 / 255.0);
+    let crop = Sizing::CenterResize;
+    let mut cases: Vec<(String, &image::RgbImage, Sizing, Option<OpParams>)> = vec![
+        ("flip".into(), &whole, crop, Some(OpParams::HorizontalFlip(()))),
+        ("grayscale".into(), &whole, crop, Some(OpParams::Grayscale(()))),
+        ("blur".into(), &whole, crop, Some(OpParams::GaussianBlur(BlurParams { sigma: 1.3, kernel_size: 5 }))),
+        ("blur_wide".into(), &whole, crop, Some(OpParams::GaussianBlur(BlurParams { sigma: 0.4, kernel_size: 9 }))),
+        ("solarize".into(), &whole, crop, Some(OpParams::Solarize(SolarizeParams { threshold: 0.5 }))),
+        ("pad_crop".into(), &square, Sizing::RandomCrop { offset: PadOffset { down: 3, right: -2 } }, None),
+        ("cutout".into(), &square, crop, Some(OpParams::Cutout(CropBox { top: 10, left: 25, height: 16, width: 15 }))),
+        ("sobel".into(), &square, crop, Some(OpParams::Sobel(()))),
+    ];
+    for (case, part, factor) in [
+        ("brightness", 0, 1.3),
+        ("contrast", 1, 0.6),
+        ("saturation", 2, 1.7),
+        ("hue", 3, 0.17),
+        ("hue_negative", 3, -0.31),
+    ] {
+        cases.push((case.into(), &whole, crop, Some(OpParams::ColorJitter(jitter(part, factor)))));
+    }
+    for turns in 1..=3u8 {
+        cases.push((
+            format!("rotate_{turns}"),
+            &square,
+            crop,
+            Some(OpParams::Rotation(RotationParams { quarter_turns: turns })),
+        ));
+    }
+    for (case, image, sizing, op) in &cases {
+        assert_close(&format!("{case} (hybrid)"), &render(image, *sizing, *op), &f[case.as_str()], 1e-5, 1e-5);
+    }
+    // Negative control: the flip case without its flip is far off.
+    let (largest, _) = difference(&render(&whole, crop, None), &f["flip"]);
+    assert!(largest > 0.1, "an unflipped view matched the flip fixture: {largest}");
 }
 
 /// [`check_pixel_op`] for an op's [`Augmentation`] implementation.

@@ -160,14 +160,18 @@ register! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The device path on a CUDA device when the decoded images fit there
-    /// (all of one size, at most [`DEVICE_DATA_LIMIT`] bytes); the CPU path otherwise.
+    /// On a CUDA device, the device path when the decoded images fit there
+    /// (all of one size, at most [`DEVICE_DATA_LIMIT`] bytes), the hybrid
+    /// path when they do not; the CPU path on the CPU.
     #[default]
     Auto,
     /// Rust on the CPU, on the data worker threads.
     Cpu,
     /// Tensor ops on the training device, whole batches at once.
     Device,
+    /// Decoding, crop and resize on the data workers, the pixel ops (colour,
+    /// grayscale, blur, ...) on the training device in batch.
+    Hybrid,
 }
 
 /// The most decoded image bytes the automatic backend keeps on the device.

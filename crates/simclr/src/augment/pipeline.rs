@@ -6,7 +6,6 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use super::images::center_view;
 use super::{crop, pad_crop, AugmentConfig, CropBox, FloatImage, Interpolation, OpConfig, OpParams, PadOffset};
 
 /// The RNG for one view: a pure function of its coordinates, so that data
@@ -103,19 +102,60 @@ impl Pipeline {
         ViewParams { sizing, ops }
     }
 
-    /// Applies `params` to `image` on the CPU.
-    pub fn render(&self, image: &RgbImage, params: &ViewParams) -> FloatImage {
-        let mut view = match params.sizing {
-            Sizing::CenterResize => center_view(image, self.size),
-            Sizing::RandomResizedCrop { crop, interpolation } => {
-                crop::crop_resize(image, crop, self.size, self.size, interpolation)
+    /// The box of the image that `params` turn into the view, on an image
+    /// `width` x `height`: the random crop, or the centred square.
+    fn source_box(params: &ViewParams, width: u32, height: u32) -> (CropBox, Interpolation) {
+        match params.sizing {
+            Sizing::RandomResizedCrop { crop, interpolation } => (crop, interpolation),
+            Sizing::CenterResize | Sizing::RandomCrop { .. } => {
+                (crop::center_square(width, height), Interpolation::Bilinear)
             }
-            Sizing::RandomCrop { offset } => pad_crop::apply(&center_view(image, self.size), offset),
-        };
+        }
+    }
+
+    /// By how much an image `width` x `height` may be decoded smaller (1, 2,
+    /// 4 or 8) for the views of `params`: the largest factor that leaves
+    /// every view's box at least the view's size on both sides, so the views
+    /// are still shrunk, never enlarged, from the smaller image.
+    pub fn reduction(&self, params: &[ViewParams], width: u32, height: u32) -> u32 {
+        let shortest = params
+            .iter()
+            .map(|p| {
+                let (b, _) = Self::source_box(p, width, height);
+                b.width.min(b.height)
+            })
+            .min()
+            .unwrap_or(0);
+        [8, 4, 2].into_iter().find(|&factor| shortest >= factor * self.size).unwrap_or(1)
+    }
+
+    /// The geometric part of a view, in 8 bits: its box cut out of `image`
+    /// and resized to `size` x `size` (for a random crop with padding, the
+    /// centre view that the padding and offset then apply to). `image` may
+    /// be a smaller decode of the `width` x `height` image that `params`
+    /// were drawn for; the box is scaled to it.
+    pub fn geometry(&self, image: &RgbImage, params: &ViewParams, width: u32, height: u32) -> RgbImage {
+        let (source, interpolation) = Self::source_box(params, width, height);
+        crop::crop_resize_reduced(image, source, (width, height), self.size, interpolation)
+    }
+
+    /// The rest of a view on the CPU, after [`Pipeline::geometry`]: the
+    /// padded crop's offset, then the pixel ops.
+    pub fn finish(&self, geometry: &RgbImage, params: &ViewParams) -> FloatImage {
+        let mut view = FloatImage::from_rgb(geometry);
+        if let Sizing::RandomCrop { offset } = params.sizing {
+            view = pad_crop::apply(&view, offset);
+        }
         for op in params.ops.iter().flatten() {
             op.apply(&mut view);
         }
         view
+    }
+
+    /// Applies `params` to `image` on the CPU.
+    pub fn render(&self, image: &RgbImage, params: &ViewParams) -> FloatImage {
+        let (width, height) = image.dimensions();
+        self.finish(&self.geometry(image, params, width, height), params)
     }
 
     /// One random view of `image` (view 0 or 1), `size` x `size` pixels.
@@ -144,7 +184,24 @@ impl Pipeline {
                 _ => (centre, Interpolation::Bilinear),
             })
             .collect();
-        let mut views = crop::crop_resize_batch(&images, &boxes, side);
+        let views = crop::crop_resize_batch(&images, &boxes, side);
+        let views = self.finish_batch(views, params);
+        debug_assert_eq!(views.device(), device);
+        views
+    }
+
+    /// The device part of the hybrid path: `views` is a `[n, size, size, 3]`
+    /// uint8 batch of [`Pipeline::geometry`]'s outputs, on any device; the
+    /// padded crops' offsets and the pixel ops of `params` run there, in
+    /// batch, as on the device path. Returns `[n, 3, size, size]` floats in [0, 1].
+    pub fn render_pixels(&self, views: &Tensor, params: &[ViewParams]) -> Tensor {
+        assert_eq!(views.size()[0] as usize, params.len(), "one parameter set per view");
+        let views = views.permute([0, 3, 1, 2]).to_kind(Kind::Float).contiguous() / 255.0;
+        self.finish_batch(views, params)
+    }
+
+    /// The device path after the crop: padded crops' offsets, then the ops.
+    fn finish_batch(&self, mut views: Tensor, params: &[ViewParams]) -> Tensor {
         let offsets: Vec<(usize, PadOffset)> = params
             .iter()
             .enumerate()
@@ -163,7 +220,6 @@ impl Pipeline {
             let Some((_, first)) = drawn.first() else { continue };
             views = first.apply_batch(views, &drawn);
         }
-        debug_assert_eq!(views.device(), device);
         views
     }
 }

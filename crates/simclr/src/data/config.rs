@@ -20,6 +20,9 @@ pub enum DataFormat {
     Flat,
     /// The CIFAR-10/100 binary batches (`data_batch_*.bin`, `train.bin`).
     CifarBinary,
+    /// WebDataset-style tar shards (`key.jpg` with an optional `key.cls`):
+    /// one `.tar` or a folder of them (see `data/shards.rs`).
+    Shards,
     /// The built-in procedurally generated labelled dataset.
     Synthetic,
 }
@@ -59,6 +62,19 @@ pub struct DataConfig {
     pub synthetic_classes: usize,
     /// Threads that decode and augment; 0 means one per core.
     pub workers: usize,
+    /// Batches of views made ahead of the one training (the bounded queue
+    /// between the data workers and the training loop).
+    pub prefetch_batches: usize,
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 of their size where every view's crop
+    /// keeps at least the view's size (see `data/decode.rs`); false always
+    /// decodes in full.
+    pub reduced_decode: bool,
+    /// Tar shards only: 0 reads images by index (random access, the same
+    /// run as from the folder the shards were written from); more streams
+    /// each process's shards front to back through shuffle buffers of this
+    /// many images per data worker (see `data/stream.rs`), reproducible for
+    /// a given seed and `workers`.
+    pub shuffle_buffer: usize,
     pub on_bad_image: BadImagePolicy,
 }
 
@@ -77,6 +93,9 @@ impl Default for DataConfig {
             synthetic_images: 2000,
             synthetic_classes: 10,
             workers: 0,
+            prefetch_batches: 2,
+            reduced_decode: true,
+            shuffle_buffer: 0,
             on_bad_image: BadImagePolicy::Stop,
         }
     }
@@ -92,6 +111,9 @@ impl DataConfig {
             if value == Some(0) {
                 problems.push(format!("{field} = 0: must be at least 1"));
             }
+        }
+        if self.prefetch_batches == 0 {
+            problems.push("data.prefetch_batches = 0: must be at least 1".to_owned());
         }
         if let Err(problem) = check_std(&self.std) {
             problems.push(format!("data.std = {problem}"));

@@ -2,18 +2,15 @@
 //! layout; classes sorted by name) or a flat `root/*.jpg` without labels.
 use std::path::{Path, PathBuf};
 
+use super::listing::{self, Listing};
 use super::{Dataset, ImageSource, Sample};
 use crate::{Error, Result};
 
 /// File endings read as images (case-insensitive); other files are ignored.
 pub const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"];
 
-fn is_image_file(path: &Path) -> bool {
-    path.is_file()
-        && path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+fn has_image_extension(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// A folder's entries, sorted by name so every listing is reproducible.
@@ -27,30 +24,66 @@ pub fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
-/// Image files directly inside `dir`, sorted.
+/// Image files directly inside `dir`, sorted. The entry types come with the
+/// directory read, so a folder of a million files costs no million `stat`s
+/// (links are followed with one).
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(sorted_entries(dir)?.into_iter().filter(|p| is_image_file(p)).collect())
-}
-
-pub fn open_labelled(root: &Path) -> Result<Dataset> {
-    let mut classes = Vec::new();
-    let mut samples = Vec::new();
-    for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
-        let files = image_files(&dir)?;
-        if files.is_empty() {
-            continue;
+    let read = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut files = Vec::new();
+    for entry in read {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if has_image_extension(&path) && (kind.is_file() || (kind.is_symlink() && path.is_file())) {
+            files.push(path);
         }
-        let label = classes.len();
-        classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        samples.extend(files.into_iter().map(|path| Sample { source: ImageSource::File(path), label: Some(label) }));
     }
-    Ok(Dataset::new(root, samples, classes))
+    files.sort();
+    Ok(files)
 }
 
+/// `root/<class>/*.jpg`; the listing of a large folder is cached ([`listing`]).
+pub fn open_labelled(root: &Path) -> Result<Dataset> {
+    let listing = match listing::load(root, true) {
+        Some(listing) => listing,
+        None => {
+            let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
+            let mut dirs = vec![root.to_path_buf()];
+            for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+                let files = image_files(&dir)?;
+                if files.is_empty() {
+                    continue;
+                }
+                let label = listing.classes.len();
+                listing.classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+                listing.files.extend(files.into_iter().map(|path| (path, Some(label))));
+                dirs.push(dir);
+            }
+            listing::store(root, true, &dirs, &listing);
+            listing
+        }
+    };
+    Ok(dataset(root, listing))
+}
+
+/// `root/*.jpg`, no labels; the listing of a large folder is cached.
 pub fn open_flat(root: &Path) -> Result<Dataset> {
+    let listing = match listing::load(root, false) {
+        Some(listing) => listing,
+        None => {
+            let files = image_files(root)?.into_iter().map(|path| (path, None)).collect();
+            let listing = Listing { classes: Vec::new(), files };
+            listing::store(root, false, &[root.to_path_buf()], &listing);
+            listing
+        }
+    };
+    Ok(dataset(root, listing))
+}
+
+fn dataset(root: &Path, listing: Listing) -> Dataset {
     let samples =
-        image_files(root)?.into_iter().map(|path| Sample { source: ImageSource::File(path), label: None }).collect();
-    Ok(Dataset::new(root, samples, Vec::new()))
+        listing.files.into_iter().map(|(path, label)| Sample { source: ImageSource::File(path), label }).collect();
+    Dataset::new(root, samples, listing.classes)
 }
 
 #[cfg(test)]

@@ -3,8 +3,12 @@
 //! are only used for evaluation: SimCLR trains without them).
 pub mod cifar_binary;
 pub mod config;
+pub mod decode;
 pub mod image_folder;
+pub mod listing;
 pub mod loader;
+pub mod shards;
+pub mod stream;
 pub mod synthetic;
 
 use std::collections::BTreeMap;
@@ -16,10 +20,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::checks::MIN_IMAGE_SIDE;
 use crate::{Error, Result};
 use config::{BadImagePolicy, DataConfig, DataFormat};
 
+pub use decode::{decode, decode_bytes};
 pub use loader::ViewLoader;
 
 /// Where one sample's pixels are.
@@ -27,6 +31,8 @@ pub use loader::ViewLoader;
 pub enum ImageSource {
     File(PathBuf),
     Memory(Arc<RgbImage>),
+    /// A member of a tar shard, read by its offset.
+    Shard(shards::Member),
 }
 
 #[derive(Debug, Clone)]
@@ -38,9 +44,27 @@ pub struct Sample {
 impl Sample {
     /// The decoded RGB image, checked for size.
     pub fn image(&self) -> Result<Arc<RgbImage>> {
+        self.image_reduced(&|_, _| 1).map(|(image, _)| image)
+    }
+
+    /// The image decoded smaller by `reduction(width, height)` (see
+    /// [`decode::decode_reduced`]), asked with the full size read from the
+    /// file's header; returns the full size too.
+    pub fn image_reduced(&self, reduction: &dyn Fn(u32, u32) -> u32) -> Result<(Arc<RgbImage>, (u32, u32))> {
+        match (&self.source, self.stored()?) {
+            (ImageSource::Memory(image), _) => Ok((image.clone(), image.dimensions())),
+            (_, Some((bytes, path))) => decode::decode_for(&bytes, &path, reduction),
+            (_, None) => unreachable!("files and shard members are stored"),
+        }
+    }
+
+    /// The image's stored bytes and the name errors give it; `None` for an
+    /// image held in memory.
+    pub fn stored(&self) -> Result<Option<(Vec<u8>, PathBuf)>> {
         match &self.source {
-            ImageSource::Memory(image) => Ok(image.clone()),
-            ImageSource::File(path) => decode(path).map(Arc::new),
+            ImageSource::Memory(_) => Ok(None),
+            ImageSource::File(path) => Ok(Some((std::fs::read(path).map_err(|e| Error::io(path, e))?, path.clone()))),
+            ImageSource::Shard(member) => Ok(Some((member.read()?, member.path()))),
         }
     }
 
@@ -48,37 +72,10 @@ impl Sample {
     pub fn describe(&self, index: usize) -> String {
         match &self.source {
             ImageSource::File(path) => path.display().to_string(),
+            ImageSource::Shard(member) => member.path().display().to_string(),
             ImageSource::Memory(_) => format!("#{index}"),
         }
     }
-}
-
-/// Decodes an image file of any format the `image` crate reads (the format
-/// is sniffed from the bytes, not the extension) into 8-bit RGB.
-pub fn decode(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_bytes(&bytes, path)
-}
-
-/// [`decode`] on bytes already read; `path` is only named in errors.
-pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<RgbImage> {
-    let bad = |message: String| Error::Image { path: path.to_path_buf(), message };
-    // Sniff the contents, so a text file named .jpg is called what it is
-    // rather than a JPEG with bad markers.
-    let format = image::guess_format(bytes).map_err(|_| bad("not an image (unrecognised file contents)".to_owned()))?;
-    let image =
-        image::load_from_memory_with_format(bytes, format).map_err(|e| bad(format!("cannot decode: {e}")))?.to_rgb8();
-    check_size(image.width(), image.height()).map_err(bad)?;
-    Ok(image)
-}
-
-fn check_size(width: u32, height: u32) -> std::result::Result<(), String> {
-    if width < MIN_IMAGE_SIDE || height < MIN_IMAGE_SIDE {
-        return Err(format!(
-            "image is {width}x{height} pixels; the smallest usable image is {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
-        ));
-    }
-    Ok(())
 }
 
 /// A list of samples and, for labelled sources, the class names.
@@ -122,15 +119,34 @@ impl Dataset {
     /// unreadable one is recorded and the next readable sample stands in
     /// (its views still drawn for `index`, so runs stay reproducible).
     pub fn training_image(&self, index: usize) -> Result<Arc<RgbImage>> {
-        let error = match self.samples[index].image() {
-            Ok(image) => return Ok(image),
-            Err(error) if self.on_bad_image == BadImagePolicy::Skip => error,
-            Err(error) => return Err(error),
-        };
+        self.training_image_reduced(index, &|_, _| 1).map(|(image, _)| image)
+    }
+
+    /// [`Dataset::training_image`] decoded smaller as [`Sample::image_reduced`] is.
+    pub fn training_image_reduced(
+        &self,
+        index: usize,
+        reduction: &dyn Fn(u32, u32) -> u32,
+    ) -> Result<(Arc<RgbImage>, (u32, u32))> {
+        self.samples[index].image_reduced(reduction).or_else(|error| self.instead_of(index, error, reduction))
+    }
+
+    /// What stands in for sample `index`, which failed with `error`: under
+    /// the skip policy the error is recorded and the next readable sample
+    /// is read instead; under the stop policy, the error.
+    pub fn instead_of(
+        &self,
+        index: usize,
+        error: Error,
+        reduction: &dyn Fn(u32, u32) -> u32,
+    ) -> Result<(Arc<RgbImage>, (u32, u32))> {
+        if self.on_bad_image == BadImagePolicy::Stop {
+            return Err(error);
+        }
         self.record_skip(index, &error);
         (1..self.samples.len())
             .map(|offset| (index + offset) % self.samples.len())
-            .find_map(|other| self.samples[other].image().ok())
+            .find_map(|other| self.samples[other].image_reduced(reduction).ok())
             .ok_or_else(|| Error::Dataset { path: self.origin.clone(), message: "no readable image left".to_owned() })
     }
 
@@ -186,6 +202,7 @@ impl Dataset {
             DataFormat::CifarBinary => cifar_binary::open(path)?,
             DataFormat::ImageFolder => image_folder::open_labelled(path)?,
             DataFormat::Flat => image_folder::open_flat(path)?,
+            DataFormat::Shards => shards::open(path)?,
             DataFormat::Synthetic | DataFormat::Auto => {
                 return Err(Error::Dataset {
                     path: path.to_path_buf(),
@@ -221,16 +238,20 @@ pub fn detect_format(path: &Path) -> Result<DataFormat> {
     if path.is_file() {
         return if path.extension().is_some_and(|e| e == "bin") {
             Ok(DataFormat::CifarBinary)
+        } else if shards::is_shard(path) {
+            Ok(DataFormat::Shards)
         } else {
             Err(Error::Dataset {
                 path: path.to_path_buf(),
-                message: "expected a folder of images or a CIFAR .bin batch".to_owned(),
+                message: "expected a folder of images or shards, a .tar shard or a CIFAR .bin batch".to_owned(),
             })
         };
     }
     let entries = image_folder::sorted_entries(path)?;
     if entries.iter().any(|p| p.extension().is_some_and(|e| e == "bin")) {
         Ok(DataFormat::CifarBinary)
+    } else if entries.iter().any(|p| p.is_file() && shards::is_shard(p)) {
+        Ok(DataFormat::Shards)
     } else if entries.iter().any(|p| p.is_dir()) {
         Ok(DataFormat::ImageFolder)
     } else {

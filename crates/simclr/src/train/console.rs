@@ -63,7 +63,8 @@ impl Observer for Console {
             bar.set_position(progress.position.batch as u64);
             if let Some(loss) = progress.loss {
                 let (rate, speed) = (progress.learning_rate, progress.images_per_second);
-                bar.set_message(format!("loss {loss:.4} lr {rate:.4} {speed:.0} images/s"));
+                let waited = 100.0 * progress.data_wait_share;
+                bar.set_message(format!("loss {loss:.4} lr {rate:.4} {speed:.0} images/s, data wait {waited:.0}%"));
             }
         }
         self.control(progress.position.step)

@@ -21,6 +21,10 @@ pub struct EpochMetrics {
     /// Training images (pairs of views) per second over the epoch.
     pub images_per_second: f64,
     pub seconds: f64,
+    /// Of `seconds`, the time the steps waited for their views (the input
+    /// pipeline bounds the run when this is a large share).
+    #[serde(default)]
+    pub data_wait_seconds: f64,
     /// kNN top-1 accuracy on the monitor split, when it ran this epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1: Option<f64>,

@@ -7,7 +7,7 @@
 //! across devices (section 2.2).
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{nn, Device, Kind, Tensor};
 
@@ -18,6 +18,7 @@ use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::ValidConfig;
 use crate::data::loader::Shard;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
+use crate::data::stream::ShardList;
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{Parallel, ProcessGroup, ReduceOp};
@@ -56,6 +57,9 @@ pub struct Progress {
     pub loss: Option<f64>,
     /// Training images per second in this epoch so far.
     pub images_per_second: f64,
+    /// The share of this epoch's time so far spent waiting for views: near
+    /// 0 when the model bounds the run, large when the input does.
+    pub data_wait_share: f64,
 }
 
 /// What varies around the loop: signals, a progress bar, logging, and in
@@ -184,7 +188,11 @@ pub fn train_in(
     let (mut trainer, views) = Trainer::new(config, resume, group)?;
     while !trainer.is_done() {
         let position = trainer.begin_epoch();
-        for batch in views.epoch(position.epoch as u64, position.batch) {
+        let mut batches = views.epoch(position.epoch as u64, position.batch);
+        loop {
+            let asked = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            trainer.waited_for_data(asked.elapsed());
             #[cfg(feature = "fault-injection")]
             if observer.poison(trainer.position.step) {
                 trainer.poison_next_step();
@@ -231,6 +239,8 @@ pub struct Trainer {
     /// starts part-way).
     epoch_started: Instant,
     epoch_first_batch: usize,
+    /// Time this epoch's steps waited for their views.
+    epoch_data_wait: Duration,
     learning_rate: f64,
     last_loss: Option<f64>,
     /// The other processes of a multi-process run.
@@ -351,6 +361,7 @@ impl Trainer {
             pool,
             checkpoint_path,
             epoch_started: Instant::now(),
+            epoch_data_wait: Duration::ZERO,
             learning_rate: 0.0,
             last_loss: None,
             group,
@@ -370,7 +381,13 @@ impl Trainer {
     pub fn begin_epoch(&mut self) -> Position {
         self.epoch_started = Instant::now();
         self.epoch_first_batch = self.position.batch;
+        self.epoch_data_wait = Duration::ZERO;
         self.position
+    }
+
+    /// Counts time the loop spent waiting for a batch of views.
+    pub fn waited_for_data(&mut self, wait: Duration) {
+        self.epoch_data_wait += wait;
     }
 
     /// Makes the next step's loss NaN (fault injection).
@@ -437,14 +454,15 @@ impl Trainer {
     /// Where the run is, for observers.
     pub fn progress(&self) -> Progress {
         let batches = (self.position.batch - self.epoch_first_batch) as f64;
+        let elapsed = self.epoch_started.elapsed().as_secs_f64();
         Progress {
             position: self.position,
             steps_per_epoch: self.steps_per_epoch,
             epochs: self.config.train.epochs,
             learning_rate: self.learning_rate,
             loss: self.last_loss,
-            images_per_second: batches * self.config.train.batch_size as f64
-                / self.epoch_started.elapsed().as_secs_f64(),
+            images_per_second: batches * self.config.train.batch_size as f64 / elapsed,
+            data_wait_share: self.epoch_data_wait.as_secs_f64() / elapsed,
         }
     }
 
@@ -504,15 +522,17 @@ impl Trainer {
             learning_rate: self.learning_rate,
             images_per_second: (steps_per_epoch * train.batch_size) as f64 / seconds,
             seconds,
+            data_wait_seconds: self.epoch_data_wait.as_secs_f64(),
             knn_top1,
         };
         tracing::info!(
-            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s{}",
+            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s, waited {:.0}% for data{}",
             metrics.epoch,
             train.epochs,
             metrics.loss,
             metrics.learning_rate,
             metrics.images_per_second,
+            100.0 * metrics.data_wait_seconds / seconds,
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
         );
         if let Some(group) = &self.group {
@@ -782,7 +802,8 @@ fn allocation_failure(message: &str) -> &str {
 }
 
 /// The view source `augment.backend` asks for: `auto` uses the device path
-/// on CUDA when the decoded images fit there as one tensor.
+/// on CUDA when the decoded images fit there as one tensor, and the hybrid
+/// path on CUDA when they do not.
 fn views(
     config: &ValidConfig,
     train_set: Arc<Dataset>,
@@ -794,20 +815,48 @@ fn views(
     let batch_size = config.train.batch_size;
     let seed = config.train.seed;
     let backend = config.augment.backend;
-    if backend == Backend::Device || (backend == Backend::Auto && device.is_cuda()) {
+    let data = &config.data;
+    let stream = match data.shuffle_buffer {
+        0 => None,
+        buffer => match ShardList::of(&train_set) {
+            Some(shards) => Some((shards, buffer)),
+            None => {
+                return Err(Error::Config(vec![format!(
+                    "data.shuffle_buffer = {buffer} streams tar shards, but {} is not shards (set it to 0)",
+                    train_set.origin.display()
+                )]))
+            }
+        },
+    };
+    let whole_set_on_device = backend == Backend::Device || (backend == Backend::Auto && device.is_cuda());
+    if stream.is_some() && backend == Backend::Device {
+        return Err(Error::Config(vec![
+            "augment.backend = \"device\" reads every image up front; streaming shards (data.shuffle_buffer > 0) \
+             needs \"hybrid\", \"cpu\" or \"auto\""
+                .to_owned(),
+        ]));
+    }
+    if whole_set_on_device && stream.is_none() {
         let limit = if backend == Backend::Device { usize::MAX } else { DEVICE_DATA_LIMIT };
         match DeviceViewLoader::load(&train_set, pipeline.clone(), format, batch_size, seed, device, pool, limit)? {
             DeviceData::Ready(loader) => return Ok(Views::Device(loader)),
             DeviceData::Unsuitable(reason) if backend == Backend::Device => {
                 return Err(Error::Device(format!(
                     "augment.backend = \"device\" keeps the decoded images on the device as one tensor, \
-                     but {reason}; use backend \"cpu\" or \"auto\""
+                     but {reason}; use backend \"hybrid\", \"cpu\" or \"auto\""
                 )))
             }
-            DeviceData::Unsuitable(reason) => tracing::info!("augmenting on the CPU: {reason}"),
+            DeviceData::Unsuitable(reason) => tracing::info!("decoding and cropping on the CPU: {reason}"),
         }
     }
-    Ok(Views::Cpu(ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?))
+    let mut loader = ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?
+        .reduced_decode(data.reduced_decode)
+        .prefetch(data.prefetch_batches);
+    if let Some((shards, buffer)) = stream {
+        loader = loader.streaming(shards, buffer);
+    }
+    let hybrid = backend == Backend::Hybrid || (backend == Backend::Auto && device.is_cuda());
+    Ok(Views::Cpu(if hybrid { loader.hybrid() } else { loader }))
 }
 
 /// Sets the run folder up on rank 0 (or the one process): a fresh run's

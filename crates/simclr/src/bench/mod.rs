@@ -3,6 +3,10 @@
 //! numbers compare directly with a PyTorch script on the same device.
 use std::time::Instant;
 
+pub mod input;
+
+pub use input::{bench_input, InputBenchOptions, InputBenchReport};
+
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::augment::{AugmentConfig, AugmentPreset, Pipeline};
