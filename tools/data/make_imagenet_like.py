@@ -19,8 +19,9 @@ and otherwise log-normal around 480 (sigma 0.45, clipped to 160-1600);
 aspect ratios 4:3 (0.6), 3:2 (0.15), 1:1 (0.1), 16:9 (0.1), 5:4 (0.05), a
 quarter of them portrait. With --long-side every image has that long side
 (the same aspect ratios): large photographs, where reduced-scale decoding
-pays most. Deterministic for a given --seed. Never committed: generate it
-where it is needed.
+pays most. Deterministic for a given --seed and --start (parts made with
+--start 0, 250, 500, ... in parallel fill one folder). Never committed:
+generate it where it is needed.
 """
 import argparse
 import pathlib
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="number of the first image (to generate in parallel parts)")
     parser.add_argument("--long-side", type=int, help="every image this long (e.g. 2000, a phone photo's scale)")
     args = parser.parse_args()
     source = pathlib.Path(args.source)
@@ -57,9 +59,9 @@ def main() -> None:
     if not classes:
         raise SystemExit(f"{source}: expected an ImageFolder of source images (class sub-folders)")
     files = [sorted(c.glob("*.jpg")) + sorted(c.glob("*.png")) for c in classes]
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng([args.seed, args.start])
     output = pathlib.Path(args.output)
-    for n in range(args.count):
+    for n in range(args.start, args.start + args.count):
         label = n % len(classes)
         path = files[label][(n // len(classes)) % len(files[label])]
         width, height = draw_size(rng, args.long_side)
