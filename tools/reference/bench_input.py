@@ -28,6 +28,19 @@ class TwoViews:
         return torch.stack([self.transform(image), self.transform(image)])
 
 
+def data_loader(dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """Shuffled full batches from `workers` processes that stay up between epochs."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -42,14 +55,7 @@ def main() -> None:
     dataset = torchvision.datasets.ImageFolder(args.data, transform=TwoViews(pipeline(args.pipeline, args.image_size)))
     if args.limit is not None:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-        drop_last=True,
-        persistent_workers=True,
-    )
+    loader = data_loader(dataset, args.batch_size, args.workers)
     batches = iter(loader)
     next(batches)  # starts the workers: not timed, as ours
     started = time.perf_counter()

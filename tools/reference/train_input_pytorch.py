@@ -19,20 +19,11 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader
 
 from bench_augment import pipeline
-from bench_input import TwoViews
-
-
-def nt_xent(z: torch.Tensor, tau: float) -> torch.Tensor:
-    n = z.shape[0] // 2
-    z = F.normalize(z.float(), dim=1)
-    logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+from bench_input import TwoViews, data_loader
+from train_pytorch import nt_xent
 
 
 def main() -> None:
@@ -50,15 +41,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
     dataset = torchvision.datasets.ImageFolder(args.data, transform=TwoViews(pipeline("simclr-imagenet", args.image_size)))
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=cuda,
-        persistent_workers=True,
-    )
+    loader = data_loader(dataset, args.batch_size, args.workers, pin_memory=cuda)
     encoder = getattr(torchvision.models, args.arch)()
     features = encoder.fc.in_features
     encoder.fc = torch.nn.Identity()

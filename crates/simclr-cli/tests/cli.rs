@@ -1198,13 +1198,24 @@ fn write_shards(data: &Path, shards: &Path, per_shard: usize) {
     );
 }
 
+/// An image folder of 24 images in `dir`, and its shards of 5.
+fn folder_and_shards(dir: &Path) -> (PathBuf, PathBuf) {
+    let (data, shards) = (dir.join("data"), dir.join("shards"));
+    image_folder(&data, 12, 16);
+    write_shards(&data, &shards, 5);
+    (data, shards)
+}
+
+/// One field of every epoch in a run's metrics log.
+fn epoch_field(run: &Path, field: &str) -> Vec<serde_json::Value> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[field].clone()).collect()
+}
+
 #[test]
 fn shards_train_as_the_folder_they_were_written_from() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    image_folder(&data, 12, 16);
-    let shards = dir.path().join("shards");
-    write_shards(&data, &shards, 5);
+    let (data, shards) = folder_and_shards(dir.path());
     let names: Vec<String> =
         std::fs::read_dir(&shards).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names.iter().filter(|n| n.ends_with(".tar")).count(), 5, "{names:?}");
@@ -1215,13 +1226,7 @@ fn shards_train_as_the_folder_they_were_written_from() {
     assert_succeeds(
         &tiny_run(&shards, &from_shards).args(["--epochs", "3", "--set", "train.checkpoint_every=1"]).run(),
     );
-    let metrics = |run: &Path| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let knn = |run: &Path| -> Vec<f64> {
-        metrics(run)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["knn_top1"].as_f64().unwrap())
-            .collect()
-    };
+    let knn = |run: &Path| epoch_field(run, "knn_top1");
     assert_eq!(epoch_losses(&from_shards), epoch_losses(&from_folder));
     assert_eq!(knn(&from_shards), knn(&from_folder));
     assert_eq!(encoder_difference(&from_shards, &from_folder), 0.0, "the encoders differ");
@@ -1275,10 +1280,7 @@ fn a_cut_shard_or_a_member_that_is_not_an_image_is_named() {
 #[test]
 fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    image_folder(&data, 12, 16);
-    let shards = dir.path().join("shards");
-    write_shards(&data, &shards, 5);
+    let (_, shards) = folder_and_shards(dir.path());
     let streamed = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
         let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2"];
@@ -1304,12 +1306,7 @@ fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     // Two processes each stream their own shards (0, 2, 4 and 1, 3) and
     // stop together after the smaller share: 10 images, 5 steps of 2.
     let two = streamed("two", &["--nproc-per-node", "2"]);
-    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, [5, 10, 15]);
+    assert_eq!(epoch_field(&two, "step"), [5, 10, 15]);
 }
 
 #[test]

@@ -70,6 +70,15 @@ fn check_pixel_op(
     assert_close(&format!("{case} (tensor)"), &tensor, &f[case], 1e-5, 1e-5);
 }
 
+/// The colour-jitter fixtures: (case, part of the jitter, its factor).
+const JITTER_CASES: [(&str, u8, f32); 5] = [
+    ("brightness", 0, 1.3),
+    ("contrast", 1, 0.6),
+    ("saturation", 2, 1.7),
+    ("hue", 3, 0.17),
+    ("hue_negative", 3, -0.31),
+];
+
 fn jitter(part: u8, factor: f32) -> JitterParams {
     let mut params = JitterParams { brightness: 1.0, contrast: 1.0, saturation: 1.0, hue: 0.0, order: [0, 1, 2, 3] };
     params.order.swap(0, part as usize);
@@ -90,13 +99,7 @@ fn pixel_ops_match_torchvision() {
     assert_close("square", &square, &whole.narrow(1, 0, 40).narrow(2, 4, 40), 0.0, 0.0);
 
     check_op::<FlipConfig>(&f, "flip", &whole, &());
-    for (case, part, factor) in [
-        ("brightness", 0, 1.3),
-        ("contrast", 1, 0.6),
-        ("saturation", 2, 1.7),
-        ("hue", 3, 0.17),
-        ("hue_negative", 3, -0.31),
-    ] {
+    for (case, part, factor) in JITTER_CASES {
         check_op::<ColorJitterConfig>(&f, case, &whole, &jitter(part, factor));
     }
     check_op::<GrayscaleConfig>(&f, "grayscale", &whole, &());
@@ -159,13 +162,7 @@ fn the_hybrid_path_matches_torchvision() {
         ("cutout".into(), &square, crop, Some(OpParams::Cutout(CropBox { top: 10, left: 25, height: 16, width: 15 }))),
         ("sobel".into(), &square, crop, Some(OpParams::Sobel(()))),
     ];
-    for (case, part, factor) in [
-        ("brightness", 0, 1.3),
-        ("contrast", 1, 0.6),
-        ("saturation", 2, 1.7),
-        ("hue", 3, 0.17),
-        ("hue_negative", 3, -0.31),
-    ] {
+    for (case, part, factor) in JITTER_CASES {
         cases.push((case.into(), &whole, crop, Some(OpParams::ColorJitter(jitter(part, factor)))));
     }
     for turns in 1..=3u8 {

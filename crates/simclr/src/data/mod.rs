@@ -51,11 +51,11 @@ impl Sample {
     /// [`decode::decode_reduced`]), asked with the full size read from the
     /// file's header; returns the full size too.
     pub fn image_reduced(&self, reduction: &dyn Fn(u32, u32) -> u32) -> Result<(Arc<RgbImage>, (u32, u32))> {
-        match (&self.source, self.stored()?) {
-            (ImageSource::Memory(image), _) => Ok((image.clone(), image.dimensions())),
-            (_, Some((bytes, path))) => decode::decode_for(&bytes, &path, reduction),
-            (_, None) => unreachable!("files and shard members are stored"),
+        if let ImageSource::Memory(image) = &self.source {
+            return Ok((image.clone(), image.dimensions()));
         }
+        let (bytes, path) = self.stored()?.expect("files and shard members are stored");
+        decode::decode_for(&bytes, &path, reduction)
     }
 
     /// The image's stored bytes and the name errors give it; `None` for an
