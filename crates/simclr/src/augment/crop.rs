@@ -143,13 +143,25 @@ pub fn crop_resize_rgb(
     };
     // Copied out first: a crop option would let the filter read pixels
     // beyond the box edges, which PIL's crop-then-resize never sees.
-    let cropped = image::imageops::crop_imm(image, crop.left, crop.top, crop.width, crop.height).to_image();
+    let cropped = cut(image, crop);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let mut resized = RgbImage::new(width, height);
     RESIZER
         .with(|resizer| resizer.borrow_mut().resize(&cropped, &mut resized, &options))
         .expect("both images are 8-bit RGB");
     resized
+}
+
+/// The pixels of `crop`, copied row by row (`crop_imm(..).to_image()` copies
+/// pixel by pixel through `get_pixel`: 9% of the CPU pipeline's time).
+fn cut(image: &RgbImage, crop: CropBox) -> RgbImage {
+    let (stride, row) = (3 * image.width() as usize, 3 * crop.width as usize);
+    let mut pixels = Vec::with_capacity(row * crop.height as usize);
+    for y in crop.top as usize..(crop.top + crop.height) as usize {
+        let start = y * stride + 3 * crop.left as usize;
+        pixels.extend_from_slice(&image.as_raw()[start..start + row]);
+    }
+    RgbImage::from_raw(crop.width, crop.height, pixels).expect("a box inside the image")
 }
 
 /// [`crop_resize_rgb`] of `crop`, a box drawn on an image of size `from`,
@@ -182,7 +194,7 @@ pub fn crop_resize_reduced(
     // The whole pixels that hold the box, copied out as in `crop_resize_rgb`.
     let (x, y) = (left.floor() as u32, top.floor() as u32);
     let (x_end, y_end) = ((right.ceil() as u32).min(width), (bottom.ceil() as u32).min(height));
-    let region = image::imageops::crop_imm(image, x, y, x_end - x, y_end - y).to_image();
+    let region = cut(image, CropBox { top: y, left: x, height: y_end - y, width: x_end - x });
     let filter = match interpolation {
         Interpolation::Bilinear => FilterType::Bilinear,
         Interpolation::Bicubic => FilterType::CatmullRom,
