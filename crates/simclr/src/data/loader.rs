@@ -423,6 +423,14 @@ impl ViewLoader {
             inputs.by_ref().take(first * per_process).for_each(drop);
             let views = (first..batches).map(|_| {
                 let batch: Vec<Input> = inputs.by_ref().take(per_process).collect();
+                if batch.len() < per_process {
+                    // Streams deliver what the shards' index counted when
+                    // they opened; fewer means the shards changed since.
+                    return Err(Error::Dataset {
+                        path: dataset.origin.clone(),
+                        message: "the shards hold fewer images than when the run opened them".to_owned(),
+                    });
+                }
                 pool.install(|| {
                     if hybrid {
                         let (pixels, params) = two_geometries(&dataset, &pipeline, make, &batch)?;
