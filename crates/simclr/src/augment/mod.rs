@@ -32,6 +32,7 @@ pub use color_jitter::JitterParams;
 pub use crop::{CropBox, CropConfig, Interpolation};
 pub use images::{center_view, uint8_batch, FloatImage};
 pub use pad_crop::{PadCropConfig, PadOffset};
+pub(crate) use pipeline::seeded_rng;
 pub(crate) use pipeline::{on_subset, per_image, splitmix64};
 pub use pipeline::{view_rng, Pipeline, Sizing, ViewParams};
 pub use rotation::RotationParams;

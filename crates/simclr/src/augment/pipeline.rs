@@ -11,10 +11,13 @@ use super::{crop, pad_crop, AugmentConfig, CropBox, FloatImage, Interpolation, O
 /// The RNG for one view: a pure function of its coordinates, so that data
 /// order, resumption and worker count never change what a view looks like.
 pub fn view_rng(seed: u64, epoch: u64, index: u64, view: u64) -> ChaCha8Rng {
-    let mut state = seed;
-    for part in [epoch, index, view] {
-        state = splitmix64(state ^ splitmix64(part));
-    }
+    seeded_rng(seed, &[epoch, index, view])
+}
+
+/// An RNG that is a pure function of `seed` and the coordinates `parts`
+/// (each folded in with [`splitmix64`]).
+pub(crate) fn seeded_rng(seed: u64, parts: &[u64]) -> ChaCha8Rng {
+    let state = parts.iter().fold(seed, |state, &part| splitmix64(state ^ splitmix64(part)));
     ChaCha8Rng::seed_from_u64(state)
 }
 

@@ -408,11 +408,15 @@ impl ViewLoader {
         let batches = self.batches_per_epoch();
         let per_process = batch_size / shard.world;
         let mut inputs: Box<dyn Iterator<Item = Input> + Send> = match &self.stream {
-            None => Box::new(self.order(epoch).into_iter().enumerate().filter_map(move |(position, index)| {
-                // This process's part of each batch (see `Shard`).
-                let part = position % batch_size / per_process;
-                (part == shard.rank && position < batches * batch_size).then_some(Input::Index(index))
-            })),
+            None => {
+                let order = self.order(epoch);
+                let parts: Vec<Input> = order
+                    .chunks_exact(batch_size)
+                    .take(batches)
+                    .flat_map(|batch| shard.of(batch).iter().map(|&index| Input::Index(index)))
+                    .collect();
+                Box::new(parts.into_iter())
+            }
             Some((shards, buffer)) => {
                 let readers = pool.current_num_threads();
                 Box::new(super::stream::epoch(shards, shard, readers, *buffer, self.seed, epoch).map(Input::Streamed))

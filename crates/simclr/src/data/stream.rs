@@ -17,13 +17,14 @@ use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::image_folder::EXTENSIONS;
 use super::loader::Shard;
 use super::shards::key_and_extension;
 use super::{Dataset, ImageSource};
+use crate::augment::seeded_rng;
 
 /// A sample as a reader delivers it: its index in the dataset, the name
 /// errors give it, and its bytes or why they could not be read.
@@ -71,16 +72,13 @@ impl ShardList {
 /// in turn.
 pub fn epoch(list: &ShardList, part: Shard, readers: usize, buffer: usize, seed: u64, epoch: u64) -> Samples {
     let mut shards = list.of_part(part);
-    let mix = |parts: &[u64]| {
-        parts.iter().fold(seed, |state, &p| crate::augment::splitmix64(state ^ crate::augment::splitmix64(p)))
-    };
-    shards.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[epoch, part.rank as u64])));
+    shards.shuffle(&mut seeded_rng(seed, &[epoch, part.rank as u64]));
     let readers = readers.max(1);
     let receivers = (0..readers)
         .map(|reader| {
             let mine: Vec<(PathBuf, usize)> =
                 shards.iter().skip(reader).step_by(readers).map(|(path, first, _)| (path.clone(), *first)).collect();
-            let rng = ChaCha8Rng::seed_from_u64(mix(&[epoch, part.rank as u64, reader as u64, 0x5348_5546]));
+            let rng = seeded_rng(seed, &[epoch, part.rank as u64, reader as u64, 0x5348_5546]);
             let (sender, receiver) = sync_channel(buffer.clamp(1, 256));
             std::thread::Builder::new()
                 .name(format!("simclr-shards-{reader}"))
