@@ -114,6 +114,30 @@ impl Optimizer {
     /// Back-propagates `loss` to the parameters, keeping their gradients
     /// (flat) for [`Optimizer::step`]; a parameter `loss` does not reach gets 0.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        self.gradient = Some(self.gradient_of(loss)?);
+        Ok(())
+    }
+
+    /// [`Optimizer::backward`] for the sum of `losses`, back-propagated one
+    /// at a time as they come (each graph is freed before the next is
+    /// built): the gradient of a batch computed in chunks.
+    pub fn backward_each(&mut self, losses: impl IntoIterator<Item = Result<Tensor>>) -> Result<()> {
+        let mut sum: Option<Tensor> = None;
+        for loss in losses {
+            let gradient = self.gradient_of(&loss?)?;
+            sum = Some(match sum {
+                Some(mut sum) => {
+                    let _ = sum.g_add_(&gradient);
+                    sum
+                }
+                None => gradient,
+            });
+        }
+        self.gradient = Some(sum.unwrap_or_else(|| self.weights.zeros_like()));
+        Ok(())
+    }
+
+    fn gradient_of(&self, loss: &Tensor) -> Result<Tensor> {
         let grads = Tensor::f_run_backward(&[loss], &self.params, false, false)?;
         let flat: Vec<Tensor> = grads
             .iter()
@@ -129,8 +153,12 @@ impl Optimizer {
                 },
             )
             .collect();
-        self.gradient = Some(if flat.is_empty() { self.weights.zeros_like() } else { Tensor::cat(&flat, 0) });
-        Ok(())
+        Ok(if flat.is_empty() { self.weights.zeros_like() } else { Tensor::cat(&flat, 0) })
+    }
+
+    /// The last backward pass's gradients, flat in name order (`None` before the first).
+    pub fn gradient(&self) -> Option<&Tensor> {
+        self.gradient.as_ref()
     }
 
     /// Averages the last backward pass's gradients over `group`'s ranks
