@@ -2,6 +2,8 @@
 //!   as torch-sys compiles its own wrapper, and links it into the crate;
 //!   with the `cuda` feature, with its NCCL backend too, against the CUDA and
 //!   NCCL headers `scripts/cuda-headers.sh` installs (SIMCLR_CUDA_INCLUDE).
+//! * With the `cuda` feature, compiles src/cuda_memory.cpp (the CUDA caching
+//!   allocator's peak memory) into the same library and links libc10_cuda.
 //! * Embeds libtorch's library folder as an rpath in this crate's test and
 //!   bench binaries, so they run without LD_LIBRARY_PATH.
 fn main() {
@@ -9,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SIMCLR_CUDA_INCLUDE");
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
     println!("cargo:rerun-if-changed=src/dist/include");
+    println!("cargo:rerun-if-changed=src/cuda_memory.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: build through ./x.sh, or set it as `scripts/libtorch.sh` prints");
     };
@@ -37,6 +40,11 @@ fn main() {
             build.include(folder);
         }
         build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("SIMCLR_NCCL", None);
+        build.file("src/cuda_memory.cpp");
     }
     build.compile("simclr_c10d");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        // After the library that needs it, as the linker resolves in order.
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
 }

@@ -263,6 +263,80 @@ impl Drop for Autocast {
     }
 }
 
+/// The most memory a stretch of work held, from [`PeakMemory::start`] to
+/// [`PeakMemory::read`]: on CUDA the bytes libtorch's caching allocator
+/// handed out (Python's `torch.cuda.max_memory_allocated`); on the CPU the
+/// process's peak resident set (`VmHWM`), which also counts libtorch's code
+/// and everything else the process holds.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakMemory {
+    device: Device,
+}
+
+/// What [`PeakMemory::read`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryKind {
+    /// Bytes allocated on a CUDA device.
+    CudaAllocated,
+    /// The process's resident set in host memory.
+    HostResident,
+}
+
+impl MemoryKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CudaAllocated => "CUDA memory allocated",
+            Self::HostResident => "resident set",
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+extern "C" {
+    fn simclr_cuda_peak_allocated(device: std::ffi::c_int, bytes: *mut i64) -> std::ffi::c_int;
+    fn simclr_cuda_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+impl PeakMemory {
+    /// Starts measuring from what `device`'s memory holds now.
+    pub fn start(device: Device) -> Self {
+        match device {
+            #[cfg(feature = "cuda")]
+            // SAFETY: a plain call into the shim, which catches every exception.
+            Device::Cuda(index) => unsafe {
+                simclr_cuda_reset_peak(index as std::ffi::c_int);
+            },
+            // "5" resets the peak resident set to the current one (proc(5)).
+            _ => {
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+            }
+        }
+        Self { device }
+    }
+
+    /// The peak since [`PeakMemory::start`], in bytes; `None` where this
+    /// build or system cannot tell.
+    pub fn read(&self) -> Option<(u64, MemoryKind)> {
+        match self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(index) => {
+                let mut bytes = 0i64;
+                // SAFETY: the shim writes one integer through a valid pointer.
+                let failed = unsafe { simclr_cuda_peak_allocated(index as std::ffi::c_int, &mut bytes) };
+                (failed == 0).then_some((bytes as u64, MemoryKind::CudaAllocated))
+            }
+            Device::Cpu => {
+                let status = std::fs::read_to_string("/proc/self/status").ok()?;
+                let line = status.lines().find_map(|line| line.strip_prefix("VmHWM:"))?;
+                let kilobytes: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+                Some((kilobytes * 1024, MemoryKind::HostResident))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// An allocation failure inside a training step surfaces as a panic in tch;
 /// the library turns it into an error naming the batch size, so the panic
 /// message itself is not printed; so does a failed collective in a
