@@ -185,7 +185,7 @@ struct BenchArgs {
     #[command(flatten)]
     options: simclr::bench::BenchOptions,
     /// Also run this PyTorch reference (tools/reference/bench_pytorch.py) with the same settings.
-    #[arg(long, value_name = "SCRIPT")]
+    #[arg(long, value_name = "SCRIPT", conflicts_with = "micro_batch_size")]
     compare: Option<PathBuf>,
     /// The Python that runs --compare's script.
     #[arg(long, default_value = "python3")]

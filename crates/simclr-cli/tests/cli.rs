@@ -448,7 +448,17 @@ fn bench_reports_the_step_it_timed() {
             assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
         }
         assert!(report.get("graph_ms_per_step").is_none(), "no CUDA graph was asked for: {report}");
+        assert!(report.get("micro_batch_size").is_none(), "no chunks were asked for: {report}");
     }
+    // In chunks, with the peak memory of the steps.
+    let output = simclr([&args[..], &["--micro-batch-size", "2"]].concat()).run();
+    assert_succeeds(&output);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["micro_batch_size"], 2);
+    assert_eq!(report["peak_memory"], "host-resident");
+    assert!(report["peak_memory_bytes"].as_u64().is_some_and(|bytes| bytes > 1 << 20), "{report}");
+    let output = simclr([&args[..], &["--micro-batch-size", "0"]].concat()).run();
+    assert_fails_with(&output, &["--micro-batch-size >= 1", "got 4, 1 and 0"]);
     // A CUDA graph is refused off CUDA before anything is timed.
     let output = simclr([&args[..], &["--cuda-graph", "device/libsimclr_graph.so"]].concat()).run();
     assert_fails_with(&output, &["--cuda-graph needs a CUDA device, not Cpu"]);
@@ -678,6 +688,44 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     for (name, tensor) in &expected {
         assert!(resumed[name].equal(tensor), "{name} differs after resuming");
     }
+}
+
+#[test]
+fn micro_batches_train_and_resume_like_whole_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        assert_succeeds(&three_epochs(&data, &out).args(extra).run());
+        out
+    };
+    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
+    let assert_identical = |run: &Path, reference: &Path| {
+        assert_eq!(epoch_losses(run), epoch_losses(reference), "{} differs", run.display());
+        let (ours, theirs) = (encoder(run), encoder(reference));
+        assert_eq!(ours.len(), theirs.len());
+        for (name, tensor) in &theirs {
+            assert!(ours[name].equal(tensor), "{name} of {} differs", run.display());
+        }
+    };
+    // A chunk of the whole batch (4 images) is today's step, bit for bit.
+    let whole = run("whole", &[]);
+    assert_identical(&run("one-chunk", &["--micro-batch-size", "4"]), &whole);
+    // Chunks of 2 normalise BatchNorm per chunk: another run (the exact
+    // gradient is tested in the library), which resumes to the same result.
+    let chunks = run("chunks", &["--micro-batch-size", "2"]);
+    assert!(std::fs::read_to_string(chunks.join("config.toml")).unwrap().contains("micro_batch_size = 2"));
+    assert_ne!(epoch_losses(&chunks), epoch_losses(&whole));
+    let stopped = dir.path().join("stopped");
+    let first = three_epochs(&data, &stopped).args(["--micro-batch-size", "2"]).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8);
+    assert_eq!(first.run().status.code(), Some(130));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
+    assert_identical(&stopped, &chunks);
+    assert_fails_with(
+        &three_epochs(&data, &dir.path().join("bad")).args(["--micro-batch-size", "0"]).run(),
+        &["train.micro_batch_size = 0"],
+    );
 }
 
 #[test]

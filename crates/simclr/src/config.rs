@@ -25,6 +25,15 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Images per batch, N; each gives two views. The paper's default is 4096.
     pub batch_size: usize,
+    /// Compute each batch in chunks of this many images (per process),
+    /// with the gradient of the whole batch's loss (gradient caching: every
+    /// anchor still meets all 2(N-1) negatives), so a batch trains in about
+    /// a chunk's activation memory for a third more compute. BatchNorm
+    /// then normalises each chunk by its own statistics, as per-device
+    /// BatchNorm does; its running statistics move once per chunk. Unset,
+    /// or at least the batch: one pass, as without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
     pub seed: u64,
     pub device: DeviceChoice,
     /// bf16 autocast on CUDA (fp32 master weights); ignored on the CPU.
@@ -69,6 +78,7 @@ impl Default for TrainConfig {
         Self {
             epochs: 100,
             batch_size: 4096,
+            micro_batch_size: None,
             seed: 0,
             device: DeviceChoice::Auto,
             mixed_precision: true,
@@ -240,6 +250,9 @@ impl RunConfig {
                 train.batch_size
             ));
         }
+        if train.micro_batch_size == Some(0) {
+            problems.push("train.micro_batch_size = 0: must be at least 1 image".to_owned());
+        }
         if train.epochs == 0 {
             problems.push("train.epochs = 0: must be at least 1".to_owned());
         }
@@ -301,6 +314,10 @@ pub struct RunLayers {
     pub epochs: Option<usize>,
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Compute each batch in chunks of this many images per process, with
+    /// the whole batch's gradient (train.micro_batch_size).
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// auto, cpu or cuda.
@@ -339,6 +356,7 @@ impl RunLayers {
         let train = &mut config.train;
         train.epochs = self.epochs.unwrap_or(train.epochs);
         train.batch_size = self.batch_size.unwrap_or(train.batch_size);
+        train.micro_batch_size = self.micro_batch_size.or(train.micro_batch_size);
         train.seed = self.seed.unwrap_or(train.seed);
         train.device = self.device.unwrap_or(train.device);
         config.with_overrides(&self.config.overrides)?.validate()

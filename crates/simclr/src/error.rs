@@ -44,7 +44,8 @@ pub enum Error {
     /// An allocation failed on the device (or in host memory for the CPU).
     #[error(
         "out of memory on {device} with a batch of {batch_size} images ({views} views): lower train.batch_size \
-         (--batch-size) or data.image_size, or use a smaller model; libtorch said: {message}"
+         (--batch-size) or data.image_size, compute the batch in chunks with a (lower) train.micro_batch_size \
+         (--micro-batch-size), or use a smaller model; libtorch said: {message}"
     )]
     OutOfMemory { device: String, batch_size: usize, views: usize, message: String },
     /// A run was stopped (by a signal, say) before its end; its checkpoint

@@ -8,14 +8,16 @@
 //! three losses, with LARS and SGD, with global BatchNorm in the encoder and
 //! the head. The negative controls show the comparison catches the known
 //! bugs: a gather whose backward keeps only the rank's own slice, and
-//! per-device BatchNorm.
+//! per-device BatchNorm. Ranks that compute their slices in chunks
+//! (gradient caching) equal one process computing the same chunks.
 use std::time::Duration;
 
+use simclr::device::Precision;
 use simclr::dist::{GroupOptions, Parallel, ProcessGroup, ReduceOp, Rendezvous};
 use simclr::loss::{LossConfig, Objective};
 use simclr::model::{Arch, ModelConfig, SimClr, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
-use simclr::train::trainer::contrastive_loss;
+use simclr::train::{GradientCache, Objective as StepObjective};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Steps in fp64. fp32 takes 1 for now: after one step the weights agree to
@@ -107,6 +109,17 @@ fn train_rank(
     (initial, views): (Vec<(String, Tensor)>, Tensor),
     group: Option<&ProcessGroup>,
 ) -> Outcome {
+    train_rank_in_chunks(case, variant, (initial, views), group, None)
+}
+
+/// [`train_rank`] with each rank's slice computed in chunks of `micro_batch` images.
+fn train_rank_in_chunks(
+    case: Case,
+    variant: Variant,
+    (initial, views): (Vec<(String, Tensor)>, Tensor),
+    group: Option<&ProcessGroup>,
+    micro_batch: Option<usize>,
+) -> Outcome {
     let mut store = nn::VarStore::new(Device::Cpu);
     // Initialised at random, then overwritten with `initial`.
     let model = {
@@ -133,16 +146,21 @@ fn train_rank(
     let loss_config = LossConfig { objective: case.objective, ..Default::default() };
     let mut losses = Vec::new();
     let steps = if case.kind == Kind::Double { STEPS } else { STEPS_FP32 };
+    let cache = micro_batch.map(|micro| GradientCache::new(&store, micro));
     for _ in 0..steps {
         let loss = match (group, variant) {
-            (Some(group), Variant::OwnSliceGradient) => own_slice_loss(&model, &local, &loss_config, group),
-            (Some(group), _) => {
-                let parallel = Parallel { group, global_batch_norm: variant != Variant::PerDeviceBatchNorm };
-                contrastive_loss(&model, &local, &loss_config, simclr::device::Precision::Fp32, Some(parallel)).unwrap()
+            (Some(group), Variant::OwnSliceGradient) => {
+                let loss = own_slice_loss(&model, &local, &loss_config, group);
+                optimizer.backward(&loss).unwrap();
+                loss
             }
-            (None, _) => contrastive_loss(&model, &local, &loss_config, simclr::device::Precision::Fp32, None).unwrap(),
+            (group, _) => {
+                let parallel =
+                    group.map(|group| Parallel { group, global_batch_norm: variant != Variant::PerDeviceBatchNorm });
+                let objective = StepObjective::new(&loss_config, Precision::Fp32, parallel);
+                simclr::train::step::backward(&model, &local, &objective, cache.as_ref(), &mut optimizer).unwrap()
+            }
         };
-        optimizer.backward(&loss).unwrap();
         let mut global = loss.detach().to_kind(Kind::Double).reshape([1]);
         if let Some(group) = group {
             optimizer.average_gradient(group).unwrap();
@@ -177,6 +195,11 @@ fn copy_of((variables, views): &(Vec<(String, Tensor)>, Tensor)) -> (Vec<(String
 
 /// Runs `world` ranks as threads of this process.
 fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
+    train_group_in_chunks(case, variant, world, None)
+}
+
+/// [`train_group`] with each rank's slice computed in chunks of `micro_batch` images.
+fn train_group_in_chunks(case: Case, variant: Variant, world: usize, micro_batch: Option<usize>) -> Vec<Outcome> {
     let state = initial_state();
     let folder = tempfile::tempdir().unwrap();
     let store = folder.path().join("store");
@@ -195,7 +218,7 @@ fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
                         nccl: false,
                     };
                     let group = ProcessGroup::new(&options).unwrap();
-                    train_rank(case, variant, state, Some(&group))
+                    train_rank_in_chunks(case, variant, state, Some(&group), micro_batch)
                 })
             })
             .collect();
@@ -258,6 +281,36 @@ fn the_comparison_catches_an_own_slice_gather_and_per_device_batch_norm() {
         let error = difference(&ranks[0], &reference);
         assert!(error > 1e3 * tolerance(case.kind), "{variant:?} went unnoticed: difference {error:e}");
     }
+}
+
+/// `(variables, views)` with the images of the global batch reordered:
+/// image `order[i]` becomes image `i`, in both views.
+fn reordered((variables, views): (Vec<(String, Tensor)>, Tensor), order: &[i64]) -> (Vec<(String, Tensor)>, Tensor) {
+    let index: Vec<i64> = order.iter().copied().chain(order.iter().map(|i| i + IMAGES)).collect();
+    (variables, views.index_select(0, &Tensor::from_slice(&index)))
+}
+
+#[test]
+fn ranks_in_micro_batches_equal_one_process_in_the_same_chunks() {
+    // 2 ranks of 4 images in chunks of 2, with global BatchNorm: chunk c
+    // normalises over images {2c, 2c+1} of rank 0 and {4+2c, 5+2c} of
+    // rank 1, and every anchor meets all 8 images' projections. One
+    // process computes the same in chunks of 4 once the images are put in
+    // that order (the loss is a mean over anchors, so order-free).
+    let case = Case { kind: Kind::Double, objective: Objective::NtXent, optimizer: OptimizerKind::Lars };
+    let ranks = train_group_in_chunks(case, Variant::Exact, 2, Some(2));
+    let order = [0, 1, 4, 5, 2, 3, 6, 7];
+    let reference = train_rank_in_chunks(case, Variant::Exact, reordered(initial_state(), &order), None, Some(4));
+    let error = difference(&ranks[0], &reference);
+    eprintln!("2 ranks in chunks against 1 process: {error:e}");
+    assert!(error < tolerance(case.kind), "2 ranks in chunks differ from 1 process by {error:e}");
+    assert_eq!(relative_error(&ranks[1].weights, &ranks[0].weights), 0.0, "the ranks' weights differ");
+    // Negative control: one process in chunks of 4 in the original order
+    // normalises other groups of images.
+    let other_chunks = train_rank_in_chunks(case, Variant::Exact, initial_state(), None, Some(4));
+    let error = difference(&ranks[0], &other_chunks);
+    eprintln!("other chunks: {error:e}");
+    assert!(error > 1e3 * tolerance(case.kind), "other chunks went unnoticed: difference {error:e}");
 }
 
 #[test]

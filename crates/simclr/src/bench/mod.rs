@@ -12,12 +12,13 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::augment::{AugmentConfig, AugmentPreset, Pipeline};
 use crate::data::config::DataFormat;
 use crate::data::Dataset;
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, MemoryKind, PeakMemory};
 use crate::loss::LossConfig;
 use crate::model::SimClr;
 use crate::model::{Arch, ModelConfig, Stem};
 use crate::normalization::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::train::{GradientCache, Objective};
 use crate::{Error, Result};
 
 /// What `simclr bench` times, and against which reference.
@@ -37,6 +38,10 @@ pub struct BenchOptions {
     /// Images per step (2x views go through the network).
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Compute each step's batch in chunks of this many images, with the
+    /// whole batch's gradient (train.micro_batch_size).
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
     #[arg(long, default_value_t = 32)]
     pub image_size: u32,
     #[arg(long, default_value_t = 10)]
@@ -51,7 +56,7 @@ pub struct BenchOptions {
     pub optimizer: OptimizerKind,
     /// Also time the step captured as a CUDA graph and replayed, through this
     /// library (crates/simclr/src/cuda_graph.cpp, built by `tools/device/device-bench.sh prepare`). CUDA only.
-    #[arg(long, value_name = "LIBRARY")]
+    #[arg(long, value_name = "LIBRARY", conflicts_with = "micro_batch_size")]
     pub cuda_graph: Option<std::path::PathBuf>,
 }
 
@@ -70,6 +75,8 @@ pub struct BenchReport {
     pub device: String,
     pub arch: String,
     pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
     pub image_size: u32,
     pub steps: usize,
     pub optimizer: &'static str,
@@ -84,6 +91,10 @@ pub struct BenchReport {
     /// them (the device). On the CPU the step runs as it is issued, so the
     /// two agree.
     pub train_issue_ms: f64,
+    /// The most memory the training steps held (warm-up and timed steps),
+    /// in bytes, and what was measured ([`crate::device::PeakMemory`]).
+    pub peak_memory_bytes: Option<u64>,
+    pub peak_memory: Option<MemoryKind>,
     /// Encoder forward images per second (eval mode, BatchNorm folded, no gradients).
     pub forward_images_per_second: f64,
     /// The training step captured as a CUDA graph and replayed, where asked
@@ -109,10 +120,12 @@ fn synchronize(device: Device) {
 }
 
 pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
-    if options.batch_size < 2 || options.steps == 0 {
+    if options.batch_size < 2 || options.steps == 0 || options.micro_batch_size == Some(0) {
         return Err(Error::InvalidArgument(format!(
-            "bench needs --batch-size >= 2 and --steps >= 1, got {} and {}",
-            options.batch_size, options.steps
+            "bench needs --batch-size >= 2, --steps >= 1 and --micro-batch-size >= 1, got {}, {} and {}",
+            options.batch_size,
+            options.steps,
+            options.micro_batch_size.map_or("none".to_owned(), |micro| micro.to_string())
         )));
     }
     let device = crate::device::select(options.device)?;
@@ -131,12 +144,15 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let side = i64::from(options.image_size);
     let views = Tensor::randn([2 * options.batch_size as i64, 3, side, side], (Kind::Float, device));
 
+    let objective = Objective::new(&loss_config, precision, None);
+    let cache = options.micro_batch_size.map(|micro| GradientCache::new(&store, micro));
     let mut train_step = || -> Result<()> {
-        let loss = crate::train::trainer::contrastive_loss(&model, &views, &loss_config, precision, None)?;
-        optimizer.backward(&loss)?;
+        let _loss = crate::train::step::backward(&model, &views, &objective, cache.as_ref(), &mut optimizer)?;
         optimizer.step(learning_rate);
         Ok(())
     };
+    synchronize(device);
+    let memory = PeakMemory::start(device);
     for _ in 0..options.warmup_steps {
         train_step()?;
     }
@@ -147,6 +163,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     }
     synchronize(device);
     let train_seconds = started.elapsed().as_secs_f64();
+    let peak_memory = memory.read();
     let mut issue_seconds = Vec::with_capacity(ISSUE_PROBES);
     for _ in 0..ISSUE_PROBES {
         let started = Instant::now();
@@ -192,12 +209,15 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         device: format!("{device:?}"),
         arch: options.arch.name().to_owned(),
         batch_size: options.batch_size,
+        micro_batch_size: options.micro_batch_size,
         image_size: options.image_size,
         steps: options.steps,
         optimizer: options.optimizer.name(),
         train_images_per_second: images_done / train_seconds,
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
         train_issue_ms: 1000.0 * median(&mut issue_seconds),
+        peak_memory_bytes: peak_memory.map(|(bytes, _)| bytes),
+        peak_memory: peak_memory.map(|(_, kind)| kind),
         forward_images_per_second: images_done / forward_seconds,
         graph_ms_per_step: graph_seconds.map(|seconds| 1000.0 * seconds / options.steps as f64),
     })
@@ -428,9 +448,10 @@ impl std::fmt::Display for Comparison {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let chunks = self.micro_batch_size.map(|micro| format!(" in chunks of {micro}")).unwrap_or_default();
         writeln!(
             f,
-            "{} on {}, batch {} at {}x{}, {} timed steps:",
+            "{} on {}, batch {}{chunks} at {}x{}, {} timed steps:",
             self.arch, self.device, self.batch_size, self.image_size, self.image_size, self.steps
         )?;
         writeln!(
@@ -440,6 +461,9 @@ impl std::fmt::Display for BenchReport {
         )?;
         if let Some(graph) = self.graph_ms_per_step {
             writeln!(f, "  training step as a CUDA graph: {graph:.1} ms/step")?;
+        }
+        if let (Some(bytes), Some(kind)) = (self.peak_memory_bytes, self.peak_memory) {
+            writeln!(f, "  peak memory while training: {:.1} MiB ({})", bytes as f64 / (1 << 20) as f64, kind.name())?;
         }
         writeln!(f, "  encoder forward: {:.1} images/s", self.forward_images_per_second)
     }

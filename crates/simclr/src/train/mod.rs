@@ -4,7 +4,9 @@ mod console;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod metrics;
+pub mod step;
 pub mod trainer;
 
 pub use console::Console;
+pub use step::{GradientCache, Objective};
 pub use trainer::{train, train_in, Control, Observer, Progress, TrainReport, Trainer};

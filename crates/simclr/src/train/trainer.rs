@@ -13,6 +13,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint, Position};
 use super::metrics::{EpochMetrics, MetricsLog};
+use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
 use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::ValidConfig;
@@ -24,7 +25,6 @@ use crate::device::Precision;
 use crate::dist::{Parallel, ProcessGroup, ReduceOp};
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
-use crate::loss::LossConfig;
 use crate::model::SimClr;
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
@@ -221,6 +221,8 @@ pub struct Trainer {
     store: nn::VarStore,
     model: SimClr,
     optimizer: Optimizer,
+    /// Chunks each batch when `train.micro_batch_size` is below this rank's share of it.
+    gradient_cache: Option<GradientCache>,
     schedule: Schedule,
     precision: Precision,
     position: Position,
@@ -295,6 +297,10 @@ impl Trainer {
         crate::device::use_channels_last(&store);
         let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
         let mut optimizer = Optimizer::new(&config.optim, trainable);
+        let gradient_cache = config.train.micro_batch_size.map(|micro| {
+            tracing::info!("computing each batch in chunks of {micro} images per process (BatchNorm per chunk)");
+            GradientCache::new(&store, micro)
+        });
 
         let steps_per_epoch = views.batches_per_epoch();
         let warmup_steps = (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize;
@@ -350,6 +356,7 @@ impl Trainer {
             store,
             model,
             optimizer,
+            gradient_cache,
             schedule,
             position,
             steps_per_epoch,
@@ -404,17 +411,17 @@ impl Trainer {
         let poisoned = std::mem::take(&mut self.poison_next);
         #[cfg(not(feature = "fault-injection"))]
         let poisoned = false;
-        let (model, optimizer, loss_config, precision) =
-            (&self.model, &mut self.optimizer, &self.config.loss, self.precision);
+        let (model, optimizer, cache) = (&self.model, &mut self.optimizer, self.gradient_cache.as_ref());
         let global_batch_norm = self.config.train.sync_batch_norm;
         let parallel = self.group.as_ref().map(|group| Parallel { group, global_batch_norm });
+        let objective = Objective::new(&self.config.loss, self.precision, parallel);
         let step = || -> Result<(Tensor, Tensor)> {
-            let mut loss = contrastive_loss(model, views, loss_config, precision, parallel)?;
+            let mut loss = super::step::backward(model, views, &objective, cache, optimizer)?;
             if poisoned {
+                // The update is skipped for a non-finite loss as for a
+                // non-finite gradient.
                 loss *= f64::NAN;
             }
-            optimizer.backward(&loss)?;
-            let mut loss = loss.detach();
             if let Some(Parallel { group, .. }) = parallel {
                 // The global batch's gradient and loss, the same on every rank.
                 optimizer.average_gradient(group)?;
@@ -615,38 +622,6 @@ impl Trainer {
         let summary_path = report.output_dir.join(SUMMARY_FILE);
         crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
         Ok(report)
-    }
-}
-
-/// The loss of one training batch of 2N views (Algorithm 1's forward
-/// half): z = g(f(x)) in `precision`, then the loss in fp32 outside it.
-///
-/// Under autocast the similarity matrix z zᵀ would be a bf16 product, whose
-/// 8-bit mantissa blurs cosine similarities by about 0.004, 0.02 in the
-/// logits at τ = 0.2; the PyTorch references likewise take the loss of
-/// `z.float()` outside autocast.
-///
-/// With `parallel`, `views` are this rank's slice of the global batch: the
-/// anchors meet the projections of every rank, and (where asked) BatchNorm
-/// normalises over the global batch; see [`crate::dist`].
-pub fn contrastive_loss(
-    model: &SimClr,
-    views: &Tensor,
-    loss: &LossConfig,
-    precision: Precision,
-    parallel: Option<Parallel>,
-) -> Result<Tensor> {
-    let forward = || model.forward_t(views, true);
-    let (_, z) = precision.run(views.device(), || match parallel {
-        Some(parallel) if parallel.global_batch_norm => crate::dist::with_global_batch_norm(parallel.group, forward),
-        _ => forward(),
-    });
-    match parallel {
-        Some(Parallel { group, .. }) if group.size() > 1 => {
-            let keys = group.all_gather_grad(&z)?;
-            loss.compute_against(&z, &keys, group.rank() as i64 * z.size()[0])
-        }
-        _ => loss.compute(&z),
     }
 }
 
@@ -945,35 +920,6 @@ fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_loss_is_taken_in_fp32_outside_autocast() {
-        // bf16 autocast on the CPU stands in for CUDA's: the same casts.
-        let store = nn::VarStore::new(Device::Cpu);
-        let config = crate::model::ModelConfig {
-            arch: crate::model::Arch::Resnet18,
-            stem: crate::model::Stem::Cifar,
-            width_multiplier: 0.125,
-            ..Default::default()
-        };
-        let model = SimClr::new(&store.root(), &config);
-        let views = Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu));
-        let loss_config = LossConfig::default();
-        let loss = contrastive_loss(&model, &views, &loss_config, Precision::Bf16, None).unwrap();
-        assert_eq!(loss.kind(), Kind::Float);
-        loss.backward();
-        let (_, z) = Precision::Bf16.run(Device::Cpu, || model.forward_t(&views, true));
-        assert_eq!(z.kind(), Kind::BFloat16, "the forward ran in bf16");
-        let fp32 = loss_config.compute(&z).unwrap();
-        assert_eq!(loss.double_value(&[]), fp32.double_value(&[]));
-        // Master weights and their gradients stay fp32.
-        for (name, weight) in store.variables() {
-            assert_eq!(weight.kind(), Kind::Float, "{name}");
-            if weight.requires_grad() {
-                assert_eq!(weight.grad().kind(), Kind::Float, "{name}");
-            }
-        }
-    }
 
     #[test]
     fn a_budget_is_planned_from_the_first_epoch_then_from_the_first_warm_one() {
