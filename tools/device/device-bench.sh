@@ -8,7 +8,7 @@
 # On the device (run with carry=["device"]), in one call, since a session's
 # 15 minutes of device time hold one 600 s call and the machine's start but
 # not two calls:
-#   tools/device/device-bench.sh all       dist, input, step, simclr, pytorch, smoke, bench in that order (the
+#   tools/device/device-bench.sh all       dist, input, micro, step, simclr, pytorch, smoke, bench in that order (the
 #                                   open issue's numbers first), each only if its estimate still fits before
 #                                   DEADLINE (default 585 s), then table; as the device tool's
 #                                   command `set -o pipefail; tools/device/device-bench.sh all 2>&1 | tee $OUT/all.log`
@@ -19,6 +19,8 @@
 #                                   2 processes on the one GPU over Gloo
 #   tools/device/device-bench.sh input     issue 19: ResNet-50 at 224 trained from generated JPEGs with the
 #                                   hybrid path, against `simclr bench` and torchvision's DataLoader
+#   tools/device/device-bench.sh micro     issue 20: ResNet-50 at 224, bf16, batch 4096 in chunks of 256 against
+#                                   the whole batches that fit (256 up), images/s and peak device memory
 #   tools/device/device-bench.sh step      bf16 SGD step throughput, both implementations, median of ROUNDS
 #                                   processes (acceptance 1)
 #   tools/device/device-bench.sh simclr    180 s of simclr training + kNN (acceptance 2)
@@ -245,6 +247,15 @@ out.write_text(json.dumps(report))
 print(json.dumps(report, indent=1))
 PY
     ;;
+micro)
+    # Issue 20, acceptance 4: gradient caching lets ResNet-50 at 224 train
+    # with batch 4096 on the one H200; the yardstick is the largest whole
+    # batch that fits. `simclr bench` (LARS, bf16) in one process per
+    # configuration; the table (Markdown) is the one file that comes back.
+    torch_libraries
+    SIMCLR_BIN=$(binary) DEVICE="$DEVICE" MICRO=${MICRO:-256} BATCHES=${MICRO_BATCHES:-256 512 1024 2048 4096} \
+        MODEL="--arch resnet50 --image-size 224" tools/bench/bench_micro_batch.sh | tee "$OUT/micro_batch.md"
+    ;;
 pytorch)
     data
     "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
@@ -338,6 +349,7 @@ estimate() {
     smoke) echo 45 ;;
     dist) echo 120 ;;
     input) echo 180 ;;
+    micro) echo 200 ;;
     bench) echo 60 ;;
     *) echo 0 ;;
     esac
@@ -345,7 +357,7 @@ estimate() {
 
 [ $# -gt 0 ] || set -- help
 if [ "$1" = all ]; then
-    set -- dist input step simclr pytorch smoke bench table
+    set -- dist input micro step simclr pytorch smoke bench table
     DEADLINE=${DEADLINE:-585}
 fi
 # Device time is scarce: a stage that fails must not cost the others their
