@@ -662,6 +662,19 @@ fn three_epochs(data: &Path, out: &Path) -> Simclr {
     tiny_run(data, out).args(["--epochs", "3", "--set", "train.checkpoint_every=1"])
 }
 
+/// Asserts that `run` logged the losses of `reference`, epoch by epoch,
+/// and wrote its encoder bit for bit (the files' metadata order may
+/// differ); `what` says what `run` went through.
+fn assert_same_run(run: &Path, reference: &Path, what: &str) {
+    assert_eq!(epoch_losses(run), epoch_losses(reference), "losses differ after {what}");
+    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
+    let (ours, theirs) = (encoder(run), encoder(reference));
+    assert_eq!(ours.len(), theirs.len());
+    for (name, tensor) in &theirs {
+        assert!(ours[name].equal(tensor), "{name} differs after {what}");
+    }
+}
+
 #[test]
 fn an_interrupted_run_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -678,16 +691,8 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     assert!(!stopped.join("encoder.safetensors").exists());
     assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
 
-    let (expected, resumed) = (epoch_losses(&straight), epoch_losses(&stopped));
-    assert_eq!(expected.len(), 3);
-    assert_eq!(resumed, expected, "losses differ after resuming mid-epoch");
-    // Every tensor bit-identical (the files' metadata order may differ).
-    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
-    let (resumed, expected) = (encoder(&stopped), encoder(&straight));
-    assert_eq!(resumed.len(), expected.len());
-    for (name, tensor) in &expected {
-        assert!(resumed[name].equal(tensor), "{name} differs after resuming");
-    }
+    assert_eq!(epoch_losses(&straight).len(), 3);
+    assert_same_run(&stopped, &straight, "resuming mid-epoch");
 }
 
 #[test]
@@ -700,18 +705,9 @@ fn micro_batches_train_and_resume_like_whole_batches() {
         assert_succeeds(&three_epochs(&data, &out).args(extra).run());
         out
     };
-    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
-    let assert_identical = |run: &Path, reference: &Path| {
-        assert_eq!(epoch_losses(run), epoch_losses(reference), "{} differs", run.display());
-        let (ours, theirs) = (encoder(run), encoder(reference));
-        assert_eq!(ours.len(), theirs.len());
-        for (name, tensor) in &theirs {
-            assert!(ours[name].equal(tensor), "{name} of {} differs", run.display());
-        }
-    };
     // A chunk of the whole batch (4 images) is today's step, bit for bit.
     let whole = run("whole", &[]);
-    assert_identical(&run("one-chunk", &["--micro-batch-size", "4"]), &whole);
+    assert_same_run(&run("one-chunk", &["--micro-batch-size", "4"]), &whole, "a chunk of the batch");
     // Chunks of 2 normalise BatchNorm per chunk: another run (the exact
     // gradient is tested in the library), which resumes to the same result.
     let chunks = run("chunks", &["--micro-batch-size", "2"]);
@@ -721,7 +717,7 @@ fn micro_batches_train_and_resume_like_whole_batches() {
     let first = three_epochs(&data, &stopped).args(["--micro-batch-size", "2"]).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8);
     assert_eq!(first.run().status.code(), Some(130));
     assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
-    assert_identical(&stopped, &chunks);
+    assert_same_run(&stopped, &chunks, "resuming a run in chunks");
     assert_fails_with(
         &three_epochs(&data, &dir.path().join("bad")).args(["--micro-batch-size", "0"]).run(),
         &["train.micro_batch_size = 0"],
@@ -948,13 +944,7 @@ fn sigkill_at_random_points_never_loses_the_run() {
         let finish = start(0).wait_with_output().unwrap();
         assert!(finish.status.success());
     }
-    assert_eq!(epoch_losses(&killed), epoch_losses(&straight), "losses differ after 4 timed and 4 mid-write kills");
-    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
-    let (resumed, expected) = (encoder(&killed), encoder(&straight));
-    assert_eq!(resumed.len(), expected.len());
-    for (name, tensor) in &expected {
-        assert!(resumed[name].equal(tensor), "{name} differs after the kills");
-    }
+    assert_same_run(&killed, &straight, "4 timed and 4 mid-write kills");
 }
 
 #[test]
