@@ -252,9 +252,10 @@ micro)
     # with batch 4096 on the one H200; the yardstick is the largest whole
     # batch that fits. `simclr bench` (LARS, bf16) in one process per
     # configuration; the table (Markdown) is the one file that comes back.
+    # MICRO, MICRO_BATCHES and MICRO_MODEL shrink it for a CPU check.
     torch_libraries
     SIMCLR_BIN=$(binary) DEVICE="$DEVICE" MICRO=${MICRO:-256} BATCHES=${MICRO_BATCHES:-256 512 1024 2048 4096} \
-        MODEL="--arch resnet50 --image-size 224" tools/bench/bench_micro_batch.sh | tee "$OUT/micro_batch.md"
+        MODEL=${MICRO_MODEL:---arch resnet50 --image-size 224} tools/bench/bench_micro_batch.sh | tee "$OUT/micro_batch.md"
     ;;
 pytorch)
     data

@@ -1001,6 +1001,12 @@ fn out_of_memory_names_the_batch_size() {
     .map(String::from);
     let output = simclr(&args).limits("ulimit -v 3000000").run();
     assert_fails_with(&output, &["out of memory", "batch of 64 images (128 views)", "train.batch_size"]);
+    // The same step in `simclr bench`.
+    let bench = ["bench", "--arch", "resnet18", "--stem", "cifar", "--image-size", "160", "--batch-size", "64"];
+    let output = simclr([&bench[..], &["--steps", "1", "--warmup", "1", "--device", "cpu"]].concat())
+        .limits("ulimit -v 3000000")
+        .run();
+    assert_fails_with(&output, &["out of memory", "batch of 64 images (128 views)", "--micro-batch-size"]);
 }
 
 #[test]

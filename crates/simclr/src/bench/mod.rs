@@ -146,10 +146,14 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
 
     let objective = Objective::new(&loss_config, precision, None);
     let cache = options.micro_batch_size.map(|micro| GradientCache::new(&store, micro));
+    // An allocation failure is an error naming the batch, as in training.
     let mut train_step = || -> Result<()> {
-        let _loss = crate::train::step::backward(&model, &views, &objective, cache.as_ref(), &mut optimizer)?;
-        optimizer.step(learning_rate);
-        Ok(())
+        let step = || -> Result<()> {
+            let _loss = crate::train::step::backward(&model, &views, &objective, cache.as_ref(), &mut optimizer)?;
+            optimizer.step(learning_rate);
+            Ok(())
+        };
+        crate::train::step::out_of_memory_as_error(step, device, options.batch_size)
     };
     synchronize(device);
     let memory = PeakMemory::start(device);

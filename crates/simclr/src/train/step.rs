@@ -28,14 +28,14 @@
 //! it, so each chunk moves them once, in step 3. A chunk holds both views
 //! of its images, as one device does in a multi-process run; there every
 //! rank computes its slice in chunks and z is still gathered from all ranks.
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::device::Precision;
 use crate::dist::Parallel;
 use crate::loss::LossConfig;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What a step minimises, and how its forward pass runs.
 #[derive(Debug, Clone, Copy)]
@@ -178,10 +178,57 @@ pub fn backward(
     }
 }
 
+/// Runs a training step; libtorch's out-of-memory failures (raised as
+/// panics by tch's infallible ops) become [`Error::OutOfMemory`] naming the
+/// batch size, and any other panic carries on.
+pub(crate) fn out_of_memory_as_error<T>(
+    step: impl FnOnce() -> Result<T>,
+    device: Device,
+    batch_size: usize,
+) -> Result<T> {
+    let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        // Fallible calls (the backward pass) report it as an error...
+        Ok(Err(Error::Torch(error))) if crate::device::is_out_of_memory(&error.to_string()) => error.to_string(),
+        Ok(result) => return result,
+        // A failed collective inside the forward pass (global BatchNorm).
+        Err(payload) if payload.is::<crate::dist::CollectiveFailed>() => {
+            let failed = payload.downcast::<crate::dist::CollectiveFailed>().expect("checked just above");
+            return Err(failed.0);
+        }
+        // ...the others, through tch, as a panic.
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if !crate::device::is_out_of_memory(&message) {
+                std::panic::resume_unwind(payload);
+            }
+            message
+        }
+    };
+    Err(Error::OutOfMemory {
+        device: format!("{device:?}"),
+        batch_size,
+        views: 2 * batch_size,
+        message: allocation_failure(&message).to_owned(),
+    })
+}
+
+/// The sentence of a libtorch error that says what failed to allocate,
+/// without tch's wrapping or the C++ stack trace.
+fn allocation_failure(message: &str) -> &str {
+    let line = message.split('\n').flat_map(|l| l.split("\\n")).find(|l| crate::device::is_out_of_memory(l));
+    let line = line.unwrap_or(message);
+    ["DefaultCPUAllocator", "CUDA out of memory", "CUDA error: out of memory"]
+        .iter()
+        .find_map(|start| line.find(start))
+        .map_or(line, |at| &line[at..])
+}
+
 #[cfg(test)]
 mod tests {
-    use tch::Device;
-
     use super::*;
     use crate::loss::Objective as LossObjective;
     use crate::model::{Arch, ModelConfig, Stem};
@@ -369,5 +416,27 @@ mod tests {
         assert!((chunked - loss).abs() < 1e-3 * loss.abs(), "{chunked} against {loss}");
         let difference = relative_difference(chunked_gradient, &gradient);
         assert!(difference < 2e-2, "bf16 gradients differ by {difference:e}");
+    }
+
+    #[test]
+    fn allocation_failures_are_cut_to_their_sentence() {
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:127] err == 0. \
+                   DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes.\\nframe #0: c10::x\")";
+        assert_eq!(
+            allocation_failure(cpu),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes."
+        );
+        let cuda = "Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB.\\nframe #0\")";
+        assert_eq!(allocation_failure(cuda), "CUDA out of memory. Tried to allocate 2.00 GiB.");
+    }
+
+    #[test]
+    fn other_panics_are_not_swallowed() {
+        let caught = std::panic::catch_unwind(|| {
+            out_of_memory_as_error(|| -> Result<()> { panic!("shape mismatch") }, Device::Cpu, 4)
+        });
+        assert!(caught.is_err());
+        let oom = out_of_memory_as_error(|| -> Result<()> { panic!("CUDA out of memory. Tried") }, Device::Cpu, 4);
+        assert!(matches!(oom, Err(Error::OutOfMemory { batch_size: 4, views: 8, .. })));
     }
 }

@@ -433,7 +433,7 @@ impl Trainer {
             let finite = optimizer.step_if_finite(learning_rate, &loss);
             Ok((loss, finite))
         };
-        let (loss, finite) = out_of_memory_as_error(step, self.device, self.config.train.batch_size)?;
+        let (loss, finite) = super::step::out_of_memory_as_error(step, self.device, self.config.train.batch_size)?;
         self.ledger.push(self.position.step, loss, finite);
         self.position.step += 1;
         self.position.batch += 1;
@@ -731,51 +731,6 @@ impl Ledger {
     }
 }
 
-/// Runs a training step; libtorch's out-of-memory failures (raised as
-/// panics by tch's infallible ops) become [`Error::OutOfMemory`] naming the
-/// batch size, and any other panic carries on.
-fn out_of_memory_as_error<T>(step: impl FnOnce() -> Result<T>, device: Device, batch_size: usize) -> Result<T> {
-    let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
-        // Fallible calls (the backward pass) report it as an error...
-        Ok(Err(Error::Torch(error))) if crate::device::is_out_of_memory(&error.to_string()) => error.to_string(),
-        Ok(result) => return result,
-        // A failed collective inside the forward pass (global BatchNorm).
-        Err(payload) if payload.is::<crate::dist::CollectiveFailed>() => {
-            let failed = payload.downcast::<crate::dist::CollectiveFailed>().expect("checked just above");
-            return Err(failed.0);
-        }
-        // ...the others, through tch, as a panic.
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            if !crate::device::is_out_of_memory(&message) {
-                std::panic::resume_unwind(payload);
-            }
-            message
-        }
-    };
-    Err(Error::OutOfMemory {
-        device: format!("{device:?}"),
-        batch_size,
-        views: 2 * batch_size,
-        message: allocation_failure(&message).to_owned(),
-    })
-}
-
-/// The sentence of a libtorch error that says what failed to allocate,
-/// without tch's wrapping or the C++ stack trace.
-fn allocation_failure(message: &str) -> &str {
-    let line = message.split('\n').flat_map(|l| l.split("\\n")).find(|l| crate::device::is_out_of_memory(l));
-    let line = line.unwrap_or(message);
-    ["DefaultCPUAllocator", "CUDA out of memory", "CUDA error: out of memory"]
-        .iter()
-        .find_map(|start| line.find(start))
-        .map_or(line, |at| &line[at..])
-}
-
 /// The view source `augment.backend` asks for: `auto` uses the device path
 /// on CUDA when the decoded images fit there as one tensor, and the hybrid
 /// path on CUDA when they do not.
@@ -938,27 +893,5 @@ mod tests {
         assert_eq!(over.plan(2, 7.0, 7.0), Some(2));
         // A resumed epoch is sized by its whole-epoch pace, not its remainder.
         assert_eq!(Budget::new(100.0).plan(1, 1.0, 10.0), Some(10));
-    }
-
-    #[test]
-    fn allocation_failures_are_cut_to_their_sentence() {
-        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:127] err == 0. \
-                   DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes.\\nframe #0: c10::x\")";
-        assert_eq!(
-            allocation_failure(cpu),
-            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 838860800 bytes."
-        );
-        let cuda = "Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB.\\nframe #0\")";
-        assert_eq!(allocation_failure(cuda), "CUDA out of memory. Tried to allocate 2.00 GiB.");
-    }
-
-    #[test]
-    fn other_panics_are_not_swallowed() {
-        let caught = std::panic::catch_unwind(|| {
-            out_of_memory_as_error(|| -> Result<()> { panic!("shape mismatch") }, Device::Cpu, 4)
-        });
-        assert!(caught.is_err());
-        let oom = out_of_memory_as_error(|| -> Result<()> { panic!("CUDA out of memory. Tried") }, Device::Cpu, 4);
-        assert!(matches!(oom, Err(Error::OutOfMemory { batch_size: 4, views: 8, .. })));
     }
 }
