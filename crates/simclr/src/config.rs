@@ -117,6 +117,10 @@ pub enum Preset {
     /// The paper's CIFAR-10 setting (appendix B.9): ResNet-50 CIFAR stem,
     /// 32x32, s = 0.5, τ = 0.5, batch 512.
     Cifar10,
+    /// CIFAR-10 against the clock: ResNet-18 CIFAR stem trained for a time
+    /// budget (300 s) with a short-run recipe and the tensor augmentation
+    /// path (see docs/time-to-accuracy.md).
+    Cifar10Fast,
     /// The paper's ImageNet setting: the defaults.
     Imagenet,
 }
@@ -127,10 +131,11 @@ impl std::str::FromStr for Preset {
         match name {
             "demo" => Ok(Preset::Demo),
             "cifar10" => Ok(Preset::Cifar10),
+            "cifar10-fast" => Ok(Preset::Cifar10Fast),
             "imagenet" => Ok(Preset::Imagenet),
-            other => {
-                Err(Error::InvalidArgument(format!("unknown preset '{other}': expected demo, cifar10 or imagenet")))
-            }
+            other => Err(Error::InvalidArgument(format!(
+                "unknown preset '{other}': expected demo, cifar10, cifar10-fast or imagenet"
+            ))),
         }
     }
 }
@@ -139,19 +144,36 @@ impl RunConfig {
     /// The configuration a preset starts from.
     pub fn preset(preset: Preset) -> Self {
         let mut config = RunConfig::default();
+        let cifar = |config: &mut RunConfig| {
+            config.data.image_size = 32;
+            config.data.mean = [0.4914, 0.4822, 0.4465];
+            config.data.std = [0.2470, 0.2435, 0.2616];
+            config.model.stem = crate::model::Stem::Cifar;
+            config.augment = AugmentConfig::cifar();
+        };
         match preset {
             Preset::Imagenet => {}
             Preset::Cifar10 => {
-                config.data.image_size = 32;
-                config.data.mean = [0.4914, 0.4822, 0.4465];
-                config.data.std = [0.2470, 0.2435, 0.2616];
-                config.model.stem = crate::model::Stem::Cifar;
-                config.augment = AugmentConfig::cifar();
+                cifar(&mut config);
                 config.loss.temperature = 0.5;
                 config.train.batch_size = 512;
                 config.train.epochs = 500;
                 config.optim.learning_rate = Some(1.0);
                 config.optim.weight_decay = 1e-4;
+            }
+            Preset::Cifar10Fast => {
+                cifar(&mut config);
+                config.model.arch = crate::model::Arch::Resnet18;
+                config.augment.backend = crate::augment::Backend::Device;
+                config.loss.temperature = 0.2;
+                config.optim.optimizer = crate::optim::OptimizerKind::Sgd;
+                config.optim.learning_rate = Some(0.5);
+                config.optim.weight_decay = 5e-4;
+                config.optim.warmup_epochs = 1.0;
+                config.train.batch_size = 512;
+                config.train.epochs = 200;
+                config.train.time_budget_seconds = Some(300.0);
+                config.train.output_dir = PathBuf::from("runs/cifar10-fast");
             }
             Preset::Demo => {
                 config.data.image_size = 32;
@@ -287,7 +309,7 @@ impl RunConfig {
 /// `--set` overrides over everything.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigLayers {
-    /// Starting point: demo, cifar10 or imagenet. Without --config, --preset and --data, the demo preset.
+    /// Starting point: demo, cifar10, cifar10-fast or imagenet. Without --config, --preset and --data, the demo preset.
     #[arg(long)]
     pub preset: Option<Preset>,
     /// A TOML run configuration (see configs/); its fields override the preset's.
@@ -310,6 +332,8 @@ pub struct RunLayers {
     /// Run folder for checkpoints, metrics and the exported encoder.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Train this many epochs; clears a time budget set by the preset or
+    /// file (`--set train.time_budget_seconds=S` sets one again).
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long)]
@@ -354,7 +378,10 @@ impl RunLayers {
             config.train.output_dir = output.clone();
         }
         let train = &mut config.train;
-        train.epochs = self.epochs.unwrap_or(train.epochs);
+        if let Some(epochs) = self.epochs {
+            train.epochs = epochs;
+            train.time_budget_seconds = None;
+        }
         train.batch_size = self.batch_size.unwrap_or(train.batch_size);
         train.micro_batch_size = self.micro_batch_size.or(train.micro_batch_size);
         train.seed = self.seed.unwrap_or(train.seed);
@@ -412,7 +439,7 @@ mod tests {
 
     #[test]
     fn presets_are_valid() {
-        for preset in [Preset::Demo, Preset::Cifar10, Preset::Imagenet] {
+        for preset in [Preset::Demo, Preset::Cifar10, Preset::Cifar10Fast, Preset::Imagenet] {
             RunConfig::preset(preset).validate().unwrap();
         }
     }
@@ -429,9 +456,12 @@ mod tests {
     #[test]
     fn example_configs_load_and_match_their_presets() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        for (file, preset) in
-            [("demo.toml", Preset::Demo), ("cifar10.toml", Preset::Cifar10), ("imagenet.toml", Preset::Imagenet)]
-        {
+        for (file, preset) in [
+            ("demo.toml", Preset::Demo),
+            ("cifar10.toml", Preset::Cifar10),
+            ("cifar10-fast.toml", Preset::Cifar10Fast),
+            ("imagenet.toml", Preset::Imagenet),
+        ] {
             let config = RunConfig::default().with_file(&dir.join(file)).unwrap();
             config.clone().validate().unwrap();
             let mut expected = RunConfig::preset(preset);
@@ -464,6 +494,26 @@ mod tests {
         assert_eq!(config.loss.temperature, 0.5);
         assert_eq!(config.data.path, Some(PathBuf::from("/tmp/images")));
         assert_eq!(config.model.arch, crate::model::Arch::Resnet34);
+    }
+
+    #[test]
+    fn the_epochs_flag_replaces_a_time_budget_and_set_brings_it_back() {
+        let layers = |epochs: Option<usize>, overrides: &[&str]| RunLayers {
+            config: ConfigLayers {
+                preset: Some(Preset::Cifar10Fast),
+                overrides: overrides.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            epochs,
+            ..Default::default()
+        };
+        let resolve = |layers: RunLayers| layers.resolve(layers.base().unwrap()).unwrap().get().train.clone();
+        let preset = resolve(layers(None, &[]));
+        assert_eq!(preset.time_budget_seconds, Some(300.0));
+        let fixed = resolve(layers(Some(3), &[]));
+        assert_eq!((fixed.epochs, fixed.time_budget_seconds), (3, None));
+        let budget = resolve(layers(Some(3), &["train.time_budget_seconds=60"]));
+        assert_eq!((budget.epochs, budget.time_budget_seconds), (3, Some(60.0)));
     }
 
     #[test]
