@@ -63,6 +63,8 @@ enum Command {
 enum AblateKind {
     /// The paper's Figure 5: train once per pair of ops applied to one view, score by kNN, draw the heatmap.
     Augment(AblateArgs),
+    /// The paper's Tables 2 and 5: train once per loss, l2 normalisation and temperature, score by kNN.
+    Loss(AblateLossArgs),
 }
 
 #[derive(Args)]
@@ -252,6 +254,30 @@ struct AblateArgs {
     ops: String,
 }
 
+#[derive(Args)]
+struct AblateLossArgs {
+    /// The base run (its --output is the folder of the whole study).
+    #[command(flatten)]
+    run: RunLayers,
+    /// Comma-separated losses: nt-xent, nt-logistic, margin-triplet.
+    #[arg(long, default_value = "nt-xent,nt-logistic,margin-triplet")]
+    losses: String,
+    /// Comma-separated similarities: cosine (z l2-normalised) and dot (not).
+    #[arg(long, default_value = "cosine,dot")]
+    similarities: String,
+    /// Comma-separated temperatures (the margin triplet loss uses loss.margin instead).
+    #[arg(long, default_value = "0.05,0.1,0.5,1")]
+    temperatures: String,
+}
+
+/// The comma-separated items of `list`, each parsed.
+fn parse_list<T: std::str::FromStr>(list: &str) -> Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    Ok(list.split(',').map(|item| item.trim().parse()).collect::<Result<Vec<T>, _>>()?)
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     let base = match (&args.run.output, args.resume) {
         (Some(run), true) => checkpoint::saved_config(run)?,
@@ -387,13 +413,32 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
 }
 
 fn ablate(kind: AblateKind) -> Result<()> {
-    let AblateKind::Augment(args) = kind;
-    let base = args.run.resolve(args.run.base()?)?;
-    let ops = args.ops.split(',').map(|name| name.trim().parse()).collect::<Result<Vec<OpConfig>, _>>()?;
-    let output_dir = base.train.output_dir.clone();
-    let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
-    print!("{result}");
-    println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+    match kind {
+        AblateKind::Augment(args) => {
+            let base = args.run.resolve(args.run.base()?)?;
+            let ops: Vec<OpConfig> = parse_list(&args.ops)?;
+            let output_dir = base.train.output_dir.clone();
+            let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
+            print!("{result}");
+            println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+        }
+        AblateKind::Loss(args) => {
+            let base = args.run.resolve(args.run.base()?)?;
+            let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
+            let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
+            let output_dir = base.train.output_dir.clone();
+            let result = simclr::ablation::loss_grid(
+                &base,
+                &losses,
+                &similarities,
+                &temperatures,
+                &output_dir,
+                &mut observer::console()?,
+            )?;
+            print!("{result}");
+            println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+        }
+    }
     Ok(())
 }
 

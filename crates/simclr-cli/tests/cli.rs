@@ -676,6 +676,59 @@ fn assert_same_run(run: &Path, reference: &Path, what: &str) {
 }
 
 #[test]
+fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    // Two losses, one similarity, two temperatures: three cells (the
+    // margin triplet loss has no temperature), 2 epochs of 3 steps each.
+    let study = |out: &Path| {
+        simclr(["ablate", "loss", "--losses", "nt-xent,margin-triplet", "--similarities", "cosine"])
+            .args(["--temperatures", "0.5,1"])
+            .args(tiny_flags(&data, out))
+            .args(monitor_flags(&data))
+            .args(["--epochs", "2", "--set", "train.checkpoint_every=1"])
+            .env("RUST_LOG", "info")
+    };
+    let straight = dir.path().join("straight");
+    assert_succeeds(&study(&straight).run());
+    let csv = std::fs::read_to_string(straight.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    let cells: Vec<[&str; 4]> = rows.iter().map(|r| [r[0], r[1], r[2], r[3]]).collect();
+    assert_eq!(
+        cells,
+        [["nt-xent", "cosine", "0.5", ""], ["nt-xent", "cosine", "1", ""], ["margin-triplet", "cosine", "", "1"]],
+        "{csv}"
+    );
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r[4].parse::<f64>().unwrap())), "{csv}");
+    assert!(image::open(straight.join("results.png")).unwrap().width() > 100);
+
+    // Stopped in the middle of its first cell's second epoch, then run again:
+    // that cell resumes, the others train, and the study ends as the straight one.
+    let killed = dir.path().join("killed");
+    let first = study(&killed).env("SIMCLR_TEST_STOP_AFTER_STEPS", 4).run();
+    assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
+    let second = study(&killed).run();
+    assert_succeeds(&second);
+    assert!(stderr(&second).contains("resuming nt-xent-cosine-t0.5"), "{}", stderr(&second));
+    assert_eq!(std::fs::read_to_string(killed.join("results.csv")).unwrap(), csv);
+    assert_same_run(&killed.join("nt-xent-cosine-t0.5"), &straight.join("nt-xent-cosine-t0.5"), "resuming a cell");
+
+    // A finished study is read back, not trained again.
+    let third = study(&killed).run();
+    assert_succeeds(&third);
+    assert_eq!(stderr(&third).matches("is done, its score read from").count(), 3, "{}", stderr(&third));
+    // Another base configuration in the same folder is refused, the folder named.
+    let other = study(&killed).args(["--set", "optim.weight_decay=0.01"]).run();
+    let cell = killed.join("nt-xent-cosine-t0.5").display().to_string();
+    assert_fails_with(&other, &[&cell, "another configuration"]);
+    assert_fails_with(
+        &simclr(["ablate", "loss", "--losses", "infonce", "--output", &killed.display().to_string()]).run(),
+        &["unknown loss 'infonce'", "nt-xent, nt-logistic, margin-triplet"],
+    );
+}
+
+#[test]
 fn an_interrupted_run_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -1,20 +1,31 @@
-//! `simclr ablate augment`: the paper's Figure 5 experiment at any scale.
+//! `simclr ablate`: the paper's experiments as grids of short trainings,
+//! each run (a cell) scored by the kNN monitor, in a folder of its own under
+//! the study's, so that a killed study continues where it stopped: a
+//! finished cell is read back, a cell with a checkpoint is resumed, the
+//! rest are trained (see [`run_cell`]).
 //!
-//! For every ordered pair of ops (first, second), and each op alone on the
-//! diagonal, a model is trained briefly with the base run's settings and
-//! scored by the kNN monitor. As in section 3, the ops act on one branch
+//! `ablate augment`, Figure 5: for every ordered pair of ops (first,
+//! second), and each op alone on the diagonal, a model is trained briefly
+//! with the base run's settings. As in section 3, the ops act on one branch
 //! only: view 1 is the image resized to the training size (the identity
 //! for same-sized data such as CIFAR), view 2 applies the first op and then
 //! the second, each with probability 1. A sizing op (crop) always runs
 //! first, so (crop, x) and (x, crop) are one experiment, trained once.
 //! Writes `ablation.csv` and the heatmap `ablation.png`.
+//!
+//! `ablate loss`, Tables 2 and 5: each objective with and without ℓ2
+//! normalisation (cosine or dot-product similarity) at each temperature
+//! (the margin triplet loss has a margin instead, so one run per
+//! similarity). Writes `results.csv` and the heatmap `results.png`.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::augment::{AugmentConfig, OpConfig};
 use crate::config::RunConfig;
+use crate::loss::{Objective, Similarity};
 use crate::report::Heatmap;
-use crate::train::{train, Observer};
+use crate::train::trainer::{CONFIG_FILE, SUMMARY_FILE};
+use crate::train::{checkpoint, train, Observer};
 use crate::{Error, Result};
 
 /// The heatmap of an ablation: kNN top-1 of each (first, second) pair.
@@ -80,19 +91,7 @@ pub fn augment_pairs(
             let mut config = base.clone();
             config.augment =
                 AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
-            config.train.output_dir = output_dir.join(&key);
-            tracing::info!("ablation: training with view 2 = {key}");
-            let report = train(config.validate()?, false, observer)?;
-            if report.interrupted_at.is_some() {
-                return Err(Error::Interrupted(format!("ablation run {key}")));
-            }
-            let score = report.final_knn_top1().ok_or_else(|| {
-                Error::InvalidArgument(
-                    "ablate augment scores each run with the kNN monitor: give labelled splits \
-                     (data.knn_train_path and data.knn_test_path) or use the synthetic data, and train.knn_every > 0"
-                        .to_owned(),
-                )
-            })?;
+            let score = run_cell(config, &output_dir.join(&key), &format!("view 2 = {key}"), observer)?.top1;
             done.insert(key, score);
             top1[i][j] = score;
         }
@@ -117,6 +116,173 @@ pub fn augment_pairs(
     }
     .draw(&cells, &png_path)?;
     Ok(AugmentAblation { names, top1, csv_path, png_path })
+}
+
+/// What a finished cell scored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cell {
+    /// kNN top-1 at the end of the run.
+    pub top1: f64,
+    /// kNN top-1 of the random-init encoder (absent for a cell resumed
+    /// from a checkpoint, which did not measure it).
+    pub initial_top1: Option<f64>,
+}
+
+/// The run `config` in `dir`, scored by the kNN monitor. A killed study
+/// continues: a finished run there (its summary written) is read back
+/// instead of trained, a run with a checkpoint is resumed, and a run of
+/// another configuration is an error naming the folder.
+pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut dyn Observer) -> Result<Cell> {
+    config.train.output_dir = dir.to_path_buf();
+    let config = config.validate()?;
+    let no_score = || {
+        Error::InvalidArgument(format!(
+            "{}: a study scores each run with the kNN monitor: give labelled splits (data.knn_train_path and \
+             data.knn_test_path) or use the synthetic data, and train.knn_every > 0",
+            dir.display()
+        ))
+    };
+    let config_path = dir.join(CONFIG_FILE);
+    if let Ok(saved) = std::fs::read_to_string(&config_path) {
+        if saved != config.to_toml() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a run with another configuration is there; remove it or give the study another --output",
+                dir.display()
+            )));
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(SUMMARY_FILE)) {
+            let summary: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", dir.display())))?;
+            tracing::info!("study: {label} is done, its score read from {}", dir.display());
+            let top1 = summary["final_knn_top1"].as_f64().ok_or_else(no_score)?;
+            return Ok(Cell { top1, initial_top1: summary["initial_knn_top1"].as_f64() });
+        }
+    }
+    let resume = checkpoint::exists(&dir.join(checkpoint::FILE_NAME));
+    tracing::info!("study: {} {label}", if resume { "resuming" } else { "training" });
+    let report = train(config, resume, observer)?;
+    if report.interrupted_at.is_some() {
+        return Err(Error::Interrupted(format!("study run {label} in {}", dir.display())));
+    }
+    Ok(Cell { top1: report.final_knn_top1().ok_or_else(no_score)?, initial_top1: report.initial_knn_top1 })
+}
+
+/// The loss study: kNN top-1 for each (objective, similarity) row and temperature column.
+#[derive(Debug, Clone)]
+pub struct LossStudy {
+    pub rows: Vec<(Objective, Similarity)>,
+    pub temperatures: Vec<f64>,
+    /// `top1[row][temperature]`; the margin triplet loss's one run fills its row.
+    pub top1: Vec<Vec<f64>>,
+    /// The random-init encoder's kNN top-1 (the first cell that measured it).
+    pub initial_top1: Option<f64>,
+    pub csv_path: PathBuf,
+    pub png_path: PathBuf,
+}
+
+fn row_name(objective: Objective, similarity: Similarity) -> String {
+    let normalised = match similarity {
+        Similarity::Cosine => "l2 norm",
+        Similarity::Dot => "no l2 norm",
+    };
+    format!("{}, {normalised}", objective.name())
+}
+
+/// The table of top-1 accuracies, one row per objective and similarity.
+impl std::fmt::Display for LossStudy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:>30}", "loss \\ temperature")?;
+        for t in &self.temperatures {
+            write!(f, " {t:>8}")?;
+        }
+        writeln!(f)?;
+        for (&(objective, similarity), row) in self.rows.iter().zip(&self.top1) {
+            write!(f, "{:>30}", row_name(objective, similarity))?;
+            for score in row {
+                write!(f, " {:>7.2}%", 100.0 * score)?;
+            }
+            writeln!(f)?;
+        }
+        if let Some(initial) = self.initial_top1 {
+            writeln!(f, "random-init encoder: {:.2}%", 100.0 * initial)?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains one run per cell under `output_dir`, then writes `results.csv`
+/// and `results.png`.
+pub fn loss_grid(
+    base: &RunConfig,
+    objectives: &[Objective],
+    similarities: &[Similarity],
+    temperatures: &[f64],
+    output_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<LossStudy> {
+    if objectives.is_empty() || similarities.is_empty() || temperatures.is_empty() {
+        return Err(Error::InvalidArgument(
+            "ablate loss needs at least one objective, one similarity and one temperature".to_owned(),
+        ));
+    }
+    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let mut rows = Vec::new();
+    let mut top1 = Vec::new();
+    let mut initial_top1 = None;
+    let mut csv = String::from("objective,similarity,temperature,margin,knn_top1\n");
+    let runs_per_row = |objective| if objective == Objective::MarginTriplet { 1 } else { temperatures.len() };
+    let total: usize = objectives.iter().map(|&o| runs_per_row(o)).sum::<usize>() * similarities.len();
+    let mut done = 0;
+    for &objective in objectives {
+        for &similarity in similarities {
+            // The margin triplet loss has no temperature: one run, its score across the row.
+            let mut row = Vec::new();
+            for &temperature in &temperatures[..runs_per_row(objective)] {
+                let mut config = base.clone();
+                config.loss.objective = objective;
+                config.loss.similarity = similarity;
+                let key = if objective == Objective::MarginTriplet {
+                    format!("{}-{}-m{}", objective.name(), similarity.name(), config.loss.margin)
+                } else {
+                    config.loss.temperature = temperature;
+                    format!("{}-{}-t{temperature}", objective.name(), similarity.name())
+                };
+                done += 1;
+                let label = format!("{key} ({done} of {total})");
+                let cell = run_cell(config.clone(), &output_dir.join(&key), &label, observer)?;
+                initial_top1 = initial_top1.or(cell.initial_top1);
+                let (t, m) = match objective {
+                    Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
+                    _ => (temperature.to_string(), String::new()),
+                };
+                csv.push_str(&format!("{},{},{t},{m},{:.4}\n", objective.name(), similarity.name(), cell.top1));
+                row.push(cell.top1);
+            }
+            row.resize(temperatures.len(), row[0]);
+            rows.push((objective, similarity));
+            top1.push(row);
+        }
+    }
+    let csv_path = output_dir.join("results.csv");
+    crate::io::write_atomic(&csv_path, csv.as_bytes())?;
+    let png_path = output_dir.join("results.png");
+    let names: Vec<String> = rows.iter().map(|&(o, s)| row_name(o, s)).collect();
+    let columns: Vec<String> = temperatures.iter().map(|t| format!("τ = {t}")).collect();
+    let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
+    let caption = match initial_top1 {
+        Some(initial) => format!("kNN top-1 (%) by loss and temperature (random init: {:.1}%)", 100.0 * initial),
+        None => "kNN top-1 (%) by loss and temperature".to_owned(),
+    };
+    Heatmap {
+        caption: &caption,
+        rows: &names,
+        columns: &columns,
+        x_desc: "temperature (margin triplet: one run, margin m, across its row)",
+        y_desc: "loss",
+        annotate: true,
+    }
+    .draw(&cells, &png_path)?;
+    Ok(LossStudy { rows, temperatures: temperatures.to_vec(), top1, initial_top1, csv_path, png_path })
 }
 
 #[cfg(test)]

@@ -14,6 +14,27 @@ pub enum Similarity {
     Dot,
 }
 
+impl Similarity {
+    pub const ALL: [Similarity; 2] = [Similarity::Cosine, Similarity::Dot];
+
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Similarity::Cosine => "cosine",
+            Similarity::Dot => "dot",
+        }
+    }
+}
+
+impl std::str::FromStr for Similarity {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        Similarity::ALL.into_iter().find(|similarity| similarity.name() == name).ok_or_else(|| {
+            Error::InvalidArgument(format!("unknown similarity '{name}': expected cosine (l2-normalised) or dot"))
+        })
+    }
+}
+
 /// Checks that `z` is `[2N, d]` with N >= 2 and returns N.
 pub fn pair_count(z: &Tensor) -> Result<i64> {
     let size = z.size();
