@@ -691,7 +691,10 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
             .env("RUST_LOG", "info")
     };
     let straight = dir.path().join("straight");
-    assert_succeeds(&study(&straight).run());
+    let output = study(&straight).run();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("nt-xent, l2 norm") && table.contains("random-init encoder:"), "{table}");
     let csv = std::fs::read_to_string(straight.join("results.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
     let cells: Vec<[&str; 4]> = rows.iter().map(|r| [r[0], r[1], r[2], r[3]]).collect();

@@ -34,6 +34,8 @@ pub struct AugmentAblation {
     pub names: Vec<String>,
     /// `top1[first][second]`.
     pub top1: Vec<Vec<f64>>,
+    /// The random-init encoder's kNN top-1: the floor a pair must clear.
+    pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
     pub png_path: PathBuf,
 }
@@ -53,7 +55,7 @@ impl std::fmt::Display for AugmentAblation {
             }
             writeln!(f)?;
         }
-        Ok(())
+        write_initial(f, self.initial_top1)
     }
 }
 
@@ -80,6 +82,7 @@ pub fn augment_pairs(
     let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
     let mut done: HashMap<String, f64> = HashMap::new();
     let mut top1 = vec![vec![0.0; ops.len()]; ops.len()];
+    let mut initial_top1 = None;
     for (i, first) in ops.iter().enumerate() {
         for (j, second) in ops.iter().enumerate() {
             let second_view = view_ops(first, (i != j).then_some(second));
@@ -91,9 +94,10 @@ pub fn augment_pairs(
             let mut config = base.clone();
             config.augment =
                 AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
-            let score = run_cell(config, &output_dir.join(&key), &format!("view 2 = {key}"), observer)?.top1;
-            done.insert(key, score);
-            top1[i][j] = score;
+            let cell = run_cell(config, &output_dir.join(&key), &format!("view 2 = {key}"), observer)?;
+            initial_top1 = initial_top1.or(cell.initial_top1);
+            done.insert(key, cell.top1);
+            top1[i][j] = cell.top1;
         }
     }
     let mut csv = String::from("first,second,knn_top1\n");
@@ -106,8 +110,9 @@ pub fn augment_pairs(
     crate::io::write_atomic(&csv_path, csv.as_bytes())?;
     let png_path = output_dir.join("ablation.png");
     let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
+    let caption = with_initial("kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)", initial_top1);
     Heatmap {
-        caption: "kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)",
+        caption: &caption,
         rows: &names,
         columns: &names,
         x_desc: "2nd transformation",
@@ -115,7 +120,23 @@ pub fn augment_pairs(
         annotate: true,
     }
     .draw(&cells, &png_path)?;
-    Ok(AugmentAblation { names, top1, csv_path, png_path })
+    Ok(AugmentAblation { names, top1, initial_top1, csv_path, png_path })
+}
+
+/// A chart's caption with the random-init encoder's score, the baseline
+/// every cell is read against.
+fn with_initial(caption: &str, initial_top1: Option<f64>) -> String {
+    match initial_top1 {
+        Some(initial) => format!("{caption}; random init {:.1}%", 100.0 * initial),
+        None => caption.to_owned(),
+    }
+}
+
+fn write_initial(f: &mut std::fmt::Formatter<'_>, initial_top1: Option<f64>) -> std::fmt::Result {
+    match initial_top1 {
+        Some(initial) => writeln!(f, "random-init encoder: {:.2}%", 100.0 * initial),
+        None => Ok(()),
+    }
 }
 
 /// What a finished cell scored.
@@ -203,10 +224,7 @@ impl std::fmt::Display for LossStudy {
             }
             writeln!(f)?;
         }
-        if let Some(initial) = self.initial_top1 {
-            writeln!(f, "random-init encoder: {:.2}%", 100.0 * initial)?;
-        }
-        Ok(())
+        write_initial(f, self.initial_top1)
     }
 }
 
@@ -269,10 +287,7 @@ pub fn loss_grid(
     let names: Vec<String> = rows.iter().map(|&(o, s)| row_name(o, s)).collect();
     let columns: Vec<String> = temperatures.iter().map(|t| format!("τ = {t}")).collect();
     let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
-    let caption = match initial_top1 {
-        Some(initial) => format!("kNN top-1 (%) by loss and temperature (random init: {:.1}%)", 100.0 * initial),
-        None => "kNN top-1 (%) by loss and temperature".to_owned(),
-    };
+    let caption = with_initial("kNN top-1 (%) by loss and temperature", initial_top1);
     Heatmap {
         caption: &caption,
         rows: &names,
