@@ -732,6 +732,31 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
 }
 
 #[test]
+fn the_fast_preset_is_reproducible_from_its_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    // The preset's tensor augmentation path on the CPU, 2 epochs (--epochs
+    // replaces its time budget, whose epoch count follows the clock).
+    let run = |name: &str, seed: &str| {
+        let out = dir.path().join(name);
+        let output = simclr(["train", "--preset", "cifar10-fast", "--seed", seed])
+            .args(tiny_flags(&data, &out))
+            .args(["--epochs", "2"])
+            .env("RUST_LOG", "info")
+            .run();
+        assert_succeeds(&output);
+        // The start line's `augment="device"` (coloured: the key and value apart).
+        assert!(stderr(&output).contains(r#""device""#), "{}", stderr(&output));
+        out
+    };
+    let (first, second, other) = (run("first", "3"), run("second", "3"), run("other", "4"));
+    assert_eq!(epoch_losses(&first).len(), 2);
+    assert_same_run(&second, &first, "a second run from the same seed");
+    assert_ne!(epoch_losses(&other), epoch_losses(&first), "another seed must give another run");
+}
+
+#[test]
 fn an_interrupted_run_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
