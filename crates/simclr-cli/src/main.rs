@@ -65,6 +65,8 @@ enum AblateKind {
     Augment(AblateArgs),
     /// The paper's Tables 2 and 5: train once per loss, l2 normalisation and temperature, score by kNN.
     Loss(AblateLossArgs),
+    /// The paper's Figure 9: train once per batch size and number of epochs, score by kNN.
+    Batch(AblateBatchArgs),
 }
 
 #[derive(Args)]
@@ -270,6 +272,19 @@ struct AblateLossArgs {
     temperatures: String,
 }
 
+#[derive(Args)]
+struct AblateBatchArgs {
+    /// The base run (its --output is the folder of the whole study).
+    #[command(flatten)]
+    run: RunLayers,
+    /// Comma-separated batch sizes (the learning rate scales with each as optim.lr_scaling says).
+    #[arg(long, default_value = "256,512,1024,2048,4096")]
+    batch_sizes: String,
+    /// Comma-separated training lengths in epochs, each run with a schedule of its own.
+    #[arg(long, default_value = "100,200,400")]
+    lengths: String,
+}
+
 /// The comma-separated items of `list`, each parsed.
 fn parse_list<T: std::str::FromStr>(list: &str) -> Result<Vec<T>>
 where
@@ -413,7 +428,7 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
 }
 
 fn ablate(kind: AblateKind) -> Result<()> {
-    match kind {
+    let grid = match kind {
         AblateKind::Augment(args) => {
             let base = args.run.resolve(args.run.base()?)?;
             let ops: Vec<OpConfig> = parse_list(&args.ops)?;
@@ -421,24 +436,25 @@ fn ablate(kind: AblateKind) -> Result<()> {
             let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
             print!("{result}");
             println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+            return Ok(());
         }
         AblateKind::Loss(args) => {
             let base = args.run.resolve(args.run.base()?)?;
             let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
             let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
             let output_dir = base.train.output_dir.clone();
-            let result = simclr::ablation::loss_grid(
-                &base,
-                &losses,
-                &similarities,
-                &temperatures,
-                &output_dir,
-                &mut observer::console()?,
-            )?;
-            print!("{result}");
-            println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
+            let grid = (&losses[..], &similarities[..], &temperatures[..]);
+            simclr::ablation::loss_grid(&base, grid, &output_dir, &mut observer::console()?)?
         }
-    }
+        AblateKind::Batch(args) => {
+            let base = args.run.resolve(args.run.base()?)?;
+            let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
+            let output_dir = base.train.output_dir.clone();
+            simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &output_dir, &mut observer::console()?)?
+        }
+    };
+    print!("{grid}");
+    println!("table: {}\nheatmap: {}", grid.csv_path.display(), grid.png_path.display());
     Ok(())
 }
 

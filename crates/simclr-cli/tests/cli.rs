@@ -732,6 +732,32 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
 }
 
 #[test]
+fn the_batch_study_trains_each_batch_for_each_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("batch");
+    let output = simclr(["ablate", "batch", "--batch-sizes", "2,4", "--lengths", "1,2"])
+        .args(tiny_flags(&data, &out))
+        .args(monitor_flags(&data))
+        .run();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("batch 4") && table.contains("2 epochs"), "{table}");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    let cells: Vec<[&str; 2]> = rows.iter().map(|r| [r[0], r[1]]).collect();
+    assert_eq!(cells, [["2", "1"], ["2", "2"], ["4", "1"], ["4", "2"]], "{csv}");
+    // The learning rate scales linearly with the batch (the default optim.lr_scaling).
+    let peak = |row: &Vec<&str>| row[2].parse::<f64>().unwrap();
+    assert!((peak(&rows[2]) / peak(&rows[0]) - 2.0).abs() < 1e-12, "{csv}");
+    // Each run trained its own number of epochs.
+    assert_eq!(epoch_losses(&out.join("batch4-epochs2")).len(), 2);
+    assert_eq!(epoch_losses(&out.join("batch2-epochs1")).len(), 1);
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+}
+
+#[test]
 fn the_fast_preset_is_reproducible_from_its_seed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

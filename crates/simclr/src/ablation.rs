@@ -17,6 +17,10 @@
 //! normalisation (cosine or dot-product similarity) at each temperature
 //! (the margin triplet loss has a margin instead, so one run per
 //! similarity). Writes `results.csv` and the heatmap `results.png`.
+//!
+//! `ablate batch`, Figure 9: each batch size trained for each number of
+//! epochs (a schedule of its own per length, as in the paper), the learning
+//! rate scaled with the batch. Writes `results.csv` and `results.png`.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -188,17 +192,76 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
     Ok(Cell { top1: report.final_knn_top1().ok_or_else(no_score)?, initial_top1: report.initial_knn_top1 })
 }
 
-/// The loss study: kNN top-1 for each (objective, similarity) row and temperature column.
+/// A study's result: kNN top-1 in a table of named rows and columns, as
+/// written to `results.csv` (one line per run) and drawn in `results.png`.
 #[derive(Debug, Clone)]
-pub struct LossStudy {
-    pub rows: Vec<(Objective, Similarity)>,
-    pub temperatures: Vec<f64>,
-    /// `top1[row][temperature]`; the margin triplet loss's one run fills its row.
+pub struct Grid {
+    /// What the rows and the columns are, as "rows \\ columns".
+    pub corner: String,
+    pub rows: Vec<String>,
+    pub columns: Vec<String>,
+    /// `top1[row][column]`.
     pub top1: Vec<Vec<f64>>,
     /// The random-init encoder's kNN top-1 (the first cell that measured it).
     pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
     pub png_path: PathBuf,
+}
+
+/// The table of top-1 accuracies.
+impl std::fmt::Display for Grid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:>30}", self.corner)?;
+        for column in &self.columns {
+            write!(f, " {column:>10}")?;
+        }
+        writeln!(f)?;
+        for (name, row) in self.rows.iter().zip(&self.top1) {
+            write!(f, "{name:>30}")?;
+            for score in row {
+                write!(f, " {:>9.2}%", 100.0 * score)?;
+            }
+            writeln!(f)?;
+        }
+        write_initial(f, self.initial_top1)
+    }
+}
+
+/// The labels of a study's chart.
+struct Chart<'a> {
+    caption: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+}
+
+impl Grid {
+    /// Writes `csv` (its lines, one per run) and the heatmap of `top1`
+    /// into `output_dir`.
+    fn write(
+        output_dir: &Path,
+        corner: &str,
+        (rows, columns): (Vec<String>, Vec<String>),
+        top1: Vec<Vec<f64>>,
+        initial_top1: Option<f64>,
+        csv: &str,
+        chart: Chart,
+    ) -> Result<Grid> {
+        let csv_path = output_dir.join("results.csv");
+        crate::io::write_atomic(&csv_path, csv.as_bytes())?;
+        let png_path = output_dir.join("results.png");
+        let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
+        let caption = with_initial(chart.caption, initial_top1);
+        Heatmap {
+            caption: &caption,
+            rows: &rows,
+            columns: &columns,
+            x_desc: chart.x_desc,
+            y_desc: chart.y_desc,
+            annotate: true,
+        }
+        .draw(&cells, &png_path)?;
+        Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })
+    }
 }
 
 fn row_name(objective: Objective, similarity: Similarity) -> String {
@@ -209,35 +272,14 @@ fn row_name(objective: Objective, similarity: Similarity) -> String {
     format!("{}, {normalised}", objective.name())
 }
 
-/// The table of top-1 accuracies, one row per objective and similarity.
-impl std::fmt::Display for LossStudy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:>30}", "loss \\ temperature")?;
-        for t in &self.temperatures {
-            write!(f, " {t:>8}")?;
-        }
-        writeln!(f)?;
-        for (&(objective, similarity), row) in self.rows.iter().zip(&self.top1) {
-            write!(f, "{:>30}", row_name(objective, similarity))?;
-            for score in row {
-                write!(f, " {:>7.2}%", 100.0 * score)?;
-            }
-            writeln!(f)?;
-        }
-        write_initial(f, self.initial_top1)
-    }
-}
-
-/// Trains one run per cell under `output_dir`, then writes `results.csv`
-/// and `results.png`.
+/// `ablate loss`: one run per cell under `output_dir`, rows (objective,
+/// similarity), columns temperatures.
 pub fn loss_grid(
     base: &RunConfig,
-    objectives: &[Objective],
-    similarities: &[Similarity],
-    temperatures: &[f64],
+    (objectives, similarities, temperatures): (&[Objective], &[Similarity], &[f64]),
     output_dir: &Path,
     observer: &mut dyn Observer,
-) -> Result<LossStudy> {
+) -> Result<Grid> {
     if objectives.is_empty() || similarities.is_empty() || temperatures.is_empty() {
         return Err(Error::InvalidArgument(
             "ablate loss needs at least one objective, one similarity and one temperature".to_owned(),
@@ -277,27 +319,59 @@ pub fn loss_grid(
                 row.push(cell.top1);
             }
             row.resize(temperatures.len(), row[0]);
-            rows.push((objective, similarity));
+            rows.push(row_name(objective, similarity));
             top1.push(row);
         }
     }
-    let csv_path = output_dir.join("results.csv");
-    crate::io::write_atomic(&csv_path, csv.as_bytes())?;
-    let png_path = output_dir.join("results.png");
-    let names: Vec<String> = rows.iter().map(|&(o, s)| row_name(o, s)).collect();
-    let columns: Vec<String> = temperatures.iter().map(|t| format!("τ = {t}")).collect();
-    let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
-    let caption = with_initial("kNN top-1 (%) by loss and temperature", initial_top1);
-    Heatmap {
-        caption: &caption,
-        rows: &names,
-        columns: &columns,
+    let columns = temperatures.iter().map(|t| format!("τ = {t}")).collect();
+    let chart = Chart {
+        caption: "kNN top-1 (%) by loss and temperature",
         x_desc: "temperature (margin triplet: one run, margin m, across its row)",
         y_desc: "loss",
-        annotate: true,
+    };
+    Grid::write(output_dir, "loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
+}
+
+/// `ablate batch`, Figure 9: one run per batch size (rows) and training
+/// length in epochs (columns); the learning rate follows the batch as
+/// `optim.lr_scaling` says (the paper's linear N/256 by default).
+pub fn batch_grid(
+    base: &RunConfig,
+    batch_sizes: &[usize],
+    lengths: &[usize],
+    output_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<Grid> {
+    if batch_sizes.is_empty() || lengths.is_empty() {
+        return Err(Error::InvalidArgument("ablate batch needs at least one batch size and one length".to_owned()));
     }
-    .draw(&cells, &png_path)?;
-    Ok(LossStudy { rows, temperatures: temperatures.to_vec(), top1, initial_top1, csv_path, png_path })
+    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let mut top1 = Vec::new();
+    let mut initial_top1 = None;
+    let mut csv = String::from("batch_size,epochs,peak_learning_rate,knn_top1\n");
+    let total = batch_sizes.len() * lengths.len();
+    for (i, &batch_size) in batch_sizes.iter().enumerate() {
+        let mut row = Vec::new();
+        for (j, &epochs) in lengths.iter().enumerate() {
+            let mut config = base.clone();
+            config.train.batch_size = batch_size;
+            config.train.epochs = epochs;
+            config.train.time_budget_seconds = None;
+            let key = format!("batch{batch_size}-epochs{epochs}");
+            let label = format!("{key} ({} of {total})", i * lengths.len() + j + 1);
+            let cell = run_cell(config.clone(), &output_dir.join(&key), &label, observer)?;
+            initial_top1 = initial_top1.or(cell.initial_top1);
+            let peak = config.optim.peak_learning_rate(batch_size);
+            csv.push_str(&format!("{batch_size},{epochs},{peak},{:.4}\n", cell.top1));
+            row.push(cell.top1);
+        }
+        top1.push(row);
+    }
+    let rows = batch_sizes.iter().map(|b| format!("batch {b}")).collect();
+    let columns = lengths.iter().map(|e| format!("{e} epochs")).collect();
+    let chart =
+        Chart { caption: "kNN top-1 (%) by batch size and training length", x_desc: "epochs", y_desc: "batch size" };
+    Grid::write(output_dir, "batch \\ epochs", (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 #[cfg(test)]
