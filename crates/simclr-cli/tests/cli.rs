@@ -729,6 +729,20 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
         &simclr(["ablate", "loss", "--losses", "infonce", "--output", &killed.display().to_string()]).run(),
         &["unknown loss 'infonce'", "nt-xent, nt-logistic, margin-triplet"],
     );
+
+    // Cells whose training diverges (every step's loss made NaN) are
+    // recorded as such, and the study goes on to its end; run again, they
+    // are read back.
+    let diverging = dir.path().join("diverging");
+    let nan = study(&diverging).env("SIMCLR_TEST_POISON_STEPS", "0,1,2,3,4,5").run();
+    assert_succeeds(&nan);
+    let csv = std::fs::read_to_string(diverging.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|line| line.ends_with(",diverged")).count(), 3, "{csv}");
+    assert!(String::from_utf8_lossy(&nan.stdout).contains("diverged"));
+    assert!(diverging.join("margin-triplet-cosine-m1/diverged.txt").exists());
+    let again = study(&diverging).run();
+    assert_succeeds(&again);
+    assert_eq!(stderr(&again).matches("diverged before").count(), 3, "{}", stderr(&again));
 }
 
 #[test]

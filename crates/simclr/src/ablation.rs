@@ -36,8 +36,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct AugmentAblation {
     pub names: Vec<String>,
-    /// `top1[first][second]`.
-    pub top1: Vec<Vec<f64>>,
+    /// `top1[first][second]`; `None` where training diverged.
+    pub top1: Vec<Vec<Option<f64>>>,
     /// The random-init encoder's kNN top-1: the floor a pair must clear.
     pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
@@ -55,7 +55,7 @@ impl std::fmt::Display for AugmentAblation {
         for (name, row) in self.names.iter().zip(&self.top1) {
             write!(f, "{name:>22}")?;
             for score in row {
-                write!(f, " {:>19.2}%", 100.0 * score)?;
+                write!(f, " {:>20}", percent(*score))?;
             }
             writeln!(f)?;
         }
@@ -84,8 +84,8 @@ pub fn augment_pairs(
     }
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
-    let mut done: HashMap<String, f64> = HashMap::new();
-    let mut top1 = vec![vec![0.0; ops.len()]; ops.len()];
+    let mut done: HashMap<String, Option<f64>> = HashMap::new();
+    let mut top1 = vec![vec![None; ops.len()]; ops.len()];
     let mut initial_top1 = None;
     for (i, first) in ops.iter().enumerate() {
         for (j, second) in ops.iter().enumerate() {
@@ -107,13 +107,12 @@ pub fn augment_pairs(
     let mut csv = String::from("first,second,knn_top1\n");
     for (i, row) in top1.iter().enumerate() {
         for (j, score) in row.iter().enumerate() {
-            csv.push_str(&format!("{},{},{score:.4}\n", names[i], names[j]));
+            csv.push_str(&format!("{},{},{}\n", names[i], names[j], csv_score(*score)));
         }
     }
     let csv_path = output_dir.join("ablation.csv");
     crate::io::write_atomic(&csv_path, csv.as_bytes())?;
     let png_path = output_dir.join("ablation.png");
-    let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
     let caption = with_initial("kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)", initial_top1);
     Heatmap {
         caption: &caption,
@@ -123,8 +122,18 @@ pub fn augment_pairs(
         y_desc: "1st transformation",
         annotate: true,
     }
-    .draw(&cells, &png_path)?;
+    .draw(&top1, &png_path)?;
     Ok(AugmentAblation { names, top1, initial_top1, csv_path, png_path })
+}
+
+/// A score as a table shows it.
+fn percent(top1: Option<f64>) -> String {
+    top1.map_or_else(|| "diverged".to_owned(), |top1| format!("{:.2}%", 100.0 * top1))
+}
+
+/// A score as `results.csv` holds it.
+fn csv_score(top1: Option<f64>) -> String {
+    top1.map_or_else(|| "diverged".to_owned(), |top1| format!("{top1:.4}"))
 }
 
 /// A chart's caption with the random-init encoder's score, the baseline
@@ -143,11 +152,16 @@ fn write_initial(f: &mut std::fmt::Formatter<'_>, initial_top1: Option<f64>) -> 
     }
 }
 
+/// Written into a cell's folder when its training diverged.
+pub const DIVERGED_FILE: &str = "diverged.txt";
+
 /// What a finished cell scored.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Cell {
-    /// kNN top-1 at the end of the run.
-    pub top1: f64,
+    /// kNN top-1 at the end of the run; `None` when training diverged
+    /// (`train.max_nonfinite_steps` non-finite steps in a row), which a
+    /// study records and goes on from, as the paper's grids have such cells.
+    pub top1: Option<f64>,
     /// kNN top-1 of the random-init encoder (absent for a cell resumed
     /// from a checkpoint, which did not measure it).
     pub initial_top1: Option<f64>,
@@ -155,8 +169,9 @@ pub struct Cell {
 
 /// The run `config` in `dir`, scored by the kNN monitor. A killed study
 /// continues: a finished run there (its summary written) is read back
-/// instead of trained, a run with a checkpoint is resumed, and a run of
-/// another configuration is an error naming the folder.
+/// instead of trained, as is one that diverged (its `diverged.txt`
+/// written), a run with a checkpoint is resumed, and a run of another
+/// configuration is an error naming the folder.
 pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut dyn Observer) -> Result<Cell> {
     config.train.output_dir = dir.to_path_buf();
     let config = config.validate()?;
@@ -180,16 +195,30 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
                 serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", dir.display())))?;
             tracing::info!("study: {label} is done, its score read from {}", dir.display());
             let top1 = summary["final_knn_top1"].as_f64().ok_or_else(no_score)?;
-            return Ok(Cell { top1, initial_top1: summary["initial_knn_top1"].as_f64() });
+            return Ok(Cell { top1: Some(top1), initial_top1: summary["initial_knn_top1"].as_f64() });
+        }
+        if dir.join(DIVERGED_FILE).exists() {
+            tracing::info!("study: {label} diverged before, as {} says", dir.join(DIVERGED_FILE).display());
+            return Ok(Cell { top1: None, initial_top1: None });
         }
     }
     let resume = checkpoint::exists(&dir.join(checkpoint::FILE_NAME));
     tracing::info!("study: {} {label}", if resume { "resuming" } else { "training" });
-    let report = train(config, resume, observer)?;
+    let report = match train(config, resume, observer) {
+        Err(Error::NonFinite(message)) => {
+            tracing::warn!(
+                "study: {label} diverged; recorded in {}, the study goes on",
+                dir.join(DIVERGED_FILE).display()
+            );
+            crate::io::write_atomic(&dir.join(DIVERGED_FILE), format!("{message}\n").as_bytes())?;
+            return Ok(Cell { top1: None, initial_top1: None });
+        }
+        outcome => outcome?,
+    };
     if report.interrupted_at.is_some() {
         return Err(Error::Interrupted(format!("study run {label} in {}", dir.display())));
     }
-    Ok(Cell { top1: report.final_knn_top1().ok_or_else(no_score)?, initial_top1: report.initial_knn_top1 })
+    Ok(Cell { top1: Some(report.final_knn_top1().ok_or_else(no_score)?), initial_top1: report.initial_knn_top1 })
 }
 
 /// A study's result: kNN top-1 in a table of named rows and columns, as
@@ -200,8 +229,8 @@ pub struct Grid {
     pub corner: String,
     pub rows: Vec<String>,
     pub columns: Vec<String>,
-    /// `top1[row][column]`.
-    pub top1: Vec<Vec<f64>>,
+    /// `top1[row][column]`; `None` where training diverged (a blank cell).
+    pub top1: Vec<Vec<Option<f64>>>,
     /// The random-init encoder's kNN top-1 (the first cell that measured it).
     pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
@@ -219,7 +248,7 @@ impl std::fmt::Display for Grid {
         for (name, row) in self.rows.iter().zip(&self.top1) {
             write!(f, "{name:>30}")?;
             for score in row {
-                write!(f, " {:>9.2}%", 100.0 * score)?;
+                write!(f, " {:>10}", percent(*score))?;
             }
             writeln!(f)?;
         }
@@ -241,7 +270,7 @@ impl Grid {
         output_dir: &Path,
         corner: &str,
         (rows, columns): (Vec<String>, Vec<String>),
-        top1: Vec<Vec<f64>>,
+        top1: Vec<Vec<Option<f64>>>,
         initial_top1: Option<f64>,
         csv: &str,
         chart: Chart,
@@ -249,7 +278,6 @@ impl Grid {
         let csv_path = output_dir.join("results.csv");
         crate::io::write_atomic(&csv_path, csv.as_bytes())?;
         let png_path = output_dir.join("results.png");
-        let cells: Vec<Vec<Option<f64>>> = top1.iter().map(|row| row.iter().map(|v| Some(*v)).collect()).collect();
         let caption = with_initial(chart.caption, initial_top1);
         Heatmap {
             caption: &caption,
@@ -259,7 +287,7 @@ impl Grid {
             y_desc: chart.y_desc,
             annotate: true,
         }
-        .draw(&cells, &png_path)?;
+        .draw(&top1, &png_path)?;
         Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })
     }
 }
@@ -315,7 +343,8 @@ pub fn loss_grid(
                     Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
                     _ => (temperature.to_string(), String::new()),
                 };
-                csv.push_str(&format!("{},{},{t},{m},{:.4}\n", objective.name(), similarity.name(), cell.top1));
+                let score = csv_score(cell.top1);
+                csv.push_str(&format!("{},{},{t},{m},{score}\n", objective.name(), similarity.name()));
                 row.push(cell.top1);
             }
             row.resize(temperatures.len(), row[0]);
@@ -362,7 +391,7 @@ pub fn batch_grid(
             let cell = run_cell(config.clone(), &output_dir.join(&key), &label, observer)?;
             initial_top1 = initial_top1.or(cell.initial_top1);
             let peak = config.optim.peak_learning_rate(batch_size);
-            csv.push_str(&format!("{batch_size},{epochs},{peak},{:.4}\n", cell.top1));
+            csv.push_str(&format!("{batch_size},{epochs},{peak},{}\n", csv_score(cell.top1)));
             row.push(cell.top1);
         }
         top1.push(row);
