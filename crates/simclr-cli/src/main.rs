@@ -304,10 +304,11 @@ fn train(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     let world = World::from_env()?;
+    let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
     if let (Some(processes), None) = (args.nproc_per_node, &world) {
         launch::check_divides(config.train.batch_size, processes)?;
         let (arguments, stop): (Vec<_>, _) = (std::env::args_os().skip(1).collect(), observer::stop_flag()?);
-        return match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10))? {
+        return match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10), timeout)? {
             Outcome::Finished => Ok(()),
             Outcome::Stopped => Err(simclr::Error::Interrupted("every process stopped".to_owned()).into()),
             Outcome::Failed { rank, status } => {
@@ -315,7 +316,6 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         };
     }
-    let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
     let group = match &world {
         Some(world) => {
             let cuda = simclr::device::select(config.train.device)?.is_cuda();
@@ -488,7 +488,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) if matches!(error.downcast_ref(), Some(simclr::Error::Interrupted(_))) => ExitCode::from(130),
+        Err(error) if matches!(error.downcast_ref(), Some(simclr::Error::Interrupted(_))) => {
+            ExitCode::from(launch::STOPPED as u8)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

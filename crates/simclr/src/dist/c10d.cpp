@@ -250,6 +250,26 @@ int simclr_dist_new_group(
   });
 }
 
+// A TCP store served by this process alone, on `address` at a port the OS
+// picks (bound, never released before use): the launcher's, as torchrun's
+// agent serves its workers'. `*port` is where it listens.
+int simclr_dist_serve_store(const char* address, int64_t timeout_ms, void** out, int* port) {
+  return guarded([&] {
+    c10d::TCPStoreOptions options;
+    options.port = 0;
+    options.isServer = true;
+    options.waitWorkers = false;
+    options.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(address, options);
+    *port = store->getPort();
+    *out = new c10::intrusive_ptr<c10d::TCPStore>(std::move(store));
+  });
+}
+
+void simclr_dist_free_store(void* store) {
+  delete static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store);
+}
+
 void simclr_dist_free(void* group) {
   auto* g = static_cast<Group*>(group);
   guarded([&] {

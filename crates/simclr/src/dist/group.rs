@@ -25,6 +25,9 @@ extern "C" {
         nccl: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
+    fn simclr_dist_serve_store(address: *const c_char, timeout_ms: i64, out: *mut *mut c_void, port: *mut c_int)
+        -> c_int;
+    fn simclr_dist_free_store(store: *mut c_void);
     fn simclr_dist_free(group: *mut c_void);
     fn simclr_dist_all_reduce(group: *mut c_void, tensor: *mut c_void, op: c_int) -> c_int;
     fn simclr_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: c_int) -> c_int;
@@ -313,5 +316,45 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: `raw` came from simclr_dist_new_group and is freed once.
         unsafe { simclr_dist_free(self.raw.as_ptr()) }
+    }
+}
+
+/// A TCP store this process serves for others, on a port the OS picked
+/// and this process holds from the start (a port found free and released
+/// for another process to bind can be taken in between: by another run's
+/// store, or as the source port of any connection). The local launcher
+/// serves its workers' store so, as torchrun's agent does.
+#[derive(Debug)]
+pub struct StoreServer {
+    raw: NonNull<c_void>,
+    port: u16,
+}
+
+// SAFETY: the store's server runs on threads of its own; the handle is only
+// dropped, from whichever thread holds it.
+unsafe impl Send for StoreServer {}
+
+impl StoreServer {
+    /// Serves a store on `host` at a free port; its waits end after `timeout`.
+    pub fn serve(host: &str, timeout: Duration) -> Result<Self> {
+        let address = c_string("store address", host)?;
+        let (mut out, mut port) = (std::ptr::null_mut(), 0);
+        // SAFETY: `address` is valid for the call; `out` and `port` are written on success.
+        let code = unsafe { simclr_dist_serve_store(address.as_ptr(), timeout.as_millis() as i64, &mut out, &mut port) };
+        check(code, &format!("serving a TCP store on {host}"))?;
+        let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no store".to_owned()))?;
+        let port = u16::try_from(port).map_err(|_| Error::Distributed(format!("the store reports port {port}")))?;
+        Ok(Self { raw, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from simclr_dist_serve_store and is freed once.
+        unsafe { simclr_dist_free_store(self.raw.as_ptr()) }
     }
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Backend, GroupOptions, ProcessGroup, Rendezvous};
+use super::{Backend, GroupOptions, ProcessGroup, Rendezvous, StoreServer};
 use crate::{Error, Result};
 
 /// torchrun's port when none is given.
@@ -133,21 +133,18 @@ pub fn check_divides(batch_size: usize, processes: usize) -> Result<()> {
     Ok(())
 }
 
-/// A free TCP port on loopback for the store (the OS picks it; it is
-/// released just before rank 0 binds it again).
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|e| Error::Distributed(format!("finding a free port on 127.0.0.1: {e}")))?;
-    let port = listener.local_addr().map_err(|e| Error::Distributed(e.to_string()))?.port();
-    Ok(port)
-}
+/// The exit code of a process that stopped as asked, with a checkpoint
+/// written (the shell's code for SIGINT): a stop every rank agreed on, not
+/// a failure.
+pub const STOPPED: i32 = 130;
 
 /// How the local processes of [`spawn_local`] ended.
 #[derive(Debug)]
 pub enum Outcome {
     /// Every process exited with success.
     Finished,
-    /// A stop was asked (a signal) and every process exited.
+    /// A stop was asked (a signal to the launcher or to any process) and
+    /// every process exited.
     Stopped,
     /// `rank` failed first with `status`; the others were stopped.
     Failed { rank: usize, status: ExitStatus },
@@ -155,16 +152,26 @@ pub enum Outcome {
 
 /// Runs `processes` copies of this executable with `args` on this machine,
 /// rank i with torchrun's variables for a world of `processes` meeting at
-/// a TCP store on 127.0.0.1. When one fails, the others are stopped (SIGTERM,
-/// then SIGKILL after `grace`); when `stop` is raised (the launcher got
-/// SIGINT or SIGTERM), every process is sent SIGTERM, so each writes its
-/// checkpoint and exits.
-pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace: Duration) -> Result<Outcome> {
+/// a TCP store this launcher serves on 127.0.0.1 (as torchrun's agent
+/// does; its waits end after `timeout`). When one fails, the others are
+/// stopped (SIGTERM, then SIGKILL after `grace`); when `stop` is raised
+/// (the launcher got SIGINT or SIGTERM), every process is sent SIGTERM, so
+/// each writes its checkpoint and exits. A process that exits with
+/// [`STOPPED`] stopped with all the others (they agree on every stop), so
+/// the launcher waits for them rather than stopping them.
+pub fn spawn_local(
+    processes: usize,
+    args: &[OsString],
+    stop: &AtomicBool,
+    grace: Duration,
+    timeout: Duration,
+) -> Result<Outcome> {
     if processes == 0 {
         return Err(Error::Distributed("--nproc-per-node 0: must be at least 1".to_owned()));
     }
     let executable = std::env::current_exe().map_err(|e| Error::Distributed(format!("finding this program: {e}")))?;
-    let port = free_port()?.to_string();
+    let store = StoreServer::serve("127.0.0.1", timeout)?;
+    let port = store.port().to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / processes).max(1).to_string();
     let mut children: Vec<Option<Child>> = Vec::new();
@@ -178,7 +185,7 @@ pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace
             .env("LOCAL_WORLD_SIZE", processes.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
-            .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+            .env("TORCHELASTIC_USE_AGENT_STORE", "True");
         // The cores are shared out, as torchrun does, unless the user chose.
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", &threads);
@@ -191,7 +198,7 @@ pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace
             }
         }
     }
-    let mut signalled = false;
+    let (mut signalled, mut stopped) = (false, false);
     loop {
         if stop.load(Ordering::Relaxed) && !signalled {
             signalled = true;
@@ -204,6 +211,10 @@ pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace
             let status = child.try_wait().map_err(|e| Error::Distributed(format!("waiting for rank {rank}: {e}")))?;
             match status {
                 Some(status) if status.success() || signalled => children[rank] = None,
+                Some(status) if status.code() == Some(STOPPED) => {
+                    stopped = true;
+                    children[rank] = None;
+                }
                 Some(status) => {
                     children[rank] = None;
                     terminate(&mut children, grace);
@@ -213,7 +224,7 @@ pub fn spawn_local(processes: usize, args: &[OsString], stop: &AtomicBool, grace
             }
         }
         if children.iter().all(Option::is_none) {
-            return Ok(if signalled { Outcome::Stopped } else { Outcome::Finished });
+            return Ok(if signalled || stopped { Outcome::Stopped } else { Outcome::Finished });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
