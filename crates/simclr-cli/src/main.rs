@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use simclr::ablation::HeadChoice;
 use simclr::augment::preview::PreviewOptions;
 use simclr::augment::OpConfig;
 use simclr::config::{ConfigLayers, RunLayers};
@@ -16,8 +17,9 @@ use simclr::data::config::DataFormat;
 use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
 use simclr::dist::launch::{self, Outcome, World};
-use simclr::eval::{EncoderSource, EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
-use simclr::model::{EncoderSpec, SpecOverrides};
+use simclr::embed::EncoderSource;
+use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
+use simclr::model::{EncoderSpec, Layer, SpecOverrides};
 use simclr::train::checkpoint;
 
 #[derive(Parser)]
@@ -67,6 +69,8 @@ enum AblateKind {
     Loss(AblateLossArgs),
     /// The paper's Figure 9: train once per batch size and number of epochs, score by kNN.
     Batch(AblateBatchArgs),
+    /// The paper's Figure 8 and section 4.2: train once per projection head, score h and z = g(h) by kNN.
+    Head(AblateHeadArgs),
 }
 
 #[derive(Args)]
@@ -96,13 +100,18 @@ struct EncoderArgs {
     spec: SpecOverrides,
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Where features are read: h (the encoder's output), z (the projection
+    /// head's), or head:K (after its K-th linear layer); a head layer needs
+    /// a run's checkpoint.
+    #[arg(long, default_value = "h")]
+    layer: Layer,
 }
 
 impl EncoderArgs {
     fn options(&self, batch_size: usize) -> Result<simclr::embed::EncoderOptions> {
         let weights = self.weights.clone().context("give the encoder with --weights")?;
         let device = simclr::device::select(self.device)?;
-        Ok(simclr::embed::EncoderOptions::new(weights, &self.spec, batch_size, device)?)
+        Ok(simclr::embed::EncoderOptions::new(weights, &self.spec, batch_size, device, self.layer)?)
     }
 }
 
@@ -285,6 +294,16 @@ struct AblateBatchArgs {
     lengths: String,
 }
 
+#[derive(Args)]
+struct AblateHeadArgs {
+    /// The base run (its --output is the folder of the whole study).
+    #[command(flatten)]
+    run: RunLayers,
+    /// Comma-separated projection heads: none, linear, mlp-K (K linear layers, K >= 2).
+    #[arg(long, default_value = "none,linear,mlp-2,mlp-3")]
+    heads: String,
+}
+
 /// The comma-separated items of `list`, each parsed.
 fn parse_list<T: std::str::FromStr>(list: &str) -> Result<Vec<T>>
 where
@@ -354,26 +373,25 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     | EvalProtocol::Linear { common: args, .. }
     | EvalProtocol::Finetune { common: args, .. }) = &protocol;
     let overrides = &args.encoder.spec;
+    let layer = args.encoder.layer;
     let (source, spec) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
-        (Some(weights), None, false) => {
-            (EncoderSource::Weights(weights.clone()), simclr::io::torchvision::resolve_spec(weights, overrides)?)
-        }
-        (None, Some(checkpoint), false) => {
-            (EncoderSource::Weights(checkpoint.clone()), checkpoint::encoder_spec(checkpoint)?.with(overrides)?)
+        (Some(weights), None, false) | (None, Some(weights), false) => {
+            (EncoderSource::Weights(weights.clone()), simclr::embed::resolve_spec(weights, overrides, layer)?)
         }
         (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
-    let mut options = EvalOptions::new(source, spec, args.train.clone(), args.test.clone());
-    (options.limit, options.seed) = (args.limit, args.seed);
+    let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());
+    (options.limit, options.seed, options.layer) = (args.limit, args.seed, layer);
     options.device = simclr::device::select(args.encoder.device)?;
+    let network = simclr::embed::load_network(&source, &options.spec, layer, options.device)?;
     let (output, seed) = (args.output.clone(), args.seed);
     let protocol = match protocol {
         EvalProtocol::Knn { config, .. } => Protocol::Knn(config),
         EvalProtocol::Linear { config, .. } => Protocol::Linear(LinearConfig { seed, ..config }),
         EvalProtocol::Finetune { config, .. } => Protocol::Finetune(FinetuneConfig { seed, ..config }),
     };
-    let report = simclr::eval::evaluate(&options, &protocol)?;
+    let report = simclr::eval::evaluate(&network, &options, &protocol)?;
     println!("{report}");
     if let Some(path) = output {
         simclr::io::write_atomic(&path, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
@@ -451,6 +469,12 @@ fn ablate(kind: AblateKind) -> Result<()> {
             let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
             let output_dir = base.train.output_dir.clone();
             simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &output_dir, &mut observer::console()?)?
+        }
+        AblateKind::Head(args) => {
+            let base = args.run.resolve(args.run.base()?)?;
+            let heads: Vec<HeadChoice> = parse_list(&args.heads)?;
+            let output_dir = base.train.output_dir.clone();
+            simclr::ablation::head_grid(&base, &heads, &output_dir, &mut observer::console()?)?
         }
     };
     print!("{grid}");

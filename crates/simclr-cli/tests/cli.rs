@@ -348,17 +348,18 @@ fn a_runs_encoder_is_used_with_no_other_flags() {
         &wider.args(["--width", "0.25"]).run(),
         &["encoder.safetensors", "the model expects", "the file records resnet18 at 0.125x with the cifar stem"],
     );
-    // A file that records nothing (here a checkpoint, whose encoder is the
-    // same) is described by the flags, as torchvision's files are...
+    // The run's checkpoint (the same encoder) is described by the
+    // configuration it holds, flags or not...
     let checkpoint = out.join("checkpoint.safetensors");
-    let (described, described_npy) = embed(&checkpoint, "described.npy");
-    assert_succeeds(
-        &described.args(["--arch", "resnet18", "--width", "0.125", "--stem", "cifar", "--image-size", "16"]).run(),
-    );
-    assert_eq!(std::fs::read(&bare_npy).unwrap(), std::fs::read(&described_npy).unwrap());
-    // ...and without them is taken for torchvision's ResNet-50, which it is not.
-    let (undescribed, _) = embed(&checkpoint, "undescribed.npy");
-    assert_fails_with(&undescribed.run(), &["checkpoint.safetensors", "is --arch/--width/--stem that of the weights?"]);
+    for (flags, name) in [(&["--arch", "resnet18", "--width", "0.125"][..], "described.npy"), (&[], "own.npy")] {
+        let (described, described_npy) = embed(&checkpoint, name);
+        assert_succeeds(&described.args(flags).run());
+        assert_eq!(std::fs::read(&bare_npy).unwrap(), std::fs::read(&described_npy).unwrap());
+    }
+    // ...while flags that contradict it are named with the weights.
+    let (contradicted, _) = embed(&checkpoint, "contradicted.npy");
+    let output = contradicted.args(["--arch", "resnet34"]).run();
+    assert_fails_with(&output, &["checkpoint.safetensors", "is --arch/--width/--stem that of the weights?"]);
     // eval and neighbors read the record too.
     let data_arg = data.display().to_string();
     let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
@@ -769,6 +770,69 @@ fn the_batch_study_trains_each_batch_for_each_length() {
     assert_eq!(epoch_losses(&out.join("batch4-epochs2")).len(), 2);
     assert_eq!(epoch_losses(&out.join("batch2-epochs1")).len(), 1);
     assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+}
+
+#[test]
+fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("heads");
+    let output = simclr(["ablate", "head", "--heads", "none,mlp-3"])
+        .args(tiny_flags(&data, &out))
+        .args(monitor_flags(&data))
+        .run();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("mlp-3") && table.contains("z = g(h)"), "{table}");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["none", "mlp-3"], "{csv}");
+    let score = |text: &str| text.parse::<f64>().unwrap();
+    // Without a head z is h, scored once by the monitor and once from the checkpoint.
+    assert_eq!(rows[0][2], rows[0][3], "{csv}");
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+
+    // `eval knn` on the same splits with the monitor's k and T reads the
+    // study's numbers from the run's checkpoint, at h and at z.
+    let run = out.join("head-mlp-3");
+    let checkpoint = run.join("checkpoint.safetensors").display().to_string();
+    let data_arg = data.display().to_string();
+    let eval = |layer: &str, extra: &[&str]| {
+        simclr(["eval", "knn", "--k", "3", "--checkpoint", &checkpoint, "--layer", layer])
+            .args(["--train", &data_arg, "--test", &data_arg])
+            .args(extra)
+            .run()
+    };
+    for (layer, column) in [("h", 2), ("z", 3)] {
+        let json = dir.path().join(format!("eval-{layer}.json"));
+        assert_succeeds(&eval(layer, &["--output", &json.display().to_string()]));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let top1 = report["top1"].as_f64().unwrap();
+        assert!((top1 - score(rows[1][column])).abs() < 1e-4, "{layer}: eval {top1}, study {csv}");
+        assert_eq!(report["layer"], layer);
+    }
+    // A layer the head lacks, a head of weights without one, fine-tuning at z: named.
+    assert_fails_with(&eval("head:4", &[]), &["head:4", "head:1 to head:3"]);
+    let encoder = run.join("encoder.safetensors").display().to_string();
+    let splits = ["--train", &data_arg, "--test", &data_arg];
+    let output = simclr(["eval", "knn", "--weights", &encoder, "--layer", "z"]).args(splits).run();
+    assert_fails_with(&output, &["--layer z", "only a run's checkpoint", "encoder.safetensors"]);
+    let output = simclr(["eval", "knn", "--random-init", "--layer", "z"]).args(splits).run();
+    assert_fails_with(&output, &["--layer z", "--checkpoint"]);
+    let output = simclr(["eval", "finetune", "--checkpoint", &checkpoint, "--layer", "z"]).args(splits).run();
+    assert_fails_with(&output, &["--layer z", "fine-tuning"]);
+
+    // `embed` reads any layer of the checkpoint: h (0.125 x 512 = 64), the
+    // head's hidden layers (as wide as h by default) and z (128).
+    for (layer, width) in [("h", 64), ("head:1", 64), ("z", 128)] {
+        let features = dir.path().join(format!("embed-{layer}.npy"));
+        let output = simclr(["embed", "--weights", &checkpoint, "--layer", layer])
+            .args(["--input", &data_arg, "--output", &features.display().to_string()])
+            .run();
+        assert_succeeds(&output);
+        assert_eq!(npy_shape(&features), [12, width], "{layer}");
+    }
 }
 
 #[test]

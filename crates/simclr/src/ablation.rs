@@ -18,6 +18,10 @@
 //! (the margin triplet loss has a margin instead, so one run per
 //! similarity). Writes `results.csv` and the heatmap `results.png`.
 //!
+//! `ablate head`, Figure 8 and section 4.2: one run per projection head
+//! (none, linear, MLPs of 2 or more layers), each scored on h and on
+//! z = g(h). Writes `results.csv` and `results.png`.
+//!
 //! `ablate batch`, Figure 9: each batch size trained for each number of
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
@@ -27,7 +31,9 @@ use std::path::{Path, PathBuf};
 use crate::augment::{AugmentConfig, OpConfig};
 use crate::config::RunConfig;
 use crate::loss::{Objective, Similarity};
+use crate::model::{HeadKind, Layer};
 use crate::report::Heatmap;
+use crate::train::trainer::knn_top1_at;
 use crate::train::trainer::{CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
 use crate::{Error, Result};
@@ -401,6 +407,85 @@ pub fn batch_grid(
     let chart =
         Chart { caption: "kNN top-1 (%) by batch size and training length", x_desc: "epochs", y_desc: "batch size" };
     Grid::write(output_dir, "batch \\ epochs", (rows, columns), top1, initial_top1, &csv, chart)
+}
+
+/// A projection head a study trains: none, linear, or an MLP of `layers`
+/// linear layers (named `mlp-2`, `mlp-3`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadChoice {
+    pub kind: HeadKind,
+    pub layers: usize,
+}
+
+impl std::fmt::Display for HeadChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            HeadKind::None => write!(f, "none"),
+            HeadKind::Linear => write!(f, "linear"),
+            HeadKind::Mlp => write!(f, "mlp-{}", self.layers),
+        }
+    }
+}
+
+impl std::str::FromStr for HeadChoice {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("head '{text}': expected none, linear or mlp-K with K >= 2"));
+        match text {
+            "none" => Ok(Self { kind: HeadKind::None, layers: 0 }),
+            "linear" => Ok(Self { kind: HeadKind::Linear, layers: 1 }),
+            _ => match text.strip_prefix("mlp-").map(str::parse::<usize>) {
+                Some(Ok(layers)) if layers >= 2 => Ok(Self { kind: HeadKind::Mlp, layers }),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+/// `ablate head`, Figure 8 and section 4.2: one run per projection head
+/// (rows), each scored by the kNN monitor on h, the encoder's output, and
+/// on z = g(h), the head's (columns; z = h without a head). The paper finds
+/// a non-linear head best and h better than z by more than 10%.
+pub fn head_grid(
+    base: &RunConfig,
+    heads: &[HeadChoice],
+    output_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<Grid> {
+    if heads.is_empty() {
+        return Err(Error::InvalidArgument("ablate head needs at least one head".to_owned()));
+    }
+    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let (mut top1, mut initial_top1) = (Vec::new(), None);
+    let mut csv = String::from("head,projection_dim,knn_top1_h,knn_top1_z\n");
+    for (i, head) in heads.iter().enumerate() {
+        let mut config = base.clone();
+        config.model.head.kind = head.kind;
+        if head.kind == HeadKind::Mlp {
+            config.model.head.layers = head.layers;
+        }
+        let key = format!("head-{head}");
+        let dir = output_dir.join(&key);
+        let cell = run_cell(config.clone(), &dir, &format!("{key} ({} of {})", i + 1, heads.len()), observer)?;
+        initial_top1 = initial_top1.or(cell.initial_top1);
+        let z = match cell.top1 {
+            Some(_) => Some(knn_top1_at(&dir, Layer::Z)?),
+            None => None,
+        };
+        let width =
+            if head.kind == HeadKind::None { String::new() } else { config.model.head.projection_dim.to_string() };
+        csv.push_str(&format!("{head},{width},{},{}\n", csv_score(cell.top1), csv_score(z)));
+        top1.push(vec![cell.top1, z]);
+    }
+    let rows = heads.iter().map(HeadChoice::to_string).collect();
+    let columns = vec!["h".to_owned(), "z = g(h)".to_owned()];
+    let chart = Chart {
+        caption: "kNN top-1 (%) of h and of z = g(h) by projection head",
+        x_desc: "representation evaluated",
+        y_desc: "projection head g",
+    };
+    Grid::write(output_dir, "head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `simclr embed`: h for every image under a folder, as a `.npy` matrix with
+//! `simclr embed`: h (or a projection-head layer) for every image under a folder, as a `.npy` matrix with
 //! the image paths listed beside it, in the same (sorted) order.
 use std::path::{Path, PathBuf};
 
@@ -7,60 +7,141 @@ use tch::{nn, Device};
 use crate::data::image_folder::{image_files, sorted_entries};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{ImageSource, Sample};
-use crate::eval::extract_features;
-use crate::model::{EncoderSpec, ResNet, SpecOverrides};
+use crate::eval::features::FeatureNet;
+use crate::eval::{extract_features, Network};
+use crate::model::{EncoderSpec, Layer, ResNet, SimClr, SpecOverrides};
 use crate::{Error, Result};
 
-/// Which encoder, with which weights, and how images are prepared for it.
+/// Which encoder, with which weights, how images are prepared for it, and
+/// where its features are read.
 #[derive(Debug, Clone)]
 pub struct EncoderOptions {
-    /// torchvision-named safetensors, with or without an `encoder.` prefix.
+    /// torchvision-named safetensors, with or without an `encoder.` prefix,
+    /// or a run's checkpoint (which a projection-head `layer` needs).
     pub weights: PathBuf,
     pub spec: EncoderSpec,
     pub batch_size: usize,
     pub device: Device,
+    pub layer: Layer,
 }
 
 impl EncoderOptions {
     /// The encoder in `weights` as its file records it (see
-    /// [`crate::io::torchvision::resolve_spec`]), with `overrides` laid over.
-    pub fn new(weights: PathBuf, overrides: &SpecOverrides, batch_size: usize, device: Device) -> Result<Self> {
+    /// [`crate::io::torchvision::resolve_spec`]; for a head `layer`, the
+    /// run's checkpoint), with `overrides` laid over.
+    pub fn new(
+        weights: PathBuf,
+        overrides: &SpecOverrides,
+        batch_size: usize,
+        device: Device,
+        layer: Layer,
+    ) -> Result<Self> {
         if batch_size == 0 {
             return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
         }
-        let spec = crate::io::torchvision::resolve_spec(&weights, overrides)?;
-        Ok(Self { weights, spec, batch_size, device })
+        let spec = resolve_spec(&weights, overrides, layer)?;
+        Ok(Self { weights, spec, batch_size, device, layer })
     }
 
-    /// Builds the encoder and loads its weights, checking every tensor.
+    /// Builds the network and loads its weights, checking every tensor.
     pub fn load(&self) -> Result<LoadedEncoder> {
-        let spec = &self.spec;
-        let store = nn::VarStore::new(self.device);
-        let encoder = ResNet::new(&store.root(), spec.arch, spec.width_multiplier, spec.stem);
-        crate::device::use_channels_last(&store);
-        crate::io::torchvision::load_encoder(&store.variables(), &self.weights)?;
-        Ok(LoadedEncoder { _store: store, encoder, options: self.clone(), pool: worker_pool(0)? })
+        let source = EncoderSource::Weights(self.weights.clone());
+        let network = load_network(&source, &self.spec, self.layer, self.device)?;
+        Ok(LoadedEncoder { network, options: self.clone(), pool: worker_pool(0)? })
     }
 }
 
-/// An encoder ready to embed images.
+/// Where a network's variables come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EncoderSource {
+    /// torchvision-named safetensors, or a run's checkpoint (prefixes
+    /// `encoder.` and `model.encoder.` are understood).
+    Weights(PathBuf),
+    /// Untrained weights drawn with this seed: the baseline every
+    /// self-supervised result is compared with.
+    RandomInit(u64),
+}
+
+/// The network `spec` describes with `source`'s variables, on `device`,
+/// ready to be read at `layer`: the encoder alone for h, the whole network
+/// of a run's checkpoint for a projection-head layer.
+pub fn load_network(source: &EncoderSource, spec: &EncoderSpec, layer: Layer, device: Device) -> Result<Network> {
+    let network = match source {
+        EncoderSource::Weights(path) if layer != Layer::H => {
+            let (store, model, _) = crate::train::checkpoint::load_model(path, device)
+                .map_err(|error| head_needs_checkpoint(layer, error))?;
+            Network { store, model, name: path.display().to_string() }
+        }
+        EncoderSource::RandomInit(_) if layer != Layer::H => {
+            let why = Error::InvalidArgument("a random-init encoder has none; give --checkpoint".to_owned());
+            return Err(head_needs_checkpoint(layer, why));
+        }
+        source => {
+            if let EncoderSource::RandomInit(seed) = source {
+                tch::manual_seed(*seed as i64);
+            }
+            let store = nn::VarStore::new(device);
+            let encoder = ResNet::new(&store.root(), spec.arch, spec.width_multiplier, spec.stem);
+            crate::device::use_channels_last(&store);
+            let name = match source {
+                EncoderSource::Weights(path) => {
+                    crate::io::torchvision::load_encoder(&store.variables(), path)?;
+                    path.display().to_string()
+                }
+                EncoderSource::RandomInit(seed) => format!("random init (seed {seed})"),
+            };
+            Network { store, model: SimClr::headless(encoder), name }
+        }
+    };
+    FeatureNet::at(&network.model, layer)?;
+    Ok(network)
+}
+
+/// The network `weights` hold, with `overrides` laid over: a run's
+/// checkpoint as its configuration says, other weights as their file
+/// records (see [`crate::io::torchvision::resolve_spec`]); a head `layer`
+/// needs a checkpoint.
+pub fn resolve_spec(weights: &Path, overrides: &SpecOverrides, layer: Layer) -> Result<EncoderSpec> {
+    match (crate::train::checkpoint::encoder_spec(weights), layer) {
+        (Ok(spec), _) => spec.with(overrides),
+        (Err(_), Layer::H) => crate::io::torchvision::resolve_spec(weights, overrides),
+        (Err(error), layer) => Err(head_needs_checkpoint(layer, error)),
+    }
+}
+
+/// A head layer asked of weights that are not a run's checkpoint.
+pub fn head_needs_checkpoint(layer: Layer, error: Error) -> Error {
+    Error::InvalidArgument(format!(
+        "--layer {layer} reads the projection head, which only a run's checkpoint holds: {error}"
+    ))
+}
+
+/// A network ready to embed images.
 pub struct LoadedEncoder {
-    /// Owns the variables `encoder` computes with.
-    _store: nn::VarStore,
-    pub encoder: ResNet,
+    network: Network,
     options: EncoderOptions,
     pool: std::sync::Arc<rayon::ThreadPool>,
 }
 
 impl LoadedEncoder {
-    /// h for each file, in order, as a `[files, feature_dim]` CPU tensor.
+    /// The features (at the options' layer) of each file, in order, as a
+    /// `[files, dim]` CPU tensor.
     pub fn embed_files(&self, files: &[PathBuf]) -> Result<tch::Tensor> {
         let samples: Vec<Sample> =
             files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
         let (spec, options) = (&self.options.spec, &self.options);
         let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
-        Ok(extract_features(&self.encoder, &samples, format, options.batch_size, options.device, &self.pool)?
+        Ok(extract_features(self.net()?, &samples, format, options.batch_size, options.device, &self.pool)?
             .to_device(Device::Cpu))
+    }
+
+    /// The size of a feature vector.
+    pub fn dim(&self) -> Result<i64> {
+        Ok(self.net()?.dim())
+    }
+
+    fn net(&self) -> Result<FeatureNet<'_>> {
+        FeatureNet::at(&self.network.model, self.options.layer)
     }
 }
 
@@ -145,7 +226,7 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
     crate::io::write_atomic(&paths_path, listing.as_bytes())?;
     Ok(EmbedReport {
         images: files.len(),
-        feature_dim: loaded.encoder.feature_dim(),
+        feature_dim: loaded.dim()?,
         features_path: options.output.clone(),
         paths_path,
         embed_seconds,

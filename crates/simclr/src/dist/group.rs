@@ -25,8 +25,12 @@ extern "C" {
         nccl: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
-    fn simclr_dist_serve_store(address: *const c_char, timeout_ms: i64, out: *mut *mut c_void, port: *mut c_int)
-        -> c_int;
+    fn simclr_dist_serve_store(
+        address: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+        port: *mut c_int,
+    ) -> c_int;
     fn simclr_dist_free_store(store: *mut c_void);
     fn simclr_dist_free(group: *mut c_void);
     fn simclr_dist_all_reduce(group: *mut c_void, tensor: *mut c_void, op: c_int) -> c_int;
@@ -340,7 +344,8 @@ impl StoreServer {
         let address = c_string("store address", host)?;
         let (mut out, mut port) = (std::ptr::null_mut(), 0);
         // SAFETY: `address` is valid for the call; `out` and `port` are written on success.
-        let code = unsafe { simclr_dist_serve_store(address.as_ptr(), timeout.as_millis() as i64, &mut out, &mut port) };
+        let code =
+            unsafe { simclr_dist_serve_store(address.as_ptr(), timeout.as_millis() as i64, &mut out, &mut port) };
         check(code, &format!("serving a TCP store on {host}"))?;
         let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no store".to_owned()))?;
         let port = u16::try_from(port).map_err(|_| Error::Distributed(format!("the store reports port {port}")))?;

@@ -1,13 +1,44 @@
-//! h for every image of a dataset: centre views, encoder in eval mode
-//! (BatchNorm running statistics, folded into the convolutions), no
-//! gradients, in batches.
+//! h (or a projection-head layer, see [`Layer`]) for every image of a
+//! dataset: centre views, the network in eval mode (BatchNorm running
+//! statistics, folded into the convolutions), no gradients, in batches.
 use tch::{Device, Kind, Tensor};
 
 use crate::data::loader::{center_batch, send_until_error, ViewFormat};
 use crate::data::Sample;
 use crate::device::Pinned;
-use crate::model::ResNet;
+use crate::model::{Layer, ProjectionHead, ResNet, SimClr};
 use crate::Result;
+
+/// The network features come from: the encoder, then the first `depth`
+/// linear layers of a projection head (none: h itself).
+#[derive(Clone, Copy)]
+pub struct FeatureNet<'a> {
+    encoder: &'a ResNet,
+    head: Option<(&'a ProjectionHead, usize)>,
+}
+
+impl<'a> FeatureNet<'a> {
+    /// `model` read at `layer`; an error names a head layer it lacks.
+    pub fn at(model: &'a SimClr, layer: Layer) -> Result<Self> {
+        let depth = layer.depth_in(&model.head)?;
+        Ok(Self { encoder: &model.encoder, head: (depth > 0).then_some((&model.head, depth)) })
+    }
+
+    /// The size of a feature vector.
+    pub fn dim(&self) -> i64 {
+        match self.head {
+            None => self.encoder.feature_dim(),
+            Some((head, depth)) => head.dim_after(depth),
+        }
+    }
+}
+
+/// h.
+impl<'a> From<&'a ResNet> for FeatureNet<'a> {
+    fn from(encoder: &'a ResNet) -> Self {
+        Self { encoder, head: None }
+    }
+}
 
 /// Features `[M, feature_dim]` (fp32, on `device`) of `samples`, in order.
 ///
@@ -18,19 +49,19 @@ use crate::Result;
 /// JPEGs through ResNet-18 on 2 cores took 21.1/19.6/20.1 s decoded in
 /// turn and 21.2/24.2/19.9 s prefetched, alternating; so batches are
 /// decoded in turn there.
-pub fn extract_features(
-    encoder: &ResNet,
+pub fn extract_features<'a>(
+    net: impl Into<FeatureNet<'a>>,
     samples: &[Sample],
     format: ViewFormat,
     batch_size: usize,
     device: Device,
     pool: &rayon::ThreadPool,
 ) -> Result<Tensor> {
-    extract(encoder, samples, format, batch_size, device, pool, device.is_cuda())
+    extract(net.into(), samples, format, batch_size, device, pool, device.is_cuda())
 }
 
 fn extract(
-    encoder: &ResNet,
+    net: FeatureNet,
     samples: &[Sample],
     format: ViewFormat,
     batch_size: usize,
@@ -39,10 +70,16 @@ fn extract(
     prefetch: bool,
 ) -> Result<Tensor> {
     let batches = samples.chunks(batch_size.max(1));
-    let encoder = encoder.fold();
+    let encoder = net.encoder.fold();
     let forward = |images: Pinned| {
         let images = images.upload();
-        tch::no_grad(|| encoder.forward(&images)).to_kind(Kind::Float)
+        tch::no_grad(|| {
+            let h = encoder.forward(&images).to_kind(Kind::Float);
+            match net.head {
+                None => h,
+                Some((head, depth)) => head.forward_to(&h, depth, false),
+            }
+        })
     };
     let ready = |batch| center_batch(batch, format, pool).map(|images| Pinned::new(images, device));
     let chunks: Vec<Tensor> = if prefetch {
@@ -77,8 +114,8 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    pub fn compute(
-        encoder: &ResNet,
+    pub fn compute<'a>(
+        net: impl Into<FeatureNet<'a>>,
         train: &[Sample],
         test: &[Sample],
         format: ViewFormat,
@@ -86,10 +123,11 @@ impl Frozen {
         device: Device,
         pool: &rayon::ThreadPool,
     ) -> Result<Self> {
+        let net = net.into();
         Ok(Self {
-            train: extract_features(encoder, train, format, batch, device, pool)?,
+            train: extract_features(net, train, format, batch, device, pool)?,
             train_labels: labels(train, device),
-            test: extract_features(encoder, test, format, batch, device, pool)?,
+            test: extract_features(net, test, format, batch, device, pool)?,
             test_labels: labels(test, device),
         })
     }
@@ -108,7 +146,8 @@ mod tests {
         let mut samples = crate::data::synthetic::generate(10, 2, 16, 0).samples;
         let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
         let pool = crate::data::loader::worker_pool(2).unwrap();
-        let run = |samples: &[Sample], prefetch| extract(&encoder, samples, format, 3, Device::Cpu, &pool, prefetch);
+        let run =
+            |samples: &[Sample], prefetch| extract((&encoder).into(), samples, format, 3, Device::Cpu, &pool, prefetch);
         let (serial, prefetched) = (run(&samples, false).unwrap(), run(&samples, true).unwrap());
         assert_eq!(serial.size(), vec![10, encoder.feature_dim()]);
         assert!(serial.equal(&prefetched));

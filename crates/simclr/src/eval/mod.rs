@@ -15,7 +15,7 @@ pub use features::extract_features;
 pub use finetune::{finetune, FinetuneConfig};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
-pub use protocol::{evaluate, EncoderSource, EvalOptions, EvalReport, Protocol};
+pub use protocol::{evaluate, EvalOptions, EvalReport, Network, Protocol};
 
 /// A labelled train and test split, and how their images become tensors.
 pub struct Task {

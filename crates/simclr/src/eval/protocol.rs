@@ -1,18 +1,18 @@
-//! `simclr eval`: one protocol (kNN or linear) on one encoder (weights, a
-//! run's checkpoint, or random init as the baseline) over a labelled train
-//! and test split. Features are computed once, then the protocol runs on
-//! them.
+//! `simclr eval`: one protocol (kNN, linear or fine-tuning) on one network
+//! (weights, a run's checkpoint, or random init as the baseline; see
+//! [`crate::embed::load_network`]) over a labelled train and test split.
+//! Features are computed once, then the protocol runs on them.
 use std::path::PathBuf;
 use std::time::Instant;
 
 use tch::{nn, Device};
 
-use super::features::Frozen;
+use super::features::{FeatureNet, Frozen};
 use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
 use crate::data::config::DataFormat;
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
-use crate::model::{EncoderSpec, ResNet};
+use crate::model::{EncoderSpec, Layer, SimClr};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -32,19 +32,18 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum EncoderSource {
-    /// torchvision-named safetensors, or a run's checkpoint (prefixes
-    /// `encoder.` and `model.encoder.` are understood).
-    Weights(PathBuf),
-    /// Untrained weights drawn with this seed: the baseline every
-    /// self-supervised result is compared with.
-    RandomInit(u64),
+/// A network to evaluate, its variables loaded (by
+/// [`crate::embed::load_network`]): the model (headless for weights that
+/// hold only an encoder) and the name reports give it.
+pub struct Network {
+    /// Owns the variables `model` computes with.
+    pub store: nn::VarStore,
+    pub model: SimClr,
+    pub name: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
-    pub encoder: EncoderSource,
     /// The network and how images are prepared for it.
     pub spec: EncoderSpec,
     /// Labelled images: ImageFolder or CIFAR batches.
@@ -55,12 +54,14 @@ pub struct EvalOptions {
     pub batch_size: usize,
     pub device: Device,
     pub seed: u64,
+    /// Where features are read (kNN and linear): h, or a layer of the
+    /// projection head, which only a run's checkpoint holds.
+    pub layer: Layer,
 }
 
 impl EvalOptions {
-    pub fn new(encoder: EncoderSource, spec: EncoderSpec, train: PathBuf, test: PathBuf) -> Self {
+    pub fn new(spec: EncoderSpec, train: PathBuf, test: PathBuf) -> Self {
         Self {
-            encoder,
             spec,
             train,
             test,
@@ -68,6 +69,7 @@ impl EvalOptions {
             batch_size: super::features::FEATURE_BATCH,
             device: Device::Cpu,
             seed: 0,
+            layer: Layer::H,
         }
     }
 }
@@ -76,6 +78,8 @@ impl EvalOptions {
 pub struct EvalReport {
     pub protocol: String,
     pub encoder: String,
+    /// The layer the features came from (h, z or head:k).
+    pub layer: String,
     pub arch: String,
     pub top1: f64,
     pub top5: f64,
@@ -92,9 +96,10 @@ impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} | {} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
+            "{} | {}{} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
             self.protocol,
             self.encoder,
+            if self.layer == "h" { String::new() } else { format!(" at {}", self.layer) },
             self.labelled_images,
             self.train_images,
             self.test_images,
@@ -116,7 +121,14 @@ fn labelled(path: &std::path::Path, limit: Option<usize>, seed: u64) -> Result<D
     Ok(dataset)
 }
 
-pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
+/// `protocol` on `network`, read at `options.layer`.
+pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
+    let layer = options.layer;
+    if layer != Layer::H && matches!(protocol, Protocol::Finetune(_)) {
+        return Err(Error::InvalidArgument(format!(
+            "--layer {layer}: fine-tuning trains the encoder from h; the layer is for knn and linear"
+        )));
+    }
     if let Protocol::Knn(config) = protocol {
         let mut problems = Vec::new();
         config.check("--", &mut problems);
@@ -130,27 +142,18 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
     let classes = train.classes.len().max(test.classes.len());
 
     tch::manual_seed(options.seed as i64);
-    let store = nn::VarStore::new(options.device);
+    let Network { store, model, name } = network;
+    let net = FeatureNet::at(model, layer)?;
     let spec = &options.spec;
-    let encoder = ResNet::new(&store.root(), spec.arch, spec.width_multiplier, spec.stem);
-    crate::device::use_channels_last(&store);
-    let encoder_name = match &options.encoder {
-        EncoderSource::Weights(path) => {
-            crate::io::torchvision::load_encoder(&store.variables(), path)?;
-            path.display().to_string()
-        }
-        EncoderSource::RandomInit(seed) => format!("random init (seed {seed})"),
-    };
 
     let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
     let pool = worker_pool(0)?;
     let device = options.device;
     let task = Task { train, test, classes: classes as i64, format };
-    let frozen = || {
-        Frozen::compute(&encoder, &task.train.samples, &task.test.samples, format, options.batch_size, device, &pool)
-    };
+    let frozen =
+        || Frozen::compute(net, &task.train.samples, &task.test.samples, format, options.batch_size, device, &pool);
     let (Accuracy { top1, top5 }, labelled_images) = match protocol {
-        Protocol::Finetune(config) => finetune(&store, &encoder, &task, config, &pool)?,
+        Protocol::Finetune(config) => finetune(store, &model.encoder, &task, config, &pool)?,
         Protocol::Knn(config) => {
             let f = frozen()?;
             let accuracy = knn_accuracy(&f.train, &f.train_labels, &f.test, &f.test_labels, task.classes, *config);
@@ -163,7 +166,8 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
     };
     Ok(EvalReport {
         protocol: protocol.name().to_owned(),
-        encoder: encoder_name,
+        encoder: name.clone(),
+        layer: layer.to_string(),
         arch: spec.arch.name().to_owned(),
         top1,
         top5,
@@ -171,7 +175,7 @@ pub fn evaluate(options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport
         labelled_images,
         test_images: task.test.len(),
         classes,
-        feature_dim: encoder.feature_dim(),
+        feature_dim: net.dim(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

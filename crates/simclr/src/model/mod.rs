@@ -6,7 +6,7 @@ pub mod spec;
 
 use serde::{Deserialize, Serialize};
 
-pub use projection_head::{HeadConfig, HeadKind, ProjectionHead};
+pub use projection_head::{HeadConfig, HeadKind, Layer, ProjectionHead};
 pub use resnet::{Arch, FoldedResNet, ResNet, Stem};
 pub use simclr::SimClr;
 pub use spec::{EncoderSpec, SpecOverrides};

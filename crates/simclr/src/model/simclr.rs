@@ -22,6 +22,13 @@ impl SimClr {
         Self { encoder, head }
     }
 
+    /// `encoder` alone (a head of kind none, z = h): for weights that hold
+    /// only an encoder.
+    pub fn headless(encoder: ResNet) -> Self {
+        let head = ProjectionHead::identity(encoder.feature_dim());
+        Self { encoder, head }
+    }
+
     /// Returns (h, z) for a batch of views.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let h = self.encoder.forward_t(x, train);

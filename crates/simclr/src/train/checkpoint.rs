@@ -11,6 +11,7 @@ use std::path::Path;
 use tch::{nn, Tensor};
 
 use crate::config::RunConfig;
+use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::{Error, Result};
 
@@ -22,7 +23,6 @@ fn previous(path: &Path) -> std::path::PathBuf {
     path.with_file_name(PREVIOUS_FILE_NAME)
 }
 
-/// Whether a run folder holds a checkpoint (latest or previous).
 /// The configuration of the run in `run_dir`, from its latest checkpoint:
 /// what `--resume` continues.
 pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
@@ -34,6 +34,13 @@ pub fn encoder_spec(checkpoint: &Path) -> Result<crate::model::EncoderSpec> {
     Ok(Checkpoint::read(checkpoint)?.config.encoder_spec())
 }
 
+/// The network a run's checkpoint holds (encoder and projection head, as
+/// its configuration builds them) on `device`, with its variables loaded.
+pub fn load_model(path: &Path, device: tch::Device) -> Result<(nn::VarStore, SimClr, RunConfig)> {
+    Checkpoint::read(path)?.into_model(device)
+}
+
+/// Whether a run folder holds a checkpoint (latest or previous).
 pub fn exists(path: &Path) -> bool {
     path.exists() || previous(path).exists()
 }
@@ -142,6 +149,28 @@ impl Checkpoint {
 
     /// Copies the saved variables and optimiser state into a freshly built run.
     pub fn restore(mut self, store: &nn::VarStore, optimizer: &mut Optimizer) -> Result<Position> {
+        self.copy_model(store)?;
+        let bad = |message: String| Error::Checkpoint { path: self.path.clone(), message };
+        let optim_state = self
+            .tensors
+            .drain()
+            .filter_map(|(name, tensor)| name.strip_prefix("optim.").map(|n| (n.to_owned(), tensor)))
+            .collect();
+        optimizer.load_state(optim_state).map_err(|e| bad(e.to_string()))?;
+        Ok(self.position)
+    }
+
+    /// The network it holds (see [`load_model`]).
+    pub fn into_model(mut self, device: tch::Device) -> Result<(nn::VarStore, SimClr, RunConfig)> {
+        let store = nn::VarStore::new(device);
+        let model = SimClr::new(&store.root(), &self.config.model);
+        crate::device::use_channels_last(&store);
+        self.copy_model(&store)?;
+        Ok((store, model, self.config))
+    }
+
+    /// Copies the saved model variables into `store`'s, every one checked.
+    fn copy_model(&mut self, store: &nn::VarStore) -> Result<()> {
         let bad = |message: String| Error::Checkpoint { path: self.path.clone(), message };
         for (name, mut variable) in store.variables() {
             let saved = self
@@ -157,12 +186,6 @@ impl Checkpoint {
             }
             tch::no_grad(|| variable.copy_(&saved));
         }
-        let optim_state = self
-            .tensors
-            .drain()
-            .filter_map(|(name, tensor)| name.strip_prefix("optim.").map(|n| (n.to_owned(), tensor)))
-            .collect();
-        optimizer.load_state(optim_state).map_err(|e| bad(e.to_string()))?;
-        Ok(self.position)
+        Ok(())
     }
 }

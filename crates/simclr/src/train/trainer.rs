@@ -23,9 +23,9 @@ use crate::data::stream::ShardList;
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{Parallel, ProcessGroup, ReduceOp};
-use crate::eval::features::{Frozen, FEATURE_BATCH};
+use crate::eval::features::{FeatureNet, Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
-use crate::model::SimClr;
+use crate::model::{Layer, SimClr};
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -162,11 +162,38 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn top1(&self, model: &SimClr, format: ViewFormat, device: Device, pool: &rayon::ThreadPool) -> Result<f64> {
+    /// The monitor of a run configured by `config`, on `knn`'s splits.
+    fn new(config: &ValidConfig, (bank, queries): (Dataset, Dataset), pool: &rayon::ThreadPool) -> Self {
+        let policy = config.data.on_bad_image;
+        Monitor {
+            classes: bank.classes.len().max(queries.classes.len()) as i64,
+            bank: bank.with_policy(policy).without_unreadable(pool),
+            queries: queries.with_policy(policy).without_unreadable(pool),
+            config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
+        }
+    }
+
+    fn top1(&self, net: FeatureNet, format: ViewFormat, device: Device, pool: &rayon::ThreadPool) -> Result<f64> {
         let (bank, queries) = (&self.bank.samples, &self.queries.samples);
-        let f = Frozen::compute(&model.encoder, bank, queries, format, FEATURE_BATCH, device, pool)?;
+        let f = Frozen::compute(net, bank, queries, format, FEATURE_BATCH, device, pool)?;
         Ok(knn_accuracy(&f.train, &f.train_labels, &f.test, &f.test_labels, self.classes, self.config).top1)
     }
+}
+
+/// The kNN monitor's score of the network in the run folder `run_dir`
+/// (its latest checkpoint), read at `layer`: how a study scores z = g(h)
+/// beside the h the monitor scored during training.
+pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
+    let saved = Checkpoint::read_latest(&run_dir.join(checkpoint::FILE_NAME))?;
+    let config = saved.config.clone().validate()?;
+    let device = crate::device::select(config.train.device)?;
+    let (_store, model, _) = saved.into_model(device)?;
+    let pool = worker_pool(config.data.workers)?;
+    let knn = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
+        Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
+    })?;
+    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+    Monitor::new(&config, knn, &pool).top1(FeatureNet::at(&model, layer)?, format, device, &pool)
 }
 
 /// Trains a SimCLR model as `config` says (continuing the run in
@@ -285,12 +312,7 @@ impl Trainer {
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
         let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
         // The kNN monitor runs on rank 0 alone; the others wait for it at the next step.
-        let monitor = splits.knn.filter(|_| writer).map(|(bank, queries)| Monitor {
-            classes: bank.classes.len().max(queries.classes.len()) as i64,
-            bank: bank.with_policy(policy).without_unreadable(&pool),
-            queries: queries.with_policy(policy).without_unreadable(&pool),
-            config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
-        });
+        let monitor = splits.knn.filter(|_| writer).map(|knn| Monitor::new(&config, knn, &pool));
 
         let store = nn::VarStore::new(device);
         let model = SimClr::new(&store.root(), &config.model);
@@ -331,7 +353,7 @@ impl Trainer {
         }
         if !resume {
             if let Some(monitor) = &monitor {
-                initial_knn_top1 = Some(monitor.top1(&model, format, device, &pool)?);
+                initial_knn_top1 = Some(monitor.top1((&model.encoder).into(), format, device, &pool)?);
             }
         }
         tracing::info!(
@@ -519,7 +541,9 @@ impl Trainer {
         let last = epoch == train.epochs;
         let knn_due = train.knn_every > 0 && (epoch % train.knn_every == 0 || last);
         let knn_top1 = match (&self.monitor, knn_due) {
-            (Some(monitor), true) => Some(monitor.top1(&self.model, self.format, self.device, &self.pool)?),
+            (Some(monitor), true) => {
+                Some(monitor.top1((&self.model.encoder).into(), self.format, self.device, &self.pool)?)
+            }
             _ => None,
         };
         let metrics = EpochMetrics {
