@@ -19,7 +19,7 @@ use simclr::device::DeviceChoice;
 use simclr::dist::launch::{self, Outcome, World};
 use simclr::embed::EncoderSource;
 use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
-use simclr::model::{EncoderSpec, Layer, SpecOverrides};
+use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::checkpoint;
 
 #[derive(Parser)]
@@ -71,6 +71,8 @@ enum AblateKind {
     Batch(AblateBatchArgs),
     /// The paper's Figure 8 and section 4.2: train once per projection head, score h and z = g(h) by kNN.
     Head(AblateHeadArgs),
+    /// The paper's Figure 7: train each architecture and width with SimCLR and supervised, score h by kNN.
+    Model(AblateModelArgs),
 }
 
 #[derive(Args)]
@@ -83,6 +85,10 @@ struct TrainArgs {
     /// Print the resolved configuration and exit.
     #[arg(long)]
     print_config: bool,
+    /// Train the supervised baseline instead: the same encoder with a linear
+    /// classifier under cross-entropy on the labels, same augmentation.
+    #[arg(long, conflicts_with = "resume")]
+    supervised: bool,
     /// Start this many processes on this machine, each training on its slice
     /// of every batch (docs/distributed.md). Under torchrun or srun, leave it out.
     #[arg(long, value_name = "N")]
@@ -304,6 +310,19 @@ struct AblateHeadArgs {
     heads: String,
 }
 
+#[derive(Args)]
+struct AblateModelArgs {
+    /// The base run (its --output is the folder of the whole study).
+    #[command(flatten)]
+    run: RunLayers,
+    /// Comma-separated architectures: resnet18, resnet34, resnet50, ...
+    #[arg(long, default_value = "resnet18,resnet34,resnet50")]
+    archs: String,
+    /// Comma-separated width multipliers.
+    #[arg(long, default_value = "1,2")]
+    widths: String,
+}
+
 /// The comma-separated items of `list`, each parsed.
 fn parse_list<T: std::str::FromStr>(list: &str) -> Result<Vec<T>>
 where
@@ -318,6 +337,10 @@ fn train(args: TrainArgs) -> Result<()> {
         _ => args.run.base()?,
     };
     let config = args.run.resolve(base)?;
+    let config = match args.supervised {
+        true => simclr::train::trainer::supervised(config.get().clone())?.validate()?,
+        false => config,
+    };
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
@@ -469,6 +492,12 @@ fn ablate(kind: AblateKind) -> Result<()> {
             let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
             let output_dir = base.train.output_dir.clone();
             simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &output_dir, &mut observer::console()?)?
+        }
+        AblateKind::Model(args) => {
+            let base = args.run.resolve(args.run.base()?)?;
+            let (archs, widths): (Vec<Arch>, Vec<f64>) = (parse_list(&args.archs)?, parse_list(&args.widths)?);
+            let output_dir = base.train.output_dir.clone();
+            simclr::ablation::model_grid(&base, &archs, &widths, &output_dir, &mut observer::console()?)?
         }
         AblateKind::Head(args) => {
             let base = args.run.resolve(args.run.base()?)?;

@@ -836,6 +836,41 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
 }
 
 #[test]
+fn the_model_study_trains_each_model_with_and_without_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("models");
+    let study = || {
+        simclr(["ablate", "model", "--archs", "resnet18", "--widths", "0.125,0.25"])
+            .args(tiny_flags(&data, &out))
+            .args(monitor_flags(&data))
+            .env("RUST_LOG", "info")
+            .run()
+    };
+    let output = study();
+    assert_succeeds(&output);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|r| [r[0], r[1]]).collect::<Vec<_>>(), [["resnet18", "0.125"], ["resnet18", "0.25"]]);
+    for row in &rows {
+        // Two scores and the model's random-init baseline, each a fraction.
+        assert!(row[2..5].iter().all(|s| (0.0..=1.0).contains(&s.parse::<f64>().unwrap())), "{csv}");
+    }
+    // Each model trained twice: contrastively, and with labels through its classifier.
+    let config = |cell: &str| std::fs::read_to_string(out.join(cell).join("config.toml")).unwrap();
+    assert!(config("resnet18-0.25x-supervised").contains("supervised = true"));
+    assert!(config("resnet18-0.25x-supervised").contains("width_multiplier = 0.25"));
+    assert!(!config("resnet18-0.25x-simclr").contains("supervised"));
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    // Run again, every cell is read back.
+    let again = study();
+    assert_succeeds(&again);
+    assert_eq!(stderr(&again).matches("is done, its score read from").count(), 4, "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+}
+
+#[test]
 fn the_fast_preset_is_reproducible_from_its_seed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -1267,6 +1302,70 @@ fn two_processes_train_the_encoder_of_one() {
     let difference = encoder_difference(&per_device, &one);
     eprintln!("per-process BatchNorm against 1 process: {difference:e}");
     assert!(difference > 10.0 * PROCESSES_TOLERANCE, "per-process BatchNorm went unnoticed: {difference:e}");
+}
+
+#[test]
+fn supervised_training_is_the_same_on_one_or_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, shards) = folder_and_shards(dir.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let output = tiny_training(&data, &out).args(["--epochs", "2"]).args(extra).run();
+        assert_succeeds(&output);
+        out
+    };
+    let one = run("one", &["--supervised"]);
+    // The head is the classifier: linear, an output per class (2 here).
+    let config = std::fs::read_to_string(one.join("config.toml")).unwrap();
+    for line in ["supervised = true", "kind = \"linear\"", "projection_dim = 2"] {
+        assert!(config.contains(line), "{line} missing from\n{config}");
+    }
+    // Each process's labels follow its slice of every batch: 2 processes
+    // take the steps of 1. Compared after 2 steps (1.4e-5 and 8e-6 apart,
+    // measured): the third batch puts one class on each process, whose
+    // gradients then nearly cancel, and LARS's per-layer normalisation
+    // magnifies the rounding of such a sum (6.5e-3 after it, 2e-2 after
+    // 12 steps, against 5e-5 for contrastive training).
+    let two_steps = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let output = tiny_training(&data, &out).args(extra).env("SIMCLR_TEST_STOP_AFTER_STEPS", 2).run();
+        assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+        simclr::io::load(&out.join("checkpoint.safetensors")).unwrap().tensors
+    };
+    let (one_process, two_processes) =
+        (two_steps("one-2", &["--supervised"]), two_steps("two-2", &["--supervised", "--nproc-per-node", "2"]));
+    type Tensors = std::collections::HashMap<String, simclr::tch::Tensor>;
+    let difference = |ours: &Tensors, theirs: &Tensors| {
+        let encoder = theirs.iter().filter(|(name, _)| name.starts_with("model.encoder."));
+        let relative = encoder.map(|(name, expected)| {
+            let scale = expected.abs().max().double_value(&[]).max(1e-12);
+            (&ours[name] - expected).abs().max().double_value(&[]) / scale
+        });
+        relative.fold(0.0, f64::max)
+    };
+    let apart = difference(&two_processes, &one_process);
+    eprintln!("supervised, 2 processes against 1 after 2 steps: encoder differs by {apart:e}");
+    assert!(apart < PROCESSES_TOLERANCE, "2 processes differ from 1 by {apart:e}");
+    // Negative control: contrastive steps from the same seed are another computation.
+    let contrastive = two_steps("contrastive-2", &[]);
+    assert!(difference(&contrastive, &one_process) > 10.0 * PROCESSES_TOLERANCE);
+
+    // What cannot train with labels is named: images without classes, a
+    // head that is not the classifier, shards streamed in a buffer's order.
+    let flat = dir.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    for entry in std::fs::read_dir(data.join("bars")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, flat.join(path.file_name().unwrap())).unwrap();
+    }
+    let output = tiny_training(&flat, &dir.path().join("flat-run")).args(["--supervised"]).run();
+    assert_fails_with(&output, &["flat", "labelled images"]);
+    let output = tiny_training(&data, &dir.path().join("mlp")).args(["--set", "train.supervised=true"]).run();
+    assert_fails_with(&output, &["model.head", "projection_dim = 2"]);
+    let output = tiny_training(&shards, &dir.path().join("streamed"))
+        .args(["--supervised", "--set", "data.shuffle_buffer=4"])
+        .run();
+    assert_fails_with(&output, &["train.supervised", "shuffle buffer"]);
 }
 
 #[test]

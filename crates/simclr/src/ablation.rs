@@ -22,6 +22,10 @@
 //! (none, linear, MLPs of 2 or more layers), each scored on h and on
 //! z = g(h). Writes `results.csv` and `results.png`.
 //!
+//! `ablate model`, Figure 7: for each architecture and width, a SimCLR run
+//! and a supervised one (labels, cross-entropy, the same encoder and
+//! augmentation), both scored on h. Writes `results.csv` and `results.png`.
+//!
 //! `ablate batch`, Figure 9: each batch size trained for each number of
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
@@ -31,9 +35,9 @@ use std::path::{Path, PathBuf};
 use crate::augment::{AugmentConfig, OpConfig};
 use crate::config::RunConfig;
 use crate::loss::{Objective, Similarity};
-use crate::model::{HeadKind, Layer};
+use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
-use crate::train::trainer::knn_top1_at;
+use crate::train::trainer::{knn_top1_at, supervised};
 use crate::train::trainer::{CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
 use crate::{Error, Result};
@@ -486,6 +490,56 @@ pub fn head_grid(
         y_desc: "projection head g",
     };
     Grid::write(output_dir, "head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
+}
+
+/// `ablate model`, Figure 7: for each architecture and width, a SimCLR run
+/// and the supervised baseline (`train.supervised`: the same encoder, the
+/// same augmentation and schedule, cross-entropy on the labels), both
+/// scored by the kNN monitor on h. The paper finds the gap between the two
+/// closing as the model grows (its numbers are linear evaluation).
+pub fn model_grid(
+    base: &RunConfig,
+    archs: &[Arch],
+    widths: &[f64],
+    output_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<Grid> {
+    if archs.is_empty() || widths.is_empty() {
+        return Err(Error::InvalidArgument("ablate model needs at least one architecture and one width".to_owned()));
+    }
+    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let (mut rows, mut top1) = (Vec::new(), Vec::new());
+    // Each model has a random-init score of its own: a column, not the caption.
+    let mut csv = String::from("arch,width,knn_top1_simclr,knn_top1_supervised,knn_top1_random_init\n");
+    let total = 2 * archs.len() * widths.len();
+    let mut done = 0;
+    for &arch in archs {
+        for &width in widths {
+            let mut config = base.clone();
+            (config.model.arch, config.model.width_multiplier) = (arch, width);
+            let model = format!("{}-{width}x", arch.name());
+            let (mut row, mut initial) = (Vec::new(), None);
+            for (method, config) in [("simclr", config.clone()), ("supervised", supervised(config)?)] {
+                done += 1;
+                let key = format!("{model}-{method}");
+                let cell = run_cell(config, &output_dir.join(&key), &format!("{key} ({done} of {total})"), observer)?;
+                initial = initial.or(cell.initial_top1);
+                row.push(cell.top1);
+            }
+            let initial = initial.map_or_else(String::new, |top1| format!("{top1:.4}"));
+            let (simclr, supervised) = (csv_score(row[0]), csv_score(row[1]));
+            csv.push_str(&format!("{},{width},{simclr},{supervised},{initial}\n", arch.name()));
+            rows.push(format!("{} {width}x", arch.name()));
+            top1.push(row);
+        }
+    }
+    let columns = vec!["SimCLR".to_owned(), "supervised".to_owned()];
+    let chart = Chart {
+        caption: "kNN top-1 (%) of h, SimCLR against supervised, by model",
+        x_desc: "training",
+        y_desc: "encoder",
+    };
+    Grid::write(output_dir, "model \\ training", (rows, columns), top1, None, &csv, chart)
 }
 
 #[cfg(test)]

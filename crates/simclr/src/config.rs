@@ -71,6 +71,15 @@ pub struct TrainConfig {
     /// build on CUDA with a GPU per process, since NCCL refuses two
     /// processes on one GPU). CPU tensors always go through Gloo.
     pub dist_backend: crate::dist::Backend,
+    /// Train with labels instead: the paper's supervised baseline (Figure
+    /// 7), the same encoder with a linear classifier on h (`model.head`
+    /// linear, `projection_dim` = the number of classes; `--supervised`
+    /// sets both) under cross-entropy on both augmented views of every
+    /// image, with the same augmentation, optimiser and schedule. Needs
+    /// labelled images (class folders, CIFAR batches) read in the epoch's
+    /// order (not streamed shards).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub supervised: bool,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +101,7 @@ impl Default for TrainConfig {
             sync_batch_norm: true,
             dist_timeout_seconds: 1800.0,
             dist_backend: crate::dist::Backend::Auto,
+            supervised: false,
         }
     }
 }

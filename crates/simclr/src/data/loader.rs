@@ -122,6 +122,20 @@ impl Views {
         }
     }
 
+    /// The images behind each batch of `epoch`: this shard's part of every
+    /// batch, indices into the dataset in the order of the batch's views.
+    /// `None` for streamed shards, whose order a shuffle buffer decides.
+    pub fn epoch_indices(&self, epoch: u64) -> Option<Vec<Vec<usize>>> {
+        let (len, seed, batch_size, shard) = match self {
+            Views::Cpu(loader) if loader.stream.is_some() => return None,
+            Views::Cpu(loader) => (loader.dataset.len(), loader.seed, loader.batch_size, loader.shard),
+            Views::Device(loader) => (loader.len, loader.seed, loader.batch_size, loader.shard),
+        };
+        let order = epoch_order(len, seed, epoch);
+        let batches = order.chunks_exact(batch_size).take(self.batches_per_epoch());
+        Some(batches.map(|batch| shard.of(batch).to_vec()).collect())
+    }
+
     /// Makes only `shard`'s part of every batch.
     pub fn sharded(mut self, shard: Shard) -> Self {
         match &mut self {

@@ -47,11 +47,20 @@ pub struct Objective<'a> {
     /// BatchNorm in training mode (batch statistics); the equivalence tests
     /// freeze it, since chunks then compute exactly what the batch does.
     batch_norm_training: bool,
+    /// Supervised training (`train.supervised`): the class of each of this
+    /// rank's images, `[n]` int64; z is then the classifier's logits and
+    /// the loss their cross-entropy over both views.
+    labels: Option<&'a Tensor>,
 }
 
 impl<'a> Objective<'a> {
     pub fn new(loss: &'a LossConfig, precision: Precision, parallel: Option<Parallel<'a>>) -> Self {
-        Self { loss, precision, parallel, batch_norm_training: true }
+        Self { loss, precision, parallel, batch_norm_training: true, labels: None }
+    }
+
+    /// The supervised objective on images of these classes.
+    pub fn with_labels(self, labels: Option<&'a Tensor>) -> Self {
+        Self { labels, ..self }
     }
 
     /// z = g(f(x)) for a batch of views, in this step's precision.
@@ -75,6 +84,12 @@ impl<'a> Objective<'a> {
     /// the PyTorch references likewise take the loss of `z.float()` outside
     /// autocast.
     fn loss_of(&self, z: &Tensor) -> Result<Tensor> {
+        if let Some(labels) = self.labels {
+            // Each rank's mean over its views; the ranks' equal slices make
+            // the mean of those means the global batch's.
+            let targets = Tensor::cat(&[labels, labels], 0);
+            return Ok(z.to_kind(Kind::Float).cross_entropy_for_logits(&targets));
+        }
         match self.parallel {
             Some(Parallel { group, .. }) if group.size() > 1 => {
                 let keys = group.all_gather_grad(z)?;
@@ -323,6 +338,36 @@ mod tests {
                 assert!(difference > 1e-3, "{what}: per-chunk BatchNorm went unnoticed ({difference:e})");
             }
         }
+    }
+
+    #[test]
+    fn the_supervised_loss_is_the_cross_entropy_of_both_views_in_chunks_too() {
+        let loss_config = LossConfig::default();
+        let labels = Tensor::from_slice(&(0..IMAGES).map(|i| i % 3).collect::<Vec<i64>>());
+        let supervised = |micro: Option<usize>, labels: &Tensor| {
+            let (store, model, mut optimizer, views) = setup();
+            let mut objective = Objective::new(&loss_config, Precision::Fp32, None).with_labels(Some(labels));
+            objective.batch_norm_training = false;
+            let cache = micro.map(|micro| GradientCache::new(&store, micro));
+            let loss = backward(&model, &views, &objective, cache.as_ref(), &mut optimizer).unwrap();
+            let z = tch::no_grad(|| model.forward_t(&views, false).1);
+            (loss.double_value(&[]), optimizer.gradient().unwrap().copy(), z)
+        };
+        let (loss, gradient, z) = supervised(None, &labels);
+        // By hand: -log softmax(z)[class], averaged over the 2N views, each
+        // view of image i labelled as image i.
+        let targets = Tensor::cat(&[&labels, &labels], 0);
+        let by_hand = -z.log_softmax(1, Kind::Float).gather(1, &targets.unsqueeze(1), false).mean(Kind::Float);
+        assert!((loss - by_hand.double_value(&[])).abs() < 1e-6, "{loss} against {by_hand}");
+        // In chunks (BatchNorm frozen): the same loss and gradient.
+        let (chunked, chunked_gradient, _) = supervised(Some(5), &labels);
+        assert!((chunked - loss).abs() < 1e-5 * loss.abs(), "{chunked} against {loss}");
+        assert!(relative_difference(&chunked_gradient, &gradient) < 1e-5);
+        // Negative control: other labels, another loss and gradient.
+        let (shifted, shifted_gradient, _) = supervised(None, &(&labels + 1).remainder(3));
+        eprintln!("loss {loss}, with other labels {shifted}");
+        assert!(shifted != loss, "the labels went unnoticed");
+        assert!(relative_difference(&shifted_gradient, &gradient) > 1e-3, "the labels went unnoticed");
     }
 
     #[test]

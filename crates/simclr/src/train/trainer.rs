@@ -16,7 +16,7 @@ use super::metrics::{EpochMetrics, MetricsLog};
 use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
 use crate::augment::{Backend, DEVICE_DATA_LIMIT};
-use crate::config::ValidConfig;
+use crate::config::{RunConfig, ValidConfig};
 use crate::data::loader::Shard;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::stream::ShardList;
@@ -216,6 +216,8 @@ pub fn train_in(
     while !trainer.is_done() {
         let position = trainer.begin_epoch();
         let mut batches = views.epoch(position.epoch as u64, position.batch);
+        // Supervised: the images behind each batch, for their labels.
+        let images = if trainer.is_supervised() { views.epoch_indices(position.epoch as u64) } else { None };
         loop {
             let asked = Instant::now();
             let Some(batch) = batches.next() else { break };
@@ -224,7 +226,8 @@ pub fn train_in(
             if observer.poison(trainer.position.step) {
                 trainer.poison_next_step();
             }
-            let progress = trainer.step(&batch?)?;
+            let labels = images.as_ref().and_then(|images| trainer.labels(&images[trainer.position.batch]));
+            let progress = trainer.step(&batch?, labels.as_ref())?;
             let mid_epoch = progress.position.batch < progress.steps_per_epoch;
             if trainer.any_rank(observer.on_step(&progress) == Control::Stop)? && mid_epoch {
                 return trainer.interrupt();
@@ -238,6 +241,61 @@ pub fn train_in(
         }
     }
     trainer.finish()
+}
+
+/// `config` made the paper's supervised baseline (`--supervised`): trained
+/// with labels, the head a linear classifier with an output per class of
+/// its training images.
+pub fn supervised(mut config: RunConfig) -> Result<RunConfig> {
+    let train = open_splits(&config.data, config.train.seed)?.train;
+    if !train.is_labelled() {
+        return Err(unlabelled(&train));
+    }
+    config.train.supervised = true;
+    config.model.head.kind = crate::model::HeadKind::Linear;
+    config.model.head.projection_dim = train.classes.len();
+    Ok(config)
+}
+
+fn unlabelled(train_set: &Dataset) -> Error {
+    Error::Dataset {
+        path: train_set.origin.clone(),
+        message: "train.supervised needs labelled images (class folders or CIFAR batches)".to_owned(),
+    }
+}
+
+/// The class of every training image when `config` trains with labels
+/// (`train.supervised`), after checking that it can: labelled images, read
+/// in an order the trainer knows, and a linear head with an output per class.
+fn supervised_classes(config: &ValidConfig, train_set: &Dataset, views: &Views) -> Result<Option<Vec<i64>>> {
+    if !config.train.supervised {
+        return Ok(None);
+    }
+    let unlabelled = || unlabelled(train_set);
+    let classes: Vec<i64> = train_set
+        .samples
+        .iter()
+        .map(|sample| sample.label.map(|l| l as i64).ok_or_else(unlabelled))
+        .collect::<Result<_>>()?;
+    if views.epoch_indices(0).is_none() {
+        return Err(Error::InvalidArgument(
+            "train.supervised: streamed shards are read in an order a shuffle buffer decides, so their labels \
+             cannot follow; train from the image folder"
+                .to_owned(),
+        ));
+    }
+    let head = &config.model.head;
+    let count = train_set.classes.len();
+    if head.kind != crate::model::HeadKind::Linear || head.projection_dim != count {
+        return Err(Error::Config(vec![format!(
+            "train.supervised: model.head must be the classifier, kind = \"linear\" with projection_dim = {count} \
+             (the classes of {}); it is {:?} with projection_dim = {} (--supervised sets both)",
+            train_set.origin.display(),
+            head.kind,
+            head.projection_dim
+        )]));
+    }
+    Ok(Some(classes))
 }
 
 /// The state of a run between steps: the model, its optimiser and schedule,
@@ -274,6 +332,8 @@ pub struct Trainer {
     last_loss: Option<f64>,
     /// The other processes of a multi-process run.
     group: Option<ProcessGroup>,
+    /// Supervised training: the class of every training image.
+    classes: Option<Vec<i64>>,
     #[cfg(feature = "fault-injection")]
     poison_next: bool,
 }
@@ -311,6 +371,7 @@ impl Trainer {
         let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
         let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
+        let classes = supervised_classes(&config, &train_set, &views)?;
         // The kNN monitor runs on rank 0 alone; the others wait for it at the next step.
         let monitor = splits.knn.filter(|_| writer).map(|knn| Monitor::new(&config, knn, &pool));
 
@@ -394,6 +455,7 @@ impl Trainer {
             learning_rate: 0.0,
             last_loss: None,
             group,
+            classes,
             #[cfg(feature = "fault-injection")]
             poison_next: false,
         };
@@ -425,9 +487,23 @@ impl Trainer {
         self.poison_next = true;
     }
 
+    /// Whether the run trains with labels (`train.supervised`).
+    pub fn is_supervised(&self) -> bool {
+        self.classes.is_some()
+    }
+
+    /// The classes of the training images at `indices`, on the device, as
+    /// [`Trainer::step`] takes them (`None` unless supervised).
+    pub fn labels(&self, indices: &[usize]) -> Option<Tensor> {
+        let classes = self.classes.as_ref()?;
+        let labels: Vec<i64> = indices.iter().map(|&index| classes[index]).collect();
+        Some(crate::device::upload_slice(&labels, self.device))
+    }
+
     /// One optimiser step on a batch of 2N views (Algorithm 1's loop body):
     /// the loss, its gradient, and the update unless either is non-finite.
-    pub fn step(&mut self, views: &Tensor) -> Result<Progress> {
+    /// Supervised, `labels` holds the class of each of the batch's images.
+    pub fn step(&mut self, views: &Tensor, labels: Option<&Tensor>) -> Result<Progress> {
         let learning_rate = self.schedule.learning_rate(self.position.step);
         #[cfg(feature = "fault-injection")]
         let poisoned = std::mem::take(&mut self.poison_next);
@@ -436,7 +512,7 @@ impl Trainer {
         let (model, optimizer, cache) = (&self.model, &mut self.optimizer, self.gradient_cache.as_ref());
         let global_batch_norm = self.config.train.sync_batch_norm;
         let parallel = self.group.as_ref().map(|group| Parallel { group, global_batch_norm });
-        let objective = Objective::new(&self.config.loss, self.precision, parallel);
+        let objective = Objective::new(&self.config.loss, self.precision, parallel).with_labels(labels);
         let step = || -> Result<(Tensor, Tensor)> {
             let mut loss = super::step::backward(model, views, &objective, cache, optimizer)?;
             if poisoned {
