@@ -1255,14 +1255,23 @@ fn encoder_difference(run: &Path, reference: &Path) -> f64 {
     let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
     let (ours, theirs) = (encoder(run), encoder(reference));
     assert_eq!(ours.len(), theirs.len());
+    largest_difference(&ours, &theirs, "")
+}
+
+/// The largest difference between same-named tensors whose names start
+/// with `prefix`, each relative to the reference tensor's largest magnitude.
+fn largest_difference(ours: &Tensors, theirs: &Tensors, prefix: &str) -> f64 {
     theirs
         .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
         .map(|(name, expected)| {
             let scale = expected.abs().max().double_value(&[]).max(1e-12);
             (&ours[name] - expected).abs().max().double_value(&[]) / scale
         })
         .fold(0.0, f64::max)
 }
+
+type Tensors = std::collections::HashMap<String, simclr::tch::Tensor>;
 
 /// fp32 round-off between runs that sum in different orders, after a dozen
 /// steps: 2 processes measured 5e-5 from 1 (docs/distributed.md), per-process
@@ -1334,15 +1343,7 @@ fn supervised_training_is_the_same_on_one_or_two_processes() {
     };
     let (one_process, two_processes) =
         (two_steps("one-2", &["--supervised"]), two_steps("two-2", &["--supervised", "--nproc-per-node", "2"]));
-    type Tensors = std::collections::HashMap<String, simclr::tch::Tensor>;
-    let difference = |ours: &Tensors, theirs: &Tensors| {
-        let encoder = theirs.iter().filter(|(name, _)| name.starts_with("model.encoder."));
-        let relative = encoder.map(|(name, expected)| {
-            let scale = expected.abs().max().double_value(&[]).max(1e-12);
-            (&ours[name] - expected).abs().max().double_value(&[]) / scale
-        });
-        relative.fold(0.0, f64::max)
-    };
+    let difference = |ours: &Tensors, theirs: &Tensors| largest_difference(ours, theirs, "model.encoder.");
     let apart = difference(&two_processes, &one_process);
     eprintln!("supervised, 2 processes against 1 after 2 steps: encoder differs by {apart:e}");
     assert!(apart < PROCESSES_TOLERANCE, "2 processes differ from 1 by {apart:e}");

@@ -29,9 +29,21 @@ pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
     Ok(Checkpoint::read_latest(&run_dir.join(FILE_NAME))?.config)
 }
 
-/// The encoder a run's checkpoint holds, as its config describes it.
+/// The encoder a run's checkpoint holds, as its config describes it (read
+/// from the file's header alone).
 pub fn encoder_spec(checkpoint: &Path) -> Result<crate::model::EncoderSpec> {
-    Ok(Checkpoint::read(checkpoint)?.config.encoder_spec())
+    Ok(stored_config(&crate::io::read_metadata(checkpoint)?, checkpoint)?.encoder_spec())
+}
+
+/// The run configuration in a checkpoint's metadata; an error when the
+/// metadata is not a simclr checkpoint's.
+fn stored_config(metadata: &HashMap<String, String>, path: &Path) -> Result<RunConfig> {
+    let bad = |message: String| Error::Checkpoint { path: path.to_path_buf(), message };
+    if metadata.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(bad(format!("not a simclr checkpoint (expected format {FORMAT})")));
+    }
+    let config_text = metadata.get("config").ok_or_else(|| bad("metadata 'config' missing".to_owned()))?;
+    toml::from_str(config_text).map_err(|e| bad(format!("stored config: {e}")))
 }
 
 /// The network a run's checkpoint holds (encoder and projection head, as
@@ -127,9 +139,7 @@ impl Checkpoint {
     pub fn read(path: &Path) -> Result<Self> {
         let bad = |message: String| Error::Checkpoint { path: path.to_path_buf(), message };
         let loaded = crate::io::load(path)?;
-        if loaded.metadata.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("not a simclr checkpoint (expected format {FORMAT})")));
-        }
+        let config = stored_config(&loaded.metadata, path)?;
         fn field<T: std::str::FromStr>(metadata: &HashMap<String, String>, key: &str) -> Option<T> {
             metadata.get(key).and_then(|v| v.parse().ok())
         }
@@ -142,8 +152,6 @@ impl Checkpoint {
             epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
             epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
         };
-        let config_text = loaded.metadata.get("config").ok_or_else(|| bad("metadata 'config' missing".to_owned()))?;
-        let config = toml::from_str(config_text).map_err(|e| bad(format!("stored config: {e}")))?;
         Ok(Self { config, position, tensors: loaded.tensors, path: path.to_path_buf() })
     }
 
