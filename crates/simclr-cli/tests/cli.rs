@@ -553,7 +553,7 @@ fn augment_preview_and_ablation_write_their_figures() {
         .args(["--ops", "random-resized-crop,color-jitter"])
         .run();
     assert_succeeds(&output);
-    let csv = std::fs::read_to_string(out.join("ablation.csv")).unwrap();
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 4, "{csv}");
     for row in &rows {
@@ -563,7 +563,7 @@ fn augment_preview_and_ablation_write_their_figures() {
     // (crop, jitter) and (jitter, crop) are one experiment: three runs in all.
     let runs = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
     assert_eq!(runs, 3);
-    assert!(image::open(out.join("ablation.png")).unwrap().width() > 100);
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
     assert_fails_with(
         &simclr(["ablate", "augment", "--ops", "crop,blur", "--output", &out.display().to_string()]).run(),
         &["unknown op 'crop'", "random-resized-crop"],

@@ -11,7 +11,7 @@
 //! for same-sized data such as CIFAR), view 2 applies the first op and then
 //! the second, each with probability 1. A sizing op (crop) always runs
 //! first, so (crop, x) and (x, crop) are one experiment, trained once.
-//! Writes `ablation.csv` and the heatmap `ablation.png`.
+//! Writes `results.csv` and the heatmap `results.png`.
 //!
 //! `ablate loss`, Tables 2 and 5: each objective with and without ℓ2
 //! normalisation (cosine or dot-product similarity) at each temperature
@@ -41,37 +41,6 @@ use crate::train::trainer::{knn_top1_at, supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
 use crate::{Error, Result};
 
-/// The heatmap of an ablation: kNN top-1 of each (first, second) pair.
-#[derive(Debug, Clone)]
-pub struct AugmentAblation {
-    pub names: Vec<String>,
-    /// `top1[first][second]`; `None` where training diverged.
-    pub top1: Vec<Vec<Option<f64>>>,
-    /// The random-init encoder's kNN top-1: the floor a pair must clear.
-    pub initial_top1: Option<f64>,
-    pub csv_path: PathBuf,
-    pub png_path: PathBuf,
-}
-
-/// The table of top-1 accuracies, first op down, second op across.
-impl std::fmt::Display for AugmentAblation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:>22}", "1st \\ 2nd")?;
-        for name in &self.names {
-            write!(f, " {name:>20}")?;
-        }
-        writeln!(f)?;
-        for (name, row) in self.names.iter().zip(&self.top1) {
-            write!(f, "{name:>22}")?;
-            for score in row {
-                write!(f, " {:>20}", percent(*score))?;
-            }
-            writeln!(f)?;
-        }
-        write_initial(f, self.initial_top1)
-    }
-}
-
 /// The ops of view 2 for the pair (first, second): each applied always,
 /// a sizing op moved to the front.
 fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
@@ -87,7 +56,7 @@ pub fn augment_pairs(
     ops: &[OpConfig],
     output_dir: &Path,
     observer: &mut dyn Observer,
-) -> Result<AugmentAblation> {
+) -> Result<Grid> {
     if ops.is_empty() {
         return Err(Error::InvalidArgument("ablate augment needs at least one op".to_owned()));
     }
@@ -119,20 +88,12 @@ pub fn augment_pairs(
             csv.push_str(&format!("{},{},{}\n", names[i], names[j], csv_score(*score)));
         }
     }
-    let csv_path = output_dir.join("ablation.csv");
-    crate::io::write_atomic(&csv_path, csv.as_bytes())?;
-    let png_path = output_dir.join("ablation.png");
-    let caption = with_initial("kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)", initial_top1);
-    Heatmap {
-        caption: &caption,
-        rows: &names,
-        columns: &names,
+    let chart = Chart {
+        caption: "kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)",
         x_desc: "2nd transformation",
         y_desc: "1st transformation",
-        annotate: true,
-    }
-    .draw(&top1, &png_path)?;
-    Ok(AugmentAblation { names, top1, initial_top1, csv_path, png_path })
+    };
+    Grid::write(output_dir, "1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
 }
 
 /// A score as a table shows it.
@@ -146,10 +107,10 @@ fn csv_score(top1: Option<f64>) -> String {
 }
 
 /// A chart's caption with the random-init encoder's score, the baseline
-/// every cell is read against.
+/// every cell is read against (the heatmap draws cells below it red).
 fn with_initial(caption: &str, initial_top1: Option<f64>) -> String {
     match initial_top1 {
-        Some(initial) => format!("{caption}; random init {:.1}%", 100.0 * initial),
+        Some(initial) => format!("{caption}; random init {:.1}% (red: below it)", 100.0 * initial),
         None => caption.to_owned(),
     }
 }
@@ -246,18 +207,20 @@ pub struct Grid {
     pub png_path: PathBuf,
 }
 
-/// The table of top-1 accuracies.
+/// The table of top-1 accuracies, each column as wide as its name.
 impl std::fmt::Display for Grid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:>30}", self.corner)?;
-        for column in &self.columns {
-            write!(f, " {column:>10}")?;
+        let first = self.rows.iter().chain([&self.corner]).map(|name| name.chars().count()).max().unwrap_or(0);
+        let widths: Vec<usize> = self.columns.iter().map(|name| name.chars().count().max(9)).collect();
+        write!(f, "{:>first$}", self.corner)?;
+        for (column, width) in self.columns.iter().zip(&widths) {
+            write!(f, "  {column:>width$}")?;
         }
         writeln!(f)?;
         for (name, row) in self.rows.iter().zip(&self.top1) {
-            write!(f, "{name:>30}")?;
-            for score in row {
-                write!(f, " {:>10}", percent(*score))?;
+            write!(f, "{name:>first$}")?;
+            for (score, width) in row.iter().zip(&widths) {
+                write!(f, "  {:>width$}", percent(*score))?;
             }
             writeln!(f)?;
         }
@@ -295,6 +258,8 @@ impl Grid {
             x_desc: chart.x_desc,
             y_desc: chart.y_desc,
             annotate: true,
+            floor: initial_top1,
+            missing: "diverged",
         }
         .draw(&top1, &png_path)?;
         Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })

@@ -209,11 +209,17 @@ pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String],
         x_desc: "predicted",
         y_desc: "true",
         annotate: false,
+        floor: None,
+        missing: "",
     };
     heatmap.draw(&shares, path)
 }
 
-/// A grid of shaded cells, darker for larger values; `None` cells stay blank.
+/// The colour of a heatmap's cell without a value.
+const MISSING_GREY: RGBColor = RGBColor(200, 200, 200);
+
+/// A grid of shaded cells, darker for larger values; `None` cells are grey
+/// (marked [`Heatmap::missing`] when annotated).
 pub struct Heatmap<'a> {
     pub caption: &'a str,
     pub rows: &'a [String],
@@ -222,6 +228,11 @@ pub struct Heatmap<'a> {
     pub y_desc: &'a str,
     /// Write each value (as a percentage) in its cell.
     pub annotate: bool,
+    /// A baseline (a study's random-init score): cells at or above it are
+    /// blue, darker the higher; cells below it red, darker the lower.
+    pub floor: Option<f64>,
+    /// What a `None` cell means, written in it when annotated ("diverged").
+    pub missing: &'a str,
 }
 
 impl Heatmap<'_> {
@@ -231,7 +242,6 @@ impl Heatmap<'_> {
         let (rows, columns) = (self.rows.len().max(1), self.columns.len().max(1));
         let known = || values.iter().flatten().flatten().copied();
         let (low, high) = (known().fold(f64::INFINITY, f64::min), known().fold(f64::NEG_INFINITY, f64::max));
-        let span = if high > low { high - low } else { 1.0 };
         let root = canvas(path, (900, 850))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(self.caption, ("sans-serif", 22))
@@ -269,28 +279,63 @@ impl Heatmap<'_> {
             .enumerate()
             .flat_map(|(row, line)| line.iter().enumerate().filter_map(move |(column, v)| v.map(|v| (row, column, v))))
             .collect();
+        let missing: Vec<(usize, usize)> = values
+            .iter()
+            .enumerate()
+            .flat_map(|(row, line)| line.iter().enumerate().filter(|(_, v)| v.is_none()).map(move |(c, _)| (row, c)))
+            .collect();
         let corner = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
+        let rectangle = |row: usize, column: usize, colour: RGBColor| {
+            let y = top - row;
+            Rectangle::new([corner(column, y), corner(column + 1, y + 1)], colour.filled())
+        };
+        let centre = |row: usize, column: usize| (SegmentValue::CenterOf(column), SegmentValue::CenterOf(top - row));
         chart
-            .draw_series(cells.iter().map(|&(row, column, value)| {
-                let shade = (255.0 * (1.0 - (value - low) / span)) as u8;
-                let y = top - row;
-                Rectangle::new([corner(column, y), corner(column + 1, y + 1)], RGBColor(shade, shade, 255).filled())
-            }))
+            .draw_series(
+                cells.iter().map(|&(row, column, value)| rectangle(row, column, self.colour(value, low, high))),
+            )
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(missing.iter().map(|&(row, column)| rectangle(row, column, MISSING_GREY)))
             .map_err(|e| fail(&e))?;
         if self.annotate {
             chart
                 .draw_series(cells.iter().map(|&(row, column, value)| {
-                    let dark = (value - low) / span > 0.6;
-                    let colour = if dark { WHITE } else { BLACK };
+                    let RGBColor(red, green, _) = self.colour(value, low, high);
+                    let colour = if u16::from(red) + u16::from(green) < 200 { WHITE } else { BLACK };
+                    let font = ("sans-serif", 20).into_font().color(&colour);
+                    Text::new(format!("{:.1}", 100.0 * value), centre(row, column), font)
+                }))
+                .map_err(|e| fail(&e))?;
+            chart
+                .draw_series(missing.iter().map(|&(row, column)| {
                     Text::new(
-                        format!("{:.1}", 100.0 * value),
-                        (SegmentValue::CenterOf(column), SegmentValue::CenterOf(top - row)),
-                        ("sans-serif", 20).into_font().color(&colour),
+                        self.missing.to_owned(),
+                        centre(row, column),
+                        ("sans-serif", 16).into_font().color(&BLACK),
                     )
                 }))
                 .map_err(|e| fail(&e))?;
         }
         root.present().map_err(|e| fail(&e))
+    }
+
+    /// A cell's colour: white to blue from the lowest value (or the floor)
+    /// to the highest; below the floor, light red to red down to the lowest.
+    fn colour(&self, value: f64, low: f64, high: f64) -> RGBColor {
+        // How far `value` is from `from` towards `to`, in 0..=1.
+        let share = |from: f64, to: f64| if from != to { ((value - from) / (to - from)).clamp(0.0, 1.0) } else { 1.0 };
+        let light = |strength: f64| (255.0 * (1.0 - strength)) as u8;
+        match self.floor {
+            Some(floor) if value < floor => {
+                let strength = 0.2 + 0.6 * share(floor, low);
+                RGBColor(255, light(strength), light(strength))
+            }
+            floor => {
+                let strength = share(floor.map_or(low, |floor| floor.max(low)), high);
+                RGBColor(light(strength), light(strength), 255)
+            }
+        }
     }
 }
 
@@ -341,6 +386,40 @@ pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heatmap_cells_below_the_floor_are_red_and_the_rest_blue() {
+        let names = ["a".to_owned(), "b".to_owned()];
+        let heatmap = |floor| Heatmap {
+            caption: "",
+            rows: &names,
+            columns: &names,
+            x_desc: "",
+            y_desc: "",
+            annotate: true,
+            floor,
+            missing: "diverged",
+        };
+        let (low, high) = (0.1, 0.5);
+        let with_floor = heatmap(Some(0.3));
+        // The lowest value is the darkest red, one just below the floor a light red.
+        let RGBColor(red, green, blue) = with_floor.colour(low, low, high);
+        assert!(red == 255 && green == blue && green < 60, "{:?}", (red, green, blue));
+        let RGBColor(red, green, _) = with_floor.colour(0.29, low, high);
+        assert!(red == 255 && green > 190, "{green}");
+        // At the floor white, the highest value the darkest blue.
+        assert_eq!(with_floor.colour(0.3, low, high), RGBColor(255, 255, 255));
+        assert_eq!(with_floor.colour(high, low, high), RGBColor(0, 0, 255));
+        // Negative control: without a floor no cell is red, the lowest is white.
+        assert_eq!(heatmap(None).colour(low, low, high), RGBColor(255, 255, 255));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heatmap.png");
+        with_floor.draw(&[vec![Some(low), None], vec![Some(0.3), Some(high)]], &path).unwrap();
+        let image = image::open(&path).unwrap().to_rgb8();
+        let count = |wanted: [u8; 3]| image.pixels().filter(|p| p.0 == wanted).count();
+        assert!(count([200, 200, 200]) > 1000, "the diverged cell is grey");
+        assert!(count([255, 0, 0]) == 0 && count([0, 0, 255]) > 1000);
+    }
 
     #[test]
     fn principal_components_find_the_widest_direction() {

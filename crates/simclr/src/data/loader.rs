@@ -122,12 +122,20 @@ impl Views {
         }
     }
 
+    /// Whether the images come from streamed shards, in an order a shuffle
+    /// buffer decides rather than [`Views::epoch_indices`].
+    pub fn is_streamed(&self) -> bool {
+        matches!(self, Views::Cpu(loader) if loader.stream.is_some())
+    }
+
     /// The images behind each batch of `epoch`: this shard's part of every
     /// batch, indices into the dataset in the order of the batch's views.
     /// `None` for streamed shards, whose order a shuffle buffer decides.
     pub fn epoch_indices(&self, epoch: u64) -> Option<Vec<Vec<usize>>> {
+        if self.is_streamed() {
+            return None;
+        }
         let (len, seed, batch_size, shard) = match self {
-            Views::Cpu(loader) if loader.stream.is_some() => return None,
             Views::Cpu(loader) => (loader.dataset.len(), loader.seed, loader.batch_size, loader.shard),
             Views::Device(loader) => (loader.len, loader.seed, loader.batch_size, loader.shard),
         };

@@ -277,7 +277,7 @@ fn supervised_classes(config: &ValidConfig, train_set: &Dataset, views: &Views) 
         .iter()
         .map(|sample| sample.label.map(|l| l as i64).ok_or_else(unlabelled))
         .collect::<Result<_>>()?;
-    if views.epoch_indices(0).is_none() {
+    if views.is_streamed() {
         return Err(Error::InvalidArgument(
             "train.supervised: streamed shards are read in an order a shuffle buffer decides, so their labels \
              cannot follow; train from the image folder"
