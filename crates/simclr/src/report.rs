@@ -215,6 +215,13 @@ pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String],
     heatmap.draw(&shares, path)
 }
 
+/// The font size (at most 22) that fits `caption` in `width` pixels, at
+/// about 0.55 of the size per character.
+fn caption_size(caption: &str, width: u32) -> u32 {
+    let fitting = f64::from(width) / (0.55 * caption.chars().count().max(1) as f64);
+    (fitting as u32).clamp(12, 22)
+}
+
 /// The colour of a heatmap's cell without a value.
 const MISSING_GREY: RGBColor = RGBColor(200, 200, 200);
 
@@ -244,7 +251,7 @@ impl Heatmap<'_> {
         let (low, high) = (known().fold(f64::INFINITY, f64::min), known().fold(f64::NEG_INFINITY, f64::max));
         let root = canvas(path, (900, 850))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(self.caption, ("sans-serif", 22))
+            .caption(self.caption, ("sans-serif", caption_size(self.caption, 870)))
             .margin(15)
             .x_label_area_size(60)
             .y_label_area_size(170)
