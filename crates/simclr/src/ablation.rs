@@ -96,14 +96,17 @@ pub fn augment_pairs(
     Grid::write(output_dir, "1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
 }
 
+/// What a table, the CSV and the chart say of a run that diverged.
+const DIVERGED: &str = "diverged";
+
 /// A score as a table shows it.
 fn percent(top1: Option<f64>) -> String {
-    top1.map_or_else(|| "diverged".to_owned(), |top1| format!("{:.2}%", 100.0 * top1))
+    top1.map_or_else(|| DIVERGED.to_owned(), |top1| format!("{:.2}%", 100.0 * top1))
 }
 
 /// A score as `results.csv` holds it.
 fn csv_score(top1: Option<f64>) -> String {
-    top1.map_or_else(|| "diverged".to_owned(), |top1| format!("{top1:.4}"))
+    top1.map_or_else(|| DIVERGED.to_owned(), |top1| format!("{top1:.4}"))
 }
 
 /// A chart's caption with the random-init encoder's score, the baseline
@@ -259,7 +262,7 @@ impl Grid {
             y_desc: chart.y_desc,
             annotate: true,
             floor: initial_top1,
-            missing: "diverged",
+            missing: DIVERGED,
         }
         .draw(&top1, &png_path)?;
         Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })

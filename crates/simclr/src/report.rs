@@ -281,16 +281,15 @@ impl Heatmap<'_> {
             .y_desc(self.y_desc)
             .draw()
             .map_err(|e| fail(&e))?;
-        let cells: Vec<(usize, usize, f64)> = values
-            .iter()
-            .enumerate()
-            .flat_map(|(row, line)| line.iter().enumerate().filter_map(move |(column, v)| v.map(|v| (row, column, v))))
-            .collect();
-        let missing: Vec<(usize, usize)> = values
-            .iter()
-            .enumerate()
-            .flat_map(|(row, line)| line.iter().enumerate().filter(|(_, v)| v.is_none()).map(move |(c, _)| (row, c)))
-            .collect();
+        let (mut cells, mut missing) = (Vec::new(), Vec::new());
+        for (row, line) in values.iter().enumerate() {
+            for (column, value) in line.iter().enumerate() {
+                match value {
+                    Some(value) => cells.push((row, column, *value)),
+                    None => missing.push((row, column)),
+                }
+            }
+        }
         let corner = |x: usize, y: usize| (SegmentValue::Exact(x), SegmentValue::Exact(y));
         let rectangle = |row: usize, column: usize, colour: RGBColor| {
             let y = top - row;
