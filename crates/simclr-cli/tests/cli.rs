@@ -414,8 +414,8 @@ fn bad_values_are_named() {
         (&["--set", "train.batch_size=1"], &["train.batch_size = 1", "negatives"]),
         (&["--set", "loss.temperature=0"], &["loss.temperature = 0"]),
         (&["--set", "loss.temperature=-0.5"], &["loss.temperature = -0.5"]),
-        (&["--set", "model.arch=resnet19"], &["resnet19"]),
-        (&["--set", "augment.preset=simclr-tiny"], &["unknown variant `simclr-tiny`"]),
+        (&["--set", "model.arch=resnet19"], &["unknown architecture 'resnet19'", "resnet18, resnet34"]),
+        (&["--set", "augment.preset=simclr-tiny"], &["unknown augmentation preset 'simclr-tiny'", "simclr-cifar"]),
     ];
     for (extra, needles) in cases {
         assert_fails_with(&base.clone().args(extra).run(), needles);

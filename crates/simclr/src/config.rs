@@ -135,20 +135,7 @@ pub enum Preset {
     Imagenet,
 }
 
-impl std::str::FromStr for Preset {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self> {
-        match name {
-            "demo" => Ok(Preset::Demo),
-            "cifar10" => Ok(Preset::Cifar10),
-            "cifar10-fast" => Ok(Preset::Cifar10Fast),
-            "imagenet" => Ok(Preset::Imagenet),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown preset '{other}': expected demo, cifar10, cifar10-fast or imagenet"
-            ))),
-        }
-    }
-}
+names!(Preset, "preset", { Demo => "demo", Cifar10 => "cifar10", Cifar10Fast => "cifar10-fast", Imagenet => "imagenet" });
 
 impl RunConfig {
     /// The configuration a preset starts from.

@@ -22,6 +22,9 @@
 //! the schedule, [`train`] the loop and checkpoints, [`eval`] the kNN monitor,
 //! [`io`] weights in torchvision's names, [`embed`], [`retrieval`] and
 //! [`bench`](mod@bench) the uses, [`report`] the figures.
+#[macro_use]
+mod names;
+
 pub mod ablation;
 pub mod augment;
 pub mod bench;

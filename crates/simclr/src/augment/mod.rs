@@ -179,8 +179,7 @@ pub enum Backend {
 pub const DEVICE_DATA_LIMIT: usize = 4 << 30;
 
 /// Named pipelines from the paper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AugmentPreset {
     /// Appendix A: crop, flip, colour distortion with s = 1.0, Gaussian blur.
     #[default]
@@ -189,18 +188,7 @@ pub enum AugmentPreset {
     SimclrCifar,
 }
 
-impl std::str::FromStr for AugmentPreset {
-    type Err = crate::Error;
-    fn from_str(name: &str) -> crate::Result<Self> {
-        match name {
-            "simclr-imagenet" => Ok(AugmentPreset::SimclrImagenet),
-            "simclr-cifar" => Ok(AugmentPreset::SimclrCifar),
-            other => Err(crate::Error::InvalidArgument(format!(
-                "unknown augmentation preset '{other}': expected simclr-imagenet or simclr-cifar"
-            ))),
-        }
-    }
-}
+names!(AugmentPreset, "augmentation preset", { SimclrImagenet => "simclr-imagenet", SimclrCifar => "simclr-cifar" });
 
 impl AugmentPreset {
     pub fn ops(self) -> Vec<OpConfig> {

@@ -22,16 +22,7 @@ pub enum Renderer {
     Device,
 }
 
-impl std::str::FromStr for Renderer {
-    type Err = crate::Error;
-    fn from_str(name: &str) -> crate::Result<Self> {
-        match name {
-            "cpu" => Ok(Renderer::Cpu),
-            "device" => Ok(Renderer::Device),
-            other => Err(crate::Error::InvalidArgument(format!("unknown renderer '{other}': expected cpu or device"))),
-        }
-    }
-}
+names!(Renderer, "renderer", { Cpu => "cpu", Device => "device" });
 
 /// The drawn parameters of every view in a preview, for logging.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -63,17 +63,7 @@ pub enum HeadInit {
     LinearProbe,
 }
 
-impl std::str::FromStr for HeadInit {
-    type Err = Error;
-
-    fn from_str(name: &str) -> Result<Self> {
-        match name {
-            "random" => Ok(HeadInit::Random),
-            "linear-probe" => Ok(HeadInit::LinearProbe),
-            other => Err(Error::InvalidArgument(format!("head init '{other}': expected random or linear-probe"))),
-        }
-    }
-}
+names!(HeadInit, "head init", { Random => "random", LinearProbe => "linear-probe" });
 
 impl Default for FinetuneConfig {
     fn default() -> Self {

@@ -12,8 +12,7 @@ pub use similarity::{Layout, Similarity};
 
 use crate::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Objective {
     /// Normalised temperature-scaled cross entropy, eq. (1): the paper's choice.
     NtXent,
@@ -23,30 +22,7 @@ pub enum Objective {
     MarginTriplet,
 }
 
-impl Objective {
-    pub const ALL: [Objective; 3] = [Objective::NtXent, Objective::NtLogistic, Objective::MarginTriplet];
-
-    /// The name in configs and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Objective::NtXent => "nt-xent",
-            Objective::NtLogistic => "nt-logistic",
-            Objective::MarginTriplet => "margin-triplet",
-        }
-    }
-}
-
-impl std::str::FromStr for Objective {
-    type Err = crate::Error;
-    fn from_str(name: &str) -> Result<Self> {
-        Objective::ALL.into_iter().find(|objective| objective.name() == name).ok_or_else(|| {
-            crate::Error::InvalidArgument(format!(
-                "unknown loss '{name}': expected one of {}",
-                Objective::ALL.map(Objective::name).join(", ")
-            ))
-        })
-    }
-}
+names!(Objective, "loss", { NtXent => "nt-xent", NtLogistic => "nt-logistic", MarginTriplet => "margin-triplet" });
 
 /// The `[loss]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,12 +1,10 @@
 //! The pieces every contrastive objective shares: the pairwise similarity
 //! matrix, the index of each anchor's positive, and the mask of negatives.
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Similarity {
     /// sim(u, v) = uᵀv / (‖u‖‖v‖).
     Cosine,
@@ -14,26 +12,7 @@ pub enum Similarity {
     Dot,
 }
 
-impl Similarity {
-    pub const ALL: [Similarity; 2] = [Similarity::Cosine, Similarity::Dot];
-
-    /// The name in configs and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Similarity::Cosine => "cosine",
-            Similarity::Dot => "dot",
-        }
-    }
-}
-
-impl std::str::FromStr for Similarity {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self> {
-        Similarity::ALL.into_iter().find(|similarity| similarity.name() == name).ok_or_else(|| {
-            Error::InvalidArgument(format!("unknown similarity '{name}': expected cosine (l2-normalised) or dot"))
-        })
-    }
-}
+names!(Similarity, "similarity", { Cosine => "cosine", Dot => "dot" });
 
 /// Checks that `z` is `[2N, d]` with N >= 2 and returns N.
 pub fn pair_count(z: &Tensor) -> Result<i64> {

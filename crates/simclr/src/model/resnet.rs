@@ -6,14 +6,10 @@
 //! `layer2.0.downsample.1.running_var`, ...), so weights move to and from
 //! PyTorch without a renaming table. The classifier `fc` is left out: the
 //! encoder's output is h, the pooled features.
-use serde::{Deserialize, Serialize};
 use tch::nn::{self, ConvConfig, Init};
 use tch::Tensor;
 
-use crate::Error;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Resnet18,
     Resnet34,
@@ -22,9 +18,15 @@ pub enum Arch {
     Resnet152,
 }
 
-impl Arch {
-    pub const ALL: [Arch; 5] = [Arch::Resnet18, Arch::Resnet34, Arch::Resnet50, Arch::Resnet101, Arch::Resnet152];
+names!(Arch, "architecture", {
+    Resnet18 => "resnet18",
+    Resnet34 => "resnet34",
+    Resnet50 => "resnet50",
+    Resnet101 => "resnet101",
+    Resnet152 => "resnet152",
+});
 
+impl Arch {
     /// Blocks per stage and whether they are bottlenecks.
     fn layout(self) -> ([usize; 4], bool) {
         match self {
@@ -35,33 +37,10 @@ impl Arch {
             Arch::Resnet152 => ([3, 8, 36, 3], true),
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Resnet18 => "resnet18",
-            Arch::Resnet34 => "resnet34",
-            Arch::Resnet50 => "resnet50",
-            Arch::Resnet101 => "resnet101",
-            Arch::Resnet152 => "resnet152",
-        }
-    }
-}
-
-impl std::str::FromStr for Arch {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self, Error> {
-        Arch::ALL.into_iter().find(|a| a.name() == name).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "unknown architecture '{name}': expected one of {}",
-                Arch::ALL.map(Arch::name).join(", ")
-            ))
-        })
-    }
 }
 
 /// The first layers, before the four stages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stem {
     /// 7x7 convolution, stride 2, then 3x3 max-pool, stride 2 (ImageNet).
     Imagenet,
@@ -69,26 +48,7 @@ pub enum Stem {
     Cifar,
 }
 
-impl Stem {
-    /// The name written in configs and flags.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stem::Imagenet => "imagenet",
-            Stem::Cifar => "cifar",
-        }
-    }
-}
-
-impl std::str::FromStr for Stem {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self, Error> {
-        match name {
-            "imagenet" => Ok(Stem::Imagenet),
-            "cifar" => Ok(Stem::Cifar),
-            other => Err(Error::InvalidArgument(format!("unknown stem '{other}': expected imagenet or cifar"))),
-        }
-    }
-}
+names!(Stem, "stem", { Imagenet => "imagenet", Cifar => "cifar" });
 
 /// BatchNorm's epsilon, torchvision's (and tch's) default; folding needs it.
 const BATCH_NORM_EPS: f64 = 1e-5;

@@ -2,10 +2,7 @@
 //! the learning rate scales with the batch (appendix B.1).
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
     /// Layer-wise adaptive rate scaling (You et al. 2017), the paper's choice.
     Lars,
@@ -15,30 +12,7 @@ pub enum OptimizerKind {
     Adamw,
 }
 
-impl OptimizerKind {
-    pub const ALL: [OptimizerKind; 3] = [OptimizerKind::Lars, OptimizerKind::Sgd, OptimizerKind::Adamw];
-
-    /// The name in configs and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            OptimizerKind::Lars => "lars",
-            OptimizerKind::Sgd => "sgd",
-            OptimizerKind::Adamw => "adamw",
-        }
-    }
-}
-
-impl std::str::FromStr for OptimizerKind {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self> {
-        OptimizerKind::ALL.into_iter().find(|kind| kind.name() == name).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "unknown optimizer '{name}': expected one of {}",
-                OptimizerKind::ALL.map(OptimizerKind::name).join(", ")
-            ))
-        })
-    }
-}
+names!(OptimizerKind, "optimizer", { Lars => "lars", Sgd => "sgd", Adamw => "adamw" });
 
 /// How the peak learning rate follows the batch size N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

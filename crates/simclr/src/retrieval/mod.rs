@@ -25,17 +25,7 @@ pub enum IndexKind {
     Auto,
 }
 
-impl std::str::FromStr for IndexKind {
-    type Err = Error;
-    fn from_str(name: &str) -> Result<Self> {
-        match name {
-            "exact" => Ok(IndexKind::Exact),
-            "hnsw" => Ok(IndexKind::Hnsw),
-            "auto" => Ok(IndexKind::Auto),
-            other => Err(Error::InvalidArgument(format!("unknown index '{other}': expected exact, hnsw or auto"))),
-        }
-    }
-}
+names!(IndexKind, "index", { Exact => "exact", Hnsw => "hnsw", Auto => "auto" });
 
 /// A unit-length feature vector; distance 1 − cosine similarity.
 #[derive(Debug, Clone)]
