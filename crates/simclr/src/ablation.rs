@@ -330,11 +330,12 @@ pub fn loss_grid(
         }
     }
     let columns = temperatures.iter().map(|t| format!("τ = {t}")).collect();
-    let chart = Chart {
-        caption: "kNN top-1 (%) by loss and temperature",
-        x_desc: "temperature (margin triplet: one run, margin m, across its row)",
-        y_desc: "loss",
+    let x_desc = if objectives.contains(&Objective::MarginTriplet) {
+        "temperature (margin triplet: one run, margin m, across its row)"
+    } else {
+        "temperature"
     };
+    let chart = Chart { caption: "kNN top-1 (%) by loss and temperature", x_desc, y_desc: "loss" };
     Grid::write(output_dir, "loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
 }
 

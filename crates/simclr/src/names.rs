@@ -5,7 +5,7 @@
 /// and serde through the same names, so a config file, a flag and an error
 /// message spell a variant alike.
 ///
-/// ```ignore
+/// ```text
 /// names!(Stem, "stem", { Imagenet => "imagenet", Cifar => "cifar" });
 /// ```
 macro_rules! names {
