@@ -1252,10 +1252,16 @@ fn a_time_budget_sizes_the_run_after_its_first_epoch() {
 /// The largest difference between the tensors of two runs' encoders,
 /// relative to the largest magnitude of each tensor.
 fn encoder_difference(run: &Path, reference: &Path) -> f64 {
+    let (ours, theirs) = encoders(run, reference);
+    largest_difference(&ours, &theirs, "")
+}
+
+/// The tensors of two runs' `encoder.safetensors`, as many in each.
+fn encoders(run: &Path, reference: &Path) -> (Tensors, Tensors) {
     let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
     let (ours, theirs) = (encoder(run), encoder(reference));
     assert_eq!(ours.len(), theirs.len());
-    largest_difference(&ours, &theirs, "")
+    (ours, theirs)
 }
 
 /// The largest difference between same-named tensors whose names start
@@ -1284,15 +1290,14 @@ type Tensors = std::collections::HashMap<String, simclr::tch::Tensor>;
 /// whole moves 1.1e-3 of its norm.
 fn encoder_distance(run: &Path, reference: &Path) -> f64 {
     use simclr::tch::{Kind, Tensor};
-    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
-    let (ours, theirs) = (encoder(run), encoder(reference));
-    assert_eq!(ours.len(), theirs.len());
-    let squared = |t: &Tensor| t.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+    let (ours, theirs) = encoders(run, reference);
+    let squared = |t: &Tensor| t.square().sum(Kind::Double).double_value(&[]);
     let (apart, size) = theirs
         .iter()
         .filter(|(_, expected)| expected.is_floating_point())
         .map(|(name, expected)| {
-            (squared(&(&ours[name].to_kind(Kind::Double) - expected.to_kind(Kind::Double))), squared(expected))
+            let expected = expected.to_kind(Kind::Double);
+            (squared(&(ours[name].to_kind(Kind::Double) - &expected)), squared(&expected))
         })
         .fold((0.0, 0.0), |(a, s), (da, ds)| (a + da, s + ds));
     (apart / size).sqrt()
