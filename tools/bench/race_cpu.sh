@@ -42,9 +42,11 @@ subset=$(mktemp -d)
 trap 'rm -rf "$subset"' EXIT
 python3 tools/data/cifar10_subset.py "$DATA" "$subset" --train 500 --test 100
 
-# The recipe both sides run: cifar10-fast's, written out for the reference.
-# The width, head and batch are the CPU setting's.
-ref_recipe=(--temperature 0.2 --learning-rate 0.5 --weight-decay 5e-4 --warmup-epochs 1 --width 0.25 --hidden-dim 128 --batch-size 128)
+# The recipe both sides run: cifar10-fast's, read from the preset for the
+# reference. The width, head and batch are the CPU setting's.
+read -ra ref_recipe < <("$BIN" train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py)
+ref_recipe+=(--width 0.25 --hidden-dim 128 --batch-size 128)
+echo "reference recipe: ${ref_recipe[*]}" >&2
 
 simclr() {  # round
   local run="$OUT/simclr-$1"

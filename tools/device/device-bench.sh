@@ -258,18 +258,20 @@ micro)
         MODEL=${MICRO_MODEL:---arch resnet50 --image-size 224} tools/bench/bench_micro_batch.sh | tee "$OUT/micro_batch.md"
     ;;
 pytorch)
+    torch_libraries
     data
-    "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" ${LIMIT:+--limit "$LIMIT"} \
-        | tee "$OUT/train_pytorch.json"
+    # The recipe of the preset the simclr stage runs, read from the binary.
+    read -ra recipe < <("$(binary)" train --preset cifar10-fast --print-config | "$PYTHON" tools/reference/preset_recipe.py)
+    "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" \
+        "${recipe[@]}" ${LIMIT:+--limit "$LIMIT"} | tee "$OUT/train_pytorch.json"
     ;;
 simclr)
     torch_libraries
     data
     BIN=$(binary)
     rm -rf /tmp/simclr-run
-    # The cifar10-fast preset is the reference's recipe (SGD 0.5 x N/256,
-    # weight decay 5e-4, one warm-up epoch, tau 0.2) with the head widened
-    # to the reference's 512-2048-128.
+    # The cifar10-fast preset (the pytorch stage gives the reference its
+    # recipe) with the head widened to the reference's 512-2048-128.
     "$BIN" train --preset cifar10-fast --data "$DATA/train" --output /tmp/simclr-run --device "$DEVICE" \
         --batch-size "${BATCH:-512}" --set model.head.hidden_dim=2048 \
         --set train.time_budget_seconds="$BUDGET" --set train.knn_every=100000 --set train.checkpoint_every=100000 \

@@ -22,7 +22,10 @@ test image, centre views. Prints one JSON line.
 
     python tools/reference/train_pytorch.py --data /tmp/cifar10 --budget 180 --device cuda
     python tools/reference/train_pytorch.py --data /tmp/cifar10-subset --budget 240 --device cpu \
-        --width 0.25 --hidden-dim 128 --batch-size 128 --temperature 0.5 --warmup-epochs 3   # tools/bench/race_cpu.sh
+        --width 0.25 --hidden-dim 128 --batch-size 128   # tools/bench/race_cpu.sh, with the preset's recipe
+
+The defaults are `--preset cifar10-fast`'s recipe; the races pass it from the
+preset itself (tools/reference/preset_recipe.py).
 """
 import argparse
 import json
@@ -150,7 +153,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup-epochs", type=int, default=1)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet-18")
     parser.add_argument("--hidden-dim", type=int, default=2048, help="the projection head's middle layer")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
@@ -186,7 +189,9 @@ def main() -> None:
     )
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     steps_per_epoch = len(train_images) // args.batch_size
-    warmup = args.warmup_epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"train_pytorch.py: {len(train_images)} training images do not fill one batch of {args.batch_size}")
+    warmup = round(args.warmup_epochs * steps_per_epoch)
     epochs = 10**6
     step = 0
     trained = 0.0

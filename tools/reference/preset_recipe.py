@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""The recipe of a `simclr` config as train_pytorch.py's flags, so that a race
+gives the reference the preset's own values rather than a second copy of
+them that could drift.
+
+Reads the TOML of `simclr train --preset P --print-config` on stdin and
+prints `--temperature T --learning-rate L --weight-decay W --warmup-epochs E`.
+Stops, naming the field, where the config asks for what train_pytorch.py
+does not do (it runs NT-Xent with cosine similarity, SGD with momentum 0.9
+and the linear learning-rate scaling).
+
+    simclr train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py
+"""
+import sys
+import tomllib
+
+REFERENCE = {
+    ("loss", "objective"): "nt-xent",
+    ("loss", "similarity"): "cosine",
+    ("optim", "optimizer"): "sgd",
+    ("optim", "lr_scaling"): "linear",
+    ("optim", "momentum"): 0.9,
+}
+
+
+def main() -> None:
+    config = tomllib.load(sys.stdin.buffer)
+    for (section, field), value in REFERENCE.items():
+        if config[section][field] != value:
+            sys.exit(f"preset_recipe.py: {section}.{field} = {config[section][field]!r}, "
+                     f"but train_pytorch.py runs {value!r}")
+    optim = config["optim"]
+    print(f"--temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
+          f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}")
+
+
+if __name__ == "__main__":
+    main()
