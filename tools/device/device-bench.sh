@@ -21,10 +21,11 @@
 #                                   hybrid path, against `simclr bench` and torchvision's DataLoader
 #   tools/device/device-bench.sh micro     issue 20: ResNet-50 at 224, bf16, batch 4096 in chunks of 256 against
 #                                   the whole batches that fit (256 up), images/s and peak device memory
-#   tools/device/device-bench.sh step      bf16 SGD step throughput, both implementations, median of ROUNDS
-#                                   processes (acceptance 1)
-#   tools/device/device-bench.sh simclr    180 s of simclr training + kNN (acceptance 2)
-#   tools/device/device-bench.sh pytorch   180 s of PyTorch training + kNN (tools/reference/train_pytorch.py), same settings
+#   tools/device/device-bench.sh step      issue 21: bf16 SGD step throughput at each of BENCH_BATCHES, both
+#                                   implementations, median of ROUNDS processes (acceptance 3)
+#   tools/device/device-bench.sh simclr    BUDGET s of simclr training + kNN (issue 21's acceptance 1 at 300)
+#   tools/device/device-bench.sh pytorch   BUDGET s of PyTorch training + kNN (tools/reference/train_pytorch.py), the
+#                                   preset's recipe (acceptance 2)
 #   tools/device/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
 #                                   (device augmentation, bf16), resume, kNN, linear, fine-tune, embed
 #   tools/device/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
@@ -32,9 +33,11 @@
 #   tools/device/device-bench.sh table     the table from the stages' JSON in $OUT (runs
 #                                   anywhere: point OUT at the JSON fetched from the call)
 # Environment: BUDGET (s, default 180), DEADLINE (s from the start, after
-# which no stage starts and a running one is stopped), DEVICE (cuda), BATCH
-# (512), ROUNDS (3) and STEPS (200) of the step stage, LIMIT (images per
-# split, for a quick check on the CPU), PYTHON (python3), OUT (results).
+# which no stage starts and a running one is stopped; 585 with `all`, none
+# otherwise), DEVICE (cuda), BATCH (512), BENCH_BATCHES ("256 512"), ROUNDS
+# (3) and STEPS (200) of the step stage, LIMIT (images per split, for a
+# quick check on the CPU), PYTHON (python3), OUT (results). Issue 21's
+# call: DEADLINE=585 BUDGET=300 tools/device/device-bench.sh step simclr smoke table
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$0")/../.."
@@ -97,25 +100,26 @@ prepare)
 step|bench)
     torch_libraries
     BIN=$(binary)
-    step=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
-          --steps "${STEPS:-200}" --warmup "${WARMUP:-20}")
-    common=("${step[@]}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json)
     if [ "$1" = step ]; then
-        # The issue's yardstick steps with SGD (torch.optim's foreach
-        # kernels on the PyTorch side). PyTorch's step is bound by its host
-        # (Python issuing kernels), so it varies from process to process
-        # (10.3-11.8 ms on one H200, where ours held 8.9-9.4 ms): the
-        # ratio kept is the median of ROUNDS processes, each round's ratio
-        # beside it. 50 steps a round gave 1.16x-1.27x in three rounds, 200
-        # gave 1.23x-1.31x in five.
-        rounds=()
-        for round in $(seq "${ROUNDS:-3}"); do
-            "$BIN" bench "${common[@]}" --optimizer sgd > "$OUT/bench_bf16_sgd.$round.json"
-            cat "$OUT/bench_bf16_sgd.$round.json"
-            rounds+=("$OUT/bench_bf16_sgd.$round.json")
-        done
-        # One file, not one per round: a device call brings back 8 files.
-        "$PYTHON" - "$OUT/bench_bf16_sgd.json" "${rounds[@]}" <<'PY'
+        # Issue 21's yardstick steps with SGD (torch.optim's foreach
+        # kernels on the PyTorch side) at each of BENCH_BATCHES. PyTorch's
+        # step is bound by its host (Python issuing kernels), so it varies
+        # from process to process (10.3-11.8 ms on one H200, where ours
+        # held 8.9-9.4 ms): the ratio kept is the median of ROUNDS
+        # processes, each round's ratio beside it. 50 steps a round gave
+        # 1.16x-1.27x in three rounds, 200 gave 1.23x-1.31x in five.
+        for batch in ${BENCH_BATCHES:-256 512}; do
+            step=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "$batch" --image-size 32 --hidden-dim 2048
+                  --steps "${STEPS:-200}" --warmup "${WARMUP:-20}" --optimizer sgd)
+            rounds=()
+            for round in $(seq "${ROUNDS:-3}"); do
+                "$BIN" bench "${step[@]}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json \
+                    > "$OUT/bench_bf16_sgd_$batch.$round.json"
+                cat "$OUT/bench_bf16_sgd_$batch.$round.json"
+                rounds+=("$OUT/bench_bf16_sgd_$batch.$round.json")
+            done
+            # One file per batch size, not one per round: a device call brings back 8 files.
+            "$PYTHON" - "$OUT/bench_bf16_sgd_$batch.json" "${rounds[@]}" <<'PY'
 import json, pathlib, sys
 rounds = [json.loads(pathlib.Path(name).read_text()) for name in sys.argv[2:]]
 median = sorted(rounds, key=lambda r: r["train_ratio"])[len(rounds) // 2]
@@ -124,17 +128,21 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(median))
 for name in sys.argv[2:]:
     pathlib.Path(name).unlink()
 PY
-        if [ -f device/libsimclr_graph.so ]; then
-            # The same step captured as a CUDA graph and replayed: its
-            # kernels without launch overhead. In its own process under its
-            # own limit, so that a capture that fails or hangs costs the
-            # other stages nothing (on the H200 it took about 10 s).
-            timeout -k 5 120 "$BIN" bench "${step[@]}" --optimizer sgd --cuda-graph device/libsimclr_graph.so \
-                --json > "$OUT/bench_bf16_sgd_graph.json" || echo "the CUDA graph bench failed" >&2
-            cat "$OUT/bench_bf16_sgd_graph.json"
-        fi
+            if [ -f device/libsimclr_graph.so ] && [ ! -f "$OUT/bench_graph_bf16_sgd.json" ]; then
+                # The first batch size's step captured as a CUDA graph and
+                # replayed: its kernels without launch overhead. In its own
+                # process under its own limit, so that a capture that fails
+                # or hangs costs the other stages nothing (on the H200 it
+                # took about 10 s).
+                timeout -k 5 120 "$BIN" bench "${step[@]}" --cuda-graph device/libsimclr_graph.so \
+                    --json > "$OUT/bench_graph_bf16_sgd.json" || echo "the CUDA graph bench failed" >&2
+                cat "$OUT/bench_graph_bf16_sgd.json"
+            fi
+        done
         return
     fi
+    common=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
+            --steps "${STEPS:-200}" --warmup "${WARMUP:-20}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json)
     # LARS is the paper's (a per-tensor loop in PyTorch, as its SimCLR code writes it).
     "$BIN" bench "${common[@]}" --optimizer lars > "$OUT/bench_bf16_lars.json"
     "$BIN" bench "${common[@]}" --optimizer sgd --no-mixed-precision > "$OUT/bench_fp32_sgd.json"
@@ -301,37 +309,43 @@ def load(name):
         return json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
-for name in ("bench_fp32_sgd.json", "bench_bf16_sgd.json", "bench_bf16_lars.json"):
-    b = load(name)
+steps = sorted(out.glob("bench_bf16_sgd_*.json"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
+for path in [out / "bench_fp32_sgd.json", out / "bench_bf16_lars.json", *steps]:
+    b = load(path.name)
     if b:
         ours, ref = b["simclr"], b["reference"]
-        print(f"{name[6:-5]:9} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
+        label = path.stem[6:]
+        print(f"{label:13} step, {ours['device']}, batch {ours['batch_size']}: simclr {ours['train_ms_per_step']:.1f} ms "
               f"({ours['train_images_per_second']:.0f} img/s), {ref['implementation']} {ref['train_ms_per_step']:.1f} ms "
               f"({ref['train_images_per_second']:.0f} img/s): {b['train_ratio']:.2f}x")
         # Near the step time: bound by launching kernels; far below: by running them.
-        print(f"{'':9} host time to issue a step: simclr {ours['train_issue_ms']:.1f} ms, reference {ref['train_issue_ms']:.1f} ms")
+        print(f"{'':13} host time to issue a step: simclr {ours['train_issue_ms']:.1f} ms, reference {ref['train_issue_ms']:.1f} ms")
         if b.get("round_ratios"):
-            print(f"{'':9} the median of {len(b['round_ratios'])} rounds: "
+            print(f"{'':13} the median of {len(b['round_ratios'])} rounds: "
                   + ", ".join(f"{r:.2f}x" for r in b["round_ratios"]))
-for name in ("train_simclr.json", "train_pytorch.json"):
-    t = load(name)
+ours, theirs = load("train_simclr.json"), load("train_pytorch.json")
+for t in (ours, theirs):
     if t:
         print(f"{t['implementation']:24} {t['epochs']:4d} epochs in {t['train_seconds']:6.1f} s "
               f"({t['images_per_second']:.0f} img/s): kNN top-1 {100 * t['knn_top1']:.2f}%")
-g, b = load("bench_bf16_sgd_graph.json"), load("bench_bf16_sgd.json")
-if g and g.get("graph_ms_per_step") and b:
-    ref = b["reference"]["train_ms_per_step"]
-    print(f"bf16_sgd  step as a CUDA graph (simclr): {g['graph_ms_per_step']:.1f} ms, eager {g['train_ms_per_step']:.1f} ms; "
-          f"{ref / g['graph_ms_per_step']:.2f}x PyTorch eager's {ref:.1f} ms")
-# Issue 5's acceptance 1 and 2, as far as the JSON here shows them.
-step, ours, theirs = load("bench_bf16_sgd.json"), load("train_simclr.json"), load("train_pytorch.json")
-if step:
-    verdict = "met" if step["train_ratio"] >= 1.2 else "not met"
-    print(f"acceptance 1 (bf16 step >= 1.2x PyTorch): {step['train_ratio']:.2f}x, {verdict}")
+g = load("bench_graph_bf16_sgd.json")
+if g and g.get("graph_ms_per_step"):
+    print(f"bf16_sgd      step as a CUDA graph (simclr), batch {g['batch_size']}: {g['graph_ms_per_step']:.1f} ms, "
+          f"eager {g['train_ms_per_step']:.1f} ms")
+# Issue 21's acceptance, as far as the JSON here shows it.
+if ours:
+    verdict = "met" if ours["knn_top1"] >= 0.85 and ours["train_seconds"] <= 300 else "not met"
+    print(f"acceptance 1 (kNN >= 85% in <= 300 s): {100 * ours['knn_top1']:.2f}% in {ours['train_seconds']:.0f} s, {verdict}")
 if ours and theirs:
     verdict = "met" if ours["knn_top1"] > theirs["knn_top1"] else "not met"
-    print(f"acceptance 2 (higher kNN in the same budget): {100 * ours['knn_top1']:.2f}% vs "
+    print(f"acceptance 2 (ahead of PyTorch in the same budget): {100 * ours['knn_top1']:.2f}% vs "
           f"{100 * theirs['knn_top1']:.2f}%, {verdict}")
+for path in steps:
+    b = load(path.name)
+    if b:
+        verdict = "met" if b["train_ratio"] >= 1.5 and len(b.get("round_ratios", [])) >= 3 else "not met"
+        print(f"acceptance 3 (bf16 step >= 1.5x PyTorch, median of >= 3 pairs), batch {b['simclr']['batch_size']}: "
+              f"{b['train_ratio']:.2f}x, {verdict}")
 PY
     ;;
 *)
@@ -347,7 +361,7 @@ esac
 # JPEGs, cuDNN's autotuning, the final kNN); smoke 30 s, bench 45 s.
 estimate() {
     case "$1" in
-    step) echo $((10 + 25 * ${ROUNDS:-3})) ;;
+    step) echo $((10 + 30 * ${ROUNDS:-3} * $(wc -w <<< "${BENCH_BATCHES:-256 512}"))) ;;
     simclr | pytorch) echo $((BUDGET + 30)) ;;
     smoke) echo 45 ;;
     dist) echo 120 ;;
