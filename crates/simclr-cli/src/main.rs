@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use simclr::ablation::HeadChoice;
+use simclr::ablation::{HeadChoice, Study};
 use simclr::augment::preview::PreviewOptions;
 use simclr::augment::OpConfig;
-use simclr::config::{ConfigLayers, RunLayers};
+use simclr::config::{ConfigLayers, RunLayers, ValidConfig};
 use simclr::data::config::DataFormat;
 use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
@@ -20,7 +20,7 @@ use simclr::dist::launch::{self, Outcome, World};
 use simclr::embed::EncoderSource;
 use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
-use simclr::train::checkpoint;
+use simclr::train::{checkpoint, Observer};
 
 #[derive(Parser)]
 #[command(name = "simclr", version, args_override_self = true)]
@@ -261,11 +261,32 @@ struct PreviewArgs {
     params: Option<PathBuf>,
 }
 
+/// What every study takes besides its base run and its grid.
+#[derive(Args)]
+struct StudyFlags {
+    /// Comma-separated seeds: each cell trained once per seed (in its seed-S folders) and scored by
+    /// the mean, with the standard deviation beside it [default: one run per cell, train.seed]
+    #[arg(long)]
+    seeds: Option<String>,
+}
+
+impl StudyFlags {
+    /// The base run's config and the study of `run`'s output folder.
+    fn study<'a>(&self, run: &RunLayers, observer: &'a mut dyn Observer) -> Result<(ValidConfig, Study<'a>)> {
+        let base = run.resolve(run.base()?)?;
+        let seeds = self.seeds.as_deref().map(parse_list).transpose()?.unwrap_or_default();
+        let output_dir = base.train.output_dir.clone();
+        Ok((base, Study { output_dir, seeds, observer }))
+    }
+}
+
 #[derive(Args)]
 struct AblateArgs {
     /// The base run (its --output is the folder of the whole ablation).
     #[command(flatten)]
     run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
     /// Comma-separated ops (names as in [[augment.ops]]).
     #[arg(long, default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation")]
     ops: String,
@@ -276,6 +297,8 @@ struct AblateLossArgs {
     /// The base run (its --output is the folder of the whole study).
     #[command(flatten)]
     run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
     /// Comma-separated losses: nt-xent, nt-logistic, margin-triplet.
     #[arg(long, default_value = "nt-xent,nt-logistic,margin-triplet")]
     losses: String,
@@ -292,6 +315,8 @@ struct AblateBatchArgs {
     /// The base run (its --output is the folder of the whole study).
     #[command(flatten)]
     run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
     /// Comma-separated batch sizes (the learning rate scales with each as optim.lr_scaling says).
     #[arg(long, default_value = "256,512,1024,2048,4096")]
     batch_sizes: String,
@@ -305,6 +330,8 @@ struct AblateHeadArgs {
     /// The base run (its --output is the folder of the whole study).
     #[command(flatten)]
     run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
     /// Comma-separated projection heads: none, linear, mlp-K (K linear layers, K >= 2).
     #[arg(long, default_value = "none,linear,mlp-2,mlp-3")]
     heads: String,
@@ -315,6 +342,8 @@ struct AblateModelArgs {
     /// The base run (its --output is the folder of the whole study).
     #[command(flatten)]
     run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
     /// Comma-separated architectures: resnet18, resnet34, resnet50, ...
     #[arg(long, default_value = "resnet18,resnet34,resnet50")]
     archs: String,
@@ -469,41 +498,34 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
 }
 
 fn ablate(kind: AblateKind) -> Result<()> {
+    let mut console = observer::console()?;
     let grid = match kind {
         AblateKind::Augment(args) => {
-            let base = args.run.resolve(args.run.base()?)?;
+            let (base, mut study) = args.study.study(&args.run, &mut console)?;
             let ops: Vec<OpConfig> = parse_list(&args.ops)?;
-            let output_dir = base.train.output_dir.clone();
-            let result = simclr::ablation::augment_pairs(&base, &ops, &output_dir, &mut observer::console()?)?;
-            print!("{result}");
-            println!("table: {}\nheatmap: {}", result.csv_path.display(), result.png_path.display());
-            return Ok(());
+            simclr::ablation::augment_pairs(&base, &ops, &mut study)?
         }
         AblateKind::Loss(args) => {
-            let base = args.run.resolve(args.run.base()?)?;
+            let (base, mut study) = args.study.study(&args.run, &mut console)?;
             let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
             let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
-            let output_dir = base.train.output_dir.clone();
             let grid = (&losses[..], &similarities[..], &temperatures[..]);
-            simclr::ablation::loss_grid(&base, grid, &output_dir, &mut observer::console()?)?
+            simclr::ablation::loss_grid(&base, grid, &mut study)?
         }
         AblateKind::Batch(args) => {
-            let base = args.run.resolve(args.run.base()?)?;
+            let (base, mut study) = args.study.study(&args.run, &mut console)?;
             let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
-            let output_dir = base.train.output_dir.clone();
-            simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &output_dir, &mut observer::console()?)?
+            simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &mut study)?
         }
         AblateKind::Model(args) => {
-            let base = args.run.resolve(args.run.base()?)?;
+            let (base, mut study) = args.study.study(&args.run, &mut console)?;
             let (archs, widths): (Vec<Arch>, Vec<f64>) = (parse_list(&args.archs)?, parse_list(&args.widths)?);
-            let output_dir = base.train.output_dir.clone();
-            simclr::ablation::model_grid(&base, &archs, &widths, &output_dir, &mut observer::console()?)?
+            simclr::ablation::model_grid(&base, &archs, &widths, &mut study)?
         }
         AblateKind::Head(args) => {
-            let base = args.run.resolve(args.run.base()?)?;
+            let (base, mut study) = args.study.study(&args.run, &mut console)?;
             let heads: Vec<HeadChoice> = parse_list(&args.heads)?;
-            let output_dir = base.train.output_dir.clone();
-            simclr::ablation::head_grid(&base, &heads, &output_dir, &mut observer::console()?)?
+            simclr::ablation::head_grid(&base, &heads, &mut study)?
         }
     };
     print!("{grid}");

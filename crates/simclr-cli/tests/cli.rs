@@ -773,6 +773,42 @@ fn the_batch_study_trains_each_batch_for_each_length() {
 }
 
 #[test]
+fn a_study_with_seeds_scores_each_cell_by_the_mean_of_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("seeds");
+    let study = || {
+        simclr(["ablate", "batch", "--batch-sizes", "4", "--lengths", "1", "--seeds", "3,4"])
+            .args(tiny_flags(&data, &out))
+            .args(monitor_flags(&data))
+            .env("RUST_LOG", "info")
+    };
+    let output = study().run();
+    assert_succeeds(&output);
+    let cell = out.join("batch4-epochs1");
+    let top1 = |seed: u64| {
+        let summary = std::fs::read_to_string(cell.join(format!("seed-{seed}/summary.json"))).unwrap();
+        serde_json::from_str::<serde_json::Value>(&summary).unwrap()["final_knn_top1"].as_f64().unwrap()
+    };
+    // Each seed trained a run of its own.
+    assert_ne!(epoch_losses(&cell.join("seed-3")), epoch_losses(&cell.join("seed-4")));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "batch_size,epochs,peak_learning_rate,knn_top1,knn_top1_sd", "{csv}");
+    let row: Vec<f64> = lines[1].split(',').map(|v| v.parse().unwrap()).collect();
+    let (a, b) = (top1(3), top1(4));
+    assert!((row[3] - (a + b) / 2.0).abs() < 1e-4, "{csv}: runs {a} and {b}");
+    assert!((row[4] - (a - b).abs() / 2f64.sqrt()).abs() < 1e-4, "{csv}: runs {a} and {b}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(" ± "), "{}", String::from_utf8_lossy(&output.stdout));
+    // Run again, both runs are read back.
+    let again = study().run();
+    assert_succeeds(&again);
+    assert_eq!(stderr(&again).matches("is done, its score read from").count(), 2, "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+}
+
+#[test]
 fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -29,6 +29,11 @@
 //! `ablate batch`, Figure 9: each batch size trained for each number of
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
+//!
+//! With several seeds ([`Study::seeds`]) each cell is trained once per
+//! seed and scored by the mean of its runs, with their standard deviation
+//! beside it in the table and the CSV: one run per cell cannot tell a
+//! difference between cells from the spread between seeds.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -50,19 +55,14 @@ fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
     ops
 }
 
-/// Trains one run per distinct pair under `output_dir`, then writes the table and the heatmap.
-pub fn augment_pairs(
-    base: &RunConfig,
-    ops: &[OpConfig],
-    output_dir: &Path,
-    observer: &mut dyn Observer,
-) -> Result<Grid> {
+/// Trains one cell per distinct pair, then writes the table and the heatmap.
+pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> Result<Grid> {
     if ops.is_empty() {
         return Err(Error::InvalidArgument("ablate augment needs at least one op".to_owned()));
     }
-    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    study.create_folder()?;
     let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
-    let mut done: HashMap<String, Option<f64>> = HashMap::new();
+    let mut done: HashMap<String, Option<Score>> = HashMap::new();
     let mut top1 = vec![vec![None; ops.len()]; ops.len()];
     let mut initial_top1 = None;
     for (i, first) in ops.iter().enumerate() {
@@ -76,16 +76,16 @@ pub fn augment_pairs(
             let mut config = base.clone();
             config.augment =
                 AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
-            let cell = run_cell(config, &output_dir.join(&key), &format!("view 2 = {key}"), observer)?;
-            initial_top1 = initial_top1.or(cell.initial_top1);
-            done.insert(key, cell.top1);
-            top1[i][j] = cell.top1;
+            let cell = study.cell(config, &key, &format!("view 2 = {key}"))?;
+            initial_top1 = initial_top1.or(cell.initial_top1());
+            done.insert(key, cell.score());
+            top1[i][j] = cell.score();
         }
     }
-    let mut csv = String::from("first,second,knn_top1\n");
+    let mut csv = format!("first,second,{}\n", study.score_columns(&["knn_top1"]));
     for (i, row) in top1.iter().enumerate() {
         for (j, score) in row.iter().enumerate() {
-            csv.push_str(&format!("{},{},{}\n", names[i], names[j], csv_score(*score)));
+            csv.push_str(&format!("{},{},{}\n", names[i], names[j], study.csv_score(*score)));
         }
     }
     let chart = Chart {
@@ -93,20 +93,19 @@ pub fn augment_pairs(
         x_desc: "2nd transformation",
         y_desc: "1st transformation",
     };
-    Grid::write(output_dir, "1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
+    study.write_grid("1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
 }
 
 /// What a table, the CSV and the chart say of a run that diverged.
 const DIVERGED: &str = "diverged";
 
-/// A score as a table shows it.
-fn percent(top1: Option<f64>) -> String {
-    top1.map_or_else(|| DIVERGED.to_owned(), |top1| format!("{:.2}%", 100.0 * top1))
-}
-
-/// A score as `results.csv` holds it.
-fn csv_score(top1: Option<f64>) -> String {
-    top1.map_or_else(|| DIVERGED.to_owned(), |top1| format!("{top1:.4}"))
+/// A score as a table shows it: the mean, then the spread over seeds.
+fn percent(score: Option<Score>) -> String {
+    match score {
+        None => DIVERGED.to_owned(),
+        Some(Score { mean, deviation: None }) => format!("{:.2}%", 100.0 * mean),
+        Some(Score { mean, deviation: Some(deviation) }) => format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * deviation),
+    }
 }
 
 /// A chart's caption with the random-init encoder's score, the baseline
@@ -128,16 +127,160 @@ fn write_initial(f: &mut std::fmt::Formatter<'_>, initial_top1: Option<f64>) -> 
 /// Written into a cell's folder when its training diverged.
 pub const DIVERGED_FILE: &str = "diverged.txt";
 
-/// What a finished cell scored.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cell {
+/// What one finished run of a cell scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub dir: PathBuf,
     /// kNN top-1 at the end of the run; `None` when training diverged
     /// (`train.max_nonfinite_steps` non-finite steps in a row), which a
     /// study records and goes on from, as the paper's grids have such cells.
     pub top1: Option<f64>,
-    /// kNN top-1 of the random-init encoder (absent for a cell resumed
+    /// kNN top-1 of the random-init encoder (absent for a run resumed
     /// from a checkpoint, which did not measure it).
     pub initial_top1: Option<f64>,
+}
+
+/// A cell's kNN top-1 over its runs, one per seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub mean: f64,
+    /// The sample standard deviation (n - 1) where there are several runs.
+    pub deviation: Option<f64>,
+}
+
+impl Score {
+    fn of(values: &[f64]) -> Self {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let deviation =
+            (values.len() > 1).then(|| (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+        Self { mean, deviation }
+    }
+}
+
+/// A cell's runs: one per seed of the study.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub runs: Vec<Run>,
+}
+
+impl Cell {
+    /// The runs' kNN top-1; `None` (diverged) if any run diverged: a
+    /// setting that diverges at one seed is unstable, whatever the others
+    /// reached (their scores stay in their folders).
+    pub fn score(&self) -> Option<Score> {
+        let scores: Option<Vec<f64>> = self.runs.iter().map(|run| run.top1).collect();
+        scores.map(|scores| Score::of(&scores))
+    }
+
+    /// Another score of each run (such as kNN top-1 on z), `None` where a
+    /// run diverged.
+    pub fn score_with(&self, score: impl Fn(&Run) -> Result<f64>) -> Result<Option<Score>> {
+        if self.score().is_none() {
+            return Ok(None);
+        }
+        let scores = self.runs.iter().map(score).collect::<Result<Vec<f64>>>()?;
+        Ok(Some(Score::of(&scores)))
+    }
+
+    /// The random-init encoder's score, from the first run that measured it.
+    pub fn initial_top1(&self) -> Option<f64> {
+        self.runs.iter().find_map(|run| run.initial_top1)
+    }
+}
+
+/// Where a study trains and how often: the folder of its cells, the seeds
+/// each cell is trained with, and the observer of every run.
+pub struct Study<'a> {
+    pub output_dir: PathBuf,
+    /// `train.seed` of each run of a cell. None or one: a run per cell in
+    /// the cell's folder (with the base run's seed when none is given).
+    /// Several: a run per seed in the cell's `seed-<S>` folders.
+    pub seeds: Vec<u64>,
+    pub observer: &'a mut dyn Observer,
+}
+
+impl Study<'_> {
+    fn create_folder(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))
+    }
+
+    fn seeded(&self) -> bool {
+        self.seeds.len() > 1
+    }
+
+    /// The runs of the cell `key` with `config`, each trained, resumed or
+    /// read back by [`run_cell`].
+    fn cell(&mut self, mut config: RunConfig, key: &str, label: &str) -> Result<Cell> {
+        let dir = self.output_dir.join(key);
+        if !self.seeded() {
+            if let Some(&seed) = self.seeds.first() {
+                config.train.seed = seed;
+            }
+            return Ok(Cell { runs: vec![run_cell(config, &dir, label, self.observer)?] });
+        }
+        let mut runs = Vec::with_capacity(self.seeds.len());
+        for &seed in &self.seeds {
+            config.train.seed = seed;
+            let label = format!("{label}, seed {seed}");
+            runs.push(run_cell(config.clone(), &dir.join(format!("seed-{seed}")), &label, self.observer)?);
+        }
+        Ok(Cell { runs })
+    }
+
+    /// The CSV columns of scores named `names`, each followed by its
+    /// standard deviation over seeds when there are several.
+    fn score_columns(&self, names: &[&str]) -> String {
+        let columns: Vec<String> = names
+            .iter()
+            .map(|name| if self.seeded() { format!("{name},{name}_sd") } else { (*name).to_owned() })
+            .collect();
+        columns.join(",")
+    }
+
+    /// A score as `results.csv` holds it, in the columns of [`Study::score_columns`].
+    fn csv_score(&self, score: Option<Score>) -> String {
+        let mean = score.map_or_else(|| DIVERGED.to_owned(), |score| format!("{:.4}", score.mean));
+        if !self.seeded() {
+            return mean;
+        }
+        let deviation = score.and_then(|score| score.deviation).map_or_else(String::new, |d| format!("{d:.4}"));
+        format!("{mean},{deviation}")
+    }
+
+    /// Writes `csv` (its lines, one per cell) and the heatmap of the cells'
+    /// mean scores into the study's folder.
+    fn write_grid(
+        &self,
+        corner: &str,
+        (rows, columns): (Vec<String>, Vec<String>),
+        top1: Vec<Vec<Option<Score>>>,
+        initial_top1: Option<f64>,
+        csv: &str,
+        chart: Chart,
+    ) -> Result<Grid> {
+        let csv_path = self.output_dir.join("results.csv");
+        crate::io::write_atomic(&csv_path, csv.as_bytes())?;
+        let png_path = self.output_dir.join("results.png");
+        let mut caption = with_initial(chart.caption, initial_top1);
+        if self.seeded() {
+            caption.push_str(&format!("; mean of {} seeds", self.seeds.len()));
+        }
+        let means: Vec<Vec<Option<f64>>> =
+            top1.iter().map(|row| row.iter().map(|score| score.map(|score| score.mean)).collect()).collect();
+        Heatmap {
+            caption: &caption,
+            rows: &rows,
+            columns: &columns,
+            x_desc: chart.x_desc,
+            y_desc: chart.y_desc,
+            annotate: true,
+            floor: initial_top1,
+            missing: DIVERGED,
+        }
+        .draw(&means, &png_path)?;
+        Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })
+    }
 }
 
 /// The run `config` in `dir`, scored by the kNN monitor. A killed study
@@ -145,7 +288,7 @@ pub struct Cell {
 /// instead of trained, as is one that diverged (its `diverged.txt`
 /// written), a run with a checkpoint is resumed, and a run of another
 /// configuration is an error naming the folder.
-pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut dyn Observer) -> Result<Cell> {
+pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut dyn Observer) -> Result<Run> {
     config.train.output_dir = dir.to_path_buf();
     let config = config.validate()?;
     let no_score = || {
@@ -168,11 +311,15 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
                 serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", dir.display())))?;
             tracing::info!("study: {label} is done, its score read from {}", dir.display());
             let top1 = summary["final_knn_top1"].as_f64().ok_or_else(no_score)?;
-            return Ok(Cell { top1: Some(top1), initial_top1: summary["initial_knn_top1"].as_f64() });
+            return Ok(Run {
+                dir: dir.to_path_buf(),
+                top1: Some(top1),
+                initial_top1: summary["initial_knn_top1"].as_f64(),
+            });
         }
         if dir.join(DIVERGED_FILE).exists() {
             tracing::info!("study: {label} diverged before, as {} says", dir.join(DIVERGED_FILE).display());
-            return Ok(Cell { top1: None, initial_top1: None });
+            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None });
         }
     }
     let resume = checkpoint::exists(&dir.join(checkpoint::FILE_NAME));
@@ -184,14 +331,15 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
                 dir.join(DIVERGED_FILE).display()
             );
             crate::io::write_atomic(&dir.join(DIVERGED_FILE), format!("{message}\n").as_bytes())?;
-            return Ok(Cell { top1: None, initial_top1: None });
+            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None });
         }
         outcome => outcome?,
     };
     if report.interrupted_at.is_some() {
         return Err(Error::Interrupted(format!("study run {label} in {}", dir.display())));
     }
-    Ok(Cell { top1: Some(report.final_knn_top1().ok_or_else(no_score)?), initial_top1: report.initial_knn_top1 })
+    let top1 = Some(report.final_knn_top1().ok_or_else(no_score)?);
+    Ok(Run { dir: dir.to_path_buf(), top1, initial_top1: report.initial_knn_top1 })
 }
 
 /// A study's result: kNN top-1 in a table of named rows and columns, as
@@ -203,7 +351,7 @@ pub struct Grid {
     pub rows: Vec<String>,
     pub columns: Vec<String>,
     /// `top1[row][column]`; `None` where training diverged (a blank cell).
-    pub top1: Vec<Vec<Option<f64>>>,
+    pub top1: Vec<Vec<Option<Score>>>,
     /// The random-init encoder's kNN top-1 (the first cell that measured it).
     pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
@@ -214,7 +362,10 @@ pub struct Grid {
 impl std::fmt::Display for Grid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let first = self.rows.iter().chain([&self.corner]).map(|name| name.chars().count()).max().unwrap_or(0);
-        let widths: Vec<usize> = self.columns.iter().map(|name| name.chars().count().max(9)).collect();
+        let cell_width =
+            |column: usize| self.top1.iter().map(|row| percent(row[column]).chars().count()).max().unwrap_or(0);
+        let widths: Vec<usize> =
+            self.columns.iter().enumerate().map(|(j, name)| name.chars().count().max(cell_width(j)).max(9)).collect();
         write!(f, "{:>first$}", self.corner)?;
         for (column, width) in self.columns.iter().zip(&widths) {
             write!(f, "  {column:>width$}")?;
@@ -238,37 +389,6 @@ struct Chart<'a> {
     y_desc: &'a str,
 }
 
-impl Grid {
-    /// Writes `csv` (its lines, one per run) and the heatmap of `top1`
-    /// into `output_dir`.
-    fn write(
-        output_dir: &Path,
-        corner: &str,
-        (rows, columns): (Vec<String>, Vec<String>),
-        top1: Vec<Vec<Option<f64>>>,
-        initial_top1: Option<f64>,
-        csv: &str,
-        chart: Chart,
-    ) -> Result<Grid> {
-        let csv_path = output_dir.join("results.csv");
-        crate::io::write_atomic(&csv_path, csv.as_bytes())?;
-        let png_path = output_dir.join("results.png");
-        let caption = with_initial(chart.caption, initial_top1);
-        Heatmap {
-            caption: &caption,
-            rows: &rows,
-            columns: &columns,
-            x_desc: chart.x_desc,
-            y_desc: chart.y_desc,
-            annotate: true,
-            floor: initial_top1,
-            missing: DIVERGED,
-        }
-        .draw(&top1, &png_path)?;
-        Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })
-    }
-}
-
 fn row_name(objective: Objective, similarity: Similarity) -> String {
     let normalised = match similarity {
         Similarity::Cosine => "l2 norm",
@@ -277,24 +397,23 @@ fn row_name(objective: Objective, similarity: Similarity) -> String {
     format!("{}, {normalised}", objective.name())
 }
 
-/// `ablate loss`: one run per cell under `output_dir`, rows (objective,
-/// similarity), columns temperatures.
+/// `ablate loss`: one cell per (objective, similarity) row and temperature
+/// column.
 pub fn loss_grid(
     base: &RunConfig,
     (objectives, similarities, temperatures): (&[Objective], &[Similarity], &[f64]),
-    output_dir: &Path,
-    observer: &mut dyn Observer,
+    study: &mut Study,
 ) -> Result<Grid> {
     if objectives.is_empty() || similarities.is_empty() || temperatures.is_empty() {
         return Err(Error::InvalidArgument(
             "ablate loss needs at least one objective, one similarity and one temperature".to_owned(),
         ));
     }
-    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    study.create_folder()?;
     let mut rows = Vec::new();
     let mut top1 = Vec::new();
     let mut initial_top1 = None;
-    let mut csv = String::from("objective,similarity,temperature,margin,knn_top1\n");
+    let mut csv = format!("objective,similarity,temperature,margin,{}\n", study.score_columns(&["knn_top1"]));
     let runs_per_row = |objective| if objective == Objective::MarginTriplet { 1 } else { temperatures.len() };
     let total: usize = objectives.iter().map(|&o| runs_per_row(o)).sum::<usize>() * similarities.len();
     let mut done = 0;
@@ -314,15 +433,15 @@ pub fn loss_grid(
                 };
                 done += 1;
                 let label = format!("{key} ({done} of {total})");
-                let cell = run_cell(config.clone(), &output_dir.join(&key), &label, observer)?;
-                initial_top1 = initial_top1.or(cell.initial_top1);
+                let cell = study.cell(config.clone(), &key, &label)?;
+                initial_top1 = initial_top1.or(cell.initial_top1());
                 let (t, m) = match objective {
                     Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
                     _ => (temperature.to_string(), String::new()),
                 };
-                let score = csv_score(cell.top1);
+                let score = study.csv_score(cell.score());
                 csv.push_str(&format!("{},{},{t},{m},{score}\n", objective.name(), similarity.name()));
-                row.push(cell.top1);
+                row.push(cell.score());
             }
             row.resize(temperatures.len(), row[0]);
             rows.push(row_name(objective, similarity));
@@ -336,26 +455,20 @@ pub fn loss_grid(
         "temperature"
     };
     let chart = Chart { caption: "kNN top-1 (%) by loss and temperature", x_desc, y_desc: "loss" };
-    Grid::write(output_dir, "loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
+    study.write_grid("loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 /// `ablate batch`, Figure 9: one run per batch size (rows) and training
 /// length in epochs (columns); the learning rate follows the batch as
 /// `optim.lr_scaling` says (the paper's linear N/256 by default).
-pub fn batch_grid(
-    base: &RunConfig,
-    batch_sizes: &[usize],
-    lengths: &[usize],
-    output_dir: &Path,
-    observer: &mut dyn Observer,
-) -> Result<Grid> {
+pub fn batch_grid(base: &RunConfig, batch_sizes: &[usize], lengths: &[usize], study: &mut Study) -> Result<Grid> {
     if batch_sizes.is_empty() || lengths.is_empty() {
         return Err(Error::InvalidArgument("ablate batch needs at least one batch size and one length".to_owned()));
     }
-    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    study.create_folder()?;
     let mut top1 = Vec::new();
     let mut initial_top1 = None;
-    let mut csv = String::from("batch_size,epochs,peak_learning_rate,knn_top1\n");
+    let mut csv = format!("batch_size,epochs,peak_learning_rate,{}\n", study.score_columns(&["knn_top1"]));
     let total = batch_sizes.len() * lengths.len();
     for (i, &batch_size) in batch_sizes.iter().enumerate() {
         let mut row = Vec::new();
@@ -366,11 +479,11 @@ pub fn batch_grid(
             config.train.time_budget_seconds = None;
             let key = format!("batch{batch_size}-epochs{epochs}");
             let label = format!("{key} ({} of {total})", i * lengths.len() + j + 1);
-            let cell = run_cell(config.clone(), &output_dir.join(&key), &label, observer)?;
-            initial_top1 = initial_top1.or(cell.initial_top1);
+            let cell = study.cell(config.clone(), &key, &label)?;
+            initial_top1 = initial_top1.or(cell.initial_top1());
             let peak = config.optim.peak_learning_rate(batch_size);
-            csv.push_str(&format!("{batch_size},{epochs},{peak},{}\n", csv_score(cell.top1)));
-            row.push(cell.top1);
+            csv.push_str(&format!("{batch_size},{epochs},{peak},{}\n", study.csv_score(cell.score())));
+            row.push(cell.score());
         }
         top1.push(row);
     }
@@ -378,7 +491,7 @@ pub fn batch_grid(
     let columns = lengths.iter().map(|e| format!("{e} epochs")).collect();
     let chart =
         Chart { caption: "kNN top-1 (%) by batch size and training length", x_desc: "epochs", y_desc: "batch size" };
-    Grid::write(output_dir, "batch \\ epochs", (rows, columns), top1, initial_top1, &csv, chart)
+    study.write_grid("batch \\ epochs", (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 /// A projection head a study trains: none, linear, or an MLP of `layers`
@@ -419,18 +532,13 @@ impl std::str::FromStr for HeadChoice {
 /// (rows), each scored by the kNN monitor on h, the encoder's output, and
 /// on z = g(h), the head's (columns; z = h without a head). The paper finds
 /// a non-linear head best and h better than z by more than 10%.
-pub fn head_grid(
-    base: &RunConfig,
-    heads: &[HeadChoice],
-    output_dir: &Path,
-    observer: &mut dyn Observer,
-) -> Result<Grid> {
+pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], study: &mut Study) -> Result<Grid> {
     if heads.is_empty() {
         return Err(Error::InvalidArgument("ablate head needs at least one head".to_owned()));
     }
-    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    study.create_folder()?;
     let (mut top1, mut initial_top1) = (Vec::new(), None);
-    let mut csv = String::from("head,projection_dim,knn_top1_h,knn_top1_z\n");
+    let mut csv = format!("head,projection_dim,{}\n", study.score_columns(&["knn_top1_h", "knn_top1_z"]));
     for (i, head) in heads.iter().enumerate() {
         let mut config = base.clone();
         config.model.head.kind = head.kind;
@@ -438,17 +546,13 @@ pub fn head_grid(
             config.model.head.layers = head.layers;
         }
         let key = format!("head-{head}");
-        let dir = output_dir.join(&key);
-        let cell = run_cell(config.clone(), &dir, &format!("{key} ({} of {})", i + 1, heads.len()), observer)?;
-        initial_top1 = initial_top1.or(cell.initial_top1);
-        let z = match cell.top1 {
-            Some(_) => Some(knn_top1_at(&dir, Layer::Z)?),
-            None => None,
-        };
+        let cell = study.cell(config.clone(), &key, &format!("{key} ({} of {})", i + 1, heads.len()))?;
+        initial_top1 = initial_top1.or(cell.initial_top1());
+        let (h, z) = (cell.score(), cell.score_with(|run| knn_top1_at(&run.dir, Layer::Z))?);
         let width =
             if head.kind == HeadKind::None { String::new() } else { config.model.head.projection_dim.to_string() };
-        csv.push_str(&format!("{head},{width},{},{}\n", csv_score(cell.top1), csv_score(z)));
-        top1.push(vec![cell.top1, z]);
+        csv.push_str(&format!("{head},{width},{},{}\n", study.csv_score(h), study.csv_score(z)));
+        top1.push(vec![h, z]);
     }
     let rows = heads.iter().map(HeadChoice::to_string).collect();
     let columns = vec!["h".to_owned(), "z = g(h)".to_owned()];
@@ -457,7 +561,7 @@ pub fn head_grid(
         x_desc: "representation evaluated",
         y_desc: "projection head g",
     };
-    Grid::write(output_dir, "head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
+    study.write_grid("head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 /// `ablate model`, Figure 7: for each architecture and width, a SimCLR run
@@ -465,20 +569,15 @@ pub fn head_grid(
 /// same augmentation and schedule, cross-entropy on the labels), both
 /// scored by the kNN monitor on h. The paper finds the gap between the two
 /// closing as the model grows (its numbers are linear evaluation).
-pub fn model_grid(
-    base: &RunConfig,
-    archs: &[Arch],
-    widths: &[f64],
-    output_dir: &Path,
-    observer: &mut dyn Observer,
-) -> Result<Grid> {
+pub fn model_grid(base: &RunConfig, archs: &[Arch], widths: &[f64], study: &mut Study) -> Result<Grid> {
     if archs.is_empty() || widths.is_empty() {
         return Err(Error::InvalidArgument("ablate model needs at least one architecture and one width".to_owned()));
     }
-    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    study.create_folder()?;
     let (mut rows, mut top1) = (Vec::new(), Vec::new());
     // Each model has a random-init score of its own: a column, not the caption.
-    let mut csv = String::from("arch,width,knn_top1_simclr,knn_top1_supervised,knn_top1_random_init\n");
+    let scores = study.score_columns(&["knn_top1_simclr", "knn_top1_supervised"]);
+    let mut csv = format!("arch,width,{scores},knn_top1_random_init\n");
     let total = 2 * archs.len() * widths.len();
     let mut done = 0;
     for &arch in archs {
@@ -490,12 +589,12 @@ pub fn model_grid(
             for (method, config) in [("simclr", config.clone()), ("supervised", supervised(config)?)] {
                 done += 1;
                 let key = format!("{model}-{method}");
-                let cell = run_cell(config, &output_dir.join(&key), &format!("{key} ({done} of {total})"), observer)?;
-                initial = initial.or(cell.initial_top1);
-                row.push(cell.top1);
+                let cell = study.cell(config, &key, &format!("{key} ({done} of {total})"))?;
+                initial = initial.or(cell.initial_top1());
+                row.push(cell.score());
             }
             let initial = initial.map_or_else(String::new, |top1| format!("{top1:.4}"));
-            let (simclr, supervised) = (csv_score(row[0]), csv_score(row[1]));
+            let (simclr, supervised) = (study.csv_score(row[0]), study.csv_score(row[1]));
             csv.push_str(&format!("{},{width},{simclr},{supervised},{initial}\n", arch.name()));
             rows.push(format!("{} {width}x", arch.name()));
             top1.push(row);
@@ -507,7 +606,7 @@ pub fn model_grid(
         x_desc: "training",
         y_desc: "encoder",
     };
-    Grid::write(output_dir, "model \\ training", (rows, columns), top1, None, &csv, chart)
+    study.write_grid("model \\ training", (rows, columns), top1, None, &csv, chart)
 }
 
 #[cfg(test)]
@@ -523,5 +622,22 @@ mod tests {
         assert_eq!(ops.iter().map(OpConfig::name).collect::<Vec<_>>(), ["random-resized-crop", "cutout"]);
         assert_eq!(ops[1], OpConfig::Cutout(CutoutConfig { probability: 1.0, ..Default::default() }));
         assert_eq!(view_ops(&cutout, None).len(), 1);
+    }
+
+    #[test]
+    fn a_cell_scores_the_mean_of_its_runs_and_diverges_with_any() {
+        let run = |top1| Run { dir: PathBuf::new(), top1, initial_top1: None };
+        let cell = Cell { runs: vec![run(Some(0.40)), run(Some(0.44)), run(Some(0.42))] };
+        let score = cell.score().expect("every run finished");
+        // The sample standard deviation of 0.40, 0.42 and 0.44.
+        assert!((score.mean - 0.42).abs() < 1e-12 && (score.deviation.unwrap() - 0.02).abs() < 1e-12, "{score:?}");
+        assert_eq!(percent(Some(score)), "42.00% ± 2.00");
+        let single = Cell { runs: vec![run(Some(0.4))] }.score();
+        assert_eq!(single, Some(Score { mean: 0.4, deviation: None }));
+        assert_eq!(percent(single), "40.00%");
+        let unstable = Cell { runs: vec![run(Some(0.4)), run(None)] };
+        assert_eq!(unstable.score(), None);
+        assert_eq!(unstable.score_with(|_| panic!("a diverged cell has no other score")).unwrap(), None);
+        assert_eq!(percent(None), DIVERGED);
     }
 }
