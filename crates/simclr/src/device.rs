@@ -157,8 +157,9 @@ pub enum Precision {
 
 impl Precision {
     /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA,
-    /// fp32 on the CPU (where bf16 convolutions are slower on CPUs without
-    /// AMX, such as this project's).
+    /// fp32 on the CPU, where a CPU without native bf16 emulates it (a
+    /// training step 11-12x slower on an AVX2 machine of this project's,
+    /// docs/time-to-accuracy.md).
     pub fn on(device: Device, mixed_precision: bool) -> Self {
         if mixed_precision && device.is_cuda() {
             Self::Bf16

@@ -53,9 +53,9 @@ impl LossConfig {
         }
     }
 
-    /// The configured loss of `z` (`[2N, d]`), a scalar averaged over the 2N anchors.
-    /// The loss of a batch's projections `z` ([2N, d], laid out [first
-    /// views; second views]) against each other.
+    /// The configured loss of a batch's projections `z` (`[2N, d]`, laid
+    /// out [first views; second views]) against each other: a scalar
+    /// averaged over the 2N anchors.
     pub fn compute(&self, z: &Tensor) -> Result<Tensor> {
         self.compute_against(z, z, 0)
     }
