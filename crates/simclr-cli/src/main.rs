@@ -276,7 +276,7 @@ impl StudyFlags {
         let base = run.resolve(run.base()?)?;
         let seeds = self.seeds.as_deref().map(parse_list).transpose()?.unwrap_or_default();
         let output_dir = base.train.output_dir.clone();
-        Ok((base, Study { output_dir, seeds, observer }))
+        Ok((base, Study::new(output_dir, seeds, observer)?))
     }
 }
 

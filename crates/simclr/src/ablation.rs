@@ -30,7 +30,7 @@
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
 //!
-//! With several seeds ([`Study::seeds`]) each cell is trained once per
+//! With several seeds ([`Study::new`]) each cell is trained once per
 //! seed and scored by the mean of its runs, with their standard deviation
 //! beside it in the table and the CSV: one run per cell cannot tell a
 //! difference between cells from the spread between seeds.
@@ -192,15 +192,26 @@ impl Cell {
 /// Where a study trains and how often: the folder of its cells, the seeds
 /// each cell is trained with, and the observer of every run.
 pub struct Study<'a> {
-    pub output_dir: PathBuf,
-    /// `train.seed` of each run of a cell. None or one: a run per cell in
-    /// the cell's folder (with the base run's seed when none is given).
-    /// Several: a run per seed in the cell's `seed-<S>` folders.
-    pub seeds: Vec<u64>,
-    pub observer: &'a mut dyn Observer,
+    output_dir: PathBuf,
+    seeds: Vec<u64>,
+    observer: &'a mut dyn Observer,
 }
 
-impl Study<'_> {
+impl<'a> Study<'a> {
+    /// A study whose cells live in `output_dir`. `seeds` are the
+    /// `train.seed` of each run of a cell: none or one, a run per cell in
+    /// the cell's folder (with the base run's seed when none is given);
+    /// several, a run per seed in the cell's `seed-<S>` folders. A seed
+    /// given twice is refused: it would be one run counted twice.
+    pub fn new(output_dir: PathBuf, seeds: Vec<u64>, observer: &'a mut dyn Observer) -> Result<Self> {
+        if let Some(seed) = seeds.iter().enumerate().find_map(|(i, seed)| seeds[..i].contains(seed).then_some(seed)) {
+            return Err(Error::InvalidArgument(format!(
+                "seeds {seeds:?}: seed {seed} is given twice, which would count one run twice"
+            )));
+        }
+        Ok(Self { output_dir, seeds, observer })
+    }
+
     fn create_folder(&self) -> Result<()> {
         std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))
     }
@@ -639,5 +650,12 @@ mod tests {
         assert_eq!(unstable.score(), None);
         assert_eq!(unstable.score_with(|_| panic!("a diverged cell has no other score")).unwrap(), None);
         assert_eq!(percent(None), DIVERGED);
+    }
+
+    #[test]
+    fn a_seed_given_twice_is_refused_by_value() {
+        let error = Study::new(PathBuf::from("study"), vec![3, 5, 3], &mut ()).err().expect("3 is given twice");
+        assert!(error.to_string().contains("seed 3 is given twice"), "{error}");
+        assert!(Study::new(PathBuf::from("study"), vec![3, 5], &mut ()).is_ok());
     }
 }
