@@ -100,6 +100,10 @@ prepare)
 step|bench)
     torch_libraries
     BIN=$(binary)
+    # The step both stages time: ResNet-18, CIFAR stem, 512-2048-128 head, 32 px.
+    model=(--device "$DEVICE" --arch resnet18 --stem cifar --image-size 32 --hidden-dim 2048
+           --steps "${STEPS:-200}" --warmup "${WARMUP:-20}")
+    compare=(--compare tools/reference/bench_pytorch.py --python "$PYTHON" --json)
     if [ "$1" = step ]; then
         # Issue 21's yardstick steps with SGD (torch.optim's foreach
         # kernels on the PyTorch side) at each of BENCH_BATCHES. PyTorch's
@@ -108,12 +112,11 @@ step|bench)
         # held 8.9-9.4 ms): the ratio kept is the median of ROUNDS
         # processes, each round's ratio beside it. 50 steps a round gave
         # 1.16x-1.27x in three rounds, 200 gave 1.23x-1.31x in five.
-        for batch in ${BENCH_BATCHES:-256 512}; do
-            step=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "$batch" --image-size 32 --hidden-dim 2048
-                  --steps "${STEPS:-200}" --warmup "${WARMUP:-20}" --optimizer sgd)
+        read -ra batches <<< "${BENCH_BATCHES:-256 512}"
+        for batch in "${batches[@]}"; do
             rounds=()
             for round in $(seq "${ROUNDS:-3}"); do
-                "$BIN" bench "${step[@]}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json \
+                "$BIN" bench "${model[@]}" --batch-size "$batch" --optimizer sgd "${compare[@]}" \
                     > "$OUT/bench_bf16_sgd_$batch.$round.json"
                 cat "$OUT/bench_bf16_sgd_$batch.$round.json"
                 rounds+=("$OUT/bench_bf16_sgd_$batch.$round.json")
@@ -128,21 +131,21 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(median))
 for name in sys.argv[2:]:
     pathlib.Path(name).unlink()
 PY
-            if [ -f device/libsimclr_graph.so ] && [ ! -f "$OUT/bench_graph_bf16_sgd.json" ]; then
-                # The first batch size's step captured as a CUDA graph and
-                # replayed: its kernels without launch overhead. In its own
-                # process under its own limit, so that a capture that fails
-                # or hangs costs the other stages nothing (on the H200 it
-                # took about 10 s).
-                timeout -k 5 120 "$BIN" bench "${step[@]}" --cuda-graph device/libsimclr_graph.so \
-                    --json > "$OUT/bench_graph_bf16_sgd.json" || echo "the CUDA graph bench failed" >&2
-                cat "$OUT/bench_graph_bf16_sgd.json"
-            fi
         done
+        if [ -f device/libsimclr_graph.so ]; then
+            # The first batch size's step captured as a CUDA graph and
+            # replayed: its kernels without launch overhead. In its own
+            # process under its own limit, so that a capture that fails or
+            # hangs costs the other stages nothing (on the H200 it took
+            # about 10 s).
+            timeout -k 5 120 "$BIN" bench "${model[@]}" --batch-size "${batches[0]}" --optimizer sgd \
+                --cuda-graph device/libsimclr_graph.so --json > "$OUT/bench_graph_bf16_sgd.json" \
+                || echo "the CUDA graph bench failed" >&2
+            cat "$OUT/bench_graph_bf16_sgd.json"
+        fi
         return
     fi
-    common=(--device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" --image-size 32 --hidden-dim 2048
-            --steps "${STEPS:-200}" --warmup "${WARMUP:-20}" --compare tools/reference/bench_pytorch.py --python "$PYTHON" --json)
+    common=("${model[@]}" --batch-size "${BENCH_BATCH:-256}" "${compare[@]}")
     # LARS is the paper's (a per-tensor loop in PyTorch, as its SimCLR code writes it).
     "$BIN" bench "${common[@]}" --optimizer lars > "$OUT/bench_bf16_lars.json"
     "$BIN" bench "${common[@]}" --optimizer sgd --no-mixed-precision > "$OUT/bench_fp32_sgd.json"
