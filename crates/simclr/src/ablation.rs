@@ -78,8 +78,8 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> R
                 AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
             let cell = study.cell(config, &key, &format!("view 2 = {key}"))?;
             initial_top1 = initial_top1.or(cell.initial_top1());
-            done.insert(key, cell.score());
             top1[i][j] = cell.score();
+            done.insert(key, top1[i][j]);
         }
     }
     let mut csv = format!("first,second,{}\n", study.score_columns(&["knn_top1"]));
@@ -176,7 +176,7 @@ impl Cell {
     /// Another score of each run (such as kNN top-1 on z), `None` where a
     /// run diverged.
     pub fn score_with(&self, score: impl Fn(&Run) -> Result<f64>) -> Result<Option<Score>> {
-        if self.score().is_none() {
+        if self.runs.iter().any(|run| run.top1.is_none()) {
             return Ok(None);
         }
         let scores = self.runs.iter().map(score).collect::<Result<Vec<f64>>>()?;
@@ -450,9 +450,10 @@ pub fn loss_grid(
                     Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
                     _ => (temperature.to_string(), String::new()),
                 };
-                let score = study.csv_score(cell.score());
-                csv.push_str(&format!("{},{},{t},{m},{score}\n", objective.name(), similarity.name()));
-                row.push(cell.score());
+                let score = cell.score();
+                let csv_score = study.csv_score(score);
+                csv.push_str(&format!("{},{},{t},{m},{csv_score}\n", objective.name(), similarity.name()));
+                row.push(score);
             }
             row.resize(temperatures.len(), row[0]);
             rows.push(row_name(objective, similarity));
@@ -493,8 +494,9 @@ pub fn batch_grid(base: &RunConfig, batch_sizes: &[usize], lengths: &[usize], st
             let cell = study.cell(config.clone(), &key, &label)?;
             initial_top1 = initial_top1.or(cell.initial_top1());
             let peak = config.optim.peak_learning_rate(batch_size);
-            csv.push_str(&format!("{batch_size},{epochs},{peak},{}\n", study.csv_score(cell.score())));
-            row.push(cell.score());
+            let score = cell.score();
+            csv.push_str(&format!("{batch_size},{epochs},{peak},{}\n", study.csv_score(score)));
+            row.push(score);
         }
         top1.push(row);
     }
