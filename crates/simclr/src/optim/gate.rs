@@ -25,6 +25,14 @@ impl Amounts {
         self.value(x, 0.0)
     }
 
+    /// `amount` (a 0-d tensor on the device), or 0 where shut.
+    pub(super) fn scaled(&self, amount: &Tensor) -> Tensor {
+        match &self.open {
+            Some(open) => amount.where_scalarother(open, 0.0),
+            None => amount.shallow_clone(),
+        }
+    }
+
     /// `rate`, or 1 where shut: how much of a state buffer is kept.
     pub(super) fn rate(&self, rate: f64) -> Tensor {
         self.value(rate, 1.0)

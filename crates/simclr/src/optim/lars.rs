@@ -16,7 +16,7 @@ pub(super) fn update(
     grad: &Tensor,
     velocity: &mut Tensor,
     layout: &Layout,
-    lr: f64,
+    lr: &Tensor,
     hyper: Hyper,
     amounts: &Amounts,
 ) {

@@ -60,7 +60,15 @@ pub struct Optimizer {
     gradient: Option<Tensor>,
     /// Momentum (LARS, SGD) or first and second moments (AdamW), flat.
     state: Vec<Tensor>,
-    steps: i64,
+    /// Updates so far, skipped ones included (AdamW's bias correction
+    /// counts them), and the rate the next update takes: 0-d tensors on the
+    /// parameters' device, changed there in place, so that an update
+    /// captured in a CUDA graph counts and reads them when replayed (a
+    /// number passed to a kernel is fixed at capture). The rate is f64, as
+    /// a number passed to a kernel is: an fp32 tensor times it rounds it to
+    /// fp32 as before, and AdamW's factors are f64 products as on the host.
+    steps: Tensor,
+    learning_rate: Tensor,
 }
 
 impl Optimizer {
@@ -103,7 +111,8 @@ impl Optimizer {
             host_verdict: execution.host_verdict,
             gradient: None,
             state,
-            steps: 0,
+            steps: Tensor::zeros([], (tch::Kind::Int64, options.1)),
+            learning_rate: Tensor::zeros([], (tch::Kind::Double, options.1)),
         };
         for (param, (_, view)) in optimizer.params.iter().zip(optimizer.views(&optimizer.weights)) {
             tch::no_grad(|| param.shallow_clone().set_data(&view));
@@ -187,19 +196,27 @@ impl Optimizer {
         &self.weights
     }
 
+    /// Sets the learning rate of the updates that follow. On a GPU, a
+    /// fill queued on the device like any other kernel.
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        let _ = self.learning_rate.fill_(lr);
+    }
+
     /// Applies one update with learning rate `lr` from the last backward
     /// pass's gradients (none yet: nothing happens).
     pub fn step(&mut self, lr: f64) {
-        self.update(lr, None);
+        self.set_learning_rate(lr);
+        self.update(None);
     }
 
-    /// One update, shut where `open` (a 0-d bool on the device) is false.
-    fn update(&mut self, lr: f64, open: Option<Tensor>) {
+    /// One update at the rate set, shut where `open` (a 0-d bool on the device) is false.
+    fn update(&mut self, open: Option<Tensor>) {
         let Some(grad) = &self.gradient else { return };
-        self.steps += 1;
-        let hyper = self.hyper;
+        let (hyper, lr) = (self.hyper, &self.learning_rate);
         let amounts = Amounts { open, device: self.weights.device() };
         tch::no_grad(|| {
+            let _ = self.steps.g_add_scalar_(1);
+            let adamw = (self.kind == OptimizerKind::Adamw).then(|| adamw::Factors::new(lr, &self.steps, hyper));
             for chunk in &self.chunks {
                 let (mut weights, grad, layout) = (chunk.of(&self.weights), chunk.of(grad), &chunk.layout);
                 let mut state: Vec<Tensor> = self.state.iter().map(|s| chunk.of(s)).collect();
@@ -209,7 +226,8 @@ impl Optimizer {
                     OptimizerKind::Sgd => sgd::update(&mut weights, &grad, first, layout, lr, hyper, &amounts),
                     OptimizerKind::Adamw => {
                         let [second] = rest else { unreachable!("AdamW keeps exactly two moments") };
-                        adamw::update(&mut weights, &grad, [first, second], layout, lr, hyper, self.steps, &amounts)
+                        let factors = adamw.as_ref().expect("made for AdamW above");
+                        adamw::update(&mut weights, &grad, [first, second], layout, factors, &amounts)
                     }
                 }
             }
@@ -223,6 +241,15 @@ impl Optimizer {
     /// it: the verdict shuts the update on the device (see `Amounts`). A
     /// step skipped still counts in AdamW's bias correction, on every device.
     pub fn step_if_finite(&mut self, lr: f64, loss: &Tensor) -> Tensor {
+        self.set_learning_rate(lr);
+        self.step_if_finite_at_set_rate(loss)
+    }
+
+    /// [`Optimizer::step_if_finite`] at the rate last set by
+    /// [`Optimizer::set_learning_rate`]: on a GPU, work a CUDA graph can
+    /// capture, as it neither reads from the device nor takes a number
+    /// that changes between steps.
+    pub fn step_if_finite_at_set_rate(&mut self, loss: &Tensor) -> Tensor {
         let finite = match &self.gradient {
             // min g and max g are both finite exactly when every gradient is
             // (the reductions propagate NaN). One pass, no temporary: on 11M
@@ -237,13 +264,13 @@ impl Optimizer {
         if self.host_verdict {
             // Spares the gated update's sanitising pass over the gradient.
             if bool::try_from(&finite).unwrap_or(false) {
-                self.step(lr);
+                self.update(None);
             } else {
-                self.steps += 1;
+                let _ = tch::no_grad(|| self.steps.g_add_scalar_(1));
             }
             return finite;
         }
-        self.update(lr, Some(finite.shallow_clone()));
+        self.update(Some(finite.shallow_clone()));
         finite
     }
 
@@ -266,7 +293,7 @@ impl Optimizer {
 
     /// The state to checkpoint: `{slot}.{parameter name}` plus the step count.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("steps".to_owned(), Tensor::from(self.steps))];
+        let mut out = vec![("steps".to_owned(), self.steps.to_device(tch::Device::Cpu).copy())];
         for (slot, flat) in self.state.iter().enumerate() {
             out.extend(self.views(flat).map(|(name, view)| (format!("{slot}.{name}"), view)));
         }
@@ -276,7 +303,8 @@ impl Optimizer {
     /// Restores what [`Optimizer::state_tensors`] gave, checking every name and shape.
     pub fn load_state(&mut self, mut saved: HashMap<String, Tensor>) -> Result<()> {
         let missing = |name: &str| Error::InvalidArgument(format!("optimiser state '{name}' is missing"));
-        self.steps = saved.remove("steps").ok_or_else(|| missing("steps"))?.int64_value(&[]);
+        let steps = saved.remove("steps").ok_or_else(|| missing("steps"))?.int64_value(&[]);
+        let _ = tch::no_grad(|| self.steps.fill_(steps));
         for (slot, flat) in self.state.iter().enumerate() {
             for (name, mut view) in self.views(flat) {
                 let name = format!("{slot}.{name}");
@@ -501,6 +529,6 @@ mod tests {
         optimizer.backward(&loss).unwrap();
         assert!(bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap());
         assert!(!params[2].1.detach().equal(&before[before.len() - 2]));
-        assert_eq!(optimizer.steps, 6, "skipped steps count in AdamW's bias correction");
+        assert_eq!(optimizer.steps.int64_value(&[]), 6, "skipped steps count in AdamW's bias correction");
     }
 }

@@ -9,11 +9,11 @@ pub(super) fn update(
     grad: &Tensor,
     buffer: &mut Tensor,
     layout: &Layout,
-    lr: f64,
+    lr: &Tensor,
     hyper: Hyper,
     amounts: &Amounts,
 ) {
     let grad = amounts.gradient(super::decayed_gradient(weights, grad, layout, hyper.weight_decay));
     let _ = buffer.g_mul_(&amounts.rate(hyper.momentum)).g_add_(&grad);
-    let _ = weights.g_sub_(&(&*buffer * amounts.step(lr)));
+    let _ = weights.g_sub_(&(&*buffer * amounts.scaled(lr)));
 }
