@@ -5,7 +5,8 @@
 #   ./x.sh simclr ARGS...   build the `simclr` binary and run it
 #   ./x.sh test [ARGS...]   build and run every test (cargo test ARGS)
 #   ./x.sh build            build the binary
-#   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr
+#   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr, and beside it
+#                           libsimclr_graph.so, the CUDA graph shim (train.cuda_graph, bench --cuda-graph)
 #   ./x.sh fuzz-check       compile the fuzz targets (fuzz/, a crate of its own)
 #
 # Everything builds in one profile (dev, optimised; see Cargo.toml). The
@@ -39,7 +40,13 @@ case "${1:-}" in
         cargo build -p simclr-cli --features cuda
         mkdir -p target/cuda
         cp target/debug/simclr target/cuda/simclr
-        echo "target/cuda/simclr (run where CUDA and PyTorch 2.11's libraries are on LD_LIBRARY_PATH)"
+        # The CUDA graph shim is loaded at run time from beside the binary
+        # (crates/simclr/src/cuda_graph.rs says why it is not linked in).
+        g++ -std=c++17 -O2 -shared -fPIC -Wall -I"$LIBTORCH/include" -I"$LIBTORCH/include/torch/csrc/api/include" \
+            -I"${SIMCLR_CUDA_INCLUDE%%:*}" crates/simclr/src/cuda_graph.cpp -L"$LIBTORCH/lib" \
+            -L"$LIBTORCH/../nvidia/cu13/lib" -ltorch_cuda -ltorch_cpu -lc10_cuda -lc10 -l:libcudart.so.13 \
+            -o target/cuda/libsimclr_graph.so
+        echo "target/cuda/simclr and libsimclr_graph.so (run where CUDA and PyTorch 2.11's libraries are on LD_LIBRARY_PATH)"
         ;;
     fuzz-check)
         exec cargo check --quiet --locked --manifest-path fuzz/Cargo.toml --bins

@@ -80,6 +80,14 @@ pub struct TrainConfig {
     /// order (not streamed shards).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub supervised: bool,
+    /// On CUDA, replay every training step from a CUDA graph captured at
+    /// the first (one launch per step instead of hundreds of kernels, so
+    /// the host's time per step drops out); ignored on the CPU. Needs
+    /// `libsimclr_graph.so` beside the `simclr` binary (`tools/device/device-bench.sh
+    /// prepare` builds it) and batches of one shape; not with AdamW,
+    /// `micro_batch_size`, `supervised` or several processes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cuda_graph: bool,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +110,7 @@ impl Default for TrainConfig {
             dist_timeout_seconds: 1800.0,
             dist_backend: crate::dist::Backend::Auto,
             supervised: false,
+            cuda_graph: false,
         }
     }
 }
@@ -287,6 +296,19 @@ impl RunConfig {
         if let Some(budget) = train.time_budget_seconds {
             if !is_positive_finite(budget) {
                 problems.push(format!("train.time_budget_seconds = {budget}: must be > 0"));
+            }
+        }
+        if train.cuda_graph {
+            let uncaptured = [
+                train.micro_batch_size.map(|micro| {
+                    format!("train.micro_batch_size = {micro}: gradient caching's passes are not captured")
+                }),
+                train.supervised.then(|| {
+                    "train.supervised = true: its labels change every step, and a captured step reads none".to_owned()
+                }),
+            ];
+            for why in uncaptured.into_iter().flatten() {
+                problems.push(format!("train.cuda_graph = true with {why}; set train.cuda_graph = false"));
             }
         }
         KnnConfig { k: train.knn_k, temperature: train.knn_temperature }.check("train.knn_", &mut problems);
@@ -541,5 +563,22 @@ mod tests {
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("train.batch_size = 1"), "{message}");
         assert!(message.contains("loss.temperature = 0"), "{message}");
+    }
+
+    #[test]
+    fn a_cuda_graph_refuses_what_a_capture_cannot_hold_and_takes_the_rest() {
+        let mut config = RunConfig::preset(Preset::Cifar10Fast);
+        config.train.cuda_graph = true;
+        config.clone().validate().expect("SGD, one pass, no labels: capturable");
+        config.optim.optimizer = crate::optim::OptimizerKind::Lars;
+        config.clone().validate().expect("LARS reads its rate on the device too");
+        config.optim.optimizer = crate::optim::OptimizerKind::Adamw;
+        config.clone().validate().expect("AdamW counts its steps on the device");
+        config.train.micro_batch_size = Some(64);
+        config.train.supervised = true;
+        let message = config.validate().unwrap_err().to_string();
+        for setting in ["train.micro_batch_size = 64", "train.supervised = true"] {
+            assert!(message.contains(&format!("train.cuda_graph = true with {setting}")), "{message}");
+        }
     }
 }

@@ -8,9 +8,10 @@
 //! (built beside the CUDA binary by `tools/device/device-bench.sh prepare`), loaded
 //! at run time from a path the caller gives. Nothing else depends on it.
 //!
-//! `simclr bench --cuda-graph` uses it to time the training step replayed:
-//! the step with nothing left but its kernels, against which the eager step's
-//! launch overhead shows. Capture also proves the step free of host-device
+//! Training replays its steps from one with `train.cuda_graph` (see
+//! `train::graph`); `simclr bench --cuda-graph` uses it to time the training
+//! step replayed: the step with nothing left but its kernels, against which
+//! the eager step's launch overhead shows. Capture also proves the step free of host-device
 //! synchronisation: CUDA refuses any during a capture. On an H200 the
 //! ResNet-18 step at 256 images captured, and replayed in 8.5 ms against
 //! 8.9 ms eager (`benchmarks/h200-2026-11-28`).

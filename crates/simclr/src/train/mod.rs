@@ -3,6 +3,7 @@ pub mod checkpoint;
 mod console;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod graph;
 pub mod metrics;
 pub mod step;
 pub mod trainer;

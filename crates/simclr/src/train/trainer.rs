@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint, Position};
+use super::graph::GraphedStep;
 use super::metrics::{EpochMetrics, MetricsLog};
 use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
@@ -308,6 +309,8 @@ pub struct Trainer {
     optimizer: Optimizer,
     /// Chunks each batch when `train.micro_batch_size` is below this rank's share of it.
     gradient_cache: Option<GradientCache>,
+    /// Replays each step from a CUDA graph (`train.cuda_graph`, on CUDA).
+    graphed: Option<GraphedStep>,
     schedule: Schedule,
     precision: Precision,
     position: Position,
@@ -380,6 +383,7 @@ impl Trainer {
         crate::device::use_channels_last(&store);
         let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
         let mut optimizer = Optimizer::new(&config.optim, trainable);
+        let graphed = graphed_step(&config, device, group.as_ref())?;
         let gradient_cache = config.train.micro_batch_size.map(|micro| {
             tracing::info!("computing each batch in chunks of {micro} images per process (BatchNorm per chunk)");
             GradientCache::new(&store, micro)
@@ -440,6 +444,7 @@ impl Trainer {
             model,
             optimizer,
             gradient_cache,
+            graphed,
             schedule,
             position,
             steps_per_epoch,
@@ -513,25 +518,39 @@ impl Trainer {
         let global_batch_norm = self.config.train.sync_batch_norm;
         let parallel = self.group.as_ref().map(|group| Parallel { group, global_batch_norm });
         let objective = Objective::new(&self.config.loss, self.precision, parallel).with_labels(labels);
-        let step = || -> Result<(Tensor, Tensor)> {
-            let mut loss = super::step::backward(model, views, &objective, cache, optimizer)?;
+        let (loss, finite) = if let Some(graphed) = &mut self.graphed {
             if poisoned {
-                // The update is skipped for a non-finite loss as for a
-                // non-finite gradient.
-                loss *= f64::NAN;
+                return Err(Error::InvalidArgument("fault injection cannot reach a captured step".to_owned()));
             }
-            if let Some(Parallel { group, .. }) = parallel {
-                // The global batch's gradient and loss, the same on every rank.
-                optimizer.average_gradient(group)?;
-                group.all_reduce(&mut loss, ReduceOp::Sum)?;
-                loss /= group.size() as f64;
-            }
-            // A non-finite loss or gradient is caught on the device: the
-            // update is shut there, and the ledger reads the verdict later.
-            let finite = optimizer.step_if_finite(learning_rate, &loss);
-            Ok((loss, finite))
+            // Set outside the capture, read by it on the device.
+            optimizer.set_learning_rate(learning_rate);
+            let step = |views: &Tensor| -> Result<(Tensor, Tensor)> {
+                let loss = super::step::backward(model, views, &objective, None, optimizer)?;
+                let finite = optimizer.step_if_finite_at_set_rate(&loss);
+                Ok((loss, finite))
+            };
+            super::step::out_of_memory_as_error(|| graphed.run(views, step), self.device, self.config.train.batch_size)?
+        } else {
+            let step = || -> Result<(Tensor, Tensor)> {
+                let mut loss = super::step::backward(model, views, &objective, cache, optimizer)?;
+                if poisoned {
+                    // The update is skipped for a non-finite loss as for a
+                    // non-finite gradient.
+                    loss *= f64::NAN;
+                }
+                if let Some(Parallel { group, .. }) = parallel {
+                    // The global batch's gradient and loss, the same on every rank.
+                    optimizer.average_gradient(group)?;
+                    group.all_reduce(&mut loss, ReduceOp::Sum)?;
+                    loss /= group.size() as f64;
+                }
+                // A non-finite loss or gradient is caught on the device: the
+                // update is shut there, and the ledger reads the verdict later.
+                let finite = optimizer.step_if_finite(learning_rate, &loss);
+                Ok((loss, finite))
+            };
+            super::step::out_of_memory_as_error(step, self.device, self.config.train.batch_size)?
         };
-        let (loss, finite) = super::step::out_of_memory_as_error(step, self.device, self.config.train.batch_size)?;
         self.ledger.push(self.position.step, loss, finite);
         self.position.step += 1;
         self.position.batch += 1;
@@ -829,6 +848,27 @@ impl Ledger {
         }
         Ok(last)
     }
+}
+
+/// The CUDA graph `train.cuda_graph` asks for, where it applies: on
+/// CUDA, in one process, through the shim beside this binary.
+fn graphed_step(config: &ValidConfig, device: Device, group: Option<&ProcessGroup>) -> Result<Option<GraphedStep>> {
+    if !config.train.cuda_graph {
+        return Ok(None);
+    }
+    if !device.is_cuda() {
+        tracing::info!("train.cuda_graph is ignored on {device:?}: CUDA graphs are CUDA's");
+        return Ok(None);
+    }
+    if group.is_some() {
+        return Err(Error::InvalidArgument(
+            "train.cuda_graph = true in a multi-process run: its collectives are not captured; set \
+             train.cuda_graph = false"
+                .to_owned(),
+        ));
+    }
+    let binary = std::env::current_exe().map_err(|e| Error::io("the simclr binary", e))?;
+    GraphedStep::new(binary.with_file_name(super::graph::LIBRARY), device).map(Some)
 }
 
 /// The view source `augment.backend` asks for: `auto` uses the device path
