@@ -11,8 +11,10 @@ use crate::Result;
 /// they sit in at `layout.offset` (the anchors themselves in one process).
 pub fn nt_xent(z: &Tensor, keys: &Tensor, layout: Layout, temperature: f64, similarity: Similarity) -> Result<Tensor> {
     let logits = similarity_matrix(z, keys, similarity) / temperature;
-    // exp(-inf) = 0 removes k = i from the denominator.
-    let logits = logits.masked_fill(&layout.self_mask(z.device()), f64::NEG_INFINITY);
+    // exp(-inf) = 0 removes k = i from the denominator. The anchors' own
+    // entries are a diagonal of `logits`, filled in place: one kernel, where
+    // a [2n, keys] mask took four and a copy of the logits.
+    let _ = layout.own_entries(&logits).fill_(f64::NEG_INFINITY);
     // Cross entropy written out: tch's `cross_entropy_for_logits` computes
     // the log-softmax in fp32 even for fp64 inputs.
     let log_probabilities = logits.log_softmax(1, logits.kind());
@@ -48,6 +50,28 @@ mod tests {
         let loss = nt_xent(&z, &z, Layout::local(3), 0.3, Similarity::Cosine).unwrap().double_value(&[]);
         let expected = reference(&rows, 0.3);
         assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+    }
+
+    #[test]
+    fn the_anchors_as_their_own_keys_give_what_a_copy_of_them_gives() {
+        // One process passes the anchors themselves (normalised once, their
+        // diagonal filled in place); a copy takes the path of gathered keys.
+        let z = Tensor::randn([8, 5], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let offset_keys = Tensor::cat(&[Tensor::randn([4, 5], (Kind::Double, Device::Cpu)), z.copy()], 0);
+        let layouts = [Layout::local(4), Layout::of(&z, &offset_keys, 4).unwrap()];
+        let mut results = Vec::new();
+        for (keys, layout) in [(z.shallow_clone(), layouts[0]), (z.copy(), layouts[0]), (offset_keys, layouts[1])] {
+            let loss = nt_xent(&z, &keys, layout, 0.5, Similarity::Cosine).unwrap();
+            let gradient = Tensor::run_backward(&[&loss], &[&z], false, false).remove(0);
+            results.push((loss.double_value(&[]), gradient));
+        }
+        let (loss, gradient) = &results[0];
+        for (other_loss, other_gradient) in &results[1..2] {
+            assert!((loss - other_loss).abs() < 1e-12, "{loss} vs {other_loss}");
+            assert!(gradient.allclose(other_gradient, 1e-10, 1e-12, false));
+        }
+        // Keys from other ranks add negatives: another loss.
+        assert!((loss - results[2].0).abs() > 1e-3);
     }
 
     #[test]

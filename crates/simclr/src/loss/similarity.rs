@@ -47,7 +47,12 @@ pub fn similarity_matrix(anchors: &Tensor, keys: &Tensor, similarity: Similarity
         Similarity::Dot if z.kind() == Kind::Double => z.shallow_clone(),
         Similarity::Dot => z.to_kind(Kind::Float),
     };
-    prepare(anchors).matmul(&prepare(keys).transpose(0, 1))
+    // In one process the keys are the anchors: prepared once.
+    let same =
+        anchors.data_ptr() == keys.data_ptr() && anchors.size() == keys.size() && anchors.stride() == keys.stride();
+    let anchors = prepare(anchors);
+    let keys = if same { anchors.shallow_clone() } else { prepare(keys) };
+    anchors.matmul(&keys.transpose(0, 1))
 }
 
 /// Where a batch's anchors sit among the keys they are compared with. The
@@ -91,6 +96,12 @@ impl Layout {
         let own = Tensor::arange(2 * self.pairs, (Kind::Int64, device)) + self.offset;
         let mask = Tensor::zeros([2 * self.pairs, self.keys], (Kind::Bool, device));
         mask.scatter_value(1, &own.unsqueeze(1), 1.0)
+    }
+
+    /// The entries of `matrix` ([2n, keys]) where each anchor meets itself:
+    /// a diagonal view, which writes through.
+    pub fn own_entries(&self, matrix: &Tensor) -> Tensor {
+        matrix.narrow(1, self.offset, 2 * self.pairs).diagonal(0, 0, 1)
     }
 
     /// [2n, keys]: true at the negatives, every key but the anchor and its positive.
