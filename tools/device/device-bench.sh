@@ -22,7 +22,8 @@
 #   tools/device/device-bench.sh micro     issue 20: ResNet-50 at 224, bf16, batch 4096 in chunks of 256 against
 #                                   the whole batches that fit (256 up), images/s and peak device memory
 #   tools/device/device-bench.sh graph     issue 21: training through the CUDA graph (train.cuda_graph) against
-#                                   eager steps, the same 4 epochs from the same seed: images/s and the losses
+#                                   eager steps from one seed: images/s and losses; with train.deterministic,
+#                                   the two runs' checkpoints bit for bit (acceptance 4)
 #   tools/device/device-bench.sh step      issue 21: bf16 SGD step throughput at each of BENCH_BATCHES, both
 #                                   implementations, median of ROUNDS processes (acceptance 3)
 #   tools/device/device-bench.sh simclr    BUDGET s of simclr training + kNN (issue 21's acceptance 1 at 300)
@@ -262,33 +263,50 @@ micro)
     ;;
 graph)
     # Issue 21: training through the CUDA graph (train.cuda_graph) against
-    # eager steps, the same run from the same seed: the cifar10-fast recipe
-    # for GRAPH_EPOCHS (4) epochs, epoch 1 (autotuning, the capture) left
-    # out of the rates. The losses agree up to float summation order (the
-    # two processes' cuDNN autotuning may pick other algorithms); images/s
-    # say whether the graph pays end to end, augmentation included.
+    # eager steps. Speed: the cifar10-fast recipe for GRAPH_EPOCHS (4) epochs
+    # from one seed, eager then captured; epoch 1 (autotuning, the capture)
+    # is left out of the rates, which include the augmentation. Identity:
+    # the same two runs with train.deterministic on GRAPH_CHECK_LIMIT (8192)
+    # images for 2 epochs, whose checkpoints must hold the same tensors bit
+    # for bit: two processes from one seed agree (acceptance 4), and the
+    # replayed step computes what the eager one does.
     torch_libraries
     data
     BIN=$(binary)
-    common=(--preset cifar10-fast --data "$DATA/train" --device "$DEVICE" --epochs "${GRAPH_EPOCHS:-4}"
-            --batch-size "${BATCH:-512}" --set model.head.hidden_dim=2048 --set train.knn_every=0
-            --set train.checkpoint_every=100 ${LIMIT:+--set data.limit=$LIMIT})
-    rm -rf /tmp/graph-eager /tmp/graph-captured
-    "$BIN" train "${common[@]}" --output /tmp/graph-eager >&2
-    "$BIN" train "${common[@]}" --output /tmp/graph-captured --set train.cuda_graph=true >&2
-    "$PYTHON" - /tmp/graph-eager /tmp/graph-captured "$OUT/graph.json" <<'PY'
-import json, pathlib, sys
-report = {}
-for name, run in zip(["eager", "captured"], sys.argv[1:3]):
-    metrics = [json.loads(l) for l in (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()]
+    common=(--preset cifar10-fast --data "$DATA/train" --device "$DEVICE" --batch-size "${BATCH:-512}"
+            --set model.head.hidden_dim=2048 --set train.knn_every=0 --set train.checkpoint_every=100)
+    speed=("${common[@]}" --epochs "${GRAPH_EPOCHS:-4}" ${LIMIT:+--set data.limit=$LIMIT})
+    check=("${common[@]}" --epochs 2 --set data.limit="${GRAPH_CHECK_LIMIT:-8192}" --set train.deterministic=true)
+    rm -rf /tmp/graph-eager /tmp/graph-captured /tmp/graph-check-eager /tmp/graph-check-captured
+    "$BIN" train "${speed[@]}" --output /tmp/graph-eager >&2
+    "$BIN" train "${speed[@]}" --output /tmp/graph-captured --set train.cuda_graph=true >&2
+    "$BIN" train "${check[@]}" --output /tmp/graph-check-eager >&2
+    "$BIN" train "${check[@]}" --output /tmp/graph-check-captured --set train.cuda_graph=true >&2
+    "$PYTHON" - /tmp/graph-eager /tmp/graph-captured /tmp/graph-check-eager /tmp/graph-check-captured \
+        "$OUT/graph.json" <<'PY'
+import json, pathlib, struct, sys
+eager, captured, check_eager, check_captured, out = (pathlib.Path(a) for a in sys.argv[1:])
+def rates(run):
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     warm = metrics[1:] or metrics
     seconds = sum(m["seconds"] for m in warm)
-    report[name] = {"images_per_second": sum(m["images_per_second"] * m["seconds"] for m in warm) / seconds,
-                    "first_epoch_seconds": metrics[0]["seconds"], "losses": [m["loss"] for m in metrics]}
-eager, captured = report["eager"], report["captured"]
-report["ratio"] = captured["images_per_second"] / eager["images_per_second"]
-report["loss_max_relative_difference"] = max(abs(a - b) / abs(a) for a, b in zip(eager["losses"], captured["losses"]))
-pathlib.Path(sys.argv[3]).write_text(json.dumps(report))
+    return {"images_per_second": sum(m["images_per_second"] * m["seconds"] for m in warm) / seconds,
+            "first_epoch_seconds": metrics[0]["seconds"], "losses": [m["loss"] for m in metrics]}
+def tensors(run):
+    """A safetensors file's tensors as raw bytes by name (its header's order varies)."""
+    data = (run / "checkpoint.safetensors").read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    header.pop("__metadata__", None)
+    return {name: data[8 + length + t["data_offsets"][0]:8 + length + t["data_offsets"][1]] for name, t in header.items()}
+report = {"eager": rates(eager), "captured": rates(captured)}
+report["ratio"] = report["captured"]["images_per_second"] / report["eager"]["images_per_second"]
+report["loss_max_relative_difference"] = max(
+    abs(a - b) / abs(a) for a, b in zip(report["eager"]["losses"], report["captured"]["losses"]))
+a, b = tensors(check_eager), tensors(check_captured)
+report["deterministic_tensors"] = len(a)
+report["deterministic_differing"] = sorted(set(a) ^ set(b)) + sorted(n for n in set(a) & set(b) if a[n] != b[n])
+out.write_text(json.dumps(report))
 print(json.dumps(report, indent=1))
 PY
     ;;
@@ -360,6 +378,9 @@ if r:
     print(f"training through the CUDA graph: {r['captured']['images_per_second']:.0f} img/s against "
           f"{r['eager']['images_per_second']:.0f} eager, {r['ratio']:.2f}x; epoch losses within "
           f"{r['loss_max_relative_difference']:.1e} (relative)")
+    differing = r["deterministic_differing"]
+    print(f"train.deterministic, eager and captured from one seed: {r['deterministic_tensors']} tensors, "
+          + ("all bit-identical (acceptance 4)" if not differing else f"{len(differing)} differ: {differing[:3]}"))
 g = load("bench_graph_bf16_sgd.json")
 if g and g.get("graph_ms_per_step"):
     print(f"bf16_sgd      step as a CUDA graph (simclr), batch {g['batch_size']}: {g['graph_ms_per_step']:.1f} ms, "
@@ -399,7 +420,7 @@ estimate() {
     dist) echo 120 ;;
     input) echo 180 ;;
     micro) echo 200 ;;
-    graph) echo 60 ;;
+    graph) echo 80 ;;
     bench) echo 60 ;;
     *) echo 0 ;;
     esac

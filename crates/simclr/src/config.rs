@@ -88,6 +88,13 @@ pub struct TrainConfig {
     /// `micro_batch_size`, `supervised` or several processes.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cuda_graph: bool,
+    /// On CUDA, convolutions take cuDNN's deterministic algorithms, chosen
+    /// without autotuning (PyTorch's `cudnn.deterministic = True`,
+    /// `cudnn.benchmark = False`), so that two runs from one seed on one
+    /// card give the same weights bit for bit, at some cost in speed. The
+    /// CPU is deterministic without it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +118,7 @@ impl Default for TrainConfig {
             dist_backend: crate::dist::Backend::Auto,
             supervised: false,
             cuda_graph: false,
+            deterministic: false,
         }
     }
 }

@@ -52,6 +52,36 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
     Ok(device)
 }
 
+/// Makes cuDNN's convolutions deterministic on CUDA (`train.deterministic`):
+/// deterministic algorithms only, and no autotuning, which times candidate
+/// algorithms and may pick another one in another process. tch binds
+/// neither switch of libtorch's global context but the benchmark one, so
+/// the other is called by its symbol in libtorch_cpu, as autocast is below.
+pub fn make_deterministic(device: Device) {
+    if !device.is_cuda() {
+        return;
+    }
+    tch::Cuda::cudnn_set_benchmark(false);
+    // SAFETY: `at::globalContext()` returns the process's one `at::Context`,
+    // never null; the setter is a member function taking it as its first
+    // argument (the Itanium C++ ABI's `this`) and a bool.
+    unsafe { context_ffi::set_deterministic_cudnn(context_ffi::global_context(), true) }
+}
+
+mod context_ffi {
+    use std::ffi::c_void;
+
+    extern "C" {
+        #[link_name = "_ZN2at13globalContextEv"]
+        pub fn global_context() -> *mut c_void;
+        #[link_name = "_ZN2at7Context21setDeterministicCuDNNEb"]
+        pub fn set_deterministic_cudnn(context: *mut c_void, enabled: bool);
+        #[cfg(test)]
+        #[link_name = "_ZNK2at7Context18deterministicCuDNNEv"]
+        pub fn deterministic_cudnn(context: *const c_void) -> bool;
+    }
+}
+
 /// Stores every 4-D variable of `store` (the convolution kernels) in
 /// channels-last order, NHWC in memory behind the same NCHW shape, as
 /// `model.to(memory_format=torch.channels_last)` does; tch 0.24 has no
@@ -360,6 +390,21 @@ pub fn quiet_out_of_memory_panics() {
 mod tests {
     use super::*;
     use tch::Kind;
+
+    #[test]
+    fn the_cudnn_determinism_switch_reaches_libtorchs_context() {
+        // What make_deterministic sets on CUDA, set and read back here: the
+        // symbols resolve, and the setter writes what the getter reads.
+        // SAFETY: as in make_deterministic; the setting is put back.
+        unsafe {
+            let context = context_ffi::global_context();
+            let before = context_ffi::deterministic_cudnn(context);
+            context_ffi::set_deterministic_cudnn(context, !before);
+            assert_eq!(context_ffi::deterministic_cudnn(context), !before);
+            context_ffi::set_deterministic_cudnn(context, before);
+            assert_eq!(context_ffi::deterministic_cudnn(context), before);
+        }
+    }
 
     #[test]
     fn uploads_to_the_cpu_are_plain_copies() {

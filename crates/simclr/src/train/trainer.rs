@@ -347,6 +347,9 @@ impl Trainer {
     /// it trains on.
     pub fn new(config: ValidConfig, resume: bool, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
         let mut device = crate::device::select(config.train.device)?;
+        if config.train.deterministic {
+            crate::device::make_deterministic(device);
+        }
         if let (Device::Cuda(_), Some(group)) = (device, &group) {
             // torchrun numbers a machine's processes consecutively, so rank
             // modulo the GPUs of a machine is the local rank (with fewer
