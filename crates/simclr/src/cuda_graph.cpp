@@ -1,7 +1,7 @@
 // libtorch's CUDA graphs for simclr (crates/simclr/src/cuda_graph.rs), which
 // loads this library at run time: tch binds no part of at::cuda::CUDAGraph,
 // and these headers need CUDA's, which a CPU build does not have.
-// `tools/device/device-bench.sh prepare` builds it beside the CUDA binary. Every
+// `./x.sh build-cuda` builds it beside the CUDA binary. Every
 // function returns 0, or 1 with the reason in simclr_graph_last_error().
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>

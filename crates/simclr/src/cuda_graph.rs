@@ -5,7 +5,7 @@
 //! allocator's private pool for the memory the work allocates. tch binds
 //! none of it, and its headers need CUDA's, which a CPU build does not
 //! have, so the calls go through a small C++ library, `crates/simclr/src/cuda_graph.cpp`
-//! (built beside the CUDA binary by `tools/device/device-bench.sh prepare`), loaded
+//! (built beside the CUDA binary by `./x.sh build-cuda`), loaded
 //! at run time from a path the caller gives. Nothing else depends on it.
 //!
 //! Training replays its steps from one with `train.cuda_graph` (see
@@ -43,7 +43,7 @@ impl Library {
     fn open(path: &Path) -> Result<Self> {
         let unusable = |why: String| {
             Error::Device(format!(
-                "{}: not a usable CUDA graph library ({why}); build it with tools/device/device-bench.sh prepare",
+                "{}: not a usable CUDA graph library ({why}); build it with ./x.sh build-cuda",
                 path.display()
             ))
         };
@@ -174,7 +174,10 @@ mod tests {
         let path = Path::new("/nonexistent/libsimclr_graph.so");
         let error = CudaGraph::capture(path, Device::Cuda(0), 0, || Ok(())).err().expect("no library there");
         let message = error.to_string();
-        assert!(message.contains("/nonexistent/libsimclr_graph.so") && message.contains("prepare"), "{message}");
+        assert!(
+            message.contains("/nonexistent/libsimclr_graph.so") && message.contains("./x.sh build-cuda"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub struct BenchOptions {
     #[arg(long, default_value = "lars")]
     pub optimizer: OptimizerKind,
     /// Also time the step captured as a CUDA graph and replayed, through this
-    /// library (crates/simclr/src/cuda_graph.cpp, built by `tools/device/device-bench.sh prepare`). CUDA only.
+    /// library (crates/simclr/src/cuda_graph.cpp, built by `./x.sh build-cuda`). CUDA only.
     #[arg(long, value_name = "LIBRARY", conflicts_with = "micro_batch_size")]
     pub cuda_graph: Option<std::path::PathBuf>,
 }

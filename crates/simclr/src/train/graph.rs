@@ -31,7 +31,7 @@ use crate::cuda_graph::CudaGraph;
 use crate::{Error, Result};
 
 /// The shim library's file name; it is looked for beside the `simclr`
-/// binary, where `tools/device/device-bench.sh prepare` puts it.
+/// binary, where `./x.sh build-cuda` builds it.
 pub const LIBRARY: &str = "libsimclr_graph.so";
 
 /// A step's loss and its verdict (a 0-d bool: whether the update was taken).
@@ -61,7 +61,7 @@ impl GraphedStep {
         }
         if !library.is_file() {
             return Err(Error::Device(format!(
-                "train.cuda_graph: {} is missing; tools/device/device-bench.sh prepare builds it beside the \
+                "train.cuda_graph: {} is missing; ./x.sh build-cuda builds it beside the \
                  simclr binary (or set train.cuda_graph = false)",
                 library.display()
             )));
@@ -115,7 +115,7 @@ mod tests {
         let error = GraphedStep::new(library, Device::Cuda(0)).err().expect("no shim there");
         let message = error.to_string();
         assert!(
-            message.contains("/nonexistent/libsimclr_graph.so is missing") && message.contains("prepare"),
+            message.contains("/nonexistent/libsimclr_graph.so is missing") && message.contains("./x.sh build-cuda"),
             "{message}"
         );
     }
