@@ -913,21 +913,27 @@ fn the_fast_preset_is_reproducible_from_its_seed() {
     image_folder(&data, 6, 16);
     // The preset's tensor augmentation path on the CPU, 2 epochs (--epochs
     // replaces its time budget, whose epoch count follows the clock).
-    let run = |name: &str, seed: &str| {
+    let run = |name: &str, seed: &str, settings: &[&str]| {
         let out = dir.path().join(name);
         let output = simclr(["train", "--preset", "cifar10-fast", "--seed", seed])
             .args(tiny_flags(&data, &out))
             .args(["--epochs", "2"])
+            .args(settings.iter().flat_map(|setting| ["--set", setting]))
             .env("RUST_LOG", "info")
             .run();
         assert_succeeds(&output);
         // The start line's `augment="device"` (coloured: the key and value apart).
         assert!(stderr(&output).contains(r#""device""#), "{}", stderr(&output));
-        out
+        (out, stderr(&output))
     };
-    let (first, second, other) = (run("first", "3"), run("second", "3"), run("other", "4"));
+    // The second run also asks for what only CUDA does (a captured step,
+    // deterministic cuDNN): the CPU runs without them, the same run.
+    let cuda_only = ["train.cuda_graph=true", "train.deterministic=true"];
+    let ((first, _), (second, log), (other, _)) =
+        (run("first", "3", &[]), run("second", "3", &cuda_only), run("other", "4", &[]));
+    assert!(log.contains("train.cuda_graph is ignored on Cpu"), "{log}");
     assert_eq!(epoch_losses(&first).len(), 2);
-    assert_same_run(&second, &first, "a second run from the same seed");
+    assert_same_run(&second, &first, "a second run from the same seed (CUDA's settings ignored on the CPU)");
     assert_ne!(epoch_losses(&other), epoch_losses(&first), "another seed must give another run");
 }
 
