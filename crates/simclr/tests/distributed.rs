@@ -348,3 +348,43 @@ fn ranks_whose_weights_differ_are_named() {
         assert!(message.contains("the weights differ") && message.contains("rank 1"), "{message}");
     }
 }
+
+#[test]
+fn a_broadcast_gives_every_rank_the_optimisers_step_count() {
+    // A resumed multi-process run: rank 0 read the checkpoint, the others
+    // take its state. AdamW's bias correction reads the step count, so it
+    // travels with the weights and moments.
+    let folder = tempfile::tempdir().unwrap();
+    let store = folder.path().join("store");
+    let counts: Vec<i64> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let store = store.clone();
+                scope.spawn(move || {
+                    let options = GroupOptions {
+                        rendezvous: Rendezvous::File(store),
+                        rank,
+                        size: 2,
+                        timeout: Duration::from_secs(60),
+                        device_host: Some("127.0.0.1".to_owned()),
+                        interface: None,
+                        nccl: false,
+                    };
+                    let group = ProcessGroup::new(&options).unwrap();
+                    let config = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+                    let weight = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                    let mut optimizer = Optimizer::new(&config, vec![("w".to_owned(), weight.shallow_clone())]);
+                    for _ in 0..if rank == 0 { 3 } else { 0 } {
+                        optimizer.backward(&weight.sum(Kind::Float)).unwrap();
+                        optimizer.step(1e-3);
+                    }
+                    optimizer.broadcast(&group, 0).unwrap();
+                    let state = optimizer.state_tensors();
+                    state.iter().find(|(name, _)| name == "steps").unwrap().1.int64_value(&[])
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    });
+    assert_eq!(counts, [3, 3]);
+}

@@ -183,10 +183,12 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Makes every rank's weights (and optimiser state) rank `root`'s.
+    /// Makes every rank's weights (and optimiser state, the step count
+    /// included: AdamW's bias correction reads it) rank `root`'s.
     pub fn broadcast(&mut self, group: &ProcessGroup, root: usize) -> Result<()> {
         tch::no_grad(|| {
             group.broadcast(&mut self.weights, root)?;
+            group.broadcast(&mut self.steps.view([1]), root)?;
             self.state.iter_mut().try_for_each(|state| group.broadcast(state, root))
         })
     }
