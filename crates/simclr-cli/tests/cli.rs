@@ -1557,7 +1557,10 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
             let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
             let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
             std::thread::sleep(epoch.mul_f64(next_fraction()));
-            assert!(launcher.try_wait().unwrap().is_none(), "round {round}: the run ended before its kill point");
+            if launcher.try_wait().unwrap().is_some() {
+                let output = launcher.wait_with_output().unwrap();
+                panic!("round {round}: the run ended before its kill point ({}): {}", output.status, stderr(&output));
+            }
             // One worker of two (alternately rank 0 and 1), or the one process.
             let workers = children_of(launcher.id());
             let victim = if processes == "2" { workers[round / 2 % workers.len()] } else { launcher.id() };
