@@ -194,6 +194,20 @@ fn copy_of((variables, views): &(Vec<(String, Tensor)>, Tensor)) -> (Vec<(String
 }
 
 /// Runs `world` ranks as threads of this process.
+/// Rank `rank` of a group of `size` meeting at the file store `store`, on Gloo.
+fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGroup {
+    let options = GroupOptions {
+        rendezvous: Rendezvous::File(store),
+        rank,
+        size,
+        timeout: Duration::from_secs(60),
+        device_host: Some("127.0.0.1".to_owned()),
+        interface: None,
+        nccl: false,
+    };
+    ProcessGroup::new(&options).unwrap()
+}
+
 fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
     train_group_in_chunks(case, variant, world, None)
 }
@@ -208,16 +222,7 @@ fn train_group_in_chunks(case: Case, variant: Variant, world: usize, micro_batch
             .map(|rank| {
                 let (store, state) = (store.clone(), copy_of(&state));
                 scope.spawn(move || {
-                    let options = GroupOptions {
-                        rendezvous: Rendezvous::File(store),
-                        rank,
-                        size: world,
-                        timeout: Duration::from_secs(60),
-                        device_host: Some("127.0.0.1".to_owned()),
-                        interface: None,
-                        nccl: false,
-                    };
-                    let group = ProcessGroup::new(&options).unwrap();
+                    let group = file_group(store, rank, world);
                     train_rank_in_chunks(case, variant, state, Some(&group), micro_batch)
                 })
             })
@@ -322,16 +327,7 @@ fn ranks_whose_weights_differ_are_named() {
             .map(|rank| {
                 let store = store.clone();
                 scope.spawn(move || {
-                    let options = GroupOptions {
-                        rendezvous: Rendezvous::File(store),
-                        rank,
-                        size: 2,
-                        timeout: Duration::from_secs(60),
-                        device_host: Some("127.0.0.1".to_owned()),
-                        interface: None,
-                        nccl: false,
-                    };
-                    let group = ProcessGroup::new(&options).unwrap();
+                    let group = file_group(store, rank, 2);
                     let weights = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
                     let same = group.check_identical("the weights", &weights);
                     // Rank 1's last weight one ulp off.
@@ -361,16 +357,7 @@ fn a_broadcast_gives_every_rank_the_optimisers_step_count() {
             .map(|rank| {
                 let store = store.clone();
                 scope.spawn(move || {
-                    let options = GroupOptions {
-                        rendezvous: Rendezvous::File(store),
-                        rank,
-                        size: 2,
-                        timeout: Duration::from_secs(60),
-                        device_host: Some("127.0.0.1".to_owned()),
-                        interface: None,
-                        nccl: false,
-                    };
-                    let group = ProcessGroup::new(&options).unwrap();
+                    let group = file_group(store, rank, 2);
                     let config = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
                     let weight = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
                     let mut optimizer = Optimizer::new(&config, vec![("w".to_owned(), weight.shallow_clone())]);
