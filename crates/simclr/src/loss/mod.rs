@@ -64,12 +64,118 @@ impl LossConfig {
     /// projections of every rank in which `z` sits at row `offset`: each
     /// anchor meets the negatives of the global batch.
     pub fn compute_against(&self, z: &Tensor, keys: &Tensor, offset: i64) -> Result<Tensor> {
-        let layout = Layout::of(z, keys, offset)?;
+        self.compute_at(z, keys, Layout::of(z, keys, offset)?)
+    }
+
+    /// The mean loss of the anchors `layout` places among `keys`.
+    fn compute_at(&self, anchors: &Tensor, keys: &Tensor, layout: Layout) -> Result<Tensor> {
         let (tau, similarity) = (self.temperature, self.similarity);
         match self.objective {
-            Objective::NtXent => nt_xent::nt_xent(z, keys, layout, tau, similarity),
-            Objective::NtLogistic => nt_logistic::nt_logistic(z, keys, layout, tau, similarity),
-            Objective::MarginTriplet => margin_triplet::margin_triplet(z, keys, layout, self.margin, similarity),
+            Objective::NtXent => nt_xent::nt_xent(anchors, keys, layout, tau, similarity),
+            Objective::NtLogistic => nt_logistic::nt_logistic(anchors, keys, layout, tau, similarity),
+            Objective::MarginTriplet => margin_triplet::margin_triplet(anchors, keys, layout, self.margin, similarity),
+        }
+    }
+
+    /// The loss of the batch `layout` places among `keys` (a leaf that
+    /// requires grad; the batch's rows are its rows from `layout.offset`),
+    /// with its gradient in `keys`, taken `block` anchors at a time.
+    ///
+    /// Every loss here is a mean over anchors of a term that involves one
+    /// anchor's row of similarities, so blocks of anchors, weighted by their
+    /// share, sum to the loss and, by linearity, to its gradient. Each
+    /// block's graph is freed by its backward pass, so the [2n, keys]
+    /// matrices of a whole batch (1 GiB per fp32 copy at batch 8192, and the
+    /// loss holds several) are never held at once: [block, keys] ones are.
+    /// The keys are prepared (normalised) once, and the blocks' gradients
+    /// summed there before one pass back through the normalisation.
+    pub fn gradient_in_blocks(&self, keys: &Tensor, layout: Layout, block: i64) -> Result<(Tensor, Tensor)> {
+        let prepared = self.similarity.prepare(keys);
+        let leaf = prepared.detach().set_requires_grad(true);
+        // Prepared rows meet by their dot product.
+        let on_prepared = Self { similarity: Similarity::Dot, ..self.clone() };
+        let anchors = 2 * layout.pairs;
+        let mut loss = Tensor::zeros([], (leaf.kind(), leaf.device()));
+        let mut gradient = leaf.zeros_like();
+        for first in (0..anchors).step_by(block.max(1) as usize) {
+            let part = layout.block(first, block.min(anchors - first));
+            let rows = leaf.narrow(0, layout.offset + first, part.rows);
+            let share = on_prepared.compute_at(&rows, &leaf, part)? * (part.rows as f64 / anchors as f64);
+            gradient += Tensor::f_run_backward(&[&share], &[&leaf], false, false)?.remove(0);
+            loss += share.detach();
+        }
+        let sent = (prepared * gradient).sum(leaf.kind());
+        Ok((loss, Tensor::f_run_backward(&[&sent], &[keys], false, false)?.remove(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    const OBJECTIVES: [Objective; 3] = [Objective::NtXent, Objective::NtLogistic, Objective::MarginTriplet];
+
+    /// The loss of the batch at `offset` among `keys` and its gradient in
+    /// them, whole or in blocks of `block` anchors.
+    fn loss_and_gradient(config: &LossConfig, keys: &Tensor, offset: i64, block: Option<i64>) -> (f64, Tensor) {
+        let keys = keys.copy().set_requires_grad(true);
+        let batch = keys.narrow(0, offset, 10);
+        let (loss, gradient) = match block {
+            Some(block) => config.gradient_in_blocks(&keys, Layout::of(&batch, &keys, offset).unwrap(), block).unwrap(),
+            None => {
+                let loss = config.compute_against(&batch, &keys, offset).unwrap();
+                let gradient = Tensor::run_backward(&[&loss], &[&keys], false, false).remove(0);
+                (loss, gradient)
+            }
+        };
+        (loss.double_value(&[]), gradient)
+    }
+
+    #[test]
+    fn blocks_of_anchors_give_the_whole_loss_and_its_gradient() {
+        // A batch of 5 pairs, alone (offset 0 of its own 10 rows) and among
+        // the 16 keys of three ranks (at rows 4..14 of them).
+        let keys = Tensor::randn([16, 6], (Kind::Double, Device::Cpu));
+        let alone = keys.narrow(0, 4, 10).copy();
+        for objective in OBJECTIVES {
+            for similarity in [Similarity::Cosine, Similarity::Dot] {
+                let config = LossConfig { objective, similarity, temperature: 0.5, ..Default::default() };
+                for (keys, offset) in [(&alone, 0), (&keys, 4)] {
+                    let (loss, gradient) = loss_and_gradient(&config, keys, offset, None);
+                    // Blocks of 3, 3, 3 and 1 anchors; of 4, 4 and 2; one of all 10.
+                    for block in [3, 4, 10] {
+                        let what = format!("{objective:?}, {similarity:?}, offset {offset}, blocks of {block}");
+                        let (in_blocks, block_gradient) = loss_and_gradient(&config, keys, offset, Some(block));
+                        assert!((in_blocks - loss).abs() < 1e-12 * loss.abs(), "{what}: {in_blocks} against {loss}");
+                        let difference = (&block_gradient - &gradient).abs().max().double_value(&[]);
+                        assert!(difference < 1e-12 * gradient.abs().max().double_value(&[]), "{what}: {difference:e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_placed_at_the_wrong_rows_is_noticed() {
+        // Negative control for the test above: each block's anchors taken
+        // from their rows but laid out as the batch's first rows (their
+        // positives and own entries looked up for other anchors).
+        let keys = Tensor::randn([10, 6], (Kind::Double, Device::Cpu));
+        for objective in OBJECTIVES {
+            let config = LossConfig { objective, temperature: 0.5, ..Default::default() };
+            let whole = config.compute(&keys).unwrap().double_value(&[]);
+            let layout = Layout::local(5);
+            let misplaced: f64 = [0, 4, 8]
+                .iter()
+                .map(|&first| {
+                    let rows = 4.min(10 - first);
+                    let anchors = keys.narrow(0, first, rows);
+                    let part = config.compute_at(&anchors, &keys, layout.block(0, rows)).unwrap();
+                    part.double_value(&[]) * rows as f64 / 10.0
+                })
+                .sum();
+            assert!((misplaced - whole).abs() > 1e-3 * whole.abs(), "{objective:?}: {misplaced} against {whole}");
         }
     }
 }

@@ -7,8 +7,9 @@ use tch::Tensor;
 use super::similarity::{similarity_matrix, Layout, Similarity};
 use crate::Result;
 
-/// The mean of ℓ_i over the anchors `z` ([2n, d]) against the `keys` ([2N, d])
-/// they sit in at `layout.offset` (the anchors themselves in one process).
+/// The mean of ℓ_i over the anchors `z` ([rows, d]) against the `keys`
+/// ([2N, d]) they sit in where `layout` says (the anchors themselves in one
+/// process).
 pub fn nt_xent(z: &Tensor, keys: &Tensor, layout: Layout, temperature: f64, similarity: Similarity) -> Result<Tensor> {
     let logits = similarity_matrix(z, keys, similarity) / temperature;
     // exp(-inf) = 0 removes k = i from the denominator. The anchors' own

@@ -38,33 +38,43 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
     x / norm
 }
 
-/// The `[2N, 2N]` matrix of sim(z_i, z_j), computed in at least fp32.
+impl Similarity {
+    /// Rows ready for dot products: unit-normalised for cosine similarity,
+    /// in at least fp32.
+    pub fn prepare(self, z: &Tensor) -> Tensor {
+        match self {
+            Similarity::Cosine => l2_normalize(z),
+            Similarity::Dot if z.kind() == Kind::Double => z.shallow_clone(),
+            Similarity::Dot => z.to_kind(Kind::Float),
+        }
+    }
+}
+
 /// Cosine or dot similarity of every anchor (row of `anchors`) with every
 /// row of `keys`, in fp32 (fp64 stays fp64).
 pub fn similarity_matrix(anchors: &Tensor, keys: &Tensor, similarity: Similarity) -> Tensor {
-    let prepare = |z: &Tensor| match similarity {
-        Similarity::Cosine => l2_normalize(z),
-        Similarity::Dot if z.kind() == Kind::Double => z.shallow_clone(),
-        Similarity::Dot => z.to_kind(Kind::Float),
-    };
     // In one process the keys are the anchors: prepared once.
     let same =
         anchors.data_ptr() == keys.data_ptr() && anchors.size() == keys.size() && anchors.stride() == keys.stride();
-    let anchors = prepare(anchors);
-    let keys = if same { anchors.shallow_clone() } else { prepare(keys) };
+    let anchors = similarity.prepare(anchors);
+    let keys = if same { anchors.shallow_clone() } else { similarity.prepare(keys) };
     anchors.matmul(&keys.transpose(0, 1))
 }
 
 /// Where a batch's anchors sit among the keys they are compared with. The
-/// anchors are 2n projections laid out [first views; second views] (anchor
+/// batch is 2n projections laid out [first views; second views] (anchor
 /// i's positive is i ± n); the keys are the projections of every rank, the
-/// anchors among them at rows `offset..offset + 2n`. In one process the
-/// keys are the anchors themselves, at offset 0.
+/// batch among them at rows `offset..offset + 2n`. In one process the keys
+/// are the batch itself, at offset 0. A loss is taken over the batch's rows
+/// `first..first + rows`: all 2n of them, or a block of them where a loss
+/// is taken in parts ([`Layout::block`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub pairs: i64,
     pub offset: i64,
     pub keys: i64,
+    pub first: i64,
+    pub rows: i64,
 }
 
 impl Layout {
@@ -76,46 +86,54 @@ impl Layout {
                 "anchors {anchor_size:?} at row {offset} of keys {key_size:?}: the keys must hold the anchors"
             )));
         }
-        Ok(Self { pairs, offset, keys: key_size[0] })
+        Ok(Self { pairs, offset, keys: key_size[0], first: 0, rows: 2 * pairs })
     }
 
     /// One process: the keys are the anchors.
     pub fn local(pairs: i64) -> Self {
-        Self { pairs, offset: 0, keys: 2 * pairs }
+        Self { pairs, offset: 0, keys: 2 * pairs, first: 0, rows: 2 * pairs }
+    }
+
+    /// The anchors at the batch's rows `first..first + rows` alone.
+    pub fn block(self, first: i64, rows: i64) -> Self {
+        assert!(
+            first >= 0 && rows > 0 && first + rows <= 2 * self.pairs,
+            "rows {first}..{} of a batch of {} anchors",
+            first + rows,
+            2 * self.pairs
+        );
+        Self { first, rows, ..self }
     }
 
     /// The key row of each anchor's positive.
     pub fn positive_index(&self, device: tch::Device) -> Tensor {
-        let first = Tensor::arange_start(self.pairs, 2 * self.pairs, (Kind::Int64, device));
-        let second = Tensor::arange(self.pairs, (Kind::Int64, device));
-        Tensor::cat(&[first, second], 0) + self.offset
+        let partner =
+            Tensor::arange_start(self.first + self.pairs, self.first + self.pairs + self.rows, (Kind::Int64, device));
+        partner.remainder(2 * self.pairs) + self.offset
     }
 
-    /// [2n, keys]: true at each anchor's own row.
+    /// [rows, keys]: true at each anchor's own row.
     pub fn self_mask(&self, device: tch::Device) -> Tensor {
-        let own = Tensor::arange(2 * self.pairs, (Kind::Int64, device)) + self.offset;
-        let mask = Tensor::zeros([2 * self.pairs, self.keys], (Kind::Bool, device));
+        let own = Tensor::arange(self.rows, (Kind::Int64, device)) + (self.offset + self.first);
+        let mask = Tensor::zeros([self.rows, self.keys], (Kind::Bool, device));
         mask.scatter_value(1, &own.unsqueeze(1), 1.0)
     }
 
-    /// The entries of `matrix` ([2n, keys]) where each anchor meets itself:
-    /// a diagonal view, which writes through.
+    /// The entries of `matrix` ([rows, keys]) where each anchor meets
+    /// itself: a diagonal view, which writes through.
     pub fn own_entries(&self, matrix: &Tensor) -> Tensor {
-        matrix.narrow(1, self.offset, 2 * self.pairs).diagonal(0, 0, 1)
+        matrix.narrow(1, self.offset + self.first, self.rows).diagonal(0, 0, 1)
     }
 
-    /// [2n, keys]: true at the negatives, every key but the anchor and its positive.
+    /// [rows, keys]: true at the negatives, every key but the anchor and its positive.
     pub fn negative_mask(&self, device: tch::Device) -> Tensor {
         let positives = self.positive_index(device);
-        let positive_mask = Tensor::zeros([2 * self.pairs, self.keys], (Kind::Bool, device)).scatter_value(
-            1,
-            &positives.unsqueeze(1),
-            1.0,
-        );
+        let positive_mask =
+            Tensor::zeros([self.rows, self.keys], (Kind::Bool, device)).scatter_value(1, &positives.unsqueeze(1), 1.0);
         self.self_mask(device).logical_or(&positive_mask).logical_not()
     }
 
-    /// The similarity of each anchor with its positive, from [2n, keys].
+    /// The similarity of each anchor with its positive, from [rows, keys].
     pub fn positive_similarity(&self, similarities: &Tensor) -> Tensor {
         similarities.gather(1, &self.positive_index(similarities.device()).unsqueeze(1), false).squeeze_dim(1)
     }
@@ -134,6 +152,25 @@ mod tests {
         assert_eq!(negatives.int64_value(&[0, 0]), 0);
         assert_eq!(negatives.int64_value(&[4, 2]), 1);
         assert_eq!(Vec::<i64>::try_from(Layout::local(2).positive_index(Device::Cpu)).unwrap(), vec![2, 3, 0, 1]);
+    }
+
+    #[test]
+    fn a_block_looks_up_its_own_anchors() {
+        // Rows 2..5 of a batch of 3 pairs at row 4 of 12 keys.
+        let block = Layout { pairs: 3, offset: 4, keys: 12, first: 0, rows: 6 }.block(2, 3);
+        assert_eq!(Vec::<i64>::try_from(block.positive_index(Device::Cpu)).unwrap(), vec![9, 4, 5]);
+        let own = block.self_mask(Device::Cpu).nonzero();
+        assert_eq!(Vec::<i64>::try_from(own.select(1, 1)).unwrap(), vec![6, 7, 8]);
+        let matrix = Tensor::zeros([3, 12], (Kind::Float, Device::Cpu));
+        let _ = block.own_entries(&matrix).fill_(1.0);
+        assert!(matrix.to_kind(Kind::Bool).equal(&block.self_mask(Device::Cpu)));
+        let negatives = block.negative_mask(Device::Cpu);
+        assert_eq!(negatives.size(), [3, 12]);
+        assert_eq!(
+            Vec::<i64>::try_from(negatives.sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)).unwrap(),
+            vec![10; 3]
+        );
+        assert_eq!(negatives.int64_value(&[0, 9]) + negatives.int64_value(&[0, 6]), 0);
     }
 
     #[test]
