@@ -28,7 +28,8 @@ pub struct TrainConfig {
     /// Compute each batch in chunks of this many images (per process),
     /// with the gradient of the whole batch's loss (gradient caching: every
     /// anchor still meets all 2(N-1) negatives), so a batch trains in about
-    /// a chunk's activation memory for a third more compute. BatchNorm
+    /// a chunk's activation memory for a third more compute; the loss too
+    /// is taken a chunk's anchors at a time, against all 2N keys. BatchNorm
     /// then normalises each chunk by its own statistics, as per-device
     /// BatchNorm does; its running statistics move once per chunk. Unset,
     /// or at least the batch: one pass, as without it.

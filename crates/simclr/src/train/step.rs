@@ -14,7 +14,9 @@
 //! ```
 //!
 //! 1. forward every chunk without an autograd graph: z = [z_1; ...; z_C];
-//! 2. L and g = ∂L/∂z for the whole batch, the graph cut at z;
+//! 2. L and g = ∂L/∂z for the whole batch, the graph cut at z, the loss
+//!    taken over one chunk's 2m anchors at a time (against all 2N keys), so
+//!    that its [2N, 2N] matrices are never held whole;
 //! 3. per chunk, forward again with a graph and back-propagate g_c (as the
 //!    scalar Σ z_c ⊙ g_c, whose gradient in z_c is g_c exactly), summing the
 //!    parameter gradients.
@@ -32,7 +34,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::device::Precision;
 use crate::dist::Parallel;
-use crate::loss::LossConfig;
+use crate::loss::{Layout, LossConfig};
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::{Error, Result};
@@ -99,6 +101,40 @@ impl<'a> Objective<'a> {
         }
     }
 
+    /// The loss of this rank's projections `z` (without a graph) and its
+    /// gradient in them, the loss taken `block` anchors at a time, so that
+    /// its memory grows with the batch as a chunk's does, not with its square
+    /// (see [`LossConfig::gradient_in_blocks`]). The blocks meet the keys in
+    /// fp32 (fp64 stays fp64), as the whole loss does.
+    fn loss_and_gradient(&self, z: &Tensor, block: i64) -> Result<(Tensor, Tensor)> {
+        let anchors = z.size()[0];
+        if self.labels.is_some() || block >= anchors {
+            let z = z.set_requires_grad(true);
+            let loss = self.loss_of(&z)?;
+            let gradient = Tensor::f_run_backward(&[&loss], &[&z], false, false)?.remove(0);
+            return Ok((loss.detach(), gradient));
+        }
+        let kind = if z.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        match self.parallel {
+            Some(Parallel { group, .. }) if group.size() > 1 => {
+                // The blocks' gradient in the gathered keys, then sent back
+                // to the ranks by the gather's own backward pass (the sum of
+                // every rank's part for this rank's rows).
+                let z = z.set_requires_grad(true);
+                let keys = group.all_gather_grad(&z)?;
+                let leaf = keys.detach().to_kind(kind).set_requires_grad(true);
+                let layout = Layout::of(&z, &leaf, group.rank() as i64 * anchors)?;
+                let (loss, key_gradient) = self.loss.gradient_in_blocks(&leaf, layout, block)?;
+                let sent = (keys * key_gradient).sum(kind);
+                Ok((loss, Tensor::f_run_backward(&[&sent], &[&z], false, false)?.remove(0)))
+            }
+            _ => {
+                let leaf = z.to_kind(kind).set_requires_grad(true);
+                self.loss.gradient_in_blocks(&leaf, Layout::of(&leaf, &leaf, 0)?, block)
+            }
+        }
+    }
+
     /// The loss of a batch of 2N views (or, with `parallel`, of this rank's
     /// slice of the global batch: its anchors meet the projections of every
     /// rank, and BatchNorm normalises over the global batch where asked;
@@ -158,15 +194,14 @@ impl GradientCache {
         });
         let part =
             |view: i64| chunks.iter().zip(&projections).map(move |(&(_, count), z)| z.narrow(0, view * count, count));
-        let z = Tensor::cat(&part(0).chain(part(1)).collect::<Vec<_>>(), 0).set_requires_grad(true);
-        let loss = objective.loss_of(&z)?;
-        let gradient = Tensor::f_run_backward(&[&loss], &[&z], false, false)?.remove(0);
+        let z = Tensor::cat(&part(0).chain(part(1)).collect::<Vec<_>>(), 0);
+        let (loss, gradient) = objective.loss_and_gradient(&z, 2 * self.micro_batch_size as i64)?;
         let sum_kind = if z.kind() == Kind::Double { Kind::Double } else { Kind::Float };
         optimizer.backward_each(chunks.iter().map(|&chunk| {
             let z = objective.project(model, &rows(chunk, views));
             Ok((z * rows(chunk, &gradient)).sum(sum_kind))
         }))?;
-        Ok(loss.detach())
+        Ok(loss)
     }
 }
 
