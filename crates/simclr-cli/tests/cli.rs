@@ -1522,8 +1522,9 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
         tiny_training(&data, out).args(["--epochs", "8", "--set", "train.checkpoint_every=1", "--nproc-per-node", "2"])
     };
     // Kill points set by the run's progress, not the clock: a seeded
-    // fraction of an epoch after the run writes its next checkpoint (each
-    // file write pauses 200 ms, so the run is still going then). Rounds
+    // fraction of an epoch after the run writes its next checkpoint, or at
+    // the checkpoint after it if that comes first (each file write pauses
+    // 200 ms, so the run is still going then). Rounds
     // alternate between 2 processes (one worker killed, the launcher stops
     // the other) and 1 (the process killed); the run then finishes on 2 or 1.
     let mut state = 0x5EED_u64;
@@ -1553,13 +1554,25 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
                 assert!(std::time::Instant::now() < deadline, "round {round}: no checkpoint within 120 s");
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
+            let written = checkpoint_identity(&killed);
             let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
             let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
             let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
-            std::thread::sleep(epoch.mul_f64(next_fraction()));
-            if launcher.try_wait().unwrap().is_some() {
-                let output = launcher.wait_with_output().unwrap();
-                panic!("round {round}: the run ended before its kill point ({}): {}", output.status, stderr(&output));
+            // If the next checkpoint comes first (the epoch just timed was
+            // slower than the next, as a resumed run's first one is), the
+            // kill comes then: a round advances the run two epochs at most,
+            // so three rounds never reach the end of its 8.
+            let kill_at = std::time::Instant::now() + epoch.mul_f64(next_fraction());
+            while std::time::Instant::now() < kill_at && checkpoint_identity(&killed) == written {
+                if launcher.try_wait().unwrap().is_some() {
+                    let output = launcher.wait_with_output().unwrap();
+                    panic!(
+                        "round {round}: the run ended before its kill point ({}): {}",
+                        output.status,
+                        stderr(&output)
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
             // One worker of two (alternately rank 0 and 1), or the one process.
             let workers = children_of(launcher.id());
