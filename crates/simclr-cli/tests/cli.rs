@@ -1114,6 +1114,40 @@ fn checkpoint_identity(run: &Path) -> Option<u64> {
     std::fs::metadata(run.join("checkpoint.safetensors")).ok().map(|m| m.ino())
 }
 
+/// Waits, polling, until `ready` holds; `alive(what)` fails the test if
+/// the run has ended first.
+fn wait_until(what: &str, ready: &dyn Fn() -> bool, alive: &mut dyn FnMut(&str)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ready() {
+        alive(what);
+        assert!(std::time::Instant::now() < deadline, "waited 120 s for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A kill point set by the run's progress, not the clock, so that it falls
+/// at the same places on a fast machine, a slow one and a busy one: waits,
+/// polling, until the run in `run` replaces the checkpoint it had as
+/// `before` (read before it started), then for a `fraction` in [0, 1) of
+/// the epoch the run has just timed (in the next epoch's steps, its kNN
+/// monitor or its checkpoint write), or until its checkpoint after that if
+/// that comes first (the epoch just timed was slower than the next, as a
+/// resumed run's first one is): a kill there advances the run two epochs
+/// at most. `alive(what)` fails the test if the run has ended before `what`.
+fn wait_for_kill_point(run: &Path, before: Option<u64>, fraction: f64, alive: &mut dyn FnMut(&str)) {
+    wait_until("its next checkpoint", &|| checkpoint_identity(run) != before, alive);
+    let written = checkpoint_identity(run);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
+    let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
+    let kill_at = std::time::Instant::now() + epoch.mul_f64(fraction);
+    while std::time::Instant::now() < kill_at && checkpoint_identity(run) == written {
+        alive("its kill point");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    alive("its kill point");
+}
+
 #[test]
 fn sigkill_at_random_points_never_loses_the_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -1145,23 +1179,10 @@ fn sigkill_at_random_points_never_loses_the_run() {
             panic!("the run ended ({status}) before {before}; the rounds printed:\n{}", history());
         }
     };
-    // Waits until `ready` holds, polling; fails if the run ends first.
-    let wait_for = |child: &mut std::process::Child, what: &str, ready: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while !ready() {
-            assert_running(child, what);
-            assert!(std::time::Instant::now() < deadline, "no {what} within 120 s");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    };
-    // Kill points, alternating, set by the run's progress rather than by
-    // the clock, so that they fall at the same places on a fast machine, a
-    // slow one and a busy one: a seeded fraction in [0, 1) of an epoch after
-    // the run writes its next checkpoint (in the next epoch's steps, its kNN
-    // monitor or its checkpoint write), the epoch timed by the run itself
-    // just before; and the middle of a checkpoint write (the write pauses
-    // halfway for 3 s, and the test kills the process as soon as the
-    // half-written file appears).
+    // Kill points, alternating: a seeded fraction of an epoch after the run
+    // writes its next checkpoint (`wait_for_kill_point`); and the middle of
+    // a checkpoint write (the write pauses halfway for 3 s, and the test
+    // kills the process as soon as the half-written file appears).
     let mut state = 0x5EED_u64;
     let mut next_fraction = || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -1173,27 +1194,14 @@ fn sigkill_at_random_points_never_loses_the_run() {
             (std::fs::read(killed.join("checkpoint.safetensors")).ok(), checkpoint_identity(&killed));
         let mut child = start(if mid_write { 3000 } else { 0 });
         if mid_write {
-            wait_for(&mut child, "a checkpoint write began", &|| {
-                file_starting(&killed, "checkpoint.safetensors.new.tmp").is_some()
-            });
+            let began = || file_starting(&killed, "checkpoint.safetensors.new.tmp").is_some();
+            wait_until("a checkpoint write to begin", &began, &mut |what| assert_running(&mut child, what));
             child.kill().unwrap();
             child.wait().unwrap();
             // The interrupted write touched nothing but its temporary file.
             assert_eq!(std::fs::read(killed.join("checkpoint.safetensors")).ok(), before);
         } else {
-            wait_for(&mut child, "its next checkpoint", &|| checkpoint_identity(&killed) != identity);
-            let written = checkpoint_identity(&killed);
-            let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
-            let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
-            let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
-            // If the next checkpoint comes first (the machine sped up), the
-            // kill comes then: a round advances the run two epochs at most.
-            let kill_at = std::time::Instant::now() + epoch.mul_f64(next_fraction());
-            while std::time::Instant::now() < kill_at && checkpoint_identity(&killed) == written {
-                assert_running(&mut child, "its kill point");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            assert_running(&mut child, "its kill point");
+            wait_for_kill_point(&killed, identity, next_fraction(), &mut |what| assert_running(&mut child, what));
             child.kill().unwrap();
             child.wait().unwrap();
         }
@@ -1521,10 +1529,10 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
     let fresh = |out: &Path| {
         tiny_training(&data, out).args(["--epochs", "8", "--set", "train.checkpoint_every=1", "--nproc-per-node", "2"])
     };
-    // Kill points set by the run's progress, not the clock: a seeded
-    // fraction of an epoch after the run writes its next checkpoint, or at
-    // the checkpoint after it if that comes first (each file write pauses
-    // 200 ms, so the run is still going then). Rounds
+    // Kill points set by the run's progress (`wait_for_kill_point`): a
+    // seeded fraction of an epoch after the run writes its next checkpoint
+    // (each file write pauses 200 ms, so the run is still going then), two
+    // epochs on at most, so three rounds stay short of the run's 8. Rounds
     // alternate between 2 processes (one worker killed, the launcher stops
     // the other) and 1 (the process killed); the run then finishes on 2 or 1.
     let mut state = 0x5EED_u64;
@@ -1548,32 +1556,14 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
             let mut launcher = run.env("SIMCLR_TEST_WRITE_PAUSE_MS", 200).spawn(|command| {
                 command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
             });
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while checkpoint_identity(&killed) == identity {
-                assert!(launcher.try_wait().unwrap().is_none(), "round {round}: the run ended before a checkpoint");
-                assert!(std::time::Instant::now() < deadline, "round {round}: no checkpoint within 120 s");
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            let written = checkpoint_identity(&killed);
-            let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
-            let last = serde_json::from_str::<serde_json::Value>(metrics.lines().last().unwrap()).unwrap();
-            let epoch = std::time::Duration::from_secs_f64(last["seconds"].as_f64().unwrap());
-            // If the next checkpoint comes first (the epoch just timed was
-            // slower than the next, as a resumed run's first one is), the
-            // kill comes then: a round advances the run two epochs at most,
-            // so three rounds never reach the end of its 8.
-            let kill_at = std::time::Instant::now() + epoch.mul_f64(next_fraction());
-            while std::time::Instant::now() < kill_at && checkpoint_identity(&killed) == written {
-                if launcher.try_wait().unwrap().is_some() {
-                    let output = launcher.wait_with_output().unwrap();
-                    panic!(
-                        "round {round}: the run ended before its kill point ({}): {}",
-                        output.status,
-                        stderr(&output)
-                    );
+            wait_for_kill_point(&killed, identity, next_fraction(), &mut |what| {
+                use std::io::Read;
+                if let Some(status) = launcher.try_wait().unwrap() {
+                    let mut printed = String::new();
+                    let _ = launcher.stderr.take().map(|mut stderr| stderr.read_to_string(&mut printed));
+                    panic!("round {round}: the run ended ({status}) before {what}: {printed}");
                 }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            });
             // One worker of two (alternately rank 0 and 1), or the one process.
             let workers = children_of(launcher.id());
             let victim = if processes == "2" { workers[round / 2 % workers.len()] } else { launcher.id() };

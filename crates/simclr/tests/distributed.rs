@@ -193,7 +193,6 @@ fn copy_of((variables, views): &(Vec<(String, Tensor)>, Tensor)) -> (Vec<(String
     (variables.iter().map(|(name, value)| (name.clone(), value.copy())).collect(), views.copy())
 }
 
-/// Runs `world` ranks as threads of this process.
 /// Rank `rank` of a group of `size` meeting at the file store `store`, on Gloo.
 fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGroup {
     let options = GroupOptions {
@@ -208,6 +207,7 @@ fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGro
     ProcessGroup::new(&options).unwrap()
 }
 
+/// Runs `world` ranks as threads of this process.
 fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
     train_group_in_chunks(case, variant, world, None)
 }
