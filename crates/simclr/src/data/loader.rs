@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 use super::stream::{ShardList, Streamed};
-use super::{decode, Dataset, Sample};
+use super::{decode, Dataset, Sample, TrainingImage};
 use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
 use crate::device::Pinned;
 use crate::{Error, Result};
@@ -107,6 +107,17 @@ impl Shard {
     }
 }
 
+/// A batch of views and the images they were made from.
+pub struct Batch {
+    /// `[2N, 3, size, size]`: rows 0..N the first view of each image, N..2N
+    /// the second, in the same order.
+    pub views: Tensor,
+    /// The dataset index of each row pair's image, where supervised training
+    /// reads its classes: under the skip policy, that of the image which
+    /// stood in for an unreadable one.
+    pub images: Vec<usize>,
+}
+
 /// Where the trainer's views are made (`augment.backend`).
 pub enum Views {
     Cpu(ViewLoader),
@@ -122,28 +133,6 @@ impl Views {
         }
     }
 
-    /// Whether the images come from streamed shards, in an order a shuffle
-    /// buffer decides rather than [`Views::epoch_indices`].
-    pub fn is_streamed(&self) -> bool {
-        matches!(self, Views::Cpu(loader) if loader.stream.is_some())
-    }
-
-    /// The images behind each batch of `epoch`: this shard's part of every
-    /// batch, indices into the dataset in the order of the batch's views.
-    /// `None` for streamed shards, whose order a shuffle buffer decides.
-    pub fn epoch_indices(&self, epoch: u64) -> Option<Vec<Vec<usize>>> {
-        if self.is_streamed() {
-            return None;
-        }
-        let (len, seed, batch_size, shard) = match self {
-            Views::Cpu(loader) => (loader.dataset.len(), loader.seed, loader.batch_size, loader.shard),
-            Views::Device(loader) => (loader.len, loader.seed, loader.batch_size, loader.shard),
-        };
-        let order = epoch_order(len, seed, epoch);
-        let batches = order.chunks_exact(batch_size).take(self.batches_per_epoch());
-        Some(batches.map(|batch| shard.of(batch).to_vec()).collect())
-    }
-
     /// Makes only `shard`'s part of every batch.
     pub fn sharded(mut self, shard: Shard) -> Self {
         match &mut self {
@@ -153,16 +142,17 @@ impl Views {
         self
     }
 
-    /// The `[2N, 3, size, size]` batches of `epoch` from batch `first` on, on
-    /// the training device (with a shard of w, `[2N/w, ...]`: its part).
-    pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
+    /// The batches of `epoch` from batch `first` on, their views on the
+    /// training device (with a shard of w, its part: `[2N/w, ...]`).
+    pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
         match self {
             Views::Cpu(loader) => Box::new(loader.epoch(epoch, first)),
             Views::Device(loader) => {
                 let order = epoch_order(loader.len, loader.seed, epoch);
                 Box::new((first..loader.batches_per_epoch()).map(move |batch| {
-                    let indices = &order[batch * loader.batch_size..(batch + 1) * loader.batch_size];
-                    Ok(loader.two_views(loader.shard.of(indices), epoch))
+                    let indices = loader.shard.of(&order[batch * loader.batch_size..(batch + 1) * loader.batch_size]);
+                    let images = indices.iter().map(|&index| loader.sources[index]).collect();
+                    Ok(Batch { views: loader.two_views(indices, epoch), images })
                 }))
             }
         }
@@ -184,6 +174,9 @@ impl Views {
 /// backends make the same views up to interpolation details.
 pub struct DeviceViewLoader {
     images: Tensor,
+    /// The sample each row of `images` holds: its own, or under the skip
+    /// policy the one read in its place ([`Dataset::training_image`]).
+    sources: Vec<usize>,
     width: u32,
     height: u32,
     len: usize,
@@ -241,28 +234,29 @@ impl DeviceViewLoader {
         let plane = (width * height * 3) as usize;
         let mut pixels = vec![0u8; bytes];
         // Each image is copied into place, or named when its size differs.
-        let mismatches: Vec<Option<String>> = pool.install(|| {
+        let read: Vec<std::result::Result<usize, String>> = pool.install(|| {
             pixels
                 .par_chunks_mut(plane)
                 .enumerate()
                 .map(|(index, out)| {
-                    let image = dataset.training_image(index)?;
-                    if image.dimensions() != (width, height) {
-                        let (w, h) = image.dimensions();
-                        return Ok(Some(format!(
+                    let read = dataset.training_image(index)?;
+                    if read.image.dimensions() != (width, height) {
+                        let (w, h) = read.image.dimensions();
+                        return Ok(Err(format!(
                             "{} is {w}x{h}, {} is {width}x{height}",
-                            dataset.samples[index].describe(index),
+                            dataset.samples[read.index].describe(read.index),
                             dataset.samples[0].describe(0)
                         )));
                     }
-                    out.copy_from_slice(image.as_raw());
-                    Ok(None)
+                    out.copy_from_slice(read.image.as_raw());
+                    Ok(Ok(read.index))
                 })
                 .collect::<Result<_>>()
         })?;
-        if let Some(reason) = mismatches.into_iter().flatten().next() {
-            return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}")));
-        }
+        let sources = match read.into_iter().collect() {
+            Ok(sources) => sources,
+            Err(reason) => return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}"))),
+        };
         let images = crate::augment::uint8_batch(&pixels, dataset.len(), width, height).to_device(device);
         let normalization = Normalization::new(format, device);
         let len = dataset.len();
@@ -270,6 +264,7 @@ impl DeviceViewLoader {
         let shard = Shard::default();
         Ok(DeviceData::Ready(Self {
             images,
+            sources,
             width,
             height,
             len,
@@ -459,13 +454,13 @@ impl ViewLoader {
                 }
                 pool.install(|| {
                     if hybrid {
-                        let (pixels, params) = two_geometries(&dataset, &pipeline, make, &batch)?;
+                        let (pixels, params, images) = two_geometries(&dataset, &pipeline, make, &batch)?;
                         let side = i64::from(pipeline.size());
                         let views = Tensor::from_slice(&pixels).view([params.len() as i64, side, side, 3]);
-                        Ok(Prepared::Geometry(Pinned::new(views, device), params))
+                        Ok((Prepared::Geometry(Pinned::new(views, device), params), images))
                     } else {
-                        let data = two_views(&dataset, &pipeline, format, make, &batch)?;
-                        Ok(Prepared::Views(Pinned::new(format.tensor(&data, 2 * batch.len()), device)))
+                        let (data, images) = two_views(&dataset, &pipeline, format, make, &batch)?;
+                        Ok((Prepared::Views(Pinned::new(format.tensor(&data, 2 * batch.len()), device)), images))
                     }
                 })
             });
@@ -492,13 +487,14 @@ struct Make {
 }
 
 /// The two views of image `index` up to their geometry ([`Pipeline::geometry`]),
-/// with their parameters; the image decoded as small as they allow.
+/// with their parameters; the image decoded as small as they allow. Also
+/// the index of the sample read (see [`Batch::images`]).
 fn geometries(
     dataset: &Dataset,
     pipeline: &Pipeline,
     make: Make,
     input: &Input,
-) -> Result<[(RgbImage, ViewParams); 2]> {
+) -> Result<(usize, [(RgbImage, ViewParams); 2])> {
     let index = match input {
         Input::Index(index) => *index,
         Input::Streamed(sample) => sample.index,
@@ -513,17 +509,22 @@ fn geometries(
         true => pipeline.reduction(&draw(width, height), width, height),
         false => 1,
     };
-    let (image, (width, height)) = match input {
+    let read = match input {
         Input::Index(index) => dataset.training_image_reduced(*index, &reduction)?,
         Input::Streamed(sample) => {
             let decoded = match &sample.bytes {
                 Ok(bytes) => decode::decode_for(bytes, &sample.path, &reduction),
                 Err(message) => Err(Error::Image { path: sample.path.clone(), message: message.clone() }),
             };
-            decoded.or_else(|error| dataset.instead_of(index, error, &reduction))?
+            match decoded {
+                Ok((image, size)) => TrainingImage { index, image, size },
+                Err(error) => dataset.instead_of(index, error, &reduction)?,
+            }
         }
     };
-    Ok(draw(width, height).map(|params| (pipeline.geometry(&image, &params, width, height), params)))
+    let (width, height) = read.size;
+    let views = draw(width, height).map(|params| (pipeline.geometry(&read.image, &params, width, height), params));
+    Ok((read.index, views))
 }
 
 /// A producer thread's loop: sends `items` in turn, and stops after the
@@ -538,53 +539,60 @@ pub(crate) fn send_until_error<T>(sender: &SyncSender<Result<T>>, items: impl It
     }
 }
 
-/// The CPU path's batch: normalised CHW floats, first views then second views.
+/// The CPU path's batch: normalised CHW floats, first views then second
+/// views; and the samples read.
 fn two_views(
     dataset: &Dataset,
     pipeline: &Pipeline,
     format: ViewFormat,
     make: Make,
     inputs: &[Input],
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Vec<usize>)> {
     let per_view = format.floats();
     let mut data = vec![0f32; 2 * inputs.len() * per_view];
     let (first, second) = data.split_at_mut(inputs.len() * per_view);
-    first.par_chunks_mut(per_view).zip(second.par_chunks_mut(per_view)).zip(inputs.par_iter()).try_for_each(
-        |((out_a, out_b), input)| -> Result<()> {
-            for ((geometry, params), out) in geometries(dataset, pipeline, make, input)?.iter().zip([out_a, out_b]) {
+    let images = first
+        .par_chunks_mut(per_view)
+        .zip(second.par_chunks_mut(per_view))
+        .zip(inputs.par_iter())
+        .map(|((out_a, out_b), input)| -> Result<usize> {
+            let (image, views) = geometries(dataset, pipeline, make, input)?;
+            for ((geometry, params), out) in views.iter().zip([out_a, out_b]) {
                 pipeline.finish(geometry, params).write_chw_normalized(format.mean, format.std, out);
             }
-            Ok(())
-        },
-    )?;
-    Ok(data)
+            Ok(image)
+        })
+        .collect::<Result<_>>()?;
+    Ok((data, images))
 }
 
 /// The hybrid path's batch: 8-bit HWC geometries, first views then second
-/// views, and the parameters that the device applies to them.
+/// views, the parameters that the device applies to them, and the samples
+/// read.
 fn two_geometries(
     dataset: &Dataset,
     pipeline: &Pipeline,
     make: Make,
     inputs: &[Input],
-) -> Result<(Vec<u8>, Vec<ViewParams>)> {
+) -> Result<(Vec<u8>, Vec<ViewParams>, Vec<usize>)> {
     let side = pipeline.size() as usize;
     let per_view = 3 * side * side;
     let mut pixels = vec![0u8; 2 * inputs.len() * per_view];
     let (first, second) = pixels.split_at_mut(inputs.len() * per_view);
-    let params: Vec<[ViewParams; 2]> = first
+    let read: Vec<(usize, [ViewParams; 2])> = first
         .par_chunks_mut(per_view)
         .zip(second.par_chunks_mut(per_view))
         .zip(inputs.par_iter())
-        .map(|((out_a, out_b), input)| -> Result<[ViewParams; 2]> {
-            let [(a, params_a), (b, params_b)] = geometries(dataset, pipeline, make, input)?;
+        .map(|((out_a, out_b), input)| -> Result<(usize, [ViewParams; 2])> {
+            let (image, [(a, params_a), (b, params_b)]) = geometries(dataset, pipeline, make, input)?;
             out_a.copy_from_slice(a.as_raw());
             out_b.copy_from_slice(b.as_raw());
-            Ok([params_a, params_b])
+            Ok((image, [params_a, params_b]))
         })
         .collect::<Result<_>>()?;
+    let (images, params): (Vec<usize>, Vec<[ViewParams; 2]>) = read.into_iter().unzip();
     let (firsts, seconds): (Vec<ViewParams>, Vec<ViewParams>) = params.into_iter().map(|[a, b]| (a, b)).unzip();
-    Ok((pixels, [firsts, seconds].concat()))
+    Ok((pixels, [firsts, seconds].concat(), images))
 }
 
 /// A batch as the producer hands it over.
@@ -595,25 +603,28 @@ enum Prepared {
     Geometry(Pinned, Vec<ViewParams>),
 }
 
-/// The batches of one epoch, as `[2N, 3, size, size]` float tensors on the
-/// loader's device.
+/// The batches of one epoch, their views `[2N, 3, size, size]` float
+/// tensors on the loader's device.
 pub struct Batches<'a> {
-    receiver: Receiver<Result<Prepared>>,
+    receiver: Receiver<Result<(Prepared, Vec<usize>)>>,
     producer: Option<JoinHandle<()>>,
     loader: &'a ViewLoader,
 }
 
 impl Iterator for Batches<'_> {
-    type Item = Result<Tensor>;
+    type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.receiver.recv() {
-            Ok(batch) => Some(batch.map(|prepared| match (prepared, &self.loader.hybrid) {
-                (Prepared::Views(views), _) => views.upload(),
-                (Prepared::Geometry(views, params), Some(normalization)) => {
-                    normalization.apply(&self.loader.pipeline.render_pixels(&views.upload(), &params))
-                }
-                (Prepared::Geometry(..), None) => unreachable!("only the hybrid path sends geometry"),
+            Ok(batch) => Some(batch.map(|(prepared, images)| {
+                let views = match (prepared, &self.loader.hybrid) {
+                    (Prepared::Views(views), _) => views.upload(),
+                    (Prepared::Geometry(views, params), Some(normalization)) => {
+                        normalization.apply(&self.loader.pipeline.render_pixels(&views.upload(), &params))
+                    }
+                    (Prepared::Geometry(..), None) => unreachable!("only the hybrid path sends geometry"),
+                };
+                Batch { views, images }
             })),
             Err(_) => {
                 if let Some(producer) = self.producer.take() {
@@ -667,15 +678,15 @@ mod tests {
 
     #[test]
     fn batches_are_deterministic_whatever_the_worker_count() {
-        let a: Vec<Tensor> = loader(1).epoch(3, 0).map(|b| b.unwrap()).collect();
-        let b: Vec<Tensor> = loader(2).epoch(3, 0).map(|b| b.unwrap()).collect();
+        let a: Vec<Tensor> = loader(1).epoch(3, 0).map(|b| b.unwrap().views).collect();
+        let b: Vec<Tensor> = loader(2).epoch(3, 0).map(|b| b.unwrap().views).collect();
         assert_eq!(a.len(), 3);
         assert_eq!(a[0].size(), vec![8, 3, 16, 16]);
         for (x, y) in a.iter().zip(&b) {
             assert!(x.equal(y));
         }
         // Resuming at batch 1 gives the same batches 1 and 2.
-        let resumed: Vec<Tensor> = loader(2).epoch(3, 1).map(|b| b.unwrap()).collect();
+        let resumed: Vec<Tensor> = loader(2).epoch(3, 1).map(|b| b.unwrap().views).collect();
         assert!(resumed[0].equal(&a[1]) && resumed[1].equal(&a[2]));
     }
 
@@ -688,7 +699,7 @@ mod tests {
         assert_eq!(hybrid.name(), "hybrid");
         let mut compared = 0;
         for (a, b) in loader(1).epoch(4, 0).zip(hybrid.epoch(4, 0)) {
-            let (a, b) = (a.unwrap(), b.unwrap());
+            let (a, b) = (a.unwrap().views, b.unwrap().views);
             assert_eq!(a.size(), b.size());
             let worst = (&a - &b).abs().max().double_value(&[]);
             assert!(worst < 1e-4, "largest difference {worst}");
@@ -696,8 +707,8 @@ mod tests {
         }
         assert_eq!(compared, 3);
         // Negative control: another epoch's views are far off.
-        let a = loader(1).epoch(4, 0).next().unwrap().unwrap();
-        let b = hybrid.epoch(5, 0).next().unwrap().unwrap();
+        let a = loader(1).epoch(4, 0).next().unwrap().unwrap().views;
+        let b = hybrid.epoch(5, 0).next().unwrap().unwrap().views;
         assert!((a - b).abs().max().double_value(&[]) > 0.5);
     }
 
@@ -718,7 +729,7 @@ mod tests {
         let device = Views::Device(device);
         assert_eq!(device.batches_per_epoch(), 3);
         for (a, b) in host.epoch(2, 0).zip(device.epoch(2, 0)) {
-            let (a, b) = (a.unwrap(), b.unwrap());
+            let (a, b) = (a.unwrap().views, b.unwrap().views);
             assert_eq!(a.size(), b.size());
             // On normalised values (std 0.25), measured over the 3 batches:
             // mean difference at most 0.0033, worst 0.057 (0.014 in pixels).
@@ -769,10 +780,103 @@ mod tests {
     }
 
     #[test]
+    fn each_batch_names_the_images_its_views_were_made_from() {
+        // By index: this rank's part of each batch of the epoch's order,
+        // on every path.
+        let order = loader(1).order(3);
+        let dataset = super::super::synthetic::generate(12, 3, 16, 0);
+        let (format, pipeline) =
+            (ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }, Pipeline::new(&AugmentConfig::default(), 16));
+        for world in [1, 2] {
+            for rank in 0..world {
+                let shard = Shard { rank, world };
+                let expected: Vec<Vec<usize>> = order.chunks_exact(4).map(|batch| shard.of(batch).to_vec()).collect();
+                let pool = worker_pool(1).unwrap();
+                let DeviceData::Ready(device) = DeviceViewLoader::load(
+                    &dataset,
+                    pipeline.clone(),
+                    format,
+                    4,
+                    9,
+                    tch::Device::Cpu,
+                    &pool,
+                    usize::MAX,
+                )
+                .unwrap() else {
+                    panic!("synthetic images all have one size");
+                };
+                for views in [Views::Cpu(loader(2)), Views::Cpu(loader(2).hybrid()), Views::Device(device)] {
+                    let name = views.name();
+                    let images: Vec<Vec<usize>> =
+                        views.sharded(shard).epoch(3, 0).map(|batch| batch.unwrap().images).collect();
+                    assert_eq!(images, expected, "{name}, rank {rank} of {world}");
+                }
+            }
+        }
+
+        // Streamed: whatever order the buffers give, the views of each image
+        // named are the views made for it by index.
+        let dir = tempfile::tempdir().unwrap();
+        super::super::shards::write_shards(&dataset, dir.path(), 5).unwrap();
+        let shards = Arc::new(Dataset::open(dir.path(), &super::super::config::DataFormat::Auto).unwrap());
+        let list = ShardList::of(&shards).expect("every sample is a shard member");
+        let pool = worker_pool(2).unwrap();
+        let streamed = ViewLoader::new(shards.clone(), pipeline.clone(), format, 4, 9, pool, tch::Device::Cpu)
+            .unwrap()
+            .streaming(list, 4);
+        let make = Make { seed: 9, epoch: 3, reduced_decode: true };
+        let mut seen = Vec::new();
+        for batch in streamed.epoch(3, 0) {
+            let batch = batch.unwrap();
+            let inputs: Vec<Input> = batch.images.iter().map(|&index| Input::Index(index)).collect();
+            let (data, images) = two_views(&shards, &pipeline, format, make, &inputs).unwrap();
+            assert_eq!(images, batch.images);
+            assert!(batch.views.equal(&format.tensor(&data, 2 * inputs.len())), "images {:?}", batch.images);
+            seen.extend(batch.images);
+        }
+        // Negative control: the buffers' order is not the order by index.
+        let by_index: Vec<usize> = order.chunks_exact(4).flatten().copied().collect();
+        assert_eq!(seen.len(), 12);
+        assert_ne!(seen, by_index);
+    }
+
+    #[test]
+    fn an_image_read_in_place_of_an_unreadable_one_is_named() {
+        // Sample 2 of 6 is not an image: under the skip policy sample 3
+        // stands in for it, so batches name 3 where the order has 2, and a
+        // supervised step would take sample 3's class for its views.
+        let dir = tempfile::tempdir().unwrap();
+        let broken = dir.path().join("broken.jpg");
+        std::fs::write(&broken, b"not a jpeg").unwrap();
+        let mut samples = super::super::synthetic::generate(6, 3, 16, 0).samples;
+        samples[2].source = super::super::ImageSource::File(broken);
+        let dataset = Dataset::new(std::path::Path::new("mixed"), samples, vec!["a".into(), "b".into(), "c".into()])
+            .with_policy(super::super::config::BadImagePolicy::Skip);
+        let (format, pipeline) =
+            (ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }, Pipeline::new(&AugmentConfig::default(), 16));
+        let stand_in = |index: usize| if index == 2 { 3 } else { index };
+        let expected: Vec<usize> = epoch_order(6, 9, 0).into_iter().map(stand_in).collect();
+        let pool = worker_pool(1).unwrap();
+        let DeviceData::Ready(device) =
+            DeviceViewLoader::load(&dataset, pipeline.clone(), format, 6, 9, tch::Device::Cpu, &pool, usize::MAX)
+                .unwrap()
+        else {
+            panic!("the readable images all have one size");
+        };
+        let dataset = Arc::new(dataset);
+        let host = ViewLoader::new(dataset.clone(), pipeline, format, 6, 9, pool, tch::Device::Cpu).unwrap();
+        for views in [Views::Cpu(host), Views::Device(device)] {
+            let batch = views.epoch(0, 0).next().unwrap().unwrap();
+            assert_eq!(batch.images, expected, "{}", views.name());
+        }
+        assert_eq!(dataset.skipped().len(), 1, "{:?}", dataset.skipped());
+    }
+
+    #[test]
     fn epochs_differ_and_views_differ() {
         let l = loader(1);
         assert_ne!(l.order(0), l.order(1));
-        let batch = l.epoch(0, 0).next().unwrap().unwrap();
+        let batch = l.epoch(0, 0).next().unwrap().unwrap().views;
         assert!(!batch.narrow(0, 0, 4).equal(&batch.narrow(0, 4, 4)));
     }
 }

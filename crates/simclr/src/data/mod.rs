@@ -78,6 +78,16 @@ impl Sample {
     }
 }
 
+/// An image read for training ([`Dataset::training_image`]).
+pub struct TrainingImage {
+    /// The sample read: the one asked for or, under the skip policy, the
+    /// one that stood in for it, whose class is then the views' class.
+    pub index: usize,
+    pub image: Arc<RgbImage>,
+    /// The sample's full width and height, whatever the decode's reduction.
+    pub size: (u32, u32),
+}
+
 /// A list of samples and, for labelled sources, the class names.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -118,35 +128,32 @@ impl Dataset {
     /// The image of sample `index` for training. Under the skip policy an
     /// unreadable one is recorded and the next readable sample stands in
     /// (its views still drawn for `index`, so runs stay reproducible).
-    pub fn training_image(&self, index: usize) -> Result<Arc<RgbImage>> {
-        self.training_image_reduced(index, &|_, _| 1).map(|(image, _)| image)
+    pub fn training_image(&self, index: usize) -> Result<TrainingImage> {
+        self.training_image_reduced(index, &|_, _| 1)
     }
 
     /// [`Dataset::training_image`] decoded smaller as [`Sample::image_reduced`] is.
-    pub fn training_image_reduced(
-        &self,
-        index: usize,
-        reduction: &dyn Fn(u32, u32) -> u32,
-    ) -> Result<(Arc<RgbImage>, (u32, u32))> {
-        self.samples[index].image_reduced(reduction).or_else(|error| self.instead_of(index, error, reduction))
+    pub fn training_image_reduced(&self, index: usize, reduction: &dyn Fn(u32, u32) -> u32) -> Result<TrainingImage> {
+        match self.samples[index].image_reduced(reduction) {
+            Ok((image, size)) => Ok(TrainingImage { index, image, size }),
+            Err(error) => self.instead_of(index, error, reduction),
+        }
     }
 
     /// What stands in for sample `index`, which failed with `error`: under
     /// the skip policy the error is recorded and the next readable sample
     /// is read instead; under the stop policy, the error.
-    pub fn instead_of(
-        &self,
-        index: usize,
-        error: Error,
-        reduction: &dyn Fn(u32, u32) -> u32,
-    ) -> Result<(Arc<RgbImage>, (u32, u32))> {
+    pub fn instead_of(&self, index: usize, error: Error, reduction: &dyn Fn(u32, u32) -> u32) -> Result<TrainingImage> {
         if self.on_bad_image == BadImagePolicy::Stop {
             return Err(error);
         }
         self.record_skip(index, &error);
         (1..self.samples.len())
             .map(|offset| (index + offset) % self.samples.len())
-            .find_map(|other| self.samples[other].image_reduced(reduction).ok())
+            .find_map(|other| {
+                let (image, size) = self.samples[other].image_reduced(reduction).ok()?;
+                Some(TrainingImage { index: other, image, size })
+            })
             .ok_or_else(|| Error::Dataset { path: self.origin.clone(), message: "no readable image left".to_owned() })
     }
 

@@ -217,8 +217,6 @@ pub fn train_in(
     while !trainer.is_done() {
         let position = trainer.begin_epoch();
         let mut batches = views.epoch(position.epoch as u64, position.batch);
-        // Supervised: the images behind each batch, for their labels.
-        let images = if trainer.is_supervised() { views.epoch_indices(position.epoch as u64) } else { None };
         loop {
             let asked = Instant::now();
             let Some(batch) = batches.next() else { break };
@@ -227,8 +225,9 @@ pub fn train_in(
             if observer.poison(trainer.position.step) {
                 trainer.poison_next_step();
             }
-            let labels = images.as_ref().and_then(|images| trainer.labels(&images[trainer.position.batch]));
-            let progress = trainer.step(&batch?, labels.as_ref())?;
+            let batch = batch?;
+            let labels = trainer.labels(&batch.images);
+            let progress = trainer.step(&batch.views, labels.as_ref())?;
             let mid_epoch = progress.position.batch < progress.steps_per_epoch;
             if trainer.any_rank(observer.on_step(&progress) == Control::Stop)? && mid_epoch {
                 return trainer.interrupt();
@@ -266,9 +265,9 @@ fn unlabelled(train_set: &Dataset) -> Error {
 }
 
 /// The class of every training image when `config` trains with labels
-/// (`train.supervised`), after checking that it can: labelled images, read
-/// in an order the trainer knows, and a linear head with an output per class.
-fn supervised_classes(config: &ValidConfig, train_set: &Dataset, views: &Views) -> Result<Option<Vec<i64>>> {
+/// (`train.supervised`), after checking that it can: labelled images and a
+/// linear head with an output per class.
+fn supervised_classes(config: &ValidConfig, train_set: &Dataset) -> Result<Option<Vec<i64>>> {
     if !config.train.supervised {
         return Ok(None);
     }
@@ -278,13 +277,6 @@ fn supervised_classes(config: &ValidConfig, train_set: &Dataset, views: &Views) 
         .iter()
         .map(|sample| sample.label.map(|l| l as i64).ok_or_else(unlabelled))
         .collect::<Result<_>>()?;
-    if views.is_streamed() {
-        return Err(Error::InvalidArgument(
-            "train.supervised: streamed shards are read in an order a shuffle buffer decides, so their labels \
-             cannot follow; train from the image folder"
-                .to_owned(),
-        ));
-    }
     let head = &config.model.head;
     let count = train_set.classes.len();
     if head.kind != crate::model::HeadKind::Linear || head.projection_dim != count {
@@ -377,7 +369,7 @@ impl Trainer {
         let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
         let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
-        let classes = supervised_classes(&config, &train_set, &views)?;
+        let classes = supervised_classes(&config, &train_set)?;
         // The kNN monitor runs on rank 0 alone; the others wait for it at the next step.
         let monitor = splits.knn.filter(|_| writer).map(|knn| Monitor::new(&config, knn, &pool));
 
