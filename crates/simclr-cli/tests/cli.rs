@@ -1754,22 +1754,41 @@ fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     assert_eq!(epoch_losses(&first).len(), 3);
     assert_eq!(epoch_losses(&first), epoch_losses(&second));
     assert_eq!(encoder_difference(&first, &second), 0.0, "two streamed runs differ");
-    // Stopped mid-epoch 2 and resumed: the stream passes over the batches done.
-    let stopped = dir.path().join("stopped");
-    let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2"];
-    let output = three_epochs(&shards, &stopped).args(settings).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8).run();
-    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
-    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
+    // Stopped mid-epoch 2 and resumed with another number of data workers
+    // (as on a machine with other cores): the stream passes over the
+    // batches done, and its order does not depend on the workers.
+    let stop_after = |name: &str, steps: usize, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2"];
+        let output =
+            three_epochs(&shards, &out).args(settings).args(extra).env("SIMCLR_TEST_STOP_AFTER_STEPS", steps).run();
+        assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+        out
+    };
+    let resume = |run: &Path, extra: &[&str]| {
+        simclr(["train", "--resume", "--output", &run.display().to_string()]).args(extra).run()
+    };
+    let stopped = stop_after("stopped", 8, &[]);
+    assert_succeeds(&resume(&stopped, &["--set", "data.workers=1"]));
     assert_eq!(epoch_losses(&stopped), epoch_losses(&first));
     assert_eq!(encoder_difference(&stopped, &first), 0.0, "the resumed stream differs");
-    // Negative control: read by index, the same shards come in another order.
+    // Negative controls: read by index, or by another number of readers,
+    // the same shards come in other orders.
     let by_index = dir.path().join("by-index");
     assert_succeeds(&three_epochs(&shards, &by_index).run());
     assert_ne!(epoch_losses(&by_index), epoch_losses(&first));
+    let two_readers = streamed("two-readers", &["--set", "data.stream_readers=2"]);
+    assert_ne!(epoch_losses(&two_readers), epoch_losses(&first));
     // Two processes each stream their own shards (0, 2, 4 and 1, 3) and
     // stop together after the smaller share: 10 images, 5 steps of 2.
     let two = streamed("two", &["--nproc-per-node", "2"]);
     assert_eq!(epoch_field(&two, "step"), [5, 10, 15]);
+    // Stopped mid-epoch there, the run resumes on 2 processes, not on 1,
+    // which would deal the shards otherwise.
+    let stopped_on_two = stop_after("stopped-on-two", 7, &["--nproc-per-node", "2"]);
+    assert_fails_with(&resume(&stopped_on_two, &[]), &["after batch 2 of epoch 2", "resume it on 2 processes, not 1"]);
+    assert_succeeds(&resume(&stopped_on_two, &["--nproc-per-node", "2"]));
+    assert_eq!(encoder_difference(&stopped_on_two, &two), 0.0, "the stream resumed on 2 processes differs");
 }
 
 #[test]

@@ -569,9 +569,23 @@ mod tests {
         let mut config = RunConfig::default();
         config.train.batch_size = 1;
         config.loss.temperature = 0.0;
+        config.data.stream_readers = 0;
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("train.batch_size = 1"), "{message}");
         assert!(message.contains("loss.temperature = 0"), "{message}");
+        assert!(message.contains("data.stream_readers = 0"), "{message}");
+    }
+
+    #[test]
+    fn a_field_added_later_is_written_only_away_from_its_default() {
+        // Configs written before `data.stream_readers` existed read back,
+        // and are written again, unchanged: a study compares them as text.
+        let config = RunConfig::preset(Preset::Cifar10);
+        assert!(!config.to_toml().contains("stream_readers"));
+        let mut other = config.clone();
+        other.data.stream_readers = 2;
+        let back: RunConfig = toml::from_str(&other.to_toml()).unwrap();
+        assert_eq!(back.data.stream_readers, 2);
     }
 
     #[test]

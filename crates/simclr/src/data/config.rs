@@ -72,9 +72,16 @@ pub struct DataConfig {
     /// Tar shards only: 0 reads images by index (random access, the same
     /// run as from the folder the shards were written from); more streams
     /// each process's shards front to back through shuffle buffers of this
-    /// many images per data worker (see `data/stream.rs`), reproducible for
-    /// a given seed and `workers`.
+    /// many images per reader (see `data/stream.rs`), reproducible for a
+    /// given seed, `stream_readers` and number of processes.
     pub shuffle_buffer: usize,
+    /// Streaming shards: the threads that read each process's shards, each
+    /// through its own shuffle buffer (decoding is the `workers`' part). A
+    /// number of its own, not one per core, since the order depends on it:
+    /// a run resumed on a machine with other cores reads the rest of its
+    /// epoch as it would have.
+    #[serde(skip_serializing_if = "is_default_stream_readers")]
+    pub stream_readers: usize,
     pub on_bad_image: BadImagePolicy,
 }
 
@@ -96,9 +103,19 @@ impl Default for DataConfig {
             prefetch_batches: 2,
             reduced_decode: true,
             shuffle_buffer: 0,
+            stream_readers: DEFAULT_STREAM_READERS,
             on_bad_image: BadImagePolicy::Stop,
         }
     }
+}
+
+/// Shards read at once by default. Left out of a written config at this
+/// value, so that configs written before the field existed read back
+/// unchanged (a study compares them as text).
+const DEFAULT_STREAM_READERS: usize = 4;
+
+fn is_default_stream_readers(readers: &usize) -> bool {
+    *readers == DEFAULT_STREAM_READERS
 }
 
 impl DataConfig {
@@ -114,6 +131,9 @@ impl DataConfig {
         }
         if self.prefetch_batches == 0 {
             problems.push("data.prefetch_batches = 0: must be at least 1".to_owned());
+        }
+        if self.stream_readers == 0 {
+            problems.push("data.stream_readers = 0: must be at least 1".to_owned());
         }
         if let Err(problem) = check_std(&self.std) {
             problems.push(format!("data.std = {problem}"));

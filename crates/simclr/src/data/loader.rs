@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
-use super::stream::{ShardList, Streamed};
+use super::stream::{Streamed, Streaming};
 use super::{decode, Dataset, Sample, TrainingImage};
 use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
 use crate::device::Pinned;
@@ -337,7 +337,7 @@ pub struct ViewLoader {
     /// The hybrid path: the pixel ops run on `device`, with this normalisation.
     hybrid: Option<Normalization>,
     /// Streaming shards through shuffle buffers of this many samples.
-    stream: Option<(ShardList, usize)>,
+    stream: Option<Streaming>,
 }
 
 impl ViewLoader {
@@ -369,10 +369,10 @@ impl ViewLoader {
         })
     }
 
-    /// Streams the dataset's shards, through shuffle buffers of `buffer`
-    /// samples (see [`super::stream`]), instead of reading by index.
-    pub fn streaming(mut self, shards: ShardList, buffer: usize) -> Self {
-        self.stream = Some((shards, buffer));
+    /// Streams the dataset's shards as `streaming` says (see
+    /// [`super::stream`]), instead of reading by index.
+    pub fn streaming(mut self, streaming: Streaming) -> Self {
+        self.stream = Some(streaming);
         self
     }
 
@@ -400,10 +400,10 @@ impl ViewLoader {
     pub fn batches_per_epoch(&self) -> usize {
         match &self.stream {
             None => self.dataset.len() / self.batch_size,
-            Some((shards, _)) => {
+            Some(streaming) => {
                 let per_process = self.batch_size / self.shard.world;
                 (0..self.shard.world)
-                    .map(|rank| shards.samples_of(Shard { rank, world: self.shard.world }) / per_process)
+                    .map(|rank| streaming.shards.samples_of(Shard { rank, world: self.shard.world }) / per_process)
                     .min()
                     .unwrap_or(0)
             }
@@ -434,10 +434,7 @@ impl ViewLoader {
                     .collect();
                 Box::new(parts.into_iter())
             }
-            Some((shards, buffer)) => {
-                let readers = pool.current_num_threads();
-                Box::new(super::stream::epoch(shards, shard, readers, *buffer, self.seed, epoch).map(Input::Streamed))
-            }
+            Some(streaming) => Box::new(streaming.epoch(shard, self.seed, epoch).map(Input::Streamed)),
         };
         let producer = std::thread::spawn(move || {
             // Resumed mid-epoch: the batches before `first` are passed over unread.
@@ -819,11 +816,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         super::super::shards::write_shards(&dataset, dir.path(), 5).unwrap();
         let shards = Arc::new(Dataset::open(dir.path(), &super::super::config::DataFormat::Auto).unwrap());
-        let list = ShardList::of(&shards).expect("every sample is a shard member");
+        let list = super::super::stream::ShardList::of(&shards).expect("every sample is a shard member");
         let pool = worker_pool(2).unwrap();
         let streamed = ViewLoader::new(shards.clone(), pipeline.clone(), format, 4, 9, pool, tch::Device::Cpu)
             .unwrap()
-            .streaming(list, 4);
+            .streaming(Streaming { shards: list, readers: 2, buffer: 4 });
         let make = Make { seed: 9, epoch: 3, reduced_decode: true };
         let mut seen = Vec::new();
         for batch in streamed.epoch(3, 0) {

@@ -4,13 +4,16 @@
 //! does. What the order lacks against a full shuffle (neighbours in a shard
 //! tend to stay close) the buffer's size decides.
 //!
-//! The order is a pure function of (seed, epoch, process, worker count):
-//! shard i belongs to process i mod w; each epoch a process deals its
-//! shards, in an order seeded by (seed, epoch), round-robin to one reader
-//! thread per data worker; each reader passes its samples through its own
-//! seeded shuffle buffer; and batches take samples from the readers in
-//! turn. Samples keep their index in the shards' listing, so their views
-//! are drawn as in every other mode.
+//! The order is a pure function of (seed, epoch, process, number of
+//! processes, `data.stream_readers`), never of the machine: shard i belongs
+//! to process i mod w; each epoch a process deals its shards, in an order
+//! seeded by (seed, epoch), round-robin to its reader threads; each reader
+//! passes its samples through its own seeded shuffle buffer; and batches
+//! take samples from the readers in turn. Samples keep their index in the
+//! shards' listing, so their views are drawn as in every other mode. A run
+//! stopped part-way through an epoch resumes on the same number of
+//! processes (the trainer checks), since another number deals the shards
+//! otherwise.
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
@@ -67,27 +70,43 @@ impl ShardList {
     }
 }
 
-/// The samples process `part` streams in `epoch`, read by `readers` threads
-/// through shuffle buffers of `buffer` samples each, taken from the readers
-/// in turn.
-pub fn epoch(list: &ShardList, part: Shard, readers: usize, buffer: usize, seed: u64, epoch: u64) -> Samples {
-    let mut shards = list.of_part(part);
-    shards.shuffle(&mut seeded_rng(seed, &[epoch, part.rank as u64]));
-    let readers = readers.max(1);
-    let receivers = (0..readers)
-        .map(|reader| {
-            let mine: Vec<(PathBuf, usize)> =
-                shards.iter().skip(reader).step_by(readers).map(|(path, first, _)| (path.clone(), *first)).collect();
-            let rng = seeded_rng(seed, &[epoch, part.rank as u64, reader as u64, 0x5348_5546]);
-            let (sender, receiver) = sync_channel(buffer.clamp(1, 256));
-            std::thread::Builder::new()
-                .name(format!("simclr-shards-{reader}"))
-                .spawn(move || read_shards(mine, buffer.max(1), rng, sender))
-                .expect("a thread starts");
-            Some(receiver)
-        })
-        .collect();
-    Samples { receivers, next: 0 }
+/// How a dataset's shards are streamed (`data.shuffle_buffer`,
+/// `data.stream_readers`).
+#[derive(Debug, Clone)]
+pub struct Streaming {
+    pub shards: ShardList,
+    /// Threads that read a process's shards, each through its own buffer.
+    pub readers: usize,
+    /// Samples in each reader's shuffle buffer.
+    pub buffer: usize,
+}
+
+impl Streaming {
+    /// The samples process `part` streams in `epoch`, taken from the
+    /// readers in turn.
+    pub fn epoch(&self, part: Shard, seed: u64, epoch: u64) -> Samples {
+        let mut shards = self.shards.of_part(part);
+        shards.shuffle(&mut seeded_rng(seed, &[epoch, part.rank as u64]));
+        let (readers, buffer) = (self.readers.max(1), self.buffer.max(1));
+        let receivers = (0..readers)
+            .map(|reader| {
+                let mine: Vec<(PathBuf, usize)> = shards
+                    .iter()
+                    .skip(reader)
+                    .step_by(readers)
+                    .map(|(path, first, _)| (path.clone(), *first))
+                    .collect();
+                let rng = seeded_rng(seed, &[epoch, part.rank as u64, reader as u64, 0x5348_5546]);
+                let (sender, receiver) = sync_channel(buffer.min(256));
+                std::thread::Builder::new()
+                    .name(format!("simclr-shards-{reader}"))
+                    .spawn(move || read_shards(mine, buffer, rng, sender))
+                    .expect("a thread starts");
+                Some(receiver)
+            })
+            .collect();
+        Samples { receivers, next: 0 }
+    }
 }
 
 /// Samples from the readers in turn; a reader that has finished is passed over.

@@ -70,11 +70,13 @@ pub struct Position {
     pub epoch_loss_count: usize,
 }
 
+/// Saves a run's state at `position`, trained by `processes` processes.
 pub fn save(
     path: &Path,
     store: &nn::VarStore,
     optimizer: &Optimizer,
     position: Position,
+    processes: usize,
     config: &RunConfig,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
@@ -89,6 +91,7 @@ pub fn save(
         // Rust's shortest round-trip formatting: parsing gives the same f64 back.
         ("epoch_loss_sum".to_owned(), position.epoch_loss_sum.to_string()),
         ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
+        ("processes".to_owned(), processes.to_string()),
         ("config".to_owned(), config.to_toml()),
     ]);
     // The new checkpoint is complete and on disk before the old one moves
@@ -108,6 +111,9 @@ pub fn save(
 pub struct Checkpoint {
     pub config: RunConfig,
     pub position: Position,
+    /// The processes that trained the run when it was saved (`None` in
+    /// checkpoints written before this was recorded).
+    pub processes: Option<usize>,
     tensors: HashMap<String, Tensor>,
     path: std::path::PathBuf,
 }
@@ -152,7 +158,8 @@ impl Checkpoint {
             epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
             epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
         };
-        Ok(Self { config, position, tensors: loaded.tensors, path: path.to_path_buf() })
+        let processes = field(metadata, "processes");
+        Ok(Self { config, position, processes, tensors: loaded.tensors, path: path.to_path_buf() })
     }
 
     /// Copies the saved variables and optimiser state into a freshly built run.

@@ -20,7 +20,7 @@ use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::{RunConfig, ValidConfig};
 use crate::data::loader::Shard;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
-use crate::data::stream::ShardList;
+use crate::data::stream::{ShardList, Streaming};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{Parallel, ProcessGroup, ReduceOp};
@@ -403,7 +403,7 @@ impl Trainer {
         // Rank 0 alone reads and writes the run folder; the others take its
         // state (a resumed run may have any number of processes).
         let prepared = if writer {
-            prepare_run_folder(&config, resume, &store, &mut optimizer, &checkpoint_path)
+            prepare_run_folder(&config, resume, shard.world, &store, &mut optimizer, &checkpoint_path)
         } else {
             Ok(Position::default())
         };
@@ -680,7 +680,17 @@ impl Trainer {
 
     fn save_checkpoint(&self) -> Result<()> {
         let saved = match self.writes() {
-            true => checkpoint::save(&self.checkpoint_path, &self.store, &self.optimizer, self.position, &self.config),
+            true => {
+                let processes = self.group.as_ref().map_or(1, ProcessGroup::size);
+                checkpoint::save(
+                    &self.checkpoint_path,
+                    &self.store,
+                    &self.optimizer,
+                    self.position,
+                    processes,
+                    &self.config,
+                )
+            }
             false => Ok(()),
         };
         agree(&self.group, saved)
@@ -884,7 +894,7 @@ fn views(
     let stream = match data.shuffle_buffer {
         0 => None,
         buffer => match ShardList::of(&train_set) {
-            Some(shards) => Some((shards, buffer)),
+            Some(shards) => Some(Streaming { shards, readers: data.stream_readers, buffer }),
             None => {
                 return Err(Error::Config(vec![format!(
                     "data.shuffle_buffer = {buffer} streams tar shards, but {} is not shards (set it to 0)",
@@ -917,18 +927,20 @@ fn views(
     let mut loader = ViewLoader::new(train_set, pipeline, format, batch_size, seed, pool.clone(), device)?
         .reduced_decode(data.reduced_decode)
         .prefetch(data.prefetch_batches);
-    if let Some((shards, buffer)) = stream {
-        loader = loader.streaming(shards, buffer);
+    if let Some(streaming) = stream {
+        loader = loader.streaming(streaming);
     }
     let hybrid = backend == Backend::Hybrid || (backend == Backend::Auto && device.is_cuda());
     Ok(Views::Cpu(if hybrid { loader.hybrid() } else { loader }))
 }
 
-/// Sets the run folder up on rank 0 (or the one process): a fresh run's
-/// folder, or the checkpoint's state restored into `store` and `optimizer`.
+/// Sets the run folder up on rank 0 (or the one process) of `processes`:
+/// a fresh run's folder, or the checkpoint's state restored into `store`
+/// and `optimizer`.
 fn prepare_run_folder(
     config: &ValidConfig,
     resume: bool,
+    processes: usize,
     store: &nn::VarStore,
     optimizer: &mut Optimizer,
     checkpoint_path: &std::path::Path,
@@ -937,6 +949,7 @@ fn prepare_run_folder(
     let mut position = Position::default();
     if resume {
         let saved = Checkpoint::read_latest(checkpoint_path)?;
+        check_stream_resumes(config, &saved, processes, checkpoint_path)?;
         position = saved.restore(store, optimizer)?;
         tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
         // Epochs logged after the checkpoint (before a crash) are done again.
@@ -955,6 +968,35 @@ fn prepare_run_folder(
     }
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
+}
+
+/// Refuses to resume part-way through an epoch of streamed shards on
+/// another number of processes than the one that stopped there: the shards
+/// are dealt by process, so the rest of the epoch would not be the rest of
+/// the one begun (images read twice, others not at all).
+fn check_stream_resumes(
+    config: &ValidConfig,
+    saved: &Checkpoint,
+    processes: usize,
+    path: &std::path::Path,
+) -> Result<()> {
+    let Position { epoch, batch, .. } = saved.position;
+    let on = |count: usize| if count == 1 { "1 process".to_owned() } else { format!("{count} processes") };
+    match saved.processes {
+        Some(stopped_on) if config.data.shuffle_buffer > 0 && batch > 0 && stopped_on != processes => {
+            Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the run stopped after batch {batch} of epoch {} streaming shards on {}, and each process \
+                     streams its own shards: resume it on {}, not {processes}",
+                    epoch + 1,
+                    on(stopped_on),
+                    on(stopped_on)
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `outcome` on one process; in a group, the same verdict on every rank
