@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Pretrain an encoder with SimCLR on a folder of images (or the built-in synthetic data).
     Train(TrainArgs),
-    /// Write the representation h of every image in a folder to a .npy file.
+    /// Write the representation h of every image in a folder (or shards) to a .npy file.
     Embed(EmbedArgs),
     /// Evaluate an encoder on labelled images: kNN, linear, or fine-tuning on a fraction of the labels.
     Eval {
@@ -127,10 +127,11 @@ struct EmbedArgs {
     encoder: EncoderArgs,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Folder of images (searched recursively).
+    /// Images: a folder (searched recursively), tar shards or CIFAR batches.
     #[arg(long)]
     input: PathBuf,
-    /// Where the [images, features] float32 matrix goes; paths go beside it (.paths.txt).
+    /// Where the [images, features] float32 matrix goes; the images' paths (a shard member as
+    /// shard.tar:key.jpg) go beside it (.paths.txt).
     #[arg(long)]
     output: PathBuf,
 }

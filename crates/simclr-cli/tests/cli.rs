@@ -1676,6 +1676,44 @@ fn epoch_field(run: &Path, field: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn embed_and_neighbors_read_shards_as_the_folder_they_were_written_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out, _) = trained_run(dir.path());
+    let shards = dir.path().join("shards");
+    write_shards(&data, &shards, 3);
+    let weights = out.join("encoder.safetensors").display().to_string();
+    let embed = |input: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let (input, output_arg) = (input.display().to_string(), output.display().to_string());
+        assert_succeeds(&simclr(["embed", "--weights", &weights, "--input", &input, "--output", &output_arg]).run());
+        let names = std::fs::read_to_string(output.with_extension("paths.txt")).unwrap();
+        (simclr::tch::Tensor::read_npy(&output).unwrap(), names.lines().map(String::from).collect::<Vec<_>>())
+    };
+    // The shards hold the folder's images in its order, byte for byte.
+    let (folder, files) = embed(&data, "folder.npy");
+    let (sharded, members) = embed(&shards, "shards.npy");
+    assert_eq!(members.len(), files.len());
+    assert!(members[0].ends_with("shard-000000.tar:000000000.png"), "{members:?}");
+    assert!(members[7].ends_with("shard-000002.tar:000000007.png"), "{members:?}");
+    assert!(sharded.equal(&folder), "the shards' features differ from the folder's");
+    // Negative control: the same features in another order are told apart.
+    assert!(!sharded.equal(&folder.flip([0])));
+    // Searched as shards, an image of the folder finds its own member, and
+    // the gallery draws it from the shard.
+    let gallery = dir.path().join("gallery.png");
+    let output = simclr(["neighbors", "--weights", &weights, "--k", "1", "--thumbnail", "16"])
+        .args(["--index", &shards.display().to_string(), "--query", &files[5]])
+        .args(["--gallery", &gallery.display().to_string()])
+        .run();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let hit = table.lines().nth(1).and_then(|line| line.rsplit('\t').next());
+    assert_eq!(hit, Some(members[5].as_str()), "{table}");
+    let sheet = image::open(&gallery).unwrap();
+    assert_eq!((sheet.width(), sheet.height()), (6 + 2 * 22 + 6, 6 + 22));
+}
+
+#[test]
 fn shards_train_as_the_folder_they_were_written_from() {
     let dir = tempfile::tempdir().unwrap();
     let (data, shards) = folder_and_shards(dir.path());

@@ -1,12 +1,13 @@
-//! `simclr embed`: h (or a projection-head layer) for every image under a folder, as a `.npy` matrix with
-//! the image paths listed beside it, in the same (sorted) order.
+//! `simclr embed`: h (or a projection-head layer) for every image under a folder (or of tar shards, or
+//! CIFAR batches), as a `.npy` matrix with the images' names listed beside it, in the same order.
 use std::path::{Path, PathBuf};
 
 use tch::{nn, Device};
 
+use crate::data::config::DataFormat;
 use crate::data::image_folder::{image_files, sorted_entries};
 use crate::data::loader::{worker_pool, ViewFormat};
-use crate::data::{ImageSource, Sample};
+use crate::data::{Dataset, ImageSource, Sample};
 use crate::eval::features::FeatureNet;
 use crate::eval::{extract_features, Network};
 use crate::model::{EncoderSpec, Layer, ResNet, SimClr, SpecOverrides};
@@ -124,14 +125,12 @@ pub struct LoadedEncoder {
 }
 
 impl LoadedEncoder {
-    /// The features (at the options' layer) of each file, in order, as a
-    /// `[files, dim]` CPU tensor.
-    pub fn embed_files(&self, files: &[PathBuf]) -> Result<tch::Tensor> {
-        let samples: Vec<Sample> =
-            files.iter().map(|path| Sample { source: ImageSource::File(path.clone()), label: None }).collect();
+    /// The features (at the options' layer) of each image, in order, as a
+    /// `[images, dim]` CPU tensor.
+    pub fn embed_images(&self, images: &[Sample]) -> Result<tch::Tensor> {
         let (spec, options) = (&self.options.spec, &self.options);
         let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
-        Ok(extract_features(self.net()?, &samples, format, options.batch_size, options.device, &self.pool)?
+        Ok(extract_features(self.net()?, images, format, options.batch_size, options.device, &self.pool)?
             .to_device(Device::Cpu))
     }
 
@@ -195,23 +194,36 @@ pub fn paths_file(output: &Path) -> PathBuf {
     output.with_extension("paths.txt")
 }
 
-/// The image files below `dir`; none is an error naming the folder.
-pub fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
-    let files = image_files_recursive(dir)?;
-    if files.is_empty() {
+/// The images `input` holds, each with the name it is listed under: tar
+/// shards (a `.tar`, or a folder of them) and CIFAR binary batches as their
+/// dataset lists them (a member as `shard.tar:key.jpg`, a CIFAR image as
+/// `#` and its position); one image file; or every image file below a
+/// folder, sorted by path. None is an error naming `input`.
+pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
+    let held_as_dataset = match input.is_file() {
+        true => input.extension().is_some_and(|e| e == "bin") || crate::data::shards::is_shard(input),
+        false => matches!(crate::data::detect_format(input)?, DataFormat::Shards | DataFormat::CifarBinary),
+    };
+    let samples = if held_as_dataset {
+        Dataset::open(input, &DataFormat::Auto)?.samples
+    } else {
+        let files = if input.is_file() { vec![input.to_path_buf()] } else { image_files_recursive(input)? };
+        files.into_iter().map(|path| Sample { source: ImageSource::File(path), label: None }).collect()
+    };
+    if samples.is_empty() {
         return Err(Error::Dataset {
-            path: dir.to_path_buf(),
+            path: input.to_path_buf(),
             message: format!("no images found (looked for {})", crate::data::image_folder::EXTENSIONS.join(", ")),
         });
     }
-    Ok(files)
+    Ok(samples.into_iter().enumerate().map(|(index, sample)| (sample.describe(index), sample)).collect())
 }
 
 pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
-    let files = images_below(&options.input)?;
+    let (names, images): (Vec<String>, Vec<Sample>) = images_in(&options.input)?.into_iter().unzip();
     let loaded = options.encoder.load()?;
     let started = std::time::Instant::now();
-    let features = loaded.embed_files(&files)?;
+    let features = loaded.embed_images(&images)?;
     let embed_seconds = started.elapsed().as_secs_f64();
 
     // Write beside the target, then rename, so a failure leaves no partial file.
@@ -222,10 +234,10 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
     features.write_npy(&temporary)?;
     std::fs::rename(&temporary, &options.output).map_err(|e| Error::io(&options.output, e))?;
     let paths_path = paths_file(&options.output);
-    let listing: String = files.iter().map(|p| format!("{}\n", p.display())).collect();
+    let listing: String = names.iter().map(|name| format!("{name}\n")).collect();
     crate::io::write_atomic(&paths_path, listing.as_bytes())?;
     Ok(EmbedReport {
-        images: files.len(),
+        images: names.len(),
         feature_dim: loaded.dim()?,
         features_path: options.output.clone(),
         paths_path,

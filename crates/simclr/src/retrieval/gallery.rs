@@ -7,7 +7,7 @@ use image::{Rgb, RgbImage};
 
 use super::Neighbor;
 use crate::augment::center_view;
-use crate::data::decode;
+use crate::data::Sample;
 use crate::io::caption::caption;
 use crate::Result;
 
@@ -15,16 +15,16 @@ const GAP: u32 = 6;
 const FRAME: Rgb<u8> = Rgb([220, 40, 40]);
 const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 
-fn thumbnail(path: &Path, side: u32) -> Result<RgbImage> {
-    Ok(center_view(&decode(path)?, side).to_rgb())
+fn thumbnail(image: &Sample, side: u32) -> Result<RgbImage> {
+    Ok(center_view(&*image.image()?, side).to_rgb())
 }
 
-/// Writes the gallery for `queries` (paths) and their `hits` into `items` (paths).
+/// Writes the gallery for `queries` and their `hits` into `items`.
 pub fn write_gallery(
     output: &Path,
-    queries: &[std::path::PathBuf],
+    queries: &[Sample],
     hits: &[Vec<Neighbor>],
-    items: &[std::path::PathBuf],
+    items: &[Sample],
     side: u32,
 ) -> Result<()> {
     let columns = 1 + hits.iter().map(Vec::len).max().unwrap_or(0) as u32;

@@ -10,6 +10,7 @@ pub mod gallery;
 use instant_distance::{Builder, HnswMap, Search};
 use tch::{Kind, Tensor};
 
+use crate::data::Sample;
 use crate::loss::similarity::l2_normalize;
 use crate::{Error, Result};
 
@@ -126,10 +127,10 @@ impl Index {
 /// What `simclr neighbors` searches, and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NeighborsOptions {
-    /// Folder of images to search (recursively).
+    /// Images to search: a folder (recursively), tar shards or CIFAR batches.
     #[arg(long)]
     pub index: std::path::PathBuf,
-    /// A query image, or a folder of them.
+    /// A query image, or a folder of them (or shards, or CIFAR batches).
     #[arg(long = "query")]
     pub queries: std::path::PathBuf,
     /// Neighbours per query.
@@ -148,8 +149,10 @@ pub struct NeighborsOptions {
 
 #[derive(Debug, Clone)]
 pub struct NeighborsReport {
-    pub items: Vec<std::path::PathBuf>,
-    pub queries: Vec<std::path::PathBuf>,
+    /// The names of the images searched and of the queries (paths, or
+    /// shard members; see [`crate::embed::images_in`]).
+    pub items: Vec<String>,
+    pub queries: Vec<String>,
     /// For each query, its neighbours among `items`, best first.
     pub hits: Vec<Vec<Neighbor>>,
 }
@@ -160,15 +163,15 @@ impl std::fmt::Display for NeighborsReport {
         writeln!(f, "query\trank\tsimilarity\tpath")?;
         for (query, hits) in self.queries.iter().zip(&self.hits) {
             for (rank, hit) in hits.iter().enumerate() {
-                let item = self.items[hit.index].display();
-                writeln!(f, "{}\t{}\t{:.4}\t{item}", query.display(), rank + 1, hit.similarity)?;
+                let item = &self.items[hit.index];
+                writeln!(f, "{query}\t{}\t{:.4}\t{item}", rank + 1, hit.similarity)?;
             }
         }
         Ok(())
     }
 }
 
-/// Embeds the index folder and the queries, and finds each query's neighbours.
+/// Embeds the images searched and the queries, and finds each query's neighbours.
 pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOptions) -> Result<NeighborsReport> {
     if options.k == 0 {
         return Err(Error::InvalidArgument("--k 0: must be at least 1".to_owned()));
@@ -176,17 +179,14 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
     if options.thumbnail < 8 {
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
-    let items = crate::embed::images_below(&options.index)?;
-    let queries = if options.queries.is_dir() {
-        crate::embed::images_below(&options.queries)?
-    } else {
-        vec![options.queries.clone()]
-    };
+    let (items, item_images): (Vec<String>, Vec<Sample>) = crate::embed::images_in(&options.index)?.into_iter().unzip();
+    let (queries, query_images): (Vec<String>, Vec<Sample>) =
+        crate::embed::images_in(&options.queries)?.into_iter().unzip();
     let loaded = encoder.load()?;
-    let index = Index::build(&loaded.embed_files(&items)?, options.kind, 0)?;
-    let hits = index.search(&loaded.embed_files(&queries)?, options.k)?;
+    let index = Index::build(&loaded.embed_images(&item_images)?, options.kind, 0)?;
+    let hits = index.search(&loaded.embed_images(&query_images)?, options.k)?;
     if let Some(path) = &options.gallery {
-        gallery::write_gallery(path, &queries, &hits, &items, options.thumbnail)?;
+        gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
     Ok(NeighborsReport { items, queries, hits })
 }
