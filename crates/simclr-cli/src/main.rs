@@ -146,7 +146,7 @@ struct EvalArgs {
     /// Evaluate an untrained encoder (the baseline), drawn with --seed.
     #[arg(long, conflicts_with = "weights")]
     random_init: bool,
-    /// Labelled training images (ImageFolder or CIFAR batches).
+    /// Labelled training images (ImageFolder, CIFAR batches or tar shards with classes).
     #[arg(long)]
     train: PathBuf,
     /// Labelled test images.
@@ -246,7 +246,7 @@ fn print(report: &(impl std::fmt::Display + serde::Serialize), json: bool) -> Re
 struct PreviewArgs {
     #[command(flatten)]
     config: ConfigLayers,
-    /// Images to preview: an ImageFolder, a flat folder or CIFAR binary batches.
+    /// Images to preview: an ImageFolder, a flat folder, CIFAR binary batches or tar shards.
     #[arg(long)]
     data: PathBuf,
     /// The PNG to write.

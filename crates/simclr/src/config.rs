@@ -354,7 +354,7 @@ pub struct ConfigLayers {
 pub struct RunLayers {
     #[command(flatten)]
     pub config: ConfigLayers,
-    /// Training images: an ImageFolder, a flat folder or CIFAR binary batches.
+    /// Training images: an ImageFolder, a flat folder, CIFAR binary batches or tar shards.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Run folder for checkpoints, metrics and the exported encoder.

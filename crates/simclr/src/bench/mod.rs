@@ -230,7 +230,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
 /// What `simclr bench augment` measures.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AugmentBenchOptions {
-    /// Images to augment (an ImageFolder, a flat folder or CIFAR batches).
+    /// Images to augment (an ImageFolder, a flat folder, CIFAR batches or tar shards).
     #[arg(long)]
     pub data: std::path::PathBuf,
     /// simclr-imagenet or simclr-cifar.

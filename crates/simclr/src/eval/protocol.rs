@@ -46,7 +46,7 @@ pub struct Network {
 pub struct EvalOptions {
     /// The network and how images are prepared for it.
     pub spec: EncoderSpec,
-    /// Labelled images: ImageFolder or CIFAR batches.
+    /// Labelled images: ImageFolder, CIFAR batches or tar shards with classes.
     pub train: PathBuf,
     pub test: PathBuf,
     /// Use at most this many images of each split (a seeded subset).
