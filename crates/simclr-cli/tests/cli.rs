@@ -1827,6 +1827,12 @@ fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     assert_fails_with(&resume(&stopped_on_two, &[]), &["after batch 2 of epoch 2", "resume it on 2 processes, not 1"]);
     assert_succeeds(&resume(&stopped_on_two, &["--nproc-per-node", "2"]));
     assert_eq!(encoder_difference(&stopped_on_two, &two), 0.0, "the stream resumed on 2 processes differs");
+    // Shards that give a process no full part of a batch are named, on
+    // every process, rather than training no step.
+    let output = three_epochs(&shards, &dir.path().join("no-batch"))
+        .args(["--set", "data.shuffle_buffer=6", "--nproc-per-node", "2", "--batch-size", "24"])
+        .run();
+    assert_fails_with(&output, &["no full batch of 24 images", "[14, 10] images for parts of 12"]);
 }
 
 #[test]

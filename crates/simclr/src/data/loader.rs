@@ -394,18 +394,22 @@ impl ViewLoader {
         self
     }
 
+    /// Streaming, the images each process streams in an epoch, by rank.
+    pub fn stream_shares(&self) -> Option<Vec<usize>> {
+        let world = self.shard.world;
+        let streaming = self.stream.as_ref()?;
+        Some((0..world).map(|rank| streaming.shards.samples_of(Shard { rank, world })).collect())
+    }
+
     /// Full batches per epoch; the remainder is dropped, as in the paper's
     /// code. Streaming, every process stops with the one that has the
     /// fewest samples in its shards.
     pub fn batches_per_epoch(&self) -> usize {
         match &self.stream {
             None => self.dataset.len() / self.batch_size,
-            Some(streaming) => {
+            Some(_) => {
                 let per_process = self.batch_size / self.shard.world;
-                (0..self.shard.world)
-                    .map(|rank| streaming.shards.samples_of(Shard { rank, world: self.shard.world }) / per_process)
-                    .min()
-                    .unwrap_or(0)
+                self.stream_shares().into_iter().flatten().map(|share| share / per_process).min().unwrap_or(0)
             }
         }
     }

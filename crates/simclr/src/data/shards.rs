@@ -219,7 +219,11 @@ pub struct ShardReport {
 
 impl std::fmt::Display for ShardReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "wrote {} images in {} shards to {}", self.images, self.shards.len(), self.output.display())
+        let shards = match self.shards.len() {
+            1 => "1 shard".to_owned(),
+            count => format!("{count} shards"),
+        };
+        write!(f, "wrote {} images in {shards} to {}", self.images, self.output.display())
     }
 }
 

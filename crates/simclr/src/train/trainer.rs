@@ -385,6 +385,9 @@ impl Trainer {
         });
 
         let steps_per_epoch = views.batches_per_epoch();
+        if steps_per_epoch == 0 {
+            return Err(no_batch(&views, &train_set, config.train.batch_size));
+        }
         let warmup_steps = (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize;
         let total_steps = config.train.epochs * steps_per_epoch;
         let schedule =
@@ -932,6 +935,28 @@ fn views(
     }
     let hybrid = backend == Backend::Hybrid || (backend == Backend::Auto && device.is_cuda());
     Ok(Views::Cpu(if hybrid { loader.hybrid() } else { loader }))
+}
+
+/// Why `views` make no full batch of `batch_size` images an epoch: only
+/// streamed shards can (read by index, a batch larger than the data is
+/// refused where the loader opens), when a process's shards hold fewer
+/// images than its part of a batch.
+fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
+    let shares = match views {
+        Views::Cpu(loader) => loader.stream_shares().unwrap_or_default(),
+        Views::Device(_) => Vec::new(),
+    };
+    let processes = shares.len().max(1);
+    Error::Dataset {
+        path: train_set.origin.clone(),
+        message: format!(
+            "no full batch of {batch_size} images in an epoch: each of {processes} processes streams its own \
+             shards (process r reads shards r, r + {processes}, ...), and they hold {shares:?} images for parts of \
+             {} each; write smaller shards (simclr shard --per-shard), use fewer processes or a smaller batch, or \
+             read by index (data.shuffle_buffer = 0)",
+            batch_size / processes
+        ),
+    }
 }
 
 /// Sets the run folder up on rank 0 (or the one process) of `processes`:
