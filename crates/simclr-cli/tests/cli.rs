@@ -459,7 +459,7 @@ fn bench_reports_the_step_it_timed() {
     assert_eq!(report["peak_memory"], "host-resident");
     assert!(report["peak_memory_bytes"].as_u64().is_some_and(|bytes| bytes > 1 << 20), "{report}");
     let output = simclr([&args[..], &["--micro-batch-size", "0"]].concat()).run();
-    assert_fails_with(&output, &["--micro-batch-size >= 1", "got 4, 1 and 0"]);
+    assert_fails_with(&output, &["--micro-batch-size 0: must be at least 1"]);
     // A CUDA graph is refused off CUDA before anything is timed.
     let output = simclr([&args[..], &["--cuda-graph", "device/libsimclr_graph.so"]].concat()).run();
     assert_fails_with(&output, &["--cuda-graph needs a CUDA device, not Cpu"]);
@@ -601,6 +601,32 @@ fn mismatched_weights_are_named() {
     assert_fails_with(&eval, &["junk.safetensors"]);
     assert_fails_with(&simclr(["eval", "knn", "--random-init", "--train", &data_arg]).run(), &["--test"]);
     assert_fails_with(&simclr(["eval", "linear", "--train", &data_arg, "--test", &data_arg]).run(), &["--random-init"]);
+}
+
+#[test]
+fn counts_of_zero_are_refused_by_name_and_an_io_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 2, 16);
+    let data = data.display().to_string();
+    let model = ["--arch", "resnet18", "--width", "0.125", "--stem", "cifar", "--device", "cpu"];
+    // Each of these panicked inside libtorch or divided by zero.
+    for protocol in ["knn", "linear", "finetune"] {
+        let output = simclr(["eval", protocol, "--random-init", "--limit", "0", "--train", &data, "--test", &data])
+            .args(model)
+            .run();
+        assert_fails_with(&output, &["--limit = 0: must be at least 1"]);
+    }
+    let output = simclr(["bench"]).args(model).args(["--image-size", "0", "--width", "0", "--steps", "1"]).run();
+    assert_fails_with(&output, &["--image-size 0: must be at least 8", "--width 0: must be in (0, 16]"]);
+    let output = simclr(["bench", "augment", "--data", &data, "--threads", "0"]).run();
+    assert_fails_with(&output, &["--threads 0: must be at least 1"]);
+    let output = simclr(["bench", "input", "--data", &data, "--limit", "0"]).run();
+    assert_fails_with(&output, &["--limit 0: must be at least 1"]);
+    // The I/O error is in the message once, not again as its cause.
+    let output = simclr(["report", &dir.path().display().to_string()]).run();
+    assert_fails_with(&output, &["metrics.jsonl: No such file or directory"]);
+    assert_eq!(stderr(&output).matches("No such file or directory").count(), 1, "{}", stderr(&output));
 }
 
 #[test]

@@ -7,19 +7,12 @@ use std::path::PathBuf;
 pub enum Error {
     /// A write found no room: the disk (or quota) is full, or the file size
     /// limit is reached.
-    #[error("{}: {source}: the disk is full (or the file size limit reached)", path.display())]
-    DiskFull {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {reason}: the disk is full (or the file size limit reached)", path.display())]
+    DiskFull { path: PathBuf, reason: std::io::Error },
+    /// Reading or writing a file failed. (The I/O error is in the message,
+    /// not a source the binary's error chain would print a second time.)
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: std::io::Error },
     /// An image could not be decoded or is unusable.
     #[error("image {}: {message}", path.display())]
     Image { path: PathBuf, message: String },
@@ -67,9 +60,16 @@ pub enum Error {
     /// An argument outside its valid range, named with its value.
     #[error("{0}")]
     InvalidArgument(String),
-    /// A tensor operation failed inside libtorch.
+    /// A tensor operation failed inside libtorch (its error in the message,
+    /// as for [`Error::Io`]).
     #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    Torch(tch::TchError),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(error: tch::TchError) -> Self {
+        Error::Torch(error)
+    }
 }
 
 /// The library's result type.
@@ -83,8 +83,8 @@ impl Error {
             std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
         );
         match full {
-            true => Error::DiskFull { path: path.into(), source },
-            false => Error::Io { path: path.into(), source },
+            true => Error::DiskFull { path: path.into(), reason: source },
+            false => Error::Io { path: path.into(), reason: source },
         }
     }
 }

@@ -115,10 +115,20 @@ impl std::fmt::Display for InputBenchReport {
 /// Runs the benchmark: the training loader end to end on `workers` threads,
 /// then each stage timed alone on one thread over the same images.
 pub fn bench_input(options: &InputBenchOptions) -> Result<InputBenchReport> {
-    if options.workers == 0 || options.rounds == 0 || options.batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "bench input: --workers, --rounds and --batch-size must be at least 1".to_owned(),
-        ));
+    let mut problems = Vec::new();
+    for (flag, value) in [
+        ("--workers", Some(options.workers)),
+        ("--rounds", Some(options.rounds)),
+        ("--batch-size", Some(options.batch_size)),
+        ("--limit", options.limit),
+    ] {
+        if value == Some(0) {
+            problems.push(format!("{flag} 0: must be at least 1"));
+        }
+    }
+    super::check_image_size(options.image_size, &mut problems);
+    if !problems.is_empty() {
+        return Err(Error::Config(problems));
     }
     let mut dataset = Dataset::open(&options.data, &DataFormat::Auto)?;
     if let Some(limit) = options.limit {

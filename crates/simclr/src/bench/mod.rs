@@ -119,14 +119,36 @@ fn synchronize(device: Device) {
     }
 }
 
+/// `--image-size` as every model and pipeline here needs it.
+fn check_image_size(image_size: u32, problems: &mut Vec<String>) {
+    if image_size < crate::checks::MIN_IMAGE_SIDE {
+        problems.push(format!("--image-size {image_size}: must be at least {}", crate::checks::MIN_IMAGE_SIDE));
+    }
+}
+
 pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
-    if options.batch_size < 2 || options.steps == 0 || options.micro_batch_size == Some(0) {
-        return Err(Error::InvalidArgument(format!(
-            "bench needs --batch-size >= 2, --steps >= 1 and --micro-batch-size >= 1, got {}, {} and {}",
-            options.batch_size,
-            options.steps,
-            options.micro_batch_size.map_or("none".to_owned(), |micro| micro.to_string())
-        )));
+    let mut problems = Vec::new();
+    if options.batch_size < 2 {
+        problems.push(format!(
+            "--batch-size {}: must be at least 2 (the other images are the negatives)",
+            options.batch_size
+        ));
+    }
+    for (flag, value) in [
+        ("--steps", Some(options.steps)),
+        ("--micro-batch-size", options.micro_batch_size),
+        ("--hidden-dim", options.hidden_dim),
+    ] {
+        if value == Some(0) {
+            problems.push(format!("{flag} 0: must be at least 1"));
+        }
+    }
+    if let Err(problem) = crate::model::check_width(options.width_multiplier) {
+        problems.push(format!("--width {problem}"));
+    }
+    check_image_size(options.image_size, &mut problems);
+    if !problems.is_empty() {
+        return Err(Error::Config(problems));
     }
     let device = crate::device::select(options.device)?;
     if options.cuda_graph.is_some() && !device.is_cuda() {
@@ -279,17 +301,21 @@ impl std::fmt::Display for AugmentBenchReport {
 /// round, written as CHW floats with ImageNet's normalisation, ready to batch).
 pub fn bench_augment(options: &AugmentBenchOptions) -> Result<AugmentBenchReport> {
     use rayon::prelude::*;
+    let mut problems = Vec::new();
+    for (flag, value) in [("--limit", options.limit), ("--rounds", options.rounds), ("--threads", options.threads)] {
+        if value == 0 {
+            problems.push(format!("{flag} 0: must be at least 1"));
+        }
+    }
+    check_image_size(options.image_size, &mut problems);
+    if !problems.is_empty() {
+        return Err(Error::Config(problems));
+    }
     let images = Dataset::open(&options.data, &DataFormat::Auto)?.subset(Some(options.limit), 0).decode_all()?;
     let images = &images[..];
     tch::set_num_threads(options.threads as i32);
     let config = AugmentConfig { preset: options.pipeline, ..Default::default() };
     let pipeline = &Pipeline::new(&config, options.image_size);
-    if images.is_empty() || options.rounds == 0 {
-        return Err(Error::InvalidArgument("bench augment needs at least one image and one round".to_owned()));
-    }
-    if options.threads == 0 {
-        return Err(Error::InvalidArgument("--threads 0: must be at least 1".to_owned()));
-    }
     let pool = crate::data::loader::worker_pool(options.threads)?;
     let side = pipeline.size() as usize;
     let mut out = vec![0f32; images.len() * 3 * side * side];

@@ -129,12 +129,15 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             "--layer {layer}: fine-tuning trains the encoder from h; the layer is for knn and linear"
         )));
     }
+    let mut problems = Vec::new();
     if let Protocol::Knn(config) = protocol {
-        let mut problems = Vec::new();
         config.check("--", &mut problems);
-        if !problems.is_empty() {
-            return Err(Error::Config(problems));
-        }
+    }
+    if options.limit == Some(0) {
+        problems.push("--limit = 0: must be at least 1".to_owned());
+    }
+    if !problems.is_empty() {
+        return Err(Error::Config(problems));
     }
     let started = Instant::now();
     let train = labelled(&options.train, options.limit, options.seed)?;
