@@ -180,8 +180,17 @@ fn train_resume_and_embed_round_trip() {
     // A second fresh run must not overwrite the first.
     assert_fails_with(&tiny_run(&data, &out).run(), &["--resume", "checkpoint.safetensors"]);
 
-    // Resuming continues from epoch 1 to epoch 2, with the saved config.
+    // Another optimiser cannot continue the saved one's state: refused, the
+    // checkpoint untouched.
     let out_arg = out.display().to_string();
+    let saved = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let other = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"])
+        .args(["--set", "optim.optimizer=\"adamw\"", "--set", "optim.learning_rate=0.001"])
+        .run();
+    assert_fails_with(&other, &["trained with optim.optimizer = \"lars\"", "resume with \"lars\""]);
+    assert_eq!(std::fs::read(out.join("checkpoint.safetensors")).unwrap(), saved);
+
+    // Resuming continues from epoch 1 to epoch 2, with the saved config.
     assert_succeeds(&simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).run());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = metrics

@@ -974,7 +974,7 @@ fn prepare_run_folder(
     let mut position = Position::default();
     if resume {
         let saved = Checkpoint::read_latest(checkpoint_path)?;
-        check_stream_resumes(config, &saved, processes, checkpoint_path)?;
+        check_resumable(config, &saved, processes, checkpoint_path)?;
         position = saved.restore(store, optimizer)?;
         tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
         // Epochs logged after the checkpoint (before a crash) are done again.
@@ -995,31 +995,34 @@ fn prepare_run_folder(
     Ok(position)
 }
 
-/// Refuses to resume part-way through an epoch of streamed shards on
-/// another number of processes than the one that stopped there: the shards
-/// are dealt by process, so the rest of the epoch would not be the rest of
-/// the one begun (images read twice, others not at all).
-fn check_stream_resumes(
-    config: &ValidConfig,
-    saved: &Checkpoint,
-    processes: usize,
-    path: &std::path::Path,
-) -> Result<()> {
+/// Refuses a resume that would not continue the run saved: with another
+/// optimiser, whose state would be read as the saved one's (AdamW's first
+/// moment as SGD's momentum, say); or part-way through an epoch of streamed
+/// shards on another number of processes than the one that stopped there:
+/// the shards are dealt by process, so the rest of the epoch would not be
+/// the rest of the one begun (images read twice, others not at all).
+fn check_resumable(config: &ValidConfig, saved: &Checkpoint, processes: usize, path: &std::path::Path) -> Result<()> {
+    let refuse = |message: String| Err(Error::Checkpoint { path: path.to_path_buf(), message });
+    let (saved_with, asked) = (saved.config.optim.optimizer, config.optim.optimizer);
+    if saved_with != asked {
+        return refuse(format!(
+            "the run was trained with optim.optimizer = \"{}\", whose state a resume with \"{}\" cannot \
+             continue; resume with \"{}\", or start a new run",
+            saved_with.name(),
+            asked.name(),
+            saved_with.name()
+        ));
+    }
     let Position { epoch, batch, .. } = saved.position;
     let on = |count: usize| if count == 1 { "1 process".to_owned() } else { format!("{count} processes") };
     match saved.processes {
-        Some(stopped_on) if config.data.shuffle_buffer > 0 && batch > 0 && stopped_on != processes => {
-            Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!(
-                    "the run stopped after batch {batch} of epoch {} streaming shards on {}, and each process \
-                     streams its own shards: resume it on {}, not {processes}",
-                    epoch + 1,
-                    on(stopped_on),
-                    on(stopped_on)
-                ),
-            })
-        }
+        Some(stopped_on) if config.data.shuffle_buffer > 0 && batch > 0 && stopped_on != processes => refuse(format!(
+            "the run stopped after batch {batch} of epoch {} streaming shards on {}, and each process streams its \
+             own shards: resume it on {}, not {processes}",
+            epoch + 1,
+            on(stopped_on),
+            on(stopped_on)
+        )),
         _ => Ok(()),
     }
 }
