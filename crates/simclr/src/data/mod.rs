@@ -195,6 +195,42 @@ impl Dataset {
         self.samples.is_empty()
     }
 
+    /// `self` with its labels renumbered into `reference`'s classes, matched
+    /// by name, so that a class has one number in both: a test split may
+    /// hold fewer classes than the training split (its own numbering would
+    /// then shift), or list them otherwise. An image of a class `reference`
+    /// lacks is an error naming the class, since nothing trained on
+    /// `reference` can predict it.
+    pub fn labelled_as(mut self, reference: &Dataset) -> Result<Self> {
+        if self.classes == reference.classes {
+            return Ok(self);
+        }
+        let numbers: Vec<Option<usize>> =
+            self.classes.iter().map(|name| reference.classes.iter().position(|other| other == name)).collect();
+        let unknown: std::collections::BTreeSet<&str> = self
+            .samples
+            .iter()
+            .filter_map(|sample| sample.label.filter(|&label| numbers[label].is_none()))
+            .map(|label| self.classes[label].as_str())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::Dataset {
+                path: self.origin.clone(),
+                message: format!(
+                    "holds images of classes {unknown:?}, which {} does not have (its classes: {}), so nothing \
+                     trained on it can predict them",
+                    reference.origin.display(),
+                    reference.classes.join(", ")
+                ),
+            });
+        }
+        for sample in &mut self.samples {
+            sample.label = sample.label.and_then(|label| numbers[label]);
+        }
+        self.classes = reference.classes.clone();
+        Ok(self)
+    }
+
     pub fn is_labelled(&self) -> bool {
         !self.classes.is_empty() && self.samples.iter().all(|s| s.label.is_some())
     }
@@ -299,6 +335,7 @@ pub fn open_splits(config: &DataConfig, seed: u64) -> Result<Splits> {
                     });
                 }
             }
+            let queries = queries.labelled_as(&bank)?;
             Some((bank, queries))
         }
         (None, None) => None,
@@ -314,6 +351,24 @@ pub fn open_splits(config: &DataConfig, seed: u64) -> Result<Splits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_with_fewer_classes_is_numbered_as_the_reference() {
+        let image = || ImageSource::Memory(Arc::new(RgbImage::new(8, 8)));
+        let split = |origin: &str, classes: &[&str], labels: &[usize]| {
+            let samples = labels.iter().map(|&label| Sample { source: image(), label: Some(label) }).collect();
+            Dataset::new(Path::new(origin), samples, classes.iter().map(|c| c.to_string()).collect())
+        };
+        let train = split("train", &["bird", "cat", "dog", "truck"], &[0, 1, 2, 3]);
+        // Its own numbering: cat 0, truck 1; the training split's: 1 and 3.
+        let test = split("test", &["cat", "truck"], &[0, 1, 1]).labelled_as(&train).unwrap();
+        let labels: Vec<Option<usize>> = test.samples.iter().map(|sample| sample.label).collect();
+        assert_eq!(labels, [Some(1), Some(3), Some(3)]);
+        assert_eq!(test.classes, train.classes);
+        // A class the reference lacks is named; an empty class folder is not.
+        let error = split("test", &["cat", "fish", "owl"], &[0, 1]).labelled_as(&train).unwrap_err().to_string();
+        assert!(error.contains("test") && error.contains("{\"fish\"}") && !error.contains("owl"), "{error}");
+    }
 
     #[test]
     fn subset_is_seeded_and_ordered() {

@@ -141,8 +141,8 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     }
     let started = Instant::now();
     let train = labelled(&options.train, options.limit, options.seed)?;
-    let test = labelled(&options.test, options.limit, options.seed)?;
-    let classes = train.classes.len().max(test.classes.len());
+    let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?;
+    let classes = train.classes.len();
 
     tch::manual_seed(options.seed as i64);
     let Network { store, model, name } = network;
