@@ -198,6 +198,10 @@ fn train_resume_and_embed_round_trip() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, vec![1, 2]);
+    // A finished run resumed as it is has nothing to train, and says so.
+    let again = simclr(["train", "--resume", "--output", &out_arg]).run();
+    assert_succeeds(&again);
+    assert!(stderr(&again).contains("the run has trained 2 epochs and train.epochs = 2: nothing to train"));
 
     // Evaluation through the run's checkpoint (architecture from its config)
     // and through the exported weights, kNN and linear, with a JSON report.

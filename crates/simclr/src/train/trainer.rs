@@ -414,6 +414,15 @@ impl Trainer {
         if let Some(group) = &group {
             position = share_state(group, &store, &mut optimizer, position)?;
         }
+        if resume && position.epoch >= config.train.epochs && writer {
+            tracing::warn!(
+                "the run has trained {} epochs and train.epochs = {}: nothing to train; \
+                 --epochs N with N above {} trains on",
+                position.epoch,
+                config.train.epochs,
+                position.epoch
+            );
+        }
         if !resume {
             if let Some(monitor) = &monitor {
                 initial_knn_top1 = Some(monitor.top1((&model.encoder).into(), format, device, &pool)?);
