@@ -200,10 +200,12 @@ pub fn paths_file(output: &Path) -> PathBuf {
 /// `#` and its position); one image file; or every image file below a
 /// folder, sorted by path. None is an error naming `input`.
 pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
-    let held_as_dataset = match input.is_file() {
-        true => input.extension().is_some_and(|e| e == "bin") || crate::data::shards::is_shard(input),
-        false => matches!(crate::data::detect_format(input)?, DataFormat::Shards | DataFormat::CifarBinary),
+    // A file that is neither a shard nor a CIFAR batch is one image.
+    let format = match input.is_file() {
+        true => crate::data::detect_format(input).ok(),
+        false => Some(crate::data::detect_format(input)?),
     };
+    let held_as_dataset = matches!(format, Some(DataFormat::Shards | DataFormat::CifarBinary));
     let samples = if held_as_dataset {
         Dataset::open(input, &DataFormat::Auto)?.samples
     } else {
