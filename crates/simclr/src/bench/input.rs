@@ -116,16 +116,13 @@ impl std::fmt::Display for InputBenchReport {
 /// then each stage timed alone on one thread over the same images.
 pub fn bench_input(options: &InputBenchOptions) -> Result<InputBenchReport> {
     let mut problems = Vec::new();
-    for (flag, value) in [
+    let counts = [
         ("--workers", Some(options.workers)),
         ("--rounds", Some(options.rounds)),
         ("--batch-size", Some(options.batch_size)),
         ("--limit", options.limit),
-    ] {
-        if value == Some(0) {
-            problems.push(format!("{flag} 0: must be at least 1"));
-        }
-    }
+    ];
+    super::check_counts(&counts, &mut problems);
     super::check_image_size(options.image_size, &mut problems);
     if !problems.is_empty() {
         return Err(Error::Config(problems));

@@ -119,6 +119,15 @@ fn synchronize(device: Device) {
     }
 }
 
+/// A line for each of `counts` (flag, value if given) that is 0.
+fn check_counts(counts: &[(&str, Option<usize>)], problems: &mut Vec<String>) {
+    for (flag, value) in counts {
+        if *value == Some(0) {
+            problems.push(format!("{flag} 0: must be at least 1"));
+        }
+    }
+}
+
 /// `--image-size` as every model and pipeline here needs it.
 fn check_image_size(image_size: u32, problems: &mut Vec<String>) {
     if image_size < crate::checks::MIN_IMAGE_SIDE {
@@ -134,15 +143,12 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             options.batch_size
         ));
     }
-    for (flag, value) in [
+    let counts = [
         ("--steps", Some(options.steps)),
         ("--micro-batch-size", options.micro_batch_size),
         ("--hidden-dim", options.hidden_dim),
-    ] {
-        if value == Some(0) {
-            problems.push(format!("{flag} 0: must be at least 1"));
-        }
-    }
+    ];
+    check_counts(&counts, &mut problems);
     if let Err(problem) = crate::model::check_width(options.width_multiplier) {
         problems.push(format!("--width {problem}"));
     }
@@ -302,11 +308,9 @@ impl std::fmt::Display for AugmentBenchReport {
 pub fn bench_augment(options: &AugmentBenchOptions) -> Result<AugmentBenchReport> {
     use rayon::prelude::*;
     let mut problems = Vec::new();
-    for (flag, value) in [("--limit", options.limit), ("--rounds", options.rounds), ("--threads", options.threads)] {
-        if value == 0 {
-            problems.push(format!("{flag} 0: must be at least 1"));
-        }
-    }
+    let counts =
+        [("--limit", Some(options.limit)), ("--rounds", Some(options.rounds)), ("--threads", Some(options.threads))];
+    check_counts(&counts, &mut problems);
     check_image_size(options.image_size, &mut problems);
     if !problems.is_empty() {
         return Err(Error::Config(problems));
