@@ -133,6 +133,15 @@ impl Views {
         }
     }
 
+    /// Streaming, the images each process streams in an epoch, by rank
+    /// (the CPU loader's); `None` when read by index.
+    pub fn stream_shares(&self) -> Option<Vec<usize>> {
+        match self {
+            Views::Cpu(loader) => loader.stream_shares(),
+            Views::Device(_) => None,
+        }
+    }
+
     /// Makes only `shard`'s part of every batch.
     pub fn sharded(mut self, shard: Shard) -> Self {
         match &mut self {
@@ -395,7 +404,7 @@ impl ViewLoader {
     }
 
     /// Streaming, the images each process streams in an epoch, by rank.
-    pub fn stream_shares(&self) -> Option<Vec<usize>> {
+    fn stream_shares(&self) -> Option<Vec<usize>> {
         let world = self.shard.world;
         let streaming = self.stream.as_ref()?;
         Some((0..world).map(|rank| streaming.shards.samples_of(Shard { rank, world })).collect())
@@ -405,11 +414,11 @@ impl ViewLoader {
     /// code. Streaming, every process stops with the one that has the
     /// fewest samples in its shards.
     pub fn batches_per_epoch(&self) -> usize {
-        match &self.stream {
+        match self.stream_shares() {
             None => self.dataset.len() / self.batch_size,
-            Some(_) => {
+            Some(shares) => {
                 let per_process = self.batch_size / self.shard.world;
-                self.stream_shares().into_iter().flatten().map(|share| share / per_process).min().unwrap_or(0)
+                shares.into_iter().map(|share| share / per_process).min().unwrap_or(0)
             }
         }
     }

@@ -951,10 +951,7 @@ fn views(
 /// refused where the loader opens), when a process's shards hold fewer
 /// images than its part of a batch.
 fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
-    let shares = match views {
-        Views::Cpu(loader) => loader.stream_shares().unwrap_or_default(),
-        Views::Device(_) => Vec::new(),
-    };
+    let shares = views.stream_shares().unwrap_or_default();
     let processes = shares.len().max(1);
     Error::Dataset {
         path: train_set.origin.clone(),
