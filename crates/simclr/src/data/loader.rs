@@ -679,11 +679,29 @@ mod tests {
     use super::*;
     use crate::augment::AugmentConfig;
 
+    fn format() -> ViewFormat {
+        ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }
+    }
+
+    /// The ImageNet preset: crop, flip, colour distortion, grayscale and blur.
+    fn pipeline() -> Pipeline {
+        Pipeline::new(&AugmentConfig::default(), 16)
+    }
+
     fn loader(workers: usize) -> ViewLoader {
         let dataset = Arc::new(super::super::synthetic::generate(12, 3, 16, 0));
-        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
-        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
-        ViewLoader::new(dataset, pipeline, format, 4, 9, worker_pool(workers).unwrap(), tch::Device::Cpu).unwrap()
+        ViewLoader::new(dataset, pipeline(), format(), 4, 9, worker_pool(workers).unwrap(), tch::Device::Cpu).unwrap()
+    }
+
+    /// `dataset` on the device path (on the CPU), seeded as [`loader`] is.
+    fn on_device(dataset: &Dataset, batch_size: usize) -> DeviceViewLoader {
+        let pool = worker_pool(1).unwrap();
+        match DeviceViewLoader::load(dataset, pipeline(), format(), batch_size, 9, tch::Device::Cpu, &pool, usize::MAX)
+            .unwrap()
+        {
+            DeviceData::Ready(loader) => loader,
+            DeviceData::Unsuitable(reason) => panic!("{reason}"),
+        }
     }
 
     #[test]
@@ -727,16 +745,7 @@ mod tests {
         // Same images, order and parameters; only interpolation differs
         // (8-bit resize and antialiasing on the CPU path).
         let host = loader(1);
-        let dataset = super::super::synthetic::generate(12, 3, 16, 0);
-        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
-        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
-        let pool = worker_pool(1).unwrap();
-        let DeviceData::Ready(device) =
-            DeviceViewLoader::load(&dataset, pipeline, format, 4, 9, tch::Device::Cpu, &pool, usize::MAX).unwrap()
-        else {
-            panic!("synthetic images all have one size");
-        };
-        let device = Views::Device(device);
+        let device = Views::Device(on_device(&super::super::synthetic::generate(12, 3, 16, 0), 4));
         assert_eq!(device.batches_per_epoch(), 3);
         for (a, b) in host.epoch(2, 0).zip(device.epoch(2, 0)) {
             let (a, b) = (a.unwrap().views, b.unwrap().views);
@@ -752,17 +761,8 @@ mod tests {
 
     #[test]
     fn both_views_render_in_one_batch_as_they_would_apart() {
-        let dataset = super::super::synthetic::generate(12, 3, 16, 0);
-        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
-        // The ImageNet preset: crop, flip, colour distortion, grayscale and blur.
-        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
-        assert!(pipeline.is_symmetric());
-        let pool = worker_pool(1).unwrap();
-        let DeviceData::Ready(mut loader) =
-            DeviceViewLoader::load(&dataset, pipeline, format, 4, 9, tch::Device::Cpu, &pool, usize::MAX).unwrap()
-        else {
-            panic!("synthetic images all have one size");
-        };
+        let mut loader = on_device(&super::super::synthetic::generate(12, 3, 16, 0), 4);
+        assert!(loader.pipeline.is_symmetric());
         // On the CPU the views render apart; a GPU would render them together.
         assert!(!loader.together);
         let indices = [5, 0, 7, 3, 11, 2];
@@ -780,10 +780,9 @@ mod tests {
         let image = |side| super::super::ImageSource::Memory(Arc::new(image::RgbImage::new(side, side)));
         let samples = [16, 16, 20].map(|side| Sample { source: image(side), label: None }).to_vec();
         let dataset = Dataset::new(std::path::Path::new("mixed"), samples, Vec::new());
-        let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
-        let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
         let pool = worker_pool(1).unwrap();
-        match DeviceViewLoader::load(&dataset, pipeline, format, 2, 0, tch::Device::Cpu, &pool, usize::MAX).unwrap() {
+        match DeviceViewLoader::load(&dataset, pipeline(), format(), 2, 0, tch::Device::Cpu, &pool, usize::MAX).unwrap()
+        {
             DeviceData::Unsuitable(reason) => assert!(reason.contains("20x20") && reason.contains("16x16"), "{reason}"),
             DeviceData::Ready(_) => panic!("mixed sizes cannot share one tensor"),
         }
@@ -795,26 +794,12 @@ mod tests {
         // on every path.
         let order = loader(1).order(3);
         let dataset = super::super::synthetic::generate(12, 3, 16, 0);
-        let (format, pipeline) =
-            (ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }, Pipeline::new(&AugmentConfig::default(), 16));
+        let (format, pipeline) = (format(), pipeline());
         for world in [1, 2] {
             for rank in 0..world {
                 let shard = Shard { rank, world };
                 let expected: Vec<Vec<usize>> = order.chunks_exact(4).map(|batch| shard.of(batch).to_vec()).collect();
-                let pool = worker_pool(1).unwrap();
-                let DeviceData::Ready(device) = DeviceViewLoader::load(
-                    &dataset,
-                    pipeline.clone(),
-                    format,
-                    4,
-                    9,
-                    tch::Device::Cpu,
-                    &pool,
-                    usize::MAX,
-                )
-                .unwrap() else {
-                    panic!("synthetic images all have one size");
-                };
+                let device = on_device(&dataset, 4);
                 for views in [Views::Cpu(loader(2)), Views::Cpu(loader(2).hybrid()), Views::Device(device)] {
                     let name = views.name();
                     let images: Vec<Vec<usize>> =
@@ -862,19 +847,13 @@ mod tests {
         samples[2].source = super::super::ImageSource::File(broken);
         let dataset = Dataset::new(std::path::Path::new("mixed"), samples, vec!["a".into(), "b".into(), "c".into()])
             .with_policy(super::super::config::BadImagePolicy::Skip);
-        let (format, pipeline) =
-            (ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }, Pipeline::new(&AugmentConfig::default(), 16));
         let stand_in = |index: usize| if index == 2 { 3 } else { index };
         let expected: Vec<usize> = epoch_order(6, 9, 0).into_iter().map(stand_in).collect();
-        let pool = worker_pool(1).unwrap();
-        let DeviceData::Ready(device) =
-            DeviceViewLoader::load(&dataset, pipeline.clone(), format, 6, 9, tch::Device::Cpu, &pool, usize::MAX)
-                .unwrap()
-        else {
-            panic!("the readable images all have one size");
-        };
+        let device = on_device(&dataset, 6);
         let dataset = Arc::new(dataset);
-        let host = ViewLoader::new(dataset.clone(), pipeline, format, 6, 9, pool, tch::Device::Cpu).unwrap();
+        let host =
+            ViewLoader::new(dataset.clone(), pipeline(), format(), 6, 9, worker_pool(1).unwrap(), tch::Device::Cpu)
+                .unwrap();
         for views in [Views::Cpu(host), Views::Device(device)] {
             let batch = views.epoch(0, 0).next().unwrap().unwrap();
             assert_eq!(batch.images, expected, "{}", views.name());
