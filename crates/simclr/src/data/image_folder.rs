@@ -47,23 +47,30 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
     let listing = match listing::load(root, true) {
         Some(listing) => listing,
         None => {
-            let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
-            let mut dirs = vec![root.to_path_buf()];
-            for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
-                let files = image_files(&dir)?;
-                if files.is_empty() {
-                    continue;
-                }
-                let label = listing.classes.len();
-                listing.classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-                listing.files.extend(files.into_iter().map(|path| (path, Some(label))));
-                dirs.push(dir);
-            }
+            let (listing, dirs) = list_labelled(root)?;
             listing::store(root, true, &dirs, &listing);
             listing
         }
     };
     Ok(dataset(root, listing))
+}
+
+/// The listing of `root/<class>/*.jpg` and the folders it was made from:
+/// the root and every folder in it, those without images too (no class,
+/// but an image put in one later must list the folder afresh).
+fn list_labelled(root: &Path) -> Result<(Listing, Vec<PathBuf>)> {
+    let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
+    let mut dirs = vec![root.to_path_buf()];
+    for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+        let files = image_files(&dir)?;
+        if !files.is_empty() {
+            let label = listing.classes.len();
+            listing.classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            listing.files.extend(files.into_iter().map(|path| (path, Some(label))));
+        }
+        dirs.push(dir);
+    }
+    Ok((listing, dirs))
 }
 
 /// `root/*.jpg`, no labels; the listing of a large folder is cached.
@@ -102,5 +109,21 @@ mod tests {
         assert_eq!(dataset.classes, vec!["cat", "dog"]);
         let labels: Vec<_> = dataset.samples.iter().map(|s| s.label.unwrap()).collect();
         assert_eq!(labels, vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn an_image_put_in_a_folder_without_images_lists_the_folder_afresh() {
+        let (dir, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for class in ["cat", "dog"] {
+            std::fs::create_dir(dir.path().join(class)).unwrap();
+        }
+        image::RgbImage::new(8, 8).save(dir.path().join("cat/a.png")).unwrap();
+        let (listing, dirs) = list_labelled(dir.path()).unwrap();
+        assert_eq!(listing.classes, ["cat"], "a folder without images is no class");
+        listing::store_in(cache.path(), dir.path(), true, &dirs, &listing).unwrap();
+        assert_eq!(listing::load_from(cache.path(), dir.path(), true), Some(listing));
+        image::RgbImage::new(8, 8).save(dir.path().join("dog/b.png")).unwrap();
+        assert_eq!(listing::load_from(cache.path(), dir.path(), true), None, "dog's new image is listed");
+        assert_eq!(list_labelled(dir.path()).unwrap().0.classes, ["cat", "dog"]);
     }
 }

@@ -47,7 +47,7 @@ pub fn load(root: &Path, labelled: bool) -> Option<Listing> {
     load_from(&cache_base()?, root, labelled)
 }
 
-fn load_from(base: &Path, root: &Path, labelled: bool) -> Option<Listing> {
+pub(super) fn load_from(base: &Path, root: &Path, labelled: bool) -> Option<Listing> {
     let text = std::fs::read_to_string(cache_file(base, root, labelled)?).ok()?;
     let mut lines = text.lines();
     if lines.next()? != HEADER || Path::new(lines.next()?) != root.canonicalize().ok()? {
@@ -89,20 +89,33 @@ pub fn store(root: &Path, labelled: bool, dirs: &[PathBuf], listing: &Listing) {
     }
 }
 
-fn store_in(base: &Path, root: &Path, labelled: bool, dirs: &[PathBuf], listing: &Listing) -> std::io::Result<()> {
+pub(super) fn store_in(
+    base: &Path,
+    root: &Path,
+    labelled: bool,
+    dirs: &[PathBuf],
+    listing: &Listing,
+) -> std::io::Result<()> {
     let unavailable = || std::io::Error::other("unreadable path or modification time");
     let file = cache_file(base, root, labelled).ok_or_else(unavailable)?;
-    let relative = |path: &Path| path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned();
+    // A name is written as text, one per line: one that is not UTF-8, or
+    // holds a line break, would not read back as the same path.
+    let relative = |path: &Path| {
+        let relative = path.strip_prefix(root).unwrap_or(path).to_str().filter(|name| !name.contains('\n'));
+        relative
+            .map(str::to_owned)
+            .ok_or_else(|| std::io::Error::other(format!("{} is not a name of one line of UTF-8", path.display())))
+    };
     let mut text = format!("{HEADER}\n{}\n", root.canonicalize()?.display());
     for dir in dirs {
-        text += &format!("dir {} {}\n", modified(dir).ok_or_else(unavailable)?, relative(dir));
+        text += &format!("dir {} {}\n", modified(dir).ok_or_else(unavailable)?, relative(dir)?);
     }
     for class in &listing.classes {
         text += &format!("class {class}\n");
     }
     for (path, label) in &listing.files {
         let label = label.map_or("-".to_owned(), |label| label.to_string());
-        text += &format!("file {label} {}\n", relative(path));
+        text += &format!("file {label} {}\n", relative(path)?);
     }
     std::fs::create_dir_all(file.parent().ok_or_else(unavailable)?)?;
     let partial = file.with_extension("partial");
@@ -135,5 +148,24 @@ mod tests {
         // A file added to a class folder changes its time: listed afresh.
         std::fs::write(dirs[1].join("3.jpg"), "").unwrap();
         assert_eq!(load_from(base, root, true), None);
+    }
+
+    #[test]
+    fn a_name_that_would_not_read_back_is_not_cached() {
+        use std::os::unix::ffi::OsStrExt;
+        let (cache, root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (root, base) = (root.path(), cache.path());
+        for name in [std::ffi::OsStr::new("two\nlines.jpg"), std::ffi::OsStr::from_bytes(b"latin-1 \xe9t\xe9.jpg")] {
+            std::fs::write(root.join(name), "").unwrap();
+            let listing = Listing { classes: Vec::new(), files: vec![(root.join(name), None)] };
+            let error = store_in(base, root, false, &[root.to_path_buf()], &listing).unwrap_err();
+            assert!(error.to_string().contains("one line of UTF-8"), "{error}");
+            assert_eq!(load_from(base, root, false), None);
+            std::fs::remove_file(root.join(name)).unwrap();
+        }
+        // Control: a plain name is cached.
+        let listing = Listing { classes: Vec::new(), files: vec![(root.join("plain.jpg"), None)] };
+        store_in(base, root, false, &[root.to_path_buf()], &listing).unwrap();
+        assert_eq!(load_from(base, root, false), Some(listing));
     }
 }
