@@ -233,6 +233,7 @@ impl RunConfig {
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
         let mut tree = self.tree();
         let mut problems = Vec::new();
+        let mut layers = Vec::with_capacity(overrides.len());
         for item in overrides {
             let Some((key, raw)) = item.split_once('=') else {
                 problems.push(format!("override '{item}': expected section.field=value"));
@@ -245,12 +246,26 @@ impl RunConfig {
             for part in key.trim().rsplit('.') {
                 value = toml::Value::Table(toml::Table::from_iter([(part.to_owned(), value)]));
             }
+            layers.push((item, value.clone()));
             merge_into(&mut tree, value);
         }
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        tree.try_into().map_err(|e: toml::de::Error| Error::Config(vec![format!("override: {e}")]))
+        let flat = |error: toml::de::Error| error.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        tree.try_into().map_err(|error: toml::de::Error| {
+            // Which overrides are wrong: each laid alone over this config.
+            let wrong: Vec<String> = layers
+                .into_iter()
+                .filter_map(|(item, layer)| {
+                    let mut alone = self.tree();
+                    merge_into(&mut alone, layer);
+                    let error = alone.try_into::<RunConfig>().err()?;
+                    Some(format!("--set {item}: {}", flat(error)))
+                })
+                .collect();
+            Error::Config(if wrong.is_empty() { vec![format!("--set: {}", flat(error))] } else { wrong })
+        })
     }
 
     fn tree(&self) -> toml::Value {
@@ -393,6 +408,27 @@ impl RunLayers {
             Some(path) => config.with_file(path),
             None => Ok(config),
         }
+    }
+
+    /// The fields this command line sets by flag or `--set`, each with the
+    /// words that set it: `("train.epochs", "--epochs 5")`.
+    pub fn given(&self) -> Vec<(String, String)> {
+        let flags = [
+            ("data.path", "--data", self.data.as_ref().map(|path| path.display().to_string())),
+            ("train.output_dir", "--output", self.output.as_ref().map(|path| path.display().to_string())),
+            ("train.epochs", "--epochs", self.epochs.map(|epochs| epochs.to_string())),
+            ("train.batch_size", "--batch-size", self.batch_size.map(|size| size.to_string())),
+            ("train.micro_batch_size", "--micro-batch-size", self.micro_batch_size.map(|size| size.to_string())),
+            ("train.seed", "--seed", self.seed.map(|seed| seed.to_string())),
+            ("train.device", "--device", self.device.map(|device| format!("{device:?}").to_lowercase())),
+        ];
+        let flags =
+            flags.into_iter().filter_map(|(key, flag, value)| Some((key.to_owned(), format!("{flag} {}", value?))));
+        let overrides = self.config.overrides.iter().map(|item| {
+            let key = item.split_once('=').map_or(item.as_str(), |(key, _)| key);
+            (key.trim().to_owned(), format!("--set {item}"))
+        });
+        flags.chain(overrides).collect()
     }
 
     /// `base` (the preset and file, or a checkpoint's config when resuming)
@@ -562,6 +598,14 @@ mod tests {
     fn unknown_field_is_rejected_with_its_name() {
         let err = RunConfig::default().with_overrides(&["train.batch_sise=3".into()]).unwrap_err();
         assert!(err.to_string().contains("batch_sise"), "{err}");
+        // Among several, each wrong one is named as given, and only those.
+        let overrides = ["train.epochs=two", "loss.temperature=0.2", "model.width=2"].map(String::from);
+        let Err(Error::Config(problems)) = RunConfig::default().with_overrides(&overrides) else {
+            panic!("two of the overrides are wrong")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("--set train.epochs=two: invalid type"), "{problems:?}");
+        assert!(problems[1].starts_with("--set model.width=2: unknown field `width`"), "{problems:?}");
     }
 
     #[test]
