@@ -272,8 +272,26 @@ struct StudyFlags {
 }
 
 impl StudyFlags {
-    /// The base run's config and the study of `run`'s output folder.
-    fn study<'a>(&self, run: &RunLayers, observer: &'a mut dyn Observer) -> Result<(ValidConfig, Study<'a>)> {
+    /// The base run's config and the study of `run`'s output folder. The
+    /// study sets the fields `varied` names in each of its runs, each from
+    /// the flag beside it (and `train.seed` from --seeds): a flag or `--set`
+    /// of `run` that sets one is overridden in every run, and said so (a
+    /// base shared by several studies sets what one of them varies).
+    fn study<'a>(
+        &self,
+        run: &RunLayers,
+        varied: &[(&str, &str)],
+        observer: &'a mut dyn Observer,
+    ) -> Result<(ValidConfig, Study<'a>)> {
+        let seeds = self.seeds.is_some().then_some(("train.seed", "--seeds"));
+        for (key, given) in run.given() {
+            let set = |(field, _): &&(&str, &str)| {
+                key == *field || key.strip_prefix(field).is_some_and(|rest| rest.starts_with('.'))
+            };
+            if let Some((field, from)) = varied.iter().chain(&seeds).find(set) {
+                tracing::warn!("{given} is not used: the study sets {field} in each run, from {from}");
+            }
+        }
         let base = run.resolve(run.base()?)?;
         let seeds = self.seeds.as_deref().map(parse_list).transpose()?.unwrap_or_default();
         let output_dir = base.train.output_dir.clone();
@@ -502,29 +520,46 @@ fn ablate(kind: AblateKind) -> Result<()> {
     let mut console = observer::console()?;
     let grid = match kind {
         AblateKind::Augment(args) => {
-            let (base, mut study) = args.study.study(&args.run, &mut console)?;
+            let varied = [("augment.ops", "--ops"), ("augment.second_view", "--ops")];
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
             let ops: Vec<OpConfig> = parse_list(&args.ops)?;
             simclr::ablation::augment_pairs(&base, &ops, &mut study)?
         }
         AblateKind::Loss(args) => {
-            let (base, mut study) = args.study.study(&args.run, &mut console)?;
+            let varied = [
+                ("loss.objective", "--losses"),
+                ("loss.similarity", "--similarities"),
+                ("loss.temperature", "--temperatures"),
+            ];
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
             let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
             let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
             let grid = (&losses[..], &similarities[..], &temperatures[..]);
             simclr::ablation::loss_grid(&base, grid, &mut study)?
         }
         AblateKind::Batch(args) => {
-            let (base, mut study) = args.study.study(&args.run, &mut console)?;
+            let varied = [
+                ("train.batch_size", "--batch-sizes"),
+                ("train.epochs", "--lengths"),
+                ("train.time_budget_seconds", "--lengths"),
+            ];
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
             let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
             simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &mut study)?
         }
         AblateKind::Model(args) => {
-            let (base, mut study) = args.study.study(&args.run, &mut console)?;
+            let varied = [
+                ("model.arch", "--archs"),
+                ("model.width_multiplier", "--widths"),
+                ("train.supervised", "its two columns"),
+            ];
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
             let (archs, widths): (Vec<Arch>, Vec<f64>) = (parse_list(&args.archs)?, parse_list(&args.widths)?);
             simclr::ablation::model_grid(&base, &archs, &widths, &mut study)?
         }
         AblateKind::Head(args) => {
-            let (base, mut study) = args.study.study(&args.run, &mut console)?;
+            let varied = [("model.head.kind", "--heads"), ("model.head.layers", "--heads")];
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
             let heads: Vec<HeadChoice> = parse_list(&args.heads)?;
             simclr::ablation::head_grid(&base, &heads, &mut study)?
         }

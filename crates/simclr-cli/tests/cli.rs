@@ -791,11 +791,25 @@ fn the_batch_study_trains_each_batch_for_each_length() {
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("batch");
-    let output = simclr(["ablate", "batch", "--batch-sizes", "2,4", "--lengths", "1,2"])
-        .args(tiny_flags(&data, &out))
-        .args(monitor_flags(&data))
-        .run();
+    let study =
+        || simclr(["ablate", "batch", "--batch-sizes", "2,4", "--lengths", "1,2"]).args(tiny_flags(&data, &out));
+    // A study its monitor cannot score is refused before anything is trained.
+    assert_fails_with(&study().run(), &["a study scores each run with the kNN monitor"]);
+    assert!(!out.join("batch2-epochs1").exists(), "nothing was trained");
+    let output = study().args(monitor_flags(&data)).run();
     assert_succeeds(&output);
+    // The study sets each run's batch size and epochs, and says that the
+    // base run's flags for them are not used.
+    let warnings = stderr(&output);
+    assert!(
+        warnings
+            .contains("--batch-size 4 is not used: the study sets train.batch_size in each run, from --batch-sizes"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("--epochs 1 is not used: the study sets train.epochs in each run, from --lengths"),
+        "{warnings}"
+    );
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("batch 4") && table.contains("2 epochs"), "{table}");
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();

@@ -309,6 +309,12 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
             dir.display()
         ))
     };
+    // Known before training: a run that the monitor does not score would
+    // be trained in full, and the study then stop without its score.
+    let monitored = config.data.path.is_none() || config.data.knn_train_path.is_some();
+    if !monitored || config.train.knn_every == 0 {
+        return Err(no_score());
+    }
     let config_path = dir.join(CONFIG_FILE);
     if let Ok(saved) = std::fs::read_to_string(&config_path) {
         if saved != config.to_toml() {
