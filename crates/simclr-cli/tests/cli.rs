@@ -378,6 +378,15 @@ fn a_runs_encoder_is_used_with_no_other_flags() {
     let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
     let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights.display().to_string()]).args(splits).run();
     assert_succeeds(&knn);
+    // The same folder as both splits scores seen images, and is said to;
+    // a folder of other images is not.
+    assert!(stderr(&knn).contains("--train and --test are both"), "{}", stderr(&knn));
+    let held_out = dir.path().join("held-out");
+    image_folder(&held_out, 2, 16);
+    let splits = ["--train", data_arg.as_str(), "--test", held_out.to_str().unwrap()];
+    let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights.display().to_string()]).args(splits).run();
+    assert_succeeds(&knn);
+    assert!(!stderr(&knn).contains("--train and --test are both"), "{}", stderr(&knn));
 }
 
 #[test]

@@ -93,8 +93,32 @@ pub fn open(path: &Path) -> Result<Dataset> {
             samples.push(Sample { source: ImageSource::Memory(Arc::new(image)), label: Some(label) });
         }
     }
-    let classes = (0..=max_label).map(|c| c.to_string()).collect();
+    let folder = if path.is_file() { path.parent().unwrap_or(Path::new(".")) } else { path };
+    let classes = class_names(folder, label_bytes(&files[0]), max_label)?;
     Ok(Dataset::new(path, samples, classes))
+}
+
+/// The class names the batches' folder lists (`batches.meta.txt` for
+/// CIFAR-10, `fine_label_names.txt` for CIFAR-100, one per line, as the
+/// archives ship them), so that a class has the same name here as in an
+/// image folder of the same data; without that file, the labels' numbers.
+fn class_names(folder: &Path, label_bytes: usize, max_label: usize) -> Result<Vec<String>> {
+    let file = folder.join(if label_bytes == 1 { "batches.meta.txt" } else { "fine_label_names.txt" });
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((0..=max_label).map(|c| c.to_string()).collect());
+        }
+        Err(error) => return Err(Error::io(&file, error)),
+    };
+    let names: Vec<String> = text.lines().map(str::trim).filter(|name| !name.is_empty()).map(String::from).collect();
+    if names.len() <= max_label {
+        return Err(Error::Dataset {
+            path: file,
+            message: format!("names {} classes, but the batches hold labels up to {max_label}", names.len()),
+        });
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -111,6 +135,25 @@ mod tests {
         assert_eq!(parsed.len(), 1);
         assert_eq!(parsed[0].1, 7);
         assert_eq!(parsed[0].0.get_pixel(5, 9).0, [10, 20, 30]);
+    }
+
+    #[test]
+    fn classes_are_named_as_the_archive_lists_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |label: u8| std::iter::once(label).chain(std::iter::repeat_n(0, IMAGE_BYTES));
+        let batch: Vec<u8> = record(2).chain(record(0)).collect();
+        std::fs::write(dir.path().join("data_batch_1.bin"), &batch).unwrap();
+        assert_eq!(open(dir.path()).unwrap().classes, ["0", "1", "2"], "no names listed: the numbers");
+        std::fs::write(dir.path().join("batches.meta.txt"), "airplane\nautomobile\nbird\ncat\n\n").unwrap();
+        for path in [dir.path().to_path_buf(), dir.path().join("data_batch_1.bin")] {
+            let dataset = open(&path).unwrap();
+            assert_eq!(dataset.classes, ["airplane", "automobile", "bird", "cat"]);
+            let labels: Vec<_> = dataset.samples.iter().map(|sample| sample.label).collect();
+            assert_eq!(labels, [Some(2), Some(0)]);
+        }
+        std::fs::write(dir.path().join("batches.meta.txt"), "airplane\nautomobile\n").unwrap();
+        let error = open(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("batches.meta.txt") && error.contains("names 2 classes"), "{error}");
     }
 
     #[test]

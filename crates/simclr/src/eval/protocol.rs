@@ -139,6 +139,17 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     if !problems.is_empty() {
         return Err(Error::Config(problems));
     }
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
+    };
+    if same(&options.train, &options.test) {
+        // A CIFAR folder opens as its training batches, whichever split it is given as.
+        tracing::warn!(
+            "--train and --test are both {}: each test image is among the training images, so the score says \
+             nothing of unseen images; give a held-out split (of CIFAR batches, test_batch.bin)",
+            options.test.display()
+        );
+    }
     let started = Instant::now();
     let train = labelled(&options.train, options.limit, options.seed)?;
     let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?;
