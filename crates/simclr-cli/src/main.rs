@@ -394,6 +394,9 @@ fn train(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     let world = World::from_env()?;
+    if let (Some(processes), Some(world)) = (args.nproc_per_node, &world) {
+        world.check_nproc_per_node(processes)?;
+    }
     let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
     if let (Some(processes), None) = (args.nproc_per_node, &world) {
         launch::check_divides(config.train.batch_size, processes)?;

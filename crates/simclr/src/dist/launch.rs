@@ -25,6 +25,9 @@ pub struct World {
     /// Whether this process serves the TCP store: rank 0, unless torchrun's
     /// agent already does (`TORCHELASTIC_USE_AGENT_STORE`).
     pub serves_store: bool,
+    /// How many processes run on this machine, where the launcher says
+    /// (torchrun's `LOCAL_WORLD_SIZE`).
+    pub local_size: Option<usize>,
 }
 
 /// One environment variable, unset or empty meaning absent.
@@ -44,9 +47,13 @@ fn required(lookup: Lookup, name: &str, why: &str) -> Result<String> {
 
 impl World {
     /// torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-    /// `MASTER_ADDR`, `MASTER_PORT`), else SLURM's (`SLURM_PROCID`,
-    /// `SLURM_NTASKS`, `SLURM_LOCALID`, with `MASTER_ADDR` and optionally
-    /// `MASTER_PORT`); `None` when neither says there are several processes.
+    /// `MASTER_ADDR`, `MASTER_PORT`), else, in a task that srun started
+    /// (`SLURM_STEP_ID` set), SLURM's (`SLURM_PROCID`, the step's
+    /// `SLURM_STEP_NUM_TASKS` or `SLURM_NTASKS`, `SLURM_LOCALID`, with
+    /// `MASTER_ADDR` and optionally `MASTER_PORT`); `None` when neither
+    /// says there are several processes. A batch script (or an salloc
+    /// shell) has SLURM's rank and task count too, but no other process
+    /// of them is coming: a command run there directly is one process.
     pub fn from_env() -> Result<Option<World>> {
         Self::from_variables(&variable)
     }
@@ -63,7 +70,18 @@ impl World {
                 number("LOCAL_RANK", &local)?,
                 number("MASTER_PORT", &port)?,
             )
-        } else if let (Some(rank), Some(size)) = (lookup("SLURM_PROCID"), lookup("SLURM_NTASKS")) {
+        } else if let (Some(rank), Some(size)) =
+            (lookup("SLURM_PROCID"), lookup("SLURM_STEP_NUM_TASKS").or_else(|| lookup("SLURM_NTASKS")))
+        {
+            if lookup("SLURM_STEP_ID").is_none() {
+                if size != "1" {
+                    tracing::info!(
+                        "SLURM_NTASKS={size}, but srun did not start this process: it trains alone (srun starts \
+                         one process per task; --nproc-per-node N starts N on this machine)"
+                    );
+                }
+                return Ok(None);
+            }
             let local = lookup("SLURM_LOCALID").unwrap_or_else(|| "0".to_owned());
             let port = lookup("MASTER_PORT").map_or(Ok(DEFAULT_PORT), |port| number("MASTER_PORT", &port))?;
             (number("SLURM_PROCID", &rank)?, number("SLURM_NTASKS", &size)?, number("SLURM_LOCALID", &local)?, port)
@@ -80,7 +98,24 @@ impl World {
         let host = required(lookup, "MASTER_ADDR", "the address of rank 0's machine, where the processes meet")?;
         let agent_store =
             lookup("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|value| value.eq_ignore_ascii_case("true"));
-        Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store }))
+        let local_size = lookup("LOCAL_WORLD_SIZE").map(|n| number("LOCAL_WORLD_SIZE", &n)).transpose()?;
+        Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store, local_size }))
+    }
+
+    /// `--nproc-per-node processes` given to a process that a launcher
+    /// started: right where that launcher started `processes` on this
+    /// machine (as `simclr train --nproc-per-node` gives its own processes
+    /// the same flag), else an error, since it would start nothing.
+    pub fn check_nproc_per_node(&self, processes: usize) -> Result<()> {
+        if self.local_size == Some(processes) {
+            return Ok(());
+        }
+        let local = self.local_size.map_or_else(String::new, |n| format!(", {n} on this machine"));
+        Err(Error::Distributed(format!(
+            "--nproc-per-node {processes}: this process is already rank {} of {}{local}, started by torchrun or \
+             srun, which start the processes; leave --nproc-per-node out, or run without them",
+            self.rank, self.size
+        )))
     }
 
     /// Whether CUDA tensors go through NCCL: asked for, or (`auto`) in a
@@ -94,7 +129,7 @@ impl World {
             )),
             Backend::Nccl => Ok(true),
             Backend::Auto => {
-                let local = variable("LOCAL_WORLD_SIZE").and_then(|n| n.parse::<i64>().ok()).unwrap_or(1);
+                let local = self.local_size.unwrap_or(1) as i64;
                 Ok(cfg!(feature = "cuda") && cuda && tch::Cuda::device_count() >= local)
             }
         }
@@ -274,19 +309,56 @@ mod tests {
             ("MASTER_ADDR", "10.0.0.1"),
             ("MASTER_PORT", "29400"),
         ];
-        let expected =
-            World { rank: 9, size: 16, local_rank: 1, host: "10.0.0.1".to_owned(), port: 29400, serves_store: false };
+        let expected = World {
+            rank: 9,
+            size: 16,
+            local_rank: 1,
+            host: "10.0.0.1".to_owned(),
+            port: 29400,
+            serves_store: false,
+            local_size: None,
+        };
         assert_eq!(world(&torchrun).unwrap(), Some(expected));
         // Rank 0 serves the store, unless torchrun's agent already does.
         let rank0 = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
         assert!(world(&rank0).unwrap().unwrap().serves_store);
         let agent = [rank0.as_slice(), &[("TORCHELASTIC_USE_AGENT_STORE", "True")]].concat();
         assert!(!world(&agent).unwrap().unwrap().serves_store);
-        // SLURM, with torchrun's default port; one task is no multi-process run.
-        let slurm = [("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "3"), ("MASTER_ADDR", "n1")];
+        // SLURM in a task srun started, with torchrun's default port; one
+        // task is no multi-process run.
+        let slurm = [
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "3"),
+            ("MASTER_ADDR", "n1"),
+        ];
         let world_of_slurm = world(&slurm).unwrap().unwrap();
         assert_eq!((world_of_slurm.rank, world_of_slurm.size, world_of_slurm.port), (3, 8, DEFAULT_PORT));
-        assert_eq!(world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
+        assert_eq!(world(&[("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
+        // The step's tasks, where they are fewer than the job's.
+        let step = [slurm.as_slice(), &[("SLURM_STEP_NUM_TASKS", "4")]].concat();
+        assert_eq!(world(&step).unwrap().unwrap().size, 4);
+        // A batch script of 8 tasks has rank 0 of 8, but no step: one process.
+        assert_eq!(world(&slurm[1..]).unwrap(), None);
+    }
+
+    #[test]
+    fn nproc_per_node_is_refused_where_a_launcher_started_other_processes() {
+        let launched = |local: &str| {
+            let pairs = [("RANK", "0"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
+            world(&[pairs.as_slice(), &[("LOCAL_WORLD_SIZE", local)]].concat()).unwrap().unwrap()
+        };
+        // `--nproc-per-node 2`'s own processes carry the flag on.
+        assert!(launched("2").check_nproc_per_node(2).is_ok());
+        let error = launched("4").check_nproc_per_node(2).unwrap_err().to_string();
+        assert!(
+            error.contains("--nproc-per-node 2: this process is already rank 0 of 4, 4 on this machine"),
+            "{error}"
+        );
+        let slurm = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "n1")];
+        let error = world(&slurm).unwrap().unwrap().check_nproc_per_node(2).unwrap_err().to_string();
+        assert!(error.contains("already rank 1 of 2, started by torchrun or srun"), "{error}");
     }
 
     #[test]
@@ -296,7 +368,8 @@ mod tests {
         assert!(message(&[("RANK", "x"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK=x"));
         assert!(message(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")])
             .contains("rank 2 of a world of 2"));
-        assert!(message(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]).contains("MASTER_ADDR is not set"));
+        assert!(message(&[("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")])
+            .contains("MASTER_ADDR is not set"));
         assert!(check_divides(4, 3).unwrap_err().to_string().contains("train.batch_size = 4"));
         assert!(check_divides(4, 0).is_err() && check_divides(8, 4).is_ok() && check_divides(4, 4).is_err());
     }
