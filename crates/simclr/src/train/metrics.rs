@@ -63,14 +63,65 @@ impl MetricsLog {
         crate::io::write_atomic(&self.path, kept.as_bytes())
     }
 
-    /// Every entry logged so far.
+    /// Every entry logged so far. A last line cut short (no line break
+    /// after it: the machine went down, or the disk filled, while it was
+    /// appended) is passed over with a warning, as the epoch it was to log
+    /// is trained again on resume; damage anywhere else is an error.
     pub fn read(&self) -> Result<Vec<EpochMetrics>> {
         let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        text.lines()
+        let (whole, cut) = match text.rsplit_once('\n') {
+            Some((whole, cut)) => (whole, cut),
+            None => ("", text.as_str()),
+        };
+        let parse = |line: &str| serde_json::from_str::<EpochMetrics>(line);
+        let mut entries = whole
+            .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str(l).map_err(|e| Error::RunFile { path: self.path.clone(), message: e.to_string() })
-            })
-            .collect()
+            .map(|l| parse(l).map_err(|e| Error::RunFile { path: self.path.clone(), message: e.to_string() }))
+            .collect::<Result<Vec<_>>>()?;
+        match parse(cut) {
+            Ok(entry) => entries.push(entry),
+            Err(_) if cut.trim().is_empty() => {}
+            Err(error) => tracing::warn!("{}: its last line is cut short ({error}); passed over", self.path.display()),
+        }
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_last_line_cut_short_is_passed_over_and_other_damage_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(&dir.path().join("metrics.jsonl"));
+        let entry = |epoch| EpochMetrics {
+            epoch,
+            step: 10 * epoch,
+            loss: 1.5,
+            learning_rate: 0.1,
+            images_per_second: 100.0,
+            seconds: 2.0,
+            data_wait_seconds: 0.1,
+            knn_top1: None,
+        };
+        for epoch in 1..=3 {
+            log.append(&entry(epoch)).unwrap();
+        }
+        let text = std::fs::read_to_string(&log.path).unwrap();
+        let cut = &text[..text.len() - 20];
+        std::fs::write(&log.path, cut).unwrap();
+        assert_eq!(log.read().unwrap(), [entry(1), entry(2)]);
+        log.truncate_after(1).unwrap();
+        assert_eq!(log.read().unwrap(), [entry(1)]);
+        // A last line whole but for its line break is read.
+        std::fs::write(&log.path, text.trim_end()).unwrap();
+        assert_eq!(log.read().unwrap(), [entry(1), entry(2), entry(3)]);
+        // A damaged line before the last is an error naming the file.
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&log.path, format!("{}\n{}\n{}\n", lines[0], &lines[1][..9], lines[2])).unwrap();
+        let error = log.read().unwrap_err().to_string();
+        assert!(error.contains("metrics.jsonl"), "{error}");
     }
 }
