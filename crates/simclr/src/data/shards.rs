@@ -239,10 +239,28 @@ pub fn shard(options: &ShardOptions) -> Result<ShardReport> {
 /// its label as `000000123.cls`), each image's own bytes (images held in
 /// memory as PNG); `classes.txt` for a labelled dataset. Each shard is
 /// written beside its final name and renamed when complete. Returns the
-/// shards written.
+/// shards written. A folder that already holds shards is refused: fewer
+/// new shards would leave old ones beside them, read as part of the set.
 pub fn write_shards(dataset: &Dataset, output: &Path, per_shard: usize) -> Result<Vec<PathBuf>> {
     if per_shard == 0 {
         return Err(Error::InvalidArgument("--per-shard 0: must be at least 1".to_owned()));
+    }
+    if output.is_dir() {
+        let held: Vec<PathBuf> = sorted_entries(output)?
+            .into_iter()
+            .filter(|path| is_shard(path) || path.file_name().is_some_and(|name| name == CLASSES_FILE))
+            .collect();
+        if let Some(first) = held.first() {
+            return Err(Error::Dataset {
+                path: output.to_path_buf(),
+                message: format!(
+                    "already holds shards ({} files, {} the first): new ones would be read with them as one \
+                     set; remove them or give another --output",
+                    held.len(),
+                    first.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            });
+        }
     }
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     let mut written = Vec::new();
@@ -312,5 +330,21 @@ mod tests {
         assert_eq!(key_and_extension("000001.jpg"), ("000001", "jpg".to_owned()));
         assert_eq!(key_and_extension("a.b/n01.seg.PNG"), ("a.b/n01", "seg.png".to_owned()));
         assert_eq!(key_and_extension("noext"), ("noext", String::new()));
+    }
+
+    #[test]
+    fn a_folder_that_holds_shards_is_not_written_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let dataset = super::super::synthetic::generate(6, 2, 16, 0);
+        let output = dir.path().join("shards");
+        assert_eq!(write_shards(&dataset, &output, 2).unwrap().len(), 3);
+        let error = write_shards(&dataset, &output, 6).unwrap_err().to_string();
+        assert!(error.contains("already holds shards (4 files, classes.txt the first)"), "{error}");
+        assert_eq!(open(&output).unwrap().len(), 6, "the first set is as it was");
+        // A folder of other files is written into.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "").unwrap();
+        assert_eq!(write_shards(&dataset, &other, 6).unwrap().len(), 1);
     }
 }
