@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use simclr::ablation::{HeadChoice, Study};
+use simclr::ablation::{self, HeadChoice, Study};
 use simclr::augment::preview::PreviewOptions;
 use simclr::augment::OpConfig;
 use simclr::config::{ConfigLayers, RunLayers, ValidConfig};
@@ -523,48 +523,31 @@ fn ablate(kind: AblateKind) -> Result<()> {
     let mut console = observer::console()?;
     let grid = match kind {
         AblateKind::Augment(args) => {
-            let varied = [("augment.ops", "--ops"), ("augment.second_view", "--ops")];
-            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            let (base, mut study) = args.study.study(&args.run, ablation::AUGMENT_VARIED, &mut console)?;
             let ops: Vec<OpConfig> = parse_list(&args.ops)?;
-            simclr::ablation::augment_pairs(&base, &ops, &mut study)?
+            ablation::augment_pairs(&base, &ops, &mut study)?
         }
         AblateKind::Loss(args) => {
-            let varied = [
-                ("loss.objective", "--losses"),
-                ("loss.similarity", "--similarities"),
-                ("loss.temperature", "--temperatures"),
-            ];
-            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            let (base, mut study) = args.study.study(&args.run, ablation::LOSS_VARIED, &mut console)?;
             let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
             let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
             let grid = (&losses[..], &similarities[..], &temperatures[..]);
-            simclr::ablation::loss_grid(&base, grid, &mut study)?
+            ablation::loss_grid(&base, grid, &mut study)?
         }
         AblateKind::Batch(args) => {
-            let varied = [
-                ("train.batch_size", "--batch-sizes"),
-                ("train.epochs", "--lengths"),
-                ("train.time_budget_seconds", "--lengths"),
-            ];
-            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            let (base, mut study) = args.study.study(&args.run, ablation::BATCH_VARIED, &mut console)?;
             let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
-            simclr::ablation::batch_grid(&base, &batch_sizes, &lengths, &mut study)?
+            ablation::batch_grid(&base, &batch_sizes, &lengths, &mut study)?
         }
         AblateKind::Model(args) => {
-            let varied = [
-                ("model.arch", "--archs"),
-                ("model.width_multiplier", "--widths"),
-                ("train.supervised", "its two columns"),
-            ];
-            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            let (base, mut study) = args.study.study(&args.run, ablation::MODEL_VARIED, &mut console)?;
             let (archs, widths): (Vec<Arch>, Vec<f64>) = (parse_list(&args.archs)?, parse_list(&args.widths)?);
-            simclr::ablation::model_grid(&base, &archs, &widths, &mut study)?
+            ablation::model_grid(&base, &archs, &widths, &mut study)?
         }
         AblateKind::Head(args) => {
-            let varied = [("model.head.kind", "--heads"), ("model.head.layers", "--heads")];
-            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            let (base, mut study) = args.study.study(&args.run, ablation::HEAD_VARIED, &mut console)?;
             let heads: Vec<HeadChoice> = parse_list(&args.heads)?;
-            simclr::ablation::head_grid(&base, &heads, &mut study)?
+            ablation::head_grid(&base, &heads, &mut study)?
         }
     };
     print!("{grid}");

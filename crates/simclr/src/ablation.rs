@@ -55,6 +55,10 @@ fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
     ops
 }
 
+/// The fields `ablate augment` sets in each of its runs, each with the flag that
+/// gives its values.
+pub const AUGMENT_VARIED: &[(&str, &str)] = &[("augment.ops", "--ops"), ("augment.second_view", "--ops")];
+
 /// Trains one cell per distinct pair, then writes the table and the heatmap.
 pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> Result<Grid> {
     if ops.is_empty() {
@@ -414,6 +418,11 @@ fn row_name(objective: Objective, similarity: Similarity) -> String {
     format!("{}, {normalised}", objective.name())
 }
 
+/// The fields `ablate loss` sets in each of its runs, each with the flag that
+/// gives its values.
+pub const LOSS_VARIED: &[(&str, &str)] =
+    &[("loss.objective", "--losses"), ("loss.similarity", "--similarities"), ("loss.temperature", "--temperatures")];
+
 /// `ablate loss`: one cell per (objective, similarity) row and temperature
 /// column.
 pub fn loss_grid(
@@ -475,6 +484,11 @@ pub fn loss_grid(
     let chart = Chart { caption: "kNN top-1 (%) by loss and temperature", x_desc, y_desc: "loss" };
     study.write_grid("loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
 }
+
+/// The fields `ablate batch` sets in each of its runs, each with the flag that
+/// gives its values.
+pub const BATCH_VARIED: &[(&str, &str)] =
+    &[("train.batch_size", "--batch-sizes"), ("train.epochs", "--lengths"), ("train.time_budget_seconds", "--lengths")];
 
 /// `ablate batch`, Figure 9: one run per batch size (rows) and training
 /// length in epochs (columns); the learning rate follows the batch as
@@ -547,6 +561,10 @@ impl std::str::FromStr for HeadChoice {
     }
 }
 
+/// The fields `ablate head` sets in each of its runs, each with the flag that
+/// gives its values.
+pub const HEAD_VARIED: &[(&str, &str)] = &[("model.head.kind", "--heads"), ("model.head.layers", "--heads")];
+
 /// `ablate head`, Figure 8 and section 4.2: one run per projection head
 /// (rows), each scored by the kNN monitor on h, the encoder's output, and
 /// on z = g(h), the head's (columns; z = h without a head). The paper finds
@@ -582,6 +600,11 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], study: &mut Study) -> R
     };
     study.write_grid("head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
 }
+
+/// The fields `ablate model` sets in each of its runs, each with the flag that
+/// gives its values.
+pub const MODEL_VARIED: &[(&str, &str)] =
+    &[("model.arch", "--archs"), ("model.width_multiplier", "--widths"), ("train.supervised", "its two columns")];
 
 /// `ablate model`, Figure 7: for each architecture and width, a SimCLR run
 /// and the supervised baseline (`train.supervised`: the same encoder, the
