@@ -325,20 +325,19 @@ fn trains_on_cifar_binary_batches() {
     assert_succeeds(&output);
 }
 
-/// A first run's checkpoint, to check that later failures leave it alone.
-fn trained_run(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+/// A run of one epoch in `dir`: its image folder and its run folder.
+fn trained_run(dir: &Path) -> (PathBuf, PathBuf) {
     let data = dir.join("data");
     let out = dir.join("run");
     image_folder(&data, 4, 16);
     assert_succeeds(&tiny_run(&data, &out).run());
-    let checkpoint = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
-    (data, out, checkpoint)
+    (data, out)
 }
 
 #[test]
 fn a_runs_encoder_is_used_with_no_other_flags() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, out, _) = trained_run(dir.path());
+    let (data, out) = trained_run(dir.path());
     let weights = out.join("encoder.safetensors");
     let embed = |weights: &Path, name: &str| {
         let output = dir.path().join(name);
@@ -392,11 +391,21 @@ fn a_runs_encoder_is_used_with_no_other_flags() {
 #[test]
 fn bad_images_are_named_and_leave_the_checkpoint_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, out, checkpoint) = trained_run(dir.path());
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    image_folder(&data, 4, 16);
+    assert_succeeds(&tiny_run(&data, &out).args(["--set", "train.batch_size=3"]).run());
+    let checkpoint = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     let out_arg = out.display().to_string();
+    // A resume continues the run's network and batch size: another is
+    // refused by name, the checkpoint untouched.
+    let changed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2", "--batch-size", "4"])
+        .args(["--set", "model.width_multiplier=0.25"])
+        .run();
+    assert_fails_with(&changed, &["model.width_multiplier = 0.25 (before: 0.125)", "train.batch_size = 4 (before: 3)"]);
+    assert_eq!(std::fs::read(out.join("checkpoint.safetensors")).unwrap(), checkpoint);
     // 8 good images and 1 bad in batches of 3: no batch is dropped, so the
     // bad image is always read.
-    let resume = ["train", "--resume", "--output", &out_arg, "--epochs", "2", "--batch-size", "3"];
+    let resume = ["train", "--resume", "--output", &out_arg, "--epochs", "2"];
 
     let mut png = Vec::new();
     RgbImage::new(16, 16).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Jpeg).unwrap();
@@ -595,7 +604,7 @@ fn augment_preview_and_ablation_write_their_figures() {
 #[test]
 fn mismatched_weights_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, out, _) = trained_run(dir.path());
+    let (data, out) = trained_run(dir.path());
     let weights = out.join("encoder.safetensors");
     let (data_arg, output_arg) = (data.display().to_string(), dir.path().join("f.npy").display().to_string());
     let embed = |weights: &Path, arch: &str, width: &str| {
@@ -654,7 +663,7 @@ fn counts_of_zero_are_refused_by_name_and_an_io_error_is_printed_once() {
 #[test]
 fn neighbors_finds_the_query_and_its_near_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, run_dir, _) = trained_run(dir.path());
+    let (_, run_dir) = trained_run(dir.path());
     let index = dir.path().join("index");
     std::fs::create_dir_all(&index).unwrap();
     let shapes = simclr::data::synthetic::generate(30, 10, 32, 5);
@@ -1740,7 +1749,7 @@ fn epoch_field(run: &Path, field: &str) -> Vec<serde_json::Value> {
 #[test]
 fn embed_and_neighbors_read_shards_as_the_folder_they_were_written_from() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, out, _) = trained_run(dir.path());
+    let (data, out) = trained_run(dir.path());
     let shards = dir.path().join("shards");
     write_shards(&data, &shards, 3);
     let weights = out.join("encoder.safetensors").display().to_string();

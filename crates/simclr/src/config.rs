@@ -268,6 +268,36 @@ impl RunConfig {
         })
     }
 
+    /// The fields under `keys` (sections such as `model`, or fields such
+    /// as `train.batch_size`) whose values in `self` differ from `before`'s,
+    /// each as `key = value (before: value)`.
+    pub fn changed_from(&self, before: &RunConfig, keys: &[&str]) -> Vec<String> {
+        fn walk(key: &str, now: Option<&toml::Value>, then: Option<&toml::Value>, changed: &mut Vec<String>) {
+            match (now, then) {
+                (Some(toml::Value::Table(now)), Some(toml::Value::Table(then))) => {
+                    let names: std::collections::BTreeSet<&String> = now.keys().chain(then.keys()).collect();
+                    for name in names {
+                        walk(&format!("{key}.{name}"), now.get(name), then.get(name), changed);
+                    }
+                }
+                (now, then) if now != then => {
+                    let show = |value: Option<&toml::Value>| value.map_or("unset".to_owned(), |v| v.to_string());
+                    changed.push(format!("{key} = {} (before: {})", show(now), show(then)));
+                }
+                _ => {}
+            }
+        }
+        let (now, then) = (self.tree(), before.tree());
+        let field = |tree: &toml::Value, key: &str| -> Option<toml::Value> {
+            key.split('.').try_fold(tree, |value, part| value.get(part)).cloned()
+        };
+        let mut changed = Vec::new();
+        for key in keys {
+            walk(key, field(&now, key).as_ref(), field(&then, key).as_ref(), &mut changed);
+        }
+        changed
+    }
+
     fn tree(&self) -> toml::Value {
         toml::Value::try_from(self).expect("every config field is representable in TOML")
     }
@@ -606,6 +636,26 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("--set train.epochs=two: invalid type"), "{problems:?}");
         assert!(problems[1].starts_with("--set model.width=2: unknown field `width`"), "{problems:?}");
+    }
+
+    #[test]
+    fn changed_fields_are_listed_with_both_values() {
+        let before = RunConfig::default();
+        let mut now = before.clone();
+        assert!(now.changed_from(&before, &["model", "train.batch_size"]).is_empty());
+        now.model.width_multiplier = 0.5;
+        now.model.head.projection_dim = 64;
+        now.train.batch_size = 512;
+        now.train.epochs = 900;
+        let changed = now.changed_from(&before, &["model", "train.batch_size"]);
+        assert_eq!(
+            changed,
+            [
+                format!("model.head.projection_dim = 64 (before: {})", before.model.head.projection_dim),
+                "model.width_multiplier = 0.5 (before: 1.0)".to_owned(),
+                format!("train.batch_size = 512 (before: {})", before.train.batch_size),
+            ]
+        );
     }
 
     #[test]

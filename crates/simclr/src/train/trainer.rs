@@ -1019,6 +1019,16 @@ fn check_resumable(config: &ValidConfig, saved: &Checkpoint, processes: usize, p
             saved_with.name()
         ));
     }
+    // The network and the schedule's steps are the run's: another network
+    // does not load, and another batch size counts other steps.
+    let changed = config.changed_from(&saved.config, &["model", "train.supervised", "train.batch_size"]);
+    if !changed.is_empty() {
+        return refuse(format!(
+            "a resume continues the run as it was trained, and these differ from it: {}; resume without them, \
+             or start a new run",
+            changed.join(", ")
+        ));
+    }
     let Position { epoch, batch, .. } = saved.position;
     let on = |count: usize| if count == 1 { "1 process".to_owned() } else { format!("{count} processes") };
     match saved.processes {
