@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device};
 
 use crate::data::config::DataFormat;
-use crate::data::image_folder::{image_files, sorted_entries};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{Dataset, ImageSource, Sample};
 use crate::eval::features::FeatureNet;
@@ -177,18 +176,6 @@ impl std::fmt::Display for EmbedReport {
     }
 }
 
-/// Every image file below `dir`, recursively, sorted by path.
-pub fn image_files_recursive(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = image_files(dir)?;
-    for entry in sorted_entries(dir)? {
-        if entry.is_dir() {
-            files.extend(image_files_recursive(&entry)?);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
 /// Where the path list goes: `feats.npy` gives `feats.paths.txt`.
 pub fn paths_file(output: &Path) -> PathBuf {
     output.with_extension("paths.txt")
@@ -198,7 +185,7 @@ pub fn paths_file(output: &Path) -> PathBuf {
 /// shards (a `.tar`, or a folder of them) and CIFAR binary batches as their
 /// dataset lists them (a member as `shard.tar:key.jpg`, a CIFAR image as
 /// `#` and its position); one image file; or every image file below a
-/// folder, sorted by path. None is an error naming `input`.
+/// folder, in the order of [`crate::data::image_folder::walk`]. None is an error naming `input`.
 pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
     // A file that is neither a shard nor a CIFAR batch is one image.
     let format = match input.is_file() {
@@ -209,7 +196,7 @@ pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
     let samples = if held_as_dataset {
         Dataset::open(input, &DataFormat::Auto)?.samples
     } else {
-        let files = if input.is_file() { vec![input.to_path_buf()] } else { image_files_recursive(input)? };
+        let files = if input.is_file() { vec![input.to_path_buf()] } else { crate::data::image_folder::walk(input)?.0 };
         files.into_iter().map(|path| Sample { source: ImageSource::File(path), label: None }).collect()
     };
     if samples.is_empty() {

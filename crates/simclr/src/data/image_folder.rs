@@ -1,5 +1,8 @@
 //! Folders of image files: `root/<class>/*.jpg` (torchvision's ImageFolder
-//! layout; classes sorted by name) or a flat `root/*.jpg` without labels.
+//! layout: classes sorted by name, each class folder's images found in its
+//! sub-folders too) or a flat `root/*.jpg` without labels.
+use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::listing::{self, Listing};
@@ -28,18 +31,46 @@ pub fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 /// directory read, so a folder of a million files costs no million `stat`s
 /// (links are followed with one).
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(read_folder(dir)?.0)
+}
+
+/// The image files directly inside `dir` (sorted) and its folders, from
+/// one directory read.
+fn read_folder(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let read = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut files = Vec::new();
+    let (mut files, mut folders) = (Vec::new(), Vec::new());
     for entry in read {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
         let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
-        if has_image_extension(&path) && (kind.is_file() || (kind.is_symlink() && path.is_file())) {
+        if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
+            folders.push(path);
+        } else if has_image_extension(&path) && (kind.is_file() || (kind.is_symlink() && path.is_file())) {
             files.push(path);
         }
     }
     files.sort();
-    Ok(files)
+    Ok((files, folders))
+}
+
+/// Every image file below `dir`, in the order torchvision's ImageFolder
+/// lists a class folder (`os.walk` with links followed, sorted): folder by
+/// folder in the order of their paths as text, each folder's files by
+/// name; and the folders walked, `dir` first. A link back to a folder
+/// already walked is not walked again.
+pub fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut pending, mut seen, mut walked) = (vec![dir.to_path_buf()], HashSet::new(), Vec::new());
+    while let Some(folder) = pending.pop() {
+        if !seen.insert(folder.canonicalize().map_err(|e| Error::io(&folder, e))?) {
+            continue;
+        }
+        let (files, folders) = read_folder(&folder)?;
+        pending.extend(folders);
+        walked.push((folder, files));
+    }
+    walked.sort_by(|(a, _), (b, _)| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    let folders = walked.iter().map(|(folder, _)| folder.clone()).collect();
+    Ok((walked.into_iter().flat_map(|(_, files)| files).collect(), folders))
 }
 
 /// `root/<class>/*.jpg`; the listing of a large folder is cached ([`listing`]).
@@ -55,20 +86,21 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
     Ok(dataset(root, listing))
 }
 
-/// The listing of `root/<class>/*.jpg` and the folders it was made from:
-/// the root and every folder in it, those without images too (no class,
-/// but an image put in one later must list the folder afresh).
+/// The listing of `root/<class>/**/*.jpg` (each class folder walked as
+/// [`walk`] does) and the folders it was made from: the root and every
+/// folder below it, those without images too (no class, but an image put
+/// in one later must list the folder afresh).
 fn list_labelled(root: &Path) -> Result<(Listing, Vec<PathBuf>)> {
     let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
     let mut dirs = vec![root.to_path_buf()];
     for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
-        let files = image_files(&dir)?;
+        let (files, folders) = walk(&dir)?;
         if !files.is_empty() {
             let label = listing.classes.len();
             listing.classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             listing.files.extend(files.into_iter().map(|path| (path, Some(label))));
         }
-        dirs.push(dir);
+        dirs.extend(folders);
     }
     Ok((listing, dirs))
 }
@@ -109,6 +141,39 @@ mod tests {
         assert_eq!(dataset.classes, vec!["cat", "dog"]);
         let labels: Vec<_> = dataset.samples.iter().map(|s| s.label.unwrap()).collect();
         assert_eq!(labels, vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn images_in_a_class_folders_sub_folders_are_listed_in_torchvisions_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let names = ["cat/b.png", "cat/sub/a.png", "cat/sub-a/c.png", "cat/sub/x/d.png", "dog/e.png"];
+        for name in names {
+            std::fs::create_dir_all(root.join(name).parent().unwrap()).unwrap();
+            image::RgbImage::new(8, 8).save(root.join(name)).unwrap();
+        }
+        // A link back up is walked once, not forever.
+        std::os::unix::fs::symlink(root.join("cat"), root.join("cat/sub/x/up")).unwrap();
+        let dataset = open_labelled(root).unwrap();
+        let listed: Vec<(String, Option<usize>)> = dataset
+            .samples
+            .iter()
+            .map(|sample| match &sample.source {
+                ImageSource::File(path) => (path.strip_prefix(root).unwrap().display().to_string(), sample.label),
+                _ => unreachable!("a folder lists files"),
+            })
+            .collect();
+        // As torchvision 0.26's ImageFolder lists this tree (checked by
+        // hand): folders by their path as text, so sub-a before sub/x;
+        // sorting whole paths by component would put sub/x/d.png third.
+        let expected =
+            [("cat/b.png", 0), ("cat/sub/a.png", 0), ("cat/sub-a/c.png", 0), ("cat/sub/x/d.png", 0), ("dog/e.png", 1)];
+        let expected: Vec<(String, Option<usize>)> =
+            expected.iter().map(|(name, label)| (name.to_string(), Some(*label))).collect();
+        assert_eq!(listed, expected);
+        // Every folder walked is kept with a listing: an image added deep down lists afresh.
+        let (_, dirs) = list_labelled(root).unwrap();
+        assert!(dirs.contains(&root.join("cat/sub/x")) && dirs.len() == 6, "{dirs:?}");
     }
 
     #[test]
