@@ -14,7 +14,9 @@ use std::time::UNIX_EPOCH;
 /// The smallest folder whose listing is cached.
 pub const CACHED_FROM: usize = 10_000;
 
-const HEADER: &str = "simclr listing 1";
+/// The format and the rules of listing; a listing made under other ones is
+/// listed afresh (2: class folders walked into their sub-folders).
+const HEADER: &str = "simclr listing 2";
 
 /// A folder's listing: class names, and each image with its class.
 #[derive(Debug, Clone, PartialEq)]
