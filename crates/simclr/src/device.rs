@@ -40,8 +40,8 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
         DeviceChoice::Cuda => {
             return Err(Error::Device(
-                "train.device = \"cuda\" but no CUDA device is available (is this a CUDA build, \
-                 `--features cuda`, on a machine with a GPU?)"
+                "the device asked for is cuda (--device cuda, or train.device = \"cuda\"), but no CUDA device is \
+                 available (is this a CUDA build, `--features cuda`, on a machine with a GPU?)"
                     .to_owned(),
             ))
         }
@@ -465,5 +465,16 @@ mod tests {
         assert_eq!(conv.ws.stride(), vec![27, 1, 9, 3]);
         assert!(conv.ws.equal(&before) && conv.ws.requires_grad());
         assert!((x.apply(&conv) - output).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_refused_naming_the_flag_and_the_field() {
+        match tch::Cuda::is_available() {
+            true => assert!(select(DeviceChoice::Cuda).unwrap().is_cuda()),
+            false => {
+                let error = select(DeviceChoice::Cuda).unwrap_err().to_string();
+                assert!(error.contains("--device cuda") && error.contains("train.device = \"cuda\""), "{error}");
+            }
+        }
     }
 }
