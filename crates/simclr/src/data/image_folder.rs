@@ -93,7 +93,18 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
 fn list_labelled(root: &Path) -> Result<(Listing, Vec<PathBuf>)> {
     let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
     let mut dirs = vec![root.to_path_buf()];
-    for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+    let (outside, mut classes) = read_folder(root)?;
+    if !outside.is_empty() {
+        tracing::warn!(
+            "{}: its {} images outside the class folders are not used (the first: {}); an image folder's images \
+             are those of its class folders, as in torchvision's ImageFolder",
+            root.display(),
+            outside.len(),
+            outside[0].display()
+        );
+    }
+    classes.sort();
+    for dir in classes {
         let (files, folders) = walk(&dir)?;
         if !files.is_empty() {
             let label = listing.classes.len();
@@ -147,7 +158,8 @@ mod tests {
     fn images_in_a_class_folders_sub_folders_are_listed_in_torchvisions_order() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let names = ["cat/b.png", "cat/sub/a.png", "cat/sub-a/c.png", "cat/sub/x/d.png", "dog/e.png"];
+        // loose.png is in no class folder: not listed (and warned of).
+        let names = ["cat/b.png", "cat/sub/a.png", "cat/sub-a/c.png", "cat/sub/x/d.png", "dog/e.png", "loose.png"];
         for name in names {
             std::fs::create_dir_all(root.join(name).parent().unwrap()).unwrap();
             image::RgbImage::new(8, 8).save(root.join(name)).unwrap();

@@ -219,11 +219,12 @@ pub struct ShardReport {
 
 impl std::fmt::Display for ShardReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shards = match self.shards.len() {
-            1 => "1 shard".to_owned(),
-            count => format!("{count} shards"),
+        let count = |count: usize, what: &str| match count {
+            1 => format!("1 {what}"),
+            count => format!("{count} {what}s"),
         };
-        write!(f, "wrote {} images in {shards} to {}", self.images, self.output.display())
+        let (images, shards) = (count(self.images, "image"), count(self.shards.len(), "shard"));
+        write!(f, "wrote {images} in {shards} to {}", self.output.display())
     }
 }
 
