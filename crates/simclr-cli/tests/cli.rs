@@ -383,9 +383,11 @@ fn a_runs_encoder_is_used_with_no_other_flags() {
     let held_out = dir.path().join("held-out");
     image_folder(&held_out, 2, 16);
     let splits = ["--train", data_arg.as_str(), "--test", held_out.to_str().unwrap()];
-    let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights.display().to_string()]).args(splits).run();
+    let knn = simclr(["eval", "knn", "--k", "50", "--weights", &weights.display().to_string()]).args(splits).run();
     assert_succeeds(&knn);
     assert!(!stderr(&knn).contains("--train and --test are both"), "{}", stderr(&knn));
+    // More neighbours than training images: all of them vote, and it is said.
+    assert!(stderr(&knn).contains("--k 50 is more than the 8 training images"), "{}", stderr(&knn));
 }
 
 #[test]

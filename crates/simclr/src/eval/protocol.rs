@@ -154,6 +154,16 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     let train = labelled(&options.train, options.limit, options.seed)?;
     let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?;
     let classes = train.classes.len();
+    if let Protocol::Knn(config) = protocol {
+        if config.k > train.len() {
+            tracing::warn!(
+                "--k {} is more than the {} training images: every one of them votes, as with --k {}",
+                config.k,
+                train.len(),
+                train.len()
+            );
+        }
+    }
 
     tch::manual_seed(options.seed as i64);
     let Network { store, model, name } = network;
