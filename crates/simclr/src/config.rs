@@ -664,7 +664,9 @@ mod tests {
         config.train.batch_size = 1;
         config.loss.temperature = 0.0;
         config.data.stream_readers = 0;
+        (config.data.limit, config.data.shuffle_buffer) = (Some(100), 64);
         let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("data.limit = 100 with data.shuffle_buffer = 64"), "{message}");
         assert!(message.contains("train.batch_size = 1"), "{message}");
         assert!(message.contains("loss.temperature = 0"), "{message}");
         assert!(message.contains("data.stream_readers = 0"), "{message}");

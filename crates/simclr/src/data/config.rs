@@ -135,6 +135,14 @@ impl DataConfig {
         if self.stream_readers == 0 {
             problems.push("data.stream_readers = 0: must be at least 1".to_owned());
         }
+        if let (Some(limit), buffer @ 1..) = (self.limit, self.shuffle_buffer) {
+            // The subset is drawn by index; a stream reads its shards whole.
+            problems.push(format!(
+                "data.limit = {limit} with data.shuffle_buffer = {buffer}: the subset is drawn by index, and \
+                 streamed shards are read whole; read them by index (data.shuffle_buffer = 0), or write shards \
+                 of the subset (simclr shard)"
+            ));
+        }
         if let Err(problem) = check_std(&self.std) {
             problems.push(format!("data.std = {problem}"));
         }

@@ -43,9 +43,14 @@ fn read_folder(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
         let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
-        if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
+        // A link is followed with one `stat`; a broken one is neither.
+        let (is_dir, is_file) = match kind.is_symlink() {
+            true => std::fs::metadata(&path).map_or((false, false), |target| (target.is_dir(), target.is_file())),
+            false => (kind.is_dir(), kind.is_file()),
+        };
+        if is_dir {
             folders.push(path);
-        } else if has_image_extension(&path) && (kind.is_file() || (kind.is_symlink() && path.is_file())) {
+        } else if is_file && has_image_extension(&path) {
             files.push(path);
         }
     }
