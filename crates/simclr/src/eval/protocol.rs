@@ -139,10 +139,8 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     if !problems.is_empty() {
         return Err(Error::Config(problems));
     }
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
-    };
-    if same(&options.train, &options.test) {
+    let canonical = |path: &std::path::Path| path.canonicalize().ok();
+    if canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
         // A CIFAR folder opens as its training batches, whichever split it is given as.
         tracing::warn!(
             "--train and --test are both {}: each test image is among the training images, so the score says \

@@ -69,10 +69,7 @@ impl MetricsLog {
     /// is trained again on resume; damage anywhere else is an error.
     pub fn read(&self) -> Result<Vec<EpochMetrics>> {
         let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let (whole, cut) = match text.rsplit_once('\n') {
-            Some((whole, cut)) => (whole, cut),
-            None => ("", text.as_str()),
-        };
+        let (whole, cut) = text.rsplit_once('\n').unwrap_or(("", &text));
         let parse = |line: &str| serde_json::from_str::<EpochMetrics>(line);
         let mut entries = whole
             .lines()
