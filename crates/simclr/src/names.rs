@@ -1,4 +1,13 @@
-//! Enums named in configs and on the command line.
+//! Enums named in configs and on the command line, and counts named in
+//! messages.
+
+/// `count` and its noun, plural but for one: "1 epoch", "3 epochs".
+pub(crate) fn counted(count: usize, noun: &str) -> String {
+    match count {
+        1 => format!("1 {noun}"),
+        count => format!("{count} {noun}s"),
+    }
+}
 
 /// Gives an enum of unit variants its names, in one place: `ALL` (in
 /// declaration order), `name()`, `FromStr` that lists every name on a miss,
@@ -52,6 +61,12 @@ macro_rules! names {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_is_singular_and_every_other_count_plural() {
+        let counts = [0, 1, 2].map(|count| super::counted(count, "epoch"));
+        assert_eq!(counts, ["0 epochs", "1 epoch", "2 epochs"]);
+    }
+
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Fruit {
         Apple,

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use super::image_folder::{sorted_entries, EXTENSIONS};
 use super::{Dataset, ImageSource, Sample};
+use crate::names::counted;
 use crate::{Error, Result};
 
 /// The file naming the classes of a folder of shards, one per line, in the
@@ -219,11 +220,7 @@ pub struct ShardReport {
 
 impl std::fmt::Display for ShardReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let count = |count: usize, what: &str| match count {
-            1 => format!("1 {what}"),
-            count => format!("{count} {what}s"),
-        };
-        let (images, shards) = (count(self.images, "image"), count(self.shards.len(), "shard"));
+        let (images, shards) = (counted(self.images, "image"), counted(self.shards.len(), "shard"));
         write!(f, "wrote {images} in {shards} to {}", self.output.display())
     }
 }

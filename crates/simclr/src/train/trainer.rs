@@ -27,6 +27,7 @@ use crate::dist::{Parallel, ProcessGroup, ReduceOp};
 use crate::eval::features::{FeatureNet, Frozen, FEATURE_BATCH};
 use crate::eval::{knn_accuracy, KnnConfig};
 use crate::model::{Layer, SimClr};
+use crate::names::counted;
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -129,7 +130,7 @@ impl std::fmt::Display for TrainReport {
             );
         }
         if let Some(last) = self.epochs.last() {
-            writeln!(f, "trained {} epochs on {:?}: final loss {:.4}", last.epoch, self.device, last.loss)?;
+            writeln!(f, "trained {} on {:?}: final loss {:.4}", counted(last.epoch, "epoch"), self.device, last.loss)?;
         }
         match (self.initial_knn_top1, self.final_knn_top1()) {
             (Some(before), Some(after)) => {
@@ -394,10 +395,10 @@ impl Trainer {
             Schedule { peak: config.optim.peak_learning_rate(config.train.batch_size), warmup_steps, total_steps };
         if warmup_steps > total_steps && config.train.time_budget_seconds.is_none() {
             tracing::warn!(
-                "optim.warmup_epochs = {} is longer than the run's {} epochs: the learning rate never reaches \
+                "optim.warmup_epochs = {} is longer than the run's {}: the learning rate never reaches \
                  its peak of {:.4}; lower optim.warmup_epochs (the paper warms up for 10 of 100 or more epochs)",
                 config.optim.warmup_epochs,
-                config.train.epochs,
+                counted(config.train.epochs, "epoch"),
                 schedule.peak
             );
         }
@@ -627,10 +628,10 @@ impl Trainer {
                 self.config = self.config.with_planned_epochs(planned);
                 self.schedule.total_steps = self.config.train.epochs * steps_per_epoch;
                 tracing::info!(
-                    "time budget {:.0} s at {whole_epoch_seconds:.1} s for epoch {}: training {} epochs",
+                    "time budget {:.0} s at {whole_epoch_seconds:.1} s for epoch {}: training {}",
                     budget.seconds,
                     position.epoch,
-                    self.config.train.epochs
+                    counted(self.config.train.epochs, "epoch")
                 );
             }
         }
