@@ -637,7 +637,7 @@ fn mismatched_weights_are_named() {
 }
 
 #[test]
-fn counts_of_zero_are_refused_by_name_and_an_io_error_is_printed_once() {
+fn eval_and_bench_settings_are_refused_by_name_and_an_io_error_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 2, 16);
@@ -648,8 +648,40 @@ fn counts_of_zero_are_refused_by_name_and_an_io_error_is_printed_once() {
         let output = simclr(["eval", protocol, "--random-init", "--limit", "0", "--train", &data, "--test", &data])
             .args(model)
             .run();
-        assert_fails_with(&output, &["--limit = 0: must be at least 1"]);
+        assert_fails_with(&output, &["--limit 0: must be at least 1"]);
     }
+    // Checked before any image is read (the folder does not exist): a NaN
+    // rate trained and scored a classifier of NaNs, a zero batch failed
+    // only after every feature was computed.
+    let missing = dir.path().join("missing").display().to_string();
+    let settings = [
+        ("linear", &["--learning-rate", "nan", "--momentum", "1", "--weight-decay=-1", "--batch-size", "0"][..]),
+        ("finetune", &["--fraction", "2", "--epochs", "0", "--batch-size", "1", "--learning-rate=-0.1"][..]),
+    ];
+    let expected: [&[&str]; 2] = [
+        &[
+            "--batch-size 0: must be at least 1",
+            "--learning-rate NaN: must be a finite number > 0",
+            "--momentum 1: must be in [0, 1)",
+            "--weight-decay -1: must be a finite number >= 0",
+        ],
+        &[
+            "--fraction 2: must be in (0, 1]",
+            "--epochs 0: must be at least 1",
+            "--batch-size 1: must be at least 2",
+            "--learning-rate -0.1: must be a finite number > 0",
+        ],
+    ];
+    for ((protocol, flags), needles) in settings.into_iter().zip(expected) {
+        let output = simclr(["eval", protocol, "--random-init", "--train", &missing, "--test", &missing])
+            .args(model)
+            .args(flags)
+            .run();
+        assert_fails_with(&output, needles);
+    }
+    let output =
+        simclr(["eval", "knn", "--random-init", "--train", &missing, "--test", &missing, "--k", "0"]).args(model).run();
+    assert_fails_with(&output, &["--k 0: must be at least 1"]);
     let output = simclr(["bench"]).args(model).args(["--image-size", "0", "--width", "0", "--steps", "1"]).run();
     assert_fails_with(&output, &["--image-size 0: must be at least 8", "--width 0: must be in (0, 16]"]);
     let output = simclr(["bench", "augment", "--data", &data, "--threads", "0"]).run();

@@ -29,7 +29,7 @@ pub struct FinetuneConfig {
     /// Fraction of each class's labelled images: 0.01, 0.1 or 1.0 in the paper.
     #[arg(long, default_value_t = FinetuneConfig::default().fraction)]
     pub fraction: f64,
-    /// Default: the paper's 60 for fractions up to 1%, 30 above ([`Self::epochs`]).
+    /// Default: the paper's 60 for fractions up to 1%, 30 above.
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = FinetuneConfig::default().batch_size)]
@@ -91,6 +91,24 @@ impl FinetuneConfig {
         }
     }
 
+    /// Pushes a line per bad setting, named as its flag. Train-mode
+    /// BatchNorm needs two images to a batch.
+    pub fn check(&self, problems: &mut Vec<String>) {
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            problems.push(format!("--fraction {}: must be in (0, 1]", self.fraction));
+        }
+        if self.epochs == Some(0) {
+            problems.push("--epochs 0: must be at least 1".to_owned());
+        }
+        if self.batch_size < 2 {
+            problems.push(format!(
+                "--batch-size {}: must be at least 2, as BatchNorm trains on a batch's statistics",
+                self.batch_size
+            ));
+        }
+        super::check_sgd(self.learning_rate, self.momentum, problems);
+    }
+
     /// The epochs given, else [`Self::paper_epochs`] of the fraction.
     pub fn epochs(&self) -> usize {
         self.epochs.unwrap_or_else(|| Self::paper_epochs(self.fraction))
@@ -131,13 +149,9 @@ pub fn finetune(
     pool: &rayon::ThreadPool,
 ) -> Result<(Accuracy, usize)> {
     let (train, test, format) = (&task.train, &task.test, task.format);
-    if config.epochs() == 0 || config.batch_size < 2 {
-        return Err(Error::InvalidArgument(format!(
-            "fine-tuning needs epochs >= 1 and batch size >= 2, got {} and {}",
-            config.epochs(),
-            config.batch_size
-        )));
-    }
+    let mut problems = Vec::new();
+    config.check(&mut problems);
+    super::refuse(problems)?;
     let subset = balanced_subset(train, config.fraction, config.seed)?;
     if let Some(path) = &config.subset_file {
         let listing: String = subset.iter().map(|&i| format!("{}\n", train.samples[i].describe(i))).collect();

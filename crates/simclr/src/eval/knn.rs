@@ -28,14 +28,19 @@ impl Default for KnnConfig {
 }
 
 impl KnnConfig {
-    /// Pushes a line per bad field, named `{prefix}k` and `{prefix}temperature`
-    /// (`train.knn_` in a run's config, `--` on the command line).
+    /// Pushes a line per bad field, named `{prefix}k` and `{prefix}temperature`:
+    /// `train.knn_k = 0` in a run's config, `--k 0` on the command line
+    /// (prefix `--`).
     pub fn check(&self, prefix: &str, problems: &mut Vec<String>) {
+        let named = |field: &str, value: &dyn std::fmt::Display| match prefix {
+            "--" => format!("--{field} {value}"),
+            _ => format!("{prefix}{field} = {value}"),
+        };
         if self.k == 0 {
-            problems.push(format!("{prefix}k = 0: must be at least 1"));
+            problems.push(format!("{}: must be at least 1", named("k", &0)));
         }
         if !crate::checks::is_positive_finite(self.temperature) {
-            problems.push(format!("{prefix}temperature = {}: must be > 0", self.temperature));
+            problems.push(format!("{}: must be > 0", named("temperature", &self.temperature)));
         }
     }
 }

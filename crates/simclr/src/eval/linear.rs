@@ -43,6 +43,21 @@ impl Default for LinearConfig {
     }
 }
 
+impl LinearConfig {
+    /// Pushes a line per bad setting, named as its flag.
+    pub fn check(&self, problems: &mut Vec<String>) {
+        for (flag, count) in [("--epochs", self.epochs), ("--batch-size", self.batch_size)] {
+            if count == 0 {
+                problems.push(format!("{flag} 0: must be at least 1"));
+            }
+        }
+        super::check_sgd(self.learning_rate, self.momentum, problems);
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            problems.push(format!("--weight-decay {}: must be a finite number >= 0", self.weight_decay));
+        }
+    }
+}
+
 /// Trains the classifier on (`train`, `train_labels`) and scores it on the test split.
 pub fn linear_eval(
     train: &Tensor,
@@ -85,12 +100,11 @@ pub fn fit_linear(
     config: &LinearConfig,
 ) -> Result<LinearClassifier> {
     let rows = train.size()[0];
-    if rows == 0 || config.batch_size == 0 || config.epochs == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "a linear classifier needs training features, batch size and epochs >= 1 \
-             (got {rows} training rows, batch {}, {} epochs)",
-            config.batch_size, config.epochs
-        )));
+    let mut problems = Vec::new();
+    config.check(&mut problems);
+    super::refuse(problems)?;
+    if rows == 0 {
+        return Err(Error::InvalidArgument("a linear classifier needs training features, got 0 rows".to_owned()));
     }
     let device = train.device();
     let train = train.to_kind(Kind::Float);

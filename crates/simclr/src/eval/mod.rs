@@ -45,6 +45,26 @@ pub fn accuracy(scores: &Tensor, labels: &Tensor) -> Accuracy {
     Accuracy { top1: top_k_accuracy(scores, labels, 1), top5: top_k_accuracy(scores, labels, 5) }
 }
 
+/// Pushes a line per bad setting of an SGD fit on the labels (the linear
+/// classifier's, fine-tuning's), named as the flags are.
+fn check_sgd(learning_rate: f64, momentum: f64, problems: &mut Vec<String>) {
+    if !crate::checks::is_positive_finite(learning_rate) {
+        problems.push(format!("--learning-rate {learning_rate}: must be a finite number > 0"));
+    }
+    if !(0.0..1.0).contains(&momentum) {
+        problems.push(format!("--momentum {momentum}: must be in [0, 1)"));
+    }
+}
+
+/// `Err(Error::Config)` listing `problems`, if there are any.
+fn refuse(problems: Vec<String>) -> crate::Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Error::Config(problems))
+    }
+}
+
 /// Values drawn uniformly from [-bound, bound] by `rng`, as a float tensor
 /// of `shape` on the CPU.
 pub(crate) fn seeded_uniform(shape: &[i64], bound: f64, rng: &mut ChaCha8Rng) -> Tensor {

@@ -130,15 +130,15 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         )));
     }
     let mut problems = Vec::new();
-    if let Protocol::Knn(config) = protocol {
-        config.check("--", &mut problems);
+    match protocol {
+        Protocol::Knn(config) => config.check("--", &mut problems),
+        Protocol::Linear(config) => config.check(&mut problems),
+        Protocol::Finetune(config) => config.check(&mut problems),
     }
     if options.limit == Some(0) {
-        problems.push("--limit = 0: must be at least 1".to_owned());
+        problems.push("--limit 0: must be at least 1".to_owned());
     }
-    if !problems.is_empty() {
-        return Err(Error::Config(problems));
-    }
+    super::refuse(problems)?;
     let canonical = |path: &std::path::Path| path.canonicalize().ok();
     if canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
         // A CIFAR folder opens as its training batches, whichever split it is given as.
