@@ -13,7 +13,7 @@ use simclr::ablation::{self, HeadChoice, Study};
 use simclr::augment::preview::PreviewOptions;
 use simclr::augment::OpConfig;
 use simclr::config::{ConfigLayers, RunLayers, ValidConfig};
-use simclr::data::config::DataFormat;
+use simclr::data::config::{BadImagePolicy, DataFormat};
 use simclr::data::Dataset;
 use simclr::device::DeviceChoice;
 use simclr::dist::launch::{self, Outcome, World};
@@ -111,13 +111,19 @@ struct EncoderArgs {
     /// a run's checkpoint.
     #[arg(long, default_value = "h")]
     layer: Layer,
+    /// stop (at the first image that cannot be read, naming it) or skip (leave it out, named in a
+    /// warning and at the end)
+    #[arg(long, default_value = "stop")]
+    on_bad_image: BadImagePolicy,
 }
 
 impl EncoderArgs {
     fn options(&self, batch_size: usize) -> Result<simclr::embed::EncoderOptions> {
         let weights = self.weights.clone().context("give the encoder with --weights")?;
         let device = simclr::device::select(self.device)?;
-        Ok(simclr::embed::EncoderOptions::new(weights, &self.spec, batch_size, device, self.layer)?)
+        let mut options = simclr::embed::EncoderOptions::new(weights, &self.spec, batch_size, device, self.layer)?;
+        options.on_bad_image = self.on_bad_image;
+        Ok(options)
     }
 }
 
@@ -438,7 +444,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         input: args.input,
         output: args.output,
     };
-    println!("{}", simclr::embed::embed(&options)?);
+    print!("{}", simclr::embed::embed(&options)?);
     Ok(())
 }
 
@@ -457,6 +463,7 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     };
     let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());
     (options.limit, options.seed, options.layer) = (args.limit, args.seed, layer);
+    options.on_bad_image = args.encoder.on_bad_image;
     options.device = simclr::device::select(args.encoder.device)?;
     let network = simclr::embed::load_network(&source, &options.spec, layer, options.device)?;
     let (output, seed) = (args.output.clone(), args.seed);
@@ -467,6 +474,7 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     };
     let report = simclr::eval::evaluate(&network, &options, &protocol)?;
     println!("{report}");
+    eprint!("{}", simclr::data::Skipped(&report.skipped));
     if let Some(path) = output {
         simclr::io::write_atomic(&path, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
     }
@@ -475,7 +483,9 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
 
 fn neighbors(args: NeighborsArgs) -> Result<()> {
     let encoder = args.encoder.options(args.batch_size)?;
-    print!("{}", simclr::retrieval::neighbors(&encoder, &args.options)?);
+    let report = simclr::retrieval::neighbors(&encoder, &args.options)?;
+    print!("{report}");
+    eprint!("{}", simclr::data::Skipped(&report.skipped));
     if let Some(gallery) = &args.options.gallery {
         eprintln!("gallery: {}", gallery.display());
     }

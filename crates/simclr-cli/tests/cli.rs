@@ -1169,7 +1169,7 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
 }
 
 #[test]
-fn the_skip_policy_trains_on_and_lists_unreadable_images() {
+fn the_skip_policy_trains_embeds_and_evaluates_without_unreadable_images() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
@@ -1180,12 +1180,45 @@ fn the_skip_policy_trains_on_and_lists_unreadable_images() {
     let output = tiny_run(&data, &out).args(["--set", "data.on_bad_image=skip"]).run();
     assert_succeeds(&output);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(stdout.contains("skipped 1 unreadable images") && stdout.contains("broken.jpg"), "{stdout}");
+    assert!(stdout.contains("skipped 1 unreadable image:") && stdout.contains("broken.jpg"), "{stdout}");
     assert!(stderr(&output).contains("skipping unreadable image"), "reported when met:\n{}", stderr(&output));
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     let listed = summary["skipped_images"].as_array().unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].as_str().unwrap().contains("broken.jpg"));
+
+    // The run's encoder over the same 13 files: embed, neighbors and eval
+    // stop at the broken one, or leave it out under --on-bad-image skip.
+    let (data_arg, features) = (data.display().to_string(), dir.path().join("features.npy"));
+    let encoder = encoder_flags(&out.join("encoder.safetensors"), "resnet18", "0.125");
+    let features_arg = features.display().to_string();
+    let embed = || simclr(["embed", "--input", &data_arg, "--output", &features_arg]).args(&encoder);
+    assert_fails_with(&embed().run(), &["broken.jpg"]);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!left.iter().any(|name| name.to_string_lossy().starts_with("features")), "left behind: {left:?}");
+    let output = embed().args(["--on-bad-image", "skip", "--batch-size", "5"]).run();
+    assert_succeeds(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("skipped 1 unreadable image:\n  "));
+    assert_eq!(npy_shape(&features), [12, 64]);
+    let paths = std::fs::read_to_string(dir.path().join("features.paths.txt")).unwrap();
+    assert_eq!(paths.lines().count(), 12);
+    assert!(!paths.contains("broken"), "{paths}");
+
+    let bars = data.join("bars").display().to_string();
+    let neighbors = simclr(["neighbors", "--index", &data_arg, "--query", &bars, "--k", "12"]).args(&encoder);
+    assert_fails_with(&neighbors.clone().run(), &["broken.jpg"]);
+    let output = neighbors.args(["--on-bad-image", "skip"]).run();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(table.lines().count(), 1 + 6 * 12, "6 readable queries, 12 readable images each:\n{table}");
+    assert!(!table.contains("broken") && stderr(&output).contains("skipped 2 unreadable images:"), "{table}");
+
+    let knn = simclr(["eval", "knn", "--train", &data_arg, "--test", &data_arg, "--k", "3"]).args(&encoder);
+    assert_fails_with(&knn.clone().run(), &["broken.jpg"]);
+    let output = knn.args(["--on-bad-image", "skip"]).run();
+    assert_succeeds(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("12 labelled of 12 train / 12 test images"));
+    assert!(stderr(&output).contains("skipped 2 unreadable images:"), "{}", stderr(&output));
 }
 
 /// A file in `dir` whose name starts with `prefix`, if any.

@@ -4,11 +4,12 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device};
 
-use crate::data::config::DataFormat;
+use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{Dataset, ImageSource, Sample};
-use crate::eval::features::FeatureNet;
-use crate::eval::{extract_features, Network};
+use crate::eval::features::{Batches, FeatureNet};
+use crate::eval::Network;
+use crate::io::npy::NpyRows;
 use crate::model::{EncoderSpec, Layer, ResNet, SimClr, SpecOverrides};
 use crate::{Error, Result};
 
@@ -23,6 +24,9 @@ pub struct EncoderOptions {
     pub batch_size: usize,
     pub device: Device,
     pub layer: Layer,
+    /// An unreadable image stops the command, or is left out (named in a
+    /// warning and in the report).
+    pub on_bad_image: BadImagePolicy,
 }
 
 impl EncoderOptions {
@@ -40,7 +44,7 @@ impl EncoderOptions {
             return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
         }
         let spec = resolve_spec(&weights, overrides, layer)?;
-        Ok(Self { weights, spec, batch_size, device, layer })
+        Ok(Self { weights, spec, batch_size, device, layer, on_bad_image: BadImagePolicy::Stop })
     }
 
     /// Builds the network and loads its weights, checking every tensor.
@@ -124,13 +128,38 @@ pub struct LoadedEncoder {
 }
 
 impl LoadedEncoder {
-    /// The features (at the options' layer) of each image, in order, as a
-    /// `[images, dim]` CPU tensor.
-    pub fn embed_images(&self, images: &[Sample]) -> Result<tch::Tensor> {
+    /// The features (at the options' layer) of `images`, batch by batch in
+    /// order, as [`Batches::each`] gives them but on the CPU; returns the
+    /// images left out as unreadable, as "path: reason".
+    pub fn each_batch(
+        &self,
+        images: &[Sample],
+        sink: &mut dyn FnMut(tch::Tensor, Vec<usize>) -> Result<()>,
+    ) -> Result<Vec<String>> {
         let (spec, options) = (&self.options.spec, &self.options);
-        let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
-        Ok(extract_features(self.net()?, images, format, options.batch_size, options.device, &self.pool)?
-            .to_device(Device::Cpu))
+        let batches = Batches {
+            format: ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std },
+            batch_size: options.batch_size,
+            device: options.device,
+            policy: options.on_bad_image,
+        };
+        batches.each(self.net()?, images, &self.pool, &mut |features, rows| sink(features.to_device(Device::Cpu), rows))
+    }
+
+    /// The features of the readable ones of `images` as an `[rows, dim]` CPU
+    /// tensor, the positions in `images` of its rows, and the images left
+    /// out; an error if none could be read.
+    pub fn embed_images(&self, images: &[Sample], input: &Path) -> Result<Embedded> {
+        let (mut chunks, mut rows) = (Vec::new(), Vec::new());
+        let skipped = self.each_batch(images, &mut |features, read| {
+            chunks.push(features);
+            rows.extend(read);
+            Ok(())
+        })?;
+        if rows.is_empty() {
+            return Err(none_readable(input, images.len()));
+        }
+        Ok(Embedded { features: tch::Tensor::cat(&chunks, 0), rows, skipped })
     }
 
     /// The size of a feature vector.
@@ -140,6 +169,23 @@ impl LoadedEncoder {
 
     fn net(&self) -> Result<FeatureNet<'_>> {
         FeatureNet::at(&self.network.model, self.options.layer)
+    }
+}
+
+/// Features of a list of images, the unreadable ones left out.
+pub struct Embedded {
+    /// `[rows.len(), dim]`, on the CPU.
+    pub features: tch::Tensor,
+    /// The position in the list of each row's image.
+    pub rows: Vec<usize>,
+    /// The images left out, as "path: reason".
+    pub skipped: Vec<String>,
+}
+
+fn none_readable(input: &Path, images: usize) -> Error {
+    Error::Dataset {
+        path: input.to_path_buf(),
+        message: format!("none of its {} could be read (each is named above)", crate::names::counted(images, "image")),
     }
 }
 
@@ -159,20 +205,23 @@ pub struct EmbedReport {
     /// Wall time of decoding and the forward passes (listing, loading the
     /// weights and writing the output excluded).
     pub embed_seconds: f64,
+    /// Images left out as unreadable, as "path: reason".
+    pub skipped: Vec<String>,
 }
 
 impl std::fmt::Display for EmbedReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
+        writeln!(
             f,
-            "embedded {} images ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
-            self.images,
+            "embedded {} ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
+            crate::names::counted(self.images, "image"),
             self.feature_dim,
             self.features_path.display(),
             self.paths_path.display(),
             self.embed_seconds,
             self.images as f64 / self.embed_seconds.max(1e-9),
-        )
+        )?;
+        write!(f, "{}", crate::data::Skipped(&self.skipped))
     }
 }
 
@@ -208,28 +257,38 @@ pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
     Ok(samples.into_iter().enumerate().map(|(index, sample)| (sample.describe(index), sample)).collect())
 }
 
+/// `simclr embed`: the features are written as they are computed, so a run
+/// over millions of images holds one batch of them at a time.
 pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
     let (names, images): (Vec<String>, Vec<Sample>) = images_in(&options.input)?.into_iter().unzip();
     let loaded = options.encoder.load()?;
     let started = std::time::Instant::now();
-    let features = loaded.embed_images(&images)?;
-    let embed_seconds = started.elapsed().as_secs_f64();
-
-    // Write beside the target, then rename, so a failure leaves no partial file.
-    let temporary = options.output.with_extension("npy.partial");
-    if let Some(dir) = options.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let feature_dim = loaded.dim()?;
+    let mut features = NpyRows::create(&options.output, feature_dim as usize)?;
+    let (mut listing, mut writing) = (String::new(), std::time::Duration::ZERO);
+    let skipped = loaded.each_batch(&images, &mut |batch, rows| {
+        let began = std::time::Instant::now();
+        features.append(&batch)?;
+        rows.into_iter().for_each(|row| {
+            listing.push_str(&names[row]);
+            listing.push('\n');
+        });
+        writing += began.elapsed();
+        Ok(())
+    })?;
+    if skipped.len() == images.len() {
+        return Err(none_readable(&options.input, images.len()));
     }
-    features.write_npy(&temporary)?;
-    std::fs::rename(&temporary, &options.output).map_err(|e| Error::io(&options.output, e))?;
+    let embed_seconds = (started.elapsed() - writing).as_secs_f64();
+    let rows = features.finish()?;
     let paths_path = paths_file(&options.output);
-    let listing: String = names.iter().map(|name| format!("{name}\n")).collect();
     crate::io::write_atomic(&paths_path, listing.as_bytes())?;
     Ok(EmbedReport {
-        images: names.len(),
-        feature_dim: loaded.dim()?,
+        images: rows,
+        feature_dim,
         features_path: options.output.clone(),
         paths_path,
         embed_seconds,
+        skipped,
     })
 }

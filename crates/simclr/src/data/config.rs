@@ -27,15 +27,18 @@ pub enum DataFormat {
     Synthetic,
 }
 
-/// What to do with an image that cannot be read during training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// What to do with an image that cannot be read (`data.on_bad_image` in
+/// training, `--on-bad-image` in embed, neighbors and eval).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadImagePolicy {
-    /// Stop with an error naming the file (the last checkpoint stays).
+    /// Stop with an error naming the file (in training, the last checkpoint stays).
     Stop,
-    /// Report it, use another image in its place, and list it at the end.
+    /// Warn of it, name it in the report, and go on without it: in
+    /// training another image stands in for it; elsewhere it is left out.
     Skip,
 }
+
+names!(BadImagePolicy, "bad-image policy", { Stop => "stop", Skip => "skip" });
 
 /// The `[data]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

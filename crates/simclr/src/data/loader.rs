@@ -649,29 +649,69 @@ impl Iterator for Batches<'_> {
 }
 
 /// One view per sample, made by `view(image, position in samples)` on the
-/// pool, as one `[len, 3, size, size]` tensor.
+/// pool, as one `[len, 3, size, size]` tensor; an unreadable image's error
+/// (the first in order) ends it.
 pub fn map_batch(
     samples: &[Sample],
     format: ViewFormat,
     pool: &rayon::ThreadPool,
     view: impl Fn(&image::RgbImage, usize) -> crate::augment::FloatImage + Sync,
 ) -> Result<Tensor> {
-    let per_image = format.floats();
-    let mut data = vec![0f32; samples.len() * per_image];
-    pool.install(|| {
-        data.par_chunks_mut(per_image).zip(samples.par_iter()).enumerate().try_for_each(
-            |(position, (out, sample))| -> Result<()> {
-                view(&*sample.image()?, position).write_chw_normalized(format.mean, format.std, out);
-                Ok(())
-            },
-        )
-    })?;
-    Ok(format.tensor(&data, samples.len()).to_kind(Kind::Float))
+    let batch = map_readable(samples, format, pool, view);
+    match batch.unreadable.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(batch.images),
+    }
 }
 
-/// Centre views of `samples` (see [`center_view`]), as one tensor.
-pub fn center_batch(samples: &[Sample], format: ViewFormat, pool: &rayon::ThreadPool) -> Result<Tensor> {
-    map_batch(samples, format, pool, |image, _| center_view(image, format.size))
+/// The views of the readable images among a batch's samples.
+pub struct ReadableBatch {
+    /// `[read.len(), 3, size, size]`.
+    pub images: Tensor,
+    /// The positions in the samples of the images read, in order.
+    pub read: Vec<usize>,
+    /// Why each of the others could not be read, in order.
+    pub unreadable: Vec<Error>,
+}
+
+/// [`map_batch`] of the images of `samples` that can be read; the others
+/// are left out and returned with their errors.
+pub fn map_readable(
+    samples: &[Sample],
+    format: ViewFormat,
+    pool: &rayon::ThreadPool,
+    view: impl Fn(&image::RgbImage, usize) -> crate::augment::FloatImage + Sync,
+) -> ReadableBatch {
+    let per_image = format.floats();
+    let mut data = vec![0f32; samples.len() * per_image];
+    let outcomes: Vec<Result<()>> = pool.install(|| {
+        data.par_chunks_mut(per_image)
+            .zip(samples.par_iter())
+            .enumerate()
+            .map(|(position, (out, sample))| {
+                view(&*sample.image()?, position).write_chw_normalized(format.mean, format.std, out);
+                Ok(())
+            })
+            .collect()
+    });
+    let (mut read, mut unreadable) = (Vec::new(), Vec::new());
+    for (position, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(()) => read.push(position),
+            Err(error) => unreadable.push(error),
+        }
+    }
+    let mut images = format.tensor(&data, samples.len()).to_kind(Kind::Float);
+    if !unreadable.is_empty() {
+        let rows: Vec<i64> = read.iter().map(|&position| position as i64).collect();
+        images = images.index_select(0, &Tensor::from_slice(&rows));
+    }
+    ReadableBatch { images, read, unreadable }
+}
+
+/// Centre views (see [`center_view`]) of the readable images of `samples`.
+pub fn center_batch(samples: &[Sample], format: ViewFormat, pool: &rayon::ThreadPool) -> ReadableBatch {
+    map_readable(samples, format, pool, |image, _| center_view(image, format.size))
 }
 
 #[cfg(test)]

@@ -78,6 +78,22 @@ impl Sample {
     }
 }
 
+/// The lines a report gives the images it skipped ("path: reason" each),
+/// none when there are none.
+pub struct Skipped<'a>(pub &'a [String]);
+
+impl std::fmt::Display for Skipped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.0.is_empty() {
+            writeln!(f, "skipped {}:", crate::names::counted(self.0.len(), "unreadable image"))?;
+            for line in self.0 {
+                writeln!(f, "  {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An image read for training ([`Dataset::training_image`]).
 pub struct TrainingImage {
     /// The sample read: the one asked for or, under the skip policy, the

@@ -3,11 +3,12 @@
 //! statistics, folded into the convolutions), no gradients, in batches.
 use tch::{Device, Kind, Tensor};
 
-use crate::data::loader::{center_batch, send_until_error, ViewFormat};
+use crate::data::config::BadImagePolicy;
+use crate::data::loader::{center_batch, send_until_error, ReadableBatch, ViewFormat};
 use crate::data::Sample;
 use crate::device::Pinned;
 use crate::model::{Layer, ProjectionHead, ResNet, SimClr};
-use crate::Result;
+use crate::{Error, Result};
 
 /// The network features come from: the encoder, then the first `depth`
 /// linear layers of a projection head (none: h itself).
@@ -40,15 +41,8 @@ impl<'a> From<&'a ResNet> for FeatureNet<'a> {
     }
 }
 
-/// Features `[M, feature_dim]` (fp32, on `device`) of `samples`, in order.
-///
-/// On a GPU the next batch is decoded on `pool` while the encoder runs this
-/// one, as a PyTorch DataLoader's workers do, so the device does not wait
-/// for the CPU. On the CPU the two would share the same cores, where the
-/// encoder's OpenMP threads can stall while others hold them: 3,000 CIFAR-10
-/// JPEGs through ResNet-18 on 2 cores took 21.1/19.6/20.1 s decoded in
-/// turn and 21.2/24.2/19.9 s prefetched, alternating; so batches are
-/// decoded in turn there.
+/// Features `[M, feature_dim]` (fp32, on `device`) of `samples`, in order;
+/// an unreadable image's error ends it.
 pub fn extract_features<'a>(
     net: impl Into<FeatureNet<'a>>,
     samples: &[Sample],
@@ -57,41 +51,104 @@ pub fn extract_features<'a>(
     device: Device,
     pool: &rayon::ThreadPool,
 ) -> Result<Tensor> {
-    extract(net.into(), samples, format, batch_size, device, pool, device.is_cuda())
+    let mut chunks = Vec::new();
+    let batches = Batches { format, batch_size, device, policy: BadImagePolicy::Stop };
+    batches.each(net.into(), samples, pool, &mut |features, _| {
+        chunks.push(features);
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&chunks, 0))
 }
 
-fn extract(
-    net: FeatureNet,
-    samples: &[Sample],
-    format: ViewFormat,
-    batch_size: usize,
-    device: Device,
-    pool: &rayon::ThreadPool,
-    prefetch: bool,
-) -> Result<Tensor> {
-    let batches = samples.chunks(batch_size.max(1));
-    let encoder = net.encoder.fold();
-    let forward = |images: Pinned| {
-        let images = images.upload();
-        tch::no_grad(|| {
-            let h = encoder.forward(&images).to_kind(Kind::Float);
-            match net.head {
-                None => h,
-                Some((head, depth)) => head.forward_to(&h, depth, false),
+/// How [`Batches::each`] feeds images through a network.
+#[derive(Debug, Clone, Copy)]
+pub struct Batches {
+    pub format: ViewFormat,
+    pub batch_size: usize,
+    pub device: Device,
+    /// Under the skip policy an unreadable image is left out; under the
+    /// stop policy its error ends the pass.
+    pub policy: BadImagePolicy,
+}
+
+impl Batches {
+    /// Features of `samples`, batch by batch in order: `sink` gets each
+    /// batch's `[rows, feature_dim]` fp32 features on the device and the
+    /// positions in `samples` of its rows, so that the caller need not hold
+    /// every feature at once. Returns the images skipped, as "path: reason",
+    /// each also warned of when met.
+    ///
+    /// On a GPU the next batch is decoded on `pool` while the encoder runs
+    /// this one, as a PyTorch DataLoader's workers do, so the device does not
+    /// wait for the CPU. On the CPU the two would share the same cores, where
+    /// the encoder's OpenMP threads can stall while others hold them: 3,000
+    /// CIFAR-10 JPEGs through ResNet-18 on 2 cores took 21.1/19.6/20.1 s
+    /// decoded in turn and 21.2/24.2/19.9 s prefetched, alternating; so
+    /// batches are decoded in turn there.
+    pub fn each<'a>(
+        &self,
+        net: impl Into<FeatureNet<'a>>,
+        samples: &[Sample],
+        pool: &rayon::ThreadPool,
+        sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        self.each_in(net.into(), samples, pool, self.device.is_cuda(), sink)
+    }
+
+    fn each_in(
+        &self,
+        net: FeatureNet,
+        samples: &[Sample],
+        pool: &rayon::ThreadPool,
+        prefetch: bool,
+        sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let Self { format, device, policy, .. } = *self;
+        let batch_size = self.batch_size.max(1);
+        let encoder = net.encoder.fold();
+        let forward = |images: Pinned| {
+            let images = images.upload();
+            tch::no_grad(|| {
+                let h = encoder.forward(&images).to_kind(Kind::Float);
+                match net.head {
+                    None => h,
+                    Some((head, depth)) => head.forward_to(&h, depth, false),
+                }
+            })
+        };
+        // A batch's views, the positions in `samples` of its rows, and its
+        // unreadable images.
+        let ready = |(number, batch): (usize, &[Sample])| -> Result<(Pinned, Vec<usize>, Vec<Error>)> {
+            let ReadableBatch { images, read, mut unreadable } = center_batch(batch, format, pool);
+            if policy == BadImagePolicy::Stop && !unreadable.is_empty() {
+                return Err(unreadable.remove(0));
             }
-        })
-    };
-    let ready = |batch| center_batch(batch, format, pool).map(|images| Pinned::new(images, device));
-    let chunks: Vec<Tensor> = if prefetch {
-        std::thread::scope(|scope| {
-            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-            scope.spawn(move || send_until_error(&sender, batches.map(ready)));
-            receiver.into_iter().map(|images| images.map(forward)).collect::<Result<_>>()
-        })?
-    } else {
-        batches.map(|batch| ready(batch).map(forward)).collect::<Result<_>>()?
-    };
-    Ok(Tensor::cat(&chunks, 0))
+            let rows = read.into_iter().map(|position| number * batch_size + position).collect();
+            Ok((Pinned::new(images, device), rows, unreadable))
+        };
+        let mut skipped = Vec::new();
+        let mut consume = |(images, rows, unreadable): (Pinned, Vec<usize>, Vec<Error>)| -> Result<()> {
+            for error in unreadable {
+                tracing::warn!("skipping unreadable image: {error}");
+                skipped.push(error.to_string());
+            }
+            match rows.is_empty() {
+                true => Ok(()),
+                false => sink(forward(images), rows),
+            }
+        };
+        let batches = samples.chunks(batch_size).enumerate();
+        if prefetch {
+            std::thread::scope(|scope| {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+                scope.spawn(move || send_until_error(&sender, batches.map(ready)));
+                receiver.into_iter().try_for_each(|batch| consume(batch?))
+            })?;
+        } else {
+            batches.map(ready).try_for_each(|batch| consume(batch?))?;
+        }
+        Ok(skipped)
+    }
 }
 
 /// The labels of `samples` as an `[M]` int64 tensor (unlabelled samples are
@@ -140,22 +197,43 @@ mod tests {
     use crate::model::{Arch, Stem};
 
     #[test]
-    fn prefetched_and_serial_extraction_agree_and_report_a_bad_file() {
+    fn prefetched_and_serial_extraction_agree_and_a_bad_file_is_named_or_left_out() {
         let store = tch::nn::VarStore::new(Device::Cpu);
         let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
         let mut samples = crate::data::synthetic::generate(10, 2, 16, 0).samples;
         let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
         let pool = crate::data::loader::worker_pool(2).unwrap();
-        let run =
-            |samples: &[Sample], prefetch| extract((&encoder).into(), samples, format, 3, Device::Cpu, &pool, prefetch);
-        let (serial, prefetched) = (run(&samples, false).unwrap(), run(&samples, true).unwrap());
+        let run = |samples: &[Sample], prefetch, policy| {
+            let batches = Batches { format, batch_size: 3, device: Device::Cpu, policy };
+            let (mut chunks, mut rows) = (Vec::new(), Vec::new());
+            let skipped = batches.each_in((&encoder).into(), samples, &pool, prefetch, &mut |features, read| {
+                chunks.push(features);
+                rows.extend(read);
+                Ok(())
+            })?;
+            Ok::<_, Error>((Tensor::cat(&chunks, 0), rows, skipped))
+        };
+        let (serial, rows, skipped) = run(&samples, false, BadImagePolicy::Stop).unwrap();
         assert_eq!(serial.size(), vec![10, encoder.feature_dim()]);
-        assert!(serial.equal(&prefetched));
-        // A missing file in the third batch: both report it by name.
+        assert_eq!((rows, skipped.len()), ((0..10).collect(), 0));
+        assert!(serial.equal(&run(&samples, true, BadImagePolicy::Stop).unwrap().0));
+        // Missing files in the third batch: each pass names the first, or,
+        // under the skip policy, leaves both out and names them.
         samples[7].source = ImageSource::File("no/such/image.jpg".into());
+        samples[8].source = ImageSource::File("no/such/other.jpg".into());
         for prefetch in [false, true] {
-            let error = run(&samples, prefetch).unwrap_err().to_string();
+            let error = run(&samples, prefetch, BadImagePolicy::Stop).unwrap_err().to_string();
             assert!(error.contains("no/such/image.jpg"), "{error}");
+            let (features, rows, skipped) = run(&samples, prefetch, BadImagePolicy::Skip).unwrap();
+            assert_eq!(rows, [0, 1, 2, 3, 4, 5, 6, 9]);
+            assert_eq!(skipped.len(), 2);
+            assert!(skipped[0].contains("no/such/image.jpg") && skipped[1].contains("no/such/other.jpg"));
+            let kept = serial.index_select(0, &Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 9]));
+            assert!(features.allclose(&kept, 1e-5, 1e-6, false), "each image's features are its own");
         }
+        // A batch of which nothing can be read gives no rows, not an error.
+        samples[6].source = ImageSource::File("no/such/third.jpg".into());
+        let (_, rows, skipped) = run(&samples, false, BadImagePolicy::Skip).unwrap();
+        assert_eq!((rows, skipped.len()), (vec![0, 1, 2, 3, 4, 5, 9], 3));
     }
 }

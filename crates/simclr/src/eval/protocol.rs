@@ -9,7 +9,7 @@ use tch::{nn, Device};
 
 use super::features::{FeatureNet, Frozen};
 use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
-use crate::data::config::DataFormat;
+use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
 use crate::model::{EncoderSpec, Layer, SimClr};
@@ -57,6 +57,9 @@ pub struct EvalOptions {
     /// Where features are read (kNN and linear): h, or a layer of the
     /// projection head, which only a run's checkpoint holds.
     pub layer: Layer,
+    /// An unreadable image stops the evaluation, or is left out of its
+    /// split (each image is then read once before the evaluation).
+    pub on_bad_image: BadImagePolicy,
 }
 
 impl EvalOptions {
@@ -70,6 +73,7 @@ impl EvalOptions {
             device: Device::Cpu,
             seed: 0,
             layer: Layer::H,
+            on_bad_image: BadImagePolicy::Stop,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct EvalReport {
     pub classes: usize,
     pub feature_dim: i64,
     pub seconds: f64,
+    /// Images of either split left out as unreadable, as "path: reason".
+    pub skipped: Vec<String>,
 }
 
 impl std::fmt::Display for EvalReport {
@@ -149,8 +155,17 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         );
     }
     let started = Instant::now();
-    let train = labelled(&options.train, options.limit, options.seed)?;
-    let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?;
+    let pool = worker_pool(0)?;
+    let readable = |dataset: Dataset| dataset.with_policy(options.on_bad_image).without_unreadable(&pool);
+    let train = readable(labelled(&options.train, options.limit, options.seed)?);
+    let test = readable(labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?);
+    for (split, path) in [(&train, &options.train), (&test, &options.test)] {
+        if split.is_empty() {
+            let message = "none of its images could be read (each is named above)".to_owned();
+            return Err(Error::Dataset { path: path.clone(), message });
+        }
+    }
+    let skipped = [train.skipped(), test.skipped()].concat();
     let classes = train.classes.len();
     if let Protocol::Knn(config) = protocol {
         if config.k > train.len() {
@@ -169,7 +184,6 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     let spec = &options.spec;
 
     let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
-    let pool = worker_pool(0)?;
     let device = options.device;
     let task = Task { train, test, classes: classes as i64, format };
     let frozen =
@@ -199,5 +213,6 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         classes,
         feature_dim: net.dim(),
         seconds: started.elapsed().as_secs_f64(),
+        skipped,
     })
 }

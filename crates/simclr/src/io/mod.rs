@@ -1,6 +1,8 @@
-//! Tensors on disk: safetensors files, written atomically, and the encoder
-//! in torchvision's state-dict names ([`torchvision`]).
+//! Tensors on disk: safetensors files, written atomically, the encoder in
+//! torchvision's state-dict names ([`torchvision`]), and features as `.npy`
+//! ([`npy`]).
 pub mod caption;
+pub mod npy;
 pub mod torchvision;
 
 use std::collections::HashMap;

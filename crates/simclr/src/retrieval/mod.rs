@@ -155,6 +155,8 @@ pub struct NeighborsReport {
     pub queries: Vec<String>,
     /// For each query, its neighbours among `items`, best first.
     pub hits: Vec<Vec<Neighbor>>,
+    /// Images of either left out as unreadable, as "path: reason".
+    pub skipped: Vec<String>,
 }
 
 /// Tab-separated: a header, then one line per (query, neighbour), best first.
@@ -179,16 +181,25 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
     if options.thumbnail < 8 {
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
-    let (items, item_images): (Vec<String>, Vec<Sample>) = crate::embed::images_in(&options.index)?.into_iter().unzip();
-    let (queries, query_images): (Vec<String>, Vec<Sample>) =
-        crate::embed::images_in(&options.queries)?.into_iter().unzip();
     let loaded = encoder.load()?;
-    let index = Index::build(&loaded.embed_images(&item_images)?, options.kind, 0)?;
-    let hits = index.search(&loaded.embed_images(&query_images)?, options.k)?;
+    let mut skipped = Vec::new();
+    // The images of `input` that could be read, their names, and their features.
+    let mut embed = |input: &std::path::Path| -> Result<(Vec<String>, Vec<Sample>, Tensor)> {
+        let (names, images): (Vec<String>, Vec<Sample>) = crate::embed::images_in(input)?.into_iter().unzip();
+        let embedded = loaded.embed_images(&images, input)?;
+        skipped.extend(embedded.skipped);
+        let names = embedded.rows.iter().map(|&row| names[row].clone()).collect();
+        let images = embedded.rows.iter().map(|&row| images[row].clone()).collect();
+        Ok((names, images, embedded.features))
+    };
+    let (items, item_images, item_features) = embed(&options.index)?;
+    let (queries, query_images, query_features) = embed(&options.queries)?;
+    let index = Index::build(&item_features, options.kind, 0)?;
+    let hits = index.search(&query_features, options.k)?;
     if let Some(path) = &options.gallery {
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
-    Ok(NeighborsReport { items, queries, hits })
+    Ok(NeighborsReport { items, queries, hits, skipped })
 }
 
 #[cfg(test)]

@@ -139,12 +139,7 @@ impl std::fmt::Display for TrainReport {
             (None, Some(after)) => writeln!(f, "kNN top-1: {:.2}%", 100.0 * after)?,
             _ => {}
         }
-        if !self.skipped_images.is_empty() {
-            writeln!(f, "skipped {} unreadable images:", self.skipped_images.len())?;
-            for skipped in &self.skipped_images {
-                writeln!(f, "  {skipped}")?;
-            }
-        }
+        write!(f, "{}", crate::data::Skipped(&self.skipped_images))?;
         if self.skipped_steps > 0 {
             writeln!(f, "skipped {} steps with a non-finite loss or gradient", self.skipped_steps)?;
         }
