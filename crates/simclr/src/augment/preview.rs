@@ -70,6 +70,10 @@ pub fn write_preview(
     Ok(())
 }
 
+/// The most pixels a preview sheet may have (16384 x 16384, 768 MiB): a
+/// mistyped `--scale 100` asked for 27 GB and aborted on the allocation.
+const MAX_SHEET_PIXELS: u64 = 1 << 28;
+
 /// Draws `pairs` pairs of views of each image (seeded like training views
 /// of epoch `pair`), each view shown `scale` times its size.
 pub fn preview(
@@ -80,12 +84,29 @@ pub fn preview(
     scale: u32,
     renderer: Renderer,
 ) -> crate::Result<(RgbImage, Vec<PreviewViews>)> {
-    if images.is_empty() || pairs == 0 {
-        return Err(crate::Error::InvalidArgument("--images and --pairs must be at least 1".to_owned()));
+    let mut problems = Vec::new();
+    for (flag, count) in [("--images", images.len() as u64), ("--pairs", pairs as u64), ("--scale", u64::from(scale))] {
+        if count == 0 {
+            problems.push(format!("{flag} 0: must be at least 1"));
+        }
     }
-    let side = pipeline.size() * scale;
-    let width = GAP + side + PAIR_GAP + pairs as u32 * (2 * side + GAP + PAIR_GAP);
-    let height = GAP + images.len() as u32 * (side + GAP);
+    // In u64, where a large --scale or --pairs would overflow u32.
+    let side = u64::from(pipeline.size()) * u64::from(scale);
+    let width = u64::from(GAP + PAIR_GAP) + side + pairs as u64 * (2 * side + u64::from(GAP + PAIR_GAP));
+    let height = u64::from(GAP) + images.len() as u64 * (side + u64::from(GAP));
+    if width * height > MAX_SHEET_PIXELS {
+        problems.push(format!(
+            "--scale {scale} with {pairs} pairs of {}x{} views of {} makes a sheet of {width}x{height} pixels, \
+             more than the {MAX_SHEET_PIXELS} a preview may have: lower --scale, --pairs or --images",
+            pipeline.size(),
+            pipeline.size(),
+            crate::names::counted(images.len(), "image"),
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(crate::Error::Config(problems));
+    }
+    let (side, width, height) = (side as u32, width as u32, height as u32);
     let mut sheet = RgbImage::from_pixel(width, height, BACKGROUND);
     let mut log = Vec::new();
     let enlarge = |view: &FloatImage| imageops::resize(&view.to_rgb(), side, side, imageops::FilterType::Nearest);
@@ -135,5 +156,12 @@ mod tests {
             let first = GAP + 48 + PAIR_GAP;
             assert_ne!(crop(first), crop(first + 48 + GAP));
         }
+        let refused =
+            |pairs, scale| preview(&images, &pipeline, 0, pairs, scale, Renderer::Cpu).unwrap_err().to_string();
+        let none = refused(0, 0);
+        assert!(none.contains("--pairs 0: must be at least 1") && none.contains("--scale 0"), "{none}");
+        let huge = refused(2, 2000);
+        assert!(huge.contains("--scale 2000 with 2 pairs of 16x16 views of 3 images makes a sheet of"), "{huge}");
+        assert!(refused(2_000_000, 1).contains("lower --scale, --pairs or --images"));
     }
 }
