@@ -6,6 +6,7 @@
 use image::{imageops, Rgb, RgbImage};
 
 use crate::io::caption::caption;
+use crate::io::MAX_SHEET_PIXELS;
 
 use super::{center_view, uint8_batch, view_rng, FloatImage, Pipeline, ViewParams};
 
@@ -70,10 +71,6 @@ pub fn write_preview(
     Ok(())
 }
 
-/// The most pixels a preview sheet may have (16384 x 16384, 768 MiB): a
-/// mistyped `--scale 100` asked for 27 GB and aborted on the allocation.
-const MAX_SHEET_PIXELS: u64 = 1 << 28;
-
 /// Draws `pairs` pairs of views of each image (seeded like training views
 /// of epoch `pair`), each view shown `scale` times its size.
 pub fn preview(
@@ -90,11 +87,14 @@ pub fn preview(
             problems.push(format!("{flag} 0: must be at least 1"));
         }
     }
-    // In u64, where a large --scale or --pairs would overflow u32.
+    // In u64, saturating, where a large --scale or --pairs would overflow.
     let side = u64::from(pipeline.size()) * u64::from(scale);
-    let width = u64::from(GAP + PAIR_GAP) + side + pairs as u64 * (2 * side + u64::from(GAP + PAIR_GAP));
-    let height = u64::from(GAP) + images.len() as u64 * (side + u64::from(GAP));
-    if width * height > MAX_SHEET_PIXELS {
+    let pair_width = side.saturating_mul(2).saturating_add(u64::from(GAP + PAIR_GAP));
+    let width =
+        side.saturating_add(u64::from(GAP + PAIR_GAP)).saturating_add((pairs as u64).saturating_mul(pair_width));
+    let height =
+        (images.len() as u64).saturating_mul(side.saturating_add(u64::from(GAP))).saturating_add(u64::from(GAP));
+    if width.saturating_mul(height) > MAX_SHEET_PIXELS {
         problems.push(format!(
             "--scale {scale} with {pairs} pairs of {}x{} views of {} makes a sheet of {width}x{height} pixels, \
              more than the {MAX_SHEET_PIXELS} a preview may have: lower --scale, --pairs or --images",
@@ -163,5 +163,6 @@ mod tests {
         let huge = refused(2, 2000);
         assert!(huge.contains("--scale 2000 with 2 pairs of 16x16 views of 3 images makes a sheet of"), "{huge}");
         assert!(refused(2_000_000, 1).contains("lower --scale, --pairs or --images"));
+        assert!(refused(usize::MAX, u32::MAX).contains("makes a sheet of"), "saturates, not overflows");
     }
 }

@@ -42,6 +42,11 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+/// The most pixels a figure sheet (an augmentation preview, a neighbours
+/// gallery) may have: 16384 x 16384, 768 MiB of RGB. A mistyped
+/// `augment-preview --scale 100` asked for 27 GB and aborted on the allocation.
+pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
+
 /// Encodes `image` as PNG and writes it atomically.
 pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
     let mut bytes = Vec::new();

@@ -181,19 +181,23 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
     if options.thumbnail < 8 {
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
+    let (items, queries) = (crate::embed::images_in(&options.index)?, crate::embed::images_in(&options.queries)?);
+    if options.gallery.is_some() {
+        gallery::check_size(queries.len(), options.k.min(items.len()), options.thumbnail)?;
+    }
     let loaded = encoder.load()?;
     let mut skipped = Vec::new();
     // The images of `input` that could be read, their names, and their features.
-    let mut embed = |input: &std::path::Path| -> Result<(Vec<String>, Vec<Sample>, Tensor)> {
-        let (names, images): (Vec<String>, Vec<Sample>) = crate::embed::images_in(input)?.into_iter().unzip();
+    let mut embed = |listed: Vec<(String, Sample)>, input: &std::path::Path| -> Result<_> {
+        let (names, images): (Vec<String>, Vec<Sample>) = listed.into_iter().unzip();
         let embedded = loaded.embed_images(&images, input)?;
         skipped.extend(embedded.skipped);
-        let names = embedded.rows.iter().map(|&row| names[row].clone()).collect();
-        let images = embedded.rows.iter().map(|&row| images[row].clone()).collect();
+        let names: Vec<String> = embedded.rows.iter().map(|&row| names[row].clone()).collect();
+        let images: Vec<Sample> = embedded.rows.iter().map(|&row| images[row].clone()).collect();
         Ok((names, images, embedded.features))
     };
-    let (items, item_images, item_features) = embed(&options.index)?;
-    let (queries, query_images, query_features) = embed(&options.queries)?;
+    let (items, item_images, item_features) = embed(items, &options.index)?;
+    let (queries, query_images, query_features) = embed(queries, &options.queries)?;
     let index = Index::build(&item_features, options.kind, 0)?;
     let hits = index.search(&query_features, options.k)?;
     if let Some(path) = &options.gallery {
