@@ -19,6 +19,7 @@ use simclr::device::DeviceChoice;
 use simclr::dist::launch::{self, Outcome, World};
 use simclr::embed::EncoderSource;
 use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
+use simclr::loss::{Objective, Similarity};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::{checkpoint, Observer};
 
@@ -273,8 +274,8 @@ struct PreviewArgs {
 struct StudyFlags {
     /// Comma-separated seeds: each cell trained once per seed (in its seed-S folders) and scored by
     /// the mean, with the standard deviation beside it [default: one run per cell, train.seed]
-    #[arg(long)]
-    seeds: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
 }
 
 impl StudyFlags {
@@ -299,7 +300,7 @@ impl StudyFlags {
             }
         }
         let base = run.resolve(run.base()?)?;
-        let seeds = self.seeds.as_deref().map(parse_list).transpose()?.unwrap_or_default();
+        let seeds = self.seeds.clone().unwrap_or_default();
         let output_dir = base.train.output_dir.clone();
         Ok((base, Study::new(output_dir, seeds, observer)?))
     }
@@ -313,8 +314,12 @@ struct AblateArgs {
     #[command(flatten)]
     study: StudyFlags,
     /// Comma-separated ops (names as in [[augment.ops]]).
-    #[arg(long, default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation")]
-    ops: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation"
+    )]
+    ops: Vec<OpConfig>,
 }
 
 #[derive(Args)]
@@ -325,14 +330,14 @@ struct AblateLossArgs {
     #[command(flatten)]
     study: StudyFlags,
     /// Comma-separated losses: nt-xent, nt-logistic, margin-triplet.
-    #[arg(long, default_value = "nt-xent,nt-logistic,margin-triplet")]
-    losses: String,
+    #[arg(long, value_delimiter = ',', default_value = "nt-xent,nt-logistic,margin-triplet")]
+    losses: Vec<Objective>,
     /// Comma-separated similarities: cosine (z l2-normalised) and dot (not).
-    #[arg(long, default_value = "cosine,dot")]
-    similarities: String,
+    #[arg(long, value_delimiter = ',', default_value = "cosine,dot")]
+    similarities: Vec<Similarity>,
     /// Comma-separated temperatures (the margin triplet loss uses loss.margin instead).
-    #[arg(long, default_value = "0.05,0.1,0.5,1")]
-    temperatures: String,
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.5,1")]
+    temperatures: Vec<f64>,
 }
 
 #[derive(Args)]
@@ -343,11 +348,11 @@ struct AblateBatchArgs {
     #[command(flatten)]
     study: StudyFlags,
     /// Comma-separated batch sizes (the learning rate scales with each as optim.lr_scaling says).
-    #[arg(long, default_value = "256,512,1024,2048,4096")]
-    batch_sizes: String,
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096")]
+    batch_sizes: Vec<usize>,
     /// Comma-separated training lengths in epochs, each run with a schedule of its own.
-    #[arg(long, default_value = "100,200,400")]
-    lengths: String,
+    #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+    lengths: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -358,8 +363,8 @@ struct AblateHeadArgs {
     #[command(flatten)]
     study: StudyFlags,
     /// Comma-separated projection heads: none, linear, mlp-K (K linear layers, K >= 2).
-    #[arg(long, default_value = "none,linear,mlp-2,mlp-3")]
-    heads: String,
+    #[arg(long, value_delimiter = ',', default_value = "none,linear,mlp-2,mlp-3")]
+    heads: Vec<HeadChoice>,
 }
 
 #[derive(Args)]
@@ -370,19 +375,11 @@ struct AblateModelArgs {
     #[command(flatten)]
     study: StudyFlags,
     /// Comma-separated architectures: resnet18, resnet34, resnet50, ...
-    #[arg(long, default_value = "resnet18,resnet34,resnet50")]
-    archs: String,
+    #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet34,resnet50")]
+    archs: Vec<Arch>,
     /// Comma-separated width multipliers.
-    #[arg(long, default_value = "1,2")]
-    widths: String,
-}
-
-/// The comma-separated items of `list`, each parsed.
-fn parse_list<T: std::str::FromStr>(list: &str) -> Result<Vec<T>>
-where
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    Ok(list.split(',').map(|item| item.trim().parse()).collect::<Result<Vec<T>, _>>()?)
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    widths: Vec<f64>,
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -534,30 +531,24 @@ fn ablate(kind: AblateKind) -> Result<()> {
     let grid = match kind {
         AblateKind::Augment(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::AUGMENT_VARIED, &mut console)?;
-            let ops: Vec<OpConfig> = parse_list(&args.ops)?;
-            ablation::augment_pairs(&base, &ops, &mut study)?
+            ablation::augment_pairs(&base, &args.ops, &mut study)?
         }
         AblateKind::Loss(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::LOSS_VARIED, &mut console)?;
-            let (losses, similarities) = (parse_list(&args.losses)?, parse_list(&args.similarities)?);
-            let temperatures: Vec<f64> = parse_list(&args.temperatures)?;
-            let grid = (&losses[..], &similarities[..], &temperatures[..]);
+            let grid = (&args.losses[..], &args.similarities[..], &args.temperatures[..]);
             ablation::loss_grid(&base, grid, &mut study)?
         }
         AblateKind::Batch(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::BATCH_VARIED, &mut console)?;
-            let (batch_sizes, lengths) = (parse_list(&args.batch_sizes)?, parse_list(&args.lengths)?);
-            ablation::batch_grid(&base, &batch_sizes, &lengths, &mut study)?
+            ablation::batch_grid(&base, &args.batch_sizes, &args.lengths, &mut study)?
         }
         AblateKind::Model(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::MODEL_VARIED, &mut console)?;
-            let (archs, widths): (Vec<Arch>, Vec<f64>) = (parse_list(&args.archs)?, parse_list(&args.widths)?);
-            ablation::model_grid(&base, &archs, &widths, &mut study)?
+            ablation::model_grid(&base, &args.archs, &args.widths, &mut study)?
         }
         AblateKind::Head(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::HEAD_VARIED, &mut console)?;
-            let heads: Vec<HeadChoice> = parse_list(&args.heads)?;
-            ablation::head_grid(&base, &heads, &mut study)?
+            ablation::head_grid(&base, &args.heads, &mut study)?
         }
     };
     print!("{grid}");

@@ -599,7 +599,12 @@ fn augment_preview_and_ablation_write_their_figures() {
     assert!(image::open(out.join("results.png")).unwrap().width() > 100);
     assert_fails_with(
         &simclr(["ablate", "augment", "--ops", "crop,blur", "--output", &out.display().to_string()]).run(),
-        &["unknown op 'crop'", "random-resized-crop"],
+        &["invalid value 'crop' for '--ops <OPS>'", "unknown op 'crop'", "random-resized-crop"],
+    );
+    // Each item of a list flag is parsed as the flag's, and a bad one named with it.
+    assert_fails_with(
+        &simclr(["ablate", "batch", "--lengths", "1,,2", "--output", &out.display().to_string()]).run(),
+        &["invalid value '' for '--lengths <LENGTHS>'"],
     );
 }
 
