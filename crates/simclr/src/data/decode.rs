@@ -32,8 +32,11 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
     decode_bytes(&bytes, path)
 }
 
+/// The error of an image that cannot be read. Some decoders end their
+/// messages with a line break (the image crate's JPEG header error), which
+/// left a blank line in reports and a "\n" in summary.json; it is trimmed.
 fn bad(path: &Path, message: String) -> Error {
-    Error::Image { path: path.to_path_buf(), message }
+    Error::Image { path: path.to_path_buf(), message: message.trim_end().to_owned() }
 }
 
 fn format_of(bytes: &[u8], path: &Path) -> Result<image::ImageFormat> {
@@ -190,6 +193,19 @@ mod tests {
             let shifted = CropBox { left: crop.left + 24, width: crop.width - 24, ..crop };
             let (mean, _) = difference(&view(&reduced, crop), &view(&full, shifted));
             assert!(mean > 3.0, "1/{reduction}: a box shifted by 24 pixels passed, mean {mean:.2}");
+        }
+    }
+
+    #[test]
+    fn a_cut_jpeg_is_named_in_one_line() {
+        let jpeg = photograph();
+        let path = Path::new("cut.jpg");
+        // Cut inside its headers (a JPEG cut in its scan decodes, greyed).
+        for cut in [100, 300] {
+            let Err(error) = decode_for(&jpeg[..cut], path, &|_, _| 1) else { panic!("{cut} bytes decoded") };
+            let error = error.to_string();
+            assert!(error.starts_with("image cut.jpg: cannot decode"), "{error}");
+            assert_eq!(error.trim_end(), error, "no trailing line break");
         }
     }
 
