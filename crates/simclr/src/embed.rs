@@ -143,7 +143,18 @@ impl LoadedEncoder {
             device: options.device,
             policy: options.on_bad_image,
         };
-        batches.each(self.net()?, images, &self.pool, &mut |features, rows| sink(features.to_device(Device::Cpu), rows))
+        // Millions of images take a while: a bar on a terminal (indicatif
+        // draws nothing where stderr is not one).
+        let style = indicatif::ProgressStyle::with_template("embedding [{bar:30}] {pos}/{len} images, ETA {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> ");
+        let bar = indicatif::ProgressBar::new(images.len() as u64).with_style(style);
+        let skipped = batches.each(self.net()?, images, &self.pool, &mut |features, rows| {
+            bar.inc(rows.len() as u64);
+            sink(features.to_device(Device::Cpu), rows)
+        });
+        bar.finish_and_clear();
+        skipped
     }
 
     /// The features of the readable ones of `images` as an `[rows, dim]` CPU
