@@ -88,7 +88,22 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
             listing
         }
     };
+    if let Some(warning) = outside_warning(root, &listing.outside) {
+        tracing::warn!("{warning}");
+    }
     Ok(dataset(root, listing))
+}
+
+/// What a run is told of images beside the class folders, whether the
+/// folder was listed now or earlier.
+fn outside_warning(root: &Path, outside: &[PathBuf]) -> Option<String> {
+    Some(format!(
+        "{}: {} outside the class folders not used (the first: {}); an image folder's images are those of its \
+         class folders, as in torchvision's ImageFolder",
+        root.display(),
+        crate::names::counted(outside.len(), "image"),
+        outside.first()?.display()
+    ))
 }
 
 /// The listing of `root/<class>/**/*.jpg` (each class folder walked as
@@ -96,18 +111,9 @@ pub fn open_labelled(root: &Path) -> Result<Dataset> {
 /// folder below it, those without images too (no class, but an image put
 /// in one later must list the folder afresh).
 fn list_labelled(root: &Path) -> Result<(Listing, Vec<PathBuf>)> {
-    let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
-    let mut dirs = vec![root.to_path_buf()];
     let (outside, mut classes) = read_folder(root)?;
-    if !outside.is_empty() {
-        tracing::warn!(
-            "{}: its {} images outside the class folders are not used (the first: {}); an image folder's images \
-             are those of its class folders, as in torchvision's ImageFolder",
-            root.display(),
-            outside.len(),
-            outside[0].display()
-        );
-    }
+    let mut listing = Listing { outside, ..Default::default() };
+    let mut dirs = vec![root.to_path_buf()];
     classes.sort();
     for dir in classes {
         let (files, folders) = walk(&dir)?;
@@ -127,7 +133,7 @@ pub fn open_flat(root: &Path) -> Result<Dataset> {
         Some(listing) => listing,
         None => {
             let files = image_files(root)?.into_iter().map(|path| (path, None)).collect();
-            let listing = Listing { classes: Vec::new(), files };
+            let listing = Listing { files, ..Default::default() };
             listing::store(root, false, &[root.to_path_buf()], &listing);
             listing
         }
@@ -207,5 +213,22 @@ mod tests {
         image::RgbImage::new(8, 8).save(dir.path().join("dog/b.png")).unwrap();
         assert_eq!(listing::load_from(cache.path(), dir.path(), true), None, "dog's new image is listed");
         assert_eq!(list_labelled(dir.path()).unwrap().0.classes, ["cat", "dog"]);
+    }
+
+    #[test]
+    fn images_beside_the_class_folders_are_warned_of_from_a_kept_listing_too() {
+        let (dir, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir(dir.path().join("cat")).unwrap();
+        for name in ["cat/a.png", "stray.png"] {
+            image::RgbImage::new(8, 8).save(dir.path().join(name)).unwrap();
+        }
+        let (listing, dirs) = list_labelled(dir.path()).unwrap();
+        assert_eq!(listing.outside, [dir.path().join("stray.png")]);
+        listing::store_in(cache.path(), dir.path(), true, &dirs, &listing).unwrap();
+        let kept = listing::load_from(cache.path(), dir.path(), true).unwrap();
+        let warning = outside_warning(dir.path(), &kept.outside).expect("the kept listing has the stray image");
+        assert!(warning.contains(": 1 image outside the class folders not used (the first: "), "{warning}");
+        assert!(warning.ends_with("as in torchvision's ImageFolder") && warning.contains("stray.png"));
+        assert_eq!(outside_warning(dir.path(), &[]), None);
     }
 }

@@ -15,14 +15,18 @@ use std::time::UNIX_EPOCH;
 pub const CACHED_FROM: usize = 10_000;
 
 /// The format and the rules of listing; a listing made under other ones is
-/// listed afresh (2: class folders walked into their sub-folders).
-const HEADER: &str = "simclr listing 2";
+/// listed afresh (2: class folders walked into their sub-folders; 3: the
+/// images outside the class folders kept, to be warned of on every run).
+const HEADER: &str = "simclr listing 3";
 
 /// A folder's listing: class names, and each image with its class.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Listing {
     pub classes: Vec<String>,
     pub files: Vec<(PathBuf, Option<usize>)>,
+    /// Images in an image folder's root, beside its class folders: not
+    /// used, as in torchvision's ImageFolder, but said so.
+    pub outside: Vec<PathBuf>,
 }
 
 /// The project cache: `$SIMCLR_CACHE`, else `~/.cache/simclr`.
@@ -55,7 +59,7 @@ pub(super) fn load_from(base: &Path, root: &Path, labelled: bool) -> Option<List
     if lines.next()? != HEADER || Path::new(lines.next()?) != root.canonicalize().ok()? {
         return None;
     }
-    let mut listing = Listing { classes: Vec::new(), files: Vec::new() };
+    let mut listing = Listing::default();
     for line in lines {
         let (kind, rest) = line.split_once(' ')?;
         match kind {
@@ -71,6 +75,7 @@ pub(super) fn load_from(base: &Path, root: &Path, labelled: bool) -> Option<List
                 let label = if label == "-" { None } else { Some(label.parse().ok()?) };
                 listing.files.push((root.join(file), label));
             }
+            "outside" => listing.outside.push(root.join(rest)),
             _ => return None,
         }
     }
@@ -119,6 +124,9 @@ pub(super) fn store_in(
         let label = label.map_or("-".to_owned(), |label| label.to_string());
         text += &format!("file {label} {}\n", relative(path)?);
     }
+    for path in &listing.outside {
+        text += &format!("outside {}\n", relative(path)?);
+    }
     std::fs::create_dir_all(file.parent().ok_or_else(unavailable)?)?;
     let partial = file.with_extension("partial");
     std::fs::File::create(&partial)?.write_all(text.as_bytes())?;
@@ -134,7 +142,8 @@ mod tests {
         let (cache, root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (root, base) = (root.path(), cache.path());
         let dirs: Vec<PathBuf> = ["a", "b"].iter().map(|class| root.join(class)).collect();
-        let mut listing = Listing { classes: vec!["a".into(), "b".into()], files: Vec::new() };
+        let outside = vec![root.join("beside the classes.jpg")];
+        let mut listing = Listing { classes: vec!["a".into(), "b".into()], outside, ..Default::default() };
         for (label, dir) in dirs.iter().enumerate() {
             std::fs::create_dir(dir).unwrap();
             for name in ["1.jpg", "2 with space.jpg"] {
@@ -159,14 +168,14 @@ mod tests {
         let (root, base) = (root.path(), cache.path());
         for name in [std::ffi::OsStr::new("two\nlines.jpg"), std::ffi::OsStr::from_bytes(b"latin-1 \xe9t\xe9.jpg")] {
             std::fs::write(root.join(name), "").unwrap();
-            let listing = Listing { classes: Vec::new(), files: vec![(root.join(name), None)] };
+            let listing = Listing { files: vec![(root.join(name), None)], ..Default::default() };
             let error = store_in(base, root, false, &[root.to_path_buf()], &listing).unwrap_err();
             assert!(error.to_string().contains("one line of UTF-8"), "{error}");
             assert_eq!(load_from(base, root, false), None);
             std::fs::remove_file(root.join(name)).unwrap();
         }
         // Control: a plain name is cached.
-        let listing = Listing { classes: Vec::new(), files: vec![(root.join("plain.jpg"), None)] };
+        let listing = Listing { files: vec![(root.join("plain.jpg"), None)], ..Default::default() };
         store_in(base, root, false, &[root.to_path_buf()], &listing).unwrap();
         assert_eq!(load_from(base, root, false), Some(listing));
     }
