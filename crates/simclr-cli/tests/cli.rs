@@ -191,7 +191,9 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(std::fs::read(out.join("checkpoint.safetensors")).unwrap(), saved);
 
     // Resuming continues from epoch 1 to epoch 2, with the saved config.
-    assert_succeeds(&simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).run());
+    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).run();
+    assert_succeeds(&resumed);
+    assert!(!stderr(&resumed).contains("the run was trained on"), "the same images: nothing to say");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = metrics
         .lines()
@@ -309,6 +311,12 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(listed.len(), 12);
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "paths are sorted");
     assert!(listed[0].ends_with("bars/000.png"));
+
+    // An image added since: the resume goes on, saying what no longer matches.
+    std::fs::copy(data.join("bars/000.png"), data.join("bars/added.png")).unwrap();
+    let grown = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "3"]).run();
+    assert_succeeds(&grown);
+    assert!(stderr(&grown).contains("the run was trained on 12 images and its training set now has 13"));
 }
 
 #[test]

@@ -70,13 +70,14 @@ pub struct Position {
     pub epoch_loss_count: usize,
 }
 
-/// Saves a run's state at `position`, trained by `processes` processes.
+/// Saves a run's state at `position`, trained by `processes` processes on
+/// `images` training images.
 pub fn save(
     path: &Path,
     store: &nn::VarStore,
     optimizer: &Optimizer,
     position: Position,
-    processes: usize,
+    (processes, images): (usize, usize),
     config: &RunConfig,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
@@ -92,6 +93,7 @@ pub fn save(
         ("epoch_loss_sum".to_owned(), position.epoch_loss_sum.to_string()),
         ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
         ("processes".to_owned(), processes.to_string()),
+        ("images".to_owned(), images.to_string()),
         ("config".to_owned(), config.to_toml()),
     ]);
     // The new checkpoint is complete and on disk before the old one moves
@@ -114,6 +116,8 @@ pub struct Checkpoint {
     /// The processes that trained the run when it was saved (`None` in
     /// checkpoints written before this was recorded).
     pub processes: Option<usize>,
+    /// The training images it was trained on (`None` likewise).
+    pub images: Option<usize>,
     tensors: HashMap<String, Tensor>,
     path: std::path::PathBuf,
 }
@@ -158,8 +162,8 @@ impl Checkpoint {
             epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
             epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
         };
-        let processes = field(metadata, "processes");
-        Ok(Self { config, position, processes, tensors: loaded.tensors, path: path.to_path_buf() })
+        let (processes, images) = (field(metadata, "processes"), field(metadata, "images"));
+        Ok(Self { config, position, processes, images, tensors: loaded.tensors, path: path.to_path_buf() })
     }
 
     /// Copies the saved variables and optimiser state into a freshly built run.

@@ -402,7 +402,8 @@ impl Trainer {
         // Rank 0 alone reads and writes the run folder; the others take its
         // state (a resumed run may have any number of processes).
         let prepared = if writer {
-            prepare_run_folder(&config, resume, shard.world, &store, &mut optimizer, &checkpoint_path)
+            let trained_by = (shard.world, train_set.len());
+            prepare_run_folder(&config, resume, trained_by, &store, &mut optimizer, &checkpoint_path)
         } else {
             Ok(Position::default())
         };
@@ -695,7 +696,7 @@ impl Trainer {
                     &self.store,
                     &self.optimizer,
                     self.position,
-                    processes,
+                    (processes, self.train_set.len()),
                     &self.config,
                 )
             }
@@ -961,13 +962,13 @@ fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
     }
 }
 
-/// Sets the run folder up on rank 0 (or the one process) of `processes`:
-/// a fresh run's folder, or the checkpoint's state restored into `store`
-/// and `optimizer`.
+/// Sets the run folder up on rank 0 (or the one process) of `processes`
+/// training on `images` images: a fresh run's folder, or the checkpoint's
+/// state restored into `store` and `optimizer`.
 fn prepare_run_folder(
     config: &ValidConfig,
     resume: bool,
-    processes: usize,
+    (processes, images): (usize, usize),
     store: &nn::VarStore,
     optimizer: &mut Optimizer,
     checkpoint_path: &std::path::Path,
@@ -977,6 +978,9 @@ fn prepare_run_folder(
     if resume {
         let saved = Checkpoint::read_latest(checkpoint_path)?;
         check_resumable(config, &saved, processes, checkpoint_path)?;
+        if let Some(warning) = other_images(saved.images, saved.position, images) {
+            tracing::warn!("{warning}");
+        }
         position = saved.restore(store, optimizer)?;
         tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
         // Epochs logged after the checkpoint (before a crash) are done again.
@@ -1039,6 +1043,27 @@ fn check_resumable(config: &ValidConfig, saved: &Checkpoint, processes: usize, p
     }
 }
 
+/// What a resume on `images` training images is told when the run was
+/// trained on another number (images added to or taken from its folder):
+/// it goes on, as the images may be meant, but the order of its epochs and
+/// the schedule's steps per epoch follow the new count, so it no longer
+/// reproduces the run it continues.
+fn other_images(trained_on: Option<usize>, saved_at: Position, images: usize) -> Option<String> {
+    let trained_on = trained_on.filter(|&trained_on| trained_on != images)?;
+    let part_way = match saved_at.batch {
+        0 => String::new(),
+        batch => format!(
+            ", and the rest of epoch {} comes from the new order, not the one its first {batch} batches came from",
+            saved_at.epoch + 1
+        ),
+    };
+    Some(format!(
+        "the run was trained on {} and its training set now has {images}: the order of each epoch and the \
+         schedule's steps per epoch follow the new count{part_way}",
+        counted(trained_on, "image")
+    ))
+}
+
 /// `outcome` on one process; in a group, the same verdict on every rank
 /// (see [`ProcessGroup::agree`]).
 fn agree<T>(group: &Option<ProcessGroup>, outcome: Result<T>) -> Result<T> {
@@ -1092,6 +1117,17 @@ fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_on_another_number_of_images_is_told_so() {
+        let at = |epoch, batch| Position { epoch, batch, ..Default::default() };
+        assert_eq!(other_images(Some(48), at(1, 0), 48), None);
+        assert_eq!(other_images(None, at(1, 0), 72), None, "a checkpoint from before the count was kept");
+        let warning = other_images(Some(48), at(1, 0), 72).unwrap();
+        assert!(warning.starts_with("the run was trained on 48 images and its training set now has 72"), "{warning}");
+        let part_way = other_images(Some(1), at(2, 3), 72).unwrap();
+        assert!(part_way.contains("trained on 1 image and") && part_way.contains("the rest of epoch 3"), "{part_way}");
+    }
 
     #[test]
     fn a_budget_is_planned_from_the_first_epoch_then_from_the_first_warm_one() {
