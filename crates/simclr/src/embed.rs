@@ -168,7 +168,7 @@ impl LoadedEncoder {
             Ok(())
         })?;
         if rows.is_empty() {
-            return Err(none_readable(input, images.len()));
+            return Err(crate::data::none_readable(input, images.len()));
         }
         Ok(Embedded { features: tch::Tensor::cat(&chunks, 0), rows, skipped })
     }
@@ -191,13 +191,6 @@ pub struct Embedded {
     pub rows: Vec<usize>,
     /// The images left out, as "path: reason".
     pub skipped: Vec<String>,
-}
-
-fn none_readable(input: &Path, images: usize) -> Error {
-    Error::Dataset {
-        path: input.to_path_buf(),
-        message: format!("none of its {} could be read (each is named above)", crate::names::counted(images, "image")),
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -288,7 +281,7 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
         Ok(())
     })?;
     if skipped.len() == images.len() {
-        return Err(none_readable(&options.input, images.len()));
+        return Err(crate::data::none_readable(&options.input, images.len()));
     }
     let embed_seconds = (started.elapsed() - writing).as_secs_f64();
     let rows = features.finish()?;

@@ -94,6 +94,15 @@ impl std::fmt::Display for Skipped<'_> {
     }
 }
 
+/// The error of an input none of whose `images` could be read under the
+/// skip policy (each was warned of as it was met).
+pub(crate) fn none_readable(input: &Path, images: usize) -> Error {
+    Error::Dataset {
+        path: input.to_path_buf(),
+        message: format!("none of its {} could be read (each is named above)", crate::names::counted(images, "image")),
+    }
+}
+
 /// An image read for training ([`Dataset::training_image`]).
 pub struct TrainingImage {
     /// The sample read: the one asked for or, under the skip policy, the

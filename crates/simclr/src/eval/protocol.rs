@@ -161,8 +161,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     let test = readable(labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?);
     for (split, path) in [(&train, &options.train), (&test, &options.test)] {
         if split.is_empty() {
-            let message = "none of its images could be read (each is named above)".to_owned();
-            return Err(Error::Dataset { path: path.clone(), message });
+            return Err(crate::data::none_readable(path, split.skipped().len()));
         }
     }
     let skipped = [train.skipped(), test.skipped()].concat();
