@@ -352,9 +352,11 @@ mod tests {
 
     #[test]
     fn chunks_with_frozen_batch_norm_give_the_whole_batchs_loss_and_gradient() {
-        // fp32 rounds differently in chunks (measured 4.5-5.0e-6); fp64
-        // shows the two are the same computation (measured 1.3-1.8e-14).
-        for (kind, tolerance) in [(Kind::Float, 1e-5), (Kind::Double, 1e-12)] {
+        // fp32 rounds differently in chunks, by how much depending on the
+        // CPU's kernels: measured 3.1-5.8e-6 on an AVX2 machine, 4.3e-6 to
+        // 1.2e-5 (NT-Logistic; 8.8e-6 by norm) on one with AVX-512 and AMX.
+        // fp64 shows the two are the same computation (measured 2e-15 to 1.1e-14).
+        for (kind, tolerance) in [(Kind::Float, 2e-5), (Kind::Double, 1e-12)] {
             for objective in [LossObjective::NtXent, LossObjective::NtLogistic, LossObjective::MarginTriplet] {
                 let (loss, gradient) = step(objective, None, false, kind);
                 // 12 images in chunks of 5, 5 and 2.
@@ -362,7 +364,8 @@ mod tests {
                 let what = format!("{objective:?} in {kind:?}");
                 assert!((chunked_loss - loss).abs() <= tolerance * loss.abs(), "{what}: {chunked_loss} against {loss}");
                 let difference = relative_difference(&chunked_gradient, &gradient);
-                eprintln!("{what}: chunked gradient differs by {difference:e}");
+                let norm = (&chunked_gradient - &gradient).norm().double_value(&[]) / gradient.norm().double_value(&[]);
+                eprintln!("{what}: chunked gradient differs by {difference:e} (by norm {norm:e})");
                 assert!(difference < tolerance, "{what}: gradients differ by {difference:e}");
                 assert!(gradient.abs().max().double_value(&[]) > 0.0);
                 // Negative control: in training mode the chunks' BatchNorm
