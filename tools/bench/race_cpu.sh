@@ -16,7 +16,11 @@
 #   tools/bench/race_cpu.sh                # 2 rounds of 240 s each, about 20 min
 #   ROUNDS=3 BUDGET=240 DATA=../shared/data/cifar10 OUT=runs/race tools/bench/race_cpu.sh
 #   ONLY=simclr ROUNDS=1 tools/bench/race_cpu.sh    # one side alone (tuning)
-#   SIMCLR_ARGS="--set loss.temperature=0.2" REF_ARGS="--temperature 0.2" tools/bench/race_cpu.sh
+#   SIMCLR_ARGS="--set loss.temperature=0.2" tools/bench/race_cpu.sh   # the reference follows
+#   SIMCLR_ARGS="--set train.mixed_precision=false" tools/bench/race_cpu.sh   # both in fp32
+#
+# Both train in bf16 on a CPU with AVX-512 BF16 (simclr's train.mixed_precision,
+# the reference's rule for it), in fp32 on any other.
 #
 # SIMCLR_BIN picks the binary (default: a release build, made here).
 set -euo pipefail
@@ -42,9 +46,10 @@ subset=$(mktemp -d)
 trap 'rm -rf "$subset"' EXIT
 python3 tools/data/cifar10_subset.py "$DATA" "$subset" --train 500 --test 100
 
-# The recipe both sides run: cifar10-fast's, read from the preset for the
-# reference. The width, head and batch are the CPU setting's.
-read -ra ref_recipe < <("$BIN" train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py)
+# The recipe both sides run: cifar10-fast's with SIMCLR_ARGS, read from the
+# config for the reference. The width, head and batch are the CPU setting's.
+# shellcheck disable=SC2086
+read -ra ref_recipe < <("$BIN" train --preset cifar10-fast ${SIMCLR_ARGS:-} --print-config | python3 tools/reference/preset_recipe.py)
 ref_recipe+=(--width 0.25 --hidden-dim 128 --batch-size 128)
 echo "reference recipe: ${ref_recipe[*]}" >&2
 
@@ -66,7 +71,7 @@ seconds = sum(m["seconds"] for m in metrics)
 images = sum(m["images_per_second"] * m["seconds"] for m in metrics)
 print(json.dumps({"implementation": "simclr", "round": int(sys.argv[2]), "epochs": len(metrics),
                   "train_seconds": seconds, "images_per_second": images / seconds,
-                  "knn_top1": summary["final_knn_top1"]}))
+                  "precision": summary["precision"], "knn_top1": summary["final_knn_top1"]}))
 PY
 }
 
@@ -93,10 +98,10 @@ python3 - "$results" "$BUDGET" <<'PY'
 import json, statistics, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
 print(f"\n{sys.argv[2]} s of training each, CPU, {len(runs)} runs:\n")
-print("| round | implementation | epochs | training s | images/s | kNN top-1 |")
-print("|---:|---|---:|---:|---:|---:|")
+print("| round | implementation | precision | epochs | training s | images/s | kNN top-1 |")
+print("|---:|---|---|---:|---:|---:|---:|")
 for r in runs:
-    print(f"| {r['round']} | {r['implementation']} | {r['epochs']} | {r['train_seconds']:.1f} | "
+    print(f"| {r['round']} | {r['implementation']} | {r['precision']} | {r['epochs']} | {r['train_seconds']:.1f} | "
           f"{r['images_per_second']:.1f} | {100 * r['knn_top1']:.2f}% |")
 ours = [r for r in runs if r["implementation"] == "simclr"]
 theirs = [r for r in runs if r["implementation"] != "simclr"]

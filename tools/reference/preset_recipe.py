@@ -4,7 +4,8 @@ gives the reference the preset's own values rather than a second copy of
 them that could drift.
 
 Reads the TOML of `simclr train --preset P --print-config` on stdin and
-prints `--temperature T --learning-rate L --weight-decay W --warmup-epochs E`.
+prints `--temperature T --learning-rate L --weight-decay W --warmup-epochs E`,
+and `--fp32` where `train.mixed_precision` is off.
 Stops, naming the field, where the config asks for what train_pytorch.py
 does not do (it runs NT-Xent with cosine similarity, SGD with momentum 0.9
 and the linear learning-rate scaling).
@@ -31,7 +32,8 @@ def main() -> None:
                      f"but train_pytorch.py runs {value!r}")
     optim = config["optim"]
     print(f"--temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
-          f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}")
+          f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}"
+          + ("" if config["train"]["mixed_precision"] else " --fp32"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ batches with per-sample parameters: random resized crop (scale 0.08-1,
 ratio 3/4-4/3, `roi_align`), flip, colour jitter (s = 0.5, p = 0.8,
 torchvision's formulas, fixed order), grayscale (p = 0.2). channels_last everywhere (on this
 project's 2-core CPU a 0.25x ResNet-18 step at 32 px takes 0.39 s in it
-against 0.55 s contiguous); on CUDA bf16 autocast too. Budget, as `train.time_budget_seconds` plans
+against 0.55 s contiguous); bf16 autocast where simclr's `train.mixed_precision` takes it (CUDA,
+a CPU with AVX-512 BF16), unless `--fp32`. Budget, as `train.time_budget_seconds` plans
 it: as many whole epochs as fit at the first epoch's pace, then, final, two
 plus as many as fit in the time left at the second's (the first pays cuDNN's
 autotuning and the allocator's growth).
@@ -158,9 +159,13 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, default=2048, help="the projection head's middle layer")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     parser.add_argument("--limit", type=int, default=0, help="use only this many images per split (tests)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="no bf16 autocast (train.mixed_precision = false), which is otherwise on where simclr's is: "
+                             "CUDA, and a CPU with AVX-512 BF16")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    bf16 = not args.fp32 and (cuda or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()))
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     if args.threads:
@@ -187,7 +192,7 @@ def main() -> None:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=peak, momentum=0.9,
     )
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     steps_per_epoch = len(train_images) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"train_pytorch.py: {len(train_images)} training images do not fill one batch of {args.batch_size}")
@@ -235,6 +240,7 @@ def main() -> None:
         "device": str(torch.cuda.get_device_name() if cuda else device),
         "epochs": epochs,
         "threads": torch.get_num_threads(),
+        "precision": "bf16" if bf16 else "fp32",
         "train_seconds": trained,
         "images_per_second": epochs * steps_per_epoch * args.batch_size / trained,
         "knn_top1": top1,

@@ -1053,6 +1053,24 @@ fn the_fast_preset_is_reproducible_from_its_seed() {
     assert_eq!(epoch_losses(&first).len(), 2);
     assert_same_run(&second, &first, "a second run from the same seed (CUDA's settings ignored on the CPU)");
     assert_ne!(epoch_losses(&other), epoch_losses(&first), "another seed must give another run");
+
+    // The step runs in bf16 on a CPU with bf16 instructions (as this
+    // machine's may be; device.rs checks the detection against
+    // /proc/cpuinfo), in fp32 on any other or when told; the summary says which.
+    let precision = |run: &Path| {
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+        summary["precision"].as_str().unwrap().to_owned()
+    };
+    let native = simclr::device::cpu_computes_bf16();
+    assert_eq!(precision(&first), if native { "bf16" } else { "fp32" });
+    let (fp32, _) = run("fp32", "3", &["train.mixed_precision=false"]);
+    assert_eq!(precision(&fp32), "fp32");
+    if native {
+        assert!(encoder_difference(&fp32, &first) > 0.0, "fp32 trained the bf16 run's encoder");
+    } else {
+        assert_same_run(&fp32, &first, "fp32 asked for on a CPU that trains in fp32 anyway");
+    }
 }
 
 #[test]
@@ -1520,6 +1538,13 @@ fn free_port() -> u16 {
 /// against 1 1.2e-7 to 4.3e-5; per-process BatchNorm 2.6e-2 to 3.5e-2.
 const ENCODER_ROUNDING: f64 = 1e-3;
 
+/// The runs the bounds above were measured on are fp32: on a CPU with bf16
+/// instructions the step would run in bf16, whose rounding is 2^16 times
+/// coarser (measured there, 2 epochs of 15 steps: 2 bf16 processes 2.3e-2
+/// from 1 by [`encoder_distance`], bf16 2.0e-2 from fp32 on 1 process,
+/// fp32 on 2 processes 3.0e-3 from 1).
+const FP32: [&str; 2] = ["--set", "train.mixed_precision=false"];
+
 #[test]
 fn two_processes_train_the_encoder_of_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -1527,7 +1552,7 @@ fn two_processes_train_the_encoder_of_one() {
     image_folder(&data, 12, 16);
     let run = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let output = tiny_training(&data, &out).args(extra).run();
+        let output = tiny_training(&data, &out).args(FP32).args(extra).run();
         assert_succeeds(&output);
         out
     };
@@ -1575,7 +1600,7 @@ fn supervised_training_is_the_same_on_one_or_two_processes() {
     // 12 steps, against 5e-5 for contrastive training).
     let two_steps = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let output = tiny_training(&data, &out).args(extra).env("SIMCLR_TEST_STOP_AFTER_STEPS", 2).run();
+        let output = tiny_training(&data, &out).args(FP32).args(extra).env("SIMCLR_TEST_STOP_AFTER_STEPS", 2).run();
         assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
         simclr::io::load(&out.join("checkpoint.safetensors")).unwrap().tensors
     };

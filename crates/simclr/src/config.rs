@@ -37,7 +37,9 @@ pub struct TrainConfig {
     pub micro_batch_size: Option<usize>,
     pub seed: u64,
     pub device: DeviceChoice,
-    /// bf16 autocast on CUDA (fp32 master weights); ignored on the CPU.
+    /// bf16 autocast (fp32 master weights) on CUDA and on a CPU with bf16
+    /// instructions (AVX-512 BF16, as CPUs with AMX have); fp32 on other
+    /// CPUs, which would emulate bf16.
     pub mixed_precision: bool,
     /// Where checkpoints, metrics and the exported encoder go.
     pub output_dir: PathBuf,

@@ -186,15 +186,29 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA,
-    /// fp32 on the CPU, where a CPU without native bf16 emulates it (a
-    /// training step 11-12x slower on an AVX2 machine of this project's,
-    /// docs/time-to-accuracy.md).
+    /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA and
+    /// on a CPU that computes bf16 natively ([`cpu_computes_bf16`]), fp32
+    /// on any other. A CPU without native bf16 emulates it: a training step
+    /// 11-12x slower on an AVX2 machine of this project's, and 2.5x faster
+    /// on one with AMX (docs/time-to-accuracy.md).
     pub fn on(device: Device, mixed_precision: bool) -> Self {
-        if mixed_precision && device.is_cuda() {
+        let native = match device {
+            Device::Cuda(_) => true,
+            Device::Cpu => cpu_computes_bf16(),
+            _ => false,
+        };
+        if mixed_precision && native {
             Self::Bf16
         } else {
             Self::Fp32
+        }
+    }
+
+    /// How logs and `summary.json` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
         }
     }
 
@@ -207,6 +221,22 @@ impl Precision {
                 f()
             }
         }
+    }
+}
+
+/// Whether this CPU has bf16 instructions (AVX-512 BF16, which every x86
+/// CPU with AMX also has), the test PyTorch's own
+/// `torch.cpu._is_avx512_bf16_supported()` makes. oneDNN then runs bf16
+/// convolutions and matrix products natively, and emulates them without.
+/// Other architectures are not measured and keep fp32.
+pub fn cpu_computes_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -445,9 +475,22 @@ mod tests {
             assert_eq!(outer, expected, "{device:?}");
         }
         assert_eq!(Precision::Fp32.run(Device::Cpu, || x.linear(&w, None::<Tensor>).kind()), Kind::Float);
-        assert_eq!(Precision::on(Device::Cpu, true), Precision::Fp32);
         assert_eq!(Precision::on(Device::Cuda(0), true), Precision::Bf16);
         assert_eq!(Precision::on(Device::Cuda(0), false), Precision::Fp32);
+    }
+
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn the_cpu_trains_in_bf16_where_it_has_bf16_instructions() {
+        // The kernel's list of the CPU's features, read apart from std's
+        // CPUID detection that `cpu_computes_bf16` uses.
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let flags = cpuinfo.lines().find(|line| line.starts_with("flags")).unwrap();
+        let native = flags.split_whitespace().any(|flag| flag == "avx512_bf16");
+        assert_eq!(cpu_computes_bf16(), native, "{flags}");
+        let expected = if native { Precision::Bf16 } else { Precision::Fp32 };
+        assert_eq!(Precision::on(Device::Cpu, true), expected);
+        assert_eq!(Precision::on(Device::Cpu, false), Precision::Fp32);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::augment::{AugmentConfig, AugmentPreset, Pipeline};
 use crate::data::config::DataFormat;
 use crate::data::Dataset;
-use crate::device::{DeviceChoice, MemoryKind, PeakMemory};
+use crate::device::{DeviceChoice, MemoryKind, PeakMemory, Precision};
 use crate::loss::LossConfig;
 use crate::model::SimClr;
 use crate::model::{Arch, ModelConfig, Stem};
@@ -48,7 +48,8 @@ pub struct BenchOptions {
     pub steps: usize,
     #[arg(long = "warmup", default_value_t = 2)]
     pub warmup_steps: usize,
-    /// bf16 autocast on CUDA; `--no-mixed-precision` keeps fp32 throughout.
+    /// bf16 autocast on CUDA and on a CPU with bf16 instructions (as
+    /// `train.mixed_precision`); `--no-mixed-precision` keeps fp32 throughout.
     #[arg(long = "no-mixed-precision", action = clap::ArgAction::SetFalse)]
     pub mixed_precision: bool,
     /// The update of each training step: lars (the paper's), sgd or adamw.
@@ -80,6 +81,9 @@ pub struct BenchReport {
     pub image_size: u32,
     pub steps: usize,
     pub optimizer: &'static str,
+    /// The arithmetic of the training step and the forward pass: "bf16"
+    /// (autocast) or "fp32" ([`crate::device::Precision::on`]).
+    pub precision: &'static str,
     /// Training images per second (each image is two views through f, g,
     /// NT-Xent, backward and an optimiser step).
     pub train_images_per_second: f64,
@@ -160,7 +164,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     if options.cuda_graph.is_some() && !device.is_cuda() {
         return Err(Error::Device(format!("--cuda-graph needs a CUDA device, not {device:?}")));
     }
-    let precision = crate::device::Precision::on(device, options.mixed_precision);
+    let precision = Precision::on(device, options.mixed_precision);
     let store = nn::VarStore::new(device);
     let model = SimClr::new(&store.root(), &options.model());
     crate::device::use_channels_last(&store);
@@ -245,6 +249,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         image_size: options.image_size,
         steps: options.steps,
         optimizer: options.optimizer.name(),
+        precision: precision.name(),
         train_images_per_second: images_done / train_seconds,
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
         train_issue_ms: 1000.0 * median(&mut issue_seconds),
@@ -413,7 +418,7 @@ pub fn compare_with_pytorch(
     if let Some(hidden) = model.head.hidden_dim {
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
-    command.arg(if cuda && options.mixed_precision { "--bf16" } else { "--channels-last" });
+    command.arg(if ours.precision == Precision::Bf16.name() { "--bf16" } else { "--channels-last" });
     let failed = |message: String| Error::Reference(format!("{python} {}: {message}", script.display()));
     let output = command.output().map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {
@@ -452,8 +457,8 @@ impl std::fmt::Display for Comparison {
         let number = |key| self.number(key).unwrap_or(f64::NAN);
         writeln!(
             f,
-            "{} on {}, batch {} at {}px, {}, {} timed steps:",
-            ours.arch, ours.device, ours.batch_size, ours.image_size, ours.optimizer, ours.steps
+            "{} on {} in {}, batch {} at {}px, {}, {} timed steps:",
+            ours.arch, ours.device, ours.precision, ours.batch_size, ours.image_size, ours.optimizer, ours.steps
         )?;
         for (what, mine, key) in [
             ("training images/s", ours.train_images_per_second, "train_images_per_second"),
@@ -485,8 +490,8 @@ impl std::fmt::Display for BenchReport {
         let chunks = self.micro_batch_size.map(|micro| format!(" in chunks of {micro}")).unwrap_or_default();
         writeln!(
             f,
-            "{} on {}, batch {}{chunks} at {}x{}, {} timed steps:",
-            self.arch, self.device, self.batch_size, self.image_size, self.image_size, self.steps
+            "{} on {} in {}, batch {}{chunks} at {}x{}, {} timed steps:",
+            self.arch, self.device, self.precision, self.batch_size, self.image_size, self.image_size, self.steps
         )?;
         writeln!(
             f,

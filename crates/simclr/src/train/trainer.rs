@@ -100,6 +100,8 @@ pub struct TrainReport {
     /// (fresh runs only): the random-init baseline.
     pub initial_knn_top1: Option<f64>,
     pub device: Device,
+    /// The training step's arithmetic ([`Precision::on`]).
+    pub precision: Precision,
     /// Where an interrupted run stopped; `--resume` continues from there.
     pub interrupted_at: Option<Position>,
     /// Steps skipped for a non-finite loss or gradient.
@@ -130,7 +132,8 @@ impl std::fmt::Display for TrainReport {
             );
         }
         if let Some(last) = self.epochs.last() {
-            writeln!(f, "trained {} on {:?}: final loss {:.4}", counted(last.epoch, "epoch"), self.device, last.loss)?;
+            let (epochs, device, precision) = (counted(last.epoch, "epoch"), self.device, self.precision.name());
+            writeln!(f, "trained {epochs} on {device:?} in {precision}: final loss {:.4}", last.loss)?;
         }
         match (self.initial_knn_top1, self.final_knn_top1()) {
             (Some(before), Some(after)) => {
@@ -425,8 +428,10 @@ impl Trainer {
                 initial_knn_top1 = Some(monitor.top1((&model.encoder).into(), format, device, &pool)?);
             }
         }
+        let precision = Precision::on(device, config.train.mixed_precision);
         tracing::info!(
             device = ?device,
+            precision = precision.name(),
             images = train_set.len(),
             augment = views.name(),
             steps_per_epoch,
@@ -438,7 +443,7 @@ impl Trainer {
         );
         let trainer = Trainer {
             device,
-            precision: Precision::on(device, config.train.mixed_precision),
+            precision,
             ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone()),
             log: MetricsLog::new(&output_dir.join(METRICS_FILE)),
             budget: config.train.time_budget_seconds.map(Budget::new),
@@ -724,6 +729,7 @@ impl Trainer {
             epochs: self.epochs.clone(),
             initial_knn_top1: self.initial_knn_top1,
             device: self.device,
+            precision: self.precision,
             interrupted_at: None,
             skipped_steps: self.ledger.skipped_steps,
             skipped_images: skipped_images(&self.train_set, self.monitor.as_ref()),
@@ -751,6 +757,7 @@ impl Trainer {
             "skipped_steps": report.skipped_steps,
             "skipped_images": report.skipped_images,
             "device": format!("{:?}", self.device),
+            "precision": self.precision.name(),
         });
         let summary_path = report.output_dir.join(SUMMARY_FILE);
         crate::io::write_atomic(&summary_path, format!("{summary:#}\n").as_bytes())?;
