@@ -317,6 +317,16 @@ fn train_resume_and_embed_round_trip() {
     let grown = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "3"]).run();
     assert_succeeds(&grown);
     assert!(stderr(&grown).contains("the run was trained on 12 images and its training set now has 13"));
+    assert!(!stderr(&grown).contains("the run was trained in"), "the same precision: nothing to say");
+    // In another precision (on a CPU with bf16 instructions, where the run
+    // trained in bf16; fp32 throughout elsewhere, with nothing to say).
+    let fp32 = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "4"])
+        .args(["--set", "train.mixed_precision=false"])
+        .run();
+    assert_succeeds(&fp32);
+    let told =
+        stderr(&fp32).contains("the run was trained in bf16 and resumes in fp32 (train.mixed_precision = false)");
+    assert_eq!(told, simclr::device::cpu_computes_bf16(), "{}", stderr(&fp32));
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::path::Path;
 use tch::{nn, Tensor};
 
 use crate::config::RunConfig;
+use crate::device::Precision;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::{Error, Result};
@@ -70,14 +71,24 @@ pub struct Position {
     pub epoch_loss_count: usize,
 }
 
-/// Saves a run's state at `position`, trained by `processes` processes on
-/// `images` training images.
+/// What trained a run when its checkpoint was saved, kept in the checkpoint
+/// so that a resume can say what it continues on otherwise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainedBy {
+    pub processes: usize,
+    /// The training images (a folder may gain or lose some between a stop and its resume).
+    pub images: usize,
+    /// The training step's arithmetic, which follows the device ([`Precision::on`]).
+    pub precision: Precision,
+}
+
+/// Saves a run's state at `position`, trained as `trained_by` says.
 pub fn save(
     path: &Path,
     store: &nn::VarStore,
     optimizer: &Optimizer,
     position: Position,
-    (processes, images): (usize, usize),
+    trained_by: TrainedBy,
     config: &RunConfig,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
@@ -92,8 +103,9 @@ pub fn save(
         // Rust's shortest round-trip formatting: parsing gives the same f64 back.
         ("epoch_loss_sum".to_owned(), position.epoch_loss_sum.to_string()),
         ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
-        ("processes".to_owned(), processes.to_string()),
-        ("images".to_owned(), images.to_string()),
+        ("processes".to_owned(), trained_by.processes.to_string()),
+        ("images".to_owned(), trained_by.images.to_string()),
+        ("precision".to_owned(), trained_by.precision.name().to_owned()),
         ("config".to_owned(), config.to_toml()),
     ]);
     // The new checkpoint is complete and on disk before the old one moves
@@ -118,6 +130,8 @@ pub struct Checkpoint {
     pub processes: Option<usize>,
     /// The training images it was trained on (`None` likewise).
     pub images: Option<usize>,
+    /// The precision it was trained in, "bf16" or "fp32" (`None` likewise).
+    pub precision: Option<String>,
     tensors: HashMap<String, Tensor>,
     path: std::path::PathBuf,
 }
@@ -162,8 +176,10 @@ impl Checkpoint {
             epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
             epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
         };
-        let (processes, images) = (field(metadata, "processes"), field(metadata, "images"));
-        Ok(Self { config, position, processes, images, tensors: loaded.tensors, path: path.to_path_buf() })
+        let (processes, images, precision) =
+            (field(metadata, "processes"), field(metadata, "images"), field(metadata, "precision"));
+        let path = path.to_path_buf();
+        Ok(Self { config, position, processes, images, precision, tensors: loaded.tensors, path })
     }
 
     /// Copies the saved variables and optimiser state into a freshly built run.

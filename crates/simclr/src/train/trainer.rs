@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::checkpoint::{self, Checkpoint, Position};
+use super::checkpoint::{self, Checkpoint, Position, TrainedBy};
 use super::graph::GraphedStep;
 use super::metrics::{EpochMetrics, MetricsLog};
 use super::step::{GradientCache, Objective};
@@ -341,6 +341,7 @@ impl Trainer {
         if config.train.deterministic {
             crate::device::make_deterministic(device);
         }
+        let precision = Precision::on(device, config.train.mixed_precision);
         if let (Device::Cuda(_), Some(group)) = (device, &group) {
             // torchrun numbers a machine's processes consecutively, so rank
             // modulo the GPUs of a machine is the local rank (with fewer
@@ -405,7 +406,7 @@ impl Trainer {
         // Rank 0 alone reads and writes the run folder; the others take its
         // state (a resumed run may have any number of processes).
         let prepared = if writer {
-            let trained_by = (shard.world, train_set.len());
+            let trained_by = TrainedBy { processes: shard.world, images: train_set.len(), precision };
             prepare_run_folder(&config, resume, trained_by, &store, &mut optimizer, &checkpoint_path)
         } else {
             Ok(Position::default())
@@ -428,7 +429,6 @@ impl Trainer {
                 initial_knn_top1 = Some(monitor.top1((&model.encoder).into(), format, device, &pool)?);
             }
         }
-        let precision = Precision::on(device, config.train.mixed_precision);
         tracing::info!(
             device = ?device,
             precision = precision.name(),
@@ -696,12 +696,13 @@ impl Trainer {
         let saved = match self.writes() {
             true => {
                 let processes = self.group.as_ref().map_or(1, ProcessGroup::size);
+                let trained_by = TrainedBy { processes, images: self.train_set.len(), precision: self.precision };
                 checkpoint::save(
                     &self.checkpoint_path,
                     &self.store,
                     &self.optimizer,
                     self.position,
-                    (processes, self.train_set.len()),
+                    trained_by,
                     &self.config,
                 )
             }
@@ -969,13 +970,13 @@ fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
     }
 }
 
-/// Sets the run folder up on rank 0 (or the one process) of `processes`
-/// training on `images` images: a fresh run's folder, or the checkpoint's
-/// state restored into `store` and `optimizer`.
+/// Sets the run folder up on rank 0 (or the one process) of a run trained
+/// as `trained_by` says: a fresh run's folder, or the checkpoint's state
+/// restored into `store` and `optimizer`.
 fn prepare_run_folder(
     config: &ValidConfig,
     resume: bool,
-    (processes, images): (usize, usize),
+    trained_by: TrainedBy,
     store: &nn::VarStore,
     optimizer: &mut Optimizer,
     checkpoint_path: &std::path::Path,
@@ -984,8 +985,12 @@ fn prepare_run_folder(
     let mut position = Position::default();
     if resume {
         let saved = Checkpoint::read_latest(checkpoint_path)?;
-        check_resumable(config, &saved, processes, checkpoint_path)?;
-        if let Some(warning) = other_images(saved.images, saved.position, images) {
+        check_resumable(config, &saved, trained_by.processes, checkpoint_path)?;
+        let warnings = [
+            other_images(saved.images, saved.position, trained_by.images),
+            other_precision(saved.precision.as_deref(), trained_by.precision, config.train.mixed_precision),
+        ];
+        for warning in warnings.into_iter().flatten() {
             tracing::warn!("{warning}");
         }
         position = saved.restore(store, optimizer)?;
@@ -1071,6 +1076,24 @@ fn other_images(trained_on: Option<usize>, saved_at: Position, images: usize) ->
     ))
 }
 
+/// What a resume in `precision` is told when the run was trained in the
+/// other (moved between a CPU with bf16 instructions and one without, or
+/// `train.mixed_precision` changed): it goes on, but its steps round
+/// otherwise from here, so it no longer reproduces the run it continues.
+fn other_precision(trained_in: Option<&str>, precision: Precision, mixed_precision: bool) -> Option<String> {
+    let trained_in = trained_in.filter(|&trained_in| trained_in != precision.name())?;
+    let why = match (precision, mixed_precision) {
+        (Precision::Bf16, _) => "; --set train.mixed_precision=false keeps fp32",
+        (Precision::Fp32, true) => " (this device does not compute bf16 natively)",
+        (Precision::Fp32, false) => " (train.mixed_precision = false)",
+    };
+    Some(format!(
+        "the run was trained in {trained_in} and resumes in {}{why}: its steps round otherwise from here, \
+         so it will not reproduce a run trained in {trained_in} throughout",
+        precision.name()
+    ))
+}
+
 /// `outcome` on one process; in a group, the same verdict on every rank
 /// (see [`ProcessGroup::agree`]).
 fn agree<T>(group: &Option<ProcessGroup>, outcome: Result<T>) -> Result<T> {
@@ -1134,6 +1157,18 @@ mod tests {
         assert!(warning.starts_with("the run was trained on 48 images and its training set now has 72"), "{warning}");
         let part_way = other_images(Some(1), at(2, 3), 72).unwrap();
         assert!(part_way.contains("trained on 1 image and") && part_way.contains("the rest of epoch 3"), "{part_way}");
+    }
+
+    #[test]
+    fn a_resume_in_another_precision_is_told_so() {
+        assert_eq!(other_precision(Some("bf16"), Precision::Bf16, true), None);
+        assert_eq!(other_precision(None, Precision::Bf16, true), None, "a checkpoint from before it was kept");
+        let to_bf16 = other_precision(Some("fp32"), Precision::Bf16, true).unwrap();
+        assert!(to_bf16.starts_with("the run was trained in fp32 and resumes in bf16; --set"), "{to_bf16}");
+        let to_fp32 = other_precision(Some("bf16"), Precision::Fp32, true).unwrap();
+        assert!(to_fp32.contains("resumes in fp32 (this device does not compute bf16 natively)"), "{to_fp32}");
+        let asked = other_precision(Some("bf16"), Precision::Fp32, false).unwrap();
+        assert!(asked.contains("(train.mixed_precision = false)"), "{asked}");
     }
 
     #[test]
