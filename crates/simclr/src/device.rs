@@ -188,9 +188,10 @@ pub enum Precision {
 impl Precision {
     /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA and
     /// on a CPU that computes bf16 natively ([`cpu_computes_bf16`]), fp32
-    /// on any other. A CPU without native bf16 emulates it: a training step
-    /// 11-12x slower on an AVX2 machine of this project's, and 2.5x faster
-    /// on one with AMX (docs/time-to-accuracy.md).
+    /// on any other. bf16 pays only where it is native: an AVX2 machine of
+    /// this project's emulated it, a training step 11-12x slower than fp32;
+    /// a 2-core Xeon with AMX trained 1.65-2.6x faster in it
+    /// (docs/time-to-accuracy.md).
     pub fn on(device: Device, mixed_precision: bool) -> Self {
         let native = match device {
             Device::Cuda(_) => true,
