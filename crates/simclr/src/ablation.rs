@@ -217,7 +217,7 @@ impl<'a> Study<'a> {
     }
 
     fn create_folder(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))
+        crate::io::create_dir(&self.output_dir)
     }
 
     fn seeded(&self) -> bool {

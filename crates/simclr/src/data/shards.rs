@@ -260,7 +260,7 @@ pub fn write_shards(dataset: &Dataset, output: &Path, per_shard: usize) -> Resul
             });
         }
     }
-    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+    crate::io::create_dir(output)?;
     let mut written = Vec::new();
     for (number, chunk) in dataset.samples.chunks(per_shard).enumerate() {
         let path = output.join(format!("shard-{number:06}.tar"));

@@ -67,12 +67,28 @@ pub fn set_write_pause(milliseconds: u64) {
     WRITE_PAUSE_MS.store(milliseconds, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Makes the folder `dir` and those above it that are missing. Where one of
+/// them is a file, the error names it (the OS says only "File exists" or
+/// "Not a directory", with `dir`).
+pub fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|error| match dir.ancestors().find(|above| above.is_file()) {
+        Some(file) => {
+            let what = match file == dir {
+                true => "a file, where a folder is needed".to_owned(),
+                false => format!("a file, where {} needs a folder", dir.display()),
+            };
+            Error::io(file, std::io::Error::other(what))
+        }
+        None => Error::io(dir, error),
+    })
+}
+
 /// Writes `path` so that it is either the old file or the whole new one:
 /// the bytes go to a temporary file beside it, are flushed to disk, and the
 /// temporary file is renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    create_dir(dir)?;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp{}", std::process::id()));
     let temporary = dir.join(name);
@@ -217,6 +233,23 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_in_the_way_of_a_folder_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runs");
+        std::fs::write(&file, b"").unwrap();
+        let itself = create_dir(&file).unwrap_err().to_string();
+        assert_eq!(itself, format!("{}: a file, where a folder is needed", file.display()));
+        let below = create_dir(&file.join("mine/deeper")).unwrap_err().to_string();
+        assert!(below.starts_with(&format!("{}: a file, where ", file.display())), "{below}");
+        assert!(below.ends_with("runs/mine/deeper needs a folder"), "{below}");
+        // Folders are made, and kept where they exist.
+        let fine = dir.path().join("a/b");
+        create_dir(&fine).unwrap();
+        assert!(fine.is_dir());
+        create_dir(&fine).unwrap();
+    }
 
     #[test]
     fn round_trip_keeps_tensors_and_a_flipped_byte_is_caught() {

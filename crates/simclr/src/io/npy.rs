@@ -48,7 +48,7 @@ impl NpyRows {
     /// Starts `path` (as `<path>.partial`, its folder made if missing).
     pub fn create(path: &Path, columns: usize) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            crate::io::create_dir(dir)?;
         }
         let partial = path.with_extension("npy.partial");
         let mut file = BufWriter::new(File::create(&partial).map_err(|e| Error::io(&partial, e))?);

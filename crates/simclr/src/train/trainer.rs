@@ -1004,7 +1004,7 @@ fn prepare_run_folder(
                 message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
             });
         }
-        std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+        crate::io::create_dir(output_dir)?;
         // A run killed before its first checkpoint may have logged epochs:
         // a fresh start begins a fresh log.
         MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
