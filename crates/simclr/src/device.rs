@@ -185,6 +185,8 @@ pub enum Precision {
     Bf16,
 }
 
+names!(Precision, "precision", { Fp32 => "fp32", Bf16 => "bf16" });
+
 impl Precision {
     /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA and
     /// on a CPU that computes bf16 natively ([`cpu_computes_bf16`]), fp32
@@ -202,14 +204,6 @@ impl Precision {
             Self::Bf16
         } else {
             Self::Fp32
-        }
-    }
-
-    /// How logs and `summary.json` name it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fp32 => "fp32",
-            Self::Bf16 => "bf16",
         }
     }
 

@@ -81,9 +81,9 @@ pub struct BenchReport {
     pub image_size: u32,
     pub steps: usize,
     pub optimizer: &'static str,
-    /// The arithmetic of the training step and the forward pass: "bf16"
-    /// (autocast) or "fp32" ([`crate::device::Precision::on`]).
-    pub precision: &'static str,
+    /// The arithmetic of the training step and the forward pass
+    /// ([`Precision::on`]), "bf16" (autocast) or "fp32" in JSON.
+    pub precision: Precision,
     /// Training images per second (each image is two views through f, g,
     /// NT-Xent, backward and an optimiser step).
     pub train_images_per_second: f64,
@@ -249,7 +249,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         image_size: options.image_size,
         steps: options.steps,
         optimizer: options.optimizer.name(),
-        precision: precision.name(),
+        precision,
         train_images_per_second: images_done / train_seconds,
         train_ms_per_step: 1000.0 * train_seconds / options.steps as f64,
         train_issue_ms: 1000.0 * median(&mut issue_seconds),
@@ -418,7 +418,7 @@ pub fn compare_with_pytorch(
     if let Some(hidden) = model.head.hidden_dim {
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
-    command.arg(if ours.precision == Precision::Bf16.name() { "--bf16" } else { "--channels-last" });
+    command.arg(if ours.precision == Precision::Bf16 { "--bf16" } else { "--channels-last" });
     let failed = |message: String| Error::Reference(format!("{python} {}: {message}", script.display()));
     let output = command.output().map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {
@@ -458,7 +458,13 @@ impl std::fmt::Display for Comparison {
         writeln!(
             f,
             "{} on {} in {}, batch {} at {}px, {}, {} timed steps:",
-            ours.arch, ours.device, ours.precision, ours.batch_size, ours.image_size, ours.optimizer, ours.steps
+            ours.arch,
+            ours.device,
+            ours.precision.name(),
+            ours.batch_size,
+            ours.image_size,
+            ours.optimizer,
+            ours.steps
         )?;
         for (what, mine, key) in [
             ("training images/s", ours.train_images_per_second, "train_images_per_second"),
@@ -491,7 +497,13 @@ impl std::fmt::Display for BenchReport {
         writeln!(
             f,
             "{} on {} in {}, batch {}{chunks} at {}x{}, {} timed steps:",
-            self.arch, self.device, self.precision, self.batch_size, self.image_size, self.image_size, self.steps
+            self.arch,
+            self.device,
+            self.precision.name(),
+            self.batch_size,
+            self.image_size,
+            self.image_size,
+            self.steps
         )?;
         writeln!(
             f,

@@ -130,8 +130,8 @@ pub struct Checkpoint {
     pub processes: Option<usize>,
     /// The training images it was trained on (`None` likewise).
     pub images: Option<usize>,
-    /// The precision it was trained in, "bf16" or "fp32" (`None` likewise).
-    pub precision: Option<String>,
+    /// The precision it was trained in (`None` likewise).
+    pub precision: Option<Precision>,
     tensors: HashMap<String, Tensor>,
     path: std::path::PathBuf,
 }

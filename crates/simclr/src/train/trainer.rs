@@ -988,7 +988,7 @@ fn prepare_run_folder(
         check_resumable(config, &saved, trained_by.processes, checkpoint_path)?;
         let warnings = [
             other_images(saved.images, saved.position, trained_by.images),
-            other_precision(saved.precision.as_deref(), trained_by.precision, config.train.mixed_precision),
+            other_precision(saved.precision, trained_by.precision, config.train.mixed_precision),
         ];
         for warning in warnings.into_iter().flatten() {
             tracing::warn!("{warning}");
@@ -1080,8 +1080,8 @@ fn other_images(trained_on: Option<usize>, saved_at: Position, images: usize) ->
 /// other (moved between a CPU with bf16 instructions and one without, or
 /// `train.mixed_precision` changed): it goes on, but its steps round
 /// otherwise from here, so it no longer reproduces the run it continues.
-fn other_precision(trained_in: Option<&str>, precision: Precision, mixed_precision: bool) -> Option<String> {
-    let trained_in = trained_in.filter(|&trained_in| trained_in != precision.name())?;
+fn other_precision(trained_in: Option<Precision>, precision: Precision, mixed_precision: bool) -> Option<String> {
+    let trained_in = trained_in.filter(|&trained_in| trained_in != precision)?.name();
     let why = match (precision, mixed_precision) {
         (Precision::Bf16, _) => "; --set train.mixed_precision=false keeps fp32",
         (Precision::Fp32, true) => " (this device does not compute bf16 natively)",
@@ -1161,13 +1161,13 @@ mod tests {
 
     #[test]
     fn a_resume_in_another_precision_is_told_so() {
-        assert_eq!(other_precision(Some("bf16"), Precision::Bf16, true), None);
+        assert_eq!(other_precision(Some(Precision::Bf16), Precision::Bf16, true), None);
         assert_eq!(other_precision(None, Precision::Bf16, true), None, "a checkpoint from before it was kept");
-        let to_bf16 = other_precision(Some("fp32"), Precision::Bf16, true).unwrap();
+        let to_bf16 = other_precision(Some(Precision::Fp32), Precision::Bf16, true).unwrap();
         assert!(to_bf16.starts_with("the run was trained in fp32 and resumes in bf16; --set"), "{to_bf16}");
-        let to_fp32 = other_precision(Some("bf16"), Precision::Fp32, true).unwrap();
+        let to_fp32 = other_precision(Some(Precision::Bf16), Precision::Fp32, true).unwrap();
         assert!(to_fp32.contains("resumes in fp32 (this device does not compute bf16 natively)"), "{to_fp32}");
-        let asked = other_precision(Some("bf16"), Precision::Fp32, false).unwrap();
+        let asked = other_precision(Some(Precision::Bf16), Precision::Fp32, false).unwrap();
         assert!(asked.contains("(train.mixed_precision = false)"), "{asked}");
     }
 
