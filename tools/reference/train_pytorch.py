@@ -232,8 +232,11 @@ def main() -> None:
             epochs = max(1, int(args.budget // seconds))
         elif epoch == 2:
             epochs = 2 + int(max(0.0, args.budget - trained) // seconds)
-    bank = features(encoder, train_images, autocast)
-    queries = features(encoder, test_images, autocast)
+    # The kNN's features in bf16 on CUDA alone, as before bf16 training on
+    # the CPU: there they stay fp32, as simclr's monitor computes them.
+    features_autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    bank = features(encoder, train_images, features_autocast)
+    queries = features(encoder, test_images, features_autocast)
     top1 = knn_top1(bank, train_labels, queries, test_labels)
     print(json.dumps({
         "implementation": f"pytorch {torch.__version__}",
