@@ -179,6 +179,14 @@ fn train_resume_and_embed_round_trip() {
 
     // A second fresh run must not overwrite the first.
     assert_fails_with(&tiny_run(&data, &out).run(), &["--resume", "checkpoint.safetensors"]);
+    // The run folder is checked before the data is read: with no data at
+    // all, a run already there, or a file where the folder goes, is what
+    // the error names.
+    let no_data = dir.path().join("no-data");
+    assert_fails_with(&tiny_run(&no_data, &out).run(), &["--resume", "checkpoint.safetensors"]);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    assert_fails_with(&tiny_run(&no_data, &file).run(), &["a-file", "a file, where a folder is needed"]);
 
     // Another optimiser cannot continue the saved one's state: refused, the
     // checkpoint untouched.

@@ -361,6 +361,14 @@ impl Trainer {
             None => Shard::default(),
         };
         let writer = shard.rank == 0;
+        // The run folder is checked before the data is read, which can take
+        // minutes: a forgotten --resume, or a file where the folder goes, is
+        // told at once.
+        let opened = match writer {
+            true => open_run_folder(&config, resume, shard.world, &checkpoint_path),
+            false => Ok(None),
+        };
+        let saved = agree(&group, opened)?;
 
         let splits = open_splits(&config.data, seed)?;
         let policy = config.data.on_bad_image;
@@ -407,7 +415,7 @@ impl Trainer {
         // state (a resumed run may have any number of processes).
         let prepared = if writer {
             let trained_by = TrainedBy { processes: shard.world, images: train_set.len(), precision };
-            prepare_run_folder(&config, resume, trained_by, &store, &mut optimizer, &checkpoint_path)
+            prepare_run_folder(&config, saved, trained_by, &store, &mut optimizer, &checkpoint_path)
         } else {
             Ok(Position::default())
         };
@@ -970,12 +978,37 @@ fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
     }
 }
 
-/// Sets the run folder up on rank 0 (or the one process) of a run trained
-/// as `trained_by` says: a fresh run's folder, or the checkpoint's state
-/// restored into `store` and `optimizer`.
-fn prepare_run_folder(
+/// Opens the run folder on rank 0 (or the one process) of a run on
+/// `processes` processes, before anything else is read: for a resume, the
+/// checkpoint it continues, refused if it cannot be continued so; for a
+/// fresh run, the folder, made (a run already there is refused).
+fn open_run_folder(
     config: &ValidConfig,
     resume: bool,
+    processes: usize,
+    checkpoint_path: &std::path::Path,
+) -> Result<Option<Checkpoint>> {
+    if resume {
+        let saved = Checkpoint::read_latest(checkpoint_path)?;
+        check_resumable(config, &saved, processes, checkpoint_path)?;
+        return Ok(Some(saved));
+    }
+    if checkpoint::exists(checkpoint_path) {
+        return Err(Error::Checkpoint {
+            path: checkpoint_path.to_path_buf(),
+            message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
+        });
+    }
+    crate::io::create_dir(&config.train.output_dir)?;
+    Ok(None)
+}
+
+/// Sets the run folder opened by [`open_run_folder`] up for a run trained
+/// as `trained_by` says: the `saved` checkpoint's state restored into
+/// `store` and `optimizer`, or a fresh run's metrics log.
+fn prepare_run_folder(
+    config: &ValidConfig,
+    saved: Option<Checkpoint>,
     trained_by: TrainedBy,
     store: &nn::VarStore,
     optimizer: &mut Optimizer,
@@ -983,31 +1016,23 @@ fn prepare_run_folder(
 ) -> Result<Position> {
     let output_dir = &config.train.output_dir;
     let mut position = Position::default();
-    if resume {
-        let saved = Checkpoint::read_latest(checkpoint_path)?;
-        check_resumable(config, &saved, trained_by.processes, checkpoint_path)?;
-        let warnings = [
-            other_images(saved.images, saved.position, trained_by.images),
-            other_precision(saved.precision, trained_by.precision, config.train.mixed_precision),
-        ];
-        for warning in warnings.into_iter().flatten() {
-            tracing::warn!("{warning}");
+    match saved {
+        Some(saved) => {
+            let warnings = [
+                other_images(saved.images, saved.position, trained_by.images),
+                other_precision(saved.precision, trained_by.precision, config.train.mixed_precision),
+            ];
+            for warning in warnings.into_iter().flatten() {
+                tracing::warn!("{warning}");
+            }
+            position = saved.restore(store, optimizer)?;
+            tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
+            // Epochs logged after the checkpoint (before a crash) are done again.
+            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
         }
-        position = saved.restore(store, optimizer)?;
-        tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
-        // Epochs logged after the checkpoint (before a crash) are done again.
-        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
-    } else {
-        if checkpoint::exists(checkpoint_path) {
-            return Err(Error::Checkpoint {
-                path: checkpoint_path.to_path_buf(),
-                message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
-            });
-        }
-        crate::io::create_dir(output_dir)?;
         // A run killed before its first checkpoint may have logged epochs:
         // a fresh start begins a fresh log.
-        MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?;
+        None => MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?,
     }
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
