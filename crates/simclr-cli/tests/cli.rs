@@ -1268,6 +1268,20 @@ fn the_skip_policy_trains_embeds_and_evaluates_without_unreadable_images() {
     assert_succeeds(&output);
     assert!(String::from_utf8_lossy(&output.stdout).contains("12 labelled of 12 train / 12 test images"));
     assert!(stderr(&output).contains("skipped 2 unreadable images:"), "{}", stderr(&output));
+    // Linear leaves it out as its features are computed, fine-tuning before
+    // it trains: the same counts.
+    let skip = ["--on-bad-image", "skip", "--epochs", "1"];
+    for (protocol, labelled) in [("linear", "12 labelled"), ("finetune", "6 labelled")] {
+        let output = simclr(["eval", protocol, "--train", &data_arg, "--test", &data_arg]).args(&encoder).args(skip);
+        let output = match protocol {
+            "finetune" => output.args(["--fraction", "0.5", "--batch-size", "4"]).run(),
+            _ => output.run(),
+        };
+        assert_succeeds(&output);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(stdout.contains(&format!("{labelled} of 12 train / 12 test images")), "{protocol}: {stdout}");
+        assert!(stderr(&output).contains("skipped 2 unreadable images:"), "{protocol}: {}", stderr(&output));
+    }
 }
 
 /// A file in `dir` whose name starts with `prefix`, if any.

@@ -95,6 +95,24 @@ impl Batches {
         self.each_in(net.into(), samples, pool, self.device.is_cuda(), sink)
     }
 
+    /// Features of `samples` with the labels of their rows (on the device),
+    /// and the images skipped ("path: reason"); under the skip policy the
+    /// features have no rows when no image could be read.
+    pub fn labelled(&self, net: FeatureNet, samples: &[Sample], pool: &rayon::ThreadPool) -> Result<Labelled> {
+        let (mut chunks, mut rows) = (Vec::new(), Vec::new());
+        let skipped = self.each(net, samples, pool, &mut |features, read| {
+            chunks.push(features);
+            rows.extend(read);
+            Ok(())
+        })?;
+        let features = match chunks.is_empty() {
+            true => Tensor::zeros([0, net.dim()], (Kind::Float, self.device)),
+            false => Tensor::cat(&chunks, 0),
+        };
+        let read: Vec<i64> = rows.iter().map(|&row| samples[row].label.map_or(-1, |label| label as i64)).collect();
+        Ok(Labelled { features, labels: crate::device::upload_slice(&read, self.device), skipped })
+    }
+
     fn each_in(
         &self,
         net: FeatureNet,
@@ -149,6 +167,15 @@ impl Batches {
         }
         Ok(skipped)
     }
+}
+
+/// What [`Batches::labelled`] gives: `[M, feature_dim]` fp32 features of
+/// the images read, their `[M]` int64 labels (-1 where unlabelled), and the
+/// images skipped.
+pub struct Labelled {
+    pub features: Tensor,
+    pub labels: Tensor,
+    pub skipped: Vec<String>,
 }
 
 /// The labels of `samples` as an `[M]` int64 tensor (unlabelled samples are
@@ -235,5 +262,16 @@ mod tests {
         samples[6].source = ImageSource::File("no/such/third.jpg".into());
         let (_, rows, skipped) = run(&samples, false, BadImagePolicy::Skip).unwrap();
         assert_eq!((rows, skipped.len()), (vec![0, 1, 2, 3, 4, 5, 9], 3));
+
+        // With their labels: those of the rows read, in order; with nothing
+        // read, no rows.
+        let batches = Batches { format, batch_size: 3, device: Device::Cpu, policy: BadImagePolicy::Skip };
+        let Labelled { features, labels, skipped } = batches.labelled((&encoder).into(), &samples, &pool).unwrap();
+        let read = [0usize, 1, 2, 3, 4, 5, 9];
+        let expected: Vec<i64> = read.iter().map(|&row| samples[row].label.unwrap() as i64).collect();
+        assert_eq!(Vec::<i64>::try_from(&labels).unwrap(), expected);
+        assert_eq!((features.size(), skipped.len()), (vec![7, encoder.feature_dim()], 3));
+        let none = batches.labelled((&encoder).into(), &samples[6..9], &pool).unwrap();
+        assert_eq!((none.features.size(), none.labels.size()), (vec![0, encoder.feature_dim()], vec![0]));
     }
 }

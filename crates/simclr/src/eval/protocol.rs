@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tch::{nn, Device};
 
-use super::features::{FeatureNet, Frozen};
+use super::features::{Batches, FeatureNet, Labelled};
 use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
@@ -58,7 +58,7 @@ pub struct EvalOptions {
     /// projection head, which only a run's checkpoint holds.
     pub layer: Layer,
     /// An unreadable image stops the evaluation, or is left out of its
-    /// split (each image is then read once before the evaluation).
+    /// split (fine-tuning then reads each image once before it starts).
     pub on_bad_image: BadImagePolicy,
 }
 
@@ -127,6 +127,29 @@ fn labelled(path: &std::path::Path, limit: Option<usize>, seed: u64) -> Result<D
     Ok(dataset)
 }
 
+/// A protocol's score and the images it was computed on.
+struct Scored {
+    accuracy: Accuracy,
+    labelled_images: usize,
+    train_images: usize,
+    test_images: usize,
+    skipped: Vec<String>,
+}
+
+impl Scored {
+    /// `accuracy` of a protocol on the frozen features `train` and `test`.
+    fn on_features(accuracy: Accuracy, train: Labelled, test: Labelled) -> Self {
+        let train_images = train.features.size()[0] as usize;
+        Self {
+            accuracy,
+            labelled_images: train_images,
+            train_images,
+            test_images: test.features.size()[0] as usize,
+            skipped: [train.skipped, test.skipped].concat(),
+        }
+    }
+}
+
 /// `protocol` on `network`, read at `options.layer`.
 pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
     let layer = options.layer;
@@ -156,49 +179,67 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     }
     let started = Instant::now();
     let pool = worker_pool(0)?;
-    let readable = |dataset: Dataset| dataset.with_policy(options.on_bad_image).without_unreadable(&pool);
-    let train = readable(labelled(&options.train, options.limit, options.seed)?);
-    let test = readable(labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?);
-    for (split, path) in [(&train, &options.train), (&test, &options.test)] {
-        if split.is_empty() {
-            return Err(crate::data::none_readable(path, split.skipped().len()));
-        }
-    }
-    let skipped = [train.skipped(), test.skipped()].concat();
+    let policy = options.on_bad_image;
+    let train = labelled(&options.train, options.limit, options.seed)?.with_policy(policy);
+    let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?.with_policy(policy);
     let classes = train.classes.len();
-    if let Protocol::Knn(config) = protocol {
-        if config.k > train.len() {
-            tracing::warn!(
-                "--k {} is more than the {} training images: every one of them votes, as with --k {}",
-                config.k,
-                train.len(),
-                train.len()
-            );
-        }
-    }
 
     tch::manual_seed(options.seed as i64);
     let Network { store, model, name } = network;
     let net = FeatureNet::at(model, layer)?;
     let spec = &options.spec;
-
     let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
     let device = options.device;
-    let task = Task { train, test, classes: classes as i64, format };
-    let frozen =
-        || Frozen::compute(net, &task.train.samples, &task.test.samples, format, options.batch_size, device, &pool);
-    let (Accuracy { top1, top5 }, labelled_images) = match protocol {
-        Protocol::Finetune(config) => finetune(store, &model.encoder, &task, config, &pool)?,
+    // kNN and linear compute features once: an unreadable image is left out
+    // as it is met.
+    let frozen = || {
+        let batches = Batches { format, batch_size: options.batch_size, device, policy };
+        let features = |split: &Dataset, path: &std::path::Path| {
+            let labelled = batches.labelled(net, &split.samples, &pool)?;
+            match labelled.features.size()[0] {
+                0 => Err(crate::data::none_readable(path, labelled.skipped.len())),
+                _ => Ok(labelled),
+            }
+        };
+        Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?))
+    };
+    let scored = match protocol {
+        Protocol::Finetune(config) => {
+            // Fine-tuning reads its images every epoch: the unreadable are
+            // found once, before it.
+            let (train, test) = (train.without_unreadable(&pool), test.without_unreadable(&pool));
+            for (split, path) in [(&train, &options.train), (&test, &options.test)] {
+                if split.is_empty() {
+                    return Err(crate::data::none_readable(path, split.skipped().len()));
+                }
+            }
+            let task = Task { train, test, classes: classes as i64, format };
+            let (accuracy, labelled_images) = finetune(store, &model.encoder, &task, config, &pool)?;
+            let skipped = [task.train.skipped(), task.test.skipped()].concat();
+            Scored { accuracy, labelled_images, train_images: task.train.len(), test_images: task.test.len(), skipped }
+        }
         Protocol::Knn(config) => {
-            let f = frozen()?;
-            let accuracy = knn_accuracy(&f.train, &f.train_labels, &f.test, &f.test_labels, task.classes, *config);
-            (accuracy, task.train.len())
+            let (train, test) = frozen()?;
+            let train_images = train.features.size()[0] as usize;
+            if config.k > train_images {
+                tracing::warn!(
+                    "--k {} is more than the {train_images} training images: every one of them votes, as with --k \
+                     {train_images}",
+                    config.k
+                );
+            }
+            let accuracy =
+                knn_accuracy(&train.features, &train.labels, &test.features, &test.labels, classes as i64, *config);
+            Scored::on_features(accuracy, train, test)
         }
         Protocol::Linear(config) => {
-            let f = frozen()?;
-            (linear_eval(&f.train, &f.train_labels, &f.test, &f.test_labels, task.classes, config)?, task.train.len())
+            let (train, test) = frozen()?;
+            let accuracy =
+                linear_eval(&train.features, &train.labels, &test.features, &test.labels, classes as i64, config)?;
+            Scored::on_features(accuracy, train, test)
         }
     };
+    let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped } = scored;
     Ok(EvalReport {
         protocol: protocol.name().to_owned(),
         encoder: name.clone(),
@@ -206,9 +247,9 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         arch: spec.arch.name().to_owned(),
         top1,
         top5,
-        train_images: task.train.len(),
+        train_images,
         labelled_images,
-        test_images: task.test.len(),
+        test_images,
         classes,
         feature_dim: net.dim(),
         seconds: started.elapsed().as_secs_f64(),
