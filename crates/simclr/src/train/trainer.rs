@@ -304,6 +304,8 @@ pub struct Trainer {
     graphed: Option<GraphedStep>,
     schedule: Schedule,
     precision: Precision,
+    /// What the checkpoints say trained the run.
+    trained_by: TrainedBy,
     position: Position,
     steps_per_epoch: usize,
     ledger: Ledger,
@@ -413,8 +415,8 @@ impl Trainer {
         let mut initial_knn_top1 = None;
         // Rank 0 alone reads and writes the run folder; the others take its
         // state (a resumed run may have any number of processes).
+        let trained_by = TrainedBy { processes: shard.world, images: train_set.len(), precision };
         let prepared = if writer {
-            let trained_by = TrainedBy { processes: shard.world, images: train_set.len(), precision };
             prepare_run_folder(&config, saved, trained_by, &store, &mut optimizer, &checkpoint_path)
         } else {
             Ok(Position::default())
@@ -452,6 +454,7 @@ impl Trainer {
         let trainer = Trainer {
             device,
             precision,
+            trained_by,
             ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone()),
             log: MetricsLog::new(&output_dir.join(METRICS_FILE)),
             budget: config.train.time_budget_seconds.map(Budget::new),
@@ -702,18 +705,14 @@ impl Trainer {
 
     fn save_checkpoint(&self) -> Result<()> {
         let saved = match self.writes() {
-            true => {
-                let processes = self.group.as_ref().map_or(1, ProcessGroup::size);
-                let trained_by = TrainedBy { processes, images: self.train_set.len(), precision: self.precision };
-                checkpoint::save(
-                    &self.checkpoint_path,
-                    &self.store,
-                    &self.optimizer,
-                    self.position,
-                    trained_by,
-                    &self.config,
-                )
-            }
+            true => checkpoint::save(
+                &self.checkpoint_path,
+                &self.store,
+                &self.optimizer,
+                self.position,
+                self.trained_by,
+                &self.config,
+            ),
             false => Ok(()),
         };
         agree(&self.group, saved)
