@@ -45,29 +45,35 @@ impl KnnConfig {
     }
 }
 
+/// The `k` most similar rows of `bank` for each row of `queries` (both of
+/// unit length), best first: `[Q, k]` cosine similarities and positions in
+/// `bank`. Queries go [`QUERY_CHUNK`] at a time, so that no more than chunk x
+/// bank similarities are held at once (all of 50k x 50k would be 10 GB).
+pub fn nearest(bank: &Tensor, queries: &Tensor, k: i64) -> (Tensor, Tensor) {
+    if queries.size()[0] == 0 {
+        let empty = |kind| Tensor::zeros([0, k], (kind, bank.device()));
+        return (empty(bank.kind()), empty(Kind::Int64));
+    }
+    let (similarities, positions): (Vec<Tensor>, Vec<Tensor>) = queries
+        .split(QUERY_CHUNK, 0)
+        .iter()
+        .map(|chunk| chunk.matmul(&bank.transpose(0, 1)).topk(k, 1, true, true))
+        .unzip();
+    (Tensor::cat(&similarities, 0), Tensor::cat(&positions, 0))
+}
+
 /// Each query's weighted votes per class, `[Q, classes]`.
 pub fn knn_votes(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes: i64, config: KnnConfig) -> Tensor {
     let bank = normalize(bank);
-    let queries = normalize(queries);
     let k = (config.k as i64).min(bank.size()[0]);
-    let mut predictions = Vec::new();
-    let total = queries.size()[0];
-    let mut start = 0;
-    while start < total {
-        let chunk = queries.narrow(0, start, QUERY_CHUNK.min(total - start));
-        let similarity = chunk.matmul(&bank.transpose(0, 1));
-        let (top_similarity, top_index) = similarity.topk(k, 1, true, true);
-        let weights = (top_similarity / config.temperature).exp();
-        let neighbour_labels = bank_labels.index_select(0, &top_index.flatten(0, -1)).view_as(&top_index);
-        let votes = Tensor::zeros([chunk.size()[0], classes], (Kind::Float, bank.device())).scatter_add(
-            1,
-            &neighbour_labels,
-            &weights,
-        );
-        predictions.push(votes);
-        start += QUERY_CHUNK;
-    }
-    Tensor::cat(&predictions, 0)
+    let (top_similarity, top_index) = nearest(&bank, &normalize(queries), k);
+    let weights = (top_similarity / config.temperature).exp();
+    let neighbour_labels = bank_labels.index_select(0, &top_index.flatten(0, -1)).view_as(&top_index);
+    Tensor::zeros([top_index.size()[0], classes], (Kind::Float, bank.device())).scatter_add(
+        1,
+        &neighbour_labels,
+        &weights,
+    )
 }
 
 /// Predicted class of each query, `[Q]` int64.
@@ -104,6 +110,19 @@ mod tests {
         let queries = centres.index_select(0, &query_labels) + seeded_uniform(&[900, 3], 0.87, &mut rng);
         let accuracy = knn_accuracy(&bank, &bank_labels, &queries, &query_labels, 3, KnnConfig::default());
         assert_eq!(accuracy.top1, 1.0, "the clusters do not overlap: {accuracy:?}");
+    }
+
+    #[test]
+    fn nearest_in_chunks_is_nearest_at_once() {
+        // 600 queries: two whole chunks and a part of one.
+        let mut rng = rand::SeedableRng::seed_from_u64(2);
+        let bank = normalize(&seeded_uniform(&[400, 8], 1.0, &mut rng));
+        let queries = normalize(&seeded_uniform(&[2 * QUERY_CHUNK + 88, 8], 1.0, &mut rng));
+        let (similarity, position) = nearest(&bank, &queries, 5);
+        let (whole_similarity, whole_position) = queries.matmul(&bank.transpose(0, 1)).topk(5, 1, true, true);
+        assert!(similarity.equal(&whole_similarity) && position.equal(&whole_position));
+        let (none, _) = nearest(&bank, &queries.narrow(0, 0, 0), 5);
+        assert_eq!(none.size(), [0, 5]);
     }
 
     #[test]

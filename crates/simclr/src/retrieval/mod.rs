@@ -95,8 +95,8 @@ impl Index {
         let k = k.min(self.len);
         match &self.backend {
             Backend::Exact(bank) => {
-                let similarity = l2_normalize(queries).to_device(bank.device()).matmul(&bank.transpose(0, 1));
-                let (values, indices) = similarity.topk(k as i64, 1, true, true);
+                let queries = l2_normalize(queries).to_device(bank.device());
+                let (values, indices) = crate::eval::knn::nearest(bank, &queries, k as i64);
                 let values = Vec::<Vec<f32>>::try_from(&values.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
                 let indices = Vec::<Vec<i64>>::try_from(&indices.to_device(tch::Device::Cpu))?;
                 Ok(values
