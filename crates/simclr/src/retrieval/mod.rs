@@ -2,9 +2,11 @@
 //! work makes of SSL features (find near-duplicates, similar images, or
 //! outliers in a folder).
 //!
-//! Similarity is cosine on h. Small indexes are searched exactly with one
-//! matrix product per batch of queries; large ones through HNSW (Malkov and
-//! Yashunin 2018, arXiv 1603.09320) from the `instant-distance` crate.
+//! Similarity is cosine on h. The search is exact: the index's features
+//! stream past the queries' in batches, one matrix product each, and only
+//! each query's best so far are kept. Only a search of very many queries
+//! over a large index goes through HNSW (Malkov and Yashunin 2018, arXiv
+//! 1603.09320) from the `instant-distance` crate (see [`EXACT_QUERY_LIMIT`]).
 pub mod gallery;
 
 use instant_distance::{Builder, HnswMap, Search};
@@ -207,23 +209,113 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
     }
     let loaded = encoder.load()?;
     let mut skipped = Vec::new();
-    // The images of `input` that could be read, their names, and their features.
-    let mut embed = |listed: Vec<(String, Sample)>, input: &std::path::Path| -> Result<_> {
-        let (names, images): (Vec<String>, Vec<Sample>) = listed.into_iter().unzip();
-        let embedded = loaded.embed_images(&images, input)?;
-        skipped.extend(embedded.skipped);
-        let names: Vec<String> = embedded.rows.iter().map(|&row| names[row].clone()).collect();
-        let images: Vec<Sample> = embedded.rows.iter().map(|&row| images[row].clone()).collect();
-        Ok((names, images, embedded.features))
+    // The queries that could be read, their images, and their features.
+    let (names, images): (Vec<String>, Vec<Sample>) = queries.into_iter().unzip();
+    let embedded = loaded.embed_images(&images, &options.queries)?;
+    let skipped_queries = embedded.skipped;
+    let queries: Vec<String> = embedded.rows.iter().map(|&row| names[row].clone()).collect();
+    let query_images: Vec<Sample> = embedded.rows.iter().map(|&row| images[row].clone()).collect();
+    let query_features = embedded.features;
+
+    let (names, images): (Vec<String>, Vec<Sample>) = items.into_iter().unzip();
+    let (read, hits) = match options.kind.uses_hnsw(images.len(), queries.len()) {
+        true => {
+            let embedded = loaded.embed_images(&images, &options.index)?;
+            skipped.extend(embedded.skipped);
+            let index = Index::build(&embedded.features, options.kind, queries.len(), 0)?;
+            (embedded.rows, index.search(&query_features, options.k)?)
+        }
+        // The index's features stream past the queries, batch by batch,
+        // each query keeping its k best so far: no more than a batch of
+        // them is held, whatever the index's size.
+        false => {
+            let mut best = Best::new(&query_features, options.k);
+            let mut read = Vec::new();
+            skipped.extend(loaded.each_batch(&images, &mut |features, rows| {
+                best.meet(&features, &rows);
+                read.extend(rows);
+                Ok(())
+            })?);
+            if read.is_empty() {
+                return Err(crate::data::none_readable(&options.index, images.len()));
+            }
+            // Rows are met in order: a row's place among those read is its index.
+            let hits = best
+                .hits()?
+                .into_iter()
+                .map(|hits| {
+                    hits.into_iter()
+                        .map(|hit| {
+                            let index = read.binary_search(&hit.index).expect("each hit is a row read");
+                            Neighbor { index, ..hit }
+                        })
+                        .collect()
+                })
+                .collect();
+            (read, hits)
+        }
     };
-    let (items, item_images, item_features) = embed(items, &options.index)?;
-    let (queries, query_images, query_features) = embed(queries, &options.queries)?;
-    let index = Index::build(&item_features, options.kind, queries.len(), 0)?;
-    let hits = index.search(&query_features, options.k)?;
+    skipped.extend(skipped_queries);
+    let items: Vec<String> = read.iter().map(|&row| names[row].clone()).collect();
+    let item_images: Vec<Sample> = read.iter().map(|&row| images[row].clone()).collect();
     if let Some(path) = &options.gallery {
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
     Ok(NeighborsReport { items, queries, hits, skipped })
+}
+
+/// Each query's `k` most similar items among those met so far, for an
+/// exact search that never holds the index.
+struct Best {
+    /// `[Q, d]`, unit length.
+    queries: Tensor,
+    k: i64,
+    /// `[Q, <= k]` cosine similarities, best first, and the items' positions.
+    similarity: Tensor,
+    position: Tensor,
+}
+
+impl Best {
+    fn new(queries: &Tensor, k: usize) -> Self {
+        let rows = queries.size()[0];
+        let empty = |kind| Tensor::zeros([rows, 0], (kind, queries.device()));
+        Self {
+            queries: l2_normalize(queries),
+            k: k as i64,
+            similarity: empty(Kind::Float),
+            position: empty(Kind::Int64),
+        }
+    }
+
+    /// Meets the items at `positions`, whose features are `features` (`[B, d]`).
+    fn meet(&mut self, features: &Tensor, positions: &[usize]) {
+        let positions: Vec<i64> = positions.iter().map(|&position| position as i64).collect();
+        let positions = Tensor::from_slice(&positions).to_device(self.queries.device());
+        let similarity = self.queries.matmul(&l2_normalize(features).transpose(0, 1)).to_kind(Kind::Float);
+        let similarity = Tensor::cat(&[&self.similarity, &similarity], 1);
+        let position =
+            Tensor::cat(&[self.position.shallow_clone(), positions.expand([similarity.size()[0], -1], false)], 1);
+        let (best, chosen) = similarity.topk(self.k.min(similarity.size()[1]), 1, true, true);
+        self.position = position.gather(1, &chosen, false);
+        self.similarity = best;
+    }
+
+    /// Each query's hits, best first, indexed by the items' positions.
+    fn hits(&self) -> Result<Vec<Vec<Neighbor>>> {
+        let similarity = Vec::<Vec<f32>>::try_from(&self.similarity.to_device(tch::Device::Cpu))?;
+        let position = Vec::<Vec<i64>>::try_from(&self.position.to_device(tch::Device::Cpu))?;
+        Ok(similarity
+            .into_iter()
+            .zip(position)
+            .map(|(similarity, position)| {
+                similarity
+                    .into_iter()
+                    .zip(position)
+                    .map(|(similarity, index)| Neighbor { index: index as usize, similarity })
+                    .collect()
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +335,36 @@ mod tests {
                 assert_eq!(neighbours[0].index, query, "{kind:?}");
                 assert!(neighbours[0].similarity > 0.99 && neighbours[0].similarity >= neighbours[1].similarity);
             }
+        }
+    }
+
+    #[test]
+    fn the_index_streamed_in_batches_gives_the_exact_search() {
+        let features = Tensor::randn([300, 16], (Kind::Float, Device::Cpu));
+        let queries = Tensor::randn([20, 16], (Kind::Float, Device::Cpu));
+        let whole = Index::build(&features, IndexKind::Exact, 20, 0).unwrap().search(&queries, 7).unwrap();
+        let mut best = Best::new(&queries, 7);
+        for start in (0..300).step_by(64) {
+            let rows: Vec<usize> = (start..300.min(start + 64)).collect();
+            best.meet(&features.narrow(0, start as i64, rows.len() as i64), &rows);
+        }
+        let streamed = best.hits().unwrap();
+        for (whole, streamed) in whole.iter().zip(&streamed) {
+            assert_eq!(
+                whole.iter().map(|hit| hit.index).collect::<Vec<_>>(),
+                streamed.iter().map(|hit| hit.index).collect::<Vec<_>>()
+            );
+            for (a, b) in whole.iter().zip(streamed) {
+                assert!((a.similarity - b.similarity).abs() < 1e-6, "{a:?} {b:?}");
+            }
+        }
+        // Fewer items than neighbours asked: each of them, at its position.
+        let mut few = Best::new(&queries, 7);
+        few.meet(&features.narrow(0, 0, 3), &[10, 11, 15]);
+        for hits in few.hits().unwrap() {
+            let mut found: Vec<usize> = hits.iter().map(|hit| hit.index).collect();
+            found.sort();
+            assert_eq!(found, [10, 11, 15]);
         }
     }
 
