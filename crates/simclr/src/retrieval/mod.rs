@@ -75,6 +75,29 @@ enum Backend {
     Hnsw(HnswMap<UnitVector, usize>),
 }
 
+/// Each query's hits from `[Q, k]` cosine similarities and the items'
+/// positions, best first.
+fn hits_of(similarity: &Tensor, position: &Tensor) -> Result<Vec<Vec<Neighbor>>> {
+    let similarity = Vec::<Vec<f32>>::try_from(&similarity.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+    let position = Vec::<Vec<i64>>::try_from(&position.to_device(tch::Device::Cpu))?;
+    Ok(similarity
+        .into_iter()
+        .zip(position)
+        .map(|(similarity, position)| {
+            similarity
+                .into_iter()
+                .zip(position)
+                .map(|(similarity, index)| Neighbor { index: index as usize, similarity })
+                .collect()
+        })
+        .collect())
+}
+
+/// The items of `list` at `rows`, in order.
+fn picked<T: Clone>(list: &[T], rows: &[usize]) -> Vec<T> {
+    rows.iter().map(|&row| list[row].clone()).collect()
+}
+
 /// Features of the indexed items, searchable by cosine similarity.
 pub struct Index {
     backend: Backend,
@@ -118,19 +141,8 @@ impl Index {
         match &self.backend {
             Backend::Exact(bank) => {
                 let queries = l2_normalize(queries).to_device(bank.device());
-                let (values, indices) = crate::eval::knn::nearest(bank, &queries, k as i64);
-                let values = Vec::<Vec<f32>>::try_from(&values.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
-                let indices = Vec::<Vec<i64>>::try_from(&indices.to_device(tch::Device::Cpu))?;
-                Ok(values
-                    .into_iter()
-                    .zip(indices)
-                    .map(|(v, i)| {
-                        v.into_iter()
-                            .zip(i)
-                            .map(|(similarity, index)| Neighbor { index: index as usize, similarity })
-                            .collect()
-                    })
-                    .collect())
+                let (similarity, position) = crate::eval::knn::nearest(bank, &queries, k as i64);
+                hits_of(&similarity, &position)
             }
             Backend::Hnsw(map) => Ok(rows(queries)?
                 .into_iter()
@@ -213,8 +225,7 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
     let (names, images): (Vec<String>, Vec<Sample>) = queries.into_iter().unzip();
     let embedded = loaded.embed_images(&images, &options.queries)?;
     let skipped_queries = embedded.skipped;
-    let queries: Vec<String> = embedded.rows.iter().map(|&row| names[row].clone()).collect();
-    let query_images: Vec<Sample> = embedded.rows.iter().map(|&row| images[row].clone()).collect();
+    let (queries, query_images) = (picked(&names, &embedded.rows), picked(&images, &embedded.rows));
     let query_features = embedded.features;
 
     let (names, images): (Vec<String>, Vec<Sample>) = items.into_iter().unzip();
@@ -229,35 +240,22 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
         // each query keeping its k best so far: no more than a batch of
         // them is held, whatever the index's size.
         false => {
+            // A hit's index is its image's place among those read.
             let mut best = Best::new(&query_features, options.k);
             let mut read = Vec::new();
             skipped.extend(loaded.each_batch(&images, &mut |features, rows| {
-                best.meet(&features, &rows);
+                best.meet(&features, read.len());
                 read.extend(rows);
                 Ok(())
             })?);
             if read.is_empty() {
                 return Err(crate::data::none_readable(&options.index, images.len()));
             }
-            // Rows are met in order: a row's place among those read is its index.
-            let hits = best
-                .hits()?
-                .into_iter()
-                .map(|hits| {
-                    hits.into_iter()
-                        .map(|hit| {
-                            let index = read.binary_search(&hit.index).expect("each hit is a row read");
-                            Neighbor { index, ..hit }
-                        })
-                        .collect()
-                })
-                .collect();
-            (read, hits)
+            (read, best.hits()?)
         }
     };
     skipped.extend(skipped_queries);
-    let items: Vec<String> = read.iter().map(|&row| names[row].clone()).collect();
-    let item_images: Vec<Sample> = read.iter().map(|&row| images[row].clone()).collect();
+    let (items, item_images) = (picked(&names, &read), picked(&images, &read));
     if let Some(path) = &options.gallery {
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
@@ -287,10 +285,11 @@ impl Best {
         }
     }
 
-    /// Meets the items at `positions`, whose features are `features` (`[B, d]`).
-    fn meet(&mut self, features: &Tensor, positions: &[usize]) {
-        let positions: Vec<i64> = positions.iter().map(|&position| position as i64).collect();
-        let positions = Tensor::from_slice(&positions).to_device(self.queries.device());
+    /// Meets the items whose features are `features` (`[B, d]`), at
+    /// positions `first` to `first + B - 1`.
+    fn meet(&mut self, features: &Tensor, first: usize) {
+        let first = first as i64;
+        let positions = Tensor::arange_start(first, first + features.size()[0], (Kind::Int64, self.queries.device()));
         let similarity = self.queries.matmul(&l2_normalize(features).transpose(0, 1)).to_kind(Kind::Float);
         let similarity = Tensor::cat(&[&self.similarity, &similarity], 1);
         let position =
@@ -302,19 +301,7 @@ impl Best {
 
     /// Each query's hits, best first, indexed by the items' positions.
     fn hits(&self) -> Result<Vec<Vec<Neighbor>>> {
-        let similarity = Vec::<Vec<f32>>::try_from(&self.similarity.to_device(tch::Device::Cpu))?;
-        let position = Vec::<Vec<i64>>::try_from(&self.position.to_device(tch::Device::Cpu))?;
-        Ok(similarity
-            .into_iter()
-            .zip(position)
-            .map(|(similarity, position)| {
-                similarity
-                    .into_iter()
-                    .zip(position)
-                    .map(|(similarity, index)| Neighbor { index: index as usize, similarity })
-                    .collect()
-            })
-            .collect())
+        hits_of(&self.similarity, &self.position)
     }
 }
 
@@ -345,8 +332,7 @@ mod tests {
         let whole = Index::build(&features, IndexKind::Exact, 20, 0).unwrap().search(&queries, 7).unwrap();
         let mut best = Best::new(&queries, 7);
         for start in (0..300).step_by(64) {
-            let rows: Vec<usize> = (start..300.min(start + 64)).collect();
-            best.meet(&features.narrow(0, start as i64, rows.len() as i64), &rows);
+            best.meet(&features.narrow(0, start as i64, 64.min(300 - start) as i64), start);
         }
         let streamed = best.hits().unwrap();
         for (whole, streamed) in whole.iter().zip(&streamed) {
@@ -360,11 +346,11 @@ mod tests {
         }
         // Fewer items than neighbours asked: each of them, at its position.
         let mut few = Best::new(&queries, 7);
-        few.meet(&features.narrow(0, 0, 3), &[10, 11, 15]);
+        few.meet(&features.narrow(0, 0, 3), 10);
         for hits in few.hits().unwrap() {
             let mut found: Vec<usize> = hits.iter().map(|hit| hit.index).collect();
             found.sort();
-            assert_eq!(found, [10, 11, 15]);
+            assert_eq!(found, [10, 11, 12]);
         }
     }
 
