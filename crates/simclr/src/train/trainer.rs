@@ -1014,8 +1014,7 @@ fn prepare_run_folder(
     checkpoint_path: &std::path::Path,
 ) -> Result<Position> {
     let output_dir = &config.train.output_dir;
-    let mut position = Position::default();
-    match saved {
+    let position = match saved {
         Some(saved) => {
             let warnings = [
                 other_images(saved.images, saved.position, trained_by.images),
@@ -1024,15 +1023,16 @@ fn prepare_run_folder(
             for warning in warnings.into_iter().flatten() {
                 tracing::warn!("{warning}");
             }
-            position = saved.restore(store, optimizer)?;
+            let position = saved.restore(store, optimizer)?;
             tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
-            // Epochs logged after the checkpoint (before a crash) are done again.
-            MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
+            position
         }
-        // A run killed before its first checkpoint may have logged epochs:
-        // a fresh start begins a fresh log.
-        None => MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(0)?,
-    }
+        None => Position::default(),
+    };
+    // Epochs logged after the checkpoint (before a crash) are done again; a
+    // run killed before its first checkpoint may have logged epochs, so a
+    // fresh start begins a fresh log.
+    MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
 }
