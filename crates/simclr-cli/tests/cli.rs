@@ -292,7 +292,10 @@ fn train_resume_and_embed_round_trip() {
     ])
     .run();
     assert_succeeds(&finetune);
-    assert!(String::from_utf8_lossy(&finetune.stdout).contains("6 labelled of 12"));
+    let said = String::from_utf8_lossy(&finetune.stdout);
+    assert!(said.contains("6 labelled of 12"), "{said}");
+    // Trained in bf16 where pretraining would be.
+    assert_eq!(said.starts_with("finetune in bf16 |"), simclr::device::cpu_computes_bf16(), "{said}");
     let chosen = std::fs::read_to_string(&subset).unwrap();
     for class in ["bars", "blocks"] {
         assert_eq!(chosen.lines().filter(|l| l.contains(&format!("/{class}/"))).count(), 3, "{chosen}");

@@ -540,13 +540,33 @@ fn geometries(
 /// A producer thread's loop: sends `items` in turn, and stops after the
 /// first error, or when the channel is closed (the consumer stopped early:
 /// nothing more to do).
-pub(crate) fn send_until_error<T>(sender: &SyncSender<Result<T>>, items: impl Iterator<Item = Result<T>>) {
+fn send_until_error<T>(sender: &SyncSender<Result<T>>, items: impl Iterator<Item = Result<T>>) {
     for item in items {
         let failed = item.is_err();
         if sender.send(item).is_err() || failed {
             return;
         }
     }
+}
+
+/// Hands each of `items` to `consume`, in order, until either fails. With
+/// `prefetch`, items are made on a thread of their own, one ahead of the one
+/// consumed (a GPU then computes while the CPU prepares the next batch);
+/// without, in turn on the caller's thread.
+pub fn pipelined<T: Send>(
+    prefetch: bool,
+    items: impl Iterator<Item = Result<T>> + Send,
+    mut consume: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
+    if !prefetch {
+        let mut items = items;
+        return items.try_for_each(|item| consume(item?));
+    }
+    std::thread::scope(|scope| {
+        let (sender, receiver) = sync_channel(1);
+        scope.spawn(move || send_until_error(&sender, items));
+        receiver.into_iter().try_for_each(|item| consume(item?))
+    })
 }
 
 /// The CPU path's batch: normalised CHW floats, first views then second

@@ -4,7 +4,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::data::config::BadImagePolicy;
-use crate::data::loader::{center_batch, send_until_error, ReadableBatch, ViewFormat};
+use crate::data::loader::{center_batch, pipelined, ReadableBatch, ViewFormat};
 use crate::data::Sample;
 use crate::device::Pinned;
 use crate::model::{Layer, ProjectionHead, ResNet, SimClr};
@@ -155,16 +155,7 @@ impl Batches {
                 false => sink(forward(images), rows),
             }
         };
-        let batches = samples.chunks(batch_size).enumerate();
-        if prefetch {
-            std::thread::scope(|scope| {
-                let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-                scope.spawn(move || send_until_error(&sender, batches.map(ready)));
-                receiver.into_iter().try_for_each(|batch| consume(batch?))
-            })?;
-        } else {
-            batches.map(ready).try_for_each(|batch| consume(batch?))?;
-        }
+        pipelined(prefetch, samples.chunks(batch_size).enumerate().map(ready), &mut consume)?;
         Ok(skipped)
     }
 }

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
-pub use finetune::{finetune, FinetuneConfig};
+pub use finetune::{finetune, FineTuned, FinetuneConfig};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
 pub use protocol::{evaluate, EvalOptions, EvalReport, Network, Protocol};

@@ -8,10 +8,11 @@ use std::time::Instant;
 use tch::{nn, Device};
 
 use super::features::{Batches, FeatureNet, Labelled};
-use super::{finetune, knn_accuracy, linear_eval, Accuracy, FinetuneConfig, KnnConfig, LinearConfig, Task};
+use super::{finetune, knn_accuracy, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task};
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
+use crate::device::Precision;
 use crate::model::{EncoderSpec, Layer, SimClr};
 use crate::{Error, Result};
 
@@ -96,14 +97,18 @@ pub struct EvalReport {
     pub seconds: f64,
     /// Images of either split left out as unreadable, as "path: reason".
     pub skipped: Vec<String>,
+    /// The arithmetic of the network's passes: fine-tuning trains in bf16
+    /// autocast where pretraining would; features are fp32.
+    pub precision: Precision,
 }
 
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} | {}{} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
+            "{}{} | {}{} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
             self.protocol,
+            if self.precision == Precision::Bf16 { " in bf16" } else { "" },
             self.encoder,
             if self.layer == "h" { String::new() } else { format!(" at {}", self.layer) },
             self.labelled_images,
@@ -134,6 +139,7 @@ struct Scored {
     train_images: usize,
     test_images: usize,
     skipped: Vec<String>,
+    precision: Precision,
 }
 
 impl Scored {
@@ -146,6 +152,7 @@ impl Scored {
             train_images,
             test_images: test.features.size()[0] as usize,
             skipped: [train.skipped, test.skipped].concat(),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -214,9 +221,17 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
                 }
             }
             let task = Task { train, test, classes: classes as i64, format };
-            let (accuracy, labelled_images) = finetune(store, &model.encoder, &task, config, &pool)?;
+            let FineTuned { accuracy, labelled_images, precision } =
+                finetune(store, &model.encoder, &task, config, &pool)?;
             let skipped = [task.train.skipped(), task.test.skipped()].concat();
-            Scored { accuracy, labelled_images, train_images: task.train.len(), test_images: task.test.len(), skipped }
+            Scored {
+                accuracy,
+                labelled_images,
+                train_images: task.train.len(),
+                test_images: task.test.len(),
+                skipped,
+                precision,
+            }
         }
         Protocol::Knn(config) => {
             let (train, test) = frozen()?;
@@ -239,7 +254,8 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             Scored::on_features(accuracy, train, test)
         }
     };
-    let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped } = scored;
+    let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped, precision } =
+        scored;
     Ok(EvalReport {
         protocol: protocol.name().to_owned(),
         encoder: name.clone(),
@@ -254,5 +270,6 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         feature_dim: net.dim(),
         seconds: started.elapsed().as_secs_f64(),
         skipped,
+        precision,
     })
 }
