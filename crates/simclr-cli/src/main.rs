@@ -105,6 +105,7 @@ struct EncoderArgs {
     weights: Option<PathBuf>,
     #[command(flatten)]
     spec: SpecOverrides,
+    /// auto (CUDA where there is a GPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Where features are read: h (the encoder's output), z (the projection
@@ -132,6 +133,7 @@ impl EncoderArgs {
 struct EmbedArgs {
     #[command(flatten)]
     encoder: EncoderArgs,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Images: a folder (searched recursively), tar shards or CIFAR batches.
@@ -162,6 +164,7 @@ struct EvalArgs {
     /// Use at most this many images of each split.
     #[arg(long)]
     limit: Option<usize>,
+    /// Seeds --limit's subset, the random-init encoder, the classifier and fine-tuning's views.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write the result as JSON here.
@@ -198,6 +201,7 @@ enum EvalProtocol {
 struct NeighborsArgs {
     #[command(flatten)]
     encoder: EncoderArgs,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     #[command(flatten)]
@@ -228,6 +232,7 @@ enum BenchWhat {
     Augment {
         #[command(flatten)]
         options: simclr::bench::AugmentBenchOptions,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -235,6 +240,7 @@ enum BenchWhat {
     Input {
         #[command(flatten)]
         options: simclr::bench::InputBenchOptions,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -411,12 +411,15 @@ pub struct RunLayers {
     /// file (`--set train.time_budget_seconds=S` sets one again).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per step, all processes together (train.batch_size); each
+    /// anchor's negatives are the other 2(N-1) views.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Compute each batch in chunks of this many images per process, with
     /// the whole batch's gradient (train.micro_batch_size).
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Seeds the initial weights, the image order and every view (train.seed).
     #[arg(long)]
     pub seed: Option<u64>,
     /// auto, cpu or cuda.

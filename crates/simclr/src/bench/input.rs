@@ -41,6 +41,7 @@ pub struct InputBenchOptions {
     /// Data worker threads (libtorch gets as many for the hybrid path's tensor ops).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Images per batch (two views each).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Passes over the images, after a first batch that is not timed.

@@ -33,6 +33,7 @@ pub struct BenchOptions {
     /// Width of the projection head's hidden layer (default: the size of h).
     #[arg(long)]
     pub hidden_dim: Option<usize>,
+    /// auto (CUDA where there is a GPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// Images per step (2x views go through the network).
@@ -42,10 +43,13 @@ pub struct BenchOptions {
     /// whole batch's gradient (train.micro_batch_size).
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Side of the random input images, in pixels.
     #[arg(long, default_value_t = 32)]
     pub image_size: u32,
+    /// Steps timed (the report gives their mean).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Steps run before timing (allocator, autotuning).
     #[arg(long = "warmup", default_value_t = 2)]
     pub warmup_steps: usize,
     /// bf16 autocast on CUDA and on a CPU with bf16 instructions (as
