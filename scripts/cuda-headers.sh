@@ -34,15 +34,9 @@ fail() {
     exit 1
 }
 
-install() {
-    local python wheels staging
-    python=${PYTHON:-$(command -v python3 || command -v python || true)}
-    [ -n "$python" ] || fail "no python3 on PATH (it runs pip to fetch the wheels)"
-    wheels=$CACHE_ROOT/wheels
-    fetch_pinned_wheels "$wheels"
-    staging=$(mktemp -d "$CACHE_ROOT/.cuda-headers.partial.XXXXXX")
-    chmod 755 "$staging"
-    "$python" - "$staging" "$wheels" "${WHEELS_PINNED[@]}" <<'PY' ||
+# Only the headers, by zipfile.
+unpack() {
+    "$python" - "$1" "$2" "${WHEELS_PINNED[@]}" <<'PY'
 import pathlib, re, sys, zipfile
 target, folder = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 include = re.compile(r"^nvidia/[^/]+/include/")
@@ -61,21 +55,8 @@ for header in ("nvidia/nccl/include/nccl.h", "nvidia/cu13/include/cuda_runtime_a
         sys.exit(f"{header} missing after unpacking")
 (target / ".complete").write_text(f"{count} headers\n")
 PY
-        { rm -rf "$staging"; fail "unpacking the headers into $staging failed (see the line above)"; }
-    rm -rf "$PREFIX"
-    mv "$staging" "$PREFIX"
 }
 
-if [ ! -f "$PREFIX/.complete" ]; then
-    mkdir -p "$CACHE_ROOT"
-    exec 9>"$CACHE_ROOT/.cuda-headers.lock"
-    flock 9
-    if [ ! -f "$PREFIX/.complete" ]; then
-        echo "installing the CUDA and NCCL headers into $PREFIX (once; about 1 GB of wheels)" >&2
-        rm -rf "$CACHE_ROOT"/.cuda-headers.partial.*
-        install
-    fi
-    exec 9>&-
-fi
+install_once cuda-headers "the CUDA and NCCL headers" "about 1 GB of wheels"
 
 echo "export SIMCLR_CUDA_INCLUDE='$PREFIX/nvidia/cu13/include:$PREFIX/nvidia/nccl/include'"

@@ -45,19 +45,11 @@ fail() {
     exit 1
 }
 
-install() {
-    local python wheels staging
-    python=${PYTHON:-$(command -v python3 || command -v python || true)}
-    [ -n "$python" ] || fail "no python3 on PATH (it runs pip to fetch the torch wheel)"
-    wheels=$CACHE_ROOT/wheels
-    fetch_pinned_wheels "$wheels"
-
-    staging=$(mktemp -d "$CACHE_ROOT/.libtorch-$TORCH_VERSION.partial.XXXXXX")
-    chmod 755 "$staging"
-    # Only the members tch needs, by zipfile (no `unzip` on every machine);
-    # zipfile checks each member's CRC as it reads it, and the sizes on disk
-    # are compared with the listing afterwards.
-    "$python" - "$staging" "$wheels" "$TORCH_VERSION" "${WHEELS_PINNED[@]}" <<'PY' ||
+# Only the members tch needs, by zipfile (no `unzip` on every machine);
+# zipfile checks each member's CRC as it reads it, and the sizes on disk are
+# compared with the listing afterwards.
+unpack() {
+    "$python" - "$1" "$2" "$TORCH_VERSION" "${WHEELS_PINNED[@]}" <<'PY'
 import pathlib, sys, zipfile
 target, folder, torch_version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 keep = ("torch/lib/", "torch/include/", "torch/share/", "nvidia/cu13/lib/")
@@ -82,25 +74,8 @@ if found != expected:
 (target / "torch" / "build-version").write_text(torch_version + "\n")
 (target / ".complete").write_text(f"{expected} files from {len(sys.argv) - 4} wheels\n")
 PY
-        { rm -rf "$staging"; fail "unpacking libtorch into $staging failed (see the line above)"; }
-    rm -rf "$PREFIX"
-    mv "$staging" "$PREFIX"
 }
 
-if [ ! -f "$PREFIX/.complete" ]; then
-    mkdir -p "$CACHE_ROOT"
-    exec 9>"$CACHE_ROOT/.libtorch.lock"
-    if ! flock -n 9; then
-        echo "waiting for another install of libtorch into $CACHE_ROOT" >&2
-        flock 9
-    fi
-    # Another process may have finished the install while this one waited.
-    if [ ! -f "$PREFIX/.complete" ]; then
-        echo "installing libtorch $TORCH_VERSION into $PREFIX (once, about 1 GB)" >&2
-        rm -rf "$CACHE_ROOT"/.libtorch-"$TORCH_VERSION".partial.*
-        install
-    fi
-    exec 9>&-
-fi
+install_once "libtorch-$TORCH_VERSION" "libtorch $TORCH_VERSION" "about 1 GB"
 
 echo "export LIBTORCH='$PREFIX/torch'"
