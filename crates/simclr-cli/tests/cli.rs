@@ -322,6 +322,16 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(listed.len(), 12);
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "paths are sorted");
     assert!(listed[0].ends_with("bars/000.png"));
+    // In bf16 where this CPU computes it (eval::features tests the values).
+    let bf16 = dir.path().join("bf16.npy");
+    let embed = simclr(["embed", "--precision", "bf16"])
+        .args(encoder_flags(&out.join("encoder.safetensors"), "resnet18", "0.125"))
+        .args(["--input", &data_arg, "--output", &bf16.display().to_string(), "--image-size", "16"])
+        .run();
+    assert_succeeds(&embed);
+    assert_eq!(npy_shape(&bf16), vec![12, 64]);
+    let said = String::from_utf8_lossy(&embed.stdout);
+    assert_eq!(said.trim_end().ends_with("images/s in bf16"), simclr::device::cpu_computes_bf16(), "{said}");
 
     // An image added since: the resume goes on, saying what no longer matches.
     std::fs::copy(data.join("bars/000.png"), data.join("bars/added.png")).unwrap();

@@ -219,6 +219,43 @@ impl Precision {
     }
 }
 
+/// `--precision` of the commands that run a trained network (`embed`,
+/// `eval`, `neighbors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrecisionChoice {
+    /// The command's own: fp32 features; fine-tuning trains as pretraining
+    /// does ([`Precision::on`] with mixed precision).
+    #[default]
+    Auto,
+    Fp32,
+    /// bf16 autocast where the device computes bf16 natively, fp32 (with a
+    /// warning) where it would be emulated.
+    Bf16,
+}
+
+names!(PrecisionChoice, "precision", { Auto => "auto", Fp32 => "fp32", Bf16 => "bf16" });
+
+impl PrecisionChoice {
+    /// The precision on `device`: `auto` gives bf16 where `mixed_by_default`
+    /// (training) and the device computes it natively, fp32 otherwise.
+    pub fn on(self, device: Device, mixed_by_default: bool) -> Precision {
+        match self {
+            Self::Auto => Precision::on(device, mixed_by_default),
+            Self::Fp32 => Precision::Fp32,
+            Self::Bf16 => {
+                let precision = Precision::on(device, true);
+                if precision == Precision::Fp32 {
+                    tracing::warn!(
+                        "--precision bf16: {device:?} has no bf16 instructions (AVX-512 BF16), where bf16 would be \
+                         emulated many times slower; computing in fp32"
+                    );
+                }
+                precision
+            }
+        }
+    }
+}
+
 /// Whether this CPU has bf16 instructions (AVX-512 BF16, which every x86
 /// CPU with AMX also has), the test PyTorch's own
 /// `torch.cpu._is_avx512_bf16_supported()` makes. oneDNN then runs bf16
@@ -486,6 +523,11 @@ mod tests {
         let expected = if native { Precision::Bf16 } else { Precision::Fp32 };
         assert_eq!(Precision::on(Device::Cpu, true), expected);
         assert_eq!(Precision::on(Device::Cpu, false), Precision::Fp32);
+        // --precision: auto follows the command's default, bf16 the CPU.
+        assert_eq!(PrecisionChoice::Auto.on(Device::Cpu, true), expected);
+        assert_eq!(PrecisionChoice::Auto.on(Device::Cpu, false), Precision::Fp32);
+        assert_eq!(PrecisionChoice::Fp32.on(Device::Cpu, true), Precision::Fp32);
+        assert_eq!(PrecisionChoice::Bf16.on(Device::Cpu, false), expected);
     }
 
     #[test]

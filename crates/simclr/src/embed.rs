@@ -7,6 +7,7 @@ use tch::{nn, Device};
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{Dataset, ImageSource, Sample};
+use crate::device::Precision;
 use crate::eval::features::{Batches, FeatureNet};
 use crate::eval::Network;
 use crate::io::npy::NpyRows;
@@ -27,6 +28,9 @@ pub struct EncoderOptions {
     /// An unreadable image stops the command, or is left out (named in a
     /// warning and in the report).
     pub on_bad_image: BadImagePolicy,
+    /// The forward pass's arithmetic (fp32 unless asked; the features are
+    /// written as fp32 either way).
+    pub precision: Precision,
 }
 
 impl EncoderOptions {
@@ -44,7 +48,15 @@ impl EncoderOptions {
             return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
         }
         let spec = resolve_spec(&weights, overrides, layer)?;
-        Ok(Self { weights, spec, batch_size, device, layer, on_bad_image: BadImagePolicy::Stop })
+        Ok(Self {
+            weights,
+            spec,
+            batch_size,
+            device,
+            layer,
+            on_bad_image: BadImagePolicy::Stop,
+            precision: Precision::Fp32,
+        })
     }
 
     /// Builds the network and loads its weights, checking every tensor.
@@ -142,6 +154,7 @@ impl LoadedEncoder {
             batch_size: options.batch_size,
             device: options.device,
             policy: options.on_bad_image,
+            precision: options.precision,
         };
         // Millions of images take a while: a bar on a terminal (indicatif
         // draws nothing where stderr is not one).
@@ -211,19 +224,22 @@ pub struct EmbedReport {
     pub embed_seconds: f64,
     /// Images left out as unreadable, as "path: reason".
     pub skipped: Vec<String>,
+    /// The forward pass's arithmetic.
+    pub precision: Precision,
 }
 
 impl std::fmt::Display for EmbedReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "embedded {} ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s",
+            "embedded {} ({} features each) into {}; paths in {}; {:.1} s, {:.1} images/s{}",
             crate::names::counted(self.images, "image"),
             self.feature_dim,
             self.features_path.display(),
             self.paths_path.display(),
             self.embed_seconds,
             self.images as f64 / self.embed_seconds.max(1e-9),
+            if self.precision == Precision::Bf16 { " in bf16" } else { "" },
         )?;
         write!(f, "{}", crate::data::Skipped(&self.skipped))
     }
@@ -294,5 +310,6 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
         paths_path,
         embed_seconds,
         skipped,
+        precision: options.encoder.precision,
     })
 }

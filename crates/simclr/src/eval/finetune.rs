@@ -20,7 +20,7 @@ use super::{accuracy, Accuracy, Task};
 use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
 use crate::data::loader::{map_batch, pipelined};
 use crate::data::{Dataset, Sample};
-use crate::device::{Pinned, Precision};
+use crate::device::{Pinned, Precision, PrecisionChoice};
 use crate::model::ResNet;
 use crate::{Error, Result};
 
@@ -50,11 +50,6 @@ pub struct FinetuneConfig {
     /// `random` (the paper) or `linear-probe` (fitted first on the frozen features of the subset).
     #[arg(long, default_value = "random")]
     pub head_init: HeadInit,
-    /// Fine-tune in bf16 autocast where pretraining would (CUDA, a CPU with
-    /// bf16 instructions; see `train.mixed_precision`); `--no-mixed-precision`
-    /// keeps fp32. The test features are fp32 either way.
-    #[arg(long = "no-mixed-precision", action = clap::ArgAction::SetFalse)]
-    pub mixed_precision: bool,
 }
 
 /// How the new linear layer on top of the encoder starts.
@@ -83,7 +78,6 @@ impl Default for FinetuneConfig {
             seed: 0,
             subset_file: None,
             head_init: HeadInit::Random,
-            mixed_precision: true,
         }
     }
 }
@@ -157,12 +151,15 @@ pub struct FineTuned {
 
 /// Fine-tunes `encoder` (whose variables live in `store`) with a new linear
 /// classifier on a balanced subset of the task's training split, then
-/// scores it on the test split.
+/// scores it on the test split. `precision` `auto` trains in bf16 autocast
+/// where pretraining would (CUDA, a CPU with bf16 instructions; see
+/// `train.mixed_precision`) and computes features in fp32.
 pub fn finetune(
     store: &nn::VarStore,
     encoder: &ResNet,
     task: &Task,
     config: &FinetuneConfig,
+    precision: PrecisionChoice,
     pool: &rayon::ThreadPool,
 ) -> Result<FineTuned> {
     let (train, test, format) = (&task.train, &task.test, task.format);
@@ -175,10 +172,14 @@ pub fn finetune(
         crate::io::write_atomic(path, listing.as_bytes())?;
     }
     let device = store.device();
+    let (choice, precision) = (precision, precision.on(device, true));
+    let features_in = if choice == PrecisionChoice::Auto { Precision::Fp32 } else { precision };
+    let features_of =
+        |samples: &[Sample]| extract_features(encoder, samples, format, FEATURE_BATCH, device, features_in, pool);
     let classifier = super::seeded_linear(store.root() / "fc", encoder.feature_dim(), task.classes, config.seed);
     if config.head_init == HeadInit::LinearProbe {
         let chosen: Vec<Sample> = subset.iter().map(|&i| train.samples[i].clone()).collect();
-        let features = extract_features(encoder, &chosen, format, FEATURE_BATCH, device, pool)?;
+        let features = features_of(&chosen)?;
         let probe = LinearConfig { seed: config.seed, ..Default::default() };
         let probe = fit_linear(&features, &labels(&chosen, device), task.classes, &probe)?;
         let bias = classifier.bs.as_ref().expect("nn::linear has a bias");
@@ -200,7 +201,6 @@ pub fn finetune(
     let epochs = config.epochs();
     let total_steps = (subset.len().div_ceil(batch) * epochs) as f64;
     let peak = config.learning_rate * batch as f64 / 256.0;
-    let precision = Precision::on(device, config.mixed_precision);
     // Each epoch a new shuffle of the subset, cut into batches; a last batch
     // of one image cannot go through train-mode BatchNorm.
     let mut order = subset.clone();
@@ -232,7 +232,7 @@ pub fn finetune(
         Ok(())
     })?;
 
-    let features = extract_features(encoder, &test.samples, format, FEATURE_BATCH, device, pool)?;
+    let features = features_of(&test.samples)?;
     let logits = tch::no_grad(|| features.apply(&classifier));
     let accuracy = accuracy(&logits, &labels(&test.samples, device));
     Ok(FineTuned { accuracy, labelled_images: subset.len(), precision })
@@ -291,23 +291,22 @@ mod tests {
             tch::no_grad(|| variable.shallow_clone().copy_(&crate::eval::seeded_uniform(&size, bound, &mut rng)));
         }
         let pool = crate::data::loader::worker_pool(2).unwrap();
-        // In fp32, then as mixed precision asks of this CPU: bf16 where it
-        // has bf16 instructions.
-        for mixed_precision in [false, true] {
+        // In fp32, then as pretraining would train on this CPU: bf16 where
+        // it has bf16 instructions.
+        for choice in [PrecisionChoice::Fp32, PrecisionChoice::Auto] {
             let config = FinetuneConfig {
                 fraction: 1.0,
                 epochs: Some(20),
                 batch_size: 32,
                 learning_rate: 0.2,
-                mixed_precision,
                 ..Default::default()
             };
             let mut tuned = nn::VarStore::new(Device::Cpu);
             let encoder = network(&tuned);
             tuned.copy(&store).unwrap();
             let FineTuned { accuracy, labelled_images, precision } =
-                finetune(&tuned, &encoder, &task, &config, &pool).unwrap();
-            assert_eq!((labelled_images, precision), (160, Precision::on(Device::Cpu, mixed_precision)));
+                finetune(&tuned, &encoder, &task, &config, choice, &pool).unwrap();
+            assert_eq!((labelled_images, precision), (160, choice.on(Device::Cpu, true)));
             // Measured (seeded, so in every run on one CPU): fp32 0.756 on a
             // Xeon with AMX, 0.731 on an AVX2 EPYC; bf16 0.675 on the Xeon.
             assert!(accuracy.top1 > 0.6, "{}: chance is 0.25: {accuracy:?}", precision.name());

@@ -12,7 +12,7 @@ use super::{finetune, knn_accuracy, linear_eval, Accuracy, FineTuned, FinetuneCo
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
-use crate::device::Precision;
+use crate::device::{Precision, PrecisionChoice};
 use crate::model::{EncoderSpec, Layer, SimClr};
 use crate::{Error, Result};
 
@@ -61,6 +61,8 @@ pub struct EvalOptions {
     /// An unreadable image stops the evaluation, or is left out of its
     /// split (fine-tuning then reads each image once before it starts).
     pub on_bad_image: BadImagePolicy,
+    /// The arithmetic of the forward passes (and of fine-tuning's training).
+    pub precision: PrecisionChoice,
 }
 
 impl EvalOptions {
@@ -75,6 +77,7 @@ impl EvalOptions {
             seed: 0,
             layer: Layer::H,
             on_bad_image: BadImagePolicy::Stop,
+            precision: PrecisionChoice::Auto,
         }
     }
 }
@@ -97,8 +100,8 @@ pub struct EvalReport {
     pub seconds: f64,
     /// Images of either split left out as unreadable, as "path: reason".
     pub skipped: Vec<String>,
-    /// The arithmetic of the network's passes: fine-tuning trains in bf16
-    /// autocast where pretraining would; features are fp32.
+    /// The arithmetic of kNN's and linear's features, or of fine-tuning's
+    /// training (`--precision`).
     pub precision: Precision,
 }
 
@@ -143,8 +146,9 @@ struct Scored {
 }
 
 impl Scored {
-    /// `accuracy` of a protocol on the frozen features `train` and `test`.
-    fn on_features(accuracy: Accuracy, train: Labelled, test: Labelled) -> Self {
+    /// `accuracy` of a protocol on the frozen features `train` and `test`,
+    /// computed in `precision`.
+    fn on_features(accuracy: Accuracy, (train, test, precision): (Labelled, Labelled, Precision)) -> Self {
         let train_images = train.features.size()[0] as usize;
         Self {
             accuracy,
@@ -152,7 +156,7 @@ impl Scored {
             train_images,
             test_images: test.features.size()[0] as usize,
             skipped: [train.skipped, test.skipped].concat(),
-            precision: Precision::Fp32,
+            precision,
         }
     }
 }
@@ -200,7 +204,8 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     // kNN and linear compute features once: an unreadable image is left out
     // as it is met.
     let frozen = || {
-        let batches = Batches { format, batch_size: options.batch_size, device, policy };
+        let precision = options.precision.on(device, false);
+        let batches = Batches { format, batch_size: options.batch_size, device, policy, precision };
         let features = |split: &Dataset, path: &std::path::Path| {
             let labelled = batches.labelled(net, &split.samples, &pool)?;
             match labelled.features.size()[0] {
@@ -208,7 +213,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
                 _ => Ok(labelled),
             }
         };
-        Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?))
+        Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?, precision))
     };
     let scored = match protocol {
         Protocol::Finetune(config) => {
@@ -222,7 +227,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             }
             let task = Task { train, test, classes: classes as i64, format };
             let FineTuned { accuracy, labelled_images, precision } =
-                finetune(store, &model.encoder, &task, config, &pool)?;
+                finetune(store, &model.encoder, &task, config, options.precision, &pool)?;
             let skipped = [task.train.skipped(), task.test.skipped()].concat();
             Scored {
                 accuracy,
@@ -234,7 +239,8 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             }
         }
         Protocol::Knn(config) => {
-            let (train, test) = frozen()?;
+            let frozen = frozen()?;
+            let (train, test, _) = &frozen;
             let train_images = train.features.size()[0] as usize;
             if config.k > train_images {
                 tracing::warn!(
@@ -245,13 +251,14 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             }
             let accuracy =
                 knn_accuracy(&train.features, &train.labels, &test.features, &test.labels, classes as i64, *config);
-            Scored::on_features(accuracy, train, test)
+            Scored::on_features(accuracy, frozen)
         }
         Protocol::Linear(config) => {
-            let (train, test) = frozen()?;
+            let frozen = frozen()?;
+            let (train, test, _) = &frozen;
             let accuracy =
                 linear_eval(&train.features, &train.labels, &test.features, &test.labels, classes as i64, config)?;
-            Scored::on_features(accuracy, train, test)
+            Scored::on_features(accuracy, frozen)
         }
     };
     let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped, precision } =
