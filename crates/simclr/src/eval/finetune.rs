@@ -151,7 +151,7 @@ pub struct FineTuned {
 
 /// Fine-tunes `encoder` (whose variables live in `store`) with a new linear
 /// classifier on a balanced subset of the task's training split, then
-/// scores it on the test split. `precision` `auto` trains in bf16 autocast
+/// scores it on the test split. `choice` `auto` trains in bf16 autocast
 /// where pretraining would (CUDA, a CPU with bf16 instructions; see
 /// `train.mixed_precision`) and computes features in fp32.
 pub fn finetune(
@@ -159,7 +159,7 @@ pub fn finetune(
     encoder: &ResNet,
     task: &Task,
     config: &FinetuneConfig,
-    precision: PrecisionChoice,
+    choice: PrecisionChoice,
     pool: &rayon::ThreadPool,
 ) -> Result<FineTuned> {
     let (train, test, format) = (&task.train, &task.test, task.format);
@@ -172,7 +172,7 @@ pub fn finetune(
         crate::io::write_atomic(path, listing.as_bytes())?;
     }
     let device = store.device();
-    let (choice, precision) = (precision, precision.on(device, true));
+    let precision = choice.on(device, true);
     let features_in = if choice == PrecisionChoice::Auto { Precision::Fp32 } else { precision };
     let features_of =
         |samples: &[Sample]| extract_features(encoder, samples, format, FEATURE_BATCH, device, features_in, pool);

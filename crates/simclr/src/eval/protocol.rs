@@ -148,7 +148,7 @@ struct Scored {
 impl Scored {
     /// `accuracy` of a protocol on the frozen features `train` and `test`,
     /// computed in `precision`.
-    fn on_features(accuracy: Accuracy, (train, test, precision): (Labelled, Labelled, Precision)) -> Self {
+    fn on_features(accuracy: Accuracy, train: Labelled, test: Labelled, precision: Precision) -> Self {
         let train_images = train.features.size()[0] as usize;
         Self {
             accuracy,
@@ -239,8 +239,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             }
         }
         Protocol::Knn(config) => {
-            let frozen = frozen()?;
-            let (train, test, _) = &frozen;
+            let (train, test, precision) = frozen()?;
             let train_images = train.features.size()[0] as usize;
             if config.k > train_images {
                 tracing::warn!(
@@ -251,14 +250,13 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             }
             let accuracy =
                 knn_accuracy(&train.features, &train.labels, &test.features, &test.labels, classes as i64, *config);
-            Scored::on_features(accuracy, frozen)
+            Scored::on_features(accuracy, train, test, precision)
         }
         Protocol::Linear(config) => {
-            let frozen = frozen()?;
-            let (train, test, _) = &frozen;
+            let (train, test, precision) = frozen()?;
             let accuracy =
                 linear_eval(&train.features, &train.labels, &test.features, &test.labels, classes as i64, config)?;
-            Scored::on_features(accuracy, frozen)
+            Scored::on_features(accuracy, train, test, precision)
         }
     };
     let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped, precision } =
