@@ -141,8 +141,8 @@ pub struct LoadedEncoder {
 
 impl LoadedEncoder {
     /// The features (at the options' layer) of `images`, batch by batch in
-    /// order, as [`Batches::each`] gives them but on the CPU; returns the
-    /// images left out as unreadable, as "path: reason".
+    /// order, as [`Batches::each`] gives them (fp32, on the device); returns
+    /// the images left out as unreadable, as "path: reason".
     pub fn each_batch(
         &self,
         images: &[Sample],
@@ -164,7 +164,7 @@ impl LoadedEncoder {
         let bar = indicatif::ProgressBar::new(images.len() as u64).with_style(style);
         let skipped = batches.each(self.net()?, images, &self.pool, &mut |features, rows| {
             bar.inc(rows.len() as u64);
-            sink(features.to_device(Device::Cpu), rows)
+            sink(features, rows)
         });
         bar.finish_and_clear();
         skipped
@@ -176,7 +176,7 @@ impl LoadedEncoder {
     pub fn embed_images(&self, images: &[Sample], input: &Path) -> Result<Embedded> {
         let (mut chunks, mut rows) = (Vec::new(), Vec::new());
         let skipped = self.each_batch(images, &mut |features, read| {
-            chunks.push(features);
+            chunks.push(features.to_device(Device::Cpu));
             rows.extend(read);
             Ok(())
         })?;
@@ -184,6 +184,11 @@ impl LoadedEncoder {
             return Err(crate::data::none_readable(input, images.len()));
         }
         Ok(Embedded { features: tch::Tensor::cat(&chunks, 0), rows, skipped })
+    }
+
+    /// The device the network computes on.
+    pub fn device(&self) -> Device {
+        self.options.device
     }
 
     /// The size of a feature vector.

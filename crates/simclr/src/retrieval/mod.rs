@@ -238,10 +238,12 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
         }
         // The index's features stream past the queries, batch by batch,
         // each query keeping its k best so far: no more than a batch of
-        // them is held, whatever the index's size.
+        // them is held, whatever the index's size. On the device that
+        // computes them: a GPU's search multiplies every query by every
+        // image, never on the host.
         false => {
             // A hit's index is its image's place among those read.
-            let mut best = Best::new(&query_features, options.k);
+            let mut best = Best::new(&query_features.to_device(loaded.device()), options.k);
             let mut read = Vec::new();
             skipped.extend(loaded.each_batch(&images, &mut |features, rows| {
                 best.meet(&features, read.len());
