@@ -11,6 +11,7 @@
 #   tools/bench/bench_embed.sh                        # 300 test images per CIFAR-10 class
 #   PER_CLASS=1000 ROUNDS=5 tools/bench/bench_embed.sh
 #   WORKERS=0 tools/bench/bench_embed.sh              # PyTorch decodes in its main process (2: in 2 workers, faster here)
+#   PRECISION=bf16 tools/bench/bench_embed.sh         # both forward passes in bf16 autocast
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=$(tools/python.sh)
@@ -32,7 +33,7 @@ libtorch_env=$(scripts/libtorch.sh)
 eval "$libtorch_env"
 cargo build --quiet -p simclr-cli
 args=(--weights "$work/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32
-      --batch-size "${BATCH:-128}" --device cpu --input "$work/images")
+      --batch-size "${BATCH:-128}" --device cpu --input "$work/images" --precision "${PRECISION:-fp32}")
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 for round in $(seq "${ROUNDS:-3}"); do
     started=$EPOCHREALTIME
@@ -60,8 +61,8 @@ images = ours[0][2]
 assert all(r[2] == images for r in ours + ref), "the two embedded different numbers of images"
 a, b = np.load(f"{work}/simclr.npy"), np.load(f"{work}/pytorch.npy")
 info = ref[0][3]
-print(f"resnet18 (CIFAR stem), {images} JPEGs at 32 px, batch 128, CPU ({info['threads']} threads, "
-      f"PyTorch DataLoader workers: {info['workers']}), median of {len(ours)} alternating rounds:")
+print(f"resnet18 (CIFAR stem), {images} JPEGs at 32 px, batch 128, {info['precision']}, CPU ({info['threads']} "
+      f"threads, PyTorch DataLoader workers: {info['workers']}), median of {len(ours)} alternating rounds:")
 for index, name in [(0, "embedding loop"), (1, "whole command")]:
     x, y = statistics.median(r[index] for r in ours), statistics.median(r[index] for r in ref)
     spread = lambda rs: "/".join(f"{r[index]:.2f}" for r in rs)

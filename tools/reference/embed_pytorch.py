@@ -4,7 +4,9 @@ chosen stem, `fc` removed, channels_last, eval mode, no gradients) for every
 image below a folder, sorted by path, written as a float32 `.npy` matrix.
 Images are decoded by PIL, resized (shorter side, bilinear with antialias)
 and centre-cropped, and normalised, as torchvision's transforms do and as
-`simclr embed` does. Prints one JSON line with the time taken.
+`simclr embed` does; `--precision bf16` runs the forward pass under
+`torch.autocast` in bf16, as `simclr embed --precision bf16` does. Prints
+one JSON line with the time taken.
 
     "$(tools/python.sh)" tools/reference/embed_pytorch.py --weights w.safetensors \
         --arch resnet18 --stem cifar --image-size 32 --input DIR --output feats.npy
@@ -72,6 +74,7 @@ def main():
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--input")
     parser.add_argument("--output")
     args = parser.parse_args()
@@ -103,7 +106,8 @@ def main():
         pin_memory=device.type == "cuda")
     loop_started = time.perf_counter()
     chunks = []
-    with torch.no_grad():
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with torch.no_grad(), bf16:
         for images in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             chunks.append(model(images).float().cpu())
@@ -115,6 +119,7 @@ def main():
         "device": str(device),
         "threads": torch.get_num_threads(),
         "workers": args.workers,
+        "precision": args.precision,
         "images": len(files),
         "feature_dim": int(features.shape[1]),
         "embed_seconds": loop_seconds,
