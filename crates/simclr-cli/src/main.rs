@@ -118,7 +118,7 @@ struct EncoderArgs {
     #[arg(long, default_value = "stop")]
     on_bad_image: BadImagePolicy,
     /// auto (fp32, but fine-tuning trains in bf16 where pretraining would), fp32, or bf16 (autocast
-    /// where the device computes bf16 natively: CUDA, a CPU with AVX-512 BF16; features 2-2.3x faster
+    /// where the device computes bf16 natively: CUDA, a CPU with AVX-512 BF16; features 2-3.7x faster
     /// on such a CPU, within 2e-5 of fp32's in cosine)
     #[arg(long, default_value = "auto")]
     precision: PrecisionChoice,
