@@ -765,6 +765,41 @@ mod tests {
     }
 
     #[test]
+    fn pipelined_items_arrive_in_order_and_a_failure_on_either_side_stops_both() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for prefetch in [false, true] {
+            let made = AtomicUsize::new(0);
+            let items = || {
+                (0..100).map(|item| {
+                    made.fetch_add(1, Ordering::SeqCst);
+                    match item {
+                        50 => Err(Error::Workers("item 50".to_owned())),
+                        item => Ok(item),
+                    }
+                })
+            };
+            // All of them, in order, up to the producer's error.
+            let mut seen = Vec::new();
+            let error = pipelined(prefetch, items(), |item| {
+                seen.push(item);
+                Ok(())
+            });
+            assert!(error.unwrap_err().to_string().contains("item 50"));
+            assert_eq!(seen, (0..50).collect::<Vec<_>>(), "prefetch {prefetch}");
+            // The consumer's error ends the producer too (no hang), at most
+            // a couple of items ahead of it.
+            made.store(0, Ordering::SeqCst);
+            let error = pipelined(prefetch, items(), |item| match item {
+                3 => Err(Error::Workers("consumer".to_owned())),
+                _ => Ok(()),
+            });
+            assert!(error.unwrap_err().to_string().contains("consumer"));
+            let made = made.load(Ordering::SeqCst);
+            assert!((4..=6).contains(&made), "prefetch {prefetch}: {made} items made");
+        }
+    }
+
+    #[test]
     fn batches_are_deterministic_whatever_the_worker_count() {
         let a: Vec<Tensor> = loader(1).epoch(3, 0).map(|b| b.unwrap().views).collect();
         let b: Vec<Tensor> = loader(2).epoch(3, 0).map(|b| b.unwrap().views).collect();
