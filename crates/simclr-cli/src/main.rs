@@ -46,6 +46,9 @@ enum Command {
     Report {
         /// The run folder (holding metrics.jsonl and checkpoint.safetensors).
         run: PathBuf,
+        /// Where the monitor's splits are embedded: auto (CUDA where there is a GPU), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Find the images of a folder most similar to query images, by cosine similarity of h.
     Neighbors(NeighborsArgs),
@@ -586,7 +589,8 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed(args),
         Command::Eval { protocol } => eval(protocol),
         Command::Neighbors(args) => neighbors(args),
-        Command::Report { run } => simclr::report::write_report(&run)
+        Command::Report { run, device } => simclr::device::select(device)
+            .and_then(|device| simclr::report::write_report(&run, device))
             .map(|paths| paths.iter().for_each(|path| println!("{}", path.display())))
             .map_err(Into::into),
         Command::Bench(args) => bench(args),

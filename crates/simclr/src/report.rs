@@ -345,8 +345,9 @@ impl Heatmap<'_> {
     }
 }
 
-/// Writes every figure of the run in `run_dir` there; returns their paths.
-pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
+/// Writes every figure of the run in `run_dir` there, the features of its
+/// monitor's splits computed on `device`; returns their paths.
+pub fn write_report(run_dir: &Path, device: Device) -> Result<Vec<PathBuf>> {
     let metrics = MetricsLog::new(&run_dir.join(METRICS_FILE)).read()?;
     let mut written = Vec::new();
     let curves = run_dir.join("curves.png");
@@ -359,16 +360,18 @@ pub fn write_report(run_dir: &Path) -> Result<Vec<PathBuf>> {
         tracing::warn!("the run has no labelled monitor splits: only the curves are drawn");
         return Ok(written);
     };
-    let store = nn::VarStore::new(Device::Cpu);
+    let store = nn::VarStore::new(device);
     let encoder = ResNet::new(&store.root(), config.model.arch, config.model.width_multiplier, config.model.stem);
+    crate::device::use_channels_last(&store);
     crate::io::torchvision::load_encoder(&store.variables(), &checkpoint_path)?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
     let pool = worker_pool(config.data.workers)?;
-    let f = Frozen::compute(&encoder, &bank.samples, &queries.samples, format, FEATURE_BATCH, Device::Cpu, &pool)?;
+    let f = Frozen::compute(&encoder, &bank.samples, &queries.samples, format, FEATURE_BATCH, device, &pool)?;
     let names = if queries.classes.len() >= bank.classes.len() { &queries.classes } else { &bank.classes };
     let knn = KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature };
     let predicted = knn_predict(&f.train, &f.train_labels, &f.test, names.len() as i64, knn);
-    let predicted: Vec<usize> = Vec::<i64>::try_from(&predicted)?.into_iter().map(|p| p as usize).collect();
+    let predicted: Vec<usize> =
+        Vec::<i64>::try_from(&predicted.to_device(Device::Cpu))?.into_iter().map(|p| p as usize).collect();
     let actual: Vec<usize> = queries.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
 
     let embedding = run_dir.join("embedding.png");
