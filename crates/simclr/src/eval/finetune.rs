@@ -173,6 +173,7 @@ pub fn finetune(
     }
     let device = store.device();
     let precision = choice.on(device, true);
+    // What `choice.on(device, false)` gives, without warning a second time.
     let features_in = if choice == PrecisionChoice::Auto { Precision::Fp32 } else { precision };
     let features_of =
         |samples: &[Sample]| extract_features(encoder, samples, format, FEATURE_BATCH, device, features_in, pool);
@@ -309,7 +310,11 @@ mod tests {
             assert_eq!((labelled_images, precision), (160, choice.on(Device::Cpu, true)));
             // Measured (seeded, so in every run on one CPU): fp32 0.756 on a
             // Xeon with AMX, 0.731 on an AVX2 EPYC; bf16 0.675 on the Xeon.
-            assert!(accuracy.top1 > 0.6, "{}: chance is 0.25: {accuracy:?}", precision.name());
+            let bound = match precision {
+                Precision::Fp32 => 0.65,
+                Precision::Bf16 => 0.6,
+            };
+            assert!(accuracy.top1 > bound, "{}: chance is 0.25: {accuracy:?}", precision.name());
         }
     }
 }

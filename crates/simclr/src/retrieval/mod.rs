@@ -233,7 +233,7 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
         true => {
             let embedded = loaded.embed_images(&images, &options.index)?;
             skipped.extend(embedded.skipped);
-            let index = Index::build(&embedded.features, options.kind, queries.len(), 0)?;
+            let index = Index::build(&embedded.features, IndexKind::Hnsw, queries.len(), 0)?;
             (embedded.rows, index.search(&query_features, options.k)?)
         }
         // The index's features stream past the queries, batch by batch,
