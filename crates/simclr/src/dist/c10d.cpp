@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,21 @@ int guarded(F&& body) {
   return 1;
 }
 
+// c10d's flight recorder, one per process, records every collective as it
+// is enqueued, and in torch 2.11 inserts a group into its map of groups
+// before taking its own lock (pytorch/pytorch PR 179449): two groups of one
+// process enqueueing at once can corrupt the map and crash the process.
+// One group per process never races, but several ranks in one process do
+// (the tests' threads), so every collective is enqueued under this lock,
+// released before its wait.
+std::mutex enqueue_mutex;
+
+template <class Enqueue>
+c10::intrusive_ptr<c10d::Work> enqueued(Enqueue&& enqueue) {
+  std::lock_guard<std::mutex> guard(enqueue_mutex);
+  return enqueue();
+}
+
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> group;
@@ -65,7 +81,7 @@ struct Group {
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp(op);
     options.timeout = timeout;
-    wait(backend(tensor)->allreduce(tensors, options));
+    wait(enqueued([&] { return backend(tensor)->allreduce(tensors, options); }));
   }
 
   void broadcast(at::Tensor& tensor, int root) const {
@@ -73,14 +89,14 @@ struct Group {
     c10d::BroadcastOptions options;
     options.rootRank = root;
     options.timeout = timeout;
-    wait(backend(tensor)->broadcast(tensors, options));
+    wait(enqueued([&] { return backend(tensor)->broadcast(tensors, options); }));
   }
 
   // `output` holds the `size` inputs one after another along dim 0.
   void all_gather(at::Tensor& output, at::Tensor& input) const {
     c10d::AllgatherOptions options;
     options.timeout = timeout;
-    wait(backend(input)->_allgather_base(output, input, options));
+    wait(enqueued([&] { return backend(input)->_allgather_base(output, input, options); }));
   }
 
   // `input` holds `size` blocks along dim 0; this rank gets the sum of
@@ -89,7 +105,7 @@ struct Group {
     c10d::ReduceScatterOptions options;
     options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
     options.timeout = timeout;
-    wait(backend(input)->_reduce_scatter_base(output, input, options));
+    wait(enqueued([&] { return backend(input)->_reduce_scatter_base(output, input, options); }));
   }
 };
 
