@@ -208,6 +208,26 @@ fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGro
     ProcessGroup::new(&options).unwrap()
 }
 
+/// `rank` of every rank, each a thread of this process holding its group
+/// (meeting at a fresh file store) and its input, in rank order: as many
+/// ranks as `inputs`.
+fn as_ranks<I: Send, T: Send>(inputs: Vec<I>, rank: impl Fn(ProcessGroup, I) -> T + Sync) -> Vec<T> {
+    let folder = tempfile::tempdir().unwrap();
+    let store = folder.path().join("store");
+    let world = inputs.len();
+    std::thread::scope(|scope| {
+        let ranks: Vec<_> = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, input)| {
+                let (store, rank) = (store.clone(), &rank);
+                scope.spawn(move || rank(file_group(store, index, world), input))
+            })
+            .collect();
+        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    })
+}
+
 /// Runs `world` ranks as threads of this process.
 fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
     train_group_in_chunks(case, variant, world, None)
@@ -216,20 +236,8 @@ fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
 /// [`train_group`] with each rank's slice computed in chunks of `micro_batch` images.
 fn train_group_in_chunks(case: Case, variant: Variant, world: usize, micro_batch: Option<usize>) -> Vec<Outcome> {
     let state = initial_state();
-    let folder = tempfile::tempdir().unwrap();
-    let store = folder.path().join("store");
-    std::thread::scope(|scope| {
-        let ranks: Vec<_> = (0..world)
-            .map(|rank| {
-                let (store, state) = (store.clone(), copy_of(&state));
-                scope.spawn(move || {
-                    let group = file_group(store, rank, world);
-                    train_rank_in_chunks(case, variant, state, Some(&group), micro_batch)
-                })
-            })
-            .collect();
-        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
-    })
+    let states = (0..world).map(|_| copy_of(&state)).collect();
+    as_ranks(states, |group, state| train_rank_in_chunks(case, variant, state, Some(&group), micro_batch))
 }
 
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -321,23 +329,12 @@ fn ranks_in_micro_batches_equal_one_process_in_the_same_chunks() {
 
 #[test]
 fn ranks_whose_weights_differ_are_named() {
-    let folder = tempfile::tempdir().unwrap();
-    let store = folder.path().join("store");
-    let outcomes: Vec<(simclr::Result<()>, simclr::Result<()>)> = std::thread::scope(|scope| {
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                let store = store.clone();
-                scope.spawn(move || {
-                    let group = file_group(store, rank, 2);
-                    let weights = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
-                    let same = group.check_identical("the weights", &weights);
-                    // Rank 1's last weight one ulp off.
-                    let nudged = if rank == 1 { Tensor::from_slice(&[0.5f32, -1.25, 3.0000002]) } else { weights };
-                    (same, group.check_identical("the weights", &nudged))
-                })
-            })
-            .collect();
-        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    let outcomes = as_ranks(vec![(); 2], |group, ()| {
+        let weights = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
+        let same = group.check_identical("the weights", &weights);
+        // Rank 1's last weight one ulp off.
+        let nudged = if group.rank() == 1 { Tensor::from_slice(&[0.5f32, -1.25, 3.0000002]) } else { weights };
+        (same, group.check_identical("the weights", &nudged))
     });
     for (same, nudged) in outcomes {
         assert!(same.is_ok(), "{same:?}");
@@ -351,28 +348,17 @@ fn a_broadcast_gives_every_rank_the_optimisers_step_count() {
     // A resumed multi-process run: rank 0 read the checkpoint, the others
     // take its state. AdamW's bias correction reads the step count, so it
     // travels with the weights and moments.
-    let folder = tempfile::tempdir().unwrap();
-    let store = folder.path().join("store");
-    let counts: Vec<i64> = std::thread::scope(|scope| {
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                let store = store.clone();
-                scope.spawn(move || {
-                    let group = file_group(store, rank, 2);
-                    let config = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
-                    let weight = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-                    let mut optimizer = Optimizer::new(&config, vec![("w".to_owned(), weight.shallow_clone())]);
-                    for _ in 0..if rank == 0 { 3 } else { 0 } {
-                        optimizer.backward(&weight.sum(Kind::Float)).unwrap();
-                        optimizer.step(1e-3);
-                    }
-                    optimizer.broadcast(&group, 0).unwrap();
-                    let state = optimizer.state_tensors();
-                    state.iter().find(|(name, _)| name == "steps").unwrap().1.int64_value(&[])
-                })
-            })
-            .collect();
-        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    let counts = as_ranks(vec![(); 2], |group, ()| {
+        let config = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+        let weight = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mut optimizer = Optimizer::new(&config, vec![("w".to_owned(), weight.shallow_clone())]);
+        for _ in 0..if group.rank() == 0 { 3 } else { 0 } {
+            optimizer.backward(&weight.sum(Kind::Float)).unwrap();
+            optimizer.step(1e-3);
+        }
+        optimizer.broadcast(&group, 0).unwrap();
+        let state = optimizer.state_tensors();
+        state.iter().find(|(name, _)| name == "steps").unwrap().1.int64_value(&[])
     });
     assert_eq!(counts, [3, 3]);
 }
@@ -385,22 +371,11 @@ fn groups_of_one_process_can_enqueue_collectives_at_once() {
     // own. Without it this test crashed the process (SIGSEGV) in 3 runs of
     // 3, 12 to 67 rounds in; with it, none in 13 runs.
     for _ in 0..150 {
-        let folder = tempfile::tempdir().unwrap();
-        let store = folder.path().join("store");
-        let sums: Vec<f64> = std::thread::scope(|scope| {
-            let ranks: Vec<_> = (0..2)
-                .map(|rank| {
-                    let store = store.clone();
-                    scope.spawn(move || {
-                        let group = file_group(store, rank, 2);
-                        let mine = Tensor::full([64], rank as f64 + 1.0, (Kind::Double, Device::Cpu));
-                        let mut all = group.all_gather(&mine).unwrap().sum(Kind::Double);
-                        group.all_reduce(&mut all, ReduceOp::Sum).unwrap();
-                        all.double_value(&[])
-                    })
-                })
-                .collect();
-            ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+        let sums = as_ranks(vec![(); 2], |group, ()| {
+            let mine = Tensor::full([64], group.rank() as f64 + 1.0, (Kind::Double, Device::Cpu));
+            let mut all = group.all_gather(&mine).unwrap().sum(Kind::Double);
+            group.all_reduce(&mut all, ReduceOp::Sum).unwrap();
+            all.double_value(&[])
         });
         assert_eq!(sums, [2.0 * 64.0 * 3.0; 2]);
     }
