@@ -50,7 +50,10 @@ int guarded(F&& body) {
 // process enqueueing at once can corrupt the map and crash the process.
 // One group per process never races, but several ranks in one process do
 // (the tests' threads), so every collective is enqueued under this lock,
-// released before its wait.
+// released before its wait. (NCCL's first collective sets up its
+// communicator while enqueued, waiting for the other ranks: ranks as threads
+// of one process would wait for each other here. Runs have a process per
+// GPU, and the tests' threads use Gloo, whose enqueue never waits.)
 std::mutex enqueue_mutex;
 
 template <class Enqueue>
