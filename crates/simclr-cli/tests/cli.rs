@@ -1595,14 +1595,21 @@ fn two_processes_train_the_encoder_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
+    // With the kNN monitor, whose work the two processes share.
     let run = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let output = tiny_training(&data, &out).args(FP32).args(extra).run();
+        let output = tiny_run(&data, &out).args(FP32).args(extra).run();
         assert_succeeds(&output);
         out
     };
     let one = run("one", &[]);
     let two = run("two", &["--nproc-per-node", "2"]);
+    let knn = epoch_field(&two, "knn_top1");
+    assert!(knn.iter().all(serde_json::Value::is_f64), "kNN top-1 of 2 processes: {knn:?}");
+    assert_eq!(knn, epoch_field(&one, "knn_top1"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["initial_knn_top1"].is_f64(), "{summary}");
     for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
         assert!(two.join(file).is_file(), "{file} missing");
     }

@@ -42,7 +42,8 @@ use crate::config::RunConfig;
 use crate::loss::{Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
-use crate::train::trainer::{knn_top1_at, supervised, CONFIG_FILE, SUMMARY_FILE};
+use crate::train::knn_top1_at;
+use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
 use crate::{Error, Result};
 

@@ -10,14 +10,21 @@
 //! bugs: a gather whose backward keeps only the rank's own slice, and
 //! per-device BatchNorm. Ranks that compute their slices in chunks
 //! (gradient caching) equal one process computing the same chunks. Groups
-//! of one process may run collectives at the same time.
+//! of one process may run collectives at the same time. Ranks that share
+//! the kNN monitor's work score it as one process does.
 use std::time::Duration;
 
+use rand::Rng;
+use simclr::data::config::BadImagePolicy;
+use simclr::data::loader::{worker_pool, ViewFormat};
+use simclr::data::{Dataset, ImageSource, Sample};
 use simclr::device::Precision;
 use simclr::dist::{GroupOptions, Parallel, ProcessGroup, ReduceOp, Rendezvous};
+use simclr::eval::KnnConfig;
 use simclr::loss::{LossConfig, Objective};
-use simclr::model::{Arch, ModelConfig, SimClr, Stem};
+use simclr::model::{Arch, ModelConfig, ResNet, SimClr, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
+use simclr::train::monitor::Monitor;
 use simclr::train::{GradientCache, Objective as StepObjective};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -378,5 +385,72 @@ fn groups_of_one_process_can_enqueue_collectives_at_once() {
             all.double_value(&[])
         });
         assert_eq!(sums, [2.0 * 64.0 * 3.0; 2]);
+    }
+}
+
+#[test]
+fn ranks_score_the_knn_monitor_as_one_process() {
+    // Each rank computes the features of its part of the bank and of the
+    // queries; the bank's parts are gathered in order and the correct
+    // answers summed. Images of 3 classes told apart by colour (which a
+    // random encoder's features separate), the bank sorted by class, so
+    // that a rank's part alone lacks classes; 31 bank and 17 query images
+    // split unevenly in 2 and 3 parts, and 2 queries in 3 parts (every rank
+    // then computes the whole splits).
+    let images = |count: usize, seed: u64| {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let samples = (0..count)
+            .map(|index| {
+                let label = index * 3 / count;
+                let image = image::RgbImage::from_fn(32, 32, |_, _| {
+                    image::Rgb(std::array::from_fn(|c| if c == label { 200 } else { 40 } + rng.random_range(0..30)))
+                });
+                Sample { source: ImageSource::Memory(image.into()), label: Some(label) }
+            })
+            .collect();
+        Dataset::new("colours".as_ref(), samples, vec!["red".into(), "green".into(), "blue".into()])
+    };
+    // Ranks hold equal encoders of their own (a tensor is not shared between threads).
+    let encoder = || {
+        tch::manual_seed(0);
+        let store = nn::VarStore::new(Device::Cpu);
+        let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
+        (store, encoder)
+    };
+    let format = ViewFormat { size: 32, mean: [0.5; 3], std: [0.25; 3] };
+    let pool = worker_pool(1).unwrap();
+    let knn = KnnConfig { k: 5, temperature: 0.1 };
+    let monitor = |bank, queries| Monitor::new(bank, queries, BadImagePolicy::Stop, knn, &pool);
+    let score = |monitor: &Monitor, (_, encoder): &(nn::VarStore, ResNet), group: Option<&ProcessGroup>| {
+        monitor.top1(encoder.into(), format, Device::Cpu, &pool, group).unwrap()
+    };
+    let reference = encoder();
+    for (world, queries) in [(2, 17), (3, 17), (3, 2)] {
+        let whole = monitor(images(31, 1), images(queries, 2));
+        let alone = score(&whole, &reference, None);
+        assert_eq!(alone, 1.0, "one process, {queries} queries");
+        let scores = as_ranks((0..world).map(|_| encoder()).collect(), |group, encoder| {
+            whole.check_same(&group).unwrap();
+            score(&whole, &encoder, Some(&group))
+        });
+        assert_eq!(scores, vec![alone; world], "{world} ranks, {queries} queries");
+    }
+
+    // Negative controls: the bugs a sharded monitor could have lower the
+    // score here, so the comparison catches them. A rank that kept its own
+    // part of the bank (no gather), and bank features paired with other
+    // images' labels (parts gathered out of order):
+    let mut own_part = images(31, 1);
+    own_part.samples.truncate(15);
+    let mut misaligned = images(31, 1);
+    let labels: Vec<_> = misaligned.samples.iter().map(|sample| sample.label).collect();
+    for (index, sample) in misaligned.samples.iter_mut().enumerate() {
+        sample.label = labels[(index + 16) % labels.len()];
+    }
+    for (bug, bank) in
+        [("the first rank's part of the bank alone", own_part), ("the bank's labels out of order", misaligned)]
+    {
+        let wrong = score(&monitor(bank, images(17, 2)), &reference, None);
+        assert!(wrong < 0.8, "{bug}: {wrong}");
     }
 }

@@ -5,9 +5,11 @@ mod console;
 pub mod faults;
 mod graph;
 pub mod metrics;
+pub mod monitor;
 pub mod step;
 pub mod trainer;
 
 pub use console::Console;
+pub use monitor::knn_top1_at;
 pub use step::{GradientCache, Objective};
 pub use trainer::{train, train_in, Control, Observer, Progress, TrainReport, Trainer};

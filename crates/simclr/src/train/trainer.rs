@@ -14,6 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::checkpoint::{self, Checkpoint, Position, TrainedBy};
 use super::graph::GraphedStep;
 use super::metrics::{EpochMetrics, MetricsLog};
+use super::monitor::Monitor;
 use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
 use crate::augment::{Backend, DEVICE_DATA_LIMIT};
@@ -24,9 +25,7 @@ use crate::data::stream::{ShardList, Streaming};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{Parallel, ProcessGroup, ReduceOp};
-use crate::eval::features::{FeatureNet, Frozen, FEATURE_BATCH};
-use crate::eval::{knn_accuracy, KnnConfig};
-use crate::model::{Layer, SimClr};
+use crate::model::SimClr;
 use crate::names::counted;
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
@@ -151,49 +150,6 @@ impl std::fmt::Display for TrainReport {
         }
         writeln!(f, "checkpoint: {}", self.checkpoint_path.display())
     }
-}
-
-/// The kNN monitor: a labelled bank and labelled queries.
-struct Monitor {
-    bank: Dataset,
-    queries: Dataset,
-    classes: i64,
-    config: KnnConfig,
-}
-
-impl Monitor {
-    /// The monitor of a run configured by `config`, on `knn`'s splits.
-    fn new(config: &ValidConfig, (bank, queries): (Dataset, Dataset), pool: &rayon::ThreadPool) -> Self {
-        let policy = config.data.on_bad_image;
-        Monitor {
-            classes: bank.classes.len().max(queries.classes.len()) as i64,
-            bank: bank.with_policy(policy).without_unreadable(pool),
-            queries: queries.with_policy(policy).without_unreadable(pool),
-            config: KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature },
-        }
-    }
-
-    fn top1(&self, net: FeatureNet, format: ViewFormat, device: Device, pool: &rayon::ThreadPool) -> Result<f64> {
-        let (bank, queries) = (&self.bank.samples, &self.queries.samples);
-        let f = Frozen::compute(net, bank, queries, format, FEATURE_BATCH, device, pool)?;
-        Ok(knn_accuracy(&f.train, &f.train_labels, &f.test, &f.test_labels, self.classes, self.config).top1)
-    }
-}
-
-/// The kNN monitor's score of the network in the run folder `run_dir`
-/// (its latest checkpoint), read at `layer`: how a study scores z = g(h)
-/// beside the h the monitor scored during training.
-pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
-    let saved = Checkpoint::read_latest(&run_dir.join(checkpoint::FILE_NAME))?;
-    let config = saved.config.clone().validate()?;
-    let device = crate::device::select(config.train.device)?;
-    let (_store, model, _) = saved.into_model(device)?;
-    let pool = worker_pool(config.data.workers)?;
-    let knn = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
-        Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
-    })?;
-    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
-    Monitor::new(&config, knn, &pool).top1(FeatureNet::at(&model, layer)?, format, device, &pool)
 }
 
 /// Trains a SimCLR model as `config` says (continuing the run in
@@ -380,8 +336,11 @@ impl Trainer {
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
         let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
         let classes = supervised_classes(&config, &train_set)?;
-        // The kNN monitor runs on rank 0 alone; the others wait for it at the next step.
-        let monitor = splits.knn.filter(|_| writer).map(|knn| Monitor::new(&config, knn, &pool));
+        // Every rank computes the kNN monitor's features of its part of the splits.
+        let monitor = splits.knn.map(|knn| Monitor::of_run(&config, knn, &pool));
+        if let (Some(monitor), Some(group)) = (&monitor, &group) {
+            monitor.check_same(group)?;
+        }
 
         let store = nn::VarStore::new(device);
         let model = SimClr::new(&store.root(), &config.model);
@@ -436,7 +395,8 @@ impl Trainer {
         }
         if !resume {
             if let Some(monitor) = &monitor {
-                initial_knn_top1 = Some(monitor.top1((&model.encoder).into(), format, device, &pool)?);
+                initial_knn_top1 =
+                    Some(monitor.top1((&model.encoder).into(), format, device, &pool, group.as_ref())?);
             }
         }
         tracing::info!(
@@ -657,7 +617,8 @@ impl Trainer {
         let knn_due = train.knn_every > 0 && (epoch % train.knn_every == 0 || last);
         let knn_top1 = match (&self.monitor, knn_due) {
             (Some(monitor), true) => {
-                Some(monitor.top1((&self.model.encoder).into(), self.format, self.device, &self.pool)?)
+                let net = (&self.model.encoder).into();
+                Some(monitor.top1(net, self.format, self.device, &self.pool, self.group.as_ref())?)
             }
             _ => None,
         };
@@ -1160,8 +1121,7 @@ fn share_state(
 fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
     let mut all: Vec<String> = train.skipped();
     if let Some(monitor) = monitor {
-        all.extend(monitor.bank.skipped());
-        all.extend(monitor.queries.skipped());
+        all.extend(monitor.skipped());
     }
     all.sort();
     all.dedup();
