@@ -177,12 +177,15 @@ dist)
     # size 1 with NCCL (its step-time overhead against the plain run; goal
     # under 3%), and 2 processes on the one GPU through Gloo (NCCL refuses
     # two ranks on one GPU). Epoch 1 (autotuning, allocator growth) is left
-    # out of the rates.
+    # out of the rates, and the kNN monitor (4096 + 4096 images, at the
+    # start and the end) out of every epoch's: it is there for its scores,
+    # computed in parts by the ranks and gathered over NCCL or Gloo.
     torch_libraries
     data
     BIN=$(binary)
     common=(--preset cifar10 --data "$DATA/train" --device "$DEVICE" --epochs 4 --batch-size "${BATCH:-512}"
-            --set 'model.arch="resnet18"' --set data.limit=16384 --set train.knn_every=0 --set train.checkpoint_every=100)
+            --set 'model.arch="resnet18"' --set data.limit=16384 --set train.knn_every=4 --set train.checkpoint_every=100
+            --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" --set data.knn_limit=4096)
     rm -rf /tmp/dist-plain /tmp/dist-nccl1 /tmp/dist-gloo2
     "$BIN" train "${common[@]}" --output /tmp/dist-plain >&2
     RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
@@ -194,8 +197,10 @@ report = {}
 for run in sys.argv[2:]:
     metrics = [json.loads(l) for l in (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()][1:]
     seconds = sum(m["seconds"] for m in metrics)
+    summary = json.loads((pathlib.Path(run) / "summary.json").read_text())
     report[pathlib.Path(run).name] = {"images_per_second": sum(m["images_per_second"] * m["seconds"] for m in metrics) / seconds,
-                                      "final_loss": metrics[-1]["loss"]}
+                                      "final_loss": metrics[-1]["loss"],
+                                      "knn_top1": [summary["initial_knn_top1"], summary["final_knn_top1"]]}
 plain, nccl = report["dist-plain"]["images_per_second"], report["dist-nccl1"]["images_per_second"]
 report["overhead_world_size_1"] = plain / nccl - 1
 pathlib.Path(sys.argv[1]).write_text(json.dumps(report))
