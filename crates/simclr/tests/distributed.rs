@@ -435,6 +435,14 @@ fn ranks_score_the_knn_monitor_as_one_process() {
         });
         assert_eq!(scores, vec![alone; world], "{world} ranks, {queries} queries");
     }
+    // Ranks whose splits differ (a file unreadable on one machine) are told so.
+    let mut shorter = images(31, 1);
+    shorter.samples.pop();
+    let checks = as_ranks(vec![images(31, 1), shorter], |group, bank| monitor(bank, images(17, 2)).check_same(&group));
+    for check in checks {
+        let message = check.unwrap_err().to_string();
+        assert!(message.contains("different kNN monitor images: rank 1 ("), "{message}");
+    }
 
     // Negative controls: the bugs a sharded monitor could have lower the
     // score here, so the comparison catches them. A rank that kept its own

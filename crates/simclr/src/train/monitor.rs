@@ -60,12 +60,14 @@ impl Monitor {
     /// machine's copy of a file damaged) would pair features with the wrong
     /// labels.
     pub fn check_same(&self, group: &ProcessGroup) -> Result<()> {
-        let listing = |set: &Dataset| {
-            let lines =
-                set.samples.iter().enumerate().map(|(i, sample)| format!("{} {:?}", sample.describe(i), sample.label));
-            lines.collect::<Vec<_>>().join("\n")
-        };
-        group.check_same("kNN monitor images", &format!("{}\n\n{}", listing(&self.bank), listing(&self.queries)))
+        let mut listing = crc32fast::Hasher::new();
+        for set in [&self.bank, &self.queries] {
+            listing.update(format!("{}\n", set.len()).as_bytes());
+            for (index, sample) in set.samples.iter().enumerate() {
+                listing.update(format!("{} {:?}\n", sample.describe(index), sample.label).as_bytes());
+            }
+        }
+        group.check_same("kNN monitor images", &format!("{:08x}", listing.finalize()))
     }
 
     /// The kNN top-1 of the queries against the bank, by `net`'s features;
