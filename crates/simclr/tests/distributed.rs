@@ -11,7 +11,8 @@
 //! per-device BatchNorm. Ranks that compute their slices in chunks
 //! (gradient caching) equal one process computing the same chunks. Groups
 //! of one process may run collectives at the same time. Ranks that share
-//! the kNN monitor's work score it as one process does.
+//! the kNN monitor's work score it as one process does, and global
+//! BatchNorm takes the bf16 activations of autocast.
 use std::time::Duration;
 
 use rand::Rng;
@@ -461,4 +462,65 @@ fn ranks_score_the_knn_monitor_as_one_process() {
         let wrong = score(&monitor(bank, images(17, 2)), &reference, None);
         assert!(wrong < 0.8, "{bug}: {wrong}");
     }
+}
+
+#[test]
+fn global_batch_norm_takes_bf16_activations_as_autocast_gives_them() {
+    // Under bf16 autocast a convolution hands BatchNorm bf16 activations
+    // while its parameters and statistics stay fp32: the mixed-type kernels.
+    // 2 ranks' halves (one shifted, so that their own statistics differ)
+    // against one process's plain BatchNorm on the whole: outputs, input
+    // gradients, the summed parameter gradients and the running statistics.
+    let cpu = (Kind::Float, Device::Cpu);
+    tch::manual_seed(3);
+    let shift = Tensor::cat(&[Tensor::zeros([4, 1, 1, 1], cpu), Tensor::full([4, 1, 1, 1], 3.0, cpu)], 0);
+    let x = (Tensor::randn([8, 6, 5, 5], cpu) * 2.0 + shift).to_kind(Kind::BFloat16);
+    let (weight, bias) = (Tensor::rand([6], cpu) + 0.5, Tensor::randn([6], cpu));
+    let upstream = Tensor::randn([8, 6, 5, 5], cpu);
+    let rows = |tensor: &Tensor, rank: i64| tensor.narrow(0, 4 * rank, 4).copy();
+    let halves = || (0..2).map(|r| [rows(&x, r), rows(&upstream, r), weight.copy(), bias.copy()]).collect::<Vec<_>>();
+    let whole = normalise_bf16([x.copy(), upstream.copy(), weight.copy(), bias.copy()], None);
+    let ranks = as_ranks(halves(), |group, inputs| normalise_bf16(inputs, Some(&group)));
+    let per_device: Vec<_> = halves().into_iter().map(|inputs| normalise_bf16(inputs, None)).collect();
+    let joined = |parts: &[[Tensor; 6]], i: usize| match i {
+        0 | 1 => Tensor::cat(&[&parts[0][i], &parts[1][i]], 0),
+        2 | 3 => &parts[0][i] + &parts[1][i],
+        _ => parts[0][i].copy(),
+    };
+    let names = ["output", "input gradient", "weight gradient", "bias gradient", "running mean", "running variance"];
+    // bf16 output and input gradient within a bf16 rounding (measured: bit
+    // for bit), the fp32 rest within fp32 summation order (measured: 2e-7).
+    for (i, what) in names.iter().enumerate() {
+        let error = relative_error(&joined(&ranks, i), &whole[i]);
+        let bound = if i < 2 { 1e-2 } else { 1e-5 };
+        assert!(error < bound, "{what}: 2 ranks differ from 1 process by {error:e}");
+    }
+    for i in 4..6 {
+        assert!(ranks[0][i].equal(&ranks[1][i]), "the ranks' {} differ", names[i]);
+    }
+    // Negative control: each half normalised alone (measured: 0.31).
+    let error = relative_error(&joined(&per_device, 0), &whole[0]);
+    assert!(error > 0.1, "per-device BatchNorm went unnoticed: {error:e}");
+}
+
+/// A training-mode BatchNorm of 6 channels with `weight` and `bias` applied
+/// to bf16 `x` (over `group`'s global batch when given), back-propagated
+/// from `upstream`: y, dL/dx, dL/dweight, dL/dbias, running mean and variance.
+fn normalise_bf16([x, upstream, weight, bias]: [Tensor; 4], group: Option<&ProcessGroup>) -> [Tensor; 6] {
+    let store = nn::VarStore::new(Device::Cpu);
+    let bn = nn::batch_norm2d(store.root(), 6, Default::default());
+    let (ws, bs) = (bn.ws.as_ref().unwrap(), bn.bs.as_ref().unwrap());
+    tch::no_grad(|| {
+        ws.shallow_clone().copy_(&weight);
+        bs.shallow_clone().copy_(&bias);
+    });
+    let x = x.set_requires_grad(true);
+    let y = match group {
+        Some(group) => simclr::dist::with_global_batch_norm(group, || simclr::dist::batch_norm(&x, &bn, true)),
+        None => x.apply_t(&bn, true),
+    };
+    assert_eq!(y.kind(), Kind::BFloat16);
+    (y.to_kind(Kind::Float) * &upstream).sum(Kind::Float).backward();
+    let float = |tensor: Tensor| tensor.to_kind(Kind::Float);
+    [float(y.detach()), float(x.grad()), ws.grad(), bs.grad(), bn.running_mean.copy(), bn.running_var.copy()]
 }

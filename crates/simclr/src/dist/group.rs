@@ -39,6 +39,18 @@ extern "C" {
     fn simclr_dist_reduce_scatter(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> c_int;
     fn simclr_dist_all_reduce_sum_grad(group: *mut c_void, input: *mut c_void, out: *mut *mut c_void) -> c_int;
     fn simclr_dist_all_gather_grad(group: *mut c_void, input: *mut c_void, out: *mut *mut c_void) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn simclr_dist_batch_norm(
+        group: *mut c_void,
+        input: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+    ) -> c_int;
     fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
     fn simclr_dist_store_get(group: *mut c_void, key: *const c_char, out: *mut *mut u8, length: *mut usize) -> c_int;
     fn simclr_dist_free_bytes(bytes: *mut u8);
@@ -218,6 +230,34 @@ impl ProcessGroup {
         let mut out = std::ptr::null_mut();
         // SAFETY: as in all_reduce_sum_grad.
         check(unsafe { simclr_dist_all_gather_grad(self.raw.as_ptr(), raw(input), &mut out) }, "all-gather")?;
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+
+    /// `bn` (weight, bias and running statistics of a BatchNorm) applied in
+    /// training to `x` (`[N, C, ...]`, this rank's slice) with the mean and
+    /// variance of every rank's slice together, differentiable (SyncBN's
+    /// backward); the running statistics move with the global mean and
+    /// unbiased variance. See `GlobalBatchNorm` in `c10d.cpp`.
+    pub fn batch_norm(&self, x: &Tensor, bn: &tch::nn::BatchNorm, momentum: f64, eps: f64) -> Result<Tensor> {
+        let optional = |tensor: Option<&Tensor>| tensor.map_or(std::ptr::null_mut(), raw);
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in all_reduce_sum_grad; null weight or bias means none.
+        check(
+            unsafe {
+                simclr_dist_batch_norm(
+                    self.raw.as_ptr(),
+                    raw(x),
+                    optional(bn.ws.as_ref()),
+                    optional(bn.bs.as_ref()),
+                    raw(&bn.running_mean),
+                    raw(&bn.running_var),
+                    momentum,
+                    eps,
+                    &mut out,
+                )
+            },
+            "BatchNorm's statistics",
+        )?;
         Ok(unsafe { Tensor::from_ptr(out as *mut _) })
     }
 
