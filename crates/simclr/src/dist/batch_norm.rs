@@ -58,13 +58,9 @@ pub fn batch_norm(x: &Tensor, bn: &nn::BatchNorm, train: bool) -> Tensor {
     // borrows the group, on this thread.
     let group = GROUP.with(Cell::get).map(|group| unsafe { group.as_ref() });
     match group {
-        Some(group) if train && group.size() > 1 => {
-            global_batch_norm(x, bn, group).unwrap_or_else(|error| std::panic::panic_any(CollectiveFailed(error)))
-        }
+        Some(group) if train && group.size() > 1 => group
+            .batch_norm(x, bn, MOMENTUM, EPS)
+            .unwrap_or_else(|error| std::panic::panic_any(CollectiveFailed(error))),
         _ => x.apply_t(bn, train),
     }
-}
-
-fn global_batch_norm(x: &Tensor, bn: &nn::BatchNorm, group: &ProcessGroup) -> crate::Result<Tensor> {
-    group.batch_norm(x, bn, MOMENTUM, EPS)
 }

@@ -175,8 +175,9 @@ struct AllGather : public torch::autograd::Function<AllGather> {
 //   dx = w invstd (dy - sum(dy)/M - x_hat sum(dy x_hat)/M)   (M: global count)
 // as two fused multiply-adds; w and b get this rank's sums, as any parameter
 // does before the gradient all-reduce. This is the backward of
-// torch.nn.SyncBatchNorm; written with ordinary tensor ops through autograd
-// it ran 2.3x slower on the CPU (every op a pass over the activations).
+// torch.nn.SyncBatchNorm, whose kernels are CUDA's alone; ordinary tensor ops
+// through autograd, a pass over the activations each, were much slower
+// (docs/distributed.md).
 struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
   static at::Tensor forward(
       torch::autograd::AutogradContext* context,
