@@ -34,10 +34,15 @@ pub struct Accuracy {
 
 /// Fraction of rows whose label is among their `k` highest scores.
 pub fn top_k_accuracy(scores: &Tensor, labels: &Tensor, k: i64) -> f64 {
+    top_k_hits(scores, labels, k) as f64 / scores.size()[0] as f64
+}
+
+/// Rows whose label is among their `k` highest scores (for counts summed
+/// over ranks, each holding some of the rows).
+pub fn top_k_hits(scores: &Tensor, labels: &Tensor, k: i64) -> i64 {
     let k = k.min(scores.size()[1]);
     let (_, top) = scores.topk(k, 1, true, true);
-    let hit = top.eq_tensor(&labels.unsqueeze(1)).any_dim(1, false);
-    hit.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+    top.eq_tensor(&labels.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[])
 }
 
 /// Top-1 and top-5 of per-class `scores` (logits or votes) against `labels`.

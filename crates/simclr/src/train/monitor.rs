@@ -9,7 +9,7 @@
 //! one-process score up to the rounding of features computed in other
 //! batches.
 use rayon::ThreadPool;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::checkpoint::{self, Checkpoint};
 use crate::config::ValidConfig;
@@ -20,6 +20,7 @@ use crate::device::Precision;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::eval::features::{extract_features, labels, FeatureNet, FEATURE_BATCH};
 use crate::eval::knn::{knn_votes, KnnConfig};
+use crate::eval::top_k_hits;
 use crate::model::Layer;
 use crate::{Error, Result};
 
@@ -113,16 +114,19 @@ impl Monitor {
         device: Device,
     ) -> (i64, i64) {
         let votes = knn_votes(bank_features, &labels(bank, device), query_features, self.classes, self.config);
-        let hits = votes.argmax(1, false).eq_tensor(&labels(queries, device)).sum(Kind::Int64);
-        (hits.int64_value(&[]), queries.len() as i64)
+        (top_k_hits(&votes, &labels(queries, device), 1), queries.len() as i64)
     }
 }
 
 /// Rank `rank`'s part of `samples` split in `world` contiguous parts whose
 /// sizes differ by at most one.
 fn part(samples: &[Sample], rank: usize, world: usize) -> &[Sample] {
-    let bound = |rank: usize| rank * samples.len() / world;
-    &samples[bound(rank)..bound(rank + 1)]
+    &samples[bounds(samples.len(), rank, world)]
+}
+
+/// The positions of rank `rank`'s [`part`] of `total` rows.
+fn bounds(total: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    rank * total / world..(rank + 1) * total / world
 }
 
 /// Every rank's `features` of its [`part`] of `total` rows, in rank order:
@@ -133,12 +137,8 @@ fn gathered(group: &ProcessGroup, features: &Tensor, total: usize) -> Result<Ten
     let padding = longest - features.size()[0];
     let padded = features.constant_pad_nd([0, 0, 0, padding]);
     let all = group.all_gather(&padded)?;
-    let parts: Vec<Tensor> = (0..world)
-        .map(|rank| {
-            let rows = ((rank + 1) * total / world - rank * total / world) as i64;
-            all.narrow(0, rank as i64 * longest, rows)
-        })
-        .collect();
+    let parts: Vec<Tensor> =
+        (0..world).map(|rank| all.narrow(0, rank as i64 * longest, bounds(total, rank, world).len() as i64)).collect();
     Ok(Tensor::cat(&parts, 0))
 }
 
