@@ -74,6 +74,14 @@ pub struct TrainConfig {
     /// build on CUDA with a GPU per process, since NCCL refuses two
     /// processes on one GPU). CPU tensors always go through Gloo.
     pub dist_backend: crate::dist::Backend,
+    /// In a multi-process run, the gradient is all-reduced in buckets of
+    /// about this many MB (of fp32 gradient), each sent as soon as the
+    /// backward pass has computed it, while the layers below are still
+    /// being computed, as PyTorch's DDP does (its `bucket_cap_mb`, 25 by
+    /// default); 0 sends the whole gradient once after the backward pass.
+    /// Either way the gradient is the same (up to the order of float sums
+    /// over 3 ranks or more).
+    pub gradient_bucket_mb: f64,
     /// Train with labels instead: the paper's supervised baseline (Figure
     /// 7), the same encoder with a linear classifier on h (`model.head`
     /// linear, `projection_dim` = the number of classes; `--supervised`
@@ -119,6 +127,7 @@ impl Default for TrainConfig {
             sync_batch_norm: true,
             dist_timeout_seconds: 1800.0,
             dist_backend: crate::dist::Backend::Auto,
+            gradient_bucket_mb: 25.0,
             supervised: false,
             cuda_graph: false,
             deterministic: false,
@@ -345,6 +354,9 @@ impl RunConfig {
         }
         if !crate::checks::is_positive_finite(train.dist_timeout_seconds) {
             problems.push(format!("train.dist_timeout_seconds = {}: must be > 0", train.dist_timeout_seconds));
+        }
+        if !(train.gradient_bucket_mb >= 0.0 && train.gradient_bucket_mb.is_finite()) {
+            problems.push(format!("train.gradient_bucket_mb = {}: must be >= 0", train.gradient_bucket_mb));
         }
         if train.max_nonfinite_steps == 0 {
             problems.push("train.max_nonfinite_steps = 0: must be at least 1".to_owned());

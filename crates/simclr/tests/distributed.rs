@@ -9,7 +9,9 @@
 //! the head. The negative controls show the comparison catches the known
 //! bugs: a gather whose backward keeps only the rank's own slice, and
 //! per-device BatchNorm. Ranks that compute their slices in chunks
-//! (gradient caching) equal one process computing the same chunks. Groups
+//! (gradient caching) equal one process computing the same chunks, and ranks
+//! that all-reduce the gradient in buckets during the backward pass equal
+//! one process too; the buckets go in one order on every rank. Groups
 //! of one process may run collectives at the same time. Ranks that share
 //! the kNN monitor's work score it as one process does, and global
 //! BatchNorm takes the bf16 activations of autocast.
@@ -118,16 +120,26 @@ fn train_rank(
     (initial, views): (Vec<(String, Tensor)>, Tensor),
     group: Option<&ProcessGroup>,
 ) -> Outcome {
-    train_rank_in_chunks(case, variant, (initial, views), group, None)
+    train_rank_with(case, variant, (initial, views), group, Passes::default())
 }
 
-/// [`train_rank`] with each rank's slice computed in chunks of `micro_batch` images.
-fn train_rank_in_chunks(
+/// How a rank computes its step, besides in one pass with one all-reduce
+/// of the gradient after it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Passes {
+    /// Each rank's slice in chunks of this many images (gradient caching).
+    micro_batch: Option<usize>,
+    /// The gradient all-reduced in buckets of this many bytes during the backward pass.
+    bucket_bytes: Option<usize>,
+}
+
+/// [`train_rank`] computing its steps as `passes` says.
+fn train_rank_with(
     case: Case,
     variant: Variant,
     (initial, views): (Vec<(String, Tensor)>, Tensor),
     group: Option<&ProcessGroup>,
-    micro_batch: Option<usize>,
+    Passes { micro_batch, bucket_bytes }: Passes,
 ) -> Outcome {
     let mut store = nn::VarStore::new(Device::Cpu);
     // Initialised at random, then overwritten with `initial`.
@@ -147,6 +159,9 @@ fn train_rank_in_chunks(
     let named = variables.into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let (optim, learning_rate) = optim_config(case.optimizer);
     let mut optimizer = Optimizer::new(&optim, named);
+    if let (Some(group), Some(bytes)) = (group, bucket_bytes) {
+        optimizer.reduce_in_buckets(group, bytes).unwrap();
+    }
     let (world, rank) = group.map_or((1, 0), |g| (g.size() as i64, g.rank() as i64));
     let slice = IMAGES / world;
     let first = views.narrow(0, rank * slice, slice);
@@ -238,14 +253,14 @@ fn as_ranks<I: Send, T: Send>(inputs: Vec<I>, rank: impl Fn(ProcessGroup, I) -> 
 
 /// Runs `world` ranks as threads of this process.
 fn train_group(case: Case, variant: Variant, world: usize) -> Vec<Outcome> {
-    train_group_in_chunks(case, variant, world, None)
+    train_group_with(case, variant, world, Passes::default())
 }
 
-/// [`train_group`] with each rank's slice computed in chunks of `micro_batch` images.
-fn train_group_in_chunks(case: Case, variant: Variant, world: usize, micro_batch: Option<usize>) -> Vec<Outcome> {
+/// [`train_group`] with each rank computing its steps as `passes` says.
+fn train_group_with(case: Case, variant: Variant, world: usize, passes: Passes) -> Vec<Outcome> {
     let state = initial_state();
     let states = (0..world).map(|_| copy_of(&state)).collect();
-    as_ranks(states, |group, state| train_rank_in_chunks(case, variant, state, Some(&group), micro_batch))
+    as_ranks(states, |group, state| train_rank_with(case, variant, state, Some(&group), passes))
 }
 
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -305,6 +320,92 @@ fn the_comparison_catches_an_own_slice_gather_and_per_device_batch_norm() {
     }
 }
 
+#[test]
+fn ranks_sending_the_gradient_in_buckets_equal_one_process() {
+    // Buckets of one parameter each (every gradient sent as soon as autograd
+    // computes it), of about 256 KB, and one for the whole gradient, on 2
+    // and 4 ranks, against one process; on 2 ranks each element is the sum
+    // of two numbers either way, so bit for bit the one all-reduce's.
+    let case = Case { kind: Kind::Double, objective: Objective::NtXent, optimizer: OptimizerKind::Lars };
+    let reference = train_rank(case, Variant::Exact, initial_state(), None);
+    let after_the_backward = train_group(case, Variant::Exact, 2);
+    let in_buckets = |bytes: usize| Passes { bucket_bytes: Some(bytes), ..Passes::default() };
+    for bytes in [1, 256 << 10, 1 << 30] {
+        for world in [2, 4] {
+            let ranks = train_group_with(case, Variant::Exact, world, in_buckets(bytes));
+            let error = difference(&ranks[0], &reference);
+            assert!(error < tolerance(case.kind), "{world} ranks, buckets of {bytes} B: {error:e} from 1 process");
+            for rank in &ranks[1..] {
+                assert_eq!(relative_error(&rank.weights, &ranks[0].weights), 0.0, "the ranks' weights differ");
+            }
+            if world == 2 {
+                let error = difference(&ranks[0], &after_the_backward[0]);
+                assert_eq!(error, 0.0, "buckets of {bytes} B against one all-reduce");
+            }
+        }
+    }
+    // Negative controls: the known bugs still show with buckets.
+    for variant in [Variant::OwnSliceGradient, Variant::PerDeviceBatchNorm] {
+        let ranks = train_group_with(case, variant, 2, in_buckets(1));
+        let error = difference(&ranks[0], &reference);
+        assert!(error > 1e3 * tolerance(case.kind), "{variant:?} with buckets went unnoticed: difference {error:e}");
+    }
+}
+
+/// Parameters `a` [3], `b` [2, 2] and `c` [5] of a store, in name order.
+fn three_parameters(seed: i64) -> (nn::VarStore, Vec<Tensor>) {
+    let store = nn::VarStore::new(Device::Cpu);
+    let _rng = rng_lock();
+    tch::manual_seed(seed);
+    let params = [("a", vec![3]), ("b", vec![2, 2]), ("c", vec![5])]
+        .map(|(name, shape)| store.root().var(name, &shape, nn::Init::Randn { mean: 0.0, stdev: 1.0 }));
+    (store, params.into_iter().collect())
+}
+
+#[test]
+fn buckets_are_sent_in_one_order_as_their_gradients_arrive() {
+    // Each parameter its own bucket, sent in the order c, b, a (the buffer's
+    // last first). The loss reaches a and c, not b; the ranks build it in
+    // opposite orders, so autograd computes a's and c's gradients in
+    // opposite orders too. c's bucket goes as soon as its gradient is in;
+    // a's waits for b's, which no pass reaches: both go at the finish, b's
+    // as zeros. Gradient caching's earlier passes send nothing.
+    let outcomes = as_ranks(vec![0_i64, 1], |group, rank| {
+        let (_store, params) = three_parameters(3);
+        let orders: Vec<Vec<i64>> = params.iter().map(|p| (0..p.dim() as i64).collect()).collect();
+        let flat = Tensor::zeros([12], (Kind::Float, Device::Cpu));
+        let mut buckets = simclr::dist::GradientBuckets::new(&group, &params, &orders, &flat, 1).unwrap();
+        assert_eq!(buckets.sent(), (0, 3));
+        let [a, _, c] = params.as_slice() else { unreachable!() };
+        let scale = (rank + 1) as f64;
+        let loss = || match rank {
+            0 => (a * a).sum(Kind::Float) * scale + c.sum(Kind::Float) * 2.0 * scale,
+            _ => c.sum(Kind::Float) * 2.0 * scale + (a * a).sum(Kind::Float) * scale,
+        };
+        let backward = || Ok(Tensor::f_run_backward(&[loss()], &params, false, false)?);
+        buckets.pass(false, backward).unwrap();
+        let after_first = buckets.sent();
+        buckets.pass(true, backward).unwrap();
+        let after_last = buckets.sent();
+        let gradient = buckets.finish().unwrap().copy();
+        (after_first, after_last, gradient, a.detach().copy())
+    });
+    for (after_first, after_last, gradient, a) in &outcomes {
+        assert_eq!(*after_first, (0, 3), "a pass that is not the last sent buckets");
+        assert_eq!(*after_last, (1, 3), "only c's bucket can go during the last pass");
+        // Two passes of (1 + 2) / 2 = 1.5 times the rank-1 loss's gradient each.
+        let expected = Tensor::cat(
+            &[
+                a * 2.0 * 3.0,
+                Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+                Tensor::full([5], 2.0 * 3.0, (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        assert!(gradient.allclose(&expected, 1e-6, 1e-6, false), "{gradient:?} against {expected:?}");
+    }
+}
+
 /// `(variables, views)` with the images of the global batch reordered:
 /// image `order[i]` becomes image `i`, in both views.
 fn reordered((variables, views): (Vec<(String, Tensor)>, Tensor), order: &[i64]) -> (Vec<(String, Tensor)>, Tensor) {
@@ -320,16 +421,21 @@ fn ranks_in_micro_batches_equal_one_process_in_the_same_chunks() {
     // process computes the same in chunks of 4 once the images are put in
     // that order (the loss is a mean over anchors, so order-free).
     let case = Case { kind: Kind::Double, objective: Objective::NtXent, optimizer: OptimizerKind::Lars };
-    let ranks = train_group_in_chunks(case, Variant::Exact, 2, Some(2));
+    let in_chunks = |micro: usize| Passes { micro_batch: Some(micro), ..Passes::default() };
+    let ranks = train_group_with(case, Variant::Exact, 2, in_chunks(2));
     let order = [0, 1, 4, 5, 2, 3, 6, 7];
-    let reference = train_rank_in_chunks(case, Variant::Exact, reordered(initial_state(), &order), None, Some(4));
+    let reference = train_rank_with(case, Variant::Exact, reordered(initial_state(), &order), None, in_chunks(4));
     let error = difference(&ranks[0], &reference);
     eprintln!("2 ranks in chunks against 1 process: {error:e}");
     assert!(error < tolerance(case.kind), "2 ranks in chunks differ from 1 process by {error:e}");
     assert_eq!(relative_error(&ranks[1].weights, &ranks[0].weights), 0.0, "the ranks' weights differ");
     // Negative control: one process in chunks of 4 in the original order
     // normalises other groups of images.
-    let other_chunks = train_rank_in_chunks(case, Variant::Exact, initial_state(), None, Some(4));
+    // With the gradient sent in buckets, only by the last chunk's pass.
+    let buckets = Passes { micro_batch: Some(2), bucket_bytes: Some(1) };
+    let ranks_in_buckets = train_group_with(case, Variant::Exact, 2, buckets);
+    assert_eq!(difference(&ranks_in_buckets[0], &ranks[0]), 0.0, "chunks with buckets against without");
+    let other_chunks = train_rank_with(case, Variant::Exact, initial_state(), None, in_chunks(4));
     let error = difference(&ranks[0], &other_chunks);
     eprintln!("other chunks: {error:e}");
     assert!(error > 1e3 * tolerance(case.kind), "other chunks went unnoticed: difference {error:e}");

@@ -70,9 +70,28 @@ struct Group {
   std::chrono::milliseconds timeout;
   int rank;
   int size;
+  // How the backends were made, for another set of them.
+  c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> gloo_options;
+  bool nccl;
 
   c10::intrusive_ptr<c10d::Backend> backend(const at::Tensor& tensor) const {
     return group->getBackend(tensor.device().type());
+  }
+
+  // A backend of its own for `tensor`'s device, made as the group's was,
+  // with connections (Gloo) or a communicator and stream (NCCL) of its own,
+  // so that its collectives do not queue with the group's. Every rank must
+  // make it at the same point.
+  c10::intrusive_ptr<c10d::Backend> separate_backend(const std::string& name, const at::Tensor& tensor) const {
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
+#ifdef SIMCLR_NCCL
+    if (nccl && tensor.is_cuda()) {
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout;
+      return c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+    }
+#endif
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo_options);
   }
 
   void wait(const c10::intrusive_ptr<c10d::Work>& work) const {
@@ -261,6 +280,180 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
   }
 };
 
+// The gradient all-reduce in buckets, overlapped with the backward pass as
+// DDP's reducer does it: a hook on each parameter copies its gradient into
+// its place in the flat buffer as soon as autograd has computed it, and a
+// bucket (a contiguous range of the buffer, about `cap` bytes) is
+// all-reduced without waiting once all its parameters have arrived, while
+// the backward goes on through the layers below. Buckets go in one fixed
+// order, the buffer's last range first (the backward reaches the last
+// layers first) and each only after the ones before it, so every rank
+// enqueues the same collectives in the same order whatever order its hooks
+// fire in. They go through a backend of their own: on the group's, the
+// backward's own small collectives (global BatchNorm's sums, the gather's
+// reduce-scatter), which it waits for, queued behind the buckets in flight.
+// A pass not marked `last` (gradient caching's earlier chunks) only
+// accumulates. Parameters the loss does not reach get zeros, and their
+// buckets go at `finish`, which then waits for every bucket and divides by
+// the number of ranks.
+struct Buckets {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+  int size;
+  at::Tensor flat;
+  std::vector<at::Tensor> params;
+  // Each parameter's place in `flat`, shaped as the parameter permuted to
+  // its memory order (the optimiser's flat layout), and that order.
+  std::vector<at::Tensor> slots;
+  std::vector<std::vector<int64_t>> orders;
+  std::vector<unsigned> hooks;
+  // In launch order: the range of `flat` and the parameters it holds.
+  std::vector<at::Tensor> ranges;
+  std::vector<std::vector<size_t>> members;
+  std::vector<size_t> bucket_of;
+  std::mutex mutex;
+  bool armed = false;
+  bool last = false;
+  std::vector<char> written;  // in this step
+  std::vector<char> arrived;  // in this pass
+  std::vector<size_t> pending;
+  size_t next = 0;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+
+  Buckets(Group* group, std::vector<at::Tensor> params_, std::vector<std::vector<int64_t>> orders_, at::Tensor flat_, int64_t cap)
+      : backend(group->separate_backend("buckets", flat_)),
+        timeout(group->timeout),
+        size(group->size),
+        flat(std::move(flat_)),
+        params(std::move(params_)),
+        orders(std::move(orders_)) {
+    if (params.size() != orders.size() || !flat.is_contiguous() || flat.dim() != 1) {
+      throw std::invalid_argument("buckets: a flat contiguous buffer and an order per parameter");
+    }
+    std::vector<int64_t> offsets;
+    int64_t offset = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      std::vector<int64_t> permuted;
+      for (int64_t d : orders[i]) {
+        permuted.push_back(params[i].size(d));
+      }
+      offsets.push_back(offset);
+      slots.push_back(flat.narrow(0, offset, params[i].numel()).view(permuted));
+      offset += params[i].numel();
+    }
+    if (offset != flat.numel()) {
+      throw std::invalid_argument("buckets: the buffer does not hold the parameters exactly");
+    }
+    bucket_of.resize(params.size());
+    const int64_t element = static_cast<int64_t>(flat.element_size());
+    for (size_t end = params.size(); end > 0;) {
+      size_t first = end;
+      int64_t bytes = 0;
+      while (first > 0 && (first == end || bytes < cap)) {
+        --first;
+        bytes += params[first].numel() * element;
+      }
+      std::vector<size_t> in;
+      for (size_t i = first; i < end; ++i) {
+        in.push_back(i);
+        bucket_of[i] = members.size();
+      }
+      const int64_t start = offsets[first];
+      ranges.push_back(flat.narrow(0, start, (end < params.size() ? offsets[end] : offset) - start));
+      members.push_back(std::move(in));
+      end = first;
+    }
+    written.assign(params.size(), 0);
+    arrived.assign(params.size(), 0);
+    pending.assign(members.size(), 0);
+    for (size_t i = 0; i < params.size(); ++i) {
+      hooks.push_back(params[i].register_hook([this, i](const at::Tensor& grad) { arrive(i, grad); }));
+    }
+  }
+
+  ~Buckets() {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].remove_hook(hooks[i]);
+    }
+    guarded([&] { backend->shutdown(); });
+  }
+
+  void launch(size_t bucket) {
+    std::vector<at::Tensor> tensors{ranges[bucket]};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    options.timeout = timeout;
+    works.push_back(enqueued([&] { return backend->allreduce(tensors, options); }));
+  }
+
+  // Before each backward pass of a step.
+  void arm(bool last_pass) {
+    std::lock_guard<std::mutex> guard(mutex);
+    if (next > 0) {
+      throw std::logic_error("buckets: a backward pass after the step's last one");
+    }
+    armed = true;
+    last = last_pass;
+    std::fill(arrived.begin(), arrived.end(), 0);
+    for (size_t b = 0; b < members.size(); ++b) {
+      pending[b] = members[b].size();
+    }
+  }
+
+  // A hook: parameter i's gradient from this pass.
+  void arrive(size_t i, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> guard(mutex);
+    if (!armed || !grad.defined()) {
+      return;
+    }
+    at::NoGradGuard no_grad;
+    at::Tensor permuted = grad.permute(orders[i]);
+    if (written[i]) {
+      slots[i].add_(permuted);
+    } else {
+      slots[i].copy_(permuted);
+      written[i] = 1;
+    }
+    if (!last || arrived[i]) {
+      return;
+    }
+    arrived[i] = 1;
+    --pending[bucket_of[i]];
+    while (next < members.size() && pending[next] == 0) {
+      launch(next++);
+    }
+  }
+
+  // After the step's last pass: the buckets not yet sent (with zeros for
+  // the parameters no pass reached), the wait, the mean.
+  void finish() {
+    std::lock_guard<std::mutex> guard(mutex);
+    at::NoGradGuard no_grad;
+    for (; next < members.size(); ++next) {
+      for (size_t i : members[next]) {
+        if (!written[i]) {
+          slots[i].zero_();
+        }
+      }
+      launch(next);
+    }
+    auto in_flight = std::move(works);
+    clear();
+    for (auto& work : in_flight) {
+      work->wait(timeout);
+    }
+    flat.div_(size);
+  }
+
+  // Ready for the next step, whatever state the last left.
+  void clear() {
+    armed = last = false;
+    std::fill(written.begin(), written.end(), 0);
+    next = 0;
+    works.clear();
+  }
+};
+
 // c10d logs each failed attempt to connect or wait with a C++ stack;
 // while a group forms, nothing short of fatal is logged: the failure comes
 // back to the caller as one error naming the address, the rank and the cause.
@@ -362,7 +555,7 @@ int simclr_dist_new_group(
     if (gloo->getRank() != rank || gloo->getSize() != size || gloo->getBackendName() != "gloo") {
       throw std::runtime_error("the Gloo backend reads back a different rank, size or name");
     }
-    *out = new Group{prefixed, group, backends, timeout, rank, size};
+    *out = new Group{prefixed, group, backends, timeout, rank, size, options, nccl != 0};
   });
 }
 
@@ -456,6 +649,56 @@ int simclr_dist_batch_norm(
         eps,
         reinterpret_cast<int64_t>(group)));
   });
+}
+
+// Gradient buckets (Buckets above) over `count` parameters whose gradients
+// fill `flat` in order, each permuted by its `orders` (dims, `ranks[i]` of
+// them, one after another in `dims`).
+int simclr_dist_buckets_new(
+    void* group,
+    at::Tensor** params,
+    const int64_t* dims,
+    const int64_t* ranks,
+    size_t count,
+    at::Tensor* flat,
+    int64_t cap_bytes,
+    void** out) {
+  return guarded([&] {
+    std::vector<at::Tensor> tensors;
+    std::vector<std::vector<int64_t>> orders;
+    for (size_t i = 0; i < count; ++i) {
+      tensors.push_back(*params[i]);
+      orders.emplace_back(dims, dims + ranks[i]);
+      dims += ranks[i];
+    }
+    *out = new Buckets(static_cast<Group*>(group), std::move(tensors), std::move(orders), *flat, cap_bytes);
+  });
+}
+
+int simclr_dist_buckets_arm(void* buckets, int last) {
+  return guarded([&] { static_cast<Buckets*>(buckets)->arm(last != 0); });
+}
+
+int simclr_dist_buckets_finish(void* buckets) {
+  return guarded([&] { static_cast<Buckets*>(buckets)->finish(); });
+}
+
+// How many buckets the step has sent so far, and how many there are.
+void simclr_dist_buckets_sent(void* buckets, size_t* sent, size_t* count) {
+  auto* b = static_cast<Buckets*>(buckets);
+  std::lock_guard<std::mutex> guard(b->mutex);
+  *sent = b->next;
+  *count = b->members.size();
+}
+
+void simclr_dist_buckets_clear(void* buckets) {
+  auto* b = static_cast<Buckets*>(buckets);
+  std::lock_guard<std::mutex> guard(b->mutex);
+  b->clear();
+}
+
+void simclr_dist_buckets_free(void* buckets) {
+  delete static_cast<Buckets*>(buckets);
 }
 
 // Store access for the launcher's checks (config hashes, errors to report).

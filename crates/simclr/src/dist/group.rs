@@ -54,6 +54,22 @@ extern "C" {
     fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
     fn simclr_dist_store_get(group: *mut c_void, key: *const c_char, out: *mut *mut u8, length: *mut usize) -> c_int;
     fn simclr_dist_free_bytes(bytes: *mut u8);
+    #[allow(clippy::too_many_arguments)]
+    fn simclr_dist_buckets_new(
+        group: *mut c_void,
+        params: *const *mut c_void,
+        dims: *const i64,
+        ranks: *const i64,
+        count: usize,
+        flat: *mut c_void,
+        cap_bytes: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn simclr_dist_buckets_arm(buckets: *mut c_void, last: c_int) -> c_int;
+    fn simclr_dist_buckets_finish(buckets: *mut c_void) -> c_int;
+    fn simclr_dist_buckets_sent(buckets: *mut c_void, sent: *mut usize, count: *mut usize);
+    fn simclr_dist_buckets_clear(buckets: *mut c_void);
+    fn simclr_dist_buckets_free(buckets: *mut c_void);
 }
 
 /// Where the ranks meet to exchange addresses.
@@ -360,6 +376,103 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: `raw` came from simclr_dist_new_group and is freed once.
         unsafe { simclr_dist_free(self.raw.as_ptr()) }
+    }
+}
+
+/// The gradient all-reduce in buckets, each sent while the backward pass
+/// goes on (as DDP's reducer does; `Buckets` in `c10d.cpp`): hooks on the
+/// parameters copy each gradient into its place in a flat buffer as autograd
+/// computes it, and a bucket of about `cap_bytes` is all-reduced as soon as
+/// its gradients are all in. Every rank sends the buckets in the same fixed
+/// order. Dropping it removes the hooks.
+#[derive(Debug)]
+pub struct GradientBuckets {
+    raw: NonNull<c_void>,
+    /// The buffer the gradients land in, averaged by [`GradientBuckets::finish`].
+    flat: Tensor,
+}
+
+// SAFETY: as for ProcessGroup: used by one thread at a time (the hooks run
+// inside that thread's backward pass, or on autograd's device thread while
+// it waits), moved between threads whole.
+unsafe impl Send for GradientBuckets {}
+
+impl GradientBuckets {
+    /// Buckets for `params`, whose gradients fill `flat` one after another,
+    /// each permuted by its `orders` entry (its dims in memory order, as the
+    /// optimiser lays its flat buffers out). Every rank makes them at the same
+    /// point: they connect a backend of their own (see `Buckets` in the shim).
+    pub fn new(
+        group: &ProcessGroup,
+        params: &[Tensor],
+        orders: &[Vec<i64>],
+        flat: &Tensor,
+        cap_bytes: usize,
+    ) -> Result<Self> {
+        let pointers: Vec<*mut c_void> = params.iter().map(raw).collect();
+        let dims: Vec<i64> = orders.iter().flatten().copied().collect();
+        let ranks: Vec<i64> = orders.iter().map(|order| order.len() as i64).collect();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the group and tensors are live; the arrays hold `params.len()` entries
+        // (and the dims the ranks add up to); `out` is written on success.
+        let code = unsafe {
+            simclr_dist_buckets_new(
+                group.raw.as_ptr(),
+                pointers.as_ptr(),
+                dims.as_ptr(),
+                ranks.as_ptr(),
+                params.len(),
+                raw(flat),
+                i64::try_from(cap_bytes).unwrap_or(i64::MAX),
+                &mut out,
+            )
+        };
+        check(code, "gradient buckets")?;
+        let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no buckets".to_owned()))?;
+        Ok(Self { raw, flat: flat.shallow_clone() })
+    }
+
+    /// Runs `backward` (a pass of autograd over the parameters) with the
+    /// hooks armed: the step's `last` pass sends the buckets as they fill;
+    /// an earlier one (gradient caching's chunks) only adds its gradients.
+    /// On an error the step is dropped, ready for the next.
+    pub fn pass<T>(&mut self, last: bool, backward: impl FnOnce() -> Result<T>) -> Result<T> {
+        // SAFETY: `raw` is live; the shim catches every exception.
+        check(unsafe { simclr_dist_buckets_arm(self.raw.as_ptr(), c_int::from(last)) }, "gradient buckets")?;
+        backward().inspect_err(|_| self.clear())
+    }
+
+    /// The step's gradient, averaged over the ranks: sends the buckets no
+    /// pass has sent (zeros for parameters no pass reached) and waits for all.
+    pub fn finish(&mut self) -> Result<&Tensor> {
+        // SAFETY: as in pass.
+        check(unsafe { simclr_dist_buckets_finish(self.raw.as_ptr()) }, "gradient all-reduce")?;
+        Ok(&self.flat)
+    }
+
+    /// The buffer the gradients land in.
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+
+    /// How many buckets this step has sent so far, and how many there are.
+    pub fn sent(&self) -> (usize, usize) {
+        let (mut sent, mut count) = (0, 0);
+        // SAFETY: `raw` is live; the shim writes both counts.
+        unsafe { simclr_dist_buckets_sent(self.raw.as_ptr(), &mut sent, &mut count) };
+        (sent, count)
+    }
+
+    fn clear(&mut self) {
+        // SAFETY: as in pass.
+        unsafe { simclr_dist_buckets_clear(self.raw.as_ptr()) }
+    }
+}
+
+impl Drop for GradientBuckets {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from simclr_dist_buckets_new and is freed once.
+        unsafe { simclr_dist_buckets_free(self.raw.as_ptr()) }
     }
 }
 

@@ -14,7 +14,7 @@ mod group;
 pub mod launch;
 
 pub use batch_norm::{batch_norm, with_global_batch_norm, CollectiveFailed};
-pub use group::{GroupOptions, ProcessGroup, ReduceOp, Rendezvous, StoreServer};
+pub use group::{GradientBuckets, GroupOptions, ProcessGroup, ReduceOp, Rendezvous, StoreServer};
 
 /// How a training step of one rank takes part in a multi-process run.
 #[derive(Debug, Clone, Copy)]

@@ -25,7 +25,7 @@ pub use schedule::Schedule;
 use buffer::{chunks, decayed_gradient, flatten_in, memory_order, Chunk, Execution, Layout};
 use gate::Amounts;
 
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::{GradientBuckets, ProcessGroup, ReduceOp};
 use crate::{Error, Result};
 
 /// The hyper-parameters every update needs, besides the learning rate.
@@ -58,6 +58,10 @@ pub struct Optimizer {
     host_verdict: bool,
     /// The last backward pass's gradients, flat; `None` before the first.
     gradient: Option<Tensor>,
+    /// In a multi-process run, the gradient's all-reduce in buckets sent
+    /// during the backward pass ([`Optimizer::reduce_in_buckets`]); the
+    /// gradients then land in its buffer.
+    buckets: Option<GradientBuckets>,
     /// Momentum (LARS, SGD) or first and second moments (AdamW), flat.
     state: Vec<Tensor>,
     /// Updates so far, skipped ones included (AdamW's bias correction
@@ -110,6 +114,7 @@ impl Optimizer {
             chunks,
             host_verdict: execution.host_verdict,
             gradient: None,
+            buckets: None,
             state,
             steps: Tensor::zeros([], (tch::Kind::Int64, options.1)),
             learning_rate: Tensor::zeros([], (tch::Kind::Double, options.1)),
@@ -123,14 +128,24 @@ impl Optimizer {
     /// Back-propagates `loss` to the parameters, keeping their gradients
     /// (flat) for [`Optimizer::step`]; a parameter `loss` does not reach gets 0.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
-        self.gradient = Some(self.gradient_of(loss)?);
-        Ok(())
+        self.backward_each(std::iter::once(Ok(loss.shallow_clone())))
     }
 
     /// [`Optimizer::backward`] for the sum of `losses`, back-propagated one
     /// at a time as they come (each graph is freed before the next is
     /// built): the gradient of a batch computed in chunks.
-    pub fn backward_each(&mut self, losses: impl IntoIterator<Item = Result<Tensor>>) -> Result<()> {
+    pub fn backward_each(&mut self, losses: impl ExactSizeIterator<Item = Result<Tensor>>) -> Result<()> {
+        if let Some(buckets) = &mut self.buckets {
+            // The hooks fill the buckets' buffer; the last pass sends them.
+            let passes = losses.len();
+            for (pass, loss) in losses.enumerate() {
+                // The loss taken inside the pass: a failed forward drops the step too.
+                let backward = || Ok(Tensor::f_run_backward(&[&loss?], &self.params, false, false)?);
+                buckets.pass(pass + 1 == passes, backward)?;
+            }
+            self.gradient = Some(buckets.flat().shallow_clone());
+            return Ok(());
+        }
         let mut sum: Option<Tensor> = None;
         for loss in losses {
             let gradient = self.gradient_of(&loss?)?;
@@ -173,13 +188,30 @@ impl Optimizer {
     /// Averages the last backward pass's gradients over `group`'s ranks
     /// (a sum all-reduce of the flat buffer, then / W): with every rank's
     /// loss back-propagated through the gathered projections, that is the
-    /// gradient of the global batch's loss (see [`crate::dist`]).
+    /// gradient of the global batch's loss (see [`crate::dist`]). With
+    /// buckets, most of it was sent during the backward pass; this waits.
     pub fn average_gradient(&mut self, group: &ProcessGroup) -> Result<()> {
+        if let Some(buckets) = &mut self.buckets {
+            buckets.finish()?;
+            return Ok(());
+        }
         let Some(gradient) = &mut self.gradient else { return Ok(()) };
         if group.size() > 1 {
             group.all_reduce(gradient, ReduceOp::Sum)?;
             let _ = gradient.g_div_scalar_(group.size() as f64);
         }
+        Ok(())
+    }
+
+    /// From now on, [`Optimizer::average_gradient`] over `group` goes in
+    /// buckets of about `cap_bytes` of the flat gradient, each all-reduced
+    /// while the backward pass computes the layers below it (as DDP does),
+    /// so that communication hides behind computation. Every rank must
+    /// follow each backward pass by [`Optimizer::average_gradient`].
+    pub fn reduce_in_buckets(&mut self, group: &ProcessGroup, cap_bytes: usize) -> Result<()> {
+        self.buckets = None;
+        let flat = self.weights.zeros_like();
+        self.buckets = Some(GradientBuckets::new(group, &self.params, &self.orders, &flat, cap_bytes)?);
         Ok(())
     }
 

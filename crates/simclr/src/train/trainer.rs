@@ -383,6 +383,9 @@ impl Trainer {
         let mut position = agree(&group, prepared)?;
         if let Some(group) = &group {
             position = share_state(group, &store, &mut optimizer, position)?;
+            if group.size() > 1 && config.train.gradient_bucket_mb > 0.0 {
+                optimizer.reduce_in_buckets(group, (config.train.gradient_bucket_mb * 1e6) as usize)?;
+            }
         }
         if resume && position.epoch >= config.train.epochs && writer {
             tracing::warn!(
