@@ -82,6 +82,12 @@ pub struct TrainConfig {
     /// Either way the gradient is the same (up to the order of float sums
     /// over 3 ranks or more).
     pub gradient_bucket_mb: f64,
+    /// In a multi-process run, `"bf16"` rounds the gradient to bf16 for its
+    /// all-reduce (half the bytes, as DDP's `bf16_compress_hook`): for
+    /// networks slower than the step; each process's gradient then carries
+    /// bf16's rounding (about 0.4% of each value), so the run no longer
+    /// equals one process's. `"fp32"` (the default) sends it as computed.
+    pub gradient_all_reduce: crate::dist::GradientPrecision,
     /// Train with labels instead: the paper's supervised baseline (Figure
     /// 7), the same encoder with a linear classifier on h (`model.head`
     /// linear, `projection_dim` = the number of classes; `--supervised`
@@ -128,6 +134,7 @@ impl Default for TrainConfig {
             dist_timeout_seconds: 1800.0,
             dist_backend: crate::dist::Backend::Auto,
             gradient_bucket_mb: 25.0,
+            gradient_all_reduce: crate::dist::GradientPrecision::Fp32,
             supervised: false,
             cuda_graph: false,
             deterministic: false,

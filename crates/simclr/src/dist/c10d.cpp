@@ -295,11 +295,13 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
 // A pass not marked `last` (gradient caching's earlier chunks) only
 // accumulates. Parameters the loss does not reach get zeros, and their
 // buckets go at `finish`, which then waits for every bucket and divides by
-// the number of ranks.
+// the number of ranks. With `bf16`, each bucket travels as a bf16 copy,
+// summed in bf16 and copied back at `finish` (DDP's bf16_compress_hook).
 struct Buckets {
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
   int size;
+  bool bf16;
   at::Tensor flat;
   std::vector<at::Tensor> params;
   // Each parameter's place in `flat`, shaped as the parameter permuted to
@@ -319,11 +321,20 @@ struct Buckets {
   std::vector<size_t> pending;
   size_t next = 0;
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  // What each work reduces, in `works`' order (a bf16 copy with `bf16`).
+  std::vector<at::Tensor> sent;
 
-  Buckets(Group* group, std::vector<at::Tensor> params_, std::vector<std::vector<int64_t>> orders_, at::Tensor flat_, int64_t cap)
+  Buckets(
+      Group* group,
+      std::vector<at::Tensor> params_,
+      std::vector<std::vector<int64_t>> orders_,
+      at::Tensor flat_,
+      int64_t cap,
+      bool bf16_)
       : backend(group->separate_backend("buckets", flat_)),
         timeout(group->timeout),
         size(group->size),
+        bf16(bf16_),
         flat(std::move(flat_)),
         params(std::move(params_)),
         orders(std::move(orders_)) {
@@ -379,7 +390,8 @@ struct Buckets {
   }
 
   void launch(size_t bucket) {
-    std::vector<at::Tensor> tensors{ranges[bucket]};
+    sent.push_back(bf16 ? ranges[bucket].to(at::kBFloat16) : ranges[bucket]);
+    std::vector<at::Tensor> tensors{sent.back()};
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
     options.timeout = timeout;
@@ -438,9 +450,13 @@ struct Buckets {
       launch(next);
     }
     auto in_flight = std::move(works);
+    auto reduced = std::move(sent);
     clear();
-    for (auto& work : in_flight) {
-      work->wait(timeout);
+    for (size_t b = 0; b < in_flight.size(); ++b) {
+      in_flight[b]->wait(timeout);
+      if (bf16) {
+        ranges[b].copy_(reduced[b]);
+      }
     }
     flat.div_(size);
   }
@@ -451,6 +467,7 @@ struct Buckets {
     std::fill(written.begin(), written.end(), 0);
     next = 0;
     works.clear();
+    sent.clear();
   }
 };
 
@@ -662,6 +679,7 @@ int simclr_dist_buckets_new(
     size_t count,
     at::Tensor* flat,
     int64_t cap_bytes,
+    int bf16,
     void** out) {
   return guarded([&] {
     std::vector<at::Tensor> tensors;
@@ -671,7 +689,7 @@ int simclr_dist_buckets_new(
       orders.emplace_back(dims, dims + ranks[i]);
       dims += ranks[i];
     }
-    *out = new Buckets(static_cast<Group*>(group), std::move(tensors), std::move(orders), *flat, cap_bytes);
+    *out = new Buckets(static_cast<Group*>(group), std::move(tensors), std::move(orders), *flat, cap_bytes, bf16 != 0);
   });
 }
 

@@ -63,6 +63,7 @@ extern "C" {
         count: usize,
         flat: *mut c_void,
         cap_bytes: i64,
+        bf16: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
     fn simclr_dist_buckets_arm(buckets: *mut c_void, last: c_int) -> c_int;
@@ -402,12 +403,14 @@ impl GradientBuckets {
     /// each permuted by its `orders` entry (its dims in memory order, as the
     /// optimiser lays its flat buffers out). Every rank makes them at the same
     /// point: they connect a backend of their own (see `Buckets` in the shim).
+    /// With `bf16` each bucket travels rounded to bf16 (and is summed so).
     pub fn new(
         group: &ProcessGroup,
         params: &[Tensor],
         orders: &[Vec<i64>],
         flat: &Tensor,
         cap_bytes: usize,
+        bf16: bool,
     ) -> Result<Self> {
         let pointers: Vec<*mut c_void> = params.iter().map(raw).collect();
         let dims: Vec<i64> = orders.iter().flatten().copied().collect();
@@ -424,6 +427,7 @@ impl GradientBuckets {
                 params.len(),
                 raw(flat),
                 i64::try_from(cap_bytes).unwrap_or(i64::MAX),
+                c_int::from(bf16),
                 &mut out,
             )
         };

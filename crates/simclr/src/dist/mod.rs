@@ -34,3 +34,16 @@ pub enum Backend {
     Gloo,
     Nccl,
 }
+
+/// The precision the gradient travels in between processes
+/// (`train.gradient_all_reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GradientPrecision {
+    /// As computed: the gradient of one process holding the global batch.
+    #[default]
+    Fp32,
+    /// Rounded to bf16 for the all-reduce (half the bytes, as DDP's
+    /// `bf16_compress_hook`), summed in bf16, back to fp32 after.
+    Bf16,
+}

@@ -208,10 +208,11 @@ impl Optimizer {
     /// while the backward pass computes the layers below it (as DDP does),
     /// so that communication hides behind computation. Every rank must
     /// follow each backward pass by [`Optimizer::average_gradient`].
-    pub fn reduce_in_buckets(&mut self, group: &ProcessGroup, cap_bytes: usize) -> Result<()> {
+    /// With `bf16`, each bucket travels rounded to bf16.
+    pub fn reduce_in_buckets(&mut self, group: &ProcessGroup, cap_bytes: usize, bf16: bool) -> Result<()> {
         self.buckets = None;
         let flat = self.weights.zeros_like();
-        self.buckets = Some(GradientBuckets::new(group, &self.params, &self.orders, &flat, cap_bytes)?);
+        self.buckets = Some(GradientBuckets::new(group, &self.params, &self.orders, &flat, cap_bytes, bf16)?);
         Ok(())
     }
 

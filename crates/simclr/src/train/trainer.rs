@@ -24,7 +24,7 @@ use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat,
 use crate::data::stream::{ShardList, Streaming};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
-use crate::dist::{Parallel, ProcessGroup, ReduceOp};
+use crate::dist::{GradientPrecision, Parallel, ProcessGroup, ReduceOp};
 use crate::model::SimClr;
 use crate::names::counted;
 use crate::optim::{Optimizer, Schedule};
@@ -383,8 +383,14 @@ impl Trainer {
         let mut position = agree(&group, prepared)?;
         if let Some(group) = &group {
             position = share_state(group, &store, &mut optimizer, position)?;
-            if group.size() > 1 && config.train.gradient_bucket_mb > 0.0 {
-                optimizer.reduce_in_buckets(group, (config.train.gradient_bucket_mb * 1e6) as usize)?;
+            let bf16 = config.train.gradient_all_reduce == GradientPrecision::Bf16;
+            if group.size() > 1 && (config.train.gradient_bucket_mb > 0.0 || bf16) {
+                // Without buckets, bf16 takes one of the whole buffer, sent when its last gradient is in.
+                let cap = match config.train.gradient_bucket_mb {
+                    mb if mb > 0.0 => (mb * 1e6) as usize,
+                    _ => usize::MAX,
+                };
+                optimizer.reduce_in_buckets(group, cap, bf16)?;
             }
         }
         if resume && position.epoch >= config.train.epochs && writer {
