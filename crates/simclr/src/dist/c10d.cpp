@@ -317,12 +317,12 @@ struct Buckets {
   bool armed = false;
   bool last = false;
   std::vector<char> written;  // in this step
-  std::vector<char> arrived;  // in this pass
+  // Per bucket, its parameters yet to arrive in this pass.
   std::vector<size_t> pending;
-  size_t next = 0;
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  // What each work reduces, in `works`' order (a bf16 copy with `bf16`).
-  std::vector<at::Tensor> sent;
+  // The buckets sent in this step, in launch order (so the next to send is
+  // bucket `sent.size()`): each all-reduce and what it reduces (the range
+  // itself, or its bf16 copy).
+  std::vector<std::pair<c10::intrusive_ptr<c10d::Work>, at::Tensor>> sent;
 
   Buckets(
       Group* group,
@@ -375,7 +375,6 @@ struct Buckets {
       end = first;
     }
     written.assign(params.size(), 0);
-    arrived.assign(params.size(), 0);
     pending.assign(members.size(), 0);
     for (size_t i = 0; i < params.size(); ++i) {
       hooks.push_back(params[i].register_hook([this, i](const at::Tensor& grad) { arrive(i, grad); }));
@@ -389,30 +388,31 @@ struct Buckets {
     guarded([&] { backend->shutdown(); });
   }
 
-  void launch(size_t bucket) {
-    sent.push_back(bf16 ? ranges[bucket].to(at::kBFloat16) : ranges[bucket]);
-    std::vector<at::Tensor> tensors{sent.back()};
+  // Sends the next bucket.
+  void send_next() {
+    const at::Tensor& range = ranges[sent.size()];
+    std::vector<at::Tensor> tensors{bf16 ? range.to(at::kBFloat16) : range};
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
     options.timeout = timeout;
-    works.push_back(enqueued([&] { return backend->allreduce(tensors, options); }));
+    sent.emplace_back(enqueued([&] { return backend->allreduce(tensors, options); }), tensors[0]);
   }
 
   // Before each backward pass of a step.
   void arm(bool last_pass) {
     std::lock_guard<std::mutex> guard(mutex);
-    if (next > 0) {
+    if (!sent.empty()) {
       throw std::logic_error("buckets: a backward pass after the step's last one");
     }
     armed = true;
     last = last_pass;
-    std::fill(arrived.begin(), arrived.end(), 0);
     for (size_t b = 0; b < members.size(); ++b) {
       pending[b] = members[b].size();
     }
   }
 
-  // A hook: parameter i's gradient from this pass.
+  // A hook: parameter i's gradient from this pass (autograd calls it once
+  // per pass, with the sum of every path's contribution).
   void arrive(size_t i, const at::Tensor& grad) {
     std::lock_guard<std::mutex> guard(mutex);
     if (!armed || !grad.defined()) {
@@ -426,13 +426,12 @@ struct Buckets {
       slots[i].copy_(permuted);
       written[i] = 1;
     }
-    if (!last || arrived[i]) {
+    if (!last) {
       return;
     }
-    arrived[i] = 1;
     --pending[bucket_of[i]];
-    while (next < members.size() && pending[next] == 0) {
-      launch(next++);
+    while (sent.size() < members.size() && pending[sent.size()] == 0) {
+      send_next();
     }
   }
 
@@ -441,21 +440,21 @@ struct Buckets {
   void finish() {
     std::lock_guard<std::mutex> guard(mutex);
     at::NoGradGuard no_grad;
-    for (; next < members.size(); ++next) {
-      for (size_t i : members[next]) {
+    while (sent.size() < members.size()) {
+      for (size_t i : members[sent.size()]) {
         if (!written[i]) {
           slots[i].zero_();
         }
       }
-      launch(next);
+      send_next();
     }
-    auto in_flight = std::move(works);
-    auto reduced = std::move(sent);
+    auto in_flight = std::move(sent);
     clear();
     for (size_t b = 0; b < in_flight.size(); ++b) {
-      in_flight[b]->wait(timeout);
+      auto& [work, reduced] = in_flight[b];
+      work->wait(timeout);
       if (bf16) {
-        ranges[b].copy_(reduced[b]);
+        ranges[b].copy_(reduced);
       }
     }
     flat.div_(size);
@@ -465,8 +464,6 @@ struct Buckets {
   void clear() {
     armed = last = false;
     std::fill(written.begin(), written.end(), 0);
-    next = 0;
-    works.clear();
     sent.clear();
   }
 };
@@ -705,7 +702,7 @@ int simclr_dist_buckets_finish(void* buckets) {
 void simclr_dist_buckets_sent(void* buckets, size_t* sent, size_t* count) {
   auto* b = static_cast<Buckets*>(buckets);
   std::lock_guard<std::mutex> guard(b->mutex);
-  *sent = b->next;
+  *sent = b->sent.size();
   *count = b->members.size();
 }
 
