@@ -17,6 +17,7 @@ use simclr::data::config::{BadImagePolicy, DataFormat};
 use simclr::data::Dataset;
 use simclr::device::{DeviceChoice, PrecisionChoice};
 use simclr::dist::launch::{self, Outcome, World};
+use simclr::dist::Backend;
 use simclr::embed::EncoderSource;
 use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
 use simclr::loss::{Objective, Similarity};
@@ -179,6 +180,13 @@ struct EvalArgs {
     /// Also write the result as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Start this many processes on this machine, each computing the features of its part of both
+    /// splits (knn and linear). Under torchrun or srun, leave it out.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
+    /// How long a process waits for the others before all stop with an error.
+    #[arg(long, default_value_t = 1800.0)]
+    dist_timeout_seconds: f64,
 }
 
 #[derive(Subcommand)]
@@ -418,14 +426,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
     if let (Some(processes), None) = (args.nproc_per_node, &world) {
         launch::check_divides(config.train.batch_size, processes)?;
-        let (arguments, stop): (Vec<_>, _) = (std::env::args_os().skip(1).collect(), observer::stop_flag()?);
-        return match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10), timeout)? {
-            Outcome::Finished => Ok(()),
-            Outcome::Stopped => Err(simclr::Error::Interrupted("every process stopped".to_owned()).into()),
-            Outcome::Failed { rank, status } => {
-                anyhow::bail!("rank {rank} of {processes} failed ({status}), so the others were stopped")
-            }
-        };
+        return launch_local(processes, timeout);
     }
     let group = match &world {
         Some(world) => {
@@ -448,6 +449,19 @@ fn train(args: TrainArgs) -> Result<()> {
         print!("{report}");
     }
     Ok(())
+}
+
+/// Runs this command again in `processes` processes of this machine, each
+/// with torchrun's variables, and says how they ended.
+fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
+    let (arguments, stop): (Vec<_>, _) = (std::env::args_os().skip(1).collect(), observer::stop_flag()?);
+    match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10), timeout)? {
+        Outcome::Finished => Ok(()),
+        Outcome::Stopped => Err(simclr::Error::Interrupted("every process stopped".to_owned()).into()),
+        Outcome::Failed { rank, status } => {
+            anyhow::bail!("rank {rank} of {processes} failed ({status}), so the others were stopped")
+        }
+    }
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {
@@ -473,18 +487,42 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
         (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
+    let world = World::from_env()?;
+    if let (Some(processes), Some(world)) = (args.nproc_per_node, &world) {
+        world.check_nproc_per_node(processes)?;
+    }
+    if !simclr::checks::is_positive_finite(args.dist_timeout_seconds) {
+        anyhow::bail!("--dist-timeout-seconds {}: must be a finite number > 0", args.dist_timeout_seconds);
+    }
+    let timeout = Duration::from_secs_f64(args.dist_timeout_seconds);
+    if let (Some(processes), None) = (args.nproc_per_node, &world) {
+        if matches!(protocol, EvalProtocol::Finetune { .. }) {
+            anyhow::bail!("--nproc-per-node {processes}: fine-tuning runs in one process (knn and linear share their work among processes)");
+        }
+        return launch_local(processes, timeout);
+    }
     let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());
     (options.limit, options.seed, options.layer) = (args.limit, args.seed, layer);
     (options.on_bad_image, options.precision) = (args.encoder.on_bad_image, args.encoder.precision);
     options.device = simclr::device::select(args.encoder.device)?;
-    let network = simclr::embed::load_network(&source, &options.spec, layer, options.device)?;
+    let group = match &world {
+        Some(world) => {
+            options.device = simclr::device::of_rank(options.device, world.rank);
+            Some(world.join(timeout, world.uses_nccl(Backend::Auto, options.device.is_cuda())?)?)
+        }
+        None => None,
+    };
+    let loaded = simclr::embed::load_network(&source, &options.spec, layer, options.device);
+    let network = simclr::dist::agree(group.as_ref(), loaded)?;
     let (output, seed) = (args.output.clone(), args.seed);
     let protocol = match protocol {
         EvalProtocol::Knn { config, .. } => Protocol::Knn(config),
         EvalProtocol::Linear { config, .. } => Protocol::Linear(LinearConfig { seed, ..config }),
         EvalProtocol::Finetune { config, .. } => Protocol::Finetune(FinetuneConfig { seed, ..config }),
     };
-    let report = simclr::eval::evaluate(&network, &options, &protocol)?;
+    let Some(report) = simclr::eval::evaluate_in(&network, &options, &protocol, group.as_ref())? else {
+        return Ok(());
+    };
     println!("{report}");
     eprint!("{}", simclr::data::Skipped(&report.skipped));
     if let Some(path) = output {

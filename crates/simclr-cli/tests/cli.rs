@@ -1629,6 +1629,67 @@ fn two_processes_train_the_encoder_of_one() {
 }
 
 #[test]
+fn two_processes_evaluate_as_one() {
+    // kNN and linear evaluation with the features (and kNN's votes) shared
+    // between 2 processes against 1: the same report, with a broken image
+    // in the second process's part left out under the skip policy. The
+    // features of a part come from other batches than one process's, so a
+    // score could move by a rounding; on these 23 images it does not. With
+    // every image voting nearly alike (k 30, temperature 100) the larger
+    // class (12 blocks against 11 bars) wins every vote, so the first
+    // process's queries (mostly bars) alone would score 1/12 and the
+    // second's 1: their hits must be summed.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    std::fs::remove_file(data.join("bars").join("011.png")).unwrap();
+    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
+    let data = data.display().to_string();
+    let encoder = ["--random-init", "--arch", "resnet18", "--width", "0.125", "--stem", "cifar", "--image-size", "16"];
+    let eval = |protocol: &str, extra: &[&str]| {
+        let flags = ["--train", &data, "--test", &data, "--device", "cpu", "--on-bad-image", "skip"];
+        simclr(["eval", protocol]).args(encoder).args(flags).args(extra)
+    };
+    let cases =
+        [("knn", &["--k", "5"][..]), ("knn", &["--k", "30", "--temperature", "100"]), ("linear", &["--epochs", "5"])];
+    for (case, (protocol, extra)) in cases.into_iter().enumerate() {
+        let report = |processes: &[&str]| {
+            let json = dir.path().join(format!("{case}-{}.json", processes.len()));
+            let output = eval(protocol, extra).args(["--output", json.to_str().unwrap()]).args(processes).run();
+            assert_succeeds(&output);
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert_eq!(stdout.lines().filter(|line| line.contains("top-1")).count(), 1, "one report:\n{stdout}");
+            let mut report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+            report.as_object_mut().unwrap().remove("seconds");
+            report
+        };
+        let (one, two) = (report(&[]), report(&["--nproc-per-node", "2"]));
+        assert_eq!(two, one, "{protocol} {extra:?}");
+        assert_eq!((&one["train_images"], &one["skipped"].as_array().unwrap().len()), (&23.into(), &2));
+    }
+    // Fine-tuning runs in one process; it says so before starting any.
+    let output = eval("finetune", &["--nproc-per-node", "2"]).run();
+    assert_fails_with(&output, &["--nproc-per-node 2: fine-tuning runs in one process"]);
+    let output = eval("knn", &["--nproc-per-node", "2", "--dist-timeout-seconds", "0"]).run();
+    assert_fails_with(&output, &["--dist-timeout-seconds 0: must be a finite number > 0"]);
+    // Processes started with different settings stop, naming it.
+    let port = free_port();
+    let rank = |rank: usize, k: &str| {
+        eval("knn", &["--k", k, "--dist-timeout-seconds", "20"])
+            .env("RANK", rank)
+            .env("WORLD_SIZE", 2)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port)
+            .spawn(|command| {
+                command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            })
+    };
+    for child in [rank(0, "5"), rank(1, "7")] {
+        assert_fails_with(&child.wait_with_output().unwrap(), &["different eval settings", "rank 1"]);
+    }
+}
+
+#[test]
 fn supervised_training_is_the_same_on_one_or_two_processes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, shards) = folder_and_shards(dir.path());

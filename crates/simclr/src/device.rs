@@ -82,6 +82,17 @@ mod context_ffi {
     }
 }
 
+/// The device of rank `rank` of a multi-process run asked to use `device`:
+/// on CUDA, the rank's own GPU. torchrun numbers a machine's processes
+/// consecutively, so rank modulo the GPUs of a machine is the local rank
+/// (with fewer GPUs than processes, they share).
+pub fn of_rank(device: Device, rank: usize) -> Device {
+    match device {
+        Device::Cuda(_) => Device::Cuda(rank % tch::Cuda::device_count().max(1) as usize),
+        other => other,
+    }
+}
+
 /// Stores every 4-D variable of `store` (the convolution kernels) in
 /// channels-last order, NHWC in memory behind the same NCHW shape, as
 /// `model.to(memory_format=torch.channels_last)` does; tch 0.24 has no

@@ -13,8 +13,9 @@
 //! that all-reduce the gradient in buckets during the backward pass equal
 //! one process too; the buckets go in one order on every rank. Groups
 //! of one process may run collectives at the same time. Ranks that share
-//! the kNN monitor's work score it as one process does, and global
-//! BatchNorm takes the bf16 activations of autocast.
+//! the kNN monitor's work score it as one process does, ranks sharing
+//! `eval`'s features get one process's, and global BatchNorm takes the
+//! bf16 activations of autocast.
 use std::time::Duration;
 
 use rand::Rng;
@@ -22,7 +23,8 @@ use simclr::data::config::BadImagePolicy;
 use simclr::data::loader::{worker_pool, ViewFormat};
 use simclr::data::{Dataset, ImageSource, Sample};
 use simclr::device::Precision;
-use simclr::dist::{GroupOptions, Parallel, ProcessGroup, ReduceOp, Rendezvous};
+use simclr::dist::{part, GroupOptions, Parallel, ProcessGroup, ReduceOp, Rendezvous};
+use simclr::eval::features::{Batches, Labelled};
 use simclr::eval::KnnConfig;
 use simclr::loss::{LossConfig, Objective};
 use simclr::model::{Arch, ModelConfig, ResNet, SimClr, Stem};
@@ -523,6 +525,23 @@ fn groups_of_one_process_can_enqueue_collectives_at_once() {
     }
 }
 
+/// Makes narrow ResNet-18s with equal weights, one for each rank (a tensor
+/// is not shared between threads): copies of one drawn once, since other
+/// tests draw from libtorch's global generator at the same time.
+fn equal_encoders() -> impl Fn() -> (nn::VarStore, ResNet) {
+    let make = || {
+        let store = nn::VarStore::new(Device::Cpu);
+        let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
+        (store, encoder)
+    };
+    let (drawn, _) = make();
+    move || {
+        let (mut store, encoder) = make();
+        store.copy(&drawn).expect("the same architecture");
+        (store, encoder)
+    }
+}
+
 #[test]
 fn ranks_score_the_knn_monitor_as_one_process() {
     // Each rank computes the features of its part of the bank and of the
@@ -530,8 +549,8 @@ fn ranks_score_the_knn_monitor_as_one_process() {
     // answers summed. Images of 3 classes told apart by colour (which a
     // random encoder's features separate), the bank sorted by class, so
     // that a rank's part alone lacks classes; 31 bank and 17 query images
-    // split unevenly in 2 and 3 parts, and 2 queries in 3 parts (every rank
-    // then computes the whole splits).
+    // split unevenly in 2 and 3 parts, and 2 queries in 3 parts (one rank then
+    // has none).
     let images = |count: usize, seed: u64| {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
         let samples = (0..count)
@@ -545,13 +564,7 @@ fn ranks_score_the_knn_monitor_as_one_process() {
             .collect();
         Dataset::new("colours".as_ref(), samples, vec!["red".into(), "green".into(), "blue".into()])
     };
-    // Ranks hold equal encoders of their own (a tensor is not shared between threads).
-    let encoder = || {
-        tch::manual_seed(0);
-        let store = nn::VarStore::new(Device::Cpu);
-        let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
-        (store, encoder)
-    };
+    let encoder = equal_encoders();
     let format = ViewFormat { size: 32, mean: [0.5; 3], std: [0.25; 3] };
     let pool = worker_pool(1).unwrap();
     let knn = KnnConfig { k: 5, temperature: 0.1 };
@@ -595,6 +608,70 @@ fn ranks_score_the_knn_monitor_as_one_process() {
     {
         let wrong = score(&monitor(bank, images(17, 2)), &reference, None);
         assert!(wrong < 0.8, "{bug}: {wrong}");
+    }
+}
+
+#[test]
+fn ranks_share_evals_features_as_one_process() {
+    // `eval`'s features on several ranks: each computes its part of a split
+    // (contiguous, in order) and all get every part, which must be one
+    // process's features, labels and skipped images, in order. Under the
+    // skip policy the parts lose different numbers of images: 10 images,
+    // 3, 4, 5 and 8 missing, so of 3 ranks the second reads none.
+    let mut samples = simclr::data::synthetic::generate(10, 2, 16, 0).samples;
+    for index in [3, 4, 5, 8] {
+        samples[index].source = ImageSource::File(format!("no/such/image-{index}.jpg").into());
+    }
+    let encoder = equal_encoders();
+    let format = ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] };
+    let pool = worker_pool(1).unwrap();
+    let policy = BadImagePolicy::Skip;
+    let batches = Batches { format, batch_size: 2, device: Device::Cpu, policy, precision: Precision::Fp32 };
+    let (_store, reference) = encoder();
+    let alone = batches.labelled((&reference).into(), &samples, &pool).unwrap();
+    assert_eq!(alone.features.size()[0], 6);
+    assert_eq!(alone.skipped.len(), 4);
+    // Features of other batches' kernels: within 1e-5 (seen: bit for bit).
+    let same = |labelled: &Labelled| {
+        labelled.features.allclose(&alone.features, 1e-5, 1e-5, false)
+            && labelled.labels.equal(&alone.labels)
+            && labelled.skipped == alone.skipped
+    };
+    for world in [2, 3] {
+        let ranks = as_ranks((0..world).map(|_| encoder()).collect(), |group, (_store, encoder)| {
+            batches.labelled_across((&encoder).into(), &samples, &pool, Some(&group)).unwrap()
+        });
+        for (rank, labelled) in ranks.iter().enumerate() {
+            assert!(same(labelled), "{world} ranks, rank {rank}: {:?} against {:?}", labelled.features, alone.features);
+        }
+        // The control: the parts in another order are not one process's.
+        let parts: Vec<Labelled> = (0..world)
+            .rev()
+            .map(|rank| batches.labelled((&reference).into(), part(&samples, rank, world), &pool).unwrap())
+            .collect();
+        let reversed = Labelled {
+            features: Tensor::cat(&parts.iter().map(|p| p.features.shallow_clone()).collect::<Vec<_>>(), 0),
+            labels: Tensor::cat(&parts.iter().map(|p| p.labels.shallow_clone()).collect::<Vec<_>>(), 0),
+            skipped: parts.iter().flat_map(|p| p.skipped.clone()).collect(),
+        };
+        assert!(!same(&reversed), "{world} ranks: the comparison misses parts out of order");
+    }
+    // Rows of no rank at all: none gathered, every image named.
+    let unreadable: Vec<Sample> = samples
+        .iter()
+        .enumerate()
+        .map(|(index, sample)| Sample {
+            source: ImageSource::File(format!("gone/{index}.jpg").into()),
+            label: sample.label,
+        })
+        .collect();
+    let ranks = as_ranks((0..3).map(|_| encoder()).collect(), |group, (_store, encoder)| {
+        batches.labelled_across((&encoder).into(), &unreadable, &pool, Some(&group)).unwrap()
+    });
+    for labelled in ranks {
+        assert_eq!(labelled.features.size()[0], 0);
+        let named: Vec<bool> = (0..10).map(|i| labelled.skipped[i].contains(&format!("gone/{i}.jpg"))).collect();
+        assert_eq!(named, [true; 10], "{:?}", labelled.skipped);
     }
 }
 

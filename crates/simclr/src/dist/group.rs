@@ -217,6 +217,26 @@ impl ProcessGroup {
         Ok(output)
     }
 
+    /// Every rank's `rows` (`[n, ...]`; the rest of the shape, the kind and
+    /// the device the same on every rank, `n` not: a rank may have none),
+    /// one after another in rank order. The rows are padded to the longest
+    /// rank's for one all-gather, and cut back.
+    pub fn all_gather_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        let counts = self.all_gather(&Tensor::from_slice(&[rows.size()[0]]))?;
+        let counts = Vec::<i64>::try_from(&counts).map_err(|e: tch::TchError| Error::Distributed(e.to_string()))?;
+        let longest = counts.iter().copied().max().unwrap_or(0);
+        if longest == 0 {
+            return Ok(rows.shallow_clone());
+        }
+        // constant_pad_nd's padding runs from the last dimension back.
+        let mut padding = vec![0; 2 * rows.dim()];
+        padding[2 * rows.dim() - 1] = longest - rows.size()[0];
+        let all = self.all_gather(&rows.constant_pad_nd(padding))?;
+        let parts: Vec<Tensor> =
+            counts.iter().enumerate().map(|(rank, &count)| all.narrow(0, rank as i64 * longest, count)).collect();
+        Ok(Tensor::cat(&parts, 0))
+    }
+
     /// This rank's block (dim 0 split in `size`) of the sum over ranks of `input`.
     pub fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor> {
         let input = input.contiguous();

@@ -16,6 +16,27 @@ pub mod launch;
 pub use batch_norm::{batch_norm, with_global_batch_norm, CollectiveFailed};
 pub use group::{GradientBuckets, GroupOptions, ProcessGroup, ReduceOp, Rendezvous, StoreServer};
 
+/// Rank `rank`'s part of `items` cut into `world` contiguous parts, in rank
+/// order, whose sizes differ by at most one: how the ranks share work that
+/// is not a training batch (the kNN monitor's and `eval`'s features, whose
+/// parts [`ProcessGroup::all_gather_rows`] puts back together in order).
+pub fn part<T>(items: &[T], rank: usize, world: usize) -> &[T] {
+    &items[part_range(items.len(), rank, world)]
+}
+
+/// The positions of rank `rank`'s [`part`] of `total` items.
+pub fn part_range(total: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    rank * total / world..(rank + 1) * total / world
+}
+
+/// [`ProcessGroup::agree`] where there is a group; `outcome` itself alone.
+pub fn agree<T>(group: Option<&ProcessGroup>, outcome: crate::Result<T>) -> crate::Result<T> {
+    match group {
+        Some(group) => group.agree(outcome),
+        None => outcome,
+    }
+}
+
 /// How a training step of one rank takes part in a multi-process run.
 #[derive(Debug, Clone, Copy)]
 pub struct Parallel<'a> {
@@ -46,4 +67,18 @@ pub enum GradientPrecision {
     /// Rounded to bf16 for the all-reduce (half the bytes, as DDP's
     /// `bf16_compress_hook`), summed in bf16, back to fp32 after.
     Bf16,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parts_cover_the_items_in_order_and_differ_by_at_most_one() {
+        let items: Vec<usize> = (0..10).collect();
+        for world in 1..=12 {
+            let parts: Vec<&[usize]> = (0..world).map(|rank| super::part(&items, rank, world)).collect();
+            let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{world} parts: {sizes:?}");
+            assert_eq!(parts.concat(), items, "{world} parts: {sizes:?}");
+        }
+    }
 }

@@ -7,6 +7,7 @@ use crate::data::config::BadImagePolicy;
 use crate::data::loader::{center_batch, pipelined, ReadableBatch, ViewFormat};
 use crate::data::Sample;
 use crate::device::{Pinned, Precision};
+use crate::dist::{part, ProcessGroup};
 use crate::model::{Layer, ProjectionHead, ResNet, SimClr};
 use crate::{Error, Result};
 
@@ -116,6 +117,23 @@ impl Batches {
         Ok(Labelled { features, labels: crate::device::upload_slice(&read, self.device), skipped })
     }
 
+    /// [`Batches::labelled`] shared among `group`'s ranks: each computes the
+    /// features of its [`part`] of `samples`, and every rank gets all of
+    /// them, in order, as one process would compute them (up to the
+    /// rounding of other batches); an error on any rank stops every rank,
+    /// naming it. Without a group, [`Batches::labelled`].
+    pub fn labelled_across(
+        &self,
+        net: FeatureNet,
+        samples: &[Sample],
+        pool: &rayon::ThreadPool,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Labelled> {
+        let Some(group) = group else { return self.labelled(net, samples, pool) };
+        let mine = self.labelled(net, part(samples, group.rank(), group.size()), pool);
+        group.agree(mine)?.gathered(group)
+    }
+
     fn each_in(
         &self,
         net: FeatureNet,
@@ -173,6 +191,22 @@ pub struct Labelled {
     pub features: Tensor,
     pub labels: Tensor,
     pub skipped: Vec<String>,
+}
+
+impl Labelled {
+    /// Every rank's rows, labels and skipped images, one rank's after
+    /// another.
+    fn gathered(self, group: &ProcessGroup) -> Result<Labelled> {
+        // Each skipped image's line ends in a NUL, which no path holds.
+        let mine: Vec<u8> = self.skipped.iter().flat_map(|line| line.bytes().chain([0])).collect();
+        let all = Vec::<u8>::try_from(&group.all_gather_rows(&Tensor::from_slice(&mine))?)?;
+        let skipped = all.split(|&byte| byte == 0).filter(|line| !line.is_empty());
+        Ok(Labelled {
+            features: group.all_gather_rows(&self.features)?,
+            labels: group.all_gather_rows(&self.labels)?,
+            skipped: skipped.map(|line| String::from_utf8_lossy(line).into_owned()).collect(),
+        })
+    }
 }
 
 /// The labels of `samples` as an `[M]` int64 tensor (unlabelled samples are

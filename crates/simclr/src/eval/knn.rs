@@ -5,7 +5,7 @@
 //! memory on the CPU as on a GPU.
 use tch::{Kind, Tensor};
 
-use super::{accuracy, Accuracy};
+use super::{Accuracy, Hits};
 use crate::loss::similarity::l2_normalize as normalize;
 
 /// Rows of similarity computed at once: chunk x bank floats in memory.
@@ -90,7 +90,20 @@ pub fn knn_accuracy(
     classes: i64,
     config: KnnConfig,
 ) -> Accuracy {
-    accuracy(&knn_votes(bank, bank_labels, queries, classes, config), query_labels)
+    knn_hits(bank, bank_labels, queries, query_labels, classes, config).accuracy()
+}
+
+/// The kNN classifier's hits on `queries`, to be summed with those of other
+/// ranks' queries against the same bank.
+pub fn knn_hits(
+    bank: &Tensor,
+    bank_labels: &Tensor,
+    queries: &Tensor,
+    query_labels: &Tensor,
+    classes: i64,
+    config: KnnConfig,
+) -> Hits {
+    Hits::of(&knn_votes(bank, bank_labels, queries, classes, config), query_labels)
 }
 
 #[cfg(test)]

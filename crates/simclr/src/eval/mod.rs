@@ -11,11 +11,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, Kind, Tensor};
 
+use crate::dist::ProcessGroup;
+
 pub use features::extract_features;
 pub use finetune::{finetune, FineTuned, FinetuneConfig};
-pub use knn::{knn_accuracy, KnnConfig};
+pub use knn::{knn_accuracy, knn_hits, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
-pub use protocol::{evaluate, EvalOptions, EvalReport, Network, Protocol};
+pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
 
 /// A labelled train and test split, and how their images become tensors.
 pub struct Task {
@@ -32,13 +34,7 @@ pub struct Accuracy {
     pub top5: f64,
 }
 
-/// Fraction of rows whose label is among their `k` highest scores.
-pub fn top_k_accuracy(scores: &Tensor, labels: &Tensor, k: i64) -> f64 {
-    top_k_hits(scores, labels, k) as f64 / scores.size()[0] as f64
-}
-
-/// Rows whose label is among their `k` highest scores (for counts summed
-/// over ranks, each holding some of the rows).
+/// Rows whose label is among their `k` highest scores.
 pub fn top_k_hits(scores: &Tensor, labels: &Tensor, k: i64) -> i64 {
     let k = k.min(scores.size()[1]);
     let (_, top) = scores.topk(k, 1, true, true);
@@ -47,7 +43,37 @@ pub fn top_k_hits(scores: &Tensor, labels: &Tensor, k: i64) -> i64 {
 
 /// Top-1 and top-5 of per-class `scores` (logits or votes) against `labels`.
 pub fn accuracy(scores: &Tensor, labels: &Tensor) -> Accuracy {
-    Accuracy { top1: top_k_accuracy(scores, labels, 1), top5: top_k_accuracy(scores, labels, 5) }
+    Hits::of(scores, labels).accuracy()
+}
+
+/// How many rows have their label first, and among the first five, of how
+/// many: counts that ranks scoring their parts of one split sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hits {
+    pub top1: i64,
+    pub top5: i64,
+    pub rows: i64,
+}
+
+impl Hits {
+    /// The hits of per-class `scores` against `labels`.
+    pub fn of(scores: &Tensor, labels: &Tensor) -> Self {
+        Self { top1: top_k_hits(scores, labels, 1), top5: top_k_hits(scores, labels, 5), rows: scores.size()[0] }
+    }
+
+    pub fn accuracy(self) -> Accuracy {
+        let rows = self.rows as f64;
+        Accuracy { top1: self.top1 as f64 / rows, top5: self.top5 as f64 / rows }
+    }
+
+    /// Every rank's hits summed (these alone without a group).
+    pub fn summed(self, group: Option<&ProcessGroup>) -> crate::Result<Self> {
+        let Some(group) = group else { return Ok(self) };
+        let mut counts = Tensor::from_slice(&[self.top1, self.top5, self.rows]);
+        group.all_reduce(&mut counts, crate::dist::ReduceOp::Sum)?;
+        let [top1, top5, rows] = [0, 1, 2].map(|i| counts.int64_value(&[i]));
+        Ok(Self { top1, top5, rows })
+    }
 }
 
 /// Pushes a line per bad setting of an SGD fit on the labels (the linear
@@ -104,9 +130,12 @@ mod tests {
     fn top_k_counts_hits_among_the_highest_scores() {
         let scores = Tensor::from_slice2(&[[0.1f32, 0.7, 0.2], [0.5, 0.1, 0.4]]);
         let labels = Tensor::from_slice(&[2i64, 0]);
-        assert_eq!(top_k_accuracy(&scores, &labels, 1), 0.5);
-        assert_eq!(top_k_accuracy(&scores, &labels, 2), 1.0);
-        assert_eq!(top_k_accuracy(&scores, &labels, 9), 1.0);
+        assert_eq!(top_k_hits(&scores, &labels, 1), 1);
+        assert_eq!(top_k_hits(&scores, &labels, 2), 2);
+        assert_eq!(top_k_hits(&scores, &labels, 9), 2);
+        let hits = Hits::of(&scores, &labels);
+        assert_eq!(hits, Hits { top1: 1, top5: 2, rows: 2 });
+        assert_eq!(hits.accuracy(), Accuracy { top1: 0.5, top5: 1.0 });
     }
 
     #[test]

@@ -5,14 +5,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
 use super::features::{Batches, FeatureNet, Labelled};
-use super::{finetune, knn_accuracy, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task};
+use super::{finetune, knn_hits, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task};
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
 use crate::device::{Precision, PrecisionChoice};
+use crate::dist::{agree, part_range, ProcessGroup};
 use crate::model::{EncoderSpec, Layer, SimClr};
 use crate::{Error, Result};
 
@@ -163,10 +164,33 @@ impl Scored {
 
 /// `protocol` on `network`, read at `options.layer`.
 pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
+    let report = evaluate_in(network, options, protocol, None)?;
+    Ok(report.expect("one process reports"))
+}
+
+/// [`evaluate`] as one rank of `group` (alone when `None`), every rank
+/// calling it with the same options: the ranks share the feature
+/// extraction (each its part of both splits, gathered in order) and kNN's
+/// votes (each its part of the queries, the hits summed), so kNN and linear
+/// score as one process does, up to the rounding of features computed in
+/// other batches. Rank 0 fits the linear classifier and gets the report;
+/// the others get `None`. Fine-tuning runs in one process.
+pub fn evaluate_in(
+    network: &Network,
+    options: &EvalOptions,
+    protocol: &Protocol,
+    group: Option<&ProcessGroup>,
+) -> Result<Option<EvalReport>> {
     let layer = options.layer;
     if layer != Layer::H && matches!(protocol, Protocol::Finetune(_)) {
         return Err(Error::InvalidArgument(format!(
             "--layer {layer}: fine-tuning trains the encoder from h; the layer is for knn and linear"
+        )));
+    }
+    if let (Protocol::Finetune(_), Some(group)) = (protocol, group.filter(|group| group.size() > 1)) {
+        return Err(Error::Distributed(format!(
+            "fine-tuning runs in one process, not in {} (knn and linear share their work among processes)",
+            group.size()
         )));
     }
     let mut problems = Vec::new();
@@ -179,8 +203,14 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         problems.push("--limit 0: must be at least 1".to_owned());
     }
     super::refuse(problems)?;
+    if let Some(group) = group {
+        // Each rank has a device of its own; the rest must be the same.
+        let shared = EvalOptions { device: Device::Cpu, ..options.clone() };
+        group.check_same("eval settings", &format!("{} {shared:?} {protocol:?}", network.name))?;
+    }
     let canonical = |path: &std::path::Path| path.canonicalize().ok();
-    if canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
+    let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+    if rank == 0 && canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
         // A CIFAR folder opens as its training batches, whichever split it is given as.
         tracing::warn!(
             "--train and --test are both {}: each test image is among the training images, so the score says \
@@ -191,8 +221,12 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
     let started = Instant::now();
     let pool = worker_pool(0)?;
     let policy = options.on_bad_image;
-    let train = labelled(&options.train, options.limit, options.seed)?.with_policy(policy);
-    let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?.with_policy(policy);
+    let splits = labelled(&options.train, options.limit, options.seed).and_then(|train| {
+        let test = labelled(&options.test, options.limit, options.seed)?.labelled_as(&train)?;
+        Ok((train, test))
+    });
+    let (train, test) = agree(group, splits)?;
+    let (train, test) = (train.with_policy(policy), test.with_policy(policy));
     let classes = train.classes.len();
 
     tch::manual_seed(options.seed as i64);
@@ -207,7 +241,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         let precision = options.precision.on(device, false);
         let batches = Batches { format, batch_size: options.batch_size, device, policy, precision };
         let features = |split: &Dataset, path: &std::path::Path| {
-            let labelled = batches.labelled(net, &split.samples, &pool)?;
+            let labelled = batches.labelled_across(net, &split.samples, &pool, group)?;
             match labelled.features.size()[0] {
                 0 => Err(crate::data::none_readable(path, labelled.skipped.len())),
                 _ => Ok(labelled),
@@ -241,16 +275,22 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         Protocol::Knn(config) => {
             let (train, test, precision) = frozen()?;
             let train_images = train.features.size()[0] as usize;
-            if config.k > train_images {
+            if config.k > train_images && rank == 0 {
                 tracing::warn!(
                     "--k {} is more than the {train_images} training images: every one of them votes, as with --k \
                      {train_images}",
                     config.k
                 );
             }
-            let accuracy =
-                knn_accuracy(&train.features, &train.labels, &test.features, &test.labels, classes as i64, *config);
-            Scored::on_features(accuracy, train, test, precision)
+            let queries = part_range(test.features.size()[0] as usize, rank, world);
+            let mine = |rows: &Tensor| rows.narrow(0, queries.start as i64, queries.len() as i64);
+            let (features, labels) = (mine(&test.features), mine(&test.labels));
+            let hits = knn_hits(&train.features, &train.labels, &features, &labels, classes as i64, *config);
+            Scored::on_features(hits.summed(group)?.accuracy(), train, test, precision)
+        }
+        Protocol::Linear(_) if rank != 0 => {
+            frozen()?;
+            return Ok(None);
         }
         Protocol::Linear(config) => {
             let (train, test, precision) = frozen()?;
@@ -259,9 +299,12 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
             Scored::on_features(accuracy, train, test, precision)
         }
     };
+    if rank != 0 {
+        return Ok(None);
+    }
     let Scored { accuracy: Accuracy { top1, top5 }, labelled_images, train_images, test_images, skipped, precision } =
         scored;
-    Ok(EvalReport {
+    Ok(Some(EvalReport {
         protocol: protocol.name().to_owned(),
         encoder: name.clone(),
         layer: layer.to_string(),
@@ -276,5 +319,5 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
         seconds: started.elapsed().as_secs_f64(),
         skipped,
         precision,
-    })
+    }))
 }

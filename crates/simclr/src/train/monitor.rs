@@ -9,18 +9,17 @@
 //! one-process score up to the rounding of features computed in other
 //! batches.
 use rayon::ThreadPool;
-use tch::{Device, Tensor};
+use tch::Device;
 
 use super::checkpoint::{self, Checkpoint};
 use crate::config::ValidConfig;
 use crate::data::config::BadImagePolicy;
 use crate::data::loader::{worker_pool, ViewFormat};
-use crate::data::{open_splits, Dataset, Sample};
+use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
-use crate::dist::{ProcessGroup, ReduceOp};
-use crate::eval::features::{extract_features, labels, FeatureNet, FEATURE_BATCH};
-use crate::eval::knn::{knn_votes, KnnConfig};
-use crate::eval::top_k_hits;
+use crate::dist::{agree, part, ProcessGroup};
+use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
+use crate::eval::knn::{knn_hits, KnnConfig};
 use crate::model::Layer;
 use crate::{Error, Result};
 
@@ -82,64 +81,15 @@ impl Monitor {
         pool: &ThreadPool,
         group: Option<&ProcessGroup>,
     ) -> Result<f64> {
-        let features =
-            |samples: &[Sample]| extract_features(net, samples, format, FEATURE_BATCH, device, Precision::Fp32, pool);
-        let (bank, queries) = (&self.bank.samples, &self.queries.samples);
-        let world = group.map_or(1, ProcessGroup::size);
-        // Parts of no image would have no features to gather; splits that
-        // small are computed whole on every rank.
-        let Some(group) = group.filter(|_| bank.len().min(queries.len()) >= world) else {
-            let (bank_features, query_features) = (features(bank)?, features(queries)?);
-            let (correct, _) = self.correct(&bank_features, bank, &query_features, queries, device);
-            return Ok(correct as f64 / queries.len() as f64);
-        };
-        let rank = group.rank();
-        let computed = features(part(bank, rank, world)).and_then(|b| Ok((b, features(part(queries, rank, world))?)));
-        let (bank_part, query_features) = group.agree(computed)?;
-        let bank_features = gathered(group, &bank_part, bank.len())?;
-        let (correct, count) = self.correct(&bank_features, bank, &query_features, part(queries, rank, world), device);
-        let mut counts = Tensor::from_slice(&[correct, count]);
-        group.all_reduce(&mut counts, ReduceOp::Sum)?;
-        Ok(counts.int64_value(&[0]) as f64 / counts.int64_value(&[1]) as f64)
+        let policy = BadImagePolicy::Stop;
+        let batches = Batches { format, batch_size: FEATURE_BATCH, device, policy, precision: Precision::Fp32 };
+        let bank = batches.labelled_across(net, &self.bank.samples, pool, group)?;
+        let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+        let queries = agree(group, batches.labelled(net, part(&self.queries.samples, rank, world), pool))?;
+        let hits =
+            knn_hits(&bank.features, &bank.labels, &queries.features, &queries.labels, self.classes, self.config);
+        Ok(hits.summed(group)?.accuracy().top1)
     }
-
-    /// How many of `queries` the bank's kNN vote classifies correctly, and
-    /// how many there are.
-    fn correct(
-        &self,
-        bank_features: &Tensor,
-        bank: &[Sample],
-        query_features: &Tensor,
-        queries: &[Sample],
-        device: Device,
-    ) -> (i64, i64) {
-        let votes = knn_votes(bank_features, &labels(bank, device), query_features, self.classes, self.config);
-        (top_k_hits(&votes, &labels(queries, device), 1), queries.len() as i64)
-    }
-}
-
-/// Rank `rank`'s part of `samples` split in `world` contiguous parts whose
-/// sizes differ by at most one.
-fn part(samples: &[Sample], rank: usize, world: usize) -> &[Sample] {
-    &samples[bounds(samples.len(), rank, world)]
-}
-
-/// The positions of rank `rank`'s [`part`] of `total` rows.
-fn bounds(total: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
-    rank * total / world..(rank + 1) * total / world
-}
-
-/// Every rank's `features` of its [`part`] of `total` rows, in rank order:
-/// the parts are padded to the longest for the all-gather, and cut back.
-fn gathered(group: &ProcessGroup, features: &Tensor, total: usize) -> Result<Tensor> {
-    let world = group.size();
-    let longest = total.div_ceil(world) as i64;
-    let padding = longest - features.size()[0];
-    let padded = features.constant_pad_nd([0, 0, 0, padding]);
-    let all = group.all_gather(&padded)?;
-    let parts: Vec<Tensor> =
-        (0..world).map(|rank| all.narrow(0, rank as i64 * longest, bounds(total, rank, world).len() as i64)).collect();
-    Ok(Tensor::cat(&parts, 0))
 }
 
 /// The kNN monitor's score of the network in the run folder `run_dir`
@@ -156,24 +106,4 @@ pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
     })?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
     Monitor::of_run(&config, knn, &pool).top1(FeatureNet::at(&model, layer)?, format, device, &pool, None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::ImageSource;
-
-    #[test]
-    fn parts_cover_the_samples_in_order_and_differ_by_at_most_one() {
-        let samples: Vec<Sample> =
-            (0..10).map(|i| Sample { source: ImageSource::File(i.to_string().into()), label: Some(i) }).collect();
-        for world in 1..=10 {
-            let parts: Vec<&[Sample]> = (0..world).map(|rank| part(&samples, rank, world)).collect();
-            let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), 10, "{world} parts: {sizes:?}");
-            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{world} parts: {sizes:?}");
-            let joined: Vec<Option<usize>> = parts.concat().iter().map(|s| s.label).collect();
-            assert_eq!(joined, samples.iter().map(|s| s.label).collect::<Vec<_>>());
-        }
-    }
 }

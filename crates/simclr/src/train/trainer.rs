@@ -24,7 +24,7 @@ use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat,
 use crate::data::stream::{ShardList, Streaming};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
-use crate::dist::{GradientPrecision, Parallel, ProcessGroup, ReduceOp};
+use crate::dist::{agree, GradientPrecision, Parallel, ProcessGroup, ReduceOp};
 use crate::model::SimClr;
 use crate::names::counted;
 use crate::optim::{Optimizer, Schedule};
@@ -300,11 +300,8 @@ impl Trainer {
             crate::device::make_deterministic(device);
         }
         let precision = Precision::on(device, config.train.mixed_precision);
-        if let (Device::Cuda(_), Some(group)) = (device, &group) {
-            // torchrun numbers a machine's processes consecutively, so rank
-            // modulo the GPUs of a machine is the local rank (with fewer
-            // GPUs than processes, they share).
-            device = Device::Cuda(group.rank() % tch::Cuda::device_count().max(1) as usize);
+        if let Some(group) = &group {
+            device = crate::device::of_rank(device, group.rank());
         }
         let output_dir = config.train.output_dir.clone();
         let checkpoint_path = output_dir.join(checkpoint::FILE_NAME);
@@ -326,7 +323,7 @@ impl Trainer {
             true => open_run_folder(&config, resume, shard.world, &checkpoint_path),
             false => Ok(None),
         };
-        let saved = agree(&group, opened)?;
+        let saved = agree(group.as_ref(), opened)?;
 
         let splits = open_splits(&config.data, seed)?;
         let policy = config.data.on_bad_image;
@@ -380,7 +377,7 @@ impl Trainer {
         } else {
             Ok(Position::default())
         };
-        let mut position = agree(&group, prepared)?;
+        let mut position = agree(group.as_ref(), prepared)?;
         if let Some(group) = &group {
             position = share_state(group, &store, &mut optimizer, position)?;
             let bf16 = config.train.gradient_all_reduce == GradientPrecision::Bf16;
@@ -659,7 +656,7 @@ impl Trainer {
             group.check_identical(&format!("the weights after epoch {epoch}"), self.optimizer.flat_weights())?;
         }
         let logged = if self.writes() { self.log.append(&metrics) } else { Ok(()) };
-        agree(&self.group, logged)?;
+        agree(self.group.as_ref(), logged)?;
         self.epochs.push(metrics.clone());
         Ok(metrics)
     }
@@ -685,7 +682,7 @@ impl Trainer {
             ),
             false => Ok(()),
         };
-        agree(&self.group, saved)
+        agree(self.group.as_ref(), saved)
     }
 
     /// Stops here: the pending steps read, a checkpoint written (once per
@@ -717,7 +714,7 @@ impl Trainer {
     /// Ends a completed run: exports the encoder and writes the summary.
     pub fn finish(self) -> Result<TrainReport> {
         let written = if self.writes() { self.write_results() } else { Ok(self.report()) };
-        agree(&self.group, written)
+        agree(self.group.as_ref(), written)
     }
 
     fn write_results(&self) -> Result<TrainReport> {
@@ -1086,15 +1083,6 @@ fn other_precision(trained_in: Option<Precision>, precision: Precision, mixed_pr
          so it will not reproduce a run trained in {trained_in} throughout",
         precision.name()
     ))
-}
-
-/// `outcome` on one process; in a group, the same verdict on every rank
-/// (see [`ProcessGroup::agree`]).
-fn agree<T>(group: &Option<ProcessGroup>, outcome: Result<T>) -> Result<T> {
-    match group {
-        Some(group) => group.agree(outcome),
-        None => outcome,
-    }
 }
 
 /// Makes every rank start from rank 0's weights, BatchNorm statistics,
