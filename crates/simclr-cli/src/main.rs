@@ -153,6 +153,8 @@ struct EmbedArgs {
     /// shard.tar:key.jpg) go beside it (.paths.txt).
     #[arg(long)]
     output: PathBuf,
+    #[command(flatten)]
+    processes: ProcessArgs,
 }
 
 #[derive(Args)]
@@ -180,13 +182,59 @@ struct EvalArgs {
     /// Also write the result as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Start this many processes on this machine, each computing the features of its part of both
-    /// splits (knn and linear). Under torchrun or srun, leave it out.
+    #[command(flatten)]
+    processes: ProcessArgs,
+}
+
+/// How `eval` and `embed` share their work among processes.
+#[derive(Args)]
+struct ProcessArgs {
+    /// Start this many processes on this machine, each computing the features of its part of the
+    /// images (embed; eval's knn and linear). Under torchrun or srun, leave it out.
     #[arg(long, value_name = "N")]
     nproc_per_node: Option<usize>,
     /// How long a process waits for the others before all stop with an error.
     #[arg(long, default_value_t = 1800.0)]
     dist_timeout_seconds: f64,
+}
+
+/// Where a command given [`ProcessArgs`] runs.
+enum Place {
+    /// It ran in the processes this one started, which have ended.
+    Launched,
+    /// It runs here: alone, or as one rank of a group, on its device.
+    Here(Option<simclr::dist::ProcessGroup>, simclr::tch::Device),
+}
+
+impl ProcessArgs {
+    /// Starts the processes --nproc-per-node asks for (`refused`: why this
+    /// command cannot), or joins the others of a launcher's run, with the
+    /// rank's own GPU where `device` is CUDA.
+    fn place(&self, device: simclr::tch::Device, refused: Option<&str>) -> Result<Place> {
+        let world = World::from_env()?;
+        if let (Some(processes), Some(world)) = (self.nproc_per_node, &world) {
+            world.check_nproc_per_node(processes)?;
+        }
+        if !simclr::checks::is_positive_finite(self.dist_timeout_seconds) {
+            anyhow::bail!("--dist-timeout-seconds {}: must be a finite number > 0", self.dist_timeout_seconds);
+        }
+        let timeout = Duration::from_secs_f64(self.dist_timeout_seconds);
+        match (self.nproc_per_node, world) {
+            (Some(processes), None) => {
+                if let Some(why) = refused {
+                    anyhow::bail!("--nproc-per-node {processes}: {why}");
+                }
+                launch_local(processes, timeout)?;
+                Ok(Place::Launched)
+            }
+            (_, Some(world)) => {
+                let device = simclr::device::of_rank(device, world.rank);
+                let group = world.join(timeout, world.uses_nccl(Backend::Auto, device.is_cuda())?)?;
+                Ok(Place::Here(Some(group), device))
+            }
+            (None, None) => Ok(Place::Here(None, device)),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -465,12 +513,15 @@ fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {
-    let options = simclr::embed::EmbedOptions {
-        encoder: args.encoder.options(args.batch_size)?,
-        input: args.input,
-        output: args.output,
+    let mut encoder = args.encoder.options(args.batch_size)?;
+    let Place::Here(group, device) = args.processes.place(encoder.device, None)? else {
+        return Ok(());
     };
-    print!("{}", simclr::embed::embed(&options)?);
+    encoder.device = device;
+    let options = simclr::embed::EmbedOptions { encoder, input: args.input, output: args.output };
+    if let Some(report) = simclr::embed::embed_in(&options, group.as_ref())? {
+        print!("{report}");
+    }
     Ok(())
 }
 
@@ -487,31 +538,17 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
         (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
-    let world = World::from_env()?;
-    if let (Some(processes), Some(world)) = (args.nproc_per_node, &world) {
-        world.check_nproc_per_node(processes)?;
-    }
-    if !simclr::checks::is_positive_finite(args.dist_timeout_seconds) {
-        anyhow::bail!("--dist-timeout-seconds {}: must be a finite number > 0", args.dist_timeout_seconds);
-    }
-    let timeout = Duration::from_secs_f64(args.dist_timeout_seconds);
-    if let (Some(processes), None) = (args.nproc_per_node, &world) {
-        if matches!(protocol, EvalProtocol::Finetune { .. }) {
-            anyhow::bail!("--nproc-per-node {processes}: fine-tuning runs in one process (knn and linear share their work among processes)");
-        }
-        return launch_local(processes, timeout);
-    }
+    let finetune = matches!(protocol, EvalProtocol::Finetune { .. });
+    let refused =
+        finetune.then_some("fine-tuning runs in one process (knn and linear share their work among processes)");
+    let Place::Here(group, device) = args.processes.place(simclr::device::select(args.encoder.device)?, refused)?
+    else {
+        return Ok(());
+    };
     let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());
     (options.limit, options.seed, options.layer) = (args.limit, args.seed, layer);
-    (options.on_bad_image, options.precision) = (args.encoder.on_bad_image, args.encoder.precision);
-    options.device = simclr::device::select(args.encoder.device)?;
-    let group = match &world {
-        Some(world) => {
-            options.device = simclr::device::of_rank(options.device, world.rank);
-            Some(world.join(timeout, world.uses_nccl(Backend::Auto, options.device.is_cuda())?)?)
-        }
-        None => None,
-    };
+    (options.on_bad_image, options.precision, options.device) =
+        (args.encoder.on_bad_image, args.encoder.precision, device);
     let loaded = simclr::embed::load_network(&source, &options.spec, layer, options.device);
     let network = simclr::dist::agree(group.as_ref(), loaded)?;
     let (output, seed) = (args.output.clone(), args.seed);

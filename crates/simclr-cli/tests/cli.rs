@@ -1689,6 +1689,60 @@ fn two_processes_evaluate_as_one() {
     }
 }
 
+/// The float32 values of a `.npy` matrix as this program writes it.
+fn npy_values(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    bytes[128..].chunks(4).map(|value| f32::from_le_bytes(value.try_into().unwrap())).collect()
+}
+
+#[test]
+fn two_processes_embed_as_one() {
+    // Each process writes the features of its part of the images to a file
+    // of its own; the first joins them in order. Against one process: the
+    // same paths and features (computed in other batches: within 1e-5),
+    // with a broken image in the second process's part left out under the
+    // skip policy, or stopping both, naming it, and leaving no file.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run) = trained_run(dir.path());
+    let data = dir.path().join("images");
+    image_folder(&data, 6, 16);
+    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
+    let encoder = encoder_flags(&run.join("encoder.safetensors"), "resnet18", "0.125");
+    let out = dir.path().join("out");
+    let embed = |name: &str, extra: &[&str]| {
+        let output = out.join(name).display().to_string();
+        let input = data.display().to_string();
+        simclr(["embed", "--input", &input, "--output", &output, "--batch-size", "4"]).args(&encoder).args(extra)
+    };
+    let skip = ["--on-bad-image", "skip"];
+    for (name, extra) in [("one.npy", &skip[..]), ("two.npy", &[&skip[..], &["--nproc-per-node", "2"]].concat())] {
+        let output = embed(name, extra).run();
+        assert_succeeds(&output);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(stdout.matches("embedded 12 images").count(), 1, "one report:\n{stdout}");
+        assert!(stdout.contains("skipped 1 unreadable image:") && stdout.contains("broken.jpg"), "{stdout}");
+    }
+    let read = |name: &str| (npy_shape(&out.join(name)), npy_values(&out.join(name)));
+    let ((shape_one, one), (shape_two, two)) = (read("one.npy"), read("two.npy"));
+    assert_eq!((&shape_one, &shape_two), (&vec![12, 64], &vec![12, 64]));
+    let paths = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    assert_eq!(paths("two.paths.txt"), paths("one.paths.txt"));
+    let apart = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(apart(&two, &one) < 1e-5, "2 processes' features {} from 1's", apart(&two, &one));
+    // The control: the second process's part first is not one process's.
+    let swapped = [&one[6 * 64..], &one[..6 * 64]].concat();
+    assert!(apart(&swapped, &one) > 1e-3, "the comparison misses parts out of order");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into()).collect();
+    files.sort();
+    assert_eq!(files, ["one.npy", "one.paths.txt", "two.npy", "two.paths.txt"]);
+
+    let output = embed("stopped.npy", &["--nproc-per-node", "2"]).run();
+    assert_fails_with(&output, &["broken.jpg"]);
+    let left = std::fs::read_dir(&out).unwrap().count();
+    assert_eq!(left, 4, "a stopped run leaves nothing behind");
+}
+
 #[test]
 fn supervised_training_is_the_same_on_one_or_two_processes() {
     let dir = tempfile::tempdir().unwrap();

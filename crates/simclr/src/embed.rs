@@ -8,6 +8,7 @@ use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{Dataset, ImageSource, Sample};
 use crate::device::Precision;
+use crate::dist::{agree, part_range, ProcessGroup};
 use crate::eval::features::{Batches, FeatureNet};
 use crate::eval::Network;
 use crate::io::npy::NpyRows;
@@ -285,36 +286,126 @@ pub fn images_in(input: &Path) -> Result<Vec<(String, Sample)>> {
 /// `simclr embed`: the features are written as they are computed, so a run
 /// over millions of images holds one batch of them at a time.
 pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
-    let (names, images): (Vec<String>, Vec<Sample>) = images_in(&options.input)?.into_iter().unzip();
-    let loaded = options.encoder.load()?;
+    Ok(embed_in(options, None)?.expect("one process reports"))
+}
+
+/// [`embed`] as one rank of `group` (alone when `None`), every rank calling
+/// it with the same options: each writes the features of its part of the
+/// images (contiguous, in order) to a file of its own beside the output
+/// (`feats.rank1.npy`), which every rank must reach (one machine, or a
+/// shared file system, as a run folder); rank 0 then joins the parts in
+/// order into the output, removes them, and gets the report, the others
+/// `None`. The output is one process's, up to the rounding of features
+/// computed in other batches.
+pub fn embed_in(options: &EmbedOptions, group: Option<&ProcessGroup>) -> Result<Option<EmbedReport>> {
+    let group = group.filter(|group| group.size() > 1);
+    let listed = images_in(&options.input).and_then(|images| Ok((images, options.encoder.load()?)));
+    let (images, loaded) = agree(group, listed)?;
+    let (names, images): (Vec<String>, Vec<Sample>) = images.into_iter().unzip();
+    let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+    if let Some(group) = group {
+        // Each rank has a device of its own; the rest must be the same.
+        let encoder = EncoderOptions { device: Device::Cpu, ..options.encoder.clone() };
+        let settings = format!("{encoder:?} {:?} {:?} {}", options.input, options.output, images.len());
+        group.check_same("embed settings", &settings)?;
+    }
     let started = std::time::Instant::now();
     let feature_dim = loaded.dim()?;
-    let mut features = NpyRows::create(&options.output, feature_dim as usize)?;
-    let (mut listing, mut writing) = (String::new(), std::time::Duration::ZERO);
-    let skipped = loaded.each_batch(&images, &mut |batch, rows| {
+    let mine = part_range(images.len(), rank, world);
+    let part = part_path(&options.output, rank, world);
+    let written = write_features(&loaded, &images[mine.clone()], &names[mine], &part, feature_dim);
+    let Written { features, listing, skipped, writing } = agree(group, written)?;
+    let embed_seconds = (started.elapsed() - writing).as_secs_f64();
+    let report = |listing: Vec<String>, skipped: Vec<String>| {
+        let paths_path = paths_file(&options.output);
+        let lines: String = listing.iter().flat_map(|name| [name.as_str(), "\n"]).collect();
+        crate::io::write_atomic(&paths_path, lines.as_bytes())?;
+        let features_path = options.output.clone();
+        let precision = options.encoder.precision;
+        Ok(EmbedReport {
+            images: listing.len(),
+            feature_dim,
+            features_path,
+            paths_path,
+            embed_seconds,
+            skipped,
+            precision,
+        })
+    };
+    let Some(group) = group else {
+        // Unfinished, the matrix is removed: nothing replaces an earlier output.
+        if skipped.len() == images.len() {
+            return Err(crate::data::none_readable(&options.input, images.len()));
+        }
+        features.finish()?;
+        return report(listing, skipped).map(Some);
+    };
+    // The parts go once rank 0 has joined them, or on the way out of an error.
+    let _part = Temporary(part);
+    group.agree(features.finish())?;
+    let (listing, skipped) = (group.all_gather_lines(&listing)?, group.all_gather_lines(&skipped)?);
+    let joined = match rank {
+        0 if skipped.len() == images.len() => Err(crate::data::none_readable(&options.input, images.len())),
+        0 => join_parts(&options.output, world, feature_dim).and_then(|()| report(listing, skipped)).map(Some),
+        _ => Ok(None),
+    };
+    group.agree(joined)
+}
+
+/// A file removed when this is dropped.
+struct Temporary(PathBuf);
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where rank `rank` of `world` writes its part of `output`: `output` itself
+/// for one process.
+fn part_path(output: &Path, rank: usize, world: usize) -> PathBuf {
+    match world {
+        1 => output.to_path_buf(),
+        _ => output.with_extension(format!("rank{rank}.npy")),
+    }
+}
+
+/// What [`write_features`] leaves: the matrix (to be finished), the names
+/// of its rows, the images left out, and the time spent writing.
+struct Written {
+    features: NpyRows,
+    listing: Vec<String>,
+    skipped: Vec<String>,
+    writing: std::time::Duration,
+}
+
+/// The features of `images` (named `names`) written to `path` as they are
+/// computed.
+fn write_features(
+    loaded: &LoadedEncoder,
+    images: &[Sample],
+    names: &[String],
+    path: &Path,
+    feature_dim: i64,
+) -> Result<Written> {
+    let mut features = NpyRows::create(path, feature_dim as usize)?;
+    let (mut listing, mut writing) = (Vec::new(), std::time::Duration::ZERO);
+    let skipped = loaded.each_batch(images, &mut |batch, rows| {
         let began = std::time::Instant::now();
         features.append(&batch)?;
-        rows.into_iter().for_each(|row| {
-            listing.push_str(&names[row]);
-            listing.push('\n');
-        });
+        listing.extend(rows.into_iter().map(|row| names[row].clone()));
         writing += began.elapsed();
         Ok(())
     })?;
-    if skipped.len() == images.len() {
-        return Err(crate::data::none_readable(&options.input, images.len()));
+    Ok(Written { features, listing, skipped, writing })
+}
+
+/// Joins the `world` parts of `output` into it, in rank order.
+fn join_parts(output: &Path, world: usize, feature_dim: i64) -> Result<()> {
+    let mut features = NpyRows::create(output, feature_dim as usize)?;
+    for rank in 0..world {
+        features.append_npy(&part_path(output, rank, world))?;
     }
-    let embed_seconds = (started.elapsed() - writing).as_secs_f64();
-    let rows = features.finish()?;
-    let paths_path = paths_file(&options.output);
-    crate::io::write_atomic(&paths_path, listing.as_bytes())?;
-    Ok(EmbedReport {
-        images: rows,
-        feature_dim,
-        features_path: options.output.clone(),
-        paths_path,
-        embed_seconds,
-        skipped,
-        precision: options.encoder.precision,
-    })
+    features.finish()?;
+    Ok(())
 }

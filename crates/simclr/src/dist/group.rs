@@ -237,6 +237,16 @@ impl ProcessGroup {
         Ok(Tensor::cat(&parts, 0))
     }
 
+    /// Every rank's `lines` (names of files, messages), one rank's after
+    /// another; a line holds no NUL (each travels NUL-terminated), and an
+    /// empty line is dropped.
+    pub fn all_gather_lines(&self, lines: &[String]) -> Result<Vec<String>> {
+        let mine: Vec<u8> = lines.iter().flat_map(|line| line.bytes().chain([0])).collect();
+        let all = Vec::<u8>::try_from(&self.all_gather_rows(&Tensor::from_slice(&mine))?)?;
+        let lines = all.split(|&byte| byte == 0).filter(|line| !line.is_empty());
+        Ok(lines.map(|line| String::from_utf8_lossy(line).into_owned()).collect())
+    }
+
     /// This rank's block (dim 0 split in `size`) of the sum over ranks of `input`.
     pub fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor> {
         let input = input.contiguous();

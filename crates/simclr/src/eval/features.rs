@@ -197,14 +197,10 @@ impl Labelled {
     /// Every rank's rows, labels and skipped images, one rank's after
     /// another.
     fn gathered(self, group: &ProcessGroup) -> Result<Labelled> {
-        // Each skipped image's line ends in a NUL, which no path holds.
-        let mine: Vec<u8> = self.skipped.iter().flat_map(|line| line.bytes().chain([0])).collect();
-        let all = Vec::<u8>::try_from(&group.all_gather_rows(&Tensor::from_slice(&mine))?)?;
-        let skipped = all.split(|&byte| byte == 0).filter(|line| !line.is_empty());
         Ok(Labelled {
             features: group.all_gather_rows(&self.features)?,
             labels: group.all_gather_rows(&self.labels)?,
-            skipped: skipped.map(|line| String::from_utf8_lossy(line).into_owned()).collect(),
+            skipped: group.all_gather_lines(&self.skipped)?,
         })
     }
 }

@@ -76,6 +76,29 @@ impl NpyRows {
         Ok(())
     }
 
+    /// Appends the rows of `part`, a finished matrix of this one's columns
+    /// (another process's share, written by [`NpyRows`]), copied as they
+    /// are; returns its rows.
+    pub fn append_npy(&mut self, part: &Path) -> Result<usize> {
+        let mut file = File::open(part).map_err(|e| Error::io(part, e))?;
+        let mut head = vec![0; HEADER_BYTES];
+        std::io::Read::read_exact(&mut file, &mut head).map_err(|e| Error::io(part, e))?;
+        let bytes = file.metadata().map_err(|e| Error::io(part, e))?.len() as usize - HEADER_BYTES;
+        let row_bytes = 4 * self.columns;
+        let rows = bytes / row_bytes.max(1);
+        if head != header(rows, self.columns) || bytes != rows * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{}: not a float32 matrix of {} columns as this program writes them ({bytes} bytes after the header)",
+                part.display(),
+                self.columns
+            )));
+        }
+        let out = self.file.as_mut().expect("only finish() takes the file, and it consumes the writer");
+        std::io::copy(&mut file, out).map_err(|e| Error::io(&self.partial, e))?;
+        self.rows += rows;
+        Ok(rows)
+    }
+
     /// Writes the row count into the header, flushes the file to disk and
     /// gives it its name; returns the rows written.
     pub fn finish(mut self) -> Result<usize> {
@@ -131,6 +154,40 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), HEADER_BYTES + 7 * 5 * 4);
         assert_eq!(bytes[HEADER_BYTES - 1], b'\n');
+    }
+
+    #[test]
+    fn finished_matrices_append_as_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = |rows: i64, start: f64| {
+            Tensor::arange_start(start, start + rows as f64 * 3.0, (Kind::Float, tch::Device::Cpu)).view([rows, 3])
+        };
+        let write = |name: &str, rows: i64, start: f64| {
+            let path = dir.path().join(name);
+            let mut part = NpyRows::create(&path, 3).unwrap();
+            part.append(&block(rows, start)).unwrap();
+            part.finish().unwrap();
+            path
+        };
+        let (first, empty, second) = (write("a.npy", 2, 0.0), write("b.npy", 0, 0.0), write("c.npy", 3, 6.0));
+        let joined = dir.path().join("all.npy");
+        let mut all = NpyRows::create(&joined, 3).unwrap();
+        let rows: Vec<usize> = [&first, &empty, &second].map(|part| all.append_npy(part).unwrap()).to_vec();
+        assert_eq!((rows, all.finish().unwrap()), (vec![2, 0, 3], 5));
+        assert!(Tensor::read_npy(&joined).unwrap().equal(&block(5, 0.0)));
+        // Another width, or a cut file, is refused by name.
+        let narrow = dir.path().join("narrow.npy");
+        let mut other = NpyRows::create(&narrow, 2).unwrap();
+        other.append(&Tensor::zeros([1, 2], (Kind::Float, tch::Device::Cpu))).unwrap();
+        other.finish().unwrap();
+        let bytes = std::fs::read(&second).unwrap();
+        let cut = dir.path().join("cut.npy");
+        std::fs::write(&cut, &bytes[..bytes.len() - 2]).unwrap();
+        let mut all = NpyRows::create(&dir.path().join("again.npy"), 3).unwrap();
+        for bad in [narrow, cut] {
+            let message = all.append_npy(&bad).unwrap_err().to_string();
+            assert!(message.contains(&bad.display().to_string()) && message.contains("3 columns"), "{message}");
+        }
     }
 
     #[test]
