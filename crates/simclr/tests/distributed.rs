@@ -526,10 +526,10 @@ fn groups_of_one_process_can_enqueue_collectives_at_once() {
 }
 
 /// Makes narrow ResNet-18s with equal weights, one for each rank (a tensor
-/// is not shared between threads): copies of one drawn once, since other
-/// tests draw from libtorch's global generator at the same time.
+/// is not shared between threads): copies of one drawn once.
 fn equal_encoders() -> impl Fn() -> (nn::VarStore, ResNet) {
     let make = || {
+        let _rng = rng_lock();
         let store = nn::VarStore::new(Device::Cpu);
         let encoder = ResNet::new(&store.root(), Arch::Resnet18, 0.125, Stem::Cifar);
         (store, encoder)
@@ -683,11 +683,13 @@ fn global_batch_norm_takes_bf16_activations_as_autocast_gives_them() {
     // against one process's plain BatchNorm on the whole: outputs, input
     // gradients, the summed parameter gradients and the running statistics.
     let cpu = (Kind::Float, Device::Cpu);
-    tch::manual_seed(3);
     let shift = Tensor::cat(&[Tensor::zeros([4, 1, 1, 1], cpu), Tensor::full([4, 1, 1, 1], 3.0, cpu)], 0);
-    let x = (Tensor::randn([8, 6, 5, 5], cpu) * 2.0 + shift).to_kind(Kind::BFloat16);
-    let (weight, bias) = (Tensor::rand([6], cpu) + 0.5, Tensor::randn([6], cpu));
-    let upstream = Tensor::randn([8, 6, 5, 5], cpu);
+    let (x, weight, bias, upstream) = {
+        let _rng = rng_lock();
+        tch::manual_seed(3);
+        let x = (Tensor::randn([8, 6, 5, 5], cpu) * 2.0 + shift).to_kind(Kind::BFloat16);
+        (x, Tensor::rand([6], cpu) + 0.5, Tensor::randn([6], cpu), Tensor::randn([8, 6, 5, 5], cpu))
+    };
     let rows = |tensor: &Tensor, rank: i64| tensor.narrow(0, 4 * rank, 4).copy();
     let halves = || (0..2).map(|r| [rows(&x, r), rows(&upstream, r), weight.copy(), bias.copy()]).collect::<Vec<_>>();
     let whole = normalise_bf16([x.copy(), upstream.copy(), weight.copy(), bias.copy()], None);
