@@ -26,6 +26,10 @@ fn main() {
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
+        // at::parallel_for is OpenMP in the wheel's libtorch (ATen/Config.h:
+        // AT_PARALLEL_OPENMP), compiled into the shim's own kernels; without
+        // the flag they would run on one thread.
+        .flag("-fopenmp")
         // libtorch's headers warn by the hundred; the shim's own code is small.
         .warnings(false)
         .extra_warnings(false);
@@ -43,6 +47,10 @@ fn main() {
         build.file("src/cuda_memory.cpp");
     }
     build.compile("simclr_c10d");
+    // The OpenMP runtime libtorch itself loads (the wheel's own libgomp), so
+    // that the process has one; after the shim, which needs it.
+    println!("cargo:rustc-link-search=native={libtorch}/lib");
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         // After the library that needs it, as the linker resolves in order.
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
