@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use simclr::eval::{knn_accuracy, linear_eval, KnnConfig, LinearConfig};
+use simclr::eval::{knn_hits, linear_eval, KnnConfig, LinearConfig};
 use simclr::loss::{nt_xent::nt_xent, Layout, Similarity};
 use simclr::model::{Arch, ResNet, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
@@ -170,7 +170,7 @@ fn knn_and_linear_evaluation_match_references_on_the_same_features() {
     let disagree = predicted.ne_tensor(&reference_predicted).logical_and(&decided).sum(Kind::Int64).int64_value(&[]);
     assert_eq!(disagree, 0, "{disagree} kNN predictions differ from PyTorch's");
     assert!(decided.sum(Kind::Int64).int64_value(&[]) >= 999);
-    let knn = knn_accuracy(train, train_labels, test, test_labels, 10, KnnConfig::default());
+    let knn = knn_hits(train, train_labels, test, test_labels, 10, KnnConfig::default()).accuracy();
     assert!((knn.top1 - scalar("knn_top1")).abs() <= 0.001, "kNN top-1 {} vs {}", knn.top1, scalar("knn_top1"));
     assert!((knn.top5 - scalar("knn_top5")).abs() <= 0.001, "kNN top-5 {} vs {}", knn.top5, scalar("knn_top5"));
 

@@ -5,7 +5,7 @@
 //! memory on the CPU as on a GPU.
 use tch::{Kind, Tensor};
 
-use super::{Accuracy, Hits};
+use super::Hits;
 use crate::loss::similarity::l2_normalize as normalize;
 
 /// Rows of similarity computed at once: chunk x bank floats in memory.
@@ -81,20 +81,9 @@ pub fn knn_predict(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classe
     knn_votes(bank, bank_labels, queries, classes, config).argmax(1, false)
 }
 
-/// Top-1 and top-5 accuracy of the kNN classifier.
-pub fn knn_accuracy(
-    bank: &Tensor,
-    bank_labels: &Tensor,
-    queries: &Tensor,
-    query_labels: &Tensor,
-    classes: i64,
-    config: KnnConfig,
-) -> Accuracy {
-    knn_hits(bank, bank_labels, queries, query_labels, classes, config).accuracy()
-}
-
-/// The kNN classifier's hits on `queries`, to be summed with those of other
-/// ranks' queries against the same bank.
+/// The kNN classifier's hits on `queries` (its top-1 and top-5 accuracy by
+/// [`Hits::accuracy`]), which ranks classifying parts of the queries
+/// against the same bank sum.
 pub fn knn_hits(
     bank: &Tensor,
     bank_labels: &Tensor,
@@ -121,7 +110,7 @@ mod tests {
         let bank = centres.index_select(0, &bank_labels) + seeded_uniform(&[300, 3], 0.87, &mut rng);
         let query_labels = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat([300]);
         let queries = centres.index_select(0, &query_labels) + seeded_uniform(&[900, 3], 0.87, &mut rng);
-        let accuracy = knn_accuracy(&bank, &bank_labels, &queries, &query_labels, 3, KnnConfig::default());
+        let accuracy = knn_hits(&bank, &bank_labels, &queries, &query_labels, 3, KnnConfig::default()).accuracy();
         assert_eq!(accuracy.top1, 1.0, "the clusters do not overlap: {accuracy:?}");
     }
 

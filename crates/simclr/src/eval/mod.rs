@@ -15,7 +15,7 @@ use crate::dist::ProcessGroup;
 
 pub use features::extract_features;
 pub use finetune::{finetune, FineTuned, FinetuneConfig};
-pub use knn::{knn_accuracy, knn_hits, KnnConfig};
+pub use knn::{knn_hits, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
 
