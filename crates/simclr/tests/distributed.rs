@@ -740,7 +740,12 @@ fn normalise_bf16(
     group: Option<&ProcessGroup>,
 ) -> [Tensor; 6] {
     let store = nn::VarStore::new(Device::Cpu);
-    let bn = nn::batch_norm2d(store.root(), 6, Default::default());
+    // tch draws BatchNorm's weight from the global generator, though it is
+    // overwritten below: under the lock, as every draw here.
+    let bn = {
+        let _rng = rng_lock();
+        nn::batch_norm2d(store.root(), 6, Default::default())
+    };
     let (ws, bs) = (bn.ws.as_ref().unwrap(), bn.bs.as_ref().unwrap());
     tch::no_grad(|| {
         ws.shallow_clone().copy_(&weight);
