@@ -198,7 +198,7 @@ struct ProcessArgs {
     dist_timeout_seconds: f64,
 }
 
-/// Where a command given [`ProcessArgs`] runs.
+/// Where a command that can run on several processes runs.
 enum Place {
     /// It ran in the processes this one started, which have ended.
     Launched,
@@ -206,34 +206,49 @@ enum Place {
     Here(Option<simclr::dist::ProcessGroup>, simclr::tch::Device),
 }
 
-impl ProcessArgs {
-    /// Starts the processes --nproc-per-node asks for (`refused`: why this
-    /// command cannot), or joins the others of a launcher's run, with the
-    /// rank's own GPU where `device` is CUDA.
-    fn place(&self, device: simclr::tch::Device, refused: Option<&str>) -> Result<Place> {
-        let world = World::from_env()?;
-        if let (Some(processes), Some(world)) = (self.nproc_per_node, &world) {
-            world.check_nproc_per_node(processes)?;
+/// Starts the `processes` that --nproc-per-node asks for on this machine
+/// (once `launchable` accepts their number), or joins the others of a
+/// launcher's run (torchrun, srun; CUDA tensors through `backend`), with the
+/// rank's own GPU where `device` is CUDA; else runs alone.
+fn place(
+    processes: Option<usize>,
+    timeout: Duration,
+    backend: Backend,
+    device: simclr::tch::Device,
+    launchable: &dyn Fn(usize) -> Result<()>,
+) -> Result<Place> {
+    let world = World::from_env()?;
+    match (processes, world) {
+        (Some(processes), None) => {
+            launchable(processes)?;
+            launch_local(processes, timeout)?;
+            Ok(Place::Launched)
         }
+        (processes, Some(world)) => {
+            if let Some(processes) = processes {
+                world.check_nproc_per_node(processes)?;
+            }
+            let device = simclr::device::of_rank(device, world.rank);
+            let group = world.join(timeout, world.uses_nccl(backend, device.is_cuda())?)?;
+            Ok(Place::Here(Some(group), device))
+        }
+        (None, None) => Ok(Place::Here(None, device)),
+    }
+}
+
+impl ProcessArgs {
+    /// [`place`] with these flags; `refused` says why the command cannot
+    /// run on several processes.
+    fn place(&self, device: simclr::tch::Device, refused: Option<&str>) -> Result<Place> {
         if !simclr::checks::is_positive_finite(self.dist_timeout_seconds) {
             anyhow::bail!("--dist-timeout-seconds {}: must be a finite number > 0", self.dist_timeout_seconds);
         }
         let timeout = Duration::from_secs_f64(self.dist_timeout_seconds);
-        match (self.nproc_per_node, world) {
-            (Some(processes), None) => {
-                if let Some(why) = refused {
-                    anyhow::bail!("--nproc-per-node {processes}: {why}");
-                }
-                launch_local(processes, timeout)?;
-                Ok(Place::Launched)
-            }
-            (_, Some(world)) => {
-                let device = simclr::device::of_rank(device, world.rank);
-                let group = world.join(timeout, world.uses_nccl(Backend::Auto, device.is_cuda())?)?;
-                Ok(Place::Here(Some(group), device))
-            }
-            (None, None) => Ok(Place::Here(None, device)),
-        }
+        let launchable = |processes| match refused {
+            Some(why) => anyhow::bail!("--nproc-per-node {processes}: {why}"),
+            None => Ok(()),
+        };
+        place(self.nproc_per_node, timeout, Backend::Auto, device, &launchable)
     }
 }
 
@@ -467,23 +482,15 @@ fn train(args: TrainArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    let world = World::from_env()?;
-    if let (Some(processes), Some(world)) = (args.nproc_per_node, &world) {
-        world.check_nproc_per_node(processes)?;
-    }
     let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
-    if let (Some(processes), None) = (args.nproc_per_node, &world) {
-        launch::check_divides(config.train.batch_size, processes)?;
-        return launch_local(processes, timeout);
-    }
-    let group = match &world {
-        Some(world) => {
-            let cuda = simclr::device::select(config.train.device)?.is_cuda();
-            Some(world.join(timeout, world.uses_nccl(config.train.dist_backend, cuda)?)?)
-        }
-        None => None,
+    let device = simclr::device::select(config.train.device)?;
+    let launchable = |processes| Ok(launch::check_divides(config.train.batch_size, processes)?);
+    // The trainer picks the rank's device itself.
+    let Place::Here(group, _) = place(args.nproc_per_node, timeout, config.train.dist_backend, device, &launchable)?
+    else {
+        return Ok(());
     };
-    let rank = world.as_ref().map_or(0, |world| world.rank);
+    let rank = group.as_ref().map_or(0, simclr::dist::ProcessGroup::rank);
     let observer = observer::console()?;
     let mut observer = if rank == 0 { observer } else { observer.without_bar() };
     let report = simclr::train::train_in(config, args.resume, group, &mut observer)?;

@@ -184,20 +184,6 @@ struct AllGather : public torch::autograd::Function<AllGather> {
   }
 };
 
-// Global BatchNorm in training (SyncBN): y = w (x - mean) invstd + b with
-// the mean and biased variance of every rank's slice together. Forward: each
-// rank's per-channel mean and sum of squared deviations (libtorch's
-// statistics kernel), one all-gather, Chan et al.'s parallel-variance merge,
-// then libtorch's fused normalisation given those statistics; the running
-// statistics move with the global mean and unbiased variance. Backward: the
-// per-channel sums of dy and dy x_hat (libtorch's backward reduction kernel
-// with the global statistics), one sum all-reduce of them, and
-//   dx = w invstd (dy - sum(dy)/M - x_hat sum(dy x_hat)/M)   (M: global count)
-// as two fused multiply-adds; w and b get this rank's sums, as any parameter
-// does before the gradient all-reduce. This is the backward of
-// torch.nn.SyncBatchNorm, whose kernels are CUDA's alone; ordinary tensor ops
-// through autograd, a pass over the activations each, were much slower
-// (docs/distributed.md).
 // BatchNorm's input gradient on the CPU, dx = k1 dy + k2 x + k3 with
 // per-channel k (in the statistics' type, `acc_t`), in one pass over the
 // activations, computed in `acc_t` and written in the input's type, as
@@ -280,6 +266,21 @@ at::Tensor fused_input_gradient(
   return out;
 }
 
+// Global BatchNorm in training (SyncBN): y = w (x - mean) invstd + b with
+// the mean and biased variance of every rank's slice together. Forward: each
+// rank's per-channel mean and sum of squared deviations (libtorch's
+// statistics kernel), one all-gather, Chan et al.'s parallel-variance merge,
+// then libtorch's fused normalisation given those statistics; the running
+// statistics move with the global mean and unbiased variance. Backward: the
+// per-channel sums of dy and dy x_hat (libtorch's backward reduction kernel
+// with the global statistics), one sum all-reduce of them, and
+//   dx = w invstd (dy - sum(dy)/M - x_hat sum(dy x_hat)/M)   (M: global count)
+// in one pass on the CPU (input_gradient_cpu above), as two fused
+// multiply-adds elsewhere; w and b get this rank's sums, as any parameter
+// does before the gradient all-reduce. This is the backward of
+// torch.nn.SyncBatchNorm, whose kernels are CUDA's alone; ordinary tensor ops
+// through autograd, a pass over the activations each, were much slower
+// (docs/distributed.md).
 struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
   static at::Tensor forward(
       torch::autograd::AutogradContext* context,
