@@ -2160,14 +2160,20 @@ fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     assert_ne!(epoch_losses(&by_index), epoch_losses(&first));
     let two_readers = streamed("two-readers", &["--set", "data.stream_readers=2"]);
     assert_ne!(epoch_losses(&two_readers), epoch_losses(&first));
-    // Two processes each stream their own shards (0, 2, 4 and 1, 3) and
-    // stop together after the smaller share: 10 images, 5 steps of 2.
-    let two = streamed("two", &["--nproc-per-node", "2"]);
-    assert_eq!(epoch_field(&two, "step"), [5, 10, 15]);
+    // Two processes are each dealt whole shards of 5, 5, 5, 5 and 4 images,
+    // another deal each epoch, and train as many steps as the fewest images
+    // a deal can give one allow: 9, 4 steps of 2 each; rank 0 says so.
+    let two = dir.path().join("two");
+    let settings = ["--set", "data.shuffle_buffer=6", "--set", "data.workers=2", "--nproc-per-node", "2"];
+    let output = three_epochs(&shards, &two).args(settings).run();
+    assert_succeeds(&output);
+    assert_eq!(epoch_field(&two, "step"), [4, 8, 12]);
+    let warning = "streaming 5 shards of 24 images on 2 processes trains on 16 images an epoch";
+    assert_eq!(stderr(&output).matches(warning).count(), 1, "{}", stderr(&output));
     // Stopped mid-epoch there, the run resumes on 2 processes, not on 1,
     // which would deal the shards otherwise.
     let stopped_on_two = stop_after("stopped-on-two", 7, &["--nproc-per-node", "2"]);
-    assert_fails_with(&resume(&stopped_on_two, &[]), &["after batch 2 of epoch 2", "resume it on 2 processes, not 1"]);
+    assert_fails_with(&resume(&stopped_on_two, &[]), &["after batch 3 of epoch 2", "resume it on 2 processes, not 1"]);
     assert_succeeds(&resume(&stopped_on_two, &["--nproc-per-node", "2"]));
     assert_eq!(encoder_difference(&stopped_on_two, &two), 0.0, "the stream resumed on 2 processes differs");
     // Shards that give a process no full part of a batch are named, on
@@ -2175,7 +2181,7 @@ fn streamed_shards_train_reproducibly_on_one_or_two_processes() {
     let output = three_epochs(&shards, &dir.path().join("no-batch"))
         .args(["--set", "data.shuffle_buffer=6", "--nproc-per-node", "2", "--batch-size", "24"])
         .run();
-    assert_fails_with(&output, &["no full batch of 24 images", "[14, 10] images for parts of 12"]);
+    assert_fails_with(&output, &["no full batch of 24 images", "as few as 9 images for its part of 12"]);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
-use super::stream::{Streamed, Streaming};
+use super::stream::{ShardList, Streamed, Streaming};
 use super::{decode, Dataset, Sample, TrainingImage};
 use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
 use crate::device::Pinned;
@@ -133,11 +133,10 @@ impl Views {
         }
     }
 
-    /// Streaming, the images each process streams in an epoch, by rank
-    /// (the CPU loader's); `None` when read by index.
-    pub fn stream_shares(&self) -> Option<Vec<usize>> {
+    /// The shards streamed (the CPU loader's); `None` when read by index.
+    pub fn streamed_shards(&self) -> Option<&ShardList> {
         match self {
-            Views::Cpu(loader) => loader.stream_shares(),
+            Views::Cpu(loader) => loader.stream.as_ref().map(|streaming| &streaming.shards),
             Views::Device(_) => None,
         }
     }
@@ -403,23 +402,13 @@ impl ViewLoader {
         self
     }
 
-    /// Streaming, the images each process streams in an epoch, by rank.
-    fn stream_shares(&self) -> Option<Vec<usize>> {
-        let world = self.shard.world;
-        let streaming = self.stream.as_ref()?;
-        Some((0..world).map(|rank| streaming.shards.samples_of(Shard { rank, world })).collect())
-    }
-
     /// Full batches per epoch; the remainder is dropped, as in the paper's
-    /// code. Streaming, every process stops with the one that has the
-    /// fewest samples in its shards.
+    /// code. Streaming, as many as the fewest images a deal of the shards
+    /// can give one process allow (see [`super::stream`]).
     pub fn batches_per_epoch(&self) -> usize {
-        match self.stream_shares() {
+        match &self.stream {
             None => self.dataset.len() / self.batch_size,
-            Some(shares) => {
-                let per_process = self.batch_size / self.shard.world;
-                shares.into_iter().map(|share| share / per_process).min().unwrap_or(0)
-            }
+            Some(streaming) => streaming.shards.least_share(self.shard.world) / (self.batch_size / self.shard.world),
         }
     }
 

@@ -5,13 +5,19 @@
 //! tend to stay close) the buffer's size decides.
 //!
 //! The order is a pure function of (seed, epoch, process, number of
-//! processes, `data.stream_readers`), never of the machine: shard i belongs
-//! to process i mod w; each epoch a process deals its shards, in an order
-//! seeded by (seed, epoch), round-robin to its reader threads; each reader
-//! passes its samples through its own seeded shuffle buffer; and batches
-//! take samples from the readers in turn. Samples keep their index in the
-//! shards' listing, so their views are drawn as in every other mode. A run
-//! stopped part-way through an epoch resumes on the same number of
+//! processes, `data.stream_readers`), never of the machine: each epoch the
+//! shards are put in an order seeded by (seed, epoch) and dealt to the w
+//! processes in turn, so that a process reads other shards each epoch (as
+//! WebDataset's `detshuffle` before `split_by_node`, and DALI's readers
+//! moving to the next shard, do); a process deals its shards round-robin to
+//! its reader threads; each reader passes its samples through its own
+//! seeded shuffle buffer; and batches take samples from the readers in
+//! turn. Every process trains as many batches as the fewest images any deal
+//! can give one process allow ([`ShardList::least_share`]), so epochs have
+//! one length, and what a process's shards hold beyond that is left unread
+//! in that epoch, a different part each epoch. Samples keep their index in
+//! the shards' listing, so their views are drawn as in every other mode. A
+//! run stopped part-way through an epoch resumes on the same number of
 //! processes (the trainer checks), since another number deals the shards
 //! otherwise.
 use std::fs::File;
@@ -59,14 +65,31 @@ impl ShardList {
         Some(Self { shards })
     }
 
-    /// The shards process `part` reads: every w-th, from its rank on.
-    fn of_part(&self, part: Shard) -> Vec<(PathBuf, usize, usize)> {
-        self.shards.iter().skip(part.rank).step_by(part.world).cloned().collect()
+    /// How many shards there are.
+    pub fn len(&self) -> usize {
+        self.shards.len()
     }
 
-    /// The samples process `part` reads in an epoch.
-    pub fn samples_of(&self, part: Shard) -> usize {
-        self.of_part(part).iter().map(|(_, _, count)| count).sum()
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// The shards process `part` reads in `epoch`: all of them in an order
+    /// seeded by (seed, epoch), the same on every process, then every w-th
+    /// from its rank on.
+    fn dealt(&self, part: Shard, seed: u64, epoch: u64) -> Vec<(PathBuf, usize, usize)> {
+        let mut order: Vec<usize> = (0..self.shards.len()).collect();
+        order.shuffle(&mut seeded_rng(seed, &[epoch, 0x4445_414C]));
+        order.into_iter().skip(part.rank).step_by(part.world).map(|shard| self.shards[shard].clone()).collect()
+    }
+
+    /// The fewest samples a deal to `world` processes can give one of them:
+    /// each gets ⌊n/w⌋ or ⌈n/w⌉ of the n shards, so the ⌊n/w⌋ smallest.
+    pub fn least_share(&self, world: usize) -> usize {
+        let mut counts: Vec<usize> = self.shards.iter().map(|(_, _, count)| *count).collect();
+        counts.sort_unstable();
+        counts.iter().take(counts.len() / world.max(1)).sum()
     }
 }
 
@@ -85,8 +108,7 @@ impl Streaming {
     /// The samples process `part` streams in `epoch`, taken from the
     /// readers in turn.
     pub fn epoch(&self, part: Shard, seed: u64, epoch: u64) -> Samples {
-        let mut shards = self.shards.of_part(part);
-        shards.shuffle(&mut seeded_rng(seed, &[epoch, part.rank as u64]));
+        let shards = self.shards.dealt(part, seed, epoch);
         let (readers, buffer) = (self.readers.max(1), self.buffer.max(1));
         let receivers = (0..readers)
             .map(|reader| {
@@ -200,5 +222,73 @@ fn read_shards(shards: Vec<(PathBuf, usize)>, buffer: usize, mut rng: ChaCha8Rng
         if sender.send(sample).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::data::config::DataFormat;
+    use crate::data::shards::write_shards;
+    use crate::data::synthetic::generate;
+
+    /// 24 images in shards of 5 (5, 5, 5, 5, 4), read back as shards.
+    fn shards(dir: &std::path::Path) -> ShardList {
+        write_shards(&generate(24, 3, 16, 0), dir, 5).unwrap();
+        ShardList::of(&Dataset::open(dir, &DataFormat::Auto).unwrap()).expect("every sample is a shard member")
+    }
+
+    #[test]
+    fn each_epoch_deals_every_shard_once_and_another_deal_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = shards(dir.path());
+        let world = 2;
+        assert_eq!(list.least_share(world), 9, "the two smallest shards: 4 + 5");
+        let mut dealt_to = vec![BTreeSet::new(); world];
+        let mut shares = BTreeSet::new();
+        for epoch in 0..12 {
+            let mut firsts = Vec::new();
+            for (rank, dealt_to_rank) in dealt_to.iter_mut().enumerate() {
+                let dealt = list.dealt(Shard { rank, world }, 7, epoch);
+                let share: usize = dealt.iter().map(|(_, _, count)| count).sum();
+                assert!(share >= list.least_share(world), "epoch {epoch}, rank {rank}: {share}");
+                shares.insert(share);
+                dealt_to_rank.extend(dealt.iter().map(|(_, first, _)| *first));
+                firsts.extend(dealt.iter().map(|(_, first, _)| *first));
+            }
+            firsts.sort_unstable();
+            assert_eq!(firsts, [0, 5, 10, 15, 20], "epoch {epoch}: each shard to one process");
+        }
+        // Over epochs every process reads every shard, and the least share is met.
+        assert!(dealt_to.iter().all(|shards| shards.len() == 5), "{dealt_to:?}");
+        assert!(shares.contains(&9), "{shares:?}");
+        // Control: one epoch's deal alone leaves each process shards it never reads.
+        let one = (0..world).map(|rank| list.dealt(Shard { rank, world }, 7, 0).len()).collect::<Vec<_>>();
+        assert!(one.iter().all(|&count| count < 5), "{one:?}");
+    }
+
+    #[test]
+    fn over_epochs_every_image_is_trained_on() {
+        // Two processes each train 8 images an epoch (the least share, 9, in
+        // parts of 2) of the 12 or so their shards hold: what is left unread
+        // differs between epochs, so a few epochs reach every image.
+        let dir = tempfile::tempdir().unwrap();
+        let streaming = Streaming { shards: shards(dir.path()), readers: 2, buffer: 2 };
+        let (world, per_epoch) = (2, 8);
+        let seen_in = |epochs: std::ops::Range<u64>| {
+            let mut seen = BTreeSet::new();
+            for epoch in epochs {
+                for rank in 0..world {
+                    let samples = streaming.epoch(Shard { rank, world }, 7, epoch).take(per_epoch);
+                    seen.extend(samples.map(|sample| sample.index));
+                }
+            }
+            seen
+        };
+        assert_eq!(seen_in(0..16).len(), 24);
+        // Control: one epoch leaves images out.
+        assert!(seen_in(0..1).len() <= 16);
     }
 }

@@ -352,13 +352,18 @@ impl Trainer {
 
         let steps_per_epoch = views.batches_per_epoch();
         if steps_per_epoch == 0 {
-            return Err(no_batch(&views, &train_set, config.train.batch_size));
+            return Err(no_batch(&views, &train_set, config.train.batch_size, shard.world));
+        }
+        if let Some(warning) = unread_each_epoch(&views, &train_set, config.train.batch_size, shard.world) {
+            if writer {
+                tracing::warn!("{warning}");
+            }
         }
         let warmup_steps = (config.optim.warmup_epochs * steps_per_epoch as f64).round() as usize;
         let total_steps = config.train.epochs * steps_per_epoch;
         let schedule =
             Schedule { peak: config.optim.peak_learning_rate(config.train.batch_size), warmup_steps, total_steps };
-        if warmup_steps > total_steps && config.train.time_budget_seconds.is_none() {
+        if warmup_steps > total_steps && config.train.time_budget_seconds.is_none() && writer {
             tracing::warn!(
                 "optim.warmup_epochs = {} is longer than the run's {}: the learning rate never reaches \
                  its peak of {:.4}; lower optim.warmup_epochs (the paper warms up for 10 of 100 or more epochs)",
@@ -927,21 +932,42 @@ fn views(
 
 /// Why `views` make no full batch of `batch_size` images an epoch: only
 /// streamed shards can (read by index, a batch larger than the data is
-/// refused where the loader opens), when a process's shards hold fewer
-/// images than its part of a batch.
-fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize) -> Error {
-    let shares = views.stream_shares().unwrap_or_default();
-    let processes = shares.len().max(1);
+/// refused where the loader opens), when a deal of the shards can give a
+/// process fewer images than its part of a batch.
+fn no_batch(views: &Views, train_set: &Dataset, batch_size: usize, processes: usize) -> Error {
+    let (shards, least) =
+        views.streamed_shards().map_or((0, 0), |shards| (shards.len(), shards.least_share(processes)));
     Error::Dataset {
         path: train_set.origin.clone(),
         message: format!(
-            "no full batch of {batch_size} images in an epoch: each of {processes} processes streams its own \
-             shards (process r reads shards r, r + {processes}, ...), and they hold {shares:?} images for parts of \
-             {} each; write smaller shards (simclr shard --per-shard), use fewer processes or a smaller batch, or \
-             read by index (data.shuffle_buffer = 0)",
+            "no full batch of {batch_size} images in an epoch: the {shards} shards are dealt whole to {processes} \
+             processes each epoch, and a process may be dealt as few as {least} images for its part of {} each; \
+             write smaller shards (simclr shard --per-shard), use fewer processes or a smaller batch, or read by \
+             index (data.shuffle_buffer = 0)",
             batch_size / processes
         ),
     }
+}
+
+/// Streaming, a warning when the shards' deal leaves more than a batch of
+/// images unread each epoch (beyond the remainder any epoch drops): shards
+/// of unequal sizes, or a number of them that the processes do not divide.
+fn unread_each_epoch(views: &Views, train_set: &Dataset, batch_size: usize, processes: usize) -> Option<String> {
+    let shards = views.streamed_shards()?;
+    let trained = views.batches_per_epoch() * batch_size;
+    (train_set.len() >= trained + batch_size).then(|| {
+        format!(
+            "streaming {} shards of {} images on {processes} processes trains on {trained} images an epoch \
+             ({} x {batch_size}): \
+             each process is dealt whole shards, another deal each epoch, and every process trains as many \
+             batches as the fewest images a process may be dealt ({}) allow; shards of equal size, as many as a \
+             multiple of {processes}, leave none unread (simclr shard --per-shard)",
+            shards.len(),
+            train_set.len(),
+            views.batches_per_epoch(),
+            shards.least_share(processes)
+        )
+    })
 }
 
 /// Opens the run folder on rank 0 (or the one process) of a run on
@@ -1036,8 +1062,8 @@ fn check_resumable(config: &ValidConfig, saved: &Checkpoint, processes: usize, p
     let on = |count: usize| if count == 1 { "1 process".to_owned() } else { format!("{count} processes") };
     match saved.processes {
         Some(stopped_on) if config.data.shuffle_buffer > 0 && batch > 0 && stopped_on != processes => refuse(format!(
-            "the run stopped after batch {batch} of epoch {} streaming shards on {}, and each process streams its \
-             own shards: resume it on {}, not {processes}",
+            "the run stopped after batch {batch} of epoch {} streaming shards on {}, and the epoch's shards are \
+             dealt among the processes: resume it on {}, not {processes}",
             epoch + 1,
             on(stopped_on),
             on(stopped_on)
