@@ -1834,6 +1834,29 @@ fn multi_process_bad_input_is_named() {
     for child in [first, second] {
         assert_fails_with(&child.wait_with_output().unwrap(), &["different configurations", "rank 1"]);
     }
+    // Two machines whose copies of the data differ (an image fewer on the
+    // second), each given the same relative path, so the configurations
+    // agree: both stop, naming it, rather than slicing other listings.
+    let machines = [dir.path().join("machine0"), dir.path().join("machine1")];
+    machines.iter().for_each(|machine| image_folder(&machine.join("data"), 6, 16));
+    let one_image = std::fs::read_dir(machines[1].join("data").join("bars")).unwrap().next().unwrap().unwrap();
+    std::fs::remove_file(one_image.path()).unwrap();
+    let port = free_port();
+    let children = machines.iter().enumerate().map(|(rank, machine)| {
+        tiny_training(Path::new("data"), Path::new("run"))
+            .args(["--set", "train.dist_timeout_seconds=20"])
+            .env("RANK", rank)
+            .env("WORLD_SIZE", 2)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port)
+            .spawn(|command| {
+                piped(command);
+                command.current_dir(machine);
+            })
+    });
+    for child in children.collect::<Vec<_>>() {
+        assert_fails_with(&child.wait_with_output().unwrap(), &["different training images", "rank 1"]);
+    }
     // Rank 0's machine cannot be reached: an error within the timeout, naming the address.
     let started = std::time::Instant::now();
     let output = rank(1, 29511, "10.255.255.1").run();

@@ -226,6 +226,10 @@ pub fn evaluate_in(
         Ok((train, test))
     });
     let (train, test) = agree(group, splits)?;
+    if let Some(group) = group {
+        // Each rank computes the features of its part of each split, by position.
+        group.check_same("eval images", &format!("{} {}", train.fingerprint(), test.fingerprint()))?;
+    }
     let (train, test) = (train.with_policy(policy), test.with_policy(policy));
     let classes = train.classes.len();
 

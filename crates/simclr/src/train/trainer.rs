@@ -325,7 +325,11 @@ impl Trainer {
         };
         let saved = agree(group.as_ref(), opened)?;
 
-        let splits = open_splits(&config.data, seed)?;
+        let splits = agree(group.as_ref(), open_splits(&config.data, seed))?;
+        if let Some(group) = &group {
+            // Each rank takes its slice of every batch by position in the listing.
+            group.check_same("training images", &splits.train.fingerprint())?;
+        }
         let policy = config.data.on_bad_image;
         let train_set = Arc::new(splits.train.with_policy(policy));
         let pool = worker_pool(config.data.workers)?;
@@ -426,7 +430,7 @@ impl Trainer {
             device,
             precision,
             trained_by,
-            ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone()),
+            ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone(), writer),
             log: MetricsLog::new(&output_dir.join(METRICS_FILE)),
             budget: config.train.time_budget_seconds.map(Budget::new),
             epoch_first_batch: position.batch,
@@ -789,6 +793,9 @@ struct Ledger {
     max_nonfinite_in_row: usize,
     skipped_steps: usize,
     checkpoint_path: PathBuf,
+    /// Whether a skipped step is told: on rank 0 alone, since every rank
+    /// skips the same steps (the gradient they test is all-reduced).
+    tells: bool,
 }
 
 impl Ledger {
@@ -796,8 +803,15 @@ impl Ledger {
     /// steps late (the steps themselves were shut on the device).
     const READ_EVERY: usize = 16;
 
-    fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf) -> Self {
-        Self { pending: Vec::new(), nonfinite_in_row: 0, max_nonfinite_in_row, skipped_steps: 0, checkpoint_path }
+    fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf, tells: bool) -> Self {
+        Self {
+            pending: Vec::new(),
+            nonfinite_in_row: 0,
+            max_nonfinite_in_row,
+            skipped_steps: 0,
+            checkpoint_path,
+            tells,
+        }
     }
 
     fn push(&mut self, step: usize, loss: Tensor, finite: Tensor) {
@@ -835,7 +849,9 @@ impl Ledger {
             }
             self.nonfinite_in_row += 1;
             self.skipped_steps += 1;
-            tracing::warn!(step, "non-finite loss or gradient ({value}): step skipped");
+            if self.tells {
+                tracing::warn!(step, "non-finite loss or gradient ({value}): step skipped");
+            }
             if self.nonfinite_in_row >= self.max_nonfinite_in_row {
                 return Err(Error::NonFinite(format!(
                     "{} steps in a row (up to step {step}) gave a non-finite loss or gradient; \
