@@ -186,11 +186,11 @@ struct EvalArgs {
     processes: ProcessArgs,
 }
 
-/// How `eval` and `embed` share their work among processes.
+/// How `eval`, `embed` and `neighbors` share their work among processes.
 #[derive(Args)]
 struct ProcessArgs {
     /// Start this many processes on this machine, each computing the features of its part of the
-    /// images (embed; eval's knn and linear). Under torchrun or srun, leave it out.
+    /// images (embed, neighbors; eval's knn and linear). Under torchrun or srun, leave it out.
     #[arg(long, value_name = "N")]
     nproc_per_node: Option<usize>,
     /// How long a process waits for the others before all stop with an error.
@@ -286,6 +286,8 @@ struct NeighborsArgs {
     batch_size: usize,
     #[command(flatten)]
     options: simclr::retrieval::NeighborsOptions,
+    #[command(flatten)]
+    processes: ProcessArgs,
 }
 
 #[derive(Args)]
@@ -576,8 +578,16 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
 }
 
 fn neighbors(args: NeighborsArgs) -> Result<()> {
-    let encoder = args.encoder.options(args.batch_size)?;
-    let report = simclr::retrieval::neighbors(&encoder, &args.options)?;
+    let mut encoder = args.encoder.options(args.batch_size)?;
+    let hnsw = args.options.kind == simclr::retrieval::IndexKind::Hnsw;
+    let refused = hnsw.then_some("--index-kind hnsw builds its graph in one process (the exact search is shared)");
+    let Place::Here(group, device) = args.processes.place(encoder.device, refused)? else {
+        return Ok(());
+    };
+    encoder.device = device;
+    let Some(report) = simclr::retrieval::neighbors_in(&encoder, &args.options, group.as_ref())? else {
+        return Ok(());
+    };
     print!("{report}");
     eprint!("{}", simclr::data::Skipped(&report.skipped));
     if let Some(gallery) = &args.options.gallery {

@@ -1744,6 +1744,77 @@ fn two_processes_embed_as_one() {
 }
 
 #[test]
+fn two_processes_search_as_one() {
+    // Each process embeds its part of the queries and searches its part of
+    // the images; the first takes each query's best of both parts. Against
+    // one process: the same neighbours, similarities within 1e-4 (features
+    // computed in other batches), the same gallery; a broken image in the
+    // second process's part skipped, or stopping both, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run) = trained_run(dir.path());
+    let data = dir.path().join("images");
+    image_folder(&data, 6, 16);
+    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
+    let encoder = encoder_flags(&run.join("encoder.safetensors"), "resnet18", "0.125");
+    let search = |index: &Path, gallery: &str, extra: &[&str]| {
+        let (index, queries) = (index.display().to_string(), data.display().to_string());
+        let gallery = dir.path().join(gallery).display().to_string();
+        let flags = ["--index", &index, "--query", &queries, "--k", "5", "--batch-size", "4", "--gallery", &gallery];
+        simclr(["neighbors"]).args(&encoder).args(flags).args(["--on-bad-image", "skip"]).args(extra).run()
+    };
+    // Per query (the broken one is skipped), its neighbours' paths and similarities.
+    let table = |output: &Output| -> Vec<(String, Vec<(String, f64)>)> {
+        assert_succeeds(output);
+        let mut queries: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines().skip(1) {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let hit = (fields[3].to_owned(), fields[2].parse::<f64>().unwrap());
+            match queries.last_mut() {
+                Some((query, hits)) if query == fields[0] => hits.push(hit),
+                _ => queries.push((fields[0].to_owned(), vec![hit])),
+            }
+        }
+        queries
+    };
+    let same = |a: &[(String, Vec<(String, f64)>)], b: &[(String, Vec<(String, f64)>)]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|((query_a, hits_a), (query_b, hits_b))| {
+                query_a == query_b
+                    && hits_a.len() == hits_b.len()
+                    && hits_a
+                        .iter()
+                        .zip(hits_b)
+                        .all(|((path_a, sim_a), (path_b, sim_b))| path_a == path_b && (sim_a - sim_b).abs() < 1e-4)
+            })
+    };
+    let one = search(&data, "one.png", &[]);
+    assert!(stderr(&one).contains("broken.jpg"), "{}", stderr(&one));
+    let one = table(&one);
+    assert_eq!((one.len(), one[0].1.len()), (12, 5));
+    for processes in ["2", "3"] {
+        let output = search(&data, &format!("{processes}.png"), &["--nproc-per-node", processes]);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(stdout.lines().filter(|line| line.starts_with("query")).count(), 1, "one table:\n{stdout}");
+        assert!(same(&table(&output), &one), "{processes} processes:\n{stdout}");
+        let gallery = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+        assert!(gallery(&format!("{processes}.png")) == gallery("one.png"), "{processes} processes' gallery");
+    }
+    // The control: the first process's part alone (the bars) is not the search.
+    let bars = dir.path().join("bars-only");
+    std::fs::create_dir_all(bars.join("bars")).unwrap();
+    for entry in std::fs::read_dir(data.join("bars")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, bars.join("bars").join(path.file_name().unwrap())).unwrap();
+    }
+    assert!(!same(&table(&search(&bars, "bars.png", &[])), &one), "the comparison misses a part left out");
+    // HNSW builds its graph in one process; the stop policy stops both.
+    let output = search(&data, "hnsw.png", &["--nproc-per-node", "2", "--index-kind", "hnsw"]);
+    assert_fails_with(&output, &["--nproc-per-node 2: --index-kind hnsw builds its graph in one process"]);
+    let output = search(&data, "stopped.png", &["--nproc-per-node", "2", "--on-bad-image", "stop"]);
+    assert_fails_with(&output, &["broken.jpg"]);
+}
+
+#[test]
 fn supervised_training_is_the_same_on_one_or_two_processes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, shards) = folder_and_shards(dir.path());

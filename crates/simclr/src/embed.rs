@@ -175,16 +175,39 @@ impl LoadedEncoder {
     /// tensor, the positions in `images` of its rows, and the images left
     /// out; an error if none could be read.
     pub fn embed_images(&self, images: &[Sample], input: &Path) -> Result<Embedded> {
+        self.embed_across(images, input, None)
+    }
+
+    /// [`LoadedEncoder::embed_images`] shared among `group`'s ranks: each
+    /// embeds its [`part_range`] of `images`, and every rank gets the rows,
+    /// positions and images left out of all parts, in order, as one process
+    /// would compute them (up to the rounding of other batches); an error
+    /// on any rank stops every rank, naming it.
+    pub fn embed_across(&self, images: &[Sample], input: &Path, group: Option<&ProcessGroup>) -> Result<Embedded> {
+        let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+        let mine = part_range(images.len(), rank, world);
         let (mut chunks, mut rows) = (Vec::new(), Vec::new());
-        let skipped = self.each_batch(images, &mut |features, read| {
+        let part = self.each_batch(&images[mine.clone()], &mut |features, read| {
             chunks.push(features.to_device(Device::Cpu));
-            rows.extend(read);
+            rows.extend(read.into_iter().map(|row| mine.start + row));
             Ok(())
-        })?;
+        });
+        let mut skipped = agree(group, part)?;
+        let mut features = match chunks.is_empty() {
+            true => tch::Tensor::zeros([0, self.dim()?], (tch::Kind::Float, Device::Cpu)),
+            false => tch::Tensor::cat(&chunks, 0),
+        };
+        if let Some(group) = group {
+            features = group.all_gather_rows(&features)?;
+            let positions: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+            let gathered = group.all_gather_rows(&tch::Tensor::from_slice(&positions))?;
+            rows = Vec::<i64>::try_from(&gathered)?.into_iter().map(|row| row as usize).collect();
+            skipped = group.all_gather_lines(&skipped)?;
+        }
         if rows.is_empty() {
             return Err(crate::data::none_readable(input, images.len()));
         }
-        Ok(Embedded { features: tch::Tensor::cat(&chunks, 0), rows, skipped })
+        Ok(Embedded { features, rows, skipped })
     }
 
     /// The device the network computes on.

@@ -13,6 +13,7 @@ use instant_distance::{Builder, HnswMap, Search};
 use tch::{Kind, Tensor};
 
 use crate::data::Sample;
+use crate::dist::{agree, part_range, ProcessGroup};
 use crate::loss::similarity::l2_normalize;
 use crate::{Error, Result};
 
@@ -209,27 +210,60 @@ impl std::fmt::Display for NeighborsReport {
 
 /// Embeds the images searched and the queries, and finds each query's neighbours.
 pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOptions) -> Result<NeighborsReport> {
+    Ok(neighbors_in(encoder, options, None)?.expect("one process reports"))
+}
+
+/// [`neighbors`] as one rank of `group` (alone when `None`), every rank
+/// calling it with the same options: each embeds its part of the queries,
+/// which every rank then holds, and streams its part of the images searched
+/// past them, keeping each query's k best of its part; rank 0 takes the k
+/// best of all parts' and gets the report (and writes the gallery), the
+/// others `None`. The hits are one process's, up to the rounding of
+/// features computed in other batches. Several processes search exactly:
+/// an HNSW graph is one process's (`--index-kind hnsw` is refused).
+pub fn neighbors_in(
+    encoder: &crate::embed::EncoderOptions,
+    options: &NeighborsOptions,
+    group: Option<&ProcessGroup>,
+) -> Result<Option<NeighborsReport>> {
+    let group = group.filter(|group| group.size() > 1);
     if options.k == 0 {
         return Err(Error::InvalidArgument("--k 0: must be at least 1".to_owned()));
     }
     if options.thumbnail < 8 {
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
-    let (items, queries) = (crate::embed::images_in(&options.index)?, crate::embed::images_in(&options.queries)?);
-    if options.gallery.is_some() {
-        gallery::check_size(queries.len(), options.k.min(items.len()), options.thumbnail)?;
+    if group.is_some() && options.kind == IndexKind::Hnsw {
+        return Err(Error::InvalidArgument(
+            "--index-kind hnsw builds its graph in one process; several processes search exactly".to_owned(),
+        ));
     }
-    let loaded = encoder.load()?;
+    let listed = (|| {
+        let (items, queries) = (crate::embed::images_in(&options.index)?, crate::embed::images_in(&options.queries)?);
+        if options.gallery.is_some() {
+            gallery::check_size(queries.len(), options.k.min(items.len()), options.thumbnail)?;
+        }
+        Ok((items, queries, encoder.load()?))
+    })();
+    let (items, queries, loaded) = agree(group, listed)?;
+    if let Some(group) = group {
+        // Each rank has a device of its own; the rest must be the same.
+        let shared = crate::embed::EncoderOptions { device: tch::Device::Cpu, ..encoder.clone() };
+        group.check_same("neighbors settings", &format!("{shared:?} {options:?}"))?;
+        // Each rank embeds its part of each list by position.
+        let names = items.iter().chain(&queries).map(|(name, _)| name.as_str()).collect::<Vec<_>>().join("\n");
+        group.check_same("images", &format!("{:08x}", crc32fast::hash(names.as_bytes())))?;
+    }
     let mut skipped = Vec::new();
     // The queries that could be read, their images, and their features.
     let (names, images): (Vec<String>, Vec<Sample>) = queries.into_iter().unzip();
-    let embedded = loaded.embed_images(&images, &options.queries)?;
+    let embedded = loaded.embed_across(&images, &options.queries, group)?;
     let skipped_queries = embedded.skipped;
     let (queries, query_images) = (picked(&names, &embedded.rows), picked(&images, &embedded.rows));
     let query_features = embedded.features;
 
     let (names, images): (Vec<String>, Vec<Sample>) = items.into_iter().unzip();
-    let (read, hits) = match options.kind.uses_hnsw(images.len(), queries.len()) {
+    let (read, hits) = match group.is_none() && options.kind.uses_hnsw(images.len(), queries.len()) {
         true => {
             let embedded = loaded.embed_images(&images, &options.index)?;
             skipped.extend(embedded.skipped);
@@ -242,26 +276,39 @@ pub fn neighbors(encoder: &crate::embed::EncoderOptions, options: &NeighborsOpti
         // computes them: a GPU's search multiplies every query by every
         // image, never on the host.
         false => {
-            // A hit's index is its image's place among those read.
+            let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+            let mine = part_range(images.len(), rank, world);
+            // A hit's index is its image's place among those this rank read.
             let mut best = Best::new(&query_features.to_device(loaded.device()), options.k);
             let mut read = Vec::new();
-            skipped.extend(loaded.each_batch(&images, &mut |features, rows| {
+            let part = loaded.each_batch(&images[mine.clone()], &mut |features, rows| {
                 best.meet(&features, read.len());
-                read.extend(rows);
+                read.extend(rows.into_iter().map(|row| mine.start + row));
                 Ok(())
-            })?);
+            });
+            skipped.extend(agree(group, part)?);
+            let (read, hits) = match group {
+                None => (read, best.hits()?),
+                Some(group) => {
+                    skipped = group.all_gather_lines(&skipped)?;
+                    best.merged(group, &read)?
+                }
+            };
             if read.is_empty() {
                 return Err(crate::data::none_readable(&options.index, images.len()));
             }
-            (read, best.hits()?)
+            (read, hits)
         }
     };
+    if group.is_some_and(|group| group.rank() != 0) {
+        return Ok(None);
+    }
     skipped.extend(skipped_queries);
     let (items, item_images) = (picked(&names, &read), picked(&images, &read));
     if let Some(path) = &options.gallery {
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
-    Ok(NeighborsReport { items, queries, hits, skipped })
+    Ok(Some(NeighborsReport { items, queries, hits, skipped }))
 }
 
 /// Each query's `k` most similar items among those met so far, for an
@@ -304,6 +351,49 @@ impl Best {
     /// Each query's hits, best first, indexed by the items' positions.
     fn hits(&self) -> Result<Vec<Vec<Neighbor>>> {
         hits_of(&self.similarity, &self.position)
+    }
+
+    /// Every rank's best, met over its part of the items, merged: each
+    /// query's k best of all parts, best first, indexed by their place among
+    /// the items all ranks read, and those items (their positions in the
+    /// list, in order). `read` is this rank's, in the order met.
+    fn merged(&self, group: &ProcessGroup, read: &[usize]) -> Result<(Vec<usize>, Vec<Vec<Neighbor>>)> {
+        let cpu = |tensor: &Tensor| tensor.to_device(tch::Device::Cpu);
+        // Positions in the list, padded to k hits a query (a rank may have
+        // read fewer items than k) with hits that lose to any other.
+        let positions = Tensor::from_slice(&read.iter().map(|&item| item as i64).collect::<Vec<_>>());
+        let (queries, found) = (self.similarity.size()[0], self.similarity.size()[1]);
+        let position = positions.index_select(0, &cpu(&self.position).reshape([-1])).reshape([queries, found]);
+        let padding = self.k - found;
+        let similarity = Tensor::cat(
+            &[
+                cpu(&self.similarity),
+                Tensor::full([queries, padding], f64::NEG_INFINITY, (Kind::Float, tch::Device::Cpu)),
+            ],
+            1,
+        );
+        let position =
+            Tensor::cat(&[position, Tensor::full([queries, padding], -1, (Kind::Int64, tch::Device::Cpu))], 1);
+        // [W, Q, k] -> [Q, W k]: every rank's candidates for each query.
+        let across = |tensor: &Tensor| -> Result<Tensor> {
+            let all = group.all_gather(tensor)?.reshape([group.size() as i64, queries, self.k]);
+            Ok(all.permute([1, 0, 2]).reshape([queries, -1]))
+        };
+        let (similarity, position) = (across(&similarity)?, across(&position)?);
+        let all_read = Vec::<i64>::try_from(&group.all_gather_rows(&positions)?)?;
+        let all_read: Vec<usize> = all_read.into_iter().map(|item| item as usize).collect();
+        let (best, chosen) = similarity.topk(self.k.min(all_read.len() as i64), 1, true, true);
+        let position = position.gather(1, &chosen, false);
+        // A list position to its place among the items read (ascending).
+        let hits = hits_of(&best, &position)?
+            .into_iter()
+            .map(|hits| {
+                hits.into_iter()
+                    .map(|hit| Neighbor { index: all_read.binary_search(&hit.index).expect("a hit was read"), ..hit })
+                    .collect()
+            })
+            .collect();
+        Ok((all_read, hits))
     }
 }
 
