@@ -1695,6 +1695,16 @@ fn npy_values(path: &Path) -> Vec<f32> {
     bytes[128..].chunks(4).map(|value| f32::from_le_bytes(value.try_into().unwrap())).collect()
 }
 
+/// A trained run's encoder flags, and a folder of 12 images and a broken
+/// one, last in the listing (in the last process's part).
+fn encoder_and_broken_images(dir: &Path) -> (Vec<String>, PathBuf) {
+    let (_, run) = trained_run(dir);
+    let data = dir.join("images");
+    image_folder(&data, 6, 16);
+    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
+    (encoder_flags(&run.join("encoder.safetensors"), "resnet18", "0.125"), data)
+}
+
 #[test]
 fn two_processes_embed_as_one() {
     // Each process writes the features of its part of the images to a file
@@ -1703,11 +1713,7 @@ fn two_processes_embed_as_one() {
     // with a broken image in the second process's part left out under the
     // skip policy, or stopping both, naming it, and leaving no file.
     let dir = tempfile::tempdir().unwrap();
-    let (_, run) = trained_run(dir.path());
-    let data = dir.path().join("images");
-    image_folder(&data, 6, 16);
-    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
-    let encoder = encoder_flags(&run.join("encoder.safetensors"), "resnet18", "0.125");
+    let (encoder, data) = encoder_and_broken_images(dir.path());
     let out = dir.path().join("out");
     let embed = |name: &str, extra: &[&str]| {
         let output = out.join(name).display().to_string();
@@ -1751,11 +1757,7 @@ fn two_processes_search_as_one() {
     // computed in other batches), the same gallery; a broken image in the
     // second process's part skipped, or stopping both, naming it.
     let dir = tempfile::tempdir().unwrap();
-    let (_, run) = trained_run(dir.path());
-    let data = dir.path().join("images");
-    image_folder(&data, 6, 16);
-    std::fs::write(data.join("blocks").join("broken.jpg"), b"not a jpeg").unwrap();
-    let encoder = encoder_flags(&run.join("encoder.safetensors"), "resnet18", "0.125");
+    let (encoder, data) = encoder_and_broken_images(dir.path());
     let search = |index: &Path, gallery: &str, extra: &[&str]| {
         let (index, queries) = (index.display().to_string(), data.display().to_string());
         let gallery = dir.path().join(gallery).display().to_string();
