@@ -1636,9 +1636,9 @@ fn two_processes_evaluate_as_one() {
     // features of a part come from other batches than one process's, so a
     // score could move by a rounding; on these 23 images it does not. With
     // every image voting nearly alike (k 30, temperature 100) the larger
-    // class (12 blocks against 11 bars) wins every vote, so the first
-    // process's queries (mostly bars) alone would score 1/12 and the
-    // second's 1: their hits must be summed.
+    // class (12 blocks against 11 bars) wins every vote, while the first
+    // process's part of the bank (11 bars and a block) alone would make the
+    // bars win: each query's neighbours must come from every part.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);

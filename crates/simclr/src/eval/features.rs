@@ -134,6 +134,31 @@ impl Batches {
         group.agree(mine)?.gathered(group)
     }
 
+    /// [`Batches::labelled`] shared among `group`'s ranks, each keeping the
+    /// features of its [`part`] of `samples` (a shared kNN bank:
+    /// [`crate::eval::knn_hits_across`]): its part, with the images left out
+    /// of every part (in order), and how many rows all parts hold; an error
+    /// on any rank stops every rank, naming it. Without a group, all of
+    /// `samples`.
+    pub fn labelled_part(
+        &self,
+        net: FeatureNet,
+        samples: &[Sample],
+        pool: &rayon::ThreadPool,
+        group: Option<&ProcessGroup>,
+    ) -> Result<(Labelled, usize)> {
+        let Some(group) = group else {
+            let labelled = self.labelled(net, samples, pool)?;
+            let rows = labelled.features.size()[0] as usize;
+            return Ok((labelled, rows));
+        };
+        let mine = group.agree(self.labelled(net, part(samples, group.rank(), group.size()), pool))?;
+        let mut rows = Tensor::from_slice(&[mine.features.size()[0]]);
+        group.all_reduce(&mut rows, crate::dist::ReduceOp::Sum)?;
+        let skipped = group.all_gather_lines(&mine.skipped)?;
+        Ok((Labelled { skipped, ..mine }, rows.int64_value(&[0]) as usize))
+    }
+
     fn each_in(
         &self,
         net: FeatureNet,

@@ -6,6 +6,7 @@
 use tch::{Kind, Tensor};
 
 use super::Hits;
+use crate::dist::{ProcessGroup, ReduceOp};
 use crate::loss::similarity::l2_normalize as normalize;
 
 /// Rows of similarity computed at once: chunk x bank floats in memory.
@@ -93,6 +94,66 @@ pub fn knn_hits(
     config: KnnConfig,
 ) -> Hits {
     Hits::of(&knn_votes(bank, bank_labels, queries, classes, config), query_labels)
+}
+
+/// Queries whose candidates one all-gather of [`knn_hits_across`] carries:
+/// ranks x chunk x k similarities and labels (8 ranks, k 200: 78 MB).
+const GATHERED_QUERIES: i64 = 4096;
+
+/// [`knn_hits`] with the bank shared among `group`'s ranks: each holds its
+/// part (`bank`, `bank_labels`; a part may be empty) and all the `queries`.
+/// Each rank finds every query's k most similar rows of its part, the
+/// ranks' candidates are gathered (a chunk of queries at a time), and every
+/// rank votes with each query's k most similar of all candidates: the hits
+/// of one process holding the whole bank, up to ties, on every rank. No
+/// rank ever holds more of the bank than its part (an ImageNet bank of
+/// 2048-d features is 10.5 GB). Without a group, [`knn_hits`].
+pub fn knn_hits_across(
+    bank: &Tensor,
+    bank_labels: &Tensor,
+    queries: &Tensor,
+    query_labels: &Tensor,
+    classes: i64,
+    config: KnnConfig,
+    group: Option<&ProcessGroup>,
+) -> crate::Result<Hits> {
+    let Some(group) = group else { return Ok(knn_hits(bank, bank_labels, queries, query_labels, classes, config)) };
+    let mut rows = Tensor::from_slice(&[bank.size()[0]]);
+    group.all_reduce(&mut rows, ReduceOp::Sum)?;
+    let k = (config.k as i64).min(rows.int64_value(&[0]));
+    let bank = normalize(bank);
+    let device = bank.device();
+    let mut votes = vec![Tensor::zeros([0, classes], (Kind::Float, device))];
+    for chunk in normalize(queries).split(GATHERED_QUERIES, 0) {
+        let count = chunk.size()[0];
+        // This part's k best, padded to k (a part may hold fewer rows) with
+        // candidates that lose to any other.
+        let (similarity, position) = nearest(&bank, &chunk, k.min(bank.size()[0]));
+        let labels = bank_labels.index_select(0, &position.flatten(0, -1)).view_as(&position);
+        let padding = k - similarity.size()[1];
+        let similarity = Tensor::cat(
+            &[
+                similarity.to_kind(Kind::Float),
+                Tensor::full([count, padding], f64::NEG_INFINITY, (Kind::Float, device)),
+            ],
+            1,
+        );
+        let labels = Tensor::cat(&[labels, Tensor::zeros([count, padding], (Kind::Int64, device))], 1);
+        // [W q, k] -> [q, W k]: every rank's candidates for each query.
+        let across = |tensor: &Tensor| -> crate::Result<Tensor> {
+            let all = group.all_gather(tensor)?.reshape([group.size() as i64, count, k]);
+            Ok(all.permute([1, 0, 2]).reshape([count, -1]))
+        };
+        let (similarity, labels) = (across(&similarity)?, across(&labels)?);
+        let (top, chosen) = similarity.topk(k, 1, true, true);
+        let weights = (top / config.temperature).exp();
+        votes.push(Tensor::zeros([count, classes], (Kind::Float, device)).scatter_add(
+            1,
+            &labels.gather(1, &chosen, false),
+            &weights,
+        ));
+    }
+    Ok(Hits::of(&Tensor::cat(&votes, 0), query_labels))
 }
 
 #[cfg(test)]

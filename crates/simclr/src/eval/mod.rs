@@ -11,11 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, Kind, Tensor};
 
-use crate::dist::ProcessGroup;
-
 pub use features::extract_features;
 pub use finetune::{finetune, FineTuned, FinetuneConfig};
-pub use knn::{knn_hits, KnnConfig};
+pub use knn::{knn_hits, knn_hits_across, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
 
@@ -47,7 +45,7 @@ pub fn accuracy(scores: &Tensor, labels: &Tensor) -> Accuracy {
 }
 
 /// How many rows have their label first, and among the first five, of how
-/// many: counts that ranks scoring their parts of one split sum.
+/// many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hits {
     pub top1: i64,
@@ -64,15 +62,6 @@ impl Hits {
     pub fn accuracy(self) -> Accuracy {
         let rows = self.rows as f64;
         Accuracy { top1: self.top1 as f64 / rows, top5: self.top5 as f64 / rows }
-    }
-
-    /// Every rank's hits summed (these alone without a group).
-    pub fn summed(self, group: Option<&ProcessGroup>) -> crate::Result<Self> {
-        let Some(group) = group else { return Ok(self) };
-        let mut counts = Tensor::from_slice(&[self.top1, self.top5, self.rows]);
-        group.all_reduce(&mut counts, crate::dist::ReduceOp::Sum)?;
-        let [top1, top5, rows] = [0, 1, 2].map(|i| counts.int64_value(&[i]));
-        Ok(Self { top1, top5, rows })
     }
 }
 

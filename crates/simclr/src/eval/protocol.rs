@@ -5,15 +5,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 
 use super::features::{Batches, FeatureNet, Labelled};
-use super::{finetune, knn_hits, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task};
+use super::{
+    finetune, knn_hits_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task,
+};
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
 use crate::device::{Precision, PrecisionChoice};
-use crate::dist::{agree, part_range, ProcessGroup};
+use crate::dist::{agree, ProcessGroup};
 use crate::model::{EncoderSpec, Layer, SimClr};
 use crate::{Error, Result};
 
@@ -170,11 +172,12 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
 
 /// [`evaluate`] as one rank of `group` (alone when `None`), every rank
 /// calling it with the same options: the ranks share the feature
-/// extraction (each its part of both splits, gathered in order) and kNN's
-/// votes (each its part of the queries, the hits summed), so kNN and linear
-/// score as one process does, up to the rounding of features computed in
-/// other batches. Rank 0 fits the linear classifier and gets the report;
-/// the others get `None`. Fine-tuning runs in one process.
+/// extraction (each its part of both splits, gathered in order; for kNN
+/// each keeps its part of the bank, and the queries' neighbours are chosen
+/// among every part's: [`super::knn_hits_across`]), so kNN and linear score
+/// as one process does, up to the rounding of features computed in other
+/// batches. Rank 0 fits the linear classifier and gets the report; the
+/// others get `None`. Fine-tuning runs in one process.
 pub fn evaluate_in(
     network: &Network,
     options: &EvalOptions,
@@ -209,7 +212,7 @@ pub fn evaluate_in(
         group.check_same("eval settings", &format!("{} {shared:?} {protocol:?}", network.name))?;
     }
     let canonical = |path: &std::path::Path| path.canonicalize().ok();
-    let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+    let rank = group.map_or(0, |group| group.rank());
     if rank == 0 && canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
         // A CIFAR folder opens as its training batches, whichever split it is given as.
         tracing::warn!(
@@ -241,18 +244,16 @@ pub fn evaluate_in(
     let device = options.device;
     // kNN and linear compute features once: an unreadable image is left out
     // as it is met.
-    let frozen = || {
-        let precision = options.precision.on(device, false);
-        let batches = Batches { format, batch_size: options.batch_size, device, policy, precision };
-        let features = |split: &Dataset, path: &std::path::Path| {
-            let labelled = batches.labelled_across(net, &split.samples, &pool, group)?;
-            match labelled.features.size()[0] {
-                0 => Err(crate::data::none_readable(path, labelled.skipped.len())),
-                _ => Ok(labelled),
-            }
-        };
-        Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?, precision))
+    let precision = options.precision.on(device, false);
+    let batches = Batches { format, batch_size: options.batch_size, device, policy, precision };
+    let features = |split: &Dataset, path: &std::path::Path| {
+        let labelled = batches.labelled_across(net, &split.samples, &pool, group)?;
+        match labelled.features.size()[0] {
+            0 => Err(crate::data::none_readable(path, labelled.skipped.len())),
+            _ => Ok(labelled),
+        }
     };
+    let frozen = || Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?));
     let scored = match protocol {
         Protocol::Finetune(config) => {
             // Fine-tuning reads its images every epoch: the unreadable are
@@ -277,8 +278,12 @@ pub fn evaluate_in(
             }
         }
         Protocol::Knn(config) => {
-            let (train, test, precision) = frozen()?;
-            let train_images = train.features.size()[0] as usize;
+            // Each rank keeps its part of the bank, and all the queries.
+            let (bank, train_images) = batches.labelled_part(net, &train.samples, &pool, group)?;
+            if train_images == 0 {
+                return Err(crate::data::none_readable(&options.train, bank.skipped.len()));
+            }
+            let test = features(&test, &options.test)?;
             if config.k > train_images && rank == 0 {
                 tracing::warn!(
                     "--k {} is more than the {train_images} training images: every one of them votes, as with --k \
@@ -286,18 +291,24 @@ pub fn evaluate_in(
                     config.k
                 );
             }
-            let queries = part_range(test.features.size()[0] as usize, rank, world);
-            let mine = |rows: &Tensor| rows.narrow(0, queries.start as i64, queries.len() as i64);
-            let (features, labels) = (mine(&test.features), mine(&test.labels));
-            let hits = knn_hits(&train.features, &train.labels, &features, &labels, classes as i64, *config);
-            Scored::on_features(hits.summed(group)?.accuracy(), train, test, precision)
+            let (classes, config) = (classes as i64, *config);
+            let hits =
+                knn_hits_across(&bank.features, &bank.labels, &test.features, &test.labels, classes, config, group)?;
+            Scored {
+                accuracy: hits.accuracy(),
+                labelled_images: train_images,
+                train_images,
+                test_images: test.features.size()[0] as usize,
+                skipped: [bank.skipped, test.skipped].concat(),
+                precision,
+            }
         }
         Protocol::Linear(_) if rank != 0 => {
             frozen()?;
             return Ok(None);
         }
         Protocol::Linear(config) => {
-            let (train, test, precision) = frozen()?;
+            let (train, test) = frozen()?;
             let accuracy =
                 linear_eval(&train.features, &train.labels, &test.features, &test.labels, classes as i64, config)?;
             Scored::on_features(accuracy, train, test, precision)

@@ -3,11 +3,11 @@
 //!
 //! On several processes each computes the features of its part of both
 //! splits (contiguous, in order), so the monitor takes 1/W of one process's
-//! time: the bank's parts are gathered in order, so that every rank holds
-//! the one-process bank row for row, each rank classifies its own queries,
-//! and the counts of correct answers are summed. The score is the
-//! one-process score up to the rounding of features computed in other
-//! batches.
+//! time: each rank keeps its part of the bank and gets all the queries,
+//! finds every query's k nearest in its part, and the ranks' candidates are
+//! gathered to vote ([`crate::eval::knn_hits_across`]), so that no rank
+//! holds the whole bank. The score is the one-process score up to the
+//! rounding of features computed in other batches (and ties).
 use rayon::ThreadPool;
 use tch::Device;
 
@@ -19,7 +19,7 @@ use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{agree, part, ProcessGroup};
 use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
-use crate::eval::knn::{knn_hits, KnnConfig};
+use crate::eval::knn::{knn_hits_across, KnnConfig};
 use crate::model::Layer;
 use crate::{Error, Result};
 
@@ -77,12 +77,14 @@ impl Monitor {
     ) -> Result<f64> {
         let policy = BadImagePolicy::Stop;
         let batches = Batches { format, batch_size: FEATURE_BATCH, device, policy, precision: Precision::Fp32 };
-        let bank = batches.labelled_across(net, &self.bank.samples, pool, group)?;
+        // Each rank holds its part of the bank and all the queries.
         let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
-        let queries = agree(group, batches.labelled(net, part(&self.queries.samples, rank, world), pool))?;
+        let bank = agree(group, batches.labelled(net, part(&self.bank.samples, rank, world), pool))?;
+        let queries = batches.labelled_across(net, &self.queries.samples, pool, group)?;
+        let (classes, config) = (self.classes, self.config);
         let hits =
-            knn_hits(&bank.features, &bank.labels, &queries.features, &queries.labels, self.classes, self.config);
-        Ok(hits.summed(group)?.accuracy().top1)
+            knn_hits_across(&bank.features, &bank.labels, &queries.features, &queries.labels, classes, config, group)?;
+        Ok(hits.accuracy().top1)
     }
 }
 
