@@ -68,13 +68,15 @@ pub fn knn_votes(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classes:
     let bank = normalize(bank);
     let k = (config.k as i64).min(bank.size()[0]);
     let (top_similarity, top_index) = nearest(&bank, &normalize(queries), k);
-    let weights = (top_similarity / config.temperature).exp();
     let neighbour_labels = bank_labels.index_select(0, &top_index.flatten(0, -1)).view_as(&top_index);
-    Tensor::zeros([top_index.size()[0], classes], (Kind::Float, bank.device())).scatter_add(
-        1,
-        &neighbour_labels,
-        &weights,
-    )
+    votes(&top_similarity, &neighbour_labels, classes, config.temperature)
+}
+
+/// The votes per class, `[Q, classes]`, of neighbours of cosine
+/// `similarity` and class `labels` (both `[Q, k]`): exp(s/T) each.
+fn votes(similarity: &Tensor, labels: &Tensor, classes: i64, temperature: f64) -> Tensor {
+    let weights = (similarity / temperature).exp();
+    Tensor::zeros([similarity.size()[0], classes], (Kind::Float, similarity.device())).scatter_add(1, labels, &weights)
 }
 
 /// Predicted class of each query, `[Q]` int64.
@@ -83,8 +85,7 @@ pub fn knn_predict(bank: &Tensor, bank_labels: &Tensor, queries: &Tensor, classe
 }
 
 /// The kNN classifier's hits on `queries` (its top-1 and top-5 accuracy by
-/// [`Hits::accuracy`]), which ranks classifying parts of the queries
-/// against the same bank sum.
+/// [`Hits::accuracy`]).
 pub fn knn_hits(
     bank: &Tensor,
     bank_labels: &Tensor,
@@ -101,13 +102,8 @@ pub fn knn_hits(
 const GATHERED_QUERIES: i64 = 4096;
 
 /// [`knn_hits`] with the bank shared among `group`'s ranks: each holds its
-/// part (`bank`, `bank_labels`; a part may be empty) and all the `queries`.
-/// Each rank finds every query's k most similar rows of its part, the
-/// ranks' candidates are gathered (a chunk of queries at a time), and every
-/// rank votes with each query's k most similar of all candidates: the hits
-/// of one process holding the whole bank, up to ties, on every rank. No
-/// rank ever holds more of the bank than its part (an ImageNet bank of
-/// 2048-d features is 10.5 GB). Without a group, [`knn_hits`].
+/// part (`bank`, `bank_labels`; a part may be empty) and all the `queries`;
+/// see [`knn_votes_across`]. Without a group, [`knn_hits`].
 pub fn knn_hits_across(
     bank: &Tensor,
     bank_labels: &Tensor,
@@ -117,13 +113,32 @@ pub fn knn_hits_across(
     config: KnnConfig,
     group: Option<&ProcessGroup>,
 ) -> crate::Result<Hits> {
-    let Some(group) = group else { return Ok(knn_hits(bank, bank_labels, queries, query_labels, classes, config)) };
+    Ok(Hits::of(&knn_votes_across(bank, bank_labels, queries, classes, config, group)?, query_labels))
+}
+
+/// [`knn_votes`] with the bank shared among `group`'s ranks, each holding
+/// its part (a part may be empty) and all the `queries`. Each rank finds
+/// every query's k most similar rows of its part, the ranks' candidates are
+/// gathered (a chunk of queries at a time), and every rank votes with each
+/// query's k most similar of all candidates: the votes of one process
+/// holding the whole bank, up to rounding and ties, on every rank. No rank
+/// ever holds more of the bank than its part (an ImageNet bank of 2048-d
+/// features is 10.5 GB). Without a group, [`knn_votes`].
+pub fn knn_votes_across(
+    bank: &Tensor,
+    bank_labels: &Tensor,
+    queries: &Tensor,
+    classes: i64,
+    config: KnnConfig,
+    group: Option<&ProcessGroup>,
+) -> crate::Result<Tensor> {
+    let Some(group) = group else { return Ok(knn_votes(bank, bank_labels, queries, classes, config)) };
     let mut rows = Tensor::from_slice(&[bank.size()[0]]);
     group.all_reduce(&mut rows, ReduceOp::Sum)?;
     let k = (config.k as i64).min(rows.int64_value(&[0]));
     let bank = normalize(bank);
     let device = bank.device();
-    let mut votes = vec![Tensor::zeros([0, classes], (Kind::Float, device))];
+    let mut chunks = vec![Tensor::zeros([0, classes], (Kind::Float, device))];
     for chunk in normalize(queries).split(GATHERED_QUERIES, 0) {
         let count = chunk.size()[0];
         // This part's k best, padded to k (a part may hold fewer rows) with
@@ -146,14 +161,9 @@ pub fn knn_hits_across(
         };
         let (similarity, labels) = (across(&similarity)?, across(&labels)?);
         let (top, chosen) = similarity.topk(k, 1, true, true);
-        let weights = (top / config.temperature).exp();
-        votes.push(Tensor::zeros([count, classes], (Kind::Float, device)).scatter_add(
-            1,
-            &labels.gather(1, &chosen, false),
-            &weights,
-        ));
+        chunks.push(votes(&top, &labels.gather(1, &chosen, false), classes, config.temperature));
     }
-    Ok(Hits::of(&Tensor::cat(&votes, 0), query_labels))
+    Ok(Tensor::cat(&chunks, 0))
 }
 
 #[cfg(test)]
