@@ -1494,6 +1494,29 @@ fn out_of_memory_names_the_batch_size() {
 }
 
 #[test]
+fn knn_every_0_keeps_no_monitor() {
+    // train.knn_every = 0 is "never": no score at random init either, and
+    // the monitor's images are never read (a broken one is not met).
+    let dir = tempfile::tempdir().unwrap();
+    let (data, monitored) = (dir.path().join("data"), dir.path().join("monitored"));
+    image_folder(&data, 4, 16);
+    image_folder(&monitored, 4, 16);
+    std::fs::write(monitored.join("bars").join("broken.jpg"), b"not a jpeg").unwrap();
+    let run = |name: &str, every: &str| {
+        let out = dir.path().join(name);
+        let knn_every = format!("train.knn_every={every}");
+        (tiny_training(&data, &out).args(monitor_flags(&monitored)).args(["--set", &knn_every]).run(), out)
+    };
+    let (output, out) = run("never", "0");
+    assert_succeeds(&output);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["initial_knn_top1"].is_null() && summary["final_knn_top1"].is_null(), "{summary}");
+    // The control: a monitor that runs meets the broken image.
+    assert_fails_with(&run("every-epoch", "1").0, &["broken.jpg"]);
+}
+
+#[test]
 fn a_time_budget_sizes_the_run_after_its_first_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -659,6 +659,44 @@ fn ranks_holding_parts_of_the_bank_vote_as_one_process() {
 }
 
 #[test]
+fn ranks_share_reading_the_monitors_images_once() {
+    // Under the skip policy the monitor reads its images once before
+    // training: each rank its part, and every rank leaves out what any
+    // could not read, as one process reading them all does. 10 images, 3,
+    // 4, 5 and 8 missing, on 2 and 3 ranks.
+    let dir = tempfile::tempdir().unwrap();
+    let images = simclr::data::synthetic::generate(10, 2, 16, 0).samples;
+    let samples: Vec<Sample> = (0..10)
+        .map(|index| {
+            let path = dir.path().join(format!("{index}.png"));
+            if ![3, 4, 5, 8].contains(&index) {
+                images[index].image().unwrap().save(&path).unwrap();
+            }
+            Sample { source: ImageSource::File(path), label: Some(index % 2) }
+        })
+        .collect();
+    let open = |samples: &[Sample]| {
+        Dataset::new(dir.path(), samples.to_vec(), vec!["a".into(), "b".into()]).with_policy(BadImagePolicy::Skip)
+    };
+    let pool = worker_pool(1).unwrap();
+    let alone = open(&samples).without_unreadable(&pool);
+    let kept = |dataset: &Dataset| (dataset.fingerprint(), dataset.skipped());
+    assert_eq!((alone.len(), alone.skipped().len()), (6, 4));
+    for world in [2, 3] {
+        let ranks = as_ranks((0..world).map(|_| open(&samples)).collect(), |group, dataset| {
+            kept(&dataset.without_unreadable_across(&pool, Some(&group)).unwrap())
+        });
+        for (rank, outcome) in ranks.iter().enumerate() {
+            assert_eq!(outcome, &kept(&alone), "{world} ranks, rank {rank}");
+        }
+    }
+    // The control: what the first of 2 ranks reads alone is not the whole.
+    let first_part = open(&samples[..5]).without_unreadable(&pool);
+    let own_part = open(&[&first_part.samples[..], &samples[5..]].concat());
+    assert_ne!(kept(&own_part).0, kept(&alone).0, "the comparison misses the other part's unreadable images");
+}
+
+#[test]
 fn ranks_share_evals_features_as_one_process() {
     // `eval`'s features on several ranks: each computes its part of a split
     // (contiguous, in order) and all get every part, which must be one

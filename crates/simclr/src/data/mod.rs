@@ -197,21 +197,60 @@ impl Dataset {
 
     /// Under the skip policy, reads every image once and drops (and records)
     /// the unreadable ones; under the stop policy, returns the set unchanged.
-    pub fn without_unreadable(mut self, pool: &rayon::ThreadPool) -> Self {
+    pub fn without_unreadable(self, pool: &rayon::ThreadPool) -> Self {
+        self.without_unreadable_across(pool, None).expect("one process agrees with itself")
+    }
+
+    /// [`Dataset::without_unreadable`] shared among `group`'s ranks: each
+    /// reads its [`crate::dist::part`] of the samples (and warns of what it
+    /// cannot read), and every rank leaves out, and records, the unreadable
+    /// images of every part.
+    pub fn without_unreadable_across(
+        mut self,
+        pool: &rayon::ThreadPool,
+        group: Option<&crate::dist::ProcessGroup>,
+    ) -> Result<Self> {
         if self.on_bad_image == BadImagePolicy::Stop {
-            return self;
+            return Ok(self);
         }
         use rayon::prelude::*;
-        let readable: Vec<bool> = pool.install(|| {
-            self.samples
-                .par_iter()
-                .enumerate()
-                .map(|(index, sample)| sample.image().map_err(|error| self.record_skip(index, &error)).is_ok())
+        let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
+        let mine = crate::dist::part_range(self.samples.len(), rank, world);
+        let unreadable: Vec<usize> = pool.install(|| {
+            mine.into_par_iter()
+                .filter(|&index| self.samples[index].image().map_err(|error| self.record_skip(index, &error)).is_err())
                 .collect()
         });
-        let mut keep = readable.into_iter();
-        self.samples.retain(|_| keep.next().unwrap_or(false));
-        self
+        let unreadable: Vec<usize> = match group {
+            None => unreadable,
+            Some(group) => {
+                let mine: Vec<String> =
+                    unreadable.iter().map(|index| format!("{index}\t{}", self.skipped_reason(*index))).collect();
+                let mut all = Vec::new();
+                for line in group.all_gather_lines(&mine)? {
+                    let (index, reason) = line.split_once('\t').unwrap_or(("", ""));
+                    let index: usize =
+                        index.parse().map_err(|_| Error::Distributed(format!("a skipped image's line: {line}")))?;
+                    let name = self.samples[index].describe(index);
+                    let mut skipped = self.skipped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    skipped.entry(name).or_insert_with(|| reason.to_owned());
+                    all.push(index);
+                }
+                all
+            }
+        };
+        let mut index = 0;
+        self.samples.retain(|_| {
+            index += 1;
+            unreadable.binary_search(&(index - 1)).is_err()
+        });
+        Ok(self)
+    }
+
+    /// The reason recorded for the skipped sample `index`.
+    fn skipped_reason(&self, index: usize) -> String {
+        let skipped = self.skipped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        skipped.get(&self.samples[index].describe(index)).cloned().unwrap_or_default()
     }
 
     /// Every unreadable image skipped so far, as "path: reason".

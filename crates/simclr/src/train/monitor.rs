@@ -33,8 +33,8 @@ pub struct Monitor {
 
 impl Monitor {
     /// The monitor on `bank` and `queries`. Under the skip policy every
-    /// image is read once here, and the unreadable ones are left out (on
-    /// every rank: the parts are cut from what is left).
+    /// image is read once here, and the unreadable ones are left out (a
+    /// run's ranks share that reading: [`Monitor::of_run`]).
     pub fn new(bank: Dataset, queries: Dataset, policy: BadImagePolicy, config: KnnConfig, pool: &ThreadPool) -> Self {
         Monitor {
             classes: bank.classes.len().max(queries.classes.len()) as i64,
@@ -45,9 +45,26 @@ impl Monitor {
     }
 
     /// The monitor a run configured by `config` keeps, on `knn`'s splits.
-    pub(super) fn of_run(config: &ValidConfig, (bank, queries): (Dataset, Dataset), pool: &ThreadPool) -> Self {
+    /// With a `group`, the ranks compare their listings of the splits, and
+    /// under the skip policy each reads its part of them once, all leaving
+    /// out what any could not read.
+    pub(super) fn of_run(
+        config: &ValidConfig,
+        (bank, queries): (Dataset, Dataset),
+        pool: &ThreadPool,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Self> {
         let knn = KnnConfig { k: config.train.knn_k, temperature: config.train.knn_temperature };
-        Monitor::new(bank, queries, config.data.on_bad_image, knn, pool)
+        let listed = Monitor::new(bank, queries, BadImagePolicy::Stop, knn, pool);
+        if let Some(group) = group {
+            listed.check_same(group)?;
+        }
+        let policy = config.data.on_bad_image;
+        Ok(Monitor {
+            bank: listed.bank.with_policy(policy).without_unreadable_across(pool, group)?,
+            queries: listed.queries.with_policy(policy).without_unreadable_across(pool, group)?,
+            ..listed
+        })
     }
 
     /// The images left out as unreadable, as "path: reason".
@@ -101,5 +118,5 @@ pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
         Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
     })?;
     let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
-    Monitor::of_run(&config, knn, &pool).top1(FeatureNet::at(&model, layer)?, format, device, &pool, None)
+    Monitor::of_run(&config, knn, &pool, None)?.top1(FeatureNet::at(&model, layer)?, format, device, &pool, None)
 }

@@ -337,11 +337,11 @@ impl Trainer {
         let pipeline = Pipeline::new(&config.augment, config.data.image_size);
         let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
         let classes = supervised_classes(&config, &train_set)?;
-        // Every rank computes the kNN monitor's features of its part of the splits.
-        let monitor = splits.knn.map(|knn| Monitor::of_run(&config, knn, &pool));
-        if let (Some(monitor), Some(group)) = (&monitor, &group) {
-            monitor.check_same(group)?;
-        }
+        // Every rank computes the kNN monitor's features of its part of the
+        // splits; train.knn_every = 0 keeps no monitor (not even the score
+        // at random init, nor the reading of its images under the skip policy).
+        let monitored = splits.knn.filter(|_| config.train.knn_every > 0);
+        let monitor = monitored.map(|knn| Monitor::of_run(&config, knn, &pool, group.as_ref())).transpose()?;
 
         let store = nn::VarStore::new(device);
         let model = SimClr::new(&store.root(), &config.model);
