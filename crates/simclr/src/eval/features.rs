@@ -136,7 +136,7 @@ impl Batches {
 
     /// [`Batches::labelled`] shared among `group`'s ranks, each keeping the
     /// features of its [`part`] of `samples` (a shared kNN bank:
-    /// [`crate::eval::knn_hits_across`]): its part, with the images left out
+    /// [`crate::eval::knn_votes_across`]): its part, with the images left out
     /// of every part (in order), and how many rows all parts hold; an error
     /// on any rank stops every rank, naming it. Without a group, all of
     /// `samples`.

@@ -97,24 +97,9 @@ pub fn knn_hits(
     Hits::of(&knn_votes(bank, bank_labels, queries, classes, config), query_labels)
 }
 
-/// Queries whose candidates one all-gather of [`knn_hits_across`] carries:
+/// Queries whose candidates one all-gather of [`knn_votes_across`] carries:
 /// ranks x chunk x k similarities and labels (8 ranks, k 200: 78 MB).
 const GATHERED_QUERIES: i64 = 4096;
-
-/// [`knn_hits`] with the bank shared among `group`'s ranks: each holds its
-/// part (`bank`, `bank_labels`; a part may be empty) and all the `queries`;
-/// see [`knn_votes_across`]. Without a group, [`knn_hits`].
-pub fn knn_hits_across(
-    bank: &Tensor,
-    bank_labels: &Tensor,
-    queries: &Tensor,
-    query_labels: &Tensor,
-    classes: i64,
-    config: KnnConfig,
-    group: Option<&ProcessGroup>,
-) -> crate::Result<Hits> {
-    Ok(Hits::of(&knn_votes_across(bank, bank_labels, queries, classes, config, group)?, query_labels))
-}
 
 /// [`knn_votes`] with the bank shared among `group`'s ranks, each holding
 /// its part (a part may be empty) and all the `queries`. Each rank finds

@@ -13,7 +13,7 @@ use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
 pub use finetune::{finetune, FineTuned, FinetuneConfig};
-pub use knn::{knn_hits, knn_hits_across, knn_votes, knn_votes_across, KnnConfig};
+pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
 

@@ -9,7 +9,7 @@ use tch::{nn, Device};
 
 use super::features::{Batches, FeatureNet, Labelled};
 use super::{
-    finetune, knn_hits_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, KnnConfig, LinearConfig, Task,
+    finetune, knn_votes_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig, LinearConfig, Task,
 };
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
@@ -174,7 +174,7 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
 /// calling it with the same options: the ranks share the feature
 /// extraction (each its part of both splits, gathered in order; for kNN
 /// each keeps its part of the bank, and the queries' neighbours are chosen
-/// among every part's: [`super::knn_hits_across`]), so kNN and linear score
+/// among every part's: [`super::knn_votes_across`]), so kNN and linear score
 /// as one process does, up to the rounding of features computed in other
 /// batches. Rank 0 fits the linear classifier and gets the report; the
 /// others get `None`. Fine-tuning runs in one process.
@@ -291,11 +291,9 @@ pub fn evaluate_in(
                     config.k
                 );
             }
-            let (classes, config) = (classes as i64, *config);
-            let hits =
-                knn_hits_across(&bank.features, &bank.labels, &test.features, &test.labels, classes, config, group)?;
+            let votes = knn_votes_across(&bank.features, &bank.labels, &test.features, classes as i64, *config, group)?;
             Scored {
-                accuracy: hits.accuracy(),
+                accuracy: Hits::of(&votes, &test.labels).accuracy(),
                 labelled_images: train_images,
                 train_images,
                 test_images: test.features.size()[0] as usize,

@@ -5,7 +5,7 @@
 //! splits (contiguous, in order), so the monitor takes 1/W of one process's
 //! time: each rank keeps its part of the bank and gets all the queries,
 //! finds every query's k nearest in its part, and the ranks' candidates are
-//! gathered to vote ([`crate::eval::knn_hits_across`]), so that no rank
+//! gathered to vote ([`crate::eval::knn_votes_across`]), so that no rank
 //! holds the whole bank. The score is the one-process score up to the
 //! rounding of features computed in other batches (and ties).
 use rayon::ThreadPool;
@@ -17,9 +17,10 @@ use crate::data::config::BadImagePolicy;
 use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
-use crate::dist::{agree, part, ProcessGroup};
+use crate::dist::ProcessGroup;
 use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
-use crate::eval::knn::{knn_hits_across, KnnConfig};
+use crate::eval::knn::{knn_votes_across, KnnConfig};
+use crate::eval::Hits;
 use crate::model::Layer;
 use crate::{Error, Result};
 
@@ -95,13 +96,11 @@ impl Monitor {
         let policy = BadImagePolicy::Stop;
         let batches = Batches { format, batch_size: FEATURE_BATCH, device, policy, precision: Precision::Fp32 };
         // Each rank holds its part of the bank and all the queries.
-        let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
-        let bank = agree(group, batches.labelled(net, part(&self.bank.samples, rank, world), pool))?;
+        let (bank, _) = batches.labelled_part(net, &self.bank.samples, pool, group)?;
         let queries = batches.labelled_across(net, &self.queries.samples, pool, group)?;
-        let (classes, config) = (self.classes, self.config);
-        let hits =
-            knn_hits_across(&bank.features, &bank.labels, &queries.features, &queries.labels, classes, config, group)?;
-        Ok(hits.accuracy().top1)
+        let votes =
+            knn_votes_across(&bank.features, &bank.labels, &queries.features, self.classes, self.config, group)?;
+        Ok(Hits::of(&votes, &queries.labels).accuracy().top1)
     }
 }
 
