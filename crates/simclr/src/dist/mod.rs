@@ -37,6 +37,37 @@ pub fn agree<T>(group: Option<&ProcessGroup>, outcome: crate::Result<T>) -> crat
     }
 }
 
+/// Every rank's best candidates for the same `[Q]` rows, merged: this
+/// rank's `similarity` (float) and `payload` (int64, what a candidate is:
+/// a label, a position), `[Q, n]` with n at most `k`, are padded to `k` with
+/// candidates that lose to any other (similarity -inf), gathered from every
+/// rank, and each row keeps the `keep` best of all, best first. `keep` must
+/// not exceed the real candidates of all ranks together, so that no padding
+/// is kept.
+pub fn best_across(
+    group: &ProcessGroup,
+    similarity: &tch::Tensor,
+    payload: &tch::Tensor,
+    k: i64,
+    keep: i64,
+) -> crate::Result<(tch::Tensor, tch::Tensor)> {
+    use tch::{Kind, Tensor};
+    let (rows, found) = (similarity.size()[0], similarity.size()[1]);
+    let device = similarity.device();
+    let padded = |tensor: Tensor, filler: f64, kind: Kind| {
+        Tensor::cat(&[tensor, Tensor::full([rows, k - found], filler, (kind, device))], 1)
+    };
+    // [W rows, k] -> [rows, W k]: every rank's candidates for each row.
+    let across = |tensor: &Tensor| -> crate::Result<Tensor> {
+        let all = group.all_gather(tensor)?.reshape([group.size() as i64, rows, k]);
+        Ok(all.permute([1, 0, 2]).reshape([rows, -1]))
+    };
+    let similarity = across(&padded(similarity.to_kind(Kind::Float), f64::NEG_INFINITY, Kind::Float))?;
+    let payload = across(&padded(payload.shallow_clone(), 0.0, Kind::Int64))?;
+    let (best, chosen) = similarity.topk(keep, 1, true, true);
+    Ok((best, payload.gather(1, &chosen, false)))
+}
+
 /// How a training step of one rank takes part in a multi-process run.
 #[derive(Debug, Clone, Copy)]
 pub struct Parallel<'a> {

@@ -6,7 +6,7 @@
 use tch::{Kind, Tensor};
 
 use super::Hits;
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::{best_across, ProcessGroup, ReduceOp};
 use crate::loss::similarity::l2_normalize as normalize;
 
 /// Rows of similarity computed at once: chunk x bank floats in memory.
@@ -122,31 +122,13 @@ pub fn knn_votes_across(
     group.all_reduce(&mut rows, ReduceOp::Sum)?;
     let k = (config.k as i64).min(rows.int64_value(&[0]));
     let bank = normalize(bank);
-    let device = bank.device();
-    let mut chunks = vec![Tensor::zeros([0, classes], (Kind::Float, device))];
+    let mut chunks = vec![Tensor::zeros([0, classes], (Kind::Float, bank.device()))];
     for chunk in normalize(queries).split(GATHERED_QUERIES, 0) {
-        let count = chunk.size()[0];
-        // This part's k best, padded to k (a part may hold fewer rows) with
-        // candidates that lose to any other.
+        // This part's k best (fewer where it holds fewer rows) against every part's.
         let (similarity, position) = nearest(&bank, &chunk, k.min(bank.size()[0]));
         let labels = bank_labels.index_select(0, &position.flatten(0, -1)).view_as(&position);
-        let padding = k - similarity.size()[1];
-        let similarity = Tensor::cat(
-            &[
-                similarity.to_kind(Kind::Float),
-                Tensor::full([count, padding], f64::NEG_INFINITY, (Kind::Float, device)),
-            ],
-            1,
-        );
-        let labels = Tensor::cat(&[labels, Tensor::zeros([count, padding], (Kind::Int64, device))], 1);
-        // [W q, k] -> [q, W k]: every rank's candidates for each query.
-        let across = |tensor: &Tensor| -> crate::Result<Tensor> {
-            let all = group.all_gather(tensor)?.reshape([group.size() as i64, count, k]);
-            Ok(all.permute([1, 0, 2]).reshape([count, -1]))
-        };
-        let (similarity, labels) = (across(&similarity)?, across(&labels)?);
-        let (top, chosen) = similarity.topk(k, 1, true, true);
-        chunks.push(votes(&top, &labels.gather(1, &chosen, false), classes, config.temperature));
+        let (top, labels) = best_across(group, &similarity, &labels, k, k)?;
+        chunks.push(votes(&top, &labels, classes, config.temperature));
     }
     Ok(Tensor::cat(&chunks, 0))
 }

@@ -13,7 +13,7 @@ use instant_distance::{Builder, HnswMap, Search};
 use tch::{Kind, Tensor};
 
 use crate::data::Sample;
-use crate::dist::{agree, part_range, ProcessGroup};
+use crate::dist::{agree, best_across, part_range, ProcessGroup};
 use crate::loss::similarity::l2_normalize;
 use crate::{Error, Result};
 
@@ -359,31 +359,13 @@ impl Best {
     /// list, in order). `read` is this rank's, in the order met.
     fn merged(&self, group: &ProcessGroup, read: &[usize]) -> Result<(Vec<usize>, Vec<Vec<Neighbor>>)> {
         let cpu = |tensor: &Tensor| tensor.to_device(tch::Device::Cpu);
-        // Positions in the list, padded to k hits a query (a rank may have
-        // read fewer items than k) with hits that lose to any other.
+        // Each hit's place among this rank's items read, as a position in the list.
         let positions = Tensor::from_slice(&read.iter().map(|&item| item as i64).collect::<Vec<_>>());
-        let (queries, found) = (self.similarity.size()[0], self.similarity.size()[1]);
-        let position = positions.index_select(0, &cpu(&self.position).reshape([-1])).reshape([queries, found]);
-        let padding = self.k - found;
-        let similarity = Tensor::cat(
-            &[
-                cpu(&self.similarity),
-                Tensor::full([queries, padding], f64::NEG_INFINITY, (Kind::Float, tch::Device::Cpu)),
-            ],
-            1,
-        );
-        let position =
-            Tensor::cat(&[position, Tensor::full([queries, padding], -1, (Kind::Int64, tch::Device::Cpu))], 1);
-        // [W, Q, k] -> [Q, W k]: every rank's candidates for each query.
-        let across = |tensor: &Tensor| -> Result<Tensor> {
-            let all = group.all_gather(tensor)?.reshape([group.size() as i64, queries, self.k]);
-            Ok(all.permute([1, 0, 2]).reshape([queries, -1]))
-        };
-        let (similarity, position) = (across(&similarity)?, across(&position)?);
+        let position = positions.index_select(0, &cpu(&self.position).reshape([-1])).view_as(&self.position);
         let all_read = Vec::<i64>::try_from(&group.all_gather_rows(&positions)?)?;
         let all_read: Vec<usize> = all_read.into_iter().map(|item| item as usize).collect();
-        let (best, chosen) = similarity.topk(self.k.min(all_read.len() as i64), 1, true, true);
-        let position = position.gather(1, &chosen, false);
+        let keep = self.k.min(all_read.len() as i64);
+        let (best, position) = best_across(group, &cpu(&self.similarity), &position, self.k, keep)?;
         // A list position to its place among the items read (ascending).
         let hits = hits_of(&best, &position)?
             .into_iter()
