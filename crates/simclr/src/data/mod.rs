@@ -216,16 +216,20 @@ impl Dataset {
         use rayon::prelude::*;
         let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
         let mine = crate::dist::part_range(self.samples.len(), rank, world);
-        let unreadable: Vec<usize> = pool.install(|| {
+        // This rank's unreadable images, with the reasons recorded for them.
+        let unreadable: Vec<(usize, String)> = pool.install(|| {
             mine.into_par_iter()
-                .filter(|&index| self.samples[index].image().map_err(|error| self.record_skip(index, &error)).is_err())
+                .filter_map(|index| {
+                    let error = self.samples[index].image().err()?;
+                    self.record_skip(index, &error);
+                    Some((index, error.to_string()))
+                })
                 .collect()
         });
         let unreadable: Vec<usize> = match group {
-            None => unreadable,
+            None => unreadable.into_iter().map(|(index, _)| index).collect(),
             Some(group) => {
-                let mine: Vec<String> =
-                    unreadable.iter().map(|index| format!("{index}\t{}", self.skipped_reason(*index))).collect();
+                let mine: Vec<String> = unreadable.iter().map(|(index, reason)| format!("{index}\t{reason}")).collect();
                 let mut all = Vec::new();
                 for line in group.all_gather_lines(&mine)? {
                     let (index, reason) = line.split_once('\t').unwrap_or(("", ""));
@@ -245,12 +249,6 @@ impl Dataset {
             unreadable.binary_search(&(index - 1)).is_err()
         });
         Ok(self)
-    }
-
-    /// The reason recorded for the skipped sample `index`.
-    fn skipped_reason(&self, index: usize) -> String {
-        let skipped = self.skipped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        skipped.get(&self.samples[index].describe(index)).cloned().unwrap_or_default()
     }
 
     /// Every unreadable image skipped so far, as "path: reason".

@@ -74,9 +74,8 @@ impl Monitor {
     }
 
     /// Checks that every rank holds the same splits: the ranks' parts are
-    /// cut by position, and a rank that had left out other images (one
-    /// machine's copy of a file damaged) would pair features with the wrong
-    /// labels.
+    /// cut by position, and one machine's copy with an image more or fewer
+    /// would pair features with the wrong labels.
     pub fn check_same(&self, group: &ProcessGroup) -> Result<()> {
         let listings = format!("{} {}", self.bank.fingerprint(), self.queries.fingerprint());
         group.check_same("kNN monitor images", &listings)
