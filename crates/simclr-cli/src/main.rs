@@ -190,7 +190,8 @@ struct EvalArgs {
 #[derive(Args)]
 struct ProcessArgs {
     /// Start this many processes on this machine, each computing the features of its part of the
-    /// images (embed, neighbors; eval's knn and linear). Under torchrun or srun, leave it out.
+    /// images (embed, neighbors; eval's knn and linear), or fine-tuning on its part of every batch
+    /// (eval finetune). Under torchrun or srun, leave it out.
     #[arg(long, value_name = "N")]
     nproc_per_node: Option<usize>,
     /// How long a process waits for the others before all stop with an error.
@@ -547,11 +548,7 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
         (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
-    let finetune = matches!(protocol, EvalProtocol::Finetune { .. });
-    let refused =
-        finetune.then_some("fine-tuning runs in one process (knn and linear share their work among processes)");
-    let Place::Here(group, device) = args.processes.place(simclr::device::select(args.encoder.device)?, refused)?
-    else {
+    let Place::Here(group, device) = args.processes.place(simclr::device::select(args.encoder.device)?, None)? else {
         return Ok(());
     };
     let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());

@@ -1654,7 +1654,8 @@ fn two_processes_train_the_encoder_of_one() {
 #[test]
 fn two_processes_evaluate_as_one() {
     // kNN and linear evaluation with the features (and kNN's votes) shared
-    // between 2 processes against 1: the same report, with a broken image
+    // between 2 processes against 1, and fine-tuning with each batch shared:
+    // the same report, with a broken image
     // in the second process's part left out under the skip policy. The
     // features of a part come from other batches than one process's, so a
     // score could move by a rounding; on these 23 images it does not. With
@@ -1673,8 +1674,13 @@ fn two_processes_evaluate_as_one() {
         let flags = ["--train", &data, "--test", &data, "--device", "cpu", "--on-bad-image", "skip"];
         simclr(["eval", protocol]).args(encoder).args(flags).args(extra)
     };
-    let cases =
-        [("knn", &["--k", "5"][..]), ("knn", &["--k", "30", "--temperature", "100"]), ("linear", &["--epochs", "5"])];
+    // Fine-tuning in batches of 7 cut 3 + 4 (BatchNorm's statistics weighted by the parts).
+    let cases = [
+        ("knn", &["--k", "5"][..]),
+        ("knn", &["--k", "30", "--temperature", "100"]),
+        ("linear", &["--epochs", "5"]),
+        ("finetune", &["--fraction", "1", "--epochs", "2", "--batch-size", "7"]),
+    ];
     for (case, (protocol, extra)) in cases.into_iter().enumerate() {
         let report = |processes: &[&str]| {
             let json = dir.path().join(format!("{case}-{}.json", processes.len()));
@@ -1690,9 +1696,10 @@ fn two_processes_evaluate_as_one() {
         assert_eq!(two, one, "{protocol} {extra:?}");
         assert_eq!((&one["train_images"], &one["skipped"].as_array().unwrap().len()), (&23.into(), &2));
     }
-    // Fine-tuning runs in one process; it says so before starting any.
-    let output = eval("finetune", &["--nproc-per-node", "2"]).run();
-    assert_fails_with(&output, &["--nproc-per-node 2: fine-tuning runs in one process"]);
+    // Under the stop policy an image one process cannot read stops both, naming it.
+    let flags = ["--train", &data, "--test", &data, "--device", "cpu", "--fraction", "1", "--nproc-per-node", "2"];
+    let output = simclr(["eval", "finetune"]).args(encoder).args(flags).run();
+    assert_fails_with(&output, &["broken.jpg"]);
     let output = eval("knn", &["--nproc-per-node", "2", "--dist-timeout-seconds", "0"]).run();
     assert_fails_with(&output, &["--dist-timeout-seconds 0: must be a finite number > 0"]);
     // Processes started with different settings stop, naming it.

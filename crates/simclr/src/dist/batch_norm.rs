@@ -27,23 +27,42 @@ const MOMENTUM: f64 = 0.1;
 #[derive(Debug)]
 pub struct CollectiveFailed(pub crate::Error);
 
+/// Where training-mode BatchNorm normalises over a global batch: the group,
+/// and every rank's number of images where the slices differ in size.
+#[derive(Clone, Copy)]
+struct Global {
+    group: NonNull<ProcessGroup>,
+    images: Option<NonNull<[i64]>>,
+}
+
 thread_local! {
-    /// The group whose global batch BatchNorm normalises over, while
+    /// The global batch BatchNorm normalises over, while
     /// [`with_global_batch_norm`] runs on this thread.
-    static GROUP: Cell<Option<NonNull<ProcessGroup>>> = const { Cell::new(None) };
+    static GLOBAL: Cell<Option<Global>> = const { Cell::new(None) };
 }
 
 /// Runs `forward` with every training-mode [`batch_norm`] on this thread
 /// normalising over `group`'s global batch. The autograd graph it builds
 /// must be back-propagated before `group` is dropped.
 pub fn with_global_batch_norm<T>(group: &ProcessGroup, forward: impl FnOnce() -> T) -> T {
-    struct Restore(Option<NonNull<ProcessGroup>>);
+    normalising_over(Global { group: NonNull::from(group), images: None }, forward)
+}
+
+/// [`with_global_batch_norm`] where the ranks' slices differ in size:
+/// `images[r]` is rank r's number of images, each at least one (a
+/// fine-tuning batch that does not split evenly).
+pub fn with_uneven_global_batch_norm<T>(group: &ProcessGroup, images: &[i64], forward: impl FnOnce() -> T) -> T {
+    normalising_over(Global { group: NonNull::from(group), images: Some(NonNull::from(images)) }, forward)
+}
+
+fn normalising_over<T>(global: Global, forward: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Global>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            GROUP.with(|cell| cell.set(self.0));
+            GLOBAL.with(|cell| cell.set(self.0));
         }
     }
-    let _restore = Restore(GROUP.with(|cell| cell.replace(Some(NonNull::from(group)))));
+    let _restore = Restore(GLOBAL.with(|cell| cell.replace(Some(global))));
     forward()
 }
 
@@ -52,15 +71,31 @@ pub fn with_global_batch_norm<T>(group: &ProcessGroup, forward: impl FnOnce() ->
 /// batch; otherwise as `nn::BatchNorm` does.
 ///
 /// A failed collective panics with [`CollectiveFailed`] (a forward pass
-/// returns no `Result`); the trainer turns it back into the error.
+/// returns no `Result`); [`collectives_as_errors`] turns it back into the
+/// error.
 pub fn batch_norm(x: &Tensor, bn: &nn::BatchNorm, train: bool) -> Tensor {
-    // SAFETY: the pointer is set only while `with_global_batch_norm`
-    // borrows the group, on this thread.
-    let group = GROUP.with(Cell::get).map(|group| unsafe { group.as_ref() });
-    match group {
-        Some(group) if train && group.size() > 1 => group
-            .batch_norm(x, bn, MOMENTUM, EPS)
-            .unwrap_or_else(|error| std::panic::panic_any(CollectiveFailed(error))),
+    // SAFETY: the pointers are set only while `normalising_over` runs
+    // `forward`, which borrows the group and the counts, on this thread.
+    let global = GLOBAL.with(Cell::get);
+    match global {
+        Some(Global { group, images }) if train && unsafe { group.as_ref() }.size() > 1 => {
+            let (group, images) = unsafe { (group.as_ref(), images.map(|images| images.as_ref())) };
+            group
+                .batch_norm(x, bn, MOMENTUM, EPS, images)
+                .unwrap_or_else(|error| std::panic::panic_any(CollectiveFailed(error)))
+        }
         _ => x.apply_t(bn, train),
+    }
+}
+
+/// Runs `step`, turning a [`CollectiveFailed`] panic in it (a forward pass
+/// under [`with_global_batch_norm`]) back into its error; other panics go on.
+pub fn collectives_as_errors<T>(step: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(result) => result,
+        Err(payload) => match payload.downcast::<CollectiveFailed>() {
+            Ok(failed) => Err(failed.0),
+            Err(payload) => std::panic::resume_unwind(payload),
+        },
     }
 }

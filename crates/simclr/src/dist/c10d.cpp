@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -270,7 +272,9 @@ at::Tensor fused_input_gradient(
 // the mean and biased variance of every rank's slice together. Forward: each
 // rank's per-channel mean and sum of squared deviations (libtorch's
 // statistics kernel), one all-gather, Chan et al.'s parallel-variance merge,
-// then libtorch's fused normalisation given those statistics; the running
+// then libtorch's fused normalisation given those statistics (the ranks'
+// slices may differ in size: `images` names each rank's, where a fine-tuning
+// batch does not split evenly; empty, all are this rank's); the running
 // statistics move with the global mean and unbiased variance. Backward: the
 // per-channel sums of dy and dy x_hat (libtorch's backward reduction kernel
 // with the global statistics), one sum all-reduce of them, and
@@ -291,7 +295,8 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
       const at::Tensor& running_var,
       double momentum,
       double eps,
-      int64_t group) {
+      int64_t group,
+      const std::vector<int64_t>& images) {
     Group* g = reinterpret_cast<Group*>(group);
     const int64_t channels = input.size(1);
     // Statistics in fp32 at least (fp64 stays fp64): passed running
@@ -302,14 +307,30 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
     auto [local_mean, local_var] = at::batch_norm_update_stats(
         input, at::zeros({channels}, stat_options), at::ones({channels}, stat_options), 0.0);
     const double count = static_cast<double>(input.numel() / channels);
-    const double total = count * g->size;
     at::Tensor local = at::cat({local_mean, local_var * count});
     at::Tensor all = at::empty({g->size * 2 * channels}, local.options());
     g->all_gather(all, local);
     all = all.view({g->size, 2 * channels});
     at::Tensor means = all.narrow(1, 0, channels);
-    at::Tensor mean = means.mean(0);
-    at::Tensor m2 = all.narrow(1, channels, channels).sum(0) + (means - mean).square().sum(0) * count;
+    at::Tensor m2 = all.narrow(1, channels, channels).sum(0);
+    double total = count * g->size;
+    at::Tensor mean;
+    if (images.empty()) {
+      mean = means.mean(0);
+      m2 = m2 + (means - mean).square().sum(0) * count;
+    } else {
+      // Each rank's statistics weighted by its count (its images times
+      // this layer's positions per image).
+      const double positions = count / static_cast<double>(input.size(0));
+      std::vector<double> counts;
+      for (int64_t n : images) {
+        counts.push_back(static_cast<double>(n) * positions);
+      }
+      total = std::accumulate(counts.begin(), counts.end(), 0.0);
+      at::Tensor weights = at::tensor(counts, at::dtype(at::kDouble)).to(stat_options).unsqueeze(1);
+      mean = (means * weights).sum(0) / total;
+      m2 = m2 + ((means - mean).square() * weights).sum(0);
+    }
     at::Tensor variance = m2 / total;
     at::Tensor output = std::get<0>(at::native_batch_norm(input, weight, bias, mean, variance, false, 0.0, eps));
     {
@@ -360,6 +381,7 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
         grad_input,
         weight.defined() ? local_dy_xhat : at::Tensor(),
         context->saved_data.at("bias").toBool() ? local_dy : at::Tensor(),
+        at::Tensor(),
         at::Tensor(),
         at::Tensor(),
         at::Tensor(),
@@ -730,6 +752,8 @@ int simclr_dist_all_gather_grad(void* group, at::Tensor* input, at::Tensor** out
 
 // Global BatchNorm in training (GlobalBatchNorm above); `weight` and
 // `bias` may be null; the running statistics are updated in place.
+// `images`, null where every rank's slice is this one's size, holds each
+// rank's number of images.
 int simclr_dist_batch_norm(
     void* group,
     at::Tensor* input,
@@ -739,8 +763,24 @@ int simclr_dist_batch_norm(
     at::Tensor* running_var,
     double momentum,
     double eps,
+    const int64_t* images,
     at::Tensor** out) {
   return guarded([&] {
+    Group* g = static_cast<Group*>(group);
+    std::vector<int64_t> counts;
+    if (images != nullptr) {
+      counts.assign(images, images + g->size);
+      if (counts[g->rank] != input->size(0)) {
+        throw std::runtime_error(
+            "BatchNorm was told rank " + std::to_string(g->rank) + " holds " + std::to_string(counts[g->rank]) +
+            " images, but its input has " + std::to_string(input->size(0)));
+      }
+      for (int64_t n : counts) {
+        if (n < 1) {
+          throw std::runtime_error("every rank needs at least one image in a training BatchNorm");
+        }
+      }
+    }
     *out = new at::Tensor(GlobalBatchNorm::apply(
         *input,
         weight ? *weight : at::Tensor(),
@@ -749,7 +789,8 @@ int simclr_dist_batch_norm(
         *running_var,
         momentum,
         eps,
-        reinterpret_cast<int64_t>(group)));
+        reinterpret_cast<int64_t>(group),
+        counts));
   });
 }
 

@@ -49,6 +49,7 @@ extern "C" {
         running_var: *mut c_void,
         momentum: f64,
         eps: f64,
+        images: *const i64,
         out: *mut *mut c_void,
     ) -> c_int;
     fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
@@ -284,8 +285,20 @@ impl ProcessGroup {
     /// training to `x` (`[N, C, ...]`, this rank's slice) with the mean and
     /// variance of every rank's slice together, differentiable (SyncBN's
     /// backward); the running statistics move with the global mean and
-    /// unbiased variance. See `GlobalBatchNorm` in `c10d.cpp`.
-    pub fn batch_norm(&self, x: &Tensor, bn: &tch::nn::BatchNorm, momentum: f64, eps: f64) -> Result<Tensor> {
+    /// unbiased variance. See `GlobalBatchNorm` in `c10d.cpp`. `images`
+    /// gives every rank's number of images where the slices differ in size
+    /// (each at least one); `None`, every rank's is this one's.
+    pub fn batch_norm(
+        &self,
+        x: &Tensor,
+        bn: &tch::nn::BatchNorm,
+        momentum: f64,
+        eps: f64,
+        images: Option<&[i64]>,
+    ) -> Result<Tensor> {
+        if images.is_some_and(|images| images.len() != self.size) {
+            return Err(Error::Distributed(format!("BatchNorm given {images:?} images for {} ranks", self.size)));
+        }
         let optional = |tensor: Option<&Tensor>| tensor.map_or(std::ptr::null_mut(), raw);
         let mut out = std::ptr::null_mut();
         // SAFETY: as in all_reduce_sum_grad; null weight or bias means none.
@@ -300,6 +313,7 @@ impl ProcessGroup {
                     raw(&bn.running_var),
                     momentum,
                     eps,
+                    images.map_or(std::ptr::null(), <[i64]>::as_ptr),
                     &mut out,
                 )
             },

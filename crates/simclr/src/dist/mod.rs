@@ -13,7 +13,9 @@ mod batch_norm;
 mod group;
 pub mod launch;
 
-pub use batch_norm::{batch_norm, with_global_batch_norm, CollectiveFailed};
+pub use batch_norm::{
+    batch_norm, collectives_as_errors, with_global_batch_norm, with_uneven_global_batch_norm, CollectiveFailed,
+};
 pub use group::{GradientBuckets, GroupOptions, ProcessGroup, ReduceOp, Rendezvous, StoreServer};
 
 /// Rank `rank`'s part of `items` cut into `world` contiguous parts, in rank

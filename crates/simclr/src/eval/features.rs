@@ -171,7 +171,7 @@ impl Batches {
         let batch_size = self.batch_size.max(1);
         let encoder = net.encoder.fold();
         let forward = |images: Pinned| {
-            let images = images.upload();
+            let images = images.upload().to_kind(encoder.kind());
             let features = tch::no_grad(|| {
                 precision.run(device, || {
                     let h = encoder.forward(&images);

@@ -12,15 +12,20 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
-use super::features::{extract_features, labels, FEATURE_BATCH};
+use super::features::{labels, Batches, Labelled, FEATURE_BATCH};
 use super::linear::{fit_linear, LinearConfig};
 use super::{accuracy, Accuracy, Task};
 use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
+use crate::data::config::BadImagePolicy;
 use crate::data::loader::{map_batch, pipelined};
 use crate::data::{Dataset, Sample};
 use crate::device::{Pinned, Precision, PrecisionChoice};
+use crate::dist::{
+    agree, collectives_as_errors, part, part_range, with_global_batch_norm, with_uneven_global_batch_norm,
+    ProcessGroup, ReduceOp,
+};
 use crate::model::ResNet;
 use crate::{Error, Result};
 
@@ -162,25 +167,69 @@ pub fn finetune(
     choice: PrecisionChoice,
     pool: &rayon::ThreadPool,
 ) -> Result<FineTuned> {
+    finetune_in(store, encoder, task, config, choice, pool, None)
+}
+
+/// [`finetune`] as one rank of `group` (alone when `None`), every rank
+/// calling it with the same arguments: each global batch (the same
+/// batches, from the same seed, as one process draws) is cut into the
+/// ranks' contiguous [`part`]s, BatchNorm normalises over the whole batch
+/// (uneven parts weighted by their sizes), and the ranks' gradients are
+/// summed, so the ranks take one process's steps up to float summation
+/// order. The features (a linear-probe head's, the test split's) are
+/// shared as `eval`'s are. With W processes every batch needs W images:
+/// a last batch of fewer is left out (one process leaves out a last batch
+/// of one image, which train-mode BatchNorm cannot take).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_in(
+    store: &nn::VarStore,
+    encoder: &ResNet,
+    task: &Task,
+    config: &FinetuneConfig,
+    choice: PrecisionChoice,
+    pool: &rayon::ThreadPool,
+    group: Option<&ProcessGroup>,
+) -> Result<FineTuned> {
     let (train, test, format) = (&task.train, &task.test, task.format);
+    let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
     let mut problems = Vec::new();
     config.check(&mut problems);
+    if config.batch_size < world {
+        problems.push(format!(
+            "--batch-size {}: fine-tuning on {world} processes needs at least {world} images a batch, one a process",
+            config.batch_size
+        ));
+    }
     super::refuse(problems)?;
     let subset = balanced_subset(train, config.fraction, config.seed)?;
+    if subset.len() < world.max(2) {
+        return Err(Error::InvalidArgument(format!(
+            "--fraction {} labels {} training images, fewer than the {} a batch needs on {world} process{}",
+            config.fraction,
+            subset.len(),
+            world.max(2),
+            if world == 1 { "" } else { "es" }
+        )));
+    }
     if let Some(path) = &config.subset_file {
         let listing: String = subset.iter().map(|&i| format!("{}\n", train.samples[i].describe(i))).collect();
-        crate::io::write_atomic(path, listing.as_bytes())?;
+        let written = match rank {
+            0 => crate::io::write_atomic(path, listing.as_bytes()),
+            _ => Ok(()),
+        };
+        agree(group, written)?;
     }
     let device = store.device();
     let precision = choice.on(device, true);
     // What `choice.on(device, false)` gives, without warning a second time.
     let features_in = if choice == PrecisionChoice::Auto { Precision::Fp32 } else { precision };
-    let features_of =
-        |samples: &[Sample]| extract_features(encoder, samples, format, FEATURE_BATCH, device, features_in, pool);
+    let batches =
+        Batches { format, batch_size: FEATURE_BATCH, device, policy: BadImagePolicy::Stop, precision: features_in };
+    let features_of = |samples: &[Sample]| batches.labelled_across(encoder.into(), samples, pool, group);
     let classifier = super::seeded_linear(store.root() / "fc", encoder.feature_dim(), task.classes, config.seed);
     if config.head_init == HeadInit::LinearProbe {
         let chosen: Vec<Sample> = subset.iter().map(|&i| train.samples[i].clone()).collect();
-        let features = features_of(&chosen)?;
+        let features = features_of(&chosen)?.features;
         let probe = LinearConfig { seed: config.seed, ..Default::default() };
         let probe = fit_linear(&features, &labels(&chosen, device), task.classes, &probe)?;
         let bias = classifier.bs.as_ref().expect("nn::linear has a bias");
@@ -189,8 +238,19 @@ pub fn finetune(
             bias.shallow_clone().copy_(&probe.bias);
         });
     }
+    if let Some(group) = group {
+        // Every rank starts from rank 0's network: the same file and seed
+        // give the same one, and the linear probe's fit is not left to
+        // agree by itself.
+        let mut variables: Vec<(String, Tensor)> = store.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, variable) in &mut variables {
+            tch::no_grad(|| group.broadcast(variable, 0))?;
+        }
+    }
     let mut optimizer =
         nn::Sgd { momentum: config.momentum, nesterov: true, wd: 0.0, dampening: 0.0 }.build(store, 0.0)?;
+    let trainable = store.trainable_variables();
     // Crop and flip only (appendix B.5).
     let augment = AugmentConfig::with_ops(vec![
         OpConfig::RandomResizedCrop(Default::default()),
@@ -203,40 +263,81 @@ pub fn finetune(
     let total_steps = (subset.len().div_ceil(batch) * epochs) as f64;
     let peak = config.learning_rate * batch as f64 / 256.0;
     // Each epoch a new shuffle of the subset, cut into batches; a last batch
-    // of one image cannot go through train-mode BatchNorm.
+    // of one image cannot go through train-mode BatchNorm, nor one of fewer
+    // images than processes be shared among them.
     let mut order = subset.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xF1E7);
+    let fewest = world.max(2);
     let batches = (0..epochs).flat_map(move |epoch| {
         order.shuffle(&mut rng);
-        let batches: Vec<Vec<usize>> = order.chunks(batch).filter(|c| c.len() > 1).map(<[usize]>::to_vec).collect();
+        let batches: Vec<Vec<usize>> =
+            order.chunks(batch).filter(|c| c.len() >= fewest).map(<[usize]>::to_vec).collect();
         batches.into_iter().map(move |indices| (epoch, indices))
     });
-    let views = |(epoch, indices): (usize, Vec<usize>)| -> Result<(Pinned, Vec<Sample>)> {
-        let samples: Vec<Sample> = indices.iter().map(|&i| train.samples[i].clone()).collect();
+    // This rank's part of a batch, and every rank's number of images.
+    let views = |(epoch, indices): (usize, Vec<usize>)| -> Result<(Pinned, Vec<Sample>, Vec<i64>)> {
+        let sizes = (0..world).map(|r| part_range(indices.len(), r, world).len() as i64).collect();
+        let mine = part(&indices, rank, world);
+        let samples: Vec<Sample> = mine.iter().map(|&i| train.samples[i].clone()).collect();
         let images = map_batch(&samples, format, pool, |image, position| {
-            let mut rng = view_rng(config.seed, epoch as u64, indices[position] as u64, 2);
+            let mut rng = view_rng(config.seed, epoch as u64, mine[position] as u64, 2);
             pipeline.view(0, image, &mut rng)
         })?;
-        Ok((Pinned::new(images, device), samples))
+        Ok((Pinned::new(images, device), samples, sizes))
     };
     let mut step = 0usize;
     // On a GPU the next batch is made while this one trains, as features
-    // are (`Batches::each` says why not on the CPU).
-    pipelined(device.is_cuda(), batches.map(views), |(images, samples)| {
-        let images = images.upload();
-        let logits = precision.run(device, || encoder.forward_t(&images, true).apply(&classifier));
-        // The loss in fp32, outside autocast, as in pretraining.
-        let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels(&samples, device));
-        optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
-        optimizer.backward_step(&loss);
-        step += 1;
-        Ok(())
+    // are (`Batches::each` says why not on the CPU). An image one rank
+    // cannot read stops every rank.
+    pipelined(device.is_cuda(), batches.map(views).map(Ok), |prepared| {
+        let (images, samples, sizes) = agree(group, prepared)?;
+        collectives_as_errors(|| {
+            // In the network's dtype (fp32; fp64 in tests).
+            let images = images.upload().to_kind(store.kind());
+            let forward = || precision.run(device, || encoder.forward_t(&images, true).apply(&classifier));
+            let logits = match group {
+                Some(group) if sizes.windows(2).any(|pair| pair[0] != pair[1]) => {
+                    with_uneven_global_batch_norm(group, &sizes, forward)
+                }
+                Some(group) => with_global_batch_norm(group, forward),
+                None => forward(),
+            };
+            // The loss in fp32 at least, outside autocast, as in pretraining;
+            // this rank's share of the batch's mean.
+            let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits };
+            let share = samples.len() as f64 / sizes.iter().sum::<i64>() as f64;
+            let loss = logits.cross_entropy_for_logits(&labels(&samples, device)) * share;
+            optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
+            optimizer.zero_grad();
+            loss.f_backward()?;
+            if let Some(group) = group {
+                sum_gradients(group, &trainable)?;
+            }
+            optimizer.step();
+            step += 1;
+            Ok(())
+        })
     })?;
 
-    let features = features_of(&test.samples)?;
-    let logits = tch::no_grad(|| features.apply(&classifier));
-    let accuracy = accuracy(&logits, &labels(&test.samples, device));
+    let Labelled { features, labels: test_labels, .. } = features_of(&test.samples)?;
+    let logits = tch::no_grad(|| features.to_kind(classifier.ws.kind()).apply(&classifier));
+    let accuracy = accuracy(&logits, &test_labels);
     Ok(FineTuned { accuracy, labelled_images: subset.len(), precision })
+}
+
+/// Every rank's gradients of `variables` summed, in place: one all-reduce
+/// of them all, flat. Every variable has a gradient (the loss reaches each).
+fn sum_gradients(group: &ProcessGroup, variables: &[Tensor]) -> Result<()> {
+    let gradients: Vec<Tensor> = variables.iter().map(Tensor::grad).collect();
+    let mut flat = Tensor::cat(&gradients.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+    group.all_reduce(&mut flat, ReduceOp::Sum)?;
+    let mut offset = 0;
+    for gradient in &gradients {
+        let length = gradient.numel() as i64;
+        tch::no_grad(|| gradient.shallow_clone().copy_(&flat.narrow(0, offset, length).view_as(gradient)));
+        offset += length;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

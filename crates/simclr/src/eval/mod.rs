@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
-pub use finetune::{finetune, FineTuned, FinetuneConfig};
+pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{linear_eval, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};

@@ -9,7 +9,8 @@ use tch::{nn, Device};
 
 use super::features::{Batches, FeatureNet, Labelled};
 use super::{
-    finetune, knn_votes_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig, LinearConfig, Task,
+    finetune_in, knn_votes_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig, LinearConfig,
+    Task,
 };
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
@@ -176,8 +177,9 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
 /// each keeps its part of the bank, and the queries' neighbours are chosen
 /// among every part's: [`super::knn_votes_across`]), so kNN and linear score
 /// as one process does, up to the rounding of features computed in other
-/// batches. Rank 0 fits the linear classifier and gets the report; the
-/// others get `None`. Fine-tuning runs in one process.
+/// batches. Fine-tuning shares each batch among the ranks
+/// ([`super::finetune_in`]). Rank 0 fits the linear classifier and gets the
+/// report; the others get `None`.
 pub fn evaluate_in(
     network: &Network,
     options: &EvalOptions,
@@ -188,12 +190,6 @@ pub fn evaluate_in(
     if layer != Layer::H && matches!(protocol, Protocol::Finetune(_)) {
         return Err(Error::InvalidArgument(format!(
             "--layer {layer}: fine-tuning trains the encoder from h; the layer is for knn and linear"
-        )));
-    }
-    if let (Protocol::Finetune(_), Some(group)) = (protocol, group.filter(|group| group.size() > 1)) {
-        return Err(Error::Distributed(format!(
-            "fine-tuning runs in one process, not in {} (knn and linear share their work among processes)",
-            group.size()
         )));
     }
     let mut problems = Vec::new();
@@ -258,7 +254,8 @@ pub fn evaluate_in(
         Protocol::Finetune(config) => {
             // Fine-tuning reads its images every epoch: the unreadable are
             // found once, before it.
-            let (train, test) = (train.without_unreadable(&pool), test.without_unreadable(&pool));
+            let train = train.without_unreadable_across(&pool, group)?;
+            let test = test.without_unreadable_across(&pool, group)?;
             for (split, path) in [(&train, &options.train), (&test, &options.test)] {
                 if split.is_empty() {
                     return Err(crate::data::none_readable(path, split.skipped().len()));
@@ -266,7 +263,7 @@ pub fn evaluate_in(
             }
             let task = Task { train, test, classes: classes as i64, format };
             let FineTuned { accuracy, labelled_images, precision } =
-                finetune(store, &model.encoder, &task, config, options.precision, &pool)?;
+                finetune_in(store, &model.encoder, &task, config, options.precision, &pool, group)?;
             let skipped = [task.train.skipped(), task.test.skipped()].concat();
             Scored {
                 accuracy,

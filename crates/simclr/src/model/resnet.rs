@@ -328,6 +328,11 @@ impl FoldedResNet {
         self.layers.feature_dim
     }
 
+    /// The dtype of its weights, which its input must have (outside autocast).
+    pub fn kind(&self) -> tch::Kind {
+        self.layers.stem_unit.weight.kind()
+    }
+
     /// h of shape `[B, feature_dim]` for images `[B, 3, H, W]`; call it
     /// under `tch::no_grad` (the weights are detached).
     pub fn forward(&self, x: &Tensor) -> Tensor {

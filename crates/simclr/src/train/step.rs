@@ -236,15 +236,12 @@ pub(crate) fn out_of_memory_as_error<T>(
     device: Device,
     batch_size: usize,
 ) -> Result<T> {
+    // A failed collective inside the forward pass (global BatchNorm) is its error.
+    let step = || crate::dist::collectives_as_errors(step);
     let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
         // Fallible calls (the backward pass) report it as an error...
         Ok(Err(Error::Torch(error))) if crate::device::is_out_of_memory(&error.to_string()) => error.to_string(),
         Ok(result) => return result,
-        // A failed collective inside the forward pass (global BatchNorm).
-        Err(payload) if payload.is::<crate::dist::CollectiveFailed>() => {
-            let failed = payload.downcast::<crate::dist::CollectiveFailed>().expect("checked just above");
-            return Err(failed.0);
-        }
         // ...the others, through tch, as a panic.
         Err(payload) => {
             let message = payload
