@@ -10,8 +10,15 @@ if [ -n "${PYTHON:-}" ]; then
     exit 0
 fi
 venv=${SIMCLR_CACHE:-$HOME/.cache/simclr}/venv
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv" >&2
-    "$venv/bin/pip" install --quiet -r "$(dirname "$0")/requirements.txt" >&2
+requirements="$(dirname "$0")/requirements.txt"
+# The marker holds the requirements' hash, written once pip has installed
+# them: an install cut short (a killed first run) or changed requirements
+# install again, where a venv's mere presence would leave it without torch.
+marker="$venv/.simclr-requirements"
+wanted=$(sha256sum "$requirements" | cut -d' ' -f1)
+if [ "$(cat "$marker" 2>/dev/null)" != "$wanted" ]; then
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet -r "$requirements" >&2
+    echo "$wanted" > "$marker"
 fi
 echo "$venv/bin/python"
