@@ -70,6 +70,22 @@ pub fn best_across(
     Ok((best, payload.gather(1, &chosen, false)))
 }
 
+/// Every rank's gradients of `variables` summed, in place: one all-reduce
+/// of them all, flat (a classifier's or fine-tuning's, outside the
+/// trainer's optimiser). Every variable has a gradient.
+pub fn sum_gradients(group: &ProcessGroup, variables: &[tch::Tensor]) -> crate::Result<()> {
+    let gradients: Vec<tch::Tensor> = variables.iter().map(tch::Tensor::grad).collect();
+    let mut flat = tch::Tensor::cat(&gradients.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+    group.all_reduce(&mut flat, ReduceOp::Sum)?;
+    let mut offset = 0;
+    for gradient in &gradients {
+        let length = gradient.numel() as i64;
+        tch::no_grad(|| gradient.shallow_clone().copy_(&flat.narrow(0, offset, length).view_as(gradient)));
+        offset += length;
+    }
+    Ok(())
+}
+
 /// How a training step of one rank takes part in a multi-process run.
 #[derive(Debug, Clone, Copy)]
 pub struct Parallel<'a> {

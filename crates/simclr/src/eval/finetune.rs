@@ -23,8 +23,7 @@ use crate::data::loader::{map_batch, pipelined};
 use crate::data::{Dataset, Sample};
 use crate::device::{Pinned, Precision, PrecisionChoice};
 use crate::dist::{
-    agree, collectives_as_errors, part, part_range, with_global_batch_norm, with_uneven_global_batch_norm,
-    ProcessGroup, ReduceOp,
+    agree, collectives_as_errors, part, part_range, with_global_batch_norm, with_uneven_global_batch_norm, ProcessGroup,
 };
 use crate::model::ResNet;
 use crate::{Error, Result};
@@ -311,7 +310,7 @@ pub fn finetune_in(
             optimizer.zero_grad();
             loss.f_backward()?;
             if let Some(group) = group {
-                sum_gradients(group, &trainable)?;
+                crate::dist::sum_gradients(group, &trainable)?;
             }
             optimizer.step();
             step += 1;
@@ -323,21 +322,6 @@ pub fn finetune_in(
     let logits = tch::no_grad(|| features.to_kind(classifier.ws.kind()).apply(&classifier));
     let accuracy = accuracy(&logits, &test_labels);
     Ok(FineTuned { accuracy, labelled_images: subset.len(), precision })
-}
-
-/// Every rank's gradients of `variables` summed, in place: one all-reduce
-/// of them all, flat. Every variable has a gradient (the loss reaches each).
-fn sum_gradients(group: &ProcessGroup, variables: &[Tensor]) -> Result<()> {
-    let gradients: Vec<Tensor> = variables.iter().map(Tensor::grad).collect();
-    let mut flat = Tensor::cat(&gradients.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
-    group.all_reduce(&mut flat, ReduceOp::Sum)?;
-    let mut offset = 0;
-    for gradient in &gradients {
-        let length = gradient.numel() as i64;
-        tch::no_grad(|| gradient.shallow_clone().copy_(&flat.narrow(0, offset, length).view_as(gradient)));
-        offset += length;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tch::{nn, Kind, Tensor};
 pub use features::extract_features;
 pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
-pub use linear::{linear_eval, LinearConfig};
+pub use linear::{fit_linear_across, linear_eval, linear_eval_across, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
 
 /// A labelled train and test split, and how their images become tensors.

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use tch::{nn, Device};
 
-use super::features::{Batches, FeatureNet, Labelled};
+use super::features::{Batches, FeatureNet};
 use super::{
-    finetune_in, knn_votes_across, linear_eval, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig, LinearConfig,
-    Task,
+    finetune_in, knn_votes_across, linear_eval_across, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig,
+    LinearConfig, Task,
 };
 use crate::data::config::{BadImagePolicy, DataFormat};
 use crate::data::loader::{worker_pool, ViewFormat};
@@ -149,22 +149,6 @@ struct Scored {
     precision: Precision,
 }
 
-impl Scored {
-    /// `accuracy` of a protocol on the frozen features `train` and `test`,
-    /// computed in `precision`.
-    fn on_features(accuracy: Accuracy, train: Labelled, test: Labelled, precision: Precision) -> Self {
-        let train_images = train.features.size()[0] as usize;
-        Self {
-            accuracy,
-            labelled_images: train_images,
-            train_images,
-            test_images: test.features.size()[0] as usize,
-            skipped: [train.skipped, test.skipped].concat(),
-            precision,
-        }
-    }
-}
-
 /// `protocol` on `network`, read at `options.layer`.
 pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -> Result<EvalReport> {
     let report = evaluate_in(network, options, protocol, None)?;
@@ -177,9 +161,10 @@ pub fn evaluate(network: &Network, options: &EvalOptions, protocol: &Protocol) -
 /// each keeps its part of the bank, and the queries' neighbours are chosen
 /// among every part's: [`super::knn_votes_across`]), so kNN and linear score
 /// as one process does, up to the rounding of features computed in other
-/// batches. Fine-tuning shares each batch among the ranks
-/// ([`super::finetune_in`]). Rank 0 fits the linear classifier and gets the
-/// report; the others get `None`.
+/// batches. The linear classifier is fitted with each rank holding its
+/// part of the training features ([`super::linear::fit_linear_across`]),
+/// and fine-tuning shares each batch among the ranks
+/// ([`super::finetune_in`]). Rank 0 gets the report; the others get `None`.
 pub fn evaluate_in(
     network: &Network,
     options: &EvalOptions,
@@ -249,7 +234,6 @@ pub fn evaluate_in(
             _ => Ok(labelled),
         }
     };
-    let frozen = || Ok::<_, Error>((features(&train, &options.train)?, features(&test, &options.test)?));
     let scored = match protocol {
         Protocol::Finetune(config) => {
             // Fine-tuning reads its images every epoch: the unreadable are
@@ -298,15 +282,25 @@ pub fn evaluate_in(
                 precision,
             }
         }
-        Protocol::Linear(_) if rank != 0 => {
-            frozen()?;
-            return Ok(None);
-        }
         Protocol::Linear(config) => {
-            let (train, test) = frozen()?;
+            // Each rank keeps its part of the training features, and all the test's.
+            let (part, train_images) = batches.labelled_part(net, &train.samples, &pool, group)?;
+            if train_images == 0 {
+                return Err(crate::data::none_readable(&options.train, part.skipped.len()));
+            }
+            let test = features(&test, &options.test)?;
+            let (train_rows, test_rows) = (&part.features, &test.features);
+            let classes = classes as i64;
             let accuracy =
-                linear_eval(&train.features, &train.labels, &test.features, &test.labels, classes as i64, config)?;
-            Scored::on_features(accuracy, train, test, precision)
+                linear_eval_across(train_rows, &part.labels, test_rows, &test.labels, classes, config, group)?;
+            Scored {
+                accuracy,
+                labelled_images: train_images,
+                train_images,
+                test_images: test.features.size()[0] as usize,
+                skipped: [part.skipped, test.skipped].concat(),
+                precision,
+            }
         }
     };
     if rank != 0 {
