@@ -48,9 +48,10 @@ pub fn with_global_batch_norm<T>(group: &ProcessGroup, forward: impl FnOnce() ->
     normalising_over(Global { group: NonNull::from(group), images: None }, forward)
 }
 
-/// [`with_global_batch_norm`] where the ranks' slices differ in size:
+/// [`with_global_batch_norm`] where the ranks' slices may differ in size:
 /// `images[r]` is rank r's number of images, each at least one (a
-/// fine-tuning batch that does not split evenly).
+/// fine-tuning batch, which need not split evenly); where they differ,
+/// each rank's statistics are weighted by its count.
 pub fn with_uneven_global_batch_norm<T>(group: &ProcessGroup, images: &[i64], forward: impl FnOnce() -> T) -> T {
     normalising_over(Global { group: NonNull::from(group), images: Some(NonNull::from(images)) }, forward)
 }

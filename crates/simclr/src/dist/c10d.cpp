@@ -274,7 +274,8 @@ at::Tensor fused_input_gradient(
 // statistics kernel), one all-gather, Chan et al.'s parallel-variance merge,
 // then libtorch's fused normalisation given those statistics (the ranks'
 // slices may differ in size: `images` names each rank's, where a fine-tuning
-// batch does not split evenly; empty, all are this rank's); the running
+// batch may not split evenly, and the statistics are weighted by them where
+// they differ; empty, all are this rank's); the running
 // statistics move with the global mean and unbiased variance. Backward: the
 // per-channel sums of dy and dy x_hat (libtorch's backward reduction kernel
 // with the global statistics), one sum all-reduce of them, and
@@ -315,7 +316,8 @@ struct GlobalBatchNorm : public torch::autograd::Function<GlobalBatchNorm> {
     at::Tensor m2 = all.narrow(1, channels, channels).sum(0);
     double total = count * g->size;
     at::Tensor mean;
-    if (images.empty()) {
+    const bool even = std::all_of(images.begin(), images.end(), [&](int64_t n) { return n == images.front(); });
+    if (even) {
       mean = means.mean(0);
       m2 = m2 + (means - mean).square().sum(0) * count;
     } else {

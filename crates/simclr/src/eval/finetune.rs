@@ -22,9 +22,7 @@ use crate::data::config::BadImagePolicy;
 use crate::data::loader::{map_batch, pipelined};
 use crate::data::{Dataset, Sample};
 use crate::device::{Pinned, Precision, PrecisionChoice};
-use crate::dist::{
-    agree, collectives_as_errors, part, part_range, with_global_batch_norm, with_uneven_global_batch_norm, ProcessGroup,
-};
+use crate::dist::{agree, collectives_as_errors, part, part_range, with_uneven_global_batch_norm, ProcessGroup};
 use crate::model::ResNet;
 use crate::{Error, Result};
 
@@ -295,10 +293,7 @@ pub fn finetune_in(
             let images = images.upload().to_kind(store.kind());
             let forward = || precision.run(device, || encoder.forward_t(&images, true).apply(&classifier));
             let logits = match group {
-                Some(group) if sizes.windows(2).any(|pair| pair[0] != pair[1]) => {
-                    with_uneven_global_batch_norm(group, &sizes, forward)
-                }
-                Some(group) => with_global_batch_norm(group, forward),
+                Some(group) => with_uneven_global_batch_norm(group, &sizes, forward),
                 None => forward(),
             };
             // The loss in fp32 at least, outside autocast, as in pretraining;
@@ -306,13 +301,7 @@ pub fn finetune_in(
             let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits };
             let share = samples.len() as f64 / sizes.iter().sum::<i64>() as f64;
             let loss = logits.cross_entropy_for_logits(&labels(&samples, device)) * share;
-            optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
-            optimizer.zero_grad();
-            loss.f_backward()?;
-            if let Some(group) = group {
-                crate::dist::sum_gradients(group, &trainable)?;
-            }
-            optimizer.step();
+            super::descend(&mut optimizer, &loss, (peak, step, total_steps), &trainable, group)?;
             step += 1;
             Ok(())
         })

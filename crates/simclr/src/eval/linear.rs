@@ -170,16 +170,17 @@ pub fn fit_linear_across(
     let mut step = 0usize;
     for _ in 0..config.epochs {
         order.shuffle(&mut rng);
-        let permutation = crate::device::upload_slice(&order, device);
+        // One process takes its batches from the permutation on the device.
+        let permutation = group.is_none().then(|| crate::device::upload_slice(&order, device));
         for start in (0..rows).step_by(batch as usize) {
             let size = batch.min(rows - start);
-            let loss = match group {
-                None => {
+            let loss = match &permutation {
+                Some(permutation) => {
                     let index = permutation.narrow(0, start, size);
                     let logits = train.index_select(0, &index).apply(&classifier);
                     logits.cross_entropy_for_logits(&train_labels.index_select(0, &index))
                 }
-                Some(_) => {
+                None => {
                     // The batch's rows this rank holds (maybe none), as its own rows.
                     let batch = &order[start as usize..(start + size) as usize];
                     let mine: Vec<i64> = batch
@@ -193,13 +194,7 @@ pub fn fit_linear_across(
                     logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0) / size as f64
                 }
             };
-            optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
-            optimizer.zero_grad();
-            loss.f_backward()?;
-            if let Some(group) = group {
-                crate::dist::sum_gradients(group, &trainable)?;
-            }
-            optimizer.step();
+            super::descend(&mut optimizer, &loss, (peak, step, total_steps), &trainable, group)?;
             step += 1;
         }
     }

@@ -76,6 +76,27 @@ fn check_sgd(learning_rate: f64, momentum: f64, problems: &mut Vec<String>) {
     }
 }
 
+/// One step of an SGD fit on the labels (the linear classifier's,
+/// fine-tuning's): `loss` back-propagated at step `step` of `total_steps`
+/// of a cosine schedule from `peak`, the gradients of `trainable` summed
+/// over `group`'s ranks first where there is one.
+fn descend(
+    optimizer: &mut nn::Optimizer,
+    loss: &Tensor,
+    (peak, step, total_steps): (f64, usize, f64),
+    trainable: &[Tensor],
+    group: Option<&crate::dist::ProcessGroup>,
+) -> crate::Result<()> {
+    optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
+    optimizer.zero_grad();
+    loss.f_backward()?;
+    if let Some(group) = group {
+        crate::dist::sum_gradients(group, trainable)?;
+    }
+    optimizer.step();
+    Ok(())
+}
+
 /// `Err(Error::Config)` listing `problems`, if there are any.
 fn refuse(problems: Vec<String>) -> crate::Result<()> {
     if problems.is_empty() {

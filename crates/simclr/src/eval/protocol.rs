@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tch::{nn, Device};
 
-use super::features::{Batches, FeatureNet};
+use super::features::{Batches, FeatureNet, Labelled};
 use super::{
     finetune_in, knn_votes_across, linear_eval_across, Accuracy, FineTuned, FinetuneConfig, Hits, KnnConfig,
     LinearConfig, Task,
@@ -234,6 +234,24 @@ pub fn evaluate_in(
             _ => Ok(labelled),
         }
     };
+    // kNN and linear: each rank keeps its part of the training features (a
+    // kNN bank, a classifier's rows), and all the test's; `score` gets them
+    // and how many training rows all parts hold.
+    let frozen = |score: &dyn Fn(&Labelled, usize, &Labelled) -> Result<Accuracy>| -> Result<Scored> {
+        let (part, train_images) = batches.labelled_part(net, &train.samples, &pool, group)?;
+        if train_images == 0 {
+            return Err(crate::data::none_readable(&options.train, part.skipped.len()));
+        }
+        let test = features(&test, &options.test)?;
+        Ok(Scored {
+            accuracy: score(&part, train_images, &test)?,
+            labelled_images: train_images,
+            train_images,
+            test_images: test.features.size()[0] as usize,
+            skipped: [part.skipped, test.skipped].concat(),
+            precision,
+        })
+    };
     let scored = match protocol {
         Protocol::Finetune(config) => {
             // Fine-tuning reads its images every epoch: the unreadable are
@@ -258,13 +276,7 @@ pub fn evaluate_in(
                 precision,
             }
         }
-        Protocol::Knn(config) => {
-            // Each rank keeps its part of the bank, and all the queries.
-            let (bank, train_images) = batches.labelled_part(net, &train.samples, &pool, group)?;
-            if train_images == 0 {
-                return Err(crate::data::none_readable(&options.train, bank.skipped.len()));
-            }
-            let test = features(&test, &options.test)?;
+        Protocol::Knn(config) => frozen(&|bank, train_images, test| {
             if config.k > train_images && rank == 0 {
                 tracing::warn!(
                     "--k {} is more than the {train_images} training images: every one of them votes, as with --k \
@@ -273,35 +285,12 @@ pub fn evaluate_in(
                 );
             }
             let votes = knn_votes_across(&bank.features, &bank.labels, &test.features, classes as i64, *config, group)?;
-            Scored {
-                accuracy: Hits::of(&votes, &test.labels).accuracy(),
-                labelled_images: train_images,
-                train_images,
-                test_images: test.features.size()[0] as usize,
-                skipped: [bank.skipped, test.skipped].concat(),
-                precision,
-            }
-        }
-        Protocol::Linear(config) => {
-            // Each rank keeps its part of the training features, and all the test's.
-            let (part, train_images) = batches.labelled_part(net, &train.samples, &pool, group)?;
-            if train_images == 0 {
-                return Err(crate::data::none_readable(&options.train, part.skipped.len()));
-            }
-            let test = features(&test, &options.test)?;
+            Ok(Hits::of(&votes, &test.labels).accuracy())
+        })?,
+        Protocol::Linear(config) => frozen(&|part, _, test| {
             let (train_rows, test_rows) = (&part.features, &test.features);
-            let classes = classes as i64;
-            let accuracy =
-                linear_eval_across(train_rows, &part.labels, test_rows, &test.labels, classes, config, group)?;
-            Scored {
-                accuracy,
-                labelled_images: train_images,
-                train_images,
-                test_images: test.features.size()[0] as usize,
-                skipped: [part.skipped, test.skipped].concat(),
-                precision,
-            }
-        }
+            linear_eval_across(train_rows, &part.labels, test_rows, &test.labels, classes as i64, config, group)
+        })?,
     };
     if rank != 0 {
         return Ok(None);
