@@ -534,10 +534,13 @@ impl Trainer {
                     loss *= f64::NAN;
                 }
                 if let Some(Parallel { group, .. }) = parallel {
-                    // The global batch's gradient and loss, the same on every rank.
+                    // The global batch's gradient and loss, the same on every
+                    // rank (one rank's are the global batch's already).
                     optimizer.average_gradient(group)?;
-                    group.all_reduce(&mut loss, ReduceOp::Sum)?;
-                    loss /= group.size() as f64;
+                    if group.size() > 1 {
+                        group.all_reduce(&mut loss, ReduceOp::Sum)?;
+                        loss /= group.size() as f64;
+                    }
                 }
                 // A non-finite loss or gradient is caught on the device: the
                 // update is shut there, and the ledger reads the verdict later.
