@@ -1,9 +1,11 @@
 // Peak memory of libtorch's CUDA caching allocator (what Python reads as
-// torch.cuda.max_memory_allocated), which tch does not bind. Compiled by
-// build.rs in the `cuda` build only; see device.rs for the Rust side.
-// Both functions catch every C++ exception and return non-zero.
+// torch.cuda.max_memory_allocated), and page-locked host tensors, which tch
+// does not bind. Compiled by build.rs in the `cuda` build only; see
+// device.rs for the Rust side. Every function catches every C++ exception
+// and returns non-zero.
 #include <cstdint>
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 
 extern "C" {
@@ -21,6 +23,18 @@ int simclr_cuda_peak_allocated(int device, int64_t* bytes) {
 int simclr_cuda_reset_peak(int device) {
   try {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// `bytes` uninitialised bytes of page-locked host memory from libtorch's
+// caching host allocator (what `torch.empty(..., pin_memory=True)` makes),
+// as a new tensor owned by the caller (tch's `Tensor::from_ptr`).
+int simclr_cuda_pinned_bytes(int64_t bytes, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
     return 0;
   } catch (...) {
     return 1;

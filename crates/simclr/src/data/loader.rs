@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 use super::stream::{ShardList, Streamed, Streaming};
 use super::{decode, Dataset, Sample, TrainingImage};
 use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
-use crate::device::Pinned;
+use crate::device::{Pinned, Staged};
 use crate::{Error, Result};
 use image::RgbImage;
 
@@ -349,8 +349,8 @@ pub struct ViewLoader {
 }
 
 impl ViewLoader {
-    /// Batches for `device`: for a GPU they are made in page-locked memory
-    /// and sent without waiting for it (see [`crate::device::Pinned`]).
+    /// Batches for `device`: for a GPU the workers write them into
+    /// page-locked memory, sent without waiting for it (see [`Staged`]).
     pub fn new(
         dataset: Arc<Dataset>,
         pipeline: Pipeline,
@@ -451,15 +451,18 @@ impl ViewLoader {
                         message: "the shards hold fewer images than when the run opened them".to_owned(),
                     });
                 }
+                // The workers write each batch where it is uploaded from.
+                let (views, side) = (2 * batch.len() as i64, i64::from(pipeline.size()));
                 pool.install(|| {
                     if hybrid {
-                        let (pixels, params, images) = two_geometries(&dataset, &pipeline, make, &batch)?;
-                        let side = i64::from(pipeline.size());
-                        let views = Tensor::from_slice(&pixels).view([params.len() as i64, side, side, 3]);
-                        Ok((Prepared::Geometry(Pinned::new(views, device), params), images))
+                        let mut pixels = Staged::new(&[views, side, side, 3], Kind::Uint8, device)?;
+                        let (params, images) =
+                            two_geometries(&dataset, &pipeline, make, &batch, pixels.as_mut_slice())?;
+                        Ok((Prepared::Geometry(pixels.into_pinned(), params), images))
                     } else {
-                        let (data, images) = two_views(&dataset, &pipeline, format, make, &batch)?;
-                        Ok((Prepared::Views(Pinned::new(format.tensor(&data, 2 * batch.len()), device)), images))
+                        let mut data = Staged::new(&[views, 3, side, side], Kind::Float, device)?;
+                        let images = two_views(&dataset, &pipeline, format, make, &batch, data.as_mut_slice())?;
+                        Ok((Prepared::Views(data.into_pinned()), images))
                     }
                 })
             });
@@ -558,17 +561,18 @@ pub fn pipelined<T: Send>(
     })
 }
 
-/// The CPU path's batch: normalised CHW floats, first views then second
-/// views; and the samples read.
+/// The CPU path's batch written into `data`: normalised CHW floats, first
+/// views then second views; and the samples read.
 fn two_views(
     dataset: &Dataset,
     pipeline: &Pipeline,
     format: ViewFormat,
     make: Make,
     inputs: &[Input],
-) -> Result<(Vec<f32>, Vec<usize>)> {
+    data: &mut [f32],
+) -> Result<Vec<usize>> {
     let per_view = format.floats();
-    let mut data = vec![0f32; 2 * inputs.len() * per_view];
+    assert_eq!(data.len(), 2 * inputs.len() * per_view, "two views per input");
     let (first, second) = data.split_at_mut(inputs.len() * per_view);
     let images = first
         .par_chunks_mut(per_view)
@@ -582,21 +586,22 @@ fn two_views(
             Ok(image)
         })
         .collect::<Result<_>>()?;
-    Ok((data, images))
+    Ok(images)
 }
 
-/// The hybrid path's batch: 8-bit HWC geometries, first views then second
-/// views, the parameters that the device applies to them, and the samples
-/// read.
+/// The hybrid path's batch written into `pixels`: 8-bit HWC geometries,
+/// first views then second views; the parameters that the device applies
+/// to them, and the samples read.
 fn two_geometries(
     dataset: &Dataset,
     pipeline: &Pipeline,
     make: Make,
     inputs: &[Input],
-) -> Result<(Vec<u8>, Vec<ViewParams>, Vec<usize>)> {
+    pixels: &mut [u8],
+) -> Result<(Vec<ViewParams>, Vec<usize>)> {
     let side = pipeline.size() as usize;
     let per_view = 3 * side * side;
-    let mut pixels = vec![0u8; 2 * inputs.len() * per_view];
+    assert_eq!(pixels.len(), 2 * inputs.len() * per_view, "two views per input");
     let (first, second) = pixels.split_at_mut(inputs.len() * per_view);
     let read: Vec<(usize, [ViewParams; 2])> = first
         .par_chunks_mut(per_view)
@@ -611,7 +616,7 @@ fn two_geometries(
         .collect::<Result<_>>()?;
     let (images, params): (Vec<usize>, Vec<[ViewParams; 2]>) = read.into_iter().unzip();
     let (firsts, seconds): (Vec<ViewParams>, Vec<ViewParams>) = params.into_iter().map(|[a, b]| (a, b)).unzip();
-    Ok((pixels, [firsts, seconds].concat(), images))
+    Ok(([firsts, seconds].concat(), images))
 }
 
 /// A batch as the producer hands it over.
@@ -908,7 +913,8 @@ mod tests {
         for batch in streamed.epoch(3, 0) {
             let batch = batch.unwrap();
             let inputs: Vec<Input> = batch.images.iter().map(|&index| Input::Index(index)).collect();
-            let (data, images) = two_views(&shards, &pipeline, format, make, &inputs).unwrap();
+            let mut data = vec![0f32; 2 * inputs.len() * format.floats()];
+            let images = two_views(&shards, &pipeline, format, make, &inputs, &mut data).unwrap();
             assert_eq!(images, batch.images);
             assert!(batch.views.equal(&format.tensor(&data, 2 * inputs.len())), "images {:?}", batch.images);
             seen.extend(batch.images);
