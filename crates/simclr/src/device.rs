@@ -214,10 +214,13 @@ impl Staged {
         Ok(Self { host, device })
     }
 
-    /// Every element, to be written: they start uninitialised, so the
-    /// caller writes each one before [`Staged::into_pinned`].
+    /// Every element, to be written: they start with whatever bytes the
+    /// allocator left, so the caller writes each one before
+    /// [`Staged::into_pinned`]. Bytes and floats only (every bit pattern is
+    /// one of their values).
     pub fn as_mut_slice<T: tch::kind::Element>(&mut self) -> &mut [T] {
         assert_eq!(self.host.kind(), T::KIND, "a staged tensor is written as its own kind");
+        assert!(matches!(T::KIND, Kind::Uint8 | Kind::Float), "staged tensors hold bytes or floats");
         let len = self.host.numel();
         if len == 0 {
             return &mut [];
@@ -225,7 +228,8 @@ impl Staged {
         // SAFETY: the tensor is contiguous (made by `empty`), owns `len`
         // elements of `T` (checked above) that nothing else references, and
         // `&mut self` keeps it alive and unshared for the slice's lifetime.
-        // Its bytes may be uninitialised; u8 and f32 have no invalid values.
+        // Its bytes come from libtorch's allocator, unwritten: any pattern
+        // is a valid u8 or f32, and the caller overwrites them all.
         unsafe { std::slice::from_raw_parts_mut(self.host.data_ptr().cast::<T>(), len) }
     }
 
