@@ -1076,13 +1076,15 @@ fn the_fast_preset_is_reproducible_from_its_seed() {
         (out, stderr(&output))
     };
     // The second run also asks for what only CUDA does (a captured step,
-    // deterministic cuDNN): the CPU runs without them, the same run.
-    let cuda_only = ["train.cuda_graph=true", "train.deterministic=true"];
+    // deterministic cuDNN): the CPU runs without them, the same run. And
+    // for the device augmentation on a thread of its own (a GPU's default,
+    // which the CPU takes when told): the same batches, the same run.
+    let cuda_only = ["train.cuda_graph=true", "train.deterministic=true", "augment.device_thread=true"];
     let ((first, _), (second, log), (other, _)) =
         (run("first", "3", &[]), run("second", "3", &cuda_only), run("other", "4", &[]));
     assert!(log.contains("train.cuda_graph is ignored on Cpu"), "{log}");
     assert_eq!(epoch_losses(&first).len(), 2);
-    assert_same_run(&second, &first, "a second run from the same seed (CUDA's settings ignored on the CPU)");
+    assert_same_run(&second, &first, "a second run from the same seed (CUDA's settings ignored or alike on the CPU)");
     assert_ne!(epoch_losses(&other), epoch_losses(&first), "another seed must give another run");
 
     // The step runs in bf16 on a CPU with bf16 instructions (as this

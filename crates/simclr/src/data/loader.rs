@@ -155,14 +155,7 @@ impl Views {
     pub fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
         match self {
             Views::Cpu(loader) => Box::new(loader.epoch(epoch, first)),
-            Views::Device(loader) => {
-                let order = epoch_order(loader.len, loader.seed, epoch);
-                Box::new((first..loader.batches_per_epoch()).map(move |batch| {
-                    let indices = loader.shard.of(&order[batch * loader.batch_size..(batch + 1) * loader.batch_size]);
-                    let images = indices.iter().map(|&index| loader.sources[index]).collect();
-                    Ok(Batch { views: loader.two_views(indices, epoch), images })
-                }))
-            }
+            Views::Device(loader) => loader.epoch(epoch, first),
         }
     }
 
@@ -181,16 +174,26 @@ impl Views {
 /// drawn on the host from the same [`view_rng`] as the CPU path, so both
 /// backends make the same views up to interpolation details.
 pub struct DeviceViewLoader {
+    renderer: Renderer,
+    /// The sample each row of the images on the device holds: its own, or
+    /// under the skip policy the one read in its place
+    /// ([`Dataset::training_image`]).
+    sources: Arc<Vec<usize>>,
+    len: usize,
+    batch_size: usize,
+    shard: Shard,
+    /// Whether batches are made a step ahead on a thread of their own (see
+    /// [`DeviceBatches`]).
+    ahead: bool,
+}
+
+/// What makes a batch's views: the images on the device and the pipeline.
+struct Renderer {
     images: Tensor,
-    /// The sample each row of `images` holds: its own, or under the skip
-    /// policy the one read in its place ([`Dataset::training_image`]).
-    sources: Vec<usize>,
     width: u32,
     height: u32,
-    len: usize,
     pipeline: Pipeline,
     normalization: Normalization,
-    batch_size: usize,
     seed: u64,
     /// Whether both views render as one batch of 2N, so that each op runs
     /// once per step rather than once per view: where the views draw from
@@ -202,7 +205,6 @@ pub struct DeviceViewLoader {
     /// pixels, where dispatch is most of the cost, as on a GPU; but 1.2
     /// times as long at 32x32, where the larger batch leaves the CPU's cache.
     together: bool,
-    shard: Shard,
 }
 
 /// What [`DeviceViewLoader::load`] found.
@@ -262,31 +264,57 @@ impl DeviceViewLoader {
                 .collect::<Result<_>>()
         })?;
         let sources = match read.into_iter().collect() {
-            Ok(sources) => sources,
+            Ok(sources) => Arc::new(sources),
             Err(reason) => return Ok(DeviceData::Unsuitable(format!("the images differ in size: {reason}"))),
         };
         let images = crate::augment::uint8_batch(&pixels, dataset.len(), width, height).to_device(device);
-        let normalization = Normalization::new(format, device);
-        let len = dataset.len();
         let together = pipeline.is_symmetric() && device.is_cuda();
-        let shard = Shard::default();
-        Ok(DeviceData::Ready(Self {
-            images,
-            sources,
-            width,
-            height,
-            len,
-            pipeline,
-            normalization,
-            batch_size,
-            seed,
-            together,
-            shard,
-        }))
+        let normalization = Normalization::new(format, device);
+        let renderer = Renderer { images, width, height, pipeline, normalization, seed, together };
+        let (len, shard, ahead) = (dataset.len(), Shard::default(), device.is_cuda());
+        Ok(DeviceData::Ready(Self { renderer, sources, len, batch_size, shard, ahead }))
+    }
+
+    /// Whether batches are made a step ahead on a thread of their own
+    /// (default: on a GPU; see [`DeviceBatches`]); the batches are the same
+    /// either way.
+    pub fn ahead(mut self, ahead: bool) -> Self {
+        self.ahead = ahead;
+        self
     }
 
     pub fn batches_per_epoch(&self) -> usize {
         self.len / self.batch_size
+    }
+
+    /// The batches of `epoch` from batch `first` on.
+    fn epoch(&self, epoch: u64, first: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        let plan = EpochPlan {
+            order: epoch_order(self.len, self.renderer.seed, epoch),
+            epoch,
+            batch_size: self.batch_size,
+            shard: self.shard,
+            sources: self.sources.clone(),
+        };
+        let batches = first..self.batches_per_epoch();
+        match self.ahead {
+            false => Box::new(batches.map(move |batch| Ok(plan.make(&self.renderer, batch)))),
+            true => {
+                let plan = Some(plan);
+                Box::new(DeviceBatches { renderer: &self.renderer, plan, batches, handed_first: false, thread: None })
+            }
+        }
+    }
+}
+
+impl Renderer {
+    /// Another handle on the same tensors, for another thread.
+    fn handle(&self) -> Self {
+        let normalization = Normalization {
+            mean: self.normalization.mean.shallow_clone(),
+            std: self.normalization.std.shallow_clone(),
+        };
+        Self { images: self.images.shallow_clone(), pipeline: self.pipeline.clone(), normalization, ..*self }
     }
 
     /// Rows 0..N the first view of each image, N..2N the second, normalised.
@@ -314,6 +342,109 @@ impl DeviceViewLoader {
                 self.pipeline.sample(view, self.width, self.height, &mut rng)
             })
             .collect()
+    }
+}
+
+/// Which images each of an epoch's batches holds on this process.
+struct EpochPlan {
+    order: Vec<usize>,
+    epoch: u64,
+    batch_size: usize,
+    shard: Shard,
+    sources: Arc<Vec<usize>>,
+}
+
+impl EpochPlan {
+    fn make(&self, renderer: &Renderer, batch: usize) -> Batch {
+        let indices = self.shard.of(&self.order[batch * self.batch_size..(batch + 1) * self.batch_size]);
+        let images = indices.iter().map(|&index| self.sources[index]).collect();
+        Batch { views: renderer.two_views(indices, self.epoch), images }
+    }
+}
+
+/// The device path's batches, each made while the step before it is queued.
+///
+/// A device batch costs the host its parameters' draws and a few hundred
+/// ATen calls, each queueing a kernel. Made on the training thread between
+/// steps, the GPU waits for them: 27-30% of the `cifar10-fast` preset's
+/// time on an H200 (`benchmarks/h200-2026-12-04`). Here a thread of its own
+/// queues each batch's augmentation while the training thread queues the
+/// step before, on the same stream (each thread's current one, the
+/// default), so the kernels run in the order queued and a batch needs no
+/// event to be ready when its step reads it. Batches are the same as made
+/// inline, op for op.
+///
+/// The first batch is made on the caller's thread, and the thread starts at
+/// the second: a run's first step may capture a CUDA graph
+/// (`train.cuda_graph`), and while a capture runs no other thread may
+/// allocate device memory. A panic in the thread (tch's failed ops) is
+/// resumed on the caller's, as if the batch had been made there.
+struct DeviceBatches<'a> {
+    renderer: &'a Renderer,
+    /// Until the thread takes it.
+    plan: Option<EpochPlan>,
+    /// The batches not yet handed over.
+    batches: std::ops::Range<usize>,
+    /// Whether the first has been (on the caller's thread).
+    handed_first: bool,
+    thread: Option<(Receiver<std::thread::Result<Batch>>, JoinHandle<()>)>,
+}
+
+impl Iterator for DeviceBatches<'_> {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = self.batches.next()?;
+        if !self.handed_first {
+            self.handed_first = true;
+            return Some(Ok(self.plan.as_ref().expect("not yet taken").make(self.renderer, batch)));
+        }
+        if let Some(plan) = self.plan.take() {
+            if let Err(error) = self.start(plan, batch) {
+                self.batches = 0..0;
+                return Some(Err(error));
+            }
+        }
+        let (receiver, _) = self.thread.as_ref().expect("started");
+        match receiver.recv() {
+            Ok(Ok(made)) => Some(Ok(made)),
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Some(Err(Error::Workers("the device augmentation's thread stopped early".to_owned()))),
+        }
+    }
+}
+
+impl DeviceBatches<'_> {
+    /// Starts the thread that makes batch `from` and the ones after it.
+    fn start(&mut self, plan: EpochPlan, from: usize) -> Result<()> {
+        let renderer = self.renderer.handle();
+        let batches = from..self.batches.end;
+        let (sender, receiver) = sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("simclr-device-views".to_owned())
+            .spawn(move || {
+                for batch in batches {
+                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.make(&renderer, batch)));
+                    let failed = made.is_err();
+                    if sender.send(made).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Workers(format!("cannot start the device augmentation's thread: {e}")))?;
+        self.thread = Some((receiver, thread));
+        Ok(())
+    }
+}
+
+impl Drop for DeviceBatches<'_> {
+    /// Stops the thread (closing the channel ends its next send) and waits
+    /// for it, so that no batch is queued after the epoch.
+    fn drop(&mut self) {
+        if let Some((receiver, thread)) = self.thread.take() {
+            drop(receiver);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -849,15 +980,66 @@ mod tests {
     }
 
     #[test]
+    fn device_batches_made_ahead_on_a_thread_are_the_ones_made_inline() {
+        let dataset = super::super::synthetic::generate(24, 3, 16, 0);
+        let views = |ahead: bool, world: usize| {
+            let shard = Shard { rank: world - 1, world };
+            Views::Device(on_device(&dataset, 4).ahead(ahead)).sharded(shard)
+        };
+        let batches =
+            |views: &Views, epoch, first| -> Vec<Batch> { views.epoch(epoch, first).collect::<Result<_>>().unwrap() };
+        for (world, first) in [(1, 0), (1, 2), (2, 0)] {
+            let (inline, ahead) = (views(false, world), views(true, world));
+            let (a, b) = (batches(&inline, 3, first), batches(&ahead, 3, first));
+            assert_eq!(a.len(), 6 - first);
+            assert_eq!(a.len(), b.len());
+            for (a, b) in a.iter().zip(&b) {
+                assert_eq!(a.images, b.images);
+                assert!(a.views.equal(&b.views), "world {world}, from batch {first}: the views differ");
+            }
+            // The control: another epoch's batches are not these.
+            let other = batches(&ahead, 4, first);
+            assert!(!other[0].views.equal(&b[0].views) && other[0].images != b[0].images);
+        }
+        // Left mid-epoch (an interrupted run), the thread stops.
+        let ahead = views(true, 1);
+        assert_eq!(ahead.epoch(0, 0).take(3).count(), 3);
+    }
+
+    #[test]
+    fn a_panic_on_the_device_augmentation_thread_reaches_the_caller() {
+        let loader = on_device(&super::super::synthetic::generate(12, 3, 16, 0), 4);
+        // Image 40 of 12: batch 1, the thread's first, cannot be made.
+        let mut order: Vec<usize> = (0..12).collect();
+        order[5] = 40;
+        let plan =
+            EpochPlan { order, epoch: 0, batch_size: 4, shard: Shard::default(), sources: loader.sources.clone() };
+        let mut batches = DeviceBatches {
+            renderer: &loader.renderer,
+            plan: Some(plan),
+            batches: 0..3,
+            handed_first: false,
+            thread: None,
+        };
+        assert!(batches.next().unwrap().is_ok());
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batches.next()))
+            .err()
+            .expect("batch 1 cannot be made");
+        let message = panic.downcast_ref::<String>().expect("tch's message");
+        assert!(message.contains("index out of range") || message.contains("out of bounds"), "{message}");
+        drop(batches);
+    }
+
+    #[test]
     fn both_views_render_in_one_batch_as_they_would_apart() {
-        let mut loader = on_device(&super::super::synthetic::generate(12, 3, 16, 0), 4);
-        assert!(loader.pipeline.is_symmetric());
+        let mut renderer = on_device(&super::super::synthetic::generate(12, 3, 16, 0), 4).renderer;
+        assert!(renderer.pipeline.is_symmetric());
         // On the CPU the views render apart; a GPU would render them together.
-        assert!(!loader.together);
+        assert!(!renderer.together);
         let indices = [5, 0, 7, 3, 11, 2];
-        let apart = loader.two_views(&indices, 2);
-        loader.together = true;
-        let together = loader.two_views(&indices, 2);
+        let apart = renderer.two_views(&indices, 2);
+        renderer.together = true;
+        let together = renderer.two_views(&indices, 2);
         assert_eq!(together.size(), vec![12, 3, 16, 16]);
         let difference = (&together - &apart).abs().max().double_value(&[]);
         assert!(difference < 1e-5, "largest difference {difference}");

@@ -929,7 +929,10 @@ fn views(
     if whole_set_on_device && stream.is_none() {
         let limit = if backend == Backend::Device { usize::MAX } else { DEVICE_DATA_LIMIT };
         match DeviceViewLoader::load(&train_set, pipeline.clone(), format, batch_size, seed, device, pool, limit)? {
-            DeviceData::Ready(loader) => return Ok(Views::Device(loader)),
+            DeviceData::Ready(loader) => {
+                let thread = config.augment.device_thread.unwrap_or(device.is_cuda());
+                return Ok(Views::Device(loader.ahead(thread)));
+            }
             DeviceData::Unsuitable(reason) if backend == Backend::Device => {
                 return Err(Error::Device(format!(
                     "augment.backend = \"device\" keeps the decoded images on the device as one tensor, \
