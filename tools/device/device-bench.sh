@@ -8,7 +8,7 @@
 # On the device (run with carry=["device"]), in one call, since a session's
 # 15 minutes of device time hold one 600 s call and the machine's start but
 # not two calls:
-#   tools/device/device-bench.sh all       dist, graph, simclr, smoke, input, step, pytorch in that order (the
+#   tools/device/device-bench.sh all       dist, graph, simclr, smoke, kernels, input, step, pytorch in that order (the
 #                                   open issues' numbers first), each only if its estimate still fits before
 #                                   DEADLINE (default 585 s), then table; as the device tool's
 #                                   command `set -o pipefail; tools/device/device-bench.sh all 2>&1 | tee $OUT/all.log`
@@ -25,6 +25,8 @@
 #                                   thread, and training through the CUDA graph (train.cuda_graph), from one
 #                                   seed: images/s, waits and losses; with train.deterministic, the eager and
 #                                   captured runs' checkpoints bit for bit (acceptance 4)
+#   tools/device/device-bench.sh kernels   issue 21: every BatchNorm (+ ReLU) of the step's ResNet-18 in bf16,
+#                                   forward and backward, ATen's kernels against cuDNN's (in PyTorch)
 #   tools/device/device-bench.sh step      issue 21: bf16 SGD step throughput at each of BENCH_BATCHES, both
 #                                   implementations, median of ROUNDS processes (acceptance 3)
 #   tools/device/device-bench.sh simclr    BUDGET s of simclr training + kNN every KNN_EVERY (50) epochs and at the
@@ -153,6 +155,17 @@ PY
     "$PYTHON" tools/reference/bench_pytorch.py --device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" \
         --hidden-dim 2048 --steps 2 --warmup 5 --bf16 --optimizer sgd --profile 5 2> "$OUT/profile_pytorch_bf16_sgd.txt" >/dev/null
     head -40 "$OUT/profile_pytorch_bf16_sgd.txt"
+    ;;
+kernels)
+    # Issue 21, acceptance 3: whether cuDNN's BatchNorm would shorten the
+    # bf16 step (ATen runs a bf16 BatchNorm with its own kernels), measured in PyTorch
+    # before it is built into simclr: every BatchNorm (and its ReLU) of the
+    # step's ResNet-18, forward and backward, at each of BENCH_BATCHES.
+    torch_libraries
+    read -ra batches <<< "${BENCH_BATCHES:-256 512}"
+    for batch in "${batches[@]}"; do
+        "$PYTHON" tools/bench/bench_batch_norm.py --batch-size "$batch" --device "$DEVICE"
+    done | tee "$OUT/batch_norm.jsonl"
     ;;
 smoke)
     # The cheapest way to learn that a CUDA path is broken: each command
@@ -432,6 +445,17 @@ if r:
     differing = r["deterministic_differing"]
     print(f"train.deterministic, eager and captured from one seed: {r['deterministic_tensors']} tensors, "
           + ("all bit-identical (acceptance 4)" if not differing else f"{len(differing)} differ: {differing[:3]}"))
+try:
+    norms = [json.loads(line) for line in (out / "batch_norm.jsonl").read_text().splitlines() if line.strip()]
+except OSError:
+    norms = []
+for n in norms:
+    timed = {name: n[name] for name in ("native", "cudnn", "cudnn_fp32") if name in n}
+    print(f"BatchNorm+ReLU, {n['layers']} layers, {n['views']} views, bf16, forward and backward: "
+          + ", ".join(f"{name} {v['ms_per_pass']:.2f} ms" if "ms_per_pass" in v
+                      else f"{name} failed ({v['error']})" if "error" in v else f"{name} untimed (CPU)"
+                      for name, v in timed.items())
+          + (f"; cuDNN {n['cudnn_speedup']:.2f}x ATen's" if "cudnn_speedup" in n else ""))
 g = load("bench_graph_bf16_sgd.json")
 if g and g.get("graph_ms_per_step"):
     print(f"bf16_sgd      step as a CUDA graph (simclr), batch {g['batch_size']}: {g['graph_ms_per_step']:.1f} ms, "
@@ -469,6 +493,7 @@ estimate() {
     simclr) echo $((BUDGET + 45)) ;;
     pytorch) echo $((BUDGET + 30)) ;;
     smoke) echo 45 ;;
+    kernels) echo 30 ;;
     dist) echo 135 ;;
     input) echo 180 ;;
     micro) echo 200 ;;
@@ -482,7 +507,7 @@ estimate() {
 if [ "$1" = all ]; then
     # The open issues' owed numbers, the likeliest to close one first
     # (issue 20, micro, is resolved; bench's numbers are issue 5's).
-    set -- dist graph simclr smoke input step pytorch table
+    set -- dist graph simclr smoke kernels input step pytorch table
     DEADLINE=${DEADLINE:-585}
     # The race of issue 21's acceptance 1.
     export BUDGET=${ASKED_BUDGET:-300}

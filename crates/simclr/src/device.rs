@@ -237,6 +237,13 @@ impl Staged {
     pub fn into_pinned(self) -> Pinned {
         Pinned { host: self.host, device: self.device }
     }
+
+    /// Only `rows` (along dim 0, written; the others need not be), copied
+    /// out ready to go to the device.
+    pub fn rows(self, rows: &[usize]) -> Pinned {
+        let rows: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+        Pinned::new(self.host.index_select(0, &Tensor::from_slice(&rows)), self.device)
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -186,12 +186,12 @@ impl Batches {
         // A batch's views, the positions in `samples` of its rows, and its
         // unreadable images.
         let ready = |(number, batch): (usize, &[Sample])| -> Result<(Pinned, Vec<usize>, Vec<Error>)> {
-            let ReadableBatch { images, read, mut unreadable } = center_batch(batch, format, pool);
+            let ReadableBatch { images, read, mut unreadable } = center_batch(batch, format, pool, device)?;
             if policy == BadImagePolicy::Stop && !unreadable.is_empty() {
                 return Err(unreadable.remove(0));
             }
             let rows = read.into_iter().map(|position| number * batch_size + position).collect();
-            Ok((Pinned::new(images, device), rows, unreadable))
+            Ok((images, rows, unreadable))
         };
         let mut skipped = Vec::new();
         let mut consume = |(images, rows, unreadable): (Pinned, Vec<usize>, Vec<Error>)| -> Result<()> {

@@ -276,11 +276,11 @@ pub fn finetune_in(
         let sizes = (0..world).map(|r| part_range(indices.len(), r, world).len() as i64).collect();
         let mine = part(&indices, rank, world);
         let samples: Vec<Sample> = mine.iter().map(|&i| train.samples[i].clone()).collect();
-        let images = map_batch(&samples, format, pool, |image, position| {
+        let images = map_batch(&samples, format, pool, device, |image, position| {
             let mut rng = view_rng(config.seed, epoch as u64, mine[position] as u64, 2);
             pipeline.view(0, image, &mut rng)
         })?;
-        Ok((Pinned::new(images, device), samples, sizes))
+        Ok((images, samples, sizes))
     };
     let mut step = 0usize;
     // On a GPU the next batch is made while this one trains, as features

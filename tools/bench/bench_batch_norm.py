@@ -1,0 +1,135 @@
+"""Where a bf16 training step's BatchNorm time could go (issue 21, acceptance 3).
+
+BatchNorm is the largest share of the bf16 ResNet-18 step on an H200 after
+the convolutions (38% of PyTorch's kernel time at 256 images:
+benchmarks/h200-2026-12-04/call1/profile_pytorch_bf16_sgd.txt), and with a
+bf16 input ATen's batch_norm runs its own channels-last kernels, not
+cuDNN's (that profile's batch_norm_collect_statistics_channels_last and the
+like), in both implementations. Before a cuDNN path is built into simclr (tch binds
+`Tensor::cudnn_batch_norm`, differentiable), this measures it: every
+BatchNorm of ResNet-18 with the CIFAR stem at 32 px, on 2N views in bf16,
+channels_last, with fp32 parameters as under autocast, each followed by
+the ReLU that follows it in the network, forward and backward:
+
+- `native`: F.batch_norm (what both implementations run today)
+- `cudnn`: aten.cudnn_batch_norm on the bf16 input (persistent spatial
+  mode, which ATen picks for a channels-last input in training)
+- `cudnn_fp32`: the input cast to fp32 and back around F.batch_norm, which
+  ATen then sends to cuDNN
+
+Each is timed with CUDA events over ITERATIONS passes, the layers in the
+network's order; outputs and input gradients are compared with `native`'s.
+Prints one JSON object. On a CPU it runs `native` alone (a check of the
+script).
+
+    python tools/bench/bench_batch_norm.py --batch-size 512
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+# (channels, side) of each BatchNorm2d of ResNet-18 with the CIFAR stem at
+# 32 px, and whether a ReLU follows it: the stem; per basic block two, the
+# first followed by a ReLU and the second by the residual sum and a ReLU
+# (counted with it); the downsampling shortcut's (no ReLU of its own).
+LAYERS = (
+    [(64, 32, True)]
+    + [(64, 32, True)] * 4
+    + [(128, 16, True)] * 4 + [(128, 16, False)]
+    + [(256, 8, True)] * 4 + [(256, 8, False)]
+    + [(512, 4, True)] * 4 + [(512, 4, False)]
+)
+
+
+def native(x, weight, bias, mean, var):
+    return F.batch_norm(x, mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+
+
+def cudnn(x, weight, bias, mean, var):
+    return torch.ops.aten.cudnn_batch_norm(x, weight, bias, mean, var, True, 0.1, 1e-5)[0]
+
+
+def cudnn_fp32(x, weight, bias, mean, var):
+    y = F.batch_norm(x.float(), mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+    return y.to(x.dtype)
+
+
+def layers(batch, device, dtype):
+    torch.manual_seed(0)
+    made = []
+    for channels, side, relu in LAYERS:
+        x = torch.randn(2 * batch, channels, side, side, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        weight = (1 + 0.1 * torch.randn(channels, device=device)).requires_grad_(True)
+        bias = (0.1 * torch.randn(channels, device=device)).requires_grad_(True)
+        grad = torch.randn_like(x)
+        made.append((x, weight, bias, grad, relu))
+    return made
+
+
+def run(norm, made):
+    """Forward and backward through every layer; the outputs and input gradients."""
+    outputs = []
+    for x, weight, bias, grad, relu in made:
+        channels = x.shape[1]
+        mean = torch.zeros(channels, device=x.device)
+        var = torch.ones(channels, device=x.device)
+        x.grad = weight.grad = bias.grad = None
+        y = norm(x, weight, bias, mean, var)
+        if relu:
+            y = F.relu(y)
+        y.backward(grad)
+        outputs.append((y.detach(), x.grad))
+    return outputs
+
+
+def timed(norm, made, iterations):
+    for _ in range(5):
+        run(norm, made)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        run(norm, made)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iterations
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=512, help="images; the layers see two views of each")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    made = layers(args.batch_size, device, torch.bfloat16)
+    report = {"batch_size": args.batch_size, "views": 2 * args.batch_size, "layers": len(LAYERS),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__}
+    variants = {"native": native}
+    if device.type == "cuda":
+        variants.update(cudnn=cudnn, cudnn_fp32=cudnn_fp32)
+    reference = run(native, made)
+    for name, norm in variants.items():
+        try:
+            outputs = run(norm, made)
+        except RuntimeError as error:
+            report[name] = {"error": str(error).splitlines()[0]}
+            continue
+        # bf16 outputs: a difference of one unit in the last place is 2^-8 relative.
+        worst_output = max((a.float() - b.float()).abs().max().item() for (a, _), (b, _) in zip(outputs, reference))
+        worst_gradient = max((a.float() - b.float()).abs().max().item() for (_, a), (_, b) in zip(outputs, reference))
+        result = {"output_max_difference": worst_output, "input_gradient_max_difference": worst_gradient}
+        if device.type == "cuda":
+            result["ms_per_pass"] = timed(norm, made, args.iterations)
+        report[name] = result
+    if device.type == "cuda" and "ms_per_pass" in report.get("cudnn", {}):
+        report["cudnn_speedup"] = report["native"]["ms_per_pass"] / report["cudnn"]["ms_per_pass"]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
