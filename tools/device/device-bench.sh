@@ -450,12 +450,11 @@ try:
 except OSError:
     norms = []
 for n in norms:
-    timed = {name: n[name] for name in ("native", "cudnn", "cudnn_fp32") if name in n}
+    timed = {name: n[name] for name in ("native", "cudnn", "cudnn_bf16_parameters", "cudnn_fp32") if name in n}
     print(f"BatchNorm+ReLU, {n['layers']} layers, {n['views']} views, bf16, forward and backward: "
-          + ", ".join(f"{name} {v['ms_per_pass']:.2f} ms" if "ms_per_pass" in v
+          + ", ".join(f"{name} {v['ms_per_pass']:.2f} ms ({v['speedup_over_native']:.2f}x)" if "ms_per_pass" in v
                       else f"{name} failed ({v['error']})" if "error" in v else f"{name} untimed (CPU)"
-                      for name, v in timed.items())
-          + (f"; cuDNN {n['cudnn_speedup']:.2f}x ATen's" if "cudnn_speedup" in n else ""))
+                      for name, v in timed.items()))
 g = load("bench_graph_bf16_sgd.json")
 if g and g.get("graph_ms_per_step"):
     print(f"bf16_sgd      step as a CUDA graph (simclr), batch {g['batch_size']}: {g['graph_ms_per_step']:.1f} ms, "
