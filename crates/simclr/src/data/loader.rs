@@ -424,13 +424,10 @@ impl DeviceBatches<'_> {
         let thread = std::thread::Builder::new()
             .name("simclr-device-views".to_owned())
             .spawn(move || {
-                for batch in batches {
-                    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.make(&renderer, batch)));
-                    let failed = made.is_err();
-                    if sender.send(made).is_err() || failed {
-                        return;
-                    }
-                }
+                let made = batches.map(|batch| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.make(&renderer, batch)))
+                });
+                send_until_error(&sender, made);
             })
             .map_err(|e| Error::Workers(format!("cannot start the device augmentation's thread: {e}")))?;
         self.thread = Some((receiver, thread));
@@ -662,9 +659,12 @@ fn geometries(
 }
 
 /// A producer thread's loop: sends `items` in turn, and stops after the
-/// first error, or when the channel is closed (the consumer stopped early:
-/// nothing more to do).
-fn send_until_error<T>(sender: &SyncSender<Result<T>>, items: impl Iterator<Item = Result<T>>) {
+/// first error (or panic caught), or when the channel is closed (the
+/// consumer stopped early: nothing more to do).
+fn send_until_error<T, E>(
+    sender: &SyncSender<std::result::Result<T, E>>,
+    items: impl Iterator<Item = std::result::Result<T, E>>,
+) {
     for item in items {
         let failed = item.is_err();
         if sender.send(item).is_err() || failed {
