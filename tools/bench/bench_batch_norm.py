@@ -19,10 +19,19 @@ the ReLU that follows it in the network, forward and backward:
 - `cudnn_fp32`: the input cast to fp32 and back around F.batch_norm, which
   ATen then sends to cuDNN
 
-Each is timed with CUDA events over ITERATIONS passes, the layers in the
-network's order; outputs and input gradients are compared with `native`'s.
-Prints one JSON object. On a CPU it runs `native` alone (a check of the
-script).
+- `fp16_cudnn`: an fp16 input with fp32 parameters, which ATen itself sends
+  to cuDNN (what an fp16 step with loss scaling would run)
+- `fp16_native`: the same with cuDNN turned off, ATen's kernels in fp16
+
+Each is timed two ways over ITERATIONS passes, the layers in the network's
+order: CUDA events around the passes (what a step would see, launches
+included: the small layers are bound by the host issuing them) and the
+kernels' own device time from torch.profiler (what acceptance 3 at 512
+images needs less of, since both steps run near their kernels' time there),
+with the kernels launched per pass. Outputs and input gradients are
+compared with `native`'s (the fp16 variants' inputs are the bf16 ones'
+fp32 draws rounded to fp16). Prints one JSON object. On a CPU it runs
+`native` alone (a check of the script).
 
     python tools/bench/bench_batch_norm.py --batch-size 512
 """
@@ -66,14 +75,16 @@ def cudnn_fp32(x, weight, bias, mean, var):
 
 
 def layers(batch, device, dtype):
+    """Each layer's input, parameters and output gradient; drawn in fp32 from
+    one seed and rounded to `dtype`, so every dtype sees the same values."""
     torch.manual_seed(0)
     made = []
     for channels, side, relu in LAYERS:
-        x = torch.randn(2 * batch, channels, side, side, device=device, dtype=dtype)
+        x = torch.randn(2 * batch, channels, side, side, device=device).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
         weight = (1 + 0.1 * torch.randn(channels, device=device)).requires_grad_(True)
         bias = (0.1 * torch.randn(channels, device=device)).requires_grad_(True)
-        grad = torch.randn_like(x)
+        grad = torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         made.append((x, weight, bias, grad, relu))
     return made
 
@@ -95,6 +106,8 @@ def run(norm, made):
 
 
 def timed(norm, made, iterations):
+    """Milliseconds a pass over the layers takes, by CUDA events, and by the
+    profiler: its kernels' device time and how many it launched."""
     for _ in range(5):
         run(norm, made)
     torch.cuda.synchronize()
@@ -104,7 +117,35 @@ def timed(norm, made, iterations):
         run(norm, made)
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iterations
+    elapsed = start.elapsed_time(end) / iterations
+    result = {"ms_per_pass": elapsed}
+    # The profiler's part never costs the events' number.
+    try:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(iterations):
+                run(norm, made)
+            torch.cuda.synchronize()
+        # As the profiler's own table totals them: device events, not the
+        # annotations that span them.
+        kernels = [e for e in profile.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        result["kernel_ms_per_pass"] = sum(e.self_device_time_total for e in kernels) / 1000 / iterations
+        result["kernels_per_pass"] = len(kernels) / iterations
+    except Exception as error:  # noqa: BLE001 (reported, not raised)
+        result["profiler_error"] = str(error).splitlines()[0]
+    return result
+
+
+# name: (function, input dtype, cuDNN enabled)
+VARIANTS = {
+    "native": (native, torch.bfloat16, True),
+    "cudnn": (cudnn, torch.bfloat16, True),
+    "cudnn_bf16_parameters": (cudnn_bf16_parameters, torch.bfloat16, True),
+    "cudnn_fp32": (cudnn_fp32, torch.bfloat16, True),
+    "fp16_cudnn": (native, torch.float16, True),
+    "fp16_native": (native, torch.float16, False),
+}
 
 
 def main():
@@ -114,30 +155,41 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    made = layers(args.batch_size, device, torch.bfloat16)
+    made = {dtype: layers(args.batch_size, device, dtype) for dtype in (torch.bfloat16, torch.float16)}
     report = {"batch_size": args.batch_size, "views": 2 * args.batch_size, "layers": len(LAYERS),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
-    variants = {"native": native}
-    if device.type == "cuda":
-        variants.update(cudnn=cudnn, cudnn_bf16_parameters=cudnn_bf16_parameters, cudnn_fp32=cudnn_fp32)
-    reference = run(native, made)
-    for name, norm in variants.items():
+    names = list(VARIANTS) if device.type == "cuda" else ["native"]
+    reference = run(native, made[torch.bfloat16])
+    for name in names:
+        norm, dtype, cudnn_enabled = VARIANTS[name]
+        # Set alone: torch.backends.cudnn.flags() would also reset its benchmark mode.
+        torch.backends.cudnn.enabled = cudnn_enabled
         try:
-            outputs = run(norm, made)
+            outputs = run(norm, made[dtype])
         except RuntimeError as error:
             report[name] = {"error": str(error).splitlines()[0]}
             continue
+        finally:
+            torch.backends.cudnn.enabled = True
         # bf16 outputs: a difference of one unit in the last place is 2^-8 relative.
         worst_output = max((a.float() - b.float()).abs().max().item() for (a, _), (b, _) in zip(outputs, reference))
         worst_gradient = max((a.float() - b.float()).abs().max().item() for (_, a), (_, b) in zip(outputs, reference))
         result = {"output_max_difference": worst_output, "input_gradient_max_difference": worst_gradient}
         if device.type == "cuda":
-            result["ms_per_pass"] = timed(norm, made, args.iterations)
+            torch.backends.cudnn.enabled = cudnn_enabled
+            try:
+                result.update(timed(norm, made[dtype], args.iterations))
+            finally:
+                torch.backends.cudnn.enabled = True
         report[name] = result
-    for name in variants:
+    for name in names:
         if "ms_per_pass" in report[name]:
-            report[name]["speedup_over_native"] = report["native"]["ms_per_pass"] / report[name]["ms_per_pass"]
+            native_time = report["native"]
+            report[name]["speedup_over_native"] = native_time["ms_per_pass"] / report[name]["ms_per_pass"]
+            if "kernel_ms_per_pass" in report[name] and "kernel_ms_per_pass" in native_time:
+                report[name]["kernel_speedup_over_native"] = (native_time["kernel_ms_per_pass"]
+                                                              / report[name]["kernel_ms_per_pass"])
     print(json.dumps(report))
 
 
