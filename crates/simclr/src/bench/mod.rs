@@ -444,14 +444,21 @@ impl Comparison {
         self.reference[key].as_f64()
     }
 
-    /// Both reports and the two ratios, as one JSON object.
+    /// Both reports and the ratios, as one JSON object: training and
+    /// forward images/s, and with `--cuda-graph` the reference's eager step
+    /// time over our replayed one (`graph_ratio`; what `train.cuda_graph`
+    /// trains with).
     pub fn to_json(&self) -> serde_json::Value {
         let ratio = |ours: f64, key| ours / self.number(key).unwrap_or(f64::NAN);
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "simclr": self.ours, "reference": self.reference,
             "train_ratio": ratio(self.ours.train_images_per_second, "train_images_per_second"),
             "forward_ratio": ratio(self.ours.forward_images_per_second, "forward_images_per_second"),
-        })
+        });
+        if let Some(graph) = self.ours.graph_ms_per_step {
+            json["graph_ratio"] = serde_json::json!(self.number("train_ms_per_step").unwrap_or(f64::NAN) / graph);
+        }
+        json
     }
 }
 
@@ -521,5 +528,44 @@ impl std::fmt::Display for BenchReport {
             writeln!(f, "  peak memory while training: {:.1} MiB ({})", bytes as f64 / (1 << 20) as f64, kind.name())?;
         }
         writeln!(f, "  encoder forward: {:.1} images/s", self.forward_images_per_second)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(graph_ms_per_step: Option<f64>) -> BenchReport {
+        BenchReport {
+            device: "Cuda(0)".to_owned(),
+            arch: "resnet18".to_owned(),
+            batch_size: 256,
+            micro_batch_size: None,
+            image_size: 32,
+            steps: 200,
+            optimizer: "sgd",
+            precision: Precision::Bf16,
+            train_images_per_second: 25_600.0,
+            train_ms_per_step: 10.0,
+            train_issue_ms: 9.0,
+            peak_memory_bytes: None,
+            peak_memory: None,
+            forward_images_per_second: 100_000.0,
+            graph_ms_per_step,
+        }
+    }
+
+    #[test]
+    fn a_comparison_gives_the_replayed_step_against_the_reference_eager_one() {
+        let reference = serde_json::json!({
+            "train_images_per_second": 19_692.3, "forward_images_per_second": 80_000.0,
+            "train_ms_per_step": 13.0, "train_issue_ms": 12.0,
+        });
+        let graphed = Comparison { ours: report(Some(8.0)), reference: reference.clone() }.to_json();
+        assert!((graphed["graph_ratio"].as_f64().unwrap() - 13.0 / 8.0).abs() < 1e-12);
+        assert!((graphed["train_ratio"].as_f64().unwrap() - 25_600.0 / 19_692.3).abs() < 1e-12);
+        // Without --cuda-graph there is no graph ratio, not a NaN.
+        let eager = Comparison { ours: report(None), reference }.to_json();
+        assert!(eager.get("graph_ratio").is_none());
     }
 }
