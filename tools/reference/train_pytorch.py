@@ -15,9 +15,10 @@ torchvision's formulas, fixed order), grayscale (p = 0.2). channels_last everywh
 project's 2-core CPU a 0.25x ResNet-18 step at 32 px takes 0.39 s in it
 against 0.55 s contiguous); bf16 autocast where simclr's `train.mixed_precision` takes it (CUDA,
 a CPU with AVX-512 BF16), unless `--fp32`. Budget, as `train.time_budget_seconds` plans
-it: as many whole epochs as fit at the first epoch's pace, then, final, two
-plus as many as fit in the time left at the second's (the first pays cuDNN's
-autotuning and the allocator's growth).
+it: as many whole epochs as fit at the first epoch's pace, then two plus as
+many as fit in the time left at the second's (the first pays cuDNN's
+autotuning and the allocator's growth), then fewer whenever the warm epochs'
+mean pace says the plan would end past the budget.
 kNN: k = 200, T = 0.1, cosine, bank = every training image, queries = every
 test image, centre views. Prints one JSON line.
 
@@ -232,6 +233,13 @@ def main() -> None:
             epochs = max(1, int(args.budget // seconds))
         elif epoch == 2:
             epochs = 2 + int(max(0.0, args.budget - trained) // seconds)
+        else:
+            # The plan only shrinks, when the warm epochs' mean pace says it
+            # would end past the budget.
+            pace = sum(epoch_seconds[1:]) / len(epoch_seconds[1:])
+            fits = epoch + int(max(0.0, args.budget - trained) // pace)
+            if trained + (epochs - epoch) * pace > args.budget and fits < epochs:
+                epochs = fits
     # The kNN's features in bf16 on CUDA alone, as before bf16 training on
     # the CPU: there they stay fp32, as simclr's monitor computes them.
     features_autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)

@@ -52,11 +52,13 @@ pub struct TrainConfig {
     /// Steps with a non-finite loss or gradient are skipped; this many in a
     /// row stop the run (its last checkpoint predates the fault).
     pub max_nonfinite_steps: usize,
-    /// Train for about this many seconds instead of `epochs`: the run (and
-    /// its cosine schedule) is sized to as many whole epochs as fit, at
-    /// least one, provisionally at the pace of the first epoch (which pays
-    /// one-off costs such as kernel autotuning) and finally at the pace of
-    /// the second. The first epoch should be warm-up
+    /// Train for at most about this many seconds instead of `epochs`: the
+    /// run (and its cosine schedule) is sized to as many whole epochs as
+    /// fit, at least one, provisionally at the pace of the first epoch
+    /// (which pays one-off costs such as kernel autotuning), then at the
+    /// pace of the second, then shortened whenever the mean pace of the
+    /// epochs after the first says the plan would end past the budget (a
+    /// machine that slows down). The first epoch should be warm-up
     /// (`optim.warmup_epochs >= 1`), which the sizing leaves unchanged. The
     /// planned epochs are saved, so a resume keeps them (a run resumed
     /// before the end of its second epoch keeps the provisional plan).
