@@ -765,19 +765,24 @@ impl Trainer {
 /// the planned ones would end past the budget (a machine that slows down;
 /// a CPU race once ran 6% over), it becomes the epochs that still fit, so
 /// the budget is a ceiling. Shrinking by an epoch of a long run lowers the
-/// learning rate a little sooner. A resumed run counts from its resume.
+/// learning rate a little sooner. A resumed run counts from its resume,
+/// and its process's first epoch, which pays the one-off costs again, is
+/// not warm.
 #[derive(Debug)]
 struct Budget {
     seconds: f64,
     spent: f64,
-    /// Whole-epoch seconds of epochs 2 and later, and how many.
+    /// Epochs this process has closed.
+    closed: usize,
+    /// Whole-epoch seconds of the warm epochs (from the second, and not
+    /// this process's first), and how many.
     warm_seconds: f64,
     warm_epochs: usize,
 }
 
 impl Budget {
     fn new(seconds: f64) -> Self {
-        Self { seconds, spent: 0.0, warm_seconds: 0.0, warm_epochs: 0 }
+        Self { seconds, spent: 0.0, closed: 0, warm_seconds: 0.0, warm_epochs: 0 }
     }
 
     /// The planned number of epochs now that `epoch` (1-based) is done in
@@ -785,7 +790,8 @@ impl Budget {
     /// `planned` were; `None` where the plan stands.
     fn plan(&mut self, epoch: usize, seconds: f64, whole_epoch_seconds: f64, planned: usize) -> Option<usize> {
         self.spent += seconds;
-        if epoch >= 2 {
+        self.closed += 1;
+        if epoch >= 2 && self.closed >= 2 {
             self.warm_seconds += whole_epoch_seconds;
             self.warm_epochs += 1;
         }
@@ -793,6 +799,7 @@ impl Budget {
         match epoch {
             1 => Some(fit(self.seconds, whole_epoch_seconds).max(1)),
             2 => Some(2 + fit(self.seconds - self.spent, whole_epoch_seconds)),
+            _ if self.warm_epochs == 0 => None,
             _ => {
                 let pace = self.warm_seconds / self.warm_epochs as f64;
                 let left = planned.saturating_sub(epoch);
@@ -1255,5 +1262,12 @@ mod tests {
         steady.plan(1, 10.0, 10.0, 50);
         steady.plan(2, 10.0, 10.0, 10);
         assert_eq!(steady.plan(3, 10.0, 10.0, 10), None);
+
+        // Resumed at epoch 3 of 180 planned at 1.6 s: the process's first
+        // epoch (6 s, autotuning again) is not its pace...
+        let mut resumed = Budget::new(300.0);
+        assert_eq!(resumed.plan(4, 6.0, 6.0, 180), None);
+        // ...its second is: 7.6 s spent + 175 x 1.6 s = 287.6 s stands.
+        assert_eq!(resumed.plan(5, 1.6, 1.6, 180), None);
     }
 }
