@@ -772,17 +772,16 @@ impl Trainer {
 struct Budget {
     seconds: f64,
     spent: f64,
-    /// Epochs this process has closed.
+    /// Epochs this process has closed: all but its first are warm (the
+    /// second closed is at least epoch 2).
     closed: usize,
-    /// Whole-epoch seconds of the warm epochs (from the second, and not
-    /// this process's first), and how many.
+    /// Whole-epoch seconds of the warm epochs.
     warm_seconds: f64,
-    warm_epochs: usize,
 }
 
 impl Budget {
     fn new(seconds: f64) -> Self {
-        Self { seconds, spent: 0.0, closed: 0, warm_seconds: 0.0, warm_epochs: 0 }
+        Self { seconds, spent: 0.0, closed: 0, warm_seconds: 0.0 }
     }
 
     /// The planned number of epochs now that `epoch` (1-based) is done in
@@ -791,17 +790,16 @@ impl Budget {
     fn plan(&mut self, epoch: usize, seconds: f64, whole_epoch_seconds: f64, planned: usize) -> Option<usize> {
         self.spent += seconds;
         self.closed += 1;
-        if epoch >= 2 && self.closed >= 2 {
+        if self.closed >= 2 {
             self.warm_seconds += whole_epoch_seconds;
-            self.warm_epochs += 1;
         }
         let fit = |seconds: f64, pace: f64| (seconds.max(0.0) / pace).floor() as usize;
         match epoch {
             1 => Some(fit(self.seconds, whole_epoch_seconds).max(1)),
             2 => Some(2 + fit(self.seconds - self.spent, whole_epoch_seconds)),
-            _ if self.warm_epochs == 0 => None,
+            _ if self.closed < 2 => None,
             _ => {
-                let pace = self.warm_seconds / self.warm_epochs as f64;
+                let pace = self.warm_seconds / (self.closed - 1) as f64;
                 let left = planned.saturating_sub(epoch);
                 let fits = epoch + fit(self.seconds - self.spent, pace);
                 (self.spent + left as f64 * pace > self.seconds && fits < planned).then_some(fits)
