@@ -36,6 +36,7 @@ fp32 draws rounded to fp16). Prints one JSON object. On a CPU it runs
     python tools/bench/bench_batch_norm.py --batch-size 512
 """
 import argparse
+import contextlib
 import json
 
 import torch
@@ -105,6 +106,17 @@ def run(norm, made):
     return outputs
 
 
+@contextlib.contextmanager
+def cudnn_enabled(enabled):
+    """cuDNN on or off, alone: torch.backends.cudnn.flags() would also reset
+    its benchmark mode."""
+    torch.backends.cudnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = True
+
+
 def timed(norm, made, iterations):
     """Milliseconds a pass over the layers takes, by CUDA events, and by the
     profiler: its kernels' device time and how many it launched."""
@@ -155,33 +167,27 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    made = {dtype: layers(args.batch_size, device, dtype) for dtype in (torch.bfloat16, torch.float16)}
+    names = list(VARIANTS) if device.type == "cuda" else ["native"]
+    made = {dtype: layers(args.batch_size, device, dtype) for dtype in {VARIANTS[name][1] for name in names}}
     report = {"batch_size": args.batch_size, "views": 2 * args.batch_size, "layers": len(LAYERS),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
-    names = list(VARIANTS) if device.type == "cuda" else ["native"]
     reference = run(native, made[torch.bfloat16])
     for name in names:
-        norm, dtype, cudnn_enabled = VARIANTS[name]
-        # Set alone: torch.backends.cudnn.flags() would also reset its benchmark mode.
-        torch.backends.cudnn.enabled = cudnn_enabled
+        norm, dtype, with_cudnn = VARIANTS[name]
         try:
-            outputs = run(norm, made[dtype])
+            with cudnn_enabled(with_cudnn):
+                outputs = run(norm, made[dtype])
         except RuntimeError as error:
             report[name] = {"error": str(error).splitlines()[0]}
             continue
-        finally:
-            torch.backends.cudnn.enabled = True
         # bf16 outputs: a difference of one unit in the last place is 2^-8 relative.
         worst_output = max((a.float() - b.float()).abs().max().item() for (a, _), (b, _) in zip(outputs, reference))
         worst_gradient = max((a.float() - b.float()).abs().max().item() for (_, a), (_, b) in zip(outputs, reference))
         result = {"output_max_difference": worst_output, "input_gradient_max_difference": worst_gradient}
         if device.type == "cuda":
-            torch.backends.cudnn.enabled = cudnn_enabled
-            try:
+            with cudnn_enabled(with_cudnn):
                 result.update(timed(norm, made[dtype], args.iterations))
-            finally:
-                torch.backends.cudnn.enabled = True
         report[name] = result
     for name in names:
         if "ms_per_pass" in report[name]:

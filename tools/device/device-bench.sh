@@ -460,14 +460,17 @@ def norm_time(name, v):
         return f"{name} failed ({v['error']})"
     if "ms_per_pass" not in v:
         return f"{name} untimed (CPU)"
-    kernels = (f", kernels {v['kernel_ms_per_pass']:.2f} ms ({v.get('kernel_speedup_over_native', 0):.2f}x, "
-               f"{v['kernels_per_pass']:.0f} launched)" if "kernel_ms_per_pass" in v else "")
+    speedup = f"{v['kernel_speedup_over_native']:.2f}x, " if "kernel_speedup_over_native" in v else ""
+    kernels = (f", kernels {v['kernel_ms_per_pass']:.2f} ms ({speedup}{v['kernels_per_pass']:.0f} launched)"
+               if "kernel_ms_per_pass" in v else "")
     return f"{name} {v['ms_per_pass']:.2f} ms ({v['speedup_over_native']:.2f}x){kernels}"
 for n in norms:
     timed = {name: n[name] for name in ("native", "cudnn", "cudnn_bf16_parameters", "cudnn_fp32", "fp16_cudnn",
                                         "fp16_native") if name in n}
     print(f"BatchNorm+ReLU, {n['layers']} layers, {n['views']} views, forward and backward (bf16 unless named): "
           + "; ".join(norm_time(name, v) for name, v in timed.items()))
+# The step stage's graph file before each of its rounds replayed the graph
+# (benchmarks/h200-2026-12-04/call2 holds one).
 g = load("bench_graph_bf16_sgd.json")
 if g and g.get("graph_ms_per_step"):
     print(f"bf16_sgd      step as a CUDA graph (simclr), batch {g['batch_size']}: {g['graph_ms_per_step']:.1f} ms, "
