@@ -122,6 +122,23 @@ def nt_xent(z: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+def dcl(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent with the positive out of the denominator (decoupled contrastive
+    learning, Yeh et al. 2022): `loss.objective = "dcl"`."""
+    n = z.shape[0] // 2
+    z = F.normalize(z.float(), dim=1)
+    logits = z @ z.T / tau
+    rows = torch.arange(2 * n, device=z.device)
+    partner = (rows + n) % (2 * n)
+    positive = logits[rows, partner]
+    excluded = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    excluded[rows, partner] = True
+    return (torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1) - positive).mean()
+
+
+LOSSES = {"nt-xent": nt_xent, "dcl": dcl}
+
+
 @torch.no_grad()
 def features(encoder, images, autocast, batch=1024):
     encoder.eval()
@@ -154,6 +171,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.5, help="x batch/256")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="nt-xent")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet-18")
@@ -218,7 +236,7 @@ def main() -> None:
             views = views.contiguous(memory_format=torch.channels_last)
             with autocast():
                 z = model(views)
-            loss = nt_xent(z, args.temperature)
+            loss = LOSSES[args.loss](z, args.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

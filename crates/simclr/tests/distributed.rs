@@ -307,7 +307,7 @@ fn assert_matches_one_process(case: Case) {
 
 #[test]
 fn two_ranks_equal_one_process_in_fp64_for_every_loss_and_optimizer() {
-    for objective in [Objective::NtXent, Objective::NtLogistic, Objective::MarginTriplet] {
+    for objective in Objective::ALL {
         for optimizer in [OptimizerKind::Lars, OptimizerKind::Sgd] {
             assert_matches_one_process(Case { kind: Kind::Double, objective, optimizer });
         }

@@ -1,5 +1,6 @@
 //! Contrastive objectives over a batch of 2N projections z, where rows i and
 //! i + N are the two views of one image (section 2.1 and Table 2).
+pub mod dcl;
 pub mod margin_triplet;
 pub mod nt_logistic;
 pub mod nt_xent;
@@ -20,9 +21,12 @@ pub enum Objective {
     NtLogistic,
     /// Margin triplet loss (Table 2).
     MarginTriplet,
+    /// NT-Xent with the positive out of the denominator (decoupled
+    /// contrastive learning, Yeh et al. 2022): not in the paper.
+    Dcl,
 }
 
-names!(Objective, "loss", { NtXent => "nt-xent", NtLogistic => "nt-logistic", MarginTriplet => "margin-triplet" });
+names!(Objective, "loss", { NtXent => "nt-xent", NtLogistic => "nt-logistic", MarginTriplet => "margin-triplet", Dcl => "dcl" });
 
 /// The `[loss]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +78,7 @@ impl LossConfig {
             Objective::NtXent => nt_xent::nt_xent(anchors, keys, layout, tau, similarity),
             Objective::NtLogistic => nt_logistic::nt_logistic(anchors, keys, layout, tau, similarity),
             Objective::MarginTriplet => margin_triplet::margin_triplet(anchors, keys, layout, self.margin, similarity),
+            Objective::Dcl => dcl::dcl(anchors, keys, layout, tau, similarity),
         }
     }
 
@@ -114,8 +119,6 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
-    const OBJECTIVES: [Objective; 3] = [Objective::NtXent, Objective::NtLogistic, Objective::MarginTriplet];
-
     /// `[rows, 6]` projections from a closed-form formula: the same in every
     /// run, without the generator the crate's tests share across threads.
     fn projections(rows: i64) -> Tensor {
@@ -144,7 +147,7 @@ mod tests {
         // the 16 keys of three ranks (at rows 4..14 of them).
         let keys = projections(16);
         let alone = keys.narrow(0, 4, 10).copy();
-        for objective in OBJECTIVES {
+        for objective in Objective::ALL {
             for similarity in [Similarity::Cosine, Similarity::Dot] {
                 let config = LossConfig { objective, similarity, temperature: 0.5, ..Default::default() };
                 for (keys, offset) in [(&alone, 0), (&keys, 4)] {
@@ -168,7 +171,7 @@ mod tests {
         // from their rows but laid out as the batch's first rows (their
         // positives and own entries looked up for other anchors).
         let keys = projections(10);
-        for objective in OBJECTIVES {
+        for objective in Objective::ALL {
             let config = LossConfig { objective, temperature: 0.5, ..Default::default() };
             let whole = config.compute(&keys).unwrap().double_value(&[]);
             let layout = Layout::local(5);

@@ -354,7 +354,7 @@ mod tests {
         // 1.2e-5 (NT-Logistic; 8.8e-6 by norm) on one with AVX-512 and AMX.
         // fp64 shows the two are the same computation (measured 2e-15 to 1.1e-14).
         for (kind, tolerance) in [(Kind::Float, 2e-5), (Kind::Double, 1e-12)] {
-            for objective in [LossObjective::NtXent, LossObjective::NtLogistic, LossObjective::MarginTriplet] {
+            for objective in LossObjective::ALL {
                 let (loss, gradient) = step(objective, None, false, kind);
                 // 12 images in chunks of 5, 5 and 2.
                 let (chunked_loss, chunked_gradient) = step(objective, Some(5), false, kind);
