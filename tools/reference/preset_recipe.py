@@ -5,7 +5,8 @@ them that could drift.
 
 Reads the TOML of `simclr train --preset P --print-config` on stdin and
 prints `--loss O --temperature T --learning-rate L --weight-decay W --warmup-epochs E`,
-and `--fp32` where `train.mixed_precision` is off.
+`--view-size S` where `augment.view_size` is set, and `--fp32` where
+`train.mixed_precision` is off.
 Stops, naming the field, where the config asks for what train_pytorch.py
 does not do (it runs NT-Xent or the decoupled loss with cosine similarity,
 SGD with momentum 0.9 and the linear learning-rate scaling).
@@ -36,6 +37,7 @@ def main() -> None:
     optim = config["optim"]
     print(f"--loss {objective} --temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
           f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}"
+          + (f" --view-size {config['augment']['view_size']}" if "view_size" in config["augment"] else "")
           + ("" if config["train"]["mixed_precision"] else " --fp32"))
 
 

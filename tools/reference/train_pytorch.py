@@ -80,7 +80,8 @@ class ResNet18(torchvision.models.ResNet):
         return super()._make_layer(block, self.scale(planes), blocks, stride, dilate)
 
 
-def augment(images: torch.Tensor, strength: float = 0.5) -> torch.Tensor:
+def augment(images: torch.Tensor, size: int = 0, strength: float = 0.5) -> torch.Tensor:
+    """Views of `size` px (0: the images' own), as `augment.view_size`."""
     n, _, h, w = images.shape
     device = images.device
     x = images.float() / 255.0
@@ -91,7 +92,7 @@ def augment(images: torch.Tensor, strength: float = 0.5) -> torch.Tensor:
     left = torch.rand(n, device=device) * (w - cw)
     top = torch.rand(n, device=device) * (h - ch)
     boxes = torch.stack([torch.arange(n, device=device, dtype=torch.float), left, top, left + cw, top + ch], 1)
-    x = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    x = roi_align(x, boxes, output_size=(size or h, size or w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     flip = torch.rand(n, device=device) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--loss", choices=sorted(LOSSES), default="nt-xent")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--view-size", type=int, default=0,
+                        help="side of the training views in px (augment.view_size; 0: the images' own)")
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the ResNet-18")
     parser.add_argument("--hidden-dim", type=int, default=2048, help="the projection head's middle layer")
@@ -232,7 +235,7 @@ def main() -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = train_images[order[b * args.batch_size : (b + 1) * args.batch_size]]
-            views = torch.cat([augment(batch), augment(batch)])
+            views = torch.cat([augment(batch, args.view_size), augment(batch, args.view_size)])
             views = views.contiguous(memory_format=torch.channels_last)
             with autocast():
                 z = model(views)

@@ -620,7 +620,7 @@ fn augment_preview(args: PreviewArgs) -> Result<()> {
     let config = layers.resolve(layers.base()?)?;
     let images =
         Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.options.seed).decode_all()?;
-    let pipeline = simclr::augment::Pipeline::new(&config.augment, config.data.image_size);
+    let pipeline = simclr::augment::Pipeline::new(&config.augment, config.view_size());
     simclr::augment::preview::write_preview(&images, &pipeline, args.options, &args.output, args.params.as_deref())?;
     (0..2).for_each(|view| eprintln!("view {}: {}", view + 1, pipeline.describe(view)));
     println!("preview: {}", args.output.display());

@@ -1538,6 +1538,23 @@ fn a_time_budget_sizes_the_run_after_its_first_epoch() {
     );
 }
 
+#[test]
+fn a_run_trains_on_views_smaller_than_the_images_it_is_scored_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let out = dir.path().join("run");
+    let output = tiny_run(&data, &out).args(["--set", "augment.view_size=8"]).run();
+    assert_succeeds(&output);
+    // The encoder is recorded for the images' size, which eval reads by default.
+    let metadata = simclr::io::load(&out.join("encoder.safetensors")).unwrap().metadata;
+    assert!(metadata.values().any(|value| value.contains("\"image_size\":16")), "{metadata:?}");
+    assert_fails_with(
+        &tiny_run(&data, &dir.path().join("bad")).args(["--set", "augment.view_size=4"]).run(),
+        &["augment.view_size = 4: must be at least 8"],
+    );
+}
+
 /// The largest difference between the tensors of two runs' encoders,
 /// relative to the largest magnitude of each tensor.
 fn encoder_difference(run: &Path, reference: &Path) -> f64 {

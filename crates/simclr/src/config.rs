@@ -335,6 +335,11 @@ impl RunConfig {
         }
     }
 
+    /// The side of the training views: `augment.view_size`, else `data.image_size`.
+    pub fn view_size(&self) -> u32 {
+        self.augment.view_size.unwrap_or(self.data.image_size)
+    }
+
     /// The config as TOML, as saved beside each run's checkpoints.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("every config field is representable in TOML")
@@ -389,7 +394,14 @@ impl RunConfig {
             }
         }
         KnnConfig { k: train.knn_k, temperature: train.knn_temperature }.check("train.knn_", &mut problems);
-        self.augment.check(self.data.image_size, &mut problems);
+        if self.view_size() < crate::checks::MIN_IMAGE_SIDE {
+            problems.push(format!(
+                "augment.view_size = {}: must be at least {}",
+                self.view_size(),
+                crate::checks::MIN_IMAGE_SIDE
+            ));
+        }
+        self.augment.check(self.view_size(), &mut problems);
         self.model.check(&mut problems);
         self.loss.check(&mut problems);
         self.optim.check(&mut problems);

@@ -334,8 +334,7 @@ impl Trainer {
         let train_set = Arc::new(splits.train.with_policy(policy));
         let pool = worker_pool(config.data.workers)?;
         let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
-        let pipeline = Pipeline::new(&config.augment, config.data.image_size);
-        let views = views(&config, train_set.clone(), pipeline, format, device, &pool)?.sharded(shard);
+        let views = training_views(&config, train_set.clone(), device, &pool)?.sharded(shard);
         let classes = supervised_classes(&config, &train_set)?;
         // Every rank computes the kNN monitor's features of its part of the
         // splits; train.knn_every = 0 keeps no monitor (not even the score
@@ -419,6 +418,7 @@ impl Trainer {
             precision = precision.name(),
             images = train_set.len(),
             augment = views.name(),
+            view_size = config.view_size(),
             steps_per_epoch,
             peak_learning_rate = schedule.peak,
             "training {} ({}x, {:?} stem)",
@@ -916,6 +916,19 @@ fn graphed_step(config: &ValidConfig, device: Device, group: Option<&ProcessGrou
 /// The view source `augment.backend` asks for: `auto` uses the device path
 /// on CUDA when the decoded images fit there as one tensor, and the hybrid
 /// path on CUDA when they do not.
+/// The views the run trains on: `augment.view_size` px, which may be
+/// smaller than the `data.image_size` the kNN monitor (and every later
+/// eval) reads.
+fn training_views(
+    config: &ValidConfig,
+    train_set: Arc<Dataset>,
+    device: Device,
+    pool: &Arc<rayon::ThreadPool>,
+) -> Result<Views> {
+    let format = ViewFormat { size: config.view_size(), mean: config.data.mean, std: config.data.std };
+    views(config, train_set, Pipeline::new(&config.augment, format.size), format, device, pool)
+}
+
 fn views(
     config: &ValidConfig,
     train_set: Arc<Dataset>,
@@ -1198,6 +1211,31 @@ fn skipped_images(train: &Dataset, monitor: Option<&Monitor>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_views_are_augment_view_size_and_the_images_keep_theirs() {
+        let pool = worker_pool(1).unwrap();
+        let train_set = Arc::new(crate::data::synthetic::generate(8, 2, 16, 0));
+        for backend in [Backend::Cpu, Backend::Device] {
+            // The control: without view_size the views are data.image_size.
+            for (view_size, side) in [(Some(8), 8), (None, 16)] {
+                let mut config = RunConfig::default();
+                config.data.image_size = 16;
+                config.augment.backend = backend;
+                config.augment.view_size = view_size;
+                config.train.batch_size = 4;
+                let config = config.validate().unwrap();
+                let views = training_views(&config, train_set.clone(), Device::Cpu, &pool).unwrap();
+                let batch = views.epoch(0, 0).next().unwrap().unwrap();
+                assert_eq!(batch.views.size(), [8, 3, side, side], "{backend:?}, view_size {view_size:?}");
+                assert_eq!(config.encoder_spec().image_size, 16);
+            }
+        }
+        let mut config = RunConfig::default();
+        config.augment.view_size = Some(4);
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("augment.view_size = 4: must be at least 8"), "{refused}");
+    }
 
     #[test]
     fn a_resume_on_another_number_of_images_is_told_so() {
