@@ -29,27 +29,16 @@ pub fn dcl(z: &Tensor, keys: &Tensor, layout: Layout, temperature: f64, similari
 mod tests {
     use super::*;
     use crate::loss::nt_xent::nt_xent;
+    use crate::loss::similarity::by_hand::{mean_over_anchors, rows};
     use tch::{Device, Kind};
 
     /// The decoupled loss with loops, in f64: for anchor i with positive p,
     /// -s_ip/τ + log Σ_{k∉{i,p}} exp(s_ik/τ), s the cosine similarity.
     fn reference(z: &[Vec<f64>], tau: f64) -> f64 {
-        let n2 = z.len();
-        let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let sim =
-            |a: usize, b: usize| z[a].iter().zip(&z[b]).map(|(x, y)| x * y).sum::<f64>() / (norm(&z[a]) * norm(&z[b]));
-        (0..n2)
-            .map(|i| {
-                let p = (i + n2 / 2) % n2;
-                let denominator: f64 = (0..n2).filter(|&k| k != i && k != p).map(|k| (sim(i, k) / tau).exp()).sum();
-                -sim(i, p) / tau + denominator.ln()
-            })
-            .sum::<f64>()
-            / n2 as f64
-    }
-
-    fn rows(z: &Tensor) -> Vec<Vec<f64>> {
-        (0..z.size()[0]).map(|i| Vec::<f64>::try_from(z.get(i)).unwrap()).collect()
+        mean_over_anchors(z, |i, p, sim| {
+            let denominator: f64 = (0..z.len()).filter(|&k| k != i && k != p).map(|k| (sim(i, k) / tau).exp()).sum();
+            -sim(i, p) / tau + denominator.ln()
+        })
     }
 
     #[test]

@@ -26,30 +26,22 @@ pub fn nt_xent(z: &Tensor, keys: &Tensor, layout: Layout, temperature: f64, simi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::similarity::by_hand::{mean_over_anchors, rows};
     use tch::{Device, Kind};
 
     /// Direct evaluation of eq. (1) with loops, in f64.
     fn reference(z: &[Vec<f64>], tau: f64) -> f64 {
-        let n2 = z.len();
-        let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let sim =
-            |a: usize, b: usize| z[a].iter().zip(&z[b]).map(|(x, y)| x * y).sum::<f64>() / (norm(&z[a]) * norm(&z[b]));
-        (0..n2)
-            .map(|i| {
-                let p = (i + n2 / 2) % n2;
-                let denominator: f64 = (0..n2).filter(|&k| k != i).map(|k| (sim(i, k) / tau).exp()).sum();
-                -((sim(i, p) / tau).exp() / denominator).ln()
-            })
-            .sum::<f64>()
-            / n2 as f64
+        mean_over_anchors(z, |i, p, sim| {
+            let denominator: f64 = (0..z.len()).filter(|&k| k != i).map(|k| (sim(i, k) / tau).exp()).sum();
+            -((sim(i, p) / tau).exp() / denominator).ln()
+        })
     }
 
     #[test]
     fn matches_equation_one() {
         let z = Tensor::randn([6, 5], (Kind::Double, Device::Cpu));
-        let rows: Vec<Vec<f64>> = (0..6).map(|i| Vec::<f64>::try_from(z.get(i)).unwrap()).collect();
         let loss = nt_xent(&z, &z, Layout::local(3), 0.3, Similarity::Cosine).unwrap().double_value(&[]);
-        let expected = reference(&rows, 0.3);
+        let expected = reference(&rows(&z), 0.3);
         assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
     }
 

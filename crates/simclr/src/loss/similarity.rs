@@ -139,6 +139,26 @@ impl Layout {
     }
 }
 
+/// Losses written out with loops, in f64, for the tests of each loss.
+#[cfg(test)]
+pub(crate) mod by_hand {
+    /// The mean over the anchors of `z` (2N rows; anchor i's positive is
+    /// i ± N) of `term(i, p, s)`, where s(a, b) is the cosine similarity of
+    /// rows a and b.
+    pub fn mean_over_anchors(z: &[Vec<f64>], term: impl Fn(usize, usize, &dyn Fn(usize, usize) -> f64) -> f64) -> f64 {
+        let n2 = z.len();
+        let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let sim =
+            |a: usize, b: usize| z[a].iter().zip(&z[b]).map(|(x, y)| x * y).sum::<f64>() / (norm(&z[a]) * norm(&z[b]));
+        (0..n2).map(|i| term(i, (i + n2 / 2) % n2, &sim)).sum::<f64>() / n2 as f64
+    }
+
+    /// The rows of a `[rows, d]` f64 tensor.
+    pub fn rows(z: &tch::Tensor) -> Vec<Vec<f64>> {
+        (0..z.size()[0]).map(|i| Vec::<f64>::try_from(z.get(i)).unwrap()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
