@@ -913,9 +913,6 @@ fn graphed_step(config: &ValidConfig, device: Device, group: Option<&ProcessGrou
     GraphedStep::new(binary.with_file_name(super::graph::LIBRARY), device).map(Some)
 }
 
-/// The view source `augment.backend` asks for: `auto` uses the device path
-/// on CUDA when the decoded images fit there as one tensor, and the hybrid
-/// path on CUDA when they do not.
 /// The views the run trains on: `augment.view_size` px, which may be
 /// smaller than the `data.image_size` the kNN monitor (and every later
 /// eval) reads.
@@ -929,6 +926,9 @@ fn training_views(
     views(config, train_set, Pipeline::new(&config.augment, format.size), format, device, pool)
 }
 
+/// The view source `augment.backend` asks for: `auto` uses the device path
+/// on CUDA when the decoded images fit there as one tensor, and the hybrid
+/// path on CUDA when they do not.
 fn views(
     config: &ValidConfig,
     train_set: Arc<Dataset>,
