@@ -396,13 +396,6 @@ impl RunConfig {
             }
         }
         KnnConfig { k: train.knn_k, temperature: train.knn_temperature }.check("train.knn_", &mut problems);
-        if self.view_size() < crate::checks::MIN_IMAGE_SIDE {
-            problems.push(format!(
-                "augment.view_size = {}: must be at least {}",
-                self.view_size(),
-                crate::checks::MIN_IMAGE_SIDE
-            ));
-        }
         self.augment.check(self.view_size(), &mut problems);
         self.model.check(&mut problems);
         self.loss.check(&mut problems);

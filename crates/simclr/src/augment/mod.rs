@@ -290,7 +290,12 @@ impl AugmentConfig {
         [first, second]
     }
 
+    /// Pushes one line per bad field; `image_size` is the views' side.
     pub(crate) fn check(&self, image_size: u32, problems: &mut Vec<String>) {
+        // Only where set: an unset view_size is data.image_size, checked there.
+        if let Some(size) = self.view_size.filter(|&size| size < crate::checks::MIN_IMAGE_SIDE) {
+            problems.push(format!("augment.view_size = {size}: must be at least {}", crate::checks::MIN_IMAGE_SIDE));
+        }
         let none = Vec::new();
         let lists =
             [("ops", self.ops.as_ref().unwrap_or(&none)), ("second_view", self.second_view.as_ref().unwrap_or(&none))];

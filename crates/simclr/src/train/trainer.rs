@@ -1235,6 +1235,11 @@ mod tests {
         config.augment.view_size = Some(4);
         let refused = config.validate().unwrap_err().to_string();
         assert!(refused.contains("augment.view_size = 4: must be at least 8"), "{refused}");
+        // A small image size is told once, by its own field.
+        let mut config = RunConfig::default();
+        config.data.image_size = 4;
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("data.image_size = 4") && !refused.contains("augment.view_size"), "{refused}");
     }
 
     #[test]
