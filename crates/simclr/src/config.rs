@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::AugmentConfig;
 use crate::checks::is_positive_finite;
 use crate::data::config::DataConfig;
+use crate::data::loader::ViewFormat;
 use crate::device::DeviceChoice;
 use crate::eval::KnnConfig;
 use crate::loss::LossConfig;
@@ -340,6 +341,17 @@ impl RunConfig {
     /// The side of the training views: `augment.view_size`, else `data.image_size`.
     pub fn view_size(&self) -> u32 {
         self.augment.view_size.unwrap_or(self.data.image_size)
+    }
+
+    /// The training views' format: [`RunConfig::view_size`] px.
+    pub fn view_format(&self) -> ViewFormat {
+        ViewFormat { size: self.view_size(), mean: self.data.mean, std: self.data.std }
+    }
+
+    /// The format the kNN monitor, `eval` and the encoder's file read the
+    /// images in: `data.image_size` px, whatever the training views' size.
+    pub fn image_format(&self) -> ViewFormat {
+        ViewFormat { size: self.data.image_size, mean: self.data.mean, std: self.data.std }
     }
 
     /// The config as TOML, as saved beside each run's checkpoints.

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::RunConfig;
-use crate::data::loader::{worker_pool, ViewFormat};
+use crate::data::loader::worker_pool;
 use crate::data::open_splits;
 use crate::eval::features::{Frozen, FEATURE_BATCH};
 use crate::eval::knn::knn_predict;
@@ -364,7 +364,7 @@ pub fn write_report(run_dir: &Path, device: Device) -> Result<Vec<PathBuf>> {
     let encoder = ResNet::new(&store.root(), config.model.arch, config.model.width_multiplier, config.model.stem);
     crate::device::use_channels_last(&store);
     crate::io::torchvision::load_encoder(&store.variables(), &checkpoint_path)?;
-    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+    let format = config.image_format();
     let pool = worker_pool(config.data.workers)?;
     let f = Frozen::compute(&encoder, &bank.samples, &queries.samples, format, FEATURE_BATCH, device, &pool)?;
     let names = if queries.classes.len() >= bank.classes.len() { &queries.classes } else { &bank.classes };

@@ -35,7 +35,7 @@ pub struct Monitor {
 impl Monitor {
     /// The monitor on `bank` and `queries`. Under the skip policy every
     /// image is read once here, and the unreadable ones are left out (a
-    /// run's ranks share that reading: [`Monitor::of_run`]).
+    /// run's ranks share that reading: `Monitor::of_run`).
     pub fn new(bank: Dataset, queries: Dataset, policy: BadImagePolicy, config: KnnConfig, pool: &ThreadPool) -> Self {
         Monitor {
             classes: bank.classes.len().max(queries.classes.len()) as i64,
@@ -115,6 +115,6 @@ pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
     let knn = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
         Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
     })?;
-    let format = ViewFormat { size: config.data.image_size, mean: config.data.mean, std: config.data.std };
+    let format = config.image_format();
     Monitor::of_run(&config, knn, &pool, None)?.top1(FeatureNet::at(&model, layer)?, format, device, &pool, None)
 }
