@@ -1,9 +1,11 @@
 //! Pretraining: the loop, its checkpoints and its metrics log.
+mod budget;
 pub mod checkpoint;
 mod console;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 mod graph;
+mod ledger;
 pub mod metrics;
 pub mod monitor;
 pub mod step;

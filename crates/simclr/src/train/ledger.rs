@@ -1,0 +1,91 @@
+//! The losses of steps not yet read back from the device.
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+
+use super::checkpoint::Position;
+use crate::{Error, Result};
+
+/// Steps whose loss and verdict (finite or not) are still on the device.
+/// They are read in one go every [`Ledger::READ_EVERY`] steps, at the end of
+/// an epoch and before a checkpoint: one host-device synchronisation per
+/// batch of steps, so a GPU is never left idle waiting for the host.
+pub(super) struct Ledger {
+    pending: Vec<(usize, Tensor, Tensor)>,
+    nonfinite_in_row: usize,
+    max_nonfinite_in_row: usize,
+    pub(super) skipped_steps: usize,
+    checkpoint_path: PathBuf,
+    /// Whether a skipped step is told: on rank 0 alone, since every rank
+    /// skips the same steps (the gradient they test is all-reduced).
+    tells: bool,
+}
+
+impl Ledger {
+    /// Steps between reads: a non-finite run is stopped at most this many
+    /// steps late (the steps themselves were shut on the device).
+    const READ_EVERY: usize = 16;
+
+    pub(super) fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf, tells: bool) -> Self {
+        Self {
+            pending: Vec::new(),
+            nonfinite_in_row: 0,
+            max_nonfinite_in_row,
+            skipped_steps: 0,
+            checkpoint_path,
+            tells,
+        }
+    }
+
+    pub(super) fn push(&mut self, step: usize, loss: Tensor, finite: Tensor) {
+        self.pending.push((step, loss, finite));
+    }
+
+    pub(super) fn due(&self) -> bool {
+        self.pending.len() >= Self::READ_EVERY
+    }
+
+    /// Reads the pending steps, adds the finite ones to the epoch's loss, and
+    /// fails once too many in a row were not; returns the last loss read.
+    pub(super) fn settle(&mut self, position: &mut Position) -> Result<Option<f64>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let (steps, values): (Vec<usize>, Vec<Tensor>) = self
+            .pending
+            .drain(..)
+            .map(|(step, loss, finite)| {
+                let pair = Tensor::stack(&[loss.to_kind(Kind::Double), finite.to_kind(Kind::Double)], 0);
+                (step, pair)
+            })
+            .unzip();
+        let read = Vec::<f64>::try_from(&Tensor::stack(&values, 0).reshape([-1]).to_device(Device::Cpu))?;
+        let mut last = None;
+        for (&step, pair) in steps.iter().zip(read.chunks(2)) {
+            let (value, finite) = (pair[0], pair[1] != 0.0);
+            last = Some(value);
+            if finite {
+                self.nonfinite_in_row = 0;
+                position.epoch_loss_sum += value;
+                position.epoch_loss_count += 1;
+                continue;
+            }
+            self.nonfinite_in_row += 1;
+            self.skipped_steps += 1;
+            if self.tells {
+                tracing::warn!(step, "non-finite loss or gradient ({value}): step skipped");
+            }
+            if self.nonfinite_in_row >= self.max_nonfinite_in_row {
+                return Err(Error::NonFinite(format!(
+                    "{} steps in a row (up to step {step}) gave a non-finite loss or gradient; \
+                     likely causes: a learning rate too high (optim.learning_rate), a temperature too low \
+                     (loss.temperature), or reduced precision (train.mixed_precision). The last checkpoint, \
+                     from before the fault, is {}",
+                    self.nonfinite_in_row,
+                    self.checkpoint_path.display()
+                )));
+            }
+        }
+        Ok(last)
+    }
+}
