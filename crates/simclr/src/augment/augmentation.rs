@@ -20,7 +20,7 @@ pub trait Augmentation {
 
     /// Draws the parameters of a `side` x `side` view, or `None` when the op
     /// is not applied to it. The Bernoulli draw with the op's `probability`
-    /// comes first ([`super::applies`]), so a probability of 0 draws nothing
+    /// comes first (`applies`), so a probability of 0 draws nothing
     /// else.
     fn sample<R: Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<Self::Params>;
 

@@ -53,7 +53,7 @@ impl FloatImage {
 
 /// `count` same-sized 8-bit RGB images stored back to back as `RgbImage`
 /// stores one (rows of interleaved RGB), as the `[count, 3, height, width]`
-/// uint8 batch that [`Pipeline::render_batch`] takes.
+/// uint8 batch that [`Pipeline::render_batch`](super::Pipeline::render_batch) takes.
 pub fn uint8_batch(pixels: &[u8], count: usize, width: u32, height: u32) -> Tensor {
     Tensor::from_slice(pixels)
         .view([count as i64, i64::from(height), i64::from(width), 3])

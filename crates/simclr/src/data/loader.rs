@@ -277,7 +277,7 @@ impl DeviceViewLoader {
     }
 
     /// Whether batches are made a step ahead on a thread of their own
-    /// (default: on a GPU; see [`DeviceBatches`]); the batches are the same
+    /// (default: on a GPU; see `DeviceBatches`); the batches are the same
     /// either way.
     pub fn ahead(mut self, ahead: bool) -> Self {
         self.ahead = ahead;

@@ -48,7 +48,7 @@ impl KnnConfig {
 
 /// The `k` most similar rows of `bank` for each row of `queries` (both of
 /// unit length), best first: `[Q, k]` cosine similarities and positions in
-/// `bank`. Queries go [`QUERY_CHUNK`] at a time, so that no more than chunk x
+/// `bank`. Queries go `QUERY_CHUNK` at a time, so that no more than chunk x
 /// bank similarities are held at once (all of 50k x 50k would be 10 GB).
 pub fn nearest(bank: &Tensor, queries: &Tensor, k: i64) -> (Tensor, Tensor) {
     if queries.size()[0] == 0 {

@@ -93,8 +93,8 @@ impl Chunk {
 pub(super) struct Execution {
     /// Elements per chunk the update aims at; `None`: the whole buffers at once.
     pub(super) chunk_elements: Option<i64>,
-    /// Whether [`Optimizer::step_if_finite`] reads its verdict on the host
-    /// and skips a bad step, or shuts the update on the device (see [`Amounts`]).
+    /// Whether [`Optimizer::step_if_finite`](super::Optimizer::step_if_finite) reads its verdict on the host
+    /// and skips a bad step, or shuts the update on the device (see [`Amounts`](super::gate::Amounts)).
     pub(super) host_verdict: bool,
 }
 

@@ -5,7 +5,7 @@ use tch::Tensor;
 /// The numbers an update multiplies by, as 0-d tensors on the device, and
 /// the verdict that may shut it.
 ///
-/// On a GPU, [`Optimizer::step_if_finite`] cannot read its verdict without
+/// On a GPU, [`Optimizer::step_if_finite`](super::Optimizer::step_if_finite) cannot read its verdict without
 /// waiting for the device, so the update runs either way and the verdict
 /// decides its numbers: where it is shut, every step amount is 0, every
 /// decay rate 1 and the gradient 0, so weights and state stay exactly as

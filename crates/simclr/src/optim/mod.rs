@@ -39,7 +39,7 @@ pub struct Hyper {
 /// An optimiser over named parameters with named state buffers.
 ///
 /// The parameters' data is moved into one flat buffer (each tensor becomes
-/// a view of its part, see [`Layout`]); gradients are taken by
+/// a view of its part, see `Layout`); gradients are taken by
 /// [`Optimizer::backward`] straight into a flat buffer too, so nothing is
 /// zeroed or accumulated between steps.
 #[derive(Debug)]
