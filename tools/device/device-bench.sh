@@ -12,7 +12,7 @@
 #                                   open issues' numbers first), each only if its estimate still fits before
 #                                   DEADLINE (default 585 s), then table; as the device tool's
 #                                   command `set -o pipefail; tools/device/device-bench.sh all 2>&1 | tee $OUT/all.log`
-#                                   with carry ["device"] and timeout_s 600 (8 files come back)
+#                                   with carry ["device"] and timeout_s 600 (9 files come back, card.txt among them)
 # or stages one by one, in the order given; a stage that fails is reported
 # and the next one still runs:
 #   tools/device/device-bench.sh dist      issue 18: the plain run, world size 1 over NCCL (overhead),
@@ -58,6 +58,12 @@ OUT=${OUT:-/tmp/device-bench}
 DATA=${DATA:-/tmp/cifar10}
 LIMIT=${LIMIT:-}
 mkdir -p "$OUT"
+# Which card ran the call: the machines lent are H100s and H200s, and the
+# numbers of one are not the other's (issue 21's acceptance names an H200).
+if [ "$DEVICE" = cuda ] && [ -z "${NESTED:-}" ] && command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" || true
+    echo "== card: $(head -n 1 "$OUT/card.txt")" >&2
+fi
 
 binary() {
     if [ -n "${SIMCLR_BIN:-}" ]; then echo "$SIMCLR_BIN"; return; fi
@@ -411,6 +417,9 @@ def load(name):
         return json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
+card = out / "card.txt"
+if card.exists():
+    print(f"card: {card.read_text().strip()}")
 steps = sorted(out.glob("bench_bf16_sgd_*.json"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
 for path in [out / "bench_fp32_sgd.json", out / "bench_bf16_lars.json", *steps]:
     b = load(path.name)
