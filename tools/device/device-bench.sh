@@ -361,7 +361,10 @@ pytorch)
     torch_libraries
     data
     # The recipe of the preset the simclr stage runs, read from the binary.
-    read -ra recipe < <("$(binary)" train --preset cifar10-fast --print-config | "$PYTHON" tools/reference/preset_recipe.py)
+    # (set -e does not hold in a stage run as `( stage ) || ...`, so the
+    # read's failure, preset_recipe.py's refusal, is checked by hand.)
+    read -ra recipe < <("$(binary)" train --preset cifar10-fast --print-config | "$PYTHON" tools/reference/preset_recipe.py) \
+        || { echo "device-bench.sh: the reference cannot run the preset's recipe (above)" >&2; exit 1; }
     "$PYTHON" tools/reference/train_pytorch.py --data "$DATA" --budget "$BUDGET" --device "$DEVICE" --batch-size "${BATCH:-512}" \
         "${recipe[@]}" ${LIMIT:+--limit "$LIMIT"} | tee "$OUT/train_pytorch.json"
     ;;

@@ -5,11 +5,13 @@ them that could drift.
 
 Reads the TOML of `simclr train --preset P --print-config` on stdin and
 prints `--loss O --temperature T --learning-rate L --weight-decay W --warmup-epochs E`,
-`--view-size S` where `augment.view_size` is set, and `--fp32` where
-`train.mixed_precision` is off.
+`--min-scale M` (the random resized crop's), `--view-size S` where
+`augment.view_size` is set, and `--fp32` where `train.mixed_precision` is off.
 Stops, naming the field, where the config asks for what train_pytorch.py
 does not do (it runs NT-Xent or the decoupled loss with cosine similarity,
-SGD with momentum 0.9 and the linear learning-rate scaling).
+SGD with momentum 0.9 and the linear learning-rate scaling, and makes both
+views with the paper's CIFAR pipeline, whose crop's min_scale alone may
+differ).
 
     simclr train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py
 """
@@ -24,6 +26,37 @@ REFERENCE = {
     ("optim", "momentum"): 0.9,
 }
 
+# The views train_pytorch.py makes, op by op as `--print-config` writes them
+# out: the `simclr-cifar` preset (appendix B.9), the crop's min_scale aside.
+CIFAR_OPS = [
+    {"op": "random-resized-crop", "max_scale": 1.0, "min_ratio": 0.75, "max_ratio": 4 / 3, "interpolation": "bilinear"},
+    {"op": "horizontal-flip", "probability": 0.5},
+    {"op": "color-jitter", "strength": 0.5, "probability": 0.8},
+    {"op": "grayscale", "probability": 0.2},
+]
+
+
+def min_scale(augment: dict) -> float:
+    """The crop's min_scale of the config's views; stops where they are not
+    the ones train_pytorch.py makes."""
+    if "second_view" in augment:
+        sys.exit("preset_recipe.py: augment.second_view is set, but train_pytorch.py makes both views alike")
+    if "ops" not in augment:
+        if augment["preset"] != "simclr-cifar":
+            sys.exit(f"preset_recipe.py: augment.preset = {augment['preset']!r}, but train_pytorch.py makes "
+                     "'simclr-cifar' views")
+        return 0.08
+    ops = augment["ops"]
+    names = [op["op"] for op in ops]
+    if names != [op["op"] for op in CIFAR_OPS]:
+        sys.exit(f"preset_recipe.py: augment.ops are {names}, but train_pytorch.py makes "
+                 f"{[op['op'] for op in CIFAR_OPS]}")
+    for op, expected in zip(ops, CIFAR_OPS):
+        fields = {key: value for key, value in op.items() if key != "min_scale"}
+        if fields != expected:
+            sys.exit(f"preset_recipe.py: augment.ops has {op}, but train_pytorch.py makes {expected}")
+    return ops[0]["min_scale"]
+
 
 def main() -> None:
     config = tomllib.load(sys.stdin.buffer)
@@ -37,6 +70,7 @@ def main() -> None:
     optim = config["optim"]
     print(f"--loss {objective} --temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
           f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}"
+          f" --min-scale {min_scale(config['augment'])}"
           + (f" --view-size {config['augment']['view_size']}" if "view_size" in config["augment"] else "")
           + ("" if config["train"]["mixed_precision"] else " --fp32"))
 
