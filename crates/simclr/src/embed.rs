@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device};
 
 use crate::data::config::{BadImagePolicy, DataFormat};
-use crate::data::loader::worker_pool;
+use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{Dataset, ImageSource, Sample};
 use crate::device::Precision;
 use crate::dist::{agree, part_range, ProcessGroup};
@@ -151,7 +151,7 @@ impl LoadedEncoder {
     ) -> Result<Vec<String>> {
         let (spec, options) = (&self.options.spec, &self.options);
         let batches = Batches {
-            format: spec.format(),
+            format: ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std },
             batch_size: options.batch_size,
             device: options.device,
             policy: options.on_bad_image,

@@ -13,7 +13,7 @@ use super::{
     LinearConfig, Task,
 };
 use crate::data::config::{BadImagePolicy, DataFormat};
-use crate::data::loader::worker_pool;
+use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::Dataset;
 use crate::device::{Precision, PrecisionChoice};
 use crate::dist::{agree, ProcessGroup};
@@ -221,7 +221,7 @@ pub fn evaluate_in(
     let Network { store, model, name } = network;
     let net = FeatureNet::at(model, layer)?;
     let spec = &options.spec;
-    let format = spec.format();
+    let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
     let device = options.device;
     // kNN and linear compute features once: an unreadable image is left out
     // as it is met.

@@ -5,7 +5,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Arch, HeadConfig, Stem};
-use crate::data::loader::ViewFormat;
 use crate::normalization::{check_std, IMAGENET_MEAN, IMAGENET_STD};
 use crate::{Error, Result};
 
@@ -66,12 +65,6 @@ pub struct SpecOverrides {
 }
 
 impl EncoderSpec {
-    /// The format images are read in for the encoder: `image_size` px,
-    /// normalised with its `mean` and `std`.
-    pub fn format(&self) -> ViewFormat {
-        ViewFormat { size: self.image_size, mean: self.mean, std: self.std }
-    }
-
     /// `self` with every given override laid over it, checked.
     pub fn with(mut self, overrides: &SpecOverrides) -> Result<Self> {
         let o = overrides;
