@@ -151,7 +151,7 @@ impl LoadedEncoder {
     ) -> Result<Vec<String>> {
         let (spec, options) = (&self.options.spec, &self.options);
         let batches = Batches {
-            format: ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std },
+            format: ViewFormat::of_encoder(spec),
             batch_size: options.batch_size,
             device: options.device,
             policy: options.on_bad_image,

@@ -23,6 +23,7 @@ use super::stream::{ShardList, Streamed, Streaming};
 use super::{decode, Dataset, Sample, TrainingImage};
 use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
 use crate::device::{Pinned, Staged};
+use crate::model::EncoderSpec;
 use crate::{Error, Result};
 use image::RgbImage;
 
@@ -35,6 +36,12 @@ pub struct ViewFormat {
 }
 
 impl ViewFormat {
+    /// The format an encoder reads its images in: its `image_size` px,
+    /// normalised with its `mean` and `std` (embedding and evaluation).
+    pub fn of_encoder(spec: &EncoderSpec) -> Self {
+        Self { size: spec.image_size, mean: spec.mean, std: spec.std }
+    }
+
     fn floats(&self) -> usize {
         3 * (self.size * self.size) as usize
     }

@@ -221,7 +221,7 @@ pub fn evaluate_in(
     let Network { store, model, name } = network;
     let net = FeatureNet::at(model, layer)?;
     let spec = &options.spec;
-    let format = ViewFormat { size: spec.image_size, mean: spec.mean, std: spec.std };
+    let format = ViewFormat::of_encoder(spec);
     let device = options.device;
     // kNN and linear compute features once: an unreadable image is left out
     // as it is met.
