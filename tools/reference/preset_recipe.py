@@ -8,10 +8,11 @@ prints `--loss O --temperature T --learning-rate L --weight-decay W --warmup-epo
 `--min-scale M` (the random resized crop's), `--view-size S` where
 `augment.view_size` is set, and `--fp32` where `train.mixed_precision` is off.
 Stops, naming the field, where the config asks for what train_pytorch.py
-does not do (it runs NT-Xent or the decoupled loss with cosine similarity,
-SGD with momentum 0.9 and the linear learning-rate scaling, and makes both
-views with the paper's CIFAR pipeline, whose crop's min_scale alone may
-differ).
+does not do (it trains a ResNet-18 with the CIFAR stem and a 2-layer MLP
+head to 128 without BatchNorm, runs NT-Xent or the decoupled loss with
+cosine similarity, SGD with momentum 0.9 and the linear learning-rate
+scaling, and makes both views with the paper's CIFAR pipeline, whose
+crop's min_scale alone may differ).
 
     simclr train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py
 """
@@ -20,11 +21,18 @@ import tomllib
 
 LOSSES = ("nt-xent", "dcl")
 REFERENCE = {
+    ("model", "arch"): "resnet18",
+    ("model", "stem"): "cifar",
     ("loss", "similarity"): "cosine",
     ("optim", "optimizer"): "sgd",
     ("optim", "lr_scaling"): "linear",
     ("optim", "momentum"): 0.9,
 }
+
+# The projection head train_pytorch.py builds: Linear, ReLU, Linear to 128,
+# no BatchNorm (its middle layer's width is `--hidden-dim`, given by the
+# caller, as is `--width`).
+HEAD = {"kind": "mlp", "layers": 2, "projection_dim": 128, "batch_norm": False}
 
 # The views train_pytorch.py makes, op by op as `--print-config` writes them
 # out: the `simclr-cifar` preset (appendix B.9), the crop's min_scale aside.
@@ -67,6 +75,10 @@ def main() -> None:
         if config[section][field] != value:
             sys.exit(f"preset_recipe.py: {section}.{field} = {config[section][field]!r}, "
                      f"but train_pytorch.py runs {value!r}")
+    head = config["model"]["head"]
+    for field, value in HEAD.items():
+        if head[field] != value:
+            sys.exit(f"preset_recipe.py: model.head.{field} = {head[field]!r}, but train_pytorch.py builds {value!r}")
     optim = config["optim"]
     print(f"--loss {objective} --temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
           f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}"
