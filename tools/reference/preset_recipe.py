@@ -16,23 +16,26 @@ crop's min_scale alone may differ).
 
     simclr train --preset cifar10-fast --print-config | python3 tools/reference/preset_recipe.py
 """
+import functools
 import sys
 import tomllib
 
 LOSSES = ("nt-xent", "dcl")
+# What train_pytorch.py fixes, by the config's path to each field. Its head
+# is Linear, ReLU, Linear to 128, no BatchNorm; the middle layer's width
+# (`--hidden-dim`) and the network's (`--width`) are given by the caller.
 REFERENCE = {
     ("model", "arch"): "resnet18",
     ("model", "stem"): "cifar",
+    ("model", "head", "kind"): "mlp",
+    ("model", "head", "layers"): 2,
+    ("model", "head", "projection_dim"): 128,
+    ("model", "head", "batch_norm"): False,
     ("loss", "similarity"): "cosine",
     ("optim", "optimizer"): "sgd",
     ("optim", "lr_scaling"): "linear",
     ("optim", "momentum"): 0.9,
 }
-
-# The projection head train_pytorch.py builds: Linear, ReLU, Linear to 128,
-# no BatchNorm (its middle layer's width is `--hidden-dim`, given by the
-# caller, as is `--width`).
-HEAD = {"kind": "mlp", "layers": 2, "projection_dim": 128, "batch_norm": False}
 
 # The views train_pytorch.py makes, op by op as `--print-config` writes them
 # out: the `simclr-cifar` preset (appendix B.9), the crop's min_scale aside.
@@ -71,14 +74,10 @@ def main() -> None:
     objective = config["loss"]["objective"]
     if objective not in LOSSES:
         sys.exit(f"preset_recipe.py: loss.objective = {objective!r}, but train_pytorch.py runs one of {LOSSES}")
-    for (section, field), value in REFERENCE.items():
-        if config[section][field] != value:
-            sys.exit(f"preset_recipe.py: {section}.{field} = {config[section][field]!r}, "
-                     f"but train_pytorch.py runs {value!r}")
-    head = config["model"]["head"]
-    for field, value in HEAD.items():
-        if head[field] != value:
-            sys.exit(f"preset_recipe.py: model.head.{field} = {head[field]!r}, but train_pytorch.py builds {value!r}")
+    for path, value in REFERENCE.items():
+        given = functools.reduce(lambda section, key: section[key], path, config)
+        if given != value:
+            sys.exit(f"preset_recipe.py: {'.'.join(path)} = {given!r}, but train_pytorch.py runs {value!r}")
     optim = config["optim"]
     print(f"--loss {objective} --temperature {config['loss']['temperature']} --learning-rate {optim['learning_rate']} "
           f"--weight-decay {optim['weight_decay']} --warmup-epochs {optim['warmup_epochs']}"
