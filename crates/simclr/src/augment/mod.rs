@@ -278,6 +278,14 @@ impl AugmentConfig {
         Self { preset: AugmentPreset::SimclrCifar, ..Default::default() }
     }
 
+    /// The paper's CIFAR-10 pipeline with crops of at least `min_scale` of
+    /// the image, where the paper keeps 0.08.
+    pub fn cifar_cropping_at_least(min_scale: f64) -> Self {
+        let mut ops = AugmentPreset::SimclrCifar.ops();
+        ops[0] = OpConfig::RandomResizedCrop(CropConfig { min_scale, ..Default::default() });
+        Self { ops: Some(ops), ..Self::cifar() }
+    }
+
     /// Both views with the same `ops`.
     pub fn with_ops(ops: Vec<OpConfig>) -> Self {
         Self { ops: Some(ops), ..Default::default() }
