@@ -162,6 +162,13 @@ fn npy_shape(path: &Path) -> Vec<usize> {
     shape.split(',').map(str::trim).filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect()
 }
 
+/// A run's `summary.json`.
+fn run_summary(run: &Path) -> serde_json::Value {
+    let path = run.join("summary.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The README's first command, as shipped: the demo preset learns its
 /// shapes. Measured with its seed: kNN 49% at random init -> 91.75-95.75%
 /// (fp32, bf16, 1 or 2 threads; 89.5-95.75% over 8 seeds). The bar is
@@ -174,7 +181,7 @@ fn demo_preset_learns_its_shapes() {
     let out = dir.path().join("demo");
     let output = simclr(["train", "--preset", "demo", "--device", "cpu", "--output", &out.display().to_string()]).run();
     assert_succeeds(&output);
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&out);
     assert_eq!(summary["epochs"], 15, "{summary}");
     let before = summary["initial_knn_top1"].as_f64().expect("random-init kNN was measured");
     let after = summary["final_knn_top1"].as_f64().expect("final kNN was measured");
@@ -192,7 +199,7 @@ fn train_resume_and_embed_round_trip() {
     for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&out);
     assert_eq!(summary["epochs"], 1);
     assert!(summary["final_knn_top1"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
 
@@ -955,10 +962,7 @@ fn a_study_with_seeds_scores_each_cell_by_the_mean_of_its_runs() {
     let output = study().run();
     assert_succeeds(&output);
     let cell = out.join("batch4-epochs1");
-    let top1 = |seed: u64| {
-        let summary = std::fs::read_to_string(cell.join(format!("seed-{seed}/summary.json"))).unwrap();
-        serde_json::from_str::<serde_json::Value>(&summary).unwrap()["final_knn_top1"].as_f64().unwrap()
-    };
+    let top1 = |seed: u64| run_summary(&cell.join(format!("seed-{seed}")))["final_knn_top1"].as_f64().unwrap();
     // Each seed trained a run of its own.
     assert_ne!(epoch_losses(&cell.join("seed-3")), epoch_losses(&cell.join("seed-4")));
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
@@ -1109,11 +1113,7 @@ fn the_fast_preset_is_reproducible_from_its_seed() {
     // The step runs in bf16 on a CPU with bf16 instructions (as this
     // machine's may be; device.rs checks the detection against
     // /proc/cpuinfo), in fp32 on any other or when told; the summary says which.
-    let precision = |run: &Path| {
-        let summary: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
-        summary["precision"].as_str().unwrap().to_owned()
-    };
+    let precision = |run: &Path| run_summary(run)["precision"].as_str().unwrap().to_owned();
     let native = simclr::device::cpu_computes_bf16();
     assert_eq!(precision(&first), if native { "bf16" } else { "fp32" });
     let (fp32, _) = run("fp32", "3", &["train.mixed_precision=false"]);
@@ -1265,7 +1265,7 @@ fn the_skip_policy_trains_embeds_and_evaluates_without_unreadable_images() {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(stdout.contains("skipped 1 unreadable image:") && stdout.contains("broken.jpg"), "{stdout}");
     assert!(stderr(&output).contains("skipping unreadable image"), "reported when met:\n{}", stderr(&output));
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&out);
     let listed = summary["skipped_images"].as_array().unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].as_str().unwrap().contains("broken.jpg"));
@@ -1530,8 +1530,7 @@ fn knn_every_0_keeps_no_monitor() {
     };
     let (output, out) = run("never", "0");
     assert_succeeds(&output);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&out);
     assert!(summary["initial_knn_top1"].is_null() && summary["final_knn_top1"].is_null(), "{summary}");
     // The control: a monitor that runs meets the broken image.
     assert_fails_with(&run("every-epoch", "1").0, &["broken.jpg"]);
@@ -1668,8 +1667,7 @@ fn two_processes_train_the_encoder_of_one() {
     let knn = epoch_field(&two, "knn_top1");
     assert!(knn.iter().all(serde_json::Value::is_f64), "kNN top-1 of 2 processes: {knn:?}");
     assert_eq!(knn, epoch_field(&one, "knn_top1"));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&two);
     assert!(summary["initial_knn_top1"].is_f64(), "{summary}");
     for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
         assert!(two.join(file).is_file(), "{file} missing");
@@ -2272,8 +2270,7 @@ fn a_cut_shard_or_a_member_that_is_not_an_image_is_named() {
     let skipped = dir.path().join("skipped");
     let output = tiny_training(&cut, &skipped).args(["--set", "data.on_bad_image=skip"]).run();
     assert_succeeds(&output);
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(skipped.join("summary.json")).unwrap()).unwrap();
+    let summary = run_summary(&skipped);
     let listed: Vec<&str> = summary["skipped_images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(listed[0].contains("shard-000001.tar:000000009.png"), "{listed:?}");
