@@ -660,6 +660,14 @@ fn ablate(kind: AblateKind) -> Result<()> {
     Ok(())
 }
 
+/// Whether log lines may carry colour codes: only to a terminal, and not
+/// where `NO_COLOR` is set (no-color.org). Written to a file or a pipe (a
+/// SLURM job's output, `tee`, CI), the codes would be noise in every line.
+fn colours_on_stderr() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
 fn main() -> ExitCode {
     observer::keep_freed_memory();
     tracing_subscriber::fmt()
@@ -669,6 +677,7 @@ fn main() -> ExitCode {
             (if quiet { "warn" } else { "info" }).into()
         }))
         .with_writer(std::io::stderr)
+        .with_ansi(colours_on_stderr())
         .init();
     simclr::device::quiet_out_of_memory_panics();
     #[cfg(feature = "fault-injection")]

@@ -225,9 +225,11 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(std::fs::read(out.join("checkpoint.safetensors")).unwrap(), saved);
 
     // Resuming continues from epoch 1 to epoch 2, with the saved config.
-    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).run();
+    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "2"]).env("RUST_LOG", "info").run();
     assert_succeeds(&resumed);
     assert!(!stderr(&resumed).contains("the run was trained on"), "the same images: nothing to say");
+    // Logged to a pipe, as to a file or a SLURM job's output: no colour codes.
+    assert!(stderr(&resumed).contains("INFO") && !stderr(&resumed).contains('\x1b'), "{:?}", stderr(&resumed));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = metrics
         .lines()
