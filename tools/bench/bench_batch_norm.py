@@ -18,6 +18,8 @@ the ReLU that follows it in the network, forward and backward:
   running statistics too), in case cuDNN takes a bf16 input only so
 - `cudnn_fp32`: the input cast to fp32 and back around F.batch_norm, which
   ATen then sends to cuDNN
+- `sum_statistics`: ATen's kernels given statistics from two fp32
+  reductions (`SumStatistics`), where its own statistics kernel is slow
 
 - `fp16_cudnn`: an fp16 input with fp32 parameters, which ATen itself sends
   to cuDNN (what an fp16 step with loss scaling would run)
@@ -31,7 +33,7 @@ images needs less of, since both steps run near their kernels' time there),
 with the kernels launched per pass. Outputs and input gradients are
 compared with `native`'s (the fp16 variants' inputs are the bf16 ones'
 fp32 draws rounded to fp16). Prints one JSON object. On a CPU it runs
-`native` alone (a check of the script).
+`native` and `sum_statistics` untimed (a check of the script).
 
     python tools/bench/bench_batch_norm.py --batch-size 512
 """
@@ -73,6 +75,42 @@ def cudnn_bf16_parameters(x, weight, bias, mean, var):
 def cudnn_fp32(x, weight, bias, mean, var):
     y = F.batch_norm(x.float(), mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
     return y.to(x.dtype)
+
+
+class SumStatistics(torch.autograd.Function):
+    """BatchNorm in training with its statistics from two fp32 reductions
+    (the sum and the sum of squares, each one pass over the bf16 input),
+    where ATen's channels-last statistics kernel ran at about a tenth of
+    the H200's memory bandwidth in benchmarks/h200-2026-12-04 (1.15 ms a
+    step for 630 MB); then ATen's inference transform given them, and
+    ATen's training backward given them, so only the statistics' kernels
+    differ from `native` (the variance as E[x^2] - E[x]^2: cancellation
+    where a channel's mean is large against its spread)."""
+
+    @staticmethod
+    def forward(context, x, weight, bias, eps):
+        dims = [0] + list(range(2, x.dim()))
+        count = x.numel() / x.shape[1]
+        kind = torch.promote_types(x.dtype, torch.float32)
+        mean = torch.sum(x, dims, dtype=kind) / count
+        squares = torch.linalg.vector_norm(x, 2, dims, dtype=kind).square() / count
+        var = (squares - mean.square()).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        context.save_for_backward(x, weight, mean, invstd)
+        context.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+
+    @staticmethod
+    def backward(context, grad):
+        x, weight, mean, invstd = context.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, context.eps, [True, True, True])
+        return dx, dw, db, None
+
+
+def sum_statistics(x, weight, bias, mean, var):
+    return SumStatistics.apply(x, weight, bias, 1e-5)
 
 
 def layers(batch, device, dtype):
@@ -155,6 +193,7 @@ VARIANTS = {
     "cudnn": (cudnn, torch.bfloat16, True),
     "cudnn_bf16_parameters": (cudnn_bf16_parameters, torch.bfloat16, True),
     "cudnn_fp32": (cudnn_fp32, torch.bfloat16, True),
+    "sum_statistics": (sum_statistics, torch.bfloat16, True),
     "fp16_cudnn": (native, torch.float16, True),
     "fp16_native": (native, torch.float16, False),
 }
@@ -167,7 +206,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    names = list(VARIANTS) if device.type == "cuda" else ["native"]
+    names = list(VARIANTS) if device.type == "cuda" else ["native", "sum_statistics"]
     made = {dtype: layers(args.batch_size, device, dtype) for dtype in {VARIANTS[name][1] for name in names}}
     report = {"batch_size": args.batch_size, "views": 2 * args.batch_size, "layers": len(LAYERS),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

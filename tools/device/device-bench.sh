@@ -481,8 +481,8 @@ def norm_time(name, v):
                if "kernel_ms_per_pass" in v else "")
     return f"{name} {v['ms_per_pass']:.2f} ms ({v['speedup_over_native']:.2f}x){kernels}"
 for n in norms:
-    timed = {name: n[name] for name in ("native", "cudnn", "cudnn_bf16_parameters", "cudnn_fp32", "fp16_cudnn",
-                                        "fp16_native") if name in n}
+    timed = {name: n[name] for name in ("native", "cudnn", "cudnn_bf16_parameters", "cudnn_fp32", "sum_statistics",
+                                        "fp16_cudnn", "fp16_native") if name in n}
     print(f"BatchNorm+ReLU, {n['layers']} layers, {n['views']} views, forward and backward (bf16 unless named): "
           + "; ".join(norm_time(name, v) for name, v in timed.items()))
 # The step stage's graph file before each of its rounds replayed the graph
