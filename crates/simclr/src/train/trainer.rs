@@ -28,7 +28,7 @@ use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{agree, GradientPrecision, Parallel, ProcessGroup, ReduceOp};
 use crate::model::SimClr;
-use crate::names::counted;
+use crate::names::{about, counted};
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -652,15 +652,27 @@ impl Trainer {
             data_wait_seconds: self.epoch_data_wait.as_secs_f64(),
             knn_top1,
         };
+        // What is left at the mean pace of this process's epochs, the first
+        // left out once there are others (it pays for autotuning and the
+        // allocators' growth): in a log file, where no progress bar is
+        // drawn, the one sign of the end.
+        let paces: Vec<f64> = self.epochs.iter().map(|m| m.seconds).chain([seconds]).collect();
+        let paces = &paces[usize::from(paces.len() > 1)..];
+        let pace = paces.iter().sum::<f64>() / paces.len() as f64;
+        let left = train.epochs.saturating_sub(epoch);
         tracing::info!(
-            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s, waited {:.0}% for data{}",
+            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s, waited {:.0}% for data{}{}",
             metrics.epoch,
             train.epochs,
             metrics.loss,
             metrics.learning_rate,
             metrics.images_per_second,
             100.0 * metrics.data_wait_seconds / seconds,
-            knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default()
+            knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default(),
+            match left {
+                0 => String::new(),
+                left => format!("; {} to go, about {}", counted(left, "epoch"), about(pace * left as f64)),
+            }
         );
         if let Some(group) = &self.group {
             // Every rank applies the same averaged gradient to the same
