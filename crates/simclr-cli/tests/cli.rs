@@ -1141,10 +1141,17 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
     assert!(stderr(&first).contains("simclr train --resume --output"), "{}", stderr(&first));
     assert!(!stopped.join("encoder.safetensors").exists());
-    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
+    let resumed = simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run();
+    assert_succeeds(&resumed);
 
     assert_eq!(epoch_losses(&straight).len(), 3);
     assert_same_run(&stopped, &straight, "resuming mid-epoch");
+    // The score at random init, measured by the first process, is still
+    // reported at the end of the resumed one.
+    let initial = |run: &Path| run_summary(run)["initial_knn_top1"].clone();
+    assert!(initial(&straight).is_f64(), "{}", initial(&straight));
+    assert_eq!(initial(&stopped), initial(&straight));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("at random init ->"));
 }
 
 #[test]

@@ -82,20 +82,23 @@ pub struct TrainedBy {
     pub precision: Precision,
 }
 
-/// Saves a run's state at `position`, trained as `trained_by` says.
+/// Saves a run's state at `position`, trained as `trained_by` says, with
+/// its kNN monitor's score at random init where there was one (kept so
+/// that a resumed run still reports where it started).
 pub fn save(
     path: &Path,
     store: &nn::VarStore,
     optimizer: &Optimizer,
     position: Position,
     trained_by: TrainedBy,
+    initial_knn_top1: Option<f64>,
     config: &RunConfig,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
         store.variables().into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect();
     tensors.extend(optimizer.state_tensors().into_iter().map(|(name, tensor)| (format!("optim.{name}"), tensor)));
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
         ("epoch".to_owned(), position.epoch.to_string()),
         ("step".to_owned(), position.step.to_string()),
@@ -108,6 +111,9 @@ pub fn save(
         ("precision".to_owned(), trained_by.precision.name().to_owned()),
         ("config".to_owned(), config.to_toml()),
     ]);
+    if let Some(top1) = initial_knn_top1 {
+        metadata.insert("initial_knn_top1".to_owned(), top1.to_string());
+    }
     // The new checkpoint is complete and on disk before the old one moves
     // aside: a crash at any point leaves the latest or the previous one whole.
     let fresh = path.with_extension("safetensors.new");
@@ -132,6 +138,9 @@ pub struct Checkpoint {
     pub images: Option<usize>,
     /// The precision it was trained in (`None` likewise).
     pub precision: Option<Precision>,
+    /// The kNN monitor's score at random init (`None` without a monitor,
+    /// and likewise).
+    pub initial_knn_top1: Option<f64>,
     tensors: HashMap<String, Tensor>,
     path: std::path::PathBuf,
 }
@@ -178,8 +187,9 @@ impl Checkpoint {
         };
         let (processes, images, precision) =
             (field(metadata, "processes"), field(metadata, "images"), field(metadata, "precision"));
+        let initial_knn_top1 = field(metadata, "initial_knn_top1");
         let path = path.to_path_buf();
-        Ok(Self { config, position, processes, images, precision, tensors: loaded.tensors, path })
+        Ok(Self { config, position, processes, images, precision, initial_knn_top1, tensors: loaded.tensors, path })
     }
 
     /// Copies the saved variables and optimiser state into a freshly built run.

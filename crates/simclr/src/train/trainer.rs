@@ -382,6 +382,7 @@ impl Trainer {
         // Rank 0 alone reads and writes the run folder; the others take its
         // state (a resumed run may have any number of processes).
         let trained_by = TrainedBy { processes: shard.world, images: train_set.len(), precision };
+        let saved_initial_knn_top1 = saved.as_ref().and_then(|saved| saved.initial_knn_top1);
         let prepared = if writer {
             prepare_run_folder(&config, saved, trained_by, &store, &mut optimizer, &checkpoint_path)
         } else {
@@ -414,6 +415,9 @@ impl Trainer {
                 initial_knn_top1 =
                     Some(monitor.top1((&model.encoder).into(), format, device, &pool, group.as_ref())?);
             }
+        } else if monitor.is_some() {
+            // As the run's first process measured it (rank 0 read it).
+            initial_knn_top1 = saved_initial_knn_top1;
         }
         tracing::info!(
             device = ?device,
@@ -704,6 +708,7 @@ impl Trainer {
                 &self.optimizer,
                 self.position,
                 self.trained_by,
+                self.initial_knn_top1,
                 &self.config,
             ),
             false => Ok(()),
