@@ -43,8 +43,9 @@ fn drawing_error(path: &Path, error: impl std::fmt::Display) -> Error {
     Error::Image { path: path.to_path_buf(), message: format!("cannot draw: {error}") }
 }
 
-/// Loss, learning rate and kNN top-1 against epoch, side by side.
-pub fn training_curves(metrics: &[EpochMetrics], path: &Path) -> Result<()> {
+/// Loss, learning rate and kNN top-1 against epoch, side by side; the kNN
+/// monitor's score at random init, where there is one, at epoch 0.
+pub fn training_curves(metrics: &[EpochMetrics], initial_knn_top1: Option<f64>, path: &Path) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
     let root = canvas(path, (WIDTH, 400))?;
     let panels = root.split_evenly((1, 3));
@@ -52,7 +53,15 @@ pub fn training_curves(metrics: &[EpochMetrics], path: &Path) -> Result<()> {
     let series: [(&str, Vec<(f64, f64)>); 3] = [
         ("training loss", metrics.iter().map(|m| (m.epoch as f64, m.loss)).collect()),
         ("learning rate (last step of epoch)", metrics.iter().map(|m| (m.epoch as f64, m.learning_rate)).collect()),
-        ("kNN top-1 (%)", metrics.iter().filter_map(|m| m.knn_top1.map(|a| (m.epoch as f64, 100.0 * a))).collect()),
+        (
+            if initial_knn_top1.is_some() { "kNN top-1 (%; epoch 0: random init)" } else { "kNN top-1 (%)" },
+            initial_knn_top1
+                .map(|a| (0, a))
+                .into_iter()
+                .chain(metrics.iter().filter_map(|m| m.knn_top1.map(|a| (m.epoch, a))))
+                .map(|(epoch, a)| (epoch as f64, 100.0 * a))
+                .collect(),
+        ),
     ];
     for (panel, (title, points)) in panels.iter().zip(series) {
         let low = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
@@ -349,13 +358,15 @@ impl Heatmap<'_> {
 /// monitor's splits computed on `device`; returns their paths.
 pub fn write_report(run_dir: &Path, device: Device) -> Result<Vec<PathBuf>> {
     let metrics = MetricsLog::new(&run_dir.join(METRICS_FILE)).read()?;
+    let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
+    let checkpoint = Checkpoint::read_latest(&checkpoint_path);
+    let initial_knn_top1 = checkpoint.as_ref().ok().and_then(|saved| saved.initial_knn_top1);
     let mut written = Vec::new();
     let curves = run_dir.join("curves.png");
-    training_curves(&metrics, &curves)?;
+    training_curves(&metrics, initial_knn_top1, &curves)?;
     written.push(curves);
 
-    let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
-    let config: RunConfig = Checkpoint::read_latest(&checkpoint_path)?.config;
+    let config: RunConfig = checkpoint?.config;
     let Some((bank, queries)) = open_splits(&config.data, config.train.seed)?.knn else {
         tracing::warn!("the run has no labelled monitor splits: only the curves are drawn");
         return Ok(written);
@@ -477,7 +488,7 @@ mod tests {
             .collect();
         let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let curves = dir.path().join("curves.png");
-        training_curves(&metrics, &curves).unwrap();
+        training_curves(&metrics, Some(0.1), &curves).unwrap();
         let scatter = dir.path().join("scatter.png");
         let points = Tensor::randn([30, 2], (Kind::Float, Device::Cpu));
         embedding_scatter(&points, Projection::Tsne, &[0, 1, 2].repeat(10), &names, &scatter).unwrap();
