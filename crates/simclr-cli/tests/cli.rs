@@ -1204,6 +1204,29 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops() {
     assert_eq!(epoch_losses(&many).len(), 1);
     assert_succeeds(&simclr(["train", "--resume", "--output", &many.display().to_string()]).run());
     assert_eq!(epoch_losses(&many).len(), 3);
+
+    // A checkpoint keeps the count: stopped after the skipped step and
+    // resumed, the run is the uninterrupted one, its skip reported.
+    let resume = |out: &Path, poison: &str| {
+        let run = simclr(["train", "--resume", "--output", &out.display().to_string()]);
+        run.env("SIMCLR_TEST_POISON_STEPS", poison).run()
+    };
+    let stopped = dir.path().join("stopped");
+    let first =
+        three_epochs(&data, &stopped).env("SIMCLR_TEST_POISON_STEPS", "2").env("SIMCLR_TEST_STOP_AFTER_STEPS", 4).run();
+    assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
+    assert_succeeds(&resume(&stopped, "2"));
+    assert_eq!(run_summary(&stopped)["skipped_steps"], 1);
+    assert_same_run(&stopped, &one, "a stop after a skipped step");
+    // And the streak: three in a row before a stop and two after make the
+    // five at which the uninterrupted run stops.
+    let streak = dir.path().join("streak");
+    let first = three_epochs(&data, &streak)
+        .env("SIMCLR_TEST_POISON_STEPS", "7,8,9,10,11")
+        .env("SIMCLR_TEST_STOP_AFTER_STEPS", 9)
+        .run();
+    assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
+    assert_fails_with(&resume(&streak, "7,8,9,10,11"), &["5 steps in a row (up to step 11)"]);
 }
 
 #[test]

@@ -61,7 +61,9 @@ const FORMAT: &str = "simclr-checkpoint-1";
 
 /// Where a run stands: epochs finished, optimiser steps taken, and, in the
 /// epoch under way, batches done and their summed loss (so the epoch's mean
-/// comes out the same after a resume).
+/// comes out the same after a resume); the steps skipped for a non-finite
+/// loss or gradient, in all and in a row up to now (so a resumed run
+/// reports them all, and stops where the uninterrupted one would).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Position {
     pub epoch: usize,
@@ -69,6 +71,8 @@ pub struct Position {
     pub batch: usize,
     pub epoch_loss_sum: f64,
     pub epoch_loss_count: usize,
+    pub skipped_steps: usize,
+    pub nonfinite_in_row: usize,
 }
 
 /// What trained a run when its checkpoint was saved, kept in the checkpoint
@@ -106,6 +110,8 @@ pub fn save(
         // Rust's shortest round-trip formatting: parsing gives the same f64 back.
         ("epoch_loss_sum".to_owned(), position.epoch_loss_sum.to_string()),
         ("epoch_loss_count".to_owned(), position.epoch_loss_count.to_string()),
+        ("skipped_steps".to_owned(), position.skipped_steps.to_string()),
+        ("nonfinite_in_row".to_owned(), position.nonfinite_in_row.to_string()),
         ("processes".to_owned(), trained_by.processes.to_string()),
         ("images".to_owned(), trained_by.images.to_string()),
         ("precision".to_owned(), trained_by.precision.name().to_owned()),
@@ -184,6 +190,9 @@ impl Checkpoint {
             batch: field(metadata, "batch").ok_or_else(|| missing("batch"))?,
             epoch_loss_sum: field(metadata, "epoch_loss_sum").ok_or_else(|| missing("epoch_loss_sum"))?,
             epoch_loss_count: field(metadata, "epoch_loss_count").ok_or_else(|| missing("epoch_loss_count"))?,
+            // Checkpoints written before these were kept count from 0.
+            skipped_steps: field(metadata, "skipped_steps").unwrap_or(0),
+            nonfinite_in_row: field(metadata, "nonfinite_in_row").unwrap_or(0),
         };
         let (processes, images, precision) =
             (field(metadata, "processes"), field(metadata, "images"), field(metadata, "precision"));

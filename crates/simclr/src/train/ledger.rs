@@ -12,9 +12,7 @@ use crate::{Error, Result};
 /// batch of steps, so a GPU is never left idle waiting for the host.
 pub(super) struct Ledger {
     pending: Vec<(usize, Tensor, Tensor)>,
-    nonfinite_in_row: usize,
     max_nonfinite_in_row: usize,
-    pub(super) skipped_steps: usize,
     checkpoint_path: PathBuf,
     /// Whether a skipped step is told: on rank 0 alone, since every rank
     /// skips the same steps (the gradient they test is all-reduced).
@@ -27,14 +25,7 @@ impl Ledger {
     const READ_EVERY: usize = 16;
 
     pub(super) fn new(max_nonfinite_in_row: usize, checkpoint_path: PathBuf, tells: bool) -> Self {
-        Self {
-            pending: Vec::new(),
-            nonfinite_in_row: 0,
-            max_nonfinite_in_row,
-            skipped_steps: 0,
-            checkpoint_path,
-            tells,
-        }
+        Self { pending: Vec::new(), max_nonfinite_in_row, checkpoint_path, tells }
     }
 
     pub(super) fn push(&mut self, step: usize, loss: Tensor, finite: Tensor) {
@@ -45,8 +36,10 @@ impl Ledger {
         self.pending.len() >= Self::READ_EVERY
     }
 
-    /// Reads the pending steps, adds the finite ones to the epoch's loss, and
-    /// fails once too many in a row were not; returns the last loss read.
+    /// Reads the pending steps, adds the finite ones to the epoch's loss,
+    /// counts the others in `position` (which a checkpoint keeps, so a
+    /// resumed run counts on from there), and fails once too many in a row
+    /// were not; returns the last loss read.
     pub(super) fn settle(&mut self, position: &mut Position) -> Result<Option<f64>> {
         if self.pending.is_empty() {
             return Ok(None);
@@ -65,23 +58,23 @@ impl Ledger {
             let (value, finite) = (pair[0], pair[1] != 0.0);
             last = Some(value);
             if finite {
-                self.nonfinite_in_row = 0;
+                position.nonfinite_in_row = 0;
                 position.epoch_loss_sum += value;
                 position.epoch_loss_count += 1;
                 continue;
             }
-            self.nonfinite_in_row += 1;
-            self.skipped_steps += 1;
+            position.nonfinite_in_row += 1;
+            position.skipped_steps += 1;
             if self.tells {
                 tracing::warn!(step, "non-finite loss or gradient ({value}): step skipped");
             }
-            if self.nonfinite_in_row >= self.max_nonfinite_in_row {
+            if position.nonfinite_in_row >= self.max_nonfinite_in_row {
                 return Err(Error::NonFinite(format!(
                     "{} steps in a row (up to step {step}) gave a non-finite loss or gradient; \
                      likely causes: a learning rate too high (optim.learning_rate), a temperature too low \
                      (loss.temperature), or reduced precision (train.mixed_precision). The last checkpoint, \
                      from before the fault, is {}",
-                    self.nonfinite_in_row,
+                    position.nonfinite_in_row,
                     self.checkpoint_path.display()
                 )));
             }

@@ -737,7 +737,7 @@ impl Trainer {
             device: self.device,
             precision: self.precision,
             interrupted_at: None,
-            skipped_steps: self.ledger.skipped_steps,
+            skipped_steps: self.position.skipped_steps,
             skipped_images: skipped_images(&self.train_set, self.monitor.as_ref()),
         }
     }
@@ -1062,9 +1062,16 @@ fn share_state(
     for (_, buffer) in &mut buffers {
         tch::no_grad(|| group.broadcast(buffer, 0))?;
     }
-    let Position { epoch, step, batch, epoch_loss_sum, epoch_loss_count } = position;
-    let mut numbers =
-        Tensor::from_slice(&[epoch as f64, step as f64, batch as f64, epoch_loss_sum, epoch_loss_count as f64]);
+    let Position { epoch, step, batch, epoch_loss_sum, epoch_loss_count, skipped_steps, nonfinite_in_row } = position;
+    let mut numbers = Tensor::from_slice(&[
+        epoch as f64,
+        step as f64,
+        batch as f64,
+        epoch_loss_sum,
+        epoch_loss_count as f64,
+        skipped_steps as f64,
+        nonfinite_in_row as f64,
+    ]);
     group.broadcast(&mut numbers, 0)?;
     let numbers = Vec::<f64>::try_from(&numbers).map_err(|e: tch::TchError| Error::Distributed(e.to_string()))?;
     Ok(Position {
@@ -1073,6 +1080,8 @@ fn share_state(
         batch: numbers[2] as usize,
         epoch_loss_sum: numbers[3],
         epoch_loss_count: numbers[4] as usize,
+        skipped_steps: numbers[5] as usize,
+        nonfinite_in_row: numbers[6] as usize,
     })
 }
 
