@@ -9,19 +9,6 @@ pub(crate) fn counted(count: usize, noun: &str) -> String {
     }
 }
 
-/// A duration to the precision a person plans by: "45 s", "12 min",
-/// "3 h 05 min", "2 d 7 h".
-pub(crate) fn about(seconds: f64) -> String {
-    let seconds = seconds.max(0.0).round() as u64;
-    let (minutes, hours) = ((seconds + 30) / 60, (seconds + 1800) / 3600);
-    match seconds {
-        0..90 => format!("{seconds} s"),
-        90..5400 => format!("{minutes} min"),
-        5400..129_600 => format!("{} h {:02} min", minutes / 60, minutes % 60),
-        _ => format!("{} d {} h", hours / 24, hours % 24),
-    }
-}
-
 /// Gives an enum of unit variants its names, in one place: `ALL` (in
 /// declaration order), `name()`, `FromStr` that lists every name on a miss,
 /// and serde through the same names, so a config file, a flag and an error
@@ -78,26 +65,6 @@ mod tests {
     fn one_is_singular_and_every_other_count_plural() {
         let counts = [0, 1, 2].map(|count| super::counted(count, "epoch"));
         assert_eq!(counts, ["0 epochs", "1 epoch", "2 epochs"]);
-    }
-
-    #[test]
-    fn durations_are_given_as_a_person_plans_by() {
-        let cases = [
-            (0.4, "0 s"),
-            (44.6, "45 s"),
-            (89.0, "89 s"),
-            (90.0, "2 min"),
-            (754.0, "13 min"),
-            (5399.0, "90 min"),
-            (5400.0, "1 h 30 min"),
-            (11_100.0, "3 h 05 min"),
-            (129_599.0, "36 h 00 min"),
-            (129_600.0, "1 d 12 h"),
-            (198_000.0, "2 d 7 h"),
-        ];
-        for (seconds, said) in cases {
-            assert_eq!(super::about(seconds), said, "{seconds} s");
-        }
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::{agree, GradientPrecision, Parallel, ProcessGroup, ReduceOp};
 use crate::model::SimClr;
-use crate::names::{about, counted};
+use crate::names::counted;
 use crate::optim::{Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -675,7 +675,11 @@ impl Trainer {
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default(),
             match left {
                 0 => String::new(),
-                left => format!("; {} to go, about {}", counted(left, "epoch"), about(pace * left as f64)),
+                left => {
+                    // indicatif's rounding, as the progress bar's ETA: "84 seconds", "2 minutes", "3 days".
+                    let time = Duration::try_from_secs_f64(pace * left as f64).unwrap_or_default();
+                    format!("; {} to go, about {}", counted(left, "epoch"), indicatif::HumanDuration(time))
+                }
             }
         );
         if let Some(group) = &self.group {
