@@ -406,7 +406,7 @@ struct AblateArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-blur,rotation"
+        default_value = "random-resized-crop,cutout,color-jitter,sobel,gaussian-noise,gaussian-blur,rotation"
     )]
     ops: Vec<OpConfig>,
 }

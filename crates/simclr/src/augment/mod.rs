@@ -3,7 +3,7 @@
 //! Each training image gives two views, each drawn from a family of random
 //! ops: a sizing op (random resized crop, or the CIFAR crop with padding),
 //! then any list of pixel ops (flip, colour jitter, grayscale, blur,
-//! rotation, cutout, Sobel, solarisation), each applied with its own
+//! rotation, cutout, Sobel, Gaussian noise, solarisation), each applied with its own
 //! probability. The paper's main finding (Figure 5) is that crop plus colour
 //! distortion is what makes the contrastive task hard enough.
 //!
@@ -31,6 +31,7 @@ pub use blur::BlurParams;
 pub use color_jitter::JitterParams;
 pub use crop::{CropBox, CropConfig, Interpolation};
 pub use images::{center_view, uint8_batch, FloatImage};
+pub use noise::NoiseParams;
 pub use pad_crop::{PadCropConfig, PadOffset};
 pub(crate) use pipeline::seeded_rng;
 pub(crate) use pipeline::{on_subset, per_image, splitmix64};
@@ -153,6 +154,7 @@ register! {
     "rotation" => Rotation(rotation::RotationConfig),
     "cutout" => Cutout(cutout::CutoutConfig),
     "sobel" => Sobel(sobel::SobelConfig),
+    "gaussian-noise" => GaussianNoise(noise::NoiseConfig),
     "solarize" => Solarize(solarize::SolarizeConfig),
     "vertical-flip" => VerticalFlip(vertical_flip::VerticalFlipConfig),
 }
