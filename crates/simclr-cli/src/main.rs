@@ -78,6 +78,9 @@ enum AblateKind {
     Head(AblateHeadArgs),
     /// The paper's Figure 7: train each architecture and width with SimCLR and supervised, score h by kNN.
     Model(AblateModelArgs),
+    /// The paper's Table 1: train each colour-distortion strength (then the last with blur) with SimCLR and
+    /// supervised, score h by kNN.
+    Color(AblateColorArgs),
 }
 
 #[derive(Args)]
@@ -471,6 +474,18 @@ struct AblateModelArgs {
     widths: Vec<f64>,
 }
 
+#[derive(Args)]
+struct AblateColorArgs {
+    /// The base run (its --output is the folder of the whole study); its augmentation's colour jitter is varied.
+    #[command(flatten)]
+    run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
+    /// Comma-separated colour-distortion strengths s (appendix A); a last column adds Gaussian blur to the last.
+    #[arg(long, value_delimiter = ',', default_value = "0.125,0.25,0.5,1")]
+    strengths: Vec<f64>,
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     let base = match (&args.run.output, args.resume) {
         (Some(run), true) => checkpoint::saved_config(run)?,
@@ -649,6 +664,10 @@ fn ablate(kind: AblateKind) -> Result<()> {
         AblateKind::Model(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::MODEL_VARIED, &mut console)?;
             ablation::model_grid(&base, &args.archs, &args.widths, &mut study)?
+        }
+        AblateKind::Color(args) => {
+            let (base, mut study) = args.study.study(&args.run, ablation::COLOR_VARIED, &mut console)?;
+            ablation::color_grid(&base, &args.strengths, &mut study)?
         }
         AblateKind::Head(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::HEAD_VARIED, &mut console)?;

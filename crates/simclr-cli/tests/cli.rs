@@ -1081,6 +1081,54 @@ fn the_model_study_trains_each_model_with_and_without_labels() {
 }
 
 #[test]
+fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("colour");
+    let output = simclr(["ablate", "color", "--strengths", "0.25,1"])
+        .args(tiny_flags(&data, &out))
+        .args(monitor_flags(&data))
+        .run();
+    assert_succeeds(&output);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    assert_eq!(
+        rows.iter().map(|r| [r[0], r[1]]).collect::<Vec<_>>(),
+        [["0.25", "false"], ["1", "false"], ["1", "true"]]
+    );
+    for row in &rows {
+        assert!(row[2..4].iter().all(|s| (0.0..=1.0).contains(&s.parse::<f64>().unwrap())), "{csv}");
+    }
+    // The base is the imagenet pipeline (no preset given): its jitter at
+    // each strength, its blur only in the last column; labels in one row.
+    let config = |cell: &str| std::fs::read_to_string(out.join(cell).join("config.toml")).unwrap();
+    let weak = config("s0.25-simclr");
+    assert!(weak.contains("strength = 0.25") && !weak.contains("gaussian-blur"), "{weak}");
+    assert!(config("s1+blur-simclr").contains("gaussian-blur"));
+    assert!(config("s1+blur-supervised").contains("supervised = true"));
+    assert!(!config("s1-simclr").contains("supervised"));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("1 + blur"), "{table}");
+    // A base without colour jitter has nothing to vary, and a strength out
+    // of range is named, both before anything trains.
+    let bare = dir.path().join("bare");
+    assert_fails_with(
+        &simclr(["ablate", "color"])
+            .args(tiny_flags(&data, &bare))
+            .args(monitor_flags(&data))
+            .args(["--set", "augment.ops=[]"])
+            .run(),
+        &["no color-jitter op"],
+    );
+    assert_fails_with(
+        &simclr(["ablate", "color", "--strengths", "0.5,2"]).args(tiny_flags(&data, &bare)).run(),
+        &["--strengths: 2", "[0, 1.25]"],
+    );
+    assert!(!bare.exists());
+}
+
+#[test]
 fn the_fast_preset_is_reproducible_from_its_seed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
