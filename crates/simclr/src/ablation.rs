@@ -632,19 +632,12 @@ pub fn model_grid(base: &RunConfig, archs: &[Arch], widths: &[f64], study: &mut 
             let mut config = base.clone();
             (config.model.arch, config.model.width_multiplier) = (arch, width);
             let model = format!("{}-{width}x", arch.name());
-            let (mut row, mut initial) = (Vec::new(), None);
-            for (method, config) in [("simclr", config.clone()), ("supervised", supervised(config)?)] {
-                done += 1;
-                let key = format!("{model}-{method}");
-                let cell = study.cell(config, &key, &format!("{key} ({done} of {total})"))?;
-                initial = initial.or(cell.initial_top1());
-                row.push(cell.score());
-            }
+            let (row, initial) = with_and_without_labels(study, config, &model, (&mut done, total))?;
             let initial = initial.map_or_else(String::new, |top1| format!("{top1:.4}"));
             let (simclr, supervised) = (study.csv_score(row[0]), study.csv_score(row[1]));
             csv.push_str(&format!("{},{width},{simclr},{supervised},{initial}\n", arch.name()));
             rows.push(format!("{} {width}x", arch.name()));
-            top1.push(row);
+            top1.push(row.to_vec());
         }
     }
     let columns = vec!["SimCLR".to_owned(), "supervised".to_owned()];
@@ -713,21 +706,16 @@ pub fn color_grid(base: &RunConfig, strengths: &[f64], study: &mut Study) -> Res
     let mut top1 = vec![vec![None; columns.len()]; 2];
     let mut initial_top1 = None;
     let mut csv = format!("strength,blur,{}\n", study.score_columns(&["knn_top1_simclr", "knn_top1_supervised"]));
-    let total = 2 * columns.len();
+    let (total, mut done) = (2 * columns.len(), 0);
     for (j, (&(strength, blur), name)) in columns.iter().zip(&names).enumerate() {
         let mut config = base.clone();
         let [first, second] = views.clone().map(|ops| color_view(&ops, strength, blur));
         config.augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
         let column = format!("s{}", name.replace(" + ", "+"));
-        for (i, (method, config)) in
-            [("simclr", config.clone()), ("supervised", supervised(config)?)].into_iter().enumerate()
-        {
-            let key = format!("{column}-{method}");
-            let cell = study.cell(config, &key, &format!("{key} ({} of {total})", 2 * j + i + 1))?;
-            initial_top1 = initial_top1.or(cell.initial_top1());
-            top1[i][j] = cell.score();
-        }
-        csv.push_str(&format!("{strength},{blur},{},{}\n", study.csv_score(top1[0][j]), study.csv_score(top1[1][j])));
+        let (scores, initial) = with_and_without_labels(study, config, &column, (&mut done, total))?;
+        initial_top1 = initial_top1.or(initial);
+        (top1[0][j], top1[1][j]) = (scores[0], scores[1]);
+        csv.push_str(&format!("{strength},{blur},{},{}\n", study.csv_score(scores[0]), study.csv_score(scores[1])));
     }
     let rows = vec!["SimCLR".to_owned(), "supervised".to_owned()];
     let chart = Chart {
@@ -736,6 +724,30 @@ pub fn color_grid(base: &RunConfig, strengths: &[f64], study: &mut Study) -> Res
         y_desc: "training",
     };
     study.write_grid("training \\ strength", (rows, names), top1, initial_top1, &csv, chart)
+}
+
+/// The cells `{prefix}-simclr` and `{prefix}-supervised`: `config` trained
+/// with SimCLR and as the supervised baseline (`train.supervised`: the same
+/// encoder, augmentation and schedule, cross-entropy on the labels). Their
+/// scores, and the random-init score of the first that measured it;
+/// `done` of `total` counts the cells for the log.
+fn with_and_without_labels(
+    study: &mut Study,
+    config: RunConfig,
+    prefix: &str,
+    (done, total): (&mut usize, usize),
+) -> Result<([Option<Score>; 2], Option<f64>)> {
+    let (mut scores, mut initial) = ([None; 2], None);
+    for (score, (method, config)) in
+        scores.iter_mut().zip([("simclr", config.clone()), ("supervised", supervised(config)?)])
+    {
+        *done += 1;
+        let key = format!("{prefix}-{method}");
+        let cell = study.cell(config, &key, &format!("{key} ({done} of {total})"))?;
+        initial = initial.or(cell.initial_top1());
+        *score = cell.score();
+    }
+    Ok((scores, initial))
 }
 
 #[cfg(test)]
