@@ -1123,7 +1123,7 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur(
     );
     assert_fails_with(
         &simclr(["ablate", "color", "--strengths", "0.5,2"]).args(tiny_flags(&data, &bare)).run(),
-        &["--strengths: 2", "[0, 1.25]"],
+        &["--strengths: strength = 2", "[0, 1.25]"],
     );
     assert!(!bare.exists());
 }

@@ -41,7 +41,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::augment::{AugmentConfig, BlurConfig, ColorJitterConfig, OpConfig};
+use crate::augment::{AugmentConfig, Augmentation, BlurConfig, ColorJitterConfig, OpConfig};
 use crate::config::RunConfig;
 use crate::loss::{Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
@@ -686,10 +686,13 @@ pub fn color_grid(base: &RunConfig, strengths: &[f64], study: &mut Study) -> Res
     let Some(&last) = strengths.last() else {
         return Err(Error::InvalidArgument("ablate color needs at least one strength".to_owned()));
     };
-    if let Some(bad) = strengths.iter().find(|s| !(0.0..=1.25).contains(*s)) {
-        return Err(Error::InvalidArgument(format!(
-            "--strengths: {bad}: a colour-distortion strength must be in [0, 1.25]"
-        )));
+    // Each strength checked as the jitter checks its own, before anything trains.
+    let mut problems = Vec::new();
+    for &strength in strengths {
+        ColorJitterConfig { strength, ..Default::default() }.check("--strengths", 0, &mut problems);
+    }
+    if !problems.is_empty() {
+        return Err(Error::InvalidArgument(problems.join("; ")));
     }
     let views = base.augment.view_ops();
     if !views.iter().flatten().any(|op| matches!(op, OpConfig::ColorJitter(_))) {

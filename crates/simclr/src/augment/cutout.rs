@@ -55,7 +55,7 @@ impl Augmentation for CutoutConfig {
     fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
     let (_, _, height, width) = images.size4().expect("a [n, 3, h, w] batch");
     let device = images.device();
-    let column = |values: Vec<i64>| crate::device::upload_slice(&values, device).view([-1, 1, 1, 1]);
+    let column = |values: Vec<i64>| super::per_image(&values, &images);
     let top = column(boxes.iter().map(|b| i64::from(b.top)).collect());
     let bottom = column(boxes.iter().map(|b| i64::from(b.top + b.height)).collect());
     let left = column(boxes.iter().map(|b| i64::from(b.left)).collect());

@@ -105,16 +105,17 @@ impl Augmentation for NoiseConfig {
     }
 
     fn apply_batch(images: Tensor, params: &[NoiseParams]) -> Tensor {
-        let (n, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
-        let device = images.device();
-        let column = |values: Vec<i64>| crate::device::upload_slice(&values, device).view([n, 1, 1, 1]);
-        let key = |half: usize| column(params.iter().map(|p| i64::from(halves(p.key)[half])).collect());
+        let (_, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
+        let key = |half: usize| {
+            let values: Vec<i64> = params.iter().map(|p| i64::from(halves(p.key)[half])).collect();
+            super::per_image(&values, &images)
+        };
         let (key0, key1) = (key(0), key(1));
-        let scalars = |values: Vec<f64>| crate::device::upload_slice(&values, device).view([n, 1, 1, 1]);
-        let mean = scalars(params.iter().map(|p| f64::from(p.mean)).collect());
-        let sigma = scalars(params.iter().map(|p| f64::from(p.sigma)).collect());
+        // f32 levels meet the f64 normals below and are promoted to f64, exactly.
+        let mean = super::per_image(&params.iter().map(|p| p.mean).collect::<Vec<_>>(), &images);
+        let sigma = super::per_image(&params.iter().map(|p| p.sigma).collect::<Vec<_>>(), &images);
         // e for every element of a view, in the CPU path's interleaved order.
-        let element = Tensor::arange(height * width * channels, (Kind::Int64, device))
+        let element = Tensor::arange(height * width * channels, (Kind::Int64, images.device()))
             .view([height, width, channels])
             .permute([2, 0, 1])
             .unsqueeze(0);

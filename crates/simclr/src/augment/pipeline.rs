@@ -248,6 +248,6 @@ pub(crate) fn on_subset<P: Copy>(
 }
 
 /// A per-image scalar as a `[n, 1, 1, 1]` tensor on `like`'s device.
-pub(crate) fn per_image(values: &[f32], like: &Tensor) -> Tensor {
+pub(crate) fn per_image<T: tch::kind::Element>(values: &[T], like: &Tensor) -> Tensor {
     crate::device::upload_slice(values, like.device()).view([values.len() as i64, 1, 1, 1])
 }
