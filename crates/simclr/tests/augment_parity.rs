@@ -6,6 +6,10 @@
 //! Tolerances (largest absolute difference on [0, 1] pixels):
 //! - pixel ops on float images (flip, jitter parts, grayscale, blur,
 //!   rotation, solarize, Sobel, cutout, crop with padding): 1e-5;
+//! - AutoAugment's transforms on float images: 1e-5, but the geometric
+//!   ones (nearest sampling), where a source coordinate within rounding of
+//!   a half may pick the neighbouring pixel: at most 0.5% of the values
+//!   (none did on 2026-12-05);
 //! - Gaussian noise, whose generator is not torch's: its residuals as a
 //!   distribution, by a two-sample Kolmogorov-Smirnov test;
 //! - resized crops on the CPU, the `image` crate's filters against PIL's on
@@ -19,10 +23,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use simclr::augment::{
-    crop, pad_crop, AugmentConfig, Augmentation, BlurConfig, BlurParams, ColorJitterConfig, CropBox, CutoutConfig,
-    FlipConfig, FloatImage, GrayscaleConfig, Interpolation, JitterParams, NoiseConfig, NoiseParams, OpParams,
-    PadOffset, Pipeline, RotationConfig, RotationParams, Sizing, SobelConfig, SolarizeConfig, SolarizeParams,
-    VerticalFlipConfig, ViewParams,
+    crop, pad_crop, AugmentConfig, Augmentation, AutoAugmentConfig, AutoAugmentParams, AutoAugmentStep,
+    AutoAugmentTransform, BlurConfig, BlurParams, ColorJitterConfig, CropBox, CutoutConfig, FlipConfig, FloatImage,
+    GrayscaleConfig, Interpolation, JitterParams, NoiseConfig, NoiseParams, OpParams, PadOffset, Pipeline,
+    RotationConfig, RotationParams, Sizing, SobelConfig, SolarizeConfig, SolarizeParams, VerticalFlipConfig,
+    ViewParams,
 };
 use simclr::tch::{Kind, Tensor};
 
@@ -204,6 +209,89 @@ fn vertical_flip_matches_torchvision() {
     FlipConfig::apply(&mut mirrored, &());
     let (largest, _) = difference(&mirrored.to_tensor(), &f["vertical_flip"]);
     assert!(largest > 0.1, "a horizontal flip matched the vertical-flip fixture: {largest}");
+}
+
+/// AutoAugment's transforms as `make_augment_fixtures.py`'s
+/// AUTO_AUGMENT_CASES give them: (case, transform, magnitude).
+const AUTO_AUGMENT_CASES: [(&str, AutoAugmentTransform, f32); 21] = {
+    use AutoAugmentTransform::*;
+    [
+        ("shear_x", ShearX, 0.2),
+        ("shear_x_negative", ShearX, -0.3),
+        ("shear_y", ShearY, 0.2333),
+        ("translate_x", TranslateX, 13.0),
+        ("translate_y_negative", TranslateY, -9.0),
+        ("rotate", Rotate, 26.7),
+        ("rotate_negative", Rotate, -10.0),
+        ("brightness", Brightness, 0.4),
+        ("brightness_negative", Brightness, -0.6),
+        ("color", Color, 0.5),
+        ("color_negative", Color, -0.9),
+        ("contrast", Contrast, 0.7),
+        ("contrast_negative", Contrast, -0.5),
+        ("sharpness", Sharpness, 0.8),
+        ("sharpness_negative", Sharpness, -0.6),
+        ("posterize_4", Posterize, 4.0),
+        ("posterize_8", Posterize, 8.0),
+        ("solarize", Solarize, 0.3333),
+        ("auto_contrast", AutoContrast, 0.0),
+        ("equalize", Equalize, 0.0),
+        ("invert", Invert, 0.0),
+    ]
+};
+
+/// The share of values of two CHW images further apart than 1e-5.
+fn share_differing(ours: &Tensor, reference: &Tensor) -> f64 {
+    assert_eq!(ours.size(), reference.size());
+    let apart = (ours - reference).abs().gt(1e-5).to_kind(Kind::Double).mean(Kind::Double);
+    apart.double_value(&[])
+}
+
+/// `step` on the CPU path and the device path (as the first of a
+/// sub-policy's two).
+fn auto_augment(source: &Tensor, step: AutoAugmentStep) -> [Tensor; 2] {
+    let mut image = FloatImage::from_tensor(source);
+    step.apply(&mut image);
+    let params = AutoAugmentParams { sub_policy: 0, steps: [Some(step), None] };
+    let batch = AutoAugmentConfig::apply_batch(source.unsqueeze(0), &[params]).squeeze_dim(0);
+    [image.to_tensor(), batch]
+}
+
+#[test]
+fn auto_augment_transforms_match_torchvision() {
+    let f = fixture_file("augment_auto_augment");
+    let whole = FloatImage::from_rgb(&input(&f)).to_tensor();
+    for (case, transform, magnitude) in AUTO_AUGMENT_CASES {
+        let [cpu, tensor] = auto_augment(&whole, AutoAugmentStep { transform, magnitude });
+        for (path, ours) in [("cpu", cpu), ("tensor", tensor)] {
+            if transform.is_geometric() {
+                let share = share_differing(&ours, &f[case]);
+                assert!(share <= 0.005, "{case} ({path}): {:.2}% of the values differ", 100.0 * share);
+            } else {
+                assert_close(&format!("{case} ({path})"), &ours, &f[case], 1e-5, 1e-5);
+            }
+        }
+    }
+    // Equalize leaves a channel with one value as it is (as 8-bit values).
+    let flat = &f["flat_green"];
+    for ours in auto_augment(flat, AutoAugmentStep { transform: AutoAugmentTransform::Equalize, magnitude: 0.0 }) {
+        assert_close("equalize_flat_green", &ours, &f["equalize_flat_green"], 1e-5, 1e-5);
+    }
+    // Negative controls: the other direction of each geometric transform,
+    // and the neighbouring magnitude bin of the others, are far off.
+    for (case, transform, magnitude) in AUTO_AUGMENT_CASES {
+        let other = match transform {
+            transform if transform.is_geometric() => -magnitude,
+            AutoAugmentTransform::Posterize => magnitude - 1.0,
+            AutoAugmentTransform::Solarize => magnitude + 0.111,
+            AutoAugmentTransform::AutoContrast | AutoAugmentTransform::Equalize | AutoAugmentTransform::Invert => {
+                continue
+            }
+            _ => magnitude + 0.1,
+        };
+        let [cpu, _] = auto_augment(&whole, AutoAugmentStep { transform, magnitude: other });
+        assert!(share_differing(&cpu, &f[case]) > 0.05, "{case} at {other} matched the fixture");
+    }
 }
 
 #[test]

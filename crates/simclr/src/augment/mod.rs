@@ -3,7 +3,7 @@
 //! Each training image gives two views, each drawn from a family of random
 //! ops: a sizing op (random resized crop, or the CIFAR crop with padding),
 //! then any list of pixel ops (flip, colour jitter, grayscale, blur,
-//! rotation, cutout, Sobel, Gaussian noise, solarisation), each applied with its own
+//! rotation, cutout, Sobel, Gaussian noise, solarisation, AutoAugment), each applied with its own
 //! probability. The paper's main finding (Figure 5) is that crop plus colour
 //! distortion is what makes the contrastive task hard enough.
 //!
@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 pub use augmentation::Augmentation;
+pub use auto_augment::{
+    AutoAugmentParams, Policy as AutoAugmentPolicy, Step as AutoAugmentStep, Transform as AutoAugmentTransform,
+};
 pub use blur::BlurParams;
 pub use color_jitter::JitterParams;
 pub use crop::{CropBox, CropConfig, Interpolation};
@@ -157,6 +160,7 @@ register! {
     "gaussian-noise" => GaussianNoise(noise::NoiseConfig),
     "solarize" => Solarize(solarize::SolarizeConfig),
     "vertical-flip" => VerticalFlip(vertical_flip::VerticalFlipConfig),
+    "auto-augment" => AutoAugment(auto_augment::AutoAugmentConfig),
 }
 
 /// Where views are made.
@@ -386,10 +390,18 @@ mod tests {
         // crops that enlarge (no antialiasing difference). Measured over
         // these 24 views: mean at most 0.0037; worst 0.0047, except 0.0176
         // in a view with Sobel, whose kernels amplify the resize's rounding.
+        // AutoAugment is left out: its 8-bit transforms (equalize, posterize)
+        // turn a 1/255 rounding into a step of their table; its own test
+        // (auto_augment.rs) renders both paths from one float view.
         let image = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, ((x + y) * 4) as u8]));
         let ops = vec![OpConfig::RandomResizedCrop(CropConfig { min_scale: 0.3, ..Default::default() })]
             .into_iter()
-            .chain(OpConfig::all().into_iter().filter(|op| !op.is_sizing()).map(|op| op.with_probability(0.5)))
+            .chain(
+                OpConfig::all()
+                    .into_iter()
+                    .filter(|op| !op.is_sizing() && !matches!(op, OpConfig::AutoAugment(_)))
+                    .map(|op| op.with_probability(0.5)),
+            )
             .collect();
         let pipeline = Pipeline::new(&AugmentConfig::with_ops(ops), 32);
         let mut rng = view_rng(5, 0, 0, 0);
@@ -406,8 +418,9 @@ mod tests {
     }
 
     /// Mean, standard deviation and mean absolute change (against the
-    /// unaugmented view) of the pixels of many views.
-    fn statistics(views: &[FloatImage], plain: &FloatImage) -> [f64; 3] {
+    /// unaugmented view) of the pixels of many views, and the standard error
+    /// of the mean between views.
+    fn statistics(views: &[FloatImage], plain: &FloatImage) -> ([f64; 3], f64) {
         let values: Vec<f64> = views.iter().flat_map(|v| v.data.iter().map(|x| f64::from(*x))).collect();
         let mean = values.iter().sum::<f64>() / values.len() as f64;
         let std = (values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / values.len() as f64).sqrt();
@@ -416,14 +429,20 @@ mod tests {
             .flat_map(|v| v.data.iter().zip(&plain.data).map(|(a, b)| f64::from((a - b).abs())))
             .sum::<f64>()
             / values.len() as f64;
-        [mean, std, change]
+        let view_means: Vec<f64> =
+            views.iter().map(|v| v.data.iter().map(|x| f64::from(*x)).sum::<f64>() / v.data.len() as f64).collect();
+        let spread = view_means.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (views.len() - 1) as f64;
+        ([mean, std, change], (spread / views.len() as f64).sqrt())
     }
 
     #[test]
     fn both_paths_give_each_op_the_same_output_statistics() {
         // Each op alone (after its sizing), 400 views per path, drawn from
         // disjoint seeds so that the paths share no parameters: the three
-        // statistics agree within 0.01 (their sampling spread is ~0.003).
+        // statistics agree within 0.01 (their sampling spread is ~0.003), or
+        // within 4 standard errors of the difference of the view means where
+        // an op moves whole views further (AutoAugment's invert, equalize
+        // and solarize: about 0.004 each).
         let image =
             RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, (((x * y) % 32) * 8) as u8]));
         let plain = center_view(&image, 32);
@@ -439,9 +458,13 @@ mod tests {
             let rendered = pipeline.render_batch(&batch.repeat([views as i64, 1, 1, 1]), &params);
             let tensor: Vec<FloatImage> =
                 (0..views as i64).map(|i| FloatImage::from_tensor(&rendered.get(i))).collect();
-            let (a, b) = (statistics(&cpu, &plain), statistics(&tensor, &plain));
+            let ((a, error_a), (b, error_b)) = (statistics(&cpu, &plain), statistics(&tensor, &plain));
+            let tolerance = f64::max(0.01, 4.0 * error_a.hypot(error_b));
             for (statistic, (x, y)) in ["mean", "std", "change"].iter().zip(a.iter().zip(&b)) {
-                assert!((x - y).abs() < 0.01, "{name}: {statistic} {x:.4} (cpu) vs {y:.4} (tensor)");
+                assert!(
+                    (x - y).abs() < tolerance,
+                    "{name}: {statistic} {x:.4} (cpu) vs {y:.4} (tensor), tolerance {tolerance:.4}"
+                );
             }
         }
     }
