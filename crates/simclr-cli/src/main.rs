@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use simclr::ablation::{self, HeadChoice, Study};
 use simclr::augment::preview::PreviewOptions;
-use simclr::augment::OpConfig;
+use simclr::augment::{AutoAugmentPolicy, OpConfig};
 use simclr::config::{ConfigLayers, RunLayers, ValidConfig};
 use simclr::data::config::{BadImagePolicy, DataFormat};
 use simclr::data::Dataset;
@@ -484,6 +484,9 @@ struct AblateColorArgs {
     /// Comma-separated colour-distortion strengths s (appendix A); a last column adds Gaussian blur to the last.
     #[arg(long, value_delimiter = ',', default_value = "0.125,0.25,0.5,1")]
     strengths: Vec<f64>,
+    /// Comma-separated AutoAugment policies (imagenet, cifar10, svhn), a last column each with AutoAugment in place of the colour distortion; the flag alone: none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "imagenet")]
+    auto_augment: Vec<AutoAugmentPolicy>,
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -667,7 +670,7 @@ fn ablate(kind: AblateKind) -> Result<()> {
         }
         AblateKind::Color(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::COLOR_VARIED, &mut console)?;
-            ablation::color_grid(&base, &args.strengths, &mut study)?
+            ablation::color_grid(&base, &args.strengths, &args.auto_augment, &mut study)?
         }
         AblateKind::Head(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::HEAD_VARIED, &mut console)?;

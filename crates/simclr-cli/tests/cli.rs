@@ -1081,12 +1081,12 @@ fn the_model_study_trains_each_model_with_and_without_labels() {
 }
 
 #[test]
-fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur() {
+fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur_and_auto_augment() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("colour");
-    let output = simclr(["ablate", "color", "--strengths", "0.25,1"])
+    let output = simclr(["ablate", "color", "--strengths", "0.25,1", "--auto-augment", "cifar10"])
         .args(tiny_flags(&data, &out))
         .args(monitor_flags(&data))
         .run();
@@ -1094,11 +1094,11 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur(
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
     assert_eq!(
-        rows.iter().map(|r| [r[0], r[1]]).collect::<Vec<_>>(),
-        [["0.25", "false"], ["1", "false"], ["1", "true"]]
+        rows.iter().map(|r| [r[0], r[1], r[2]]).collect::<Vec<_>>(),
+        [["0.25", "false", ""], ["1", "false", ""], ["1", "true", ""], ["", "false", "cifar10"]]
     );
     for row in &rows {
-        assert!(row[2..4].iter().all(|s| (0.0..=1.0).contains(&s.parse::<f64>().unwrap())), "{csv}");
+        assert!(row[3..5].iter().all(|s| (0.0..=1.0).contains(&s.parse::<f64>().unwrap())), "{csv}");
     }
     // The base is the imagenet pipeline (no preset given): its jitter at
     // each strength, its blur only in the last column; labels in one row.
@@ -1108,8 +1108,12 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur(
     assert!(config("s1+blur-simclr").contains("gaussian-blur"));
     assert!(config("s1+blur-supervised").contains("supervised = true"));
     assert!(!config("s1-simclr").contains("supervised"));
+    // The AutoAugment column: the policy where the jitter was, no grayscale.
+    let auto = config("autoaugment-cifar10-supervised");
+    assert!(auto.contains("auto-augment") && auto.contains(r#"policy = "cifar10""#), "{auto}");
+    assert!(!auto.contains("color-jitter") && !auto.contains("grayscale") && auto.contains("supervised = true"));
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(table.contains("1 + blur"), "{table}");
+    assert!(table.contains("1 + blur") && table.contains("AA cifar10"), "{table}");
     // A base without colour jitter has nothing to vary, and a strength out
     // of range is named, both before anything trains.
     let bare = dir.path().join("bare");
@@ -1121,9 +1125,14 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur(
             .run(),
         &["no color-jitter op"],
     );
+    // (`--auto-augment` alone asks for no AutoAugment column.)
     assert_fails_with(
-        &simclr(["ablate", "color", "--strengths", "0.5,2"]).args(tiny_flags(&data, &bare)).run(),
+        &simclr(["ablate", "color", "--auto-augment", "--strengths", "0.5,2"]).args(tiny_flags(&data, &bare)).run(),
         &["--strengths: strength = 2", "[0, 1.25]"],
+    );
+    assert_fails_with(
+        &simclr(["ablate", "color", "--auto-augment", "imagenet,cifar100"]).args(tiny_flags(&data, &bare)).run(),
+        &["unknown AutoAugment policy 'cifar100'", "imagenet, cifar10, svhn"],
     );
     assert!(!bare.exists());
 }

@@ -27,8 +27,9 @@
 //! augmentation), both scored on h. Writes `results.csv` and `results.png`.
 //!
 //! `ablate color`, Table 1: each colour-distortion strength, then the
-//! last with Gaussian blur, trained with SimCLR and supervised. Writes
-//! `results.csv` and `results.png`.
+//! last with Gaussian blur, then AutoAugment in place of the colour
+//! distortion, trained with SimCLR and supervised. Writes `results.csv`
+//! and `results.png`.
 //!
 //! `ablate batch`, Figure 9: each batch size trained for each number of
 //! epochs (a schedule of its own per length, as in the paper), the learning
@@ -41,7 +42,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::augment::{AugmentConfig, Augmentation, BlurConfig, ColorJitterConfig, OpConfig};
+use crate::augment::{
+    AugmentConfig, Augmentation, AutoAugmentConfig, AutoAugmentPolicy, BlurConfig, ColorJitterConfig, OpConfig,
+};
 use crate::config::RunConfig;
 use crate::loss::{Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
@@ -674,15 +677,81 @@ fn color_view(ops: &[OpConfig], strength: f64, blur: bool) -> Vec<OpConfig> {
     view
 }
 
+/// The ops of one view of an `ablate color` AutoAugment column: `ops` with
+/// the colour distortion (colour jitter, random grayscale, Gaussian blur)
+/// replaced by AutoAugment's `policy`, where the first colour jitter was.
+fn auto_augment_view(ops: &[OpConfig], policy: AutoAugmentPolicy) -> Vec<OpConfig> {
+    let mut view = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            OpConfig::ColorJitter(_) if !view.iter().any(|op| matches!(op, OpConfig::AutoAugment(_))) => {
+                view.push(OpConfig::AutoAugment(AutoAugmentConfig { policy, ..Default::default() }));
+            }
+            OpConfig::ColorJitter(_) | OpConfig::Grayscale(_) | OpConfig::GaussianBlur(_) => {}
+            other => view.push(other.clone()),
+        }
+    }
+    view
+}
+
+/// A column of `ablate color`: a colour-distortion strength, with or
+/// without blur, or AutoAugment with a policy.
+#[derive(Clone, Copy)]
+enum ColorColumn {
+    Strength { strength: f64, blur: bool },
+    AutoAugment(AutoAugmentPolicy),
+}
+
+impl ColorColumn {
+    fn name(self) -> String {
+        match self {
+            ColorColumn::Strength { strength, blur: false } => strength.to_string(),
+            ColorColumn::Strength { strength, blur: true } => format!("{strength} + blur"),
+            // Short, as the chart's column is narrow.
+            ColorColumn::AutoAugment(policy) => format!("AA {}", policy.name()),
+        }
+    }
+
+    /// The prefix of its cells' folders.
+    fn key(self) -> String {
+        match self {
+            ColorColumn::Strength { strength, blur } => format!("s{strength}{}", if blur { "+blur" } else { "" }),
+            ColorColumn::AutoAugment(policy) => format!("autoaugment-{}", policy.name()),
+        }
+    }
+
+    fn view(self, ops: &[OpConfig]) -> Vec<OpConfig> {
+        match self {
+            ColorColumn::Strength { strength, blur } => color_view(ops, strength, blur),
+            ColorColumn::AutoAugment(policy) => auto_augment_view(ops, policy),
+        }
+    }
+
+    /// Its fields of the CSV: strength, blur, AutoAugment policy.
+    fn csv(self) -> String {
+        match self {
+            ColorColumn::Strength { strength, blur } => format!("{strength},{blur},"),
+            ColorColumn::AutoAugment(policy) => format!(",false,{}", policy.name()),
+        }
+    }
+}
+
 /// `ablate color`, Table 1: a column per colour-distortion strength s (the
 /// base's colour jitter at strength s, its random grayscale and other ops
 /// kept, Gaussian blur taken out), then the last strength with blur (the
-/// paper's "1 (+Blur)", its default policy), each trained with SimCLR and
-/// supervised (`train.supervised`, as `ablate model`), scored by the kNN
-/// monitor on h. The paper finds stronger colour distortion helping
-/// SimCLR and not supervised training: contrastive learning needs
-/// stronger augmentation.
-pub fn color_grid(base: &RunConfig, strengths: &[f64], study: &mut Study) -> Result<Grid> {
+/// paper's "1 (+Blur)", its default policy), then one per AutoAugment
+/// policy in `auto_augment` in place of the colour distortion (the paper's
+/// "AutoAug", ImageNet's policy), each trained with SimCLR and supervised
+/// (`train.supervised`, as `ablate model`), scored by the kNN monitor on h.
+/// The paper finds stronger colour distortion helping SimCLR and not
+/// supervised training, and AutoAugment, learned with labels, the other
+/// way round: contrastive learning needs stronger augmentation.
+pub fn color_grid(
+    base: &RunConfig,
+    strengths: &[f64],
+    auto_augment: &[AutoAugmentPolicy],
+    study: &mut Study,
+) -> Result<Grid> {
     let Some(&last) = strengths.last() else {
         return Err(Error::InvalidArgument("ablate color needs at least one strength".to_owned()));
     };
@@ -703,27 +772,32 @@ pub fn color_grid(base: &RunConfig, strengths: &[f64], study: &mut Study) -> Res
         ));
     }
     study.create_folder()?;
-    let columns: Vec<(f64, bool)> = strengths.iter().map(|&s| (s, false)).chain([(last, true)]).collect();
-    let names: Vec<String> =
-        columns.iter().map(|&(s, blur)| if blur { format!("{s} + blur") } else { s.to_string() }).collect();
+    let columns: Vec<ColorColumn> = strengths
+        .iter()
+        .map(|&strength| ColorColumn::Strength { strength, blur: false })
+        .chain([ColorColumn::Strength { strength: last, blur: true }])
+        .chain(auto_augment.iter().map(|&policy| ColorColumn::AutoAugment(policy)))
+        .collect();
+    let names: Vec<String> = columns.iter().map(|column| column.name()).collect();
     let mut top1 = vec![vec![None; columns.len()]; 2];
     let mut initial_top1 = None;
-    let mut csv = format!("strength,blur,{}\n", study.score_columns(&["knn_top1_simclr", "knn_top1_supervised"]));
+    let mut csv =
+        format!("strength,blur,auto_augment,{}\n", study.score_columns(&["knn_top1_simclr", "knn_top1_supervised"]));
     let (total, mut done) = (2 * columns.len(), 0);
-    for (j, (&(strength, blur), name)) in columns.iter().zip(&names).enumerate() {
+    for (j, &column) in columns.iter().enumerate() {
         let mut config = base.clone();
-        let [first, second] = views.clone().map(|ops| color_view(&ops, strength, blur));
+        let [first, second] = views.clone().map(|ops| column.view(&ops));
         config.augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
-        let column = format!("s{}", name.replace(" + ", "+"));
-        let (scores, initial) = with_and_without_labels(study, config, &column, (&mut done, total))?;
+        let (scores, initial) = with_and_without_labels(study, config, &column.key(), (&mut done, total))?;
         initial_top1 = initial_top1.or(initial);
         (top1[0][j], top1[1][j]) = (scores[0], scores[1]);
-        csv.push_str(&format!("{strength},{blur},{},{}\n", study.csv_score(scores[0]), study.csv_score(scores[1])));
+        let scores = (study.csv_score(scores[0]), study.csv_score(scores[1]));
+        csv.push_str(&format!("{},{},{}\n", column.csv(), scores.0, scores.1));
     }
     let rows = vec!["SimCLR".to_owned(), "supervised".to_owned()];
     let chart = Chart {
-        caption: "kNN top-1 (%) of h by colour-distortion strength, SimCLR against supervised",
-        x_desc: "colour distortion strength",
+        caption: "kNN top-1 (%) of h by colour distortion, SimCLR against supervised",
+        x_desc: "colour distortion strength, or AutoAugment (AA) and its policy",
         y_desc: "training",
     };
     study.write_grid("training \\ strength", (rows, names), top1, initial_top1, &csv, chart)
@@ -772,6 +846,30 @@ mod tests {
         let blurred = color_view(&cifar, 1.0, true);
         assert_eq!(blurred.last(), Some(&OpConfig::GaussianBlur(BlurConfig::default())));
         assert_eq!(blurred.len(), cifar.len() + 1);
+    }
+
+    #[test]
+    fn an_auto_augment_column_replaces_the_colour_distortion_where_it_was() {
+        let names = |ops: &[OpConfig]| ops.iter().map(OpConfig::name).collect::<Vec<_>>();
+        let mut imagenet = AugmentPreset::SimclrImagenet.ops();
+        imagenet.push(OpConfig::Cutout(CutoutConfig::default()));
+        let view = auto_augment_view(&imagenet, AutoAugmentPolicy::Cifar10);
+        assert_eq!(names(&view), ["random-resized-crop", "horizontal-flip", "auto-augment", "cutout"]);
+        let policy = AutoAugmentConfig { policy: AutoAugmentPolicy::Cifar10, ..Default::default() };
+        assert_eq!(view[2], OpConfig::AutoAugment(policy));
+        // Two jitters give one AutoAugment.
+        let twice = [imagenet.clone(), imagenet].concat();
+        let view = auto_augment_view(&twice, AutoAugmentPolicy::Imagenet);
+        assert_eq!(view.iter().filter(|op| matches!(op, OpConfig::AutoAugment(_))).count(), 1);
+        let keys: Vec<String> = [
+            ColorColumn::Strength { strength: 0.5, blur: false },
+            ColorColumn::Strength { strength: 1.0, blur: true },
+            ColorColumn::AutoAugment(AutoAugmentPolicy::Imagenet),
+        ]
+        .iter()
+        .map(|column| column.key())
+        .collect();
+        assert_eq!(keys, ["s0.5", "s1+blur", "autoaugment-imagenet"]);
     }
 
     #[test]
