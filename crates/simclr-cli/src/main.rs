@@ -457,6 +457,9 @@ struct AblateHeadArgs {
     /// Comma-separated projection heads: none, linear, mlp-K (K linear layers, K >= 2).
     #[arg(long, value_delimiter = ',', default_value = "none,linear,mlp-2,mlp-3")]
     heads: Vec<HeadChoice>,
+    /// Comma-separated output dimensions of z (Figure 8: 32 to 2048); with several, a column each, scored on h [default: the base's model.head.projection_dim].
+    #[arg(long, value_delimiter = ',')]
+    dims: Option<Vec<usize>>,
 }
 
 #[derive(Args)]
@@ -673,8 +676,10 @@ fn ablate(kind: AblateKind) -> Result<()> {
             ablation::color_grid(&base, &args.strengths, &args.auto_augment, &mut study)?
         }
         AblateKind::Head(args) => {
-            let (base, mut study) = args.study.study(&args.run, ablation::HEAD_VARIED, &mut console)?;
-            ablation::head_grid(&base, &args.heads, &mut study)?
+            let dims = args.dims.as_ref().map(|_| ablation::HEAD_DIMS_VARIED);
+            let varied: Vec<(&str, &str)> = ablation::HEAD_VARIED.iter().copied().chain(dims).collect();
+            let (base, mut study) = args.study.study(&args.run, &varied, &mut console)?;
+            ablation::head_grid(&base, &args.heads, args.dims.as_deref().unwrap_or_default(), &mut study)?
         }
     };
     print!("{grid}");

@@ -1046,6 +1046,46 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
 }
 
 #[test]
+fn the_head_study_by_dimension_trains_each_head_at_each_output_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("dims");
+    // A base that sets what --dims varies is told so.
+    let output = simclr(["ablate", "head", "--heads", "none,linear", "--dims", "16,32"])
+        .args(tiny_flags(&data, &out))
+        .args(monitor_flags(&data))
+        .args(["--set", "model.head.projection_dim=64"])
+        .run();
+    assert_succeeds(&output);
+    assert!(stderr(&output).contains("is not used: the study sets model.head.projection_dim in each run, from --dims"));
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
+    // No head: one run, z = h.
+    assert_eq!(
+        rows.iter().map(|r| [r[0], r[1]]).collect::<Vec<_>>(),
+        [["none", ""], ["linear", "16"], ["linear", "32"]]
+    );
+    assert_eq!(rows[0][2], rows[0][3], "{csv}");
+    let config = |cell: &str| std::fs::read_to_string(out.join(cell).join("config.toml")).unwrap();
+    assert!(config("head-linear-dim16").contains("projection_dim = 16"));
+    assert!(config("head-linear-dim32").contains("projection_dim = 32"));
+    assert!(config("head-none").contains(r#"kind = "none""#));
+    // The table: a column per dimension, scored on h, no head across its row.
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("z: 16") && table.contains("z: 32") && !table.contains("z = g(h)"), "{table}");
+    let none = table.lines().find(|line| line.trim_start().starts_with("none")).expect("a row without a head");
+    let cells: Vec<&str> = none.split_whitespace().skip(1).collect();
+    assert_eq!(cells.len(), 2);
+    assert_eq!(cells[0], cells[1], "{table}");
+    assert_fails_with(
+        &simclr(["ablate", "head", "--dims", "8,0"]).args(tiny_flags(&data, &dir.path().join("zero"))).run(),
+        &["--dims: 0", "at least 1"],
+    );
+    assert!(!dir.path().join("zero").exists());
+}
+
+#[test]
 fn the_model_study_trains_each_model_with_and_without_labels() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -19,8 +19,8 @@
 //! similarity). Writes `results.csv` and the heatmap `results.png`.
 //!
 //! `ablate head`, Figure 8 and section 4.2: one run per projection head
-//! (none, linear, MLPs of 2 or more layers), each scored on h and on
-//! z = g(h). Writes `results.csv` and `results.png`.
+//! (none, linear, MLPs of 2 or more layers) and output dimension of z, each
+//! scored on h and on z = g(h). Writes `results.csv` and `results.png`.
 //!
 //! `ablate model`, Figure 7: for each architecture and width, a SimCLR run
 //! and a supervised one (labels, cross-entropy, the same encoder and
@@ -573,40 +573,77 @@ impl std::str::FromStr for HeadChoice {
 /// gives its values.
 pub const HEAD_VARIED: &[(&str, &str)] = &[("model.head.kind", "--heads"), ("model.head.layers", "--heads")];
 
+/// What `ablate head` also sets when given `--dims`.
+pub const HEAD_DIMS_VARIED: (&str, &str) = ("model.head.projection_dim", "--dims");
+
 /// `ablate head`, Figure 8 and section 4.2: one run per projection head
 /// (rows), each scored by the kNN monitor on h, the encoder's output, and
-/// on z = g(h), the head's (columns; z = h without a head). The paper finds
-/// a non-linear head best and h better than z by more than 10%.
-pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], study: &mut Study) -> Result<Grid> {
+/// on z = g(h), the head's (z = h without a head). With at most one output
+/// dimension in `dims` (none: the base's), the columns are h and z; with
+/// several, Figure 8's grid: a column per dimension of z, scored on h (z in
+/// the CSV), the run without a head (which has no z of its own) across its
+/// row. The paper finds a non-linear head best at every dimension, the
+/// dimension mattering little, and h better than z by more than 10%.
+pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: &mut Study) -> Result<Grid> {
     if heads.is_empty() {
         return Err(Error::InvalidArgument("ablate head needs at least one head".to_owned()));
     }
+    if let Some(zero) = dims.iter().find(|&&dim| dim == 0) {
+        return Err(Error::InvalidArgument(format!("--dims: {zero}: a projection dimension must be at least 1")));
+    }
+    let by_dimension = dims.len() > 1;
+    let dims = if dims.is_empty() { vec![base.model.head.projection_dim] } else { dims.to_vec() };
     study.create_folder()?;
     let (mut top1, mut initial_top1) = (Vec::new(), None);
     let mut csv = format!("head,projection_dim,{}\n", study.score_columns(&["knn_top1_h", "knn_top1_z"]));
-    for (i, head) in heads.iter().enumerate() {
-        let mut config = base.clone();
-        config.model.head.kind = head.kind;
-        if head.kind == HeadKind::Mlp {
-            config.model.head.layers = head.layers;
+    let runs: usize = heads.iter().map(|head| if head.kind == HeadKind::None { 1 } else { dims.len() }).sum();
+    let mut done = 0;
+    for head in heads {
+        let mut row = Vec::new();
+        // Without a head the output dimension is h's: one run.
+        let head_dims = if head.kind == HeadKind::None { &dims[..1] } else { &dims[..] };
+        for &dim in head_dims {
+            let mut config = base.clone();
+            config.model.head.kind = head.kind;
+            config.model.head.projection_dim = dim;
+            if head.kind == HeadKind::Mlp {
+                config.model.head.layers = head.layers;
+            }
+            let key = match by_dimension && head.kind != HeadKind::None {
+                true => format!("head-{head}-dim{dim}"),
+                false => format!("head-{head}"),
+            };
+            done += 1;
+            let cell = study.cell(config, &key, &format!("{key} ({done} of {runs})"))?;
+            initial_top1 = initial_top1.or(cell.initial_top1());
+            let (h, z) = (cell.score(), cell.score_with(|run| knn_top1_at(&run.dir, Layer::Z))?);
+            let width = if head.kind == HeadKind::None { String::new() } else { dim.to_string() };
+            csv.push_str(&format!("{head},{width},{},{}\n", study.csv_score(h), study.csv_score(z)));
+            row.extend(if by_dimension { vec![h] } else { vec![h, z] });
         }
-        let key = format!("head-{head}");
-        let cell = study.cell(config.clone(), &key, &format!("{key} ({} of {})", i + 1, heads.len()))?;
-        initial_top1 = initial_top1.or(cell.initial_top1());
-        let (h, z) = (cell.score(), cell.score_with(|run| knn_top1_at(&run.dir, Layer::Z))?);
-        let width =
-            if head.kind == HeadKind::None { String::new() } else { config.model.head.projection_dim.to_string() };
-        csv.push_str(&format!("{head},{width},{},{}\n", study.csv_score(h), study.csv_score(z)));
-        top1.push(vec![h, z]);
+        if by_dimension {
+            row.resize(dims.len(), row[0]);
+        }
+        top1.push(row);
     }
     let rows = heads.iter().map(HeadChoice::to_string).collect();
-    let columns = vec!["h".to_owned(), "z = g(h)".to_owned()];
-    let chart = Chart {
-        caption: "kNN top-1 (%) of h and of z = g(h) by projection head",
-        x_desc: "representation evaluated",
-        y_desc: "projection head g",
+    let (columns, chart) = if by_dimension {
+        let chart = Chart {
+            caption: "kNN top-1 (%) of h by projection head and output dimension of z",
+            x_desc: "output dimension of z = g(h) (no head: one run, across its row)",
+            y_desc: "projection head g",
+        };
+        (dims.iter().map(|dim| format!("z: {dim}")).collect(), chart)
+    } else {
+        let chart = Chart {
+            caption: "kNN top-1 (%) of h and of z = g(h) by projection head",
+            x_desc: "representation evaluated",
+            y_desc: "projection head g",
+        };
+        (vec!["h".to_owned(), "z = g(h)".to_owned()], chart)
     };
-    study.write_grid("head \\ layer", (rows, columns), top1, initial_top1, &csv, chart)
+    let corner = if by_dimension { "head \\ dimension" } else { "head \\ layer" };
+    study.write_grid(corner, (rows, columns), top1, initial_top1, &csv, chart)
 }
 
 /// The fields `ablate model` sets in each of its runs, each with the flag that
