@@ -35,7 +35,8 @@
 #   tools/device/device-bench.sh pytorch   BUDGET s of PyTorch training + kNN (tools/reference/train_pytorch.py), the
 #                                   preset's recipe (acceptance 2)
 #   tools/device/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
-#                                   (device augmentation, bf16), resume, kNN, linear, fine-tune, embed
+#                                   (device augmentation, bf16), resume, every pixel op on the device,
+#                                   kNN, linear, fine-tune, embed
 #   tools/device/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
 #                                   reference's bf16 kernel profile
 #   tools/device/device-bench.sh table     the table from the stages' JSON in $OUT (runs
@@ -183,13 +184,17 @@ smoke)
     data
     BIN=$(binary)
     run=/tmp/simclr-smoke
-    rm -rf "$run"
+    rm -rf "$run" "$run-ops"
     loud() { echo "+ $*" >&2; "$@"; }
     loud "$BIN" train --preset cifar10 --data "$DATA/train" --output "$run" --device "$DEVICE" --epochs 1 --batch-size 256 \
         --set 'model.arch="resnet18"' --set data.limit=2048 --set data.knn_limit=2048 --set 'augment.backend="auto"' \
         --set train.knn_every=1 \
         --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" >&2
     loud "$BIN" train --resume --output "$run" --epochs 2 >&2
+    # Every pixel op of the device path on the GPU, AutoAugment's included.
+    loud "$BIN" train --preset cifar10 --data "$DATA/train" --output "$run-ops" --device "$DEVICE" --epochs 1 --batch-size 256 \
+        --set 'model.arch="resnet18"' --set data.limit=1024 --set 'augment.backend="device"' \
+        --set 'augment.ops=[{op="random-resized-crop"},{op="horizontal-flip"},{op="color-jitter"},{op="grayscale"},{op="gaussian-blur"},{op="rotation"},{op="cutout"},{op="sobel"},{op="gaussian-noise"},{op="solarize"},{op="vertical-flip"},{op="auto-augment"}]' >&2
     labelled=(--checkpoint "$run/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" --limit 2048 --device "$DEVICE")
     loud "$BIN" eval knn "${labelled[@]}"
     loud "$BIN" eval linear "${labelled[@]}" --epochs 2
