@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::color_jitter::{self, ColorJitterConfig, JitterParams};
+use super::solarize::{SolarizeConfig, SolarizeParams};
 use super::{Augmentation, FloatImage};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,8 +311,8 @@ impl Transform {
                 (&images * &levels).floor().minimum(&(&levels - 1.0)).clamp_min(0.0) / levels
             }
             Solarize => {
-                let inverted: Tensor = 1.0 - &images;
-                inverted.where_self(&images.ge_tensor(&column(magnitudes.to_vec())), &images)
+                let params: Vec<SolarizeParams> = magnitudes.iter().map(|&threshold| SolarizeParams { threshold }).collect();
+                SolarizeConfig::apply_batch(images, &params)
             }
             AutoContrast => autocontrast_batch(&images),
             Equalize => equalize_batch(&images),
@@ -349,10 +350,7 @@ impl Step {
                 let step = 1.0 / levels;
                 image.data.iter_mut().for_each(|v| *v = (*v * levels).floor().clamp(0.0, levels - 1.0) * step);
             }
-            Solarize => {
-                let threshold = self.magnitude;
-                image.data.iter_mut().filter(|v| **v >= threshold).for_each(|v| *v = 1.0 - *v);
-            }
+            Solarize => SolarizeConfig::apply(image, &SolarizeParams { threshold: self.magnitude }),
             AutoContrast => autocontrast(image),
             Equalize => equalize(image),
             Invert => image.data.iter_mut().for_each(|v| *v = 1.0 - *v),

@@ -47,11 +47,12 @@ impl Augmentation for SolarizeConfig {
         image.data.iter_mut().filter(|v| **v >= threshold).for_each(|v| *v = 1.0 - *v);
     }
 
-    /// Every image of a batch runs one config, so the first threshold is all of them.
+    /// Each image at its own threshold (AutoAugment's sub-policies differ).
     fn apply_batch(images: Tensor, params: &[SolarizeParams]) -> Tensor {
-        let threshold = f64::from(params[0].threshold);
+        let thresholds: Vec<f32> = params.iter().map(|p| p.threshold).collect();
+        let thresholds = super::per_image(&thresholds, &images).to_kind(images.kind());
         let inverted: Tensor = 1.0 - &images;
-        inverted.where_self(&images.ge(threshold), &images)
+        inverted.where_self(&images.ge_tensor(&thresholds), &images)
     }
 }
 
