@@ -19,7 +19,7 @@ use simclr::device::{DeviceChoice, PrecisionChoice};
 use simclr::dist::launch::{self, Outcome, World};
 use simclr::dist::Backend;
 use simclr::embed::EncoderSource;
-use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol};
+use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol, Transformation};
 use simclr::loss::{Objective, Similarity};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::{checkpoint, Observer};
@@ -81,6 +81,8 @@ enum AblateKind {
     /// The paper's Table 1: train each colour-distortion strength (then the last with blur) with SimCLR and
     /// supervised, score h by kNN.
     Color(AblateColorArgs),
+    /// The paper's Table 3: train with each transformation added, then an MLP on h and one on z = g(h) to predict it.
+    Transform(AblateTransformArgs),
 }
 
 #[derive(Args)]
@@ -492,6 +494,18 @@ struct AblateColorArgs {
     auto_augment: Vec<AutoAugmentPolicy>,
 }
 
+#[derive(Args)]
+struct AblateTransformArgs {
+    /// The base run (its --output is the folder of the whole study); each row adds its transformation's op.
+    #[command(flatten)]
+    run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
+    /// Comma-separated transformations to predict: grayscale, rotation, noise, sobel.
+    #[arg(long, value_delimiter = ',', default_value = "grayscale,rotation,noise,sobel")]
+    transformations: Vec<Transformation>,
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     let base = match (&args.run.output, args.resume) {
         (Some(run), true) => checkpoint::saved_config(run)?,
@@ -674,6 +688,10 @@ fn ablate(kind: AblateKind) -> Result<()> {
         AblateKind::Color(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::COLOR_VARIED, &mut console)?;
             ablation::color_grid(&base, &args.strengths, &args.auto_augment, &mut study)?
+        }
+        AblateKind::Transform(args) => {
+            let (base, mut study) = args.study.study(&args.run, ablation::TRANSFORM_VARIED, &mut console)?;
+            ablation::transform_grid(&base, &args.transformations, &mut study)?
         }
         AblateKind::Head(args) => {
             let dims = args.dims.as_ref().map(|_| ablation::HEAD_DIMS_VARIED);

@@ -1086,6 +1086,58 @@ fn the_head_study_by_dimension_trains_each_head_at_each_output_dimension() {
 }
 
 #[test]
+fn the_transform_study_adds_each_transformation_and_probes_h_and_z_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("transforms");
+    let study = || {
+        simclr(["ablate", "transform", "--transformations", "grayscale,rotation"])
+            .args(tiny_flags(&data, &out))
+            .args(monitor_flags(&data))
+            .env("RUST_LOG", "info")
+            .run()
+    };
+    let output = study();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("colour vs grayscale") && table.contains("random guess"), "{table}");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("transformation,classes,random_guess,probe_h,probe_z,knn_top1_h"));
+    let rows: Vec<Vec<&str>> = lines.map(|row| row.split(',').collect()).collect();
+    assert_eq!(
+        rows.iter().map(|r| [r[0], r[1], r[2]]).collect::<Vec<_>>(),
+        [["grayscale", "2", "0.8000"], ["rotation", "4", "0.2500"]]
+    );
+    for row in &rows {
+        for score in &row[3..] {
+            assert!((0.0..=1.0).contains(&score.parse::<f64>().unwrap()), "{csv}");
+        }
+    }
+    // The grayscale row is the base (its preset has grayscale); the
+    // rotation row adds the op.
+    let config = |cell: &str| std::fs::read_to_string(out.join(cell).join("config.toml")).unwrap();
+    assert!(config("transform-grayscale").contains(r#"op = "grayscale""#));
+    assert!(!config("transform-grayscale").contains(r#"op = "rotation""#));
+    assert!(config("transform-rotation").contains(r#"op = "rotation""#));
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    // Run again: the runs are read back and the probes, drawn from the
+    // runs' seeds, score the same.
+    let again = study();
+    assert_succeeds(&again);
+    assert_eq!(stderr(&again).matches("is done, its score read from").count(), 2, "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+    assert_fails_with(
+        &simclr(["ablate", "transform", "--transformations", "rotation,blur"])
+            .args(tiny_flags(&data, &dir.path().join("unknown")))
+            .run(),
+        &["unknown transformation 'blur'", "grayscale, rotation, noise, sobel"],
+    );
+    assert!(!dir.path().join("unknown").exists());
+}
+
+#[test]
 fn the_model_study_trains_each_model_with_and_without_labels() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -31,6 +31,11 @@
 //! distortion, trained with SimCLR and supervised. Writes `results.csv`
 //! and `results.png`.
 //!
+//! `ablate transform`, section 4.2 and Table 3: for each transformation
+//! (grayscale, rotation, noise, Sobel) a run with it in the augmentation,
+//! then an MLP on h and one on z = g(h) trained to predict it. Writes
+//! `results.csv` and `results.png`.
+//!
 //! `ablate batch`, Figure 9: each batch size trained for each number of
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
@@ -46,12 +51,13 @@ use crate::augment::{
     AugmentConfig, Augmentation, AutoAugmentConfig, AutoAugmentPolicy, BlurConfig, ColorJitterConfig, OpConfig,
 };
 use crate::config::RunConfig;
+use crate::eval::Transformation;
 use crate::loss::{Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
-use crate::train::knn_top1_at;
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
+use crate::train::{knn_top1_at, transform_accuracy_at};
 use crate::{Error, Result};
 
 /// The ops of view 2 for the pair (first, second): each applied always,
@@ -840,6 +846,73 @@ pub fn color_grid(
     study.write_grid("training \\ strength", (rows, names), top1, initial_top1, &csv, chart)
 }
 
+/// The fields `ablate transform` sets in each of its runs: none (it adds
+/// an op to the base's own).
+pub const TRANSFORM_VARIED: &[(&str, &str)] = &[];
+
+/// The ops of one view of an `ablate transform` row: `ops`, with
+/// `transformation`'s op (its defaults) last unless `ops` have one.
+fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpConfig> {
+    let op = transformation.op();
+    let mut view = ops.to_vec();
+    if !ops.iter().any(|existing| existing.name() == op.name()) {
+        view.push(op);
+    }
+    view
+}
+
+/// `ablate transform`, section 4.2 and Table 3: for each transformation a
+/// run with the base's augmentation and, "additionally and independently",
+/// the transformation's op where the base lacks it (grayscale is in the
+/// paper's colour distortion), then an MLP trained on h and one on z = g(h)
+/// to predict whether (or, for rotation, how) an image was transformed
+/// ([`crate::eval::transform`]). Rows: the transformations; columns: a
+/// random guess, h, z (the run's kNN top-1 on h in the CSV too). The paper
+/// finds h keeping what the augmentations change and z losing much of it,
+/// its explanation of why h is the better representation.
+pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], study: &mut Study) -> Result<Grid> {
+    if transformations.is_empty() {
+        return Err(Error::InvalidArgument("ablate transform needs at least one transformation".to_owned()));
+    }
+    study.create_folder()?;
+    let views = base.augment.view_ops();
+    let scores = ["probe_h", "probe_z", "knn_top1_h"];
+    let mut csv = format!(
+        "transformation,classes,random_guess,{}
+",
+        study.score_columns(&scores)
+    );
+    let mut top1 = Vec::new();
+    for (done, &transformation) in transformations.iter().enumerate() {
+        let mut config = base.clone();
+        let [first, second] = views.clone().map(|ops| transform_view(&ops, transformation));
+        config.augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
+        let key = format!("transform-{}", transformation.name());
+        let cell = study.cell(config, &key, &format!("{key} ({} of {})", done + 1, transformations.len()))?;
+        let probe = |layer| cell.score_with(|run| transform_accuracy_at(&run.dir, layer, transformation));
+        let (h, z) = (probe(Layer::H)?, probe(Layer::Z)?);
+        let guess = Some(Score { mean: transformation.guess(), deviation: None });
+        csv.push_str(&format!(
+            "{},{},{:.4},{},{},{}\n",
+            transformation.name(),
+            transformation.classes(),
+            transformation.guess(),
+            study.csv_score(h),
+            study.csv_score(z),
+            study.csv_score(cell.score()),
+        ));
+        top1.push(vec![guess, h, z]);
+    }
+    let rows = transformations.iter().map(|transformation| transformation.task().to_owned()).collect();
+    let columns = vec!["random guess".to_owned(), "h".to_owned(), "z = g(h)".to_owned()];
+    let chart = Chart {
+        caption: "accuracy (%) of an MLP predicting the transformation from h and from z = g(h)",
+        x_desc: "representation the MLP is trained on",
+        y_desc: "what it predicts",
+    };
+    study.write_grid("prediction \\ layer", (rows, columns), top1, None, &csv, chart)
+}
+
 /// The cells `{prefix}-simclr` and `{prefix}-supervised`: `config` trained
 /// with SimCLR and as the supervised baseline (`train.supervised`: the same
 /// encoder, augmentation and schedule, cross-entropy on the labels). Their
@@ -907,6 +980,24 @@ mod tests {
         .map(|column| column.key())
         .collect();
         assert_eq!(keys, ["s0.5", "s1+blur", "autoaugment-imagenet"]);
+    }
+
+    #[test]
+    fn a_transform_row_adds_its_op_last_unless_the_view_has_one() {
+        let names = |ops: &[OpConfig]| ops.iter().map(OpConfig::name).collect::<Vec<_>>();
+        let cifar = AugmentPreset::SimclrCifar.ops();
+        // The colour distortion's grayscale is the paper's own.
+        assert_eq!(transform_view(&cifar, Transformation::Grayscale), cifar);
+        let rotated = transform_view(&cifar, Transformation::Rotation);
+        assert_eq!(
+            names(&rotated),
+            ["random-resized-crop", "horizontal-flip", "color-jitter", "grayscale", "rotation"]
+        );
+        assert_eq!(rotated.last(), Some(&Transformation::Rotation.op()));
+        let noisy = transform_view(&rotated, Transformation::Noise);
+        assert_eq!(noisy.len(), rotated.len() + 1);
+        assert_eq!(transform_view(&noisy, Transformation::Rotation), noisy);
+        assert_eq!(names(&transform_view(&[], Transformation::Sobel)), ["sobel"]);
     }
 
     #[test]

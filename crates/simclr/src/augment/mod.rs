@@ -111,7 +111,7 @@ macro_rules! register {
             }
 
             /// A pixel op's parameters for a `side` x `side` view.
-            fn sample_pixel<R: Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<OpParams> {
+            pub(crate) fn sample_pixel<R: Rng + ?Sized>(&self, side: usize, rng: &mut R) -> Option<OpParams> {
                 match self {
                     OpConfig::RandomResizedCrop(_) | OpConfig::RandomCrop(_) => {
                         unreachable!("validation keeps sizing ops first")
@@ -123,7 +123,7 @@ macro_rules! register {
 
         impl OpParams {
             /// The CPU path of this op.
-            fn apply(&self, image: &mut FloatImage) {
+            pub(crate) fn apply(&self, image: &mut FloatImage) {
                 match self {
                     $(OpParams::$variant(params) => $config::apply(image, params),)*
                 }

@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 
 use super::stream::{ShardList, Streamed, Streaming};
 use super::{decode, Dataset, Sample, TrainingImage};
-use crate::augment::{center_view, view_rng, Pipeline, ViewParams};
+use crate::augment::{view_rng, Pipeline, ViewParams};
 use crate::device::{Pinned, Staged};
 use crate::model::EncoderSpec;
 use crate::{Error, Result};
@@ -870,20 +870,10 @@ pub fn map_readable(
     Ok(ReadableBatch { images, read, unreadable })
 }
 
-/// Centre views (see [`center_view`]) of the readable images of `samples`.
-pub fn center_batch(
-    samples: &[Sample],
-    format: ViewFormat,
-    pool: &rayon::ThreadPool,
-    device: tch::Device,
-) -> Result<ReadableBatch> {
-    map_readable(samples, format, pool, device, |image, _| center_view(image, format.size))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augment::AugmentConfig;
+    use crate::augment::{center_view, AugmentConfig};
 
     fn format() -> ViewFormat {
         ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] }
@@ -1161,13 +1151,16 @@ mod tests {
         std::fs::write(&broken, b"not a jpeg").unwrap();
         let samples = super::super::synthetic::generate(5, 3, 16, 0).samples;
         let pool = worker_pool(2).unwrap();
-        let all = center_batch(&samples, format(), &pool, tch::Device::Cpu).unwrap();
+        let center_batch = |samples: &[Sample]| {
+            map_readable(samples, format(), &pool, tch::Device::Cpu, |image, _| center_view(image, 16)).unwrap()
+        };
+        let all = center_batch(&samples);
         assert_eq!((all.read.clone(), all.unreadable.len()), (vec![0, 1, 2, 3, 4], 0));
         let all = all.images.upload();
         let mut mixed = samples.clone();
         mixed[1].source = super::super::ImageSource::File(broken.clone());
         mixed[3].source = super::super::ImageSource::File(broken);
-        let some = center_batch(&mixed, format(), &pool, tch::Device::Cpu).unwrap();
+        let some = center_batch(&mixed);
         assert_eq!(some.read, vec![0, 2, 4]);
         assert!(some.unreadable.iter().all(|error| error.to_string().contains("broken.jpg")));
         let some = some.images.upload();

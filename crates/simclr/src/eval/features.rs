@@ -3,8 +3,9 @@
 //! statistics, folded into the convolutions), no gradients, in batches.
 use tch::{Device, Kind, Tensor};
 
+use crate::augment::{center_view, FloatImage};
 use crate::data::config::BadImagePolicy;
-use crate::data::loader::{center_batch, pipelined, ReadableBatch, ViewFormat};
+use crate::data::loader::{map_readable, pipelined, ReadableBatch, ViewFormat};
 use crate::data::Sample;
 use crate::device::{Pinned, Precision};
 use crate::dist::{part, ProcessGroup};
@@ -96,7 +97,24 @@ impl Batches {
         pool: &rayon::ThreadPool,
         sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
     ) -> Result<Vec<String>> {
-        self.each_in(net.into(), samples, pool, self.device.is_cuda(), sink)
+        let size = self.format.size;
+        self.each_view(net.into(), samples, pool, &|image, _| center_view(image, size), sink)
+    }
+
+    /// [`Batches::each`] with the images seen through `view` instead of
+    /// centre views: `view(image, position)` makes the float view (pixels in
+    /// [0, 1], `format.size` square, normalised after it) of the image at
+    /// `position` in `samples`, such as a centre view with a known
+    /// transformation applied ([`super::transform`]).
+    pub fn each_view(
+        &self,
+        net: FeatureNet,
+        samples: &[Sample],
+        pool: &rayon::ThreadPool,
+        view: &(dyn Fn(&image::RgbImage, usize) -> FloatImage + Sync),
+        sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        self.each_in(net, samples, pool, self.device.is_cuda(), view, sink)
     }
 
     /// Features of `samples` with the labels of their rows (on the device),
@@ -165,6 +183,7 @@ impl Batches {
         samples: &[Sample],
         pool: &rayon::ThreadPool,
         prefetch: bool,
+        view: &(dyn Fn(&image::RgbImage, usize) -> FloatImage + Sync),
         sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
     ) -> Result<Vec<String>> {
         let Self { format, device, policy, precision, .. } = *self;
@@ -186,11 +205,13 @@ impl Batches {
         // A batch's views, the positions in `samples` of its rows, and its
         // unreadable images.
         let ready = |(number, batch): (usize, &[Sample])| -> Result<(Pinned, Vec<usize>, Vec<Error>)> {
-            let ReadableBatch { images, read, mut unreadable } = center_batch(batch, format, pool, device)?;
+            let first = number * batch_size;
+            let ReadableBatch { images, read, mut unreadable } =
+                map_readable(batch, format, pool, device, |image, position| view(image, first + position))?;
             if policy == BadImagePolicy::Stop && !unreadable.is_empty() {
                 return Err(unreadable.remove(0));
             }
-            let rows = read.into_iter().map(|position| number * batch_size + position).collect();
+            let rows = read.into_iter().map(|position| first + position).collect();
             Ok((images, rows, unreadable))
         };
         let mut skipped = Vec::new();
@@ -286,11 +307,13 @@ mod tests {
         let run = |samples: &[Sample], prefetch, policy| {
             let batches = Batches { format, batch_size: 3, device: Device::Cpu, policy, precision: Precision::Fp32 };
             let (mut chunks, mut rows) = (Vec::new(), Vec::new());
-            let skipped = batches.each_in((&encoder).into(), samples, &pool, prefetch, &mut |features, read| {
-                chunks.push(features);
-                rows.extend(read);
-                Ok(())
-            })?;
+            let center = |image: &image::RgbImage, _| center_view(image, format.size);
+            let skipped =
+                batches.each_in((&encoder).into(), samples, &pool, prefetch, &center, &mut |features, read| {
+                    chunks.push(features);
+                    rows.extend(read);
+                    Ok(())
+                })?;
             Ok::<_, Error>((Tensor::cat(&chunks, 0), rows, skipped))
         };
         let (serial, rows, skipped) = run(&samples, false, BadImagePolicy::Stop).unwrap();

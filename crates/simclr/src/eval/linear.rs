@@ -134,6 +134,44 @@ pub fn fit_linear_across(
     config: &LinearConfig,
     group: Option<&ProcessGroup>,
 ) -> Result<LinearClassifier> {
+    let build = |path: nn::Path, features| super::seeded_linear(path / "fc", features, classes, config.seed);
+    let Standardised { net: classifier, mean, deviation } =
+        fit_standardised(train, train_labels, config, group, build)?;
+    // ((h - μ) / σ) Wᵀ + b = h (W / σ)ᵀ + (b - (W / σ) μ)
+    let weight = tch::no_grad(|| &classifier.ws / &deviation);
+    let bias =
+        tch::no_grad(|| classifier.bs.as_ref().expect("nn::linear has a bias") - weight.matmul(&mean.squeeze_dim(0)));
+    Ok(LinearClassifier { weight, bias })
+}
+
+/// A network trained on standardised features, with the standardisation:
+/// `[1, features]` fp32 `mean` and `deviation` of the training rows.
+pub(crate) struct Standardised<M> {
+    pub net: M,
+    pub mean: Tensor,
+    pub deviation: Tensor,
+}
+
+impl<M: nn::Module> Standardised<M> {
+    /// The logits of raw features.
+    pub fn logits(&self, features: &Tensor) -> Tensor {
+        tch::no_grad(|| ((features.to_kind(Kind::Float) - &self.mean) / &self.deviation).apply(&self.net))
+    }
+}
+
+/// Fits the network `build` makes (from a path on its store and the
+/// number of features) to the labels on standardised features, by SGD
+/// (Nesterov, cosine schedule), with the training rows shared among
+/// `group`'s ranks as [`fit_linear_across`] describes: the linear
+/// classifier, and the MLP that predicts a transformation
+/// ([`super::transform`]).
+pub(crate) fn fit_standardised<M: nn::Module>(
+    train: &Tensor,
+    train_labels: &Tensor,
+    config: &LinearConfig,
+    group: Option<&ProcessGroup>,
+    build: impl FnOnce(nn::Path, i64) -> M,
+) -> Result<Standardised<M>> {
     let mut problems = Vec::new();
     config.check(&mut problems);
     super::refuse(problems)?;
@@ -149,14 +187,13 @@ pub fn fit_linear_across(
         }
     };
     if rows == 0 {
-        return Err(Error::InvalidArgument("a linear classifier needs training features, got 0 rows".to_owned()));
+        return Err(Error::InvalidArgument("a classifier on features needs training features, got 0 rows".to_owned()));
     }
     let (mean, deviation) = standardisation(&train, rows, group)?;
     let train = (&train - &mean) / &deviation;
 
     let store = nn::VarStore::new(device);
-    let features = train.size()[1];
-    let classifier = super::seeded_linear(store.root() / "fc", features, classes, config.seed);
+    let net = build(store.root(), train.size()[1]);
     let mut optimizer = nn::Sgd { momentum: config.momentum, nesterov: true, wd: config.weight_decay, dampening: 0.0 }
         .build(&store, 0.0)?;
     let trainable = store.trainable_variables();
@@ -177,7 +214,7 @@ pub fn fit_linear_across(
             let loss = match &permutation {
                 Some(permutation) => {
                     let index = permutation.narrow(0, start, size);
-                    let logits = train.index_select(0, &index).apply(&classifier);
+                    let logits = train.index_select(0, &index).apply(&net);
                     logits.cross_entropy_for_logits(&train_labels.index_select(0, &index))
                 }
                 None => {
@@ -189,7 +226,7 @@ pub fn fit_linear_across(
                         .map(|row| row - first)
                         .collect();
                     let index = crate::device::upload_slice(&mine, device);
-                    let logits = train.index_select(0, &index).apply(&classifier);
+                    let logits = train.index_select(0, &index).apply(&net);
                     let labels = train_labels.index_select(0, &index);
                     logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0) / size as f64
                 }
@@ -198,11 +235,7 @@ pub fn fit_linear_across(
             step += 1;
         }
     }
-    // ((h - μ) / σ) Wᵀ + b = h (W / σ)ᵀ + (b - (W / σ) μ)
-    let weight = tch::no_grad(|| &classifier.ws / &deviation);
-    let bias =
-        tch::no_grad(|| classifier.bs.as_ref().expect("nn::linear has a bias") - weight.matmul(&mean.squeeze_dim(0)));
-    Ok(LinearClassifier { weight, bias })
+    Ok(Standardised { net, mean, deviation })
 }
 
 /// The per-feature mean and deviation (`[1, features]`, fp32) of all `rows`

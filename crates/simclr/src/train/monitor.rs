@@ -8,6 +8,8 @@
 //! gathered to vote ([`crate::eval::knn_votes_across`]), so that no rank
 //! holds the whole bank. The score is the one-process score up to the
 //! rounding of features computed in other batches (and ties).
+use std::path::Path;
+
 use rayon::ThreadPool;
 use tch::Device;
 
@@ -20,8 +22,8 @@ use crate::device::Precision;
 use crate::dist::ProcessGroup;
 use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
 use crate::eval::knn::{knn_votes_across, KnnConfig};
-use crate::eval::Hits;
-use crate::model::Layer;
+use crate::eval::{Hits, Probe, Transformation};
+use crate::model::{Layer, SimClr};
 use crate::{Error, Result};
 
 /// A labelled bank and labelled queries, and how to score them.
@@ -106,15 +108,47 @@ impl Monitor {
 /// The kNN monitor's score of the network in the run folder `run_dir`
 /// (its latest checkpoint), read at `layer`: how a study scores z = g(h)
 /// beside the h the monitor scored during training.
-pub fn knn_top1_at(run_dir: &std::path::Path, layer: Layer) -> Result<f64> {
-    let saved = Checkpoint::read_latest(&run_dir.join(checkpoint::FILE_NAME))?;
-    let config = saved.config.clone().validate()?;
-    let device = crate::device::select(config.train.device)?;
-    let (_store, model, _) = saved.into_model(device)?;
-    let pool = worker_pool(config.data.workers)?;
-    let knn = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
-        Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
-    })?;
-    let format = config.image_format();
-    Monitor::of_run(&config, knn, &pool, None)?.top1(FeatureNet::at(&model, layer)?, format, device, &pool, None)
+pub fn knn_top1_at(run_dir: &Path, layer: Layer) -> Result<f64> {
+    let run = FinishedRun::open(run_dir)?;
+    let format = run.config.image_format();
+    let net = FeatureNet::at(&run.model, layer)?;
+    Monitor::of_run(&run.config, run.splits, &run.pool, None)?.top1(net, format, run.device, &run.pool, None)
+}
+
+/// How well an MLP on the features at `layer` of the network in the run
+/// folder `run_dir` (its latest checkpoint) predicts `transformation`,
+/// trained on the kNN monitor's bank and scored on its queries, each image
+/// transformed as drawn from the run's seed ([`Probe`]): how `ablate
+/// transform` asks what h and z keep of the augmentations.
+pub fn transform_accuracy_at(run_dir: &Path, layer: Layer, transformation: Transformation) -> Result<f64> {
+    let run = FinishedRun::open(run_dir)?;
+    let probe = Probe::new(transformation, run.config.image_format(), run.device, run.config.train.seed);
+    let (bank, queries) = &run.splits;
+    probe.accuracy(FeatureNet::at(&run.model, layer)?, &bank.samples, &queries.samples, &run.pool)
+}
+
+/// A run's network as its latest checkpoint holds it, on the run's device,
+/// with the kNN monitor's splits, to score it after training.
+struct FinishedRun {
+    config: ValidConfig,
+    /// Owns the variables `model` computes with.
+    _store: tch::nn::VarStore,
+    model: SimClr,
+    device: Device,
+    pool: std::sync::Arc<ThreadPool>,
+    splits: (Dataset, Dataset),
+}
+
+impl FinishedRun {
+    fn open(run_dir: &Path) -> Result<Self> {
+        let saved = Checkpoint::read_latest(&run_dir.join(checkpoint::FILE_NAME))?;
+        let config = saved.config.clone().validate()?;
+        let device = crate::device::select(config.train.device)?;
+        let (store, model, _) = saved.into_model(device)?;
+        let pool = worker_pool(config.data.workers)?;
+        let splits = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
+        })?;
+        Ok(Self { config, _store: store, model, device, pool, splits })
+    }
 }
