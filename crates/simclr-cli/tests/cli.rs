@@ -145,6 +145,12 @@ fn tiny_run(data: &Path, output: &Path) -> Simclr {
     tiny_training(data, output).args(monitor_flags(data))
 }
 
+/// The study `args` of tiny runs on `data` into `output`, each scored by
+/// the kNN monitor on `data` itself, logging its progress.
+fn tiny_study<S: AsRef<str>>(args: impl IntoIterator<Item = S>, data: &Path, output: &Path) -> Simclr {
+    simclr(args).args(tiny_flags(data, output)).args(monitor_flags(data)).env("RUST_LOG", "info")
+}
+
 /// `--weights` and the flags of the tiny runs' encoder (CIFAR stem, on the CPU).
 fn encoder_flags(weights: &Path, arch: &str, width: &str) -> Vec<String> {
     let weights = weights.display().to_string();
@@ -647,11 +653,8 @@ fn augment_preview_and_ablation_write_their_figures() {
         .contains("view 2: random-resized-crop -> horizontal-flip -> color-jitter -> grayscale -> solarize"));
 
     let out = dir.path().join("ablation");
-    let output = simclr(["ablate", "augment"])
-        .args(tiny_flags(&data, &out))
-        .args(monitor_flags(&data))
-        .args(["--ops", "random-resized-crop,color-jitter"])
-        .run();
+    let output =
+        tiny_study(["ablate", "augment"], &data, &out).args(["--ops", "random-resized-crop,color-jitter"]).run();
     assert_succeeds(&output);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
@@ -955,12 +958,8 @@ fn a_study_with_seeds_scores_each_cell_by_the_mean_of_its_runs() {
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("seeds");
-    let study = || {
-        simclr(["ablate", "batch", "--batch-sizes", "4", "--lengths", "1", "--seeds", "3,4"])
-            .args(tiny_flags(&data, &out))
-            .args(monitor_flags(&data))
-            .env("RUST_LOG", "info")
-    };
+    let study =
+        || tiny_study(["ablate", "batch", "--batch-sizes", "4", "--lengths", "1", "--seeds", "3,4"], &data, &out);
     let output = study().run();
     assert_succeeds(&output);
     let cell = out.join("batch4-epochs1");
@@ -988,10 +987,7 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("heads");
-    let output = simclr(["ablate", "head", "--heads", "none,mlp-3"])
-        .args(tiny_flags(&data, &out))
-        .args(monitor_flags(&data))
-        .run();
+    let output = tiny_study(["ablate", "head", "--heads", "none,mlp-3"], &data, &out).run();
     assert_succeeds(&output);
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("mlp-3") && table.contains("z = g(h)"), "{table}");
@@ -1052,9 +1048,7 @@ fn the_head_study_by_dimension_trains_each_head_at_each_output_dimension() {
     image_folder(&data, 6, 16);
     let out = dir.path().join("dims");
     // A base that sets what --dims varies is told so.
-    let output = simclr(["ablate", "head", "--heads", "none,linear", "--dims", "16,32"])
-        .args(tiny_flags(&data, &out))
-        .args(monitor_flags(&data))
+    let output = tiny_study(["ablate", "head", "--heads", "none,linear", "--dims", "16,32"], &data, &out)
         .args(["--set", "model.head.projection_dim=64"])
         .run();
     assert_succeeds(&output);
@@ -1091,13 +1085,7 @@ fn the_transform_study_adds_each_transformation_and_probes_h_and_z_reproducibly(
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("transforms");
-    let study = || {
-        simclr(["ablate", "transform", "--transformations", "grayscale,rotation"])
-            .args(tiny_flags(&data, &out))
-            .args(monitor_flags(&data))
-            .env("RUST_LOG", "info")
-            .run()
-    };
+    let study = || tiny_study(["ablate", "transform", "--transformations", "grayscale,rotation"], &data, &out).run();
     let output = study();
     assert_succeeds(&output);
     let table = String::from_utf8_lossy(&output.stdout);
@@ -1143,13 +1131,7 @@ fn the_model_study_trains_each_model_with_and_without_labels() {
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("models");
-    let study = || {
-        simclr(["ablate", "model", "--archs", "resnet18", "--widths", "0.125,0.25"])
-            .args(tiny_flags(&data, &out))
-            .args(monitor_flags(&data))
-            .env("RUST_LOG", "info")
-            .run()
-    };
+    let study = || tiny_study(["ablate", "model", "--archs", "resnet18", "--widths", "0.125,0.25"], &data, &out).run();
     let output = study();
     assert_succeeds(&output);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
@@ -1178,10 +1160,8 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur_
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("colour");
-    let output = simclr(["ablate", "color", "--strengths", "0.25,1", "--auto-augment", "cifar10"])
-        .args(tiny_flags(&data, &out))
-        .args(monitor_flags(&data))
-        .run();
+    let output =
+        tiny_study(["ablate", "color", "--strengths", "0.25,1", "--auto-augment", "cifar10"], &data, &out).run();
     assert_succeeds(&output);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
@@ -1210,11 +1190,7 @@ fn the_colour_study_trains_each_strength_with_and_without_labels_then_adds_blur_
     // of range is named, both before anything trains.
     let bare = dir.path().join("bare");
     assert_fails_with(
-        &simclr(["ablate", "color"])
-            .args(tiny_flags(&data, &bare))
-            .args(monitor_flags(&data))
-            .args(["--set", "augment.ops=[]"])
-            .run(),
+        &tiny_study(["ablate", "color"], &data, &bare).args(["--set", "augment.ops=[]"]).run(),
         &["no color-jitter op"],
     );
     // (`--auto-augment` alone asks for no AutoAugment column.)
