@@ -1089,10 +1089,13 @@ fn the_transform_study_adds_each_transformation_and_probes_h_and_z_reproducibly(
     let output = study();
     assert_succeeds(&output);
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(table.contains("colour vs grayscale") && table.contains("random guess"), "{table}");
+    assert!(table.contains("colour vs grayscale") && table.contains("random init: h"), "{table}");
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("transformation,classes,random_guess,probe_h,probe_z,knn_top1_h"));
+    assert_eq!(
+        lines.next(),
+        Some("transformation,classes,random_guess,probe_h_random_init,probe_h,probe_z,knn_top1_h")
+    );
     let rows: Vec<Vec<&str>> = lines.map(|row| row.split(',').collect()).collect();
     assert_eq!(
         rows.iter().map(|r| [r[0], r[1], r[2]]).collect::<Vec<_>>(),

@@ -57,7 +57,7 @@ use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
-use crate::train::{knn_top1_at, transform_accuracy_at};
+use crate::train::{knn_top1_at, transform_accuracy_at, Weights};
 use crate::{Error, Result};
 
 /// The ops of view 2 for the pair (first, second): each applied always,
@@ -867,7 +867,9 @@ fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpCon
 /// paper's colour distortion), then an MLP trained on h and one on z = g(h)
 /// to predict whether (or, for rotation, how) an image was transformed
 /// ([`crate::eval::transform`]). Rows: the transformations; columns: a
-/// random guess, h, z (the run's kNN top-1 on h in the CSV too). The paper
+/// random guess, the random-init encoder's h (of each run's configuration
+/// and seed: what the features show before training), h, z (the run's kNN
+/// top-1 on h in the CSV too). The paper
 /// finds h keeping what the augmentations change and z losing much of it,
 /// its explanation of why h is the better representation.
 pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], study: &mut Study) -> Result<Grid> {
@@ -876,7 +878,7 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
     }
     study.create_folder()?;
     let views = base.augment.view_ops();
-    let scores = ["probe_h", "probe_z", "knn_top1_h"];
+    let scores = ["probe_h_random_init", "probe_h", "probe_z", "knn_top1_h"];
     let mut csv = format!(
         "transformation,classes,random_guess,{}
 ",
@@ -889,22 +891,25 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
         config.augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
         let key = format!("transform-{}", transformation.name());
         let cell = study.cell(config, &key, &format!("{key} ({} of {})", done + 1, transformations.len()))?;
-        let probe = |layer| cell.score_with(|run| transform_accuracy_at(&run.dir, layer, transformation));
-        let (h, z) = (probe(Layer::H)?, probe(Layer::Z)?);
+        let probe =
+            |weights, layer| cell.score_with(|run| transform_accuracy_at(&run.dir, weights, layer, transformation));
+        let initial = probe(Weights::RandomInit, Layer::H)?;
+        let (h, z) = (probe(Weights::Trained, Layer::H)?, probe(Weights::Trained, Layer::Z)?);
         let guess = Some(Score { mean: transformation.guess(), deviation: None });
         csv.push_str(&format!(
-            "{},{},{:.4},{},{},{}\n",
+            "{},{},{:.4},{},{},{},{}\n",
             transformation.name(),
             transformation.classes(),
             transformation.guess(),
+            study.csv_score(initial),
             study.csv_score(h),
             study.csv_score(z),
             study.csv_score(cell.score()),
         ));
-        top1.push(vec![guess, h, z]);
+        top1.push(vec![guess, initial, h, z]);
     }
     let rows = transformations.iter().map(|transformation| transformation.task().to_owned()).collect();
-    let columns = vec!["random guess".to_owned(), "h".to_owned(), "z = g(h)".to_owned()];
+    let columns = ["random guess", "random init: h", "h", "z = g(h)"].map(String::from).to_vec();
     let chart = Chart {
         caption: "accuracy (%) of an MLP predicting the transformation from h and from z = g(h)",
         x_desc: "representation the MLP is trained on",

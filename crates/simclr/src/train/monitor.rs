@@ -20,6 +20,7 @@ use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::ProcessGroup;
+use crate::embed::EncoderSource;
 use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
 use crate::eval::knn::{knn_votes_across, KnnConfig};
 use crate::eval::{Hits, Probe, Transformation};
@@ -115,16 +116,40 @@ pub fn knn_top1_at(run_dir: &Path, layer: Layer) -> Result<f64> {
     Monitor::of_run(&run.config, run.splits, &run.pool, None)?.top1(net, format, run.device, &run.pool, None)
 }
 
-/// How well an MLP on the features at `layer` of the network in the run
-/// folder `run_dir` (its latest checkpoint) predicts `transformation`,
-/// trained on the kNN monitor's bank and scored on its queries, each image
-/// transformed as drawn from the run's seed ([`Probe`]): how `ablate
-/// transform` asks what h and z keep of the augmentations.
-pub fn transform_accuracy_at(run_dir: &Path, layer: Layer, transformation: Transformation) -> Result<f64> {
+/// The network of a run that a probe reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The random-init encoder of the run's configuration and seed (h
+    /// only): what the features show before any training.
+    RandomInit,
+    /// The latest checkpoint's.
+    Trained,
+}
+
+/// How well an MLP on the features at `layer` of the run in `run_dir`
+/// (its `weights`) predicts `transformation`, trained on the kNN monitor's
+/// bank and scored on its queries, each image transformed as drawn from
+/// the run's seed ([`Probe`]): how `ablate transform` asks what h and z
+/// keep of the augmentations.
+pub fn transform_accuracy_at(
+    run_dir: &Path,
+    weights: Weights,
+    layer: Layer,
+    transformation: Transformation,
+) -> Result<f64> {
     let run = FinishedRun::open(run_dir)?;
-    let probe = Probe::new(transformation, run.config.image_format(), run.device, run.config.train.seed);
+    let seed = run.config.train.seed;
+    let probe = Probe::new(transformation, run.config.image_format(), run.device, seed);
     let (bank, queries) = &run.splits;
-    probe.accuracy(FeatureNet::at(&run.model, layer)?, &bank.samples, &queries.samples, &run.pool)
+    let accuracy = |model| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
+    match weights {
+        Weights::Trained => accuracy(&run.model),
+        Weights::RandomInit => {
+            let spec = run.config.encoder_spec();
+            let network = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, layer, run.device)?;
+            accuracy(&network.model)
+        }
+    }
 }
 
 /// A run's network as its latest checkpoint holds it, on the run's device,
