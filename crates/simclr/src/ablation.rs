@@ -51,13 +51,15 @@ use crate::augment::{
     AugmentConfig, Augmentation, AutoAugmentConfig, AutoAugmentPolicy, BlurConfig, ColorJitterConfig, OpConfig,
 };
 use crate::config::RunConfig;
-use crate::eval::Transformation;
+use crate::embed::EncoderSource;
+use crate::eval::features::FeatureNet;
+use crate::eval::{Probe, Transformation};
 use crate::loss::{Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::{checkpoint, train, Observer};
-use crate::train::{knn_top1_at, transform_accuracy_at, Weights};
+use crate::train::{knn_top1_at, FinishedRun};
 use crate::{Error, Result};
 
 /// The ops of view 2 for the pair (first, second): each applied always,
@@ -861,6 +863,41 @@ fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpCon
     view
 }
 
+/// The network of a run that a probe of `ablate transform` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Weights {
+    /// The random-init encoder of the run's configuration and seed (h
+    /// only): what the features show before any training.
+    RandomInit,
+    /// The latest checkpoint's.
+    Trained,
+}
+
+/// How well an MLP on the features at `layer` of the run in `run_dir`
+/// (its `weights`) predicts `transformation`, trained on the kNN monitor's
+/// bank and scored on its queries, each image transformed as drawn from
+/// the run's seed ([`Probe`]).
+fn transform_accuracy_at(
+    run_dir: &Path,
+    weights: Weights,
+    layer: Layer,
+    transformation: Transformation,
+) -> Result<f64> {
+    let run = FinishedRun::open(run_dir)?;
+    let seed = run.config.train.seed;
+    let probe = Probe::new(transformation, run.config.image_format(), run.device, seed);
+    let (bank, queries) = &run.splits;
+    let accuracy = |model| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
+    match weights {
+        Weights::Trained => accuracy(&run.model),
+        Weights::RandomInit => {
+            let spec = run.config.encoder_spec();
+            let network = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, layer, run.device)?;
+            accuracy(&network.model)
+        }
+    }
+}
+
 /// `ablate transform`, section 4.2 and Table 3: for each transformation a
 /// run with the base's augmentation and, "additionally and independently",
 /// the transformation's op where the base lacks it (grayscale is in the
@@ -911,7 +948,7 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
     let rows = transformations.iter().map(|transformation| transformation.task().to_owned()).collect();
     let columns = ["random guess", "random init: h", "h", "z = g(h)"].map(String::from).to_vec();
     let chart = Chart {
-        caption: "accuracy (%) of an MLP predicting the transformation from h and from z = g(h)",
+        caption: "accuracy (%) of an MLP predicting the transformation, by representation",
         x_desc: "representation the MLP is trained on",
         y_desc: "what it predicts",
     };

@@ -12,6 +12,6 @@ pub mod step;
 pub mod trainer;
 
 pub use console::Console;
-pub use monitor::{knn_top1_at, transform_accuracy_at, Weights};
+pub use monitor::{knn_top1_at, FinishedRun};
 pub use step::{GradientCache, Objective};
 pub use trainer::{train, train_in, Control, Observer, Progress, TrainReport, Trainer};

@@ -20,10 +20,9 @@ use crate::data::loader::{worker_pool, ViewFormat};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
 use crate::dist::ProcessGroup;
-use crate::embed::EncoderSource;
 use crate::eval::features::{Batches, FeatureNet, FEATURE_BATCH};
 use crate::eval::knn::{knn_votes_across, KnnConfig};
-use crate::eval::{Hits, Probe, Transformation};
+use crate::eval::Hits;
 use crate::model::{Layer, SimClr};
 use crate::{Error, Result};
 
@@ -116,56 +115,22 @@ pub fn knn_top1_at(run_dir: &Path, layer: Layer) -> Result<f64> {
     Monitor::of_run(&run.config, run.splits, &run.pool, None)?.top1(net, format, run.device, &run.pool, None)
 }
 
-/// The network of a run that a probe reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Weights {
-    /// The random-init encoder of the run's configuration and seed (h
-    /// only): what the features show before any training.
-    RandomInit,
-    /// The latest checkpoint's.
-    Trained,
-}
-
-/// How well an MLP on the features at `layer` of the run in `run_dir`
-/// (its `weights`) predicts `transformation`, trained on the kNN monitor's
-/// bank and scored on its queries, each image transformed as drawn from
-/// the run's seed ([`Probe`]): how `ablate transform` asks what h and z
-/// keep of the augmentations.
-pub fn transform_accuracy_at(
-    run_dir: &Path,
-    weights: Weights,
-    layer: Layer,
-    transformation: Transformation,
-) -> Result<f64> {
-    let run = FinishedRun::open(run_dir)?;
-    let seed = run.config.train.seed;
-    let probe = Probe::new(transformation, run.config.image_format(), run.device, seed);
-    let (bank, queries) = &run.splits;
-    let accuracy = |model| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
-    match weights {
-        Weights::Trained => accuracy(&run.model),
-        Weights::RandomInit => {
-            let spec = run.config.encoder_spec();
-            let network = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, layer, run.device)?;
-            accuracy(&network.model)
-        }
-    }
-}
-
 /// A run's network as its latest checkpoint holds it, on the run's device,
-/// with the kNN monitor's splits, to score it after training.
-struct FinishedRun {
-    config: ValidConfig,
+/// with the kNN monitor's splits (bank, queries), to score it after
+/// training.
+pub struct FinishedRun {
+    pub config: ValidConfig,
     /// Owns the variables `model` computes with.
     _store: tch::nn::VarStore,
-    model: SimClr,
-    device: Device,
-    pool: std::sync::Arc<ThreadPool>,
-    splits: (Dataset, Dataset),
+    pub model: SimClr,
+    pub device: Device,
+    pub pool: std::sync::Arc<ThreadPool>,
+    pub splits: (Dataset, Dataset),
 }
 
 impl FinishedRun {
-    fn open(run_dir: &Path) -> Result<Self> {
+    /// The run in `run_dir`; an error names a run without a kNN monitor.
+    pub fn open(run_dir: &Path) -> Result<Self> {
         let saved = Checkpoint::read_latest(&run_dir.join(checkpoint::FILE_NAME))?;
         let config = saved.config.clone().validate()?;
         let device = crate::device::select(config.train.device)?;
