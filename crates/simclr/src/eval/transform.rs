@@ -138,8 +138,11 @@ pub struct Probe {
     pub fit: LinearConfig,
 }
 
-/// Epochs of the probe's training by default: it converges well before
-/// the linear classifier's 100 on features of CIFAR-10's size.
+/// Epochs of the probe's training by default, under the linear
+/// classifier's 100: on the CPU-scale study's grayscale probe (seed 0),
+/// 100 epochs scored no higher than 30 (trained h 78.6% both; random-init
+/// h 75.7% against 78.8%); a rate of 1, or 300 epochs at 0.3, at most 1.5
+/// points more (79.5%, 80.1%: still the 80% guess).
 pub const PROBE_EPOCHS: usize = 30;
 
 impl Probe {
