@@ -33,7 +33,8 @@
 //!
 //! `ablate transform`, section 4.2 and Table 3: for each transformation
 //! (grayscale, rotation, noise, Sobel) a run with it in the augmentation,
-//! then an MLP on h and one on z = g(h) trained to predict it. Writes
+//! then an MLP on h and one on z = g(h) trained to predict it (and one on
+//! the random-init encoder's h, the baseline). Writes
 //! `results.csv` and `results.png`.
 //!
 //! `ablate batch`, Figure 9: each batch size trained for each number of
@@ -196,11 +197,19 @@ impl Cell {
     /// Another score of each run (such as kNN top-1 on z), `None` where a
     /// run diverged.
     pub fn score_with(&self, score: impl Fn(&Run) -> Result<f64>) -> Result<Option<Score>> {
+        let [score] = self.scores_with(|run| Ok([score(run)?]))?;
+        Ok(score)
+    }
+
+    /// [`Cell::score_with`] for `N` scores that each run gives at once
+    /// (such as several probes of one opened checkpoint); all `None` where
+    /// a run diverged.
+    pub fn scores_with<const N: usize>(&self, scores: impl Fn(&Run) -> Result<[f64; N]>) -> Result<[Option<Score>; N]> {
         if self.runs.iter().any(|run| run.top1.is_none()) {
-            return Ok(None);
+            return Ok([None; N]);
         }
-        let scores = self.runs.iter().map(score).collect::<Result<Vec<f64>>>()?;
-        Ok(Some(Score::of(&scores)))
+        let runs = self.runs.iter().map(scores).collect::<Result<Vec<[f64; N]>>>()?;
+        Ok(std::array::from_fn(|i| Some(Score::of(&runs.iter().map(|run| run[i]).collect::<Vec<f64>>()))))
     }
 
     /// The random-init encoder's score, from the first run that measured it.
@@ -863,39 +872,22 @@ fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpCon
     view
 }
 
-/// The network of a run that a probe of `ablate transform` reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Weights {
-    /// The random-init encoder of the run's configuration and seed (h
-    /// only): what the features show before any training.
-    RandomInit,
-    /// The latest checkpoint's.
-    Trained,
-}
-
-/// How well an MLP on the features at `layer` of the run in `run_dir`
-/// (its `weights`) predicts `transformation`, trained on the kNN monitor's
-/// bank and scored on its queries, each image transformed as drawn from
-/// the run's seed ([`Probe`]).
-fn transform_accuracy_at(
-    run_dir: &Path,
-    weights: Weights,
-    layer: Layer,
-    transformation: Transformation,
-) -> Result<f64> {
+/// How well an MLP predicts `transformation` from the random-init
+/// encoder's h (of the run's configuration and seed: what the features
+/// show before any training), from h and from z of the run in `run_dir`
+/// (its latest checkpoint), each trained on the kNN monitor's bank and
+/// scored on its queries, each image transformed as drawn from the run's
+/// seed ([`Probe`]). The run is opened once for the three.
+fn transform_accuracies_at(run_dir: &Path, transformation: Transformation) -> Result<[f64; 3]> {
     let run = FinishedRun::open(run_dir)?;
     let seed = run.config.train.seed;
     let probe = Probe::new(transformation, run.config.image_format(), run.device, seed);
     let (bank, queries) = &run.splits;
-    let accuracy = |model| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
-    match weights {
-        Weights::Trained => accuracy(&run.model),
-        Weights::RandomInit => {
-            let spec = run.config.encoder_spec();
-            let network = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, layer, run.device)?;
-            accuracy(&network.model)
-        }
-    }
+    let accuracy =
+        |model, layer| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
+    let spec = run.config.encoder_spec();
+    let initial = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, Layer::H, run.device)?;
+    Ok([accuracy(&initial.model, Layer::H)?, accuracy(&run.model, Layer::H)?, accuracy(&run.model, Layer::Z)?])
 }
 
 /// `ablate transform`, section 4.2 and Table 3: for each transformation a
@@ -916,11 +908,7 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
     study.create_folder()?;
     let views = base.augment.view_ops();
     let scores = ["probe_h_random_init", "probe_h", "probe_z", "knn_top1_h"];
-    let mut csv = format!(
-        "transformation,classes,random_guess,{}
-",
-        study.score_columns(&scores)
-    );
+    let mut csv = format!("transformation,classes,random_guess,{}\n", study.score_columns(&scores));
     let mut top1 = Vec::new();
     for (done, &transformation) in transformations.iter().enumerate() {
         let mut config = base.clone();
@@ -928,10 +916,7 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
         config.augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
         let key = format!("transform-{}", transformation.name());
         let cell = study.cell(config, &key, &format!("{key} ({} of {})", done + 1, transformations.len()))?;
-        let probe =
-            |weights, layer| cell.score_with(|run| transform_accuracy_at(&run.dir, weights, layer, transformation));
-        let initial = probe(Weights::RandomInit, Layer::H)?;
-        let (h, z) = (probe(Weights::Trained, Layer::H)?, probe(Weights::Trained, Layer::Z)?);
+        let [initial, h, z] = cell.scores_with(|run| transform_accuracies_at(&run.dir, transformation))?;
         let guess = Some(Score { mean: transformation.guess(), deviation: None });
         csv.push_str(&format!(
             "{},{},{:.4},{},{},{},{}\n",
