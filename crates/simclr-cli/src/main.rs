@@ -83,6 +83,9 @@ enum AblateKind {
     Color(AblateColorArgs),
     /// The paper's Table 3: train with each transformation added, then an MLP on h and one on z = g(h) to predict it.
     Transform(AblateTransformArgs),
+    /// The paper's section 2.2: BatchNorm over the global batch against over each device's images, by number of
+    /// devices; score by kNN, with the training loss.
+    Bn(AblateBnArgs),
 }
 
 #[derive(Args)]
@@ -506,6 +509,19 @@ struct AblateTransformArgs {
     transformations: Vec<Transformation>,
 }
 
+#[derive(Args)]
+struct AblateBnArgs {
+    /// The base run (its --output is the folder of the whole study), trained with global BatchNorm.
+    #[command(flatten)]
+    run: RunLayers,
+    #[command(flatten)]
+    study: StudyFlags,
+    /// Comma-separated numbers of devices W, each dividing the batch: a row each, trained in one process with
+    /// BatchNorm over each device's batch/W images.
+    #[arg(long, value_delimiter = ',', default_value = "2,8,32")]
+    devices: Vec<usize>,
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     let base = match (&args.run.output, args.resume) {
         (Some(run), true) => checkpoint::saved_config(run)?,
@@ -692,6 +708,10 @@ fn ablate(kind: AblateKind) -> Result<()> {
         AblateKind::Transform(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::TRANSFORM_VARIED, &mut console)?;
             ablation::transform_grid(&base, &args.transformations, &mut study)?
+        }
+        AblateKind::Bn(args) => {
+            let (base, mut study) = args.study.study(&args.run, ablation::BN_VARIED, &mut console)?;
+            ablation::bn_grid(&base, &args.devices, &mut study)?
         }
         AblateKind::Head(args) => {
             let dims = args.dims.as_ref().map(|_| ablation::HEAD_DIMS_VARIED);

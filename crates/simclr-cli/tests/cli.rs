@@ -1129,6 +1129,48 @@ fn the_transform_study_adds_each_transformation_and_probes_h_and_z_reproducibly(
 }
 
 #[test]
+fn the_bn_study_trains_global_and_per_device_batch_norm_by_number_of_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("bn");
+    let study = || tiny_study(["ablate", "bn", "--devices", "1,2"], &data, &out).run();
+    let output = study();
+    assert_succeeds(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("2 x 2 images") && table.contains("per-device BN"), "{table}");
+    assert!(table.contains("training loss of the last epoch: global BN "), "{table}");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("devices,images_per_device,batch_norm,knn_top1,final_loss"));
+    let rows: Vec<Vec<&str>> = lines.map(|row| row.split(',').collect()).collect();
+    // One device is global BN: one run, one line.
+    assert_eq!(
+        rows.iter().map(|r| [r[0], r[1], r[2]]).collect::<Vec<_>>(),
+        [["1", "4", "global"], ["2", "2", "per-device"]]
+    );
+    let losses: Vec<f64> = rows.iter().map(|r| r[4].parse().unwrap()).collect();
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r[3].parse::<f64>().unwrap())), "{csv}");
+    assert!(losses.iter().all(|loss| loss.is_finite() && *loss > 0.0), "{csv}");
+    // BatchNorm over 2 images is another computation than over 4.
+    assert_ne!(losses[0], losses[1], "{csv}");
+    let config = |cell: &str| std::fs::read_to_string(out.join(cell).join("config.toml")).unwrap();
+    assert!(!config("global").contains("micro_batch_size"));
+    assert!(config("per-device-2").contains("micro_batch_size = 2"));
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    let again = study();
+    assert_succeeds(&again);
+    assert_eq!(stderr(&again).matches("is done, its score read from").count(), 2, "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+    let refused = dir.path().join("refused");
+    assert_fails_with(
+        &simclr(["ablate", "bn", "--devices", "3"]).args(tiny_flags(&data, &refused)).run(),
+        &["--devices 3: the batch of 4 images does not split into 3 devices of equal size"],
+    );
+    assert!(!refused.exists());
+}
+
+#[test]
 fn the_model_study_trains_each_model_with_and_without_labels() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -41,6 +41,11 @@
 //! epochs (a schedule of its own per length, as in the paper), the learning
 //! rate scaled with the batch. Writes `results.csv` and `results.png`.
 //!
+//! `ablate bn`, section 2.2's global BN: BatchNorm over the whole batch,
+//! and over each device's images for each number of devices (trained in
+//! one process, a device's images a chunk of the step), scored by kNN with
+//! the training loss beside it. Writes `results.csv` and `results.png`.
+//!
 //! With several seeds ([`Study::new`]) each cell is trained once per
 //! seed and scored by the mean of its runs, with their standard deviation
 //! beside it in the table and the CSV: one run per cell cannot tell a
@@ -319,7 +324,8 @@ impl<'a> Study<'a> {
             missing: DIVERGED,
         }
         .draw(&means, &png_path)?;
-        Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path })
+        let notes = String::new();
+        Ok(Grid { corner: corner.to_owned(), rows, columns, top1, initial_top1, csv_path, png_path, notes })
     }
 }
 
@@ -402,6 +408,8 @@ pub struct Grid {
     pub initial_top1: Option<f64>,
     pub csv_path: PathBuf,
     pub png_path: PathBuf,
+    /// Lines printed below the table (a study's other measurements).
+    pub notes: String,
 }
 
 /// The table of top-1 accuracies, each column as wide as its name.
@@ -424,7 +432,8 @@ impl std::fmt::Display for Grid {
             }
             writeln!(f)?;
         }
-        write_initial(f, self.initial_top1)
+        write_initial(f, self.initial_top1)?;
+        write!(f, "{}", self.notes)
     }
 }
 
@@ -938,6 +947,102 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
         y_desc: "what it predicts",
     };
     study.write_grid("prediction \\ layer", (rows, columns), top1, None, &csv, chart)
+}
+
+/// The fields `ablate bn` sets in each of its runs, each with the flag that
+/// gives its values (a captured CUDA graph does not compute chunks, so no
+/// cell replays one).
+pub const BN_VARIED: &[(&str, &str)] = &[("train.micro_batch_size", "--devices"), ("train.cuda_graph", "--devices")];
+
+/// The training loss of the last epoch of the run in `dir` (its summary).
+fn final_loss_at(dir: &Path) -> Result<f64> {
+    let path = dir.join(SUMMARY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    summary["final_loss"].as_f64().ok_or_else(|| Error::InvalidArgument(format!("{}: no final_loss", path.display())))
+}
+
+/// `ablate bn`, section 2.2's global BN: the base trained with BatchNorm
+/// over the whole batch of N images (global BN: what W devices compute
+/// with `train.sync_batch_norm`, as one device does), and, for each number
+/// of devices W in `devices`, with BatchNorm over each device's N/W images
+/// (per-device BN). One process trains the W devices as chunks of N/W
+/// images (`train.micro_batch_size`: the chunk is BatchNorm's unit, and
+/// every anchor still meets the projections of all N images, as the
+/// gathered negatives of W devices do); `tests/distributed.rs` shows it
+/// the computation of W processes. Rows: W; columns: global and per-device
+/// BN, scored by kNN top-1; the last epoch's training loss below the table
+/// and in the CSV. The paper argues that with per-device BN the model can
+/// lower the loss through the statistics a device's positives share (they
+/// are always on one device) without improving the representation.
+pub fn bn_grid(base: &RunConfig, devices: &[usize], study: &mut Study) -> Result<Grid> {
+    if devices.is_empty() {
+        return Err(Error::InvalidArgument("ablate bn needs at least one number of devices".to_owned()));
+    }
+    let batch = base.train.batch_size;
+    if let Some(&w) = devices.iter().find(|&&w| w == 0 || !batch.is_multiple_of(w)) {
+        return Err(Error::InvalidArgument(format!(
+            "--devices {w}: the batch of {batch} images does not split into {w} devices of equal size"
+        )));
+    }
+    study.create_folder()?;
+    let per_device = |w: usize| (w > 1).then(|| format!("per-device-{w}"));
+    let total = 1 + devices.iter().filter_map(|&w| per_device(w)).collect::<std::collections::HashSet<_>>().len();
+    let cell = |study: &mut Study, w: usize, done: usize| {
+        let mut config = base.clone();
+        config.train.cuda_graph = false;
+        config.train.micro_batch_size = (w > 1).then_some(batch / w);
+        let key = per_device(w).unwrap_or_else(|| "global".to_owned());
+        let cell = study.cell(config, &key, &format!("{key} ({done} of {total})"))?;
+        let loss = cell.score_with(|run| final_loss_at(&run.dir))?;
+        Ok::<_, Error>((cell.score(), loss, cell.initial_top1()))
+    };
+    let (global, global_loss, initial_top1) = cell(study, 1, 1)?;
+    let scores = study.score_columns(&["knn_top1", "final_loss"]);
+    let mut csv = format!("devices,images_per_device,batch_norm,{scores}\n");
+    let line = |study: &Study, w: usize, norm: &str, top1, loss| {
+        format!("{w},{},{norm},{},{}\n", batch / w, study.csv_score(top1), study.csv_score(loss))
+    };
+    csv.push_str(&line(study, 1, "global", global, global_loss));
+    let (mut top1, mut losses) = (Vec::new(), Vec::new());
+    let mut done = 1;
+    for &w in devices {
+        let (top1_w, loss_w) = match w {
+            1 => (global, global_loss),
+            _ => {
+                done += 1;
+                let (top1_w, loss_w, _) = cell(study, w, done)?;
+                csv.push_str(&line(study, w, "per-device", top1_w, loss_w));
+                (top1_w, loss_w)
+            }
+        };
+        top1.push(vec![global, top1_w]);
+        losses.push(format!("{w}: {}", loss_text(loss_w)));
+    }
+    let rows = devices.iter().map(|&w| format!("{w} x {} images", batch / w)).collect();
+    let columns = vec!["global BN".to_owned(), "per-device BN".to_owned()];
+    let chart = Chart {
+        caption: "kNN top-1 (%) with BatchNorm over the batch or over each device's images",
+        x_desc: "BatchNorm's statistics",
+        y_desc: "devices x images per device",
+    };
+    let mut grid = study.write_grid("devices \\ BN", (rows, columns), top1, initial_top1, &csv, chart)?;
+    grid.notes = format!(
+        "training loss of the last epoch: global BN {}; per-device BN by devices {}\n",
+        loss_text(global_loss),
+        losses.join(", ")
+    );
+    Ok(grid)
+}
+
+/// A loss as a note shows it: the mean, then the spread over seeds.
+fn loss_text(loss: Option<Score>) -> String {
+    match loss {
+        None => DIVERGED.to_owned(),
+        Some(Score { mean, deviation: None }) => format!("{mean:.4}"),
+        Some(Score { mean, deviation: Some(deviation) }) => format!("{mean:.4} ± {deviation:.4}"),
+    }
 }
 
 /// The cells `{prefix}-simclr` and `{prefix}-supervised`: `config` trained

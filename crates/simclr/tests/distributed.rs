@@ -9,7 +9,9 @@
 //! the head. The negative controls show the comparison catches the known
 //! bugs: a gather whose backward keeps only the rank's own slice, and
 //! per-device BatchNorm. Ranks that compute their slices in chunks
-//! (gradient caching) equal one process computing the same chunks, and ranks
+//! (gradient caching) equal one process computing the same chunks, ranks
+//! with per-device BatchNorm equal one process in chunks of a rank's images
+//! (what `simclr ablate bn` trains), and ranks
 //! that all-reduce the gradient in buckets during the backward pass equal
 //! one process too; the buckets go in one order on every rank. Groups
 //! of one process may run collectives at the same time. Ranks that share
@@ -474,6 +476,36 @@ fn ranks_in_micro_batches_equal_one_process_in_the_same_chunks() {
     let error = difference(&ranks[0], &other_chunks);
     eprintln!("other chunks: {error:e}");
     assert!(error > 1e3 * tolerance(case.kind), "other chunks went unnoticed: difference {error:e}");
+}
+
+#[test]
+fn per_device_batch_norm_equals_one_process_in_chunks_of_a_devices_images() {
+    // What `ablate bn` trains in one process: 2 ranks of 4 images, each
+    // normalising its own slice, take the steps of one process computing
+    // the batch in chunks of 4 (BatchNorm over each chunk, the loss over
+    // all 8 images' projections). The running statistics differ by design:
+    // a rank's follow its own slice, once a step; the one process's move
+    // once per chunk.
+    let case = Case { kind: Kind::Double, objective: Objective::NtXent, optimizer: OptimizerKind::Lars };
+    let ranks = train_group(case, Variant::PerDeviceBatchNorm, 2);
+    let in_chunks = |micro: usize| Passes { micro_batch: Some(micro), ..Passes::default() };
+    let steps = |one: &Outcome, other: &Outcome| {
+        let losses = one.losses.iter().zip(&other.losses).map(|(a, b)| (a - b).abs() / b.abs()).fold(0.0, f64::max);
+        losses.max(relative_error(&one.weights, &other.weights))
+    };
+    let chunks = train_rank_with(case, Variant::Exact, initial_state(), None, in_chunks(4));
+    let error = steps(&ranks[0], &chunks);
+    eprintln!("per-device BatchNorm on 2 ranks against 1 process in chunks: {error:e}");
+    assert!(error < tolerance(case.kind), "per-device BatchNorm differs from chunks of a device's images by {error:e}");
+    // Negative controls: BatchNorm over the whole batch, or over chunks of
+    // another size.
+    let whole = train_rank(case, Variant::Exact, initial_state(), None);
+    let other_chunks = train_rank_with(case, Variant::Exact, initial_state(), None, in_chunks(2));
+    for (name, control) in [("the whole batch", whole), ("chunks of 2", other_chunks)] {
+        let error = steps(&ranks[0], &control);
+        eprintln!("{name}: {error:e}");
+        assert!(error > 1e3 * tolerance(case.kind), "BatchNorm over {name} went unnoticed: difference {error:e}");
+    }
 }
 
 #[test]
