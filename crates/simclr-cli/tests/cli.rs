@@ -1167,6 +1167,10 @@ fn the_bn_study_trains_global_and_per_device_batch_norm_by_number_of_devices() {
         &simclr(["ablate", "bn", "--devices", "3"]).args(tiny_flags(&data, &refused)).run(),
         &["--devices 3: the batch of 4 images does not split into 3 devices of equal size"],
     );
+    assert_fails_with(
+        &simclr(["ablate", "bn", "--devices", "2,1,2"]).args(tiny_flags(&data, &refused)).run(),
+        &["--devices [2, 1, 2]: 2 is given twice"],
+    );
     assert!(!refused.exists());
 }
 

@@ -986,9 +986,12 @@ pub fn bn_grid(base: &RunConfig, devices: &[usize], study: &mut Study) -> Result
             "--devices {w}: the batch of {batch} images does not split into {w} devices of equal size"
         )));
     }
+    if let Some(w) = devices.iter().enumerate().find_map(|(i, w)| devices[..i].contains(w).then_some(w)) {
+        return Err(Error::InvalidArgument(format!("--devices {devices:?}: {w} is given twice")));
+    }
     study.create_folder()?;
     let per_device = |w: usize| (w > 1).then(|| format!("per-device-{w}"));
-    let total = 1 + devices.iter().filter_map(|&w| per_device(w)).collect::<std::collections::HashSet<_>>().len();
+    let total = 1 + devices.iter().filter(|&&w| w > 1).count();
     let cell = |study: &mut Study, w: usize, done: usize| {
         let mut config = base.clone();
         config.train.cuda_graph = false;
