@@ -125,13 +125,19 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> R
 /// What a table, the CSV and the chart say of a run that diverged.
 const DIVERGED: &str = "diverged";
 
-/// A score as a table shows it: the mean, then the spread over seeds.
-fn percent(score: Option<Score>) -> String {
+/// A score as a table or a note shows it: the mean as `mean` writes it,
+/// then the spread over seeds as `deviation` does.
+fn score_text(score: Option<Score>, mean: impl Fn(f64) -> String, deviation: impl Fn(f64) -> String) -> String {
     match score {
         None => DIVERGED.to_owned(),
-        Some(Score { mean, deviation: None }) => format!("{:.2}%", 100.0 * mean),
-        Some(Score { mean, deviation: Some(deviation) }) => format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * deviation),
+        Some(Score { mean: m, deviation: None }) => mean(m),
+        Some(Score { mean: m, deviation: Some(d) }) => format!("{} ± {}", mean(m), deviation(d)),
     }
+}
+
+/// A top-1 score as a table shows it, in percent.
+fn percent(score: Option<Score>) -> String {
+    score_text(score, |mean| format!("{:.2}%", 100.0 * mean), |deviation| format!("{:.2}", 100.0 * deviation))
 }
 
 /// A chart's caption with the random-init encoder's score, the baseline
@@ -164,6 +170,8 @@ pub struct Run {
     /// kNN top-1 of the random-init encoder (absent for a run resumed
     /// from a checkpoint, which did not measure it).
     pub initial_top1: Option<f64>,
+    /// The training loss of the last epoch; `None` where training diverged.
+    pub final_loss: Option<f64>,
 }
 
 /// A cell's kNN top-1 over its runs, one per seed.
@@ -367,11 +375,12 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
                 dir: dir.to_path_buf(),
                 top1: Some(top1),
                 initial_top1: summary["initial_knn_top1"].as_f64(),
+                final_loss: summary["final_loss"].as_f64(),
             });
         }
         if dir.join(DIVERGED_FILE).exists() {
             tracing::info!("study: {label} diverged before, as {} says", dir.join(DIVERGED_FILE).display());
-            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None });
+            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None, final_loss: None });
         }
     }
     let resume = checkpoint::exists(&dir.join(checkpoint::FILE_NAME));
@@ -383,7 +392,7 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
                 dir.join(DIVERGED_FILE).display()
             );
             crate::io::write_atomic(&dir.join(DIVERGED_FILE), format!("{message}\n").as_bytes())?;
-            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None });
+            return Ok(Run { dir: dir.to_path_buf(), top1: None, initial_top1: None, final_loss: None });
         }
         outcome => outcome?,
     };
@@ -391,7 +400,8 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
         return Err(Error::Interrupted(format!("study run {label} in {}", dir.display())));
     }
     let top1 = Some(report.final_knn_top1().ok_or_else(no_score)?);
-    Ok(Run { dir: dir.to_path_buf(), top1, initial_top1: report.initial_knn_top1 })
+    let final_loss = report.epochs.last().map(|epoch| epoch.loss);
+    Ok(Run { dir: dir.to_path_buf(), top1, initial_top1: report.initial_knn_top1, final_loss })
 }
 
 /// A study's result: kNN top-1 in a table of named rows and columns, as
@@ -954,15 +964,6 @@ pub fn transform_grid(base: &RunConfig, transformations: &[Transformation], stud
 /// cell replays one).
 pub const BN_VARIED: &[(&str, &str)] = &[("train.micro_batch_size", "--devices"), ("train.cuda_graph", "--devices")];
 
-/// The training loss of the last epoch of the run in `dir` (its summary).
-fn final_loss_at(dir: &Path) -> Result<f64> {
-    let path = dir.join(SUMMARY_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let summary: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-    summary["final_loss"].as_f64().ok_or_else(|| Error::InvalidArgument(format!("{}: no final_loss", path.display())))
-}
-
 /// `ablate bn`, section 2.2's global BN: the base trained with BatchNorm
 /// over the whole batch of N images (global BN: what W devices compute
 /// with `train.sync_batch_norm`, as one device does), and, for each number
@@ -990,15 +991,16 @@ pub fn bn_grid(base: &RunConfig, devices: &[usize], study: &mut Study) -> Result
         return Err(Error::InvalidArgument(format!("--devices {devices:?}: {w} is given twice")));
     }
     study.create_folder()?;
-    let per_device = |w: usize| (w > 1).then(|| format!("per-device-{w}"));
     let total = 1 + devices.iter().filter(|&&w| w > 1).count();
     let cell = |study: &mut Study, w: usize, done: usize| {
         let mut config = base.clone();
         config.train.cuda_graph = false;
         config.train.micro_batch_size = (w > 1).then_some(batch / w);
-        let key = per_device(w).unwrap_or_else(|| "global".to_owned());
+        let key = if w > 1 { format!("per-device-{w}") } else { "global".to_owned() };
         let cell = study.cell(config, &key, &format!("{key} ({done} of {total})"))?;
-        let loss = cell.score_with(|run| final_loss_at(&run.dir))?;
+        let loss = cell.score_with(|run| {
+            run.final_loss.ok_or_else(|| Error::InvalidArgument(format!("{}: no final_loss", run.dir.display())))
+        })?;
         Ok::<_, Error>((cell.score(), loss, cell.initial_top1()))
     };
     let (global, global_loss, initial_top1) = cell(study, 1, 1)?;
@@ -1039,13 +1041,10 @@ pub fn bn_grid(base: &RunConfig, devices: &[usize], study: &mut Study) -> Result
     Ok(grid)
 }
 
-/// A loss as a note shows it: the mean, then the spread over seeds.
+/// A loss as a note shows it.
 fn loss_text(loss: Option<Score>) -> String {
-    match loss {
-        None => DIVERGED.to_owned(),
-        Some(Score { mean, deviation: None }) => format!("{mean:.4}"),
-        Some(Score { mean, deviation: Some(deviation) }) => format!("{mean:.4} ± {deviation:.4}"),
-    }
+    let four_places = |value: f64| format!("{value:.4}");
+    score_text(loss, four_places, four_places)
 }
 
 /// The cells `{prefix}-simclr` and `{prefix}-supervised`: `config` trained
@@ -1147,7 +1146,7 @@ mod tests {
 
     #[test]
     fn a_cell_scores_the_mean_of_its_runs_and_diverges_with_any() {
-        let run = |top1| Run { dir: PathBuf::new(), top1, initial_top1: None };
+        let run = |top1| Run { dir: PathBuf::new(), top1, initial_top1: None, final_loss: None };
         let cell = Cell { runs: vec![run(Some(0.40)), run(Some(0.44)), run(Some(0.42))] };
         let score = cell.score().expect("every run finished");
         // The sample standard deviation of 0.40, 0.42 and 0.44.
