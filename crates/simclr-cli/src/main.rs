@@ -20,7 +20,7 @@ use simclr::dist::launch::{self, Outcome, World};
 use simclr::dist::Backend;
 use simclr::embed::EncoderSource;
 use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol, Transformation};
-use simclr::loss::{Objective, Similarity};
+use simclr::loss::{Negatives, Objective, Similarity};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::{checkpoint, Observer};
 
@@ -435,6 +435,10 @@ struct AblateLossArgs {
     /// Comma-separated temperatures (the margin triplet loss uses loss.margin instead).
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.5,1")]
     temperatures: Vec<f64>,
+    /// Comma-separated negatives: all, semi-hard (Table 2's semi-hard
+    /// negative mining: rows for nt-logistic and margin-triplet only).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    negatives: Vec<Negatives>,
 }
 
 #[derive(Args)]
@@ -690,8 +694,13 @@ fn ablate(kind: AblateKind) -> Result<()> {
         }
         AblateKind::Loss(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::LOSS_VARIED, &mut console)?;
-            let grid = (&args.losses[..], &args.similarities[..], &args.temperatures[..]);
-            ablation::loss_grid(&base, grid, &mut study)?
+            let axes = ablation::LossAxes {
+                objectives: &args.losses,
+                similarities: &args.similarities,
+                temperatures: &args.temperatures,
+                negatives: &args.negatives,
+            };
+            ablation::loss_grid(&base, &axes, &mut study)?
         }
         AblateKind::Batch(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::BATCH_VARIED, &mut console)?;

@@ -847,11 +847,12 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
-    // Two losses, one similarity, two temperatures: three cells (the
-    // margin triplet loss has no temperature), 2 epochs of 3 steps each.
+    // Two losses, one similarity, two temperatures, all negatives and the
+    // semi-hard ones: four cells (the margin triplet loss has no
+    // temperature; NT-Xent takes no mining), 2 epochs of 3 steps each.
     let study = |out: &Path| {
         simclr(["ablate", "loss", "--losses", "nt-xent,margin-triplet", "--similarities", "cosine"])
-            .args(["--temperatures", "0.5,1"])
+            .args(["--temperatures", "0.5,1", "--negatives", "all,semi-hard"])
             .args(tiny_flags(&data, out))
             .args(monitor_flags(&data))
             .args(["--epochs", "2", "--set", "train.checkpoint_every=1"])
@@ -862,15 +863,26 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
     assert_succeeds(&output);
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("nt-xent, l2 norm") && table.contains("random-init encoder:"), "{table}");
+    assert!(table.contains("margin-triplet, l2 norm, semi-hard"), "{table}");
     let csv = std::fs::read_to_string(straight.join("results.csv")).unwrap();
+    assert!(csv.starts_with("objective,similarity,negatives,temperature,margin,knn_top1\n"), "{csv}");
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
-    let cells: Vec<[&str; 4]> = rows.iter().map(|r| [r[0], r[1], r[2], r[3]]).collect();
+    let cells: Vec<[&str; 5]> = rows.iter().map(|r| [r[0], r[1], r[2], r[3], r[4]]).collect();
     assert_eq!(
         cells,
-        [["nt-xent", "cosine", "0.5", ""], ["nt-xent", "cosine", "1", ""], ["margin-triplet", "cosine", "", "1"]],
+        [
+            ["nt-xent", "cosine", "all", "0.5", ""],
+            ["nt-xent", "cosine", "all", "1", ""],
+            ["margin-triplet", "cosine", "all", "", "1"],
+            ["margin-triplet", "cosine", "semi-hard", "", "1"]
+        ],
         "{csv}"
     );
-    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r[4].parse::<f64>().unwrap())), "{csv}");
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r[5].parse::<f64>().unwrap())), "{csv}");
+    // The semi-hard cell trains with mining, the other without.
+    let config = |cell: &str| std::fs::read_to_string(straight.join(cell).join("config.toml")).unwrap();
+    assert!(config("margin-triplet-cosine-m1-semi-hard").contains("negatives = \"semi-hard\""));
+    assert!(config("margin-triplet-cosine-m1").contains("negatives = \"all\""));
     assert!(image::open(straight.join("results.png")).unwrap().width() > 100);
 
     // Stopped in the middle of its first cell's second epoch, then run again:
@@ -887,7 +899,7 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
     // A finished study is read back, not trained again.
     let third = study(&killed).run();
     assert_succeeds(&third);
-    assert_eq!(stderr(&third).matches("is done, its score read from").count(), 3, "{}", stderr(&third));
+    assert_eq!(stderr(&third).matches("is done, its score read from").count(), 4, "{}", stderr(&third));
     // Another base configuration in the same folder is refused, the folder named.
     let other = study(&killed).args(["--set", "optim.weight_decay=0.01"]).run();
     let cell = killed.join("nt-xent-cosine-t0.5").display().to_string();
@@ -896,6 +908,16 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
         &simclr(["ablate", "loss", "--losses", "infonce", "--output", &killed.display().to_string()]).run(),
         &["unknown loss 'infonce'", "nt-xent, nt-logistic, margin-triplet"],
     );
+    // Mining asked of losses that take none is refused, naming them.
+    let no_mining = simclr(["ablate", "loss", "--losses", "nt-xent,dcl", "--negatives", "semi-hard"])
+        .args(tiny_flags(&data, &dir.path().join("no-mining")))
+        .args(monitor_flags(&data))
+        .run();
+    assert_fails_with(&no_mining, &["--negatives semi-hard with --losses nt-xent,dcl", "nt-logistic"]);
+    let one_run = simclr(["train", "--set", "loss.negatives=\"semi-hard\""])
+        .args(tiny_flags(&data, &dir.path().join("one")))
+        .run();
+    assert_fails_with(&one_run, &["loss.negatives = \"semi-hard\" with loss.objective = \"nt-xent\""]);
 
     // Cells whose training diverges (every step's loss made NaN) are
     // recorded as such, and the study goes on to its end; run again, they
@@ -904,12 +926,12 @@ fn the_loss_study_writes_its_grid_and_a_killed_one_continues() {
     let nan = study(&diverging).env("SIMCLR_TEST_POISON_STEPS", "0,1,2,3,4,5").run();
     assert_succeeds(&nan);
     let csv = std::fs::read_to_string(diverging.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().filter(|line| line.ends_with(",diverged")).count(), 3, "{csv}");
+    assert_eq!(csv.lines().filter(|line| line.ends_with(",diverged")).count(), 4, "{csv}");
     assert!(String::from_utf8_lossy(&nan.stdout).contains("diverged"));
     assert!(diverging.join("margin-triplet-cosine-m1/diverged.txt").exists());
     let again = study(&diverging).run();
     assert_succeeds(&again);
-    assert_eq!(stderr(&again).matches("diverged before").count(), 3, "{}", stderr(&again));
+    assert_eq!(stderr(&again).matches("diverged before").count(), 4, "{}", stderr(&again));
 }
 
 #[test]

@@ -60,7 +60,7 @@ use crate::config::RunConfig;
 use crate::embed::EncoderSource;
 use crate::eval::features::FeatureNet;
 use crate::eval::{Probe, Transformation};
-use crate::loss::{Objective, Similarity};
+use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
@@ -360,7 +360,10 @@ pub fn run_cell(mut config: RunConfig, dir: &Path, label: &str, observer: &mut d
     }
     let config_path = dir.join(CONFIG_FILE);
     if let Ok(saved) = std::fs::read_to_string(&config_path) {
-        if saved != config.to_toml() {
+        // Read as a config, so that a field added since the run was written
+        // (absent there, at its default here) does not count as a change.
+        let same = toml::from_str::<RunConfig>(&saved).is_ok_and(|saved| saved.to_toml() == config.to_toml());
+        if !same {
             return Err(Error::InvalidArgument(format!(
                 "{}: a run with another configuration is there; remove it or give the study another --output",
                 dir.display()
@@ -454,79 +457,129 @@ struct Chart<'a> {
     y_desc: &'a str,
 }
 
-fn row_name(objective: Objective, similarity: Similarity) -> String {
+fn row_name(objective: Objective, similarity: Similarity, negatives: Negatives) -> String {
     let normalised = match similarity {
         Similarity::Cosine => "l2 norm",
         Similarity::Dot => "no l2 norm",
     };
-    format!("{}, {normalised}", objective.name())
+    match negatives {
+        Negatives::All => format!("{}, {normalised}", objective.name()),
+        Negatives::SemiHard => format!("{}, {normalised}, semi-hard", objective.name()),
+    }
 }
 
 /// The fields `ablate loss` sets in each of its runs, each with the flag that
 /// gives its values.
-pub const LOSS_VARIED: &[(&str, &str)] =
-    &[("loss.objective", "--losses"), ("loss.similarity", "--similarities"), ("loss.temperature", "--temperatures")];
+pub const LOSS_VARIED: &[(&str, &str)] = &[
+    ("loss.objective", "--losses"),
+    ("loss.similarity", "--similarities"),
+    ("loss.temperature", "--temperatures"),
+    ("loss.negatives", "--negatives"),
+];
 
-/// `ablate loss`: one cell per (objective, similarity) row and temperature
-/// column.
-pub fn loss_grid(
-    base: &RunConfig,
-    (objectives, similarities, temperatures): (&[Objective], &[Similarity], &[f64]),
-    study: &mut Study,
-) -> Result<Grid> {
-    if objectives.is_empty() || similarities.is_empty() || temperatures.is_empty() {
+/// What `ablate loss` crosses: its rows are the objectives by similarity by
+/// negatives (semi-hard mining only for the losses that take it), its
+/// columns the temperatures.
+pub struct LossAxes<'a> {
+    pub objectives: &'a [Objective],
+    pub similarities: &'a [Similarity],
+    pub temperatures: &'a [f64],
+    pub negatives: &'a [Negatives],
+}
+
+impl LossAxes<'_> {
+    /// The rows, in order: each objective's similarities, each with the
+    /// negatives it takes.
+    fn rows(&self) -> Vec<(Objective, Similarity, Negatives)> {
+        let mut rows = Vec::new();
+        for &objective in self.objectives {
+            for &similarity in self.similarities {
+                for &negatives in self.negatives {
+                    if negatives == Negatives::All || objective.mines_negatives() {
+                        rows.push((objective, similarity, negatives));
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    /// The runs of a row: the margin triplet loss has no temperature.
+    fn runs_per_row(&self, objective: Objective) -> usize {
+        if objective == Objective::MarginTriplet {
+            1
+        } else {
+            self.temperatures.len()
+        }
+    }
+}
+
+/// `ablate loss`: one cell per (objective, similarity, negatives) row and
+/// temperature column. Table 2's "sh" rows come from `--negatives
+/// all,semi-hard`.
+pub fn loss_grid(base: &RunConfig, axes: &LossAxes, study: &mut Study) -> Result<Grid> {
+    if axes.objectives.is_empty() || axes.similarities.is_empty() || axes.temperatures.is_empty() {
         return Err(Error::InvalidArgument(
             "ablate loss needs at least one objective, one similarity and one temperature".to_owned(),
         ));
     }
+    let rows = axes.rows();
+    if rows.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "ablate loss --negatives semi-hard with --losses {}: semi-hard negative mining is for nt-logistic \
+             and margin-triplet; add one of them, or --negatives all",
+            axes.objectives.iter().map(|o| o.name()).collect::<Vec<_>>().join(",")
+        )));
+    }
     study.create_folder()?;
-    let mut rows = Vec::new();
+    let mut row_names = Vec::new();
     let mut top1 = Vec::new();
     let mut initial_top1 = None;
-    let mut csv = format!("objective,similarity,temperature,margin,{}\n", study.score_columns(&["knn_top1"]));
-    let runs_per_row = |objective| if objective == Objective::MarginTriplet { 1 } else { temperatures.len() };
-    let total: usize = objectives.iter().map(|&o| runs_per_row(o)).sum::<usize>() * similarities.len();
+    let mut csv = format!("objective,similarity,negatives,temperature,margin,{}\n", study.score_columns(&["knn_top1"]));
+    let total: usize = rows.iter().map(|&(objective, ..)| axes.runs_per_row(objective)).sum();
     let mut done = 0;
-    for &objective in objectives {
-        for &similarity in similarities {
-            // The margin triplet loss has no temperature: one run, its score across the row.
-            let mut row = Vec::new();
-            for &temperature in &temperatures[..runs_per_row(objective)] {
-                let mut config = base.clone();
-                config.loss.objective = objective;
-                config.loss.similarity = similarity;
-                let key = if objective == Objective::MarginTriplet {
-                    format!("{}-{}-m{}", objective.name(), similarity.name(), config.loss.margin)
-                } else {
-                    config.loss.temperature = temperature;
-                    format!("{}-{}-t{temperature}", objective.name(), similarity.name())
-                };
-                done += 1;
-                let label = format!("{key} ({done} of {total})");
-                let cell = study.cell(config.clone(), &key, &label)?;
-                initial_top1 = initial_top1.or(cell.initial_top1());
-                let (t, m) = match objective {
-                    Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
-                    _ => (temperature.to_string(), String::new()),
-                };
-                let score = cell.score();
-                let csv_score = study.csv_score(score);
-                csv.push_str(&format!("{},{},{t},{m},{csv_score}\n", objective.name(), similarity.name()));
-                row.push(score);
+    for (objective, similarity, negatives) in rows {
+        // The margin triplet loss has no temperature: one run, its score across the row.
+        let mut row = Vec::new();
+        for &temperature in &axes.temperatures[..axes.runs_per_row(objective)] {
+            let mut config = base.clone();
+            config.loss.objective = objective;
+            config.loss.similarity = similarity;
+            config.loss.negatives = negatives;
+            let mut key = if objective == Objective::MarginTriplet {
+                format!("{}-{}-m{}", objective.name(), similarity.name(), config.loss.margin)
+            } else {
+                config.loss.temperature = temperature;
+                format!("{}-{}-t{temperature}", objective.name(), similarity.name())
+            };
+            if negatives == Negatives::SemiHard {
+                key.push_str("-semi-hard");
             }
-            row.resize(temperatures.len(), row[0]);
-            rows.push(row_name(objective, similarity));
-            top1.push(row);
+            done += 1;
+            let label = format!("{key} ({done} of {total})");
+            let cell = study.cell(config.clone(), &key, &label)?;
+            initial_top1 = initial_top1.or(cell.initial_top1());
+            let (t, m) = match objective {
+                Objective::MarginTriplet => (String::new(), config.loss.margin.to_string()),
+                _ => (temperature.to_string(), String::new()),
+            };
+            let score = cell.score();
+            let names = [objective.name(), similarity.name(), negatives.name()].join(",");
+            csv.push_str(&format!("{names},{t},{m},{}\n", study.csv_score(score)));
+            row.push(score);
         }
+        row.resize(axes.temperatures.len(), row[0]);
+        row_names.push(row_name(objective, similarity, negatives));
+        top1.push(row);
     }
-    let columns = temperatures.iter().map(|t| format!("τ = {t}")).collect();
-    let x_desc = if objectives.contains(&Objective::MarginTriplet) {
+    let columns = axes.temperatures.iter().map(|t| format!("τ = {t}")).collect();
+    let x_desc = if axes.objectives.contains(&Objective::MarginTriplet) {
         "temperature (margin triplet: one run, margin m, across its row)"
     } else {
         "temperature"
     };
     let chart = Chart { caption: "kNN top-1 (%) by loss and temperature", x_desc, y_desc: "loss" };
-    study.write_grid("loss \\ temperature", (rows, columns), top1, initial_top1, &csv, chart)
+    study.write_grid("loss \\ temperature", (row_names, columns), top1, initial_top1, &csv, chart)
 }
 
 /// The fields `ablate batch` sets in each of its runs, each with the flag that
@@ -1159,6 +1212,29 @@ mod tests {
         assert_eq!(unstable.score(), None);
         assert_eq!(unstable.score_with(|_| panic!("a diverged cell has no other score")).unwrap(), None);
         assert_eq!(percent(None), DIVERGED);
+    }
+
+    #[test]
+    fn a_finished_cell_written_before_a_field_existed_is_read_back_and_a_changed_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::default();
+        config.train.output_dir = dir.path().to_path_buf();
+        let summary = r#"{"final_knn_top1": 0.4, "final_loss": 3.5}"#;
+        std::fs::write(dir.path().join(SUMMARY_FILE), summary).unwrap();
+        // The config as a binary before `loss.negatives` wrote it.
+        let written = config.to_toml();
+        let before = written.replace("negatives = \"all\"\n", "");
+        assert_ne!(before, written, "the field is in the config");
+        std::fs::write(dir.path().join(CONFIG_FILE), &before).unwrap();
+        let run = run_cell(config.clone(), dir.path(), "cell", &mut ()).unwrap();
+        assert_eq!((run.top1, run.final_loss), (Some(0.4), Some(3.5)));
+        // Negative control: a value that differs is another configuration.
+        let mut other = config.clone();
+        other.loss.negatives = crate::loss::Negatives::SemiHard;
+        other.loss.objective = Objective::NtLogistic;
+        std::fs::write(dir.path().join(CONFIG_FILE), other.to_toml()).unwrap();
+        let error = run_cell(config, dir.path(), "cell", &mut ()).expect_err("another configuration");
+        assert!(error.to_string().contains("another configuration"), "{error}");
     }
 
     #[test]

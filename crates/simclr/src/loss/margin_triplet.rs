@@ -1,23 +1,29 @@
 //! Margin triplet loss (Table 2): ℓ_i = mean over negatives k of
 //! max(sim(z_i, z_k) - sim(z_i, z_p) + m, 0), averaged over the 2N anchors.
 //! Table 2 writes one negative; the mean over all 2(N-1) uses every
-//! negative of the batch, as the paper's comparison does.
+//! negative of the batch, as the paper's comparison does. With semi-hard
+//! negative mining ([`Negatives::SemiHard`]) the hinges of the negatives
+//! more similar than the positive are left out of the sum, which is still
+//! divided by 2(N-1), so that a kept negative weighs what it weighs
+//! without mining.
 use tch::{Kind, Tensor};
 
 use super::similarity::{similarity_matrix, Layout, Similarity};
+use super::Negatives;
 use crate::Result;
 
-/// As [`super::nt_xent::nt_xent`], for the margin triplet loss.
+/// As [`super::nt_xent::nt_xent`], for the margin triplet loss with margin
+/// m over the `which` negatives.
 pub fn margin_triplet(
     z: &Tensor,
     keys: &Tensor,
     layout: Layout,
-    margin: f64,
+    (margin, which): (f64, Negatives),
     similarity: Similarity,
 ) -> Result<Tensor> {
     let similarities = similarity_matrix(z, keys, similarity);
     let positive = layout.positive_similarity(&similarities).unsqueeze(1);
-    let mask = layout.negative_mask(z.device()).to_kind(similarities.kind());
+    let mask = layout.kept_negatives(&similarities, which).to_kind(similarities.kind());
     let hinge = (similarities - positive + margin).clamp_min(0.0) * &mask;
     let per_anchor = hinge.sum_dim_intlist([1i64].as_slice(), false, None) / (layout.keys - 2) as f64;
     Ok(per_anchor.mean(None::<Kind>))
@@ -26,6 +32,7 @@ pub fn margin_triplet(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::similarity::by_hand::{mean_over_anchors, projections, rows};
 
     #[test]
     fn zero_when_positives_beat_negatives_by_the_margin() {
@@ -33,8 +40,39 @@ mod tests {
         let b = [0.0, 1.0];
         let z = Tensor::from_slice2(&[a, b, a, b]).to_kind(Kind::Double);
         // sim(pos) = 1, sim(neg) = 0: hinge max(0 - 1 + m, 0).
-        assert_eq!(margin_triplet(&z, &z, Layout::local(2), 0.5, Similarity::Cosine).unwrap().double_value(&[]), 0.0);
-        let loss = margin_triplet(&z, &z, Layout::local(2), 1.5, Similarity::Cosine).unwrap().double_value(&[]);
-        assert!((loss - 0.5).abs() < 1e-9);
+        let loss = |margin| {
+            let loss = margin_triplet(&z, &z, Layout::local(2), (margin, Negatives::All), Similarity::Cosine);
+            loss.unwrap().double_value(&[])
+        };
+        assert_eq!(loss(0.5), 0.0);
+        assert!((loss(1.5) - 0.5).abs() < 1e-9);
+    }
+
+    /// The loss with loops, in f64, over the negatives `kept(negative, positive)`
+    /// of their similarities.
+    fn reference(z: &[Vec<f64>], margin: f64, kept: impl Fn(f64, f64) -> bool) -> f64 {
+        let count = (z.len() - 2) as f64;
+        mean_over_anchors(z, |i, p, sim| {
+            let negatives = (0..z.len()).filter(|&k| k != i && k != p && kept(sim(i, k), sim(i, p)));
+            negatives.map(|k| (sim(i, k) - sim(i, p) + margin).max(0.0)).sum::<f64>() / count
+        })
+    }
+
+    #[test]
+    fn semi_hard_mining_keeps_the_negatives_less_similar_than_the_positive() {
+        let z = projections(12, 5);
+        let losses = [Negatives::All, Negatives::SemiHard].map(|which| {
+            let loss = margin_triplet(&z, &z, Layout::local(6), (0.4, which), Similarity::Cosine).unwrap();
+            loss.double_value(&[])
+        });
+        let expected = [
+            reference(&rows(&z), 0.4, |_, _| true),
+            reference(&rows(&z), 0.4, |negative, positive| negative < positive),
+        ];
+        for (loss, expected) in losses.iter().zip(expected) {
+            assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+        }
+        // Negative control: mining drops the hard negatives' hinges.
+        assert!(losses[0] - losses[1] > 0.05, "{losses:?}");
     }
 }

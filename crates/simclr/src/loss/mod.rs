@@ -28,6 +28,31 @@ pub enum Objective {
 
 names!(Objective, "loss", { NtXent => "nt-xent", NtLogistic => "nt-logistic", MarginTriplet => "margin-triplet", Dcl => "dcl" });
 
+/// Which of an anchor's 2(N-1) negatives enter NT-Logistic and the margin
+/// triplet loss (Table 2's "sh" columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negatives {
+    /// Every view of the batch's other images.
+    All,
+    /// Semi-hard negative mining (Schroff et al. 2015, eq. 4): only the
+    /// negatives the anchor finds less similar than its positive. The
+    /// margin triplet loss's hinge keeps, of those, the ones within the
+    /// margin: FaceNet's semi-hard triplets. The negatives more similar
+    /// than the positive (the hard ones) are dropped, whose push
+    /// dominates these losses early in training.
+    SemiHard,
+}
+
+names!(Negatives, "negatives", { All => "all", SemiHard => "semi-hard" });
+
+impl Objective {
+    /// Whether `loss.negatives = "semi-hard"` applies: Table 2's losses
+    /// whose negatives all weigh alike.
+    pub fn mines_negatives(self) -> bool {
+        matches!(self, Objective::NtLogistic | Objective::MarginTriplet)
+    }
+}
+
 /// The `[loss]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,11 +64,21 @@ pub struct LossConfig {
     pub similarity: Similarity,
     /// m for the margin triplet loss.
     pub margin: f64,
+    /// All negatives or the semi-hard ones (NT-Logistic and the margin
+    /// triplet loss only; NT-Xent weighs its negatives by their hardness
+    /// already, through the softmax).
+    pub negatives: Negatives,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { objective: Objective::NtXent, temperature: 0.1, similarity: Similarity::Cosine, margin: 1.0 }
+        Self {
+            objective: Objective::NtXent,
+            temperature: 0.1,
+            similarity: Similarity::Cosine,
+            margin: 1.0,
+            negatives: Negatives::All,
+        }
     }
 }
 
@@ -54,6 +89,13 @@ impl LossConfig {
         }
         if !(self.margin >= 0.0 && self.margin.is_finite()) {
             problems.push(format!("loss.margin = {}: must be a finite number >= 0", self.margin));
+        }
+        if self.negatives == Negatives::SemiHard && !self.objective.mines_negatives() {
+            problems.push(format!(
+                "loss.negatives = \"semi-hard\" with loss.objective = \"{}\": semi-hard negative mining is for \
+                 nt-logistic and margin-triplet (Table 2), whose terms weigh every negative alike",
+                self.objective.name()
+            ));
         }
     }
 
@@ -73,11 +115,13 @@ impl LossConfig {
 
     /// The mean loss of the anchors `layout` places among `keys`.
     fn compute_at(&self, anchors: &Tensor, keys: &Tensor, layout: Layout) -> Result<Tensor> {
-        let (tau, similarity) = (self.temperature, self.similarity);
+        let (tau, similarity, negatives) = (self.temperature, self.similarity, self.negatives);
         match self.objective {
             Objective::NtXent => nt_xent::nt_xent(anchors, keys, layout, tau, similarity),
-            Objective::NtLogistic => nt_logistic::nt_logistic(anchors, keys, layout, tau, similarity),
-            Objective::MarginTriplet => margin_triplet::margin_triplet(anchors, keys, layout, self.margin, similarity),
+            Objective::NtLogistic => nt_logistic::nt_logistic(anchors, keys, layout, (tau, negatives), similarity),
+            Objective::MarginTriplet => {
+                margin_triplet::margin_triplet(anchors, keys, layout, (self.margin, negatives), similarity)
+            }
             Objective::Dcl => dcl::dcl(anchors, keys, layout, tau, similarity),
         }
     }
@@ -117,13 +161,7 @@ impl LossConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
-
-    /// `[rows, 6]` projections from a closed-form formula: the same in every
-    /// run, without the generator the crate's tests share across threads.
-    fn projections(rows: i64) -> Tensor {
-        (Tensor::arange(rows * 6, (Kind::Double, Device::Cpu)) * 0.618 + 0.3).sin().reshape([rows, 6])
-    }
+    use crate::loss::similarity::by_hand::projections;
 
     /// The loss of the batch at `offset` among `keys` and its gradient in
     /// them, whole or in blocks of `block` anchors.
@@ -145,16 +183,21 @@ mod tests {
     fn blocks_of_anchors_give_the_whole_loss_and_its_gradient() {
         // A batch of 5 pairs, alone (offset 0 of its own 10 rows) and among
         // the 16 keys of three ranks (at rows 4..14 of them).
-        let keys = projections(16);
+        let keys = projections(16, 6);
         let alone = keys.narrow(0, 4, 10).copy();
-        for objective in Objective::ALL {
+        let configs = Objective::ALL.into_iter().flat_map(|objective| {
+            let mined = objective.mines_negatives().then_some(Negatives::SemiHard);
+            [Negatives::All].into_iter().chain(mined).map(move |negatives| (objective, negatives))
+        });
+        for (objective, negatives) in configs {
             for similarity in [Similarity::Cosine, Similarity::Dot] {
-                let config = LossConfig { objective, similarity, temperature: 0.5, ..Default::default() };
+                let config = LossConfig { objective, similarity, negatives, temperature: 0.5, ..Default::default() };
                 for (keys, offset) in [(&alone, 0), (&keys, 4)] {
                     let (loss, gradient) = loss_and_gradient(&config, keys, offset, None);
                     // Blocks of 3, 3, 3 and 1 anchors; of 4, 4 and 2; one of all 10.
                     for block in [3, 4, 10] {
-                        let what = format!("{objective:?}, {similarity:?}, offset {offset}, blocks of {block}");
+                        let what =
+                            format!("{objective:?}, {negatives:?}, {similarity:?}, offset {offset}, blocks of {block}");
                         let (in_blocks, block_gradient) = loss_and_gradient(&config, keys, offset, Some(block));
                         assert!((in_blocks - loss).abs() < 1e-12 * loss.abs(), "{what}: {in_blocks} against {loss}");
                         let difference = (&block_gradient - &gradient).abs().max().double_value(&[]);
@@ -170,7 +213,7 @@ mod tests {
         // Negative control for the test above: each block's anchors taken
         // from their rows but laid out as the batch's first rows (their
         // positives and own entries looked up for other anchors).
-        let keys = projections(10);
+        let keys = projections(10, 6);
         for objective in Objective::ALL {
             let config = LossConfig { objective, temperature: 0.5, ..Default::default() };
             let whole = config.compute(&keys).unwrap().double_value(&[]);
@@ -185,6 +228,21 @@ mod tests {
                 })
                 .sum();
             assert!((misplaced - whole).abs() > 1e-3 * whole.abs(), "{objective:?}: {misplaced} against {whole}");
+        }
+    }
+
+    #[test]
+    fn semi_hard_mining_is_refused_for_the_losses_that_weigh_their_negatives() {
+        for objective in Objective::ALL {
+            let config = LossConfig { objective, negatives: Negatives::SemiHard, ..Default::default() };
+            let mut problems = Vec::new();
+            config.check(&mut problems);
+            if objective.mines_negatives() {
+                assert!(problems.is_empty(), "{objective:?}: {problems:?}");
+            } else {
+                assert_eq!(problems.len(), 1, "{objective:?}");
+                assert!(problems[0].contains("loss.negatives") && problems[0].contains(objective.name()));
+            }
         }
     }
 }

@@ -1,27 +1,32 @@
 //! NT-Logistic (Table 2): ℓ_i = -log σ(sim(z_i, z_p)/τ) - Σ_{k negative} log σ(-sim(z_i, z_k)/τ),
-//! averaged over the 2N anchors.
+//! averaged over the 2N anchors; the sum over all negatives or over the
+//! semi-hard ones ([`Negatives`]).
 use tch::{Kind, Tensor};
 
 use super::similarity::{similarity_matrix, Layout, Similarity};
+use super::Negatives;
 use crate::Result;
 
-/// As [`super::nt_xent::nt_xent`], for NT-Logistic.
+/// As [`super::nt_xent::nt_xent`], for NT-Logistic at temperature τ over
+/// the `which` negatives.
 pub fn nt_logistic(
     z: &Tensor,
     keys: &Tensor,
     layout: Layout,
-    temperature: f64,
+    (temperature, which): (f64, Negatives),
     similarity: Similarity,
 ) -> Result<Tensor> {
     let logits = similarity_matrix(z, keys, similarity) / temperature;
     let positive = layout.positive_similarity(&logits).log_sigmoid().neg();
-    let negatives = (-&logits).log_sigmoid().neg() * layout.negative_mask(z.device()).to_kind(logits.kind());
+    let kept = layout.kept_negatives(&logits, which).to_kind(logits.kind());
+    let negatives = (-&logits).log_sigmoid().neg() * kept;
     Ok((positive + negatives.sum_dim_intlist([1i64].as_slice(), false, None)).mean(None::<Kind>))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::similarity::by_hand::{mean_over_anchors, projections, rows};
 
     #[test]
     fn two_pairs_by_hand() {
@@ -33,7 +38,36 @@ mod tests {
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         // Positive similarity 1, the two negatives 0.
         let expected = -sig(1.0 / tau).ln() - 2.0 * sig(0.0).ln();
-        let loss = nt_logistic(&z, &z, Layout::local(2), tau, Similarity::Cosine).unwrap().double_value(&[]);
+        let loss = nt_logistic(&z, &z, Layout::local(2), (tau, Negatives::All), Similarity::Cosine);
+        let loss = loss.unwrap().double_value(&[]);
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
+    }
+
+    /// Table 2's loss with loops, in f64, over the negatives `kept(i, p, k)`.
+    fn reference(z: &[Vec<f64>], tau: f64, kept: impl Fn(f64, f64) -> bool) -> f64 {
+        let log_sigmoid = |x: f64| -(1.0 + (-x).exp()).ln();
+        mean_over_anchors(z, |i, p, sim| {
+            let negatives = (0..z.len()).filter(|&k| k != i && k != p && kept(sim(i, k), sim(i, p)));
+            -log_sigmoid(sim(i, p) / tau) - negatives.map(|k| log_sigmoid(-sim(i, k) / tau)).sum::<f64>()
+        })
+    }
+
+    #[test]
+    fn matches_table_two_over_all_negatives_and_over_the_semi_hard_ones() {
+        let z = projections(12, 5);
+        let losses = [Negatives::All, Negatives::SemiHard].map(|which| {
+            let loss = nt_logistic(&z, &z, Layout::local(6), (0.5, which), Similarity::Cosine).unwrap();
+            loss.double_value(&[])
+        });
+        let expected = [
+            reference(&rows(&z), 0.5, |_, _| true),
+            reference(&rows(&z), 0.5, |negative, positive| negative < positive),
+        ];
+        for (loss, expected) in losses.iter().zip(expected) {
+            assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+        }
+        // Negative control: some negatives here are harder than their
+        // positive, so mining drops terms.
+        assert!(losses[0] - losses[1] > 0.1, "{losses:?}");
     }
 }

@@ -133,6 +133,21 @@ impl Layout {
         self.self_mask(device).logical_or(&positive_mask).logical_not()
     }
 
+    /// [rows, keys]: true at the negatives `which` keeps for each anchor,
+    /// from `similarities` ([rows, keys], or any increasing function of
+    /// them, such as logits): all of them, or the semi-hard ones, less
+    /// similar to the anchor than its positive.
+    pub fn kept_negatives(&self, similarities: &Tensor, which: super::Negatives) -> Tensor {
+        let negatives = self.negative_mask(similarities.device());
+        match which {
+            super::Negatives::All => negatives,
+            super::Negatives::SemiHard => {
+                let positive = self.positive_similarity(similarities).unsqueeze(1);
+                negatives.logical_and(&similarities.lt_tensor(&positive))
+            }
+        }
+    }
+
     /// The similarity of each anchor with its positive, from [rows, keys].
     pub fn positive_similarity(&self, similarities: &Tensor) -> Tensor {
         similarities.gather(1, &self.positive_index(similarities.device()).unsqueeze(1), false).squeeze_dim(1)
@@ -151,6 +166,14 @@ pub(crate) mod by_hand {
         let sim =
             |a: usize, b: usize| z[a].iter().zip(&z[b]).map(|(x, y)| x * y).sum::<f64>() / (norm(&z[a]) * norm(&z[b]));
         (0..n2).map(|i| term(i, (i + n2 / 2) % n2, &sim)).sum::<f64>() / n2 as f64
+    }
+
+    /// `[rows, dim]` f64 projections from a closed-form formula: the same in
+    /// every run, without the generator the crate's tests share across
+    /// threads.
+    pub fn projections(rows: i64, dim: i64) -> tch::Tensor {
+        let options = (tch::Kind::Double, tch::Device::Cpu);
+        (tch::Tensor::arange(rows * dim, options) * 0.618 + 0.3).sin().reshape([rows, dim])
     }
 
     /// The rows of a `[rows, d]` f64 tensor.
