@@ -1020,6 +1020,12 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
     // Without a head z is h, scored once by the monitor and once from the checkpoint.
     assert_eq!(rows[0][2], rows[0][3], "{csv}");
     assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    // The effective ranks of the bank's features at h and at z: one where
+    // z is h, each between 1 and the features' dimension.
+    assert!(csv.starts_with("head,projection_dim,knn_top1_h,knn_top1_z,effective_rank_h,effective_rank_z\n"));
+    assert_eq!(rows[0][4], rows[0][5], "{csv}");
+    assert!(rows.iter().all(|r| r[4..6].iter().all(|rank| (1.0..=128.0).contains(&score(rank)))), "{csv}");
+    assert!(table.contains("effective rank of the kNN bank's features, h / z: head-none "), "{table}");
 
     // `eval knn` on the same splits with the monitor's k and T reads the
     // study's numbers from the run's checkpoint, at h and at z.

@@ -59,13 +59,13 @@ use crate::augment::{
 use crate::config::RunConfig;
 use crate::embed::EncoderSource;
 use crate::eval::features::FeatureNet;
-use crate::eval::{Probe, Transformation};
+use crate::eval::{effective_rank, Probe, Transformation};
 use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
+use crate::train::FinishedRun;
 use crate::train::{checkpoint, train, Observer};
-use crate::train::{knn_top1_at, FinishedRun};
 use crate::{Error, Result};
 
 /// The ops of view 2 for the pair (first, second): each applied always,
@@ -672,7 +672,10 @@ pub const HEAD_DIMS_VARIED: (&str, &str) = ("model.head.projection_dim", "--dims
 /// several, Figure 8's grid: a column per dimension of z, scored on h (z in
 /// the CSV), the run without a head (which has no z of its own) across its
 /// row. The paper finds a non-linear head best at every dimension, the
-/// dimension mattering little, and h better than z by more than 10%.
+/// dimension mattering little, and h better than z by more than 10%. Each
+/// cell also gets the effective rank of the kNN bank's features at h and
+/// at z (in the CSV and below the table): appendix B.4 finds z of lower
+/// rank than h.
 pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: &mut Study) -> Result<Grid> {
     if heads.is_empty() {
         return Err(Error::InvalidArgument("ablate head needs at least one head".to_owned()));
@@ -684,7 +687,9 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
     let dims = if dims.is_empty() { vec![base.model.head.projection_dim] } else { dims.to_vec() };
     study.create_folder()?;
     let (mut top1, mut initial_top1) = (Vec::new(), None);
-    let mut csv = format!("head,projection_dim,{}\n", study.score_columns(&["knn_top1_h", "knn_top1_z"]));
+    let columns = ["knn_top1_h", "knn_top1_z", "effective_rank_h", "effective_rank_z"];
+    let mut csv = format!("head,projection_dim,{}\n", study.score_columns(&columns));
+    let mut ranks = Vec::new();
     let runs: usize = heads.iter().map(|head| if head.kind == HeadKind::None { 1 } else { dims.len() }).sum();
     let mut done = 0;
     for head in heads {
@@ -705,9 +710,11 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
             done += 1;
             let cell = study.cell(config, &key, &format!("{key} ({done} of {runs})"))?;
             initial_top1 = initial_top1.or(cell.initial_top1());
-            let (h, z) = (cell.score(), cell.score_with(|run| knn_top1_at(&run.dir, Layer::Z))?);
+            let (h, [z, rank_h, rank_z]) = (cell.score(), cell.scores_with(head_measures)?);
             let width = if head.kind == HeadKind::None { String::new() } else { dim.to_string() };
-            csv.push_str(&format!("{head},{width},{},{}\n", study.csv_score(h), study.csv_score(z)));
+            let scores = [h, z, rank_h, rank_z].map(|score| study.csv_score(score)).join(",");
+            csv.push_str(&format!("{head},{width},{scores}\n"));
+            ranks.push(format!("{key} {} / {}", rank_text(rank_h), rank_text(rank_z)));
             row.extend(if by_dimension { vec![h] } else { vec![h, z] });
         }
         if by_dimension {
@@ -732,7 +739,24 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
         (vec!["h".to_owned(), "z = g(h)".to_owned()], chart)
     };
     let corner = if by_dimension { "head \\ dimension" } else { "head \\ layer" };
-    study.write_grid(corner, (rows, columns), top1, initial_top1, &csv, chart)
+    let mut grid = study.write_grid(corner, (rows, columns), top1, initial_top1, &csv, chart)?;
+    grid.notes = format!("effective rank of the kNN bank's features, h / z: {}\n", ranks.join("; "));
+    Ok(grid)
+}
+
+/// What `ablate head` reads of a finished run besides the monitor's score
+/// of h: the kNN top-1 of z = g(h), and the effective ranks of the kNN
+/// bank's features at h and at z (appendix B.4). The run is opened once.
+fn head_measures(run: &Run) -> Result<[f64; 3]> {
+    let run = FinishedRun::open(&run.dir)?;
+    let rank = |layer| Ok::<_, Error>(effective_rank(&run.bank_features(layer)?));
+    Ok([run.knn_top1(Layer::Z)?, rank(Layer::H)?, rank(Layer::Z)?])
+}
+
+/// An effective rank as a note shows it.
+fn rank_text(rank: Option<Score>) -> String {
+    let one_place = |value: f64| format!("{value:.1}");
+    score_text(rank, one_place, one_place)
 }
 
 /// The fields `ablate model` sets in each of its runs, each with the flag that

@@ -2,12 +2,14 @@
 //! the kNN monitor and linear evaluation on frozen features, both scored by
 //! top-1 and top-5 accuracy; and what a representation keeps of the
 //! augmentations, by predicting the transformation an image was given
-//! (section 4.2, Table 3).
+//! (section 4.2, Table 3), and how many dimensions it uses (its effective
+//! rank, appendix B.4).
 pub mod features;
 pub mod finetune;
 pub mod knn;
 pub mod linear;
 pub mod protocol;
+pub mod spectrum;
 pub mod transform;
 
 use rand::{Rng, SeedableRng};
@@ -19,6 +21,7 @@ pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{fit_linear_across, linear_eval, linear_eval_across, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
+pub use spectrum::effective_rank;
 pub use transform::{Probe, Transformation};
 
 /// A labelled train and test split, and how their images become tensors.

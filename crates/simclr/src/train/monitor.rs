@@ -94,8 +94,7 @@ impl Monitor {
         pool: &ThreadPool,
         group: Option<&ProcessGroup>,
     ) -> Result<f64> {
-        let policy = BadImagePolicy::Stop;
-        let batches = Batches { format, batch_size: FEATURE_BATCH, device, policy, precision: Precision::Fp32 };
+        let batches = Self::batches(format, device);
         // Each rank holds its part of the bank and all the queries.
         let (bank, _) = batches.labelled_part(net, &self.bank.samples, pool, group)?;
         let queries = batches.labelled_across(net, &self.queries.samples, pool, group)?;
@@ -103,16 +102,31 @@ impl Monitor {
             knn_votes_across(&bank.features, &bank.labels, &queries.features, self.classes, self.config, group)?;
         Ok(Hits::of(&votes, &queries.labels).accuracy().top1)
     }
+
+    /// The features of the bank by `net`, in one process: `[images, dim]`.
+    pub fn bank_features(
+        &self,
+        net: FeatureNet,
+        format: ViewFormat,
+        device: Device,
+        pool: &ThreadPool,
+    ) -> Result<tch::Tensor> {
+        let batches = Self::batches(format, device);
+        Ok(batches.labelled(net, &self.bank.samples, pool)?.features)
+    }
+
+    /// How the monitor turns its images into features: the splits were
+    /// read once already, an image that fails now stops.
+    fn batches(format: ViewFormat, device: Device) -> Batches {
+        Batches { format, batch_size: FEATURE_BATCH, device, policy: BadImagePolicy::Stop, precision: Precision::Fp32 }
+    }
 }
 
 /// The kNN monitor's score of the network in the run folder `run_dir`
 /// (its latest checkpoint), read at `layer`: how a study scores z = g(h)
 /// beside the h the monitor scored during training.
 pub fn knn_top1_at(run_dir: &Path, layer: Layer) -> Result<f64> {
-    let run = FinishedRun::open(run_dir)?;
-    let format = run.config.image_format();
-    let net = FeatureNet::at(&run.model, layer)?;
-    Monitor::of_run(&run.config, run.splits, &run.pool, None)?.top1(net, format, run.device, &run.pool, None)
+    FinishedRun::open(run_dir)?.knn_top1(layer)
 }
 
 /// A run's network as its latest checkpoint holds it, on the run's device,
@@ -140,5 +154,21 @@ impl FinishedRun {
             Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
         })?;
         Ok(Self { config, _store: store, model, device, pool, splits })
+    }
+
+    /// The kNN monitor's score of the network read at `layer`.
+    pub fn knn_top1(&self, layer: Layer) -> Result<f64> {
+        let (format, net) = (self.config.image_format(), FeatureNet::at(&self.model, layer)?);
+        self.monitor()?.top1(net, format, self.device, &self.pool, None)
+    }
+
+    /// The features at `layer` of the kNN monitor's bank: `[images, dim]`, fp32.
+    pub fn bank_features(&self, layer: Layer) -> Result<tch::Tensor> {
+        let (format, net) = (self.config.image_format(), FeatureNet::at(&self.model, layer)?);
+        self.monitor()?.bank_features(net, format, self.device, &self.pool)
+    }
+
+    fn monitor(&self) -> Result<Monitor> {
+        Monitor::of_run(&self.config, self.splits.clone(), &self.pool, None)
     }
 }
