@@ -168,6 +168,36 @@ pub(crate) mod by_hand {
         (0..n2).map(|i| term(i, (i + n2 / 2) % n2, &sim)).sum::<f64>() / n2 as f64
     }
 
+    /// The negatives of anchor `i` (positive `p`) among `count` rows that
+    /// `which` keeps, by the similarity `sim`.
+    pub fn kept_negatives<'a>(
+        count: usize,
+        (i, p): (usize, usize),
+        sim: &'a dyn Fn(usize, usize) -> f64,
+        which: crate::loss::Negatives,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let semi_hard = which == crate::loss::Negatives::SemiHard;
+        (0..count).filter(move |&k| k != i && k != p && (!semi_hard || sim(i, k) < sim(i, p)))
+    }
+
+    /// Checks a loss (of 12 fixed projections of 5 dimensions, over all
+    /// negatives or the semi-hard ones) against its `reference` with loops;
+    /// the negative control: mining drops at least `dropped` of the loss
+    /// (some negatives of these projections are harder than their positive).
+    pub fn assert_matches_loops(
+        loss: impl Fn(&tch::Tensor, crate::loss::Negatives) -> f64,
+        reference: impl Fn(&[Vec<f64>], crate::loss::Negatives) -> f64,
+        dropped: f64,
+    ) {
+        let z = projections(12, 5);
+        let losses = crate::loss::Negatives::ALL.map(|which| {
+            let (loss, expected) = (loss(&z, which), reference(&rows(&z), which));
+            assert!((loss - expected).abs() < 1e-12, "{which:?}: {loss} vs {expected}");
+            loss
+        });
+        assert!(losses[0] - losses[1] > dropped, "{losses:?}");
+    }
+
     /// `[rows, dim]` f64 projections from a closed-form formula: the same in
     /// every run, without the generator the crate's tests share across
     /// threads.
