@@ -38,8 +38,8 @@ pub enum Negatives {
     /// negatives the anchor finds less similar than its positive. The
     /// margin triplet loss's hinge keeps, of those, the ones within the
     /// margin: FaceNet's semi-hard triplets. The negatives more similar
-    /// than the positive (the hard ones) are dropped, whose push
-    /// dominates these losses early in training.
+    /// than the positive (the hard ones) are dropped: FaceNet found that
+    /// they can collapse a model early in training.
     SemiHard,
 }
 
