@@ -746,11 +746,12 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
 
 /// What `ablate head` reads of a finished run besides the monitor's score
 /// of h: the kNN top-1 of z = g(h), and the effective ranks of the kNN
-/// bank's features at h and at z (appendix B.4). The run is opened once.
+/// bank's features at h and at z (appendix B.4). The run is opened once,
+/// and z's bank features serve both the kNN and the rank.
 fn head_measures(run: &Run) -> Result<[f64; 3]> {
     let run = FinishedRun::open(&run.dir)?;
-    let rank = |layer| Ok::<_, Error>(effective_rank(&run.bank_features(layer)?));
-    Ok([run.knn_top1(Layer::Z)?, rank(Layer::H)?, rank(Layer::Z)?])
+    let (z_top1, z_bank) = run.knn_scored(Layer::Z)?;
+    Ok([z_top1, effective_rank(&run.bank_features(Layer::H)?), effective_rank(&z_bank)])
 }
 
 /// An effective rank as a note shows it.

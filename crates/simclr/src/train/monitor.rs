@@ -94,13 +94,26 @@ impl Monitor {
         pool: &ThreadPool,
         group: Option<&ProcessGroup>,
     ) -> Result<f64> {
+        Ok(self.scored(net, format, device, pool, group)?.0)
+    }
+
+    /// [`Monitor::top1`] and the bank's features it scored with (this
+    /// rank's part of them with a `group`): `[images, dim]`.
+    pub fn scored(
+        &self,
+        net: FeatureNet,
+        format: ViewFormat,
+        device: Device,
+        pool: &ThreadPool,
+        group: Option<&ProcessGroup>,
+    ) -> Result<(f64, tch::Tensor)> {
         let batches = Self::batches(format, device);
         // Each rank holds its part of the bank and all the queries.
         let (bank, _) = batches.labelled_part(net, &self.bank.samples, pool, group)?;
         let queries = batches.labelled_across(net, &self.queries.samples, pool, group)?;
         let votes =
             knn_votes_across(&bank.features, &bank.labels, &queries.features, self.classes, self.config, group)?;
-        Ok(Hits::of(&votes, &queries.labels).accuracy().top1)
+        Ok((Hits::of(&votes, &queries.labels).accuracy().top1, bank.features))
     }
 
     /// The features of the bank by `net`, in one process: `[images, dim]`.
@@ -140,6 +153,9 @@ pub struct FinishedRun {
     pub device: Device,
     pub pool: std::sync::Arc<ThreadPool>,
     pub splits: (Dataset, Dataset),
+    /// The kNN monitor on `splits`, built at its first use and kept (under
+    /// the skip policy, building it reads every image).
+    monitor: std::cell::OnceCell<Monitor>,
 }
 
 impl FinishedRun {
@@ -153,13 +169,19 @@ impl FinishedRun {
         let splits = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
             Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
         })?;
-        Ok(Self { config, _store: store, model, device, pool, splits })
+        Ok(Self { config, _store: store, model, device, pool, splits, monitor: Default::default() })
     }
 
     /// The kNN monitor's score of the network read at `layer`.
     pub fn knn_top1(&self, layer: Layer) -> Result<f64> {
+        Ok(self.knn_scored(layer)?.0)
+    }
+
+    /// [`FinishedRun::knn_top1`] and the features at `layer` of the
+    /// monitor's bank it scored with: `[images, dim]`, fp32.
+    pub fn knn_scored(&self, layer: Layer) -> Result<(f64, tch::Tensor)> {
         let (format, net) = (self.config.image_format(), FeatureNet::at(&self.model, layer)?);
-        self.monitor()?.top1(net, format, self.device, &self.pool, None)
+        self.monitor()?.scored(net, format, self.device, &self.pool, None)
     }
 
     /// The features at `layer` of the kNN monitor's bank: `[images, dim]`, fp32.
@@ -168,7 +190,11 @@ impl FinishedRun {
         self.monitor()?.bank_features(net, format, self.device, &self.pool)
     }
 
-    fn monitor(&self) -> Result<Monitor> {
-        Monitor::of_run(&self.config, self.splits.clone(), &self.pool, None)
+    fn monitor(&self) -> Result<&Monitor> {
+        if let Some(monitor) = self.monitor.get() {
+            return Ok(monitor);
+        }
+        let monitor = Monitor::of_run(&self.config, self.splits.clone(), &self.pool, None)?;
+        Ok(self.monitor.get_or_init(|| monitor))
     }
 }
