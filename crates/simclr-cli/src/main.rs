@@ -70,6 +70,9 @@ enum Command {
 enum AblateKind {
     /// The paper's Figure 5: train once per pair of ops applied to one view, score by kNN, draw the heatmap.
     Augment(AblateArgs),
+    /// The paper's Figure 6: for each pair of ops as `ablate augment`'s, how often colour histograms alone find a
+    /// view's positive in its batch; no training.
+    Histogram(AblateHistogramArgs),
     /// The paper's Tables 2 and 5: train once per loss, l2 normalisation and temperature, score by kNN.
     Loss(AblateLossArgs),
     /// The paper's Figure 9: train once per batch size and number of epochs, score by kNN.
@@ -420,6 +423,16 @@ struct AblateArgs {
 }
 
 #[derive(Args)]
+struct AblateHistogramArgs {
+    #[command(flatten)]
+    pairs: AblateArgs,
+    /// Comma-separated colour-distortion strengths s: the base's own augmentation with its colour jitter at each,
+    /// below the table; the flag alone: none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0,0.125,0.25,0.5,1")]
+    strengths: Vec<f64>,
+}
+
+#[derive(Args)]
 struct AblateLossArgs {
     /// The base run (its --output is the folder of the whole study).
     #[command(flatten)]
@@ -691,6 +704,11 @@ fn ablate(kind: AblateKind) -> Result<()> {
         AblateKind::Augment(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::AUGMENT_VARIED, &mut console)?;
             ablation::augment_pairs(&base, &args.ops, &mut study)?
+        }
+        AblateKind::Histogram(args) => {
+            let (base, mut study) =
+                args.pairs.study.study(&args.pairs.run, ablation::HISTOGRAM_VARIED, &mut console)?;
+            ablation::histogram_pairs(&base, &args.pairs.ops, &args.strengths, &mut study)?
         }
         AblateKind::Loss(args) => {
             let (base, mut study) = args.study.study(&args.run, ablation::LOSS_VARIED, &mut console)?;

@@ -678,6 +678,54 @@ fn augment_preview_and_ablation_write_their_figures() {
     );
 }
 
+/// `ablate histogram` scores `ablate augment`'s pairs by colour
+/// histograms without training anything, the same each time.
+#[test]
+fn histogram_study_scores_each_pair_without_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let out = dir.path().join("histogram");
+    let study = || {
+        tiny_study(["ablate", "histogram", "--ops", "random-resized-crop,color-jitter", "--seeds", "0,1"], &data, &out)
+            .run()
+    };
+    let output = study();
+    assert_succeeds(&output);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "first,second,random_guess,histogram_top1,histogram_top1_sd", "{csv}");
+    assert_eq!(lines.len(), 5, "{csv}");
+    for line in &lines[1..] {
+        let fields: Vec<&str> = line.split(',').collect();
+        // 12 images in batches of 4: a view's positive is one of 7 others.
+        assert_eq!(fields[2], "0.142857", "{line}");
+        let share: f64 = fields[3].parse().unwrap();
+        assert!((0.0..=1.0).contains(&share), "{line}");
+    }
+    // (crop, jitter) and (jitter, crop) are one experiment.
+    assert_eq!(lines[2].split(',').skip(2).collect::<Vec<_>>(), lines[3].split(',').skip(2).collect::<Vec<_>>());
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    for needle in ["the base run's own augmentation (both views): ", "colour jitter at strength 0: ", ", 1: "] {
+        assert!(printed.contains(needle), "{needle} in {printed}");
+    }
+    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    let folders = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
+    assert_eq!(folders, 0, "nothing is trained");
+    assert_succeeds(&study());
+    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv, "the same views each time");
+
+    let bare = dir.path().join("bare");
+    let no_jitter =
+        || tiny_study(["ablate", "histogram", "--ops", "cutout"], &data, &bare).args(["--set", "augment.ops=[]"]);
+    assert_fails_with(&no_jitter().run(), &["ablate histogram --strengths", "no color-jitter op"]);
+    assert_succeeds(&no_jitter().args(["--strengths"]).run());
+    assert_fails_with(
+        &tiny_study(["ablate", "histogram", "--strengths", "0.5,2"], &data, &bare).run(),
+        &["--strengths", "strength = 2"],
+    );
+}
+
 #[test]
 fn mismatched_weights_are_named() {
     let dir = tempfile::tempdir().unwrap();

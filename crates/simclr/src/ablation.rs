@@ -13,6 +13,10 @@
 //! first, so (crop, x) and (x, crop) are one experiment, trained once.
 //! Writes `results.csv` and the heatmap `results.png`.
 //!
+//! `ablate histogram`, Figure 6: the same pairs, trained not at all:
+//! how often colour histograms alone find a view's positive in its batch.
+//! Writes `results.csv` and the heatmap `results.png`.
+//!
 //! `ablate loss`, Tables 2 and 5: each objective with and without ℓ2
 //! normalisation (cosine or dot-product similarity) at each temperature
 //! (the margin triplet loss has a margin instead, so one run per
@@ -59,7 +63,7 @@ use crate::augment::{
 use crate::config::RunConfig;
 use crate::embed::EncoderSource;
 use crate::eval::features::FeatureNet;
-use crate::eval::{effective_rank, Probe, Transformation};
+use crate::eval::{effective_rank, histogram_shortcut, Probe, Transformation};
 use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::Heatmap;
@@ -81,6 +85,46 @@ fn view_ops(first: &OpConfig, second: Option<&OpConfig>) -> Vec<OpConfig> {
 /// gives its values.
 pub const AUGMENT_VARIED: &[(&str, &str)] = &[("augment.ops", "--ops"), ("augment.second_view", "--ops")];
 
+/// Figure 5's grid over `ops`: `score` of each ordered pair (first,
+/// second), and of each op alone on the diagonal, given the base's
+/// augmentation with view 1 unaugmented and view 2 the pair's ops
+/// ([`view_ops`]), and the pair's key (its ops' names joined by `+`).
+/// Pairs with one key are one experiment, scored once.
+fn pairs_grid(
+    base: &AugmentConfig,
+    ops: &[OpConfig],
+    mut score: impl FnMut(AugmentConfig, &str) -> Result<Option<Score>>,
+) -> Result<Vec<Vec<Option<Score>>>> {
+    let mut done: HashMap<String, Option<Score>> = HashMap::new();
+    let mut scores = vec![vec![None; ops.len()]; ops.len()];
+    for (i, first) in ops.iter().enumerate() {
+        for (j, second) in ops.iter().enumerate() {
+            let second_view = view_ops(first, (i != j).then_some(second));
+            let key = second_view.iter().map(OpConfig::name).collect::<Vec<_>>().join("+");
+            if let Some(known) = done.get(&key) {
+                scores[i][j] = *known;
+                continue;
+            }
+            let augment = AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.clone() };
+            scores[i][j] = score(augment, &key)?;
+            done.insert(key, scores[i][j]);
+        }
+    }
+    Ok(scores)
+}
+
+/// The CSV of a [`pairs_grid`]: a line per ordered pair, `columns(score)`
+/// after the two ops' names.
+fn pairs_csv(names: &[String], scores: &[Vec<Option<Score>>], columns: impl Fn(Option<Score>) -> String) -> String {
+    let mut csv = String::new();
+    for (i, row) in scores.iter().enumerate() {
+        for (j, score) in row.iter().enumerate() {
+            csv.push_str(&format!("{},{},{}\n", names[i], names[j], columns(*score)));
+        }
+    }
+    csv
+}
+
 /// Trains one cell per distinct pair, then writes the table and the heatmap.
 pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> Result<Grid> {
     if ops.is_empty() {
@@ -88,38 +132,105 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> R
     }
     study.create_folder()?;
     let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
-    let mut done: HashMap<String, Option<Score>> = HashMap::new();
-    let mut top1 = vec![vec![None; ops.len()]; ops.len()];
     let mut initial_top1 = None;
-    for (i, first) in ops.iter().enumerate() {
-        for (j, second) in ops.iter().enumerate() {
-            let second_view = view_ops(first, (i != j).then_some(second));
-            let key = second_view.iter().map(OpConfig::name).collect::<Vec<_>>().join("+");
-            if let Some(score) = done.get(&key) {
-                top1[i][j] = *score;
-                continue;
-            }
-            let mut config = base.clone();
-            config.augment =
-                AugmentConfig { ops: Some(Vec::new()), second_view: Some(second_view), ..base.augment.clone() };
-            let cell = study.cell(config, &key, &format!("view 2 = {key}"))?;
-            initial_top1 = initial_top1.or(cell.initial_top1());
-            top1[i][j] = cell.score();
-            done.insert(key, top1[i][j]);
-        }
-    }
-    let mut csv = format!("first,second,{}\n", study.score_columns(&["knn_top1"]));
-    for (i, row) in top1.iter().enumerate() {
-        for (j, score) in row.iter().enumerate() {
-            csv.push_str(&format!("{},{},{}\n", names[i], names[j], study.csv_score(*score)));
-        }
-    }
+    let top1 = pairs_grid(&base.augment, ops, |augment, key| {
+        let config = RunConfig { augment, ..base.clone() };
+        let cell = study.cell(config, key, &format!("view 2 = {key}"))?;
+        initial_top1 = initial_top1.or(cell.initial_top1());
+        Ok(cell.score())
+    })?;
+    let csv = format!(
+        "first,second,{}\n{}",
+        study.score_columns(&["knn_top1"]),
+        pairs_csv(&names, &top1, |score| study.csv_score(score))
+    );
     let chart = Chart {
         caption: "kNN top-1 (%) with view 2 = 1st op, then 2nd op (view 1 unaugmented)",
         x_desc: "2nd transformation",
         y_desc: "1st transformation",
     };
     study.write_grid("1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
+}
+
+/// The fields `ablate histogram` sets in each of its cells, each with the
+/// flag that gives its values (it trains none).
+pub const HISTOGRAM_VARIED: &[(&str, &str)] = AUGMENT_VARIED;
+
+/// `ablate histogram`, section 3 and Figure 6: for each pair of
+/// `ablate augment`'s grid, how often colour histograms alone find a
+/// view's positive among the other 2N - 1 views of its batch, over epoch 0
+/// of the base run (its data, batch size and seed, or each of the study's
+/// seeds), with no training ([`crate::eval::histogram`]). Below the table,
+/// the same for the base's own augmentation (both views), then with its
+/// colour jitter at each of `strengths` (Table 1's), and a guess. The
+/// paper conjectures that crops alone leave this shortcut open and colour
+/// distortion closes it: read beside `ablate augment`'s grid, a pair that
+/// scores high here is one the network can solve by colour alone.
+pub fn histogram_pairs(base: &RunConfig, ops: &[OpConfig], strengths: &[f64], study: &mut Study) -> Result<Grid> {
+    if ops.is_empty() {
+        return Err(Error::InvalidArgument("ablate histogram needs at least one op".to_owned()));
+    }
+    let views = base.augment.view_ops();
+    if !strengths.is_empty() {
+        check_strengths(&views, strengths, "histogram --strengths")?;
+    }
+    // Each seed's training set, as its run would draw a `data.limit` subset.
+    let trains = study
+        .seeds_of(base)
+        .into_iter()
+        .map(|seed| Ok((seed, crate::data::open_splits(&base.data, seed)?.train.with_policy(base.data.on_bad_image))))
+        .collect::<Result<Vec<_>>>()?;
+    let pool = crate::data::loader::worker_pool(base.data.workers)?;
+    let mut guess = 0.0;
+    let mut shortcut = |augment: AugmentConfig| -> Result<Option<Score>> {
+        // Each pair's views checked as a run would check them.
+        RunConfig { augment: augment.clone(), ..base.clone() }.validate()?;
+        let pipeline = crate::augment::Pipeline::new(&augment, base.view_size());
+        let mut top1 = Vec::with_capacity(trains.len());
+        for (seed, train) in &trains {
+            let found = histogram_shortcut(train, &pipeline, *seed, base.train.batch_size, &pool)?;
+            top1.push(found.top1);
+            guess = found.guess;
+        }
+        Ok(Some(Score::of(&top1)))
+    };
+    let found = pairs_grid(&base.augment, ops, |augment, key| {
+        tracing::info!("study: colour histograms, view 2 = {key}");
+        shortcut(augment)
+    })?;
+    let own = shortcut(base.augment.clone())?;
+    let by_strength = strengths
+        .iter()
+        .map(|&strength| {
+            let [first, second] = views.clone().map(|ops| at_strength(ops, strength));
+            let augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
+            Ok(format!("{strength}: {}", percent(shortcut(augment)?)))
+        })
+        .collect::<Result<Vec<String>>>()?;
+    study.create_folder()?;
+    let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
+    let csv = format!(
+        "first,second,random_guess,{}\n{}",
+        study.score_columns(&["histogram_top1"]),
+        pairs_csv(&names, &found, |score| format!("{guess:.6},{}", study.csv_score(score)))
+    );
+    let chart = Chart {
+        caption: "views (%) whose positive colour histograms find in the batch, view 2 = 1st op, then 2nd op \
+                  (view 1 unaugmented)",
+        x_desc: "2nd transformation",
+        y_desc: "1st transformation",
+    };
+    let mut grid = study.write_grid("1st \\ 2nd", (names.clone(), names), found, None, &csv, chart)?;
+    grid.notes = format!(
+        "the base run's own augmentation (both views): {}; a guess: {:.2}% (one of the {} other views)\n",
+        percent(own),
+        100.0 * guess,
+        2 * base.train.batch_size - 1
+    );
+    if !by_strength.is_empty() {
+        grid.notes.push_str(&format!("the same with its colour jitter at strength {}\n", by_strength.join(", ")));
+    }
+    Ok(grid)
 }
 
 /// What a table, the CSV and the chart say of a run that diverged.
@@ -260,6 +371,16 @@ impl<'a> Study<'a> {
 
     fn seeded(&self) -> bool {
         self.seeds.len() > 1
+    }
+
+    /// The seed of each run of a cell of `base`: the study's seeds, or the
+    /// base run's own where none is given.
+    fn seeds_of(&self, base: &RunConfig) -> Vec<u64> {
+        if self.seeds.is_empty() {
+            vec![base.train.seed]
+        } else {
+            self.seeds.clone()
+        }
     }
 
     /// The runs of the cell `key` with `config`, each trained, resumed or
@@ -813,19 +934,41 @@ pub const COLOR_VARIED: &[(&str, &str)] = &[("train.supervised", "its two rows")
 /// where the base's blur stays, or, if it has none, the default one
 /// (appendix A's) comes last.
 fn color_view(ops: &[OpConfig], strength: f64, blur: bool) -> Vec<OpConfig> {
-    let mut view: Vec<OpConfig> = ops
-        .iter()
-        .filter(|op| blur || !matches!(op, OpConfig::GaussianBlur(_)))
-        .cloned()
-        .map(|op| match op {
-            OpConfig::ColorJitter(jitter) => OpConfig::ColorJitter(ColorJitterConfig { strength, ..jitter }),
-            other => other,
-        })
-        .collect();
+    let kept = ops.iter().filter(|op| blur || !matches!(op, OpConfig::GaussianBlur(_)));
+    let mut view = at_strength(kept.cloned(), strength);
     if blur && !view.iter().any(|op| matches!(op, OpConfig::GaussianBlur(_))) {
         view.push(OpConfig::GaussianBlur(BlurConfig::default()));
     }
     view
+}
+
+/// `ops` with every colour jitter at `strength`.
+fn at_strength(ops: impl IntoIterator<Item = OpConfig>, strength: f64) -> Vec<OpConfig> {
+    ops.into_iter()
+        .map(|op| match op {
+            OpConfig::ColorJitter(jitter) => OpConfig::ColorJitter(ColorJitterConfig { strength, ..jitter }),
+            other => other,
+        })
+        .collect()
+}
+
+/// Refuses, before anything runs, a strength the colour jitter refuses,
+/// and a base augmentation (`views`) without a colour jitter to vary.
+fn check_strengths(views: &[Vec<OpConfig>; 2], strengths: &[f64], study: &str) -> Result<()> {
+    let mut problems = Vec::new();
+    for &strength in strengths {
+        ColorJitterConfig { strength, ..Default::default() }.check("--strengths", 0, &mut problems);
+    }
+    if !problems.is_empty() {
+        return Err(Error::InvalidArgument(problems.join("; ")));
+    }
+    if !views.iter().flatten().any(|op| matches!(op, OpConfig::ColorJitter(_))) {
+        return Err(Error::InvalidArgument(format!(
+            "ablate {study} varies the colour jitter's strength, but the base run's augmentation has no color-jitter \
+             op (augment.ops, augment.second_view or its preset)"
+        )));
+    }
+    Ok(())
 }
 
 /// The ops of one view of an `ablate color` AutoAugment column: `ops` with
@@ -906,22 +1049,8 @@ pub fn color_grid(
     let Some(&last) = strengths.last() else {
         return Err(Error::InvalidArgument("ablate color needs at least one strength".to_owned()));
     };
-    // Each strength checked as the jitter checks its own, before anything trains.
-    let mut problems = Vec::new();
-    for &strength in strengths {
-        ColorJitterConfig { strength, ..Default::default() }.check("--strengths", 0, &mut problems);
-    }
-    if !problems.is_empty() {
-        return Err(Error::InvalidArgument(problems.join("; ")));
-    }
     let views = base.augment.view_ops();
-    if !views.iter().flatten().any(|op| matches!(op, OpConfig::ColorJitter(_))) {
-        return Err(Error::InvalidArgument(
-            "ablate color varies the colour jitter's strength, but the base run's augmentation has no color-jitter op \
-             (augment.ops, augment.second_view or its preset)"
-                .to_owned(),
-        ));
-    }
+    check_strengths(&views, strengths, "color")?;
     study.create_folder()?;
     let columns: Vec<ColorColumn> = strengths
         .iter()

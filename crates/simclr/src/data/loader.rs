@@ -73,7 +73,7 @@ impl Normalization {
 }
 
 /// The epoch's image order: a permutation of `0..len` seeded by (seed, epoch).
-fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     let seed = crate::augment::splitmix64(seed ^ crate::augment::splitmix64(epoch));
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));

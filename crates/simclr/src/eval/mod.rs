@@ -3,9 +3,11 @@
 //! top-1 and top-5 accuracy; and what a representation keeps of the
 //! augmentations, by predicting the transformation an image was given
 //! (section 4.2, Table 3), and how many dimensions it uses (its effective
-//! rank, appendix B.4).
+//! rank, appendix B.4); and colour histograms as a representation, the
+//! shortcut crops leave (section 3, Figure 6).
 pub mod features;
 pub mod finetune;
+pub mod histogram;
 pub mod knn;
 pub mod linear;
 pub mod protocol;
@@ -18,6 +20,7 @@ use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
 pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
+pub use histogram::{histogram_shortcut, Shortcut};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{fit_linear_across, linear_eval, linear_eval_across, LinearConfig};
 pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
