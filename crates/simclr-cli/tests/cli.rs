@@ -709,7 +709,10 @@ fn histogram_study_scores_each_pair_without_training() {
     for needle in ["the base run's own augmentation (both views): ", "colour jitter at strength 0: ", ", 1: "] {
         assert!(printed.contains(needle), "{needle} in {printed}");
     }
-    assert!(image::open(out.join("results.png")).unwrap().width() > 100);
+    assert!(printed.contains(&format!("as Figure 6: {}", out.join("histograms.png").display())), "{printed}");
+    for figure in ["results.png", "histograms.png"] {
+        assert!(image::open(out.join(figure)).unwrap().width() > 100, "{figure}");
+    }
     let folders = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
     assert_eq!(folders, 0, "nothing is trained");
     assert_succeeds(&study());

@@ -15,7 +15,8 @@
 //!
 //! `ablate histogram`, Figure 6: the same pairs, trained not at all:
 //! how often colour histograms alone find a view's positive in its batch.
-//! Writes `results.csv` and the heatmap `results.png`.
+//! Writes `results.csv`, the heatmap `results.png` and Figure 6 itself,
+//! `histograms.png` (crops' histograms without and with colour distortion).
 //!
 //! `ablate loss`, Tables 2 and 5: each objective with and without ℓ2
 //! normalisation (cosine or dot-product similarity) at each temperature
@@ -66,7 +67,7 @@ use crate::eval::features::FeatureNet;
 use crate::eval::{effective_rank, histogram_shortcut, Probe, Transformation};
 use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
-use crate::report::Heatmap;
+use crate::report::{Heatmap, HistogramPanels};
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::FinishedRun;
 use crate::train::{checkpoint, train, Observer};
@@ -152,6 +153,42 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> R
     study.write_grid("1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
 }
 
+/// Where `ablate histogram` draws its Figure 6.
+pub const HISTOGRAMS_FILE: &str = "histograms.png";
+
+/// Figure 6 at `path`: the colour histograms of four crops of each of the
+/// first two images of `train`'s epoch 0, drawn by the base's view 1 without
+/// its colour distortion (colour jitter and random grayscale) and with it.
+fn histogram_figure(base: &RunConfig, train: &crate::data::Dataset, seed: u64, path: &Path) -> Result<PathBuf> {
+    let [own, _] = base.augment.view_ops();
+    let plain: Vec<OpConfig> =
+        own.iter().filter(|op| !matches!(op, OpConfig::ColorJitter(_) | OpConfig::Grayscale(_))).cloned().collect();
+    let order = crate::data::loader::epoch_order(train.len(), seed, 0);
+    let first = &order[..2.min(order.len())];
+    let panels = [("(a) without colour distortion", plain), ("(b) with colour distortion", own)]
+        .into_iter()
+        .map(|(title, ops)| {
+            let pipeline = crate::augment::Pipeline::new(&AugmentConfig::with_ops(ops), base.view_size());
+            let title = format!("{title}: {}", pipeline.describe(0));
+            Ok((title, crate::eval::histogram::crop_histograms(train, &pipeline, seed, first, 4)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let images: Vec<String> = first
+        .iter()
+        .map(|&index| {
+            let name = train.samples[index].describe(index);
+            let file = Path::new(&name).file_name().map(|file| file.to_string_lossy().into_owned());
+            format!("crops of {}", file.unwrap_or(name))
+        })
+        .collect();
+    let bins = crate::eval::histogram::BINS;
+    let x_desc =
+        format!("bin: red 0-{}, green {}-{}, blue {}-{}", bins - 1, bins, 2 * bins - 1, 2 * bins, 3 * bins - 1);
+    HistogramPanels { images: &images, x_desc: &x_desc, y_desc: "share of the channel's pixels" }
+        .draw(&panels, path)?;
+    Ok(path.to_path_buf())
+}
+
 /// The fields `ablate histogram` sets in each of its cells, each with the
 /// flag that gives its values (it trains none).
 pub const HISTOGRAM_VARIED: &[(&str, &str)] = AUGMENT_VARIED;
@@ -221,6 +258,8 @@ pub fn histogram_pairs(base: &RunConfig, ops: &[OpConfig], strengths: &[f64], st
         y_desc: "1st transformation",
     };
     let mut grid = study.write_grid("1st \\ 2nd", (names.clone(), names), found, None, &csv, chart)?;
+    let (seed, train) = &trains[0];
+    let figure = histogram_figure(base, train, *seed, &study.output_dir.join(HISTOGRAMS_FILE))?;
     grid.notes = format!(
         "the base run's own augmentation (both views): {}; a guess: {:.2}% (one of the {} other views)\n",
         percent(own),
@@ -230,6 +269,7 @@ pub fn histogram_pairs(base: &RunConfig, ops: &[OpConfig], strengths: &[f64], st
     if !by_strength.is_empty() {
         grid.notes.push_str(&format!("the same with its colour jitter at strength {}\n", by_strength.join(", ")));
     }
+    grid.notes.push_str(&format!("histograms of crops of two images, as Figure 6: {}\n", figure.display()));
     Ok(grid)
 }
 

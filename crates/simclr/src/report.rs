@@ -224,6 +224,57 @@ pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String],
     heatmap.draw(&shares, path)
 }
 
+/// Figure 6's picture: panels side by side, each titled, holding one line
+/// per histogram (`values` over `x_desc`'s bins), the lines of image `i`
+/// in colour `i`, named `images[i]` in the legend.
+pub struct HistogramPanels<'a> {
+    pub images: &'a [String],
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+}
+
+impl HistogramPanels<'_> {
+    /// `panels[p]` is `(title, lines)`, `lines[i]` the histograms of image `i`.
+    pub fn draw(&self, panels: &[(String, Vec<Vec<Vec<f32>>>)], path: &Path) -> Result<()> {
+        let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+        let root = canvas(path, (WIDTH, 450))?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        let all = || panels.iter().flat_map(|(_, lines)| lines.iter().flatten().flatten().copied());
+        let bins = panels.iter().flat_map(|(_, lines)| lines.iter().flatten()).map(Vec::len).max().unwrap_or(1);
+        let high = f64::from(all().fold(0.0f32, f32::max)).max(1e-6) * 1.05;
+        for (area, (title, lines)) in areas.iter().zip(panels) {
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", caption_size(title, WIDTH / panels.len().max(1) as u32)))
+                .margin(12)
+                .x_label_area_size(35)
+                .y_label_area_size(55)
+                .build_cartesian_2d(0.0..bins as f64, 0.0..high)
+                .map_err(|e| fail(&e))?;
+            chart.configure_mesh().x_desc(self.x_desc).y_desc(self.y_desc).draw().map_err(|e| fail(&e))?;
+            for (image, histograms) in lines.iter().enumerate() {
+                let colour = Palette99::pick(image).to_rgba();
+                for (crop, histogram) in histograms.iter().enumerate() {
+                    let points = histogram.iter().enumerate().map(|(bin, &v)| (bin as f64 + 0.5, f64::from(v)));
+                    let series =
+                        chart.draw_series(LineSeries::new(points, colour.stroke_width(2))).map_err(|e| fail(&e))?;
+                    if crop == 0 {
+                        let name = self.images.get(image).cloned().unwrap_or_default();
+                        series.label(name).legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+                    }
+                }
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| fail(&e))?;
+        }
+        root.present().map_err(|e| fail(&e))
+    }
+}
+
 /// The font size (at most 22) that fits `caption` in `width` pixels, at
 /// about 0.55 of the size per character.
 fn caption_size(caption: &str, width: u32) -> u32 {

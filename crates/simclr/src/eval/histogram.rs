@@ -116,6 +116,28 @@ pub fn histogram_shortcut(
     Ok(Shortcut { top1: found as f64 / views as f64, guess: 1.0 / (2 * batch_size - 1) as f64 })
 }
 
+/// Figure 6's histograms: for each image of `dataset` at `indices`, the
+/// colour histograms of view 1 (by `pipeline`) in `crops` epochs (crop `c`
+/// drawn as epoch `c` draws it, as `augment-preview`'s pairs are).
+pub fn crop_histograms(
+    dataset: &Dataset,
+    pipeline: &Pipeline,
+    seed: u64,
+    indices: &[usize],
+    crops: usize,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    indices
+        .iter()
+        .map(|&index| {
+            let image = dataset.training_image(index)?.image;
+            let crop = |epoch: usize| {
+                colour_histogram(&pipeline.view(0, &image, &mut view_rng(seed, epoch as u64, index as u64, 0)))
+            };
+            Ok((0..crops).map(crop).collect())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
