@@ -1060,23 +1060,32 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
     let data = dir.path().join("data");
     image_folder(&data, 6, 16);
     let out = dir.path().join("heads");
-    let output = tiny_study(["ablate", "head", "--heads", "none,mlp-3"], &data, &out).run();
+    let output = tiny_study(["ablate", "head", "--heads", "none,linear,mlp-3"], &data, &out).run();
     assert_succeeds(&output);
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("mlp-3") && table.contains("z = g(h)"), "{table}");
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|row| row.split(',').collect()).collect();
-    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["none", "mlp-3"], "{csv}");
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["none", "linear", "mlp-3"], "{csv}");
     let score = |text: &str| text.parse::<f64>().unwrap();
     // Without a head z is h, scored once by the monitor and once from the checkpoint.
     assert_eq!(rows[0][2], rows[0][3], "{csv}");
     assert!(image::open(out.join("results.png")).unwrap().width() > 100);
-    // The effective ranks of the bank's features at h and at z: one where
-    // z is h, each between 1 and the features' dimension.
-    assert!(csv.starts_with("head,projection_dim,knn_top1_h,knn_top1_z,effective_rank_h,effective_rank_z\n"));
-    assert_eq!(rows[0][4], rows[0][5], "{csv}");
-    assert!(rows.iter().all(|r| r[4..6].iter().all(|rank| (1.0..=128.0).contains(&score(rank)))), "{csv}");
+    // The effective ranks of the bank's features at h and at z, trained and
+    // at random init: one where z is h, each between 1 and the features'
+    // dimension, and h's at random init one for every head (the encoder is
+    // initialised before the head, from the same seed).
+    let columns = "knn_top1_h,knn_top1_z,effective_rank_h,effective_rank_z,effective_rank_h_random_init,\
+                   effective_rank_z_random_init";
+    assert!(csv.starts_with(&format!("head,projection_dim,{columns}\n")), "{csv}");
+    assert_eq!((rows[0][4], rows[0][6]), (rows[0][5], rows[0][7]), "{csv}");
+    assert!(rows.iter().all(|r| r[4..8].iter().all(|rank| (1.0..=128.0).contains(&score(rank)))), "{csv}");
+    assert!(rows.iter().all(|r| r[6] == rows[0][6]), "{csv}");
     assert!(table.contains("effective rank of the kNN bank's features, h / z: head-none "), "{table}");
+    assert!(table.contains("(random init "), "{table}");
+    // The linear head's W: its effective rank, how far it moved, its spectrum.
+    assert!(table.contains("effective rank of W: head-linear, seed 0 ") && table.contains("of its norm"), "{table}");
+    assert!(image::open(out.join("linear-head-spectrum.png")).unwrap().width() > 100);
 
     // `eval knn` on the same splits with the monitor's k and T reads the
     // study's numbers from the run's checkpoint, at h and at z.
@@ -1094,7 +1103,7 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
         assert_succeeds(&eval(layer, &["--output", &json.display().to_string()]));
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         let top1 = report["top1"].as_f64().unwrap();
-        assert!((top1 - score(rows[1][column])).abs() < 1e-4, "{layer}: eval {top1}, study {csv}");
+        assert!((top1 - score(rows[2][column])).abs() < 1e-4, "{layer}: eval {top1}, study {csv}");
         assert_eq!(report["layer"], layer);
     }
     // A layer the head lacks, a head of weights without one, fine-tuning at z: named.

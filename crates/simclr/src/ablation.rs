@@ -25,7 +25,8 @@
 //!
 //! `ablate head`, Figure 8 and section 4.2: one run per projection head
 //! (none, linear, MLPs of 2 or more layers) and output dimension of z, each
-//! scored on h and on z = g(h). Writes `results.csv` and `results.png`.
+//! scored on h and on z = g(h). Writes `results.csv` and `results.png`,
+//! and for linear heads their W's spectrum, `linear-head-spectrum.png`.
 //!
 //! `ablate model`, Figure 7: for each architecture and width, a SimCLR run
 //! and a supervised one (labels, cross-entropy, the same encoder and
@@ -67,7 +68,7 @@ use crate::eval::features::FeatureNet;
 use crate::eval::{effective_rank, histogram_shortcut, Probe, Transformation};
 use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
-use crate::report::{Heatmap, HistogramPanels};
+use crate::report::{Heatmap, HistogramPanels, Spectrum};
 use crate::train::trainer::{supervised, CONFIG_FILE, SUMMARY_FILE};
 use crate::train::FinishedRun;
 use crate::train::{checkpoint, train, Observer};
@@ -835,8 +836,10 @@ pub const HEAD_DIMS_VARIED: (&str, &str) = ("model.head.projection_dim", "--dims
 /// row. The paper finds a non-linear head best at every dimension, the
 /// dimension mattering little, and h better than z by more than 10%. Each
 /// cell also gets the effective rank of the kNN bank's features at h and
-/// at z (in the CSV and below the table): appendix B.4 finds z of lower
-/// rank than h.
+/// at z, trained and at random init (in the CSV and below the table), and
+/// each linear head its W's squared singular values, trained and at random
+/// init ([`SPECTRUM_FILE`]): appendix B.4 finds z of lower rank than h and
+/// W with few large eigenvalues.
 pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: &mut Study) -> Result<Grid> {
     if heads.is_empty() {
         return Err(Error::InvalidArgument("ablate head needs at least one head".to_owned()));
@@ -848,9 +851,16 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
     let dims = if dims.is_empty() { vec![base.model.head.projection_dim] } else { dims.to_vec() };
     study.create_folder()?;
     let (mut top1, mut initial_top1) = (Vec::new(), None);
-    let columns = ["knn_top1_h", "knn_top1_z", "effective_rank_h", "effective_rank_z"];
+    let columns = [
+        "knn_top1_h",
+        "knn_top1_z",
+        "effective_rank_h",
+        "effective_rank_z",
+        "effective_rank_h_random_init",
+        "effective_rank_z_random_init",
+    ];
     let mut csv = format!("head,projection_dim,{}\n", study.score_columns(&columns));
-    let mut ranks = Vec::new();
+    let (mut ranks, mut spectra) = (Vec::new(), Vec::new());
     let runs: usize = heads.iter().map(|head| if head.kind == HeadKind::None { 1 } else { dims.len() }).sum();
     let mut done = 0;
     for head in heads {
@@ -871,11 +881,20 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
             done += 1;
             let cell = study.cell(config, &key, &format!("{key} ({done} of {runs})"))?;
             initial_top1 = initial_top1.or(cell.initial_top1());
-            let (h, [z, rank_h, rank_z]) = (cell.score(), cell.scores_with(head_measures)?);
+            let (h, [z, rank_h, rank_z, initial_h, initial_z]) = (cell.score(), cell.scores_with(head_measures)?);
             let width = if head.kind == HeadKind::None { String::new() } else { dim.to_string() };
-            let scores = [h, z, rank_h, rank_z].map(|score| study.csv_score(score)).join(",");
+            let scores = [h, z, rank_h, rank_z, initial_h, initial_z].map(|score| study.csv_score(score)).join(",");
             csv.push_str(&format!("{head},{width},{scores}\n"));
-            ranks.push(format!("{key} {} / {}", rank_text(rank_h), rank_text(rank_z)));
+            ranks.push(format!(
+                "{key} {} / {} (random init {} / {})",
+                rank_text(rank_h),
+                rank_text(rank_z),
+                rank_text(initial_h),
+                rank_text(initial_z)
+            ));
+            if head.kind == HeadKind::Linear {
+                spectra.extend(linear_head_weights(&cell, &key)?);
+            }
             row.extend(if by_dimension { vec![h] } else { vec![h, z] });
         }
         if by_dimension {
@@ -902,6 +921,9 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
     let corner = if by_dimension { "head \\ dimension" } else { "head \\ layer" };
     let mut grid = study.write_grid(corner, (rows, columns), top1, initial_top1, &csv, chart)?;
     grid.notes = format!("effective rank of the kNN bank's features, h / z: {}\n", ranks.join("; "));
+    if !spectra.is_empty() {
+        grid.notes.push_str(&spectrum_figure(&spectra, &study.output_dir.join(SPECTRUM_FILE))?);
+    }
     Ok(grid)
 }
 
@@ -909,10 +931,94 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
 /// of h: the kNN top-1 of z = g(h), and the effective ranks of the kNN
 /// bank's features at h and at z (appendix B.4). The run is opened once,
 /// and z's bank features serve both the kNN and the rank.
-fn head_measures(run: &Run) -> Result<[f64; 3]> {
+fn head_measures(run: &Run) -> Result<[f64; 5]> {
     let run = FinishedRun::open(&run.dir)?;
     let (z_top1, z_bank) = run.knn_scored(Layer::Z)?;
-    Ok([z_top1, effective_rank(&run.bank_features(Layer::H)?), effective_rank(&z_bank)])
+    let (_store, initial) = run.initial();
+    let initial_rank = |layer| Ok::<_, Error>(effective_rank(&run.bank_features_of(&initial, layer)?));
+    Ok([
+        z_top1,
+        effective_rank(&run.bank_features(Layer::H)?),
+        effective_rank(&z_bank),
+        initial_rank(Layer::H)?,
+        initial_rank(Layer::Z)?,
+    ])
+}
+
+/// Where `ablate head` draws the spectra of its linear heads' W.
+pub const SPECTRUM_FILE: &str = "linear-head-spectrum.png";
+
+/// A linear head's W (z = Wh) of one run, trained and as initialised.
+struct HeadWeights {
+    /// The cell's key and the run's seed, for the legend.
+    name: String,
+    /// WᵀW's eigenvalues (W's squared singular values), trained and initial.
+    squared: [Vec<f64>; 2],
+    /// W's effective rank, trained and initial.
+    rank: [f64; 2],
+    /// How far training moved W: ‖W - W₀‖ / ‖W₀‖ (Frobenius norms).
+    moved: f64,
+}
+
+/// Appendix B.4's Figure B.2 at `path`: the squared singular values of
+/// each linear head's W, trained and as initialised; returns the note
+/// saying where, with W's effective ranks.
+fn spectrum_figure(heads: &[HeadWeights], path: &Path) -> Result<String> {
+    let mut lines = Vec::new();
+    for head in heads {
+        for (state, (squared, baseline)) in
+            ["trained", "random init"].iter().zip(head.squared.iter().zip([false, true]))
+        {
+            lines.push(Spectrum { name: format!("{}, {state}", head.name), values: squared.clone(), baseline });
+        }
+    }
+    crate::report::spectra(
+        "squared singular values of the linear head's W (z = Wh), trained and at random init",
+        "squared singular value",
+        &lines,
+        path,
+    )?;
+    let ranks: Vec<String> = heads
+        .iter()
+        .map(|head| {
+            let moved = 100.0 * head.moved;
+            format!(
+                "{} {:.1} (random init {:.1}; W moved {moved:.1}% of its norm)",
+                head.name, head.rank[0], head.rank[1]
+            )
+        })
+        .collect();
+    Ok(format!("effective rank of W: {}; spectra: {}\n", ranks.join("; "), path.display()))
+}
+
+/// The variable of a linear head's W (z = Wh).
+const LINEAR_HEAD_WEIGHT: &str = "projection_head.layers.0.weight";
+
+/// The linear head's W of each run of the cell `key`.
+fn linear_head_weights(cell: &Cell, key: &str) -> Result<Vec<HeadWeights>> {
+    let squared = |w: &tch::Tensor| -> Result<Vec<f64>> {
+        let (_, singular, _) = w.to_kind(tch::Kind::Double).svd(true, false);
+        Ok(Vec::<f64>::try_from(&singular.square().to_device(tch::Device::Cpu))?)
+    };
+    cell.runs
+        .iter()
+        .filter(|run| run.top1.is_some())
+        .map(|run| {
+            let missing = || {
+                Error::InvalidArgument(format!("{}: the linear head has no {LINEAR_HEAD_WEIGHT}", run.dir.display()))
+            };
+            let finished = FinishedRun::open(&run.dir)?;
+            let trained = finished.variable(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
+            let (store, _) = finished.initial();
+            let initial = store.variables().remove(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
+            Ok(HeadWeights {
+                name: format!("{key}, seed {}", finished.config.train.seed),
+                squared: [squared(&trained)?, squared(&initial)?],
+                rank: [effective_rank(&trained), effective_rank(&initial)],
+                moved: ((&trained - &initial).norm().double_value(&[]) / initial.norm().double_value(&[])),
+            })
+        })
+        .collect()
 }
 
 /// An effective rank as a note shows it.

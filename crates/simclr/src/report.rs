@@ -224,6 +224,67 @@ pub fn confusion_matrix(predicted: &[usize], actual: &[usize], names: &[String],
     heatmap.draw(&shares, path)
 }
 
+/// One line of [`spectra`].
+pub struct Spectrum {
+    pub name: String,
+    pub values: Vec<f64>,
+    /// Drawn grey: a baseline the coloured lines are read against.
+    pub baseline: bool,
+}
+
+/// Spectra as lines on a log scale: each line its values in descending
+/// order against their rank (appendix B.4's Figure B.2 draws a linear
+/// head's this way), the baselines grey, the others in a colour each.
+pub fn spectra(caption: &str, y_desc: &str, lines: &[Spectrum], path: &Path) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
+    let positive = || lines.iter().flat_map(|line| line.values.iter().copied()).filter(|v| *v > 0.0);
+    let (low, high) = (positive().fold(f64::INFINITY, f64::min), positive().fold(0.0, f64::max));
+    let (low, high) = if high > 0.0 { (low / 2.0, high * 2.0) } else { (1e-6, 1.0) };
+    let count = lines.iter().map(|line| line.values.len()).max().unwrap_or(1);
+    let root = canvas(path, (900, 600))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", caption_size(caption, 870)))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..count as f64, (low..high).log_scale())
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("rank, largest first")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0e}"))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    let mut colours = 0;
+    for line in lines {
+        let colour = match line.baseline {
+            true => RGBColor(170, 170, 170).to_rgba(),
+            false => {
+                colours += 1;
+                Palette99::pick(colours - 1).to_rgba()
+            }
+        };
+        let mut sorted: Vec<f64> = line.values.iter().copied().filter(|v| *v > 0.0).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let points = sorted.into_iter().enumerate().map(|(rank, value)| (rank as f64 + 0.5, value));
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(line.name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
+
 /// Figure 6's picture: panels side by side, each titled, holding one line
 /// per histogram (`values` over `x_desc`'s bins), the lines of image `i`
 /// in colour `i`, named `images[i]` in the legend.

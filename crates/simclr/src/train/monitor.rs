@@ -148,7 +148,7 @@ pub fn knn_top1_at(run_dir: &Path, layer: Layer) -> Result<f64> {
 pub struct FinishedRun {
     pub config: ValidConfig,
     /// Owns the variables `model` computes with.
-    _store: tch::nn::VarStore,
+    store: tch::nn::VarStore,
     pub model: SimClr,
     pub device: Device,
     pub pool: std::sync::Arc<ThreadPool>,
@@ -169,7 +169,7 @@ impl FinishedRun {
         let splits = open_splits(&config.data, config.train.seed)?.knn.ok_or_else(|| {
             Error::InvalidArgument(format!("{}: the run has no kNN monitor to score it with", run_dir.display()))
         })?;
-        Ok(Self { config, _store: store, model, device, pool, splits, monitor: Default::default() })
+        Ok(Self { config, store, model, device, pool, splits, monitor: Default::default() })
     }
 
     /// The kNN monitor's score of the network read at `layer`.
@@ -186,8 +186,31 @@ impl FinishedRun {
 
     /// The features at `layer` of the kNN monitor's bank: `[images, dim]`, fp32.
     pub fn bank_features(&self, layer: Layer) -> Result<tch::Tensor> {
-        let (format, net) = (self.config.image_format(), FeatureNet::at(&self.model, layer)?);
+        self.bank_features_of(&self.model, layer)
+    }
+
+    /// [`FinishedRun::bank_features`] of another network of the run's
+    /// configuration (such as [`FinishedRun::initial`]).
+    pub fn bank_features_of(&self, model: &SimClr, layer: Layer) -> Result<tch::Tensor> {
+        let (format, net) = (self.config.image_format(), FeatureNet::at(model, layer)?);
         self.monitor()?.bank_features(net, format, self.device, &self.pool)
+    }
+
+    /// The network as training initialised it: the run's configuration,
+    /// its seed given to torch before the network is built, as the trainer
+    /// does. The store owns the variables the network computes with.
+    pub fn initial(&self) -> (tch::nn::VarStore, SimClr) {
+        tch::manual_seed(self.config.train.seed as i64);
+        let store = tch::nn::VarStore::new(self.device);
+        let model = SimClr::new(&store.root(), &self.config.model);
+        crate::device::use_channels_last(&store);
+        (store, model)
+    }
+
+    /// The trained network's variable `name` (a state-dict key such as
+    /// `projection_head.layers.0.weight`), if it has one.
+    pub fn variable(&self, name: &str) -> Option<tch::Tensor> {
+        self.store.variables().remove(name)
     }
 
     fn monitor(&self) -> Result<&Monitor> {
@@ -196,5 +219,49 @@ impl FinishedRun {
         }
         let monitor = Monitor::of_run(&self.config, self.splits.clone(), &self.pool, None)?;
         Ok(self.monitor.get_or_init(|| monitor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+    use crate::model::Stem;
+
+    /// The weights training starts from are not saved; at a rate of 1e-30
+    /// a step moves no weight by more than about 1e-30 (a weight at zero,
+    /// a BatchNorm shift, does move by that), so the finished run's
+    /// trainable variables are its initial network's to 1e-20, where
+    /// another seed's weights differ by far more.
+    #[test]
+    fn a_finished_run_rebuilds_the_network_its_training_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::default();
+        (config.data.synthetic_images, config.data.synthetic_classes, config.data.image_size) = (16, 2, 16);
+        (config.model.width_multiplier, config.model.stem) = (0.125, Stem::Cifar);
+        config.optim.learning_rate = Some(1e-30);
+        (config.train.batch_size, config.train.epochs, config.train.knn_k) = (8, 1, 3);
+        config.train.device = crate::device::DeviceChoice::Cpu;
+        config.train.output_dir = dir.path().to_path_buf();
+        crate::train::train(config.validate().unwrap(), false, &mut ()).unwrap();
+        let run = FinishedRun::open(dir.path()).unwrap();
+        let (store, _) = run.initial();
+        let trainable: Vec<(String, tch::Tensor)> =
+            store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect();
+        assert!(trainable.iter().any(|(name, _)| name.starts_with("projection_head.")), "the head too");
+        let difference = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+        for (name, initial) in &trainable {
+            let moved = difference(&run.variable(name).unwrap(), initial);
+            assert!(moved < 1e-20, "{name}: {moved}");
+        }
+        // Negative control: another seed builds another network.
+        let mut other = run.config.get().clone();
+        other.train.seed += 1;
+        let (store, _) =
+            FinishedRun { config: other.validate().unwrap(), ..FinishedRun::open(dir.path()).unwrap() }.initial();
+        for name in ["encoder.conv1.weight", "projection_head.layers.0.weight"] {
+            let moved = difference(&store.variables()[name], &run.variable(name).unwrap());
+            assert!(moved > 1e-3, "{name}: {moved}");
+        }
     }
 }
