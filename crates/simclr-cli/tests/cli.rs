@@ -710,6 +710,11 @@ fn histogram_study_scores_each_pair_without_training() {
         assert!(printed.contains(needle), "{needle} in {printed}");
     }
     assert!(printed.contains(&format!("as Figure 6: {}", out.join("histograms.png").display())), "{printed}");
+    let strengths = std::fs::read_to_string(out.join("strengths.csv")).unwrap();
+    let strength_rows: Vec<&str> = strengths.lines().collect();
+    assert_eq!(strength_rows[0], "strength,histogram_top1,histogram_top1_sd", "{strengths}");
+    let named: Vec<&str> = strength_rows[1..].iter().map(|row| row.split(',').next().unwrap()).collect();
+    assert_eq!(named, ["0", "0.125", "0.25", "0.5", "1"], "{strengths}");
     for figure in ["results.png", "histograms.png"] {
         assert!(image::open(out.join(figure)).unwrap().width() > 100, "{figure}");
     }

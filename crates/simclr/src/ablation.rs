@@ -15,7 +15,8 @@
 //!
 //! `ablate histogram`, Figure 6: the same pairs, trained not at all:
 //! how often colour histograms alone find a view's positive in its batch.
-//! Writes `results.csv`, the heatmap `results.png` and Figure 6 itself,
+//! Writes `results.csv`, the heatmap `results.png`, the base's own
+//! augmentation by colour strength `strengths.csv`, and Figure 6 itself,
 //! `histograms.png` (crops' histograms without and with colour distortion).
 //!
 //! `ablate loss`, Tables 2 and 5: each objective with and without ℓ2
@@ -154,6 +155,9 @@ pub fn augment_pairs(base: &RunConfig, ops: &[OpConfig], study: &mut Study) -> R
     study.write_grid("1st \\ 2nd", (names.clone(), names), top1, initial_top1, &csv, chart)
 }
 
+/// Where `ablate histogram` writes the base's shortcut by colour strength.
+pub const STRENGTHS_FILE: &str = "strengths.csv";
+
 /// Where `ablate histogram` draws its Figure 6.
 pub const HISTOGRAMS_FILE: &str = "histograms.png";
 
@@ -242,10 +246,17 @@ pub fn histogram_pairs(base: &RunConfig, ops: &[OpConfig], strengths: &[f64], st
         .map(|&strength| {
             let [first, second] = views.clone().map(|ops| at_strength(ops, strength));
             let augment = AugmentConfig { ops: Some(first), second_view: Some(second), ..base.augment.clone() };
-            Ok(format!("{strength}: {}", percent(shortcut(augment)?)))
+            Ok((strength, shortcut(augment)?))
         })
-        .collect::<Result<Vec<String>>>()?;
+        .collect::<Result<Vec<_>>>()?;
     study.create_folder()?;
+    if !by_strength.is_empty() {
+        let mut csv = format!("strength,{}\n", study.score_columns(&["histogram_top1"]));
+        for (strength, score) in &by_strength {
+            csv.push_str(&format!("{strength},{}\n", study.csv_score(*score)));
+        }
+        crate::io::write_atomic(&study.output_dir.join(STRENGTHS_FILE), csv.as_bytes())?;
+    }
     let names: Vec<String> = ops.iter().map(|op| op.name().to_owned()).collect();
     let csv = format!(
         "first,second,random_guess,{}\n{}",
@@ -268,7 +279,13 @@ pub fn histogram_pairs(base: &RunConfig, ops: &[OpConfig], strengths: &[f64], st
         2 * base.train.batch_size - 1
     );
     if !by_strength.is_empty() {
-        grid.notes.push_str(&format!("the same with its colour jitter at strength {}\n", by_strength.join(", ")));
+        let scores: Vec<String> =
+            by_strength.iter().map(|(strength, score)| format!("{strength}: {}", percent(*score))).collect();
+        grid.notes.push_str(&format!(
+            "the same with its colour jitter at strength {} ({})\n",
+            scores.join(", "),
+            study.output_dir.join(STRENGTHS_FILE).display()
+        ));
     }
     grid.notes.push_str(&format!("histograms of crops of two images, as Figure 6: {}\n", figure.display()));
     Ok(grid)
