@@ -188,13 +188,23 @@ pub fn embedding_scatter(
             .label(name.as_str())
             .legend(move |(x, y)| Circle::new((x, y), 4, color.filled()));
     }
+    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight, path)?;
+    root.present().map_err(|e| fail(&e))
+}
+
+/// A chart's legend at `position`, on a light background, framed.
+fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<()> {
     chart
         .configure_series_labels()
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))
+        .map_err(|e| drawing_error(path, e))
 }
 
 /// Row-normalised confusion matrix: rows are true classes, columns predictions.
@@ -275,13 +285,7 @@ pub fn spectra(caption: &str, y_desc: &str, lines: &[Spectrum], path: &Path) -> 
             .label(line.name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight, path)?;
     root.present().map_err(|e| fail(&e))
 }
 
@@ -324,13 +328,7 @@ impl HistogramPanels<'_> {
                     }
                 }
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| fail(&e))?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight, path)?;
         }
         root.present().map_err(|e| fail(&e))
     }
