@@ -11,7 +11,6 @@
 //! each channel's bins summing to one; two views are compared by
 //! histogram intersection (Swain and Ballard 1991, the sum of the bin-wise
 //! minima), the classic measure for matching images by colour.
-use image::RgbImage;
 use rayon::prelude::*;
 
 use crate::augment::{view_rng, FloatImage, Pipeline};
@@ -86,6 +85,13 @@ pub fn histogram_shortcut(
     batch_size: usize,
     pool: &rayon::ThreadPool,
 ) -> Result<Shortcut> {
+    if batch_size == 0 || batch_size > dataset.len() {
+        return Err(crate::Error::InvalidArgument(format!(
+            "train.batch_size = {batch_size}: a batch takes 1 to the {} training images of {}",
+            dataset.len(),
+            dataset.origin.display()
+        )));
+    }
     let order = crate::data::loader::epoch_order(dataset.len(), seed, 0);
     let (mut found, mut views) = (0, 0);
     for batch in order.chunks_exact(batch_size) {
@@ -93,7 +99,7 @@ pub fn histogram_shortcut(
             batch
                 .par_iter()
                 .map(|&index| {
-                    let image: std::sync::Arc<RgbImage> = dataset.training_image(index)?.image;
+                    let image = dataset.training_image(index)?.image;
                     Ok([0, 1].map(|view| {
                         let mut rng = view_rng(seed, 0, index as u64, view as u64);
                         colour_histogram(&pipeline.view(view, &image, &mut rng))
@@ -105,13 +111,6 @@ pub fn histogram_shortcut(
             [0, 1].map(|view| histograms.iter().map(|pair| pair[view].clone()).collect());
         found += pool.install(|| positives_found(&first, &second));
         views += 2 * batch.len();
-    }
-    if views == 0 {
-        return Err(crate::Error::InvalidArgument(format!(
-            "train.batch_size = {batch_size} is larger than the {} training images of {}",
-            dataset.len(),
-            dataset.origin.display()
-        )));
     }
     Ok(Shortcut { top1: found as f64 / views as f64, guess: 1.0 / (2 * batch_size - 1) as f64 })
 }
@@ -143,7 +142,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    use image::Rgb;
+    use image::{Rgb, RgbImage};
 
     use super::*;
     use crate::augment::{AugmentConfig, ColorJitterConfig, CropConfig, OpConfig};
@@ -216,7 +215,16 @@ mod tests {
         assert!(distorted.top1 < 0.25, "{distorted:?}");
         // The same seed draws the same views.
         assert_eq!(shortcut(vec![OpConfig::RandomResizedCrop(CropConfig::default())]), crops);
-        let refused = histogram_shortcut(&dataset, &Pipeline::new(&AugmentConfig::default(), 16), 3, 41, &pool);
-        assert!(refused.unwrap_err().to_string().contains("train.batch_size = 41 is larger than the 40"));
+        let refused = |batch_size| {
+            let pipeline = Pipeline::new(&AugmentConfig::default(), 16);
+            histogram_shortcut(&dataset, &pipeline, 3, batch_size, &pool).unwrap_err().to_string()
+        };
+        for batch_size in [0, 41] {
+            let message = refused(batch_size);
+            assert!(
+                message.contains(&format!("train.batch_size = {batch_size}: a batch takes 1 to the 40")),
+                "{message}"
+            );
+        }
     }
 }
