@@ -7,7 +7,7 @@ pub mod input;
 
 pub use input::{bench_input, InputBenchOptions, InputBenchReport};
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::augment::{AugmentConfig, AugmentPreset, Pipeline};
 use crate::data::config::DataFormat;
@@ -169,9 +169,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         return Err(Error::Device(format!("--cuda-graph needs a CUDA device, not {device:?}")));
     }
     let precision = Precision::on(device, options.mixed_precision);
-    let store = nn::VarStore::new(device);
-    let model = SimClr::new(&store.root(), &options.model());
-    crate::device::use_channels_last(&store);
+    let (store, model) = SimClr::in_store(&options.model(), device);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
     // tools/reference/bench_pytorch.py steps at the same rates.

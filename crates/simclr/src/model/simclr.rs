@@ -22,6 +22,16 @@ impl SimClr {
         Self { encoder, head }
     }
 
+    /// A network of `config` in a store of its own on `device` (the store
+    /// owns the variables the network computes with), its convolution
+    /// weights channels-last ([`crate::device::use_channels_last`]).
+    pub fn in_store(config: &ModelConfig, device: tch::Device) -> (nn::VarStore, Self) {
+        let store = nn::VarStore::new(device);
+        let model = Self::new(&store.root(), config);
+        crate::device::use_channels_last(&store);
+        (store, model)
+    }
+
     /// `encoder` alone (a head of kind none, z = h): for weights that hold
     /// only an encoder.
     pub fn headless(encoder: ResNet) -> Self {

@@ -216,9 +216,7 @@ impl Checkpoint {
 
     /// The network it holds (see [`load_model`]).
     pub fn into_model(mut self, device: tch::Device) -> Result<(nn::VarStore, SimClr, RunConfig)> {
-        let store = nn::VarStore::new(device);
-        let model = SimClr::new(&store.root(), &self.config.model);
-        crate::device::use_channels_last(&store);
+        let (store, model) = SimClr::in_store(&self.config.model, device);
         self.copy_model(&store)?;
         Ok((store, model, self.config))
     }

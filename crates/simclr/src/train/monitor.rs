@@ -201,10 +201,7 @@ impl FinishedRun {
     /// does. The store owns the variables the network computes with.
     pub fn initial(&self) -> (tch::nn::VarStore, SimClr) {
         tch::manual_seed(self.config.train.seed as i64);
-        let store = tch::nn::VarStore::new(self.device);
-        let model = SimClr::new(&store.root(), &self.config.model);
-        crate::device::use_channels_last(&store);
-        (store, model)
+        SimClr::in_store(&self.config.model, self.device)
     }
 
     /// The trained network's variable `name` (a state-dict key such as

@@ -344,9 +344,7 @@ impl Trainer {
         let monitored = splits.knn.filter(|_| config.train.knn_every > 0);
         let monitor = monitored.map(|knn| Monitor::of_run(&config, knn, &pool, group.as_ref())).transpose()?;
 
-        let store = nn::VarStore::new(device);
-        let model = SimClr::new(&store.root(), &config.model);
-        crate::device::use_channels_last(&store);
+        let (store, model) = SimClr::in_store(&config.model, device);
         let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
         let mut optimizer = Optimizer::new(&config.optim, trainable);
         let graphed = graphed_step(&config, device, group.as_ref())?;
