@@ -66,7 +66,7 @@ use crate::augment::{
 use crate::config::RunConfig;
 use crate::embed::EncoderSource;
 use crate::eval::features::FeatureNet;
-use crate::eval::{effective_rank, histogram_shortcut, Probe, Transformation};
+use crate::eval::{effective_rank, effective_rank_of, histogram_shortcut, singular_values, Probe, Transformation};
 use crate::loss::{Negatives, Objective, Similarity};
 use crate::model::{Arch, HeadKind, Layer};
 use crate::report::{Heatmap, HistogramPanels, Spectrum};
@@ -1013,9 +1013,10 @@ const LINEAR_HEAD_WEIGHT: &str = "projection_head.layers.0.weight";
 
 /// The linear head's W of each run of the cell `key`.
 fn linear_head_weights(cell: &Cell, key: &str) -> Result<Vec<HeadWeights>> {
-    let squared = |w: &tch::Tensor| -> Result<Vec<f64>> {
-        let (_, singular, _) = w.to_kind(tch::Kind::Double).svd(true, false);
-        Ok(Vec::<f64>::try_from(&singular.square().to_device(tch::Device::Cpu))?)
+    // One SVD of each W serves its spectrum and its effective rank.
+    let spectrum = |w: &tch::Tensor| -> Result<(Vec<f64>, f64)> {
+        let singular = singular_values(w);
+        Ok((Vec::<f64>::try_from(&singular.square().to_device(tch::Device::Cpu))?, effective_rank_of(&singular)))
     };
     cell.runs
         .iter()
@@ -1028,10 +1029,12 @@ fn linear_head_weights(cell: &Cell, key: &str) -> Result<Vec<HeadWeights>> {
             let trained = finished.variable(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
             let (store, _) = finished.initial();
             let initial = store.variables().remove(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
+            let [(trained_squared, trained_rank), (initial_squared, initial_rank)] =
+                [spectrum(&trained)?, spectrum(&initial)?];
             Ok(HeadWeights {
                 name: format!("{key}, seed {}", finished.config.train.seed),
-                squared: [squared(&trained)?, squared(&initial)?],
-                rank: [effective_rank(&trained), effective_rank(&initial)],
+                squared: [trained_squared, initial_squared],
+                rank: [trained_rank, initial_rank],
                 moved: ((&trained - &initial).norm().double_value(&[]) / initial.norm().double_value(&[])),
             })
         })

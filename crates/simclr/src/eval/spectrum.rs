@@ -15,8 +15,17 @@ const EPSILON: f64 = 1e-7;
 /// min(n, d) where every singular value is equal, in between otherwise.
 /// Unchanged by the scale of the features and the order of the rows.
 pub fn effective_rank(features: &Tensor) -> f64 {
-    let (_, singular, _) = features.to_kind(Kind::Double).svd(true, false);
-    let shares = &singular / singular.sum(Kind::Double).clamp_min(f64::MIN_POSITIVE) + EPSILON;
+    effective_rank_of(&singular_values(features))
+}
+
+/// The singular values of `features` (`[n, d]`), largest first, in f64.
+pub fn singular_values(features: &Tensor) -> Tensor {
+    features.to_kind(Kind::Double).svd(true, false).1
+}
+
+/// [`effective_rank`] from the singular values themselves.
+pub fn effective_rank_of(singular: &Tensor) -> f64 {
+    let shares = singular / singular.sum(Kind::Double).clamp_min(f64::MIN_POSITIVE) + EPSILON;
     let entropy = -(&shares * shares.log()).sum(Kind::Double);
     entropy.exp().double_value(&[])
 }
