@@ -8,6 +8,7 @@
 #   ./x.sh build-cuda       build the CUDA-capable binary into target/cuda/simclr, and beside it
 #                           libsimclr_graph.so, the CUDA graph shim (train.cuda_graph, bench --cuda-graph)
 #   ./x.sh fuzz-check       compile the fuzz targets (fuzz/, a crate of its own)
+#   ./x.sh fmt-check        every tracked Rust file formatted as rustfmt.toml says
 #
 # Everything builds in one profile (dev, optimised; see Cargo.toml). The
 # tests build the two project crates once more with the fault-injection
@@ -15,6 +16,13 @@
 # builds, so switching between `simclr` and `test` rebuilds nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" = fmt-check ]; then
+    # Every tracked file, not `cargo fmt`'s module tree: rustfmt does not
+    # follow a `mod` declared by a macro, nor enter fuzz/, a crate of its own.
+    # Needs no libtorch, so it runs before the installer.
+    git ls-files -z '*.rs' | xargs -0 rustfmt --check --edition 2021
+    exit
+fi
 env=$(scripts/libtorch.sh)
 eval "$env"
 
@@ -52,7 +60,7 @@ case "${1:-}" in
         exec cargo check --quiet --locked --manifest-path fuzz/Cargo.toml --bins
         ;;
     *)
-        echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda | fuzz-check" >&2
+        echo "usage: ./x.sh simclr ARGS... | test [ARGS...] | build | build-cuda | fuzz-check | fmt-check" >&2
         exit 2
         ;;
 esac

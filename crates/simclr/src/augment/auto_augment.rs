@@ -148,7 +148,9 @@ impl Augmentation for AutoAugmentConfig {
                 let drawn: Vec<(usize, f32)> = params
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, p)| p.steps[position].filter(|s| s.transform == transform).map(|s| (i, s.magnitude)))
+                    .filter_map(|(i, p)| {
+                        p.steps[position].filter(|s| s.transform == transform).map(|s| (i, s.magnitude))
+                    })
                     .collect();
                 images = super::on_subset(images, &drawn, |x, magnitudes| transform.apply_batch(x, magnitudes));
             }
@@ -173,7 +175,7 @@ impl Policy {
 }
 
 use Transform::{
-    AutoContrast, Brightness, Color, Contrast, Equalize, Invert, Posterize, Rotate, ShearX, ShearY, Sharpness,
+    AutoContrast, Brightness, Color, Contrast, Equalize, Invert, Posterize, Rotate, Sharpness, ShearX, ShearY,
     Solarize, TranslateX, TranslateY,
 };
 
@@ -298,7 +300,9 @@ impl Transform {
             ShearX | ShearY | TranslateX | TranslateY | Rotate => {
                 let thetas: Vec<[f32; 6]> = magnitudes
                     .iter()
-                    .map(|&magnitude| Step { transform: self, magnitude }.inverse_matrix(width as usize, height as usize))
+                    .map(|&magnitude| {
+                        Step { transform: self, magnitude }.inverse_matrix(width as usize, height as usize)
+                    })
                     .collect();
                 warp_batch(&images, &thetas)
             }
@@ -311,7 +315,8 @@ impl Transform {
                 (&images * &levels).floor().minimum(&(&levels - 1.0)).clamp_min(0.0) / levels
             }
             Solarize => {
-                let params: Vec<SolarizeParams> = magnitudes.iter().map(|&threshold| SolarizeParams { threshold }).collect();
+                let params: Vec<SolarizeParams> =
+                    magnitudes.iter().map(|&threshold| SolarizeParams { threshold }).collect();
                 SolarizeConfig::apply_batch(images, &params)
             }
             AutoContrast => autocontrast_batch(&images),
@@ -454,7 +459,8 @@ fn warp_batch(images: &Tensor, thetas: &[[f32; 6]]) -> Tensor {
 }
 
 /// torchvision's sharpness kernel: 1s around a 5, over 13.
-const SMOOTH: [f32; 9] = [1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 5.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0];
+const SMOOTH: [f32; 9] =
+    [1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 5.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0, 1.0 / 13.0];
 
 /// torchvision's `adjust_sharpness`: the interior blended with its
 /// smoothing, x + (1 - factor)(smooth - x), clamped; the border kept.
@@ -564,9 +570,8 @@ fn equalize_batch(images: &Tensor) -> Tensor {
     let cumulative = histogram.cumsum(1, Kind::Int64);
     let last = cumulative.argmax(1, true);
     let step = (histogram.gather(1, &last, false).neg() + pixels).floor_divide_scalar(255);
-    let table = (cumulative.narrow(1, 0, 255) + step.floor_divide_scalar(2))
-        .floor_divide(&step.clamp_min(1))
-        .clamp(0, 255);
+    let table =
+        (cumulative.narrow(1, 0, 255) + step.floor_divide_scalar(2)).floor_divide(&step.clamp_min(1)).clamp(0, 255);
     let table = Tensor::cat(&[table.zeros_like().narrow(1, 0, 1), table], 1);
     let equalized = table.gather(1, &bytes, false).where_self(&step.ne(0), &bytes);
     (equalized.to_kind(Kind::Float) * (1.0 / 255.0)).view([count, channels, height, width]).to_kind(images.kind())

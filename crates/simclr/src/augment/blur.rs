@@ -67,58 +67,56 @@ impl Augmentation for BlurConfig {
         Some(BlurParams { sigma, kernel_size: self.kernel_size.unwrap_or_else(|| default_kernel_size(side)) })
     }
 
-
-/// Two 1-D passes over contiguous rows: each output row is a weighted sum
-/// of whole input rows (vertical) or of a row shifted by whole pixels
-/// (horizontal, over a reflect-padded copy), loops the compiler vectorises.
-/// Looking up the reflected index per tap instead was 4x slower.
-fn apply(image: &mut FloatImage, params: &BlurParams) {
-    let weights = kernel(params);
-    let radius = weights.len() / 2;
-    let (width, height) = (image.width, image.height);
-    let stride = width * 3;
-    let mut vertical = vec![0f32; image.data.len()];
-    for (y, out) in vertical.chunks_exact_mut(stride).enumerate() {
-        for (k, &w) in weights.iter().enumerate() {
-            let source = reflect(y as isize + k as isize - radius as isize, height);
-            let row = &image.data[source * stride..(source + 1) * stride];
-            out.iter_mut().zip(row).for_each(|(o, &v)| *o += w * v);
+    /// Two 1-D passes over contiguous rows: each output row is a weighted sum
+    /// of whole input rows (vertical) or of a row shifted by whole pixels
+    /// (horizontal, over a reflect-padded copy), loops the compiler vectorises.
+    /// Looking up the reflected index per tap instead was 4x slower.
+    fn apply(image: &mut FloatImage, params: &BlurParams) {
+        let weights = kernel(params);
+        let radius = weights.len() / 2;
+        let (width, height) = (image.width, image.height);
+        let stride = width * 3;
+        let mut vertical = vec![0f32; image.data.len()];
+        for (y, out) in vertical.chunks_exact_mut(stride).enumerate() {
+            for (k, &w) in weights.iter().enumerate() {
+                let source = reflect(y as isize + k as isize - radius as isize, height);
+                let row = &image.data[source * stride..(source + 1) * stride];
+                out.iter_mut().zip(row).for_each(|(o, &v)| *o += w * v);
+            }
+        }
+        let mut padded = vec![0f32; stride + 6 * radius];
+        for (y, out) in image.data.chunks_exact_mut(stride).enumerate() {
+            let row = &vertical[y * stride..(y + 1) * stride];
+            for x in 0..width + 2 * radius {
+                let source = reflect(x as isize - radius as isize, width) * 3;
+                padded[x * 3..x * 3 + 3].copy_from_slice(&row[source..source + 3]);
+            }
+            out.fill(0.0);
+            for (k, &w) in weights.iter().enumerate() {
+                out.iter_mut().zip(&padded[k * 3..k * 3 + stride]).for_each(|(o, &v)| *o += w * v);
+            }
+            // The weights sum to 1 only up to rounding: a white area can come
+            // out at 1.0000002, outside the range every later op assumes.
+            out.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
         }
     }
-    let mut padded = vec![0f32; stride + 6 * radius];
-    for (y, out) in image.data.chunks_exact_mut(stride).enumerate() {
-        let row = &vertical[y * stride..(y + 1) * stride];
-        for x in 0..width + 2 * radius {
-            let source = reflect(x as isize - radius as isize, width) * 3;
-            padded[x * 3..x * 3 + 3].copy_from_slice(&row[source..source + 3]);
-        }
-        out.fill(0.0);
-        for (k, &w) in weights.iter().enumerate() {
-            out.iter_mut().zip(&padded[k * 3..k * 3 + stride]).for_each(|(o, &v)| *o += w * v);
-        }
-        // The weights sum to 1 only up to rounding: a white area can come
-        // out at 1.0000002, outside the range every later op assumes.
-        out.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+
+    /// The device path: each image its own kernel, as one grouped convolution
+    /// per direction over the batch folded into channels.
+    fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
+        let (count, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
+        let size = i64::from(params[0].kernel_size);
+        let weights: Vec<f32> = params.iter().flat_map(|p| (0..channels).flat_map(move |_| kernel(p))).collect();
+        let weights = crate::device::upload_slice(&weights, images.device()).to_kind(images.kind());
+        let groups = count * channels;
+        let folded = images.reshape([1, groups, height, width]);
+        let radius = size / 2;
+        let padded = folded.pad([radius, radius, radius, radius], "reflect", None);
+        let across = padded.conv2d(&weights.view([groups, 1, 1, size]), None::<Tensor>, [1], [0], [1], groups);
+        let down = across.conv2d(&weights.view([groups, 1, size, 1]), None::<Tensor>, [1], [0], [1], groups);
+        down.reshape([count, channels, height, width]).clamp(0.0, 1.0)
     }
 }
-
-/// The device path: each image its own kernel, as one grouped convolution
-/// per direction over the batch folded into channels.
-fn apply_batch(images: Tensor, params: &[BlurParams]) -> Tensor {
-    let (count, channels, height, width) = images.size4().expect("a [n, 3, h, w] batch");
-    let size = i64::from(params[0].kernel_size);
-    let weights: Vec<f32> = params.iter().flat_map(|p| (0..channels).flat_map(move |_| kernel(p))).collect();
-    let weights = crate::device::upload_slice(&weights, images.device()).to_kind(images.kind());
-    let groups = count * channels;
-    let folded = images.reshape([1, groups, height, width]);
-    let radius = size / 2;
-    let padded = folded.pad([radius, radius, radius, radius], "reflect", None);
-    let across = padded.conv2d(&weights.view([groups, 1, 1, size]), None::<Tensor>, [1], [0], [1], groups);
-    let down = across.conv2d(&weights.view([groups, 1, size, 1]), None::<Tensor>, [1], [0], [1], groups);
-    down.reshape([count, channels, height, width]).clamp(0.0, 1.0)
-}
-}
-
 
 /// torchvision's `_get_gaussian_kernel1d`: exp(-x² / 2σ²) at integer offsets
 /// from the centre, normalised to sum 1.

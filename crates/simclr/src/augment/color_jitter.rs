@@ -65,68 +65,68 @@ impl Augmentation for ColorJitterConfig {
     }
 
     fn apply(image: &mut FloatImage, params: &JitterParams) {
-    for part in params.order {
-        match part {
-            0 => adjust_brightness(image, params.brightness),
-            1 => adjust_contrast(image, params.contrast),
-            2 => adjust_saturation(image, params.saturation),
-            _ => adjust_hue(image, params.hue),
+        for part in params.order {
+            match part {
+                0 => adjust_brightness(image, params.brightness),
+                1 => adjust_contrast(image, params.contrast),
+                2 => adjust_saturation(image, params.saturation),
+                _ => adjust_hue(image, params.hue),
+            }
         }
     }
-}
 
-/// The device path. Each image runs its four parts in its own order, so
-/// the batch goes through the four positions in turn; at each, every image
-/// runs the part its order puts there.
-///
-/// Written for few kernels, as on a GPU each costs a launch whatever the
-/// batch (this path had run every part on its own subset of images, about
-/// 470 kernels per batch of views; now about 130):
-/// - brightness, contrast and saturation are one blend,
-///   clamp(f·x + (1 − f)·o, 0, 1), whose other image o is 0, the mean luma
-///   or the luma. One pass per position runs all three, on the whole batch:
-///   the images running hue there get f = 1 and o = 0, exactly x again;
-/// - hue runs on its own images, in the closed form of `adjust_hue_batch`;
-/// - the drawn values of all positions go to the device in one copy.
+    /// The device path. Each image runs its four parts in its own order, so
+    /// the batch goes through the four positions in turn; at each, every image
+    /// runs the part its order puts there.
+    ///
+    /// Written for few kernels, as on a GPU each costs a launch whatever the
+    /// batch (this path had run every part on its own subset of images, about
+    /// 470 kernels per batch of views; now about 130):
+    /// - brightness, contrast and saturation are one blend,
+    ///   clamp(f·x + (1 − f)·o, 0, 1), whose other image o is 0, the mean luma
+    ///   or the luma. One pass per position runs all three, on the whole batch:
+    ///   the images running hue there get f = 1 and o = 0, exactly x again;
+    /// - hue runs on its own images, in the closed form of `adjust_hue_batch`;
+    /// - the drawn values of all positions go to the device in one copy.
     fn apply_batch(images: Tensor, params: &[JitterParams]) -> Tensor {
-    let count = params.len() as i64;
-    // Per position, four rows of one value per image: f, 1 − f (in f32, as
-    // the pixel path computes it) and the weights of the mean luma and of
-    // the luma in the other image.
-    let mut blend = Vec::with_capacity(16 * params.len());
-    for position in 0..4 {
-        let part = |p: &JitterParams| p.order[position];
-        let factor = |p: &JitterParams| match part(p) {
-            0 => p.brightness,
-            1 => p.contrast,
-            2 => p.saturation,
-            _ => 1.0,
-        };
-        blend.extend(params.iter().map(factor));
-        blend.extend(params.iter().map(|p| 1.0 - factor(p)));
-        blend.extend(params.iter().map(|p| f32::from(part(p) == 1)));
-        blend.extend(params.iter().map(|p| f32::from(part(p) == 2)));
+        let count = params.len() as i64;
+        // Per position, four rows of one value per image: f, 1 − f (in f32, as
+        // the pixel path computes it) and the weights of the mean luma and of
+        // the luma in the other image.
+        let mut blend = Vec::with_capacity(16 * params.len());
+        for position in 0..4 {
+            let part = |p: &JitterParams| p.order[position];
+            let factor = |p: &JitterParams| match part(p) {
+                0 => p.brightness,
+                1 => p.contrast,
+                2 => p.saturation,
+                _ => 1.0,
+            };
+            blend.extend(params.iter().map(factor));
+            blend.extend(params.iter().map(|p| 1.0 - factor(p)));
+            blend.extend(params.iter().map(|p| f32::from(part(p) == 1)));
+            blend.extend(params.iter().map(|p| f32::from(part(p) == 2)));
+        }
+        let blend = crate::device::upload_slice(&blend, images.device()).view([4, 4, count, 1, 1, 1]);
+        let luma_weights = super::grayscale::luma_weights(images.device());
+        let mut images = images;
+        for position in 0..4 {
+            let row = |k: i64| blend.get(position as i64).get(k);
+            let gray = super::grayscale::luma_with(&images, &luma_weights);
+            let mean = gray.mean_dim(&[2i64, 3][..], true, gray.kind());
+            let other = (&gray * row(3)).addcmul(&row(2), &mean);
+            images = (&images * row(0)).addcmul(&other, &row(1)).clamp(0.0, 1.0);
+            // A zero shift leaves the image alone, as the pixel path does.
+            let shifts: Vec<(usize, f32)> = params
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.order[position] == 3 && p.hue != 0.0)
+                .map(|(i, p)| (i, p.hue))
+                .collect();
+            images = super::on_subset(images, &shifts, |x, shifts| adjust_hue_batch(&x, &super::per_image(shifts, &x)));
+        }
+        images
     }
-    let blend = crate::device::upload_slice(&blend, images.device()).view([4, 4, count, 1, 1, 1]);
-    let luma_weights = super::grayscale::luma_weights(images.device());
-    let mut images = images;
-    for position in 0..4 {
-        let row = |k: i64| blend.get(position as i64).get(k);
-        let gray = super::grayscale::luma_with(&images, &luma_weights);
-        let mean = gray.mean_dim(&[2i64, 3][..], true, gray.kind());
-        let other = (&gray * row(3)).addcmul(&row(2), &mean);
-        images = (&images * row(0)).addcmul(&other, &row(1)).clamp(0.0, 1.0);
-        // A zero shift leaves the image alone, as the pixel path does.
-        let shifts: Vec<(usize, f32)> = params
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.order[position] == 3 && p.hue != 0.0)
-            .map(|(i, p)| (i, p.hue))
-            .collect();
-        images = super::on_subset(images, &shifts, |x, shifts| adjust_hue_batch(&x, &super::per_image(shifts, &x)));
-    }
-    images
-}
 }
 
 /// torchvision's `adjust_hue` (`_rgb2hsv`, the shift, `_hsv2rgb`) on a

@@ -46,26 +46,26 @@ impl Augmentation for CutoutConfig {
     }
 
     fn apply(image: &mut FloatImage, cut: &CropBox) {
-    for y in cut.top..cut.top + cut.height {
-        let start = (y as usize * image.width + cut.left as usize) * 3;
-        image.data[start..start + cut.width as usize * 3].fill(0.0);
+        for y in cut.top..cut.top + cut.height {
+            let start = (y as usize * image.width + cut.left as usize) * 3;
+            image.data[start..start + cut.width as usize * 3].fill(0.0);
+        }
     }
-}
 
     fn apply_batch(images: Tensor, boxes: &[CropBox]) -> Tensor {
-    let (_, _, height, width) = images.size4().expect("a [n, 3, h, w] batch");
-    let device = images.device();
-    let column = |values: Vec<i64>| super::per_image(&values, &images);
-    let top = column(boxes.iter().map(|b| i64::from(b.top)).collect());
-    let bottom = column(boxes.iter().map(|b| i64::from(b.top + b.height)).collect());
-    let left = column(boxes.iter().map(|b| i64::from(b.left)).collect());
-    let right = column(boxes.iter().map(|b| i64::from(b.left + b.width)).collect());
-    let rows = Tensor::arange(height, (tch::Kind::Int64, device)).view([1, 1, -1, 1]);
-    let columns = Tensor::arange(width, (tch::Kind::Int64, device)).view([1, 1, 1, -1]);
-    let inside = rows.ge_tensor(&top).logical_and(&rows.lt_tensor(&bottom));
-    let inside = inside.logical_and(&columns.ge_tensor(&left)).logical_and(&columns.lt_tensor(&right));
-    images.masked_fill(&inside, 0.0)
-}
+        let (_, _, height, width) = images.size4().expect("a [n, 3, h, w] batch");
+        let device = images.device();
+        let column = |values: Vec<i64>| super::per_image(&values, &images);
+        let top = column(boxes.iter().map(|b| i64::from(b.top)).collect());
+        let bottom = column(boxes.iter().map(|b| i64::from(b.top + b.height)).collect());
+        let left = column(boxes.iter().map(|b| i64::from(b.left)).collect());
+        let right = column(boxes.iter().map(|b| i64::from(b.left + b.width)).collect());
+        let rows = Tensor::arange(height, (tch::Kind::Int64, device)).view([1, 1, -1, 1]);
+        let columns = Tensor::arange(width, (tch::Kind::Int64, device)).view([1, 1, 1, -1]);
+        let inside = rows.ge_tensor(&top).logical_and(&rows.lt_tensor(&bottom));
+        let inside = inside.logical_and(&columns.ge_tensor(&left)).logical_and(&columns.lt_tensor(&right));
+        images.masked_fill(&inside, 0.0)
+    }
 }
 
 #[cfg(test)]

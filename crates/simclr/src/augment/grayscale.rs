@@ -27,7 +27,6 @@ pub fn luma(rgb: &[f32]) -> f32 {
     LUMA[0] * rgb[0] + LUMA[1] * rgb[1] + LUMA[2] * rgb[2]
 }
 
-
 /// The luma of a `[n, 3, h, w]` batch, as `[n, 1, h, w]`.
 pub fn luma_batch(images: &Tensor) -> Tensor {
     luma_with(images, &luma_weights(images.device()))

@@ -42,14 +42,28 @@ pub use pipeline::{view_rng, Pipeline, Sizing, ViewParams};
 pub use rotation::RotationParams;
 pub use solarize::SolarizeParams;
 
+// The pixel ops' modules, declared here rather than by `register!` below:
+// rustfmt does not follow a `mod` that a macro declares, so the files would
+// escape `cargo fmt` (they did, until 2026-12-06).
+pub mod auto_augment;
+pub mod blur;
+pub mod color_jitter;
+pub mod cutout;
+pub mod flip;
+pub mod grayscale;
+pub mod noise;
+pub mod rotation;
+pub mod sobel;
+pub mod solarize;
+pub mod vertical_flip;
+
 /// Every pixel op, one line each: its name in configs, its variant of
 /// [`OpConfig`] and [`OpParams`], and its module and config type (which
-/// implements [`Augmentation`]). Adding an op is its own file and one line
-/// in the list below; the sizing ops (crops) are written out, as they
-/// decide the view's size and are always first.
+/// implements [`Augmentation`]). Adding an op is its own file, its `mod`
+/// line above and one line in the list below; the sizing ops (crops) are
+/// written out, as they decide the view's size and are always first.
 macro_rules! register {
     ($($name:literal => $variant:ident($module:ident::$config:ident),)*) => {
-        $(pub mod $module;)*
         $(pub use $module::$config;)*
 
         /// One op of a pipeline, as written in `[[augment.ops]]` with `op = "..."`.

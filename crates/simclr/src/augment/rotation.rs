@@ -35,31 +35,31 @@ impl Augmentation for RotationConfig {
 
     /// Rotates a square image in place.
     fn apply(image: &mut FloatImage, params: &RotationParams) {
-    let side = image.width;
-    assert_eq!(side, image.height, "views are square");
-    let source = image.data.clone();
-    let last = side - 1;
-    for y in 0..side {
-        for x in 0..side {
-            let (sy, sx) = match params.quarter_turns {
-                1 => (x, last - y),
-                2 => (last - y, last - x),
-                _ => (last - x, y),
-            };
-            image.data[(y * side + x) * 3..][..3].copy_from_slice(&source[(sy * side + sx) * 3..][..3]);
+        let side = image.width;
+        assert_eq!(side, image.height, "views are square");
+        let source = image.data.clone();
+        let last = side - 1;
+        for y in 0..side {
+            for x in 0..side {
+                let (sy, sx) = match params.quarter_turns {
+                    1 => (x, last - y),
+                    2 => (last - y, last - x),
+                    _ => (last - x, y),
+                };
+                image.data[(y * side + x) * 3..][..3].copy_from_slice(&source[(sy * side + sx) * 3..][..3]);
+            }
         }
     }
-}
 
     fn apply_batch(images: Tensor, params: &[RotationParams]) -> Tensor {
-    let mut images = images;
-    for turns in 1..=3u8 {
-        let chosen: Vec<(usize, ())> =
-            params.iter().enumerate().filter(|(_, p)| p.quarter_turns == turns).map(|(i, _)| (i, ())).collect();
-        images = super::on_subset(images, &chosen, |x, _| x.rot90(i64::from(turns), [2, 3]));
+        let mut images = images;
+        for turns in 1..=3u8 {
+            let chosen: Vec<(usize, ())> =
+                params.iter().enumerate().filter(|(_, p)| p.quarter_turns == turns).map(|(i, _)| (i, ())).collect();
+            images = super::on_subset(images, &chosen, |x, _| x.rot90(i64::from(turns), [2, 3]));
+        }
+        images
     }
-    images
-}
 }
 
 #[cfg(test)]

@@ -35,35 +35,35 @@ impl Augmentation for SobelConfig {
     }
 
     fn apply(image: &mut FloatImage, _: &()) {
-    let (width, height) = (image.width, image.height);
-    let gray: Vec<f32> = image.data.chunks_exact(3).map(luma).collect();
-    let at = |y: isize, x: isize| {
-        gray[y.clamp(0, height as isize - 1) as usize * width + x.clamp(0, width as isize - 1) as usize]
-    };
-    for y in 0..height as isize {
-        for x in 0..width as isize {
-            let (mut gx, mut gy) = (0f32, 0f32);
-            for (dy, row) in KERNEL.iter().enumerate() {
-                for (dx, weight) in row.iter().enumerate() {
-                    gx += weight * at(y + dy as isize - 1, x + dx as isize - 1);
-                    gy += weight * at(y + dx as isize - 1, x + dy as isize - 1);
+        let (width, height) = (image.width, image.height);
+        let gray: Vec<f32> = image.data.chunks_exact(3).map(luma).collect();
+        let at = |y: isize, x: isize| {
+            gray[y.clamp(0, height as isize - 1) as usize * width + x.clamp(0, width as isize - 1) as usize]
+        };
+        for y in 0..height as isize {
+            for x in 0..width as isize {
+                let (mut gx, mut gy) = (0f32, 0f32);
+                for (dy, row) in KERNEL.iter().enumerate() {
+                    for (dx, weight) in row.iter().enumerate() {
+                        gx += weight * at(y + dy as isize - 1, x + dx as isize - 1);
+                        gy += weight * at(y + dx as isize - 1, x + dy as isize - 1);
+                    }
                 }
+                let magnitude = ((gx * gx + gy * gy).sqrt() / 4.0).min(1.0);
+                image.data[(y as usize * width + x as usize) * 3..][..3].fill(magnitude);
             }
-            let magnitude = ((gx * gx + gy * gy).sqrt() / 4.0).min(1.0);
-            image.data[(y as usize * width + x as usize) * 3..][..3].fill(magnitude);
         }
     }
-}
 
     fn apply_batch(images: Tensor, _: &[()]) -> Tensor {
-    let gray = luma_batch(&images).pad([1, 1, 1, 1], "replicate", None);
-    let horizontal = crate::device::upload_slice(KERNEL.as_flattened(), images.device()).view([1, 1, 3, 3]);
-    let vertical = horizontal.transpose(2, 3);
-    let gx = gray.conv2d(&horizontal, None::<Tensor>, [1], [0], [1], 1);
-    let gy = gray.conv2d(&vertical, None::<Tensor>, [1], [0], [1], 1);
-    let magnitude = (gx.square() + gy.square()).sqrt() / 4.0;
-    magnitude.clamp_max(1.0).expand([-1, 3, -1, -1], false).contiguous()
-}
+        let gray = luma_batch(&images).pad([1, 1, 1, 1], "replicate", None);
+        let horizontal = crate::device::upload_slice(KERNEL.as_flattened(), images.device()).view([1, 1, 3, 3]);
+        let vertical = horizontal.transpose(2, 3);
+        let gx = gray.conv2d(&horizontal, None::<Tensor>, [1], [0], [1], 1);
+        let gy = gray.conv2d(&vertical, None::<Tensor>, [1], [0], [1], 1);
+        let magnitude = (gx.square() + gy.square()).sqrt() / 4.0;
+        magnitude.clamp_max(1.0).expand([-1, 3, -1, -1], false).contiguous()
+    }
 }
 
 #[cfg(test)]
