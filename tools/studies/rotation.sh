@@ -17,7 +17,7 @@
 #     the base on the turned copy;
 # then scores every run and the random-init encoder by kNN (k 200, t 0.1)
 # three ways: upright bank and queries, bank and queries each turned by
-# 0-3 quarter turns, and an upright bank with turned queries. About 45
+# 0-3 quarter turns, and an upright bank with turned queries. About 50
 # minutes on 2 cores; run it again after a stop and finished runs and
 # scores are read back.
 set -euo pipefail
