@@ -30,8 +30,10 @@ SIMCLR=${SIMCLR_BIN:-target/release/simclr}
 PYTHON=$(tools/python.sh)
 mkdir -p "$OUT/evals"
 R=$OUT/turned
-copy() {  # copy SOURCE NAME UPRIGHT SEED
-    [ -f "$R/$2/orientations.csv" ] || "$PYTHON" tools/data/rotated_copy.py "$1" "$R/$2" --upright "$3" --seed "$4"
+copy() {  # copy SOURCE NAME UPRIGHT SEED; the list is written last, so a copy without it was cut short
+    [ -f "$R/$2/orientations.csv" ] && return
+    rm -rf "${R:?}/$2"
+    "$PYTHON" tools/data/rotated_copy.py "$1" "$R/$2" --upright "$3" --seed "$4"
 }
 copy "$S/train" train-half 0.5 0
 copy "$S/train" train-any 0.25 1
