@@ -70,9 +70,20 @@ for run in "$OUT"/pairs/*/seed-* "$OUT"/transform/transform-{grayscale,rotation}
            "$OUT"/base-data-half/seed-*; do
     score "$(echo "${run#"$OUT"/}" | tr / _)" --checkpoint "$run/checkpoint.safetensors"
 done
+# The random-init encoders of the runs' seeds, built as the runs' configuration builds its network and
+# centre views (read from a run's config.toml, not written again here).
+read -ra network < <("$PYTHON" - "$OUT/pairs/random-resized-crop/seed-0/config.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as file:
+    config = tomllib.load(file)
+model, data = config["model"], config["data"]
+print(f"--arch {model['arch']} --width {model['width_multiplier']} --stem {model['stem']}",
+      f"--image-size {data['image_size']} --mean {','.join(map(str, data['mean']))}",
+      f"--std {','.join(map(str, data['std']))}")
+PY
+)
 for seed in 0 1 2; do
-    score "random-init_seed-$seed" --random-init --seed "$seed" --arch resnet18 --width 0.25 --stem cifar \
-        --image-size 32 --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616
+    score "random-init_seed-$seed" --random-init --seed "$seed" "${network[@]}"
 done
 
 "$PYTHON" - "$OUT/evals" <<'PY'
