@@ -19,7 +19,7 @@ use simclr::device::{DeviceChoice, PrecisionChoice};
 use simclr::dist::launch::{self, Outcome, World};
 use simclr::dist::Backend;
 use simclr::embed::EncoderSource;
-use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LinearConfig, Protocol, Transformation};
+use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LabelSubset, LinearConfig, Protocol, Transformation};
 use simclr::loss::{Negatives, Objective, Similarity};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::{checkpoint, Observer};
@@ -271,12 +271,16 @@ enum EvalProtocol {
         #[command(flatten)]
         config: KnnConfig,
         #[command(flatten)]
+        labels: LabelSubset,
+        #[command(flatten)]
         common: EvalArgs,
     },
     /// A linear classifier on frozen features (SGD, Nesterov, cosine schedule).
     Linear {
         #[command(flatten)]
         config: LinearConfig,
+        #[command(flatten)]
+        labels: LabelSubset,
         #[command(flatten)]
         common: EvalArgs,
     },
@@ -626,6 +630,9 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let loaded = simclr::embed::load_network(&source, &options.spec, layer, options.device);
     let network = simclr::dist::agree(group.as_ref(), loaded)?;
     let (output, seed) = (args.output.clone(), args.seed);
+    if let EvalProtocol::Knn { labels, .. } | EvalProtocol::Linear { labels, .. } = &protocol {
+        options.labels = labels.clone();
+    }
     let protocol = match protocol {
         EvalProtocol::Knn { config, .. } => Protocol::Knn(config),
         EvalProtocol::Linear { config, .. } => Protocol::Linear(LinearConfig { seed, ..config }),

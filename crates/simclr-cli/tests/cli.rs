@@ -334,6 +334,26 @@ fn train_resume_and_embed_round_trip() {
     for class in ["bars", "blocks"] {
         assert_eq!(chosen.lines().filter(|l| l.contains(&format!("/{class}/"))).count(), 3, "{chosen}");
     }
+    // kNN and linear on half the labels: the images fine-tuning labelled with
+    // the same seed (another seed draws others: the control), kNN's bank
+    // of those 6 alone.
+    let low_shot = |protocol: &str, seed: &str, extra: &[&str]| {
+        let listing = dir.path().join(format!("{protocol}-{seed}.txt"));
+        let output = simclr(["eval", protocol, "--fraction", "0.5", "--seed", seed, "--checkpoint", &checkpoint])
+            .args(["--train", &data_arg, "--test", &data_arg, "--device", "cpu"])
+            .args(["--subset-file", listing.to_str().unwrap()])
+            .args(extra)
+            .run();
+        assert_succeeds(&output);
+        let said = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(said.contains(&format!("{protocol} | ")) && said.contains("6 labelled of 12"), "{said}");
+        (std::fs::read_to_string(listing).unwrap(), stderr(&output))
+    };
+    let (listed, warned) = low_shot("knn", "0", &["--k", "8"]);
+    assert_eq!(listed, chosen);
+    assert!(warned.contains("--k 8 is more than the 6 training images"), "{warned}");
+    assert_eq!(low_shot("linear", "0", &["--epochs", "2"]).0, chosen);
+    assert_ne!(low_shot("knn", "1", &["--k", "3"]).0, chosen, "another seed, the same images");
 
     // The run's figures, drawn into its folder.
     let report = simclr(["report", &out.display().to_string()]).run();
@@ -810,9 +830,11 @@ fn eval_and_bench_settings_are_refused_by_name_and_an_io_error_is_printed_once()
             .run();
         assert_fails_with(&output, needles);
     }
-    let output =
-        simclr(["eval", "knn", "--random-init", "--train", &missing, "--test", &missing, "--k", "0"]).args(model).run();
-    assert_fails_with(&output, &["--k 0: must be at least 1"]);
+    let output = simclr(["eval", "knn", "--random-init", "--train", &missing, "--test", &missing, "--k", "0"])
+        .args(model)
+        .args(["--fraction", "0"])
+        .run();
+    assert_fails_with(&output, &["--k 0: must be at least 1", "--fraction 0: must be in (0, 1]"]);
     let output = simclr(["bench"]).args(model).args(["--image-size", "0", "--width", "0", "--steps", "1"]).run();
     assert_fails_with(&output, &["--image-size 0: must be at least 8", "--width 0: must be in (0, 16]"]);
     let output = simclr(["bench", "augment", "--data", &data, "--threads", "0"]).run();
@@ -2014,6 +2036,8 @@ fn two_processes_evaluate_as_one() {
         ("knn", &["--k", "5"][..]),
         ("knn", &["--k", "30", "--temperature", "100"]),
         ("linear", &["--epochs", "5"]),
+        // Half the labels, drawn among the readable images as fine-tuning draws them.
+        ("knn", &["--k", "5", "--fraction", "0.5"]),
         ("finetune", &["--fraction", "1", "--epochs", "2", "--batch-size", "7"]),
     ];
     for (case, (protocol, extra)) in cases.into_iter().enumerate() {

@@ -339,13 +339,19 @@ impl Dataset {
 
     /// At most `limit` samples, drawn without replacement with `seed`, in
     /// their original order.
-    pub fn subset(mut self, limit: Option<usize>, seed: u64) -> Self {
+    pub fn subset(self, limit: Option<usize>, seed: u64) -> Self {
         let Some(limit) = limit.filter(|&l| l < self.samples.len()) else { return self };
         let mut keep: Vec<usize> = (0..self.samples.len()).collect();
         keep.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         keep.truncate(limit);
         keep.sort_unstable();
-        self.samples = keep.into_iter().map(|i| self.samples[i].clone()).collect();
+        self.select(&keep)
+    }
+
+    /// The samples at `indices`, in that order (the classes, the policy and
+    /// the images skipped so far kept).
+    pub fn select(mut self, indices: &[usize]) -> Self {
+        self.samples = indices.iter().map(|&i| self.samples[i].clone()).collect();
         self
     }
 }

@@ -98,9 +98,7 @@ impl FinetuneConfig {
     /// Pushes a line per bad setting, named as its flag. Train-mode
     /// BatchNorm needs two images to a batch.
     pub fn check(&self, problems: &mut Vec<String>) {
-        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
-            problems.push(format!("--fraction {}: must be in (0, 1]", self.fraction));
-        }
+        check_fraction(self.fraction, problems);
         if self.epochs == Some(0) {
             problems.push("--epochs 0: must be at least 1".to_owned());
         }
@@ -117,6 +115,32 @@ impl FinetuneConfig {
     pub fn epochs(&self) -> usize {
         self.epochs.unwrap_or_else(|| Self::paper_epochs(self.fraction))
     }
+}
+
+/// Pushes a line when a label fraction is outside (0, 1], named as its flag.
+pub(crate) fn check_fraction(fraction: f64, problems: &mut Vec<String>) {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        problems.push(format!("--fraction {fraction}: must be in (0, 1]"));
+    }
+}
+
+/// Lists `subset`'s images of `train` in `path`, one per line as
+/// [`Sample::describe`] names them; rank 0 writes it, and every rank learns
+/// whether it could.
+pub(crate) fn write_subset_file(
+    path: &std::path::Path,
+    train: &Dataset,
+    subset: &[usize],
+    group: Option<&ProcessGroup>,
+) -> Result<()> {
+    let written = match group.map_or(0, |group| group.rank()) {
+        0 => {
+            let listing: String = subset.iter().map(|&i| format!("{}\n", train.samples[i].describe(i))).collect();
+            crate::io::write_atomic(path, listing.as_bytes())
+        }
+        _ => Ok(()),
+    };
+    agree(group, written)
 }
 
 /// Indices of a class-balanced subset: from each class, round(fraction × its
@@ -209,12 +233,7 @@ pub fn finetune_in(
         )));
     }
     if let Some(path) = &config.subset_file {
-        let listing: String = subset.iter().map(|&i| format!("{}\n", train.samples[i].describe(i))).collect();
-        let written = match rank {
-            0 => crate::io::write_atomic(path, listing.as_bytes()),
-            _ => Ok(()),
-        };
-        agree(group, written)?;
+        write_subset_file(path, train, &subset, group)?;
     }
     let device = store.device();
     let precision = choice.on(device, true);

@@ -23,7 +23,7 @@ pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
 pub use histogram::{histogram_shortcut, Shortcut};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{fit_linear_across, linear_eval, linear_eval_across, LinearConfig};
-pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, Network, Protocol};
+pub use protocol::{evaluate, evaluate_in, EvalOptions, EvalReport, LabelSubset, Network, Protocol};
 pub use spectrum::{effective_rank, effective_rank_of, singular_values};
 pub use transform::{Probe, Transformation};
 

@@ -47,6 +47,29 @@ pub struct Network {
     pub name: String,
 }
 
+/// The training images whose labels kNN and linear use: a class-balanced
+/// fraction, the images `eval finetune` labels with the same fraction and
+/// seed (fine-tuning's own are [`FinetuneConfig`]'s `fraction` and
+/// `subset_file`). Low-shot evaluation, the frozen features' side of the
+/// paper's semi-supervised table.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct LabelSubset {
+    /// Fraction of each class's training images whose labels are used (1%, 10% in the paper's
+    /// semi-supervised table), drawn with --seed among the readable images: those `eval finetune
+    /// --fraction` labels with the same seed
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction: f64,
+    /// List the labelled images used here, one per line.
+    #[arg(long)]
+    pub subset_file: Option<PathBuf>,
+}
+
+impl Default for LabelSubset {
+    fn default() -> Self {
+        Self { fraction: 1.0, subset_file: None }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     /// The network and how images are prepared for it.
@@ -67,6 +90,8 @@ pub struct EvalOptions {
     pub on_bad_image: BadImagePolicy,
     /// The arithmetic of the forward passes (and of fine-tuning's training).
     pub precision: PrecisionChoice,
+    /// kNN's and linear's labelled training images: all by default.
+    pub labels: LabelSubset,
 }
 
 impl EvalOptions {
@@ -82,6 +107,7 @@ impl EvalOptions {
             layer: Layer::H,
             on_bad_image: BadImagePolicy::Stop,
             precision: PrecisionChoice::Auto,
+            labels: LabelSubset::default(),
         }
     }
 }
@@ -96,7 +122,7 @@ pub struct EvalReport {
     pub top1: f64,
     pub top5: f64,
     pub train_images: usize,
-    /// Labelled training images used (fine-tuning takes a fraction).
+    /// Labelled training images used (a fraction of them with `--fraction`).
     pub labelled_images: usize,
     pub test_images: usize,
     pub classes: usize,
@@ -183,6 +209,14 @@ pub fn evaluate_in(
         Protocol::Linear(config) => config.check(&mut problems),
         Protocol::Finetune(config) => config.check(&mut problems),
     }
+    let labels = &options.labels;
+    let subset = *labels != LabelSubset::default();
+    match protocol {
+        Protocol::Finetune(_) if subset => problems.push(
+            "fine-tuning's labelled images are its own --fraction and --subset-file, not the options'".to_owned(),
+        ),
+        _ => super::finetune::check_fraction(labels.fraction, &mut problems),
+    }
     if options.limit == Some(0) {
         problems.push("--limit 0: must be at least 1".to_owned());
     }
@@ -216,6 +250,21 @@ pub fn evaluate_in(
     }
     let (train, test) = (train.with_policy(policy), test.with_policy(policy));
     let classes = train.classes.len();
+    // kNN and linear on a fraction of the labels: drawn as fine-tuning draws
+    // its own, among the readable images (so these are read once first
+    // under the skip policy), and all of them counted as the training split.
+    let (train, listed) = match subset {
+        false => (train, None),
+        true => {
+            let train = train.without_unreadable_across(&pool, group)?;
+            let chosen = super::finetune::balanced_subset(&train, labels.fraction, options.seed)?;
+            if let Some(path) = &labels.subset_file {
+                super::finetune::write_subset_file(path, &train, &chosen, group)?;
+            }
+            let listed = train.len();
+            (train.select(&chosen), Some(listed))
+        }
+    };
 
     tch::manual_seed(options.seed as i64);
     let Network { store, model, name } = network;
@@ -246,9 +295,10 @@ pub fn evaluate_in(
         Ok(Scored {
             accuracy: score(&part, train_images, &test)?,
             labelled_images: train_images,
-            train_images,
+            train_images: listed.unwrap_or(train_images),
             test_images: test.features.size()[0] as usize,
-            skipped: [part.skipped, test.skipped].concat(),
+            // Those left out before a fraction was drawn, then those met.
+            skipped: [listed.map_or_else(Vec::new, |_| train.skipped()), part.skipped, test.skipped].concat(),
             precision,
         })
     };
