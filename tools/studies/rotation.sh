@@ -21,13 +21,7 @@
 # minutes on 2 cores; run it again after a stop and finished runs and
 # scores are read back.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ $# -eq 2 ] || { echo "usage: tools/studies/rotation.sh SUBSET OUT" >&2; exit 2; }
-S=$(cd "$1" && pwd) OUT=$2
-[ -d "$S/train" ] && [ -d "$S/test" ] || { echo "rotation.sh: $S has no train/ and test/" >&2; exit 2; }
-SIMCLR=${SIMCLR_BIN:-target/release/simclr}
-[ -x "$SIMCLR" ] || { echo "rotation.sh: no $SIMCLR (cargo build --release -p simclr-cli, or set SIMCLR_BIN)" >&2; exit 2; }
-PYTHON=$(tools/python.sh)
+. "$(dirname "$0")/common.sh" "$@"
 mkdir -p "$OUT/evals"
 R=$OUT/turned
 copy() {  # copy SOURCE NAME UPRIGHT SEED; the list is written last, so a copy without it was cut short
@@ -39,9 +33,6 @@ copy "$S/train" train-half 0.5 0
 copy "$S/train" train-any 0.25 1
 copy "$S/test" test-any 0.25 2
 
-BASE=(--preset cifar10-fast --data "$S/train" --device cpu --batch-size 128 --epochs 10
-      --set model.width_multiplier=0.25 --set train.checkpoint_every=5
-      --set "data.knn_train_path=\"$S/train\"" --set "data.knn_test_path=\"$S/test\"")
 "$SIMCLR" ablate augment "${BASE[@]}" --ops random-resized-crop,rotation --seeds 0,1,2 --output "$OUT/pairs"
 "$SIMCLR" ablate transform "${BASE[@]}" --transformations grayscale,rotation --seeds 0,1,2 --output "$OUT/transform"
 # The turned copy, trained with the crop cell's and the base's configurations.
@@ -72,16 +63,7 @@ for run in "$OUT"/pairs/*/seed-* "$OUT"/transform/transform-{grayscale,rotation}
 done
 # The random-init encoders of the runs' seeds, built as the runs' configuration builds its network and
 # centre views (read from a run's config.toml, not written again here).
-read -ra network < <("$PYTHON" - "$OUT/pairs/random-resized-crop/seed-0/config.toml" <<'PY'
-import sys, tomllib
-with open(sys.argv[1], "rb") as file:
-    config = tomllib.load(file)
-model, data = config["model"], config["data"]
-print(f"--arch {model['arch']} --width {model['width_multiplier']} --stem {model['stem']}",
-      f"--image-size {data['image_size']} --mean {','.join(map(str, data['mean']))}",
-      f"--std {','.join(map(str, data['std']))}")
-PY
-)
+read -ra network < <("$PYTHON" tools/studies/network_flags.py "$OUT/pairs/random-resized-crop/seed-0/config.toml")
 for seed in 0 1 2; do
     score "random-init_seed-$seed" --random-init --seed "$seed" "${network[@]}"
 done
