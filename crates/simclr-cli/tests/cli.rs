@@ -202,7 +202,8 @@ fn train_resume_and_embed_round_trip() {
     image_folder(&data, 6, 16);
 
     assert_succeeds(&tiny_run(&data, &out).run());
-    for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
+    let files = ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "metrics.tfevents", "config.toml"];
+    for file in files.iter().chain(&["summary.json"]) {
         assert!(out.join(file).is_file(), "{file} missing");
     }
     let summary = run_summary(&out);
@@ -1990,9 +1991,13 @@ fn two_processes_train_the_encoder_of_one() {
     assert_eq!(knn, epoch_field(&one, "knn_top1"));
     let summary = run_summary(&two);
     assert!(summary["initial_knn_top1"].is_f64(), "{summary}");
-    for file in ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "config.toml", "summary.json"] {
+    let files = ["checkpoint.safetensors", "encoder.safetensors", "metrics.jsonl", "metrics.tfevents", "config.toml"];
+    for file in files.iter().chain(&["summary.json"]) {
         assert!(two.join(file).is_file(), "{file} missing");
     }
+    // Rank 0 alone logs: the events of as many scalars, of one size each.
+    let size = |run: &Path| std::fs::metadata(run.join("metrics.tfevents")).unwrap().len();
+    assert_eq!(size(&two), size(&one));
     let distance = encoder_distance(&two, &one);
     eprintln!("2 processes against 1: encoder {distance:e} apart");
     assert!(distance < ENCODER_ROUNDING, "2 processes differ from 1 by {distance:e}");

@@ -23,7 +23,6 @@ use crate::eval::KnnConfig;
 use crate::model::ResNet;
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::metrics::{EpochMetrics, MetricsLog};
-use crate::train::trainer::METRICS_FILE;
 use crate::{Error, Result};
 
 const WIDTH: u32 = 1200;
@@ -467,7 +466,7 @@ impl Heatmap<'_> {
 /// Writes every figure of the run in `run_dir` there, the features of its
 /// monitor's splits computed on `device`; returns their paths.
 pub fn write_report(run_dir: &Path, device: Device) -> Result<Vec<PathBuf>> {
-    let metrics = MetricsLog::new(&run_dir.join(METRICS_FILE)).read()?;
+    let metrics = MetricsLog::new(run_dir).read()?;
     let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
     let checkpoint = Checkpoint::read_latest(&checkpoint_path);
     let initial_knn_top1 = checkpoint.as_ref().ok().and_then(|saved| saved.initial_knn_top1);
@@ -594,6 +593,7 @@ mod tests {
                 seconds: 1.0,
                 data_wait_seconds: 0.1,
                 knn_top1: (epoch != 2).then_some(0.2 * epoch as f64),
+                wall_time: None,
             })
             .collect();
         let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();

@@ -34,7 +34,7 @@ use crate::{Error, Result};
 
 /// File names inside the run folder.
 pub const CONFIG_FILE: &str = "config.toml";
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use super::metrics::{EVENTS_FILE, METRICS_FILE};
 pub const ENCODER_FILE: &str = "encoder.safetensors";
 pub const SUMMARY_FILE: &str = "summary.json";
 
@@ -435,7 +435,7 @@ impl Trainer {
             precision,
             trained_by,
             ledger: Ledger::new(config.train.max_nonfinite_steps, checkpoint_path.clone(), writer),
-            log: MetricsLog::new(&output_dir.join(METRICS_FILE)),
+            log: MetricsLog::new(&output_dir),
             budget: config.train.time_budget_seconds.map(Budget::new),
             epoch_first_batch: position.batch,
             config,
@@ -653,6 +653,7 @@ impl Trainer {
             seconds,
             data_wait_seconds: self.epoch_data_wait.as_secs_f64(),
             knn_top1,
+            wall_time: Some(super::metrics::unix_time()),
         };
         // What is left at the mean pace of this process's epochs, the first
         // left out once there are others (it pays for autotuning and the
@@ -963,7 +964,7 @@ fn prepare_run_folder(
     // Epochs logged after the checkpoint (before a crash) are done again; a
     // run killed before its first checkpoint may have logged epochs, so a
     // fresh start begins a fresh log.
-    MetricsLog::new(&output_dir.join(METRICS_FILE)).truncate_after(position.epoch)?;
+    MetricsLog::new(output_dir).truncate_after(position.epoch)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
 }
