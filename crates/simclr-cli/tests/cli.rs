@@ -1229,12 +1229,36 @@ fn the_transform_study_adds_each_transformation_and_probes_h_and_z_reproducibly(
     assert!(!config("transform-grayscale").contains(r#"op = "rotation""#));
     assert!(config("transform-rotation").contains(r#"op = "rotation""#));
     assert!(image::open(out.join("results.png")).unwrap().width() > 100);
-    // Run again: the runs are read back and the probes, drawn from the
-    // runs' seeds, score the same.
+    // Run again without the probes' kept scores: the runs are read back and
+    // the probes, drawn from the runs' seeds, score the same.
+    let kept = |cell: &str| out.join(cell).join("transform-probes.json");
+    for cell in ["transform-grayscale", "transform-rotation"] {
+        std::fs::remove_file(kept(cell)).unwrap();
+    }
     let again = study();
     assert_succeeds(&again);
     assert_eq!(stderr(&again).matches("is done, its score read from").count(), 2, "{}", stderr(&again));
     assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+    // With them, the kept scores are read, not computed again: scores
+    // changed by hand show in the table; kept under another program's key
+    // (the control), they are computed again, and that key dropped.
+    let keep = |cell: &str, key: &dyn Fn(&str) -> String| {
+        let text = std::fs::read_to_string(kept(cell)).unwrap();
+        let scores: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let (old_key, _) = scores.iter().next().unwrap();
+        assert!(old_key.starts_with(&format!("{} program ", &cell["transform-".len()..])), "{old_key}");
+        let changed = serde_json::json!({ key(old_key): [0.125, 0.25, 0.375] });
+        std::fs::write(kept(cell), changed.to_string()).unwrap();
+    };
+    keep("transform-grayscale", &|key| key.to_owned());
+    keep("transform-rotation", &|key| key.replace(" program ", " program 0"));
+    assert_succeeds(&study());
+    let read_back = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<&str> = read_back.lines().collect();
+    assert!(rows[1].starts_with("grayscale,2,0.8000,0.1250,0.2500,0.3750,"), "{read_back}");
+    assert_eq!(rows[2], csv.lines().nth(2).unwrap());
+    let rotation = std::fs::read_to_string(kept("transform-rotation")).unwrap();
+    assert!(!rotation.contains(" program 0") && !rotation.contains("0.125"), "{rotation}");
     assert_fails_with(
         &simclr(["ablate", "transform", "--transformations", "rotation,blur"])
             .args(tiny_flags(&data, &dir.path().join("unknown")))

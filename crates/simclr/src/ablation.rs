@@ -1270,8 +1270,21 @@ fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpCon
 /// (its latest checkpoint), each trained on the kNN monitor's bank and
 /// scored on its queries, each image transformed as drawn from the run's
 /// seed ([`Probe`]). The run is opened once for the three.
+/// The scores are kept in the run's folder ([`PROBES_FILE`]) and read
+/// back while what they depend on is unchanged (a study read back again
+/// would otherwise train every probe again: minutes a cell on a CPU).
 fn transform_accuracies_at(run_dir: &Path, transformation: Transformation) -> Result<[f64; 3]> {
     let run = FinishedRun::open(run_dir)?;
+    let key = probes_key(run_dir, transformation, run.device)?;
+    let kept_path = run_dir.join(PROBES_FILE);
+    let mut kept: HashMap<String, [f64; 3]> = match std::fs::read_to_string(&kept_path) {
+        // Unreadable kept scores are computed again, and the file rewritten.
+        Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+        Err(_) => HashMap::new(),
+    };
+    if let Some(&scores) = kept.get(&key) {
+        return Ok(scores);
+    }
     let seed = run.config.train.seed;
     let probe = Probe::new(transformation, run.config.image_format(), run.device, seed);
     let (bank, queries) = &run.splits;
@@ -1279,7 +1292,42 @@ fn transform_accuracies_at(run_dir: &Path, transformation: Transformation) -> Re
         |model, layer| probe.accuracy(FeatureNet::at(model, layer)?, &bank.samples, &queries.samples, &run.pool);
     let spec = run.config.encoder_spec();
     let initial = crate::embed::load_network(&EncoderSource::RandomInit(seed), &spec, Layer::H, run.device)?;
-    Ok([accuracy(&initial.model, Layer::H)?, accuracy(&run.model, Layer::H)?, accuracy(&run.model, Layer::Z)?])
+    let scores =
+        [accuracy(&initial.model, Layer::H)?, accuracy(&run.model, Layer::H)?, accuracy(&run.model, Layer::Z)?];
+    // One entry per transformation: scores of an older key are stale.
+    let prefix = format!("{} ", transformation.name());
+    kept.retain(|other, _| !other.starts_with(&prefix));
+    kept.insert(key, scores);
+    let json = serde_json::to_string_pretty(&kept).expect("scores are plain numbers");
+    crate::io::write_atomic(&kept_path, json.as_bytes())?;
+    Ok(scores)
+}
+
+/// Where a run of `ablate transform` keeps its probes' scores.
+const PROBES_FILE: &str = "transform-probes.json";
+
+/// What the probes' scores of the run in `run_dir` depend on beyond the
+/// transformation: the program that computes them (its executable's bytes,
+/// which change with any change to the probes' code), the checkpoint's
+/// bytes and the device.
+fn probes_key(run_dir: &Path, transformation: Transformation, device: tch::Device) -> Result<String> {
+    let fingerprint = |path: &Path| -> Result<String> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(format!("{:08x}-{}", crc32fast::hash(&bytes), bytes.len()))
+    };
+    // On Linux the running program's own file, even where a build has
+    // since replaced the one at its path.
+    let executable = match Path::new("/proc/self/exe") {
+        linux if linux.exists() => linux.to_path_buf(),
+        _ => std::env::current_exe().map_err(|e| Error::io(Path::new("the running executable"), e))?,
+    };
+    let checkpoint = run_dir.join(checkpoint::FILE_NAME);
+    Ok(format!(
+        "{} program {} checkpoint {} device {device:?}",
+        transformation.name(),
+        fingerprint(&executable)?,
+        fingerprint(&checkpoint)?
+    ))
 }
 
 /// `ablate transform`, section 4.2 and Table 3: for each transformation a
