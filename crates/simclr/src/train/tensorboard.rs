@@ -10,7 +10,7 @@
 //! checked byte for byte against that writer (`tests/fixtures/tensorboard`,
 //! written by `tools/fixtures/make_tensorboard_fixture.py`).
 //!
-//! The five fields are encoded here rather than through a crate: `tboard`
+//! These few fields are encoded here rather than through a crate: `tboard`
 //! compiles TensorBoard's protos with `protoc` at build time, which a fresh
 //! machine does not have, and `tensorboard-rs` brings `image` 0.23 and
 //! `protobuf` 2 beside our own versions.
