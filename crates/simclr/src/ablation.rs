@@ -1270,6 +1270,7 @@ fn transform_view(ops: &[OpConfig], transformation: Transformation) -> Vec<OpCon
 /// (its latest checkpoint), each trained on the kNN monitor's bank and
 /// scored on its queries, each image transformed as drawn from the run's
 /// seed ([`Probe`]). The run is opened once for the three.
+///
 /// The scores are kept in the run's folder ([`PROBES_FILE`]) and read
 /// back while what they depend on is unchanged (a study read back again
 /// would otherwise train every probe again: minutes a cell on a CPU).
