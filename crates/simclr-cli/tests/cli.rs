@@ -126,6 +126,8 @@ fn tiny_flags(data: &Path, output: &Path) -> Vec<String> {
         "optim.warmup_epochs=0",
         "train.knn_k=3",
         "train.knn_every=1",
+        // Every step's loss in the events, which `assert_same_run` compares.
+        "train.log_every_steps=1",
     ];
     let mut all: Vec<String> = flags.map(String::from).to_vec();
     all.extend(settings.iter().flat_map(|s| ["--set".to_owned(), s.to_string()]));
@@ -904,15 +906,36 @@ fn epoch_losses(run: &Path) -> Vec<f64> {
 }
 
 /// A 3-epoch run of 6 steps an epoch, checkpointing every epoch.
+/// The scalars of a run's TensorBoard events that do not depend on the
+/// clock (not images/s, nor the share of time spent waiting for data), as
+/// (step, tag, value), in the order written.
+fn logged_scalars(run: &Path) -> Vec<(i64, String, f32)> {
+    use simclr::train::tensorboard;
+    let file = std::fs::read(run.join("metrics.tfevents")).unwrap();
+    let (records, cut) = tensorboard::read_records(&file).unwrap();
+    assert!(!cut, "{}: a record cut short", run.display());
+    let timed = ["train/images_per_second", "train/data_wait_fraction"];
+    records
+        .into_iter()
+        .flat_map(|record| tensorboard::event_scalars(record).unwrap())
+        .filter(|scalar| !timed.contains(&scalar.tag.as_str()))
+        .map(|scalar| (scalar.step, scalar.tag, scalar.value))
+        .collect()
+}
+
 fn three_epochs(data: &Path, out: &Path) -> Simclr {
     tiny_run(data, out).args(["--epochs", "3", "--set", "train.checkpoint_every=1"])
 }
 
-/// Asserts that `run` logged the losses of `reference`, epoch by epoch,
-/// and wrote its encoder bit for bit (the files' metadata order may
-/// differ); `what` says what `run` went through.
+/// Asserts that `run` logged the losses of `reference`, epoch by epoch in
+/// its JSON lines and step by step in its TensorBoard events, and wrote its
+/// encoder bit for bit (the files' metadata order may differ); `what` says
+/// what `run` went through.
 fn assert_same_run(run: &Path, reference: &Path, what: &str) {
     assert_eq!(epoch_losses(run), epoch_losses(reference), "losses differ after {what}");
+    let (ours, theirs) = (logged_scalars(run), logged_scalars(reference));
+    assert!(ours.iter().any(|(_, tag, _)| tag == "train/loss_step"), "no step logged after {what}");
+    assert!(ours == theirs, "the events differ after {what}:\n{ours:?}\n{theirs:?}");
     let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
     let (ours, theirs) = (encoder(run), encoder(reference));
     assert_eq!(ours.len(), theirs.len());

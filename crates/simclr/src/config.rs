@@ -50,6 +50,10 @@ pub struct TrainConfig {
     pub knn_every: usize,
     pub knn_k: usize,
     pub knn_temperature: f64,
+    /// Log the loss and learning rate of every this many optimiser steps
+    /// to the run's TensorBoard events (`train/loss_step`,
+    /// `train/learning_rate_step`); 0 = per epoch only.
+    pub log_every_steps: usize,
     /// Steps with a non-finite loss or gradient are skipped; this many in a
     /// row stop the run (its last checkpoint predates the fault).
     pub max_nonfinite_steps: usize,
@@ -131,6 +135,7 @@ impl Default for TrainConfig {
             knn_every: 10,
             knn_k: 200,
             knn_temperature: 0.1,
+            log_every_steps: 10,
             max_nonfinite_steps: 5,
             time_budget_seconds: None,
             sync_batch_norm: true,

@@ -11,12 +11,34 @@ use crate::{Error, Result};
 /// an epoch and before a checkpoint: one host-device synchronisation per
 /// batch of steps, so a GPU is never left idle waiting for the host.
 pub(super) struct Ledger {
-    pending: Vec<(usize, Tensor, Tensor)>,
+    pending: Vec<Pending>,
     max_nonfinite_in_row: usize,
     checkpoint_path: PathBuf,
     /// Whether a skipped step is told: on rank 0 alone, since every rank
     /// skips the same steps (the gradient they test is all-reduced).
     tells: bool,
+}
+
+/// A step whose loss is still on the device.
+struct Pending {
+    step: usize,
+    learning_rate: f64,
+    /// When it was taken (launched, on a device that runs asynchronously).
+    wall_time: f64,
+    loss: Tensor,
+    finite: Tensor,
+}
+
+/// A step read back.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settled {
+    /// Its 0-based number.
+    pub step: usize,
+    pub learning_rate: f64,
+    pub wall_time: f64,
+    pub loss: f64,
+    /// Whether the loss and gradient were finite (the update was made).
+    pub finite: bool,
 }
 
 impl Ledger {
@@ -28,8 +50,9 @@ impl Ledger {
         Self { pending: Vec::new(), max_nonfinite_in_row, checkpoint_path, tells }
     }
 
-    pub(super) fn push(&mut self, step: usize, loss: Tensor, finite: Tensor) {
-        self.pending.push((step, loss, finite));
+    /// Step `step`, taken at `learning_rate`, with its loss and verdict.
+    pub(super) fn push(&mut self, step: usize, learning_rate: f64, loss: Tensor, finite: Tensor) {
+        self.pending.push(Pending { step, learning_rate, wall_time: super::metrics::unix_time(), loss, finite });
     }
 
     pub(super) fn due(&self) -> bool {
@@ -39,24 +62,22 @@ impl Ledger {
     /// Reads the pending steps, adds the finite ones to the epoch's loss,
     /// counts the others in `position` (which a checkpoint keeps, so a
     /// resumed run counts on from there), and fails once too many in a row
-    /// were not; returns the last loss read.
-    pub(super) fn settle(&mut self, position: &mut Position) -> Result<Option<f64>> {
+    /// were not; returns the steps read.
+    pub(super) fn settle(&mut self, position: &mut Position) -> Result<Vec<Settled>> {
         if self.pending.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let (steps, values): (Vec<usize>, Vec<Tensor>) = self
-            .pending
-            .drain(..)
-            .map(|(step, loss, finite)| {
-                let pair = Tensor::stack(&[loss.to_kind(Kind::Double), finite.to_kind(Kind::Double)], 0);
-                (step, pair)
-            })
-            .unzip();
-        let read = Vec::<f64>::try_from(&Tensor::stack(&values, 0).reshape([-1]).to_device(Device::Cpu))?;
-        let mut last = None;
-        for (&step, pair) in steps.iter().zip(read.chunks(2)) {
+        let pending = std::mem::take(&mut self.pending);
+        let pairs: Vec<Tensor> = pending
+            .iter()
+            .map(|step| Tensor::stack(&[step.loss.to_kind(Kind::Double), step.finite.to_kind(Kind::Double)], 0))
+            .collect();
+        let read = Vec::<f64>::try_from(&Tensor::stack(&pairs, 0).reshape([-1]).to_device(Device::Cpu))?;
+        let mut settled = Vec::with_capacity(pending.len());
+        for (step, pair) in pending.iter().zip(read.chunks(2)) {
             let (value, finite) = (pair[0], pair[1] != 0.0);
-            last = Some(value);
+            let Pending { step, learning_rate, wall_time, .. } = *step;
+            settled.push(Settled { step, learning_rate, wall_time, loss: value, finite });
             if finite {
                 position.nonfinite_in_row = 0;
                 position.epoch_loss_sum += value;
@@ -79,6 +100,6 @@ impl Ledger {
                 )));
             }
         }
-        Ok(last)
+        Ok(settled)
     }
 }

@@ -9,7 +9,7 @@ mod ledger;
 pub mod metrics;
 pub mod monitor;
 pub mod step;
-mod tensorboard;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use console::Console;

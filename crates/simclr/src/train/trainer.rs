@@ -15,7 +15,7 @@ use super::budget::Budget;
 use super::checkpoint::{self, Checkpoint, Position, TrainedBy};
 use super::graph::GraphedStep;
 use super::ledger::Ledger;
-use super::metrics::{EpochMetrics, MetricsLog};
+use super::metrics::{EpochMetrics, MetricsLog, StepMetrics};
 use super::monitor::Monitor;
 use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
@@ -553,7 +553,7 @@ impl Trainer {
             };
             super::step::out_of_memory_as_error(step, self.device, self.config.train.batch_size)?
         };
-        self.ledger.push(self.position.step, loss, finite);
+        self.ledger.push(self.position.step, learning_rate, loss, finite);
         self.position.step += 1;
         self.position.batch += 1;
         self.learning_rate = learning_rate;
@@ -592,9 +592,27 @@ impl Trainer {
         }
     }
 
+    /// Reads the steps the ledger holds; the events log every
+    /// `train.log_every_steps`-th step's loss (finite ones: a skipped step
+    /// is told as a warning).
     fn settle(&mut self) -> Result<()> {
-        if let Some(loss) = self.ledger.settle(&mut self.position)? {
-            self.last_loss = Some(loss);
+        let settled = self.ledger.settle(&mut self.position)?;
+        if let Some(last) = settled.last() {
+            self.last_loss = Some(last.loss);
+        }
+        let every = self.config.train.log_every_steps;
+        if every > 0 && self.writes() {
+            let steps: Vec<StepMetrics> = settled
+                .iter()
+                .filter(|settled| settled.finite && (settled.step + 1).is_multiple_of(every))
+                .map(|settled| StepMetrics {
+                    step: settled.step + 1,
+                    loss: settled.loss,
+                    learning_rate: settled.learning_rate,
+                    wall_time: settled.wall_time,
+                })
+                .collect();
+            self.log.append_steps(&steps);
         }
         Ok(())
     }
@@ -964,7 +982,7 @@ fn prepare_run_folder(
     // Epochs logged after the checkpoint (before a crash) are done again; a
     // run killed before its first checkpoint may have logged epochs, so a
     // fresh start begins a fresh log.
-    MetricsLog::new(output_dir).truncate_after(position.epoch)?;
+    MetricsLog::new(output_dir).truncate_after(position.epoch, position.step)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
 }
