@@ -18,6 +18,8 @@
 #   - SimCLR kNN and linear on frozen h, with only the labelled images;
 #   - SimCLR fine-tuned, with a random head (the paper) and with a linear
 #     probe's head first (LP-FT; not at 100%, where the head matters least);
+#   - SimCLR fine-tuned from the projection head's first layer, kept and
+#     trained with the encoder (SimCLR v2, arXiv 2006.10029, section 2);
 # then, at 1% and 10%, the three fine-tuned rows again at base rates 0.2 and
 # 0.8 besides the paper's 0.05 (the rate is scaled by the batch, here 50
 # images at 1%: the paper's rule gives a peak of 0.01 where its ImageNet
@@ -66,6 +68,7 @@ for fraction in 0.01 0.1 1; do
         evaluate supervised "$fraction" "$seed" finetune --random-init "${network[@]}"
         evaluate simclr-finetune "$fraction" "$seed" finetune "${checkpoint[@]}"
         [ "$fraction" = 1 ] || evaluate simclr-lp-ft "$fraction" "$seed" finetune "${checkpoint[@]}" --head-init linear-probe
+        evaluate simclr-finetune-head1 "$fraction" "$seed" finetune "${checkpoint[@]}" --layer head:1
     done
 done
 # Fine-tuning's rate, at 1% and 10% (seconds a run; the full labels take minutes).
@@ -100,6 +103,7 @@ methods = [
     ("simclr-linear", "SimCLR, linear"),
     ("simclr-finetune", "SimCLR, fine-tuned"),
     ("simclr-lp-ft", "SimCLR, linear probe then fine-tuned"),
+    ("simclr-finetune-head1", "SimCLR, fine-tuned from the head's layer 1"),
 ] + [(f"{key}@{rate}", f"{label}, base rate {rate}") for rate in ("0.2", "0.8") for key, label in [
     ("supervised", "supervised"), ("simclr-finetune", "SimCLR, fine-tuned"), ("simclr-lp-ft", "SimCLR, LP-FT")]]
 fractions = ["0.01", "0.1", "1"]
@@ -123,7 +127,8 @@ for key, label in methods:
     print(f"{label:<44}" + "".join(f"{c:>22}" for c in cells))
 # Paired by seed: the same labelled images, the same test images.
 for key, against in [("simclr-finetune", "supervised"), ("simclr-finetune", "simclr-linear"),
-                     ("simclr-lp-ft", "simclr-finetune"), ("simclr-finetune@0.2", "supervised@0.2")]:
+                     ("simclr-lp-ft", "simclr-finetune"), ("simclr-finetune-head1", "simclr-finetune"),
+                     ("simclr-finetune@0.2", "supervised@0.2")]:
     cells = []
     for f in fractions:
         a, b = scores(key, f), scores(against, f)

@@ -125,7 +125,8 @@ struct EncoderArgs {
     device: DeviceChoice,
     /// Where features are read: h (the encoder's output), z (the projection
     /// head's), or head:K (after its K-th linear layer); a head layer needs
-    /// a run's checkpoint.
+    /// a run's checkpoint. Fine-tuning trains the head's layers up to it
+    /// with the encoder (SimCLR v2 fine-tunes from head:1 of a 3-layer head).
     #[arg(long, default_value = "h")]
     layer: Layer,
     /// stop (at the first image that cannot be read, naming it) or skip (leave it out, named in a
@@ -284,7 +285,8 @@ enum EvalProtocol {
         #[command(flatten)]
         common: EvalArgs,
     },
-    /// Fine-tune the whole encoder and a linear layer on a class-balanced fraction of the labels.
+    /// Fine-tune the whole encoder (with the projection head up to --layer) and a linear layer on a
+    /// class-balanced fraction of the labels.
     Finetune {
         #[command(flatten)]
         config: FinetuneConfig,

@@ -1157,7 +1157,7 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
         assert!((top1 - score(rows[2][column])).abs() < 1e-4, "{layer}: eval {top1}, study {csv}");
         assert_eq!(report["layer"], layer);
     }
-    // A layer the head lacks, a head of weights without one, fine-tuning at z: named.
+    // A layer the head lacks, a head of weights without one: named.
     assert_fails_with(&eval("head:4", &[]), &["head:4", "head:1 to head:3"]);
     let encoder = run.join("encoder.safetensors").display().to_string();
     let splits = ["--train", &data_arg, "--test", &data_arg];
@@ -1165,8 +1165,21 @@ fn the_head_study_scores_h_and_z_as_eval_and_embed_read_them() {
     assert_fails_with(&output, &["--layer z", "only a run's checkpoint", "encoder.safetensors"]);
     let output = simclr(["eval", "knn", "--random-init", "--layer", "z"]).args(splits).run();
     assert_fails_with(&output, &["--layer z", "--checkpoint"]);
-    let output = simclr(["eval", "finetune", "--checkpoint", &checkpoint, "--layer", "z"]).args(splits).run();
-    assert_fails_with(&output, &["--layer z", "fine-tuning"]);
+    // Fine-tuning from the head's first layer (SimCLR v2's), with it: the
+    // report names the layer; from h, the encoder's weights do as well.
+    let finetune = |weights: &str, layer: &str| {
+        let json = dir.path().join(format!("finetune-{layer}.json"));
+        let output = simclr(["eval", "finetune", "--weights", weights, "--layer", layer, "--device", "cpu"])
+            .args(splits)
+            .args(["--fraction", "1", "--epochs", "1", "--batch-size", "4", "--output", json.to_str().unwrap()])
+            .run();
+        assert_succeeds(&output);
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    assert_eq!(finetune(&checkpoint, "head:1")["layer"], "head:1");
+    assert_eq!(finetune(&encoder, "h")["layer"], "h");
+    let output = simclr(["eval", "finetune", "--weights", &encoder, "--layer", "head:1"]).args(splits).run();
+    assert_fails_with(&output, &["--layer head:1", "only a run's checkpoint"]);
 
     // `embed` reads any layer of the checkpoint: h (0.125 x 512 = 64), the
     // head's hidden layers (as wide as h by default) and z (128).

@@ -28,13 +28,13 @@ use simclr::data::loader::{worker_pool, ViewFormat};
 use simclr::data::{Dataset, ImageSource, Sample};
 use simclr::device::{Precision, PrecisionChoice};
 use simclr::dist::{part, part_range, GroupOptions, Parallel, ProcessGroup, ReduceOp, Rendezvous};
-use simclr::eval::features::{Batches, Labelled};
+use simclr::eval::features::{Batches, FeatureNet, Labelled};
 use simclr::eval::linear::{fit_linear, LinearClassifier};
 use simclr::eval::{
     finetune_in, fit_linear_across, knn_votes, knn_votes_across, FinetuneConfig, KnnConfig, LinearConfig, Task,
 };
 use simclr::loss::{LossConfig, Objective};
-use simclr::model::{Arch, ModelConfig, ResNet, SimClr, Stem};
+use simclr::model::{Arch, HeadConfig, Layer, ModelConfig, ResNet, SimClr, Stem};
 use simclr::optim::{OptimConfig, Optimizer, OptimizerKind};
 use simclr::train::monitor::Monitor;
 use simclr::train::{GradientCache, Objective as StepObjective};
@@ -819,7 +819,9 @@ fn ranks_fine_tune_as_one_process() {
     // hold one process's network, up to float summation order; in fp64, as
     // the training's tests over several steps. 30 images in batches of 8,
     // two epochs: on 3 ranks the parts of 8 are 2, 3, 3, on 4 ranks those
-    // of the last batch (6) are 1, 2, 1, 2.
+    // of the last batch (6) are 1, 2, 1, 2. From h, and (on 2 and 3 ranks)
+    // from the first layer of a projection head with BatchNorm, as SimCLR
+    // v2 fine-tunes, whose BatchNorm normalises over the whole batch too.
     let task = Task {
         train: simclr::data::synthetic::generate(30, 3, 16, 1),
         test: simclr::data::synthetic::generate(12, 3, 16, 2),
@@ -834,35 +836,52 @@ fn ranks_fine_tune_as_one_process() {
         seed: 3,
         ..Default::default()
     };
-    let encoder = equal_encoders();
+    let model_config = ModelConfig {
+        arch: Arch::Resnet18,
+        width_multiplier: 0.125,
+        stem: Stem::Cifar,
+        head: HeadConfig { hidden_dim: Some(16), projection_dim: 8, batch_norm: true, ..Default::default() },
+    };
+    let make = || {
+        let _rng = rng_lock();
+        let store = nn::VarStore::new(Device::Cpu);
+        let model = SimClr::new(&store.root(), &model_config);
+        (store, model)
+    };
+    let (drawn, _) = make();
     let pool = worker_pool(1).unwrap();
-    let tune = |config: &FinetuneConfig, group: Option<&ProcessGroup>| {
-        let (mut store, encoder) = encoder();
+    let tune = |config: &FinetuneConfig, layer: Layer, group: Option<&ProcessGroup>| {
+        let (mut store, model) = make();
+        store.copy(&drawn).expect("the same architecture");
         store.set_kind(Kind::Double);
         let initial = variables_of(&store, |_| true);
-        let tuned = finetune_in(&store, &encoder, &task, config, PrecisionChoice::Fp32, &pool, group).unwrap();
+        let net = FeatureNet::at(&model, layer).unwrap();
+        let tuned = finetune_in(&store, net, &task, config, PrecisionChoice::Fp32, &pool, group).unwrap();
         let moved = relative_distance(&variables_of(&store, |name| !name.starts_with("fc.")), &initial);
         (variables_of(&store, |_| true), tuned.accuracy, moved)
     };
-    let (alone, accuracy, moved) = tune(&config, None);
-    for world in [2, 3, 4] {
-        let ranks = as_ranks(vec![(); world], |group, ()| tune(&config, Some(&group)));
-        for (rank, (variables, scored, _)) in ranks.iter().enumerate() {
-            let distance = relative_distance(variables, &alone);
-            // Measured: up to 4.1e-15 (in fp32 rounding grows to 1e-7 and,
-            // where a bias's gradient cancels, as far as 2e-2 in 8 steps).
-            assert!(distance < 1e-10, "{world} ranks, rank {rank}: {distance:e} from one process's network");
-            assert_eq!(*scored, accuracy, "{world} ranks, rank {rank}");
+    for (layer, worlds) in [(Layer::H, &[2, 3, 4][..]), (Layer::Head(1), &[2, 3])] {
+        let (alone, accuracy, moved) = tune(&config, layer, None);
+        for &world in worlds {
+            let ranks = as_ranks(vec![(); world], |group, ()| tune(&config, layer, Some(&group)));
+            for (rank, (variables, scored, _)) in ranks.iter().enumerate() {
+                let distance = relative_distance(variables, &alone);
+                // Measured: up to 4.1e-15 (in fp32 rounding grows to 1e-7 and,
+                // where a bias's gradient cancels, as far as 2e-2 in 8 steps).
+                assert!(distance < 1e-10, "{layer}, {world} ranks, rank {rank}: {distance:e} from one process's");
+                assert_eq!(*scored, accuracy, "{layer}, {world} ranks, rank {rank}");
+            }
+            let same = ranks.iter().all(|(variables, ..)| variables.equal(&ranks[0].0));
+            assert!(same, "{layer}, {world} ranks' networks differ");
         }
-        assert!(ranks.iter().all(|(variables, ..)| variables.equal(&ranks[0].0)), "{world} ranks' networks differ");
+        // The controls: fine-tuning moved the network far past the
+        // tolerance, and one process taking a rank's part of each batch as
+        // its batch (as ranks that neither share BatchNorm's statistics nor
+        // sum their gradients would) ends elsewhere.
+        assert!(moved > 1e-2, "{layer}: fine-tuning moved the network by {moved:e} only");
+        let (part, ..) = tune(&FinetuneConfig { batch_size: 4, learning_rate: 0.8, ..config.clone() }, layer, None);
+        assert!(relative_distance(&part, &alone) > 1e-3, "{layer}: the comparison misses a rank's part taken alone");
     }
-    // The controls: fine-tuning moved the network far past the tolerance,
-    // and one process taking a rank's part of each batch as its batch (as
-    // ranks that neither share BatchNorm's statistics nor sum their
-    // gradients would) ends elsewhere.
-    assert!(moved > 1e-2, "fine-tuning moved the network by {moved:e} only");
-    let (part, ..) = tune(&FinetuneConfig { batch_size: 4, learning_rate: 0.8, ..config.clone() }, None);
-    assert!(relative_distance(&part, &alone) > 1e-3, "the comparison misses a rank's part taken alone");
 }
 
 #[test]

@@ -72,9 +72,11 @@ pub fn best_across(
 
 /// Every rank's gradients of `variables` summed, in place: one all-reduce
 /// of them all, flat (a classifier's or fine-tuning's, outside the
-/// trainer's optimiser). Every variable has a gradient.
+/// trainer's optimiser). A variable without a gradient (one the loss does
+/// not reach, as a projection head's layers above the one fine-tuned from;
+/// the same on every rank) is left out.
 pub fn sum_gradients(group: &ProcessGroup, variables: &[tch::Tensor]) -> crate::Result<()> {
-    let gradients: Vec<tch::Tensor> = variables.iter().map(tch::Tensor::grad).collect();
+    let gradients: Vec<tch::Tensor> = variables.iter().map(tch::Tensor::grad).filter(tch::Tensor::defined).collect();
     let mut flat = tch::Tensor::cat(&gradients.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
     group.all_reduce(&mut flat, ReduceOp::Sum)?;
     let mut offset = 0;

@@ -27,6 +27,17 @@ impl<'a> FeatureNet<'a> {
         Ok(Self { encoder: &model.encoder, head: (depth > 0).then_some((&model.head, depth)) })
     }
 
+    /// The features of `images` with gradients, BatchNorm in training
+    /// mode on the batch's statistics when `train` (what fine-tuning
+    /// trains), else on its running ones.
+    pub fn forward_t(&self, images: &Tensor, train: bool) -> Tensor {
+        let h = self.encoder.forward_t(images, train);
+        match self.head {
+            None => h,
+            Some((head, depth)) => head.forward_to(&h, depth, train),
+        }
+    }
+
     /// The size of a feature vector.
     pub fn dim(&self) -> i64 {
         match self.head {

@@ -1,6 +1,9 @@
 //! Semi-supervised evaluation (section 6, appendix B.5): the pretrained
 //! encoder, unfrozen, plus a linear layer trained on a class-balanced
 //! fraction (1%, 10%, 100%) of the labels, then scored on the test split.
+//! The encoder may keep the first layers of its projection head, trained
+//! with it: SimCLR v2 (arXiv 2006.10029, section 2) fine-tunes from the
+//! middle layer of a 3-layer head, "fine-tuning from the first layer".
 //!
 //! As in the paper: SGD with Nesterov momentum, learning rate 0.05 × B/256
 //! with cosine decay, no weight decay, and only random crop (with resize) and
@@ -14,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
-use super::features::{labels, Batches, Labelled, FEATURE_BATCH};
+use super::features::{labels, Batches, FeatureNet, Labelled, FEATURE_BATCH};
 use super::linear::{fit_linear, LinearConfig};
 use super::{accuracy, Accuracy, Task};
 use crate::augment::{view_rng, AugmentConfig, OpConfig, Pipeline};
@@ -23,7 +26,6 @@ use crate::data::loader::{map_batch, pipelined};
 use crate::data::{Dataset, Sample};
 use crate::device::{Pinned, Precision, PrecisionChoice};
 use crate::dist::{agree, collectives_as_errors, part, part_range, with_uneven_global_batch_norm, ProcessGroup};
-use crate::model::ResNet;
 use crate::{Error, Result};
 
 /// Fine-tuning the whole encoder and a new linear layer on a class-balanced
@@ -175,20 +177,21 @@ pub struct FineTuned {
     pub precision: Precision,
 }
 
-/// Fine-tunes `encoder` (whose variables live in `store`) with a new linear
-/// classifier on a balanced subset of the task's training split, then
-/// scores it on the test split. `choice` `auto` trains in bf16 autocast
-/// where pretraining would (CUDA, a CPU with bf16 instructions; see
-/// `train.mixed_precision`) and computes features in fp32.
-pub fn finetune(
+/// Fine-tunes `net` (an encoder, or one with the first layers of its
+/// projection head, whose variables live in `store`) with a new linear
+/// classifier on its output, on a balanced subset of the task's training
+/// split, then scores it on the test split. `choice` `auto` trains in bf16
+/// autocast where pretraining would (CUDA, a CPU with bf16 instructions;
+/// see `train.mixed_precision`) and computes features in fp32.
+pub fn finetune<'a>(
     store: &nn::VarStore,
-    encoder: &ResNet,
+    net: impl Into<FeatureNet<'a>>,
     task: &Task,
     config: &FinetuneConfig,
     choice: PrecisionChoice,
     pool: &rayon::ThreadPool,
 ) -> Result<FineTuned> {
-    finetune_in(store, encoder, task, config, choice, pool, None)
+    finetune_in(store, net, task, config, choice, pool, None)
 }
 
 /// [`finetune`] as one rank of `group` (alone when `None`), every rank
@@ -202,15 +205,16 @@ pub fn finetune(
 /// a last batch of fewer is left out (one process leaves out a last batch
 /// of one image, which train-mode BatchNorm cannot take).
 #[allow(clippy::too_many_arguments)]
-pub fn finetune_in(
+pub fn finetune_in<'a>(
     store: &nn::VarStore,
-    encoder: &ResNet,
+    net: impl Into<FeatureNet<'a>>,
     task: &Task,
     config: &FinetuneConfig,
     choice: PrecisionChoice,
     pool: &rayon::ThreadPool,
     group: Option<&ProcessGroup>,
 ) -> Result<FineTuned> {
+    let net = net.into();
     let (train, test, format) = (&task.train, &task.test, task.format);
     let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
     let mut problems = Vec::new();
@@ -241,8 +245,8 @@ pub fn finetune_in(
     let features_in = if choice == PrecisionChoice::Auto { Precision::Fp32 } else { precision };
     let batches =
         Batches { format, batch_size: FEATURE_BATCH, device, policy: BadImagePolicy::Stop, precision: features_in };
-    let features_of = |samples: &[Sample]| batches.labelled_across(encoder.into(), samples, pool, group);
-    let classifier = super::seeded_linear(store.root() / "fc", encoder.feature_dim(), task.classes, config.seed);
+    let features_of = |samples: &[Sample]| batches.labelled_across(net, samples, pool, group);
+    let classifier = super::seeded_linear(store.root() / "fc", net.dim(), task.classes, config.seed);
     if config.head_init == HeadInit::LinearProbe {
         let chosen: Vec<Sample> = subset.iter().map(|&i| train.samples[i].clone()).collect();
         let features = features_of(&chosen)?.features;
@@ -310,7 +314,7 @@ pub fn finetune_in(
         collectives_as_errors(|| {
             // In the network's dtype (fp32; fp64 in tests).
             let images = images.upload().to_kind(store.kind());
-            let forward = || precision.run(device, || encoder.forward_t(&images, true).apply(&classifier));
+            let forward = || precision.run(device, || net.forward_t(&images, true).apply(&classifier));
             let logits = match group {
                 Some(group) => with_uneven_global_batch_norm(group, &sizes, forward),
                 None => forward(),
@@ -337,6 +341,7 @@ mod tests {
     use super::*;
     use crate::data::loader::ViewFormat;
     use crate::data::synthetic;
+    use crate::model::{HeadConfig, HeadKind, Layer, ModelConfig, ResNet, SimClr};
     use tch::Device;
 
     #[test]
@@ -409,5 +414,61 @@ mod tests {
             };
             assert!(accuracy.top1 > bound, "{}: chance is 0.25: {accuracy:?}", precision.name());
         }
+    }
+
+    #[test]
+    fn fine_tuning_from_a_head_layer_trains_the_head_up_to_it() {
+        // A 3-layer head with BatchNorm (SimCLR v2's), fine-tuned from its
+        // first layer: the encoder and that layer (its Linear and
+        // BatchNorm, running statistics included) move, the layers above
+        // it do not, and the classifier reads the layer's 16 features.
+        let task = Task {
+            train: synthetic::generate(24, 3, 16, 1),
+            test: synthetic::generate(9, 3, 16, 2),
+            classes: 3,
+            format: ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] },
+        };
+        let model_config = ModelConfig {
+            arch: crate::model::Arch::Resnet18,
+            width_multiplier: 0.125,
+            stem: crate::model::Stem::Cifar,
+            head: HeadConfig {
+                kind: HeadKind::Mlp,
+                layers: 3,
+                hidden_dim: Some(16),
+                projection_dim: 8,
+                batch_norm: true,
+            },
+        };
+        let config = FinetuneConfig { fraction: 1.0, epochs: Some(1), batch_size: 8, ..Default::default() };
+        let pool = crate::data::loader::worker_pool(1).unwrap();
+        let tune = |layer: Layer| {
+            let store = nn::VarStore::new(Device::Cpu);
+            let model = SimClr::new(&store.root(), &model_config);
+            let before: Vec<(String, Tensor)> =
+                store.variables().into_iter().map(|(name, value)| (name, value.copy())).collect();
+            let net = FeatureNet::at(&model, layer).unwrap();
+            finetune(&store, net, &task, &config, PrecisionChoice::Fp32, &pool).unwrap();
+            let after = store.variables();
+            let mut moved: Vec<String> = before
+                .iter()
+                .filter(|(name, value)| !after[name].equal(value))
+                .map(|(name, _)| name.split('.').take(3).collect::<Vec<_>>().join("."))
+                .collect();
+            moved.sort();
+            moved.dedup();
+            (moved, after["fc.weight"].size())
+        };
+        let of_head = |moved: &[String]| -> Vec<String> {
+            moved.iter().filter(|name| name.starts_with("projection_head.")).cloned().collect()
+        };
+        let (moved, classifier) = tune(Layer::Head(1));
+        assert_eq!(of_head(&moved), ["projection_head.layers.0", "projection_head.layers.1"]);
+        assert!(moved.iter().any(|name| name.starts_with("encoder.")), "{moved:?}");
+        assert_eq!(classifier, [3, 16]);
+        // The control: fine-tuned from h (64 features at this width), the head stays as it was.
+        let (moved, classifier) = tune(Layer::H);
+        assert!(of_head(&moved).is_empty() && moved.iter().any(|name| name.starts_with("encoder.")), "{moved:?}");
+        assert_eq!(classifier, [3, 64]);
     }
 }

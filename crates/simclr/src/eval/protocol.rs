@@ -82,8 +82,10 @@ pub struct EvalOptions {
     pub batch_size: usize,
     pub device: Device,
     pub seed: u64,
-    /// Where features are read (kNN and linear): h, or a layer of the
-    /// projection head, which only a run's checkpoint holds.
+    /// Where features are read (kNN and linear) and fine-tuning's
+    /// classifier goes: h, or a layer of the projection head, which only a
+    /// run's checkpoint holds (fine-tuning then trains the head's layers
+    /// up to it with the encoder).
     pub layer: Layer,
     /// An unreadable image stops the evaluation, or is left out of its
     /// split (fine-tuning then reads each image once before it starts).
@@ -198,11 +200,6 @@ pub fn evaluate_in(
     group: Option<&ProcessGroup>,
 ) -> Result<Option<EvalReport>> {
     let layer = options.layer;
-    if layer != Layer::H && matches!(protocol, Protocol::Finetune(_)) {
-        return Err(Error::InvalidArgument(format!(
-            "--layer {layer}: fine-tuning trains the encoder from h; the layer is for knn and linear"
-        )));
-    }
     let mut problems = Vec::new();
     match protocol {
         Protocol::Knn(config) => config.check("--", &mut problems),
@@ -315,7 +312,7 @@ pub fn evaluate_in(
             }
             let task = Task { train, test, classes: classes as i64, format };
             let FineTuned { accuracy, labelled_images, precision } =
-                finetune_in(store, &model.encoder, &task, config, options.precision, &pool, group)?;
+                finetune_in(store, net, &task, config, options.precision, &pool, group)?;
             let skipped = [task.train.skipped(), task.test.skipped()].concat();
             Scored {
                 accuracy,
