@@ -1317,16 +1317,21 @@ fn probes_key(run_dir: &Path, transformation: Transformation, device: tch::Devic
         Ok(format!("{:08x}-{}", crc32fast::hash(&bytes), bytes.len()))
     };
     // On Linux the running program's own file, even where a build has
-    // since replaced the one at its path.
-    let executable = match Path::new("/proc/self/exe") {
-        linux if linux.exists() => linux.to_path_buf(),
-        _ => std::env::current_exe().map_err(|e| Error::io(Path::new("the running executable"), e))?,
-    };
+    // since replaced the one at its path; read once a process (a dev build
+    // is 140 MB).
+    static PROGRAM: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    let program = PROGRAM.get_or_init(|| {
+        let executable = match Path::new("/proc/self/exe") {
+            linux if linux.exists() => linux.to_path_buf(),
+            _ => std::env::current_exe().map_err(|e| Error::io(Path::new("the running executable"), e).to_string())?,
+        };
+        fingerprint(&executable).map_err(|e| e.to_string())
+    });
+    let program = program.clone().map_err(Error::InvalidArgument)?;
     let checkpoint = run_dir.join(checkpoint::FILE_NAME);
     Ok(format!(
-        "{} program {} checkpoint {} device {device:?}",
+        "{} program {program} checkpoint {} device {device:?}",
         transformation.name(),
-        fingerprint(&executable)?,
         fingerprint(&checkpoint)?
     ))
 }
