@@ -19,7 +19,8 @@
 #   - SimCLR fine-tuned, with a random head (the paper) and with a linear
 #     probe's head first (LP-FT; not at 100%, where the head matters least);
 #   - SimCLR fine-tuned from the projection head's first layer, kept and
-#     trained with the encoder (SimCLR v2, arXiv 2006.10029, section 2);
+#     trained with the encoder (SimCLR v2, arXiv 2006.10029, section 2;
+#     not at 100%, whose runs take a quarter of an hour each here);
 # then, at 1% and 10%, the three fine-tuned rows again at base rates 0.2 and
 # 0.8 besides the paper's 0.05 (the rate is scaled by the batch, here 50
 # images at 1%: the paper's rule gives a peak of 0.01 where its ImageNet
@@ -68,7 +69,7 @@ for fraction in 0.01 0.1 1; do
         evaluate supervised "$fraction" "$seed" finetune --random-init "${network[@]}"
         evaluate simclr-finetune "$fraction" "$seed" finetune "${checkpoint[@]}"
         [ "$fraction" = 1 ] || evaluate simclr-lp-ft "$fraction" "$seed" finetune "${checkpoint[@]}" --head-init linear-probe
-        evaluate simclr-finetune-head1 "$fraction" "$seed" finetune "${checkpoint[@]}" --layer head:1
+        [ "$fraction" = 1 ] || evaluate simclr-finetune-head1 "$fraction" "$seed" finetune "${checkpoint[@]}" --layer head:1
     done
 done
 # Fine-tuning's rate, at 1% and 10% (seconds a run; the full labels take minutes).
