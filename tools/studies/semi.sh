@@ -28,7 +28,9 @@
 # cores; run it again after a stop and finished runs and scores are read
 # back.
 #
-# PRETRAIN_EPOCHS (10, the findings' base) pretrains longer; RATE_SWEEP=0
+# PRETRAIN_EPOCHS (10, the findings' base) pretrains longer; HEAD_LAYERS (2,
+# the paper's) pretrains with a deeper projection head (SimCLR v2's 3);
+# FRACTIONS ("0.01 0.1 1") evaluates only those; RATE_SWEEP=0
 # leaves out the rates. The rows from random init do not depend on the
 # pretraining: copied from another OUT's evals/ (`supervised_*`,
 # `random-init-linear_*`), they are read back, not trained again.
@@ -36,6 +38,9 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh" "$@"
 SEEDS=(0 1 2)
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-10}
+HEAD_LAYERS=${HEAD_LAYERS:-2}
+read -ra FRACTIONS <<< "${FRACTIONS:-0.01 0.1 1}"
+BASE+=(--set "model.head.layers=$HEAD_LAYERS")
 mkdir -p "$OUT/evals"
 
 for seed in "${SEEDS[@]}"; do
@@ -43,6 +48,8 @@ for seed in "${SEEDS[@]}"; do
     if [ -f "$run/summary.json" ]; then
         grep -qx "epochs = $PRETRAIN_EPOCHS" "$run/config.toml" ||
             { echo "semi.sh: $run was not pretrained for PRETRAIN_EPOCHS=$PRETRAIN_EPOCHS epochs" >&2; exit 1; }
+        grep -qx "layers = $HEAD_LAYERS" "$run/config.toml" ||
+            { echo "semi.sh: $run was not pretrained with HEAD_LAYERS=$HEAD_LAYERS" >&2; exit 1; }
         continue
     fi
     rm -rf "$run"
@@ -60,7 +67,7 @@ evaluate() {  # evaluate NAME FRACTION SEED PROTOCOL ARGS...: one score, kept as
         --device cpu --subset-file "$OUT/evals/${name}_${fraction}_seed-$seed.labelled.txt" --output "$json"
 }
 # The small fractions for every seed first, then the full labels (most of the time).
-for fraction in 0.01 0.1 1; do
+for fraction in "${FRACTIONS[@]}"; do
     for seed in "${SEEDS[@]}"; do
         checkpoint=(--checkpoint "$OUT/pretrain/seed-$seed/checkpoint.safetensors")
         evaluate random-init-linear "$fraction" "$seed" linear --random-init "${network[@]}"
