@@ -3,7 +3,7 @@
 //! fraction (1%, 10%, 100%) of the labels, then scored on the test split.
 //! The encoder may keep the first layers of its projection head, trained
 //! with it: SimCLR v2 (arXiv 2006.10029, section 2) fine-tunes from the
-//! middle layer of a 3-layer head, "fine-tuning from the first layer".
+//! middle layer of a 3-layer head.
 //!
 //! As in the paper: SGD with Nesterov momentum, learning rate 0.05 × B/256
 //! with cosine decay, no weight decay, and only random crop (with resize) and
