@@ -905,7 +905,6 @@ fn epoch_losses(run: &Path) -> Vec<f64> {
     metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
 }
 
-/// A 3-epoch run of 6 steps an epoch, checkpointing every epoch.
 /// The scalars of a run's TensorBoard events that do not depend on the
 /// clock (not images/s, nor the share of time spent waiting for data), as
 /// (step, tag, value), in the order written.
@@ -923,6 +922,7 @@ fn logged_scalars(run: &Path) -> Vec<(i64, String, f32)> {
         .collect()
 }
 
+/// A 3-epoch run of 6 steps an epoch, checkpointing every epoch.
 fn three_epochs(data: &Path, out: &Path) -> Simclr {
     tiny_run(data, out).args(["--epochs", "3", "--set", "train.checkpoint_every=1"])
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::Position;
+use super::metrics::StepMetrics;
 use crate::{Error, Result};
 
 /// Steps whose loss and verdict (finite or not) are still on the device.
@@ -32,11 +33,7 @@ struct Pending {
 /// A step read back.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Settled {
-    /// Its 0-based number.
-    pub step: usize,
-    pub learning_rate: f64,
-    pub wall_time: f64,
-    pub loss: f64,
+    pub metrics: StepMetrics,
     /// Whether the loss and gradient were finite (the update was made).
     pub finite: bool,
 }
@@ -77,7 +74,9 @@ impl Ledger {
         for (step, pair) in pending.iter().zip(read.chunks(2)) {
             let (value, finite) = (pair[0], pair[1] != 0.0);
             let Pending { step, learning_rate, wall_time, .. } = *step;
-            settled.push(Settled { step, learning_rate, wall_time, loss: value, finite });
+            // Numbered as the steps taken, this one included.
+            let metrics = StepMetrics { step: step + 1, loss: value, learning_rate, wall_time };
+            settled.push(Settled { metrics, finite });
             if finite {
                 position.nonfinite_in_row = 0;
                 position.epoch_loss_sum += value;

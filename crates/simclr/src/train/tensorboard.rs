@@ -164,10 +164,11 @@ pub fn event_step(event: &[u8]) -> Option<i64> {
 /// The scalars an `Event` holds (none in the file version's), or `None`
 /// for bytes that are not an event as written here.
 pub fn event_scalars(event: &[u8]) -> Option<Vec<Scalar>> {
-    let (mut wall_time, mut values) = (0.0, Vec::new());
+    let (mut wall_time, mut step, mut values) = (0.0, 0, Vec::new());
     for (number, value) in fields(event)? {
         match (number, value) {
             (1, Field::Fixed64(bits)) => wall_time = f64::from_bits(bits),
+            (2, Field::Varint(value)) => step = value as i64,
             (5, Field::Bytes(summary)) => {
                 for (number, value) in fields(summary)? {
                     if let (1, Field::Bytes(value)) = (number, value) {
@@ -178,7 +179,6 @@ pub fn event_scalars(event: &[u8]) -> Option<Vec<Scalar>> {
             _ => {}
         }
     }
-    let step = event_step(event)?;
     let scalar = |value: &[u8]| {
         let (mut tag, mut simple_value) = (None, None);
         for (number, field) in fields(value)? {

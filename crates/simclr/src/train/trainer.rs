@@ -598,19 +598,14 @@ impl Trainer {
     fn settle(&mut self) -> Result<()> {
         let settled = self.ledger.settle(&mut self.position)?;
         if let Some(last) = settled.last() {
-            self.last_loss = Some(last.loss);
+            self.last_loss = Some(last.metrics.loss);
         }
         let every = self.config.train.log_every_steps;
         if every > 0 && self.writes() {
             let steps: Vec<StepMetrics> = settled
                 .iter()
-                .filter(|settled| settled.finite && (settled.step + 1).is_multiple_of(every))
-                .map(|settled| StepMetrics {
-                    step: settled.step + 1,
-                    loss: settled.loss,
-                    learning_rate: settled.learning_rate,
-                    wall_time: settled.wall_time,
-                })
+                .filter(|settled| settled.finite && settled.metrics.step.is_multiple_of(every))
+                .map(|settled| settled.metrics)
                 .collect();
             self.log.append_steps(&steps);
         }
