@@ -1312,27 +1312,31 @@ const PROBES_FILE: &str = "transform-probes.json";
 /// which change with any change to the probes' code), the checkpoint's
 /// bytes and the device.
 fn probes_key(run_dir: &Path, transformation: Transformation, device: tch::Device) -> Result<String> {
-    let fingerprint = |path: &Path| -> Result<String> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let fingerprint = |path: &Path| -> std::io::Result<String> {
+        let bytes = std::fs::read(path)?;
         Ok(format!("{:08x}-{}", crc32fast::hash(&bytes), bytes.len()))
     };
     // On Linux the running program's own file, even where a build has
     // since replaced the one at its path; read once a process (a dev build
-    // is 140 MB).
-    static PROGRAM: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    // is 140 MB). A failure is kept as what builds the error again, so
+    // that it stays an I/O error naming the file.
+    type Failure = (PathBuf, std::io::ErrorKind, String);
+    static PROGRAM: std::sync::OnceLock<std::result::Result<String, Failure>> = std::sync::OnceLock::new();
     let program = PROGRAM.get_or_init(|| {
         let executable = match Path::new("/proc/self/exe") {
             linux if linux.exists() => linux.to_path_buf(),
-            _ => std::env::current_exe().map_err(|e| Error::io(Path::new("the running executable"), e).to_string())?,
+            _ => std::env::current_exe()
+                .map_err(|e| (PathBuf::from("the running executable"), e.kind(), e.to_string()))?,
         };
-        fingerprint(&executable).map_err(|e| e.to_string())
+        fingerprint(&executable).map_err(|e| (executable, e.kind(), e.to_string()))
     });
-    let program = program.clone().map_err(Error::InvalidArgument)?;
+    let program =
+        program.clone().map_err(|(path, kind, message)| Error::io(path, std::io::Error::new(kind, message)))?;
     let checkpoint = run_dir.join(checkpoint::FILE_NAME);
     Ok(format!(
         "{} program {program} checkpoint {} device {device:?}",
         transformation.name(),
-        fingerprint(&checkpoint)?
+        fingerprint(&checkpoint).map_err(|e| Error::io(&checkpoint, e))?
     ))
 }
 

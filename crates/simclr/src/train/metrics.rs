@@ -162,11 +162,12 @@ impl MetricsLog {
             Ok(events) => events,
             Err(reason) => {
                 if self.events.exists() {
-                    tracing::warn!(
-                        "{}: {reason}; written again from {}, without steps",
-                        self.events.display(),
-                        self.path.display()
-                    );
+                    let from = match self.path.exists() {
+                        true => format!("from {}, without steps", self.path.display()),
+                        // Only steps were logged: none of them is kept.
+                        false => "with no entries (no epoch was logged)".to_string(),
+                    };
+                    tracing::warn!("{}: {reason}; written again {from}", self.events.display());
                 }
                 let now = unix_time();
                 tensorboard::file_version(now).into_iter().chain(kept.iter().flat_map(|m| m.events(now))).collect()
