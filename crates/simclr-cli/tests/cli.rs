@@ -126,8 +126,10 @@ fn tiny_flags(data: &Path, output: &Path) -> Vec<String> {
         "optim.warmup_epochs=0",
         "train.knn_k=3",
         "train.knn_every=1",
-        // Every step's loss in the events, which `assert_same_run` compares.
+        // Every step's loss in the events and every epoch's encoder, which
+        // `assert_same_run` compares.
         "train.log_every_steps=1",
+        "train.encoder_every=1",
     ];
     let mut all: Vec<String> = flags.map(String::from).to_vec();
     all.extend(settings.iter().flat_map(|s| ["--set".to_owned(), s.to_string()]));
@@ -407,6 +409,45 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(told, simclr::device::cpu_computes_bf16(), "{}", stderr(&fp32));
 }
 
+#[test]
+fn the_encoder_of_every_nth_epoch_is_kept_and_read_as_the_final_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("run");
+    image_folder(&data, 6, 16);
+    let four_epochs = ["--epochs", "4", "--set", "train.encoder_every=2", "--set", "train.checkpoint_every=1"];
+    assert_succeeds(&tiny_run(&data, &out).args(four_epochs).run());
+    let kept = |epoch: usize| out.join("encoders").join(format!("epoch-{epoch:04}.safetensors"));
+    let present: Vec<bool> = (1..=4).map(|epoch| kept(epoch).is_file()).collect();
+    assert_eq!(present, [false, true, false, true], "every second epoch's encoder");
+    // The last is the run's encoder; epoch 2's is not (the control of the
+    // comparison).
+    assert!(same_tensors(&kept(4), &out.join("encoder.safetensors")));
+    assert!(!same_tensors(&kept(2), &out.join("encoder.safetensors")));
+    // eval reads one as it reads encoder.safetensors: no flags about the network.
+    let data_arg = data.display().to_string();
+    let weights = kept(2).display().to_string();
+    let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights, "--train", &data_arg, "--test", &data_arg])
+        .args(["--device", "cpu"])
+        .run();
+    assert_succeeds(&knn);
+
+    // Resumed from epoch 3's checkpoint, the run writes epoch 4's encoder
+    // again, the same tensors bit for bit, and removes one left from a run
+    // that went further.
+    let (second, fourth) = (dir.path().join("second.safetensors"), dir.path().join("fourth.safetensors"));
+    std::fs::copy(kept(2), &second).unwrap();
+    std::fs::copy(kept(4), &fourth).unwrap();
+    std::fs::copy(out.join("checkpoint.prev.safetensors"), out.join("checkpoint.safetensors")).unwrap();
+    std::fs::write(kept(4), b"damaged").unwrap();
+    std::fs::write(kept(6), b"from a longer run").unwrap();
+    let resumed = simclr(["train", "--resume", "--output", &out.display().to_string()]).env("RUST_LOG", "info").run();
+    assert_succeeds(&resumed);
+    assert!(stderr(&resumed).contains("epoch=3"), "{}", stderr(&resumed));
+    assert!(std::fs::read(kept(2)).unwrap() == std::fs::read(&second).unwrap(), "epoch 2's encoder was touched");
+    assert_same_tensors(&kept(4), &fourth, "a resume");
+    assert!(!kept(6).exists());
+}
 #[test]
 fn trains_on_cifar_binary_batches() {
     let dir = tempfile::tempdir().unwrap();
@@ -936,12 +977,35 @@ fn assert_same_run(run: &Path, reference: &Path, what: &str) {
     let (ours, theirs) = (logged_scalars(run), logged_scalars(reference));
     assert!(ours.iter().any(|(_, tag, _)| tag == "train/loss_step"), "no step logged after {what}");
     assert!(ours == theirs, "the events differ after {what}:\n{ours:?}\n{theirs:?}");
-    let encoder = |run: &Path| simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors;
-    let (ours, theirs) = (encoder(run), encoder(reference));
-    assert_eq!(ours.len(), theirs.len());
-    for (name, tensor) in &theirs {
-        assert!(ours[name].equal(tensor), "{name} differs after {what}");
+    assert_same_tensors(&run.join("encoder.safetensors"), &reference.join("encoder.safetensors"), what);
+    // The encoders kept along the run (`train.encoder_every`), by epoch.
+    let kept = |run: &Path| -> Vec<String> {
+        let folder = run.join("encoders");
+        let mut names: Vec<String> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".safetensors"))
+            .collect();
+        names.sort();
+        names
+    };
+    let names = kept(reference);
+    assert_eq!(kept(run), names, "other encoders kept after {what}");
+    assert!(!names.is_empty(), "no encoder kept along the reference run");
+    for name in &names {
+        let (ours, theirs) = (run.join("encoders").join(name), reference.join("encoders").join(name));
+        assert_same_tensors(&ours, &theirs, &format!("{what} ({name})"));
     }
+}
+
+/// Whether two weight files hold the same tensors, bit for bit.
+fn same_tensors(a: &Path, b: &Path) -> bool {
+    let (ours, theirs) = (simclr::io::load(a).unwrap().tensors, simclr::io::load(b).unwrap().tensors);
+    ours.len() == theirs.len() && theirs.iter().all(|(name, tensor)| ours.get(name).is_some_and(|t| t.equal(tensor)))
+}
+
+fn assert_same_tensors(ours: &Path, theirs: &Path, what: &str) {
+    assert!(same_tensors(ours, theirs), "{} differs from {} after {what}", ours.display(), theirs.display());
 }
 
 #[test]

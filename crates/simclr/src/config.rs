@@ -46,6 +46,14 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Write a checkpoint every this many epochs (and always at the end).
     pub checkpoint_every: usize,
+    /// Also export the encoder every this many epochs, to
+    /// `encoders/epoch-NNNN.safetensors` in the run folder, each a file as
+    /// `encoder.safetensors` is (`eval`, `embed` and `neighbors` read it),
+    /// to judge the representation along a run or keep one from before it
+    /// went wrong; 0 = only `encoder.safetensors`, at the end. A resumed
+    /// run removes those of epochs after its checkpoint, and writes them
+    /// again.
+    pub encoder_every: usize,
     /// Run the kNN monitor every this many epochs (and at the end); 0 = never.
     pub knn_every: usize,
     pub knn_k: usize,
@@ -132,6 +140,7 @@ impl Default for TrainConfig {
             mixed_precision: true,
             output_dir: PathBuf::from("runs/simclr"),
             checkpoint_every: 10,
+            encoder_every: 0,
             knn_every: 10,
             knn_k: 200,
             knn_temperature: 0.1,

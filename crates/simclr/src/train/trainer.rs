@@ -36,6 +36,8 @@ use crate::{Error, Result};
 pub const CONFIG_FILE: &str = "config.toml";
 pub use super::metrics::{EVENTS_FILE, METRICS_FILE};
 pub const ENCODER_FILE: &str = "encoder.safetensors";
+/// The folder of the encoders `train.encoder_every` writes along a run.
+pub const ENCODER_SNAPSHOTS: &str = "encoders";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// What an [`Observer`] asks of the loop after each step or epoch.
@@ -707,9 +709,18 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// Writes the checkpoint an epoch end calls for: every
-    /// `train.checkpoint_every` epochs, at the end, and when stopping.
+    /// Writes what an epoch end calls for: the encoder every
+    /// `train.encoder_every` epochs, then the checkpoint every
+    /// `train.checkpoint_every` epochs, at the end, and when stopping (in
+    /// that order, so that a run stopped between the two, resumed from
+    /// the checkpoint before, writes the encoder again).
     pub fn checkpoint_epoch(&self, stopping: bool) -> Result<()> {
+        let every = self.config.train.encoder_every;
+        if every > 0 && self.position.epoch.is_multiple_of(every) {
+            let path = encoder_snapshot(&self.config.train.output_dir, self.position.epoch);
+            let written = if self.writes() { self.export_encoder(&path) } else { Ok(()) };
+            agree(self.group.as_ref(), written)?;
+        }
         if self.position.epoch.is_multiple_of(self.config.train.checkpoint_every) || self.is_done() || stopping {
             self.save_checkpoint()?;
         }
@@ -758,6 +769,12 @@ impl Trainer {
         }
     }
 
+    /// Writes the encoder as it is now, with what it was trained with.
+    fn export_encoder(&self, path: &std::path::Path) -> Result<()> {
+        let spec = self.config.encoder_spec();
+        crate::io::torchvision::export_encoder(&self.store, self.position.step as i64, &spec, path)
+    }
+
     /// Ends a completed run: exports the encoder and writes the summary.
     pub fn finish(self) -> Result<TrainReport> {
         let written = if self.writes() { self.write_results() } else { Ok(self.report()) };
@@ -767,8 +784,7 @@ impl Trainer {
     fn write_results(&self) -> Result<TrainReport> {
         let mut report = self.report();
         let encoder_path = report.output_dir.join(ENCODER_FILE);
-        let spec = self.config.encoder_spec();
-        crate::io::torchvision::export_encoder(&self.store, self.position.step as i64, &spec, &encoder_path)?;
+        self.export_encoder(&encoder_path)?;
         report.encoder_path = Some(encoder_path);
         let summary = serde_json::json!({
             "epochs": self.position.epoch,
@@ -978,8 +994,35 @@ fn prepare_run_folder(
     // run killed before its first checkpoint may have logged epochs, so a
     // fresh start begins a fresh log.
     MetricsLog::new(output_dir).truncate_after(position.epoch, position.step)?;
+    remove_encoder_snapshots_after(output_dir, position.epoch)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
+}
+
+/// Where `train.encoder_every` writes the encoder of `epoch`.
+pub fn encoder_snapshot(output_dir: &std::path::Path, epoch: usize) -> PathBuf {
+    output_dir.join(ENCODER_SNAPSHOTS).join(format!("epoch-{epoch:04}.safetensors"))
+}
+
+/// Removes the encoders `train.encoder_every` wrote after `epoch` (the
+/// epochs a resumed run trains again; a time-budgeted run may now end
+/// before them). Other files in the folder are left alone.
+fn remove_encoder_snapshots_after(output_dir: &std::path::Path, epoch: usize) -> Result<()> {
+    let folder = output_dir.join(ENCODER_SNAPSHOTS);
+    let entries = match std::fs::read_dir(&folder) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&folder, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(&folder, e))?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        let snapshot_epoch = name.strip_prefix("epoch-").and_then(|rest| rest.strip_suffix(".safetensors"));
+        if snapshot_epoch.and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e > epoch) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a resume that would not continue the run saved: with another
@@ -1144,6 +1187,26 @@ mod tests {
         config.data.image_size = 4;
         let refused = config.validate().unwrap_err().to_string();
         assert!(refused.contains("data.image_size = 4") && !refused.contains("augment.view_size"), "{refused}");
+    }
+
+    #[test]
+    fn a_resume_removes_the_encoders_kept_after_its_checkpoint_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        remove_encoder_snapshots_after(dir.path(), 0).unwrap();
+        let kept = [1, 2, 10, 12000].map(|epoch| encoder_snapshot(dir.path(), epoch));
+        assert!(kept[3].ends_with("encoders/epoch-12000.safetensors"), "{}", kept[3].display());
+        let others = ["notes.txt", "epoch-0011.npy", "epoch-x.safetensors"]
+            .map(|name| dir.path().join(ENCODER_SNAPSHOTS).join(name));
+        for path in kept.iter().chain(&others) {
+            crate::io::write_atomic(path, b"x").unwrap();
+        }
+        remove_encoder_snapshots_after(dir.path(), 2).unwrap();
+        let exists = |paths: &[PathBuf]| paths.iter().map(|path| path.exists()).collect::<Vec<_>>();
+        assert_eq!(exists(&kept), [true, true, false, false]);
+        assert_eq!(exists(&others), [true, true, true]);
+        // A fresh start (epoch 0) removes every one.
+        remove_encoder_snapshots_after(dir.path(), 0).unwrap();
+        assert_eq!(exists(&kept[..2]), [false, false]);
     }
 
     #[test]
