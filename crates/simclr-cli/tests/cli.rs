@@ -1875,7 +1875,10 @@ fn sigkill_at_random_points_never_loses_the_run() {
             (std::fs::read(killed.join("checkpoint.safetensors")).ok(), checkpoint_identity(&killed));
         let mut child = start(if mid_write { 3000 } else { 0 });
         if mid_write {
-            let began = || file_starting(&killed, "checkpoint.safetensors.new.tmp").is_some();
+            // This process's temporary file (it carries the process's id),
+            // not one an earlier kill left.
+            let temporary = format!("checkpoint.safetensors.new.tmp{}", child.id());
+            let began = || killed.join(&temporary).exists();
             wait_until("a checkpoint write to begin", &began, &mut |what| assert_running(&mut child, what));
             child.kill().unwrap();
             child.wait().unwrap();
@@ -1896,6 +1899,15 @@ fn sigkill_at_random_points_never_loses_the_run() {
         assert!(finish.status.success());
     }
     assert_same_run(&killed, &straight, "4 timed and 4 mid-write kills");
+    // The half-written files of the kills mid-write are gone (each resume
+    // removes those before it).
+    let left: Vec<String> = [killed.clone(), killed.join("encoders")]
+        .iter()
+        .flat_map(|folder| std::fs::read_dir(folder).unwrap())
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| simclr::io::temporary_target(name).is_some())
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
 #[test]

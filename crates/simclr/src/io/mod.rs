@@ -90,7 +90,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     create_dir(dir)?;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
+    name.push(format!("{TEMPORARY}{}", std::process::id()));
     let temporary = dir.join(name);
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
@@ -116,6 +116,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&temporary);
         Error::io(path, e)
     })
+}
+
+/// What [`write_atomic`]'s temporary file adds to its file's name, before
+/// the writing process's id.
+const TEMPORARY: &str = ".tmp";
+
+/// The name of the file that `name`, a temporary file of [`write_atomic`]
+/// (one a killed process left behind, say), was to become.
+pub fn temporary_target(name: &str) -> Option<&str> {
+    let (target, process) = name.rsplit_once(TEMPORARY)?;
+    let digits = !process.is_empty() && process.bytes().all(|b| b.is_ascii_digit());
+    (digits && !target.is_empty()).then_some(target)
 }
 
 /// Saves named tensors (moved to the CPU, made contiguous) with string metadata.
@@ -249,6 +261,18 @@ mod tests {
         create_dir(&fine).unwrap();
         assert!(fine.is_dir());
         create_dir(&fine).unwrap();
+    }
+
+    #[test]
+    fn a_temporary_file_names_the_file_it_was_to_become() {
+        // What write_atomic names its temporary file, read back.
+        let mut name = std::ffi::OsString::from("checkpoint.safetensors.new");
+        name.push(format!("{TEMPORARY}{}", std::process::id()));
+        assert_eq!(temporary_target(name.to_str().unwrap()), Some("checkpoint.safetensors.new"));
+        assert_eq!(temporary_target("metrics.jsonl.tmp7"), Some("metrics.jsonl"));
+        for other in ["metrics.jsonl", "notes.tmp", "a.tmpx1", ".tmp12", "x.tmp12.png", "a.tmp-3"] {
+            assert_eq!(temporary_target(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -24,6 +24,17 @@ fn previous(path: &Path) -> std::path::PathBuf {
     path.with_file_name(PREVIOUS_FILE_NAME)
 }
 
+/// Where a new checkpoint is written before it takes `path`'s place.
+fn fresh(path: &Path) -> std::path::PathBuf {
+    path.with_extension("safetensors.new")
+}
+
+/// The files writing the checkpoint at `path` makes: the latest, the one
+/// before it, and the new one on its way.
+pub(crate) fn written_files(path: &Path) -> [std::path::PathBuf; 3] {
+    [path.to_path_buf(), previous(path), fresh(path)]
+}
+
 /// The configuration of the run in `run_dir`, from its latest checkpoint:
 /// what `--resume` continues.
 pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
@@ -122,7 +133,7 @@ pub fn save(
     }
     // The new checkpoint is complete and on disk before the old one moves
     // aside: a crash at any point leaves the latest or the previous one whole.
-    let fresh = path.with_extension("safetensors.new");
+    let fresh = fresh(path);
     crate::io::save(&fresh, &tensors, Some(metadata)).map_err(|error| Error::Checkpoint {
         path: path.to_path_buf(),
         message: format!("cannot write a new checkpoint ({error}); the previous checkpoint, if any, is unchanged"),

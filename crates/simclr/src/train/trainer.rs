@@ -995,6 +995,7 @@ fn prepare_run_folder(
     // fresh start begins a fresh log.
     MetricsLog::new(output_dir).truncate_after(position.epoch, position.step)?;
     remove_encoder_snapshots_after(output_dir, position.epoch)?;
+    remove_stale_temporaries(output_dir)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
 }
@@ -1008,17 +1009,39 @@ pub fn encoder_snapshot(output_dir: &std::path::Path, epoch: usize) -> PathBuf {
 /// epochs a resumed run trains again; a time-budgeted run may now end
 /// before them). Other files in the folder are left alone.
 fn remove_encoder_snapshots_after(output_dir: &std::path::Path, epoch: usize) -> Result<()> {
-    let folder = output_dir.join(ENCODER_SNAPSHOTS);
-    let entries = match std::fs::read_dir(&folder) {
+    remove_files_named(&output_dir.join(ENCODER_SNAPSHOTS), |name| {
+        let snapshot_epoch = name.strip_prefix("epoch-").and_then(|rest| rest.strip_suffix(".safetensors"));
+        snapshot_epoch.and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e > epoch)
+    })
+}
+
+/// Removes the temporary files of the run's own writes that a killed
+/// process left (a SIGKILL in the middle of a checkpoint's write leaves one
+/// as large as the checkpoint, and a run on machines that are taken back
+/// is killed often), in the run folder and `encoders/`. Those of other
+/// files (`report` drawing into the folder meanwhile) are left alone.
+fn remove_stale_temporaries(output_dir: &std::path::Path) -> Result<()> {
+    let checkpoints = checkpoint::written_files(&output_dir.join(checkpoint::FILE_NAME));
+    let mut ours: Vec<String> =
+        checkpoints.iter().filter_map(|path| path.file_name()?.to_str().map(String::from)).collect();
+    ours.extend([METRICS_FILE, EVENTS_FILE, CONFIG_FILE, ENCODER_FILE, SUMMARY_FILE].map(String::from));
+    remove_files_named(output_dir, |name| {
+        crate::io::temporary_target(name).is_some_and(|t| ours.iter().any(|o| o == t))
+    })?;
+    remove_files_named(&output_dir.join(ENCODER_SNAPSHOTS), |name| crate::io::temporary_target(name).is_some())
+}
+
+/// Removes the files of `folder` (none where it does not exist) whose
+/// names `doomed` picks.
+fn remove_files_named(folder: &std::path::Path, doomed: impl Fn(&str) -> bool) -> Result<()> {
+    let entries = match std::fs::read_dir(folder) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(&folder, e)),
+        Err(e) => return Err(Error::io(folder, e)),
     };
     for entry in entries {
-        let path = entry.map_err(|e| Error::io(&folder, e))?.path();
-        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-        let snapshot_epoch = name.strip_prefix("epoch-").and_then(|rest| rest.strip_suffix(".safetensors"));
-        if snapshot_epoch.and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e > epoch) {
+        let path = entry.map_err(|e| Error::io(folder, e))?.path();
+        if path.file_name().and_then(|name| name.to_str()).is_some_and(&doomed) && path.is_file() {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         }
     }
@@ -1207,6 +1230,36 @@ mod tests {
         // A fresh start (epoch 0) removes every one.
         remove_encoder_snapshots_after(dir.path(), 0).unwrap();
         assert_eq!(exists(&kept[..2]), [false, false]);
+    }
+
+    #[test]
+    fn the_temporary_files_of_a_killed_runs_writes_are_removed_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        remove_stale_temporaries(dir.path()).unwrap();
+        let in_run = |name: &str| dir.path().join(name);
+        let stale = [
+            in_run("checkpoint.safetensors.new.tmp4242"),
+            in_run("checkpoint.safetensors.tmp17"),
+            in_run("metrics.tfevents.tmp9"),
+            in_run("config.toml.tmp9"),
+            in_run("encoder.safetensors.tmp12"),
+            dir.path().join(ENCODER_SNAPSHOTS).join("epoch-0003.safetensors.tmp77"),
+        ];
+        let others = [
+            in_run("checkpoint.safetensors"),
+            in_run("checkpoint.safetensors.new"),
+            in_run("curves.png.tmp8"),
+            in_run("notes.tmp"),
+            dir.path().join(ENCODER_SNAPSHOTS).join("epoch-0002.safetensors"),
+        ];
+        for path in stale.iter().chain(&others) {
+            crate::io::create_dir(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_stale_temporaries(dir.path()).unwrap();
+        let exists = |paths: &[PathBuf]| paths.iter().map(|path| path.exists()).collect::<Vec<_>>();
+        assert_eq!(exists(&stale), [false; 6]);
+        assert_eq!(exists(&others), [true; 5]);
     }
 
     #[test]
