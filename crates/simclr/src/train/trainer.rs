@@ -718,8 +718,7 @@ impl Trainer {
         let every = self.config.train.encoder_every;
         if every > 0 && self.position.epoch.is_multiple_of(every) {
             let path = encoder_snapshot(&self.config.train.output_dir, self.position.epoch);
-            let written = if self.writes() { self.export_encoder(&path) } else { Ok(()) };
-            agree(self.group.as_ref(), written)?;
+            self.write_on_rank_0(|trainer| trainer.export_encoder(&path))?;
         }
         if self.position.epoch.is_multiple_of(self.config.train.checkpoint_every) || self.is_done() || stopping {
             self.save_checkpoint()?;
@@ -728,19 +727,25 @@ impl Trainer {
     }
 
     fn save_checkpoint(&self) -> Result<()> {
-        let saved = match self.writes() {
-            true => checkpoint::save(
-                &self.checkpoint_path,
-                &self.store,
-                &self.optimizer,
-                self.position,
-                self.trained_by,
-                self.initial_knn_top1,
-                &self.config,
-            ),
-            false => Ok(()),
-        };
-        agree(self.group.as_ref(), saved)
+        self.write_on_rank_0(|trainer| {
+            checkpoint::save(
+                &trainer.checkpoint_path,
+                &trainer.store,
+                &trainer.optimizer,
+                trainer.position,
+                trainer.trained_by,
+                trainer.initial_knn_top1,
+                &trainer.config,
+            )
+        })
+    }
+
+    /// Writes to the run folder where this process does ([`Self::writes`]),
+    /// every rank then taking the writer's outcome, so that a failed write
+    /// (a full disk) stops them all.
+    fn write_on_rank_0(&self, write: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+        let written = if self.writes() { write(self) } else { Ok(()) };
+        agree(self.group.as_ref(), written)
     }
 
     /// Stops here: the pending steps read, a checkpoint written (once per
@@ -995,7 +1000,7 @@ fn prepare_run_folder(
     // fresh start begins a fresh log.
     MetricsLog::new(output_dir).truncate_after(position.epoch, position.step)?;
     remove_encoder_snapshots_after(output_dir, position.epoch)?;
-    remove_stale_temporaries(output_dir)?;
+    remove_stale_temporaries(output_dir, checkpoint_path)?;
     crate::io::write_atomic(&output_dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     Ok(position)
 }
@@ -1020,13 +1025,11 @@ fn remove_encoder_snapshots_after(output_dir: &std::path::Path, epoch: usize) ->
 /// as large as the checkpoint, and a run on machines that are taken back
 /// is killed often), in the run folder and `encoders/`. Those of other
 /// files (`report` drawing into the folder meanwhile) are left alone.
-fn remove_stale_temporaries(output_dir: &std::path::Path) -> Result<()> {
-    let checkpoints = checkpoint::written_files(&output_dir.join(checkpoint::FILE_NAME));
-    let mut ours: Vec<String> =
-        checkpoints.iter().filter_map(|path| path.file_name()?.to_str().map(String::from)).collect();
-    ours.extend([METRICS_FILE, EVENTS_FILE, CONFIG_FILE, ENCODER_FILE, SUMMARY_FILE].map(String::from));
+fn remove_stale_temporaries(output_dir: &std::path::Path, checkpoint_path: &std::path::Path) -> Result<()> {
+    let mut ours = checkpoint::written_files(checkpoint_path).to_vec();
+    ours.extend([METRICS_FILE, EVENTS_FILE, CONFIG_FILE, ENCODER_FILE, SUMMARY_FILE].map(|name| output_dir.join(name)));
     remove_files_named(output_dir, |name| {
-        crate::io::temporary_target(name).is_some_and(|t| ours.iter().any(|o| o == t))
+        crate::io::temporary_target(name).is_some_and(|target| ours.contains(&output_dir.join(target)))
     })?;
     remove_files_named(&output_dir.join(ENCODER_SNAPSHOTS), |name| crate::io::temporary_target(name).is_some())
 }
@@ -1235,7 +1238,7 @@ mod tests {
     #[test]
     fn the_temporary_files_of_a_killed_runs_writes_are_removed_and_no_others() {
         let dir = tempfile::tempdir().unwrap();
-        remove_stale_temporaries(dir.path()).unwrap();
+        remove_stale_temporaries(dir.path(), &dir.path().join(checkpoint::FILE_NAME)).unwrap();
         let in_run = |name: &str| dir.path().join(name);
         let stale = [
             in_run("checkpoint.safetensors.new.tmp4242"),
@@ -1256,7 +1259,7 @@ mod tests {
             crate::io::create_dir(path.parent().unwrap()).unwrap();
             std::fs::write(path, b"x").unwrap();
         }
-        remove_stale_temporaries(dir.path()).unwrap();
+        remove_stale_temporaries(dir.path(), &dir.path().join(checkpoint::FILE_NAME)).unwrap();
         let exists = |paths: &[PathBuf]| paths.iter().map(|path| path.exists()).collect::<Vec<_>>();
         assert_eq!(exists(&stale), [false; 6]);
         assert_eq!(exists(&others), [true; 5]);
