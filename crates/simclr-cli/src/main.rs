@@ -3,7 +3,7 @@
 //! in the library), config layering and every check live in the library.
 mod observer;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,7 +19,9 @@ use simclr::device::{DeviceChoice, PrecisionChoice};
 use simclr::dist::launch::{self, Outcome, World};
 use simclr::dist::Backend;
 use simclr::embed::EncoderSource;
-use simclr::eval::{EvalOptions, FinetuneConfig, KnnConfig, LabelSubset, LinearConfig, Protocol, Transformation};
+use simclr::eval::{
+    EvalOptions, EvalReport, FinetuneConfig, KnnConfig, LabelSubset, LinearConfig, Protocol, Transformation,
+};
 use simclr::loss::{Negatives, Objective, Similarity};
 use simclr::model::{Arch, EncoderSpec, Layer, SpecOverrides};
 use simclr::train::{checkpoint, Observer};
@@ -115,7 +117,8 @@ struct TrainArgs {
 /// all of it, and these flags override what it records.
 #[derive(Args)]
 struct EncoderArgs {
-    /// torchvision-named safetensors (e.g. a run's encoder.safetensors).
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors); eval also takes a folder of
+    /// them (a run's encoders/, written with train.encoder_every) and scores each, by epoch.
     #[arg(long)]
     weights: Option<PathBuf>,
     #[command(flatten)]
@@ -615,22 +618,31 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     | EvalProtocol::Finetune { common: args, .. }) = &protocol;
     let overrides = &args.encoder.spec;
     let layer = args.encoder.layer;
-    let (source, spec) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
-        (Some(weights), None, false) | (None, Some(weights), false) => {
-            (EncoderSource::Weights(weights.clone()), simclr::embed::resolve_spec(weights, overrides, layer)?)
+    let weights = |path: PathBuf| -> Result<_> {
+        let spec = simclr::embed::resolve_spec(&path, overrides, layer)?;
+        Ok((EncoderSource::Weights(path), spec))
+    };
+    // A folder of weights (a run's encoders/) is scored file by file, every
+    // file's network read before any work starts.
+    let (networks, folder) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
+        (Some(folder), None, false) if folder.is_dir() => {
+            let files = simclr::embed::weights_in(folder)?;
+            (files.into_iter().map(weights).collect::<Result<Vec<_>>>()?, true)
         }
-        (None, None, true) => (EncoderSource::RandomInit(args.seed), EncoderSpec::default().with(overrides)?),
+        (Some(path), None, false) | (None, Some(path), false) => (vec![weights(path.clone())?], false),
+        (None, None, true) => {
+            let spec = EncoderSpec::default().with(overrides)?;
+            (vec![(EncoderSource::RandomInit(args.seed), spec)], false)
+        }
         _ => anyhow::bail!("give one of --weights, --checkpoint or --random-init"),
     };
     let Place::Here(group, device) = args.processes.place(simclr::device::select(args.encoder.device)?, None)? else {
         return Ok(());
     };
-    let mut options = EvalOptions::new(spec, args.train.clone(), args.test.clone());
+    let mut options = EvalOptions::new(networks[0].1.clone(), args.train.clone(), args.test.clone());
     (options.limit, options.seed, options.layer) = (args.limit, args.seed, layer);
     (options.on_bad_image, options.precision, options.device) =
         (args.encoder.on_bad_image, args.encoder.precision, device);
-    let loaded = simclr::embed::load_network(&source, &options.spec, layer, options.device);
-    let network = simclr::dist::agree(group.as_ref(), loaded)?;
     let (output, seed) = (args.output.clone(), args.seed);
     if let EvalProtocol::Knn { labels, .. } | EvalProtocol::Linear { labels, .. } = &protocol {
         options.labels = labels.clone();
@@ -640,15 +652,47 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
         EvalProtocol::Linear { config, .. } => Protocol::Linear(LinearConfig { seed, ..config }),
         EvalProtocol::Finetune { config, .. } => Protocol::Finetune(FinetuneConfig { seed, ..config }),
     };
-    let Some(report) = simclr::eval::evaluate_in(&network, &options, &protocol, group.as_ref())? else {
+    let mut reports = Vec::new();
+    for (source, spec) in networks {
+        let loaded = simclr::embed::load_network(&source, &spec, layer, options.device);
+        let network = simclr::dist::agree(group.as_ref(), loaded)?;
+        options.spec = spec;
+        if let Some(report) = simclr::eval::evaluate_in(&network, &options, &protocol, group.as_ref())? {
+            println!("{report}");
+            reports.push(report);
+        }
+    }
+    // Rank 0 alone has the reports.
+    let Some(last) = reports.last() else {
         return Ok(());
     };
-    println!("{report}");
-    eprint!("{}", simclr::data::Skipped(&report.skipped));
+    eprint!("{}", simclr::data::Skipped(&last.skipped));
+    let json = match folder {
+        false => serde_json::to_string_pretty(last)?,
+        true => {
+            let best = reports.iter().max_by(|a, b| a.top1.total_cmp(&b.top1)).expect("a report");
+            println!("best: {} | top-1 {:.2}%", best.encoder, 100.0 * best.top1);
+            let epoch_of = |report: &EvalReport| {
+                let name = Path::new(&report.encoder).file_name().and_then(|name| name.to_str());
+                name.and_then(simclr::train::trainer::snapshot_epoch)
+            };
+            let kept = reports.iter().map(|report| KeptScore { epoch: epoch_of(report), report });
+            serde_json::to_string_pretty(&kept.collect::<Vec<_>>())?
+        }
+    };
     if let Some(path) = output {
-        simclr::io::write_atomic(&path, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+        simclr::io::write_atomic(&path, (json + "\n").as_bytes())?;
     }
     Ok(())
+}
+
+/// One score of `eval` over a folder of weights, with the epoch of a kept
+/// encoder (`epoch-NNNN.safetensors`).
+#[derive(serde::Serialize)]
+struct KeptScore<'a> {
+    epoch: Option<usize>,
+    #[serde(flatten)]
+    report: &'a EvalReport,
 }
 
 fn neighbors(args: NeighborsArgs) -> Result<()> {

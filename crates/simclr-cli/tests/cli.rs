@@ -424,13 +424,37 @@ fn the_encoder_of_every_nth_epoch_is_kept_and_read_as_the_final_one() {
     // comparison).
     assert!(same_tensors(&kept(4), &out.join("encoder.safetensors")));
     assert!(!same_tensors(&kept(2), &out.join("encoder.safetensors")));
-    // eval reads one as it reads encoder.safetensors: no flags about the network.
+    // eval reads one as it reads encoder.safetensors: no flags about the
+    // network; given their folder, it scores each, in the order of their
+    // epochs, as it scores each alone.
     let data_arg = data.display().to_string();
-    let weights = kept(2).display().to_string();
-    let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights, "--train", &data_arg, "--test", &data_arg])
-        .args(["--device", "cpu"])
+    let knn = |weights: &Path, name: &str| {
+        let json = dir.path().join(name);
+        let output = simclr(["eval", "knn", "--k", "3", "--train", &data_arg, "--test", &data_arg, "--device", "cpu"])
+            .args(["--weights", &weights.display().to_string(), "--output", &json.display().to_string()])
+            .run();
+        assert_succeeds(&output);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        (text, serde_json::from_slice::<serde_json::Value>(&std::fs::read(&json).unwrap()).unwrap())
+    };
+    let (_, second) = knn(&kept(2), "second.json");
+    let (_, last) = knn(&out.join("encoder.safetensors"), "last.json");
+    let (lines, curve) = knn(&out.join("encoders"), "curve.json");
+    let curve = curve.as_array().expect("a score for each encoder");
+    let epochs: Vec<_> = curve.iter().map(|score| score["epoch"].as_u64()).collect();
+    assert_eq!(epochs, [Some(2), Some(4)]);
+    for (score, (alone, file)) in curve.iter().zip([(&second, "epoch-0002"), (&last, "epoch-0004")]) {
+        assert!(score["encoder"].as_str().unwrap().ends_with(&format!("{file}.safetensors")), "{score}");
+        assert_eq!((&score["top1"], &score["top5"]), (&alone["top1"], &alone["top5"]), "{file}");
+    }
+    assert_eq!(lines.lines().filter(|line| line.starts_with("knn |")).count(), 2, "{lines}");
+    assert!(lines.contains("\nbest: "), "{lines}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let none = simclr(["eval", "knn", "--train", &data_arg, "--test", &data_arg, "--device", "cpu", "--weights"])
+        .args([empty.display().to_string()])
         .run();
-    assert_succeeds(&knn);
+    assert!(!none.status.success() && stderr(&none).contains("holds no .safetensors files"), "{}", stderr(&none));
 
     // Resumed from epoch 3's checkpoint, the run writes epoch 4's encoder
     // again, the same tensors bit for bit, and removes one left from a run

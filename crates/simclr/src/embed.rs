@@ -126,6 +126,31 @@ pub fn resolve_spec(weights: &Path, overrides: &SpecOverrides, layer: Layer) -> 
     }
 }
 
+/// The weights files (`*.safetensors`) in `folder`, not searched further
+/// down: the encoders a run kept (`encoders/`, see
+/// [`crate::train::trainer::encoder_snapshot`]) in the order of their
+/// epochs, then any others by name.
+pub fn weights_in(folder: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(folder, e))?.path();
+        if path.extension().is_some_and(|extension| extension == "safetensors") && path.is_file() {
+            files.push(path);
+        }
+    }
+    let epoch = |path: &PathBuf| path.file_name()?.to_str().and_then(crate::train::trainer::snapshot_epoch);
+    files.sort_by_cached_key(|path| (epoch(path).is_none(), epoch(path), path.clone()));
+    if files.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: a folder of weights, but it holds no .safetensors files (a run keeps its encoders in encoders/ \
+             with train.encoder_every)",
+            folder.display()
+        )));
+    }
+    Ok(files)
+}
+
 /// A head layer asked of weights that are not a run's checkpoint.
 pub fn head_needs_checkpoint(layer: Layer, error: Error) -> Error {
     Error::InvalidArgument(format!(
@@ -433,4 +458,27 @@ fn join_parts(output: &Path, world: usize, feature_dim: i64) -> Result<()> {
     }
     features.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_of_weights_lists_kept_encoders_by_epoch_then_the_others_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["zebra.safetensors", "epoch-12000.safetensors", "epoch-0002.safetensors", "a.safetensors"];
+        let left_out = ["epoch-0003.safetensors.tmp77", "notes.txt", "epoch-0004.npy"];
+        for name in names.iter().chain(&left_out) {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("nested.safetensors")).unwrap();
+        let listed = weights_in(dir.path()).unwrap();
+        let listed: Vec<_> = listed.iter().map(|path| path.file_name().unwrap().to_str().unwrap()).collect();
+        assert_eq!(listed, ["epoch-0002.safetensors", "epoch-12000.safetensors", "a.safetensors", "zebra.safetensors"]);
+
+        let empty = tempfile::tempdir().unwrap();
+        let error = weights_in(empty.path()).unwrap_err().to_string();
+        assert!(error.contains(&empty.path().display().to_string()) && error.contains("no .safetensors"), "{error}");
+    }
 }

@@ -1010,14 +1010,17 @@ pub fn encoder_snapshot(output_dir: &std::path::Path, epoch: usize) -> PathBuf {
     output_dir.join(ENCODER_SNAPSHOTS).join(format!("epoch-{epoch:04}.safetensors"))
 }
 
+/// The epoch whose encoder a file of [`encoder_snapshot`]'s name holds, by
+/// the file's name (`epoch-0012.safetensors`, `epoch-12000.safetensors`).
+pub fn snapshot_epoch(name: &str) -> Option<usize> {
+    name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
 /// Removes the encoders `train.encoder_every` wrote after `epoch` (the
 /// epochs a resumed run trains again; a time-budgeted run may now end
 /// before them). Other files in the folder are left alone.
 fn remove_encoder_snapshots_after(output_dir: &std::path::Path, epoch: usize) -> Result<()> {
-    remove_files_named(&output_dir.join(ENCODER_SNAPSHOTS), |name| {
-        let snapshot_epoch = name.strip_prefix("epoch-").and_then(|rest| rest.strip_suffix(".safetensors"));
-        snapshot_epoch.and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e > epoch)
-    })
+    remove_files_named(&output_dir.join(ENCODER_SNAPSHOTS), |name| snapshot_epoch(name).is_some_and(|e| e > epoch))
 }
 
 /// Removes the temporary files of the run's own writes that a killed
