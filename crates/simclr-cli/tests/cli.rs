@@ -2201,6 +2201,8 @@ fn two_processes_evaluate_as_one() {
         ("knn", &["--k", "5"][..]),
         ("knn", &["--k", "30", "--temperature", "100"]),
         ("linear", &["--epochs", "5"]),
+        // On crops and flips through the frozen encoder, batches of 7 cut 3 + 4.
+        ("linear", &["--epochs", "2", "--augment", "--batch-size", "7"]),
         // Half the labels, drawn among the readable images as fine-tuning draws them.
         ("knn", &["--k", "5", "--fraction", "0.5"]),
         ("finetune", &["--fraction", "1", "--epochs", "2", "--batch-size", "7"]),
@@ -2218,6 +2220,8 @@ fn two_processes_evaluate_as_one() {
         };
         let (one, two) = (report(&[]), report(&["--nproc-per-node", "2"]));
         assert_eq!(two, one, "{protocol} {extra:?}");
+        let named = if extra.contains(&"--augment") { format!("{protocol}-augmented") } else { protocol.to_owned() };
+        assert_eq!(one["protocol"], named.as_str());
         assert_eq!((&one["train_images"], &one["skipped"].as_array().unwrap().len()), (&23.into(), &2));
     }
     // Under the stop policy an image one process cannot read stops both, naming it.

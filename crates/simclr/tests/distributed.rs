@@ -31,7 +31,8 @@ use simclr::dist::{part, part_range, GroupOptions, Parallel, ProcessGroup, Reduc
 use simclr::eval::features::{Batches, FeatureNet, Labelled};
 use simclr::eval::linear::{fit_linear, LinearClassifier};
 use simclr::eval::{
-    finetune_in, fit_linear_across, knn_votes, knn_votes_across, FinetuneConfig, KnnConfig, LinearConfig, Task,
+    finetune_in, fit_linear_across, fit_linear_on_views, knn_votes, knn_votes_across, FinetuneConfig, KnnConfig,
+    LinearConfig, Task,
 };
 use simclr::loss::{LossConfig, Objective};
 use simclr::model::{Arch, HeadConfig, Layer, ModelConfig, ResNet, SimClr, Stem};
@@ -882,6 +883,48 @@ fn ranks_fine_tune_as_one_process() {
         let (part, ..) = tune(&FinetuneConfig { batch_size: 4, learning_rate: 0.8, ..config.clone() }, layer, None);
         assert!(relative_distance(&part, &alone) > 1e-3, "{layer}: the comparison misses a rank's part taken alone");
     }
+}
+
+#[test]
+fn ranks_fit_the_linear_classifier_on_views_as_one_process() {
+    // `eval linear --augment` on W ranks: each makes and reads its part of
+    // every batch of crops and flips through the frozen encoder, the
+    // standardisation comes from every part's sums, and the gradients are
+    // summed, so every rank fits one process's classifier up to fp32
+    // rounding. 30 images in batches of 8 over 2 epochs: on 3 ranks the
+    // parts of 8 are 2, 3, 3; on 4 those of the last batch (6) 1, 2, 1, 2.
+    let task = Task {
+        train: simclr::data::synthetic::generate(30, 3, 16, 1),
+        test: simclr::data::synthetic::generate(12, 3, 16, 2),
+        classes: 3,
+        format: ViewFormat { size: 16, mean: [0.5; 3], std: [0.25; 3] },
+    };
+    let config =
+        LinearConfig { epochs: 2, batch_size: 8, learning_rate: 2.0, seed: 3, augment: true, ..Default::default() };
+    let encoder = equal_encoders();
+    let policy = BadImagePolicy::Stop;
+    let batches =
+        Batches { format: task.format, batch_size: 4, device: Device::Cpu, policy, precision: Precision::Fp32 };
+    let pool = worker_pool(1).unwrap();
+    let fit = |config: &LinearConfig, group: Option<&ProcessGroup>| {
+        let (_store, encoder) = encoder();
+        let classifier = fit_linear_on_views((&encoder).into(), &task, config, &batches, &pool, group).unwrap();
+        Tensor::cat(&[classifier.weight.reshape([-1]), classifier.bias], 0)
+    };
+    let alone = fit(&config, None);
+    for world in [2, 3, 4] {
+        let ranks = as_ranks(vec![(); world], |group, ()| fit(&config, Some(&group)));
+        for (rank, classifier) in ranks.iter().enumerate() {
+            let distance = relative_distance(classifier, &alone);
+            // Measured: up to 7.0e-8.
+            assert!(distance < 1e-5, "{world} ranks, rank {rank}: {distance:e} from one process's classifier");
+        }
+    }
+    // The control: one process taking a rank's part of each batch as its
+    // batch (as ranks that do not sum their gradients would).
+    let own = fit(&LinearConfig { batch_size: 4, learning_rate: 4.0, ..config.clone() }, None);
+    let distance = relative_distance(&own, &alone);
+    assert!(distance > 1e-3, "the comparison misses a rank's part taken alone: {distance:e}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::data::loader::{map_readable, pipelined, ReadableBatch, ViewFormat};
 use crate::data::Sample;
 use crate::device::{Pinned, Precision};
 use crate::dist::{part, ProcessGroup};
-use crate::model::{Layer, ProjectionHead, ResNet, SimClr};
+use crate::model::{FoldedResNet, Layer, ProjectionHead, ResNet, SimClr};
 use crate::{Error, Result};
 
 /// The network features come from: the encoder, then the first `depth`
@@ -197,22 +197,9 @@ impl Batches {
         view: &(dyn Fn(&image::RgbImage, usize) -> FloatImage + Sync),
         sink: &mut dyn FnMut(Tensor, Vec<usize>) -> Result<()>,
     ) -> Result<Vec<String>> {
-        let Self { format, device, policy, precision, .. } = *self;
+        let Self { format, device, policy, .. } = *self;
         let batch_size = self.batch_size.max(1);
-        let encoder = net.encoder.fold();
-        let forward = |images: Pinned| {
-            let images = images.upload().to_kind(encoder.kind());
-            let features = tch::no_grad(|| {
-                precision.run(device, || {
-                    let h = encoder.forward(&images);
-                    match net.head {
-                        None => h,
-                        Some((head, depth)) => head.forward_to(&h, depth, false),
-                    }
-                })
-            });
-            features.to_kind(Kind::Float)
-        };
+        let frozen = self.frozen(net);
         // A batch's views, the positions in `samples` of its rows, and its
         // unreadable images.
         let ready = |(number, batch): (usize, &[Sample])| -> Result<(Pinned, Vec<usize>, Vec<Error>)> {
@@ -233,11 +220,45 @@ impl Batches {
             }
             match rows.is_empty() {
                 true => Ok(()),
-                false => sink(forward(images), rows),
+                false => sink(frozen.features(images), rows),
             }
         };
         pipelined(prefetch, samples.chunks(batch_size).enumerate().map(ready), &mut consume)?;
         Ok(skipped)
+    }
+}
+
+/// A [`FeatureNet`] as features are read from it: BatchNorm on its running
+/// statistics, folded into the convolutions; no gradients; the forward pass
+/// in a [`Precision`] on a device.
+pub struct FrozenNet<'a> {
+    encoder: FoldedResNet,
+    head: Option<(&'a ProjectionHead, usize)>,
+    device: Device,
+    precision: Precision,
+}
+
+impl FrozenNet<'_> {
+    /// `[rows, feature_dim]` fp32 features of a batch of views.
+    pub fn features(&self, images: Pinned) -> Tensor {
+        let images = images.upload().to_kind(self.encoder.kind());
+        let features = tch::no_grad(|| {
+            self.precision.run(self.device, || {
+                let h = self.encoder.forward(&images);
+                match self.head {
+                    None => h,
+                    Some((head, depth)) => head.forward_to(&h, depth, false),
+                }
+            })
+        });
+        features.to_kind(Kind::Float)
+    }
+}
+
+impl Batches {
+    /// `net` frozen as these batches compute features.
+    pub fn frozen<'a>(&self, net: FeatureNet<'a>) -> FrozenNet<'a> {
+        FrozenNet { encoder: net.encoder.fold(), head: net.head, device: self.device, precision: self.precision }
     }
 }
 

@@ -33,6 +33,11 @@ pub struct LinearConfig {
     pub momentum: f64,
     #[arg(long, default_value_t = LinearConfig::default().weight_decay)]
     pub weight_decay: f64,
+    /// Train on random crops and flips of the images, their features computed by the frozen
+    /// encoder at every step, as the paper's code evaluates (90 epochs on ImageNet there): a
+    /// forward pass over the training images an epoch, where cached features take one in all
+    #[arg(long)]
+    pub augment: bool,
     /// Set from the evaluation's `--seed`.
     #[arg(skip)]
     pub seed: u64,
@@ -40,7 +45,15 @@ pub struct LinearConfig {
 
 impl Default for LinearConfig {
     fn default() -> Self {
-        Self { epochs: 100, batch_size: 256, learning_rate: 0.1, momentum: 0.9, weight_decay: 0.0, seed: 0 }
+        Self {
+            epochs: 100,
+            batch_size: 256,
+            learning_rate: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            augment: false,
+            seed: 0,
+        }
     }
 }
 
@@ -135,13 +148,7 @@ pub fn fit_linear_across(
     group: Option<&ProcessGroup>,
 ) -> Result<LinearClassifier> {
     let build = |path: nn::Path, features| super::seeded_linear(path / "fc", features, classes, config.seed);
-    let Standardised { net: classifier, mean, deviation } =
-        fit_standardised(train, train_labels, config, group, build)?;
-    // ((h - μ) / σ) Wᵀ + b = h (W / σ)ᵀ + (b - (W / σ) μ)
-    let weight = tch::no_grad(|| &classifier.ws / &deviation);
-    let bias =
-        tch::no_grad(|| classifier.bs.as_ref().expect("nn::linear has a bias") - weight.matmul(&mean.squeeze_dim(0)));
-    Ok(LinearClassifier { weight, bias })
+    Ok(fit_standardised(train, train_labels, config, group, build)?.folded())
 }
 
 /// A network trained on standardised features, with the standardisation:
@@ -150,6 +157,18 @@ pub(crate) struct Standardised<M> {
     pub net: M,
     pub mean: Tensor,
     pub deviation: Tensor,
+}
+
+impl Standardised<nn::Linear> {
+    /// The classifier on raw features: the standardisation folded into it.
+    pub fn folded(&self) -> LinearClassifier {
+        let Self { net: classifier, mean, deviation } = self;
+        // ((h - μ) / σ) Wᵀ + b = h (W / σ)ᵀ + (b - (W / σ) μ)
+        let weight = tch::no_grad(|| &classifier.ws / deviation);
+        let bias = classifier.bs.as_ref().expect("nn::linear has a bias");
+        let bias = tch::no_grad(|| bias - weight.matmul(&mean.squeeze_dim(0)));
+        LinearClassifier { weight, bias }
+    }
 }
 
 impl<M: nn::Module> Standardised<M> {
@@ -244,23 +263,40 @@ pub(crate) fn fit_standardised<M: nn::Module>(
 /// part's sums and sums of squares in fp64.
 fn standardisation(train: &Tensor, rows: i64, group: Option<&ProcessGroup>) -> Result<(Tensor, Tensor)> {
     let dims = [0i64];
-    let (mean, deviation) = match group {
+    match group {
         None => {
             let mean = train.mean_dim(dims.as_slice(), true, Kind::Float);
-            (mean, train.std_dim(dims.as_slice(), false, true))
+            Ok(spread(mean, train.std_dim(dims.as_slice(), false, true), rows))
         }
         Some(group) => {
-            let sum = |tensor: &Tensor| tensor.sum_dim_intlist(dims.as_slice(), true, Kind::Double);
-            let mut sums = Tensor::cat(&[sum(train), sum(&train.to_kind(Kind::Double).square())], 0);
+            let mut sums = moments(train);
             group.all_reduce(&mut sums, crate::dist::ReduceOp::Sum)?;
-            let sums = sums / rows as f64;
-            let mean = sums.get(0).unsqueeze(0);
-            let variance = (sums.get(1).unsqueeze(0) - mean.square()).clamp_min(0.0);
-            (mean.to_kind(Kind::Float), variance.sqrt().to_kind(Kind::Float))
+            Ok(standardisation_of_moments(&sums, rows))
         }
-    };
+    }
+}
+
+/// The sums of `features`' rows and of their squares, `[2, features]`
+/// fp64: what [`standardisation_of_moments`] reads, added over batches or
+/// ranks.
+pub(crate) fn moments(features: &Tensor) -> Tensor {
+    let sum = |tensor: &Tensor| tensor.sum_dim_intlist([0i64].as_slice(), true, Kind::Double);
+    Tensor::cat(&[sum(features), sum(&features.to_kind(Kind::Double).square())], 0)
+}
+
+/// [`standardisation`] from the [`moments`] of all `rows` rows.
+pub(crate) fn standardisation_of_moments(sums: &Tensor, rows: i64) -> (Tensor, Tensor) {
+    let sums = sums / rows as f64;
+    let mean = sums.get(0).unsqueeze(0);
+    let variance = (sums.get(1).unsqueeze(0) - mean.square()).clamp_min(0.0);
+    spread(mean.to_kind(Kind::Float), variance.sqrt().to_kind(Kind::Float), rows)
+}
+
+/// `mean` and `deviation`, where a single row's deviation (no spread) is 1
+/// and none is below 1e-6.
+fn spread(mean: Tensor, deviation: Tensor, rows: i64) -> (Tensor, Tensor) {
     let deviation = if rows > 1 { deviation.clamp_min(1e-6) } else { mean.ones_like() };
-    Ok((mean, deviation))
+    (mean, deviation)
 }
 
 #[cfg(test)]

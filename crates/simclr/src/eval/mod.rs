@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{nn, Kind, Tensor};
 
 pub use features::extract_features;
-pub use finetune::{finetune, finetune_in, FineTuned, FinetuneConfig};
+pub use finetune::{finetune, finetune_in, fit_linear_on_views, FineTuned, FinetuneConfig};
 pub use histogram::{histogram_shortcut, Shortcut};
 pub use knn::{knn_hits, knn_votes, knn_votes_across, KnnConfig};
 pub use linear::{fit_linear_across, linear_eval, linear_eval_across, LinearConfig};

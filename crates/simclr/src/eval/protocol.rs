@@ -31,6 +31,7 @@ impl Protocol {
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::Knn(_) => "knn",
+            Protocol::Linear(config) if config.augment => "linear-augmented",
             Protocol::Linear(_) => "linear",
             Protocol::Finetune(_) => "finetune",
         }
@@ -299,18 +300,21 @@ pub fn evaluate_in(
             precision,
         })
     };
+    // Fine-tuning, and the linear classifier on views, read the training
+    // images every epoch: the unreadable are found once, before them.
+    let readable = |train: Dataset, test: Dataset| -> Result<Task> {
+        let train = train.without_unreadable_across(&pool, group)?;
+        let test = test.without_unreadable_across(&pool, group)?;
+        for (split, path) in [(&train, &options.train), (&test, &options.test)] {
+            if split.is_empty() {
+                return Err(crate::data::none_readable(path, split.skipped().len()));
+            }
+        }
+        Ok(Task { train, test, classes: classes as i64, format })
+    };
     let scored = match protocol {
         Protocol::Finetune(config) => {
-            // Fine-tuning reads its images every epoch: the unreadable are
-            // found once, before it.
-            let train = train.without_unreadable_across(&pool, group)?;
-            let test = test.without_unreadable_across(&pool, group)?;
-            for (split, path) in [(&train, &options.train), (&test, &options.test)] {
-                if split.is_empty() {
-                    return Err(crate::data::none_readable(path, split.skipped().len()));
-                }
-            }
-            let task = Task { train, test, classes: classes as i64, format };
+            let task = readable(train, test)?;
             let FineTuned { accuracy, labelled_images, precision } =
                 finetune_in(store, net, &task, config, options.precision, &pool, group)?;
             let skipped = [task.train.skipped(), task.test.skipped()].concat();
@@ -334,6 +338,18 @@ pub fn evaluate_in(
             let votes = knn_votes_across(&bank.features, &bank.labels, &test.features, classes as i64, *config, group)?;
             Ok(Hits::of(&votes, &test.labels).accuracy())
         })?,
+        Protocol::Linear(config) if config.augment => {
+            let task = readable(train, test)?;
+            let accuracy = super::finetune::linear_on_views(net, &task, config, &batches, &pool, group)?;
+            Scored {
+                accuracy,
+                labelled_images: task.train.len(),
+                train_images: listed.unwrap_or(task.train.len()),
+                test_images: task.test.len(),
+                skipped: [task.train.skipped(), task.test.skipped()].concat(),
+                precision,
+            }
+        }
         Protocol::Linear(config) => frozen(&|part, _, test| {
             let (train_rows, test_rows) = (&part.features, &test.features);
             linear_eval_across(train_rows, &part.labels, test_rows, &test.labels, classes as i64, config, group)
