@@ -17,10 +17,11 @@
 #   - random init, linear: a linear classifier on the untrained network;
 #   - SimCLR kNN and linear on frozen h, with only the labelled images;
 #   - SimCLR fine-tuned, with a random head (the paper) and with a linear
-#     probe's head first (LP-FT; not at 100%, where the head matters least);
+#     probe's head first (LP-FT);
 #   - SimCLR fine-tuned from the projection head's first layer, kept and
-#     trained with the encoder (SimCLR v2, arXiv 2006.10029, section 2;
-#     not at 100%, whose runs take a quarter of an hour each here);
+#     trained with the encoder (SimCLR v2, arXiv 2006.10029, section 2);
+#   the last two not at 100% unless FULL_LABEL_EXTRAS=1 (a quarter of an
+#   hour a run here; they go last, head:1 for every seed first);
 # then, at 1% and 10%, the three fine-tuned rows again at base rates 0.2 and
 # 0.8 besides the paper's 0.05 (the rate is scaled by the batch, here 50
 # images at 1%: the paper's rule gives a peak of 0.01 where its ImageNet
@@ -75,8 +76,18 @@ for fraction in "${FRACTIONS[@]}"; do
         evaluate simclr-linear "$fraction" "$seed" linear "${checkpoint[@]}"
         evaluate supervised "$fraction" "$seed" finetune --random-init "${network[@]}"
         evaluate simclr-finetune "$fraction" "$seed" finetune "${checkpoint[@]}"
-        [ "$fraction" = 1 ] || evaluate simclr-lp-ft "$fraction" "$seed" finetune "${checkpoint[@]}" --head-init linear-probe
-        [ "$fraction" = 1 ] || evaluate simclr-finetune-head1 "$fraction" "$seed" finetune "${checkpoint[@]}" --layer head:1
+        [ "$fraction" = 1 ] && continue
+        evaluate simclr-lp-ft "$fraction" "$seed" finetune "${checkpoint[@]}" --head-init linear-probe
+        evaluate simclr-finetune-head1 "$fraction" "$seed" finetune "${checkpoint[@]}" --layer head:1
+    done
+done
+[[ "${FULL_LABEL_EXTRAS:-0}" = 1 && " ${FRACTIONS[*]} " = *" 1 "* ]] && for extra in head1 lp-ft; do
+    for seed in "${SEEDS[@]}"; do
+        checkpoint=(--checkpoint "$OUT/pretrain/seed-$seed/checkpoint.safetensors")
+        case $extra in
+            head1) evaluate simclr-finetune-head1 1 "$seed" finetune "${checkpoint[@]}" --layer head:1 ;;
+            lp-ft) evaluate simclr-lp-ft 1 "$seed" finetune "${checkpoint[@]}" --head-init linear-probe ;;
+        esac
     done
 done
 # Fine-tuning's rate, at 1% and 10% (seconds a run; the full labels take minutes).

@@ -126,6 +126,16 @@ pub(crate) fn check_fraction(fraction: f64, problems: &mut Vec<String>) {
     }
 }
 
+/// Pushes a line when batches of `batch_size` images cannot give each of
+/// `world` processes one, `what` naming the training.
+fn check_shared_batch(batch_size: usize, world: usize, what: &str, problems: &mut Vec<String>) {
+    if batch_size < world {
+        problems.push(format!(
+            "--batch-size {batch_size}: {what} on {world} processes needs at least {world} images a batch, one a process"
+        ));
+    }
+}
+
 /// Lists `subset`'s images of `train` in `path`, one per line as
 /// [`Sample::describe`] names them; rank 0 writes it, and every rank learns
 /// whether it could.
@@ -219,12 +229,7 @@ pub fn finetune_in<'a>(
     let world = group.map_or(1, ProcessGroup::size);
     let mut problems = Vec::new();
     config.check(&mut problems);
-    if config.batch_size < world {
-        problems.push(format!(
-            "--batch-size {}: fine-tuning on {world} processes needs at least {world} images a batch, one a process",
-            config.batch_size
-        ));
-    }
+    check_shared_batch(config.batch_size, world, "fine-tuning", &mut problems);
     super::refuse(problems)?;
     let subset = balanced_subset(train, config.fraction, config.seed)?;
     if subset.len() < world.max(2) {
@@ -407,12 +412,7 @@ pub fn fit_linear_on_views(
     let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
     let mut problems = Vec::new();
     config.check(&mut problems);
-    if config.batch_size < world {
-        problems.push(format!(
-            "--batch-size {}: training on {world} processes needs at least {world} images a batch, one a process",
-            config.batch_size
-        ));
-    }
+    check_shared_batch(config.batch_size, world, "training", &mut problems);
     super::refuse(problems)?;
     let (device, rows) = (batches.device, task.train.len());
     if rows < world {
