@@ -1,7 +1,9 @@
 //! `simclr eval`: one protocol (kNN, linear or fine-tuning) on one network
 //! (weights, a run's checkpoint, or random init as the baseline; see
 //! [`crate::embed::load_network`]) over a labelled train and test split.
-//! Features are computed once, then the protocol runs on them.
+//! kNN and the linear classifier compute features once and run on them;
+//! fine-tuning, and the linear classifier on views (`--augment`), read the
+//! training images every epoch.
 use std::path::PathBuf;
 use std::time::Instant;
 
