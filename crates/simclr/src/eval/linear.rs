@@ -58,6 +58,13 @@ impl Default for LinearConfig {
 }
 
 impl LinearConfig {
+    /// The classifier's optimiser over `store`'s variables: SGD with
+    /// Nesterov momentum and the weight decay; the rate is set every step.
+    pub(crate) fn optimizer(&self, store: &nn::VarStore) -> Result<nn::Optimizer> {
+        let sgd = nn::Sgd { momentum: self.momentum, nesterov: true, wd: self.weight_decay, dampening: 0.0 };
+        Ok(sgd.build(store, 0.0)?)
+    }
+
     /// Pushes a line per bad setting, named as its flag.
     pub fn check(&self, problems: &mut Vec<String>) {
         for (flag, count) in [("--epochs", self.epochs), ("--batch-size", self.batch_size)] {
@@ -213,8 +220,7 @@ pub(crate) fn fit_standardised<M: nn::Module>(
 
     let store = nn::VarStore::new(device);
     let net = build(store.root(), train.size()[1]);
-    let mut optimizer = nn::Sgd { momentum: config.momentum, nesterov: true, wd: config.weight_decay, dampening: 0.0 }
-        .build(&store, 0.0)?;
+    let mut optimizer = config.optimizer(&store)?;
     let trainable = store.trainable_variables();
 
     let batch = (config.batch_size as i64).min(rows);

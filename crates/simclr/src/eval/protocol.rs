@@ -342,7 +342,9 @@ pub fn evaluate_in(
         })?,
         Protocol::Linear(config) if config.augment => {
             let task = readable(train, test)?;
-            let accuracy = super::finetune::linear_on_views(net, &task, config, &batches, &pool, group)?;
+            let classifier = super::fit_linear_on_views(net, &task, config, &batches, &pool, group)?;
+            let test = features(&task.test, &options.test)?;
+            let accuracy = super::accuracy(&tch::no_grad(|| classifier.logits(&test.features)), &test.labels);
             Scored {
                 accuracy,
                 labelled_images: task.train.len(),
