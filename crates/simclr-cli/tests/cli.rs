@@ -1715,10 +1715,102 @@ fn a_damaged_or_missing_checkpoint_falls_back_to_the_previous_one() {
     // Epoch 2 was redone from epoch 1's checkpoint; the log holds each epoch once.
     assert_eq!(epoch_losses(&out).len(), 3);
 
-    // A crash between moving the old checkpoint aside and renaming the new one.
+    // The latest checkpoint gone, with no new one written: the previous one.
     std::fs::remove_file(&latest).unwrap();
     assert_succeeds(&simclr(["train", "--resume", "--output", &out_arg, "--epochs", "4"]).run());
     assert_eq!(epoch_losses(&out).len(), 4);
+
+    // A kill between the write of a new checkpoint and its renames leaves
+    // it whole beside the others: it is the newest, the resume continues
+    // from it and finishes its save. Killed after the latest moved aside
+    // (epoch 4's checkpoint new, epoch 3's previous, no latest):
+    let fresh = out.join("checkpoint.safetensors.new");
+    let epoch_of = |path: &Path| simclr::train::checkpoint::Checkpoint::read(path).unwrap().position.epoch;
+    std::fs::rename(&latest, &fresh).unwrap();
+    assert!(simclr::train::checkpoint::exists(&latest), "a new checkpoint alone is a run");
+    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "5"]).env("RUST_LOG", "info").run();
+    assert_succeeds(&resumed);
+    for needle in ["save was cut short", "epoch=4"] {
+        assert!(stderr(&resumed).contains(needle), "the resume should say '{needle}':\n{}", stderr(&resumed));
+    }
+    assert!(!stderr(&resumed).contains("previous checkpoint"), "{}", stderr(&resumed));
+    assert!(!fresh.exists(), "the cut save was finished");
+    assert_eq!((epoch_of(&latest), epoch_of(&previous)), (5, 4));
+    assert_eq!(epoch_losses(&out).len(), 5);
+    // Killed before the latest moved aside (epoch 5's checkpoint new, epoch
+    // 4's the latest): the resume finishes the save, and epoch 4's moves aside.
+    std::fs::rename(&latest, &fresh).unwrap();
+    std::fs::copy(&previous, &latest).unwrap();
+    let resumed = simclr(["train", "--resume", "--output", &out_arg, "--epochs", "6"]).env("RUST_LOG", "info").run();
+    assert_succeeds(&resumed);
+    for needle in ["save was cut short", "epoch=5"] {
+        assert!(stderr(&resumed).contains(needle), "the resume should say '{needle}':\n{}", stderr(&resumed));
+    }
+    assert_eq!((epoch_of(&latest), epoch_of(&previous)), (6, 5));
+    assert_eq!(epoch_losses(&out).len(), 6);
+}
+
+/// `--init-encoder`: pretraining goes on from another run's encoder. At a
+/// learning rate of 1e-30 no weight moves by more than about 1e-30, so a
+/// run started from the first run's encoder ends with its weights (not its
+/// BatchNorm running statistics, which training updates at any rate), and
+/// its kNN monitor scores it, before training, as the first run's scored it
+/// after. The encoder file and the run's checkpoint both serve, the latter
+/// on two processes (rank 0 reads the file; rank 1's half of the monitor's
+/// features shows it computed with the same weights); a file of another
+/// network is refused before the run folder is made.
+#[test]
+fn a_run_starts_its_encoder_from_another_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    let first = dir.path().join("first");
+    assert_succeeds(&tiny_run(&data, &first).args(["--epochs", "2"]).run());
+    let weights_moved = |run: &Path| {
+        let (ours, theirs) = (simclr::io::load(&run.join("encoder.safetensors")).unwrap().tensors, {
+            simclr::io::load(&first.join("encoder.safetensors")).unwrap().tensors
+        });
+        let weights = theirs.iter().filter(|(name, _)| !name.contains("running_") && !name.contains("num_batches"));
+        weights.map(|(name, tensor)| (&ours[name] - tensor).abs().max().double_value(&[])).fold(0.0, f64::max)
+    };
+    let from = |weights: &Path, run: &Path| {
+        let weights = weights.display().to_string();
+        tiny_run(&data, run).args(["--seed", "7", "--set", "optim.learning_rate=1e-30", "--init-encoder", &weights])
+    };
+    let two_processes = ["--nproc-per-node", "2"];
+    for (weights, flags) in
+        [(first.join("encoder.safetensors"), &[][..]), (first.join("checkpoint.safetensors"), &two_processes[..])]
+    {
+        let run = dir.path().join(format!("from-{}", weights.file_stem().unwrap().to_string_lossy()));
+        let started = from(&weights, &run).args(flags).run();
+        assert_succeeds(&started);
+        let said = format!("with the encoder of {}", weights.display());
+        assert!(
+            String::from_utf8_lossy(&started.stdout).contains(&said),
+            "{}",
+            String::from_utf8_lossy(&started.stdout)
+        );
+        let moved = weights_moved(&run);
+        assert!(moved < 1e-20, "{}: the encoder's weights moved by {moved}", weights.display());
+        let (summary, first_summary) = (run_summary(&run), run_summary(&first));
+        assert_eq!(summary["initial_knn_top1"], first_summary["final_knn_top1"], "{}", weights.display());
+        assert_eq!(summary["init_encoder"], weights.display().to_string());
+        assert!(std::fs::read_to_string(run.join("config.toml")).unwrap().contains("init_encoder"));
+    }
+    // Negative control: the same run from a random init ends elsewhere.
+    let random = dir.path().join("random");
+    assert_succeeds(&tiny_run(&data, &random).args(["--seed", "7", "--set", "optim.learning_rate=1e-30"]).run());
+    assert!(weights_moved(&random) > 1e-3, "{}", weights_moved(&random));
+
+    let other = dir.path().join("other");
+    let refused = from(&first.join("encoder.safetensors"), &other).args(["--set", "model.width_multiplier=0.25"]).run();
+    assert_fails_with(
+        &refused,
+        &["first/encoder.safetensors", "records resnet18 at 0.125x", "builds resnet18 at 0.25x"],
+    );
+    let missing = from(&dir.path().join("none.safetensors"), &other).run();
+    assert_fails_with(&missing, &["none.safetensors"]);
+    assert!(!other.exists(), "a refused run makes no folder");
 }
 
 #[test]

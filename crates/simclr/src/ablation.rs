@@ -951,7 +951,7 @@ pub fn head_grid(base: &RunConfig, heads: &[HeadChoice], dims: &[usize], study: 
 fn head_measures(run: &Run) -> Result<[f64; 5]> {
     let run = FinishedRun::open(&run.dir)?;
     let (z_top1, z_bank) = run.knn_scored(Layer::Z)?;
-    let (_store, initial) = run.initial();
+    let (_store, initial) = run.initial()?;
     let initial_rank = |layer| Ok::<_, Error>(effective_rank(&run.bank_features_of(&initial, layer)?));
     Ok([
         z_top1,
@@ -1027,7 +1027,7 @@ fn linear_head_weights(cell: &Cell, key: &str) -> Result<Vec<HeadWeights>> {
             };
             let finished = FinishedRun::open(&run.dir)?;
             let trained = finished.variable(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
-            let (store, _) = finished.initial();
+            let (store, _) = finished.initial()?;
             let initial = store.variables().remove(LINEAR_HEAD_WEIGHT).ok_or_else(missing)?;
             let [(trained_squared, trained_rank), (initial_squared, initial_rank)] =
                 [spectrum(&trained)?, spectrum(&initial)?];

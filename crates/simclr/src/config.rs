@@ -487,6 +487,11 @@ pub struct RunLayers {
     /// auto, cpu or cuda.
     #[arg(long)]
     pub device: Option<DeviceChoice>,
+    /// Start the encoder from these weights, not a random init: an
+    /// encoder.safetensors, torchvision-named safetensors or a run's
+    /// checkpoint, of the run's network (model.init_encoder).
+    #[arg(long, value_name = "WEIGHTS")]
+    pub init_encoder: Option<PathBuf>,
 }
 
 impl RunLayers {
@@ -518,6 +523,7 @@ impl RunLayers {
             ("train.micro_batch_size", "--micro-batch-size", self.micro_batch_size.map(|size| size.to_string())),
             ("train.seed", "--seed", self.seed.map(|seed| seed.to_string())),
             ("train.device", "--device", self.device.map(|device| format!("{device:?}").to_lowercase())),
+            ("model.init_encoder", "--init-encoder", self.init_encoder.as_ref().map(|path| path.display().to_string())),
         ];
         let flags =
             flags.into_iter().filter_map(|(key, flag, value)| Some((key.to_owned(), format!("{flag} {}", value?))));
@@ -547,6 +553,9 @@ impl RunLayers {
         train.micro_batch_size = self.micro_batch_size.or(train.micro_batch_size);
         train.seed = self.seed.unwrap_or(train.seed);
         train.device = self.device.unwrap_or(train.device);
+        if let Some(weights) = &self.init_encoder {
+            config.model.init_encoder = Some(weights.clone());
+        }
         config.with_overrides(&self.config.overrides)?.validate()
     }
 }

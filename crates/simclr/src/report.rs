@@ -43,7 +43,8 @@ fn drawing_error(path: &Path, error: impl std::fmt::Display) -> Error {
 }
 
 /// Loss, learning rate and kNN top-1 against epoch, side by side; the kNN
-/// monitor's score at random init, where there is one, at epoch 0.
+/// monitor's score before training (at random init, or with the encoder the
+/// run started from), where there is one, at epoch 0.
 pub fn training_curves(metrics: &[EpochMetrics], initial_knn_top1: Option<f64>, path: &Path) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| drawing_error(path, e);
     let root = canvas(path, (WIDTH, 400))?;
@@ -53,7 +54,7 @@ pub fn training_curves(metrics: &[EpochMetrics], initial_knn_top1: Option<f64>, 
         ("training loss", metrics.iter().map(|m| (m.epoch as f64, m.loss)).collect()),
         ("learning rate (last step of epoch)", metrics.iter().map(|m| (m.epoch as f64, m.learning_rate)).collect()),
         (
-            if initial_knn_top1.is_some() { "kNN top-1 (%; epoch 0: random init)" } else { "kNN top-1 (%)" },
+            if initial_knn_top1.is_some() { "kNN top-1 (%; epoch 0: before training)" } else { "kNN top-1 (%)" },
             initial_knn_top1
                 .map(|a| (0, a))
                 .into_iter()

@@ -842,6 +842,7 @@ fn ranks_fine_tune_as_one_process() {
         width_multiplier: 0.125,
         stem: Stem::Cifar,
         head: HeadConfig { hidden_dim: Some(16), projection_dim: 8, batch_norm: true, ..Default::default() },
+        ..Default::default()
     };
     let make = || {
         let _rng = rng_lock();

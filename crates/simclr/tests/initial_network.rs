@@ -25,7 +25,7 @@ fn a_finished_run_rebuilds_the_network_its_training_started_from() {
     config.train.output_dir = dir.path().to_path_buf();
     simclr::train::train(config.validate().unwrap(), false, &mut ()).unwrap();
     let run = FinishedRun::open(dir.path()).unwrap();
-    let (store, _) = run.initial();
+    let (store, _) = run.initial().unwrap();
     let trainable: Vec<(String, Tensor)> =
         store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect();
     assert!(trainable.iter().any(|(name, _)| name.starts_with("projection_head.")), "the head too");

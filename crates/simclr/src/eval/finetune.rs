@@ -575,6 +575,7 @@ mod tests {
                 projection_dim: 8,
                 batch_norm: true,
             },
+            ..Default::default()
         };
         let config = FinetuneConfig { fraction: 1.0, epochs: Some(1), batch_size: 8, ..Default::default() };
         let pool = crate::data::loader::worker_pool(1).unwrap();

@@ -13,7 +13,7 @@ use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
 use crate::model::simclr::ENCODER_PREFIX;
-use crate::model::{EncoderSpec, SpecOverrides};
+use crate::model::{EncoderSpec, ModelConfig, SpecOverrides};
 use crate::{Error, Result};
 
 const COUNTER: &str = "num_batches_tracked";
@@ -70,6 +70,39 @@ pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<
             Error::Weights { path, message: format!("{message}; the file records {}", spec.describe()) }
         }
         (error, _) => error,
+    })
+}
+
+/// Copies the encoder weights in `path` into the encoder of the SimCLR
+/// network in `store` (built as `model` says), whose network the file must
+/// hold: a file recording another is refused, naming both.
+pub fn load_simclr_encoder(store: &nn::VarStore, model: &ModelConfig, path: &Path) -> Result<()> {
+    check_encoder_file(model, path)?;
+    let prefix = format!("{ENCODER_PREFIX}.");
+    let variables: HashMap<String, Tensor> = store
+        .variables()
+        .into_iter()
+        .filter_map(|(name, tensor)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), tensor)))
+        .collect();
+    load_encoder(&variables, path)
+}
+
+/// Refuses an encoder file (read to its header) that records a network
+/// other than `model`'s; one that records none is checked tensor by tensor
+/// when it is loaded.
+pub fn check_encoder_file(model: &ModelConfig, path: &Path) -> Result<()> {
+    let Some(spec) = recorded_spec(path)? else { return Ok(()) };
+    if (spec.arch, spec.width_multiplier, spec.stem) == (model.arch, model.width_multiplier, model.stem) {
+        return Ok(());
+    }
+    let recorded = spec.describe();
+    let wanted = EncoderSpec { arch: model.arch, width_multiplier: model.width_multiplier, stem: model.stem, ..spec };
+    Err(Error::Weights {
+        path: path.to_path_buf(),
+        message: format!(
+            "the file records {recorded}, and the run builds {} (model.arch, model.width_multiplier, model.stem)",
+            wanted.describe()
+        ),
     })
 }
 

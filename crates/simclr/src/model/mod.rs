@@ -21,11 +21,25 @@ pub struct ModelConfig {
     pub width_multiplier: f64,
     pub stem: Stem,
     pub head: HeadConfig,
+    /// Weights the encoder starts from instead of a random init, for
+    /// pretraining that goes on from another encoder (torchvision's
+    /// ImageNet ResNet on a domain's own images, say): an
+    /// `encoder.safetensors` a run wrote, torchvision-named safetensors, or
+    /// a run's checkpoint. Its network must be this one (`arch`,
+    /// `width_multiplier`, `stem`); the projection head starts at random.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_encoder: Option<std::path::PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { arch: Arch::Resnet50, width_multiplier: 1.0, stem: Stem::Imagenet, head: HeadConfig::default() }
+        Self {
+            arch: Arch::Resnet50,
+            width_multiplier: 1.0,
+            stem: Stem::Imagenet,
+            head: HeadConfig::default(),
+            init_encoder: None,
+        }
     }
 }
 

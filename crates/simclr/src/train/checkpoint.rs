@@ -64,9 +64,27 @@ pub fn load_model(path: &Path, device: tch::Device) -> Result<(nn::VarStore, Sim
     Checkpoint::read(path)?.into_model(device)
 }
 
-/// Whether a run folder holds a checkpoint (latest or previous).
+/// Whether a run folder holds a checkpoint (latest, previous, or a new
+/// one whose save was cut short).
 pub fn exists(path: &Path) -> bool {
-    path.exists() || previous(path).exists()
+    written_files(path).iter().any(|file| file.exists())
+}
+
+/// Finishes the save of `checkpoint`, read by [`Checkpoint::read_latest`]
+/// from the new file a stop left before `save` renamed it into place at
+/// `path`: the latest moves aside and the new one takes its place, as
+/// `save` would have done. Does nothing for any other checkpoint.
+pub(crate) fn finish_cut_save(checkpoint: &mut Checkpoint, path: &Path) -> Result<()> {
+    let fresh = fresh(path);
+    if checkpoint.path != fresh {
+        return Ok(());
+    }
+    if path.exists() {
+        std::fs::rename(path, previous(path)).map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::rename(&fresh, path).map_err(|e| Error::io(&fresh, e))?;
+    checkpoint.path = path.to_path_buf();
+    Ok(())
 }
 const FORMAT: &str = "simclr-checkpoint-1";
 
@@ -164,8 +182,25 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The latest checkpoint at `path`, or, when it is missing or damaged,
-    /// the previous one beside it, with a warning.
+    /// the previous one beside it, with a warning. A whole new checkpoint
+    /// that a stop left before it took `path`'s place (a kill between
+    /// `save`'s write and its renames) comes first: `save` writes it last
+    /// and renames it away, so whenever it is there it is the newest.
     pub fn read_latest(path: &Path) -> Result<Self> {
+        let fresh = fresh(path);
+        if fresh.exists() {
+            match Self::read(&fresh) {
+                Ok(checkpoint) => {
+                    tracing::warn!(
+                        "continuing from {}, a checkpoint whose save was cut short before it took the place of {}",
+                        fresh.display(),
+                        path.display()
+                    );
+                    return Ok(checkpoint);
+                }
+                Err(error) => tracing::warn!("{error}; the latest checkpoint is read instead"),
+            }
+        }
         let latest = match Self::read(path) {
             Ok(checkpoint) => return Ok(checkpoint),
             Err(error) => error,

@@ -198,10 +198,16 @@ impl FinishedRun {
 
     /// The network as training initialised it: the run's configuration,
     /// its seed given to torch before the network is built, as the trainer
-    /// does. The store owns the variables the network computes with.
-    pub fn initial(&self) -> (tch::nn::VarStore, SimClr) {
+    /// does, and the encoder's weights read from `model.init_encoder`
+    /// where the run started from one. The store owns the variables the
+    /// network computes with.
+    pub fn initial(&self) -> Result<(tch::nn::VarStore, SimClr)> {
         tch::manual_seed(self.config.train.seed as i64);
-        SimClr::in_store(&self.config.model, self.device)
+        let (store, model) = SimClr::in_store(&self.config.model, self.device);
+        if let Some(weights) = &self.config.model.init_encoder {
+            crate::io::torchvision::load_simclr_encoder(&store, &self.config.model, weights)?;
+        }
+        Ok((store, model))
     }
 
     /// The trained network's variable `name` (a state-dict key such as

@@ -100,8 +100,11 @@ pub struct TrainReport {
     pub checkpoint_path: PathBuf,
     pub epochs: Vec<EpochMetrics>,
     /// kNN top-1 of the encoder before training, when a monitor split exists
-    /// (fresh runs only): the random-init baseline.
+    /// (fresh runs only): the random-init baseline, or that of the
+    /// encoder the run started from (`model.init_encoder`).
     pub initial_knn_top1: Option<f64>,
+    /// The weights the encoder started from, where not a random init.
+    pub init_encoder: Option<PathBuf>,
     pub device: Device,
     /// The training step's arithmetic ([`Precision::on`]).
     pub precision: Precision,
@@ -140,7 +143,11 @@ impl std::fmt::Display for TrainReport {
         }
         match (self.initial_knn_top1, self.final_knn_top1()) {
             (Some(before), Some(after)) => {
-                writeln!(f, "kNN top-1: {:.2}% at random init -> {:.2}% after training", 100.0 * before, 100.0 * after)?
+                let start = match &self.init_encoder {
+                    Some(weights) => format!("with the encoder of {}", weights.display()),
+                    None => "at random init".to_owned(),
+                };
+                writeln!(f, "kNN top-1: {:.2}% {start} -> {:.2}% after training", 100.0 * before, 100.0 * after)?
             }
             (None, Some(after)) => writeln!(f, "kNN top-1: {:.2}%", 100.0 * after)?,
             _ => {}
@@ -766,6 +773,7 @@ impl Trainer {
             checkpoint_path: self.checkpoint_path.clone(),
             epochs: self.epochs.clone(),
             initial_knn_top1: self.initial_knn_top1,
+            init_encoder: self.config.model.init_encoder.clone(),
             device: self.device,
             precision: self.precision,
             interrupted_at: None,
@@ -796,6 +804,7 @@ impl Trainer {
             "steps": self.position.step,
             "final_loss": report.epochs.last().map(|m| m.loss),
             "initial_knn_top1": report.initial_knn_top1,
+            "init_encoder": report.init_encoder.as_ref().map(|weights| weights.display().to_string()),
             "final_knn_top1": report.final_knn_top1(),
             "skipped_steps": report.skipped_steps,
             "skipped_images": report.skipped_images,
@@ -954,8 +963,9 @@ fn open_run_folder(
     checkpoint_path: &std::path::Path,
 ) -> Result<Option<Checkpoint>> {
     if resume {
-        let saved = Checkpoint::read_latest(checkpoint_path)?;
+        let mut saved = Checkpoint::read_latest(checkpoint_path)?;
         check_resumable(config, &saved, processes, checkpoint_path)?;
+        checkpoint::finish_cut_save(&mut saved, checkpoint_path)?;
         return Ok(Some(saved));
     }
     if checkpoint::exists(checkpoint_path) {
@@ -963,6 +973,9 @@ fn open_run_folder(
             path: checkpoint_path.to_path_buf(),
             message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
         });
+    }
+    if let Some(weights) = &config.model.init_encoder {
+        crate::io::torchvision::check_encoder_file(&config.model, weights)?;
     }
     crate::io::create_dir(&config.train.output_dir)?;
     Ok(None)
@@ -993,7 +1006,13 @@ fn prepare_run_folder(
             tracing::info!(epoch = position.epoch, step = position.step, "resumed from {}", checkpoint_path.display());
             position
         }
-        None => Position::default(),
+        None => {
+            if let Some(weights) = &config.model.init_encoder {
+                crate::io::torchvision::load_simclr_encoder(store, &config.model, weights)?;
+                tracing::info!("the encoder starts from {}", weights.display());
+            }
+            Position::default()
+        }
     };
     // Epochs logged after the checkpoint (before a crash) are done again; a
     // run killed before its first checkpoint may have logged epochs, so a
