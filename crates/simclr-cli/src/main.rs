@@ -40,6 +40,9 @@ enum Command {
     Train(TrainArgs),
     /// Write the representation h of every image in a folder (or shards) to a .npy file.
     Embed(EmbedArgs),
+    /// Write an encoder (or, from a run's checkpoint, a layer of its projection head) as a TorchScript module
+    /// that torch.jit.load runs with no model code.
+    Export(ExportArgs),
     /// Evaluate an encoder on labelled images: kNN, linear, or fine-tuning on a fraction of the labels.
     Eval {
         #[command(subcommand)]
@@ -170,6 +173,21 @@ struct EmbedArgs {
     output: PathBuf,
     #[command(flatten)]
     processes: ProcessArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors) or a run's checkpoint.
+    #[arg(long)]
+    weights: PathBuf,
+    #[command(flatten)]
+    spec: SpecOverrides,
+    /// The features the module returns: h, z or head:K (a head layer needs a run's checkpoint).
+    #[arg(long, default_value = "h")]
+    layer: Layer,
+    /// Where the module goes (e.g. encoder.pt).
+    #[arg(long)]
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -830,6 +848,10 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
+        Command::Export(args) => simclr::embed::resolve_spec(&args.weights, &args.spec, args.layer)
+            .and_then(|spec| simclr::export::export_torchscript(&args.weights, &spec, args.layer, &args.output))
+            .map(|exported| print!("{exported}"))
+            .map_err(Into::into),
         Command::Eval { protocol } => eval(protocol),
         Command::Neighbors(args) => neighbors(args),
         Command::Report { run, device } => simclr::device::select(device)

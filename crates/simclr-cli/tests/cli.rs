@@ -1813,6 +1813,56 @@ fn a_run_starts_its_encoder_from_another_runs() {
     assert!(!other.exists(), "a refused run makes no folder");
 }
 
+/// `simclr export`: the TorchScript module, loaded as `torch.jit.load`
+/// loads it (libtorch's loader, through tch), gives the features `embed`
+/// writes of the same images from their RGB values in [0, 1] (PNGs at the
+/// encoder's size: the same pixels on both sides, nothing resized): h from
+/// the encoder file, z from the run's checkpoint. A head layer of an
+/// encoder file is refused, and nothing is written.
+#[test]
+fn an_exported_module_gives_the_features_embed_writes() {
+    use simclr::tch::{CModule, Kind, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 4, 16);
+    let run = dir.path().join("run");
+    assert_succeeds(&tiny_training(&data, &run).run());
+    let text = |path: &Path| path.display().to_string();
+    for (weights, layer) in [(run.join("encoder.safetensors"), "h"), (run.join("checkpoint.safetensors"), "z")] {
+        let module = dir.path().join(format!("{layer}.pt"));
+        let exported =
+            simclr(["export", "--weights", &text(&weights), "--layer", layer, "--output", &text(&module)]).run();
+        assert_succeeds(&exported);
+        let said = String::from_utf8_lossy(&exported.stdout).into_owned();
+        assert!(said.contains("forward(images) takes [N, 3, H, W] RGB floats in [0, 1]"), "{said}");
+        let features = dir.path().join(format!("{layer}.npy"));
+        let embed = ["embed", "--weights", &text(&weights), "--layer", layer, "--device", "cpu"];
+        assert_succeeds(&simclr(embed).args(["--input", &text(&data), "--output", &text(&features)]).run());
+
+        let ours = Tensor::read_npy(&features).unwrap();
+        let paths = std::fs::read_to_string(dir.path().join(format!("{layer}.paths.txt"))).unwrap();
+        let images: Vec<Tensor> = paths
+            .lines()
+            .map(|path| {
+                let image = image::open(path).unwrap().to_rgb8();
+                let (width, height) = (image.width() as i64, image.height() as i64);
+                let pixels = Tensor::from_slice(image.as_raw()).view([height, width, 3]).permute([2, 0, 1]);
+                pixels.to_kind(Kind::Float) / 255.0
+            })
+            .collect();
+        let theirs = CModule::load(&module).unwrap().forward_ts(&[Tensor::stack(&images, 0)]).unwrap();
+        assert_eq!(theirs.size(), ours.size(), "{layer}");
+        let scale = ours.abs().max().double_value(&[]);
+        let difference = (&theirs - &ours).abs().max().double_value(&[]) / scale;
+        assert!(scale > 0.0 && difference < 1e-5, "{layer}: {difference:e} of {scale}");
+    }
+    let refused = dir.path().join("refused.pt");
+    let weights = text(&run.join("encoder.safetensors"));
+    let output = simclr(["export", "--weights", &weights, "--layer", "z", "--output", &text(&refused)]).run();
+    assert_fails_with(&output, &["checkpoint"]);
+    assert!(!refused.exists());
+}
+
 #[test]
 fn the_skip_policy_trains_embeds_and_evaluates_without_unreadable_images() {
     let dir = tempfile::tempdir().unwrap();

@@ -37,6 +37,7 @@ pub mod dist;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod io;
 pub mod loss;
 pub mod model;

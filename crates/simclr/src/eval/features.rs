@@ -38,6 +38,20 @@ impl<'a> FeatureNet<'a> {
         }
     }
 
+    /// [`FeatureNet::forward_t`] in eval mode with the encoder's BatchNorms
+    /// folded into its convolutions once, as [`FrozenNet`] computes
+    /// features; call it under `tch::no_grad`.
+    pub fn folded(&self) -> impl Fn(&Tensor) -> Tensor + 'a {
+        let (encoder, head) = (self.encoder.fold(), self.head);
+        move |images| {
+            let h = encoder.forward(images);
+            match head {
+                None => h,
+                Some((head, depth)) => head.forward_to(&h, depth, false),
+            }
+        }
+    }
+
     /// The size of a feature vector.
     pub fn dim(&self) -> i64 {
         match self.head {
