@@ -288,6 +288,27 @@ mod tests {
         create_dir(&fine).unwrap();
     }
 
+    /// A file written by a library to a path of its own: whole under its
+    /// name once written, and on a failed write neither it (an old one
+    /// stays as it was) nor the temporary file is left.
+    #[test]
+    fn a_file_written_to_a_path_of_its_own_takes_its_name_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested").join("module.pt");
+        write_atomic_with(&path, |temporary| std::fs::write(temporary, b"first").map_err(|e| Error::io(temporary, e)))
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let failed = write_atomic_with(&path, |temporary| {
+            std::fs::write(temporary, b"half").unwrap();
+            Err(Error::InvalidArgument("the check failed".to_owned()))
+        });
+        assert!(failed.unwrap_err().to_string().contains("the check failed"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["module.pt"]);
+    }
+
     #[test]
     fn a_temporary_file_names_the_file_it_was_to_become() {
         // What write_atomic names its temporary file, read back.
