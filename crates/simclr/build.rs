@@ -2,6 +2,8 @@
 //!   as torch-sys compiles its own wrapper, and links it into the crate;
 //!   with the `cuda` feature, with its NCCL backend too, against the CUDA and
 //!   NCCL headers `scripts/cuda-headers.sh` installs (SIMCLR_CUDA_INCLUDE).
+//! * Compiles src/jit.cpp (a pass on TorchScript modules tch does not bind,
+//!   for `simclr export`) into the same library.
 //! * With the `cuda` feature, compiles src/cuda_memory.cpp (the CUDA caching
 //!   allocator's peak memory) into the same library and links libc10_cuda.
 //! * Embeds libtorch's library folder as an rpath in this crate's test and
@@ -11,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SIMCLR_CUDA_INCLUDE");
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
     println!("cargo:rerun-if-changed=src/dist/include");
+    println!("cargo:rerun-if-changed=src/jit.cpp");
     println!("cargo:rerun-if-changed=src/cuda_memory.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: build through ./x.sh, or set it as `scripts/libtorch.sh` prints");
@@ -20,6 +23,7 @@ fn main() {
     build
         .cpp(true)
         .file("src/dist/c10d.cpp")
+        .file("src/jit.cpp")
         .include("src/dist/include")
         .include(format!("{libtorch}/include"))
         .include(format!("{libtorch}/include/torch/csrc/api/include"))

@@ -16,7 +16,11 @@ images), so give those `--tolerance 1e-2`. Run by hand:
     simclr embed --weights runs/x/encoder.safetensors --input DIR --output feats.npy --device cpu
     "$(tools/python.sh)" tools/reference/check_torchscript.py encoder.pt feats.npy --image-size 32
 
-`--device cuda` loads the module there (`map_location`), as a GPU user would.
+`--device cuda` runs the module there, moved by `.to()` as `model.cuda()`
+moves one (`--map-location` loads it there instead), and `--dtype` converts
+it and the images as `model.to(dtype)` does (bfloat16 or float16: give a
+looser `--tolerance`, e.g. 3e-2). The JSON line also counts the module's
+buffers (its weights; a trace's constants would be none).
 """
 import argparse
 import json
@@ -34,10 +38,17 @@ def main():
     parser.add_argument("features", help="the .npy simclr embed wrote (its .paths.txt beside it)")
     parser.add_argument("--image-size", type=int, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--map-location", action="store_true", help="load it on --device, not move it there")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
 
-    module = torch.jit.load(args.module, map_location=args.device).eval()
+    dtype = getattr(torch, args.dtype)
+    if args.map_location:
+        module = torch.jit.load(args.module, map_location=args.device)
+    else:
+        module = torch.jit.load(args.module).to(args.device)
+    module = module.to(dtype).eval()
     ours = np.load(args.features)
     paths_file = args.features[: -len(".npy")] + ".paths.txt"
     with open(paths_file) as listing:
@@ -54,13 +65,16 @@ def main():
             image = functional.resize(image, args.image_size, antialias=True)
             batch.append(functional.to_tensor(functional.center_crop(image, args.image_size)))
         with torch.no_grad():
-            rows.append(module(torch.stack(batch).to(args.device)).float().cpu().numpy())
+            rows.append(module(torch.stack(batch).to(args.device, dtype)).float().cpu().numpy())
     theirs = np.concatenate(rows)
 
     if theirs.shape != ours.shape:
         sys.exit(f"the module gave features of shape {theirs.shape}, embed wrote {ours.shape}")
     difference = float(np.abs(theirs - ours).max() / np.abs(ours).max())
-    print(json.dumps({"images": len(paths), "features": theirs.shape[1], "relative_difference": difference}))
+    report = {"images": len(paths), "features": theirs.shape[1], "device": args.device, "dtype": args.dtype}
+    report["buffers"] = len(list(module.buffers()))
+    report["relative_difference"] = difference
+    print(json.dumps(report))
     if difference > args.tolerance:
         sys.exit(f"the module's features differ from embed's by {difference:.2e} (allowed {args.tolerance:.0e})")
 

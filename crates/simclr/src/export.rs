@@ -9,10 +9,17 @@
 //! encoder's recorded mean and deviation, so what is left to its user is
 //! the resize and centre crop to the recorded size (`embed`'s); it returns
 //! the features of the layer asked for, `[N, D]`, BatchNorm on its running
-//! statistics, folded into the convolutions. The module written is loaded
-//! back and checked against the network on other batch and image sizes than
-//! those traced before it takes its name. Its tensors are on the CPU:
-//! `torch.jit.load(path, map_location=...)` puts them elsewhere.
+//! statistics, folded into the convolutions. Its tensors are the module's
+//! buffers (`tensor_0`, `tensor_1`, ..., in the order the graph lists them;
+//! equal ones, as the zero biases of untrained BatchNorm, may be pooled into
+//! one by libtorch's serialiser), not constants of its graph as a trace
+//! leaves them (see `jit.cpp`), so
+//! `module.to(device)`, `.cuda()`, `.half()` and `state_dict()` reach them as
+//! they reach a Python module's; `torch.jit.load(path, map_location=...)`
+//! puts them on a device too. The module written is loaded back and checked
+//! against the network on other batch and image sizes than those traced,
+//! and converted to fp64 as `.to()` converts, before it takes its name.
+use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, Kind, Tensor};
@@ -26,6 +33,52 @@ use crate::{Error, Result};
 /// network's, relative to the largest feature: both run the same libtorch
 /// kernels on the CPU, so only a kernel picked for another shape differs.
 const TOLERANCE: f64 = 1e-5;
+
+extern "C" {
+    fn simclr_jit_last_error() -> *const c_char;
+    fn simclr_jit_lift_constants(
+        input: *const c_char,
+        output: *const c_char,
+        method: *const c_char,
+        prefix: *const c_char,
+        lifted: *mut i64,
+    ) -> std::ffi::c_int;
+}
+
+/// What the module's buffers are named, before their index.
+const BUFFER_PREFIX: &str = "tensor_";
+
+/// Rewrites the traced module at `input` to `output` with the tensors its
+/// `forward` holds as constants made its buffers (`jit.cpp`); returns how
+/// many.
+fn lift_constants(input: &Path, output: &Path) -> Result<i64> {
+    let c_path = |path: &Path| {
+        CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("the path {} holds a NUL byte", path.display())))
+    };
+    let (input_c, output_c) = (c_path(input)?, c_path(output)?);
+    let mut lifted = 0;
+    // SAFETY: NUL-terminated strings that outlive the call, and a pointer to
+    // a live i64; the shim catches every C++ exception.
+    let code = unsafe {
+        simclr_jit_lift_constants(
+            input_c.as_ptr(),
+            output_c.as_ptr(),
+            c"forward".as_ptr(),
+            CString::new(BUFFER_PREFIX).expect("no NUL").as_ptr(),
+            &mut lifted,
+        )
+    };
+    if code != 0 {
+        // SAFETY: the shim returns a NUL-terminated string owned by this thread.
+        let message = unsafe { CStr::from_ptr(simclr_jit_last_error()) }.to_string_lossy().into_owned();
+        return Err(Error::InvalidArgument(format!(
+            "making the traced module's weights its buffers ({}): {message}",
+            input.display()
+        )));
+    }
+    Ok(lifted)
+}
 
 /// What [`export_torchscript`] wrote.
 #[derive(Debug, Clone)]
@@ -74,8 +127,13 @@ pub fn export_torchscript(weights: &Path, spec: &EncoderSpec, layer: Layer, outp
     })?;
     let mut difference = 0.0;
     crate::io::write_atomic_with(output, |temporary| {
-        module.save(temporary)?;
-        let loaded = CModule::load(temporary)?;
+        let mut traced = temporary.as_os_str().to_os_string();
+        traced.push(".traced");
+        let traced = PathBuf::from(traced);
+        let lifted = module.save(&traced).map_err(Error::from).and_then(|()| lift_constants(&traced, temporary));
+        let _ = std::fs::remove_file(&traced);
+        lifted?;
+        let mut loaded = CModule::load(temporary)?;
         // Shapes the trace did not see: a batch of 3, and larger images.
         for (batch, side) in [(3, side), (1, side + 8)] {
             let images = Tensor::rand([batch, 3, side, side], options);
@@ -90,6 +148,18 @@ pub fn export_torchscript(weights: &Path, spec: &EncoderSpec, layer: Layer, outp
             let scale = ours.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
             difference = f64::max(difference, (&theirs - &ours).abs().max().double_value(&[]) / scale);
         }
+        // Every tensor converted as `.to()` converts a module's (fp64, which
+        // the CPU runs): a weight left a constant of the graph would make
+        // its convolution refuse the fp64 input.
+        loaded.to(Device::Cpu, Kind::Double, false);
+        let images = Tensor::rand([2, 3, side, side], options);
+        let (ours, theirs) =
+            tch::no_grad(|| Ok::<_, Error>((features(&images), loaded.forward_ts(&[&images.to_kind(Kind::Double)])?)))
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("the module converted to fp64 as .to() converts does not run: {e}"))
+                })?;
+        let scale = ours.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+        difference = f64::max(difference, (&theirs.to_kind(Kind::Float) - &ours).abs().max().double_value(&[]) / scale);
         match difference <= TOLERANCE {
             true => Ok(()),
             false => Err(Error::InvalidArgument(format!(
@@ -171,6 +241,45 @@ mod tests {
         assert!(relative(&ours) <= TOLERANCE, "{}", relative(&ours));
         // Negative control: the features of images not normalised differ.
         assert!(relative(&unnormalised) > 0.01, "{}", relative(&unnormalised));
+    }
+
+    /// A trace holds the tensors it closed over as constants, which `.to()`
+    /// does not convert (the control: the fp64 call fails); made buffers,
+    /// they are converted and the module runs in fp64 with the same result.
+    #[test]
+    fn a_traced_modules_weights_made_buffers_follow_its_conversion() {
+        let dir = tempfile::tempdir().unwrap();
+        let weight = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu));
+        let shift = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).view([1, 3, 1, 1]);
+        let example = Tensor::rand([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let module = tch::no_grad(|| {
+            CModule::create_by_tracing("Tiny", "forward", &[example.shallow_clone()], &mut |inputs| {
+                vec![(&inputs[0] - &shift).conv2d::<&Tensor>(&weight, None, [1], [1], [1], 1).relu()]
+            })
+        })
+        .unwrap();
+        let (traced, lifted) = (dir.path().join("traced.pt"), dir.path().join("lifted.pt"));
+        module.save(&traced).unwrap();
+        let expected = tch::no_grad(|| module.forward_ts(&[&example]).unwrap());
+        let double = example.to_kind(Kind::Double);
+
+        let mut constants = CModule::load(&traced).unwrap();
+        constants.to(Device::Cpu, Kind::Double, false);
+        let error = tch::no_grad(|| constants.forward_ts(&[&double])).unwrap_err().to_string();
+        assert!(error.contains("Double") || error.contains("double"), "{error}");
+
+        assert_eq!(lift_constants(&traced, &lifted).unwrap(), 2, "the weight and the shift");
+        let mut buffers = CModule::load(&lifted).unwrap();
+        let fp32 = tch::no_grad(|| buffers.forward_ts(&[&example]).unwrap());
+        assert_eq!(f64::try_from((&fp32 - &expected).abs().max()).unwrap(), 0.0);
+        buffers.to(Device::Cpu, Kind::Double, false);
+        let fp64 = tch::no_grad(|| buffers.forward_ts(&[&double]).unwrap());
+        assert_eq!(fp64.kind(), Kind::Double);
+        let difference = f64::try_from((fp64 - expected.to_kind(Kind::Double)).abs().max()).unwrap();
+        assert!(difference < 1e-5, "{difference}");
+
+        let missing = lift_constants(&dir.path().join("none.pt"), &lifted).unwrap_err().to_string();
+        assert!(missing.contains("none.pt"), "{missing}");
     }
 
     /// A head layer needs a run's checkpoint, and says so; nothing is written.
