@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
     println!("cargo:rerun-if-changed=src/dist/include");
     println!("cargo:rerun-if-changed=src/jit.cpp");
+    println!("cargo:rerun-if-changed=src/guarded.h");
     println!("cargo:rerun-if-changed=src/cuda_memory.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: build through ./x.sh, or set it as `scripts/libtorch.sh` prints");

@@ -12,10 +12,10 @@
 // `torch.jit.trace` of a Python nn.Module avoids this by reading weights as
 // attributes of `self`; this pass makes a traced graph do the same.
 //
-// Every exported function catches every C++ exception and returns non-zero;
-// the message is kept per thread for simclr_jit_last_error().
+// Every exported function catches every C++ exception and returns non-zero
+// (guarded.h); the message is kept per thread for simclr_jit_last_error().
 #include <cstdint>
-#include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -23,26 +23,10 @@
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/serialization/import.h>
 
-namespace {
+#include "guarded.h"
 
-thread_local std::string last_error;
-
-template <class F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
-
-}  // namespace
+using simclr::guarded;
+using simclr::last_error;
 
 extern "C" {
 

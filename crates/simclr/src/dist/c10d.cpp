@@ -27,25 +27,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "../guarded.h"
+
 namespace {
 
-thread_local std::string last_error;
-
-template <class F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    // Without the C++ stack, which names no file or value a user can act on.
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
+using simclr::guarded;
+using simclr::last_error;
 
 // c10d's flight recorder, one per process, records every collective as it
 // is enqueued, and in torch 2.11 inserts a group into its map of groups
