@@ -134,10 +134,23 @@ pub fn export_torchscript(weights: &Path, spec: &EncoderSpec, layer: Layer, outp
         let _ = std::fs::remove_file(&traced);
         lifted?;
         let mut loaded = CModule::load(temporary)?;
-        // Shapes the trace did not see: a batch of 3, and larger images.
-        for (batch, side) in [(3, side), (1, side + 8)] {
+        // Shapes the trace did not see (a batch of 3, larger images), then
+        // every tensor converted as `.to()` converts a module's (to fp64,
+        // which the CPU runs): a weight left a constant of the graph would
+        // make its convolution refuse the fp64 input.
+        for (batch, side, kind) in [(3, side, Kind::Float), (1, side + 8, Kind::Float), (2, side, Kind::Double)] {
+            if kind == Kind::Double {
+                loaded.to(Device::Cpu, kind, false);
+            }
             let images = Tensor::rand([batch, 3, side, side], options);
-            let (ours, theirs) = tch::no_grad(|| Ok::<_, Error>((features(&images), loaded.forward_ts(&[&images])?)))?;
+            let (ours, theirs) =
+                tch::no_grad(|| Ok::<_, Error>((features(&images), loaded.forward_ts(&[&images.to_kind(kind)])?)))
+                    .map_err(|e| match kind {
+                        Kind::Double => Error::InvalidArgument(format!(
+                            "the module converted to fp64 as .to() converts does not run: {e}"
+                        )),
+                        _ => e,
+                    })?;
             if theirs.size() != ours.size() {
                 return Err(Error::InvalidArgument(format!(
                     "the traced module gave features of shape {:?} for {batch} images of {side} px, the network {:?}",
@@ -146,20 +159,9 @@ pub fn export_torchscript(weights: &Path, spec: &EncoderSpec, layer: Layer, outp
                 )));
             }
             let scale = ours.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
-            difference = f64::max(difference, (&theirs - &ours).abs().max().double_value(&[]) / scale);
+            difference =
+                f64::max(difference, (theirs.to_kind(Kind::Float) - &ours).abs().max().double_value(&[]) / scale);
         }
-        // Every tensor converted as `.to()` converts a module's (fp64, which
-        // the CPU runs): a weight left a constant of the graph would make
-        // its convolution refuse the fp64 input.
-        loaded.to(Device::Cpu, Kind::Double, false);
-        let images = Tensor::rand([2, 3, side, side], options);
-        let (ours, theirs) =
-            tch::no_grad(|| Ok::<_, Error>((features(&images), loaded.forward_ts(&[&images.to_kind(Kind::Double)])?)))
-                .map_err(|e| {
-                    Error::InvalidArgument(format!("the module converted to fp64 as .to() converts does not run: {e}"))
-                })?;
-        let scale = ours.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
-        difference = f64::max(difference, (&theirs.to_kind(Kind::Float) - &ours).abs().max().double_value(&[]) / scale);
         match difference <= TOLERANCE {
             true => Ok(()),
             false => Err(Error::InvalidArgument(format!(

@@ -87,30 +87,24 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 /// the bytes go to a temporary file beside it, are flushed to disk, and the
 /// temporary file is renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let (dir, temporary) = temporary_beside(path)?;
-    let result = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
-        #[cfg(feature = "fault-injection")]
-        let pause = WRITE_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
-        #[cfg(not(feature = "fault-injection"))]
-        let pause = 0;
-        if pause > 0 {
-            let (first, second) = bytes.split_at(bytes.len() / 2);
-            file.write_all(first)?;
-            file.sync_data()?;
-            std::thread::sleep(std::time::Duration::from_millis(pause));
-            file.write_all(second)?;
-        } else {
-            file.write_all(bytes)?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
-        // Make the rename itself durable.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        Error::io(path, e)
+    write_atomic_with(path, |temporary| {
+        let write = || {
+            let mut file = std::fs::File::create(temporary)?;
+            #[cfg(feature = "fault-injection")]
+            let pause = WRITE_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
+            #[cfg(not(feature = "fault-injection"))]
+            let pause = 0;
+            if pause > 0 {
+                let (first, second) = bytes.split_at(bytes.len() / 2);
+                file.write_all(first)?;
+                file.sync_data()?;
+                std::thread::sleep(std::time::Duration::from_millis(pause));
+                file.write_all(second)
+            } else {
+                file.write_all(bytes)
+            }
+        };
+        write().map_err(|e| Error::io(path, e))
     })
 }
 
@@ -118,12 +112,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (`write` is given the temporary file's): flushed to disk and renamed
 /// over `path` once `write` succeeds, removed if it fails.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let (dir, temporary) = temporary_beside(path)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    create_dir(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{TEMPORARY}{}", std::process::id()));
+    let temporary = dir.join(name);
     let result = write(&temporary).and_then(|()| {
         let finish = || {
             std::fs::File::open(&temporary)?.sync_all()?;
             std::fs::rename(&temporary, path)?;
-            std::fs::File::open(&dir)?.sync_all()
+            // Make the rename itself durable.
+            std::fs::File::open(dir)?.sync_all()
         };
         finish().map_err(|e| Error::io(path, e))
     });
@@ -131,16 +130,6 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         let _ = std::fs::remove_file(&temporary);
     }
     result
-}
-
-/// The folder of `path` (made if missing) and the temporary file beside it
-/// that this process writes `path` through.
-fn temporary_beside(path: &Path) -> Result<(PathBuf, PathBuf)> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    create_dir(dir)?;
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!("{TEMPORARY}{}", std::process::id()));
-    Ok((dir.to_path_buf(), dir.join(name)))
 }
 
 /// What [`write_atomic`]'s temporary file adds to its file's name, before

@@ -21,12 +21,7 @@ const COUNTER: &str = "num_batches_tracked";
 /// The encoder's tensors from a SimCLR store, prefix removed, with a
 /// `num_batches_tracked` beside every BatchNorm as torchvision expects.
 pub fn encoder_tensors(store: &nn::VarStore, batches_tracked: i64) -> Vec<(String, Tensor)> {
-    let prefix = format!("{ENCODER_PREFIX}.");
-    let mut tensors: Vec<(String, Tensor)> = store
-        .variables()
-        .into_iter()
-        .filter_map(|(name, tensor)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), tensor)))
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> = encoder_variables(store).collect();
     let counters: Vec<(String, Tensor)> = tensors
         .iter()
         .filter_map(|(name, _)| name.strip_suffix("running_mean"))
@@ -35,6 +30,16 @@ pub fn encoder_tensors(store: &nn::VarStore, batches_tracked: i64) -> Vec<(Strin
     tensors.extend(counters);
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
+}
+
+/// The variables of a SimCLR store's encoder, under torchvision's names
+/// (the store's prefix removed).
+fn encoder_variables(store: &nn::VarStore) -> impl Iterator<Item = (String, Tensor)> {
+    let prefix = format!("{ENCODER_PREFIX}.");
+    store
+        .variables()
+        .into_iter()
+        .filter_map(move |(name, tensor)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), tensor)))
 }
 
 const SPEC_KEY: &str = "simclr_encoder";
@@ -78,13 +83,7 @@ pub fn load_encoder(variables: &HashMap<String, Tensor>, path: &Path) -> Result<
 /// hold: a file recording another is refused, naming both.
 pub fn load_simclr_encoder(store: &nn::VarStore, model: &ModelConfig, path: &Path) -> Result<()> {
     check_encoder_file(model, path)?;
-    let prefix = format!("{ENCODER_PREFIX}.");
-    let variables: HashMap<String, Tensor> = store
-        .variables()
-        .into_iter()
-        .filter_map(|(name, tensor)| name.strip_prefix(&prefix).map(|n| (n.to_owned(), tensor)))
-        .collect();
-    load_encoder(&variables, path)
+    load_encoder(&encoder_variables(store).collect(), path)
 }
 
 /// Refuses an encoder file (read to its header) that records a network

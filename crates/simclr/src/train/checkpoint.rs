@@ -75,14 +75,10 @@ pub fn exists(path: &Path) -> bool {
 /// `path`: the latest moves aside and the new one takes its place, as
 /// `save` would have done. Does nothing for any other checkpoint.
 pub(crate) fn finish_cut_save(checkpoint: &mut Checkpoint, path: &Path) -> Result<()> {
-    let fresh = fresh(path);
-    if checkpoint.path != fresh {
+    if checkpoint.path != fresh(path) {
         return Ok(());
     }
-    if path.exists() {
-        std::fs::rename(path, previous(path)).map_err(|e| Error::io(path, e))?;
-    }
-    std::fs::rename(&fresh, path).map_err(|e| Error::io(&fresh, e))?;
+    take_place(path)?;
     checkpoint.path = path.to_path_buf();
     Ok(())
 }
@@ -156,10 +152,16 @@ pub fn save(
         path: path.to_path_buf(),
         message: format!("cannot write a new checkpoint ({error}); the previous checkpoint, if any, is unchanged"),
     })?;
+    take_place(path)
+}
+
+/// The renames that end a save: the latest checkpoint at `path` (if any)
+/// moves aside to the previous one's name and the new one takes its place.
+fn take_place(path: &Path) -> Result<()> {
     if path.exists() {
         std::fs::rename(path, previous(path)).map_err(|e| Error::io(path, e))?;
     }
-    std::fs::rename(&fresh, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(fresh(path), path).map_err(|e| Error::io(path, e))
 }
 
 /// A checkpoint read back: its config first, so the model can be rebuilt.
