@@ -1593,6 +1593,55 @@ fn an_interrupted_run_resumes_to_the_same_result() {
 }
 
 #[test]
+fn checkpoints_every_n_steps_or_minutes_bound_what_a_kill_loses() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    // 3 epochs of 6 steps; by epochs, a checkpoint only at the end.
+    let runs = |out: &Path, every: &str| {
+        let epochs = ["--epochs", "3", "--set", "train.checkpoint_every=10"];
+        tiny_run(&data, out).args(epochs).args(["--set", every])
+    };
+    let straight = dir.path().join("straight");
+    assert_succeeds(&runs(&straight, "train.checkpoint_every_steps=0").run());
+    // SIGKILLed once step 10 (the 4th of epoch 2) is done, before what
+    // follows it: the last checkpoint is that of step 8 when one is due
+    // every 4 steps, of step 9 when one is due every 1e-9 minutes (every
+    // step), and the resume from it trains the same run.
+    let kill_after_10 = |out: &Path, every: &str| {
+        let first = runs(out, every).env("SIMCLR_TEST_KILL_AFTER_STEPS", 10).run();
+        assert_eq!(first.status.signal(), Some(libc::SIGKILL), "{every}: {}", stderr(&first));
+    };
+    for (name, every, saved_at) in
+        [("steps", "train.checkpoint_every_steps=4", 8), ("minutes", "train.checkpoint_every_minutes=1e-9", 9)]
+    {
+        let killed = dir.path().join(name);
+        kill_after_10(&killed, every);
+        assert_eq!(resume_step(&killed), saved_at, "{every}");
+        assert_succeeds(&simclr(["train", "--resume", "--output", &killed.display().to_string()]).run());
+        assert_same_run(&killed, &straight, &format!("a kill after step 10 with {every}"));
+    }
+    // The control: with neither, the kill leaves no checkpoint at all.
+    let lost = dir.path().join("lost");
+    kill_after_10(&lost, "train.checkpoint_every_minutes=0");
+    assert_eq!(resume_step(&lost), 0);
+    assert!(!lost.join("checkpoint.safetensors").exists());
+
+    // Two processes vote on their clocks after every step and save alike
+    // (both ranks are killed, and the launcher says so).
+    let two = |out: &Path| runs(out, "train.checkpoint_every_minutes=1e-9").args(["--nproc-per-node", "2"]);
+    let straight_on_two = dir.path().join("straight-on-two");
+    assert_succeeds(&two(&straight_on_two).run());
+    let killed = dir.path().join("killed-on-two");
+    let first = two(&killed).env("SIMCLR_TEST_KILL_AFTER_STEPS", 10).run();
+    assert!(!first.status.success() && stderr(&first).contains("rank"), "{}", stderr(&first));
+    assert_eq!(resume_step(&killed), 9);
+    assert_succeeds(&resumed(&killed, "2").run());
+    assert_same_run(&killed, &straight_on_two, "a kill of both processes after step 10");
+}
+
+#[test]
 fn micro_batches_train_and_resume_like_whole_batches() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -46,6 +46,17 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Write a checkpoint every this many epochs (and always at the end).
     pub checkpoint_every: usize,
+    /// Also write one every this many optimiser steps, in the middle of an
+    /// epoch if need be (a resume continues from that step as from an
+    /// epoch's end); 0 = at epochs' ends only.
+    pub checkpoint_every_steps: usize,
+    /// Also write one whenever this many minutes have passed since the
+    /// last (or since the run started), at the end of the step then
+    /// running, so that a kill loses no more than this of a run whose
+    /// epochs are long (millions of images on one GPU: hours an epoch);
+    /// 0 = never. In a multi-process run, any rank's clock can call it,
+    /// and every rank then saves at the same step.
+    pub checkpoint_every_minutes: f64,
     /// Also export the encoder every this many epochs, to
     /// `encoders/epoch-NNNN.safetensors` in the run folder, each a file as
     /// `encoder.safetensors` is (`eval`, `embed` and `neighbors` read it),
@@ -140,6 +151,8 @@ impl Default for TrainConfig {
             mixed_precision: true,
             output_dir: PathBuf::from("runs/simclr"),
             checkpoint_every: 10,
+            checkpoint_every_steps: 0,
+            checkpoint_every_minutes: 30.0,
             encoder_every: 0,
             knn_every: 10,
             knn_k: 200,
@@ -401,6 +414,9 @@ impl RunConfig {
         }
         if train.checkpoint_every == 0 {
             problems.push("train.checkpoint_every = 0: must be at least 1".to_owned());
+        }
+        if !(train.checkpoint_every_minutes >= 0.0 && train.checkpoint_every_minutes.is_finite()) {
+            problems.push(format!("train.checkpoint_every_minutes = {}: must be >= 0", train.checkpoint_every_minutes));
         }
         if !crate::checks::is_positive_finite(train.dist_timeout_seconds) {
             problems.push(format!("train.dist_timeout_seconds = {}: must be > 0", train.dist_timeout_seconds));

@@ -266,6 +266,7 @@ fn config_files() {
         batch_size = 1
         epochs = 0
         checkpoint_every = 0
+        checkpoint_every_minutes = -1
         knn_k = 0
         knn_temperature = 0
         max_nonfinite_steps = 0
@@ -282,6 +283,7 @@ fn config_files() {
         "loss.temperature",
         "train.batch_size",
         "train.epochs",
+        "train.checkpoint_every_minutes = -1",
     ] {
         assert!(message.contains(field), "{field} not named:\n{message}");
     }

@@ -547,6 +547,19 @@ fn a_broadcast_gives_every_rank_the_optimisers_step_count() {
 }
 
 #[test]
+fn a_vote_is_true_where_any_rank_says_so() {
+    // The training loop's vote after each step: stop, and a checkpoint due
+    // by one rank's clock alone.
+    let votes = as_ranks(vec![(); 3], |group, ()| {
+        let rank = group.rank();
+        group.any_of([rank == 1, rank == 2, false]).unwrap()
+    });
+    assert_eq!(votes, [[true, true, false]; 3]);
+    let alone = as_ranks(vec![(); 1], |group, ()| group.any_of([true, false]).unwrap());
+    assert_eq!(alone, [[true, false]]);
+}
+
+#[test]
 fn groups_of_one_process_can_enqueue_collectives_at_once() {
     // torch 2.11's flight recorder adds each group to a process-wide map
     // without its lock when the group's first collective is enqueued

@@ -346,9 +346,14 @@ impl ProcessGroup {
 
     /// Whether `flag` is true on any rank.
     pub fn any(&self, flag: bool) -> Result<bool> {
-        let mut value = Tensor::from_slice(&[i64::from(flag)]);
-        self.all_reduce(&mut value, ReduceOp::Max)?;
-        Ok(value.int64_value(&[0]) != 0)
+        self.any_of([flag]).map(|[any]| any)
+    }
+
+    /// Whether each of `flags` is true on any rank, in one collective.
+    pub fn any_of<const N: usize>(&self, flags: [bool; N]) -> Result<[bool; N]> {
+        let mut values = Tensor::from_slice(&flags.map(i64::from));
+        self.all_reduce(&mut values, ReduceOp::Max)?;
+        Ok(std::array::from_fn(|i| values.int64_value(&[i as i64]) != 0))
     }
 
     /// Checks that every rank holds the same `value` (a resolved config, say);

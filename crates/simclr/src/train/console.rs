@@ -39,6 +39,8 @@ impl Console {
 
     fn control(&self, _step: usize) -> Control {
         #[cfg(feature = "fault-injection")]
+        self.faults.kill_after(_step);
+        #[cfg(feature = "fault-injection")]
         if self.faults.stop_after(_step) {
             return Control::Stop;
         }

@@ -3,6 +3,8 @@
 //! feature of that name; the shipped binary does not, so it never reads
 //! these variables):
 //! - `SIMCLR_TEST_STOP_AFTER_STEPS=N`: stop as a signal would, once N steps are done;
+//! - `SIMCLR_TEST_KILL_AFTER_STEPS=N`: SIGKILL the process once N steps are
+//!   done (before anything the loop does after the step, a checkpoint due);
 //! - `SIMCLR_TEST_POISON_STEPS=a,b,...`: make the loss of these 0-based steps NaN;
 //! - `SIMCLR_TEST_WRITE_PAUSE_MS=N`: pause halfway through writing each file.
 use crate::{Error, Result};
@@ -10,6 +12,7 @@ use crate::{Error, Result};
 #[derive(Debug, Default)]
 pub struct Faults {
     stop_after_steps: Option<usize>,
+    kill_after_steps: Option<usize>,
     poison_steps: Vec<usize>,
 }
 
@@ -24,12 +27,22 @@ impl Faults {
     pub fn from_env() -> Result<Self> {
         Ok(Self {
             stop_after_steps: steps("SIMCLR_TEST_STOP_AFTER_STEPS")?.first().copied(),
+            kill_after_steps: steps("SIMCLR_TEST_KILL_AFTER_STEPS")?.first().copied(),
             poison_steps: steps("SIMCLR_TEST_POISON_STEPS")?,
         })
     }
 
     pub fn stop_after(&self, step: usize) -> bool {
         self.stop_after_steps.is_some_and(|steps| step >= steps)
+    }
+
+    /// Kills this process, as `kill -9` would, once `step` steps are done
+    /// (nothing after it runs: no destructor, no buffered write).
+    pub fn kill_after(&self, step: usize) {
+        if self.kill_after_steps.is_some_and(|steps| step >= steps) {
+            // SAFETY: kill(2) on this process; SIGKILL cannot be caught.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
     }
 
     pub fn poisoned(&self, step: usize) -> bool {

@@ -195,7 +195,7 @@ pub fn train_in(
             let labels = trainer.labels(&batch.images);
             let progress = trainer.step(&batch.views, labels.as_ref())?;
             let mid_epoch = progress.position.batch < progress.steps_per_epoch;
-            if trainer.any_rank(observer.on_step(&progress) == Control::Stop)? && mid_epoch {
+            if trainer.after_step(observer.on_step(&progress) == Control::Stop)? && mid_epoch {
                 return trainer.interrupt();
             }
         }
@@ -291,6 +291,12 @@ pub struct Trainer {
     epoch_first_batch: usize,
     /// Time this epoch's steps waited for their views.
     epoch_data_wait: Duration,
+    /// When the last checkpoint was written (or this process started),
+    /// for `train.checkpoint_every_minutes`.
+    last_saved: Instant,
+    /// A checkpoint is due at the end of this epoch, called for by the
+    /// steps or the minutes at its last step.
+    save_due: bool,
     learning_rate: f64,
     last_loss: Option<f64>,
     /// The other processes of a multi-process run.
@@ -465,6 +471,8 @@ impl Trainer {
             checkpoint_path,
             epoch_started: Instant::now(),
             epoch_data_wait: Duration::ZERO,
+            last_saved: Instant::now(),
+            save_due: false,
             learning_rate: 0.0,
             last_loss: None,
             group,
@@ -579,6 +587,40 @@ impl Trainer {
             Some(group) => group.any(stop),
             None => Ok(stop),
         }
+    }
+
+    /// After each step: [`Self::any_rank`] on `stop`, and a checkpoint when
+    /// `train.checkpoint_every_steps` or `train.checkpoint_every_minutes`
+    /// calls for one (on any rank's clock; one collective for both), in
+    /// the middle of an epoch now, at its last step with the epoch's end.
+    /// Returns whether to stop (and leaves the checkpoint to the stop).
+    pub fn after_step(&mut self, stop: bool) -> Result<bool> {
+        let train = &self.config.train;
+        let every_steps = train.checkpoint_every_steps;
+        let minutes = train.checkpoint_every_minutes;
+        let due = (every_steps > 0 && self.position.step.is_multiple_of(every_steps))
+            || (minutes > 0.0 && self.last_saved.elapsed().as_secs_f64() >= 60.0 * minutes);
+        let [stop, due] = match &self.group {
+            Some(group) => group.any_of([stop, due])?,
+            None => [stop, due],
+        };
+        if due && self.position.batch == self.steps_per_epoch {
+            self.save_due = true;
+        } else if due && !stop {
+            self.save_mid_epoch()?;
+        }
+        Ok(stop)
+    }
+
+    /// Writes a checkpoint at a step inside the epoch, its time left out of
+    /// the epoch's (as an epoch's checkpoint is), so that the images/s and
+    /// the time budget's pace are the training's.
+    fn save_mid_epoch(&mut self) -> Result<()> {
+        let began = Instant::now();
+        self.settle()?;
+        self.save_checkpoint()?;
+        self.epoch_started += began.elapsed();
+        Ok(())
     }
 
     /// Whether this process writes the run folder: rank 0, or the one process.
@@ -721,19 +763,22 @@ impl Trainer {
     /// `train.checkpoint_every` epochs, at the end, and when stopping (in
     /// that order, so that a run stopped between the two, resumed from
     /// the checkpoint before, writes the encoder again).
-    pub fn checkpoint_epoch(&self, stopping: bool) -> Result<()> {
+    pub fn checkpoint_epoch(&mut self, stopping: bool) -> Result<()> {
         let every = self.config.train.encoder_every;
         if every > 0 && self.position.epoch.is_multiple_of(every) {
             let path = encoder_snapshot(&self.config.train.output_dir, self.position.epoch);
             self.write_on_rank_0(|trainer| trainer.export_encoder(&path))?;
         }
-        if self.position.epoch.is_multiple_of(self.config.train.checkpoint_every) || self.is_done() || stopping {
+        let every = self.config.train.checkpoint_every;
+        if self.position.epoch.is_multiple_of(every) || self.is_done() || stopping || self.save_due {
             self.save_checkpoint()?;
         }
         Ok(())
     }
 
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.save_due = false;
+        self.last_saved = Instant::now();
         self.write_on_rank_0(|trainer| {
             checkpoint::save(
                 &trainer.checkpoint_path,
