@@ -36,7 +36,7 @@
 #                                   preset's recipe (acceptance 2)
 #   tools/device/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
 #                                   (device augmentation, bf16), resume, every pixel op on the device,
-#                                   kNN, linear, fine-tune, embed
+#                                   kNN, linear, fine-tune, embed; training and fine-tuning in fp16
 #   tools/device/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
 #                                   reference's bf16 kernel profile
 #   tools/device/device-bench.sh table     the table from the stages' JSON in $OUT (runs
@@ -201,6 +201,15 @@ smoke)
     loud "$BIN" eval finetune "${labelled[@]}" --fraction 0.1 --epochs 1 --batch-size 64
     loud "$BIN" embed --weights "$run/encoder.safetensors" --arch resnet18 --stem cifar --image-size 32 --input "$DATA/test" \
         --output "$run/test.npy" --batch-size 512 --device "$DEVICE"
+    # fp16 with loss scaling, as a V100 or T4 would train (forced on this
+    # card): its log gives the loss scale each epoch; then a fine-tune in fp16.
+    rm -rf "$run-fp16"
+    loud "$BIN" train --preset cifar10 --data "$DATA/train" --output "$run-fp16" --device "$DEVICE" --epochs 2 --batch-size 256 \
+        --set 'model.arch="resnet18"' --set data.limit=2048 --set data.knn_limit=2048 --set train.knn_every=2 \
+        --set 'train.mixed_precision_dtype="fp16"' \
+        --set "data.knn_train_path=\"$DATA/train\"" --set "data.knn_test_path=\"$DATA/test\"" >&2
+    loud "$BIN" eval finetune --checkpoint "$run-fp16/checkpoint.safetensors" --train "$DATA/train" --test "$DATA/test" \
+        --limit 2048 --device "$DEVICE" --fraction 0.1 --epochs 1 --batch-size 64 --precision fp16
     ;;
 dist)
     # Issue 18 on the one GPU: the plain run, the distributed path at world
@@ -550,7 +559,7 @@ estimate() {
     step) echo $((10 + 40 * ${ROUNDS:-3} * $(wc -w <<< "${BENCH_BATCHES:-256 512}"))) ;;
     simclr) echo $((BUDGET + 45)) ;;
     pytorch) echo $((BUDGET + 30)) ;;
-    smoke) echo 45 ;;
+    smoke) echo 60 ;;
     kernels) echo 45 ;;
     dist) echo 135 ;;
     input) echo 180 ;;

@@ -139,9 +139,10 @@ struct EncoderArgs {
     /// warning and at the end)
     #[arg(long, default_value = "stop")]
     on_bad_image: BadImagePolicy,
-    /// auto (fp32, but fine-tuning trains in bf16 where pretraining would), fp32, or bf16 (autocast
-    /// where the device computes bf16 natively: CUDA, a CPU with AVX-512 BF16; features 2-3.7x faster
-    /// on such a CPU, within 2e-5 of fp32's in cosine)
+    /// auto (fp32, but fine-tuning trains in the half type pretraining would), fp32, bf16 (autocast
+    /// where the device computes bf16 natively: GPUs of compute capability 8.0 and up, a CPU with
+    /// AVX-512 BF16; features 2-3.7x faster on such a CPU, within 2e-5 of fp32's in cosine), or fp16
+    /// (autocast, fine-tuning with loss scaling: GPUs without bf16, as V100 and T4)
     #[arg(long, default_value = "auto")]
     precision: PrecisionChoice,
 }

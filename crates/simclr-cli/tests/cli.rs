@@ -1642,6 +1642,32 @@ fn checkpoints_every_n_steps_or_minutes_bound_what_a_kill_loses() {
 }
 
 #[test]
+fn fp16_training_keeps_its_loss_scale_across_a_resume() {
+    // fp16 as a V100 or T4 trains (emulated on this CPU): the loss scaled
+    // for the backward pass, the scale checkpointed with the optimiser.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    let fp16 = ["--set", "train.mixed_precision_dtype=\"fp16\""];
+    let straight = dir.path().join("straight");
+    assert_succeeds(&three_epochs(&data, &straight).args(fp16).run());
+    assert_eq!(run_summary(&straight)["precision"], "fp16");
+    let scale = |run: &Path| {
+        let tensors = simclr::io::load(&run.join("checkpoint.safetensors")).unwrap().tensors;
+        tensors.get("optim.loss_scale").expect("the loss scale is checkpointed").double_value(&[])
+    };
+    // The first steps overflow at 2^16, as GradScaler's do, and halve it.
+    let final_scale = scale(&straight);
+    assert!(final_scale < 65536.0 && final_scale.log2().fract() == 0.0, "scale {final_scale}");
+    let stopped = dir.path().join("stopped");
+    let first = three_epochs(&data, &stopped).args(fp16).env("SIMCLR_TEST_STOP_AFTER_STEPS", 8).run();
+    assert_eq!(first.status.code(), Some(130), "{}", stderr(&first));
+    assert_succeeds(&simclr(["train", "--resume", "--output", &stopped.display().to_string()]).run());
+    assert_same_run(&stopped, &straight, "resuming fp16 mid-epoch");
+    assert_eq!(scale(&stopped), final_scale);
+}
+
+#[test]
 fn micro_batches_train_and_resume_like_whole_batches() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -2086,8 +2112,13 @@ fn sigkill_at_random_points_never_loses_the_run() {
     };
     for round in 0..8 {
         let mid_write = round % 2 == 1;
-        let (before, identity) =
-            (std::fs::read(killed.join("checkpoint.safetensors")).ok(), checkpoint_identity(&killed));
+        // The newest whole checkpoint: where a kill fell after a save's
+        // write and before its renames (a timed kill's poll ends as the old
+        // file moves away), the `.new` one, which the next start puts in
+        // place before anything else.
+        let newest = ["checkpoint.safetensors.new", "checkpoint.safetensors"];
+        let before = newest.iter().find_map(|name| std::fs::read(killed.join(name)).ok());
+        let identity = checkpoint_identity(&killed);
         let mut child = start(if mid_write { 3000 } else { 0 });
         if mid_write {
             // This process's temporary file (it carries the process's id),

@@ -42,6 +42,13 @@ pub struct TrainConfig {
     /// instructions (AVX-512 BF16, as CPUs with AMX have); fp32 on other
     /// CPUs, which would emulate bf16.
     pub mixed_precision: bool,
+    /// The half type of mixed precision: `"auto"` takes bf16 where the
+    /// device computes it natively (GPUs of compute capability 8.0 and up,
+    /// CPUs with AVX-512 BF16), fp16 with loss scaling on GPUs of
+    /// capability 7.x (V100, T4), which have fp16 tensor cores but no bf16,
+    /// and fp32 elsewhere; `"bf16"` never takes fp16; `"fp16"` takes it
+    /// on any device (a CPU emulates it, slowly).
+    pub mixed_precision_dtype: crate::device::HalfType,
     /// Where checkpoints, metrics and the exported encoder go.
     pub output_dir: PathBuf,
     /// Write a checkpoint every this many epochs (and always at the end).
@@ -149,6 +156,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: DeviceChoice::Auto,
             mixed_precision: true,
+            mixed_precision_dtype: crate::device::HalfType::Auto,
             output_dir: PathBuf::from("runs/simclr"),
             checkpoint_every: 10,
             checkpoint_every_steps: 0,

@@ -1,14 +1,26 @@
-// Peak memory of libtorch's CUDA caching allocator (what Python reads as
-// torch.cuda.max_memory_allocated), and page-locked host tensors, which tch
-// does not bind. Compiled by build.rs in the `cuda` build only; see
-// device.rs for the Rust side. Every function catches every C++ exception
-// and returns non-zero.
+// A device's compute capability, peak memory of libtorch's CUDA caching
+// allocator (what Python reads as torch.cuda.max_memory_allocated), and
+// page-locked host tensors, which tch does not bind. Compiled by build.rs
+// in the `cuda` build only; see device.rs for the Rust side. Every
+// function catches every C++ exception and returns non-zero.
 #include <cstdint>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 
 extern "C" {
+
+int simclr_cuda_capability(int device, int* major, int* minor) {
+  try {
+    const cudaDeviceProp* properties = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    *major = properties->major;
+    *minor = properties->minor;
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
 
 int simclr_cuda_peak_allocated(int device, int64_t* bytes) {
   try {

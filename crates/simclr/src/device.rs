@@ -284,9 +284,55 @@ pub enum Precision {
     /// master weights; BatchNorm statistics stay fp32. bf16 has fp32's
     /// range, so no loss scaling is needed, unlike fp16.
     Bf16,
+    /// fp16 autocast, for GPUs with fp16 tensor cores but no bf16 (V100,
+    /// T4: compute capability 7.x): as bf16, with the loss scaled up before
+    /// the backward pass so that small gradients do not vanish in fp16's
+    /// range, and scaled down before the update (PyTorch's `GradScaler`,
+    /// see `optim::LossScale`).
+    Fp16,
 }
 
-names!(Precision, "precision", { Fp32 => "fp32", Bf16 => "bf16" });
+names!(Precision, "precision", { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
+
+/// Which half-precision type mixed precision takes (`train.mixed_precision_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HalfType {
+    /// bf16 where the device computes it natively (CUDA compute capability
+    /// 8.0 and up; CPUs with AVX-512 BF16), fp16 on GPUs of capability 7.x
+    /// (V100, T4), fp32 elsewhere.
+    #[default]
+    Auto,
+    /// bf16 where native, fp32 elsewhere.
+    Bf16,
+    /// fp16 on any device (on a CPU, emulated and slow: for tests).
+    Fp16,
+}
+
+/// What the device computes natively, for [`Precision::choose`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HalfSupport {
+    pub bf16: bool,
+    /// fp16 on tensor cores (a GPU of compute capability 7.0 or more).
+    pub fp16: bool,
+}
+
+impl HalfSupport {
+    /// On `device`: a CUDA device by its compute capability (bf16 from 8.0,
+    /// as PyTorch's `torch.cuda.is_bf16_supported()` without emulation;
+    /// fp16 tensor cores from 7.0), a CPU by its instructions.
+    pub fn of(device: Device) -> Self {
+        match device {
+            Device::Cuda(index) => match cuda_capability(index) {
+                Some((major, _)) => Self { bf16: major >= 8, fp16: major >= 7 },
+                // Unknown (the shim failed): as before capabilities were read.
+                None => Self { bf16: true, fp16: true },
+            },
+            Device::Cpu => Self { bf16: cpu_computes_bf16(), fp16: false },
+            _ => Self { bf16: false, fp16: false },
+        }
+    }
+}
 
 impl Precision {
     /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA and
@@ -296,15 +342,23 @@ impl Precision {
     /// a 2-core Xeon with AMX trained 1.65-2.6x faster in it
     /// (docs/time-to-accuracy.md).
     pub fn on(device: Device, mixed_precision: bool) -> Self {
-        let native = match device {
-            Device::Cuda(_) => true,
-            Device::Cpu => cpu_computes_bf16(),
-            _ => false,
-        };
-        if mixed_precision && native {
-            Self::Bf16
-        } else {
-            Self::Fp32
+        Self::on_with(device, mixed_precision, HalfType::Auto)
+    }
+
+    /// [`Precision::on`] with the half type `half` asks for.
+    pub fn on_with(device: Device, mixed_precision: bool, half: HalfType) -> Self {
+        Self::choose(mixed_precision, half, HalfSupport::of(device))
+    }
+
+    /// The precision for `mixed_precision` and `half` on a device that
+    /// computes what `native` says.
+    pub fn choose(mixed_precision: bool, half: HalfType, native: HalfSupport) -> Self {
+        match (mixed_precision, half) {
+            (false, _) => Self::Fp32,
+            (true, HalfType::Fp16) => Self::Fp16,
+            (true, _) if native.bf16 => Self::Bf16,
+            (true, HalfType::Auto) if native.fp16 => Self::Fp16,
+            (true, _) => Self::Fp32,
         }
     }
 
@@ -312,8 +366,8 @@ impl Precision {
     pub fn run<T>(self, device: Device, f: impl FnOnce() -> T) -> T {
         match self {
             Self::Fp32 => f(),
-            Self::Bf16 => {
-                let _autocast = Autocast::bf16(device);
+            Self::Bf16 | Self::Fp16 => {
+                let _autocast = Autocast::new(device, self);
                 f()
             }
         }
@@ -332,23 +386,29 @@ pub enum PrecisionChoice {
     /// bf16 autocast where the device computes bf16 natively, fp32 (with a
     /// warning) where it would be emulated.
     Bf16,
+    /// fp16 autocast (fine-tuning with loss scaling): for GPUs without
+    /// bf16 (V100, T4); a CPU emulates it, slowly.
+    Fp16,
 }
 
-names!(PrecisionChoice, "precision", { Auto => "auto", Fp32 => "fp32", Bf16 => "bf16" });
+names!(PrecisionChoice, "precision", { Auto => "auto", Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
 
 impl PrecisionChoice {
-    /// The precision on `device`: `auto` gives bf16 where `mixed_by_default`
-    /// (training) and the device computes it natively, fp32 otherwise.
+    /// The precision on `device`: `auto` gives what training would
+    /// ([`Precision::on`]) where `mixed_by_default` (fine-tuning), fp32
+    /// otherwise.
     pub fn on(self, device: Device, mixed_by_default: bool) -> Precision {
         match self {
             Self::Auto => Precision::on(device, mixed_by_default),
             Self::Fp32 => Precision::Fp32,
+            Self::Fp16 => Precision::Fp16,
             Self::Bf16 => {
-                let precision = Precision::on(device, true);
+                let precision = Precision::on_with(device, true, HalfType::Bf16);
                 if precision == Precision::Fp32 {
                     tracing::warn!(
-                        "--precision bf16: {device:?} has no bf16 instructions (AVX-512 BF16), where bf16 would be \
-                         emulated many times slower; computing in fp32"
+                        "--precision bf16: {device:?} does not compute bf16 natively (a CPU without AVX-512 BF16, \
+                         a GPU before compute capability 8.0), where it would be emulated many times slower; \
+                         computing in fp32"
                     );
                 }
                 precision
@@ -373,8 +433,8 @@ pub fn cpu_computes_bf16() -> bool {
     }
 }
 
-/// libtorch's autocast state for one device type, switched to bf16 while
-/// this lives and restored when it drops (even in unwinding), as Python's
+/// libtorch's autocast state for one device type, switched to bf16 (or
+/// fp16) while this lives and restored when it drops (even in unwinding), as Python's
 /// `torch.autocast` context does.
 ///
 /// Not `tch::autocast`: it calls libtorch's deprecated CUDA-only
@@ -411,6 +471,7 @@ mod autocast_ffi {
     pub const CPU: i8 = 0;
     pub const CUDA: i8 = 1;
     pub const BFLOAT16: i8 = 15;
+    pub const HALF: i8 = 5;
 
     /// The `c10::DeviceType` whose autocast state governs `device`.
     pub fn device_type(device: tch::Device) -> i8 {
@@ -423,9 +484,11 @@ mod autocast_ffi {
 }
 
 impl Autocast {
-    fn bf16(device: Device) -> Self {
+    /// Autocast to `precision`'s half type (bf16 or fp16).
+    fn new(device: Device, precision: Precision) -> Self {
         use autocast_ffi::*;
         let device_type = device_type(device);
+        let dtype = if precision == Precision::Fp16 { HALF } else { BFLOAT16 };
         // SAFETY: plain getters and setters of libtorch's thread-local
         // autocast state, taking and returning int8 enums, bools and ints.
         unsafe {
@@ -435,7 +498,7 @@ impl Autocast {
                 was_dtype: get_autocast_dtype(device_type),
             };
             set_autocast_enabled(device_type, true);
-            set_autocast_dtype(device_type, BFLOAT16);
+            set_autocast_dtype(device_type, dtype);
             increment_nesting();
             state
         }
@@ -445,9 +508,9 @@ impl Autocast {
 impl Drop for Autocast {
     fn drop(&mut self) {
         use autocast_ffi::*;
-        // SAFETY: as in `Autocast::bf16`.
+        // SAFETY: as in `Autocast::new`.
         unsafe {
-            // The outermost region frees the bf16 copies of the weights it cached.
+            // The outermost region frees the half copies of the weights it cached.
             if decrement_nesting() == 0 {
                 clear_cache();
             }
@@ -483,6 +546,33 @@ impl MemoryKind {
             Self::CudaAllocated => "CUDA memory allocated",
             Self::HostResident => "resident set",
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+extern "C" {
+    fn simclr_cuda_capability(
+        device: std::ffi::c_int,
+        major: *mut std::ffi::c_int,
+        minor: *mut std::ffi::c_int,
+    ) -> std::ffi::c_int;
+}
+
+/// CUDA device `index`'s compute capability (major, minor); `None` where
+/// it cannot be read (a build without CUDA).
+pub fn cuda_capability(index: usize) -> Option<(i32, i32)> {
+    #[cfg(feature = "cuda")]
+    {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: a plain call into the shim, which catches every
+        // exception and writes both numbers when it returns 0.
+        let failed = unsafe { simclr_cuda_capability(index as std::ffi::c_int, &mut major, &mut minor) };
+        (failed == 0).then_some((major, minor))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = index;
+        None
     }
 }
 
@@ -657,5 +747,30 @@ mod tests {
                 assert!(error.contains("--device cuda") && error.contains("train.device = \"cuda\""), "{error}");
             }
         }
+    }
+
+    #[test]
+    fn mixed_precision_takes_bf16_where_native_fp16_on_tensor_cores_without_it_and_fp32_elsewhere() {
+        use HalfType::{Auto, Bf16, Fp16};
+        let ampere = HalfSupport { bf16: true, fp16: true };
+        let turing = HalfSupport { bf16: false, fp16: true };
+        let pascal_or_avx2 = HalfSupport { bf16: false, fp16: false };
+        let cases = [
+            (true, Auto, ampere, Precision::Bf16),
+            (true, Auto, turing, Precision::Fp16),
+            (true, Auto, pascal_or_avx2, Precision::Fp32),
+            (true, Bf16, turing, Precision::Fp32),
+            (true, Bf16, ampere, Precision::Bf16),
+            (true, Fp16, ampere, Precision::Fp16),
+            (true, Fp16, pascal_or_avx2, Precision::Fp16),
+            (false, Fp16, turing, Precision::Fp32),
+            (false, Auto, ampere, Precision::Fp32),
+        ];
+        for (mixed, half, native, expected) in cases {
+            assert_eq!(Precision::choose(mixed, half, native), expected, "{mixed} {half:?} {native:?}");
+        }
+        // A CPU never takes fp16 by itself.
+        assert_ne!(Precision::on(Device::Cpu, true), Precision::Fp16);
+        assert_eq!(PrecisionChoice::Fp16.on(Device::Cpu, false), Precision::Fp16);
     }
 }

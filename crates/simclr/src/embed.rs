@@ -293,7 +293,10 @@ impl std::fmt::Display for EmbedReport {
             self.paths_path.display(),
             self.embed_seconds,
             self.images as f64 / self.embed_seconds.max(1e-9),
-            if self.precision == Precision::Bf16 { " in bf16" } else { "" },
+            match self.precision {
+                Precision::Fp32 => String::new(),
+                half => format!(" in {}", half.name()),
+            },
         )?;
         write!(f, "{}", crate::data::Skipped(&self.skipped))
     }

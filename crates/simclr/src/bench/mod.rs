@@ -172,6 +172,10 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let (store, model) = SimClr::in_store(&options.model(), device);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
+    let fp16 = precision == Precision::Fp16;
+    if fp16 {
+        optimizer.scale_losses();
+    }
     // tools/reference/bench_pytorch.py steps at the same rates.
     let learning_rate = if options.optimizer == OptimizerKind::Adamw { 1e-3 } else { 0.1 };
     let loss_config = LossConfig::default();
@@ -183,8 +187,12 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     // An allocation failure is an error naming the batch, as in training.
     let mut train_step = || -> Result<()> {
         let step = || -> Result<()> {
-            let _loss = crate::train::step::backward(&model, &views, &objective, cache.as_ref(), &mut optimizer)?;
-            optimizer.step(learning_rate);
+            let loss = crate::train::step::backward(&model, &views, &objective, cache.as_ref(), &mut optimizer)?;
+            match fp16 {
+                // As training steps: the loss scale needs the verdict.
+                true => drop(optimizer.step_if_finite(learning_rate, &loss)),
+                false => optimizer.step(learning_rate),
+            }
             Ok(())
         };
         crate::train::step::out_of_memory_as_error(step, device, options.batch_size)

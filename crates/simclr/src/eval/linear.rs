@@ -256,7 +256,7 @@ pub(crate) fn fit_standardised<M: nn::Module>(
                     logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0) / size as f64
                 }
             };
-            super::descend(&mut optimizer, &loss, (peak, step, total_steps), &trainable, group)?;
+            super::descend(&mut optimizer, &loss, (peak, step, total_steps), &trainable, group, None)?;
             step += 1;
         }
     }

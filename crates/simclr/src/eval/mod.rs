@@ -90,18 +90,41 @@ fn check_sgd(learning_rate: f64, momentum: f64, problems: &mut Vec<String>) {
 /// fine-tuning's): `loss` back-propagated at step `step` of `total_steps`
 /// of a cosine schedule from `peak`, the gradients of `trainable` summed
 /// over `group`'s ranks first where there is one.
+///
+/// With `scale` (a forward pass in fp16), the loss is scaled for the
+/// backward pass and the gradients unscaled after it; a step whose
+/// gradients overflowed is skipped, as in pretraining (see
+/// [`crate::optim::LossScale`]).
 fn descend(
     optimizer: &mut nn::Optimizer,
     loss: &Tensor,
     (peak, step, total_steps): (f64, usize, f64),
     trainable: &[Tensor],
     group: Option<&crate::dist::ProcessGroup>,
+    scale: Option<&mut crate::optim::LossScale>,
 ) -> crate::Result<()> {
     optimizer.set_lr(peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps).cos()));
     optimizer.zero_grad();
-    loss.f_backward()?;
+    match &scale {
+        Some(scale) => scale.scaled(loss).f_backward()?,
+        None => loss.f_backward()?,
+    }
     if let Some(group) = group {
         crate::dist::sum_gradients(group, trainable)?;
+    }
+    if let Some(scale) = scale {
+        let mut finite = Tensor::from(true).to_device(loss.device());
+        for variable in trainable {
+            let mut gradient = variable.grad();
+            if gradient.defined() {
+                scale.unscale(&mut gradient);
+                finite = finite.logical_and(&gradient.isfinite().all());
+            }
+        }
+        let _ = scale.update(loss, &finite);
+        if !bool::try_from(&finite)? {
+            return Ok(());
+        }
     }
     optimizer.step();
     Ok(())

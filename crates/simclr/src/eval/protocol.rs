@@ -146,7 +146,10 @@ impl std::fmt::Display for EvalReport {
             f,
             "{}{} | {}{} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
             self.protocol,
-            if self.precision == Precision::Bf16 { " in bf16" } else { "" },
+            match self.precision {
+                Precision::Fp32 => String::new(),
+                half => format!(" in {}", half.name()),
+            },
             self.encoder,
             if self.layer == "h" { String::new() } else { format!(" at {}", self.layer) },
             self.labelled_images,

@@ -12,6 +12,7 @@ mod buffer;
 mod config;
 mod gate;
 pub mod lars;
+pub mod scale;
 pub mod schedule;
 pub mod sgd;
 
@@ -20,6 +21,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 pub use config::{LrScaling, OptimConfig, OptimizerKind};
+pub use scale::LossScale;
 pub use schedule::Schedule;
 
 use buffer::{chunks, decayed_gradient, flatten_in, memory_order, Chunk, Execution, Layout};
@@ -73,6 +75,8 @@ pub struct Optimizer {
     /// fp32 as before, and AdamW's factors are f64 products as on the host.
     steps: Tensor,
     learning_rate: Tensor,
+    /// fp16's loss scale ([`Optimizer::scale_losses`]).
+    loss_scale: Option<LossScale>,
 }
 
 impl Optimizer {
@@ -118,11 +122,25 @@ impl Optimizer {
             state,
             steps: Tensor::zeros([], (tch::Kind::Int64, options.1)),
             learning_rate: Tensor::zeros([], (tch::Kind::Double, options.1)),
+            loss_scale: None,
         };
         for (param, (_, view)) in optimizer.params.iter().zip(optimizer.views(&optimizer.weights)) {
             tch::no_grad(|| param.shallow_clone().set_data(&view));
         }
         optimizer
+    }
+
+    /// From now on, every loss is scaled before its backward pass and every
+    /// gradient unscaled before its update, the scale adjusted to the
+    /// gradients' range (fp16 training; see [`LossScale`]). The scale is
+    /// part of the state ([`Optimizer::state_tensors`]).
+    pub fn scale_losses(&mut self) {
+        self.loss_scale = Some(LossScale::new(self.weights.device()));
+    }
+
+    /// The loss scale, where losses are scaled.
+    pub fn loss_scale(&self) -> Option<&LossScale> {
+        self.loss_scale.as_ref()
     }
 
     /// Back-propagates `loss` to the parameters, keeping their gradients
@@ -135,6 +153,8 @@ impl Optimizer {
     /// at a time as they come (each graph is freed before the next is
     /// built): the gradient of a batch computed in chunks.
     pub fn backward_each(&mut self, losses: impl ExactSizeIterator<Item = Result<Tensor>>) -> Result<()> {
+        let scale = self.loss_scale.as_ref();
+        let losses = losses.map(|loss| loss.map(|loss| scale.map_or(loss.shallow_clone(), |s| s.scaled(&loss))));
         if let Some(buckets) = &mut self.buckets {
             // The hooks fill the buckets' buffer; the last pass sends them.
             let passes = losses.len();
@@ -222,6 +242,11 @@ impl Optimizer {
         tch::no_grad(|| {
             group.broadcast(&mut self.weights, root)?;
             group.broadcast(&mut self.steps.view([1]), root)?;
+            if let Some(scale) = &mut self.loss_scale {
+                for (_, tensor) in scale.tensors_mut() {
+                    group.broadcast(&mut tensor.view([1]), root)?;
+                }
+            }
             self.state.iter_mut().try_for_each(|state| group.broadcast(state, root))
         })
     }
@@ -238,8 +263,13 @@ impl Optimizer {
     }
 
     /// Applies one update with learning rate `lr` from the last backward
-    /// pass's gradients (none yet: nothing happens).
+    /// pass's gradients (none yet: nothing happens). With a loss scale,
+    /// [`Optimizer::step_if_finite`] is the step to take (it adjusts the
+    /// scale); this one only unscales the gradient.
     pub fn step(&mut self, lr: f64) {
+        if let (Some(scale), Some(gradient)) = (&self.loss_scale, &mut self.gradient) {
+            scale.unscale(gradient);
+        }
         self.set_learning_rate(lr);
         self.update(None);
     }
@@ -284,7 +314,14 @@ impl Optimizer {
     /// [`Optimizer::set_learning_rate`]: on a GPU, work a CUDA graph can
     /// capture, as it neither reads from the device nor takes a number
     /// that changes between steps.
+    ///
+    /// With a loss scale, the gradient is unscaled first, and the verdict
+    /// returned is [`LossScale::update`]'s (an overflow the scale will fix
+    /// is no divergence), while the update is taken only if finite.
     pub fn step_if_finite_at_set_rate(&mut self, loss: &Tensor) -> Tensor {
+        if let (Some(scale), Some(gradient)) = (&self.loss_scale, &mut self.gradient) {
+            scale.unscale(gradient);
+        }
         let finite = match &self.gradient {
             // min g and max g are both finite exactly when every gradient is
             // (the reductions propagate NaN). One pass, no temporary: on 11M
@@ -296,6 +333,10 @@ impl Optimizer {
             }
             _ => loss.isfinite(),
         };
+        let verdict = match &mut self.loss_scale {
+            Some(scale) => scale.update(loss, &finite),
+            None => finite.shallow_clone(),
+        };
         if self.host_verdict {
             // Spares the gated update's sanitising pass over the gradient.
             if bool::try_from(&finite).unwrap_or(false) {
@@ -303,10 +344,10 @@ impl Optimizer {
             } else {
                 let _ = tch::no_grad(|| self.steps.g_add_scalar_(1));
             }
-            return finite;
+            return verdict;
         }
-        self.update(Some(finite.shallow_clone()));
-        finite
+        self.update(Some(finite));
+        verdict
     }
 
     /// Per parameter, in name order: its name and its part of `flat`, shaped
@@ -326,9 +367,13 @@ impl Optimizer {
         })
     }
 
-    /// The state to checkpoint: `{slot}.{parameter name}` plus the step count.
+    /// The state to checkpoint: `{slot}.{parameter name}` plus the step
+    /// count, and the loss scale where losses are scaled.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("steps".to_owned(), self.steps.to_device(tch::Device::Cpu).copy())];
+        if let Some(scale) = &self.loss_scale {
+            out.extend(scale.tensors().map(|(name, t)| (name.to_owned(), t.to_device(tch::Device::Cpu).copy())));
+        }
         for (slot, flat) in self.state.iter().enumerate() {
             out.extend(self.views(flat).map(|(name, view)| (format!("{slot}.{name}"), view)));
         }
@@ -340,6 +385,13 @@ impl Optimizer {
         let missing = |name: &str| Error::InvalidArgument(format!("optimiser state '{name}' is missing"));
         let steps = saved.remove("steps").ok_or_else(|| missing("steps"))?.int64_value(&[]);
         let _ = tch::no_grad(|| self.steps.fill_(steps));
+        // A loss scale saved by a run in fp16, taken where losses are scaled
+        // (a run saved in another precision leaves the scale fresh).
+        for (name, tensor) in self.loss_scale.iter_mut().flat_map(LossScale::tensors_mut) {
+            if let Some(value) = saved.remove(name) {
+                tch::no_grad(|| tensor.copy_(&value));
+            }
+        }
         for (slot, flat) in self.state.iter().enumerate() {
             for (name, mut view) in self.views(flat) {
                 let name = format!("{slot}.{name}");
@@ -469,6 +521,49 @@ mod tests {
         let loss = params[2].1.sum(Kind::Float);
         optimizer.backward(&(&params[0].1.sum(Kind::Float) * f64::NAN)).unwrap();
         assert!(!bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap(), "a NaN gradient with a finite loss");
+    }
+
+    #[test]
+    fn a_scaled_loss_steps_as_the_unscaled_one_skips_its_overflows_and_keeps_its_scale() {
+        // One optimiser scales its losses, the other does not: the scale is
+        // a power of two, so their gradients and steps agree bit for bit.
+        let (params, scaled_params) = (parameters(), parameters());
+        for ((_, a), (_, b)) in params.iter().zip(&scaled_params) {
+            tch::no_grad(|| b.shallow_clone().copy_(a));
+        }
+        let config = OptimConfig { optimizer: OptimizerKind::Lars, weight_decay: 1e-4, ..Default::default() };
+        let own = |params: &[(String, Tensor)]| params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let (mut plain, mut scaled) =
+            (Optimizer::new(&config, own(&params)), Optimizer::new(&config, own(&scaled_params)));
+        scaled.scale_losses();
+        let loss_of =
+            |params: &[(String, Tensor)]| (&params[1].1 * &params[1].1).sum(Kind::Float) + params[2].1.sum(Kind::Float);
+        for _ in 0..3 {
+            for (optimizer, params) in [(&mut plain, &params), (&mut scaled, &scaled_params)] {
+                let loss = loss_of(params);
+                optimizer.backward(&loss).unwrap();
+                assert!(bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap());
+            }
+        }
+        assert!(plain.flat_weights().equal(scaled.flat_weights()), "scaled steps differ from plain ones");
+        assert_eq!(scaled.loss_scale().unwrap().value(), scale::INITIAL_SCALE);
+        // An overflow: skipped without counting as divergence, the scale halved.
+        let before = scaled.flat_weights().copy();
+        let loss = loss_of(&scaled_params);
+        scaled.backward(&(&loss * 1e36)).unwrap();
+        assert!(bool::try_from(scaled.step_if_finite(0.1, &loss)).unwrap(), "an overflow is the scale's");
+        assert!(scaled.flat_weights().equal(&before), "the overflowing step was taken");
+        assert_eq!(scaled.loss_scale().unwrap().value(), scale::INITIAL_SCALE / 2.0);
+        // The scale travels with the state; a fresh optimiser's is the initial one.
+        let state = || -> HashMap<String, Tensor> { scaled.state_tensors().into_iter().collect() };
+        let mut resumed = Optimizer::new(&config, own(&parameters()));
+        resumed.scale_losses();
+        assert_eq!(resumed.loss_scale().unwrap().value(), scale::INITIAL_SCALE, "the control");
+        resumed.load_state(state()).unwrap();
+        assert_eq!(resumed.loss_scale().unwrap().value(), scale::INITIAL_SCALE / 2.0);
+        // Without a loss scale, the saved one is left aside.
+        plain.load_state(state()).unwrap();
+        assert!(plain.loss_scale().is_none());
     }
 
     /// The GPU's execution (whole buffers, verdicts applied on the device),

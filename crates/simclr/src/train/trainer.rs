@@ -316,7 +316,7 @@ impl Trainer {
         if config.train.deterministic {
             crate::device::make_deterministic(device);
         }
-        let precision = Precision::on(device, config.train.mixed_precision);
+        let precision = Precision::on_with(device, config.train.mixed_precision, config.train.mixed_precision_dtype);
         if let Some(group) = &group {
             device = crate::device::of_rank(device, group.rank());
         }
@@ -362,7 +362,10 @@ impl Trainer {
         let (store, model) = SimClr::in_store(&config.model, device);
         let trainable = store.variables().into_iter().filter(|(_, tensor)| tensor.requires_grad()).collect::<Vec<_>>();
         let mut optimizer = Optimizer::new(&config.optim, trainable);
-        let graphed = graphed_step(&config, device, group.as_ref())?;
+        if precision == Precision::Fp16 {
+            optimizer.scale_losses();
+        }
+        let graphed = graphed_step(&config, device, precision, group.as_ref())?;
         let gradient_cache = config.train.micro_batch_size.map(|micro| {
             tracing::info!("computing each batch in chunks of {micro} images per process (BatchNorm per chunk)");
             GradientCache::new(&store, micro)
@@ -728,13 +731,15 @@ impl Trainer {
         let pace = paces.iter().sum::<f64>() / paces.len() as f64;
         let left = train.epochs.saturating_sub(epoch);
         tracing::info!(
-            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s, waited {:.0}% for data{}{}",
+            "epoch {}/{}: loss {:.4}, lr {:.4}, {:.0} images/s, waited {:.0}% for data{}{}{}",
             metrics.epoch,
             train.epochs,
             metrics.loss,
             metrics.learning_rate,
             metrics.images_per_second,
             100.0 * metrics.data_wait_seconds / seconds,
+            // fp16's: a scale falling epoch after epoch means overflowing gradients.
+            self.optimizer.loss_scale().map(|scale| format!(", loss scale {}", scale.value())).unwrap_or_default(),
             knn_top1.map(|a| format!(", kNN top-1 {:.2}%", 100.0 * a)).unwrap_or_default(),
             match left {
                 0 => String::new(),
@@ -864,13 +869,26 @@ impl Trainer {
 
 /// The CUDA graph `train.cuda_graph` asks for, where it applies: on
 /// CUDA, in one process, through the shim beside this binary.
-fn graphed_step(config: &ValidConfig, device: Device, group: Option<&ProcessGroup>) -> Result<Option<GraphedStep>> {
+fn graphed_step(
+    config: &ValidConfig,
+    device: Device,
+    precision: Precision,
+    group: Option<&ProcessGroup>,
+) -> Result<Option<GraphedStep>> {
     if !config.train.cuda_graph {
         return Ok(None);
     }
     if !device.is_cuda() {
         tracing::info!("train.cuda_graph is ignored on {device:?}: CUDA graphs are CUDA's");
         return Ok(None);
+    }
+    if precision == Precision::Fp16 {
+        // Not yet captured on a GPU of this kind (none was lent).
+        return Err(Error::InvalidArgument(
+            "train.cuda_graph = true in fp16 (a GPU without bf16): the loss scale's step is not captured; set \
+             train.cuda_graph = false"
+                .to_owned(),
+        ));
     }
     if group.is_some() {
         return Err(Error::InvalidArgument(
@@ -1188,7 +1206,7 @@ fn other_images(trained_on: Option<usize>, saved_at: Position, images: usize) ->
 fn other_precision(trained_in: Option<Precision>, precision: Precision, mixed_precision: bool) -> Option<String> {
     let trained_in = trained_in.filter(|&trained_in| trained_in != precision)?.name();
     let why = match (precision, mixed_precision) {
-        (Precision::Bf16, _) => "; --set train.mixed_precision=false keeps fp32",
+        (Precision::Bf16 | Precision::Fp16, _) => "; --set train.mixed_precision=false keeps fp32",
         (Precision::Fp32, true) => " (this device does not compute bf16 natively)",
         (Precision::Fp32, false) => " (train.mixed_precision = false)",
     };
