@@ -37,8 +37,9 @@
 #   tools/device/device-bench.sh smoke     every CUDA path of the binary once, on 2048 images: train
 #                                   (device augmentation, bf16), resume, every pixel op on the device,
 #                                   kNN, linear, fine-tune, embed; training and fine-tuning in fp16
-#   tools/device/device-bench.sh bench     step throughput with LARS in bf16 and SGD in fp32, and the
-#                                   reference's bf16 kernel profile
+#   tools/device/device-bench.sh bench     step throughput with LARS in bf16, SGD in fp32 and SGD in fp16
+#                                   (loss scaling; the reference with GradScaler), and the reference's
+#                                   bf16 kernel profile
 #   tools/device/device-bench.sh table     the table from the stages' JSON in $OUT (runs
 #                                   anywhere: point OUT at the JSON fetched from the call)
 # Environment: BUDGET (s, default 180; 300 with `all`), DEADLINE (s from the start, after
@@ -157,7 +158,10 @@ PY
     # LARS is the paper's (a per-tensor loop in PyTorch, as its SimCLR code writes it).
     "$BIN" bench "${common[@]}" --optimizer lars > "$OUT/bench_bf16_lars.json"
     "$BIN" bench "${common[@]}" --optimizer sgd --no-mixed-precision > "$OUT/bench_fp32_sgd.json"
-    cat "$OUT/bench_bf16_lars.json" "$OUT/bench_fp32_sgd.json"
+    # fp16 with loss scaling (what a V100 or T4 trains in), against PyTorch's
+    # fp16 autocast with GradScaler.
+    "$BIN" bench "${common[@]}" --optimizer sgd --mixed-precision-dtype fp16 > "$OUT/bench_fp16_sgd.json"
+    cat "$OUT/bench_bf16_lars.json" "$OUT/bench_fp32_sgd.json" "$OUT/bench_fp16_sgd.json"
     # Where the reference's bf16 step spends its device time, kernel by
     # kernel: the kernels are the ones simclr calls too.
     "$PYTHON" tools/reference/bench_pytorch.py --device "$DEVICE" --arch resnet18 --stem cifar --batch-size "${BENCH_BATCH:-256}" \
@@ -442,7 +446,7 @@ card = out / "card.txt"
 if card.exists():
     print(f"card: {card.read_text().strip()}")
 steps = sorted(out.glob("bench_bf16_sgd_*.json"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
-for path in [out / "bench_fp32_sgd.json", out / "bench_bf16_lars.json", *steps]:
+for path in [out / "bench_fp32_sgd.json", out / "bench_bf16_lars.json", out / "bench_fp16_sgd.json", *steps]:
     b = load(path.name)
     if b:
         ours, ref = b["simclr"], b["reference"]
@@ -565,7 +569,7 @@ estimate() {
     input) echo 180 ;;
     micro) echo 200 ;;
     graph) echo 100 ;;
-    bench) echo 60 ;;
+    bench) echo 75 ;;
     *) echo 0 ;;
     esac
 }

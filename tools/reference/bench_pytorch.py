@@ -74,6 +74,9 @@ def main():
     parser.add_argument("--hidden-dim", type=int, default=0, help="head hidden width; 0 = the size of h")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last (CUDA)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="fp16 autocast with GradScaler and channels_last (as simclr on a GPU without bf16; "
+                             "sgd or adamw)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last without bf16 (as simclr does)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many training steps with torch.profiler and print, to stderr, the "
@@ -111,7 +114,9 @@ def main():
     head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 128))
     model = torch.nn.Sequential(encoder, head).to(device)
     views = torch.randn(2 * args.batch_size, 3, args.image_size, args.image_size, device=device)
-    if args.bf16 or args.channels_last:
+    if args.fp16 and args.optimizer == "lars":
+        parser.error("--fp16 takes --optimizer sgd or adamw (GradScaler steps a torch.optim optimizer)")
+    if args.bf16 or args.fp16 or args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         views = views.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,13 +124,21 @@ def main():
     # Weight decay 1e-6 on weights, none on BatchNorm and biases, as simclr's defaults.
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 1e-6},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
     if args.optimizer == "sgd":
-        update = torch.optim.SGD(groups, lr=0.1, momentum=0.9).step
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     elif args.optimizer == "adamw":
-        update = torch.optim.AdamW(groups, lr=1e-3).step
-    else:
+        optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    if args.fp16:
+        def update():
+            scaler.step(optimizer)
+            scaler.update()
+    elif args.optimizer == "lars":
         update = lambda: lars_step(params, velocities, 0.1)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    else:
+        update = optimizer.step
+    half = torch.float16 if args.fp16 else torch.bfloat16
+    autocast = lambda: torch.autocast(device.type, dtype=half, enabled=args.bf16 or args.fp16)
 
     def train_step():
         model.train()
@@ -134,7 +147,7 @@ def main():
         loss = nt_xent(z.float(), 0.1)
         for p in params:
             p.grad = None
-        loss.backward()
+        scaler.scale(loss).backward()
         update()
 
     images = views[: args.batch_size]
@@ -175,7 +188,8 @@ def main():
     done = args.steps * args.batch_size
     print(json.dumps({
         "implementation": f"pytorch {torch.__version__}"
-        + (" bf16+channels_last" if args.bf16 else " channels_last" if args.channels_last else ""),
+        + (" bf16+channels_last" if args.bf16 else " fp16+GradScaler+channels_last" if args.fp16
+           else " channels_last" if args.channels_last else ""),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "arch": args.arch,

@@ -295,8 +295,7 @@ pub enum Precision {
 names!(Precision, "precision", { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
 
 /// Which half-precision type mixed precision takes (`train.mixed_precision_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HalfType {
     /// bf16 where the device computes it natively (CUDA compute capability
     /// 8.0 and up; CPUs with AVX-512 BF16), fp16 on GPUs of capability 7.x
@@ -308,6 +307,8 @@ pub enum HalfType {
     /// fp16 on any device (on a CPU, emulated and slow: for tests).
     Fp16,
 }
+
+names!(HalfType, "half type", { Auto => "auto", Bf16 => "bf16", Fp16 => "fp16" });
 
 /// What the device computes natively, for [`Precision::choose`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

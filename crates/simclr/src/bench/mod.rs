@@ -56,6 +56,11 @@ pub struct BenchOptions {
     /// `train.mixed_precision`); `--no-mixed-precision` keeps fp32 throughout.
     #[arg(long = "no-mixed-precision", action = clap::ArgAction::SetFalse)]
     pub mixed_precision: bool,
+    /// The half type of mixed precision (as `train.mixed_precision_dtype`):
+    /// auto, bf16, or fp16 (with loss scaling, as on a V100 or T4; the
+    /// PyTorch reference then takes fp16 autocast and GradScaler).
+    #[arg(long, default_value = "auto")]
+    pub mixed_precision_dtype: crate::device::HalfType,
     /// The update of each training step: lars (the paper's), sgd or adamw.
     #[arg(long, default_value = "lars")]
     pub optimizer: OptimizerKind,
@@ -86,7 +91,7 @@ pub struct BenchReport {
     pub steps: usize,
     pub optimizer: &'static str,
     /// The arithmetic of the training step and the forward pass
-    /// ([`Precision::on`]), "bf16" (autocast) or "fp32" in JSON.
+    /// ([`Precision::on`]), "bf16" or "fp16" (autocast) or "fp32" in JSON.
     pub precision: Precision,
     /// Training images per second (each image is two views through f, g,
     /// NT-Xent, backward and an optimiser step).
@@ -168,7 +173,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     if options.cuda_graph.is_some() && !device.is_cuda() {
         return Err(Error::Device(format!("--cuda-graph needs a CUDA device, not {device:?}")));
     }
-    let precision = Precision::on(device, options.mixed_precision);
+    let precision = Precision::on_with(device, options.mixed_precision, options.mixed_precision_dtype);
     let (store, model) = SimClr::in_store(&options.model(), device);
     let named = store.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(&OptimConfig { optimizer: options.optimizer, ..OptimConfig::default() }, named);
@@ -428,7 +433,11 @@ pub fn compare_with_pytorch(
     if let Some(hidden) = model.head.hidden_dim {
         command.args(["--hidden-dim", &hidden.to_string()]);
     }
-    command.arg(if ours.precision == Precision::Bf16 { "--bf16" } else { "--channels-last" });
+    command.arg(match ours.precision {
+        Precision::Bf16 => "--bf16",
+        Precision::Fp16 => "--fp16",
+        Precision::Fp32 => "--channels-last",
+    });
     let failed = |message: String| Error::Reference(format!("{python} {}: {message}", script.display()));
     let output = command.output().map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {
