@@ -336,12 +336,13 @@ impl HalfSupport {
 }
 
 impl Precision {
-    /// What `train.mixed_precision` asks for on `device`: bf16 on CUDA and
-    /// on a CPU that computes bf16 natively ([`cpu_computes_bf16`]), fp32
-    /// on any other. bf16 pays only where it is native: an AVX2 machine of
-    /// this project's emulated it, a training step 11-12x slower than fp32;
-    /// a 2-core Xeon with AMX trained 1.65-2.6x faster in it
-    /// (docs/time-to-accuracy.md).
+    /// What `train.mixed_precision` asks for on `device`: bf16 where it is
+    /// native (GPUs of compute capability 8.0 and up, CPUs with
+    /// [`cpu_computes_bf16`]), fp16 on GPUs of capability 7.x, fp32 on any
+    /// other ([`HalfSupport::of`], [`Precision::choose`]). bf16 pays only
+    /// where it is native: an AVX2 machine of this project's emulated it, a
+    /// training step 11-12x slower than fp32; a 2-core Xeon with AMX trained
+    /// 1.65-2.6x faster in it (docs/time-to-accuracy.md).
     pub fn on(device: Device, mixed_precision: bool) -> Self {
         Self::on_with(device, mixed_precision, HalfType::Auto)
     }
