@@ -46,7 +46,7 @@ fn intersection(a: &[f32], b: &[f32]) -> f32 {
 
 /// How many of a batch's 2N views (`first[i]` and `second[i]` the two
 /// views of image i) have their positive as the one most similar other
-/// view by [`intersection`]: the contrastive prediction task solved by
+/// view by `intersection`: the contrastive prediction task solved by
 /// histograms. A negative as similar as the positive counts as a miss.
 pub fn positives_found(first: &[Vec<f32>], second: &[Vec<f32>]) -> usize {
     assert_eq!(first.len(), second.len(), "two views of each image");
