@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
-use crate::checks::is_positive_finite;
+use crate::checks::{is_non_negative_finite, is_positive_finite};
 use crate::data::config::DataConfig;
 use crate::data::loader::ViewFormat;
 use crate::device::DeviceChoice;
@@ -423,13 +423,13 @@ impl RunConfig {
         if train.checkpoint_every == 0 {
             problems.push("train.checkpoint_every = 0: must be at least 1".to_owned());
         }
-        if !(train.checkpoint_every_minutes >= 0.0 && train.checkpoint_every_minutes.is_finite()) {
+        if !is_non_negative_finite(train.checkpoint_every_minutes) {
             problems.push(format!("train.checkpoint_every_minutes = {}: must be >= 0", train.checkpoint_every_minutes));
         }
         if !crate::checks::is_positive_finite(train.dist_timeout_seconds) {
             problems.push(format!("train.dist_timeout_seconds = {}: must be > 0", train.dist_timeout_seconds));
         }
-        if !(train.gradient_bucket_mb >= 0.0 && train.gradient_bucket_mb.is_finite()) {
+        if !is_non_negative_finite(train.gradient_bucket_mb) {
             problems.push(format!("train.gradient_bucket_mb = {}: must be >= 0", train.gradient_bucket_mb));
         }
         if train.max_nonfinite_steps == 0 {

@@ -364,6 +364,15 @@ impl Precision {
         }
     }
 
+    /// How a report names the precision after what it did: " in bf16" or
+    /// " in fp16", nothing for fp32.
+    pub fn in_words(self) -> String {
+        match self {
+            Self::Fp32 => String::new(),
+            half => format!(" in {}", half.name()),
+        }
+    }
+
     /// Runs `f` in this precision, with autocast for `device`'s type.
     pub fn run<T>(self, device: Device, f: impl FnOnce() -> T) -> T {
         match self {
@@ -551,15 +560,6 @@ impl MemoryKind {
     }
 }
 
-#[cfg(feature = "cuda")]
-extern "C" {
-    fn simclr_cuda_capability(
-        device: std::ffi::c_int,
-        major: *mut std::ffi::c_int,
-        minor: *mut std::ffi::c_int,
-    ) -> std::ffi::c_int;
-}
-
 /// CUDA device `index`'s compute capability (major, minor); `None` where
 /// it cannot be read (a build without CUDA).
 pub fn cuda_capability(index: usize) -> Option<(i32, i32)> {
@@ -580,6 +580,11 @@ pub fn cuda_capability(index: usize) -> Option<(i32, i32)> {
 
 #[cfg(feature = "cuda")]
 extern "C" {
+    fn simclr_cuda_capability(
+        device: std::ffi::c_int,
+        major: *mut std::ffi::c_int,
+        minor: *mut std::ffi::c_int,
+    ) -> std::ffi::c_int;
     fn simclr_cuda_peak_allocated(device: std::ffi::c_int, bytes: *mut i64) -> std::ffi::c_int;
     fn simclr_cuda_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
 }

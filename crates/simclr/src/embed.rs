@@ -293,10 +293,7 @@ impl std::fmt::Display for EmbedReport {
             self.paths_path.display(),
             self.embed_seconds,
             self.images as f64 / self.embed_seconds.max(1e-9),
-            match self.precision {
-                Precision::Fp32 => String::new(),
-                half => format!(" in {}", half.name()),
-            },
+            self.precision.in_words(),
         )?;
         write!(f, "{}", crate::data::Skipped(&self.skipped))
     }

@@ -73,7 +73,7 @@ impl LinearConfig {
             }
         }
         super::check_sgd(self.learning_rate, self.momentum, problems);
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+        if !crate::checks::is_non_negative_finite(self.weight_decay) {
             problems.push(format!("--weight-decay {}: must be a finite number >= 0", self.weight_decay));
         }
     }

@@ -146,10 +146,7 @@ impl std::fmt::Display for EvalReport {
             f,
             "{}{} | {}{} | {} labelled of {} train / {} test images, {} classes | top-1 {:.2}% | top-5 {:.2}%",
             self.protocol,
-            match self.precision {
-                Precision::Fp32 => String::new(),
-                half => format!(" in {}", half.name()),
-            },
+            self.precision.in_words(),
             self.encoder,
             if self.layer == "h" { String::new() } else { format!(" at {}", self.layer) },
             self.labelled_images,

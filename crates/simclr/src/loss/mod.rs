@@ -87,7 +87,7 @@ impl LossConfig {
         if !crate::checks::is_positive_finite(self.temperature) {
             problems.push(format!("loss.temperature = {}: must be a finite number > 0", self.temperature));
         }
-        if !(self.margin >= 0.0 && self.margin.is_finite()) {
+        if !crate::checks::is_non_negative_finite(self.margin) {
             problems.push(format!("loss.margin = {}: must be a finite number >= 0", self.margin));
         }
         if self.negatives == Negatives::SemiHard && !self.objective.mines_negatives() {

@@ -65,7 +65,7 @@ impl OptimConfig {
             }
         }
         for (field, value) in [("optim.weight_decay", self.weight_decay), ("optim.warmup_epochs", self.warmup_epochs)] {
-            if !(value >= 0.0 && value.is_finite()) {
+            if !crate::checks::is_non_negative_finite(value) {
                 problems.push(format!("{field} = {value}: must be a finite number >= 0"));
             }
         }

@@ -143,6 +143,14 @@ impl Optimizer {
         self.loss_scale.as_ref()
     }
 
+    /// Divides the last backward pass's gradient by the loss scale, where
+    /// losses are scaled (before anything reads it).
+    fn unscale_gradient(&mut self) {
+        if let (Some(scale), Some(gradient)) = (&self.loss_scale, &mut self.gradient) {
+            scale.unscale(gradient);
+        }
+    }
+
     /// Back-propagates `loss` to the parameters, keeping their gradients
     /// (flat) for [`Optimizer::step`]; a parameter `loss` does not reach gets 0.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
@@ -267,9 +275,7 @@ impl Optimizer {
     /// [`Optimizer::step_if_finite`] is the step to take (it adjusts the
     /// scale); this one only unscales the gradient.
     pub fn step(&mut self, lr: f64) {
-        if let (Some(scale), Some(gradient)) = (&self.loss_scale, &mut self.gradient) {
-            scale.unscale(gradient);
-        }
+        self.unscale_gradient();
         self.set_learning_rate(lr);
         self.update(None);
     }
@@ -319,9 +325,7 @@ impl Optimizer {
     /// returned is [`LossScale::update`]'s (an overflow the scale will fix
     /// is no divergence), while the update is taken only if finite.
     pub fn step_if_finite_at_set_rate(&mut self, loss: &Tensor) -> Tensor {
-        if let (Some(scale), Some(gradient)) = (&self.loss_scale, &mut self.gradient) {
-            scale.unscale(gradient);
-        }
+        self.unscale_gradient();
         let finite = match &self.gradient {
             // min g and max g are both finite exactly when every gradient is
             // (the reductions propagate NaN). One pass, no temporary: on 11M

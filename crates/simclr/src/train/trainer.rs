@@ -774,8 +774,8 @@ impl Trainer {
             let path = encoder_snapshot(&self.config.train.output_dir, self.position.epoch);
             self.write_on_rank_0(|trainer| trainer.export_encoder(&path))?;
         }
-        let every = self.config.train.checkpoint_every;
-        if self.position.epoch.is_multiple_of(every) || self.is_done() || stopping || self.save_due {
+        let checkpoint_every = self.config.train.checkpoint_every;
+        if self.position.epoch.is_multiple_of(checkpoint_every) || self.is_done() || stopping || self.save_due {
             self.save_checkpoint()?;
         }
         Ok(())
