@@ -66,8 +66,10 @@ pub struct Optimizer {
     buckets: Option<GradientBuckets>,
     /// Momentum (LARS, SGD) or first and second moments (AdamW), flat.
     state: Vec<Tensor>,
-    /// Updates so far, skipped ones included (AdamW's bias correction
-    /// counts them), and the rate the next update takes: 0-d tensors on the
+    /// Updates taken so far (a skipped one does not count, as
+    /// `torch.optim.AdamW` under `GradScaler`, whose skipped steps never
+    /// reach the optimiser: AdamW's bias correction reads the count), and
+    /// the rate the next update takes: 0-d tensors on the
     /// parameters' device, changed there in place, so that an update
     /// captured in a CUDA graph counts and reads them when replayed (a
     /// number passed to a kernel is fixed at capture). The rate is f64, as
@@ -284,10 +286,14 @@ impl Optimizer {
     fn update(&mut self, open: Option<Tensor>) {
         let Some(grad) = &self.gradient else { return };
         let (hyper, lr) = (self.hyper, &self.learning_rate);
-        let amounts = Amounts { open, device: self.weights.device() };
         tch::no_grad(|| {
-            let _ = self.steps.g_add_scalar_(1);
-            let adamw = (self.kind == OptimizerKind::Adamw).then(|| adamw::Factors::new(lr, &self.steps, hyper));
+            // t of this update, counted once it is taken.
+            let taken = match &open {
+                Some(open) => open.to_kind(tch::Kind::Int64),
+                None => Tensor::ones([], (tch::Kind::Int64, self.steps.device())),
+            };
+            let adamw = (self.kind == OptimizerKind::Adamw).then(|| adamw::Factors::new(lr, &(&self.steps + 1), hyper));
+            let amounts = Amounts { open, device: self.weights.device() };
             for chunk in &self.chunks {
                 let (mut weights, grad, layout) = (chunk.of(&self.weights), chunk.of(grad), &chunk.layout);
                 let mut state: Vec<Tensor> = self.state.iter().map(|s| chunk.of(s)).collect();
@@ -302,6 +308,7 @@ impl Optimizer {
                     }
                 }
             }
+            let _ = self.steps.g_add_(&taken);
         });
     }
 
@@ -310,7 +317,7 @@ impl Optimizer {
     ///
     /// On a GPU nothing is read by the host, so the device never waits for
     /// it: the verdict shuts the update on the device (see `Amounts`). A
-    /// step skipped still counts in AdamW's bias correction, on every device.
+    /// step skipped leaves the optimiser as it was, its step count included.
     pub fn step_if_finite(&mut self, lr: f64, loss: &Tensor) -> Tensor {
         self.set_learning_rate(lr);
         self.step_if_finite_at_set_rate(loss)
@@ -345,8 +352,6 @@ impl Optimizer {
             // Spares the gated update's sanitising pass over the gradient.
             if bool::try_from(&finite).unwrap_or(false) {
                 self.update(None);
-            } else {
-                let _ = tch::no_grad(|| self.steps.g_add_scalar_(1));
             }
             return verdict;
         }
@@ -529,35 +534,49 @@ mod tests {
 
     #[test]
     fn a_scaled_loss_steps_as_the_unscaled_one_skips_its_overflows_and_keeps_its_scale() {
+        for optimizer in [OptimizerKind::Lars, OptimizerKind::Adamw] {
+            scaled_and_unscaled_agree(OptimConfig { optimizer, weight_decay: 1e-4, ..Default::default() });
+        }
+    }
+
+    fn scaled_and_unscaled_agree(config: OptimConfig) {
         // One optimiser scales its losses, the other does not: the scale is
         // a power of two, so their gradients and steps agree bit for bit.
         let (params, scaled_params) = (parameters(), parameters());
         for ((_, a), (_, b)) in params.iter().zip(&scaled_params) {
             tch::no_grad(|| b.shallow_clone().copy_(a));
         }
-        let config = OptimConfig { optimizer: OptimizerKind::Lars, weight_decay: 1e-4, ..Default::default() };
         let own = |params: &[(String, Tensor)]| params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let (mut plain, mut scaled) =
             (Optimizer::new(&config, own(&params)), Optimizer::new(&config, own(&scaled_params)));
         scaled.scale_losses();
         let loss_of =
             |params: &[(String, Tensor)]| (&params[1].1 * &params[1].1).sum(Kind::Float) + params[2].1.sum(Kind::Float);
-        for _ in 0..3 {
-            for (optimizer, params) in [(&mut plain, &params), (&mut scaled, &scaled_params)] {
+        let both_step = |plain: &mut Optimizer, scaled: &mut Optimizer| {
+            for (optimizer, params) in [(plain, &params), (scaled, &scaled_params)] {
                 let loss = loss_of(params);
                 optimizer.backward(&loss).unwrap();
                 assert!(bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap());
             }
+        };
+        for _ in 0..3 {
+            both_step(&mut plain, &mut scaled);
         }
-        assert!(plain.flat_weights().equal(scaled.flat_weights()), "scaled steps differ from plain ones");
+        let kind = config.optimizer;
+        assert!(plain.flat_weights().equal(scaled.flat_weights()), "{kind:?}: scaled steps differ from plain ones");
         assert_eq!(scaled.loss_scale().unwrap().value(), scale::INITIAL_SCALE);
-        // An overflow: skipped without counting as divergence, the scale halved.
+        // An overflow: skipped without counting as divergence, the scale
+        // halved, and the optimiser left as if it never came (its step count
+        // too, as GradScaler never calls a skipped step): the next step is
+        // the plain one's.
         let before = scaled.flat_weights().copy();
         let loss = loss_of(&scaled_params);
         scaled.backward(&(&loss * 1e36)).unwrap();
         assert!(bool::try_from(scaled.step_if_finite(0.1, &loss)).unwrap(), "an overflow is the scale's");
-        assert!(scaled.flat_weights().equal(&before), "the overflowing step was taken");
+        assert!(scaled.flat_weights().equal(&before), "{kind:?}: the overflowing step was taken");
         assert_eq!(scaled.loss_scale().unwrap().value(), scale::INITIAL_SCALE / 2.0);
+        both_step(&mut plain, &mut scaled);
+        assert!(plain.flat_weights().equal(scaled.flat_weights()), "{kind:?}: the overflow changed the next step");
         // The scale travels with the state; a fresh optimiser's is the initial one.
         let state = || -> HashMap<String, Tensor> { scaled.state_tensors().into_iter().collect() };
         let mut resumed = Optimizer::new(&config, own(&parameters()));
@@ -641,7 +660,6 @@ mod tests {
         let snapshot = |o: &Optimizer| -> Vec<Tensor> {
             o.state_tensors()
                 .into_iter()
-                .skip(1)
                 .map(|(_, t)| t.copy())
                 .chain(params.iter().map(|(_, t)| t.detach().copy()))
                 .collect()
@@ -663,6 +681,6 @@ mod tests {
         optimizer.backward(&loss).unwrap();
         assert!(bool::try_from(optimizer.step_if_finite(0.1, &loss)).unwrap());
         assert!(!params[2].1.detach().equal(&before[before.len() - 2]));
-        assert_eq!(optimizer.steps.int64_value(&[]), 6, "skipped steps count in AdamW's bias correction");
+        assert_eq!(optimizer.steps.int64_value(&[]), 2, "skipped steps do not count in AdamW's bias correction");
     }
 }
