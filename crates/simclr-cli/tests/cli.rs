@@ -909,6 +909,12 @@ fn eval_and_bench_settings_are_refused_by_name_and_an_io_error_is_printed_once()
     assert_fails_with(&output, &["--threads 0: must be at least 1"]);
     let output = simclr(["bench", "input", "--data", &data, "--limit", "0"]).run();
     assert_fails_with(&output, &["--limit 0: must be at least 1"]);
+    // Data that is not there is named as the data.
+    let none = dir.path().join("none").display().to_string();
+    let output = simclr(["train", "--data", &missing, "--output", &none]).run();
+    assert_fails_with(&output, &[&format!("dataset {missing}: no such file or folder")]);
+    let output = simclr(["eval", "knn", "--random-init", "--train", &data, "--test", &missing]).args(model).run();
+    assert_fails_with(&output, &[&format!("dataset {missing}: no such file or folder")]);
     // The I/O error is in the message once, not again as its cause.
     let output = simclr(["report", &dir.path().display().to_string()]).run();
     assert_fails_with(&output, &["metrics.jsonl: No such file or directory"]);

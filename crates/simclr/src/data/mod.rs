@@ -312,6 +312,9 @@ impl Dataset {
 
     /// Opens `path` in the given format (`Auto` looks at what is there).
     pub fn open(path: &Path, format: &DataFormat) -> Result<Self> {
+        if let Ok(false) = path.try_exists() {
+            return Err(Error::Dataset { path: path.to_path_buf(), message: "no such file or folder".to_owned() });
+        }
         let format = match format {
             DataFormat::Auto => detect_format(path)?,
             other => other.clone(),
