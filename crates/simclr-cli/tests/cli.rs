@@ -224,6 +224,12 @@ fn train_resume_and_embed_round_trip() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"").unwrap();
     assert_fails_with(&tiny_run(&no_data, &file).run(), &["a-file", "a file, where a folder is needed"]);
+    // A resume where no run was: the folder named, and what to do.
+    let empty = dir.path().join("no-run").display().to_string();
+    assert_fails_with(
+        &simclr(["train", "--resume", "--output", &empty]).run(),
+        &[&format!("checkpoint {empty}: nothing to resume"), "leave out --resume"],
+    );
 
     // Another optimiser cannot continue the saved one's state: refused, the
     // checkpoint untouched.

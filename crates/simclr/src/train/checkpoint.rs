@@ -38,7 +38,15 @@ pub(crate) fn written_files(path: &Path) -> [std::path::PathBuf; 3] {
 /// The configuration of the run in `run_dir`, from its latest checkpoint:
 /// what `--resume` continues.
 pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
-    Ok(Checkpoint::read_latest(&run_dir.join(FILE_NAME))?.config)
+    let path = run_dir.join(FILE_NAME);
+    if !exists(&path) {
+        return Err(Error::Checkpoint {
+            path: run_dir.to_path_buf(),
+            message: "nothing to resume, the folder holds no checkpoint (leave out --resume to start a run there)"
+                .to_owned(),
+        });
+    }
+    Ok(Checkpoint::read_latest(&path)?.config)
 }
 
 /// The encoder a run's checkpoint holds, as its config describes it (read
