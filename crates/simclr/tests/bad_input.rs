@@ -71,8 +71,9 @@ fn images() {
     let mut bad_crc = png.clone();
     bad_crc[29] ^= 0xFF; // the IHDR chunk's CRC
     let errors: Vec<(&str, Vec<u8>, &[&str])> = vec![
-        ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec(), &["cannot decode"]),
-        ("marker.jpg", jpeg[..4].to_vec(), &["cannot decode"]),
+        ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec(), &["truncated"]),
+        ("no_end_marker.jpg", jpeg[..jpeg.len() - 2].to_vec(), &["truncated"]),
+        ("marker.jpg", jpeg[..4].to_vec(), &["truncated"]),
         ("empty.jpg", Vec::new(), &["not an image"]),
         ("notes.jpg", b"these are not pixels\n".to_vec(), &["not an image"]),
         ("bad_crc.png", bad_crc, &["cannot decode"]),

@@ -69,6 +69,7 @@ fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         .set_max_width(usize::MAX)
         .set_max_height(usize::MAX)
         .jpeg_set_out_colorspace(ColorSpace::RGB);
+    check_whole(bytes, path)?;
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
     let pixels = decoder.decode().map_err(|e| bad(path, format!("cannot decode: {e:?}")))?;
     let (width, height) = decoder.dimensions().expect("decoded, so the headers were read");
@@ -108,6 +109,7 @@ pub fn decode_reduced(bytes: &[u8], path: &Path, reduction: u32) -> Result<RgbIm
     if reduction <= 1 || format_of(bytes, path)? != image::ImageFormat::Jpeg {
         return decode_bytes(bytes, path);
     }
+    check_whole(bytes, path)?;
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     let failed = |e: jpeg_decoder::Error| bad(path, format!("cannot decode: {e}"));
     decoder.read_info().map_err(failed)?;
@@ -126,6 +128,28 @@ pub fn decode_reduced(bytes: &[u8], path: &Path, reduction: u32) -> Result<RgbIm
     };
     RgbImage::from_raw(out_width, out_height, rgb)
         .ok_or_else(|| bad(path, format!("decoder returned a wrong buffer size for {out_width}x{out_height}")))
+}
+
+/// An error unless the JPEG in `bytes` is whole: an end-of-image marker
+/// (FF D9) after the start of its last scan (FF DA). Neither pair can occur
+/// inside a scan's coded data, where every FF byte is followed by 00 or a
+/// restart marker, so a thumbnail's end before the image's scans does not
+/// count. Checked before decoding: zune-jpeg fills the rows of a file cut
+/// short with grey, as browsers do, and jpeg-decoder fails without saying
+/// why ("failed to fill whole buffer"), where PIL ("image file is truncated") and
+/// torchvision.io ("Image is incomplete or truncated") refuse it, and
+/// refuse one that lacks only its final marker: so does this, and the
+/// file goes through `data.on_bad_image` as any unreadable image.
+fn check_whole(bytes: &[u8], path: &Path) -> Result<()> {
+    const END: [u8; 2] = [0xFF, 0xD9];
+    // Nearly every file ends with its marker: no search.
+    if bytes.ends_with(&END) {
+        return Ok(());
+    }
+    match (memchr::memmem::rfind(bytes, &[0xFF, 0xDA]), memchr::memmem::rfind(bytes, &END)) {
+        (Some(scan), Some(end)) if end > scan => Ok(()),
+        _ => Err(bad(path, "truncated: the file ends before its image data does".to_owned())),
+    }
 }
 
 pub(crate) fn check_size(width: u32, height: u32) -> std::result::Result<(), String> {
@@ -200,12 +224,40 @@ mod tests {
     fn a_cut_jpeg_is_named_in_one_line() {
         let jpeg = photograph();
         let path = Path::new("cut.jpg");
-        // Cut inside its headers (a JPEG cut in its scan decodes, greyed).
+        // Cut inside its headers.
         for cut in [100, 300] {
             let Err(error) = decode_for(&jpeg[..cut], path, &|_, _| 1) else { panic!("{cut} bytes decoded") };
             let error = error.to_string();
             assert!(error.starts_with("image cut.jpg: cannot decode"), "{error}");
             assert_eq!(error.trim_end(), error, "no trailing line break");
+        }
+    }
+
+    #[test]
+    fn a_jpeg_cut_in_its_scan_is_truncated_and_one_with_bytes_after_its_end_is_whole() {
+        let jpeg = photograph();
+        let path = Path::new("cut.jpg");
+        assert!(jpeg.ends_with(&[0xFF, 0xD9]));
+        // Half its scan, or all but its end marker (PIL and torchvision.io
+        // refuse both), in full and at 1/2 (the two decoders).
+        for cut in [jpeg.len() / 2, jpeg.len() - 2] {
+            let bytes = &jpeg[..cut];
+            // The control: the decoder itself reads them, greyed.
+            let options = zune_core::options::DecoderOptions::default().set_strict_mode(false);
+            let mut lenient =
+                zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+            assert!(lenient.decode().is_ok(), "zune-jpeg refused {cut} bytes itself");
+            for reduction in [1, 2] {
+                let Err(error) = decode_reduced(bytes, path, reduction) else { panic!("{cut} bytes decoded") };
+                assert_eq!(error.to_string(), "image cut.jpg: truncated: the file ends before its image data does");
+            }
+        }
+        // Bytes after the end marker (padding, appended data): read as PIL reads them.
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(b"\0\0trailing bytes");
+        for reduction in [1, 2] {
+            let expected = decode_reduced(&jpeg, path, reduction).unwrap();
+            assert_eq!(decode_reduced(&padded, path, reduction).unwrap(), expected);
         }
     }
 
