@@ -38,15 +38,7 @@ pub(crate) fn written_files(path: &Path) -> [std::path::PathBuf; 3] {
 /// The configuration of the run in `run_dir`, from its latest checkpoint:
 /// what `--resume` continues.
 pub fn saved_config(run_dir: &Path) -> Result<RunConfig> {
-    let path = run_dir.join(FILE_NAME);
-    if !exists(&path) {
-        return Err(Error::Checkpoint {
-            path: run_dir.to_path_buf(),
-            message: "nothing to resume, the folder holds no checkpoint (leave out --resume to start a run there)"
-                .to_owned(),
-        });
-    }
-    Ok(Checkpoint::read_latest(&path)?.config)
+    Ok(Checkpoint::read_to_resume(&run_dir.join(FILE_NAME))?.config)
 }
 
 /// The encoder a run's checkpoint holds, as its config describes it (read
@@ -229,6 +221,20 @@ impl Checkpoint {
                 message: format!("unusable ({latest}), and so is the previous one ({other})"),
             }),
         }
+    }
+
+    /// [`Checkpoint::read_latest`] for `--resume`: a run folder with no
+    /// checkpoint at all (latest, previous or new) is named as one with
+    /// nothing to resume, not by the missing file's I/O error.
+    pub fn read_to_resume(path: &Path) -> Result<Self> {
+        if !exists(path) {
+            return Err(Error::Checkpoint {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+                message: "nothing to resume, the folder holds no checkpoint (leave out --resume to start a run there)"
+                    .to_owned(),
+            });
+        }
+        Self::read_latest(path)
     }
 
     pub fn read(path: &Path) -> Result<Self> {

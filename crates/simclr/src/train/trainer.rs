@@ -1026,7 +1026,7 @@ fn open_run_folder(
     checkpoint_path: &std::path::Path,
 ) -> Result<Option<Checkpoint>> {
     if resume {
-        let mut saved = Checkpoint::read_latest(checkpoint_path)?;
+        let mut saved = Checkpoint::read_to_resume(checkpoint_path)?;
         check_resumable(config, &saved, processes, checkpoint_path)?;
         checkpoint::finish_cut_save(&mut saved, checkpoint_path)?;
         return Ok(Some(saved));
