@@ -287,11 +287,8 @@ impl Optimizer {
         let Some(grad) = &self.gradient else { return };
         let (hyper, lr) = (self.hyper, &self.learning_rate);
         tch::no_grad(|| {
-            // t of this update, counted once it is taken.
-            let taken = match &open {
-                Some(open) => open.to_kind(tch::Kind::Int64),
-                None => Tensor::ones([], (tch::Kind::Int64, self.steps.device())),
-            };
+            // The update is t = steps + 1, counted once it is taken.
+            let taken = open.as_ref().map(|open| open.to_kind(tch::Kind::Int64));
             let adamw = (self.kind == OptimizerKind::Adamw).then(|| adamw::Factors::new(lr, &(&self.steps + 1), hyper));
             let amounts = Amounts { open, device: self.weights.device() };
             for chunk in &self.chunks {
@@ -308,7 +305,10 @@ impl Optimizer {
                     }
                 }
             }
-            let _ = self.steps.g_add_(&taken);
+            let _ = match &taken {
+                Some(taken) => self.steps.g_add_(taken),
+                None => self.steps.g_add_scalar_(1),
+            };
         });
     }
 
