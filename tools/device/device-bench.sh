@@ -24,7 +24,7 @@
 #   tools/device/device-bench.sh graph     issue 21: the device augmentation on the training thread, on its own
 #                                   thread, and training through the CUDA graph (train.cuda_graph), from one
 #                                   seed: images/s, waits and losses; with train.deterministic, the eager and
-#                                   captured runs' checkpoints bit for bit (acceptance 4)
+#                                   captured runs' checkpoints bit for bit (acceptance 4), in bf16 and in fp16
 #   tools/device/device-bench.sh kernels   issue 21: every BatchNorm (+ ReLU) of the step's ResNet-18 in bf16,
 #                                   forward and backward, ATen's kernels against cuDNN's (in PyTorch)
 #   tools/device/device-bench.sh step      issue 21: bf16 SGD step throughput at each of BENCH_BATCHES, both
@@ -346,10 +346,21 @@ graph)
     "$BIN" train "${speed[@]}" --output /tmp/graph-captured --set train.cuda_graph=true >&2
     "$BIN" train "${check[@]}" --output /tmp/graph-check-eager >&2
     "$BIN" train "${check[@]}" --output /tmp/graph-check-captured --set train.cuda_graph=true >&2
+    # fp16 with loss scaling (what a V100 or T4 trains in; forced here), the
+    # same pair on GRAPH_FP16_LIMIT images: the scale's step captured too,
+    # its first steps overflowing and skipped. CUDA only: on the CPU fp16 is
+    # emulated (slow), and train.cuda_graph is ignored there.
+    fp16=(--set data.limit="${GRAPH_FP16_LIMIT:-4096}" --set 'train.mixed_precision_dtype="fp16"')
+    rm -rf /tmp/graph-fp16-eager /tmp/graph-fp16-captured
+    if [ "$DEVICE" != cpu ]; then
+        "$BIN" train "${check[@]}" "${fp16[@]}" --output /tmp/graph-fp16-eager >&2
+        "$BIN" train "${check[@]}" "${fp16[@]}" --output /tmp/graph-fp16-captured --set train.cuda_graph=true >&2
+    fi
     "$PYTHON" - /tmp/graph-inline /tmp/graph-eager /tmp/graph-captured /tmp/graph-check-eager /tmp/graph-check-captured \
-        "$OUT/graph.json" <<'PY'
+        /tmp/graph-fp16-eager /tmp/graph-fp16-captured "$DEVICE" "$OUT/graph.json" <<'PY'
 import json, pathlib, struct, sys
-inline, eager, captured, check_eager, check_captured, out = (pathlib.Path(a) for a in sys.argv[1:])
+inline, eager, captured, check_eager, check_captured, fp16_eager, fp16_captured, device, out = (
+    pathlib.Path(a) for a in sys.argv[1:])
 def rates(run):
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     warm = metrics[1:] or metrics
@@ -375,8 +386,21 @@ report["thread_loss_max_relative_difference"] = max(
 a, b = tensors(check_eager), tensors(check_captured)
 report["deterministic_tensors"] = len(a)
 report["deterministic_differing"] = sorted(set(a) ^ set(b)) + sorted(n for n in set(a) & set(b) if a[n] != b[n])
+failed = False
+if str(device) == "cpu":
+    report["fp16"] = "not run on the CPU"
+elif not (fp16_eager / "checkpoint.safetensors").is_file() or not (fp16_captured / "checkpoint.safetensors").is_file():
+    report["fp16"] = "a run failed (above)"
+    failed = True
+else:
+    a, b = tensors(fp16_eager), tensors(fp16_captured)
+    differing = sorted(set(a) ^ set(b)) + sorted(n for n in set(a) & set(b) if a[n] != b[n])
+    scale = struct.unpack("<f", a["optim.loss_scale"])[0] if "optim.loss_scale" in a else None
+    report["fp16"] = {"tensors": len(a), "differing": differing, "loss_scale": scale}
+    failed = bool(differing) or scale is None
 out.write_text(json.dumps(report))
 print(json.dumps(report, indent=1))
+sys.exit(1 if failed else 0)
 PY
     ;;
 pytorch)
@@ -485,6 +509,11 @@ if r:
     differing = r["deterministic_differing"]
     print(f"train.deterministic, eager and captured from one seed: {r['deterministic_tensors']} tensors, "
           + ("all bit-identical (acceptance 4)" if not differing else f"{len(differing)} differ: {differing[:3]}"))
+    f = r.get("fp16", "not run")
+    if isinstance(f, dict):
+        f = (f"{f['tensors']} tensors, " + ("all bit-identical" if not f["differing"] else
+             f"{len(f['differing'])} differ: {f['differing'][:3]}") + f", loss scale {f['loss_scale']}")
+    print(f"the same in fp16 with loss scaling: {f}")
 try:
     norms = [json.loads(line) for line in (out / "batch_norm.jsonl").read_text().splitlines() if line.strip()]
 except OSError:

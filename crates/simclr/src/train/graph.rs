@@ -17,7 +17,10 @@
 //! (`Optimizer::step_if_finite`), so nothing in the step waits for the host.
 //!
 //! The optimiser keeps its step count and learning rate on the device for
-//! this. What a capture cannot hold is refused where the config is checked
+//! this, and in fp16 its loss scale, which the step multiplies the loss by,
+//! divides the gradient by and updates in place (`optim::LossScale`): a
+//! replay scales by the scale the last one left, as an eager step would.
+//! What a capture cannot hold is refused where the config is checked
 //! (gradient caching; supervised training, whose labels change every step)
 //! or where the trainer starts (several processes: their collectives are
 //! not captured).

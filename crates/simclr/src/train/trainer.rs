@@ -365,7 +365,7 @@ impl Trainer {
         if precision == Precision::Fp16 {
             optimizer.scale_losses();
         }
-        let graphed = graphed_step(&config, device, precision, group.as_ref())?;
+        let graphed = graphed_step(&config, device, group.as_ref())?;
         let gradient_cache = config.train.micro_batch_size.map(|micro| {
             tracing::info!("computing each batch in chunks of {micro} images per process (BatchNorm per chunk)");
             GradientCache::new(&store, micro)
@@ -869,26 +869,13 @@ impl Trainer {
 
 /// The CUDA graph `train.cuda_graph` asks for, where it applies: on
 /// CUDA, in one process, through the shim beside this binary.
-fn graphed_step(
-    config: &ValidConfig,
-    device: Device,
-    precision: Precision,
-    group: Option<&ProcessGroup>,
-) -> Result<Option<GraphedStep>> {
+fn graphed_step(config: &ValidConfig, device: Device, group: Option<&ProcessGroup>) -> Result<Option<GraphedStep>> {
     if !config.train.cuda_graph {
         return Ok(None);
     }
     if !device.is_cuda() {
         tracing::info!("train.cuda_graph is ignored on {device:?}: CUDA graphs are CUDA's");
         return Ok(None);
-    }
-    if precision == Precision::Fp16 {
-        // Not yet captured on a GPU of this kind (none was lent).
-        return Err(Error::InvalidArgument(
-            "train.cuda_graph = true in fp16 (a GPU without bf16): the loss scale's step is not captured; set \
-             train.cuda_graph = false"
-                .to_owned(),
-        ));
     }
     if group.is_some() {
         return Err(Error::InvalidArgument(
