@@ -120,8 +120,9 @@ struct TrainArgs {
 /// all of it, and these flags override what it records.
 #[derive(Args)]
 struct EncoderArgs {
-    /// torchvision-named safetensors (e.g. a run's encoder.safetensors); eval also takes a folder of
-    /// them (a run's encoders/, written with train.encoder_every) and scores each, by epoch.
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors), a run's checkpoint, or a run's
+    /// folder (its checkpoint); eval also takes a folder of weights (a run's encoders/, written with
+    /// train.encoder_every) and scores each, by epoch.
     #[arg(long)]
     weights: Option<PathBuf>,
     #[command(flatten)]
@@ -178,7 +179,7 @@ struct EmbedArgs {
 
 #[derive(Args)]
 struct ExportArgs {
-    /// torchvision-named safetensors (e.g. a run's encoder.safetensors) or a run's checkpoint.
+    /// torchvision-named safetensors (e.g. a run's encoder.safetensors), a run's checkpoint or its folder.
     #[arg(long)]
     weights: PathBuf,
     #[command(flatten)]
@@ -195,7 +196,7 @@ struct ExportArgs {
 struct EvalArgs {
     #[command(flatten)]
     encoder: EncoderArgs,
-    /// A run's checkpoint, instead of --weights.
+    /// A run's checkpoint (or its folder), instead of --weights.
     #[arg(long, conflicts_with_all = ["weights", "random_init"])]
     checkpoint: Option<PathBuf>,
     /// Evaluate an untrained encoder (the baseline), drawn with --seed.
@@ -638,13 +639,15 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let overrides = &args.encoder.spec;
     let layer = args.encoder.layer;
     let weights = |path: PathBuf| -> Result<_> {
+        let path = simclr::embed::weights_file(&path)?;
         let spec = simclr::embed::resolve_spec(&path, overrides, layer)?;
         Ok((EncoderSource::Weights(path), spec))
     };
     // A folder of weights (a run's encoders/) is scored file by file, every
-    // file's network read before any work starts.
+    // file's network read before any work starts; a run's folder is its
+    // last state.
     let (networks, folder) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
-        (Some(folder), None, false) if folder.is_dir() => {
+        (Some(folder), None, false) if folder.is_dir() && simclr::embed::weights_file(folder)? == *folder => {
             let files = simclr::embed::weights_in(folder)?;
             (files.into_iter().map(weights).collect::<Result<Vec<_>>>()?, true)
         }
@@ -849,8 +852,11 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
-        Command::Export(args) => simclr::embed::resolve_spec(&args.weights, &args.spec, args.layer)
-            .and_then(|spec| simclr::export::export_torchscript(&args.weights, &spec, args.layer, &args.output))
+        Command::Export(args) => simclr::embed::weights_file(&args.weights)
+            .and_then(|weights| {
+                let spec = simclr::embed::resolve_spec(&weights, &args.spec, args.layer)?;
+                simclr::export::export_torchscript(&weights, &spec, args.layer, &args.output)
+            })
             .map(|exported| print!("{exported}"))
             .map_err(Into::into),
         Command::Eval { protocol } => eval(protocol),

@@ -539,9 +539,37 @@ fn a_runs_encoder_is_used_with_no_other_flags() {
     let (contradicted, _) = embed(&checkpoint, "contradicted.npy");
     let output = contradicted.args(["--arch", "resnet34"]).run();
     assert_fails_with(&output, &["checkpoint.safetensors", "is --arch/--width/--stem that of the weights?"]);
-    // eval and neighbors read the record too.
+    // The run's folder stands for its checkpoint, for embed, export and
+    // eval (one score, where a folder of weights gets one per file: here
+    // two, the control); a run folder without weights is named.
+    let (folder, folder_npy) = embed(&out, "folder.npy");
+    assert_succeeds(&folder.run());
+    assert_eq!(std::fs::read(&bare_npy).unwrap(), std::fs::read(&folder_npy).unwrap());
+    let module = dir.path().join("encoder.pt");
+    assert_succeeds(
+        &simclr(["export", "--weights", out.to_str().unwrap(), "--output", module.to_str().unwrap()]).run(),
+    );
     let data_arg = data.display().to_string();
     let splits = ["--train", data_arg.as_str(), "--test", data_arg.as_str()];
+    let weights_folder = dir.path().join("weights");
+    std::fs::create_dir(&weights_folder).unwrap();
+    for file in ["checkpoint.safetensors", "encoder.safetensors"] {
+        std::fs::copy(out.join(file), weights_folder.join(file)).unwrap();
+    }
+    for (flag, folder, scores) in [("--weights", &out, 1), ("--checkpoint", &out, 1), ("--weights", &weights_folder, 2)]
+    {
+        let knn = simclr(["eval", "knn", "--k", "3", flag, folder.to_str().unwrap()]).args(splits).run();
+        assert_succeeds(&knn);
+        let stdout = String::from_utf8_lossy(&knn.stdout).into_owned();
+        assert_eq!(stdout.matches("top-1").count(), scores + usize::from(scores > 1), "{flag} {folder:?}: {stdout}");
+        assert_eq!(scores == 1, stdout.contains("run/checkpoint.safetensors"), "{stdout}");
+    }
+    let unfinished = dir.path().join("unfinished");
+    std::fs::create_dir(&unfinished).unwrap();
+    std::fs::copy(out.join("config.toml"), unfinished.join("config.toml")).unwrap();
+    let (empty, _) = embed(&unfinished, "unfinished.npy");
+    assert_fails_with(&empty.run(), &["unfinished: a run folder with neither checkpoint.safetensors nor encoder"]);
+    // eval and neighbors read the record too.
     let knn = simclr(["eval", "knn", "--k", "3", "--weights", &weights.display().to_string()]).args(splits).run();
     assert_succeeds(&knn);
     // The same folder as both splits scores seen images, and is said to;
@@ -1865,11 +1893,13 @@ fn a_run_starts_its_encoder_from_another_runs() {
         tiny_run(&data, run).args(["--seed", "7", "--set", "optim.learning_rate=1e-30", "--init-encoder", &weights])
     };
     let two_processes = ["--nproc-per-node", "2"];
-    for (weights, flags) in
-        [(first.join("encoder.safetensors"), &[][..]), (first.join("checkpoint.safetensors"), &two_processes[..])]
+    // The run's folder stands for its checkpoint, which the run records.
+    let (encoder, checkpoint) = (first.join("encoder.safetensors"), first.join("checkpoint.safetensors"));
+    for (given, weights, flags) in
+        [(&encoder, &encoder, &[][..]), (&checkpoint, &checkpoint, &two_processes[..]), (&first, &checkpoint, &[][..])]
     {
-        let run = dir.path().join(format!("from-{}", weights.file_stem().unwrap().to_string_lossy()));
-        let started = from(&weights, &run).args(flags).run();
+        let run = dir.path().join(format!("from-{}", given.file_stem().unwrap().to_string_lossy()));
+        let started = from(given, &run).args(flags).run();
         assert_succeeds(&started);
         let said = format!("with the encoder of {}", weights.display());
         assert!(

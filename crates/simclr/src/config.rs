@@ -512,8 +512,8 @@ pub struct RunLayers {
     #[arg(long)]
     pub device: Option<DeviceChoice>,
     /// Start the encoder from these weights, not a random init: an
-    /// encoder.safetensors, torchvision-named safetensors or a run's
-    /// checkpoint, of the run's network (model.init_encoder).
+    /// encoder.safetensors, torchvision-named safetensors, a run's
+    /// checkpoint or its folder, of the run's network (model.init_encoder).
     #[arg(long, value_name = "WEIGHTS")]
     pub init_encoder: Option<PathBuf>,
 }
@@ -580,7 +580,12 @@ impl RunLayers {
         if let Some(weights) = &self.init_encoder {
             config.model.init_encoder = Some(weights.clone());
         }
-        config.with_overrides(&self.config.overrides)?.validate()
+        let mut config = config.with_overrides(&self.config.overrides)?;
+        // A run's folder stands for its weights file, which the run records.
+        if let Some(weights) = &config.model.init_encoder {
+            config.model.init_encoder = Some(crate::embed::weights_file(weights)?);
+        }
+        config.validate()
     }
 }
 
