@@ -1783,7 +1783,7 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops() {
 }
 
 #[test]
-fn sigterm_checkpoints_and_says_how_to_resume() {
+fn sigterm_checkpoints_and_says_how_to_resume_and_a_run_keeps_its_folder_to_itself() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     image_folder(&data, 12, 16);
@@ -1797,7 +1797,12 @@ fn sigterm_checkpoints_and_says_how_to_resume() {
         assert!(started.elapsed().as_secs() < 60, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    // While it trains, no other run trains in its folder (before the lock,
+    // one started and both wrote there).
+    let pid = child.id().to_string();
+    let second = tiny_run(&data, &out).run();
+    assert_fails_with(&second, &["run folder", &format!("another process (pid {pid}) is training there")]);
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success());
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));

@@ -20,6 +20,48 @@ pub const FILE_NAME: &str = "checkpoint.safetensors";
 /// The checkpoint before the latest, kept until a newer one is complete.
 pub const PREVIOUS_FILE_NAME: &str = "checkpoint.prev.safetensors";
 
+/// The lock file of a run folder (see [`lock_run_folder`]).
+pub const LOCK_FILE_NAME: &str = ".lock";
+
+/// A run folder held by this process: while it lives, no other process
+/// trains in the folder. The lock is `flock`'s, which the kernel releases
+/// when the process ends, however it ends, so none outlives its run.
+#[derive(Debug)]
+pub struct RunLock(#[allow(dead_code, reason = "held for its lock")] std::fs::File);
+
+/// Takes the run folder `dir` (which exists) for this process, or names
+/// the process that holds it. Where the file system cannot lock (some
+/// network ones), the run goes on unlocked, with a warning.
+pub fn lock_run_folder(dir: &Path) -> Result<RunLock> {
+    use std::io::{Read, Write};
+    let path = dir.join(LOCK_FILE_NAME);
+    let open = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
+    let mut file = open.map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message below; where the disk is full,
+            // that goes unsaid.
+            let _ = file.set_len(0).and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()));
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim().parse::<u32>().map(|pid| format!(" (pid {pid})")).unwrap_or_default();
+            return Err(Error::InvalidArgument(format!(
+                "run folder {}: another process{holder} is training there; wait for it to end, or choose another \
+                 --output",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(error)) => tracing::warn!(
+            "cannot lock {} ({error}): the run goes on, but nothing keeps a second process from training in {}",
+            path.display(),
+            dir.display()
+        ),
+    }
+    Ok(RunLock(file))
+}
+
 fn previous(path: &Path) -> std::path::PathBuf {
     path.with_file_name(PREVIOUS_FILE_NAME)
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tch::{nn, Device, Tensor};
 
 use super::budget::Budget;
-use super::checkpoint::{self, Checkpoint, Position, TrainedBy};
+use super::checkpoint::{self, Checkpoint, Position, RunLock, TrainedBy};
 use super::graph::GraphedStep;
 use super::ledger::Ledger;
 use super::metrics::{EpochMetrics, MetricsLog, StepMetrics};
@@ -303,6 +303,8 @@ pub struct Trainer {
     group: Option<ProcessGroup>,
     /// Supervised training: the class of every training image.
     classes: Option<Vec<i64>>,
+    /// The run folder, held while the run trains (rank 0's).
+    _run_lock: Option<RunLock>,
     #[cfg(feature = "fault-injection")]
     poison_next: bool,
 }
@@ -338,9 +340,9 @@ impl Trainer {
         // told at once.
         let opened = match writer {
             true => open_run_folder(&config, resume, shard.world, &checkpoint_path),
-            false => Ok(None),
+            false => Ok((None, None)),
         };
-        let saved = agree(group.as_ref(), opened)?;
+        let (saved, run_lock) = agree(group.as_ref(), opened)?;
 
         let splits = agree(group.as_ref(), open_splits(&config.data, seed))?;
         if let Some(group) = &group {
@@ -480,6 +482,7 @@ impl Trainer {
             last_loss: None,
             group,
             classes,
+            _run_lock: run_lock,
             #[cfg(feature = "fault-injection")]
             poison_next: false,
         };
@@ -1003,32 +1006,45 @@ fn unread_each_epoch(views: &Views, train_set: &Dataset, batch_size: usize, proc
 }
 
 /// Opens the run folder on rank 0 (or the one process) of a run on
-/// `processes` processes, before anything else is read: for a resume, the
-/// checkpoint it continues, refused if it cannot be continued so; for a
-/// fresh run, the folder, made (a run already there is refused).
+/// `processes` processes, before anything else is read, and holds it (a
+/// folder another process trains in is refused, naming it): for a resume,
+/// the checkpoint it continues, refused if it cannot be continued so; for
+/// a fresh run, the folder, made (a run already there is refused).
 fn open_run_folder(
     config: &ValidConfig,
     resume: bool,
     processes: usize,
     checkpoint_path: &std::path::Path,
-) -> Result<Option<Checkpoint>> {
+) -> Result<(Option<Checkpoint>, Option<RunLock>)> {
+    let output_dir = &config.train.output_dir;
+    // Where there is no folder, a resume is refused below and a fresh run
+    // makes it.
+    let lock = output_dir.is_dir().then(|| checkpoint::lock_run_folder(output_dir)).transpose()?;
     if resume {
         let mut saved = Checkpoint::read_to_resume(checkpoint_path)?;
         check_resumable(config, &saved, processes, checkpoint_path)?;
         checkpoint::finish_cut_save(&mut saved, checkpoint_path)?;
-        return Ok(Some(saved));
+        return Ok((Some(saved), lock));
     }
-    if checkpoint::exists(checkpoint_path) {
-        return Err(Error::Checkpoint {
+    let refuse_a_run_there = || match checkpoint::exists(checkpoint_path) {
+        true => Err(Error::Checkpoint {
             path: checkpoint_path.to_path_buf(),
             message: "a run already exists here: continue it with --resume, or choose another --output".to_owned(),
-        });
-    }
+        }),
+        false => Ok(()),
+    };
+    refuse_a_run_there()?;
     if let Some(weights) = &config.model.init_encoder {
         crate::io::torchvision::check_encoder_file(&config.model, weights)?;
     }
-    crate::io::create_dir(&config.train.output_dir)?;
-    Ok(None)
+    if let Some(lock) = lock {
+        return Ok((None, Some(lock)));
+    }
+    crate::io::create_dir(output_dir)?;
+    let lock = checkpoint::lock_run_folder(output_dir)?;
+    // A process that made the folder too may have finished a run in it.
+    refuse_a_run_there()?;
+    Ok((None, Some(lock)))
 }
 
 /// Sets the run folder opened by [`open_run_folder`] up for a run trained
