@@ -639,7 +639,7 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let overrides = &args.encoder.spec;
     let layer = args.encoder.layer;
     let weights = |path: PathBuf| -> Result<_> {
-        let path = simclr::embed::weights_file(&path)?;
+        let path = simclr::train::checkpoint::weights_file(&path)?;
         let spec = simclr::embed::resolve_spec(&path, overrides, layer)?;
         Ok((EncoderSource::Weights(path), spec))
     };
@@ -647,7 +647,9 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     // file's network read before any work starts; a run's folder is its
     // last state.
     let (networks, folder) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
-        (Some(folder), None, false) if folder.is_dir() && simclr::embed::weights_file(folder)? == *folder => {
+        (Some(folder), None, false)
+            if folder.is_dir() && simclr::train::checkpoint::weights_file(folder)? == *folder =>
+        {
             let files = simclr::embed::weights_in(folder)?;
             (files.into_iter().map(weights).collect::<Result<Vec<_>>>()?, true)
         }
@@ -852,7 +854,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
-        Command::Export(args) => simclr::embed::weights_file(&args.weights)
+        Command::Export(args) => simclr::train::checkpoint::weights_file(&args.weights)
             .and_then(|weights| {
                 let spec = simclr::embed::resolve_spec(&weights, &args.spec, args.layer)?;
                 simclr::export::export_torchscript(&weights, &spec, args.layer, &args.output)

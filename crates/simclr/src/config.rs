@@ -580,12 +580,7 @@ impl RunLayers {
         if let Some(weights) = &self.init_encoder {
             config.model.init_encoder = Some(weights.clone());
         }
-        let mut config = config.with_overrides(&self.config.overrides)?;
-        // A run's folder stands for its weights file, which the run records.
-        if let Some(weights) = &config.model.init_encoder {
-            config.model.init_encoder = Some(crate::embed::weights_file(weights)?);
-        }
-        config.validate()
+        config.with_overrides(&self.config.overrides)?.validate()
     }
 }
 
@@ -613,6 +608,13 @@ pub struct ValidConfig(RunConfig);
 impl ValidConfig {
     pub fn get(&self) -> &RunConfig {
         &self.0
+    }
+
+    /// The same run started from the encoder in `weights`.
+    pub fn with_init_encoder(&self, weights: PathBuf) -> ValidConfig {
+        let mut config = self.0.clone();
+        config.model.init_encoder = Some(weights);
+        ValidConfig(config)
     }
 
     /// The same run with `epochs` planned and no time budget left to plan.

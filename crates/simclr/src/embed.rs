@@ -48,7 +48,7 @@ impl EncoderOptions {
         if batch_size == 0 {
             return Err(Error::InvalidArgument("--batch-size 0: must be at least 1".to_owned()));
         }
-        let weights = weights_file(&weights)?;
+        let weights = crate::train::checkpoint::weights_file(&weights)?;
         let spec = resolve_spec(&weights, overrides, layer)?;
         Ok(Self {
             weights,
@@ -125,29 +125,6 @@ pub fn resolve_spec(weights: &Path, overrides: &SpecOverrides, layer: Layer) -> 
         (Err(_), Layer::H) => crate::io::torchvision::resolve_spec(weights, overrides),
         (Err(error), layer) => Err(head_needs_checkpoint(layer, error)),
     }
-}
-
-/// The weights file `path` names: a run's folder (one holding its
-/// `config.toml`) stands for the run's last state, its checkpoint (which
-/// every layer, the projection head's too, can be read from), else the
-/// encoder it exported; any other path is itself.
-pub fn weights_file(path: &Path) -> Result<PathBuf> {
-    use crate::train::{checkpoint, trainer};
-    if !path.is_dir() || !path.join(trainer::CONFIG_FILE).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    [checkpoint::FILE_NAME, trainer::ENCODER_FILE]
-        .iter()
-        .map(|name| path.join(name))
-        .find(|file| file.is_file())
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}: a run folder with neither {} nor {} (a run killed before its first checkpoint keeps none)",
-                path.display(),
-                checkpoint::FILE_NAME,
-                trainer::ENCODER_FILE
-            ))
-        })
 }
 
 /// The weights files (`*.safetensors`) in `folder`, not searched further

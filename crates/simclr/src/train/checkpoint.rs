@@ -20,6 +20,26 @@ pub const FILE_NAME: &str = "checkpoint.safetensors";
 /// The checkpoint before the latest, kept until a newer one is complete.
 pub const PREVIOUS_FILE_NAME: &str = "checkpoint.prev.safetensors";
 
+/// The weights file `path` names: a run's folder (one holding its
+/// `config.toml`) stands for the run's last state, its checkpoint (which
+/// every layer, the projection head's too, can be read from), else the
+/// encoder it exported; any other path is itself.
+pub fn weights_file(path: &Path) -> Result<std::path::PathBuf> {
+    if !path.is_dir() || !path.join(super::trainer::CONFIG_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    [FILE_NAME, super::trainer::ENCODER_FILE].iter().map(|name| path.join(name)).find(|file| file.is_file()).ok_or_else(
+        || {
+            Error::InvalidArgument(format!(
+                "{}: a run folder with neither {} nor {} (a run killed before its first checkpoint keeps none)",
+                path.display(),
+                FILE_NAME,
+                super::trainer::ENCODER_FILE
+            ))
+        },
+    )
+}
+
 /// The lock file of a run folder (see [`lock_run_folder`]).
 pub const LOCK_FILE_NAME: &str = ".lock";
 

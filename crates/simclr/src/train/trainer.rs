@@ -314,6 +314,11 @@ impl Trainer {
     /// (`resume`) or a fresh run folder. Returns the trainer and the views
     /// it trains on.
     pub fn new(config: ValidConfig, resume: bool, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
+        // A run's folder stands for its weights file, which the run records.
+        let config = match &config.model.init_encoder {
+            Some(weights) => config.with_init_encoder(checkpoint::weights_file(weights)?),
+            None => config,
+        };
         let mut device = crate::device::select(config.train.device)?;
         if config.train.deterministic {
             crate::device::make_deterministic(device);
