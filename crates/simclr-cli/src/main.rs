@@ -639,17 +639,16 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let overrides = &args.encoder.spec;
     let layer = args.encoder.layer;
     let weights = |path: PathBuf| -> Result<_> {
-        let path = simclr::train::checkpoint::weights_file(&path)?;
         let spec = simclr::embed::resolve_spec(&path, overrides, layer)?;
         Ok((EncoderSource::Weights(path), spec))
     };
-    // A folder of weights (a run's encoders/) is scored file by file, every
-    // file's network read before any work starts; a run's folder is its
-    // last state.
-    let (networks, folder) = match (&args.encoder.weights, &args.checkpoint, args.random_init) {
-        (Some(folder), None, false)
-            if folder.is_dir() && simclr::train::checkpoint::weights_file(folder)? == *folder =>
-        {
+    // A run's folder is its last state's file; a folder of weights (a run's
+    // encoders/) is scored file by file, every file's network read before
+    // any work starts.
+    let run_file = |path: &Option<PathBuf>| path.as_deref().map(simclr::train::checkpoint::weights_file).transpose();
+    let (given_weights, given_checkpoint) = (run_file(&args.encoder.weights)?, run_file(&args.checkpoint)?);
+    let (networks, folder) = match (&given_weights, &given_checkpoint, args.random_init) {
+        (Some(folder), None, false) if folder.is_dir() => {
             let files = simclr::embed::weights_in(folder)?;
             (files.into_iter().map(weights).collect::<Result<Vec<_>>>()?, true)
         }

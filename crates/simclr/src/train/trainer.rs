@@ -1022,8 +1022,9 @@ fn open_run_folder(
     checkpoint_path: &std::path::Path,
 ) -> Result<(Option<Checkpoint>, Option<RunLock>)> {
     let output_dir = &config.train.output_dir;
-    // Where there is no folder, a resume is refused below and a fresh run
-    // makes it.
+    // Taken before the folder's checkpoint is looked at, so that a run still
+    // training there is named as such, not as one to resume. Where there is
+    // no folder, a resume is refused below and a fresh run makes it.
     let lock = output_dir.is_dir().then(|| checkpoint::lock_run_folder(output_dir)).transpose()?;
     if resume {
         let mut saved = Checkpoint::read_to_resume(checkpoint_path)?;
