@@ -3,6 +3,7 @@
 //! in the library), config layering and every check live in the library.
 mod observer;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -593,7 +594,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let rank = group.as_ref().map_or(0, simclr::dist::ProcessGroup::rank);
     let observer = observer::console()?;
     let mut observer = if rank == 0 { observer } else { observer.without_bar() };
-    let report = simclr::train::train_in(config, args.resume, group, &mut observer)?;
+    let start = simclr::train::Start::from_env(args.resume)?;
+    let report = simclr::train::train_in(config, start, group, &mut observer)?;
     if let Some(position) = report.interrupted_at {
         if rank == 0 {
             eprint!("{report}");
@@ -613,7 +615,12 @@ fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
     match launch::spawn_local(processes, &arguments, &stop, Duration::from_secs(10), timeout)? {
         Outcome::Finished => Ok(()),
         Outcome::Stopped => Err(simclr::Error::Interrupted("every process stopped".to_owned()).into()),
-        Outcome::Failed { rank, status } => {
+        // A rank that failed alone left its cause; one killed (by the
+        // kernel's out-of-memory killer, say) left none, but ended first.
+        Outcome::Failed { cause: Some((rank, cause)), status, .. } if status.signal().is_none() => {
+            anyhow::bail!("rank {rank} of {processes} failed: {cause}; the others were stopped")
+        }
+        Outcome::Failed { rank, status, .. } => {
             anyhow::bail!("rank {rank} of {processes} failed ({status}), so the others were stopped")
         }
     }

@@ -1682,6 +1682,64 @@ fn checkpoints_every_n_steps_or_minutes_bound_what_a_kill_loses() {
 }
 
 #[test]
+fn a_run_its_launcher_restarts_continues_from_its_checkpoint() {
+    // torchrun's agent (--max-restarts) and a SLURM requeue run the failed
+    // command again as it was, counting restarts: it continues from the
+    // folder's checkpoint, or starts anew where the run wrote none.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 12, 16);
+    // 3 epochs of 6 steps, a checkpoint every 4, each process on one thread.
+    let runs = |out: &Path| {
+        let settings = ["--epochs", "3", "--set", "train.checkpoint_every_steps=4"];
+        tiny_run(&data, out).args(settings).env("OMP_NUM_THREADS", 1).env("RUST_LOG", "info")
+    };
+    let straight = dir.path().join("straight");
+    assert_succeeds(&runs(&straight).run());
+    let requeued = dir.path().join("requeued");
+    assert!(!runs(&requeued).env("SIMCLR_TEST_KILL_AFTER_STEPS", 2).run().status.success());
+    assert_eq!(resume_step(&requeued), 0);
+    let output = runs(&requeued).env("SLURM_RESTART_COUNT", 1).env("SIMCLR_TEST_KILL_AFTER_STEPS", 10).run();
+    assert!(stderr(&output).contains("(SLURM_RESTART_COUNT=1): it starts anew"), "{}", stderr(&output));
+    assert_eq!(resume_step(&requeued), 8);
+    // The control: the command again, not restarted, refuses the run there.
+    assert_fails_with(&runs(&requeued).run(), &["a run already exists here"]);
+    let output = runs(&requeued).env("SLURM_RESTART_COUNT", 2).run();
+    assert_succeeds(&output);
+    assert!(stderr(&output).contains("it continues from its checkpoint"), "{}", stderr(&output));
+    assert_same_run(&requeued, &straight, "a start anew and a requeue after a kill at step 10");
+
+    // Two processes killed after step 10, started again by torchrun's
+    // agent (its variables set by hand here): rank 0 alone reads the
+    // folder, and both continue (neither scores the monitor at random init).
+    let two = |out: &Path| runs(out).args(["--nproc-per-node", "2"]);
+    let straight_on_two = dir.path().join("straight-on-two");
+    assert_succeeds(&two(&straight_on_two).run());
+    let killed = dir.path().join("killed-on-two");
+    assert!(!two(&killed).env("SIMCLR_TEST_KILL_AFTER_STEPS", 10).run().status.success());
+    assert_eq!(resume_step(&killed), 8);
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            runs(&killed)
+                .env("RANK", rank)
+                .env("LOCAL_RANK", rank)
+                .env("WORLD_SIZE", 2)
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port)
+                .env("TORCHELASTIC_RESTART_COUNT", 1)
+                .spawn(|command| {
+                    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+                })
+        })
+        .collect();
+    for child in ranks {
+        assert_succeeds(&child.wait_with_output().unwrap());
+    }
+    assert_same_run(&killed, &straight_on_two, "a torchrun restart of two processes killed after step 10");
+}
+
+#[test]
 fn fp16_training_keeps_its_loss_scale_across_a_resume() {
     // fp16 as a V100 or T4 trains (emulated on this CPU): the loss scaled
     // for the backward pass, the scale checkpointed with the optimiser.
@@ -2715,6 +2773,23 @@ fn multi_process_bad_input_is_named() {
     // A batch that does not split among the processes.
     let output = tiny_training(&data, &out).args(["--nproc-per-node", "3"]).run();
     assert_fails_with(&output, &["train.batch_size = 4", "3 equal slices"]);
+    // A process that fails alone (a file in its slice is no image): it, the
+    // other, whose collective then breaks off, and the launcher all name the
+    // file (as the rank that failed left it in the store), none a connection
+    // closed by a peer (as before).
+    let bad = dir.path().join("bad");
+    image_folder(&bad, 6, 16);
+    std::fs::write(bad.join("bars").join("007.png"), b"no image").unwrap();
+    let output = tiny_training(&bad, &dir.path().join("bad-run")).args(["--nproc-per-node", "2"]).run();
+    let printed = stderr(&output);
+    let errors: Vec<&str> = printed.lines().filter(|line| line.starts_with("error:")).collect();
+    let named = errors.iter().all(|line| line.contains("007.png: not an image"));
+    assert!(!output.status.success() && errors.len() == 3 && named, "{printed}");
+    let launcher = errors[2];
+    assert!(
+        ["rank 0 of 2 failed: image ", "rank 1 of 2 failed: image "].iter().any(|said| launcher.contains(said)),
+        "{printed}"
+    );
 
     let rank = |rank: usize, port: u16, host: &str| {
         tiny_training(&data, &out)
@@ -2840,12 +2915,17 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
             // One worker of two (alternately rank 0 and 1), or the one process.
             let workers = children_of(launcher.id());
             let victim = if processes == "2" { workers[round / 2 % workers.len()] } else { launcher.id() };
+            let environment = std::fs::read(format!("/proc/{victim}/environ")).unwrap_or_default();
+            let rank = environment.split(|&byte| byte == 0).find_map(|pair| pair.strip_prefix(b"RANK="));
+            let killed_rank = rank.map(|rank| String::from_utf8_lossy(rank).into_owned());
             // SAFETY: kill(2) on a process this test (or its child) started.
             unsafe { libc::kill(victim as i32, libc::SIGKILL) };
             let output = launcher.wait_with_output().unwrap();
             assert!(!output.status.success(), "round {round}: the killed run reported success");
             if processes == "2" {
-                assert!(stderr(&output).contains("of 2 failed"), "{}", stderr(&output));
+                // The launcher names the rank killed, not one that failed for it.
+                let said = format!("rank {} of 2 failed (signal: 9 (SIGKILL))", killed_rank.unwrap());
+                assert!(stderr(&output).contains(&said), "{said}:\n{}", stderr(&output));
             }
             assert_checkpoint_usable(&killed);
         }

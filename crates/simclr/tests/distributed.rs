@@ -242,6 +242,7 @@ fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGro
         device_host: Some("127.0.0.1".to_owned()),
         interface: None,
         nccl: false,
+        attempt: 0,
     };
     ProcessGroup::new(&options).unwrap()
 }
@@ -557,6 +558,33 @@ fn a_vote_is_true_where_any_rank_says_so() {
     assert_eq!(votes, [[true, true, false]; 3]);
     let alone = as_ranks(vec![(); 1], |group, ()| group.any_of([true, false]).unwrap());
     assert_eq!(alone, [[true, false]]);
+}
+
+#[test]
+fn a_rank_that_fails_alone_is_named_by_the_others() {
+    let broken = || simclr::Error::Distributed("all-gather: Connection closed by peer".to_owned());
+    let errors = as_ranks(vec![(); 3], |group, ()| {
+        let barrier = || group.all_reduce(&mut Tensor::zeros([1], (Kind::Int64, Device::Cpu)), ReduceOp::Sum).unwrap();
+        // Rank 2's error is the group's own failure, no cause to leave; then
+        // rank 1 fails alone (its data) and leaves its cause.
+        let mut first = (group.rank() == 2).then(|| group.explain(broken()));
+        barrier();
+        if group.rank() == 1 {
+            let own = simclr::Error::Image { path: "photos/x.jpg".into(), message: "not an image".to_owned() };
+            first = Some(group.explain(own));
+        }
+        barrier();
+        // Then each one's collective breaks off, as the failed rank leaves.
+        (first.map(|error| error.to_string()), group.explain(broken()).to_string())
+    });
+    let named = "rank 1 failed: image photos/x.jpg: not an image";
+    assert_eq!(errors[1].0.as_deref(), Some("image photos/x.jpg: not an image"));
+    assert_eq!(errors[2].0.as_deref(), Some(broken().to_string().as_str()));
+    for rank in [0, 2] {
+        assert!(errors[rank].1.ends_with(named), "rank {rank}: {}", errors[rank].1);
+    }
+    // Control: rank 1 finds no cause but its own, which it does not name as another's.
+    assert_eq!(errors[1].1, broken().to_string());
 }
 
 #[test]

@@ -642,11 +642,13 @@ const char* simclr_dist_last_error() {
 // (empty: the host's own name, as torch does), `interface` a network
 // interface to use instead (empty: none). With `nccl`, CUDA tensors use NCCL
 // (the `cuda` build only); otherwise Gloo serves CPU and CUDA tensors.
+// Every key the group sets goes under `prefix`.
 int simclr_dist_new_group(
     const char* kind,
     const char* address,
     int port,
     int server,
+    const char* prefix,
     int rank,
     int size,
     int64_t timeout_ms,
@@ -658,7 +660,7 @@ int simclr_dist_new_group(
     std::chrono::milliseconds timeout(timeout_ms);
     QuietLogs quiet;
     auto store = make_store(kind, address, port, server != 0, size, timeout);
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("simclr", store);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
     auto options = c10d::ProcessGroupGloo::Options::create_default(timeout);
     std::string host(device_host), iface(interface);
     if (!iface.empty()) {
@@ -708,6 +710,21 @@ int simclr_dist_serve_store(const char* address, int64_t timeout_ms, void** out,
     auto store = c10::make_intrusive<c10d::TCPStore>(address, options);
     *port = store->getPort();
     *out = new c10::intrusive_ptr<c10d::TCPStore>(std::move(store));
+  });
+}
+
+// `key`'s value in the store this process serves, if it is set (`*found`;
+// no wait); `*out` as simclr_dist_store_get's.
+int simclr_dist_served_lookup(void* store, const char* key, uint8_t** out, size_t* length, int* found) {
+  return guarded([&] {
+    auto& served = *static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store);
+    *found = served->check({key}) ? 1 : 0;
+    if (*found != 0) {
+      std::vector<uint8_t> value = served->get(key);
+      *out = static_cast<uint8_t*>(std::malloc(value.size() + 1));
+      std::copy(value.begin(), value.end(), *out);
+      *length = value.size();
+    }
   });
 }
 
@@ -874,6 +891,11 @@ int simclr_dist_store_get(void* group, const char* key, uint8_t** out, size_t* l
     std::copy(value.begin(), value.end(), *out);
     *length = value.size();
   });
+}
+
+// Whether `key` is set in the group's store now (`*found`; no wait).
+int simclr_dist_store_check(void* group, const char* key, int* found) {
+  return guarded([&] { *found = static_cast<Group*>(group)->store->check({key}) ? 1 : 0; });
 }
 
 void simclr_dist_free_bytes(uint8_t* bytes) {

@@ -17,6 +17,7 @@ extern "C" {
         address: *const c_char,
         port: c_int,
         server: c_int,
+        prefix: *const c_char,
         rank: c_int,
         size: c_int,
         timeout_ms: i64,
@@ -30,6 +31,13 @@ extern "C" {
         timeout_ms: i64,
         out: *mut *mut c_void,
         port: *mut c_int,
+    ) -> c_int;
+    fn simclr_dist_served_lookup(
+        store: *mut c_void,
+        key: *const c_char,
+        out: *mut *mut u8,
+        length: *mut usize,
+        found: *mut c_int,
     ) -> c_int;
     fn simclr_dist_free_store(store: *mut c_void);
     fn simclr_dist_free(group: *mut c_void);
@@ -54,6 +62,7 @@ extern "C" {
     ) -> c_int;
     fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
     fn simclr_dist_store_get(group: *mut c_void, key: *const c_char, out: *mut *mut u8, length: *mut usize) -> c_int;
+    fn simclr_dist_store_check(group: *mut c_void, key: *const c_char, found: *mut c_int) -> c_int;
     fn simclr_dist_free_bytes(bytes: *mut u8);
     #[allow(clippy::too_many_arguments)]
     fn simclr_dist_buckets_new(
@@ -98,6 +107,21 @@ pub struct GroupOptions {
     pub interface: Option<String>,
     /// NCCL for CUDA tensors (the `cuda` build); otherwise Gloo serves both.
     pub nccl: bool,
+    /// Which start of the run this is, 0 the first (torchrun's
+    /// `TORCHELASTIC_RESTART_COUNT`): each start's keys are kept apart in a
+    /// store that outlives starts (torchrun's agent's), so that a restart
+    /// reads none of its predecessor's Gloo addresses, say.
+    pub attempt: usize,
+}
+
+/// Where the keys of a group of `attempt` go in its store.
+fn namespace(attempt: usize) -> String {
+    format!("simclr/attempt_{attempt}")
+}
+
+/// Where a rank that failed leaves its cause, in its group's namespace.
+fn cause_key(rank: usize) -> String {
+    format!("cause/{rank}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +170,7 @@ impl ProcessGroup {
     /// Joins the group: returns once all `size` ranks have met at the
     /// rendezvous (or fails after the timeout, naming what it waited for).
     pub fn new(options: &GroupOptions) -> Result<Self> {
-        let GroupOptions { rendezvous, rank, size, timeout, device_host, interface, nccl } = options;
+        let GroupOptions { rendezvous, rank, size, timeout, device_host, interface, nccl, attempt } = options;
         if *size == 0 || rank >= size {
             return Err(Error::Distributed(format!("rank {rank} of a group of {size}: expected 0 <= rank < size")));
         }
@@ -156,6 +180,7 @@ impl ProcessGroup {
         };
         let kind = c_string("store kind", kind)?;
         let address = c_string("rendezvous address", &address)?;
+        let prefix = c_string("store prefix", &namespace(*attempt))?;
         let device_host = c_string("device host", device_host.as_deref().unwrap_or(""))?;
         let interface = c_string("network interface", interface.as_deref().unwrap_or(""))?;
         let mut out = std::ptr::null_mut();
@@ -166,6 +191,7 @@ impl ProcessGroup {
                 address.as_ptr(),
                 c_int::from(port),
                 c_int::from(server),
+                prefix.as_ptr(),
                 *rank as c_int,
                 *size as c_int,
                 timeout.as_millis() as i64,
@@ -408,6 +434,40 @@ impl ProcessGroup {
         check(code, &format!("store set {key}"))
     }
 
+    /// Whether `key` is set in the group's store now (no wait).
+    pub fn store_check(&self, key: &str) -> Result<bool> {
+        let c_key = c_string("store key", key)?;
+        let mut found = 0;
+        // SAFETY: the key is valid for the call; `found` is written on success.
+        check(unsafe { simclr_dist_store_check(self.raw.as_ptr(), c_key.as_ptr(), &mut found) }, "store check")?;
+        Ok(found != 0)
+    }
+
+    /// `error`, which ends this rank's part in the run, as the run should
+    /// report it. A rank that fails alone (its data, its disk, its memory)
+    /// leaves its cause in the store before it leaves the group, so the
+    /// others, whose collectives then break off (`Connection closed by
+    /// peer`, a timeout), name that rank and its cause instead, as
+    /// [`ProcessGroup::agree`] does; so does the local launcher. Where no
+    /// rank left one (it was killed), the error is this rank's own. A
+    /// failure of the group itself ([`Error::Distributed`]) is no rank's
+    /// cause and is not left.
+    pub fn explain(&self, error: Error) -> Error {
+        if let Some((rank, cause)) = (0..self.size).filter(|&rank| rank != self.rank).find_map(|rank| {
+            let key = cause_key(rank);
+            let left = self.store_check(&key).ok()?;
+            left.then(|| self.store_get(&key).ok()).flatten().map(|cause| (rank, cause))
+        }) {
+            return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)));
+        }
+        if !matches!(error, Error::Distributed(_)) {
+            if let Err(unset) = self.store_set(&cause_key(self.rank), error.to_string().as_bytes()) {
+                tracing::debug!("leaving this rank's cause for the others: {unset}");
+            }
+        }
+        error
+    }
+
     /// Waits (up to the timeout) for `key` in the group's store.
     pub fn store_get(&self, key: &str) -> Result<Vec<u8>> {
         let c_key = c_string("store key", key)?;
@@ -560,6 +620,27 @@ impl StoreServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The cause a rank of a group of `size` (its first start) left of its
+    /// failure ([`ProcessGroup::explain`]), the lowest such rank's, if any.
+    pub fn cause(&self, size: usize) -> Option<(usize, String)> {
+        (0..size).find_map(|rank| {
+            let key = c_string("store key", &format!("{}/{}", namespace(0), cause_key(rank))).ok()?;
+            let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
+            // SAFETY: the key is valid for the call; on `found` the shim hands
+            // over a malloc'ed buffer of `length` bytes.
+            let code = unsafe {
+                simclr_dist_served_lookup(self.raw.as_ptr(), key.as_ptr(), &mut bytes, &mut length, &mut found)
+            };
+            if code != 0 || found == 0 {
+                return None;
+            }
+            // SAFETY: `bytes` holds `length` initialised bytes until freed below.
+            let value = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(bytes, length) }).into_owned();
+            unsafe { simclr_dist_free_bytes(bytes) };
+            Some((rank, value))
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! `simclr train --nproc-per-node N`, which starts N copies of the command
 //! with torchrun's variables set.
 use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +13,9 @@ use crate::{Error, Result};
 
 /// torchrun's port when none is given.
 const DEFAULT_PORT: u16 = 29500;
+
+/// How many times torchrun's agent has restarted a run's processes.
+const RESTART_COUNT: &str = "TORCHELASTIC_RESTART_COUNT";
 
 /// This process's place in a multi-process run, from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +32,9 @@ pub struct World {
     /// How many processes run on this machine, where the launcher says
     /// (torchrun's `LOCAL_WORLD_SIZE`).
     pub local_size: Option<usize>,
+    /// How many times torchrun's agent has restarted the processes
+    /// (`TORCHELASTIC_RESTART_COUNT`, with `--max-restarts`); 0 at first.
+    pub attempt: usize,
 }
 
 /// One environment variable, unset or empty meaning absent.
@@ -99,7 +106,9 @@ impl World {
         let agent_store =
             lookup("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|value| value.eq_ignore_ascii_case("true"));
         let local_size = lookup("LOCAL_WORLD_SIZE").map(|n| number("LOCAL_WORLD_SIZE", &n)).transpose()?;
-        Ok(Some(World { rank, size, local_rank, host, port, serves_store: rank == 0 && !agent_store, local_size }))
+        let attempt = lookup(RESTART_COUNT).map_or(Ok(0), |n| number(RESTART_COUNT, &n))?;
+        let serves_store = rank == 0 && !agent_store;
+        Ok(Some(World { rank, size, local_rank, host, port, serves_store, local_size, attempt }))
     }
 
     /// `--nproc-per-node processes` given to a process that a launcher
@@ -149,8 +158,42 @@ impl World {
             device_host: loopback.then(|| "127.0.0.1".to_owned()),
             interface: variable("GLOO_SOCKET_IFNAME"),
             nccl,
+            attempt: self.attempt,
         };
         ProcessGroup::new(&options)
+    }
+}
+
+/// A start of a run that its launcher made again after the run failed:
+/// torchrun's agent (`--max-restarts`), or SLURM requeueing the job (after
+/// a preemption or a node's failure, with `--requeue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    /// The variable that counts the restarts.
+    pub counter: &'static str,
+    /// How many restarts, this one included.
+    pub count: usize,
+}
+
+/// SLURM's count of a job's requeues.
+const REQUEUE_COUNT: &str = "SLURM_RESTART_COUNT";
+
+impl Restart {
+    /// The restart this process is, from its environment; `None` in a
+    /// first start.
+    pub fn from_env() -> Result<Option<Restart>> {
+        Self::from_variables(&variable)
+    }
+
+    /// [`Restart::from_env`] over any source of variables.
+    pub fn from_variables(lookup: Lookup) -> Result<Option<Restart>> {
+        for counter in [RESTART_COUNT, REQUEUE_COUNT] {
+            if let Some(count) = lookup(counter) {
+                let count: usize = number(counter, &count)?;
+                return Ok((count > 0).then_some(Restart { counter, count }));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -181,8 +224,9 @@ pub enum Outcome {
     /// A stop was asked (a signal to the launcher or to any process) and
     /// every process exited.
     Stopped,
-    /// `rank` failed first with `status`; the others were stopped.
-    Failed { rank: usize, status: ExitStatus },
+    /// `rank` failed first with `status`, and `cause` is the failure a
+    /// rank left ([`ProcessGroup::explain`]), if any; the others were stopped.
+    Failed { rank: usize, status: ExitStatus, cause: Option<(usize, String)> },
 }
 
 /// Runs `processes` copies of this executable with `args` on this machine,
@@ -220,7 +264,8 @@ pub fn spawn_local(
             .env("LOCAL_WORLD_SIZE", processes.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
-            .env("TORCHELASTIC_USE_AGENT_STORE", "True");
+            .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+            .env_remove(RESTART_COUNT);
         // The cores are shared out, as torchrun does, unless the user chose.
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", &threads);
@@ -241,22 +286,33 @@ pub fn spawn_local(
                 signal(child, libc::SIGTERM);
             }
         }
-        for rank in 0..processes {
-            let Some(child) = &mut children[rank] else { continue };
+        // The first failure seen, one killed by a signal before others: it
+        // ended first, and its peers failed for it.
+        let mut failed: Option<(usize, ExitStatus)> = None;
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
             let status = child.try_wait().map_err(|e| Error::Distributed(format!("waiting for rank {rank}: {e}")))?;
             match status {
-                Some(status) if status.success() || signalled => children[rank] = None,
+                Some(status) if status.success() || signalled => *slot = None,
                 Some(status) if status.code() == Some(STOPPED) => {
                     stopped = true;
-                    children[rank] = None;
+                    *slot = None;
                 }
                 Some(status) => {
-                    children[rank] = None;
-                    terminate(&mut children, grace);
-                    return Ok(Outcome::Failed { rank, status });
+                    *slot = None;
+                    if failed.is_none_or(|(_, first)| first.signal().is_none() && status.signal().is_some()) {
+                        failed = Some((rank, status));
+                    }
                 }
                 None => {}
             }
+        }
+        if let Some((rank, status)) = failed {
+            // A rank that failed alone left its cause before it left the
+            // group, so before any other could fail for it.
+            let cause = store.cause(processes);
+            terminate(&mut children, grace);
+            return Ok(Outcome::Failed { rank, status, cause });
         }
         if children.iter().all(Option::is_none) {
             return Ok(if signalled || stopped { Outcome::Stopped } else { Outcome::Finished });
@@ -317,8 +373,12 @@ mod tests {
             port: 29400,
             serves_store: false,
             local_size: None,
+            attempt: 0,
         };
         assert_eq!(world(&torchrun).unwrap(), Some(expected));
+        // A restart by torchrun's agent (--max-restarts).
+        let restarted = [torchrun.as_slice(), &[("TORCHELASTIC_RESTART_COUNT", "2")]].concat();
+        assert_eq!(world(&restarted).unwrap().unwrap().attempt, 2);
         // Rank 0 serves the store, unless torchrun's agent already does.
         let rank0 = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
         assert!(world(&rank0).unwrap().unwrap().serves_store);
@@ -341,6 +401,21 @@ mod tests {
         assert_eq!(world(&step).unwrap().unwrap().size, 4);
         // A batch script of 8 tasks has rank 0 of 8, but no step: one process.
         assert_eq!(world(&slurm[1..]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_launchers_restart_is_told_from_a_first_start() {
+        let restart = |pairs: &[(&str, &str)]| {
+            Restart::from_variables(&|name| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string()))
+        };
+        assert_eq!(restart(&[]).unwrap(), None);
+        assert_eq!(restart(&[("TORCHELASTIC_RESTART_COUNT", "0")]).unwrap(), None);
+        let torchrun = Restart { counter: "TORCHELASTIC_RESTART_COUNT", count: 2 };
+        assert_eq!(restart(&[("TORCHELASTIC_RESTART_COUNT", "2")]).unwrap(), Some(torchrun));
+        let requeued = Restart { counter: "SLURM_RESTART_COUNT", count: 1 };
+        assert_eq!(restart(&[("SLURM_RESTART_COUNT", "1")]).unwrap(), Some(requeued));
+        let error = restart(&[("SLURM_RESTART_COUNT", "x")]).unwrap_err().to_string();
+        assert!(error.contains("SLURM_RESTART_COUNT=x"), "{error}");
     }
 
     #[test]

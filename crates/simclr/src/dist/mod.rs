@@ -39,6 +39,14 @@ pub fn agree<T>(group: Option<&ProcessGroup>, outcome: crate::Result<T>) -> crat
     }
 }
 
+/// [`ProcessGroup::explain`] where there is a group; `error` itself alone.
+pub fn explain(group: Option<&ProcessGroup>, error: crate::Error) -> crate::Error {
+    match group {
+        Some(group) => group.explain(error),
+        None => error,
+    }
+}
+
 /// Every rank's best candidates for the same `[Q]` rows, merged: this
 /// rank's `similarity` (float) and `payload` (int64, what a candidate is:
 /// a label, a position), `[Q, n]` with n at most `k`, are padded to `k` with

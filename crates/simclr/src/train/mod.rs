@@ -15,4 +15,4 @@ pub mod trainer;
 pub use console::Console;
 pub use monitor::{knn_top1_at, FinishedRun};
 pub use step::{GradientCache, Objective};
-pub use trainer::{train, train_in, Control, Observer, Progress, TrainReport, Trainer};
+pub use trainer::{train, train_in, Control, Observer, Progress, Start, TrainReport, Trainer};

@@ -26,6 +26,7 @@ use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat,
 use crate::data::stream::{ShardList, Streaming};
 use crate::data::{open_splits, Dataset};
 use crate::device::Precision;
+use crate::dist::launch::Restart;
 use crate::dist::{agree, GradientPrecision, Parallel, ProcessGroup, ReduceOp};
 use crate::model::SimClr;
 use crate::names::counted;
@@ -163,11 +164,36 @@ impl std::fmt::Display for TrainReport {
     }
 }
 
+/// How a run starts in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run, in a folder that holds none.
+    Fresh,
+    /// The run in the folder, continued from its checkpoint (`--resume`).
+    Resume,
+    /// The command of a run started again by its launcher after a failure:
+    /// it continues from the folder's checkpoint where there is one, and
+    /// starts anew where the run failed before writing any.
+    Restart(Restart),
+}
+
+impl Start {
+    /// `--resume`, else a launcher's restart where this process is one.
+    pub fn from_env(resume: bool) -> Result<Self> {
+        Ok(match (resume, Restart::from_env()?) {
+            (true, _) => Start::Resume,
+            (false, Some(restart)) => Start::Restart(restart),
+            (false, None) => Start::Fresh,
+        })
+    }
+}
+
 /// Trains a SimCLR model as `config` says (continuing the run in
 /// `config.train.output_dir` when `resume`), writing checkpoints, metrics
 /// and the exported encoder there; `observer` sees every step and epoch.
 pub fn train(config: ValidConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
-    train_in(config, resume, None, observer)
+    let start = if resume { Start::Resume } else { Start::Fresh };
+    train_in(config, start, None, observer)
 }
 
 /// [`train`] as one rank of `group` (alone when `None`): this rank makes
@@ -175,11 +201,18 @@ pub fn train(config: ValidConfig, resume: bool, observer: &mut dyn Observer) -> 
 /// run folder. Every rank calls it with the same configuration.
 pub fn train_in(
     config: ValidConfig,
-    resume: bool,
+    start: Start,
     group: Option<ProcessGroup>,
     observer: &mut dyn Observer,
 ) -> Result<TrainReport> {
-    let (mut trainer, views) = Trainer::new(config, resume, group)?;
+    let (mut trainer, views) = Trainer::new(config, start, group)?;
+    let trained = train_epochs(&mut trainer, &views, observer);
+    trained.map_err(|error| crate::dist::explain(trainer.group.as_ref(), error))
+}
+
+/// The epochs `trainer` has left, with `views`; the report of the run, done
+/// or stopped.
+fn train_epochs(trainer: &mut Trainer, views: &Views, observer: &mut dyn Observer) -> Result<TrainReport> {
     while !trainer.is_done() {
         let position = trainer.begin_epoch();
         let mut batches = views.epoch(position.epoch as u64, position.batch);
@@ -313,7 +346,7 @@ impl Trainer {
     /// Sets a run up: data, model, optimiser, and either the checkpoint
     /// (`resume`) or a fresh run folder. Returns the trainer and the views
     /// it trains on.
-    pub fn new(config: ValidConfig, resume: bool, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
+    pub fn new(config: ValidConfig, start: Start, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
         // A run's folder stands for its weights file, which the run records.
         let config = match &config.model.init_encoder {
             Some(weights) => config.with_init_encoder(checkpoint::weights_file(weights)?),
@@ -344,10 +377,15 @@ impl Trainer {
         // minutes: a forgotten --resume, or a file where the folder goes, is
         // told at once.
         let opened = match writer {
-            true => open_run_folder(&config, resume, shard.world, &checkpoint_path),
+            true => open_run_folder(&config, start, shard.world, &checkpoint_path),
             false => Ok((None, None)),
         };
         let (saved, run_lock) = agree(group.as_ref(), opened)?;
+        // Whether rank 0 continues a saved run (a restart may not).
+        let resume = match &group {
+            Some(group) => group.any(saved.is_some())?,
+            None => saved.is_some(),
+        };
 
         let splits = agree(group.as_ref(), open_splits(&config.data, seed))?;
         if let Some(group) = &group {
@@ -815,7 +853,7 @@ impl Trainer {
 
     /// Stops here: the pending steps read, a checkpoint written (once per
     /// position), and the report of an interrupted run.
-    pub fn interrupt(mut self) -> Result<TrainReport> {
+    pub fn interrupt(&mut self) -> Result<TrainReport> {
         if self.position.batch > 0 {
             self.settle()?;
             self.save_checkpoint()?;
@@ -847,7 +885,7 @@ impl Trainer {
     }
 
     /// Ends a completed run: exports the encoder and writes the summary.
-    pub fn finish(self) -> Result<TrainReport> {
+    pub fn finish(&self) -> Result<TrainReport> {
         let written = if self.writes() { self.write_results() } else { Ok(self.report()) };
         agree(self.group.as_ref(), written)
     }
@@ -1017,7 +1055,7 @@ fn unread_each_epoch(views: &Views, train_set: &Dataset, batch_size: usize, proc
 /// a fresh run, the folder, made (a run already there is refused).
 fn open_run_folder(
     config: &ValidConfig,
-    resume: bool,
+    start: Start,
     processes: usize,
     checkpoint_path: &std::path::Path,
 ) -> Result<(Option<Checkpoint>, Option<RunLock>)> {
@@ -1026,6 +1064,17 @@ fn open_run_folder(
     // training there is named as such, not as one to resume. Where there is
     // no folder, a resume is refused below and a fresh run makes it.
     let lock = output_dir.is_dir().then(|| checkpoint::lock_run_folder(output_dir)).transpose()?;
+    let resume = match start {
+        Start::Fresh => false,
+        Start::Resume => true,
+        Start::Restart(Restart { counter, count }) => {
+            let saved = checkpoint::exists(checkpoint_path);
+            let how =
+                if saved { "continues from its checkpoint" } else { "starts anew, having failed before its first" };
+            tracing::info!("restart {count} of the run ({counter}={count}): it {how}");
+            saved
+        }
+    };
     if resume {
         let mut saved = Checkpoint::read_to_resume(checkpoint_path)?;
         check_resumable(config, &saved, processes, checkpoint_path)?;
