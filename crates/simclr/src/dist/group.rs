@@ -161,6 +161,18 @@ fn check(code: c_int, what: &str) -> Result<()> {
     Err(Error::Distributed(format!("{what}: {message}")))
 }
 
+/// The `length` bytes of a buffer the shim malloc'ed and handed over, which
+/// this frees.
+///
+/// # Safety
+/// `bytes` holds `length` initialised bytes and is not used after the call.
+unsafe fn handed_over(bytes: *mut u8, length: usize) -> Vec<u8> {
+    // SAFETY: as the caller promises.
+    let value = unsafe { std::slice::from_raw_parts(bytes, length) }.to_vec();
+    unsafe { simclr_dist_free_bytes(bytes) };
+    value
+}
+
 /// A tensor's `at::Tensor*`, as the shim takes it.
 fn raw(tensor: &Tensor) -> *mut c_void {
     tensor.as_ptr() as *mut c_void
@@ -475,10 +487,8 @@ impl ProcessGroup {
         // SAFETY: on success the shim hands over a malloc'ed buffer of `length` bytes.
         let code = unsafe { simclr_dist_store_get(self.raw.as_ptr(), c_key.as_ptr(), &mut bytes, &mut length) };
         check(code, &format!("store get {key}"))?;
-        // SAFETY: `bytes` holds `length` initialised bytes until freed below.
-        let value = unsafe { std::slice::from_raw_parts(bytes, length) }.to_vec();
-        unsafe { simclr_dist_free_bytes(bytes) };
-        Ok(value)
+        // SAFETY: the shim handed the buffer over.
+        Ok(unsafe { handed_over(bytes, length) })
     }
 }
 
@@ -636,10 +646,9 @@ impl StoreServer {
             if code != 0 || found == 0 {
                 return None;
             }
-            // SAFETY: `bytes` holds `length` initialised bytes until freed below.
-            let value = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(bytes, length) }).into_owned();
-            unsafe { simclr_dist_free_bytes(bytes) };
-            Some((rank, value))
+            // SAFETY: the shim handed the buffer over.
+            let value = unsafe { handed_over(bytes, length) };
+            Some((rank, String::from_utf8_lossy(&value).into_owned()))
         })
     }
 }

@@ -347,6 +347,13 @@ impl Trainer {
     /// (`resume`) or a fresh run folder. Returns the trainer and the views
     /// it trains on.
     pub fn new(config: ValidConfig, start: Start, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
+        let mut slot = group;
+        Self::assemble(config, start, &mut slot).map_err(|error| crate::dist::explain(slot.as_ref(), error))
+    }
+
+    /// [`Trainer::new`], which takes the group out of `slot` once it is set up.
+    fn assemble(config: ValidConfig, start: Start, slot: &mut Option<ProcessGroup>) -> Result<(Trainer, Views)> {
+        let group = &*slot;
         // A run's folder stands for its weights file, which the run records.
         let config = match &config.model.init_encoder {
             Some(weights) => config.with_init_encoder(checkpoint::weights_file(weights)?),
@@ -523,7 +530,7 @@ impl Trainer {
             save_due: false,
             learning_rate: 0.0,
             last_loss: None,
-            group,
+            group: slot.take(),
             classes,
             _run_lock: run_lock,
             #[cfg(feature = "fault-injection")]
