@@ -886,7 +886,11 @@ fn main() -> ExitCode {
             ExitCode::from(launch::STOPPED as u8)
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // In one write, which a pipe keeps whole: eprintln! writes its
+            // pieces apart, and the processes of a run, sharing the
+            // launcher's stderr, printed "error: error: ..." lines.
+            let line = format!("error: {error:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -85,6 +85,19 @@ fn assert_fails_with(output: &Output, needles: &[&str]) {
     assert!(!message.contains("panicked"), "a panic is not a clear error:\n{message}");
 }
 
+/// Fails unless the 2 processes of `output`'s launcher failed, and its
+/// error lines, each process's and the launcher's, all name `cause`, the
+/// launcher's the rank that failed (not whichever ended first).
+fn assert_every_process_names(output: &Output, cause: &str) {
+    let printed = stderr(output);
+    let errors: Vec<&str> = printed.lines().filter(|line| line.starts_with("error:")).collect();
+    let named = errors.iter().all(|line| line.contains(cause));
+    assert!(!output.status.success() && errors.len() == 3 && named, "{printed}");
+    let launcher = errors[2];
+    let ranks = ["rank 0 of 2 failed: image ", "rank 1 of 2 failed: image "];
+    assert!(ranks.iter().any(|said| launcher.contains(said)), "{printed}");
+}
+
 fn assert_succeeds(output: &Output) {
     assert!(output.status.success(), "command failed:\n{}", stderr(output));
 }
@@ -2554,7 +2567,7 @@ fn two_processes_evaluate_as_one() {
     // Under the stop policy an image one process cannot read stops both, naming it.
     let flags = ["--train", &data, "--test", &data, "--device", "cpu", "--fraction", "1", "--nproc-per-node", "2"];
     let output = simclr(["eval", "finetune"]).args(encoder).args(flags).run();
-    assert_fails_with(&output, &["broken.jpg"]);
+    assert_every_process_names(&output, "broken.jpg");
     let output = eval("knn", &["--nproc-per-node", "2", "--dist-timeout-seconds", "0"]).run();
     assert_fails_with(&output, &["--dist-timeout-seconds 0: must be a finite number > 0"]);
     // Processes started with different settings stop, naming it.
@@ -2781,15 +2794,7 @@ fn multi_process_bad_input_is_named() {
     image_folder(&bad, 6, 16);
     std::fs::write(bad.join("bars").join("007.png"), b"no image").unwrap();
     let output = tiny_training(&bad, &dir.path().join("bad-run")).args(["--nproc-per-node", "2"]).run();
-    let printed = stderr(&output);
-    let errors: Vec<&str> = printed.lines().filter(|line| line.starts_with("error:")).collect();
-    let named = errors.iter().all(|line| line.contains("007.png: not an image"));
-    assert!(!output.status.success() && errors.len() == 3 && named, "{printed}");
-    let launcher = errors[2];
-    assert!(
-        ["rank 0 of 2 failed: image ", "rank 1 of 2 failed: image "].iter().any(|said| launcher.contains(said)),
-        "{printed}"
-    );
+    assert_every_process_names(&output, "007.png: not an image");
 
     let rank = |rank: usize, port: u16, host: &str| {
         tiny_training(&data, &out)

@@ -362,12 +362,14 @@ impl ProcessGroup {
 
     /// Every rank calls it at the same point with its own outcome: all go
     /// on, or all stop, each with an error naming the first rank that failed
-    /// and its message (so no rank waits for a peer that has given up).
+    /// and its message (so no rank waits for a peer that has given up); a
+    /// rank's own failure is left as its cause for the launcher to name.
     pub fn agree<T>(&self, outcome: Result<T>) -> Result<T> {
         let round = self.agreements.get();
         self.agreements.set(round + 1);
         if let Err(error) = &outcome {
             self.store_set(&format!("error/{round}/{}", self.rank), error.to_string().as_bytes())?;
+            self.leave_cause(error);
         }
         let mut failed = Tensor::zeros([self.size as i64], (tch::Kind::Int64, tch::Device::Cpu));
         let _ = failed.get(self.rank as i64).fill_(i64::from(outcome.is_err()));
@@ -472,12 +474,18 @@ impl ProcessGroup {
         }) {
             return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)));
         }
+        self.leave_cause(&error);
+        error
+    }
+
+    /// Leaves `error` in the store as this rank's cause of failure, for the
+    /// others and the launcher to name, unless it is the group's own.
+    fn leave_cause(&self, error: &Error) {
         if !matches!(error, Error::Distributed(_)) {
             if let Err(unset) = self.store_set(&cause_key(self.rank), error.to_string().as_bytes()) {
                 tracing::debug!("leaving this rank's cause for the others: {unset}");
             }
         }
-        error
     }
 
     /// Waits (up to the timeout) for `key` in the group's store.
