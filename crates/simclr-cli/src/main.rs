@@ -620,6 +620,13 @@ fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
         Outcome::Failed { cause: Some((rank, cause)), status, .. } if status.signal().is_none() => {
             anyhow::bail!("rank {rank} of {processes} failed: {cause}; the others were stopped")
         }
+        Outcome::Failed { stuck, .. } if !stuck.is_empty() => {
+            let ranks: Vec<String> = stuck.iter().map(usize::to_string).collect();
+            anyhow::bail!(
+                "rank {} of {processes} stopped answering: the others timed out waiting for it, so it was stopped",
+                ranks.join(", ")
+            )
+        }
         Outcome::Failed { rank, status, .. } => {
             anyhow::bail!("rank {rank} of {processes} failed ({status}), so the others were stopped")
         }

@@ -2974,6 +2974,47 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
 }
 
 #[test]
+fn a_stuck_process_is_named_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    image_folder(&data, 6, 16);
+    // Each rank in turn is stopped (SIGSTOP, as a process stuck on a dead
+    // file system) once the run has trained an epoch: the other times out
+    // in a collective after 5 s, rank 0's in the forward pass or the
+    // optimiser's, rank 1's in the backward (a collective of autograd's).
+    for stopped_rank in ["0", "1"] {
+        let out = dir.path().join(format!("stuck-{stopped_rank}"));
+        let settings = ["--epochs", "1000", "--nproc-per-node", "2", "--set", "train.dist_timeout_seconds=5"];
+        let launcher = tiny_training(&data, &out).args(settings).spawn(|command| {
+            command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        });
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().is_empty() {
+            assert!(started.elapsed().as_secs() < 120, "no epoch done in 2 minutes");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let rank_of = |pid: &u32| {
+            let environment = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let rank = environment.split(|&byte| byte == 0).find_map(|pair| pair.strip_prefix(b"RANK="));
+            rank.map(|rank| String::from_utf8_lossy(rank).into_owned())
+        };
+        let victim = children_of(launcher.id()).into_iter().find(|pid| rank_of(pid).as_deref() == Some(stopped_rank));
+        // SAFETY: kill(2) on a process the launcher this test started started.
+        unsafe { libc::kill(victim.expect("the rank's process") as i32, libc::SIGSTOP) };
+        let stopped = std::time::Instant::now();
+        let output = launcher.wait_with_output().unwrap();
+        let printed = stderr(&output);
+        let said = format!("error: rank {stopped_rank} of 2 stopped answering: the others timed out waiting for it");
+        assert!(!output.status.success() && printed.contains(&said), "{said}:\n{printed}");
+        // The other process says what it waited for, in one line.
+        assert!(printed.contains("; no other process came to it within the timeout (5 s)"), "{printed}");
+        assert!(!printed.contains("Exception raised from"), "{printed}");
+        // The timeout, the launcher's wait for the others to time out, and no more.
+        assert!(stopped.elapsed().as_secs() < 40, "took {:?}:\n{printed}", stopped.elapsed());
+    }
+}
+
+#[test]
 fn sigterm_to_the_launcher_stops_every_process_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

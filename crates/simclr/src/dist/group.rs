@@ -124,6 +124,31 @@ fn cause_key(rank: usize) -> String {
     format!("cause/{rank}")
 }
 
+/// Where a rank says that a collective of its timed out, waiting for others.
+fn waited_key(rank: usize) -> String {
+    format!("waited/{rank}")
+}
+
+/// Whether `error` broke off a collective rather than failing its rank
+/// alone: the group's own, or libtorch's from a collective that autograd
+/// ran (the backward of the gather, say: Gloo's or c10d's message).
+fn from_the_group(error: &Error) -> bool {
+    match error {
+        Error::Distributed(_) => true,
+        Error::Torch(error) => {
+            let message = error.to_string();
+            message.contains("gloo") || message.contains("c10d")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a collective's error is its timeout (Gloo's "Operation timed out!",
+/// "Timed out waiting ...").
+fn timed_out(error: &Error) -> bool {
+    from_the_group(error) && error.to_string().to_lowercase().contains("timed out")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum = 0,
@@ -141,6 +166,8 @@ pub struct ProcessGroup {
     size: usize,
     /// Calls of [`ProcessGroup::agree`] so far: keeps its store keys apart.
     agreements: std::cell::Cell<u64>,
+    /// How long a collective waits for the others.
+    timeout: Duration,
 }
 
 // SAFETY: the group is a heap object of the shim, used by one thread at a
@@ -222,7 +249,7 @@ impl ProcessGroup {
             Error::Distributed(format!("{} ({hint})", error.to_string().trim_start_matches("distributed: ")))
         })?;
         let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no group".to_owned()))?;
-        Ok(Self { raw, rank: *rank, size: *size, agreements: std::cell::Cell::new(0) })
+        Ok(Self { raw, rank: *rank, size: *size, agreements: std::cell::Cell::new(0), timeout: *timeout })
     }
 
     pub fn rank(&self) -> usize {
@@ -464,8 +491,11 @@ impl ProcessGroup {
     /// peer`, a timeout), name that rank and its cause instead, as
     /// [`ProcessGroup::agree`] does; so does the local launcher. Where no
     /// rank left one (it was killed), the error is this rank's own. A
-    /// failure of the group itself ([`Error::Distributed`]) is no rank's
-    /// cause and is not left.
+    /// failure of the group itself ([`Error::Distributed`], or a collective
+    /// of autograd's) is no rank's cause and is not left. A collective that timed out, with no cause
+    /// left, waited for a process that is stuck (or far slower): the error
+    /// says so, and the store tells the launcher, which names the processes
+    /// still running.
     pub fn explain(&self, error: Error) -> Error {
         if let Some((rank, cause)) = (0..self.size).filter(|&rank| rank != self.rank).find_map(|rank| {
             let key = cause_key(rank);
@@ -474,6 +504,19 @@ impl ProcessGroup {
         }) {
             return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)));
         }
+        if timed_out(&error) {
+            if let Err(unset) = self.store_set(&waited_key(self.rank), b"") {
+                tracing::debug!("saying that this rank timed out: {unset}");
+            }
+            // Its first line: libtorch's messages go on with a C++ stack.
+            let message = error.to_string();
+            return Error::Distributed(format!(
+                "{}; no other process came to it within the timeout ({} s) and none failed: one is stuck, \
+                 or far slower (raise train.dist_timeout_seconds if so)",
+                message.lines().next().unwrap_or_default().trim_start_matches("distributed: "),
+                self.timeout.as_secs_f64()
+            ));
+        }
         self.leave_cause(&error);
         error
     }
@@ -481,7 +524,7 @@ impl ProcessGroup {
     /// Leaves `error` in the store as this rank's cause of failure, for the
     /// others and the launcher to name, unless it is the group's own.
     fn leave_cause(&self, error: &Error) {
-        if !matches!(error, Error::Distributed(_)) {
+        if !from_the_group(error) {
             if let Err(unset) = self.store_set(&cause_key(self.rank), error.to_string().as_bytes()) {
                 tracing::debug!("leaving this rank's cause for the others: {unset}");
             }
@@ -643,21 +686,25 @@ impl StoreServer {
     /// The cause a rank of a group of `size` (its first start) left of its
     /// failure ([`ProcessGroup::explain`]), the lowest such rank's, if any.
     pub fn cause(&self, size: usize) -> Option<(usize, String)> {
-        (0..size).find_map(|rank| {
-            let key = c_string("store key", &format!("{}/{}", namespace(0), cause_key(rank))).ok()?;
-            let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
-            // SAFETY: the key is valid for the call; on `found` the shim hands
-            // over a malloc'ed buffer of `length` bytes.
-            let code = unsafe {
-                simclr_dist_served_lookup(self.raw.as_ptr(), key.as_ptr(), &mut bytes, &mut length, &mut found)
-            };
-            if code != 0 || found == 0 {
-                return None;
-            }
-            // SAFETY: the shim handed the buffer over.
-            let value = unsafe { handed_over(bytes, length) };
-            Some((rank, String::from_utf8_lossy(&value).into_owned()))
-        })
+        (0..size).find_map(|rank| Some((rank, String::from_utf8_lossy(&self.lookup(&cause_key(rank))?).into_owned())))
+    }
+
+    /// Whether `rank` of a group (its first start) failed as a collective
+    /// of its timed out ([`ProcessGroup::explain`]).
+    pub fn timed_out(&self, rank: usize) -> bool {
+        self.lookup(&waited_key(rank)).is_some()
+    }
+
+    /// `key`'s value in a group's namespace (its first start), if set.
+    fn lookup(&self, key: &str) -> Option<Vec<u8>> {
+        let key = c_string("store key", &format!("{}/{key}", namespace(0))).ok()?;
+        let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
+        // SAFETY: the key is valid for the call; on `found` the shim hands
+        // over a malloc'ed buffer of `length` bytes.
+        let code =
+            unsafe { simclr_dist_served_lookup(self.raw.as_ptr(), key.as_ptr(), &mut bytes, &mut length, &mut found) };
+        // SAFETY: the shim handed the buffer over.
+        (code == 0 && found != 0).then(|| unsafe { handed_over(bytes, length) })
     }
 }
 

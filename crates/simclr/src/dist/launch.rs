@@ -225,8 +225,10 @@ pub enum Outcome {
     /// every process exited.
     Stopped,
     /// `rank` failed first with `status`, and `cause` is the failure a
-    /// rank left ([`ProcessGroup::explain`]), if any; the others were stopped.
-    Failed { rank: usize, status: ExitStatus, cause: Option<(usize, String)> },
+    /// rank left ([`ProcessGroup::explain`]), if any; the others were
+    /// stopped. `stuck`: where `rank` timed out waiting for the others, and
+    /// no rank left a cause, those still running a while after it ended.
+    Failed { rank: usize, status: ExitStatus, cause: Option<(usize, String)>, stuck: Vec<usize> },
 }
 
 /// Runs `processes` copies of this executable with `args` on this machine,
@@ -311,8 +313,20 @@ pub fn spawn_local(
             // A rank that failed alone left its cause before it left the
             // group, so before any other could fail for it.
             let cause = store.cause(processes);
+            // One stuck: the others time out waiting for it, about together,
+            // and it runs on.
+            let stuck = match cause.is_none() && store.timed_out(rank) {
+                true => still_running(&mut children, grace),
+                false => Vec::new(),
+            };
+            // Killed: a stuck process has nothing to finish (rank 0 writes
+            // the checkpoints), and on a SIGTERM it would report a timeout
+            // of its own, as if another had stopped answering.
+            for child in stuck.iter().filter_map(|&rank| children[rank].as_ref()) {
+                signal(child, libc::SIGKILL);
+            }
             terminate(&mut children, grace);
-            return Ok(Outcome::Failed { rank, status, cause });
+            return Ok(Outcome::Failed { rank, status, cause, stuck });
         }
         if children.iter().all(Option::is_none) {
             return Ok(if signalled || stopped { Outcome::Stopped } else { Outcome::Finished });
@@ -326,10 +340,30 @@ fn signal(child: &Child, signal: libc::c_int) {
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
 }
 
-/// SIGTERM to every running process, then SIGKILL to those still running after `grace`.
+/// The ranks of `children` still running after `wait`, those that ended
+/// within it reaped.
+fn still_running(children: &mut [Option<Child>], wait: Duration) -> Vec<usize> {
+    let deadline = Instant::now() + wait;
+    loop {
+        for slot in children.iter_mut() {
+            if slot.as_mut().is_some_and(|child| !matches!(child.try_wait(), Ok(None))) {
+                *slot = None;
+            }
+        }
+        let running: Vec<usize> = (0..children.len()).filter(|&rank| children[rank].is_some()).collect();
+        if running.is_empty() || Instant::now() >= deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to every running process (continued, if a stop signal holds it),
+/// then SIGKILL to those still running after `grace`.
 fn terminate(children: &mut [Option<Child>], grace: Duration) {
     for child in children.iter().flatten() {
         signal(child, libc::SIGTERM);
+        signal(child, libc::SIGCONT);
     }
     let deadline = Instant::now() + grace;
     for slot in children.iter_mut() {
