@@ -2855,6 +2855,13 @@ fn children_of(parent: u32) -> Vec<u32> {
     listed.split_whitespace().map(|pid| pid.parse().unwrap()).collect()
 }
 
+/// The rank a launcher gave the process `pid` (its `RANK`), while it runs.
+fn rank_of(pid: u32) -> Option<String> {
+    let environment = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let rank = environment.split(|&byte| byte == 0).find_map(|pair| pair.strip_prefix(b"RANK="));
+    rank.map(|rank| String::from_utf8_lossy(rank).into_owned())
+}
+
 /// `--resume` of `run` on 2 processes (through the launcher) or on 1 (a plain run).
 fn resumed(run: &Path, processes: &str) -> Simclr {
     let resume = simclr(["train", "--resume", "--output", &run.display().to_string()]);
@@ -2920,9 +2927,7 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
             // One worker of two (alternately rank 0 and 1), or the one process.
             let workers = children_of(launcher.id());
             let victim = if processes == "2" { workers[round / 2 % workers.len()] } else { launcher.id() };
-            let environment = std::fs::read(format!("/proc/{victim}/environ")).unwrap_or_default();
-            let rank = environment.split(|&byte| byte == 0).find_map(|pair| pair.strip_prefix(b"RANK="));
-            let killed_rank = rank.map(|rank| String::from_utf8_lossy(rank).into_owned());
+            let killed_rank = rank_of(victim);
             // SAFETY: kill(2) on a process this test (or its child) started.
             unsafe { libc::kill(victim as i32, libc::SIGKILL) };
             let output = launcher.wait_with_output().unwrap();
@@ -2993,12 +2998,7 @@ fn a_stuck_process_is_named_after_the_timeout() {
             assert!(started.elapsed().as_secs() < 120, "no epoch done in 2 minutes");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let rank_of = |pid: &u32| {
-            let environment = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let rank = environment.split(|&byte| byte == 0).find_map(|pair| pair.strip_prefix(b"RANK="));
-            rank.map(|rank| String::from_utf8_lossy(rank).into_owned())
-        };
-        let victim = children_of(launcher.id()).into_iter().find(|pid| rank_of(pid).as_deref() == Some(stopped_rank));
+        let victim = children_of(launcher.id()).into_iter().find(|&pid| rank_of(pid).as_deref() == Some(stopped_rank));
         // SAFETY: kill(2) on a process the launcher this test started started.
         unsafe { libc::kill(victim.expect("the rank's process") as i32, libc::SIGSTOP) };
         let stopped = std::time::Instant::now();

@@ -628,6 +628,26 @@ c10::intrusive_ptr<c10d::Store> make_store(
   throw std::invalid_argument("store kind '" + which + "': expected file or tcp");
 }
 
+// `value` in a malloc'ed buffer handed to the caller (`*out`, `*length`),
+// who frees it with simclr_dist_free_bytes.
+void hand_over(const std::vector<uint8_t>& value, uint8_t** out, size_t* length) {
+  *out = static_cast<uint8_t*>(std::malloc(value.size() + 1));
+  std::copy(value.begin(), value.end(), *out);
+  *length = value.size();
+}
+
+// `key`'s value in `store` if it is set now (`*found`; no wait), handed
+// over. Asked after a collective failed, when the store's server may be
+// gone with its process: that failure is the caller's, not logged with a
+// stack.
+void look_up(c10d::Store& store, const char* key, uint8_t** out, size_t* length, int* found) {
+  QuietLogs quiet;
+  *found = store.check({key}) ? 1 : 0;
+  if (*found != 0) {
+    hand_over(store.get(key), out, length);
+  }
+}
+
 } // namespace
 
 extern "C" {
@@ -716,16 +736,7 @@ int simclr_dist_serve_store(const char* address, int64_t timeout_ms, void** out,
 // `key`'s value in the store this process serves, if it is set (`*found`;
 // no wait); `*out` as simclr_dist_store_get's.
 int simclr_dist_served_lookup(void* store, const char* key, uint8_t** out, size_t* length, int* found) {
-  return guarded([&] {
-    auto& served = *static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store);
-    *found = served->check({key}) ? 1 : 0;
-    if (*found != 0) {
-      std::vector<uint8_t> value = served->get(key);
-      *out = static_cast<uint8_t*>(std::malloc(value.size() + 1));
-      std::copy(value.begin(), value.end(), *out);
-      *length = value.size();
-    }
-  });
+  return guarded([&] { look_up(**static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store), key, out, length, found); });
 }
 
 void simclr_dist_free_store(void* store) {
@@ -886,21 +897,14 @@ int simclr_dist_store_set(void* group, const char* key, const uint8_t* data, siz
 // the caller with simclr_dist_free_bytes.
 int simclr_dist_store_get(void* group, const char* key, uint8_t** out, size_t* length) {
   return guarded([&] {
-    std::vector<uint8_t> value = static_cast<Group*>(group)->store->get(key);
-    *out = static_cast<uint8_t*>(std::malloc(value.size() + 1));
-    std::copy(value.begin(), value.end(), *out);
-    *length = value.size();
+    hand_over(static_cast<Group*>(group)->store->get(key), out, length);
   });
 }
 
-// Whether `key` is set in the group's store now (`*found`; no wait). Asked
-// after a collective failed, when the store's server may be gone with its
-// process: that failure is the caller's, not logged with a stack.
-int simclr_dist_store_check(void* group, const char* key, int* found) {
-  return guarded([&] {
-    QuietLogs quiet;
-    *found = static_cast<Group*>(group)->store->check({key}) ? 1 : 0;
-  });
+// `key`'s value in the group's store, if it is set now (`*found`; no wait);
+// `*out` as simclr_dist_store_get's.
+int simclr_dist_store_lookup(void* group, const char* key, uint8_t** out, size_t* length, int* found) {
+  return guarded([&] { look_up(*static_cast<Group*>(group)->store, key, out, length, found); });
 }
 
 void simclr_dist_free_bytes(uint8_t* bytes) {

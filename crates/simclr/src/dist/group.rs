@@ -62,7 +62,13 @@ extern "C" {
     ) -> c_int;
     fn simclr_dist_store_set(group: *mut c_void, key: *const c_char, data: *const u8, length: usize) -> c_int;
     fn simclr_dist_store_get(group: *mut c_void, key: *const c_char, out: *mut *mut u8, length: *mut usize) -> c_int;
-    fn simclr_dist_store_check(group: *mut c_void, key: *const c_char, found: *mut c_int) -> c_int;
+    fn simclr_dist_store_lookup(
+        group: *mut c_void,
+        key: *const c_char,
+        out: *mut *mut u8,
+        length: *mut usize,
+        found: *mut c_int,
+    ) -> c_int;
     fn simclr_dist_free_bytes(bytes: *mut u8);
     #[allow(clippy::too_many_arguments)]
     fn simclr_dist_buckets_new(
@@ -198,6 +204,19 @@ unsafe fn handed_over(bytes: *mut u8, length: usize) -> Vec<u8> {
     let value = unsafe { std::slice::from_raw_parts(bytes, length) }.to_vec();
     unsafe { simclr_dist_free_bytes(bytes) };
     value
+}
+
+/// `key`'s value, if set, from `look_up` (the shim's store_lookup or
+/// served_lookup: no wait); `None` also where the store cannot be asked.
+fn looked_up(
+    key: &str,
+    look_up: impl FnOnce(*const c_char, *mut *mut u8, *mut usize, *mut c_int) -> c_int,
+) -> Option<Vec<u8>> {
+    let key = c_string("store key", key).ok()?;
+    let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
+    let code = look_up(key.as_ptr(), &mut bytes, &mut length, &mut found);
+    // SAFETY: where found, the shim handed a buffer of `length` bytes over.
+    (code == 0 && found != 0).then(|| unsafe { handed_over(bytes, length) })
 }
 
 /// A tensor's `at::Tensor*`, as the shim takes it.
@@ -475,13 +494,14 @@ impl ProcessGroup {
         check(code, &format!("store set {key}"))
     }
 
-    /// Whether `key` is set in the group's store now (no wait).
-    pub fn store_check(&self, key: &str) -> Result<bool> {
-        let c_key = c_string("store key", key)?;
-        let mut found = 0;
-        // SAFETY: the key is valid for the call; `found` is written on success.
-        check(unsafe { simclr_dist_store_check(self.raw.as_ptr(), c_key.as_ptr(), &mut found) }, "store check")?;
-        Ok(found != 0)
+    /// `key`'s value in the group's store, if it is set now (no wait);
+    /// `None` also where the store cannot be asked (its server gone).
+    fn store_lookup(&self, key: &str) -> Option<Vec<u8>> {
+        // SAFETY: the group is live, the key valid for the call, and the
+        // out-pointers written only on success.
+        looked_up(key, |key, out, length, found| unsafe {
+            simclr_dist_store_lookup(self.raw.as_ptr(), key, out, length, found)
+        })
     }
 
     /// `error`, which ends this rank's part in the run, as the run should
@@ -492,16 +512,13 @@ impl ProcessGroup {
     /// [`ProcessGroup::agree`] does; so does the local launcher. Where no
     /// rank left one (it was killed), the error is this rank's own. A
     /// failure of the group itself ([`Error::Distributed`], or a collective
-    /// of autograd's) is no rank's cause and is not left. A collective that timed out, with no cause
-    /// left, waited for a process that is stuck (or far slower): the error
-    /// says so, and the store tells the launcher, which names the processes
-    /// still running.
+    /// of autograd's) is no rank's cause and is not left. A collective that
+    /// timed out, with no cause left, waited for a process that is stuck (or
+    /// far slower): the error says so, and the store tells the launcher,
+    /// which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
-        if let Some((rank, cause)) = (0..self.size).filter(|&rank| rank != self.rank).find_map(|rank| {
-            let key = cause_key(rank);
-            let left = self.store_check(&key).ok()?;
-            left.then(|| self.store_get(&key).ok()).flatten().map(|cause| (rank, cause))
-        }) {
+        let mut others = (0..self.size).filter(|&rank| rank != self.rank);
+        if let Some((rank, cause)) = others.find_map(|rank| Some((rank, self.store_lookup(&cause_key(rank))?))) {
             return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)));
         }
         if timed_out(&error) {
@@ -697,14 +714,11 @@ impl StoreServer {
 
     /// `key`'s value in a group's namespace (its first start), if set.
     fn lookup(&self, key: &str) -> Option<Vec<u8>> {
-        let key = c_string("store key", &format!("{}/{key}", namespace(0))).ok()?;
-        let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
-        // SAFETY: the key is valid for the call; on `found` the shim hands
-        // over a malloc'ed buffer of `length` bytes.
-        let code =
-            unsafe { simclr_dist_served_lookup(self.raw.as_ptr(), key.as_ptr(), &mut bytes, &mut length, &mut found) };
-        // SAFETY: the shim handed the buffer over.
-        (code == 0 && found != 0).then(|| unsafe { handed_over(bytes, length) })
+        // SAFETY: the store is live, the key valid for the call, and the
+        // out-pointers written only on success.
+        looked_up(&format!("{}/{key}", namespace(0)), |key, out, length, found| unsafe {
+            simclr_dist_served_lookup(self.raw.as_ptr(), key, out, length, found)
+        })
     }
 }
 

@@ -344,8 +344,8 @@ pub struct Trainer {
 
 impl Trainer {
     /// Sets a run up: data, model, optimiser, and either the checkpoint
-    /// (`resume`) or a fresh run folder. Returns the trainer and the views
-    /// it trains on.
+    /// (as `start` says) or a fresh run folder. Returns the trainer and the
+    /// views it trains on; an error is explained as one in training is.
     pub fn new(config: ValidConfig, start: Start, group: Option<ProcessGroup>) -> Result<(Trainer, Views)> {
         let mut slot = group;
         Self::assemble(config, start, &mut slot).map_err(|error| crate::dist::explain(slot.as_ref(), error))
