@@ -2936,6 +2936,9 @@ fn a_killed_process_stops_the_run_and_it_resumes_on_two_or_one() {
                 // The launcher names the rank killed, not one that failed for it.
                 let said = format!("rank {} of 2 failed (signal: 9 (SIGKILL))", killed_rank.unwrap());
                 assert!(stderr(&output).contains(&said), "{said}:\n{}", stderr(&output));
+                // Its peer, whose collective broke off, says why it found no cause.
+                let peer = "a process ended without leaving a cause (killed by a signal";
+                assert!(stderr(&output).contains(peer), "{peer}:\n{}", stderr(&output));
             }
             assert_checkpoint_usable(&killed);
         }

@@ -155,6 +155,31 @@ fn timed_out(error: &Error) -> bool {
     from_the_group(error) && error.to_string().to_lowercase().contains("timed out")
 }
 
+/// Whether a collective's error is its connection to a peer broken off
+/// (Gloo's "Connection closed by peer", "Connection reset by peer", "Broken
+/// pipe", "Connection refused"): the peer's process is gone.
+fn broke_off(error: &Error) -> bool {
+    let message = error.to_string().to_lowercase();
+    from_the_group(error) && ["by peer", "broken pipe", "connection refused"].iter().any(|gone| message.contains(gone))
+}
+
+/// A collective's error in a line, for a message of the group's own: its
+/// first (libtorch's go on with a C++ stack), less the variant's prefix and
+/// libtorch's, with Gloo's source location (`[.../pair.cc:547] `) left out.
+fn first_line(error: &Error) -> String {
+    let message = error.to_string();
+    let line = message.lines().next().unwrap_or_default();
+    let line = ["distributed: ", "libtorch: ", "Internal torch error: "]
+        .iter()
+        .fold(line, |line, prefix| line.strip_prefix(prefix).unwrap_or(line));
+    match (line.find('['), line.find("] ")) {
+        (Some(open), Some(close)) if open < close && line[open..close].contains(".cc:") => {
+            format!("{}{}", &line[..open], &line[close + 2..])
+        }
+        _ => line.to_owned(),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum = 0,
@@ -207,16 +232,16 @@ unsafe fn handed_over(bytes: *mut u8, length: usize) -> Vec<u8> {
 }
 
 /// `key`'s value, if set, from `look_up` (the shim's store_lookup or
-/// served_lookup: no wait); `None` also where the store cannot be asked.
+/// served_lookup: no wait); an error where the store cannot be asked.
 fn looked_up(
     key: &str,
     look_up: impl FnOnce(*const c_char, *mut *mut u8, *mut usize, *mut c_int) -> c_int,
-) -> Option<Vec<u8>> {
-    let key = c_string("store key", key).ok()?;
+) -> Result<Option<Vec<u8>>> {
+    let c_key = c_string("store key", key)?;
     let (mut bytes, mut length, mut found) = (std::ptr::null_mut(), 0usize, 0);
-    let code = look_up(key.as_ptr(), &mut bytes, &mut length, &mut found);
+    check(look_up(c_key.as_ptr(), &mut bytes, &mut length, &mut found), &format!("store lookup {key}"))?;
     // SAFETY: where found, the shim handed a buffer of `length` bytes over.
-    (code == 0 && found != 0).then(|| unsafe { handed_over(bytes, length) })
+    Ok((found != 0).then(|| unsafe { handed_over(bytes, length) }))
 }
 
 /// A tensor's `at::Tensor*`, as the shim takes it.
@@ -494,9 +519,9 @@ impl ProcessGroup {
         check(code, &format!("store set {key}"))
     }
 
-    /// `key`'s value in the group's store, if it is set now (no wait);
-    /// `None` also where the store cannot be asked (its server gone).
-    fn store_lookup(&self, key: &str) -> Option<Vec<u8>> {
+    /// `key`'s value in the group's store, if it is set now (no wait); an
+    /// error where the store cannot be asked (its server gone).
+    fn store_lookup(&self, key: &str) -> Result<Option<Vec<u8>>> {
         // SAFETY: the group is live, the key valid for the call, and the
         // out-pointers written only on success.
         looked_up(key, |key, out, length, found| unsafe {
@@ -517,21 +542,41 @@ impl ProcessGroup {
     /// far slower): the error says so, and the store tells the launcher,
     /// which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
-        let mut others = (0..self.size).filter(|&rank| rank != self.rank);
-        if let Some((rank, cause)) = others.find_map(|rank| Some((rank, self.store_lookup(&cause_key(rank))?))) {
-            return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)));
+        // A store that cannot be asked has lost its server: the process
+        // that served it is gone.
+        let mut store_gone = false;
+        for rank in (0..self.size).filter(|&rank| rank != self.rank) {
+            match self.store_lookup(&cause_key(rank)) {
+                Ok(Some(cause)) => {
+                    return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)))
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    store_gone = true;
+                    break;
+                }
+            }
         }
         if timed_out(&error) {
             if let Err(unset) = self.store_set(&waited_key(self.rank), b"") {
                 tracing::debug!("saying that this rank timed out: {unset}");
             }
-            // Its first line: libtorch's messages go on with a C++ stack.
-            let message = error.to_string();
             return Error::Distributed(format!(
                 "{}; no other process came to it within the timeout ({} s) and none failed: one is stuck, \
                  or far slower (raise train.dist_timeout_seconds if so)",
-                message.lines().next().unwrap_or_default().trim_start_matches("distributed: "),
+                first_line(&error),
                 self.timeout.as_secs_f64()
+            ));
+        }
+        if broke_off(&error) && !matches!(self.store_lookup(&cause_key(self.rank)), Ok(Some(_))) {
+            // A peer went without a word: killed (by a signal, the kernel's
+            // out-of-memory killer) or its machine lost.
+            let store =
+                if store_gone { ", and the store cannot be reached: the process serving it is gone too" } else { "" };
+            return Error::Distributed(format!(
+                "{}: a process ended without leaving a cause (killed by a signal, as the kernel's out-of-memory \
+                 killer kills, or its machine lost){store}; the launcher names it",
+                first_line(&error)
             ));
         }
         self.leave_cause(&error);
@@ -719,6 +764,8 @@ impl StoreServer {
         looked_up(&format!("{}/{key}", namespace(0)), |key, out, length, found| unsafe {
             simclr_dist_served_lookup(self.raw.as_ptr(), key, out, length, found)
         })
+        .ok()
+        .flatten()
     }
 }
 
