@@ -3009,8 +3009,12 @@ fn a_stuck_process_is_named_after_the_timeout() {
         let printed = stderr(&output);
         let said = format!("error: rank {stopped_rank} of 2 stopped answering: the others timed out waiting for it");
         assert!(!output.status.success() && printed.contains(&said), "{said}:\n{printed}");
-        // The other process says what it waited for, in one line.
-        assert!(printed.contains("; no other process came to it within the timeout (5 s)"), "{printed}");
+        // The other process names the one it waited for, in one line.
+        let named = format!("; rank {stopped_rank} (on ");
+        assert!(
+            printed.contains(&named) && printed.contains(") did not come to it within the timeout (5 s)"),
+            "{printed}"
+        );
         assert!(!printed.contains("Exception raised from"), "{printed}");
         // The timeout, the launcher's wait for the others to time out, and no more.
         assert!(stopped.elapsed().as_secs() < 40, "took {:?}:\n{printed}", stopped.elapsed());

@@ -234,11 +234,16 @@ fn copy_of((variables, views): &(Vec<(String, Tensor)>, Tensor)) -> (Vec<(String
 
 /// Rank `rank` of a group of `size` meeting at the file store `store`, on Gloo.
 fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGroup {
+    file_group_timing_out(store, rank, size, Duration::from_secs(60))
+}
+
+/// [`file_group`] with collectives that wait `timeout` for the others.
+fn file_group_timing_out(store: std::path::PathBuf, rank: usize, size: usize, timeout: Duration) -> ProcessGroup {
     let options = GroupOptions {
         rendezvous: Rendezvous::File(store),
         rank,
         size,
-        timeout: Duration::from_secs(60),
+        timeout,
         device_host: Some("127.0.0.1".to_owned()),
         interface: None,
         nccl: false,
@@ -251,6 +256,15 @@ fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGro
 /// (meeting at a fresh file store) and its input, in rank order: as many
 /// ranks as `inputs`.
 fn as_ranks<I: Send, T: Send>(inputs: Vec<I>, rank: impl Fn(ProcessGroup, I) -> T + Sync) -> Vec<T> {
+    as_ranks_timing_out(inputs, Duration::from_secs(60), rank)
+}
+
+/// [`as_ranks`] with collectives that wait `timeout` for the others.
+fn as_ranks_timing_out<I: Send, T: Send>(
+    inputs: Vec<I>,
+    timeout: Duration,
+    rank: impl Fn(ProcessGroup, I) -> T + Sync,
+) -> Vec<T> {
     let folder = tempfile::tempdir().unwrap();
     let store = folder.path().join("store");
     let world = inputs.len();
@@ -260,7 +274,7 @@ fn as_ranks<I: Send, T: Send>(inputs: Vec<I>, rank: impl Fn(ProcessGroup, I) -> 
             .enumerate()
             .map(|(index, input)| {
                 let (store, rank) = (store.clone(), &rank);
-                scope.spawn(move || rank(file_group(store, index, world), input))
+                scope.spawn(move || rank(file_group_timing_out(store, index, world, timeout), input))
             })
             .collect();
         ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
@@ -586,6 +600,45 @@ fn a_rank_that_fails_alone_is_named_by_the_others() {
     }
     // Control: rank 1 finds no cause but its own, which it does not name as another's.
     assert_eq!(errors[1].1, broken().to_string());
+}
+
+#[test]
+fn a_rank_that_does_not_come_is_named_by_those_that_timed_out() {
+    // Gloo's message, as a collective that timed out gives it.
+    let timed_out = || {
+        let gloo = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2000ms for recv";
+        simclr::Error::Distributed(format!("all-reduce: {gloo} operation to complete"))
+    };
+    // The first `waiting` ranks of 3 time out; the others never came.
+    let run = |waiting: usize| {
+        as_ranks_timing_out(vec![(); 3], Duration::from_secs(2), |group, ()| {
+            (group.rank() < waiting).then(|| group.explain(timed_out()).to_string())
+        })
+    };
+    let said = run(2);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let named =
+        format!("rank 2 (on {}) did not come to it within the timeout (2 s), and no process failed", host.trim());
+    for rank in 0..2 {
+        let said = said[rank].as_deref().unwrap();
+        assert!(
+            said.contains(&named)
+                && said.ends_with("it is stuck, or far slower (raise train.dist_timeout_seconds if so)"),
+            "rank {rank}: {said}"
+        );
+        assert!(
+            said.starts_with("distributed: all-reduce: Timed out waiting 2000ms") && !said.contains(".cc:"),
+            "{said}"
+        );
+    }
+    // Control: all three timed out, so none is named.
+    for said in run(3) {
+        let said = said.unwrap();
+        assert!(
+            said.contains("every process timed out waiting, and none failed") && !said.contains("rank 2"),
+            "{said}"
+        );
+    }
 }
 
 #[test]

@@ -907,6 +907,15 @@ int simclr_dist_store_lookup(void* group, const char* key, uint8_t** out, size_t
   return guarded([&] { look_up(*static_cast<Group*>(group)->store, key, out, length, found); });
 }
 
+// Adds `amount` to the counter at `key` (0 reads it; no wait); `*value`
+// is its sum.
+int simclr_dist_store_add(void* group, const char* key, int64_t amount, int64_t* value) {
+  return guarded([&] {
+    QuietLogs quiet;
+    *value = static_cast<Group*>(group)->store->add(key, amount);
+  });
+}
+
 void simclr_dist_free_bytes(uint8_t* bytes) {
   std::free(bytes);
 }

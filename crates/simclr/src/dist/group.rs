@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::ptr::NonNull;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
@@ -69,6 +69,7 @@ extern "C" {
         length: *mut usize,
         found: *mut c_int,
     ) -> c_int;
+    fn simclr_dist_store_add(group: *mut c_void, key: *const c_char, amount: i64, value: *mut i64) -> c_int;
     fn simclr_dist_free_bytes(bytes: *mut u8);
     #[allow(clippy::too_many_arguments)]
     fn simclr_dist_buckets_new(
@@ -146,6 +147,33 @@ fn from_the_group(error: &Error) -> bool {
             message.contains("gloo") || message.contains("c10d")
         }
         _ => false,
+    }
+}
+
+/// Where a rank records the machine it runs on, for others to name it by.
+fn host_key(rank: usize) -> String {
+    format!("host/{rank}")
+}
+
+/// The counter of ranks whose collective timed out: the first to add to it
+/// looks for the ranks that did not, and leaves them at [`STUCK_KEY`].
+const WAITING_KEY: &str = "waiting";
+const STUCK_KEY: &str = "stuck";
+
+/// How long the first rank whose collective timed out waits for the
+/// others' to time out too, at most: they entered the collective at about
+/// the same time, a step apart at most. A quarter of a shorter timeout.
+const STUCK_GRACE: Duration = Duration::from_secs(10);
+
+/// This machine's name, as `gethostname(2)` gives it.
+fn host_name() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; the name is NUL-terminated
+    // where it fits, and the last byte stays 0 where it does not.
+    let code = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len() - 1) };
+    match code {
+        0 => CStr::from_bytes_until_nul(&name).map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+        _ => String::new(),
     }
 }
 
@@ -293,7 +321,13 @@ impl ProcessGroup {
             Error::Distributed(format!("{} ({hint})", error.to_string().trim_start_matches("distributed: ")))
         })?;
         let raw = NonNull::new(out).ok_or_else(|| Error::Distributed("the shim returned no group".to_owned()))?;
-        Ok(Self { raw, rank: *rank, size: *size, agreements: std::cell::Cell::new(0), timeout: *timeout })
+        let group = Self { raw, rank: *rank, size: *size, agreements: std::cell::Cell::new(0), timeout: *timeout };
+        if *size > 1 {
+            if let Err(unset) = group.store_set(&host_key(*rank), host_name().as_bytes()) {
+                tracing::debug!("recording this rank's machine: {unset}");
+            }
+        }
+        Ok(group)
     }
 
     pub fn rank(&self) -> usize {
@@ -542,31 +576,39 @@ impl ProcessGroup {
     /// far slower): the error says so, and the store tells the launcher,
     /// which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
-        // A store that cannot be asked has lost its server: the process
-        // that served it is gone.
-        let mut store_gone = false;
-        for rank in (0..self.size).filter(|&rank| rank != self.rank) {
-            match self.store_lookup(&cause_key(rank)) {
-                Ok(Some(cause)) => {
-                    return Error::Distributed(format!("rank {rank} failed: {}", String::from_utf8_lossy(&cause)))
-                }
-                Ok(None) => {}
-                Err(_) => {
-                    store_gone = true;
-                    break;
-                }
-            }
-        }
+        let store_gone = match self.others_cause() {
+            Ok(Some(cause)) => return cause,
+            Ok(None) => false,
+            // A store that cannot be asked has lost its server: the process
+            // that served it is gone.
+            Err(_) => true,
+        };
         if timed_out(&error) {
             if let Err(unset) = self.store_set(&waited_key(self.rank), b"") {
                 tracing::debug!("saying that this rank timed out: {unset}");
             }
-            return Error::Distributed(format!(
-                "{}; no other process came to it within the timeout ({} s) and none failed: one is stuck, \
-                 or far slower (raise train.dist_timeout_seconds if so)",
-                first_line(&error),
-                self.timeout.as_secs_f64()
-            ));
+            let stuck = self.stuck_ranks();
+            // One failed meanwhile, its cause left late.
+            if let Ok(Some(cause)) = self.others_cause() {
+                return cause;
+            }
+            let (line, timeout) = (first_line(&error), self.timeout.as_secs_f64());
+            let slower = "stuck, or far slower (raise train.dist_timeout_seconds if so)";
+            return Error::Distributed(match stuck {
+                Some(stuck) if stuck.is_empty() => format!(
+                    "{line}; every process timed out waiting, and none failed: they waited in collectives that \
+                     others did not come to, or could not reach each other"
+                ),
+                Some(stuck) => format!(
+                    "{line}; {} within the timeout ({timeout} s), and no process failed: {} {slower}",
+                    self.named(&stuck),
+                    if stuck.len() == 1 { "it is" } else { "they are" }
+                ),
+                None => format!(
+                    "{line}; no other process came to it within the timeout ({timeout} s) and none failed: \
+                     one is {slower}"
+                ),
+            });
         }
         if broke_off(&error) && !matches!(self.store_lookup(&cause_key(self.rank)), Ok(Some(_))) {
             // A peer went without a word: killed (by a signal, the kernel's
@@ -581,6 +623,85 @@ impl ProcessGroup {
         }
         self.leave_cause(&error);
         error
+    }
+
+    /// The failure of the lowest other rank that left its cause, named so;
+    /// an error where the store cannot be asked.
+    fn others_cause(&self) -> Result<Option<Error>> {
+        for rank in (0..self.size).filter(|&rank| rank != self.rank) {
+            if let Some(cause) = self.store_lookup(&cause_key(rank))? {
+                let cause = String::from_utf8_lossy(&cause);
+                return Ok(Some(Error::Distributed(format!("rank {rank} failed: {cause}"))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The ranks that a collective of this rank's, timed out, waited for:
+    /// those that neither timed out too nor failed within a grace. The
+    /// first rank to time out looks and leaves the list for the others (so
+    /// the store is asked 2 N times, however many timed out), who wait for
+    /// it; `None` where the store cannot say.
+    fn stuck_ranks(&self) -> Option<Vec<usize>> {
+        let grace = (self.timeout / 4).min(STUCK_GRACE);
+        let (deadline, poll) = (Instant::now() + grace, grace / 50);
+        if self.store_add(WAITING_KEY, 1).ok()? == 1 {
+            // All but one timing out is what a stuck one looks like; all,
+            // that none is.
+            while Instant::now() < deadline && self.store_add(WAITING_KEY, 0).ok()? < self.size as i64 {
+                std::thread::sleep(poll);
+            }
+            let mut stuck = Vec::new();
+            for rank in (0..self.size).filter(|&rank| rank != self.rank) {
+                let said = |key: String| self.store_lookup(&key).map(|value| value.is_some());
+                if !said(waited_key(rank)).ok()? && !said(cause_key(rank)).ok()? {
+                    stuck.push(rank);
+                }
+            }
+            let list = stuck.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+            self.store_set(STUCK_KEY, list.as_bytes()).ok()?;
+            return Some(stuck);
+        }
+        // The first began its grace before this rank timed out.
+        while Instant::now() < deadline + grace {
+            if let Some(list) = self.store_lookup(STUCK_KEY).ok()? {
+                let list = String::from_utf8_lossy(&list);
+                return list.split(',').filter(|rank| !rank.is_empty()).map(|rank| rank.parse().ok()).collect();
+            }
+            std::thread::sleep(poll);
+        }
+        None
+    }
+
+    /// `ranks` (not empty) as a message names them, each with its machine
+    /// where it said: "rank 1 (on node-b) did not come to it", "ranks 1 (on
+    /// node-b) and 3 (...) did not ...".
+    fn named(&self, ranks: &[usize]) -> String {
+        const LISTED: usize = 8;
+        let each = |&rank: &usize| match self.store_lookup(&host_key(rank)) {
+            Ok(Some(host)) if !host.is_empty() => format!("{rank} (on {})", String::from_utf8_lossy(&host)),
+            _ => rank.to_string(),
+        };
+        let mut listed: Vec<String> = ranks.iter().take(LISTED).map(each).collect();
+        if ranks.len() > LISTED {
+            listed.push(format!("{} more", ranks.len() - LISTED));
+        }
+        match listed.split_last() {
+            Some((only, [])) => format!("rank {only} did not come to it"),
+            Some((last, rest)) => format!("ranks {} and {last} did not come to it", rest.join(", ")),
+            None => String::new(),
+        }
+    }
+
+    /// Adds `amount` to the counter at `key` in the group's store (0 reads
+    /// it, no wait); returns its sum.
+    fn store_add(&self, key: &str, amount: i64) -> Result<i64> {
+        let c_key = c_string("store key", key)?;
+        let mut value = 0;
+        // SAFETY: the group is live, the key valid for the call, `value` a live i64.
+        let code = unsafe { simclr_dist_store_add(self.raw.as_ptr(), c_key.as_ptr(), amount, &mut value) };
+        check(code, &format!("store add {key}"))?;
+        Ok(value)
     }
 
     /// Leaves `error` in the store as this rank's cause of failure, for the
