@@ -663,6 +663,23 @@ fn bad_values_are_named() {
     }
     assert!(!dir.path().join("run").exists(), "a rejected config must not create the run folder");
 
+    // A run folder among the images it reads: its figures would be read as
+    // images of a class, or as a class of their own.
+    for (inside, class) in [("bars/run", "(as images of class 'bars')"), ("runs/a", "(as a class 'runs')")] {
+        let output = data.join(inside);
+        assert_fails_with(&tiny_run(&data, &output).run(), &["is inside data.path", "put the run outside it", class]);
+        assert!(!output.exists(), "a refused run must not make its folder");
+    }
+    // By another spelling of the path; and inside the kNN monitor's images.
+    let spelled = data.join("bars/../runs/a");
+    assert_fails_with(&tiny_run(&data, &spelled).run(), &["is inside data.path"]);
+    let other = dir.path().join("other");
+    image_folder(&other, 4, 16);
+    let monitored = tiny_training(&other, &data.join("runs/b")).args(monitor_flags(&data));
+    assert_fails_with(&monitored.run(), &["is inside data.knn_train_path"]);
+    // Control: a folder whose name only begins as the data's does is beside it.
+    assert_succeeds(&tiny_run(&data, &dir.path().join("data-run")).run());
+
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert_fails_with(&tiny_run(&empty, &dir.path().join("run2")).run(), &["empty", "no images found"]);

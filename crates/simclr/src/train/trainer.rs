@@ -21,6 +21,7 @@ use super::step::{GradientCache, Objective};
 use crate::augment::Pipeline;
 use crate::augment::{Backend, DEVICE_DATA_LIMIT};
 use crate::config::{RunConfig, ValidConfig};
+use crate::data::config::DataFormat;
 use crate::data::loader::Shard;
 use crate::data::loader::{worker_pool, DeviceData, DeviceViewLoader, ViewFormat, ViewLoader, Views};
 use crate::data::stream::{ShardList, Streaming};
@@ -1096,6 +1097,7 @@ fn open_run_folder(
         false => Ok(()),
     };
     refuse_a_run_there()?;
+    refuse_a_folder_among_images(config)?;
     if let Some(weights) = &config.model.init_encoder {
         crate::io::torchvision::check_encoder_file(&config.model, weights)?;
     }
@@ -1107,6 +1109,65 @@ fn open_run_folder(
     // A process that made the folder too may have finished a run in it.
     refuse_a_run_there()?;
     Ok((None, Some(lock)))
+}
+
+/// Refuses a run folder inside a folder of images that the run reads (its
+/// training images, its kNN monitor's): the images the run writes there
+/// (`simclr report`'s figures) would be read with them by its resume and by
+/// later runs, and in a folder of class sub-folders its folder would be
+/// taken for a class. Shards and CIFAR batches read no such files.
+fn refuse_a_folder_among_images(config: &ValidConfig) -> Result<()> {
+    let output_dir = resolved(&config.train.output_dir);
+    let data = &config.data;
+    let read = [
+        ("data.path", &data.path),
+        ("data.knn_train_path", &data.knn_train_path),
+        ("data.knn_test_path", &data.knn_test_path),
+    ];
+    for (field, path) in read.into_iter().filter_map(|(field, path)| Some((field, path.as_deref()?))) {
+        let Ok(folder) = path.canonicalize() else { continue };
+        if !folder.is_dir() || !output_dir.starts_with(&folder) {
+            continue;
+        }
+        // The class folder it would be in, or be taken for.
+        let first = output_dir.strip_prefix(&folder).ok().and_then(|inside| inside.components().next());
+        let first = first.map(|part| part.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+        let classes = match crate::data::detect_format(&folder) {
+            Ok(DataFormat::ImageFolder) if folder.join(&first).is_dir() => format!(" (as images of class '{first}')"),
+            Ok(DataFormat::ImageFolder) => format!(" (as a class '{first}')"),
+            Ok(DataFormat::Flat) => String::new(),
+            _ => continue,
+        };
+        return Err(Error::Config(vec![format!(
+            "train.output_dir (--output) {} is inside {field} {}, a folder of images the run reads: the \
+             images the run writes there (simclr report's figures) would be read with them by its resume \
+             and by later runs{classes}; put the run outside it",
+            config.train.output_dir.display(),
+            path.display()
+        )]));
+    }
+    Ok(())
+}
+
+/// `path` made absolute with its links resolved, as far as it exists (a
+/// folder not made yet is its nearest existing parent's, canonical, with
+/// the rest of it).
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |path, part| path.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
 }
 
 /// Sets the run folder opened by [`open_run_folder`] up for a run trained
