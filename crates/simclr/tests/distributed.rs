@@ -606,19 +606,19 @@ fn a_rank_that_fails_alone_is_named_by_the_others() {
 fn a_rank_that_does_not_come_is_named_by_those_that_timed_out() {
     // Gloo's message, as a collective that timed out gives it.
     let timed_out = || {
-        let gloo = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2000ms for recv";
+        let gloo = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 8000ms for recv";
         simclr::Error::Distributed(format!("all-reduce: {gloo} operation to complete"))
     };
     // The first `waiting` ranks of 3 time out; the others never came.
     let run = |waiting: usize| {
-        as_ranks_timing_out(vec![(); 3], Duration::from_secs(2), |group, ()| {
+        as_ranks_timing_out(vec![(); 3], Duration::from_secs(8), |group, ()| {
             (group.rank() < waiting).then(|| group.explain(timed_out()).to_string())
         })
     };
     let said = run(2);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let named =
-        format!("rank 2 (on {}) did not come to it within the timeout (2 s), and no process failed", host.trim());
+        format!("rank 2 (on {}) did not come to it within the timeout (8 s), and no process failed", host.trim());
     for rank in 0..2 {
         let said = said[rank].as_deref().unwrap();
         assert!(
@@ -627,7 +627,7 @@ fn a_rank_that_does_not_come_is_named_by_those_that_timed_out() {
             "rank {rank}: {said}"
         );
         assert!(
-            said.starts_with("distributed: all-reduce: Timed out waiting 2000ms") && !said.contains(".cc:"),
+            said.starts_with("distributed: all-reduce: Timed out waiting 8000ms") && !said.contains(".cc:"),
             "{said}"
         );
     }
