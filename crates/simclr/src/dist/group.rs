@@ -185,10 +185,13 @@ fn timed_out(error: &Error) -> bool {
 
 /// Whether a collective's error is its connection to a peer broken off
 /// (Gloo's "Connection closed by peer", "Connection reset by peer", "Broken
-/// pipe", "Connection refused"): the peer's process is gone.
+/// pipe", "Connection refused"; NCCL's ncclRemoteError, "a network error or
+/// a remote process exiting prematurely", as libtorch_cuda words it): the
+/// peer's process is gone.
 fn broke_off(error: &Error) -> bool {
+    const GONE: [&str; 4] = ["by peer", "broken pipe", "connection refused", "remote process exiting"];
     let message = error.to_string().to_lowercase();
-    from_the_group(error) && ["by peer", "broken pipe", "connection refused"].iter().any(|gone| message.contains(gone))
+    from_the_group(error) && GONE.iter().any(|gone| message.contains(gone))
 }
 
 /// A collective's error in a line, for a message of the group's own: its
@@ -894,5 +897,36 @@ impl Drop for StoreServer {
     fn drop(&mut self) {
         // SAFETY: `raw` came from simclr_dist_serve_store and is freed once.
         unsafe { simclr_dist_free_store(self.raw.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_told_from_other_failures_and_said_in_a_line() {
+        let group = |message: &str| Error::Distributed(message.to_owned());
+        let gloo = "all-reduce: [/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:5278";
+        let nccl =
+            "all-reduce: NCCL error: remote process exited or there was a network error\nncclRemoteError: A call \
+                    failed possibly due to a network error or a remote process exiting prematurely.";
+        for broken in [gloo, nccl, "gradient all-reduce: Read error [127.0.0.1]:56023: Connection reset by peer"] {
+            assert!(broke_off(&group(broken)), "{broken}");
+        }
+        // A rank's own error, a timeout and the group's other failures are not.
+        let image = Error::Image { path: "x.jpg".into(), message: "Connection closed by peer".to_owned() };
+        for other in
+            [image, group("all-reduce: Operation timed out!"), group("model parameters differ between the processes")]
+        {
+            assert!(!broke_off(&other), "{other}");
+        }
+        assert_eq!(first_line(&group(gloo)), "all-reduce: Connection closed by peer [127.0.0.1]:5278");
+        assert_eq!(
+            first_line(&group(nccl)),
+            "all-reduce: NCCL error: remote process exited or there was a network error"
+        );
+        // Brackets that are no source location stay.
+        assert_eq!(first_line(&group("gather [rank 1] of 2")), "gather [rank 1] of 2");
     }
 }
