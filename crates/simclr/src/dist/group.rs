@@ -572,12 +572,14 @@ impl ProcessGroup {
     /// others, whose collectives then break off (`Connection closed by
     /// peer`, a timeout), name that rank and its cause instead, as
     /// [`ProcessGroup::agree`] does; so does the local launcher. Where no
-    /// rank left one (it was killed), the error is this rank's own. A
-    /// failure of the group itself ([`Error::Distributed`], or a collective
-    /// of autograd's) is no rank's cause and is not left. A collective that
-    /// timed out, with no cause left, waited for a process that is stuck (or
-    /// far slower): the error says so, and the store tells the launcher,
-    /// which names the processes still running.
+    /// rank left one and the connection broke off, a process was killed (or
+    /// its machine lost): the error says so, and whether the store's server
+    /// went too. A failure of the group itself ([`Error::Distributed`], or a
+    /// collective of autograd's) is no rank's cause and is not left. A
+    /// collective that timed out, with no cause left, waited for a process
+    /// that is stuck (or far slower): the error names the ranks that did not
+    /// time out too ([`ProcessGroup::stuck_ranks`]) with their machines, and
+    /// the store tells the launcher, which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
         let store_gone = match self.others_cause() {
             Ok(Some(cause)) => return cause,
