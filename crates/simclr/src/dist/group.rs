@@ -578,7 +578,7 @@ impl ProcessGroup {
     /// collective of autograd's) is no rank's cause and is not left. A
     /// collective that timed out, with no cause left, waited for a process
     /// that is stuck (or far slower): the error names the ranks that did not
-    /// time out too ([`ProcessGroup::stuck_ranks`]) with their machines, and
+    /// time out too (`stuck_ranks`) with their machines, and
     /// the store tells the launcher, which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
         let store_gone = match self.others_cause() {
