@@ -640,7 +640,8 @@ fn embed(args: EmbedArgs) -> Result<()> {
     };
     encoder.device = device;
     let options = simclr::embed::EmbedOptions { encoder, input: args.input, output: args.output };
-    if let Some(report) = simclr::embed::embed_in(&options, group.as_ref())? {
+    let embedded = simclr::embed::embed_in(&options, group.as_ref());
+    if let Some(report) = embedded.map_err(|error| simclr::dist::explain(group.as_ref(), error))? {
         print!("{report}");
     }
     Ok(())
@@ -692,9 +693,10 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let mut reports = Vec::new();
     for (source, spec) in networks {
         let loaded = simclr::embed::load_network(&source, &spec, layer, options.device);
-        let network = simclr::dist::agree(group.as_ref(), loaded)?;
         options.spec = spec;
-        if let Some(report) = simclr::eval::evaluate_in(&network, &options, &protocol, group.as_ref())? {
+        let evaluated = simclr::dist::agree(group.as_ref(), loaded)
+            .and_then(|network| simclr::eval::evaluate_in(&network, &options, &protocol, group.as_ref()));
+        if let Some(report) = evaluated.map_err(|error| simclr::dist::explain(group.as_ref(), error))? {
             println!("{report}");
             reports.push(report);
         }
@@ -740,7 +742,8 @@ fn neighbors(args: NeighborsArgs) -> Result<()> {
         return Ok(());
     };
     encoder.device = device;
-    let Some(report) = simclr::retrieval::neighbors_in(&encoder, &args.options, group.as_ref())? else {
+    let found = simclr::retrieval::neighbors_in(&encoder, &args.options, group.as_ref());
+    let Some(report) = found.map_err(|error| simclr::dist::explain(group.as_ref(), error))? else {
         return Ok(());
     };
     print!("{report}");

@@ -623,7 +623,7 @@ fn a_rank_that_does_not_come_is_named_by_those_that_timed_out() {
         let said = said[rank].as_deref().unwrap();
         assert!(
             said.contains(&named)
-                && said.ends_with("it is stuck, or far slower (raise train.dist_timeout_seconds if so)"),
+                && said.ends_with("it is stuck, or far slower (if so, raise the timeout: train.dist_timeout_seconds, or --dist-timeout-seconds outside training)"),
             "rank {rank}: {said}"
         );
         assert!(

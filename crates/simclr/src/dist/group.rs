@@ -598,7 +598,7 @@ impl ProcessGroup {
                 return cause;
             }
             let (line, timeout) = (first_line(&error), self.timeout.as_secs_f64());
-            let slower = "stuck, or far slower (raise train.dist_timeout_seconds if so)";
+            let slower = "stuck, or far slower (if so, raise the timeout: train.dist_timeout_seconds, or --dist-timeout-seconds outside training)";
             return Error::Distributed(match stuck {
                 Some(stuck) if stuck.is_empty() => format!(
                     "{line}; every process timed out waiting, and none failed: they waited in collectives that \
