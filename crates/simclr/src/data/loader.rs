@@ -83,7 +83,7 @@ pub(crate) fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 fn check_batch_size(dataset: &Dataset, batch_size: usize) -> Result<()> {
     if dataset.len() < batch_size {
         return Err(Error::InvalidArgument(format!(
-            "train.batch_size = {batch_size} is larger than the {} training images of {}",
+            "a batch of {batch_size} images (train.batch_size, or --batch-size) is larger than the {} images of {}",
             dataset.len(),
             dataset.origin.display()
         )));
