@@ -585,7 +585,10 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     let timeout = Duration::from_secs_f64(config.train.dist_timeout_seconds);
     let device = simclr::device::select(config.train.device)?;
-    let launchable = |processes| Ok(launch::check_divides(config.train.batch_size, processes)?);
+    let launchable = |processes| {
+        launch::check_backend(config.train.dist_backend, device.is_cuda())?;
+        Ok(launch::check_divides(config.train.batch_size, processes)?)
+    };
     // The trainer picks the rank's device itself.
     let Place::Here(group, _) = place(args.nproc_per_node, timeout, config.train.dist_backend, device, &launchable)?
     else {

@@ -2803,6 +2803,12 @@ fn multi_process_bad_input_is_named() {
     // A batch that does not split among the processes.
     let output = tiny_training(&data, &out).args(["--nproc-per-node", "3"]).run();
     assert_fails_with(&output, &["train.batch_size = 4", "3 equal slices"]);
+    // NCCL on the CPU (and, in this build, without CUDA at all): refused
+    // once, by the launcher, before any process starts.
+    let output =
+        tiny_training(&data, &out).args(["--nproc-per-node", "2", "--set", "train.dist_backend=\"nccl\""]).run();
+    assert_fails_with(&output, &["train.dist_backend = \"nccl\""]);
+    assert_eq!(stderr(&output).matches("error:").count(), 1, "{}", stderr(&output));
     // A process that fails alone (a file in its slice is no image): it, the
     // other, whose collective then breaks off, and the launcher all name the
     // file (as the rank that failed left it in the store), none a connection

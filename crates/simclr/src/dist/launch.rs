@@ -131,11 +131,9 @@ impl World {
     /// cuda build training on CUDA with at least one GPU per process of
     /// this machine (NCCL refuses two processes on one GPU).
     pub fn uses_nccl(&self, backend: Backend, cuda: bool) -> Result<bool> {
+        check_backend(backend, cuda)?;
         match backend {
             Backend::Gloo => Ok(false),
-            Backend::Nccl if !cfg!(feature = "cuda") => Err(Error::Distributed(
-                "train.dist_backend = \"nccl\" needs the cuda build (./x.sh build-cuda)".to_owned(),
-            )),
             Backend::Nccl => Ok(true),
             Backend::Auto => {
                 let local = self.local_size.unwrap_or(1) as i64;
@@ -209,6 +207,21 @@ pub fn check_divides(batch_size: usize, processes: usize) -> Result<()> {
         )]));
     }
     Ok(())
+}
+
+/// The collectives' backend asked for can carry the run's tensors: NCCL
+/// needs the cuda build and CUDA tensors (a CPU run goes through Gloo).
+pub fn check_backend(backend: Backend, cuda: bool) -> Result<()> {
+    let nccl = "train.dist_backend = \"nccl\"";
+    match backend {
+        Backend::Nccl if !cfg!(feature = "cuda") => {
+            Err(Error::Distributed(format!("{nccl} needs the cuda build (./x.sh build-cuda)")))
+        }
+        Backend::Nccl if !cuda => Err(Error::Distributed(format!(
+            "{nccl} carries CUDA tensors only, and the run's device is the CPU (train.device); use \"gloo\" or \"auto\""
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The exit code of a process that stopped as asked, with a checkpoint
