@@ -589,8 +589,16 @@ fn a_rank_that_fails_alone_is_named_by_the_others() {
         }
         barrier();
         // Then each one's collective breaks off, as the failed rank leaves.
-        (first.map(|error| error.to_string()), group.explain(broken()).to_string())
+        let explained = group.explain(broken()).to_string();
+        barrier();
+        // And rank 0 fails on its own too, after rank 1 left its cause.
+        let own = (group.rank() == 0).then(|| {
+            group.explain(simclr::Error::Image { path: "photos/y.jpg".into(), message: "cut".to_owned() }).to_string()
+        });
+        (first.map(|error| error.to_string()), explained, own)
     });
+    // Its own error is what rank 0 reports, not rank 1's.
+    assert_eq!(errors[0].2.as_deref(), Some("image photos/y.jpg: cut"));
     let named = "rank 1 failed: image photos/x.jpg: not an image";
     assert_eq!(errors[1].0.as_deref(), Some("image photos/x.jpg: not an image"));
     let rank_2 = errors[2].0.as_deref().unwrap();

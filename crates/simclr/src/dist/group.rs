@@ -568,19 +568,25 @@ impl ProcessGroup {
 
     /// `error`, which ends this rank's part in the run, as the run should
     /// report it. A rank that fails alone (its data, its disk, its memory)
-    /// leaves its cause in the store before it leaves the group, so the
-    /// others, whose collectives then break off (`Connection closed by
-    /// peer`, a timeout), name that rank and its cause instead, as
-    /// [`ProcessGroup::agree`] does; so does the local launcher. Where no
-    /// rank left one and the connection broke off, a process was killed (or
-    /// its machine lost): the error says so, and whether the store's server
-    /// went too. A failure of the group itself ([`Error::Distributed`], or a
-    /// collective of autograd's) is no rank's cause and is not left. A
-    /// collective that timed out, with no cause left, waited for a process
-    /// that is stuck (or far slower): the error names the ranks that did not
-    /// time out too (`stuck_ranks`) with their machines, and
-    /// the store tells the launcher, which names the processes still running.
+    /// reports its own error, whatever the others did, and leaves it as its
+    /// cause in the store before it leaves the group, so the others, whose
+    /// collectives then break off (`Connection closed by peer`, a timeout),
+    /// name that rank and its cause instead, as [`ProcessGroup::agree`]
+    /// does; so does the local launcher. Where no rank left one and the
+    /// connection broke off, a process was killed (or its machine lost): the
+    /// error says so, and whether the store's server went too. A failure of
+    /// the group itself ([`Error::Distributed`], or a collective of
+    /// autograd's) is no rank's cause and is not left. A collective that
+    /// timed out, with no cause left, waited for a process that is stuck (or
+    /// far slower): the error names the ranks that did not time out too
+    /// (`stuck_ranks`) with their machines, and the store tells the
+    /// launcher, which names the processes still running.
     pub fn explain(&self, error: Error) -> Error {
+        // A rank's own error is its own to report, whatever the others did.
+        if !from_the_group(&error) {
+            self.leave_cause(&error);
+            return error;
+        }
         let store_gone = match self.others_cause() {
             Ok(Some(cause)) => return cause,
             Ok(None) => false,
@@ -598,7 +604,8 @@ impl ProcessGroup {
                 return cause;
             }
             let (line, timeout) = (first_line(&error), self.timeout.as_secs_f64());
-            let slower = "stuck, or far slower (if so, raise the timeout: train.dist_timeout_seconds, or --dist-timeout-seconds outside training)";
+            let slower = "stuck, or far slower (if so, raise the timeout: train.dist_timeout_seconds, or \
+                          --dist-timeout-seconds outside training)";
             return Error::Distributed(match stuck {
                 Some(stuck) if stuck.is_empty() => format!(
                     "{line}; every process timed out waiting, and none failed: they waited in collectives that \
@@ -626,7 +633,6 @@ impl ProcessGroup {
                 first_line(&error)
             ));
         }
-        self.leave_cause(&error);
         error
     }
 
