@@ -239,8 +239,13 @@ fn file_group(store: std::path::PathBuf, rank: usize, size: usize) -> ProcessGro
 
 /// [`file_group`] with collectives that wait `timeout` for the others.
 fn file_group_timing_out(store: std::path::PathBuf, rank: usize, size: usize, timeout: Duration) -> ProcessGroup {
+    group_at(Rendezvous::File(store), rank, size, timeout)
+}
+
+/// Rank `rank` of a group of `size` meeting at `rendezvous`, on Gloo over loopback.
+fn group_at(rendezvous: Rendezvous, rank: usize, size: usize, timeout: Duration) -> ProcessGroup {
     let options = GroupOptions {
-        rendezvous: Rendezvous::File(store),
+        rendezvous,
         rank,
         size,
         timeout,
@@ -702,17 +707,8 @@ fn free_port() -> u16 {
 /// Rank `rank` of a group of `size` meeting at a TCP store on `port`, which
 /// rank 0 serves, on Gloo.
 fn tcp_group(port: u16, rank: usize, size: usize) -> ProcessGroup {
-    let options = GroupOptions {
-        rendezvous: Rendezvous::Tcp { host: "127.0.0.1".to_owned(), port, server: rank == 0 },
-        rank,
-        size,
-        timeout: Duration::from_secs(60),
-        device_host: Some("127.0.0.1".to_owned()),
-        interface: None,
-        nccl: false,
-        attempt: 0,
-    };
-    ProcessGroup::new(&options).unwrap()
+    let rendezvous = Rendezvous::Tcp { host: "127.0.0.1".to_owned(), port, server: rank == 0 };
+    group_at(rendezvous, rank, size, Duration::from_secs(60))
 }
 
 #[test]
