@@ -625,9 +625,10 @@ fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
         }
         Outcome::Failed { stuck, .. } if !stuck.is_empty() => {
             let ranks: Vec<String> = stuck.iter().map(usize::to_string).collect();
+            let (them, they) = if stuck.len() == 1 { ("it", "it was") } else { ("them", "they were") };
             anyhow::bail!(
-                "rank {} of {processes} stopped answering: the others timed out waiting for it, so it was stopped",
-                ranks.join(", ")
+                "{} of {processes} stopped answering: the others timed out waiting for {them}, so {they} stopped",
+                simclr::dist::ranks_said(&ranks)
             )
         }
         Outcome::Failed { rank, status, .. } => {

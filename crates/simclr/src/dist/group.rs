@@ -688,20 +688,14 @@ impl ProcessGroup {
     /// where it said: "rank 1 (on node-b) did not come to it", "ranks 1 (on
     /// node-b) and 3 (...) did not ...".
     fn named(&self, ranks: &[usize]) -> String {
-        const LISTED: usize = 8;
         let each = |&rank: &usize| match self.store_lookup(&host_key(rank)) {
             Ok(Some(host)) if !host.is_empty() => format!("{rank} (on {})", String::from_utf8_lossy(&host)),
             _ => rank.to_string(),
         };
-        let mut listed: Vec<String> = ranks.iter().take(LISTED).map(each).collect();
-        if ranks.len() > LISTED {
-            listed.push(format!("{} more", ranks.len() - LISTED));
-        }
-        match listed.split_last() {
-            Some((only, [])) => format!("rank {only} did not come to it"),
-            Some((last, rest)) => format!("ranks {} and {last} did not come to it", rest.join(", ")),
-            None => String::new(),
-        }
+        // Machines for those listed only (see ranks_said).
+        let said: Vec<String> =
+            ranks.iter().enumerate().map(|(at, rank)| if at < 8 { each(rank) } else { rank.to_string() }).collect();
+        format!("{} did not come to it", super::ranks_said(&said))
     }
 
     /// Adds `amount` to the counter at `key` in the group's store (0 reads

@@ -47,6 +47,23 @@ pub fn explain(group: Option<&ProcessGroup>, error: crate::Error) -> crate::Erro
     }
 }
 
+/// Ranks as a message names them, each already said (a number, with its
+/// machine, say): "rank 1", "ranks 1 and 3", "ranks 1, 2 and 3"; past
+/// eight, "ranks 0, 1, ..., 7 and 4 more". Empty where `ranks` is.
+pub fn ranks_said<S: AsRef<str>>(ranks: &[S]) -> String {
+    const LISTED: usize = 8;
+    let mut listed: Vec<&str> = ranks.iter().take(LISTED).map(AsRef::as_ref).collect();
+    let more = format!("{} more", ranks.len().saturating_sub(LISTED));
+    if ranks.len() > LISTED {
+        listed.push(&more);
+    }
+    match listed.split_last() {
+        Some((only, [])) => format!("rank {only}"),
+        Some((last, rest)) => format!("ranks {} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// Every rank's best candidates for the same `[Q]` rows, merged: this
 /// rank's `similarity` (float) and `payload` (int64, what a candidate is:
 /// a label, a position), `[Q, n]` with n at most `k`, are padded to `k` with
@@ -139,5 +156,16 @@ mod tests {
             assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{world} parts: {sizes:?}");
             assert_eq!(parts.concat(), items, "{world} parts: {sizes:?}");
         }
+    }
+
+    #[test]
+    fn ranks_are_said_as_a_sentence_names_them() {
+        let said = |ranks: &[usize]| super::ranks_said(&ranks.iter().map(usize::to_string).collect::<Vec<_>>());
+        assert_eq!(said(&[]), "");
+        assert_eq!(said(&[1]), "rank 1");
+        assert_eq!(said(&[1, 3]), "ranks 1 and 3");
+        assert_eq!(said(&[1, 2, 3]), "ranks 1, 2 and 3");
+        assert_eq!(said(&(0..8).collect::<Vec<_>>()), "ranks 0, 1, 2, 3, 4, 5, 6 and 7");
+        assert_eq!(said(&(0..11).collect::<Vec<_>>()), "ranks 0, 1, 2, 3, 4, 5, 6, 7 and 3 more");
     }
 }
