@@ -386,7 +386,7 @@ struct PreviewArgs {
     /// Images to preview: an ImageFolder, a flat folder, CIFAR binary batches or tar shards.
     #[arg(long)]
     data: PathBuf,
-    /// The PNG to write.
+    /// The sheet to write: PNG, or the format its extension names (.jpg, .bmp, .tiff, .webp).
     #[arg(long)]
     output: PathBuf,
     /// How many images (drawn with --seed), one row each.
@@ -783,6 +783,7 @@ fn bench(args: BenchArgs) -> Result<()> {
 fn augment_preview(args: PreviewArgs) -> Result<()> {
     let layers = RunLayers { config: args.config, data: Some(args.data.clone()), ..Default::default() };
     let config = layers.resolve(layers.base()?)?;
+    simclr::io::sheet_format(&args.output)?;
     let images =
         Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.options.seed).decode_all()?;
     let pipeline = simclr::augment::Pipeline::new(&config.augment, config.view_size());

@@ -803,6 +803,21 @@ fn augment_preview_and_ablation_write_their_figures() {
     assert!(logged.contains("random-resized-crop"));
     assert!(stderr(&output)
         .contains("view 2: random-resized-crop -> horizontal-flip -> color-jitter -> grayscale -> solarize"));
+    // In the format its name says: a .jpg of PNG bytes misled what opened it
+    // by its name. An extension that is no image format is refused first.
+    let sheet_in = |name: &str| {
+        let path = dir.path().join(name).display().to_string();
+        let args = ["augment-preview", "--data", &data_arg, "--output", &path, "--images", "2", "--pairs", "1"];
+        (simclr(args).args(["--set", "data.image_size=16"]).run(), std::fs::read(&path).ok())
+    };
+    for (name, format) in [("sheet.JPG", image::ImageFormat::Jpeg), ("sheet", image::ImageFormat::Png)] {
+        let (output, bytes) = sheet_in(name);
+        assert_succeeds(&output);
+        assert_eq!(image::guess_format(&bytes.unwrap()).unwrap(), format, "{name}");
+    }
+    let (output, bytes) = sheet_in("sheet.txt");
+    assert_fails_with(&output, &["sheet.txt: an image is written as .png, .jpg", "not .txt"]);
+    assert!(bytes.is_none());
 
     let out = dir.path().join("ablation");
     let output =

@@ -51,8 +51,9 @@ pub struct PreviewOptions {
     pub renderer: Renderer,
 }
 
-/// [`preview`] written out: the sheet as a PNG at `png`, and every view's
-/// drawn parameters as JSON lines at `params`.
+/// [`preview`] written out: the sheet at `png` (in the format its extension
+/// names: [`crate::io::sheet_format`]), and every view's drawn parameters
+/// as JSON lines at `params`.
 pub fn write_preview(
     images: &[RgbImage],
     pipeline: &Pipeline,
@@ -62,7 +63,7 @@ pub fn write_preview(
 ) -> crate::Result<()> {
     let scale = options.scale.unwrap_or((96 / pipeline.size()).max(1));
     let (sheet, log) = preview(images, pipeline, options.seed, options.pairs, scale, options.renderer)?;
-    crate::io::write_png(png, &sheet)?;
+    crate::io::write_sheet(png, &sheet)?;
     if let Some(path) = params {
         let lines: Vec<String> =
             log.iter().map(|entry| serde_json::to_string(entry).expect("parameters serialise") + "\n").collect();

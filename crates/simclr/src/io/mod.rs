@@ -47,12 +47,43 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// `augment-preview --scale 100` asked for 27 GB and aborted on the allocation.
 pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
 
-/// Encodes `image` as PNG and writes it atomically.
-pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<()> {
+/// The formats a figure sheet is written in, by its path's extension.
+const SHEET_FORMATS: [(&str, image::ImageFormat); 6] = [
+    ("png", image::ImageFormat::Png),
+    ("jpg", image::ImageFormat::Jpeg),
+    ("jpeg", image::ImageFormat::Jpeg),
+    ("bmp", image::ImageFormat::Bmp),
+    ("tiff", image::ImageFormat::Tiff),
+    ("webp", image::ImageFormat::WebP),
+];
+
+/// The format a figure sheet at `path` is written in: the one its extension
+/// names (any case), PNG where it has none; another extension is refused,
+/// named, where a PNG under it (a `.jpg` holding PNG bytes) would mislead
+/// whatever opens it by its name.
+pub fn sheet_format(path: &Path) -> Result<image::ImageFormat> {
+    let Some(extension) = path.extension() else {
+        return Ok(image::ImageFormat::Png);
+    };
+    let extension = extension.to_string_lossy().to_lowercase();
+    match SHEET_FORMATS.iter().find(|(name, _)| *name == extension) {
+        Some(&(_, format)) => Ok(format),
+        None => Err(Error::InvalidArgument(format!(
+            "{}: an image is written as .png, .jpg, .bmp, .tiff or .webp (by its extension), not .{extension}",
+            path.display()
+        ))),
+    }
+}
+
+/// Encodes `image` in the format its path names ([`sheet_format`]) and
+/// writes it atomically.
+pub fn write_sheet(path: &Path, image: &image::RgbImage) -> Result<()> {
+    let format = sheet_format(path)?;
     let mut bytes = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Image { path: path.to_path_buf(), message: format!("cannot encode PNG: {e}") })?;
+    image.write_to(&mut std::io::Cursor::new(&mut bytes), format).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: format!("cannot encode {}: {e}", format.extensions_str()[0]),
+    })?;
     write_atomic(path, &bytes)
 }
 

@@ -74,7 +74,7 @@ pub fn write_gallery(
             caption(&mut sheet, &format!("#{} {:.3}", column + 1, hit.similarity), x, y, side, side);
         }
     }
-    crate::io::write_png(output, &sheet)
+    crate::io::write_sheet(output, &sheet)
 }
 
 #[cfg(test)]

@@ -174,7 +174,8 @@ pub struct NeighborsOptions {
     /// exact, hnsw, or auto (exact, unless more than 200,000 queries search more than 50,000 images).
     #[arg(long = "index-kind", default_value = "auto")]
     pub kind: IndexKind,
-    /// Write a PNG gallery here: one row per query, its neighbours beside it.
+    /// Write a gallery here: one row per query, its neighbours beside it;
+    /// PNG, or the format its extension names (.jpg, .bmp, .tiff, .webp).
     #[arg(long)]
     pub gallery: Option<std::path::PathBuf>,
     /// Side of each gallery thumbnail in pixels.
@@ -232,6 +233,9 @@ pub fn neighbors_in(
     }
     if options.thumbnail < 8 {
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
+    }
+    if let Some(path) = &options.gallery {
+        crate::io::sheet_format(path)?;
     }
     if group.is_some() && options.kind == IndexKind::Hnsw {
         return Err(Error::InvalidArgument(
