@@ -691,6 +691,10 @@ fn bad_values_are_named() {
         &simclr(["bench", "--optimizer", "adam", "--device", "cpu"]).run(),
         &["unknown optimizer 'adam'", "lars, sgd, adamw"],
     );
+    // report given the images, or a folder that is not there, in place of a run's.
+    let report = |folder: &Path| simclr(["report", &folder.display().to_string()]).run();
+    assert_fails_with(&report(&data), &["not a run's folder: it holds no metrics.jsonl", "--output of train"]);
+    assert_fails_with(&report(&dir.path().join("gone")), &["gone: not a run's folder: it is not a folder"]);
 }
 
 #[test]
@@ -995,9 +999,10 @@ fn eval_and_bench_settings_are_refused_by_name_and_an_io_error_is_printed_once()
     let output = simclr(["eval", "knn", "--random-init", "--train", &data, "--test", &missing]).args(model).run();
     assert_fails_with(&output, &[&format!("dataset {missing}: no such file or folder")]);
     // The I/O error is in the message once, not again as its cause.
+    std::fs::create_dir(dir.path().join("metrics.jsonl")).unwrap();
     let output = simclr(["report", &dir.path().display().to_string()]).run();
-    assert_fails_with(&output, &["metrics.jsonl: No such file or directory"]);
-    assert_eq!(stderr(&output).matches("No such file or directory").count(), 1, "{}", stderr(&output));
+    assert_fails_with(&output, &["metrics.jsonl: Is a directory"]);
+    assert_eq!(stderr(&output).matches("Is a directory").count(), 1, "{}", stderr(&output));
 }
 
 #[test]

@@ -467,7 +467,16 @@ impl Heatmap<'_> {
 /// Writes every figure of the run in `run_dir` there, the features of its
 /// monitor's splits computed on `device`; returns their paths.
 pub fn write_report(run_dir: &Path, device: Device) -> Result<Vec<PathBuf>> {
-    let metrics = MetricsLog::new(run_dir).read()?;
+    let log = MetricsLog::new(run_dir);
+    if !log.path().exists() {
+        let what = if run_dir.is_dir() { "holds no metrics.jsonl" } else { "is not a folder" };
+        return Err(Error::InvalidArgument(format!(
+            "{}: not a run's folder: it {what} (report takes the --output of train, which writes metrics.jsonl \
+             at each epoch's end)",
+            run_dir.display()
+        )));
+    }
+    let metrics = log.read()?;
     let checkpoint_path = run_dir.join(checkpoint::FILE_NAME);
     let checkpoint = Checkpoint::read_latest(&checkpoint_path);
     let initial_knn_top1 = checkpoint.as_ref().ok().and_then(|saved| saved.initial_knn_top1);

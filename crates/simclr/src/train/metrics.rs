@@ -110,6 +110,11 @@ impl MetricsLog {
         Self { path: run_dir.join(METRICS_FILE), events: run_dir.join(EVENTS_FILE), failed: None }
     }
 
+    /// Where the log is: `metrics.jsonl` of the run's folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn append(&mut self, metrics: &EpochMetrics) -> Result<()> {
         if let Some(error) = self.failed.take() {
             return Err(error);
