@@ -377,7 +377,39 @@ fn train_resume_and_embed_round_trip() {
     assert_eq!(listed, chosen);
     assert!(warned.contains("--k 8 is more than the 6 training images"), "{warned}");
     assert_eq!(low_shot("linear", "0", &["--epochs", "2"]).0, chosen);
-    assert_ne!(low_shot("knn", "1", &["--k", "3"]).0, chosen, "another seed, the same images");
+    let other = low_shot("knn", "1", &["--k", "3"]).0;
+    assert_ne!(other, chosen, "another seed, the same images");
+    // The images listed, whatever the seed: by path (what --subset-file
+    // wrote) or by path under --train (the paper's lists give file names).
+    let under: String =
+        other.lines().map(|line| line.strip_prefix(&format!("{data_arg}/")).unwrap()).collect::<Vec<_>>().join("\n");
+    let (by_path, by_name) = (dir.path().join("other.txt"), dir.path().join("under.txt"));
+    std::fs::write(&by_path, &other).unwrap();
+    std::fs::write(&by_name, format!("# seed 1's\n{under}\n")).unwrap();
+    for (protocol, list) in [("knn", &by_path), ("finetune", &by_name)] {
+        let listing = dir.path().join(format!("{protocol}-listed.txt"));
+        let output =
+            simclr(["eval", protocol, "--labelled-images", list.to_str().unwrap(), "--checkpoint", &checkpoint])
+                .args(["--train", &data_arg, "--test", &data_arg, "--device", "cpu"])
+                .args(["--subset-file", listing.to_str().unwrap()])
+                .args(if protocol == "knn" { &["--k", "3"][..] } else { &["--epochs", "1", "--batch-size", "4"] })
+                .run();
+        assert_succeeds(&output);
+        assert!(String::from_utf8_lossy(&output.stdout).contains("6 labelled of 12"), "{protocol}");
+        assert_eq!(std::fs::read_to_string(listing).unwrap(), other, "{protocol}");
+    }
+    std::fs::write(&by_name, "bars/nope.png\n").unwrap();
+    let listed = |extra: &[&str]| {
+        simclr(["eval", "knn", "--labelled-images", by_name.to_str().unwrap(), "--checkpoint", &checkpoint])
+            .args(["--train", &data_arg, "--test", &data_arg, "--device", "cpu"])
+            .args(extra)
+            .run()
+    };
+    assert_fails_with(
+        &listed(&[]),
+        &["under.txt: 1 of its 1 entries name no image of the 12 images", "'bars/nope.png'"],
+    );
+    assert_fails_with(&listed(&["--fraction", "0.5"]), &["'--labelled-images <LIST>' cannot be used with '--fraction"]);
 
     // The run's figures, drawn into its folder.
     let report = simclr(["report", &out.display().to_string()]).run();

@@ -35,7 +35,12 @@ pub struct FinetuneConfig {
     /// Fraction of each class's labelled images: 0.01, 0.1 or 1.0 in the paper.
     #[arg(long, default_value_t = FinetuneConfig::default().fraction)]
     pub fraction: f64,
-    /// Default: the paper's 60 for fractions up to 1%, 30 above.
+    /// The labelled images listed in a file, in place of --fraction: one a line, by path, path
+    /// under --train, or file name (the paper's ImageNet subsets, imagenet_subsets/1percent.txt and
+    /// 10percent.txt of google-research/simclr), or a --subset-file written before.
+    #[arg(long, value_name = "LIST", conflicts_with = "fraction")]
+    pub labelled_images: Option<PathBuf>,
+    /// Default: the paper's 60 for fractions up to 1% (of the training images, listed ones too), 30 above.
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = FinetuneConfig::default().batch_size)]
@@ -75,6 +80,7 @@ impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
             fraction: 0.1,
+            labelled_images: None,
             epochs: None,
             batch_size: 256,
             learning_rate: 0.05,
@@ -113,9 +119,16 @@ impl FinetuneConfig {
         super::check_sgd(self.learning_rate, self.momentum, problems);
     }
 
-    /// The epochs given, else [`Self::paper_epochs`] of the fraction.
-    pub fn epochs(&self) -> usize {
-        self.epochs.unwrap_or_else(|| Self::paper_epochs(self.fraction))
+    /// The epochs given, else [`Self::paper_epochs`] of the fraction, or
+    /// of the share of the `total` training images that `labelled`, the
+    /// images listed, are (the paper's 1% list holds 12,811 of ImageNet's
+    /// 1,281,167).
+    pub fn epochs(&self, labelled: usize, total: usize) -> usize {
+        let share = match self.labelled_images {
+            Some(_) => labelled as f64 / total.max(1) as f64,
+            None => self.fraction,
+        };
+        self.epochs.unwrap_or_else(|| Self::paper_epochs(share))
     }
 }
 
@@ -231,11 +244,17 @@ pub fn finetune_in<'a>(
     config.check(&mut problems);
     check_shared_batch(config.batch_size, world, "fine-tuning", &mut problems);
     super::refuse(problems)?;
-    let subset = balanced_subset(train, config.fraction, config.seed)?;
+    let subset = match &config.labelled_images {
+        Some(list) => agree(group, super::listed::listed_subset(train, list))?,
+        None => balanced_subset(train, config.fraction, config.seed)?,
+    };
     if subset.len() < world.max(2) {
+        let chosen = match &config.labelled_images {
+            Some(list) => format!("--labelled-images {}", list.display()),
+            None => format!("--fraction {}", config.fraction),
+        };
         return Err(Error::InvalidArgument(format!(
-            "--fraction {} labels {} training images, fewer than the {} a batch needs on {world} process{}",
-            config.fraction,
+            "{chosen} labels {} training images, fewer than the {} a batch needs on {world} process{}",
             subset.len(),
             world.max(2),
             if world == 1 { "" } else { "es" }
@@ -277,7 +296,13 @@ pub fn finetune_in<'a>(
         nn::Sgd { momentum: config.momentum, nesterov: true, wd: 0.0, dampening: 0.0 }.build(store, 0.0)?;
     let trainable = store.trainable_variables();
     let batch = config.batch_size.min(subset.len());
-    let plan = ViewBatches { subset: &subset, batch, epochs: config.epochs(), fewest: world.max(2), seed: config.seed };
+    let plan = ViewBatches {
+        subset: &subset,
+        batch,
+        epochs: config.epochs(subset.len(), train.len()),
+        fewest: world.max(2),
+        seed: config.seed,
+    };
     let (peak, total_steps) = (config.learning_rate * batch as f64 / 256.0, plan.steps());
     let mut step = 0usize;
     let mut scale = (precision == Precision::Fp16).then(|| crate::optim::LossScale::new(device));

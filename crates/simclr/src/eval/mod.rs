@@ -10,6 +10,7 @@ pub mod finetune;
 pub mod histogram;
 pub mod knn;
 pub mod linear;
+pub mod listed;
 pub mod protocol;
 pub mod spectrum;
 pub mod transform;

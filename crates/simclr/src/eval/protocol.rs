@@ -52,8 +52,8 @@ pub struct Network {
 
 /// The training images whose labels kNN and linear use: a class-balanced
 /// fraction, the images `eval finetune` labels with the same fraction and
-/// seed (fine-tuning's own are [`FinetuneConfig`]'s `fraction` and
-/// `subset_file`). Low-shot evaluation, the frozen features' side of the
+/// seed, or those a list names ([`super::listed`]) (fine-tuning's own are
+/// [`FinetuneConfig`]'s `fraction`, `labelled_images` and `subset_file`). Low-shot evaluation, the frozen features' side of the
 /// paper's semi-supervised table.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct LabelSubset {
@@ -62,6 +62,10 @@ pub struct LabelSubset {
     /// --fraction` labels with the same seed
     #[arg(long, default_value_t = 1.0)]
     pub fraction: f64,
+    /// The training images whose labels are used, listed in a file, in place of --fraction: as
+    /// `eval finetune --labelled-images` takes them (the paper's ImageNet 1% and 10% lists)
+    #[arg(long, value_name = "LIST", conflicts_with = "fraction")]
+    pub labelled_images: Option<PathBuf>,
     /// List the labelled images used here, one per line.
     #[arg(long)]
     pub subset_file: Option<PathBuf>,
@@ -69,7 +73,7 @@ pub struct LabelSubset {
 
 impl Default for LabelSubset {
     fn default() -> Self {
-        Self { fraction: 1.0, subset_file: None }
+        Self { fraction: 1.0, labelled_images: None, subset_file: None }
     }
 }
 
@@ -213,7 +217,9 @@ pub fn evaluate_in(
     let subset = *labels != LabelSubset::default();
     match protocol {
         Protocol::Finetune(_) if subset => problems.push(
-            "fine-tuning's labelled images are its own --fraction and --subset-file, not the options'".to_owned(),
+            "fine-tuning's labelled images are its own --fraction, --labelled-images and --subset-file, not the \
+             options'"
+                .to_owned(),
         ),
         _ => super::finetune::check_fraction(labels.fraction, &mut problems),
     }
@@ -257,7 +263,10 @@ pub fn evaluate_in(
         false => (train, None),
         true => {
             let train = train.without_unreadable_across(&pool, group)?;
-            let chosen = super::finetune::balanced_subset(&train, labels.fraction, options.seed)?;
+            let chosen = match &labels.labelled_images {
+                Some(list) => agree(group, super::listed::listed_subset(&train, list))?,
+                None => super::finetune::balanced_subset(&train, labels.fraction, options.seed)?,
+            };
             if let Some(path) = &labels.subset_file {
                 super::finetune::write_subset_file(path, &train, &chosen, group)?;
             }
