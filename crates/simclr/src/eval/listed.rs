@@ -72,16 +72,16 @@ pub fn listed_subset(dataset: &Dataset, list: &Path) -> Result<Vec<usize>> {
         let more = unknown.len().saturating_sub(SHOWN);
         let shown = unknown[..unknown.len().min(SHOWN)].join(", ");
         return Err(problem(format!(
-            "{} of its {entries} entries name no image of the {}{} of {} ({shown}{}): an entry is an image's \
+            "{} of its {entries} entries name no image of the {} of {} ({shown}{}){}: an entry is an image's \
              path, its path under that folder, or its file name",
             unknown.len(),
             crate::names::counted(dataset.len(), "image"),
+            dataset.origin.display(),
+            if more > 0 { format!(", {more} more") } else { String::new() },
             match dataset.skipped().len() {
                 0 => String::new(),
-                skipped => format!(" left of {} once the unreadable were", dataset.len() + skipped),
+                skipped => format!(", {} left out before", crate::names::counted(skipped, "unreadable image")),
             },
-            dataset.origin.display(),
-            if more > 0 { format!(", {more} more") } else { String::new() }
         )));
     }
     chosen.sort_unstable();
@@ -116,7 +116,7 @@ mod tests {
         for name in names {
             let path = dir.path().join(name);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            image::RgbImage::new(4, 4).save(path).unwrap();
+            image::RgbImage::new(16, 16).save(path).unwrap();
         }
         let dataset = Dataset::open(dir.path(), &crate::data::config::DataFormat::Auto).unwrap();
         (dir, dataset)
@@ -152,6 +152,18 @@ mod tests {
         let keyed = listed(&dataset, "n02_2.jpg\nn02_1\n").unwrap();
         assert_eq!(keyed, [path("n02/n02_1.JPEG"), path("n02/n02_2.JPEG")]);
         assert!(listed(&dataset, "# nothing\n\n").unwrap_err().to_string().contains("it lists no images"));
+    }
+
+    #[test]
+    fn an_unreadable_image_listed_is_said_to_have_been_left_out() {
+        let (dir, dataset) = folder(&["a/1.png", "a/2.png", "b/3.png"]);
+        std::fs::write(dir.path().join("b/3.png"), b"not a png").unwrap();
+        let pool = crate::data::loader::worker_pool(1).unwrap();
+        let policy = crate::data::config::BadImagePolicy::Skip;
+        let readable = dataset.with_policy(policy).without_unreadable_across(&pool, None).unwrap();
+        let error = listed(&readable, "1.png\n3.png\n").unwrap_err().to_string();
+        assert!(error.contains("1 of its 2 entries name no image of the 2 images of"), "{error}");
+        assert!(error.contains("(line 2: '3.png'), 1 unreadable image left out before: "), "{error}");
     }
 
     #[test]
