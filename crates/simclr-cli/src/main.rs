@@ -655,6 +655,9 @@ fn eval(protocol: EvalProtocol) -> Result<()> {
     let (EvalProtocol::Knn { common: args, .. }
     | EvalProtocol::Linear { common: args, .. }
     | EvalProtocol::Finetune { common: args, .. }) = &protocol;
+    if let Some(path) = &args.output {
+        simclr::io::refuse_folder(path, "--output")?;
+    }
     let overrides = &args.encoder.spec;
     let layer = args.encoder.layer;
     let weights = |path: PathBuf| -> Result<_> {
@@ -783,7 +786,11 @@ fn bench(args: BenchArgs) -> Result<()> {
 fn augment_preview(args: PreviewArgs) -> Result<()> {
     let layers = RunLayers { config: args.config, data: Some(args.data.clone()), ..Default::default() };
     let config = layers.resolve(layers.base()?)?;
+    simclr::io::refuse_folder(&args.output, "--output")?;
     simclr::io::sheet_format(&args.output)?;
+    if let Some(path) = &args.params {
+        simclr::io::refuse_folder(path, "--params")?;
+    }
     let images =
         Dataset::open(&args.data, &DataFormat::Auto)?.subset(Some(args.images), args.options.seed).decode_all()?;
     let pipeline = simclr::augment::Pipeline::new(&config.augment, config.view_size());
@@ -875,7 +882,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Embed(args) => embed(args),
-        Command::Export(args) => simclr::train::checkpoint::weights_file(&args.weights)
+        Command::Export(args) => simclr::io::refuse_folder(&args.output, "--output")
+            .and_then(|()| simclr::train::checkpoint::weights_file(&args.weights))
             .and_then(|weights| {
                 let spec = simclr::embed::resolve_spec(&weights, &args.spec, args.layer)?;
                 simclr::export::export_torchscript(&weights, &spec, args.layer, &args.output)

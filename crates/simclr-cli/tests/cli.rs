@@ -1030,6 +1030,28 @@ fn eval_and_bench_settings_are_refused_by_name_and_an_io_error_is_printed_once()
     assert_fails_with(&output, &[&format!("dataset {missing}: no such file or folder")]);
     let output = simclr(["eval", "knn", "--random-init", "--train", &data, "--test", &missing]).args(model).run();
     assert_fails_with(&output, &[&format!("dataset {missing}: no such file or folder")]);
+    // A folder where a file is to be written is refused before the work,
+    // which wrote everything and then failed ("Is a directory").
+    let folder = dir.path().display().to_string();
+    let output = simclr(["eval", "knn", "--random-init", "--train", &data, "--test", &data, "--output", &folder]);
+    assert_fails_with(&output.args(model).run(), &[&format!("--output {folder}: a folder, where the file to write")]);
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("../simclr/tests/fixtures/resnet18_cifar.safetensors");
+    let embed = |output: &str| {
+        simclr(["embed", "--weights", weights.to_str().unwrap(), "--arch", "resnet18", "--stem", "cifar"])
+            .args(["--device", "cpu", "--input", &data, "--output", output])
+            .run()
+    };
+    assert_fails_with(&embed(&folder), &[&format!("--output {folder}: a folder")]);
+    let features = dir.path().join("f.npy");
+    std::fs::create_dir(dir.path().join("f.paths.txt")).unwrap();
+    assert_fails_with(&embed(features.to_str().unwrap()), &["--output's path list", "f.paths.txt: a folder"]);
+    assert!(!features.exists(), "nothing is written");
+    std::fs::remove_dir(dir.path().join("f.paths.txt")).unwrap();
+    // The control: the same command, its paths file free, goes on to read
+    // the weights (a fixture of the network's parameters alone, refused).
+    assert_fails_with(&embed(features.to_str().unwrap()), &["tensor(s) missing"]);
+    let output = simclr(["export", "--weights", weights.to_str().unwrap(), "--arch", "resnet18", "--stem", "cifar"]);
+    assert_fails_with(&output.args(["--output", &folder]).run(), &[&format!("--output {folder}: a folder")]);
     // The I/O error is in the message once, not again as its cause.
     std::fs::create_dir(dir.path().join("metrics.jsonl")).unwrap();
     let output = simclr(["report", &dir.path().display().to_string()]).run();

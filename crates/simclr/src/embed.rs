@@ -348,7 +348,10 @@ pub fn embed(options: &EmbedOptions) -> Result<EmbedReport> {
 /// computed in other batches.
 pub fn embed_in(options: &EmbedOptions, group: Option<&ProcessGroup>) -> Result<Option<EmbedReport>> {
     let group = group.filter(|group| group.size() > 1);
-    let listed = images_in(&options.input).and_then(|images| Ok((images, options.encoder.load()?)));
+    let listed = crate::io::refuse_folder(&options.output, "--output")
+        .and_then(|()| crate::io::refuse_folder(&paths_file(&options.output), "--output's path list"))
+        .and_then(|()| images_in(&options.input))
+        .and_then(|images| Ok((images, options.encoder.load()?)));
     let (images, loaded) = agree(group, listed)?;
     let (names, images): (Vec<String>, Vec<Sample>) = images.into_iter().unzip();
     let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));

@@ -53,8 +53,9 @@ pub struct Network {
 /// The training images whose labels kNN and linear use: a class-balanced
 /// fraction, the images `eval finetune` labels with the same fraction and
 /// seed, or those a list names ([`super::listed`]) (fine-tuning's own are
-/// [`FinetuneConfig`]'s `fraction`, `labelled_images` and `subset_file`). Low-shot evaluation, the frozen features' side of the
-/// paper's semi-supervised table.
+/// [`FinetuneConfig`]'s `fraction`, `labelled_images` and `subset_file`).
+/// Low-shot evaluation, the frozen features' side of the paper's
+/// semi-supervised table.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct LabelSubset {
     /// Fraction of each class's training images whose labels are used (1%, 10% in the paper's

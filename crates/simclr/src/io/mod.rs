@@ -47,6 +47,20 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// `augment-preview --scale 100` asked for 27 GB and aborted on the allocation.
 pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
 
+/// Refuses a file to write that is a folder, named with `flag`, the
+/// option that gave it: checked before the work, where the write at its
+/// end (features of millions of images, hours of fine-tuning) failed with
+/// "Is a directory".
+pub fn refuse_folder(path: &Path, flag: &str) -> Result<()> {
+    match path.is_dir() {
+        true => Err(Error::InvalidArgument(format!(
+            "{flag} {}: a folder, where the file to write is asked for",
+            path.display()
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// The formats a figure sheet is written in, by its path's extension.
 const SHEET_FORMATS: [(&str, image::ImageFormat); 6] = [
     ("png", image::ImageFormat::Png),

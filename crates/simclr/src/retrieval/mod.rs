@@ -235,6 +235,7 @@ pub fn neighbors_in(
         return Err(Error::InvalidArgument(format!("--thumbnail {}: must be at least 8 pixels", options.thumbnail)));
     }
     if let Some(path) = &options.gallery {
+        crate::io::refuse_folder(path, "--gallery")?;
         crate::io::sheet_format(path)?;
     }
     if group.is_some() && options.kind == IndexKind::Hnsw {
