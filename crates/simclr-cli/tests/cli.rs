@@ -1106,6 +1106,29 @@ fn neighbors_finds_the_query_and_its_near_duplicates() {
     // One row (the query and five neighbours) of 96-pixel thumbnails.
     let sheet = image::open(&gallery).unwrap();
     assert_eq!((sheet.width(), sheet.height()), (6 + 6 * 102 + 6, 6 + 102));
+
+    // --exclude-self: five others, the copies among them, with the query
+    // spelled otherwise than the index lists it; the whole index as queries.
+    let spelled = index.join("../index/./shape00.png");
+    for (kind, queries) in [("exact", &spelled), ("hnsw", &spelled), ("exact", &index)] {
+        let output = simclr(["neighbors", "--exclude-self", "--image-size", "32", "--index-kind", kind])
+            .args(encoder_flags(&run_dir.join("encoder.safetensors"), "resnet18", "0.125"))
+            .args(["--index", index.to_str().unwrap(), "--query", queries.to_str().unwrap()])
+            .run();
+        assert_succeeds(&output);
+        let table = String::from_utf8_lossy(&output.stdout).into_owned();
+        let rows: Vec<Vec<&str>> = table.lines().skip(1).map(|l| l.split('\t').collect()).collect();
+        let queried = std::fs::read_dir(queries).map_or(1, |listed| listed.count());
+        assert_eq!(rows.len(), 5 * queried, "{kind}:\n{table}");
+        // The index's file names are its images'.
+        let name = |path: &str| path.rsplit('/').next().unwrap().to_owned();
+        assert!(rows.iter().all(|row| name(row[0]) != name(row[3])), "{kind}: a query its own neighbour:\n{table}");
+        let of_shape00: Vec<&str> =
+            rows.iter().filter(|row| row[0].ends_with("shape00.png")).map(|row| row[3]).collect();
+        for copy in ["copy_flipped.png", "copy_cropped.png"] {
+            assert!(of_shape00.iter().any(|hit| hit.ends_with(copy)), "{kind}: {copy} not in the 5:\n{table}");
+        }
+    }
 }
 
 /// Per-epoch losses of a run, from its metrics log.

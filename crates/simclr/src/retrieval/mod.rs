@@ -9,10 +9,12 @@
 //! 1603.09320) from the `instant-distance` crate (see [`EXACT_QUERY_LIMIT`]).
 pub mod gallery;
 
+use std::path::Path;
+
 use instant_distance::{Builder, HnswMap, Search};
 use tch::{Kind, Tensor};
 
-use crate::data::Sample;
+use crate::data::{ImageSource, Sample};
 use crate::dist::{agree, best_across, part_range, ProcessGroup};
 use crate::loss::similarity::l2_normalize;
 use crate::{Error, Result};
@@ -181,6 +183,11 @@ pub struct NeighborsOptions {
     /// Side of each gallery thumbnail in pixels.
     #[arg(long, default_value_t = 96)]
     pub thumbnail: u32,
+    /// Leave a query that is among the images searched (the same file, however its path is
+    /// spelled; the same shard member) out of its own neighbours, still finding --k: near
+    /// duplicates of every image of a collection, with --query the --index itself.
+    #[arg(long)]
+    pub exclude_self: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -267,13 +274,15 @@ pub fn neighbors_in(
     let (queries, query_images) = (picked(&names, &embedded.rows), picked(&images, &embedded.rows));
     let query_features = embedded.features;
 
+    // One more neighbour for a query to lose, itself.
+    let k = options.k + usize::from(options.exclude_self);
     let (names, images): (Vec<String>, Vec<Sample>) = items.into_iter().unzip();
-    let (read, hits) = match group.is_none() && options.kind.uses_hnsw(images.len(), queries.len()) {
+    let (read, mut hits) = match group.is_none() && options.kind.uses_hnsw(images.len(), queries.len()) {
         true => {
             let embedded = loaded.embed_images(&images, &options.index)?;
             skipped.extend(embedded.skipped);
             let index = Index::build(&embedded.features, IndexKind::Hnsw, queries.len(), 0)?;
-            (embedded.rows, index.search(&query_features, options.k)?)
+            (embedded.rows, index.search(&query_features, k)?)
         }
         // The index's features stream past the queries, batch by batch,
         // each query keeping its k best so far: no more than a batch of
@@ -284,7 +293,7 @@ pub fn neighbors_in(
             let (rank, world) = group.map_or((0, 1), |group| (group.rank(), group.size()));
             let mine = part_range(images.len(), rank, world);
             // A hit's index is its image's place among those this rank read.
-            let mut best = Best::new(&query_features.to_device(loaded.device()), options.k);
+            let mut best = Best::new(&query_features.to_device(loaded.device()), k);
             let mut read = Vec::new();
             let part = loaded.each_batch(&images[mine.clone()], &mut |features, rows| {
                 best.meet(&features, read.len());
@@ -310,10 +319,42 @@ pub fn neighbors_in(
     }
     skipped.extend(skipped_queries);
     let (items, item_images) = (picked(&names, &read), picked(&images, &read));
+    if options.exclude_self {
+        let same_input = same_file(&options.index, &options.queries);
+        let items_are = identities(&item_images, &items, same_input);
+        let queries_are = identities(&query_images, &queries, same_input);
+        for (query, hits) in queries_are.iter().zip(&mut hits) {
+            hits.retain(|hit| query.is_none() || items_are[hit.index] != *query);
+            hits.truncate(options.k);
+        }
+    }
     if let Some(path) = &options.gallery {
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
     Ok(Some(NeighborsReport { items, queries, hits, skipped }))
+}
+
+/// Whether `a` and `b` are one file or folder, however spelled.
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// What makes each image the one it is, for `--exclude-self`: a file's
+/// canonical path, a shard member's with its shard's; an image held in
+/// memory (a CIFAR batch's) by its name (its position, `#12`), where the
+/// queries and the images searched are one input (`same_input`), else
+/// `None`.
+fn identities(images: &[Sample], names: &[String], same_input: bool) -> Vec<Option<String>> {
+    let canonical = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string();
+    images
+        .iter()
+        .zip(names)
+        .map(|(sample, name)| match &sample.source {
+            ImageSource::File(path) => Some(canonical(path)),
+            ImageSource::Shard(member) => Some(format!("{}:{}", canonical(&member.shard), member.name)),
+            ImageSource::Memory(_) => same_input.then(|| name.clone()),
+        })
+        .collect()
 }
 
 /// Each query's `k` most similar items among those met so far, for an
