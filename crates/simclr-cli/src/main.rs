@@ -624,11 +624,10 @@ fn launch_local(processes: usize, timeout: Duration) -> Result<()> {
             anyhow::bail!("rank {rank} of {processes} failed: {cause}; the others were stopped")
         }
         Outcome::Failed { stuck, .. } if !stuck.is_empty() => {
-            let ranks: Vec<String> = stuck.iter().map(usize::to_string).collect();
             let (them, they) = if stuck.len() == 1 { ("it", "it was") } else { ("them", "they were") };
             anyhow::bail!(
                 "{} of {processes} stopped answering: the others timed out waiting for {them}, so {they} stopped",
-                simclr::dist::ranks_said(&ranks)
+                simclr::dist::ranks_said(&stuck, |rank| rank.to_string())
             )
         }
         Outcome::Failed { rank, status, .. } => {

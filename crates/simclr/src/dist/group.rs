@@ -688,14 +688,11 @@ impl ProcessGroup {
     /// where it said: "rank 1 (on node-b) did not come to it", "ranks 1 (on
     /// node-b) and 3 (...) did not ...".
     fn named(&self, ranks: &[usize]) -> String {
-        let each = |&rank: &usize| match self.store_lookup(&host_key(rank)) {
+        let each = |rank: usize| match self.store_lookup(&host_key(rank)) {
             Ok(Some(host)) if !host.is_empty() => format!("{rank} (on {})", String::from_utf8_lossy(&host)),
             _ => rank.to_string(),
         };
-        // Machines for those listed only (see ranks_said).
-        let said: Vec<String> =
-            ranks.iter().enumerate().map(|(at, rank)| if at < 8 { each(rank) } else { rank.to_string() }).collect();
-        format!("{} did not come to it", super::ranks_said(&said))
+        format!("{} did not come to it", super::ranks_said(ranks, each))
     }
 
     /// Adds `amount` to the counter at `key` in the group's store (0 reads

@@ -47,15 +47,15 @@ pub fn explain(group: Option<&ProcessGroup>, error: crate::Error) -> crate::Erro
     }
 }
 
-/// Ranks as a message names them, each already said (a number, with its
-/// machine, say): "rank 1", "ranks 1 and 3", "ranks 1, 2 and 3"; past
-/// eight, "ranks 0, 1, ..., 7 and 4 more". Empty where `ranks` is.
-pub fn ranks_said<S: AsRef<str>>(ranks: &[S]) -> String {
+/// `ranks` as a message names them, each said by `each` (a number, with
+/// its machine, say): "rank 1", "ranks 1 and 3", "ranks 1, 2 and 3"; past
+/// eight, "ranks 0, 1, ..., 7 and 4 more" (`each` asked of the eight
+/// alone). Empty where `ranks` is.
+pub fn ranks_said(ranks: &[usize], each: impl Fn(usize) -> String) -> String {
     const LISTED: usize = 8;
-    let mut listed: Vec<&str> = ranks.iter().take(LISTED).map(AsRef::as_ref).collect();
-    let more = format!("{} more", ranks.len().saturating_sub(LISTED));
+    let mut listed: Vec<String> = ranks.iter().take(LISTED).map(|&rank| each(rank)).collect();
     if ranks.len() > LISTED {
-        listed.push(&more);
+        listed.push(format!("{} more", ranks.len() - LISTED));
     }
     match listed.split_last() {
         Some((only, [])) => format!("rank {only}"),
@@ -160,12 +160,21 @@ mod tests {
 
     #[test]
     fn ranks_are_said_as_a_sentence_names_them() {
-        let said = |ranks: &[usize]| super::ranks_said(&ranks.iter().map(usize::to_string).collect::<Vec<_>>());
+        let said = |ranks: &[usize]| super::ranks_said(ranks, |rank| rank.to_string());
         assert_eq!(said(&[]), "");
         assert_eq!(said(&[1]), "rank 1");
         assert_eq!(said(&[1, 3]), "ranks 1 and 3");
         assert_eq!(said(&[1, 2, 3]), "ranks 1, 2 and 3");
         assert_eq!(said(&(0..8).collect::<Vec<_>>()), "ranks 0, 1, 2, 3, 4, 5, 6 and 7");
         assert_eq!(said(&(0..11).collect::<Vec<_>>()), "ranks 0, 1, 2, 3, 4, 5, 6, 7 and 3 more");
+        // Each rank said its own way, the eight listed alone.
+        let asked = std::cell::Cell::new(0);
+        let each = |rank: usize| {
+            asked.set(asked.get() + 1);
+            format!("{rank} (on vm)")
+        };
+        assert_eq!(super::ranks_said(&[2, 5], each), "ranks 2 (on vm) and 5 (on vm)");
+        super::ranks_said(&(0..11).collect::<Vec<_>>(), each);
+        assert_eq!(asked.get(), 2 + 8);
     }
 }

@@ -233,9 +233,8 @@ pub fn evaluate_in(
         let shared = EvalOptions { device: Device::Cpu, ..options.clone() };
         group.check_same("eval settings", &format!("{} {shared:?} {protocol:?}", network.name))?;
     }
-    let canonical = |path: &std::path::Path| path.canonicalize().ok();
     let rank = group.map_or(0, |group| group.rank());
-    if rank == 0 && canonical(&options.train).is_some_and(|train| canonical(&options.test) == Some(train)) {
+    if rank == 0 && crate::io::same_file(&options.train, &options.test) {
         // A CIFAR folder opens as its training batches, whichever split it is given as.
         tracing::warn!(
             "--train and --test are both {}: each test image is among the training images, so the score says \

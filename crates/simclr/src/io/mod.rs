@@ -47,6 +47,12 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// `augment-preview --scale 100` asked for 27 GB and aborted on the allocation.
 pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
 
+/// Whether `a` and `b` are one file or folder, however spelled (both
+/// must exist).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Refuses a file to write that is a folder, named with `flag`, the
 /// option that gave it: checked before the work, where the write at its
 /// end (features of millions of images, hours of fine-tuning) failed with

@@ -320,7 +320,7 @@ pub fn neighbors_in(
     skipped.extend(skipped_queries);
     let (items, item_images) = (picked(&names, &read), picked(&images, &read));
     if options.exclude_self {
-        let same_input = same_file(&options.index, &options.queries);
+        let same_input = crate::io::same_file(&options.index, &options.queries);
         let items_are = identities(&item_images, &items, same_input);
         let queries_are = identities(&query_images, &queries, same_input);
         for (query, hits) in queries_are.iter().zip(&mut hits) {
@@ -332,11 +332,6 @@ pub fn neighbors_in(
         gallery::write_gallery(path, &query_images, &hits, &item_images, options.thumbnail)?;
     }
     Ok(Some(NeighborsReport { items, queries, hits, skipped }))
-}
-
-/// Whether `a` and `b` are one file or folder, however spelled.
-fn same_file(a: &Path, b: &Path) -> bool {
-    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// What makes each image the one it is, for `--exclude-self`: a file's
